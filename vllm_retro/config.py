@@ -1,0 +1,119 @@
+"""RetroConfig: every knob of the wave index and tripartite attention, validated.
+
+A bad value raises ``ValueError`` naming the field and its allowed range, so the
+same object can validate vLLM's ``additional_config`` at engine start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+
+def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"RetroConfig.{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"RetroConfig.{name} must be in {rng}, got {value}")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float,
+                 lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"RetroConfig.{name} must be a number, got {value!r}")
+    v = float(value)
+    bad_lo = v <= lo if lo_open else v < lo
+    if math.isnan(v) or bad_lo or v > hi:
+        left = "(" if lo_open else "["
+        raise ValueError(f"RetroConfig.{name} must be in {left}{lo}, {hi}], got {value}")
+
+
+@dataclass(frozen=True)
+class RetroConfig:
+    """Knobs of the wave index (per request, per KV head) and of decode attention.
+
+    Attributes:
+        segment_size: tokens per prefill segment clustered independently.
+        cluster_size: mean tokens per cluster (clusters = ceil(segment / cluster_size)).
+        retrieval_fraction: fraction of clusters attended exactly at each decode step.
+        estimation_fraction: fraction of clusters (after the retrieved ones) whose
+            contribution is estimated from centroid, size and value sum.
+        sink_tokens: leading tokens always attended exactly.
+        recent_tokens: trailing tokens always attended exactly.
+        kmeans_iters: spherical k-means iterations per segment.
+        update_interval: decode tokens clustered together into a new segment once
+            they leave the recent window.
+        error_bound: if set, the exact set grows per query until the estimated
+            softmax mass outside it is below this bound (accuracy-bounded mode).
+        max_retrieval_fraction: cap of the exact set in accuracy-bounded mode
+            (never below retrieval_fraction, which stays the floor).
+        dense_below: context length below which the vLLM backend decodes densely
+            (0: only the index's own short-sequence fallback applies).
+    """
+
+    segment_size: int = 8192
+    cluster_size: int = 16
+    retrieval_fraction: float = 0.018
+    estimation_fraction: float = 0.232
+    sink_tokens: int = 4
+    recent_tokens: int = 64
+    kmeans_iters: int = 10
+    update_interval: int = 1024
+    error_bound: Optional[float] = None
+    max_retrieval_fraction: float = 0.25
+    dense_below: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("segment_size", self.segment_size, 64, 1 << 20)
+        _check_int("cluster_size", self.cluster_size, 1, 4096)
+        if self.cluster_size > self.segment_size:
+            raise ValueError(
+                f"RetroConfig.cluster_size must be <= segment_size ({self.segment_size}),"
+                f" got {self.cluster_size}")
+        _check_float("retrieval_fraction", self.retrieval_fraction, 0.0, 1.0, lo_open=True)
+        _check_float("estimation_fraction", self.estimation_fraction, 0.0, 1.0)
+        if self.retrieval_fraction + self.estimation_fraction > 1.0 + 1e-12:
+            raise ValueError(
+                "RetroConfig.retrieval_fraction + estimation_fraction must be <= 1, got "
+                f"{self.retrieval_fraction} + {self.estimation_fraction}")
+        _check_int("sink_tokens", self.sink_tokens, 0, 1 << 16)
+        _check_int("recent_tokens", self.recent_tokens, 1, 1 << 20)
+        _check_int("kmeans_iters", self.kmeans_iters, 0, 1000)
+        _check_int("update_interval", self.update_interval, 16, 1 << 20)
+        if self.update_interval < self.cluster_size:
+            raise ValueError(
+                f"RetroConfig.update_interval must be >= cluster_size ({self.cluster_size}),"
+                f" got {self.update_interval}")
+        if self.error_bound is not None:
+            _check_float("error_bound", self.error_bound, 0.0, 1.0, lo_open=True)
+        _check_float("max_retrieval_fraction", self.max_retrieval_fraction, 0.0, 1.0,
+                     lo_open=True)
+        _check_int("dense_below", self.dense_below, 0, 1 << 24)
+
+    @classmethod
+    def from_dict(cls, options: Optional[Mapping[str, Any]]) -> "RetroConfig":
+        """Builds a config from a mapping (e.g. vLLM's ``additional_config["retro"]``).
+
+        Unknown keys raise ``ValueError`` listing the known ones.
+        """
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown retro option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**options)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "RetroConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def min_indexed_tokens(self) -> int:
+        """Shortest sequence that gets an index; shorter ones decode densely."""
+        return self.sink_tokens + self.recent_tokens + self.segment_size

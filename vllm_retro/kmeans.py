@@ -1,0 +1,93 @@
+"""Segment clustering: spherical inner-product k-means over keys, all KV heads at once.
+
+Plain torch, deterministic. ``spherical_kmeans`` returns cluster assignments;
+``cluster_layout`` turns them into the cluster-contiguous layout the index stores.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def spherical_kmeans(keys: torch.Tensor, n_clusters: int, iters: int) -> torch.Tensor:
+    """Clusters each head's keys by cosine similarity of mean-centred keys.
+
+    Centroids start at strided tokens (token ``i * n // n_clusters``); each
+    iteration assigns every key to the most similar unit centroid and moves
+    the centroid to the normalised mean of its members (an emptied cluster keeps
+    its previous centroid). A final assignment follows the last update.
+
+    Args:
+        keys: ``[num_heads, n, head_dim]``.
+        n_clusters: clusters per head, ``1 <= n_clusters <= n``.
+        iters: update iterations (0: strided centroids only).
+
+    Returns:
+        ``[num_heads, n]`` int64 cluster ids in ``[0, n_clusters)``.
+    """
+    h, n, d = keys.shape
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters must be in [1, {n}], got {n_clusters}")
+    x = keys.to(_compute_dtype(keys.dtype))
+    x = x - x.mean(dim=1, keepdim=True)
+    x = torch.nn.functional.normalize(x, dim=-1)
+    init = torch.div(torch.arange(n_clusters, device=keys.device) * n, n_clusters,
+                     rounding_mode="floor")
+    cent = x[:, init, :].clone()
+    assign = torch.argmax(torch.bmm(x, cent.transpose(1, 2)), dim=-1)
+    for _ in range(iters):
+        sums = torch.zeros_like(cent)
+        sums.scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, d), x)
+        norms = sums.norm(dim=-1, keepdim=True)
+        cent = torch.where(norms > 0, sums / norms.clamp_min(1e-30), cent)
+        assign = torch.argmax(torch.bmm(x, cent.transpose(1, 2)), dim=-1)
+    return assign
+
+
+class ClusterLayout(NamedTuple):
+    """One segment in cluster-contiguous order, per head.
+
+    order: ``[H, n]`` token indices of the segment sorted by cluster.
+    sizes: ``[H, C]`` int64 tokens per cluster (may be 0).
+    starts: ``[H, C]`` int64 offset of each cluster's first token within ``order``.
+    centroids: ``[H, C, D]`` mean key of each cluster (zero for empty clusters).
+    value_sums: ``[H, C, D]`` sum of the values of each cluster.
+    """
+
+    order: torch.Tensor
+    sizes: torch.Tensor
+    starts: torch.Tensor
+    centroids: torch.Tensor
+    value_sums: torch.Tensor
+
+
+def cluster_layout(keys: torch.Tensor, values: torch.Tensor, assign: torch.Tensor,
+                   n_clusters: int) -> ClusterLayout:
+    """Sorts a segment by cluster and computes per-cluster centroid and value sum.
+
+    Args:
+        keys, values: ``[H, n, D]``.
+        assign: ``[H, n]`` cluster ids from :func:`spherical_kmeans`.
+
+    Centroids are true means of the original (uncentred) keys, so ``q . c`` is
+    the mean logit of the cluster's keys.
+    """
+    h, n, d = keys.shape
+    order = torch.sort(assign, dim=1, stable=True).indices
+    sizes = torch.zeros(h, n_clusters, dtype=torch.int64, device=keys.device)
+    sizes.scatter_add_(1, assign, torch.ones_like(assign))
+    starts = torch.cumsum(sizes, dim=1) - sizes
+    cdt = _compute_dtype(keys.dtype)
+    idx = assign.unsqueeze(-1).expand(-1, -1, d)
+    key_sums = torch.zeros(h, n_clusters, d, dtype=cdt, device=keys.device)
+    key_sums.scatter_add_(1, idx, keys.to(cdt))
+    value_sums = torch.zeros(h, n_clusters, d, dtype=cdt, device=keys.device)
+    value_sums.scatter_add_(1, idx, values.to(cdt))
+    centroids = key_sums / sizes.clamp_min(1).unsqueeze(-1).to(cdt)
+    return ClusterLayout(order, sizes, starts, centroids, value_sums)

@@ -1,0 +1,350 @@
+"""WaveIndex: the per-request, per-layer KV index (all KV heads of one layer).
+
+Tokens live in three zones per KV head:
+  * sinks: the first ``sink_tokens`` tokens, always exact;
+  * clustered segments: older tokens, k-means clustered per segment and stored
+    cluster-contiguous with each cluster's centroid, size and value sum;
+  * tail: the tokens not yet clustered (the recent window plus tokens waiting
+    for the next index update), always exact.
+
+``attend`` is the torch reference of tripartite attention; the C++/CUDA kernels
+are checked against it. Shapes: ``H`` KV heads, ``D`` head dim, ``C`` clusters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .attention import (compute_dtype, default_scale, estimated_attention,
+                        group_query, merge_partials, partial_attention)
+from .config import RetroConfig
+from .kmeans import cluster_layout, spherical_kmeans
+
+
+@dataclass
+class AttendStats:
+    """What one ``attend`` call read, averaged over KV heads.
+
+    exact_fraction: tokens attended exactly (sinks, tail, retrieved clusters) / tokens.
+    estimated_fraction: tokens covered by estimated clusters / tokens.
+    clusters_retrieved: retrieved clusters per KV head (mean).
+    clusters_total: clusters per KV head.
+    """
+
+    exact_fraction: float
+    estimated_fraction: float
+    clusters_retrieved: float
+    clusters_total: int
+
+
+class WaveIndex:
+    """Wave index of one layer of one request.
+
+    Build with :meth:`build`; then :meth:`attend` per decode query and
+    :meth:`append` per new token(s).
+    """
+
+    def __init__(self, num_kv_heads: int, head_dim: int, config: RetroConfig,
+                 dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        h, d = num_kv_heads, head_dim
+        empty = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device=self.device)
+        self.sink_keys = empty(h, 0, d)
+        self.sink_values = empty(h, 0, d)
+        # Tail as a growable buffer: rows [0, tail_len) are live.
+        self._tail_keys = empty(h, 0, d)
+        self._tail_values = empty(h, 0, d)
+        self.tail_len = 0
+        cdt = compute_dtype(dtype)
+        # Clustered zone, cluster-contiguous per head.
+        self.keys = empty(h, 0, d)
+        self.values = empty(h, 0, d)
+        self.positions = empty(h, 0, dt=torch.int64)   # original token positions
+        self.centroids = empty(h, 0, d, dt=cdt)
+        self.value_sums = empty(h, 0, d, dt=cdt)
+        self.sizes = empty(h, 0, dt=torch.int64)
+        self.starts = empty(h, 0, dt=torch.int64)      # offsets into ``keys``
+        self.num_segments = 0
+        self.seq_len = 0
+        self.last_stats: Optional[AttendStats] = None
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, keys: torch.Tensor, values: torch.Tensor,
+              config: Optional[RetroConfig] = None) -> "WaveIndex":
+        """Indexes a prompt's KV.
+
+        Args:
+            keys, values: ``[H, T, D]`` (any ``T >= 0``).
+            config: defaults to ``RetroConfig()``.
+        """
+        if keys.dim() != 3 or keys.shape != values.shape:
+            raise ValueError(
+                f"keys and values must both be [num_kv_heads, seq_len, head_dim], got "
+                f"{tuple(keys.shape)} and {tuple(values.shape)}")
+        if not keys.is_floating_point() or keys.dtype != values.dtype:
+            raise ValueError(f"keys/values must share a floating dtype, got "
+                             f"{keys.dtype} and {values.dtype}")
+        index = cls(keys.shape[0], keys.shape[2], config or RetroConfig(),
+                    dtype=keys.dtype, device=keys.device)
+        index.append(keys, values)
+        return index
+
+    @property
+    def tail_keys(self) -> torch.Tensor:
+        return self._tail_keys[:, :self.tail_len]
+
+    @property
+    def tail_values(self) -> torch.Tensor:
+        return self._tail_values[:, :self.tail_len]
+
+    @property
+    def num_clusters(self) -> int:
+        return self.sizes.shape[1]
+
+    @property
+    def num_clustered_tokens(self) -> int:
+        return self.keys.shape[1]
+
+    def nbytes(self) -> int:
+        """Bytes held by this index's tensors (tail counted at capacity)."""
+        ts = (self.sink_keys, self.sink_values, self._tail_keys, self._tail_values,
+              self.keys, self.values, self.positions, self.centroids,
+              self.value_sums, self.sizes, self.starts)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Adds new tokens ``[H, n, D]``; clusters tail tokens that left the recent
+        window once enough have gathered (a full segment for the first one, then
+        ``update_interval`` tokens per new segment)."""
+        if key.shape != value.shape or key.dim() != 3 or \
+                key.shape[0] != self.num_kv_heads or key.shape[2] != self.head_dim:
+            raise ValueError(
+                f"append expects key/value [{self.num_kv_heads}, n, {self.head_dim}], "
+                f"got {tuple(key.shape)} and {tuple(value.shape)}")
+        key = key.to(self.dtype)
+        value = value.to(self.dtype)
+        n_sink = min(self.config.sink_tokens - self.sink_keys.shape[1], key.shape[1])
+        if n_sink > 0:
+            self.sink_keys = torch.cat([self.sink_keys, key[:, :n_sink]], dim=1)
+            self.sink_values = torch.cat([self.sink_values, value[:, :n_sink]], dim=1)
+            key, value = key[:, n_sink:], value[:, n_sink:]
+        self._tail_push(key, value)
+        self.seq_len += n_sink + key.shape[1]
+        self._maybe_cluster()
+
+    def _tail_push(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        n = key.shape[1]
+        need = self.tail_len + n
+        if need > self._tail_keys.shape[1]:
+            cap = max(need, 2 * self._tail_keys.shape[1], 64)
+            for name in ("_tail_keys", "_tail_values"):
+                old = getattr(self, name)
+                new = torch.empty(old.shape[0], cap, old.shape[2], dtype=old.dtype,
+                                  device=old.device)
+                new[:, :self.tail_len] = old[:, :self.tail_len]
+                setattr(self, name, new)
+        self._tail_keys[:, self.tail_len:need] = key
+        self._tail_values[:, self.tail_len:need] = value
+        self.tail_len = need
+
+    def _maybe_cluster(self) -> None:
+        cfg = self.config
+        while True:
+            pending = self.tail_len - cfg.recent_tokens
+            if self.num_segments == 0:
+                if pending < cfg.segment_size:
+                    return
+                n_seg = pending // cfg.segment_size
+                bounds = [(i * pending) // n_seg for i in range(n_seg + 1)]
+                tail_pos0 = self.seq_len_clustered_end()
+                for a, b in zip(bounds[:-1], bounds[1:]):
+                    self._add_segment(a, b, tail_pos0)
+                self._tail_drop(pending)
+            else:
+                if pending < cfg.update_interval:
+                    return
+                self._add_segment(0, cfg.update_interval, self.seq_len_clustered_end())
+                self._tail_drop(cfg.update_interval)
+
+    def _tail_drop(self, n: int) -> None:
+        rest = self.tail_len - n
+        self._tail_keys[:, :rest] = self._tail_keys[:, n:self.tail_len].clone()
+        self._tail_values[:, :rest] = self._tail_values[:, n:self.tail_len].clone()
+        self.tail_len = rest
+
+    def _add_segment(self, a: int, b: int, tail_pos0: int) -> None:
+        """Clusters tail rows ``[a, b)`` into a new segment; ``tail_pos0`` is the
+        sequence position of tail row 0."""
+        k = self._tail_keys[:, a:b]
+        v = self._tail_values[:, a:b]
+        n = b - a
+        n_clusters = max(1, math.ceil(n / self.config.cluster_size))
+        assign = spherical_kmeans(k, n_clusters, self.config.kmeans_iters)
+        lay = cluster_layout(k, v, assign, n_clusters)
+        gidx = lay.order.unsqueeze(-1).expand(-1, -1, self.head_dim)
+        base = self.keys.shape[1]
+        self.keys = torch.cat([self.keys, torch.gather(k, 1, gidx)], dim=1)
+        self.values = torch.cat([self.values, torch.gather(v, 1, gidx)], dim=1)
+        self.positions = torch.cat(
+            [self.positions, lay.order + (tail_pos0 + a)], dim=1)
+        self.centroids = torch.cat([self.centroids, lay.centroids], dim=1)
+        self.value_sums = torch.cat([self.value_sums, lay.value_sums], dim=1)
+        self.sizes = torch.cat([self.sizes, lay.sizes], dim=1)
+        self.starts = torch.cat([self.starts, lay.starts + base], dim=1)
+        self.num_segments += 1
+
+    def seq_len_clustered_end(self) -> int:
+        """Position of the first tail token (sinks and clustered tokens precede it)."""
+        return self.sink_keys.shape[1] + self.keys.shape[1]
+
+    # ----------------------------------------------------------------- attend
+    def budget(self) -> tuple[int, int]:
+        """(retrieved, estimated) clusters per head at the configured fractions."""
+        c = self.num_clusters
+        if c == 0:
+            return 0, 0
+        n_ret = min(c, max(1, math.ceil(self.config.retrieval_fraction * c)))
+        n_est = min(c - n_ret, math.ceil(self.config.estimation_fraction * c))
+        return n_ret, n_est
+
+    def attend(self, query: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+        """Tripartite attention of one decode query.
+
+        Args:
+            query: ``[Hq, D]``, ``Hq`` a multiple of the KV heads.
+            scale: logit scale, default ``1/sqrt(D)``.
+
+        Returns:
+            ``[Hq, D]`` in the compute dtype (float64 for float64 KV, else float32).
+        """
+        if query.dim() != 2 or query.shape[1] != self.head_dim:
+            raise ValueError(f"query must be [num_q_heads, {self.head_dim}], got "
+                             f"{tuple(query.shape)}")
+        if self.seq_len == 0:
+            raise ValueError("attend on an empty index")
+        scale = default_scale(self.head_dim, scale)
+        cdt = compute_dtype(self.dtype)
+        q = group_query(query.to(cdt), self.num_kv_heads)
+        steady_k = torch.cat([self.sink_keys, self.tail_keys], dim=1)
+        steady_v = torch.cat([self.sink_values, self.tail_values], dim=1)
+        out_s, lse_s = partial_attention(q, steady_k, steady_v, scale)
+        c = self.num_clusters
+        if c == 0:
+            self.last_stats = AttendStats(1.0, 0.0, 0.0, 0)
+            return out_s.reshape(query.shape[0], -1)
+
+        sel = self.select_clusters(q, scale, lse_s)
+        retrieved_mask = torch.zeros(self.num_kv_heads, c, dtype=torch.bool,
+                                     device=self.device)
+        retrieved_mask.scatter_(1, sel.retrieved, sel.retrieved_valid)
+        out_r, lse_r = self._retrieved_attention(q, scale, retrieved_mask)
+        est_sizes = torch.gather(self.sizes, 1, sel.estimated)
+        est_sizes = est_sizes * sel.estimated_valid
+        gi = sel.estimated.unsqueeze(-1).expand(-1, -1, self.head_dim)
+        out_e, lse_e = estimated_attention(
+            q, torch.gather(self.centroids, 1, gi), est_sizes,
+            torch.gather(self.value_sums, 1, gi), scale)
+        out, _ = merge_partials([out_s, out_r, out_e], [lse_s, lse_r, lse_e])
+
+        total = float(self.seq_len)
+        n_ret_tok = (self.sizes * retrieved_mask).sum(dim=1).double().mean().item()
+        self.last_stats = AttendStats(
+            exact_fraction=(steady_k.shape[1] + n_ret_tok) / total,
+            estimated_fraction=est_sizes.sum(dim=1).double().mean().item() / total,
+            clusters_retrieved=retrieved_mask.sum(dim=1).double().mean().item(),
+            clusters_total=c)
+        return out.reshape(query.shape[0], -1)
+
+    def select_clusters(self, q: torch.Tensor, scale: float,
+                        steady_lse: torch.Tensor) -> "ClusterSelection":
+        """Ranks clusters by estimated softmax mass (summed over the GQA group) and
+        splits them into retrieved and estimated sets.
+
+        Args:
+            q: ``[H, G, D]`` grouped query; steady_lse: ``[H, G]`` lse of sinks+tail.
+        """
+        cdt = q.dtype
+        logits = torch.einsum("hgd,hcd->hgc", q, self.centroids.to(cdt)) * scale
+        logits = logits + torch.log(self.sizes.to(cdt)).unsqueeze(1)
+        score = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=1)  # [H, C]
+        order = torch.argsort(score, dim=1, descending=True, stable=True)
+        n_ret, n_est = self.budget()
+        c = self.num_clusters
+        if self.config.error_bound is None:
+            k_ret = torch.full((self.num_kv_heads,), n_ret, dtype=torch.int64,
+                               device=self.device)
+        else:
+            k_ret = self._bounded_retrieval(logits, order, steady_lse, n_ret)
+        rank = torch.arange(c, device=self.device).unsqueeze(0)
+        retrieved_valid = rank < k_ret.unsqueeze(1)
+        estimated_valid = (rank >= k_ret.unsqueeze(1)) & (rank < (k_ret + n_est).unsqueeze(1))
+        # Both sets index the same ranking; validity masks say which entries count.
+        return ClusterSelection(order, retrieved_valid, order, estimated_valid, k_ret)
+
+    def _bounded_retrieval(self, logits: torch.Tensor, order: torch.Tensor,
+                           steady_lse: torch.Tensor, n_min: int) -> torch.Tensor:
+        """Smallest exact set (per KV head, in rank order) whose estimated outside
+        mass is at most ``error_bound`` for every query head of the group."""
+        cfg = self.config
+        c = self.num_clusters
+        cap = min(c, max(n_min, math.ceil(cfg.max_retrieval_fraction * c)))
+        lg = torch.gather(logits, 2, order.unsqueeze(1).expand_as(logits))  # ranked
+        total = torch.logaddexp(torch.logsumexp(lg, dim=-1), steady_lse)  # [H, G]
+        mass = torch.exp(lg - total.unsqueeze(-1))                       # [H, G, C]
+        outside = 1.0 - torch.exp(steady_lse - total).unsqueeze(-1) - torch.cumsum(mass, -1)
+        worst = outside.amax(dim=1)                                      # [H, C]
+        ok = worst <= cfg.error_bound
+        first_ok = torch.where(ok.any(dim=1), ok.int().argmax(dim=1) + 1,
+                               torch.full_like(ok[:, 0], c, dtype=torch.int64))
+        return first_ok.clamp(min=n_min, max=cap)
+
+    def _retrieved_attention(self, q: torch.Tensor, scale: float,
+                             retrieved_mask: torch.Tensor):
+        """Exact attention over the tokens of the retrieved clusters (gathered)."""
+        cluster_of = self.cluster_ids()                                   # [H, N]
+        token_mask = torch.gather(retrieved_mask, 1, cluster_of)
+        counts = token_mask.sum(dim=1)
+        t_max = int(counts.max().item()) if counts.numel() else 0
+        if t_max == 0:
+            h, g, d = q.shape
+            return (torch.zeros(h, g, d, dtype=q.dtype, device=q.device),
+                    torch.full((h, g), float("-inf"), dtype=q.dtype, device=q.device))
+        # Stable sort moves each head's selected tokens to the front.
+        idx = torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)[:, :t_max]
+        gi = idx.unsqueeze(-1).expand(-1, -1, self.head_dim)
+        k = torch.gather(self.keys, 1, gi)
+        v = torch.gather(self.values, 1, gi)
+        valid = torch.arange(t_max, device=q.device).unsqueeze(0) < counts.unsqueeze(1)
+        return partial_attention(q, k, v, scale, mask=valid)
+
+    def cluster_ids(self) -> torch.Tensor:
+        """``[H, N]`` cluster id of each clustered token (in storage order)."""
+        n = self.num_clustered_tokens
+        ids = torch.arange(self.num_clusters, device=self.device)
+        return torch.stack([torch.repeat_interleave(ids, s, output_size=n)
+                            for s in self.sizes])
+
+
+@dataclass
+class ClusterSelection:
+    """Clusters chosen for one query, per KV head, as ranked index tensors.
+
+    retrieved / estimated: ``[H, K]`` cluster ids; *_valid: ``[H, K]`` bool saying
+    which entries belong to the set. k_retrieved: ``[H]`` exact-set size.
+    """
+
+    retrieved: torch.Tensor
+    retrieved_valid: torch.Tensor
+    estimated: torch.Tensor
+    estimated_valid: torch.Tensor
+    k_retrieved: torch.Tensor
