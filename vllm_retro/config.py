@@ -52,6 +52,8 @@ class RetroConfig:
             (never below retrieval_fraction, which stays the floor).
         dense_below: context length below which the vLLM backend decodes densely
             (0: only the index's own short-sequence fallback applies).
+        host_memory_gib: host memory the vLLM backend's indexes of one worker may
+            hold together; a request that would exceed it is refused (None: no limit).
     """
 
     segment_size: int = 8192
@@ -65,6 +67,7 @@ class RetroConfig:
     error_bound: Optional[float] = None
     max_retrieval_fraction: float = 0.25
     dense_below: int = 0
+    host_memory_gib: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_int("segment_size", self.segment_size, 64, 1 << 20)
@@ -92,6 +95,8 @@ class RetroConfig:
         _check_float("max_retrieval_fraction", self.max_retrieval_fraction, 0.0, 1.0,
                      lo_open=True)
         _check_int("dense_below", self.dense_below, 0, 1 << 24)
+        if self.host_memory_gib is not None:
+            _check_float("host_memory_gib", self.host_memory_gib, 0.0, 1 << 20, lo_open=True)
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping[str, Any]]) -> "RetroConfig":

@@ -1,0 +1,260 @@
+"""The ``retro`` attention backend: vLLM's dense backend for prefill, the wave
+index for decode.
+
+Shape of vLLM's own backends (``vllm/v1/attention/backends/``): a backend class,
+a metadata builder and an impl, each subclassing the platform's dense backend
+(CPU_ATTN on CPU, FLASH_ATTN on GPU; see ``compat``).
+
+Per step, the builder orders decode rows (query length 1) first and attaches a
+:class:`RetroBatch`: the request id of each row, and dense metadata for the
+prefill rows alone. The impl then
+
+* runs the dense kernel over the prefill rows and mirrors their new K/V (the
+  forward arguments, post-RoPE) into the request's :class:`WaveIndex`;
+* for each decode row appends the token's K/V to the index and runs
+  tripartite attention into vLLM's output buffer.
+
+A decode row whose index does not match its context (e.g. it could not be
+built) falls back to the dense kernel for that row alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from . import compat
+from .ops import decode_attention
+from .request_store import HostMemoryExceeded
+from .wave_index import WaveIndex
+from .worker_state import RetroWorkerState, state_for
+
+_DenseBackend, _DenseBuilder, _DenseImpl = compat.dense_backend_classes()
+logger = compat.logger(__name__)
+
+
+@dataclass
+class RetroBatch:
+    """Retro's view of one step's batch (decode rows first).
+
+    req_ids: request id of each row. num_decodes: leading rows with one query
+    token. prefill_metadata: dense metadata of rows ``[num_decodes, num_reqs)``.
+    seq_lens / query_start_loc: CPU copies, ``[B]`` and ``[B+1]``.
+    """
+
+    req_ids: List[str]
+    num_decodes: int
+    seq_lens: List[int]
+    query_start_loc: List[int]
+    prefill_metadata: Optional[object]
+    state: RetroWorkerState
+    builder: "RetroMetadataBuilder"
+    common: object
+
+    def dense_metadata_for_rows(self, start: int, end: int):
+        return self.builder.build_rows(self.common, start, end)
+
+
+def slice_common_metadata(cm, start: int, end: int):
+    """CommonAttentionMetadata of batch rows ``[start, end)``, token offsets rebased."""
+    qsl_cpu = cm.query_start_loc_cpu[start:end + 1]
+    t0, t1 = int(qsl_cpu[0]), int(qsl_cpu[-1])
+    qsl = cm.query_start_loc[start:end + 1] - cm.query_start_loc[start]
+    seq_lens = cm.seq_lens[start:end]
+    qlens = qsl_cpu[1:] - qsl_cpu[:-1]
+    changes = dict(
+        query_start_loc=qsl, query_start_loc_cpu=qsl_cpu - qsl_cpu[0],
+        seq_lens=seq_lens, num_reqs=end - start, num_actual_tokens=t1 - t0,
+        max_query_len=int(qlens.max()) if len(qlens) else 0,
+        max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
+        block_table_tensor=cm.block_table_tensor[start:end],
+        slot_mapping=cm.slot_mapping[t0:t1])
+    for name in ("is_prefilling", "seq_lens_cpu_upper_bound"):
+        v = getattr(cm, name, None)
+        if v is not None:
+            changes[name] = v[start:end]
+    if getattr(cm, "positions", None) is not None:
+        changes["positions"] = cm.positions[t0:t1]
+    if getattr(cm, "req_idx", None) is not None:
+        changes["req_idx"] = cm.req_idx[start:end]
+    for name in ("_num_computed_tokens_cache", "_token_to_req_indices_cache"):
+        if hasattr(cm, name):
+            changes[name] = None
+    return cm.replace(**changes)
+
+
+class RetroBackend(_DenseBackend):
+    """Dense prefill + wave-index decode. Registered in vLLM's CUSTOM slot."""
+
+    @staticmethod
+    def get_name() -> str:
+        # Must name a member of AttentionBackendEnum; retro lives in CUSTOM.
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        return RetroImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return RetroMetadataBuilder
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == compat.attention_type_decoder()
+
+
+class RetroMetadataBuilder(_DenseBuilder):
+    """Dense metadata plus :class:`RetroBatch`; decode rows ordered first."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)
+        self.retro_state = state_for(vllm_config)
+
+    def build_rows(self, cm, start: int, end: int):
+        return super().build(0, slice_common_metadata(cm, start, end))
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        cm = common_attn_metadata
+        md = super().build(common_prefix_len, cm, fast_build)
+        row_ids = self.retro_state.row_req_ids
+        if row_ids is None or len(row_ids) < cm.num_reqs:
+            return md  # warm-up / profiling run: no requests, dense only
+        qsl = cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist()
+        seq_lens = cm.seq_lens[:cm.num_reqs].cpu().tolist()
+        nd = 0
+        while nd < cm.num_reqs and qsl[nd + 1] - qsl[nd] == 1:
+            nd += 1
+        prefill_md = None
+        if nd < cm.num_reqs:
+            prefill_md = md if nd == 0 else self.build_rows(cm, nd, cm.num_reqs)
+        md.retro = RetroBatch(req_ids=list(row_ids[:cm.num_reqs]), num_decodes=nd,
+                              seq_lens=seq_lens, query_start_loc=qsl,
+                              prefill_metadata=prefill_md, state=self.retro_state,
+                              builder=self, common=cm)
+        return md
+
+
+class RetroImpl(_DenseImpl):
+    """Attention impl: dense for prefill rows, tripartite for decode rows."""
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes,
+                 sliding_window, kv_cache_dtype, logits_soft_cap=None,
+                 attn_type=None, kv_sharing_target_layer_name=None, sinks=None,
+                 **kwargs) -> None:
+        if attn_type is None:
+            attn_type = compat.attention_type_decoder()
+        reasons = []
+        if attn_type != compat.attention_type_decoder():
+            reasons.append(f"attention type {attn_type!r} (decoder self-attention only)")
+        if sliding_window is not None:
+            reasons.append("sliding-window attention")
+        if alibi_slopes is not None:
+            reasons.append("ALiBi")
+        if logits_soft_cap:
+            reasons.append("logits soft-capping")
+        if sinks is not None:
+            reasons.append("learned attention sinks")
+        if kv_sharing_target_layer_name is not None:
+            reasons.append("cross-layer KV sharing")
+        if kv_cache_dtype not in ("auto", None):
+            reasons.append(f"kv_cache_dtype={kv_cache_dtype!r} (only 'auto')")
+        if head_size not in _DenseBackend.get_supported_head_sizes():
+            reasons.append(f"head size {head_size} (supported: "
+                           f"{_DenseBackend.get_supported_head_sizes()})")
+        if reasons:
+            raise ValueError("retro attention backend does not support: " +
+                             "; ".join(reasons))
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes,
+                         sliding_window, kv_cache_dtype, logits_soft_cap, attn_type,
+                         kv_sharing_target_layer_name, sinks, **kwargs)
+        self.layer_name: Optional[str] = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        rb: Optional[RetroBatch] = getattr(attn_metadata, "retro", None)
+        if rb is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata,
+                                   output, output_scale, output_block_scale)
+        name = layer.layer_name
+        nd = rb.num_decodes
+        n_tok = rb.query_start_loc[-1]
+        if rb.prefill_metadata is not None:
+            super().forward(layer, query[nd:n_tok], key[nd:n_tok], value[nd:n_tok],
+                            kv_cache, rb.prefill_metadata, output[nd:n_tok])
+            for row in range(nd, len(rb.req_ids)):
+                self._mirror_prefill(rb, row, name, key, value)
+        out3 = output.view(output.shape[0], self.num_heads, self.head_size)
+        q3 = query.view(query.shape[0], self.num_heads, self.head_size)
+        for row in range(nd):
+            index = self._index_for_decode(rb, row, name, key, value)
+            if index is None:
+                md = rb.dense_metadata_for_rows(row, row + 1)
+                super().forward(layer, query[row:row + 1], key[row:row + 1],
+                                value[row:row + 1], kv_cache, md, output[row:row + 1])
+                continue
+            decode_attention(index, q3[row], self.scale, out=out3[row])
+            rb.state.store.record_decode(index)
+        return output
+
+    def _kv_rows(self, key, value, t0: int, t1: int):
+        """This step's K/V of tokens ``[t0, t1)`` as ``[H, n, D]``."""
+        k = key[t0:t1].view(t1 - t0, self.num_kv_heads, self.head_size)
+        v = value[t0:t1].view(t1 - t0, self.num_kv_heads, self.head_size)
+        return k.transpose(0, 1), v.transpose(0, 1)
+
+    def _mirror_prefill(self, rb: RetroBatch, row: int, name: str, key, value) -> None:
+        req = rb.req_ids[row]
+        t0, t1 = rb.query_start_loc[row], rb.query_start_loc[row + 1]
+        context = rb.seq_lens[row] - (t1 - t0)
+        store = rb.state.store
+        k, v = self._kv_rows(key, value, t0, t1)
+        if context == 0:
+            self._put(rb, req, name, WaveIndex.build(k.contiguous(), v.contiguous(),
+                                                     rb.state.config))
+            return
+        index = store.get(req, name)
+        if index is None or index.seq_len != context:
+            store.drop_layer(req, name)   # cannot extend: decode falls back to dense
+            return
+        index.append(k, v)
+        self._put(rb, req, name, index)
+
+    def _index_for_decode(self, rb: RetroBatch, row: int, name: str, key, value
+                          ) -> Optional[WaveIndex]:
+        """The row's index with this step's token appended, or None (dense row)."""
+        req = rb.req_ids[row]
+        context = rb.seq_lens[row] - 1
+        store = rb.state.store
+        k, v = self._kv_rows(key, value, row, row + 1)
+        if context == 0:
+            index = WaveIndex.build(k.contiguous(), v.contiguous(), rb.state.config)
+            if not self._put(rb, req, name, index):
+                return None
+            return index
+        index = store.get(req, name)
+        if index is None or index.seq_len != context:
+            if index is not None:
+                store.drop_layer(req, name)
+            return None
+        index.append(k, v)
+        if not self._put(rb, req, name, index):
+            return None
+        # Below the crossover length the index is kept current but decode is dense.
+        return None if rb.seq_lens[row] < rb.state.config.dense_below else index
+
+    def _put(self, rb: RetroBatch, req: str, name: str, index: WaveIndex) -> bool:
+        try:
+            rb.state.store.put(req, name, index)
+            return True
+        except HostMemoryExceeded as e:
+            rb.state.store.drop_layer(req, name)
+            logger.warning("retro: %s; request decodes densely", e)
+            return False

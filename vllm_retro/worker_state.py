@@ -1,0 +1,76 @@
+"""Per-worker retro state: the request index store and the current batch's rows.
+
+vLLM gives attention backends neither request ids nor a lifecycle hook. The
+plugin wraps the model runner's ``_update_states`` (see ``vllm_plugin``) to
+(1) free the indexes of finished and preempted requests and (2) record the row
+order of the coming step; the metadata builder reads that row order here.
+
+One state exists per ``VllmConfig`` object: the runner, the builders and the
+attention impls of one worker all hold the same config object, and two engines
+in one process (tests) get separate states.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from .config import RetroConfig
+from .request_store import RequestIndexStore
+
+RETRO_CONFIG_KEY = "retro"
+
+
+def retro_config_from_vllm(vllm_config) -> RetroConfig:
+    """RetroConfig from ``vllm_config.additional_config["retro"]`` (validated)."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    if not isinstance(extra, dict):
+        raise ValueError("additional_config must be a JSON object / dict")
+    opts = extra.get(RETRO_CONFIG_KEY, {})
+    if not isinstance(opts, dict):
+        raise ValueError(
+            f'additional_config["{RETRO_CONFIG_KEY}"] must be a dict of retro '
+            f"options, got {type(opts).__name__}")
+    return RetroConfig.from_dict(opts)
+
+
+@dataclass
+class RetroWorkerState:
+    """What one worker's retro attention layers share.
+
+    Attributes:
+        config: the validated RetroConfig of this engine.
+        store: indexes of the running requests.
+        row_req_ids: request id of each batch row for the step being prepared
+            (None outside a real step, e.g. during warm-up or profiling).
+        known_req_ids: every request the runner currently holds (running or paused).
+    """
+
+    config: RetroConfig
+    store: RequestIndexStore
+    row_req_ids: Optional[List[str]] = None
+    known_req_ids: frozenset = frozenset()
+    last_log_time: float = field(default_factory=time.monotonic)
+    step: int = 0
+
+
+_STATES: Dict[int, RetroWorkerState] = {}
+
+
+def state_for(vllm_config) -> RetroWorkerState:
+    """The state of the worker that owns ``vllm_config`` (created on first use)."""
+    key = id(vllm_config)
+    st = _STATES.get(key)
+    if st is None:
+        cfg = retro_config_from_vllm(vllm_config)
+        budget = None if cfg.host_memory_gib is None else int(cfg.host_memory_gib * (1 << 30))
+        st = RetroWorkerState(config=cfg, store=RequestIndexStore(budget))
+        _STATES[key] = st
+        weakref.finalize(vllm_config, _STATES.pop, key, None)
+    return st
+
+
+def existing_state(vllm_config) -> Optional[RetroWorkerState]:
+    return _STATES.get(id(vllm_config))
