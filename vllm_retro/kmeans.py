@@ -15,6 +15,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def segment_sums(x: torch.Tensor, assign: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """Per-cluster sums: ``x [H, n, D]``, ``assign [H, n]`` -> ``[H, n_clusters, D]``."""
+    h, n, d = x.shape
+    flat = assign + torch.arange(h, device=x.device).unsqueeze(1) * n_clusters
+    out = torch.zeros(h * n_clusters, d, dtype=x.dtype, device=x.device)
+    out.index_add_(0, flat.reshape(-1), x.reshape(h * n, d))
+    return out.view(h, n_clusters, d)
+
+
 def spherical_kmeans(keys: torch.Tensor, n_clusters: int, iters: int) -> torch.Tensor:
     """Clusters each head's keys by cosine similarity of mean-centred keys.
 
@@ -42,8 +51,7 @@ def spherical_kmeans(keys: torch.Tensor, n_clusters: int, iters: int) -> torch.T
     cent = x[:, init, :].clone()
     assign = torch.argmax(torch.bmm(x, cent.transpose(1, 2)), dim=-1)
     for _ in range(iters):
-        sums = torch.zeros_like(cent)
-        sums.scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, d), x)
+        sums = segment_sums(x, assign, n_clusters)
         norms = sums.norm(dim=-1, keepdim=True)
         cent = torch.where(norms > 0, sums / norms.clamp_min(1e-30), cent)
         assign = torch.argmax(torch.bmm(x, cent.transpose(1, 2)), dim=-1)
@@ -84,10 +92,7 @@ def cluster_layout(keys: torch.Tensor, values: torch.Tensor, assign: torch.Tenso
     sizes.scatter_add_(1, assign, torch.ones_like(assign))
     starts = torch.cumsum(sizes, dim=1) - sizes
     cdt = _compute_dtype(keys.dtype)
-    idx = assign.unsqueeze(-1).expand(-1, -1, d)
-    key_sums = torch.zeros(h, n_clusters, d, dtype=cdt, device=keys.device)
-    key_sums.scatter_add_(1, idx, keys.to(cdt))
-    value_sums = torch.zeros(h, n_clusters, d, dtype=cdt, device=keys.device)
-    value_sums.scatter_add_(1, idx, values.to(cdt))
+    key_sums = segment_sums(keys.to(cdt), assign, n_clusters)
+    value_sums = segment_sums(values.to(cdt), assign, n_clusters)
     centroids = key_sums / sizes.clamp_min(1).unsqueeze(-1).to(cdt)
     return ClusterLayout(order, sizes, starts, centroids, value_sums)
