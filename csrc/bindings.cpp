@@ -1,0 +1,57 @@
+// Operator registration of the vllm_retro extension (torch.ops.vllm_retro.*) and the
+// Python module init that makes `import vllm_retro._C` load it.
+//
+// Schemas are defined here once; each backend registers its kernels with
+// TORCH_LIBRARY_IMPL(vllm_retro, <DispatchKey>, m) (CPU and Meta below; CUDA kernels
+// can register from their own translation unit).
+
+#include <Python.h>  // first, as Python requires
+
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(vllm_retro, m) {
+  m.def(
+      "retro_decode_attention(Tensor query, Tensor sink_keys, Tensor sink_values, "
+      "Tensor tail_keys, Tensor tail_values, Tensor keys, Tensor values, "
+      "Tensor centroids, Tensor value_sums, Tensor sizes, Tensor starts, "
+      "int n_ret, int n_est, float scale, Tensor(a!) out, Tensor? k_ret=None, "
+      "float error_bound=0., int max_ret=-1) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vllm_retro, CPU, m) {
+  m.impl("retro_decode_attention", &vllm_retro::retro_decode_attention_cpu);
+}
+
+TORCH_LIBRARY_IMPL(vllm_retro, Meta, m) {
+  m.impl("retro_decode_attention", &vllm_retro::retro_decode_attention_meta);
+}
+
+// ------------------------------------------------------------------ module init
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+#define RETRO_CAT_(a, b) a##b
+#define RETRO_CAT(a, b) RETRO_CAT_(a, b)
+#define RETRO_STR_(a) #a
+#define RETRO_STR(a) RETRO_STR_(a)
+
+static PyModuleDef retro_module = {
+    PyModuleDef_HEAD_INIT,
+    RETRO_STR(TORCH_EXTENSION_NAME),
+    "vllm_retro native kernels; loading this module registers torch.ops.vllm_retro.*",
+    -1,
+    nullptr,
+};
+
+PyMODINIT_FUNC RETRO_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  PyObject* mod = PyModule_Create(&retro_module);
+  if (mod == nullptr) return nullptr;
+#ifdef RETRO_WITH_CUDA
+  PyModule_AddIntConstant(mod, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(mod, "with_cuda", 0);
+#endif
+  return mod;
+}

@@ -1,0 +1,47 @@
+// Declarations of the vllm_retro operators (registered in bindings.cpp as
+// torch.ops.vllm_retro.*).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace vllm_retro {
+
+// Tripartite decode attention of one decode query over a WaveIndex, CPU.
+//
+//   query                    [Hq, D]   any float dtype (converted to the compute dtype)
+//   sink_keys / sink_values  [H, s, D] KV dtype (float32, bfloat16, float16, float64)
+//   tail_keys / tail_values  [H, t, D] KV dtype
+//   keys / values            [H, N, D] KV dtype, cluster-contiguous
+//   centroids / value_sums   [H, C, D] compute dtype (float64 for float64 KV, else float32)
+//   sizes / starts           [H, C]    int64, cluster c of head h is keys[h, starts:starts+sizes]
+//   n_ret, n_est             clusters attended exactly / estimated per KV head (clamped to C)
+//   scale                    logit scale
+//   out                      [Hq, D]   float dtype, written
+//   k_ret                    optional [H] int64: per-head exact-set size (overrides n_ret)
+//   error_bound, max_ret     accuracy-bounded mode when error_bound > 0: the exact set is
+//                            the smallest (>= n_ret, <= max_ret; max_ret < 0 means C) whose
+//                            estimated outside softmax mass is <= error_bound for every query
+//                            head of the group (WaveIndex._bounded_retrieval)
+//
+// Only the last dim of the KV, query and out tensors must be contiguous.
+// Returns [H, 3] int64: clusters retrieved, tokens retrieved, tokens estimated per KV head.
+at::Tensor retro_decode_attention_cpu(
+    const at::Tensor& query, const at::Tensor& sink_keys, const at::Tensor& sink_values,
+    const at::Tensor& tail_keys, const at::Tensor& tail_values, const at::Tensor& keys,
+    const at::Tensor& values, const at::Tensor& centroids, const at::Tensor& value_sums,
+    const at::Tensor& sizes, const at::Tensor& starts, int64_t n_ret, int64_t n_est,
+    double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
+    double error_bound, int64_t max_ret);
+
+// Shape-only implementation (Meta / fake tensors, torch.compile tracing).
+at::Tensor retro_decode_attention_meta(
+    const at::Tensor& query, const at::Tensor& sink_keys, const at::Tensor& sink_values,
+    const at::Tensor& tail_keys, const at::Tensor& tail_values, const at::Tensor& keys,
+    const at::Tensor& values, const at::Tensor& centroids, const at::Tensor& value_sums,
+    const at::Tensor& sizes, const at::Tensor& starts, int64_t n_ret, int64_t n_est,
+    double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
+    double error_bound, int64_t max_ret);
+
+}  // namespace vllm_retro
