@@ -117,6 +117,8 @@ class RetroMetadataBuilder(_DenseBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
         self.retro_state = state_for(vllm_config)
+        logger.info("retro attention backend active for %d layers: %s",
+                    len(layer_names), self.retro_state.config)
 
     def build_rows(self, cm, start: int, end: int):
         return super().build(0, slice_common_metadata(cm, start, end))

@@ -20,7 +20,7 @@ class HostMemoryExceeded(RuntimeError):
 
 @dataclass
 class StoreStats:
-    """Running totals since the last :meth:`RequestIndexStore.take_stats` call."""
+    """Running totals since the store was made."""
 
     decode_calls: int = 0
     exact_fraction_sum: float = 0.0
@@ -30,6 +30,13 @@ class StoreStats:
 
     def mean(self, total: float) -> float:
         return total / self.decode_calls if self.decode_calls else 0.0
+
+    def minus(self, other: "StoreStats") -> "StoreStats":
+        return StoreStats(*(getattr(self, f) - getattr(other, f)
+                            for f in self.__dataclass_fields__))
+
+    def copy(self) -> "StoreStats":
+        return StoreStats(*(getattr(self, f) for f in self.__dataclass_fields__))
 
 
 @dataclass
@@ -104,7 +111,3 @@ class RequestIndexStore:
             self.stats.decode_calls += 1
             self.stats.exact_fraction_sum += st.exact_fraction
             self.stats.estimated_fraction_sum += st.estimated_fraction
-
-    def take_stats(self) -> StoreStats:
-        st, self.stats = self.stats, StoreStats()
-        return st

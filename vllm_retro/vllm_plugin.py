@@ -131,9 +131,9 @@ def _patch_runner(runner_cls) -> None:
         from .worker_state import existing_state
         state = existing_state(self.vllm_config)
         if state is not None:
-            gone = set(scheduler_output.finished_req_ids)
-            gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
-            state.store.free(gone)
+            preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+            state.preemptions += len(preempted)
+            state.store.free(set(scheduler_output.finished_req_ids) | preempted)
         result = original(self, scheduler_output, *args, **kwargs)
         if state is not None:
             batch = self.input_batch
@@ -156,7 +156,8 @@ def _maybe_log_stats(state) -> None:
     if now - state.last_log_time < STATS_LOG_INTERVAL_S:
         return
     state.last_log_time = now
-    st = state.store.take_stats()
+    st = state.store.stats.minus(state.logged_stats)
+    state.logged_stats = state.store.stats.copy()
     if st.decode_calls == 0:
         return
     from . import compat

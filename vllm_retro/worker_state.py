@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .config import RetroConfig
-from .request_store import RequestIndexStore
+from .request_store import RequestIndexStore, StoreStats
 
 RETRO_CONFIG_KEY = "retro"
 
@@ -53,7 +53,9 @@ class RetroWorkerState:
     row_req_ids: Optional[List[str]] = None
     known_req_ids: frozenset = frozenset()
     last_log_time: float = field(default_factory=time.monotonic)
+    logged_stats: StoreStats = field(default_factory=StoreStats)
     step: int = 0
+    preemptions: int = 0
 
 
 _STATES: Dict[int, RetroWorkerState] = {}
