@@ -70,5 +70,10 @@ def current_vllm_config():
 
 
 def logger(name: str):
+    """A logger under vLLM's ``vllm`` logger, so that it gets vLLM's handler,
+    format and level (VLLM_LOGGING_LEVEL). A logger outside that tree (e.g.
+    ``vllm_retro.backend``) has no handler: its INFO records are dropped and its
+    warnings reach stderr unformatted."""
     from vllm.logger import init_logger
-    return init_logger(name)
+    return init_logger(name if name == "vllm" or name.startswith("vllm.")
+                       else f"vllm.{name}")

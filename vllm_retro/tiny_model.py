@@ -11,6 +11,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -32,6 +34,14 @@ def stdlib_text(max_chars: int = 2_000_000) -> str:
     return "\n".join(parts)[:max_chars]
 
 
+# A minimal chat template (role: content lines), so that the OpenAI server's
+# /v1/chat/completions endpoint works with the tiny model.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
 def _train_tokenizer(vocab_size: int, out_dir: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -51,6 +61,7 @@ def _train_tokenizer(vocab_size: int, out_dir: Path) -> None:
     tok.train_from_iterator(chunks(), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
                                    eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = TINY_CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
 
 
@@ -64,17 +75,36 @@ def build_tiny_llama(out_dir: str | os.PathLike, *, num_layers: int = 2,
     supports). Reuses the directory if it already holds this exact model.
     Returns the directory path.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     out = Path(out_dir)
     spec = dict(num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
                 num_kv_heads=num_kv_heads, vocab_size=vocab_size,
-                max_position=max_position, seed=seed)
+                max_position=max_position, seed=seed, chat_template=TINY_CHAT_TEMPLATE)
     marker = out / "retro_tiny_spec.json"
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return str(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Built in a scratch directory and moved in file by file (each move atomic,
+    # the marker last), so other processes reading ``out`` meanwhile never see a
+    # half-written file.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _build_into(scratch, spec, marker.name)
+        out.mkdir(parents=True, exist_ok=True)
+        names = sorted(p.name for p in scratch.iterdir() if p.name != marker.name)
+        for name in names + [marker.name]:
+            os.replace(scratch / name, out / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return str(out)
+
+
+def _build_into(out: Path, spec: dict, marker_name: str) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    num_layers, hidden_size = spec["num_layers"], spec["hidden_size"]
+    num_heads, num_kv_heads = spec["num_heads"], spec["num_kv_heads"]
+    vocab_size, max_position, seed = spec["vocab_size"], spec["max_position"], spec["seed"]
     _train_tokenizer(vocab_size, out)
     cfg = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -91,8 +121,7 @@ def build_tiny_llama(out_dir: str | os.PathLike, *, num_layers: int = 2,
             if p.dim() == 2:
                 p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
     model.save_pretrained(str(out), safe_serialization=True)
-    marker.write_text(json.dumps(spec))
-    return str(out)
+    (out / marker_name).write_text(json.dumps(spec))
 
 
 def smollm2_gguf_path() -> Optional[str]:

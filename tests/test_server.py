@@ -1,0 +1,272 @@
+"""The OpenAI-compatible server, started with our console entry point.
+
+``python -m vllm_retro.cli serve MODEL --attention-backend retro`` runs the API
+server in the test's child process and the engine core and its worker in
+processes spawned from it (CPU vLLM uses ``spawn``), so this is also the check
+that the name ``retro`` and ``additional_config["retro"]`` survive pickling into a
+fresh process that loads the plugin only after unpickling the config.
+
+Everything is bounded: start-up (``STARTUP_TIMEOUT_S``), each HTTP request, the
+SSE stream, and the shutdown (``SHUTDOWN_TIMEOUT_S``).
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from vllm_retro.tiny_model import stdlib_text
+
+STARTUP_TIMEOUT_S = 180.0
+REQUEST_TIMEOUT_S = 60.0
+SHUTDOWN_TIMEOUT_S = 30.0
+RETRO_OPTIONS = {"segment_size": 256, "update_interval": 128}
+# ~1500 tokens of the tiny tokenizer (about 3 characters per token on this text):
+# long enough that the prompt's KV is clustered into a wave index.
+PROMPT = stdlib_text(20_000)[:4600]
+
+# No proxy, whatever the environment says: only 127.0.0.1 is ever contacted.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(path, n=60) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError as e:
+        return f"<no log: {e}>"
+
+
+def _read_log(path) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+class Server:
+    def __init__(self, proc, base_url, log_path, model):
+        self.proc, self.base_url, self.log_path, self.model = proc, base_url, log_path, model
+
+    def get(self, path):
+        with _OPENER.open(self.base_url + path, timeout=REQUEST_TIMEOUT_S) as r:
+            return r.status, r.read()
+
+    def post(self, path, body):
+        req = urllib.request.Request(self.base_url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        return _OPENER.open(req, timeout=REQUEST_TIMEOUT_S)
+
+    def post_json(self, path, body):
+        try:
+            with self.post(path, body) as r:
+                assert r.status == 200
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            pytest.fail(f"{path} -> HTTP {e.code}: {e.read()[:2000]!r}\n"
+                        f"{_log_tail(self.log_path)}")
+
+
+def _wait_healthy(proc, base_url, log_path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode} during start-up; log tail:\n"
+                        f"{_log_tail(log_path)}")
+        try:
+            with _OPENER.open(base_url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S:.0f} s; log tail:\n"
+                f"{_log_tail(log_path)}")
+
+
+def _stop(proc) -> None:
+    """Safety net for teardown: SIGTERM, then SIGKILL of the whole process group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)   # the server's own session (start_new_session)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    env = dict(os.environ)
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               VLLM_NO_USAGE_STATS="1", VLLM_LOGGING_LEVEL="INFO",
+               # conftest turns this off for the in-process engine tests; the
+               # server must run its engine core in a spawned process.
+               VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    env.pop("VLLM_PLUGINS", None)
+    cmd = [sys.executable, "-m", "vllm_retro.cli", "serve", tiny_model,
+           "--attention-backend", "retro", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
+           "--additional-config", json.dumps({"retro": RETRO_OPTIONS})]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, base_url, log_path)
+        yield Server(proc, base_url, log_path, tiny_model)
+    finally:
+        _stop(proc)
+
+
+def _completion_body(server, **kw):
+    body = {"model": server.model, "prompt": PROMPT, "max_tokens": 16, "temperature": 0,
+            "ignore_eos": True}
+    body.update(kw)
+    return body
+
+
+def _stream_texts(server, body, max_events=1000):
+    """POSTs a streaming request; returns the text of each SSE chunk and whether
+    the stream ended with ``[DONE]``."""
+    texts, done = [], False
+    with server.post("/v1/completions", body) as r:
+        assert r.status == 200
+        assert r.headers.get("Content-Type", "").startswith("text/event-stream")
+        for _ in range(max_events * 2):        # data lines and blank separators
+            line = r.readline()
+            if not line:
+                break
+            line = line.decode().strip()
+            if not line:
+                continue
+            assert line.startswith("data: "), line
+            payload = line[len("data: "):]
+            if payload == "[DONE]":
+                done = True
+                break
+            chunk = json.loads(payload)
+            texts.extend(c["text"] for c in chunk["choices"])
+    return texts, done
+
+
+def test_retro_active_in_spawned_worker(server):
+    log = _read_log(server.log_path)
+    lines = [l for l in log.splitlines() if "retro attention backend active" in l]
+    assert lines, f"no 'retro attention backend active' line; log tail:\n{_log_tail(server.log_path)}"
+    # Logged by the metadata builder in the worker, with the options from the CLI.
+    assert "segment_size=256" in lines[0] and "update_interval=128" in lines[0], lines[0]
+    assert "prefix caching disabled" in log
+
+
+def test_completion_and_stream_agree(server):
+    out = server.post_json("/v1/completions", _completion_body(server))
+    choice = out["choices"][0]
+    assert out["usage"]["completion_tokens"] == 16
+    assert 1000 <= out["usage"]["prompt_tokens"] <= 3000, out["usage"]
+    assert choice["finish_reason"] == "length"
+    text = choice["text"]
+    assert isinstance(text, str) and text
+
+    texts, done = _stream_texts(server, _completion_body(server, stream=True))
+    assert done, "stream did not end with [DONE]"
+    assert len(texts) >= 4, texts
+    assert "".join(texts) == text
+
+
+def test_chat_completion(server):
+    out = server.post_json("/v1/chat/completions", {
+        "model": server.model, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+        "messages": [{"role": "system", "content": "You are terse."},
+                     {"role": "user", "content": "Name a Python module."}]})
+    msg = out["choices"][0]["message"]
+    assert msg["role"] == "assistant"
+    assert isinstance(msg["content"], str)
+    assert out["usage"]["completion_tokens"] == 8
+
+
+def test_stats_log_line(server):
+    """The periodic stats line (every 10 s, at the next scheduled step) reports the
+    decode calls so far; the long prompts above read well under 100% exactly."""
+    pattern = re.compile(r"retro: (\d+) decode attention calls, ([\d.]+)% of tokens "
+                         r"read exactly")
+    server.post_json("/v1/completions", _completion_body(server))   # indexed decodes
+    deadline = time.monotonic() + 25
+    found = None
+    while time.monotonic() < deadline:
+        found = pattern.search(_read_log(server.log_path))
+        if found:
+            break
+        # A step is needed for the line to be written: a 2-token request.
+        server.post_json("/v1/completions", _completion_body(server, prompt="import os",
+                                                             max_tokens=2))
+        time.sleep(1.0)
+    assert found, f"no retro stats line; log tail:\n{_log_tail(server.log_path)}"
+    assert int(found.group(1)) > 0
+    assert float(found.group(2)) < 99.0, found.group(0)
+
+
+def test_shutdown_is_clean(server):
+    """SIGINT: vLLM's launcher shuts the engine down and exits with 0, leaving no
+    child process (engine core, worker, resource tracker) behind."""
+    psutil = pytest.importorskip("psutil")
+    proc = server.proc
+    assert proc.poll() is None, _log_tail(server.log_path)
+    assert "Traceback" not in _read_log(server.log_path), _log_tail(server.log_path)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "expected an engine-core child process"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"server still running {SHUTDOWN_TIMEOUT_S:.0f} s after SIGINT; "
+                    f"log tail:\n{_log_tail(server.log_path)}")
+    elapsed = time.monotonic() - t0
+    assert rc == 0, f"exit code {rc} after {elapsed:.1f} s; log tail:\n{_log_tail(server.log_path)}"
+    _, alive = psutil.wait_procs(children, timeout=10)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, p.name()) for p in alive]
+
+
+def test_cli_version_and_serve_help():
+    env = dict(os.environ, VLLM_NO_USAGE_STATS="1")
+    cmds = {"version": [sys.executable, "-m", "vllm_retro.cli", "--version"],
+            "help": [sys.executable, "-m", "vllm_retro.cli", "serve", "--help"]}
+    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 stdin=subprocess.DEVNULL, env=env, text=True)
+             for k, c in cmds.items()}
+    results = {}
+    try:
+        for k, p in procs.items():
+            out, err = p.communicate(timeout=120)
+            results[k] = (p.returncode, out, err)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    rc, out, err = results["version"]
+    assert rc == 0, err[-3000:]
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", out.strip()), out
+    rc, out, err = results["help"]
+    assert rc == 0, err[-3000:]
+    assert "usage: vllm serve" in out, out[-3000:]
