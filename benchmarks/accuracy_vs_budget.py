@@ -1,0 +1,569 @@
+"""Accuracy of sparse decode attention vs. fraction of tokens read, on real Q/K/V.
+
+Role: the accuracy benchmark of the wave index against baselines, on the
+post-RoPE attention data of SmolLM2-135M captured by ``capture_qkv.py`` (run
+automatically when its file is missing).
+
+For every chosen layer and every captured decode position ``p`` (the query at
+``p`` attends the causal prefix, keys ``[0, p]``, ``T = p + 1`` tokens) it
+computes the float64 dense reference and, for each target fraction ``f`` of
+tokens read exactly (``f * T`` tokens per KV head, sinks and recent window
+included), these methods:
+
+* ``wave``: ``WaveIndex`` tripartite attention (exact sinks + tail + retrieved
+  clusters, estimated clusters, rest skipped), estimation_fraction 0.232. The
+  index is built once per layer over the prefix before the first query position
+  (segment_size 2048, so the 8K context has several segments) and then grows
+  with ``append`` one token per decode step, as in serving (the tail is the 64
+  recent tokens plus the tokens decoded since, not yet clustered).
+  ``retrieval_fraction`` is set per query to the cluster count whose tokens, in
+  the index's own ranking, come closest to the target (averaged over KV heads).
+* ``wave_noest``: the same without estimation (estimation_fraction 0).
+* ``ivf``: faiss IndexIVFFlat, inner product, nlist = middle tokens / 16, lists
+  probed in centroid-IP order until the target is reached; exact attention over
+  every token of the probed lists (= IVF-Flat search with k = all scanned).
+* ``quest``: Quest page selection (16-token pages, per-channel key min/max,
+  bound ``sum_d max(q_d min_d, q_d max_d)``), top pages until the target.
+* ``oracle``: the true top tokens (by true softmax probability); upper bound of
+  any token-granular selection at that budget.
+* ``sink_recent``: sinks (4) + recent window (64) only; one point.
+
+IVF, Quest and oracle share the GQA policy of ``baselines.py`` (per query head
+ranking, round-robin union per KV head, every query head of the group attends
+the union) and always add sinks 4 + recent 64.
+
+Metrics (per query head; means over query heads, positions and layers; also per
+layer): ``rel_err = ||o - o_ref|| / ||o_ref||`` and ``recall`` = the true softmax
+mass (float64, real keys) of the tokens attended exactly. For ``wave`` also
+``recall_with_estimated`` (true mass of exact + estimated-cluster tokens) and
+the estimated fraction. ``fraction_read`` is the measured exact-token fraction.
+
+``wave_default``: one point at the library's default retrieval_fraction 0.018
+(a fraction of clusters, not of tokens) with estimation 0.232.
+
+Accuracy-bounded mode (``RetroConfig(error_bound=eps)``, retrieval floor one
+cluster, estimation 0.232): exact fraction read, the selection's own centroid
+estimate of the mass outside the exact set, the TRUE outside mass (real keys,
+per query head), the share of queries whose true outside mass is <= eps, the
+cap hit rate and the output error (``bounded``). ``bounded_variants_exact_only``
+replays the same rule offline (exact part only, no estimation) with the
+library's centroid log-mass ``q.c*s + ln size`` (``centroid``; its k must equal
+the library's, ``same_k_as_library``) and with a Gaussian-corrected log-mass
+``q.c*s + ln size + s^2/2 sum_d q_d^2 var_d`` (``gauss``; ``var`` the per-cluster,
+per-channel key variance, which the index does not store).
+
+Ranking ablation (exact attention only, per-head token budget, same clusters):
+the library's ranking (sum over the group of softmax(q.c*s + ln size)) against
+softmax(q.c*s) without the size term, max over the group of q.c (IVF-style),
+the Gaussian correction above, and the oracle cluster ranking (true mass).
+The ablation and the bounded variants run on every ``--ablation-stride``-th
+decode position (default 4) to keep the runtime down.
+
+Output: ``--out`` JSON plus a PNG of the same stem (rel. error and recall vs
+fraction read) and ``<stem>_ranking.png`` (ranking ablation).
+
+Usage: python benchmarks/accuracy_vs_budget.py [--layers 2,8,15,22,29]
+       [--fractions 0.005,0.01,0.02,0.03,0.05,0.1,0.2,1.0] [--eps 0.05,0.1,0.2]
+       [--out benchmarks/results/accuracy_vs_budget.json] [--ablation-stride 4]
+       [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from vllm_retro import RetroConfig, WaveIndex, full_attention  # noqa: E402
+from vllm_retro.attention import group_query  # noqa: E402
+
+import baselines as B  # noqa: E402
+import capture_qkv  # noqa: E402
+
+DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "accuracy_vs_budget.json")
+DEFAULT_FRACTIONS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 1.0)
+DEFAULT_EPS = (0.05, 0.1, 0.2)
+DEFAULT_LAYERS = (2, 8, 15, 22, 29)
+BASE_CONFIG = RetroConfig(segment_size=2048)
+RANK_RULES = ("library", "no_size", "max_qc", "gauss", "oracle_cluster")
+
+
+def _record(acc: dict, key, **vals) -> None:
+    for k, v in vals.items():
+        acc[key][k].append(v.detach().double().reshape(-1) if torch.is_tensor(v)
+                           else torch.tensor([float(v)], dtype=torch.float64))
+
+
+def _frac(mask: torch.Tensor) -> float:
+    """Mean over KV heads of the exact-token fraction of an ``[H, T]`` mask."""
+    return mask.double().mean().item()
+
+
+def cluster_key_variance(index: WaveIndex, cluster_of: torch.Tensor) -> torch.Tensor:
+    """``[H, C, D]`` float64 per-cluster, per-channel variance of the member keys."""
+    cid = cluster_of
+    c_tok = torch.gather(index.centroids.double(), 1,
+                         cid.unsqueeze(-1).expand(-1, -1, index.head_dim))
+    sq = (index.keys.double() - c_tok) ** 2                              # [H, N, D]
+    var = torch.zeros(index.centroids.shape, dtype=torch.float64)
+    var.scatter_add_(1, cid.unsqueeze(-1).expand_as(sq), sq)
+    return var / index.sizes.clamp_min(1).unsqueeze(-1).double()
+
+
+def rank_scores(index: WaveIndex, query: torch.Tensor, scale: float, probs: torch.Tensor,
+                rule: str, cluster_of: torch.Tensor,
+                variance: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[H, C]`` cluster scores of one ranking rule (see module doc); higher first.
+
+    Args:
+        index: built ``WaveIndex`` over ``[0, T)``; query ``[Hq, D]``;
+        probs: ``[H, G, T]`` true probabilities (oracle rule only);
+        cluster_of: ``index.cluster_ids()``; variance: :func:`cluster_key_variance`
+            (gauss rule only).
+    """
+    h = index.num_kv_heads
+    q = group_query(query.double(), h)
+    sizes = index.sizes
+    empty = (sizes == 0)
+    qc = torch.einsum("hgd,hcd->hgc", q, index.centroids.double()) * scale
+    qc = qc.masked_fill(empty.unsqueeze(1), float("-inf"))
+    lns = torch.log(sizes.double()).unsqueeze(1)
+    if rule == "library":
+        sc = torch.softmax(qc + lns, -1).nan_to_num(0.0).sum(1)
+    elif rule == "no_size":
+        sc = torch.softmax(qc, -1).sum(1)
+    elif rule == "max_qc":
+        sc = qc.amax(1)
+    elif rule == "gauss":
+        corr = 0.5 * scale ** 2 * torch.einsum("hgd,hcd->hgc", q * q, variance)
+        sc = torch.softmax(qc + lns + corr, -1).nan_to_num(0.0).sum(1)
+    elif rule == "oracle_cluster":
+        pt = torch.gather(probs, 2, index.positions.unsqueeze(1).expand(-1, probs.shape[1], -1))
+        sc = torch.zeros(h, index.num_clusters, dtype=torch.float64)
+        sc.scatter_add_(1, cluster_of, pt.sum(1))
+    else:
+        raise ValueError(rule)
+    return sc.masked_fill(empty, float("-inf"))
+
+
+def evaluate_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
+                   qpos: Sequence[int], scale: float, fractions: Sequence[float],
+                   eps_list: Sequence[float], base: RetroConfig = BASE_CONFIG,
+                   ablation_stride: int = 4) -> Dict[tuple, Dict[str, List[torch.Tensor]]]:
+    """All methods on one layer.
+
+    Args:
+        keys, values: ``[H, T_max, D]`` float32; queries: ``[Q, Hq, D]`` for the
+            increasing decode positions ``qpos`` (query ``i`` attends ``[0, qpos[i]]``).
+        ablation_stride: run the ranking ablation and the bounded-mode variants on
+            every ``ablation_stride``-th position (0: never).
+
+    Returns:
+        ``{(method, target): {metric: [tensor per query position]}}``.
+    """
+    acc: Dict[tuple, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    sinks, recent = base.sink_tokens, base.recent_tokens
+    p0 = int(qpos[0])
+    grown = WaveIndex.build(keys[:, :p0].float(), values[:, :p0].float(), base)
+    quest = B.QuestPages(keys, page_size=16, sinks=sinks, recent=recent)
+    ivf = B.FaissIVF(keys, p0 + 1, sinks=sinks, recent=recent, cluster_size=base.cluster_size)
+    for i, p in enumerate(qpos):
+        p = int(p)
+        t = p + 1
+        grown.append(keys[:, p:p + 1].float(), values[:, p:p + 1].float())
+        index = WaveIndex.build(keys[:, :t].float(), values[:, :t].float(), base)
+        assert index.seq_len == grown.seq_len == t and index.tail_len == recent
+        kp, vp = keys[:, :t].double(), values[:, :t].double()
+        q = queries[i]
+        logits = B.true_logits(q, kp, scale)                              # [H, G, T]
+        probs = torch.softmax(logits, dim=-1)
+        ref = full_attention(q.double(), kp, vp, scale)
+
+        def exact_method(name, target, mask):
+            out = B.attention_from_logits(logits, vp, mask)
+            _record(acc, (name, target), frac=_frac(mask), err=B.rel_error(out, ref),
+                    recall=B.mass_of(probs, mask))
+
+        def wave_method(name, target, idx, cfg):
+            idx.config = cfg
+            out = idx.attend(q.float(), scale)
+            exact, est, k_ret, est_out = B.wave_sets(idx, q.float(), scale)
+            st = idx.last_stats
+            if abs(_frac(exact) - st.exact_fraction) > 1e-9:
+                raise AssertionError(f"exact set mismatch {_frac(exact)} vs {st.exact_fraction}")
+            rec = B.mass_of(probs, exact)
+            steady = idx.sink_keys.shape[1] + idx.tail_len
+            ret_tok = st.exact_fraction * t - steady
+            mean_size = idx.num_clustered_tokens / max(1, idx.num_clusters)
+            vals = dict(frac=st.exact_fraction, err=B.rel_error(out, ref), recall=rec,
+                        recall_with_estimated=B.mass_of(probs, exact | est),
+                        est_frac=st.estimated_fraction,
+                        clusters_retrieved=st.clusters_retrieved,
+                        retrieved_cluster_size_ratio=ret_tok / max(st.clusters_retrieved, 1e-9)
+                        / mean_size)
+            if cfg.error_bound is not None:
+                c = idx.num_clusters
+                cap = min(c, max(1, math.ceil(cfg.max_retrieval_fraction * c)))
+                vals.update(true_outside=1.0 - rec, est_outside=est_out.reshape(-1),
+                            capped=(k_ret >= cap).double())
+            _record(acc, (name, target), **vals)
+
+        def wave_budget(idx, total):
+            """retrieval_fraction whose clusters come closest to ``total`` exact tokens."""
+            idx.config = base
+            steady = idx.sink_keys.shape[1] + idx.tail_len
+            n = B.cluster_token_budget(idx, q.float(), scale, total - steady)
+            return min(1.0, (n - 0.5) / idx.num_clusters)
+
+        exact_method("sink_recent", 0.0, B.steady_mask(keys.shape[0], t, sinks, recent))
+        selectors = {"oracle": B.oracle_topk(probs, sinks, recent),
+                     "quest": quest.prepare(q, t), "ivf": ivf.prepare(q, t)}
+        cid = index.cluster_ids()
+        scores = {}
+        do_abl = bool(ablation_stride) and i % ablation_stride == 0
+        if do_abl:
+            var = cluster_key_variance(index, cid)
+            scores = {r: rank_scores(index, q, scale, probs, r, cid, var) for r in RANK_RULES}
+            # Estimated log-mass per cluster for the bounded-mode variants.
+            qg = group_query(q.double(), index.num_kv_heads)
+            lg_lib = (torch.einsum("hgd,hcd->hgc", qg, index.centroids.double()) * scale
+                      + torch.log(index.sizes.double()).unsqueeze(1))
+            bound_logits = {"centroid": lg_lib, "gauss": lg_lib + 0.5 * scale ** 2 *
+                            torch.einsum("hgd,hcd->hgc", qg * qg, var)}
+        ef0 = base.estimation_fraction
+        for f in fractions:
+            total = f * t
+            for name, sel in selectors.items():
+                exact_method(name, f, sel(total - (min(sinks, t) + recent)))
+            rf = wave_budget(index, total)
+            wave_method("wave", f, index, base.replace(
+                retrieval_fraction=rf, estimation_fraction=min(ef0, 1.0 - rf)))
+            wave_method("wave_noest", f, index, base.replace(
+                retrieval_fraction=rf, estimation_fraction=0.0))
+            rf = wave_budget(grown, total)
+            wave_method("wave_append", f, grown, base.replace(
+                retrieval_fraction=rf, estimation_fraction=min(ef0, 1.0 - rf)))
+            steady = index.sink_keys.shape[1] + index.tail_len
+            for rule, sc in scores.items():
+                exact_method("rank_" + rule, f,
+                             B.ranked_cluster_mask(index, sc, total - steady, cid))
+        # The library's default operating point (retrieval 0.018, estimation 0.232).
+        wave_method("wave_default", RetroConfig().retrieval_fraction, index, base)
+        lse_st = B.steady_lse(index, q, scale) if do_abl else None
+        for eps in eps_list:
+            cfg = base.replace(retrieval_fraction=1e-4, error_bound=eps)
+            wave_method("bounded", eps, index, cfg)
+            if not do_abl:
+                continue
+            c = index.num_clusters
+            cap = min(c, max(1, math.ceil(cfg.max_retrieval_fraction * c)))
+            k_lib = B.wave_sets(index, q.float(), scale)[2]
+            for rule, lg in bound_logits.items():
+                exact, k, est_out = B.bounded_cluster_mask(index, lg, lse_st, eps, 1, cap, cid)
+                rec = B.mass_of(probs, exact)
+                out = B.attention_from_logits(logits, vp, exact)
+                _record(acc, ("bounded_" + rule, eps), frac=_frac(exact),
+                        err=B.rel_error(out, ref), recall=rec, true_outside=1.0 - rec,
+                        est_outside=est_out.reshape(-1), capped=(k >= cap).double(),
+                        same_k_as_library=(k == k_lib).double())
+    return acc
+
+
+def _summ(vals: List[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(vals)
+
+
+def summarise(per_layer: Dict[int, dict], layers: Sequence[int]) -> dict:
+    """Per-method curves from the per-layer accumulators of :func:`evaluate_layer`."""
+    keys = sorted({k for acc in per_layer.values() for k in acc}, key=lambda k: (k[0], k[1]))
+    out: Dict[str, list] = defaultdict(list)
+    for key in keys:
+        name, target = key
+        pt = {"error_bound" if name.startswith("bounded") else "target_fraction": target}
+        metrics = per_layer[layers[0]][key].keys()
+        for m in metrics:
+            allv = torch.cat([_summ(per_layer[l][key][m]) for l in layers])
+            lay = {str(l): _summ(per_layer[l][key][m]).mean().item() for l in layers}
+            label = {"frac": "fraction_read", "err": "rel_err"}.get(m, m)
+            pt[label] = allv.mean().item()
+            pt[label + "_per_layer"] = lay
+            if m in ("err", "true_outside", "frac"):
+                pt[label + "_p95"] = torch.quantile(allv, 0.95).item()
+            if m == "true_outside":
+                pt["true_outside_max"] = allv.max().item()
+                pt["share_true_outside_le_eps"] = (allv <= target).double().mean().item()
+                pt["share_true_outside_le_eps_per_layer"] = {
+                    str(l): (_summ(per_layer[l][key][m]) <= target).double().mean().item()
+                    for l in layers}
+            if m == "est_outside":
+                pt["share_est_outside_le_eps"] = (allv <= target + 1e-12).double().mean().item()
+        out[name].append(pt)
+    return dict(out)
+
+
+def interp_at(points: List[dict], f: float, metric: str) -> Optional[float]:
+    """Metric at read fraction ``f``, linear in log(fraction) between measured
+    points (None outside the measured range)."""
+    pts = sorted((p["fraction_read"], p[metric]) for p in points if p["fraction_read"] < 0.999)
+    for (f0, v0), (f1, v1) in zip(pts, pts[1:]):
+        if f0 <= f <= f1 and f1 > f0:
+            w = (math.log(f) - math.log(f0)) / (math.log(f1) - math.log(f0))
+            return v0 + w * (v1 - v0)
+    return None
+
+
+STYLE = {
+    "wave": dict(color="C0", marker="o", label="wave index (tripartite)"),
+    "wave_noest": dict(color="C9", marker="o", ls="--", label="wave index, no estimation"),
+    "wave_append": dict(color="C0", marker="x", ls=":", lw=1,
+                        label="wave index, grown by append (tail 64..127)"),
+    "ivf": dict(color="C1", marker="s", label="faiss IVF-Flat (IP)"),
+    "quest": dict(color="C2", marker="^", label="Quest pages (16)"),
+    "oracle": dict(color="k", marker=".", ls=":", label="oracle top-k tokens"),
+}
+
+
+def plot(res: dict, path: str) -> None:
+    """Two panels: rel. error (log-log) and recall vs fraction read."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = res["methods"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for name, st in STYLE.items():
+        pts = sorted((p for p in curves.get(name, []) if p["fraction_read"] < 0.999),
+                     key=lambda p: p["fraction_read"])
+        if not pts:
+            continue
+        x = [p["fraction_read"] for p in pts]
+        axes[0].plot(x, [p["rel_err"] for p in pts], **st)
+        axes[1].plot(x, [p["recall"] for p in pts], **st)
+        if name == "wave":
+            axes[1].plot(x, [p["recall_with_estimated"] for p in pts], color="C0", ls="-.",
+                         lw=1, label="wave: true mass of exact + estimated clusters")
+    for p in curves.get("sink_recent", []):
+        for ax, m in zip(axes, ("rel_err", "recall")):
+            ax.plot([p["fraction_read"]], [p[m]], "rX", ms=10,
+                    label="sinks 4 + recent 64 only")
+    for p in curves.get("wave_default", []):
+        for ax, m in zip(axes, ("rel_err", "recall")):
+            ax.plot([p["fraction_read"]], [p[m]], "D", color="navy", ms=8, mfc="none",
+                    label="wave, library default retrieval_fraction=0.018")
+    for p in res.get("bounded", []):
+        for ax, m in zip(axes, ("rel_err", "recall")):
+            ax.plot([p["fraction_read"]], [p[m]], "*", color="C4", ms=13)
+            ax.annotate(f"eps={p['error_bound']:g}", (p["fraction_read"], p[m]),
+                        textcoords="offset points", xytext=(5, 5), fontsize=8, color="C4")
+    axes[0].plot([], [], "*", color="C4", ms=13, label="wave, error_bound=eps")
+    axes[0].set(xscale="log", yscale="log", xlabel="fraction of tokens read exactly",
+                ylabel="attention output rel. error ||o-o_ref||/||o_ref|| (mean)")
+    axes[1].set(xscale="log", xlabel="fraction of tokens read exactly",
+                ylabel="recall: true softmax mass of exactly attended tokens (mean)")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    h, l = axes[1].get_legend_handles_labels()
+    keep = [(hh, ll) for hh, ll in zip(h, l) if "estimated" in ll]
+    axes[1].legend(*zip(*keep), fontsize=8, loc="lower right") if keep else None
+    m = res["meta"]
+    fig.suptitle(f"{m['model_short']}, {m['num_tokens']} tokens of {m['text_short']}, layers "
+                 f"{','.join(map(str, m['layers']))}, {m['num_queries']} decode positions "
+                 f"(sanity: max rel. err at 100% read = {res['sanity_max_err_at_full']:.1e})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ranking(res: dict, path: str) -> None:
+    """Ranking ablation: rel. error and recall vs fraction read, exact-only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = res.get("ranking_ablation", {})
+    if not curves:
+        return
+    labels = {"library": "sum_g softmax(q.c s + ln size)  [library]",
+              "no_size": "sum_g softmax(q.c s)  (no ln size)",
+              "max_qc": "max_g q.c  (IVF-style)",
+              "gauss": "+ s^2/2 q^2.var  (Gaussian correction)",
+              "oracle_cluster": "oracle cluster ranking (true mass)"}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for i, (rule, lab) in enumerate(labels.items()):
+        pts = sorted((p for p in curves.get(rule, []) if p["fraction_read"] < 0.999),
+                     key=lambda p: p["fraction_read"])
+        if not pts:
+            continue
+        x = [p["fraction_read"] for p in pts]
+        ls = ":" if rule == "oracle_cluster" else "-"
+        axes[0].plot(x, [p["rel_err"] for p in pts], marker="o", ls=ls, color=f"C{i}", label=lab)
+        axes[1].plot(x, [p["recall"] for p in pts], marker="o", ls=ls, color=f"C{i}", label=lab)
+    axes[0].set(xscale="log", yscale="log", xlabel="fraction of tokens read exactly",
+                ylabel="rel. error (exact part only, no estimation)")
+    axes[1].set(xscale="log", xlabel="fraction of tokens read exactly",
+                ylabel="recall (true mass of exact set)")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("wave-index clusters, cluster ranking rules at a per-head token budget", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(layers: Sequence[int], fractions: Sequence[float], eps_list: Sequence[float],
+        out: str, data: str, num_queries: int = 0, ablation_stride: int = 4) -> dict:
+    import faiss
+    import transformers
+    t_start = time.time()
+    cap = capture_qkv.load_or_capture(data)
+    meta = cap["meta"]
+    missing = [l for l in layers if l not in cap["keys"]]
+    if missing:
+        raise SystemExit(f"layers {missing} not in the capture {data} (has {meta['layers']})")
+    qpos = [int(x) for x in cap["query_positions"]]
+    sel = list(range(len(qpos)))
+    if num_queries and num_queries < len(qpos):
+        sel = sel[-num_queries:]
+    per_layer = {}
+    for l in layers:
+        t0 = time.time()
+        per_layer[l] = evaluate_layer(cap["keys"][l], cap["values"][l],
+                                      cap["queries"][l][sel], [qpos[i] for i in sel],
+                                      cap["scale"], fractions, eps_list,
+                                      ablation_stride=ablation_stride)
+        print(f"layer {l}: {time.time() - t0:.1f}s", flush=True)
+    curves = summarise(per_layer, list(layers))
+    bounded = curves.pop("bounded", [])
+    bounded_variants = {k[len("bounded_"):]: curves.pop(k) for k in list(curves)
+                        if k.startswith("bounded_")}
+    ablation_curves = {k[len("rank_"):]: curves.pop(k) for k in list(curves) if k.startswith("rank_")}
+    full = [p["rel_err"] for pts in curves.values() for p in pts
+            if p.get("target_fraction") == 1.0]
+    tables = {}
+    for name, pts in curves.items():
+        if name in ("sink_recent", "wave_default"):
+            continue
+        tables[name] = {f"{f:g}": {"rel_err": interp_at(pts, f, "rel_err"),
+                                   "recall": interp_at(pts, f, "recall")}
+                        for f in (0.01, 0.02, 0.05)}
+        low = min(pts, key=lambda p: p["fraction_read"])
+        tables[name]["lowest_point"] = {k: low[k] for k in ("fraction_read", "rel_err", "recall")}
+    res = {
+        "description": __doc__.split("\n")[0],
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "faiss": faiss.__version__, "transformers": transformers.__version__},
+        "meta": {
+            "model": meta["model"], "model_short": "SmolLM2-135M-Instruct (Q4_1)",
+            "text_source": meta["text_source"], "text_short": "Python stdlib source",
+            "num_tokens": meta["num_tokens"], "layers": list(layers),
+            "num_queries": len(sel), "query_positions": [qpos[sel[0]], qpos[sel[-1]]],
+            "num_q_heads": meta["num_q_heads"], "num_kv_heads": meta["num_kv_heads"],
+            "head_dim": meta["head_dim"], "scale": cap["scale"],
+            "capture_output_check_max_rel_err": meta["output_check_max_rel_err"],
+        },
+        "wave_config": BASE_CONFIG.to_dict(),
+        "baseline_config": {"sinks": BASE_CONFIG.sink_tokens, "recent": BASE_CONFIG.recent_tokens,
+                            "quest_page_size": 16, "ivf_nlist": "ceil(middle tokens / 16)",
+                            "ivf_exact_set": "all tokens of probed lists",
+                            "gqa_policy": "per query head ranking, round-robin union per KV head"},
+        "definitions": {
+            "fraction_read": "tokens attended exactly (sinks, recent/tail, retrieved units) / "
+                             "prefix tokens, mean over KV heads and queries",
+            "rel_err": "||o - o_ref|| / ||o_ref|| per query head vs float64 dense attention",
+            "recall": "true softmax mass (float64, real keys) of the tokens attended exactly",
+            "recall_with_estimated": "wave only: true mass of exact + estimated-cluster tokens",
+            "true_outside": "bounded mode: 1 - recall, per query head",
+            "est_outside": "bounded mode: the selection's centroid-based estimate of the "
+                           "mass outside the exact set (as _bounded_retrieval computes it)",
+            "capped": "bounded mode: share of (KV head, query) whose exact set hit "
+                      "max_retrieval_fraction",
+            "table_at": "values at exactly 1/2/5% read, interpolated linearly in "
+                        "log(fraction) between measured points (null: outside the range)",
+        },
+        "fractions": list(fractions), "error_bounds": list(eps_list),
+        "methods": curves,
+        "bounded": bounded,
+        "bounded_variants_exact_only": bounded_variants,
+        "ranking_ablation": ablation_curves,
+        "table_at": tables,
+        "sanity_max_err_at_full": max(full) if full else float("nan"),
+        "runtime_s": round(time.time() - t_start, 1),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(res, fh, indent=1)
+    stem = os.path.splitext(out)[0]
+    plot(res, stem + ".png")
+    plot_ranking(res, stem + "_ranking.png")
+    return res
+
+
+def _floats(s: str) -> List[float]:
+    return [float(x) for x in s.split(",") if x]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", default=",".join(map(str, DEFAULT_LAYERS)))
+    ap.add_argument("--fractions", default=",".join(f"{f:g}" for f in DEFAULT_FRACTIONS))
+    ap.add_argument("--eps", default=",".join(f"{f:g}" for f in DEFAULT_EPS),
+                    help="error bounds of the accuracy-bounded mode")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--data", default=capture_qkv.DEFAULT_OUT, help="capture file")
+    ap.add_argument("--num-queries", type=int, default=0,
+                    help="use only the last N captured positions (0: all)")
+    ap.add_argument("--ablation-stride", type=int, default=4,
+                    help="ranking ablation / bounded variants on every N-th position (0: off)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch/faiss threads (default 1: on a shared 2-core machine more "
+                         "threads oversubscribe and run ~8x slower; 0: library default)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        import faiss
+        torch.set_num_threads(a.threads)
+        faiss.omp_set_num_threads(a.threads)
+    res = run([int(x) for x in a.layers.split(",")], _floats(a.fractions), _floats(a.eps),
+              a.out, a.data, a.num_queries, a.ablation_stride)
+    print(f"wrote {a.out} (+ png) in {res['runtime_s']}s; "
+          f"max rel err at 100% read: {res['sanity_max_err_at_full']:.2e}")
+    rnd = lambda v: None if v is None else round(v, 4)
+    for name, tab in res["table_at"].items():
+        print(f"{name:12s} " + "  ".join(
+            f"{f}: err {rnd(v['rel_err'])} rec {rnd(v['recall'])}"
+            + (f" (at {v['fraction_read']:.4f})" if "fraction_read" in v else "")
+            for f, v in tab.items()))
+    for p in res["methods"].get("wave_default", []):
+        print(f"wave_default rf=0.018: read {p['fraction_read']:.4f} err {p['rel_err']:.4f} "
+              f"rec {p['recall']:.4f}")
+    for p in res["bounded"]:
+        print(f"bounded eps={p['error_bound']}: read {p['fraction_read']:.4f} "
+              f"true_out {p['true_outside']:.4f} (p95 {p['true_outside_p95']:.4f}) "
+              f"share<=eps {p['share_true_outside_le_eps']:.3f} est_out {p['est_outside']:.4f} "
+              f"capped {p['capped']:.3f} err {p['rel_err']:.4f}")
+    for rule, pts in res["bounded_variants_exact_only"].items():
+        for p in pts:
+            print(f"bounded[{rule}] eps={p['error_bound']}: read {p['fraction_read']:.4f} "
+                  f"true_out {p['true_outside']:.4f} share<=eps "
+                  f"{p['share_true_outside_le_eps']:.3f} est_out {p['est_outside']:.4f} "
+                  f"same_k_as_library {p['same_k_as_library']:.3f} err(exact only) "
+                  f"{p['rel_err']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
