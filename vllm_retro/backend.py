@@ -192,19 +192,43 @@ class RetroImpl(_DenseImpl):
             super().forward(layer, query[nd:n_tok], key[nd:n_tok], value[nd:n_tok],
                             kv_cache, rb.prefill_metadata, output[nd:n_tok])
             for row in range(nd, len(rb.req_ids)):
-                self._mirror_prefill(rb, row, name, key, value)
+                self._guarded(rb, row, self._mirror_prefill, rb, row, name, key, value)
         out3 = output.view(output.shape[0], self.num_heads, self.head_size)
         q3 = query.view(query.shape[0], self.num_heads, self.head_size)
         for row in range(nd):
-            index = self._index_for_decode(rb, row, name, key, value)
-            if index is None:
+            done = self._guarded(rb, row, self._decode_row, rb, row, name, q3, key,
+                                 value, out3)
+            if not done:
                 md = rb.dense_metadata_for_rows(row, row + 1)
                 super().forward(layer, query[row:row + 1], key[row:row + 1],
                                 value[row:row + 1], kv_cache, md, output[row:row + 1])
-                continue
-            decode_attention(index, q3[row], self.scale, out=out3[row])
-            rb.state.store.record_decode(index)
         return output
+
+    def _guarded(self, rb: RetroBatch, row: int, fn, *args) -> bool:
+        """Runs retro's work for one row; an exception there costs that request its
+        index (it decodes densely from then on, correct but slower) and is logged
+        loudly, instead of taking down the engine and every other request."""
+        try:
+            return bool(fn(*args))
+        except Exception:  # noqa: BLE001 - isolate one request's failure
+            req = rb.req_ids[row]
+            logger.exception("retro: index work failed for request %s; its indexes "
+                             "are dropped and it continues with dense attention", req)
+            rb.state.store.free([req])
+            rb.state.failed_req_ids.add(req)
+            rb.state.faults += 1
+            return False
+
+    def _decode_row(self, rb: RetroBatch, row: int, name: str, q3, key, value,
+                    out3) -> bool:
+        """Tripartite attention of one decode row into ``out3[row]``; False when the
+        row must be computed densely instead."""
+        index = self._index_for_decode(rb, row, name, key, value)
+        if index is None:
+            return False
+        decode_attention(index, q3[row], self.scale, out=out3[row])
+        rb.state.store.record_decode(index)
+        return True
 
     def _kv_rows(self, key, value, t0: int, t1: int):
         """This step's K/V of tokens ``[t0, t1)`` as ``[H, n, D]``."""
@@ -212,27 +236,30 @@ class RetroImpl(_DenseImpl):
         v = value[t0:t1].view(t1 - t0, self.num_kv_heads, self.head_size)
         return k.transpose(0, 1), v.transpose(0, 1)
 
-    def _mirror_prefill(self, rb: RetroBatch, row: int, name: str, key, value) -> None:
+    def _mirror_prefill(self, rb: RetroBatch, row: int, name: str, key, value) -> bool:
         req = rb.req_ids[row]
+        if req in rb.state.failed_req_ids:
+            return False
         t0, t1 = rb.query_start_loc[row], rb.query_start_loc[row + 1]
         context = rb.seq_lens[row] - (t1 - t0)
         store = rb.state.store
         k, v = self._kv_rows(key, value, t0, t1)
         if context == 0:
-            self._put(rb, req, name, WaveIndex.build(k.contiguous(), v.contiguous(),
-                                                     rb.state.config))
-            return
+            return self._put(rb, req, name, WaveIndex.build(k.contiguous(), v.contiguous(),
+                                                            rb.state.config))
         index = store.get(req, name)
         if index is None or index.seq_len != context:
             store.drop_layer(req, name)   # cannot extend: decode falls back to dense
-            return
+            return False
         index.append(k, v)
-        self._put(rb, req, name, index)
+        return self._put(rb, req, name, index)
 
     def _index_for_decode(self, rb: RetroBatch, row: int, name: str, key, value
                           ) -> Optional[WaveIndex]:
         """The row's index with this step's token appended, or None (dense row)."""
         req = rb.req_ids[row]
+        if req in rb.state.failed_req_ids:
+            return None
         context = rb.seq_lens[row] - 1
         store = rb.state.store
         k, v = self._kv_rows(key, value, row, row + 1)

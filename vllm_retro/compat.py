@@ -64,6 +64,18 @@ def model_runner_classes() -> list:
     return [GPUModelRunner]
 
 
+def input_processor_class():
+    """The front end's request validator (None if this vLLM has none we know)."""
+    try:
+        from vllm.v1.engine.input_processor import InputProcessor
+    except ImportError:
+        try:
+            from vllm.v1.engine.processor import Processor as InputProcessor
+        except ImportError:
+            return None
+    return InputProcessor
+
+
 def current_vllm_config():
     from vllm.config import get_current_vllm_config
     return get_current_vllm_config()

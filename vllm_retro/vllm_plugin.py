@@ -12,7 +12,9 @@ cheap; vLLM calls it in the front-end process, the engine core and every worker
    selector return retro when (and only when) it was asked for;
 3. wraps the platform's config check: validates ``additional_config["retro"]``
    at start-up, refuses unsupported models, and turns prefix caching off;
-4. wraps the model runner's ``_update_states`` to free the indexes of finished
+4. wraps the front end's input processor to refuse requests whose index could
+   never fit the host-memory budget (a client error, the server stays up);
+5. wraps the model runner's ``_update_states`` to free the indexes of finished
    and preempted requests and to record each step's row order.
 """
 
@@ -40,6 +42,7 @@ def register() -> None:
     _patch_config_check(platform_cls)
     for runner_cls in compat.model_runner_classes():
         _patch_runner(runner_cls)
+    _patch_input_processor(compat.input_processor_class())
 
 
 def retro_selected(vllm_config) -> bool:
@@ -121,6 +124,13 @@ def check_engine_config(vllm_config) -> None:
         cc.enable_prefix_caching = False
 
 
+def _patch_input_processor(cls) -> None:
+    if cls is None or _patched(cls, "process_inputs"):
+        return
+    from .admission import wrap_process_inputs
+    cls.process_inputs = _mark(wrap_process_inputs(cls.process_inputs))
+
+
 def _patch_runner(runner_cls) -> None:
     if _patched(runner_cls, "_update_states"):
         return
@@ -141,6 +151,7 @@ def _patch_runner(runner_cls) -> None:
             state.known_req_ids = frozenset(self.requests)
             # Safety net: nothing the runner has forgotten keeps an index.
             state.store.retain_only(state.known_req_ids)
+            state.failed_req_ids &= state.known_req_ids
             state.step += 1
             _maybe_log_stats(state)
         return result

@@ -178,8 +178,17 @@ class WaveIndex:
 
     def _tail_drop(self, n: int) -> None:
         rest = self.tail_len - n
-        self._tail_keys[:, :rest] = self._tail_keys[:, n:self.tail_len].clone()
-        self._tail_values[:, :rest] = self._tail_values[:, n:self.tail_len].clone()
+        # Shrink a buffer sized for a whole prompt back to what decoding needs.
+        cap = self._tail_keys.shape[1]
+        steady = self.config.recent_tokens + self.config.update_interval
+        if cap > 2 * max(rest, steady):
+            cap = max(rest, steady)
+        for name in ("_tail_keys", "_tail_values"):
+            old = getattr(self, name)
+            new = torch.empty(old.shape[0], cap, old.shape[2], dtype=old.dtype,
+                              device=old.device)
+            new[:, :rest] = old[:, n:self.tail_len]
+            setattr(self, name, new)
         self.tail_len = rest
 
     def _add_segment(self, a: int, b: int, tail_pos0: int) -> None:

@@ -46,6 +46,7 @@ class RetroWorkerState:
         row_req_ids: request id of each batch row for the step being prepared
             (None outside a real step, e.g. during warm-up or profiling).
         known_req_ids: every request the runner currently holds (running or paused).
+        failed_req_ids: requests whose index work raised; they decode densely.
     """
 
     config: RetroConfig
@@ -56,6 +57,8 @@ class RetroWorkerState:
     logged_stats: StoreStats = field(default_factory=StoreStats)
     step: int = 0
     preemptions: int = 0
+    failed_req_ids: set = field(default_factory=set)
+    faults: int = 0
 
 
 _STATES: Dict[int, RetroWorkerState] = {}
