@@ -66,3 +66,7 @@ def main() -> None:
               f"(dense {t_dense:.2f}s); read {100 * st.mean(st.exact_fraction_sum):.1f}% "
               f"of tokens exactly, estimated {100 * st.mean(st.estimated_fraction_sum):.1f}%"
               f" over {st.decode_calls} decode attention calls")
+
+
+if __name__ == "__main__":
+    main()

@@ -44,7 +44,7 @@ def request_index_bytes(vllm_config, num_tokens: int) -> int:
 
 
 def check_request_fits(vllm_config, prompt_len: int, max_tokens: Optional[int]) -> None:
-    """Raises ``ValueError`` (a client error in vLLM's server) if a request of
+    """Raises vLLM's ``VLLMValidationError`` (HTTP 400 from the server) if a request of
     ``prompt_len + max_tokens`` tokens cannot fit in the host-memory budget."""
     from .worker_state import retro_config_from_vllm
     cfg = retro_config_from_vllm(vllm_config)
