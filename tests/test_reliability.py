@@ -159,3 +159,29 @@ def test_fault_in_one_request_does_not_fail_others(tiny_model, monkeypatch):
     close_llm(llm)
     assert faults > 0, "no fault was injected"
     assert out == dense
+
+
+def _variant_model(tiny_model, tmp_path, arch: str, **cfg_overrides):
+    """A random 1-layer model of another shape, with the tiny model's tokenizer."""
+    import shutil
+    import transformers
+    cfg_cls = getattr(transformers, f"{arch}Config")
+    model_cls = getattr(transformers, f"{arch}ForCausalLM")
+    kw = dict(vocab_size=2048, hidden_size=256, intermediate_size=512,
+              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=4096, bos_token_id=0, eos_token_id=1)
+    kw.update(cfg_overrides)
+    model_cls(cfg_cls(**kw)).save_pretrained(str(tmp_path))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{tiny_model}/{name}", tmp_path / name)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("arch,overrides,reason", [
+    ("Mistral", {"sliding_window": 128}, "sliding-window"),
+    ("Llama", {"hidden_size": 192, "num_attention_heads": 4, "head_dim": 48}, "head size 48"),
+])
+def test_unsupported_models_refused_with_reason(tiny_model, tmp_path, arch, overrides, reason):
+    path = _variant_model(tiny_model, tmp_path, arch, **overrides)
+    with pytest.raises(Exception, match=reason):
+        make_llm(path, "retro", max_model_len=1024)
