@@ -19,6 +19,9 @@ included), these methods:
   ``retrieval_fraction`` is set per query to the cluster count whose tokens, in
   the index's own ranking, come closest to the target (averaged over KV heads).
 * ``wave_noest``: the same without estimation (estimation_fraction 0).
+* ``wave_first_order``: ``wave`` with the index's key variances set to zero, i.e.
+  the first-order cluster log-mass ``q.c*s + ln size`` for ranking and
+  estimation (the library's rule before the variance term).
 * ``ivf``: faiss IndexIVFFlat, inner product, nlist = middle tokens / 16, lists
   probed in centroid-IP order until the target is reached; exact attention over
   every token of the probed lists (= IVF-Flat search with k = all scanned).
@@ -42,20 +45,24 @@ the estimated fraction. ``fraction_read`` is the measured exact-token fraction.
 (a fraction of clusters, not of tokens) with estimation 0.232.
 
 Accuracy-bounded mode (``RetroConfig(error_bound=eps)``, retrieval floor one
-cluster, estimation 0.232): exact fraction read, the selection's own centroid
-estimate of the mass outside the exact set, the TRUE outside mass (real keys,
-per query head), the share of queries whose true outside mass is <= eps, the
-cap hit rate and the output error (``bounded``). ``bounded_variants_exact_only``
+cluster, estimation 0.232): exact fraction read, the selection's own estimate of
+the mass outside the exact set (from the clusters' log-masses, as
+``_bounded_retrieval`` computes it), the TRUE outside mass (real keys, per query
+head), the share of queries whose true outside mass is <= eps, the cap hit rate
+and the output error (``bounded``: the library's log-mass ``q.c*s + ln size +
+min(s^2/2 sum_d q_d^2 var_d, 2)``, ``var`` the per-cluster, per-channel key
+variance the index stores; ``bounded_first_order``: the same index with zero
+key variances, i.e. ``q.c*s + ln size``). ``bounded_variants_exact_only``
 replays the same rule offline (exact part only, no estimation) with the
-library's centroid log-mass ``q.c*s + ln size`` (``centroid``; its k must equal
-the library's, ``same_k_as_library``) and with a Gaussian-corrected log-mass
-``q.c*s + ln size + s^2/2 sum_d q_d^2 var_d`` (``gauss``; ``var`` the per-cluster,
-per-channel key variance, which the index does not store).
+library's log-mass (``library``; its k must equal the library's,
+``same_k_as_library``), the first-order one (``centroid``) and the uncapped
+second-order one (``gauss``).
 
 Ranking ablation (exact attention only, per-head token budget, same clusters):
-the library's ranking (sum over the group of softmax(q.c*s + ln size)) against
-softmax(q.c*s) without the size term, max over the group of q.c (IVF-style),
-the Gaussian correction above, and the oracle cluster ranking (true mass).
+the library's ranking (sum over the group of softmax of its log-mass, above)
+against the first-order log-mass (``centroid``), softmax(q.c*s) without the size
+term, max over the group of q.c (IVF-style), the uncapped second-order term
+(``gauss``), and the oracle cluster ranking (true mass).
 The ablation and the bounded variants run on every ``--ablation-stride``-th
 decode position (default 4) to keep the runtime down.
 
@@ -71,6 +78,7 @@ Usage: python benchmarks/accuracy_vs_budget.py [--layers 2,8,15,22,29]
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -99,7 +107,7 @@ DEFAULT_FRACTIONS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 1.0)
 DEFAULT_EPS = (0.05, 0.1, 0.2)
 DEFAULT_LAYERS = (2, 8, 15, 22, 29)
 BASE_CONFIG = RetroConfig(segment_size=2048)
-RANK_RULES = ("library", "no_size", "max_qc", "gauss", "oracle_cluster")
+RANK_RULES = ("library", "centroid", "no_size", "max_qc", "gauss", "oracle_cluster")
 
 
 def _record(acc: dict, key, **vals) -> None:
@@ -113,27 +121,22 @@ def _frac(mask: torch.Tensor) -> float:
     return mask.double().mean().item()
 
 
-def cluster_key_variance(index: WaveIndex, cluster_of: torch.Tensor) -> torch.Tensor:
-    """``[H, C, D]`` float64 per-cluster, per-channel variance of the member keys."""
-    cid = cluster_of
-    c_tok = torch.gather(index.centroids.double(), 1,
-                         cid.unsqueeze(-1).expand(-1, -1, index.head_dim))
-    sq = (index.keys.double() - c_tok) ** 2                              # [H, N, D]
-    var = torch.zeros(index.centroids.shape, dtype=torch.float64)
-    var.scatter_add_(1, cid.unsqueeze(-1).expand_as(sq), sq)
-    return var / index.sizes.clamp_min(1).unsqueeze(-1).double()
+def first_order(index: WaveIndex) -> WaveIndex:
+    """Shallow copy of ``index`` with zero key variances: its cluster log-mass is
+    the first-order ``q.c*s + ln size`` (ranking, bound and estimation)."""
+    fo = copy.copy(index)
+    fo.key_vars = torch.zeros_like(index.key_vars)
+    return fo
 
 
 def rank_scores(index: WaveIndex, query: torch.Tensor, scale: float, probs: torch.Tensor,
-                rule: str, cluster_of: torch.Tensor,
-                variance: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rule: str, cluster_of: torch.Tensor) -> torch.Tensor:
     """``[H, C]`` cluster scores of one ranking rule (see module doc); higher first.
 
     Args:
         index: built ``WaveIndex`` over ``[0, T)``; query ``[Hq, D]``;
         probs: ``[H, G, T]`` true probabilities (oracle rule only);
-        cluster_of: ``index.cluster_ids()``; variance: :func:`cluster_key_variance`
-            (gauss rule only).
+        cluster_of: ``index.cluster_ids()``.
     """
     h = index.num_kv_heads
     q = group_query(query.double(), h)
@@ -143,13 +146,16 @@ def rank_scores(index: WaveIndex, query: torch.Tensor, scale: float, probs: torc
     qc = qc.masked_fill(empty.unsqueeze(1), float("-inf"))
     lns = torch.log(sizes.double()).unsqueeze(1)
     if rule == "library":
+        sc = torch.softmax(index.cluster_log_mass(q, scale), -1).nan_to_num(0.0).sum(1)
+    elif rule == "centroid":
         sc = torch.softmax(qc + lns, -1).nan_to_num(0.0).sum(1)
     elif rule == "no_size":
         sc = torch.softmax(qc, -1).sum(1)
     elif rule == "max_qc":
         sc = qc.amax(1)
     elif rule == "gauss":
-        corr = 0.5 * scale ** 2 * torch.einsum("hgd,hcd->hgc", q * q, variance)
+        corr = 0.5 * scale ** 2 * torch.einsum("hgd,hcd->hgc", q * q,
+                                               index.key_vars.double())
         sc = torch.softmax(qc + lns + corr, -1).nan_to_num(0.0).sum(1)
     elif rule == "oracle_cluster":
         pt = torch.gather(probs, 2, index.positions.unsqueeze(1).expand(-1, probs.shape[1], -1))
@@ -236,15 +242,18 @@ def evaluate_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tens
         scores = {}
         do_abl = bool(ablation_stride) and i % ablation_stride == 0
         if do_abl:
-            var = cluster_key_variance(index, cid)
-            scores = {r: rank_scores(index, q, scale, probs, r, cid, var) for r in RANK_RULES}
+            scores = {r: rank_scores(index, q, scale, probs, r, cid) for r in RANK_RULES}
             # Estimated log-mass per cluster for the bounded-mode variants.
             qg = group_query(q.double(), index.num_kv_heads)
-            lg_lib = (torch.einsum("hgd,hcd->hgc", qg, index.centroids.double()) * scale
-                      + torch.log(index.sizes.double()).unsqueeze(1))
-            bound_logits = {"centroid": lg_lib, "gauss": lg_lib + 0.5 * scale ** 2 *
-                            torch.einsum("hgd,hcd->hgc", qg * qg, var)}
+            lg_first = (torch.einsum("hgd,hcd->hgc", qg, index.centroids.double()) * scale
+                        + torch.log(index.sizes.double()).unsqueeze(1))
+            bound_logits = {
+                "library": index.cluster_log_mass(qg, scale),
+                "centroid": lg_first,
+                "gauss": lg_first + 0.5 * scale ** 2 *
+                torch.einsum("hgd,hcd->hgc", qg * qg, index.key_vars.double())}
         ef0 = base.estimation_fraction
+        index_fo = first_order(index)
         for f in fractions:
             total = f * t
             for name, sel in selectors.items():
@@ -254,6 +263,9 @@ def evaluate_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tens
                 retrieval_fraction=rf, estimation_fraction=min(ef0, 1.0 - rf)))
             wave_method("wave_noest", f, index, base.replace(
                 retrieval_fraction=rf, estimation_fraction=0.0))
+            rf_fo = wave_budget(index_fo, total)
+            wave_method("wave_first_order", f, index_fo, base.replace(
+                retrieval_fraction=rf_fo, estimation_fraction=min(ef0, 1.0 - rf_fo)))
             rf = wave_budget(grown, total)
             wave_method("wave_append", f, grown, base.replace(
                 retrieval_fraction=rf, estimation_fraction=min(ef0, 1.0 - rf)))
@@ -267,10 +279,12 @@ def evaluate_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tens
         for eps in eps_list:
             cfg = base.replace(retrieval_fraction=1e-4, error_bound=eps)
             wave_method("bounded", eps, index, cfg)
+            wave_method("bounded_first_order", eps, index_fo, cfg)
             if not do_abl:
                 continue
             c = index.num_clusters
             cap = min(c, max(1, math.ceil(cfg.max_retrieval_fraction * c)))
+            index.config = cfg
             k_lib = B.wave_sets(index, q.float(), scale)[2]
             for rule, lg in bound_logits.items():
                 exact, k, est_out = B.bounded_cluster_mask(index, lg, lse_st, eps, 1, cap, cid)
@@ -329,6 +343,8 @@ def interp_at(points: List[dict], f: float, metric: str) -> Optional[float]:
 STYLE = {
     "wave": dict(color="C0", marker="o", label="wave index (tripartite)"),
     "wave_noest": dict(color="C9", marker="o", ls="--", label="wave index, no estimation"),
+    "wave_first_order": dict(color="C5", marker="v", ls="--", lw=1,
+                             label="wave index, first-order log-mass q.c s + ln size"),
     "wave_append": dict(color="C0", marker="x", ls=":", lw=1,
                         label="wave index, grown by append (tail 64..127)"),
     "ivf": dict(color="C1", marker="s", label="faiss IVF-Flat (IP)"),
@@ -368,7 +384,12 @@ def plot(res: dict, path: str) -> None:
             ax.plot([p["fraction_read"]], [p[m]], "*", color="C4", ms=13)
             ax.annotate(f"eps={p['error_bound']:g}", (p["fraction_read"], p[m]),
                         textcoords="offset points", xytext=(5, 5), fontsize=8, color="C4")
+    for p in res.get("bounded_first_order", []):
+        for ax, m in zip(axes, ("rel_err", "recall")):
+            ax.plot([p["fraction_read"]], [p[m]], "*", color="0.5", ms=11, mfc="none")
     axes[0].plot([], [], "*", color="C4", ms=13, label="wave, error_bound=eps")
+    axes[0].plot([], [], "*", color="0.5", ms=11, mfc="none",
+                 label="wave, error_bound=eps, first-order log-mass")
     axes[0].set(xscale="log", yscale="log", xlabel="fraction of tokens read exactly",
                 ylabel="attention output rel. error ||o-o_ref||/||o_ref|| (mean)")
     axes[1].set(xscale="log", xlabel="fraction of tokens read exactly",
@@ -397,10 +418,11 @@ def plot_ranking(res: dict, path: str) -> None:
     curves = res.get("ranking_ablation", {})
     if not curves:
         return
-    labels = {"library": "sum_g softmax(q.c s + ln size)  [library]",
+    labels = {"library": "sum_g softmax(q.c s + ln size + min(s^2/2 q^2.var, 2))  [library]",
+              "centroid": "sum_g softmax(q.c s + ln size)  (first order)",
               "no_size": "sum_g softmax(q.c s)  (no ln size)",
               "max_qc": "max_g q.c  (IVF-style)",
-              "gauss": "+ s^2/2 q^2.var  (Gaussian correction)",
+              "gauss": "q.c s + ln size + s^2/2 q^2.var  (uncapped)",
               "oracle_cluster": "oracle cluster ranking (true mass)"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for i, (rule, lab) in enumerate(labels.items()):
@@ -449,6 +471,7 @@ def run(layers: Sequence[int], fractions: Sequence[float], eps_list: Sequence[fl
         print(f"layer {l}: {time.time() - t0:.1f}s", flush=True)
     curves = summarise(per_layer, list(layers))
     bounded = curves.pop("bounded", [])
+    bounded_fo = curves.pop("bounded_first_order", [])
     bounded_variants = {k[len("bounded_"):]: curves.pop(k) for k in list(curves)
                         if k.startswith("bounded_")}
     ablation_curves = {k[len("rank_"):]: curves.pop(k) for k in list(curves) if k.startswith("rank_")}
@@ -489,8 +512,11 @@ def run(layers: Sequence[int], fractions: Sequence[float], eps_list: Sequence[fl
             "recall": "true softmax mass (float64, real keys) of the tokens attended exactly",
             "recall_with_estimated": "wave only: true mass of exact + estimated-cluster tokens",
             "true_outside": "bounded mode: 1 - recall, per query head",
-            "est_outside": "bounded mode: the selection's centroid-based estimate of the "
-                           "mass outside the exact set (as _bounded_retrieval computes it)",
+            "est_outside": "bounded mode: the selection's own estimate of the mass outside "
+                           "the exact set from the clusters' log-masses (as "
+                           "_bounded_retrieval computes it)",
+            "cluster_log_mass": "library: ln size + s q.c + min(s^2/2 sum_d q_d^2 var_d, 2); "
+                                "first_order: ln size + s q.c",
             "capped": "bounded mode: share of (KV head, query) whose exact set hit "
                       "max_retrieval_fraction",
             "table_at": "values at exactly 1/2/5% read, interpolated linearly in "
@@ -499,6 +525,7 @@ def run(layers: Sequence[int], fractions: Sequence[float], eps_list: Sequence[fl
         "fractions": list(fractions), "error_bounds": list(eps_list),
         "methods": curves,
         "bounded": bounded,
+        "bounded_first_order": bounded_fo,
         "bounded_variants_exact_only": bounded_variants,
         "ranking_ablation": ablation_curves,
         "table_at": tables,
@@ -551,11 +578,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for p in res["methods"].get("wave_default", []):
         print(f"wave_default rf=0.018: read {p['fraction_read']:.4f} err {p['rel_err']:.4f} "
               f"rec {p['recall']:.4f}")
-    for p in res["bounded"]:
-        print(f"bounded eps={p['error_bound']}: read {p['fraction_read']:.4f} "
-              f"true_out {p['true_outside']:.4f} (p95 {p['true_outside_p95']:.4f}) "
-              f"share<=eps {p['share_true_outside_le_eps']:.3f} est_out {p['est_outside']:.4f} "
-              f"capped {p['capped']:.3f} err {p['rel_err']:.4f}")
+    for name in ("bounded", "bounded_first_order"):
+        for p in res[name]:
+            print(f"{name} eps={p['error_bound']}: read {p['fraction_read']:.4f} "
+                  f"true_out {p['true_outside']:.4f} (p95 {p['true_outside_p95']:.4f}) "
+                  f"share<=eps {p['share_true_outside_le_eps']:.3f} est_out "
+                  f"{p['est_outside']:.4f} capped {p['capped']:.3f} err {p['rel_err']:.4f}")
     for rule, pts in res["bounded_variants_exact_only"].items():
         for p in pts:
             print(f"bounded[{rule}] eps={p['error_bound']}: read {p['fraction_read']:.4f} "

@@ -341,7 +341,7 @@ def wave_sets(index, query: torch.Tensor, scale: float
         exact ``[H, T]`` bool (sinks, tail, retrieved clusters), estimated ``[H, T]``
         bool (tokens of estimated clusters), k_retrieved ``[H]``, and the
         selection's own estimate of the softmax mass outside the exact set
-        ``[H, G]`` (centroid-based, as in accuracy-bounded mode).
+        ``[H, G]`` (from the index's cluster log-masses, as in accuracy-bounded mode).
     """
     from vllm_retro.attention import compute_dtype
     h, t = index.num_kv_heads, index.seq_len
@@ -363,9 +363,8 @@ def wave_sets(index, query: torch.Tensor, scale: float
     cid = index.cluster_ids()
     exact.scatter_(1, index.positions, torch.gather(ret, 1, cid))   # clustered tokens only
     estimated.scatter_(1, index.positions, torch.gather(est, 1, cid))
-    # Estimated outside mass, as _bounded_retrieval computes it (centroid logits).
-    logits = torch.einsum("hgd,hcd->hgc", q, index.centroids.to(cdt)) * scale
-    logits = logits + torch.log(index.sizes.to(cdt)).unsqueeze(1)
+    # Estimated outside mass, as _bounded_retrieval computes it.
+    logits = index.cluster_log_mass(q, scale)
     total = torch.logaddexp(torch.logsumexp(logits, dim=-1), lse_s)           # [H, G]
     mass = torch.exp(logits - total.unsqueeze(-1)) * ret.unsqueeze(1)
     est_outside = 1.0 - torch.exp(lse_s - total) - mass.sum(-1)
@@ -426,7 +425,7 @@ def bounded_cluster_mask(index, logits: torch.Tensor, steady_lse: torch.Tensor,
                          cluster_of: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Accuracy-bounded exact set from arbitrary cluster logits (the library's
-    ``_bounded_retrieval`` rule with ``logits`` in place of ``q.c*s + ln size``).
+    ``_bounded_retrieval`` rule with ``logits`` in place of its log-masses).
 
     Clusters are ranked by softmax of ``logits`` summed over the group; the exact
     set is the shortest ranked prefix (``n_min <= k <= cap``) whose estimated

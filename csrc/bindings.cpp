@@ -15,7 +15,7 @@ TORCH_LIBRARY(vllm_retro, m) {
   m.def(
       "retro_decode_attention(Tensor query, Tensor sink_keys, Tensor sink_values, "
       "Tensor tail_keys, Tensor tail_values, Tensor keys, Tensor values, "
-      "Tensor centroids, Tensor value_sums, Tensor sizes, Tensor starts, "
+      "Tensor centroids, Tensor value_sums, Tensor key_vars, Tensor sizes, Tensor starts, "
       "int n_ret, int n_est, float scale, Tensor(a!) out, Tensor? k_ret=None, "
       "float error_bound=0., int max_ret=-1) -> Tensor");
 }

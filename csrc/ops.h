@@ -15,6 +15,11 @@ namespace vllm_retro {
 //   tail_keys / tail_values  [H, t, D] KV dtype
 //   keys / values            [H, N, D] KV dtype, cluster-contiguous
 //   centroids / value_sums   [H, C, D] compute dtype (float64 for float64 KV, else float32)
+//   key_vars                 [H, C, D] compute dtype: per-channel variance of each cluster's
+//                            keys (>= 0); each cluster's estimated log-mass, used for the
+//                            ranking, the accuracy bound and the estimation zone, is
+//                            ln size + q.c*scale + min(scale^2/2 sum_d q_d^2 var_d, 2)
+//                            (vllm_retro.attention.cluster_log_mass)
 //   sizes / starts           [H, C]    int64, cluster c of head h is keys[h, starts:starts+sizes]
 //   n_ret, n_est             clusters attended exactly / estimated per KV head (clamped to C)
 //   scale                    logit scale
@@ -22,8 +27,9 @@ namespace vllm_retro {
 //   k_ret                    optional [H] int64: per-head exact-set size (overrides n_ret)
 //   error_bound, max_ret     accuracy-bounded mode when error_bound > 0: the exact set is
 //                            the smallest (>= n_ret, <= max_ret; max_ret < 0 means C) whose
-//                            estimated outside softmax mass is <= error_bound for every query
-//                            head of the group (WaveIndex._bounded_retrieval)
+//                            estimated outside softmax mass (from the log-masses above) is
+//                            <= error_bound for every query head of the group
+//                            (WaveIndex._bounded_retrieval)
 //
 // Only the last dim of the KV, query and out tensors must be contiguous.
 // Returns [H, 3] int64: clusters retrieved, tokens retrieved, tokens estimated per KV head.
@@ -31,7 +37,8 @@ at::Tensor retro_decode_attention_cpu(
     const at::Tensor& query, const at::Tensor& sink_keys, const at::Tensor& sink_values,
     const at::Tensor& tail_keys, const at::Tensor& tail_values, const at::Tensor& keys,
     const at::Tensor& values, const at::Tensor& centroids, const at::Tensor& value_sums,
-    const at::Tensor& sizes, const at::Tensor& starts, int64_t n_ret, int64_t n_est,
+    const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
+    int64_t n_ret, int64_t n_est,
     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
     double error_bound, int64_t max_ret);
 
@@ -40,7 +47,8 @@ at::Tensor retro_decode_attention_meta(
     const at::Tensor& query, const at::Tensor& sink_keys, const at::Tensor& sink_values,
     const at::Tensor& tail_keys, const at::Tensor& tail_values, const at::Tensor& keys,
     const at::Tensor& values, const at::Tensor& centroids, const at::Tensor& value_sums,
-    const at::Tensor& sizes, const at::Tensor& starts, int64_t n_ret, int64_t n_est,
+    const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
+    int64_t n_ret, int64_t n_est,
     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
     double error_bound, int64_t max_ret);
 

@@ -1,15 +1,18 @@
 // CPU fast path of tripartite decode attention (RetroInfer-style) over a WaveIndex.
 //
-// Same semantics as vllm_retro.wave_index.WaveIndex.attend: per KV head, clusters are
-// ranked by the softmax of (q.c * scale + ln size) over clusters, summed over the GQA
-// group (ties: lower cluster index first, as the reference's stable argsort); the top
-// k_ret clusters are attended exactly together with sinks and tail, the next n_est are
-// estimated (logit q.c*scale + ln size over value value_sum/size), and the parts are
-// merged in one softmax (equal to the reference's log-sum-exp merge).
+// Same semantics as vllm_retro.wave_index.WaveIndex.attend. Each cluster's estimated
+// log-mass is  ln size + q.c*scale + min(scale^2/2 * sum_d q_d^2 key_var_d, cap)
+// (vllm_retro.attention.cluster_log_mass, cap VARIANCE_CORRECTION_CAP). Per KV head,
+// clusters are ranked by its softmax over clusters, summed over the GQA group (ties:
+// lower cluster index first, as the reference's stable argsort); the top k_ret clusters
+// are attended exactly together with sinks and tail, the next n_est are estimated (that
+// log-mass as logit over value value_sum/size), and the parts are merged in one softmax
+// (equal to the reference's log-sum-exp merge).
 //
 // Work per KV head (parallel over KV heads):
 //   1. logits of sinks + tail (exact),
-//   2. centroid logits of every cluster and the group-summed score,
+//   2. estimated log-mass of every cluster (centroid logit, ln size, capped variance
+//      term) and the group-summed score,
 //   3. partial selection (nth_element / partial_sort) of the top k_ret + n_est; k_ret is
 //      n_ret (fixed fractions), a per-head k_ret tensor, or, with error_bound > 0, the
 //      smallest exact set of bounded outside mass (WaveIndex._bounded_retrieval),
@@ -150,6 +153,10 @@ RETRO_LEAF(c10::Half, float, f16)
 RETRO_LEAF(double, double, f64)
 #undef RETRO_LEAF
 
+// Cap (nats) of the variance term of a cluster's log-mass; equal to
+// vllm_retro.attention.VARIANCE_CORRECTION_CAP.
+constexpr double kVarianceCorrectionCap = 2.0;
+
 // ---------------------------------------------------------------- arguments
 struct View3 {  // [H, T, D] with unit stride in D
   const void* data = nullptr;
@@ -163,7 +170,7 @@ View3 view3(const at::Tensor& t) {
 template <typename T, typename A>
 struct Ctx {
   const A* q = nullptr;  // [Hq, D] contiguous
-  View3 sk, sv, tk, tv, k, v, cent, vsum;
+  View3 sk, sv, tk, tv, k, v, cent, vsum, kvar;
   const int64_t* sizes = nullptr;
   const int64_t* starts = nullptr;
   int64_t sz_sh = 0, sz_sc = 0, st_sh = 0, st_sc = 0;
@@ -225,9 +232,16 @@ void run_head(const Ctx<T, A>& c, int64_t h) {
     cl.resize(static_cast<size_t>(C * G));
     Leaf<A>::logits(qh, G, row_ptr<A>(c.cent, h, 0), c.cent.st, C, D, c.scale, buf.data(),
                     cl.data());
+    // Second-order term: (scale^2 / 2) * sum_d q_d^2 var_d, capped.
+    std::vector<A> q2(static_cast<size_t>(G * D)), corr(static_cast<size_t>(C * G));
+    for (int64_t i = 0; i < G * D; ++i) q2[i] = qh[i] * qh[i];
+    Leaf<A>::logits(q2.data(), G, row_ptr<A>(c.kvar, h, 0), c.kvar.st, C, D,
+                    A(0.5) * c.scale * c.scale, buf.data(), corr.data());
+    const A cap = static_cast<A>(kVarianceCorrectionCap);
     for (int64_t ci = 0; ci < C; ++ci) {
       const A ls = std::log(static_cast<A>(sizes[ci * c.sz_sc]));
-      for (int64_t g = 0; g < G; ++g) cl[ci * G + g] += ls;
+      for (int64_t g = 0; g < G; ++g)
+        cl[ci * G + g] += ls + std::min(corr[ci * G + g], cap);
     }
     // Group-summed softmax score; a query head whose logits are all -inf adds 0
     // (the reference's nan_to_num).
@@ -407,8 +421,9 @@ Checked check_inputs(const at::Tensor& query, const at::Tensor& sink_keys,
                      const at::Tensor& sink_values, const at::Tensor& tail_keys,
                      const at::Tensor& tail_values, const at::Tensor& keys,
                      const at::Tensor& values, const at::Tensor& centroids,
-                     const at::Tensor& value_sums, const at::Tensor& sizes,
-                     const at::Tensor& starts, int64_t n_ret, int64_t n_est, double scale,
+                     const at::Tensor& value_sums, const at::Tensor& key_vars,
+                     const at::Tensor& sizes, const at::Tensor& starts, int64_t n_ret,
+                     int64_t n_est, double scale,
                      const at::Tensor& out, const std::optional<at::Tensor>& k_ret,
                      double error_bound, int64_t max_ret) {
   TORCH_CHECK(keys.dim() == 3, kOp, "keys must be [num_kv_heads, tokens, head_dim], got ",
@@ -448,6 +463,8 @@ Checked check_inputs(const at::Tensor& query, const at::Tensor& sink_keys,
   check_kv(centroids, "centroids", H, D, acc, acc_what);
   check_kv(value_sums, "value_sums", H, D, acc, acc_what);
   check_pair(centroids, value_sums, "centroids", "value_sums");
+  check_kv(key_vars, "key_vars", H, D, acc, acc_what);
+  check_pair(centroids, key_vars, "centroids", "key_vars");
   for (const auto* p : {&sizes, &starts}) {
     const char* name = p == &sizes ? "sizes" : "starts";
     TORCH_CHECK(p->device().is_cpu(), kOp, name, " must be a CPU tensor");
@@ -502,8 +519,9 @@ template <typename T, typename A>
 void launch(const Checked& ck, const at::Tensor& q, const at::Tensor& sink_keys,
             const at::Tensor& sink_values, const at::Tensor& tail_keys,
             const at::Tensor& tail_values, const at::Tensor& keys, const at::Tensor& values,
-            const at::Tensor& centroids, const at::Tensor& value_sums, const at::Tensor& sizes,
-            const at::Tensor& starts, int64_t n_ret, int64_t n_est, double scale,
+            const at::Tensor& centroids, const at::Tensor& value_sums,
+            const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
+            int64_t n_ret, int64_t n_est, double scale,
             at::Tensor& out_acc, at::Tensor& stats, const std::optional<at::Tensor>& k_ret,
             double error_bound, int64_t max_ret) {
   Ctx<T, A> c;
@@ -516,6 +534,7 @@ void launch(const Checked& ck, const at::Tensor& q, const at::Tensor& sink_keys,
   c.v = view3(values);
   c.cent = view3(centroids);
   c.vsum = view3(value_sums);
+  c.kvar = view3(key_vars);
   c.sizes = sizes.data_ptr<int64_t>();
   c.starts = starts.data_ptr<int64_t>();
   c.sz_sh = sizes.stride(0);
@@ -547,12 +566,13 @@ at::Tensor retro_decode_attention_cpu(
     const at::Tensor& query, const at::Tensor& sink_keys, const at::Tensor& sink_values,
     const at::Tensor& tail_keys, const at::Tensor& tail_values, const at::Tensor& keys,
     const at::Tensor& values, const at::Tensor& centroids, const at::Tensor& value_sums,
-    const at::Tensor& sizes, const at::Tensor& starts, int64_t n_ret, int64_t n_est,
+    const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
+    int64_t n_ret, int64_t n_est,
     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
     double error_bound, int64_t max_ret) {
   const Checked ck = check_inputs(query, sink_keys, sink_values, tail_keys, tail_values, keys,
-                                  values, centroids, value_sums, sizes, starts, n_ret, n_est,
-                                  scale, out, k_ret, error_bound, max_ret);
+                                  values, centroids, value_sums, key_vars, sizes, starts, n_ret,
+                                  n_est, scale, out, k_ret, error_bound, max_ret);
   const at::Tensor q = query.to(ck.acc_dtype).contiguous();
   const bool direct = out.scalar_type() == ck.acc_dtype && out.is_contiguous();
   at::Tensor out_acc = direct ? out : at::empty({ck.Hq, ck.D}, q.options());
@@ -560,8 +580,8 @@ at::Tensor retro_decode_attention_cpu(
 
 #define RETRO_LAUNCH(T, A)                                                                    \
   launch<T, A>(ck, q, sink_keys, sink_values, tail_keys, tail_values, keys, values, centroids, \
-               value_sums, sizes, starts, n_ret, n_est, scale, out_acc, stats, k_ret,         \
-               error_bound, max_ret)
+               value_sums, key_vars, sizes, starts, n_ret, n_est, scale, out_acc, stats,      \
+               k_ret, error_bound, max_ret)
   switch (ck.kv_dtype) {
     case at::kFloat: RETRO_LAUNCH(float, float); break;
     case at::kBFloat16: RETRO_LAUNCH(c10::BFloat16, float); break;
@@ -578,11 +598,13 @@ at::Tensor retro_decode_attention_meta(
     const at::Tensor& query, const at::Tensor& sink_keys, const at::Tensor& sink_values,
     const at::Tensor& tail_keys, const at::Tensor& tail_values, const at::Tensor& keys,
     const at::Tensor& values, const at::Tensor& centroids, const at::Tensor& value_sums,
-    const at::Tensor& sizes, const at::Tensor& starts, int64_t n_ret, int64_t n_est,
+    const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
+    int64_t n_ret, int64_t n_est,
     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
     double error_bound, int64_t max_ret) {
   (void)query; (void)sink_keys; (void)sink_values; (void)tail_keys; (void)tail_values;
-  (void)values; (void)centroids; (void)value_sums; (void)sizes; (void)starts; (void)n_ret;
+  (void)values; (void)centroids; (void)value_sums; (void)key_vars; (void)sizes; (void)starts;
+  (void)n_ret;
   (void)n_est; (void)scale; (void)out; (void)k_ret; (void)error_bound; (void)max_ret;
   TORCH_CHECK(keys.dim() == 3, kOp, "keys must be [num_kv_heads, tokens, head_dim]");
   return at::empty({keys.size(0), 3}, keys.options().dtype(at::kLong));

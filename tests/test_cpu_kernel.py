@@ -21,7 +21,7 @@ import torch
 
 from vllm_retro import RetroConfig, WaveIndex, full_attention
 from vllm_retro import ops
-from vllm_retro.attention import group_query, partial_attention
+from vllm_retro.attention import VARIANCE_CORRECTION_CAP, group_query, partial_attention
 from vllm_retro.ops import decode_attention, has_extension
 
 pytestmark = pytest.mark.skipif(
@@ -67,8 +67,8 @@ def op(index, q, n_ret, n_est, scale=None, out=None, **kw):
     scale = 1.0 / math.sqrt(index.head_dim) if scale is None else scale
     st = torch.ops.vllm_retro.retro_decode_attention(
         q, index.sink_keys, index.sink_values, index.tail_keys, index.tail_values,
-        index.keys, index.values, index.centroids, index.value_sums, index.sizes,
-        index.starts, n_ret, n_est, scale, out, **kw)
+        index.keys, index.values, index.centroids, index.value_sums, index.key_vars,
+        index.sizes, index.starts, n_ret, n_est, scale, out, **kw)
     return out, st
 
 
@@ -99,7 +99,7 @@ def cast_index(index, dtype):
         t = getattr(index, name)[:, :index.tail_len].to(dtype)
         setattr(low, name, t)
         setattr(twin, name, t.double())
-    for name in ("centroids", "value_sums"):
+    for name in ("centroids", "value_sums", "key_vars"):
         t = getattr(index, name).float()
         setattr(low, name, t)
         setattr(twin, name, t.double())
@@ -181,6 +181,38 @@ def test_explicit_k_ret_matches_bounded_reference():
     out, st = op(index, q, 0, index.budget()[1], k_ret=k_ret)
     assert rel(out, ref) < 1e-10
     assert st[:, 0].tolist() == k_ret.tolist()
+
+
+def test_key_variance_term_in_both_modes(index64):
+    """The kernel uses key_vars like the reference: the test data has clusters below
+    and above the cap of the variance term, the term changes the result, and the
+    kernel equals the float64 reference with and without it (zero key_vars) in the
+    fixed-budget and the accuracy-bounded mode."""
+    index, _, _, c = index64
+    q = make_query(c, 4, 8)
+    qg, scale = group_query(q, 3), 1.0 / math.sqrt(index.head_dim)
+    corr = torch.einsum("hgd,hcd->hgc", qg * qg, index.key_vars) * (0.5 * scale * scale)
+    live = (index.sizes > 0).unsqueeze(1).expand_as(corr)
+    capped = (corr[live] > VARIANCE_CORRECTION_CAP).double().mean().item()
+    assert 0.05 < capped < 0.5, capped
+    bounded = index.config.replace(error_bound=0.01, max_retrieval_fraction=0.5)
+    for cfg in (index.config, bounded):
+        outs, ks = [], []
+        for zero in (False, True):
+            ix = WaveIndex(index.num_kv_heads, index.head_dim, cfg, dtype=torch.float64)
+            ix.__dict__.update({**index.__dict__, "config": cfg})
+            if zero:
+                ix.key_vars = torch.zeros_like(index.key_vars)
+            ref = ix.attend(q)
+            ref_stats = ix.last_stats
+            out = decode_attention(ix, q)
+            assert rel(out, ref) < 1e-10
+            assert_same_stats(ix.last_stats, ref_stats)
+            outs.append(out)
+            ks.append(ix.last_stats.clusters_retrieved)
+        assert rel(outs[0], outs[1]) > 1e-3
+        if cfg.error_bound is not None:
+            assert ks[0] != ks[1]  # the term changes the bounded exact set
 
 
 # --------------------------------------------------------------- (b): low precision
@@ -301,6 +333,8 @@ def test_empty_clusters_carry_no_mass(index64):
                                                            dtype=torch.float64)], 1)
     ix.value_sums = torch.cat([index.value_sums, torch.zeros(h, n_extra, index.head_dim,
                                                              dtype=torch.float64)], 1)
+    ix.key_vars = torch.cat([index.key_vars, torch.rand(h, n_extra, index.head_dim,
+                                                        dtype=torch.float64)], 1)
     ix.sizes = torch.cat([index.sizes, torch.zeros(h, n_extra, dtype=torch.int64)], 1)
     ix.starts = torch.cat([index.starts, torch.full((h, n_extra), n, dtype=torch.int64)], 1)
     q = make_query(c, 2, 2)
@@ -327,8 +361,8 @@ def test_meta_shapes(index64):
     index, _, _, _ = index64
     m = lambda t: t.to("meta")
     ts = [index.sink_keys, index.sink_values, index.tail_keys, index.tail_values,
-          index.keys, index.values, index.centroids, index.value_sums, index.sizes,
-          index.starts]
+          index.keys, index.values, index.centroids, index.value_sums, index.key_vars,
+          index.sizes, index.starts]
     q = torch.empty(6, index.head_dim, device="meta", dtype=torch.float64)
     st = torch.ops.vllm_retro.retro_decode_attention(q, *map(m, ts), 2, 3, 0.1,
                                                      torch.empty_like(q))
@@ -353,15 +387,16 @@ def test_bad_inputs_raise(index64):
     base = dict(query=q, sink_keys=index.sink_keys, sink_values=index.sink_values,
                 tail_keys=index.tail_keys, tail_values=index.tail_values, keys=index.keys,
                 values=index.values, centroids=index.centroids,
-                value_sums=index.value_sums, sizes=index.sizes, starts=index.starts,
+                value_sums=index.value_sums, key_vars=index.key_vars, sizes=index.sizes,
+                starts=index.starts,
                 n_ret=3, n_est=5, scale=0.2, out=torch.empty(6, D, dtype=torch.float64))
 
     def call(**changes):
         a = {**base, **changes}
         return torch.ops.vllm_retro.retro_decode_attention(
             a["query"], a["sink_keys"], a["sink_values"], a["tail_keys"], a["tail_values"],
-            a["keys"], a["values"], a["centroids"], a["value_sums"], a["sizes"],
-            a["starts"], a["n_ret"], a["n_est"], a["scale"], a["out"],
+            a["keys"], a["values"], a["centroids"], a["value_sums"], a["key_vars"],
+            a["sizes"], a["starts"], a["n_ret"], a["n_est"], a["scale"], a["out"],
             **{k: a[k] for k in ("k_ret", "error_bound", "max_ret") if k in a})
 
     call()  # the base call is valid
@@ -379,6 +414,9 @@ def test_bad_inputs_raise(index64):
         (dict(centroids=index.centroids.float(), value_sums=index.value_sums.float()),
          r"centroids must have the compute dtype \(float64 for float64 KV, else float32\) "
          "Double, got Float"),
+        (dict(key_vars=index.key_vars.float()), "key_vars must have the compute dtype"),
+        (dict(key_vars=index.key_vars[:, :-1]),
+         "centroids and key_vars must have the same shape"),
         (dict(sizes=index.sizes.int()), "sizes must be int64"),
         (dict(starts=index.starts[:, :-1]), "starts must be"),
         (dict(starts=index.starts + 10**6), "lies outside keys"),

@@ -66,6 +66,8 @@ class ClusterLayout(NamedTuple):
     starts: ``[H, C]`` int64 offset of each cluster's first token within ``order``.
     centroids: ``[H, C, D]`` mean key of each cluster (zero for empty clusters).
     value_sums: ``[H, C, D]`` sum of the values of each cluster.
+    key_vars: ``[H, C, D]`` per-channel (population) variance of each cluster's
+        keys around its centroid (zero for empty and single-token clusters).
     """
 
     order: torch.Tensor
@@ -73,18 +75,24 @@ class ClusterLayout(NamedTuple):
     starts: torch.Tensor
     centroids: torch.Tensor
     value_sums: torch.Tensor
+    key_vars: torch.Tensor
 
 
 def cluster_layout(keys: torch.Tensor, values: torch.Tensor, assign: torch.Tensor,
                    n_clusters: int) -> ClusterLayout:
-    """Sorts a segment by cluster and computes per-cluster centroid and value sum.
+    """Sorts a segment by cluster and computes per-cluster centroid, value sum and
+    per-channel key variance.
 
     Args:
         keys, values: ``[H, n, D]``.
         assign: ``[H, n]`` cluster ids from :func:`spherical_kmeans`.
 
     Centroids are true means of the original (uncentred) keys, so ``q . c`` is
-    the mean logit of the cluster's keys.
+    the mean logit of the cluster's keys. The variance is computed from the
+    centred keys (``mean((k - c)^2)`` per channel, not from sums of squares, which
+    cancel badly for keys far from the origin); with it ``0.5 * sum_d q_d^2 var_d``
+    is the second-order term of the cluster's log-mass (see
+    :func:`vllm_retro.attention.cluster_log_mass`).
     """
     h, n, d = keys.shape
     order = torch.sort(assign, dim=1, stable=True).indices
@@ -94,5 +102,9 @@ def cluster_layout(keys: torch.Tensor, values: torch.Tensor, assign: torch.Tenso
     cdt = _compute_dtype(keys.dtype)
     key_sums = segment_sums(keys.to(cdt), assign, n_clusters)
     value_sums = segment_sums(values.to(cdt), assign, n_clusters)
-    centroids = key_sums / sizes.clamp_min(1).unsqueeze(-1).to(cdt)
-    return ClusterLayout(order, sizes, starts, centroids, value_sums)
+    n = sizes.clamp_min(1).unsqueeze(-1).to(cdt)
+    centroids = key_sums / n
+    kc = keys.to(cdt)
+    dev = kc - torch.gather(centroids, 1, assign.unsqueeze(-1).expand(-1, -1, d))
+    key_vars = segment_sums(dev * dev, assign, n_clusters) / n
+    return ClusterLayout(order, sizes, starts, centroids, value_sums, key_vars)

@@ -90,8 +90,8 @@ def decode_attention(index: WaveIndex, query: torch.Tensor, scale: Optional[floa
         max_ret = min(c, max(n_ret, math.ceil(cfg.max_retrieval_fraction * c)))
     stats = torch.ops.vllm_retro.retro_decode_attention(
         query, index.sink_keys, index.sink_values, index.tail_keys, index.tail_values,
-        index.keys, index.values, index.centroids, index.value_sums, index.sizes,
-        index.starts, n_ret, n_est, scale, out, None, error_bound, max_ret)
+        index.keys, index.values, index.centroids, index.value_sums, index.key_vars,
+        index.sizes, index.starts, n_ret, n_est, scale, out, None, error_bound, max_ret)
     _set_stats(index, stats)
     return out
 

@@ -3,7 +3,8 @@
 Tokens live in three zones per KV head:
   * sinks: the first ``sink_tokens`` tokens, always exact;
   * clustered segments: older tokens, k-means clustered per segment and stored
-    cluster-contiguous with each cluster's centroid, size and value sum;
+    cluster-contiguous with each cluster's centroid, size, value sum and
+    per-channel key variance;
   * tail: the tokens not yet clustered (the recent window plus tokens waiting
     for the next index update), always exact.
 
@@ -19,8 +20,9 @@ from typing import Optional
 
 import torch
 
-from .attention import (compute_dtype, default_scale, estimated_attention,
-                        group_query, merge_partials, partial_attention)
+from .attention import (cluster_log_mass, compute_dtype, default_scale,
+                        estimated_attention, group_query, merge_partials,
+                        partial_attention)
 from .config import RetroConfig
 from .kmeans import cluster_layout, spherical_kmeans
 
@@ -71,6 +73,7 @@ class WaveIndex:
         self.positions = empty(h, 0, dt=torch.int64)   # original token positions
         self.centroids = empty(h, 0, d, dt=cdt)
         self.value_sums = empty(h, 0, d, dt=cdt)
+        self.key_vars = empty(h, 0, d, dt=cdt)          # per-channel key variance
         self.sizes = empty(h, 0, dt=torch.int64)
         self.starts = empty(h, 0, dt=torch.int64)      # offsets into ``keys``
         self.num_segments = 0
@@ -119,7 +122,7 @@ class WaveIndex:
         """Bytes held by this index's tensors (tail counted at capacity)."""
         ts = (self.sink_keys, self.sink_values, self._tail_keys, self._tail_values,
               self.keys, self.values, self.positions, self.centroids,
-              self.value_sums, self.sizes, self.starts)
+              self.value_sums, self.key_vars, self.sizes, self.starts)
         return sum(t.numel() * t.element_size() for t in ts)
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -208,6 +211,7 @@ class WaveIndex:
             [self.positions, lay.order + (tail_pos0 + a)], dim=1)
         self.centroids = torch.cat([self.centroids, lay.centroids], dim=1)
         self.value_sums = torch.cat([self.value_sums, lay.value_sums], dim=1)
+        self.key_vars = torch.cat([self.key_vars, lay.key_vars], dim=1)
         self.sizes = torch.cat([self.sizes, lay.sizes], dim=1)
         self.starts = torch.cat([self.starts, lay.starts + base], dim=1)
         self.num_segments += 1
@@ -262,7 +266,8 @@ class WaveIndex:
         gi = sel.estimated.unsqueeze(-1).expand(-1, -1, self.head_dim)
         out_e, lse_e = estimated_attention(
             q, torch.gather(self.centroids, 1, gi), est_sizes,
-            torch.gather(self.value_sums, 1, gi), scale)
+            torch.gather(self.value_sums, 1, gi), scale,
+            key_vars=torch.gather(self.key_vars, 1, gi))
         out, _ = merge_partials([out_s, out_r, out_e], [lse_s, lse_r, lse_e])
 
         total = float(self.seq_len)
@@ -274,17 +279,23 @@ class WaveIndex:
             clusters_total=c)
         return out.reshape(query.shape[0], -1)
 
+    def cluster_log_mass(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """``[H, G, C]`` estimated log softmax mass of every cluster for the grouped
+        query ``q [H, G, D]``: ``ln size + s q.c`` plus the capped second-order
+        (key variance) term, see :func:`vllm_retro.attention.cluster_log_mass`.
+        Ranking, the accuracy bound and the estimation zone all use it."""
+        return cluster_log_mass(q, self.centroids, self.sizes, self.key_vars, scale)
+
     def select_clusters(self, q: torch.Tensor, scale: float,
                         steady_lse: torch.Tensor) -> "ClusterSelection":
-        """Ranks clusters by estimated softmax mass (summed over the GQA group) and
-        splits them into retrieved and estimated sets.
+        """Ranks clusters by estimated softmax mass (:meth:`cluster_log_mass`, softmax
+        over clusters summed over the GQA group) and splits them into retrieved and
+        estimated sets.
 
         Args:
             q: ``[H, G, D]`` grouped query; steady_lse: ``[H, G]`` lse of sinks+tail.
         """
-        cdt = q.dtype
-        logits = torch.einsum("hgd,hcd->hgc", q, self.centroids.to(cdt)) * scale
-        logits = logits + torch.log(self.sizes.to(cdt)).unsqueeze(1)
+        logits = self.cluster_log_mass(q, scale)
         score = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=1)  # [H, C]
         order = torch.argsort(score, dim=1, descending=True, stable=True)
         n_ret, n_est = self.budget()
@@ -303,7 +314,10 @@ class WaveIndex:
     def _bounded_retrieval(self, logits: torch.Tensor, order: torch.Tensor,
                            steady_lse: torch.Tensor, n_min: int) -> torch.Tensor:
         """Smallest exact set (per KV head, in rank order) whose estimated outside
-        mass is at most ``error_bound`` for every query head of the group."""
+        mass is at most ``error_bound`` for every query head of the group.
+
+        ``logits`` are the clusters' estimated log-masses (:meth:`cluster_log_mass`);
+        the total is their log-sum-exp combined with the exact ``steady_lse``."""
         cfg = self.config
         c = self.num_clusters
         cap = min(c, max(n_min, math.ceil(cfg.max_retrieval_fraction * c)))
