@@ -16,12 +16,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def segment_sums(x: torch.Tensor, assign: torch.Tensor, n_clusters: int) -> torch.Tensor:
-    """Per-cluster sums: ``x [H, n, D]``, ``assign [H, n]`` -> ``[H, n_clusters, D]``."""
+    """Per-cluster sums: ``x [H, n, D]``, ``assign [H, n]`` -> ``[H, n_clusters, D]``.
+
+    A one-hot matrix product: inside vLLM's CPU worker ``index_add_`` and
+    ``scatter_add_`` took ~60 ms per call (vs ~1 ms outside), the matmul does not.
+    """
     h, n, d = x.shape
-    flat = assign + torch.arange(h, device=x.device).unsqueeze(1) * n_clusters
-    out = torch.zeros(h * n_clusters, d, dtype=x.dtype, device=x.device)
-    out.index_add_(0, flat.reshape(-1), x.reshape(h * n, d))
-    return out.view(h, n_clusters, d)
+    onehot = torch.zeros(h, n_clusters, n, dtype=x.dtype, device=x.device)
+    onehot.scatter_(1, assign.unsqueeze(1), 1.0)
+    return torch.bmm(onehot, x)
 
 
 def spherical_kmeans(keys: torch.Tensor, n_clusters: int, iters: int) -> torch.Tensor:
