@@ -237,47 +237,39 @@ class RetroImpl(_DenseImpl):
         return k.transpose(0, 1), v.transpose(0, 1)
 
     def _mirror_prefill(self, rb: RetroBatch, row: int, name: str, key, value) -> bool:
-        req = rb.req_ids[row]
-        if req in rb.state.failed_req_ids:
-            return False
         t0, t1 = rb.query_start_loc[row], rb.query_start_loc[row + 1]
-        context = rb.seq_lens[row] - (t1 - t0)
-        store = rb.state.store
         k, v = self._kv_rows(key, value, t0, t1)
-        if context == 0:
-            return self._put(rb, req, name, WaveIndex.build(k.contiguous(), v.contiguous(),
-                                                            rb.state.config))
-        index = store.get(req, name)
-        if index is None or index.seq_len != context:
-            store.drop_layer(req, name)   # cannot extend: decode falls back to dense
-            return False
-        index.append(k, v)
-        return self._put(rb, req, name, index)
+        return self._extend_index(rb, row, name, k, v, rb.seq_lens[row] - (t1 - t0)) \
+            is not None
 
     def _index_for_decode(self, rb: RetroBatch, row: int, name: str, key, value
                           ) -> Optional[WaveIndex]:
         """The row's index with this step's token appended, or None (dense row)."""
+        k, v = self._kv_rows(key, value, row, row + 1)
+        index = self._extend_index(rb, row, name, k, v, rb.seq_lens[row] - 1)
+        # Below the crossover length the index is kept current but decode is dense.
+        if index is None or rb.seq_lens[row] < rb.state.config.dense_below:
+            return None
+        return index
+
+    def _extend_index(self, rb: RetroBatch, row: int, name: str, k, v, context: int
+                      ) -> Optional[WaveIndex]:
+        """Adds this step's K/V ``[H, n, D]`` of a row to its request's index (a new
+        index when the row starts at position 0). None when the index cannot hold
+        them: the request failed before, its index does not end at ``context``, or
+        the host-memory budget is exhausted; the row is then attended densely."""
         req = rb.req_ids[row]
         if req in rb.state.failed_req_ids:
             return None
-        context = rb.seq_lens[row] - 1
-        store = rb.state.store
-        k, v = self._kv_rows(key, value, row, row + 1)
         if context == 0:
             index = WaveIndex.build(k.contiguous(), v.contiguous(), rb.state.config)
-            if not self._put(rb, req, name, index):
+        else:
+            index = rb.state.store.get(req, name)
+            if index is None or index.seq_len != context:
+                rb.state.store.drop_layer(req, name)
                 return None
-            return index
-        index = store.get(req, name)
-        if index is None or index.seq_len != context:
-            if index is not None:
-                store.drop_layer(req, name)
-            return None
-        index.append(k, v)
-        if not self._put(rb, req, name, index):
-            return None
-        # Below the crossover length the index is kept current but decode is dense.
-        return None if rb.seq_lens[row] < rb.state.config.dense_below else index
+            index.append(k, v)
+        return index if self._put(rb, req, name, index) else None
 
     def _put(self, rb: RetroBatch, req: str, name: str, index: WaveIndex) -> bool:
         try:
