@@ -10,6 +10,7 @@ Everything is bounded: start-up (``STARTUP_TIMEOUT_S``), each HTTP request, the
 SSE stream, and the shutdown (``SHUTDOWN_TIMEOUT_S``).
 """
 
+import http.client
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +30,10 @@ from vllm_retro.tiny_model import stdlib_text
 STARTUP_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 60.0
 SHUTDOWN_TIMEOUT_S = 30.0
-RETRO_OPTIONS = {"segment_size": 256, "update_interval": 128}
+# Stats every second, so the disconnect test sees the index memory soon.
+RETRO_OPTIONS = {"segment_size": 256, "update_interval": 128, "log_stats_interval_s": 1.0}
+STATS_LINE = re.compile(r"retro: (\d+) decode attention calls, .*?, (\d+) live requests, "
+                        r"index memory [\d.]+ MiB \((\d+) B\), (\d+) requests freed")
 # ~1500 tokens of the tiny tokenizer (about 3 characters per token on this text):
 # long enough that the prompt's KV is clustered into a wave index.
 PROMPT = stdlib_text(20_000)[:4600]
@@ -125,6 +130,7 @@ def server(tiny_model, tmp_path_factory):
     cmd = [sys.executable, "-m", "vllm_retro.cli", "serve", tiny_model,
            "--attention-backend", "retro", "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
+           "--enable-log-requests",            # "Request ... aborted." on hang-ups
            "--additional-config", json.dumps({"retro": RETRO_OPTIONS})]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -222,6 +228,93 @@ def test_stats_log_line(server):
     assert found, f"no retro stats line; log tail:\n{_log_tail(server.log_path)}"
     assert int(found.group(1)) > 0
     assert float(found.group(2)) < 99.0, found.group(0)
+
+
+def _stats_after(server, offset):
+    """(live requests, index bytes, freed) of each stats line after log offset."""
+    log = _read_log(server.log_path)[offset:]
+    return [(int(m.group(2)), int(m.group(3)), int(m.group(4)))
+            for m in STATS_LINE.finditer(log)]
+
+
+def _flush_until(server, offset, accept, timeout=30.0):
+    """Sends 8-token requests (each is a real engine step that can write the stats
+    line) until a stats line after ``offset`` satisfies ``accept``; returns it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hits = [x for x in _stats_after(server, offset) if accept(x)]
+        if hits:
+            return hits[0]
+        server.post_json("/v1/completions", _completion_body(server, prompt="import os",
+                                                             max_tokens=8))
+        time.sleep(0.3)
+    pytest.fail(f"no stats line matching after {timeout:.0f} s: {_stats_after(server, offset)}"
+                f"\n{_log_tail(server.log_path)}")
+
+
+N_DISCONNECTS = 4
+
+
+def test_client_disconnect_mid_stream_frees_index(server):
+    """Clients that hang up mid-stream: vLLM aborts their requests and every index
+    they held is freed. Index memory is read from the worker's stats line: with only
+    an 8-token flush request running it must be back to that request's own size
+    (measured alone first, slack 2x; it is 0 B when the flush prompt is too short to
+    index), down from the peak
+    while the long streams were live."""
+    offset = len(_read_log(server.log_path))
+    _, idle_bytes, _ = _flush_until(server, offset, lambda x: x[0] <= 1)
+    started = threading.Barrier(N_DISCONNECTS + 1, timeout=REQUEST_TIMEOUT_S)
+    hang_up = threading.Event()
+    errors = []
+    host, port = server.base_url.rsplit("//", 1)[1].split(":")
+
+    def stream_then_hang_up():
+        conn = http.client.HTTPConnection(host, int(port), timeout=REQUEST_TIMEOUT_S)
+        try:
+            body = _completion_body(server, stream=True, max_tokens=2000)
+            conn.request("POST", "/v1/completions", json.dumps(body),
+                         {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            assert r.status == 200, r.status
+            chunks = 0
+            while chunks < 3:                   # a few decode tokens streamed
+                line = r.readline()
+                assert line, "stream ended early"
+                chunks += line.startswith(b"data: ")
+        except Exception as e:                  # reported by the main thread
+            errors.append(repr(e))
+        finally:
+            started.wait()
+            hang_up.wait(REQUEST_TIMEOUT_S)
+            if conn.sock is not None:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    threads = [threading.Thread(target=stream_then_hang_up) for _ in range(N_DISCONNECTS)]
+    for t in threads:
+        t.start()
+    try:
+        started.wait()
+        assert not errors, errors
+        live_offset = len(_read_log(server.log_path))
+        live, peak_bytes, _ = _flush_until(server, live_offset,
+                                           lambda x: x[0] >= N_DISCONNECTS)
+    finally:
+        gone_offset = len(_read_log(server.log_path))
+        hang_up.set()
+        for t in threads:
+            t.join(REQUEST_TIMEOUT_S)
+    after_live, after_bytes, _ = _flush_until(server, gone_offset, lambda x: x[0] <= 1)
+    log = _read_log(server.log_path)[gone_offset:]
+    aborted = len(re.findall(r"Request \S+ aborted", log))
+    print(f"{N_DISCONNECTS} streams hung up: {aborted} aborts logged; index memory "
+          f"flush-alone {idle_bytes} B, peak {peak_bytes} B ({live} live), after "
+          f"{after_bytes} B ({after_live} live)")
+    assert aborted == N_DISCONNECTS, log[-3000:]
+    assert peak_bytes > 10 * max(idle_bytes, 1), (peak_bytes, idle_bytes)
+    assert after_bytes <= 2 * idle_bytes, (after_bytes, idle_bytes)
+    assert server.proc.poll() is None
 
 
 def test_shutdown_is_clean(server):

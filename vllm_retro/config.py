@@ -54,6 +54,8 @@ class RetroConfig:
             (0: only the index's own short-sequence fallback applies).
         host_memory_gib: host memory the vLLM backend's indexes of one worker may
             hold together; a request that would exceed it is refused (None: no limit).
+        log_stats_interval_s: seconds between the vLLM backend's stats log lines
+            (decode calls, tokens read, live requests, index memory); 0 turns them off.
     """
 
     segment_size: int = 8192
@@ -68,6 +70,7 @@ class RetroConfig:
     max_retrieval_fraction: float = 0.25
     dense_below: int = 0
     host_memory_gib: Optional[float] = None
+    log_stats_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         _check_int("segment_size", self.segment_size, 64, 1 << 20)
@@ -97,6 +100,7 @@ class RetroConfig:
         _check_int("dense_below", self.dense_below, 0, 1 << 24)
         if self.host_memory_gib is not None:
             _check_float("host_memory_gib", self.host_memory_gib, 0.0, 1 << 20, lo_open=True)
+        _check_float("log_stats_interval_s", self.log_stats_interval_s, 0.0, 86400.0)
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping[str, Any]]) -> "RetroConfig":

@@ -159,22 +159,24 @@ def _patch_runner(runner_cls) -> None:
     runner_cls._update_states = _mark(_update_states)
 
 
-STATS_LOG_INTERVAL_S = 10.0
-
-
 def _maybe_log_stats(state) -> None:
+    """One INFO line per ``log_stats_interval_s`` with the activity since the last
+    one; written at a step, so an idle engine writes nothing."""
+    interval = state.config.log_stats_interval_s
     now = time.monotonic()
-    if now - state.last_log_time < STATS_LOG_INTERVAL_S:
+    if interval <= 0 or now - state.last_log_time < interval:
         return
     state.last_log_time = now
     st = state.store.stats.minus(state.logged_stats)
     state.logged_stats = state.store.stats.copy()
-    if st.decode_calls == 0:
+    if st.decode_calls == 0 and st.freed_requests == 0:
         return
     from . import compat
+    nbytes = state.store.nbytes()
     compat.logger("vllm_retro").info(
         "retro: %d decode attention calls, %.2f%% of tokens read exactly, "
-        "%.2f%% estimated, %d live requests, index memory %.1f MiB",
+        "%.2f%% estimated, %d live requests, index memory %.1f MiB (%d B), "
+        "%d requests freed",
         st.decode_calls, 100 * st.mean(st.exact_fraction_sum),
         100 * st.mean(st.estimated_fraction_sum), len(state.store.request_ids()),
-        state.store.nbytes() / 2**20)
+        nbytes / 2**20, nbytes, st.freed_requests)
