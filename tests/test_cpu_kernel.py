@@ -28,8 +28,10 @@ pytestmark = pytest.mark.skipif(
     not has_extension(),
     reason="vllm_retro._C not built (pip install --no-build-isolation -e .)")
 
+# The fraction-based budget (no token floor): at 2600 tokens the default 512-token
+# floor would retrieve ~20% of clusters and hide the fraction and bound logic.
 SMALL = dict(segment_size=512, update_interval=256, recent_tokens=32, sink_tokens=4,
-             kmeans_iters=4)
+             kmeans_iters=4, min_retrieval_tokens=0)
 
 
 def clustered_kv(h, t, d, n_centres=40, noise=0.3, seed=0, dtype=torch.float64):
@@ -248,6 +250,20 @@ def test_low_precision_index_vs_its_reference(dtype, tol_e2e):
         assert rel(out, ref) < 2e-5
         assert_same_stats(low.last_stats, ref_stats)
     assert rel(out, hi.attend(q)) < tol_e2e
+
+
+@pytest.mark.parametrize("floor", [200, 700])
+def test_token_floor_kernel_vs_reference(floor):
+    """With ``min_retrieval_tokens`` raising the exact set, kernel == reference."""
+    k, v, c = clustered_kv(2, 2600, 32, seed=23)
+    index = WaveIndex.build(k, v, RetroConfig(**{**SMALL, "min_retrieval_tokens": floor}))
+    assert index.budget()[0] > WaveIndex.build(k, v, RetroConfig(**SMALL)).budget()[0]
+    q = make_query(c, 4, 5)
+    ref = index.attend(q)
+    ref_stats = index.last_stats
+    out = decode_attention(index, q)
+    assert rel(out, ref) < 1e-10
+    assert_same_stats(index.last_stats, ref_stats)
 
 
 def test_output_dtypes_and_strided_out(index64):

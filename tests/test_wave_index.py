@@ -54,10 +54,11 @@ def test_full_retrieval_equals_full_attention(t):
 
 
 def test_default_budget_on_clustered_keys():
-    """Default fractions (1.8% exact, 23.2% estimated) on clustered keys with peaked
-    queries: relative error below 2% (measured: max 0.45%, mean 0.13%)."""
+    """Default fractions (1.8% exact, 23.2% estimated; no token floor) on clustered
+    keys with peaked queries: relative error below 2% (measured: max 0.45%, mean
+    0.13%)."""
     k, v, c = clustered_kv(2, 8000, 64, n_centres=128, seed=1)
-    index = WaveIndex.build(k, v, RetroConfig(segment_size=2048))
+    index = WaveIndex.build(k, v, RetroConfig(segment_size=2048, min_retrieval_tokens=0))
     errs = []
     for s in range(8):
         q = peaked_query(c, 4, seed=100 + s, sharp=0.8)
@@ -65,6 +66,31 @@ def test_default_budget_on_clustered_keys():
     assert max(errs) < 0.02, errs
     st = index.last_stats
     assert st.exact_fraction < 0.05 and 0.1 < st.estimated_fraction < 0.5
+
+
+@pytest.mark.parametrize("floor", [0, 300, 1000, 10**6])
+def test_min_retrieval_tokens_floor(floor):
+    """The exact set covers at least ``min_retrieval_tokens`` tokens at the mean
+    cluster size (all clusters if the floor exceeds them), never fewer clusters than
+    the fraction gives, and attend still matches full attention when it covers all."""
+    k, v, c = clustered_kv(2, 3000, 32, seed=7)
+    base = WaveIndex.build(k, v, RetroConfig(min_retrieval_tokens=0, **SMALL))
+    index = WaveIndex.build(k, v, RetroConfig(min_retrieval_tokens=floor, **SMALL))
+    n_c, n_tok = index.num_clusters, index.num_clustered_tokens
+    n_ret, n_est = index.budget()
+    base_ret, _ = base.budget()
+    assert n_ret >= base_ret and n_ret + n_est <= n_c
+    assert n_ret * n_tok / n_c >= min(floor, n_tok) - 1e-9
+    if floor == 0:
+        assert n_ret == base_ret
+    if floor >= n_tok:
+        assert (n_ret, n_est) == (n_c, 0)
+        q = torch.randn(6, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(index.attend(q), full_attention(q, k, v),
+                                   rtol=1e-12, atol=1e-12)
+    # Not more than one cluster beyond what the floor needs.
+    if floor > 0 and n_ret > base_ret and n_ret < n_c:
+        assert (n_ret - 1) * n_tok / n_c < floor
 
 
 def test_estimation_zone_reduces_error():

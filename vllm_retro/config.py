@@ -39,6 +39,10 @@ class RetroConfig:
         segment_size: tokens per prefill segment clustered independently.
         cluster_size: mean tokens per cluster (clusters = ceil(segment / cluster_size)).
         retrieval_fraction: fraction of clusters attended exactly at each decode step.
+        min_retrieval_tokens: floor of the exact set in tokens: at least
+            ``ceil(min_retrieval_tokens / mean cluster size)`` clusters are retrieved,
+            whatever the fraction gives (a fraction of a short context is too few
+            tokens to hold the needles a query looks for).
         estimation_fraction: fraction of clusters (after the retrieved ones) whose
             contribution is estimated from centroid, size and value sum.
         sink_tokens: leading tokens always attended exactly.
@@ -61,6 +65,7 @@ class RetroConfig:
     segment_size: int = 8192
     cluster_size: int = 16
     retrieval_fraction: float = 0.018
+    min_retrieval_tokens: int = 512
     estimation_fraction: float = 0.232
     sink_tokens: int = 4
     recent_tokens: int = 64
@@ -80,6 +85,7 @@ class RetroConfig:
                 f"RetroConfig.cluster_size must be <= segment_size ({self.segment_size}),"
                 f" got {self.cluster_size}")
         _check_float("retrieval_fraction", self.retrieval_fraction, 0.0, 1.0, lo_open=True)
+        _check_int("min_retrieval_tokens", self.min_retrieval_tokens, 0, 1 << 24)
         _check_float("estimation_fraction", self.estimation_fraction, 0.0, 1.0)
         if self.retrieval_fraction + self.estimation_fraction > 1.0 + 1e-12:
             raise ValueError(

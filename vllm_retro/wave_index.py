@@ -222,11 +222,14 @@ class WaveIndex:
 
     # ----------------------------------------------------------------- attend
     def budget(self) -> tuple[int, int]:
-        """(retrieved, estimated) clusters per head at the configured fractions."""
+        """(retrieved, estimated) clusters per head at the configured fractions, the
+        retrieved count raised to cover ``min_retrieval_tokens`` at the mean size."""
         c = self.num_clusters
         if c == 0:
             return 0, 0
-        n_ret = min(c, max(1, math.ceil(self.config.retrieval_fraction * c)))
+        cfg = self.config
+        floor = math.ceil(cfg.min_retrieval_tokens * c / max(1, self.num_clustered_tokens))
+        n_ret = min(c, max(1, math.ceil(cfg.retrieval_fraction * c), floor))
         n_est = min(c - n_ret, math.ceil(self.config.estimation_fraction * c))
         return n_ret, n_est
 
