@@ -106,7 +106,9 @@ DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "accuracy_vs_budget.js
 DEFAULT_FRACTIONS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 1.0)
 DEFAULT_EPS = (0.05, 0.1, 0.2)
 DEFAULT_LAYERS = (2, 8, 15, 22, 29)
-BASE_CONFIG = RetroConfig(segment_size=2048)
+# Fractions alone: the token floor (min_retrieval_tokens, 512 by default) would hide
+# every fraction below 6.25% of this 8K capture.
+BASE_CONFIG = RetroConfig(segment_size=2048, min_retrieval_tokens=0)
 RANK_RULES = ("library", "centroid", "no_size", "max_qc", "gauss", "oracle_cluster")
 
 
