@@ -40,12 +40,12 @@ def test_full_retrieval_identical_smollm2(smollm2_model, prompts_and_dense):
 
 
 def test_default_budget_agreement_smollm2(smollm2_model, prompts_and_dense):
-    """Default fractions (1.8% of clusters exact, 23.2% estimated). Measured on
-    2026-12-01 (second-order cluster estimate): identical greedy prefixes of 16/32
-    (2048-token prompt) and 32/32 (6000-token prompt), 12.4% of tokens read exactly;
-    with the first-order estimate the 2K prompt also diverged at token 16. Floor,
-    below the measured 75%: 60% of the tokens before the first divergence, summed
-    over prompts, and no prompt below 25%."""
+    """Default budget: 1.8% of clusters exact, raised to the 512-token floor
+    (``min_retrieval_tokens``), 23.2% estimated. Measured on 2026-12-01: identical
+    greedy prefixes of 32/32 on both prompts (2048 and 6000 tokens), 29% of tokens
+    read exactly, 21% estimated; with the fraction alone (no floor) 16/32 and 32/32
+    at 12.4% read. Floor: 75% of the tokens before the first divergence, summed over
+    prompts, no prompt below half, and under 40% read exactly."""
     prompts, dense = prompts_and_dense
     llm = make_llm(smollm2_model, "retro", SEGMENTS)
     out = generate_tokens(llm, prompts, NEW_TOKENS)
@@ -55,6 +55,6 @@ def test_default_budget_agreement_smollm2(smollm2_model, prompts_and_dense):
     print("greedy identical prefix per prompt:", agree,
           "exact fraction %.3f estimated %.3f" % (st.mean(st.exact_fraction_sum),
                                                   st.mean(st.estimated_fraction_sum)))
-    assert sum(agree) >= 0.6 * NEW_TOKENS * len(prompts), agree
-    assert min(agree) >= 0.25 * NEW_TOKENS, agree
-    assert st.mean(st.exact_fraction_sum) < 0.15
+    assert sum(agree) >= 0.75 * NEW_TOKENS * len(prompts), agree
+    assert min(agree) >= 0.5 * NEW_TOKENS, agree
+    assert st.mean(st.exact_fraction_sum) < 0.4
