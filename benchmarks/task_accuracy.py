@@ -46,18 +46,23 @@ repeats the filler; with a one-shot example 0/3; 2 hops with the prefix 0/3;
 
 Configurations (``--configs``): ``dense``; ``retro`` = retro with
 ``{"segment_size": 1024}`` and every other option at its default (retrieval
-fraction 0.018, estimation 0.232, 4 sinks, 64 recent tokens, 16 tokens per
-cluster); ``rf0.005``, ``rf0.01``, ``rf0.05``: the same with that
-``retrieval_fraction`` (``rf0.018`` is an alias of ``retro``). ``segment_size`` is
-1024 because the default 8192 would leave every prompt of <= 8K tokens unclustered
-(exact decode); with 1024 a 2K prompt has 1 clustered segment (~1.98K tokens), 4K
-3 and 8K 7. The sweep configurations run only on ``--sweep-lengths`` (default 4K)
-to keep the default run near 25 minutes on 2 shared cores.
+fraction 0.018 raised to the 512-token floor ``min_retrieval_tokens``, estimation
+0.232, 4 sinks, 64 recent tokens, 16 tokens per cluster); ``rf0.005``, ``rf0.01``,
+``rf0.018``, ``rf0.05``: the fraction alone (``min_retrieval_tokens`` 0) at that
+``retrieval_fraction`` -- at <= 8K tokens the floor would exceed every fraction
+swept. ``segment_size`` is 1024 because the default 8192 would leave every prompt of
+<= 8K tokens unclustered (exact decode); with 1024 a 2K prompt has 1 clustered
+segment (~1.93K tokens), 4K 3 and 8K 7. The sweep configurations run only on
+``--sweep-lengths`` (default 4K) to keep the default run near 27 minutes on 2 cores.
 
 Default grid: all four tasks; 2K at depths 0/25/50/75/100%, 4K at 25/75%, 8K at
 50%; one sample per cell (32 prompts, ~105K prompt tokens per full config); float32.
-Measured: ~27 minutes on 2 shared cores (dense ~9 min, retro ~10 min, each sweep
-config ~2.5 min at 4K).
+Measured (8f16df6, ``results/task_accuracy.json``): 27 minutes on 2 cores (dense
+7 min, retro 8.5 min, each sweep config ~2.7 min at 4K). Mean score dense 0.677,
+retro 0.659 (equal on 10 of 12 task x length cells; one answer item lower in
+multi-value 4K and variable tracking 2K), greedy match rate 0.923; the fraction
+alone at 4K: 0.25 / 0.50 / 0.50 / 0.38 at rf 0.005 / 0.01 / 0.018 / 0.05 (dense 0.56
+on those 8 prompts). The first run, before the floor existed: retro 0.539.
 
 Reports accuracy per task, length and depth for each configuration, plus greedy
 agreement with dense on the same prompts (identical-prefix length, position-wise
@@ -566,8 +571,10 @@ def plot(summary: dict, tasks, lengths, path: str) -> None:
                 sub = "" if pcn.get("lengths", lengths) == list(lengths) else \
                     " (" + ",".join(f"{L // 1024}K" for L in pcn["lengths"]) + " only)"
                 opts = pcn.get("retro_options")
+                floor = None if opts is None else opts.get("min_retrieval_tokens", 512)
                 rf = "" if opts is None else \
-                    f"\nrf={opts.get('retrieval_fraction', 0.018):g}"
+                    f"\nrf={opts.get('retrieval_fraction', 0.018):g}, " + \
+                    (f"floor {floor} tok" if floor else "no floor")
                 ax.set_title(n + sub + rf, fontsize=8)
             if ni == 0:
                 ax.set_ylabel(f"{t}\ndepth", fontsize=8)

@@ -15,15 +15,21 @@ prompts; its score and greedy token match rate against dense are reported.
     python benchmarks/task_accuracy_diagnose.py \\
         --variant "" --variant layers=0-9 --variant estimation_fraction=0
 
-Measured (``benchmarks/results/task_accuracy_diagnose.json``; mean score over the
-6 default cells, dense 0.917; token match rate with dense in brackets):
+Measured before the token floor existed, so "retro" below is the fraction alone
+(``min_retrieval_tokens`` 0 today; ``benchmarks/results/task_accuracy_diagnose.json``;
+mean score over the 6 default cells, dense 0.917; token match rate with dense in
+brackets):
 retro everywhere 0.097 (0.45); retro in no layer 0.917 (1.00, checks the gating);
 retro only in layers 0-9 0.444 (0.62), 10-19 0.542 (0.61), 20-29 0.500 (0.63);
 layers 3-29 0.208 (0.46); layers 3-20 0.319 (0.58); estimation_fraction=0 0.375
 (0.48); retrieval_fraction=0.1 0.778 (0.80, 15% read exactly);
 retrieval_fraction=0.25 0.819 (0.85, 30%); error_bound=0.1 0.444 (0.52, 11.5%).
 The loss is spread over all layers (each third alone costs about half of it),
-not in a few of them; the retrieved budget is what buys it back.
+not in a few of them; the retrieved budget is what buys it back. Later (this
+session's variants, not in the JSON): rf 0.25 with estimation 0, rf 0.25 with
+estimation 0.75 and rf 0.5 all scored 0.819 with the same per-prompt pattern; the
+prompts they lose sit at near-ties of dense itself (top-1 logit margin 0.04 on the
+multi-value prompt), which led to ``task_teacher_forced.py`` and the 512-token floor.
 """
 
 from __future__ import annotations
