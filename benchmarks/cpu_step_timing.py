@@ -6,7 +6,8 @@ dense CPU backend and once with retro, and reports
 
 * prefill time: a request with ``max_tokens=1`` (for retro this includes
   mirroring the prompt's KV into the wave index and clustering it);
-* decode step time: (time of ``max_tokens=1+N``) - (time of ``max_tokens=1``), / N;
+* decode step time: (time of ``max_tokens=1+N``) - (time of ``max_tokens=1``), / N
+  (prefill jitter of a second moves this by 1/N s: use N >= 128);
 * greedy agreement of the N decoded tokens with dense.
 
 Writes ``benchmarks/results/cpu_step_timing.json``.
@@ -91,6 +92,8 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "device": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE")
+                if k in os.environ},
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
