@@ -185,3 +185,11 @@ def test_unsupported_models_refused_with_reason(tiny_model, tmp_path, arch, over
     path = _variant_model(tiny_model, tmp_path, arch, **overrides)
     with pytest.raises(Exception, match=reason):
         make_llm(path, "retro", max_model_len=1024)
+
+
+def test_quantized_kv_cache_refused_with_reason(tiny_model):
+    """An fp8 KV cache would hand the index quantized keys it cannot score; retro
+    refuses it at engine start, naming the option."""
+    with pytest.raises(Exception, match=r"retro attention backend does not support: "
+                                        r"kv_cache_dtype='fp8'"):
+        make_llm(tiny_model, "retro", max_model_len=1024, kv_cache_dtype="fp8")
