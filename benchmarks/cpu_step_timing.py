@@ -24,9 +24,9 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+from vllm_retro.offline import close_llm, make_llm, retro_state, set_offline_env
+
+set_offline_env(kv_cache_gib=2)
 
 
 def timed_generate(llm, prompt_ids, max_tokens, repeats):
@@ -56,9 +56,7 @@ def main() -> None:
     import torch
     import vllm
     from transformers import AutoTokenizer
-    from vllm import LLM
     from vllm_retro.tiny_model import export_smollm2, stdlib_text
-    from vllm_retro.worker_state import existing_state
 
     model = export_smollm2(args.model_dir)
     tok = AutoTokenizer.from_pretrained(model)
@@ -66,24 +64,21 @@ def main() -> None:
     retro_opts = json.loads(args.retro_options)
     rows = {}
     for name, backend in (("dense", None), ("retro", "retro")):
-        kw = {"attention_backend": backend} if backend else {}
-        llm = LLM(model, dtype="float32", max_model_len=args.prompt_tokens + 256,
-                  enforce_eager=True, distributed_executor_backend="uni", seed=0,
-                  enable_prefix_caching=False,  # repeated prompts must be recomputed
-                  additional_config={"retro": retro_opts}, **kw)
+        llm = make_llm(model, backend, retro_opts, max_model_len=args.prompt_tokens + 256,
+                       enable_prefix_caching=False)  # repeated prompts: recompute
         timed_generate(llm, ids[:256], 2, 1)   # warm-up
         t_prefill, _ = timed_generate(llm, ids, 1, args.repeats)
         t_total, toks = timed_generate(llm, ids, 1 + args.decode_tokens, args.repeats)
         row = {"prefill_s": t_prefill,
                "decode_step_ms": 1000 * (t_total - t_prefill) / args.decode_tokens,
                "tokens": toks}
-        state = existing_state(llm.llm_engine.vllm_config)
+        state = retro_state(llm)
         if state is not None:
             st = state.store.stats
             row["exact_fraction"] = st.mean(st.exact_fraction_sum)
             row["estimated_fraction"] = st.mean(st.estimated_fraction_sum)
         rows[name] = row
-        del llm
+        close_llm(llm)
 
     d, r = rows["dense"]["tokens"], rows["retro"]["tokens"]
     agree = next((i for i, (a, b) in enumerate(zip(d, r)) if a != b), len(d))

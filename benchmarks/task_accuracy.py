@@ -81,7 +81,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
@@ -93,18 +92,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "3")
 # One OpenMP thread: on a small machine shared with other jobs, a 2-thread pool
 # (vLLM's CPU worker binds one per core) spins in barriers while the other core is
 # busy; measured here, torch's index_add_ in the index build then took 46-69 ms per
 # call instead of 0.2 ms, and retro ran 2x slower than with one thread.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")    # before torch is imported
+
+from vllm_retro.offline import close_llm, set_offline_env  # noqa: E402
+from vllm_retro.offline import make_llm as _make_offline_llm  # noqa: E402
+
+set_offline_env(kv_cache_gib=3)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
@@ -393,22 +393,10 @@ def build_samples(tok, tasks, lengths, depths_by_length: Dict[int, List[float]],
 
 def make_llm(model: str, retro: Optional[dict], max_model_len: int = 8192,
              dtype: Optional[str] = None):
-    from vllm import LLM
-    kw = dict(dtype=dtype or DTYPE, max_model_len=max_model_len, enforce_eager=True,
-              distributed_executor_backend="uni", seed=0, enable_prefix_caching=False,
-              additional_config={"retro": dict(retro or {})})
-    if retro is not None:
-        kw["attention_backend"] = "retro"
-    return LLM(model, **kw)
-
-
-def close_llm(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
+    """Dense engine when ``retro`` is None, else retro with those options."""
+    return _make_offline_llm(model, None if retro is None else "retro", retro,
+                             dtype=dtype or DTYPE, max_model_len=max_model_len,
+                             enable_prefix_caching=False)
 
 
 def generate(llm, samples: Sequence[Sample]) -> List[List[int]]:
@@ -443,8 +431,8 @@ def run_config(model: str, name: str, retro: Optional[dict], samples: Sequence[S
     t_gen = time.perf_counter() - t1
     stats = None
     if retro is not None:
-        from vllm_retro.worker_state import existing_state
-        state = existing_state(llm.llm_engine.vllm_config)
+        from vllm_retro.offline import retro_state
+        state = retro_state(llm)
         if state is not None:
             st = state.store.stats
             stats = {"decode_calls": st.decode_calls,

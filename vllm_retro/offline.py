@@ -1,0 +1,54 @@
+"""In-process vLLM engines for tests, benchmarks and examples on this CPU machine.
+
+One place for what every offline run needs: environment defaults (set before vLLM
+is imported: in-process engine core, V1 model runner, no hub, no usage stats, a
+small CPU KV cache), an engine with the project's usual arguments (uni executor,
+eager, seed 0, float32) and its shutdown. Nothing here imports vLLM at import time.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from typing import Optional
+
+
+def set_offline_env(kv_cache_gib: int = 1) -> None:
+    """Environment defaults of an offline, in-process engine (existing values win)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
+def make_llm(model: str, backend: Optional[str] = None, retro: Optional[dict] = None,
+             **kw):
+    """``vllm.LLM`` in this process (uni executor, eager, seed 0, float32, 8K context
+    unless ``kw`` says otherwise); ``backend`` is an attention backend name (None:
+    vLLM's default), ``retro`` the retro options."""
+    from vllm import LLM
+    args = dict(dtype="float32", max_model_len=8192, enforce_eager=True,
+                distributed_executor_backend="uni", seed=0,
+                additional_config={"retro": dict(retro or {})})
+    args.update(kw)
+    if backend:
+        args["attention_backend"] = backend
+    return LLM(model, **args)
+
+
+def close_llm(llm) -> None:
+    """Shuts the engine core down and collects it, so the next engine starts clean."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    gc.collect()
+
+
+def retro_state(llm):
+    """The retro worker state of an in-process engine (None: retro not used)."""
+    from .worker_state import existing_state
+    return existing_state(llm.llm_engine.vllm_config)
