@@ -224,8 +224,7 @@ def evaluate_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tens
                         retrieved_cluster_size_ratio=ret_tok / max(st.clusters_retrieved, 1e-9)
                         / mean_size)
             if cfg.error_bound is not None:
-                c = idx.num_clusters
-                cap = min(c, max(1, math.ceil(cfg.max_retrieval_fraction * c)))
+                cap = idx.bounded_cap(1)
                 vals.update(true_outside=1.0 - rec, est_outside=est_out.reshape(-1),
                             capped=(k_ret >= cap).double())
             _record(acc, (name, target), **vals)
@@ -284,9 +283,8 @@ def evaluate_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tens
             wave_method("bounded_first_order", eps, index_fo, cfg)
             if not do_abl:
                 continue
-            c = index.num_clusters
-            cap = min(c, max(1, math.ceil(cfg.max_retrieval_fraction * c)))
             index.config = cfg
+            cap = index.bounded_cap(1)
             k_lib = B.wave_sets(index, q.float(), scale)[2]
             for rule, lg in bound_logits.items():
                 exact, k, est_out = B.bounded_cluster_mask(index, lg, lse_st, eps, 1, cap, cid)

@@ -260,8 +260,7 @@ def test_client_disconnect_mid_stream_frees_index(server):
     they held is freed. Index memory is read from the worker's stats line: with only
     an 8-token flush request running it must be back to that request's own size
     (measured alone first, slack 2x; it is 0 B when the flush prompt is too short to
-    index), down from the peak
-    while the long streams were live."""
+    index), down from the peak while the long streams were live."""
     offset = len(_read_log(server.log_path))
     _, idle_bytes, _ = _flush_until(server, offset, lambda x: x[0] <= 1)
     started = threading.Barrier(N_DISCONNECTS + 1, timeout=REQUEST_TIMEOUT_S)

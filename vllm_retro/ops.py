@@ -14,7 +14,6 @@ Build the extension with ``pip install --no-build-isolation -e .`` (or
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -87,7 +86,7 @@ def decode_attention(index: WaveIndex, query: torch.Tensor, scale: Optional[floa
     error_bound, max_ret = 0.0, -1
     if cfg.error_bound is not None and c > 0:
         error_bound = float(cfg.error_bound)
-        max_ret = min(c, max(n_ret, math.ceil(cfg.max_retrieval_fraction * c)))
+        max_ret = index.bounded_cap(n_ret)
     stats = torch.ops.vllm_retro.retro_decode_attention(
         query, index.sink_keys, index.sink_values, index.tail_keys, index.tail_values,
         index.keys, index.values, index.centroids, index.value_sums, index.key_vars,

@@ -230,8 +230,14 @@ class WaveIndex:
         cfg = self.config
         floor = math.ceil(cfg.min_retrieval_tokens * c / max(1, self.num_clustered_tokens))
         n_ret = min(c, max(1, math.ceil(cfg.retrieval_fraction * c), floor))
-        n_est = min(c - n_ret, math.ceil(self.config.estimation_fraction * c))
+        n_est = min(c - n_ret, math.ceil(cfg.estimation_fraction * c))
         return n_ret, n_est
+
+    def bounded_cap(self, n_min: int) -> int:
+        """Most clusters the accuracy-bounded exact set may take, given its floor
+        ``n_min``: ``ceil(max_retrieval_fraction * C)``, never below the floor."""
+        c = self.num_clusters
+        return min(c, max(n_min, math.ceil(self.config.max_retrieval_fraction * c)))
 
     def attend(self, query: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
         """Tripartite attention of one decode query.
@@ -323,7 +329,7 @@ class WaveIndex:
         the total is their log-sum-exp combined with the exact ``steady_lse``."""
         cfg = self.config
         c = self.num_clusters
-        cap = min(c, max(n_min, math.ceil(cfg.max_retrieval_fraction * c)))
+        cap = self.bounded_cap(n_min)
         lg = torch.gather(logits, 2, order.unsqueeze(1).expand_as(logits))  # ranked
         total = torch.logaddexp(torch.logsumexp(lg, dim=-1), steady_lse)  # [H, G]
         mass = torch.exp(lg - total.unsqueeze(-1))                       # [H, G, C]
