@@ -63,7 +63,7 @@ def parse_variant(text: str):
 
 def gate_layers(layers):
     """Retro decode only in ``layers`` (None: all), for engines made afterwards."""
-    from vllm_retro.backend import RetroImpl
+    from vllm_retro.backend.cpu import RetroImpl
     if not hasattr(RetroImpl, "_diag_orig"):
         RetroImpl._diag_orig = (RetroImpl._mirror_prefill, RetroImpl._decode_row)
     mirror, decode = RetroImpl._diag_orig

@@ -137,7 +137,7 @@ def test_fault_in_one_request_does_not_fail_others(tiny_model, monkeypatch):
     """An exception inside retro's decode for one request drops that request's
     index and it finishes on the dense path (same tokens as dense); the engine and
     the other requests carry on."""
-    import vllm_retro.backend as backend
+    import vllm_retro.backend.cpu as backend
     real = backend.decode_attention
     calls = {"n": 0}
 

@@ -57,6 +57,21 @@ def attention_type_decoder() -> str:
     return AttentionType.DECODER
 
 
+def attention_cg_support():
+    """vLLM's ``AttentionCGSupport`` enum (CUDA-graph support levels of a builder)."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+    return AttentionCGSupport
+
+
+def attention_layer_class():
+    """The attention layer class whose ``get_kv_cache_spec`` names a layer's KV spec."""
+    try:
+        from vllm.model_executor.layers.attention.attention import Attention
+    except ImportError:
+        from vllm.attention.layer import Attention
+    return Attention
+
+
 def model_runner_classes() -> list:
     """Model-runner classes whose ``_update_states`` carries the scheduler's
     finished / preempted request ids (the V1 runner; the CPU runner inherits it)."""

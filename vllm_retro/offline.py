@@ -1,7 +1,7 @@
 """In-process vLLM engines for tests, benchmarks and examples on this CPU machine.
 
 One place for what every offline run needs: environment defaults (set before vLLM
-is imported: in-process engine core, V1 model runner, no hub, no usage stats, a
+is imported: in-process engine core, the V1 model runner on CPUs, no hub, no usage stats, a
 small CPU KV cache), an engine with the project's usual arguments (uni executor,
 eager, seed 0, float32) and its shutdown. Nothing here imports vLLM at import time.
 """
@@ -17,10 +17,20 @@ def set_offline_env(kv_cache_gib: int = 1) -> None:
     """Environment defaults of an offline, in-process engine (existing values win)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if not _has_cuda():
+        # The CPU build's runner is the V1 runner; GPUs keep vLLM's default (V2).
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def make_llm(model: str, backend: Optional[str] = None, retro: Optional[dict] = None,

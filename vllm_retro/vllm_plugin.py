@@ -14,8 +14,11 @@ cheap; vLLM calls it in the front-end process, the engine core and every worker
    at start-up, refuses unsupported models, and turns prefix caching off;
 4. wraps the front end's input processor to refuse requests whose index could
    never fit the host-memory budget (a client error, the server stays up);
-5. wraps the model runner's ``_update_states`` to free the indexes of finished
-   and preempted requests and to record each step's row order.
+5. CPU: wraps the model runner's ``_update_states`` to free the indexes of
+   finished and preempted requests and to record each step's row order;
+6. GPU: installs retro's KV connector (request lifecycle, :mod:`.backend.connector`)
+   and pads the KV-cache pages of retro layers by the paged index
+   (:mod:`.index.paged`), so vLLM sizes, admits and frees the index with the KV.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def register() -> None:
     platform_cls = type(current_platform)
     if compat.is_cpu_platform():
         _patch_cpu_selector(platform_cls)
+    else:
+        _patch_kv_cache_spec(compat.attention_layer_class())
     _patch_config_check(platform_cls)
     for runner_cls in compat.model_runner_classes():
         _patch_runner(runner_cls)
@@ -122,6 +127,54 @@ def check_engine_config(vllm_config) -> None:
         log.warning("retro: prefix caching disabled (shared prefix tokens would "
                     "bypass the wave index)")
         cc.enable_prefix_caching = False
+    if not compat.is_cpu_platform():
+        _check_gpu_engine_config(vllm_config, log)
+
+
+def _check_gpu_engine_config(vllm_config, log) -> None:
+    """GPU: the paged index's option limits, KV block size 16, retro's connector."""
+    from .backend.connector import CONNECTOR_NAME, kv_transfer_config
+    from .backend.gpu import KERNEL_BLOCK_SIZE
+    from .index.paged import check_config_for_paged
+    from .worker_state import retro_config_from_vllm
+    cfg = retro_config_from_vllm(vllm_config)
+    cc = vllm_config.cache_config
+    if getattr(cc, "block_size", None) in (None, 0):
+        cc.block_size = KERNEL_BLOCK_SIZE
+    elif cc.block_size != KERNEL_BLOCK_SIZE:
+        raise ValueError(f"retro attention needs --block-size {KERNEL_BLOCK_SIZE} on "
+                         f"GPUs, got {cc.block_size}")
+    reasons = check_config_for_paged(cfg, KERNEL_BLOCK_SIZE)
+    if reasons:
+        raise ValueError("retro attention (GPU) cannot use these options: " +
+                         "; ".join(reasons))
+    ktc = getattr(vllm_config, "kv_transfer_config", None)
+    if ktc is not None and ktc.kv_connector not in (None, CONNECTOR_NAME):
+        raise ValueError(
+            f"retro attention uses vLLM's KV-connector slot for request lifecycle; "
+            f"it cannot run together with --kv-transfer-config {ktc.kv_connector!r}")
+    if ktc is None or ktc.kv_connector is None:
+        vllm_config.kv_transfer_config = kv_transfer_config()
+        log.info("retro: request lifecycle through the RetroConnector KV connector")
+
+
+def _patch_kv_cache_spec(attention_cls) -> None:
+    """Retro layers ask for KV pages padded by the paged index (GPU)."""
+    if _patched(attention_cls, "get_kv_cache_spec"):
+        return
+    original = attention_cls.get_kv_cache_spec
+
+    @functools.wraps(original)
+    def get_kv_cache_spec(self, vllm_config):
+        spec = original(self, vllm_config)
+        backend = getattr(self, "attn_backend", None)
+        if spec is None or backend is None or backend.get_name() != "CUSTOM" or \
+                not retro_selected(vllm_config):
+            return spec
+        from .backend.gpu import padded_kv_cache_spec
+        return padded_kv_cache_spec(spec, self.num_kv_heads, self.head_size, spec.dtype)
+
+    attention_cls.get_kv_cache_spec = _mark(get_kv_cache_spec)
 
 
 def _patch_input_processor(cls) -> None:

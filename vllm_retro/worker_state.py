@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .config import RetroConfig
 from .request_store import RequestIndexStore, StoreStats
@@ -59,6 +59,7 @@ class RetroWorkerState:
     preemptions: int = 0
     failed_req_ids: set = field(default_factory=set)
     faults: int = 0
+    paged: Optional[Any] = None  # backend.gpu.PagedIndexManager on GPUs
 
 
 _STATES: Dict[int, RetroWorkerState] = {}

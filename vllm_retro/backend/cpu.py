@@ -25,11 +25,11 @@ from typing import List, Optional
 
 import torch
 
-from . import compat
-from .ops import decode_attention
-from .request_store import HostMemoryExceeded
-from .wave_index import WaveIndex
-from .worker_state import RetroWorkerState, state_for
+from .. import compat
+from ..ops import decode_attention
+from ..request_store import HostMemoryExceeded
+from ..wave_index import WaveIndex
+from ..worker_state import RetroWorkerState, state_for
 
 _DenseBackend, _DenseBuilder, _DenseImpl = compat.dense_backend_classes()
 logger = compat.logger(__name__)

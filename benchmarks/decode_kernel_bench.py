@@ -1,0 +1,238 @@
+"""Decode attention per layer on the GPU: retro's paged kernels beside FlashAttention 3.
+
+For each (context, batch): a paged KV cache in vLLM 0.26's layout (padded pages,
+Llama-3-8B shape: 32 query / 8 KV heads, d=128, bf16, block 16) with random K/V,
+indexed as the engine indexes a prompt (``plan_segments`` + ``build_segments``,
+default options), then timed:
+
+* retro: :func:`vllm_retro.kernels.paged_decode_attention`, eager and captured in
+  a CUDA graph (how vLLM runs pure-decode steps);
+* FA3: vLLM's ``flash_attn_varlen_func`` over the same paged cache (dense);
+* the bytes floor: the bytes retro's default budget must read (cluster summaries,
+  exact tokens' K/V and permutation entries, estimated clusters' mean values)
+  over the measured copy bandwidth.
+
+Correctness first: with every cluster retrieved, retro's output is compared with
+FA3's (bf16 tolerance), and the default-budget output is compared with the torch
+twin on a small context. Medians of CUDA-event timings over rotating inputs.
+
+    python benchmarks/decode_kernel_bench.py --out benchmarks/results/decode_kernel_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vllm_retro.config import RetroConfig  # noqa: E402
+from vllm_retro.index.paged import (PagedIndexLayout, SegmentJob, budget,  # noqa: E402
+                                    build_segments, clusters_in, header_row,
+                                    make_headers, plan_segments, sink_end)
+from vllm_retro.kernels import DecodeWorkspace, paged_decode_attention  # noqa: E402
+from vllm_retro.kernels import reference  # noqa: E402
+
+HQ, H, D, BS = 32, 8, 128, 16
+DT = torch.bfloat16
+
+
+def bandwidth_tbs() -> float:
+    x = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ts = []
+    for _ in range(20):
+        ev[0].record(); y.copy_(x); ev[1].record(); torch.cuda.synchronize()
+        ts.append(ev[0].elapsed_time(ev[1]))
+    ms = sorted(ts)[len(ts) // 2]
+    return 2 * x.numel() / (ms * 1e-3) / 1e12
+
+
+def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed: int = 0):
+    """A cache holding ``batch`` requests of ``ctx`` tokens, indexed; block tables,
+    seq_lens, headers; and the per-row (exact, estimated) cluster budget."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    lay = PagedIndexLayout(H, D, BS, DT)
+    nblk = math.ceil((ctx + 1) / BS)
+    nb = batch * nblk + 1
+    kv = lay.make_cache(nb, "cuda")
+    perm = torch.randperm(nb - 1, device="cuda", generator=g) + 1
+    bt = perm[:batch * nblk].view(batch, nblk).int()
+    for r in range(batch):
+        blocks = bt[r].long()
+        kv[blocks] = torch.randn(nblk, H, BS, 2 * D, device="cuda", dtype=DT, generator=g)
+    headers = make_headers(nb, "cuda")
+    S = sink_end(cfg, BS)
+    segs = plan_segments(0, ctx, ctx, cfg, BS)
+    for r in range(batch):
+        jobs = {}
+        for p0, p1 in segs:
+            jobs.setdefault(p1 - p0, []).append(SegmentJob(bt[r].long(), p0, p1))
+        for js in jobs.values():
+            build_segments(kv, lay, js, cfg)
+        E = segs[-1][1] if segs else 0
+        c = sum(clusters_in(p1 - p0, cfg) for p0, p1 in segs)
+        n_ret, n_est = (c, 0) if full else budget(c, E - S, cfg)
+        headers[bt[r, 0].long()] = torch.tensor(header_row(E, n_ret, n_est, c),
+                                                dtype=torch.int32, device="cuda")
+    seq_lens = torch.full((batch,), ctx + 1, dtype=torch.int32, device="cuda")
+    # The decode token itself (written by vLLM's cache update before attention).
+    for r in range(batch):
+        blk = bt[r, ctx // BS].long()
+        kv[blk, :, ctx % BS] = torch.randn(H, 2 * D, device="cuda", dtype=DT, generator=g)
+    return lay, kv, bt, seq_lens, headers, S
+
+
+def fa3(q, kv, bt, seq_lens, scale, out):
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+    k, v = kv.transpose(1, 2).split(D, dim=-1)
+    b = q.shape[0]
+    cu = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+    return flash_attn_varlen_func(q, k, v, max_seqlen_q=1, cu_seqlens_q=cu,
+                                  max_seqlen_k=int(seq_lens.max()), seqused_k=seq_lens,
+                                  softmax_scale=scale, causal=True, block_table=bt,
+                                  out=out, fa_version=3)
+
+
+def time_ms(fn, iters=50) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+          for _ in range(iters)]
+    for a, b in ev:
+        a.record(); fn(); b.record()
+    torch.cuda.synchronize()
+    ts = sorted(a.elapsed_time(b) for a, b in ev)
+    return ts[len(ts) // 2]
+
+
+def graph_of(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        fn()
+    return gr
+
+
+def bench_case(ctx: int, batch: int, cfg: RetroConfig, bw: float) -> dict:
+    scale = 1 / math.sqrt(D)
+    lay, kv, bt, sl, hdr, S = make_batch(ctx, batch, cfg)
+    ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, max(batch, 8), "cuda")
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+    out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
+    out_fa = torch.empty_like(out)
+
+    def run_retro(count=False):
+        paged_decode_attention(q, kv, lay, bt, sl, hdr, S, scale, out=out, workspace=ws,
+                               count_stats=count)
+
+    ws.stats.zero_()
+    run_retro(True)
+    torch.cuda.synchronize()
+    st = ws.stats.tolist()  # rows idx, rows no idx, exact tok, est tok, ctx tok
+    assert st[0] == batch, f"retro kernels did not serve the rows with an index: {st}"
+    exact_frac = st[2] / st[4]
+    est_frac = st[3] / st[4]
+    eager = time_ms(run_retro)
+    gr = graph_of(run_retro)
+    graph = time_ms(gr.replay)
+    fa = time_ms(lambda: fa3(q, kv, bt, sl, scale, out_fa))
+    # Bytes retro must read: all cluster summaries (centroid + variance + size),
+    # exact tokens' K/V + permutation entry, estimated clusters' mean values.
+    c_entries = (hdr[bt[:, 0].long(), 0].double() - S).clamp_min(0).sum().item() / BS
+    summ = c_entries * H * (2 * D * 2 + 4)
+    exact = st[2] * (2 * D * 2 + 4)
+    est_b = (st[3] / cfg.cluster_size) * D * 2
+    floor_us = (summ + exact + est_b) / (bw * 1e12) * 1e6
+    dense_bytes = batch * (ctx + 1) * H * 2 * D * 2
+    return dict(context=ctx, batch=batch, retro_eager_ms=eager, retro_graph_ms=graph,
+                fa3_ms=fa, floor_us=floor_us, dense_floor_us=dense_bytes / (bw * 1e12) * 1e6,
+                speedup_vs_fa3=fa / graph, graph_over_floor=graph * 1e3 / floor_us,
+                exact_fraction=exact_frac, estimated_fraction=est_frac,
+                retro_rows=st[0], dense_rows=st[1])
+
+
+def check_full_vs_fa3(cfg: RetroConfig) -> float:
+    """Every cluster retrieved: retro must equal FA3 (relative error returned)."""
+    ctx, batch = 20000, 3
+    lay, kv, bt, sl, hdr, S = make_batch(ctx, batch, cfg, full=True, seed=1)
+    scale = 1 / math.sqrt(D)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+    out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
+    ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, 8, "cuda")
+    paged_decode_attention(q, kv, lay, bt, sl, hdr, S, scale, out=out, workspace=ws)
+    ref = fa3(q, kv, bt, sl, scale, torch.empty_like(out))
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def check_vs_twin(cfg: RetroConfig) -> float:
+    ctx, batch = 12000, 2
+    lay, kv, bt, sl, hdr, S = make_batch(ctx, batch, cfg, seed=2)
+    scale = 1 / math.sqrt(D)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+    out = torch.empty(batch, HQ, D, device="cuda", dtype=torch.float32)
+    ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, 8, "cuda")
+    paged_decode_attention(q, kv, lay, bt, sl, hdr, S, scale, out=out, workspace=ws)
+    ref, _ = reference.paged_decode_attention(q.cpu(), kv.cpu(), lay, bt.cpu(), sl.cpu(),
+                                              hdr.cpu(), S, scale)
+    return ((out.cpu() - ref).norm() / ref.norm()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="32768,131072,524288")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--max-tokens-in-cache", type=int, default=1 << 20,
+                    help="skip (context, batch) pairs above this many tokens")
+    ap.add_argument("--out", default="benchmarks/results/decode_kernel_h200.json")
+    a = ap.parse_args()
+    cfg = RetroConfig()
+    bw = bandwidth_tbs()
+    err_full = check_full_vs_fa3(cfg)
+    err_twin = check_vs_twin(cfg)
+    print(f"copy bandwidth {bw:.2f} TB/s; full retrieval vs FA3 rel err {err_full:.2e}; "
+          f"default budget vs twin rel err {err_twin:.2e}", flush=True)
+    assert err_full < 2e-2 and err_twin < 2e-2
+    recs = []
+    for ctx in map(int, a.contexts.split(",")):
+        for b in map(int, a.batches.split(",")):
+            if ctx * b > a.max_tokens_in_cache:
+                continue
+            t0 = time.time()
+            r = bench_case(ctx, b, cfg, bw)
+            recs.append(r)
+            print(f"ctx {ctx:>7} b {b}: retro graph {r['retro_graph_ms'] * 1e3:7.1f} us "
+                  f"eager {r['retro_eager_ms'] * 1e3:7.1f} us | FA3 {r['fa3_ms'] * 1e3:7.1f} us"
+                  f" | floor {r['floor_us']:5.1f} us | x{r['speedup_vs_fa3']:.2f} vs FA3, "
+                  f"{r['graph_over_floor']:.1f}x floor | exact {100 * r['exact_fraction']:.2f}%"
+                  f" est {100 * r['estimated_fraction']:.2f}% ({time.time() - t0:.0f}s)",
+                  flush=True)
+            torch.cuda.empty_cache()
+    res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+               versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
+               command=" ".join(sys.argv), copy_tbs=bw, full_vs_fa3_rel_err=err_full,
+               default_vs_twin_rel_err=err_twin, records=recs)
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Decode throughput through ``vllm.LLM``: retro and FLASH_ATTN side by side.
+
+Llama-3-8B shape (``load_format="dummy"``, bf16), token-id prompts of random ids,
+vLLM's defaults otherwise (V2 model runner, FULL_AND_PIECEWISE CUDA graphs,
+gpu_memory_utilization 0.92). For each backend, in its own child process (so each
+engine gets the whole GPU), for each context a batch sweep up to the largest batch
+the backend's KV cache holds. The engine is stepped by hand: the prefill phase lasts
+until every request has its first token; the decode phase is timed from there to
+the last token (``decode_tok_s`` = decode tokens / decode seconds, ``tpot_ms`` =
+decode seconds / decode steps).
+
+Retro's records carry the device counters of its kernels (``retro_rows`` decode
+rows served over an index, ``dense_rows`` rows attended exactly because they had
+no index yet) and the fractions read exactly / estimated; a retro record with no
+retro rows fails the run (a silent fallback to dense must be impossible to miss).
+
+    python benchmarks/decode_throughput.py --contexts 32768,131072 \
+        --out benchmarks/results/decode_throughput_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+LLAMA3_8B = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
+    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, vocab_size=128256, rms_norm_eps=1e-5,
+    rope_theta=500000.0, max_position_embeddings=1 << 20, hidden_act="silu",
+    tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=128000,
+    eos_token_id=128001)
+
+
+def write_model(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(LLAMA3_8B, f)
+    return path
+
+
+def child(a) -> None:
+    # In-process engine core, so the retro counters of the worker are readable here.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    model = write_model(a.model_dir)
+    max_ctx = max(map(int, a.contexts.split(",")))
+    kw = dict(model=model, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+              max_model_len=max_ctx + a.output_tokens + 16, gpu_memory_utilization=0.92,
+              seed=0, enable_prefix_caching=False)
+    if a.backend == "retro":
+        kw["attention_backend"] = "retro"
+        kw["additional_config"] = {"retro": json.loads(a.retro_options)}
+    else:
+        kw["attention_backend"] = a.backend
+    t0 = time.time()
+    llm = LLM(**kw)
+    startup = time.time() - t0
+    eng = llm.llm_engine
+    cc = eng.vllm_config.cache_config
+    capacity = cc.num_gpu_blocks * cc.block_size
+    state = None
+    if a.backend == "retro":
+        from vllm_retro.worker_state import _STATES
+        st = [s for s in _STATES.values() if s.paged is not None]
+        if not st:
+            raise SystemExit("retro selected but no paged-index state in this process")
+        state = st[0].paged
+    g = torch.Generator().manual_seed(0)
+    recs = []
+    rid = 0
+    for ctx in map(int, a.contexts.split(",")):
+        largest = capacity // (ctx + a.output_tokens + 16)
+        batches = sorted({b for b in map(int, a.batches.split(",")) if b <= largest}
+                         | {largest}) if largest else []
+        if a.max_batch:
+            batches = [b for b in batches if b <= a.max_batch]
+        for b in batches:
+            params = SamplingParams(max_tokens=a.output_tokens, ignore_eos=True,
+                                    temperature=0.0)
+            before = state.stats() if state else None
+            torch.cuda.reset_peak_memory_stats()
+            ids = []
+            for _ in range(b):
+                toks = torch.randint(1000, 100000, (ctx,), generator=g).tolist()
+                eng.add_request(str(rid), TokensPrompt(prompt_token_ids=toks), params)
+                ids.append(str(rid))
+                rid += 1
+            t_start = time.perf_counter()
+            got = dict.fromkeys(ids, 0)
+            t_first = None
+            steps_decode = 0
+            while eng.has_unfinished_requests():
+                outs = eng.step()
+                for o in outs:
+                    got[o.request_id] = len(o.outputs[0].token_ids)
+                if t_first is None and all(v >= 1 for v in got.values()):
+                    t_first = time.perf_counter()
+                    tok_first = sum(got.values())
+                elif t_first is not None:
+                    steps_decode += 1
+            t_end = time.perf_counter()
+            dec_tokens = sum(got.values()) - tok_first
+            dec_s = t_end - t_first
+            rec = dict(backend=a.backend, context=ctx, batch=b,
+                       decode_tok_s=dec_tokens / dec_s if dec_s > 0 else None,
+                       tpot_ms=1e3 * dec_s / max(1, steps_decode),
+                       prefill_s=t_first - t_start,
+                       peak_gpu_gib=(torch.cuda.mem_get_info()[1] -
+                                     torch.cuda.mem_get_info()[0]) / 2**30,
+                       kv_capacity_tokens=capacity, largest_batch=largest)
+            if state:
+                after = state.stats()
+                d = {k: after[k] - before[k] for k in after}
+                ctx_tok = max(1, d["context_tokens"])
+                rec.update(retro_rows=d["retro_rows"], dense_rows=d["dense_rows"],
+                           exact_fraction=d["exact_tokens"] / ctx_tok,
+                           estimated_fraction=d["estimated_tokens"] / ctx_tok,
+                           index_build_s=state.index_build_s)
+                if d["retro_rows"] == 0:
+                    raise SystemExit(f"retro served no decode rows at {ctx}x{b}: {d}")
+            recs.append(rec)
+            print(json.dumps(rec), flush=True)
+    with open(a.child_out, "w") as f:
+        json.dump(dict(startup_s=startup, records=recs), f)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backends", default="retro,FLASH_ATTN")
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--batches", default="1,2,4,8,16,32")
+    ap.add_argument("--max-batch", type=int, default=0)
+    ap.add_argument("--output-tokens", type=int, default=128)
+    ap.add_argument("--retro-options", default="{}")
+    ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
+    ap.add_argument("--out", default="benchmarks/results/decode_throughput_h200.json")
+    ap.add_argument("--backend", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.backend:
+        return child(a)
+    results = {}
+    if os.path.exists(a.out):
+        with open(a.out) as f:
+            results = json.load(f)
+    records = [r for r in results.get("records", [])
+               if r["backend"] not in a.backends.split(",")]
+    for be in a.backends.split(","):
+        part = a.out + f".{be}.partial"
+        cmd = [sys.executable, __file__, "--backend", be, "--child-out", part] + \
+            [x for x in sys.argv[1:]]
+        print("running", be, flush=True)
+        r = subprocess.run(cmd)
+        if r.returncode != 0:
+            raise SystemExit(f"{be} run failed ({r.returncode})")
+        with open(part) as f:
+            records += json.load(f)["records"]
+    import torch
+    import vllm
+    res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+               versions=dict(vllm=vllm.__version__, torch=torch.__version__),
+               command="python " + " ".join(sys.argv), records=records)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()

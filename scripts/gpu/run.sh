@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs retro's GPU tests and benchmarks in one go on a bare GPU host where the vLLM
+# bundle is staged (../shared/gpu/README.md): carry .gpu-bundle/ (stage.sh and the
+# parts not yet staged). Results and logs go to $OUT (default /tmp/retro-gpu-out).
+#
+#   STAGES="kernels engine kbench throughput" bash scripts/gpu/run.sh
+#
+# Stages: kernels (kernel tests on the GPU), kbench (decode attention per layer vs
+# FA3), engine (vLLM engine tests under vLLM's defaults), throughput
+# (benchmarks/decode_throughput.py, THROUGHPUT_ARGS passed through).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/retro-gpu-out}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"kernels kbench engine throughput"}
+bash .gpu-bundle/stage.sh || exit $?
+export PYTHONPATH=/opt/vllm-site:${PYTHONPATH:-}
+export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+  VLLM_NO_USAGE_STATS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# The Triton decode path needs no compiled extension; the entry point (vLLM finds
+# the plugin through it) needs an install.
+if [ ! -d /tmp/proj-site/vllm_retro ] || [ "${REINSTALL:-0}" = 1 ]; then
+  rm -rf /tmp/proj-site
+  RETRO_NO_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps \
+    --no-index --target /tmp/proj-site . 2>&1 | tail -3
+fi
+export PYTHONPATH=/tmp/proj-site:$PYTHONPATH
+python3 -c "import torch, triton, vllm; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name())"
+rc=0
+for s in $STAGES; do
+  echo "=== stage $s ($(date +%T))"
+  case $s in
+    kernels) python3 -m pytest -q -x tests/kernels 2>&1 | tee "$OUT/kernels.log" | tail -15 ;;
+    kbench) python3 benchmarks/decode_kernel_bench.py ${KBENCH_ARGS:-} \
+              --out "$OUT/decode_kernel_h200.json" 2>&1 | tee "$OUT/kbench.log" | tail -20 ;;
+    engine) python3 -m pytest -q -x tests/gpu 2>&1 | tee "$OUT/engine.log" | tail -25 ;;
+    throughput) python3 benchmarks/decode_throughput.py ${THROUGHPUT_ARGS:-} \
+              --out "$OUT/decode_throughput_h200.json" 2>&1 | tee "$OUT/throughput.log" \
+              | grep -v "^INFO\|^WARNING\|^DEBUG" | tail -30 ;;
+    *) echo "unknown stage $s"; rc=2 ;;
+  esac
+  r=${PIPESTATUS[0]}; [ "$r" = 0 ] || { echo "stage $s failed ($r)"; rc=$r; }
+done
+exit $rc

@@ -1,0 +1,144 @@
+"""The paged wave index (GPU layout) on CPU tensors: segment planning, the index
+written into the KV pages, the connector's request bookkeeping and the worker's
+maintenance, checked against float64 recomputation and the reference twin."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_retro.config import RetroConfig
+from vllm_retro.index.paged import (HDR_CLUSTERED_END, HDR_N_RETRIEVE, PagedIndexLayout,
+                                    SegmentJob, build_segments, budget, check_config_for_paged,
+                                    plan_segments, sink_end)
+from vllm_retro.kernels.reference import dense_paged_attention, paged_decode_attention
+
+CFG = RetroConfig(segment_size=256, update_interval=64, recent_tokens=32, cluster_size=16,
+                  min_retrieval_tokens=0)
+
+
+def test_plan_segments_waits_for_prompt_and_aligns():
+    bs = 16
+    assert plan_segments(0, 500, 900, CFG, bs) == []           # prompt not done
+    segs = plan_segments(0, 900, 900, CFG, bs)
+    s = sink_end(CFG, bs)
+    assert segs[0][0] == s and all(b % bs == 0 and a % bs == 0 for a, b in segs)
+    assert all(a == b for (_, a), (b, _) in zip(segs, segs[1:]))  # contiguous
+    end = segs[-1][1]
+    assert end == (900 - CFG.recent_tokens) // bs * bs
+    assert all(CFG.segment_size <= b - a < 2 * CFG.segment_size for a, b in segs)
+    # Decode: nothing until update_interval tokens left the recent window.
+    first = end + CFG.recent_tokens + 64
+    assert plan_segments(end, first - 1, 900, CFG, bs) == []
+    assert plan_segments(end, first, 900, CFG, bs) == [(end, end + 64)]
+    # Too short for a first segment.
+    assert plan_segments(0, 200, 200, CFG, bs) == []
+
+
+def test_paged_options_refused_with_reasons():
+    bad = RetroConfig(cluster_size=8, update_interval=1000, error_bound=0.1)
+    reasons = " ".join(check_config_for_paged(bad, 16))
+    assert "cluster_size" in reasons and "update_interval" in reasons and \
+        "error_bound" in reasons
+    assert check_config_for_paged(RetroConfig(), 16) == []
+
+
+def _filled_cache(lay, nb, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    kv = lay.make_cache(nb)
+    blocks = torch.randperm(nb - 1, generator=g)[:math.ceil(L / lay.block_size) + 1] + 1
+    pos = torch.arange(L)
+    kv[blocks[pos // lay.block_size], :, pos % lay.block_size] = \
+        torch.randn(L, lay.num_kv_heads, 2 * lay.head_dim, generator=g, dtype=lay.dtype)
+    return kv, blocks
+
+
+@pytest.mark.parametrize("cluster_size", [16, 32])
+def test_build_segments_writes_a_consistent_index(cluster_size):
+    cfg = CFG.replace(cluster_size=cluster_size)
+    lay = PagedIndexLayout(2, 32, 16, torch.float32)
+    L = 700
+    kv, blocks = _filled_cache(lay, 80, L, seed=cluster_size)
+    segs = plan_segments(0, L, L, cfg, 16)
+    for p0, p1 in segs:
+        build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], cfg)
+    fpart, ipart = lay.views(kv)
+    bs = 16
+    for p0, p1 in segs:
+        n = p1 - p0
+        c = math.ceil(n / cluster_size)
+        seg_blocks = blocks[p0 // bs:p1 // bs]
+        for h in range(2):
+            perm = ipart[blocks[torch.arange(p0, p1) // bs], h,
+                         torch.arange(p0, p1) % bs].long()
+            assert sorted(perm.tolist()) == list(range(p0, p1))   # a permutation
+            sizes = ipart[seg_blocks, h, bs].long()
+            starts = ipart[seg_blocks, h, bs + 1].long()
+            assert int(sizes.sum()) == n and (sizes[c:] == 0).all()
+            for j in range(c):
+                if sizes[j] == 0:
+                    continue
+                toks = perm[starts[j] - p0: starts[j] - p0 + sizes[j]]
+                kvt = kv[blocks[toks // bs], h, toks % bs].double()
+                k, v = kvt[:, :32], kvt[:, 32:]
+                f = fpart[seg_blocks[j], h].double()
+                assert torch.allclose(f[0], k.mean(0), atol=1e-5)
+                assert torch.allclose(f[1], k.var(0, unbiased=False), atol=1e-5)
+                assert torch.allclose(f[2], v.mean(0), atol=1e-5)
+
+
+def test_full_retrieval_twin_equals_dense_and_budget_reads_less():
+    lay = PagedIndexLayout(2, 32, 16, torch.float64)
+    L = 900
+    kv, blocks = _filled_cache(lay, 80, L, seed=3)
+    segs = plan_segments(0, L, L, CFG, 16)
+    for p0, p1 in segs:
+        build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], CFG)
+    s, e = sink_end(CFG, 16), segs[-1][1]
+    c = (e - s) // 16
+    headers = torch.zeros(80, 4, dtype=torch.int32)
+    bt = blocks.unsqueeze(0).int()
+    q = torch.randn(1, 8, 32, dtype=torch.float64)
+    sl = torch.tensor([L])
+    headers[blocks[0], HDR_CLUSTERED_END] = e
+    headers[blocks[0], HDR_N_RETRIEVE] = c
+    out, st = paged_decode_attention(q, kv, lay, bt, sl, headers, s, 0.2)
+    ref = dense_paged_attention(q, kv, lay, bt, sl, 0.2)
+    assert (out - ref).norm() / ref.norm() < 1e-10
+    assert st[0, 0] == 2 * L
+    n_ret, n_est = budget(c, e - s, CFG)
+    headers[blocks[0], 1:3] = torch.tensor([n_ret, n_est], dtype=torch.int32)
+    out, st = paged_decode_attention(q, kv, lay, bt, sl, headers, s, 0.2)
+    assert st[0, 0] < 2 * L and st[0, 1] > 0 and torch.isfinite(out).all()
+
+
+def _sched(new=(), cached=(), finished=(), preempted=(), resumed=()):
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, prompt_token_ids=[0] * p,
+                                            block_ids=(list(b),), num_computed_tokens=c)
+                            for r, p, b, c in new],
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[r for r, _, _ in cached], resumed_req_ids=set(resumed),
+            new_block_ids=[(list(b),) if b is not None else None for _, b, _ in cached],
+            num_computed_tokens=[c for _, _, c in cached]),
+        finished_req_ids=set(finished), preempted_req_ids=set(preempted))
+
+
+def test_connector_metadata_and_request_table():
+    from vllm_retro.backend.connector import RequestTable, step_metadata
+    t = RequestTable()
+    lens = {"a": 40, "b": 30}
+    e = t.apply(step_metadata(_sched(new=[("a", 40, [5, 6, 7], 0), ("b", 30, [9, 10], 0)]),
+                              lens))
+    assert [x.req_id for x in e] == ["a", "b"] and t.entries["a"].blocks == [5, 6, 7]
+    t.apply(step_metadata(_sched(cached=[("a", [8], 40), ("b", None, 30)]), lens))
+    assert t.entries["a"].blocks == [5, 6, 7, 8] and t.entries["a"].num_computed == 40
+    # b preempted, then resumed with new blocks: its entry restarts.
+    t.apply(step_metadata(_sched(cached=[("a", None, 41)], preempted=["b"]), lens))
+    assert "b" not in t.entries and t.preemptions == 1
+    t.apply(step_metadata(_sched(cached=[("b", [3, 4], 0)], resumed=["b"]), lens))
+    assert t.entries["b"].blocks == [3, 4] and t.entries["b"].prompt_len == 30
+    assert t.entries["b"].is_new
+    t.apply(step_metadata(_sched(finished=["a", "b"]), lens))
+    assert not t.entries and t.freed == 3

@@ -1,0 +1,331 @@
+"""The paged wave index: the GPU form of the wave index, stored inside vLLM's KV pages.
+
+vLLM's paged KV cache (FlashAttention layout, vLLM 0.26) keeps per layer a page of
+``block_size`` tokens per block: ``[block_size, H, 2D]`` (K then V of each head).
+Retro asks vLLM for pages *padded* by :attr:`PagedIndexLayout.index_bytes`
+(``AttentionSpec.page_size_padded``); the padding of block ``b`` holds the index
+entries that live "in" that block:
+
+* float part, ``[H, 3, D]`` in the KV dtype: the centroid (mean key), per-channel
+  key variance and mean value of one cluster;
+* int part, ``[H, block_size + 2]`` int32: ``block_size`` entries of the
+  cluster-sorted token permutation (token positions in the request), then the
+  cluster's size and the logical index of its first permutation entry.
+
+A request's clustered zone ``[sink_end, clustered_end)`` is cut into segments
+(multiples of ``block_size`` tokens, aligned to blocks). A segment of ``n`` tokens
+over logical blocks ``[p0/bs, p1/bs)`` has ``C = ceil(n / cluster_size) <= n / bs``
+clusters (``cluster_size >= block_size``); cluster ``j`` lives in the segment's
+``j``-th block and blocks ``j >= C`` hold empty clusters (size 0). Permutation
+entry ``i`` of the segment lives at logical position ``p0 + i``. So every index
+byte is addressed through the request's own block table, like its KV: the index is
+sized, admitted, allocated and freed by vLLM together with the KV, and nothing is
+copied. The permutation holds positions, not physical slots, so every KV read of a
+row goes through that row's own block table: even stale index bytes in a reused
+block cannot make one request read another's KV.
+
+Per request, one row of a small header table, indexed by the request's first
+physical block (its own, since prefix caching is off), gives the decode kernels
+``clustered_end`` (0: no index, the row is attended exactly in full) and the
+per-request budget (clusters retrieved / estimated).
+
+Byte counts (Llama-3-8B shape: H=8, D=128, bf16, block 16): KV page 65,536 B,
+index 6,720 B per block and layer (+10.3%).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from ..config import RetroConfig
+
+# Header table columns (int32), one row per request, at the request's first block.
+HDR_CLUSTERED_END = 0
+HDR_N_RETRIEVE = 1
+HDR_N_ESTIMATE = 2
+HDR_NUM_CLUSTERS = 3
+HDR_WORDS = 4
+
+# Float part rows.
+F_CENTROID, F_KEY_VAR, F_VALUE_MEAN = 0, 1, 2
+
+PAGE_ALIGN = 256
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+@dataclass(frozen=True)
+class PagedIndexLayout:
+    """Byte layout of one layer's KV page with the retro index in its padding."""
+
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def elem_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def kv_page_bytes(self) -> int:
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.elem_size
+
+    @property
+    def float_bytes(self) -> int:
+        return self.num_kv_heads * 3 * self.head_dim * self.elem_size
+
+    @property
+    def int_words(self) -> int:
+        """int32 words per head: the permutation entries, size, start."""
+        return self.block_size + 2
+
+    @property
+    def int_bytes(self) -> int:
+        return self.num_kv_heads * self.int_words * 4
+
+    @property
+    def index_bytes(self) -> int:
+        return self.float_bytes + self.int_bytes
+
+    @property
+    def page_bytes(self) -> int:
+        """The padded page vLLM allocates per block and layer."""
+        return _round_up(self.kv_page_bytes + self.index_bytes, PAGE_ALIGN)
+
+    def check(self) -> None:
+        if self.kv_page_bytes % 4 or self.float_bytes % 4:
+            raise ValueError("retro paged index needs 4-byte aligned page parts")
+
+    # ----------------------------------------------------------- tensor views
+    def views(self, kv_cache: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(float part ``[NB, H, 3, D]``, int part ``[NB, H, bs + 2]``) of a layer's
+        KV cache view (vLLM's ``(NB, H, bs, 2D)`` view over padded pages)."""
+        nb = kv_cache.shape[0]
+        es = self.elem_size
+        page_elems = kv_cache.stride(0)
+        if page_elems * es != self.page_bytes:
+            raise ValueError(
+                f"retro: KV page stride {page_elems * es} B != expected padded page "
+                f"{self.page_bytes} B (was the retro KV-cache spec applied?)")
+        storage = kv_cache.untyped_storage()
+        base = kv_cache.storage_offset()
+        h, d = self.num_kv_heads, self.head_dim
+        flat = torch.empty(0, dtype=kv_cache.dtype, device=kv_cache.device).set_(storage)
+        fpart = flat.as_strided((nb, h, 3, d), (page_elems, 3 * d, d, 1),
+                                base + self.kv_page_bytes // es)
+        words = torch.empty(0, dtype=torch.int32, device=kv_cache.device).set_(storage)
+        ioff = base * es + self.kv_page_bytes + self.float_bytes
+        iw = self.int_words
+        ipart = words.as_strided((nb, h, iw), (self.page_bytes // 4, iw, 1), ioff // 4)
+        return fpart, ipart
+
+    def make_cache(self, num_blocks: int, device="cpu") -> torch.Tensor:
+        """A zeroed KV cache in vLLM's view (tests and benchmarks): logical
+        ``(NB, H, bs, 2D)``, physical ``[NB][bs][H][2D]`` in padded pages."""
+        es = self.elem_size
+        pe = self.page_bytes // es
+        raw = torch.zeros(num_blocks * pe, dtype=self.dtype, device=device)
+        h, d, bs = self.num_kv_heads, self.head_dim, self.block_size
+        return raw.as_strided((num_blocks, h, bs, 2 * d), (pe, 2 * d, h * 2 * d, 1))
+
+
+def sink_end(config: RetroConfig, block_size: int) -> int:
+    """First token of the clustered zone: the sinks rounded up to whole blocks (at
+    least one block, whose index space holds no cluster)."""
+    return max(block_size, _round_up(config.sink_tokens, block_size))
+
+
+def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
+    """Reasons the paged (GPU) index cannot use this config; empty if it can."""
+    reasons = []
+    if config.cluster_size < block_size:
+        reasons.append(f"cluster_size {config.cluster_size} < KV block size {block_size} "
+                       "(the GPU index keeps at most one cluster per KV block)")
+    if config.update_interval % block_size:
+        reasons.append(f"update_interval {config.update_interval} is not a multiple of "
+                       f"the KV block size {block_size}")
+    if config.segment_size % block_size:
+        reasons.append(f"segment_size {config.segment_size} is not a multiple of the "
+                       f"KV block size {block_size}")
+    if config.error_bound is not None:
+        reasons.append("error_bound (accuracy-bounded mode) is not implemented by the "
+                       "GPU decode kernels yet")
+    return reasons
+
+
+# ------------------------------------------------------------------ planning
+def plan_segments(clustered_end: int, computed: int, prompt_len: int,
+                  config: RetroConfig, block_size: int) -> List[Tuple[int, int]]:
+    """New segments ``[(p0, p1)]`` for a request whose KV exists for ``computed``
+    tokens and whose clustered zone ends at ``clustered_end`` (0: none yet).
+
+    Nothing is clustered before the whole prompt is in the cache (so chunked and
+    unchunked prefill index the same way). The first clustering waits until at
+    least ``segment_size`` tokens lie between the sinks and the recent window and
+    cuts them into ``floor(pending / segment_size)`` near-equal, block-aligned
+    segments; later ones add ``update_interval`` tokens at a time.
+    """
+    if computed < prompt_len:
+        return []
+    bs = block_size
+    end = (computed - config.recent_tokens) // bs * bs
+    out: List[Tuple[int, int]] = []
+    if clustered_end == 0:
+        s = sink_end(config, bs)
+        pending = end - s
+        if pending < config.segment_size:
+            return []
+        n_seg = pending // config.segment_size
+        bounds = [s + (i * pending // n_seg) // bs * bs for i in range(n_seg)] + [end]
+        out = list(zip(bounds[:-1], bounds[1:]))
+        clustered_end = end
+    while end - clustered_end >= config.update_interval:
+        out.append((clustered_end, clustered_end + config.update_interval))
+        clustered_end += config.update_interval
+    return out
+
+
+def clusters_in(n_tokens: int, config: RetroConfig) -> int:
+    return max(1, math.ceil(n_tokens / config.cluster_size))
+
+
+def budget(num_clusters: int, clustered_tokens: int, config: RetroConfig) -> Tuple[int, int]:
+    """(retrieved, estimated) clusters for a request, as :meth:`WaveIndex.budget`."""
+    c = num_clusters
+    if c == 0:
+        return 0, 0
+    floor = math.ceil(config.min_retrieval_tokens * c / max(1, clustered_tokens))
+    n_ret = min(c, max(1, math.ceil(config.retrieval_fraction * c), floor))
+    n_est = min(c - n_ret, math.ceil(config.estimation_fraction * c))
+    return n_ret, n_est
+
+
+# ------------------------------------------------------------------ building
+def _kmeans_device(x: torch.Tensor, n_clusters: int, iters: int) -> torch.Tensor:
+    """Spherical k-means of ``x [S, n, D]`` (S independent problems), as
+    :func:`vllm_retro.kmeans.spherical_kmeans`: mean-centred, normalised keys,
+    strided initial centroids, ``iters`` updates then a final assignment. Sums by
+    ``index_add_`` (fast on GPUs); similarities in the KV dtype on GPUs."""
+    s, n, d = x.shape
+    x = x.float()
+    x = x - x.mean(dim=1, keepdim=True)
+    x = torch.nn.functional.normalize(x, dim=-1)
+    sim_dtype = torch.bfloat16 if x.is_cuda else torch.float32
+    xs = x.to(sim_dtype)
+    init = torch.div(torch.arange(n_clusters, device=x.device) * n, n_clusters,
+                     rounding_mode="floor")
+    cent = x[:, init, :].clone()
+    offs = (torch.arange(s, device=x.device) * n_clusters).unsqueeze(1)
+    assign = torch.argmax(torch.bmm(xs, cent.to(sim_dtype).transpose(1, 2)), dim=-1)
+    flat_x = x.reshape(s * n, d)
+    for _ in range(iters):
+        sums = torch.zeros(s * n_clusters, d, dtype=x.dtype, device=x.device)
+        sums.index_add_(0, (assign + offs).reshape(-1), flat_x)
+        sums = sums.view(s, n_clusters, d)
+        norms = sums.norm(dim=-1, keepdim=True)
+        cent = torch.where(norms > 0, sums / norms.clamp_min(1e-30), cent)
+        assign = torch.argmax(torch.bmm(xs, cent.to(sim_dtype).transpose(1, 2)), dim=-1)
+    return assign
+
+
+def _per_cluster_sums(x: torch.Tensor, assign: torch.Tensor, c: int) -> torch.Tensor:
+    s, n, d = x.shape
+    offs = (torch.arange(s, device=x.device) * c).unsqueeze(1)
+    out = torch.zeros(s * c, d, dtype=x.dtype, device=x.device)
+    out.index_add_(0, (assign + offs).reshape(-1), x.reshape(s * n, d))
+    return out.view(s, c, d)
+
+
+@dataclass
+class SegmentJob:
+    """One segment to index: the request's physical block ids (``[nblocks]`` int64,
+    on the cache's device, covering at least ``p1``) and its token range."""
+
+    block_ids: torch.Tensor
+    p0: int
+    p1: int
+
+
+def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout,
+                   jobs: Sequence[SegmentJob], config: RetroConfig,
+                   max_batch_bytes: int = 256 << 20) -> None:
+    """Clusters the keys of ``jobs`` (all of the same length) for one layer and
+    writes the clusters and permutation into the index part of the pages.
+
+    ``kv_cache``: vLLM's view ``(NB, H, bs, 2D)`` over padded pages.
+    """
+    if not jobs:
+        return
+    n = jobs[0].p1 - jobs[0].p0
+    if any(j.p1 - j.p0 != n for j in jobs):
+        raise ValueError("build_segments: jobs of one call must have equal lengths")
+    bs, h, d = layout.block_size, layout.num_kv_heads, layout.head_dim
+    if n % bs or any(j.p0 % bs for j in jobs):
+        raise ValueError("build_segments: segments must be block-aligned")
+    c = clusters_in(n, config)
+    per_job = h * n * c * 4 + h * n * d * 16
+    step = max(1, max_batch_bytes // per_job)
+    fpart, ipart = layout.views(kv_cache)
+    for i in range(0, len(jobs), step):
+        _build_batch(kv_cache, fpart, ipart, layout, jobs[i:i + step], n, c, config)
+
+
+def _build_batch(kv_cache, fpart, ipart, layout: PagedIndexLayout,
+                 jobs: Sequence[SegmentJob], n: int, c: int, config: RetroConfig) -> None:
+    bs, h, d = layout.block_size, layout.num_kv_heads, layout.head_dim
+    dev = kv_cache.device
+    m = len(jobs)
+    pos = torch.stack([torch.arange(j.p0, j.p1, device=dev) for j in jobs])   # [m, n]
+    blocks = torch.stack([j.block_ids[j.p0 // bs: j.p1 // bs] for j in jobs])  # [m, n/bs]
+    pblk = torch.gather(blocks, 1, (pos - pos[:, :1]) // bs)                     # [m, n]
+    kv = kv_cache[pblk.reshape(-1), :, (pos % bs).reshape(-1)]                  # [m*n, H, 2D]
+    kv = kv.view(m, n, h, 2 * d).permute(0, 2, 1, 3)                            # [m, H, n, 2D]
+    k = kv[..., :d].float().reshape(m * h, n, d)
+    v = kv[..., d:].float().reshape(m * h, n, d)
+    assign = _kmeans_device(k, c, config.kmeans_iters)                          # [mH, n]
+    order = torch.sort(assign, dim=1, stable=True).indices
+    sizes = torch.zeros(m * h, c, dtype=torch.int64, device=dev)
+    sizes.scatter_add_(1, assign, torch.ones_like(assign))
+    starts = torch.cumsum(sizes, dim=1) - sizes
+    cnt = sizes.clamp_min(1).unsqueeze(-1).float()
+    cent = _per_cluster_sums(k, assign, c) / cnt
+    vmean = _per_cluster_sums(v, assign, c) / cnt
+    dev_k = k - torch.gather(cent, 1, assign.unsqueeze(-1).expand(-1, -1, d))
+    kvar = _per_cluster_sums(dev_k * dev_k, assign, c) / cnt
+    nb_seg = n // bs
+    # Cluster j of a segment lives in the segment's j-th block.
+    cblk = blocks[:, :c]                                                        # [m, C]
+    summ = torch.stack([cent, kvar, vmean], dim=2).view(m, h, c, 3, d)
+    fpart[cblk] = summ.permute(0, 2, 1, 3, 4).to(fpart.dtype)                   # [m, C, H, 3, D]
+    start_abs = starts.view(m, h, c) + torch.tensor([j.p0 for j in jobs], device=dev).view(m, 1, 1)
+    ipart[cblk, :, bs] = sizes.view(m, h, c).permute(0, 2, 1).to(torch.int32)
+    ipart[cblk, :, bs + 1] = start_abs.permute(0, 2, 1).to(torch.int32)
+    if c < nb_seg:
+        empty = blocks[:, c:]
+        ipart[empty, :, bs] = 0
+        ipart[empty, :, bs + 1] = 0
+    # Permutation entry i of the segment sits at logical position p0 + i and holds
+    # the position of the segment's i-th token in cluster order.
+    perm_pos = order.view(m, h, n) + pos[:, :1].unsqueeze(1)
+    ipart[pblk, :, pos % bs] = perm_pos.permute(0, 2, 1).to(torch.int32)       # [m, n, H]
+
+
+def make_headers(num_blocks: int, device) -> torch.Tensor:
+    """The header table: ``[num_blocks, HDR_WORDS]`` int32, zero (no index)."""
+    return torch.zeros(num_blocks, HDR_WORDS, dtype=torch.int32, device=device)
+
+
+def header_row(clustered_end: int, n_ret: int, n_est: int, num_clusters: int) -> List[int]:
+    row = [0] * HDR_WORDS
+    row[HDR_CLUSTERED_END] = clustered_end
+    row[HDR_N_RETRIEVE] = n_ret
+    row[HDR_N_ESTIMATE] = n_est
+    row[HDR_NUM_CLUSTERS] = num_clusters
+    return row

@@ -1,0 +1,144 @@
+"""Torch reference twins of the decode kernels (the specification they are tested against).
+
+:func:`paged_decode_attention` is tripartite decode attention over the paged wave
+index (:mod:`vllm_retro.index.paged`), one row and KV head at a time, in float32
+(float64 for float64 inputs). Semantics, per row ``r`` (context ``L = seq_lens[r]``,
+header ``hdr = headers[block_table[r, 0]]``) and KV head ``h`` with its ``G`` query heads:
+
+* ``L == 0`` (a padded row): the output is zero.
+* no index (``clustered_end == 0``): exact attention over all ``L`` tokens.
+* otherwise the steady zone ``[0, sink_end) + [clustered_end, L)`` is exact; the
+  cluster entries of logical blocks ``[sink_end/bs, clustered_end/bs)`` get the
+  log-mass ``s q.c + ln size + min(s^2/2 sum_d q_d^2 var_d, CAP)`` (``-inf`` for
+  empty ones), the softmax over the entries summed over the group ranks them
+  (ties: lower entry first); the top ``n_retrieve`` are attended exactly through
+  the permutation, the next ``n_estimate`` contribute their log-mass over their
+  mean value, the rest are skipped. All parts form one softmax.
+
+Returns the output ``[B, Hq, D]`` and per-row statistics ``[B, 3]`` float64:
+tokens read exactly, tokens estimated, tokens in context (summed over KV heads).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+from ..attention import VARIANCE_CORRECTION_CAP
+from ..index.paged import (F_CENTROID, F_KEY_VAR, F_VALUE_MEAN, HDR_CLUSTERED_END,
+                           HDR_N_ESTIMATE, HDR_N_RETRIEVE, PagedIndexLayout)
+
+
+def _cdt(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cluster_log_mass(q: torch.Tensor, cent: torch.Tensor, kvar: torch.Tensor,
+                     sizes: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[G, C]`` log-mass of clusters (see module doc) for ``q [G, D]``."""
+    cdt = q.dtype
+    lg = (q @ cent.to(cdt).T) * scale
+    lg = lg + torch.log(sizes.to(cdt)).unsqueeze(0)
+    corr = ((q * q) @ kvar.to(cdt).T) * (0.5 * scale * scale)
+    return lg + corr.clamp(max=VARIANCE_CORRECTION_CAP)
+
+
+def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
+                           layout: PagedIndexLayout, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor, headers: torch.Tensor,
+                           sink_end: int, scale: float
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`vllm_retro.kernels.paged_decode_attention`.
+
+    Args:
+        query: ``[B, Hq, D]``. kv_cache: vLLM's ``(NB, H, bs, 2D)`` view over padded
+            pages. block_table: ``[B, max_blocks]`` int. seq_lens: ``[B]`` int.
+            headers: ``[NB, HDR_WORDS]`` int32. sink_end: first clustered token.
+    """
+    b, hq, d = query.shape
+    h, bs = layout.num_kv_heads, layout.block_size
+    g = hq // h
+    cdt = _cdt(query.dtype)
+    out = torch.zeros(b, hq, d, dtype=cdt, device=query.device)
+    stats = torch.zeros(b, 3, dtype=torch.float64)
+    fpart, ipart = layout.views(kv_cache)
+    for r in range(b):
+        L = int(seq_lens[r])
+        if L == 0:
+            continue
+        bt = block_table[r].long()
+        hdr = headers[int(bt[0])].tolist()
+        E = hdr[HDR_CLUSTERED_END]
+        if E:
+            steady = torch.cat([torch.arange(0, sink_end), torch.arange(E, L)])
+            lbs = torch.arange(sink_end // bs, E // bs)
+            pbs = bt[lbs]
+        else:
+            steady = torch.arange(0, L)
+            lbs = pbs = torch.arange(0)
+        steady_slots = bt[steady // bs] * bs + steady % bs
+        stats[r, 2] = L * h
+        for kh in range(h):
+            q = query[r, kh * g:(kh + 1) * g].to(cdt)                      # [G, D]
+            slots = steady_slots
+            est_logits = torch.empty(g, 0, dtype=cdt)
+            est_vals = torch.empty(0, d, dtype=cdt)
+            n_exact = len(steady)
+            n_est_tok = 0
+            if len(pbs):
+                f = fpart[pbs, kh].to(cdt)                                   # [C, 3, D]
+                iw = ipart[pbs, kh].long()                                   # [C, bs+2]
+                sizes = iw[:, bs]
+                lg = cluster_log_mass(q, f[:, F_CENTROID], f[:, F_KEY_VAR], sizes, scale)
+                score = torch.softmax(lg, dim=-1).nan_to_num(0.0).sum(dim=0)
+                order = torch.argsort(score, descending=True, stable=True)
+                c = len(pbs)
+                n_ret = min(c, hdr[HDR_N_RETRIEVE])
+                n_est = min(c - n_ret, hdr[HDR_N_ESTIMATE])
+                ret, est = order[:n_ret], order[n_ret:n_ret + n_est]
+                perm_pos = torch.cat([torch.arange(int(iw[i, bs + 1]),
+                                                   int(iw[i, bs + 1]) + int(sizes[i]))
+                                      for i in ret.tolist()] or [torch.arange(0)])
+                tok = ipart[bt[perm_pos // bs], kh, perm_pos % bs].long()
+                slots = torch.cat([steady_slots, bt[tok // bs] * bs + tok % bs])
+                n_exact += len(perm_pos)
+                est_logits = lg[:, est]
+                est_vals = f[est, F_VALUE_MEAN]
+                n_est_tok = int(sizes[est].sum())
+            kvt = kv_cache[slots // bs, kh, slots % bs].to(cdt)              # [T, 2D]
+            logits = torch.cat([(q @ kvt[:, :d].T) * scale, est_logits], dim=1)
+            vals = torch.cat([kvt[:, d:], est_vals], dim=0)
+            p = torch.softmax(logits, dim=-1)
+            out[r, kh * g:(kh + 1) * g] = p @ vals
+            stats[r, 0] += n_exact
+            stats[r, 1] += n_est_tok
+    return out, stats
+
+
+def dense_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor,
+                          layout: PagedIndexLayout, block_table: torch.Tensor,
+                          seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Full attention of each row over its whole context, in float64 (the target
+    the tripartite result is compared with)."""
+    b, hq, d = query.shape
+    h, bs = layout.num_kv_heads, layout.block_size
+    g = hq // h
+    out = torch.zeros(b, hq, d, dtype=torch.float64)
+    for r in range(b):
+        L = int(seq_lens[r])
+        if L == 0:
+            continue
+        pos = torch.arange(L)
+        bt = block_table[r].long()
+        kv = kv_cache[bt[pos // bs], :, pos % bs].double()                   # [L, H, 2D]
+        for kh in range(h):
+            q = query[r, kh * g:(kh + 1) * g].double()
+            p = torch.softmax((q @ kv[:, kh, :d].T) * scale, dim=-1)
+            out[r, kh * g:(kh + 1) * g] = p @ kv[:, kh, d:]
+    return out
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
