@@ -5,9 +5,11 @@ vLLM's defaults otherwise (V2 model runner, FULL_AND_PIECEWISE CUDA graphs,
 gpu_memory_utilization 0.92). For each backend, in its own child process (so each
 engine gets the whole GPU), for each context a batch sweep up to the largest batch
 the backend's KV cache holds. The engine is stepped by hand: the prefill phase lasts
-until every request has its first token; the decode phase is timed from there to
-the last token (``decode_tok_s`` = decode tokens / decode seconds, ``tpot_ms`` =
-decode seconds / decode steps).
+until every request has its first token; the decode phase is timed from the step after
+that one (retro builds a prompt's index before its first decode step, so that step
+counts as prefill) to the last token (``decode_tok_s`` = decode tokens / decode
+seconds, ``tpot_ms`` = decode seconds / decode steps). ``index_build_s``: GPU time
+of retro's index builds during the prefill phase, per request.
 
 Retro's records carry the device counters of its kernels (``retro_rows`` decode
 rows served over an index, ``dense_rows`` rows attended exactly because they had
@@ -87,6 +89,7 @@ def child(a) -> None:
             params = SamplingParams(max_tokens=a.output_tokens, ignore_eos=True,
                                     temperature=0.0)
             before = state.stats() if state else None
+            build0 = state.index_build_seconds() if state else 0.0
             torch.cuda.reset_peak_memory_stats()
             ids = []
             for _ in range(b):
@@ -102,7 +105,7 @@ def child(a) -> None:
                 outs = eng.step()
                 for o in outs:
                     got[o.request_id] = len(o.outputs[0].token_ids)
-                if t_first is None and all(v >= 1 for v in got.values()):
+                if t_first is None and all(v >= 2 for v in got.values()):
                     t_first = time.perf_counter()
                     tok_first = sum(got.values())
                 elif t_first is not None:
@@ -124,7 +127,7 @@ def child(a) -> None:
                 rec.update(retro_rows=d["retro_rows"], dense_rows=d["dense_rows"],
                            exact_fraction=d["exact_tokens"] / ctx_tok,
                            estimated_fraction=d["estimated_tokens"] / ctx_tok,
-                           index_build_s=state.index_build_s)
+                           index_build_s=(state.index_build_seconds() - build0) / b)
                 if d["retro_rows"] == 0:
                     raise SystemExit(f"retro served no decode rows at {ctx}x{b}: {d}")
             recs.append(rec)

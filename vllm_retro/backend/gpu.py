@@ -255,11 +255,11 @@ class PagedIndexManager:
     """One worker's paged-index state: layout, KV caches, headers, workspace,
     request table and the index maintenance run before each forward."""
 
-    def __init__(self, vllm_config) -> None:
+    def __init__(self, vllm_config, requests: RequestTable) -> None:
         from ..worker_state import retro_config_from_vllm
         self.config: RetroConfig = retro_config_from_vllm(vllm_config)
         self.vllm_config = vllm_config
-        self.requests = RequestTable()
+        self.requests = requests
         self.layout: Optional[PagedIndexLayout] = None
         self.kv_caches: Dict[str, torch.Tensor] = {}
         self.headers: Optional[torch.Tensor] = None
@@ -268,6 +268,7 @@ class PagedIndexManager:
         self.sink_end = 0
         self.segments_built = 0
         self.index_build_s = 0.0
+        self._build_events: list = []
         self.last_log_time = time.monotonic()
         self.logged = [0] * len(STAT_NAMES)
         self._head = None
@@ -355,7 +356,10 @@ class PagedIndexManager:
             touched.append(e)
         if not touched:
             return
-        t0 = time.perf_counter()
+        ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
+            if dev.type == "cuda" else None
+        if ev:
+            ev[0].record()
         for kv in self.kv_caches.values():
             for group in jobs.values():
                 build_segments(kv, self.layout, group, cfg)
@@ -366,7 +370,17 @@ class PagedIndexManager:
         idx = torch.tensor([e.blocks[0] for e in touched], dtype=torch.long, device=dev)
         self.headers[idx] = torch.tensor(rows, dtype=torch.int32, device=dev)
         self.segments_built += sum(len(g) for g in jobs.values())
-        self.index_build_s += time.perf_counter() - t0  # host time (launch + syncs)
+        if ev:
+            ev[1].record()
+            self._build_events.append(ev)
+
+    def index_build_seconds(self) -> float:
+        """GPU time spent building index segments since start (syncs the device)."""
+        for a, b in self._build_events:
+            b.synchronize()
+            self.index_build_s += a.elapsed_time(b) / 1e3
+        self._build_events.clear()
+        return self.index_build_s
 
     # ----------------------------------------------------------------- stats
     def stats(self) -> Dict[str, int]:
@@ -407,7 +421,7 @@ def manager_for(vllm_config) -> PagedIndexManager:
     from ..worker_state import state_for
     st = state_for(vllm_config)
     if st.paged is None:
-        st.paged = PagedIndexManager(vllm_config)
+        st.paged = PagedIndexManager(vllm_config, st.requests)
     return st.paged
 
 
