@@ -54,6 +54,14 @@ def close_llm(llm) -> None:
         llm.llm_engine.engine_core.shutdown()
     except Exception:
         pass
+    # An in-process worker's KV connector is a process global: drop it, or the
+    # next engine of this process would inherit retro's connector.
+    try:
+        from vllm.distributed.kv_transfer.kv_transfer_state import \
+            ensure_kv_transfer_shutdown
+        ensure_kv_transfer_shutdown()
+    except ImportError:
+        pass
     del llm
     gc.collect()
 

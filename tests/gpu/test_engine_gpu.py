@@ -74,11 +74,31 @@ def dense(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def retro_full(tiny_model):
+def retro_full(tiny_model, dense):
+    # After the dense engine is closed: an in-process worker's KV connector is a
+    # process global, so two live engines in one process would share retro's.
     llm = gpu_llm(tiny_model, "retro", FULL)
     yield llm
     from vllm_retro.offline import close_llm
     close_llm(llm)
+
+
+# Runs before any test that uses retro_full (one live engine per process).
+def test_preemption_recomputes_and_reindexes(tiny_model, dense):
+    """A KV cache too small for the batch forces preemptions; the preempted
+    requests are recomputed, re-indexed, and decode as without preemption."""
+    prompts, dense_out = dense
+    llm = gpu_llm(tiny_model, "retro", FULL, num_gpu_blocks_override=450)
+    mgr = manager(llm)
+    out = generate_tokens(llm, prompts, MAX_TOKENS)
+    pre = mgr.requests.preemptions
+    st = mgr.stats()
+    from vllm_retro.offline import close_llm
+    close_llm(llm)
+    assert pre > 0, "no preemption happened; shrink the cache"
+    assert st["retro_rows"] > 0
+    agree = sum(a == b for o, (d, _) in zip(out, dense_out) for a, b in zip(o, d))
+    assert agree >= 0.9 * sum(MAX_TOKENS)
 
 
 def test_starts_under_defaults(retro_full):
@@ -141,20 +161,3 @@ def test_isolation_together_equals_alone(retro_full, tiny_model):
     alone = [generate_tokens(retro_full, [p], 16)[0] for p in prompts]
     assert together == alone
     assert mgr.stats()["retro_rows"] > before
-
-
-def test_preemption_recomputes_and_reindexes(tiny_model, dense):
-    """A KV cache too small for the batch forces preemptions; the preempted
-    requests are recomputed, re-indexed, and decode as without preemption."""
-    prompts, dense_out = dense
-    llm = gpu_llm(tiny_model, "retro", FULL, num_gpu_blocks_override=450)
-    mgr = manager(llm)
-    out = generate_tokens(llm, prompts, MAX_TOKENS)
-    pre = mgr.requests.preemptions
-    st = mgr.stats()
-    from vllm_retro.offline import close_llm
-    close_llm(llm)
-    assert pre > 0, "no preemption happened; shrink the cache"
-    assert st["retro_rows"] > 0
-    agree = sum(a == b for o, (d, _) in zip(out, dense_out) for a, b in zip(o, d))
-    assert agree >= 0.9 * sum(MAX_TOKENS)

@@ -1,0 +1,337 @@
+"""The Triton decode kernels against their torch twin (and dense attention).
+
+Without a GPU the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``,
+set by this folder's conftest before any kernel is defined), so shapes stay small.
+Every test draws fresh random inputs from its own seed.
+"""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from vllm_retro.config import RetroConfig  # noqa: E402
+from vllm_retro.index.paged import (HDR_WORDS, PagedIndexLayout, SegmentJob,  # noqa: E402
+                                    budget, build_segments, header_row, make_headers,
+                                    plan_segments, sink_end)
+from vllm_retro.kernels import reference  # noqa: E402
+
+H, D, BS, G = 2, 32, 16, 4
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+CFG = RetroConfig(segment_size=256, update_interval=64, recent_tokens=32, cluster_size=32)
+
+
+def _td():
+    """The kernel module, its kernels interpreted when there is no GPU (reloaded if
+    something imported it before the interpreter was switched on)."""
+    td = importlib.import_module("vllm_retro.kernels.triton_decode")
+    if DEV == "cpu":
+        from triton.runtime.interpreter import InterpretedFunction
+        import triton.language.standard as std
+        if not isinstance(std._sum_combine, InterpretedFunction):
+            pytest.skip("Triton was imported before TRITON_INTERPRET=1 was set (its "
+                        "library functions are not interpretable): run tests/kernels "
+                        "in a process of its own")
+        if not isinstance(td._score_kernel, InterpretedFunction):
+            td = importlib.reload(td)
+    return td
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+class Scene:
+    """One KV cache with ragged rows: each row its own blocks (never block 0), its
+    random K/V, its index (built as the engine builds it, or crafted) and header."""
+
+    def __init__(self, num_blocks: int, dtype=torch.float32, max_blocks: int = 260):
+        self.lay = PagedIndexLayout(H, D, BS, dtype)
+        self.kv = self.lay.make_cache(num_blocks, DEV)
+        self.headers = make_headers(num_blocks, DEV)
+        self.free = (torch.randperm(num_blocks - 1) + 1).tolist()
+        self.max_blocks = max_blocks
+        self.rows = []          # (seq_len, block row [max_blocks] int32)
+        self.S = sink_end(CFG, BS)
+
+    def _blocks(self, n: int) -> torch.Tensor:
+        row = torch.zeros(self.max_blocks, dtype=torch.int32)
+        row[:n] = torch.tensor([self.free.pop() for _ in range(n)], dtype=torch.int32)
+        return row
+
+    def add(self, L: int, index: str = "build", n_ret=None, n_est=None, cent=None):
+        """A row of ``L`` tokens; ``index``: "build" (plan/build_segments), "craft"
+        (one cluster per block, identity permutation, given centroids, zero
+        variance) or "none". Returns the row's clustered_end."""
+        row = self._blocks(math.ceil(L / BS) + 2 if L else 0)
+        self.rows.append((L, row))
+        if L == 0:
+            return 0
+        blocks = row.long().to(DEV)
+        pos = torch.arange(L, device=DEV)
+        self.kv[blocks[pos // BS], :, pos % BS] = torch.randn(L, H, 2 * D).to(
+            DEV, self.kv.dtype)
+        E = 0
+        if index == "build":
+            segs = plan_segments(0, L, L, CFG, BS)
+            assert segs, "context too short for an index"
+            by_len = {}
+            for p0, p1 in segs:
+                by_len.setdefault(p1 - p0, []).append(SegmentJob(blocks, p0, p1))
+            for js in by_len.values():
+                build_segments(self.kv, self.lay, js, CFG)
+            E = segs[-1][1]
+        elif index == "craft":
+            E = (L - CFG.recent_tokens) // BS * BS
+            self._craft(blocks, E, cent)
+        if E:
+            c = (E - self.S) // BS
+            nr, ne = budget(c, E - self.S, CFG)
+            nr = nr if n_ret is None else n_ret
+            ne = ne if n_est is None else n_est
+            self.headers[blocks[0]] = torch.tensor(header_row(E, nr, ne, c),
+                                                   dtype=torch.int32, device=DEV)
+        return E
+
+    def _craft(self, blocks, E, cent):
+        fpart, ipart = self.lay.views(self.kv)
+        S = self.S
+        lb = torch.arange(S // BS, E // BS, device=DEV)
+        pb = blocks[lb]
+        pos = torch.arange(S, E, device=DEV)
+        ipart[blocks[pos // BS], :, pos % BS] = pos.int()[:, None].expand(-1, H)
+        ipart[pb, :, BS] = BS
+        ipart[pb, :, BS + 1] = (lb * BS).int()[:, None].expand(-1, H)
+        v = self.kv[pb][..., D:].float()                                  # [C, H, BS, D]
+        fpart[pb, :, 0] = cent.to(DEV, fpart.dtype)                        # [C, H, D]
+        fpart[pb, :, 1] = 0
+        fpart[pb, :, 2] = v.mean(dim=2).to(fpart.dtype)
+
+    def tensors(self):
+        bt = torch.stack([r for _, r in self.rows]).to(DEV)
+        sl = torch.tensor([L for L, _ in self.rows], dtype=torch.int32, device=DEV)
+        return bt, sl
+
+    def cpu_cache(self):
+        kv = self.lay.make_cache(self.kv.shape[0])
+        kv.untyped_storage().copy_(self.kv.untyped_storage())
+        return kv
+
+
+def run_both(scene: Scene, q: torch.Tensor, scale: float, out_dtype=torch.float32,
+             ws=None, td=None):
+    """(Triton output, twin output, twin stats, workspace) for the scene's rows."""
+    td = td or _td()
+    bt, sl = scene.tensors()
+    b = len(scene.rows)
+    if ws is None:
+        ws = td.DecodeWorkspace(scene.kv.shape[0], H, G, D, 8, DEV)
+    ws.stats.zero_()
+    out = torch.full((b, H * G, D), float("nan"), dtype=out_dtype, device=DEV)
+    td.paged_decode_attention_triton(q.to(DEV), scene.kv, scene.lay, bt, sl, scene.headers,
+                                     scene.S, scale, out, ws, count_stats=True)
+    ref, st = reference.paged_decode_attention(q.cpu(), scene.cpu_cache(), scene.lay,
+                                               bt.cpu(), sl.cpu(), scene.headers.cpu(),
+                                               scene.S, scale)
+    return out.cpu(), ref, st, ws
+
+
+def expected_stats(scene: Scene, st: torch.Tensor) -> list:
+    idx = [L > 0 and int(scene.headers[int(r[0]), 0]) > 0 for L, r in scene.rows]
+    live = [L > 0 for L, _ in scene.rows]
+    return [sum(idx), sum(lv and not i for lv, i in zip(live, idx)),
+            int(st[:, 0].sum()), int(st[:, 1].sum()), int(st[:, 2].sum())]
+
+
+def selection(scene: Scene, ws, r: int, kh: int):
+    """(retrieved clusters as sorted (start, size), estimated entry indices) that the
+    kernels chose for row r, head kh (read back from the workspace lists: white-box,
+    for precise failures)."""
+    bt, _ = scene.tensors()
+    bt = bt[r].long().cpu()
+    E = int(scene.headers[int(bt[0]), 0])
+    sb = scene.S // BS
+    pbs = bt[sb:E // BS]
+    lists = ws.lists.cpu()
+    n_ret, n_est = ws.counts[r * H + kh].tolist()
+
+    def word(k, w):
+        return int(lists[bt[sb + k // 16], kh, 2 * (k % 16) + w])
+    ret = sorted((word(k, 0), word(k, 1)) for k in range(n_ret))
+    est = sorted(pbs.tolist().index(word(k, 0)) for k in range(n_ret, n_ret + n_est))
+    return ret, est
+
+
+def twin_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float):
+    bt, _ = scene.tensors()
+    bt = bt[r].long().cpu()
+    fpart, ipart = scene.lay.views(scene.cpu_cache())
+    hdr = scene.headers[int(bt[0])].tolist()
+    pbs = bt[scene.S // BS:hdr[0] // BS]
+    f = fpart[pbs, kh].float()
+    lg = reference.cluster_log_mass(q[r, kh * G:(kh + 1) * G].float(), f[:, 0], f[:, 1],
+                                    ipart[pbs, kh, BS].long(), scale)
+    order = torch.argsort(torch.softmax(lg, -1).nan_to_num(0.0).sum(0), descending=True,
+                          stable=True).tolist()
+    c = len(pbs)
+    nr = min(c, hdr[1])
+    ne = min(c - nr, hdr[2])
+    iw = ipart[pbs, kh]
+    ret = sorted((int(iw[i, BS + 1]), int(iw[i, BS])) for i in order[:nr])
+    return ret, sorted(order[nr:nr + ne])
+
+
+# ----------------------------------------------------------------------- tests
+def test_ragged_batch_matches_twin():
+    torch.manual_seed(1)
+    sc = Scene(260)
+    sc.add(900)                          # index: several segments, empty clusters
+    sc.add(0)                            # padded row (block table row of zeros)
+    sc.add(300, index="none")            # no index: exact over its whole context
+    sc.add(700, n_ret=4, n_est=9)        # index, explicit budget
+    q = torch.randn(4, H * G, D)
+    out, ref, st, ws = run_both(sc, q, 0.2)
+    assert not torch.isnan(out).any(), "output elements left unwritten"
+    assert out[1].abs().max() == 0
+    for r in (0, 2, 3):
+        assert _rel(out[r], ref[r]) < 2e-3, (r, _rel(out[r], ref[r]))
+    assert ws.stats.tolist() == expected_stats(sc, st)
+    assert ws.stats[0] == 2 and ws.stats[1] == 1
+    for r in (0, 3):
+        for kh in range(H):
+            assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
+
+
+def test_bf16_cache_and_output():
+    torch.manual_seed(2)
+    sc = Scene(160, dtype=torch.bfloat16)
+    sc.add(800)
+    sc.add(200, index="none")
+    q = torch.randn(2, H * G, D).bfloat16()
+    out, ref, st, ws = run_both(sc, q, 1 / math.sqrt(D), out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and not torch.isnan(out).any()
+    assert _rel(out, ref) < 2e-2, _rel(out, ref)
+    assert ws.stats.tolist() == expected_stats(sc, st)
+
+
+def test_all_clusters_retrieved_is_dense():
+    torch.manual_seed(3)
+    sc = Scene(140)
+    E = sc.add(1000, n_ret=10**6, n_est=0)
+    assert E
+    q = torch.randn(1, H * G, D)
+    out, ref, st, ws = run_both(sc, q, 0.2)
+    bt, sl = sc.tensors()
+    dense = reference.dense_paged_attention(q, sc.cpu_cache(), sc.lay, bt.cpu(), sl.cpu(), 0.2)
+    assert _rel(ref, dense) < 1e-5
+    assert _rel(out, dense) < 1e-5
+    assert ws.stats[2] == 1000 * H and ws.stats[3] == 0
+
+
+@pytest.mark.parametrize("chunk", [0, 64])
+def test_ties_pick_lower_entries_like_twin(monkeypatch, chunk):
+    """Crafted indexes whose cluster summaries repeat: exact score ties, broken by
+    the lower entry index. Row 0: 40 entries, 3 distinct summaries; row 1: 200 equal
+    entries but 4. chunk=64: threshold buckets of more than 64 keys are searched in
+    chunks (the path of huge buckets)."""
+    td = _td()
+    if chunk:
+        for k in ("cand", "collect"):
+            monkeypatch.setitem(td.TUNE, k, dict(td.TUNE[k], CB=chunk))
+    torch.manual_seed(4)
+    scale = 0.25
+    sc = Scene(320)
+    groups = (torch.randint(-2, 3, (3, H, D)) * 0.25)
+    c0 = 40
+    cent0 = groups[torch.tensor([0 if j % 5 == 0 else 1 if j % 5 == 1 else 2
+                                 for j in range(c0)])]
+    sc.add(sc.S + c0 * BS + 40, index="craft", n_ret=5, n_est=6, cent=cent0)
+    c1 = 200
+    cent1 = groups[2].expand(c1, H, D).clone()
+    cent1[150:154] = groups[0]
+    sc.add(sc.S + c1 * BS + 40, index="craft", n_ret=7, n_est=30, cent=cent1)
+    q = (torch.randint(-4, 5, (2, H * G, D)) * 0.125)
+    out, ref, st, ws = run_both(sc, q, scale)
+    for r in range(2):
+        for kh in range(H):
+            assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, scale), (r, kh)
+        assert _rel(out[r], ref[r]) < 2e-3
+    assert ws.stats.tolist() == expected_stats(sc, st)
+
+
+def test_budget_larger_than_clusters_is_clamped():
+    torch.manual_seed(5)
+    sc = Scene(200)
+    sc.add(600, n_ret=3, n_est=10**6)     # everything after the top 3 is estimated
+    sc.add(500, n_ret=10**6, n_est=7)     # everything retrieved, nothing estimated
+    sc.add(520, n_ret=0, n_est=10**6)     # nothing retrieved, everything estimated
+    q = torch.randn(3, H * G, D)
+    out, ref, st, ws = run_both(sc, q, 0.2)
+    assert _rel(out, ref) < 2e-3
+    assert ws.stats.tolist() == expected_stats(sc, st)
+    for r in range(3):
+        assert selection(sc, ws, r, 1) == twin_selection(sc, q, r, 1, 0.2)
+
+
+def test_launch_sequence_does_not_depend_on_data(monkeypatch):
+    """One workspace, two calls over different contexts and headers: the same grids,
+    each result equal to the twin's (as a CUDA graph replay requires)."""
+    torch.manual_seed(6)
+    td = _td()
+    launches = []
+
+    class Rec:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            launches.append((self.name, tuple(grid)))
+            return self.fn[grid]
+
+    names = [n for n in dir(td) if n.endswith("_kernel")]
+    for name in names:
+        monkeypatch.setattr(td, name, Rec(name, getattr(td, name)))
+    ws = td.DecodeWorkspace(400, H, G, D, 4, DEV)
+    seqs = []
+    for calls in range(2):
+        sc = Scene(400)
+        if calls == 0:
+            sc.add(700)
+            sc.add(150, index="none")
+            sc.add(0)
+        else:
+            sc.add(0)
+            sc.add(1100, n_ret=2, n_est=40)
+            sc.add(650)
+        q = torch.randn(3, H * G, D)
+        before = len(launches)
+        out, ref, st, _ = run_both(sc, q, 0.2, ws=ws, td=td)
+        seqs.append(launches[before:])
+        assert not torch.isnan(out).any()
+        assert _rel(out, ref) < 2e-3
+        assert ws.stats.tolist() == expected_stats(sc, st)
+    assert seqs[0] == seqs[1] and len(seqs[0]) == len(names)
+
+
+def test_public_op(monkeypatch):
+    """``vllm_retro.kernels.paged_decode_attention`` runs the kernels here (GPU or
+    interpreter), allocating the output and a workspace when none are given."""
+    import vllm_retro.kernels as K
+    td = _td()
+    monkeypatch.setattr(K, "paged_decode_attention_triton", td.paged_decode_attention_triton)
+    monkeypatch.setattr(K, "DecodeWorkspace", td.DecodeWorkspace)
+    assert K.uses_triton(torch.zeros(1, device=DEV))
+    torch.manual_seed(7)
+    sc = Scene(100)
+    sc.add(640)
+    bt, sl = sc.tensors()
+    q = torch.randn(1, H * G, D)
+    out = K.paged_decode_attention(q.to(DEV), sc.kv, sc.lay, bt, sl, sc.headers, sc.S, 0.2)
+    ref, _ = reference.paged_decode_attention(q, sc.cpu_cache(), sc.lay, bt.cpu(), sl.cpu(),
+                                              sc.headers.cpu(), sc.S, 0.2)
+    assert out.shape == (1, H * G, D) and _rel(out, ref) < 2e-3
+    assert HDR_WORDS == sc.headers.shape[1]

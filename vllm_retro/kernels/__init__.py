@@ -1,0 +1,81 @@
+"""Decode kernels of the paged wave index.
+
+:func:`paged_decode_attention` is the public op: the Triton kernels
+(:mod:`.triton_decode`) when the tensors are on a CUDA device or Triton's CPU
+interpreter is on (``TRITON_INTERPRET=1``), else the torch twin
+(:func:`.reference.paged_decode_attention`, the specification, re-exported as
+``reference``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+from ..index.paged import PagedIndexLayout
+
+try:
+    from .triton_decode import (DecodeWorkspace, interpreting,
+                                paged_decode_attention_triton)
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs without Triton: the twin serves
+    HAS_TRITON = False
+    DecodeWorkspace = None  # type: ignore[assignment,misc]
+    paged_decode_attention_triton = None  # type: ignore[assignment]
+
+    def interpreting() -> bool:  # type: ignore[misc]
+        return False
+
+__all__ = ["paged_decode_attention", "DecodeWorkspace", "reference", "HAS_TRITON"]
+
+
+def uses_triton(query: torch.Tensor) -> bool:
+    """Whether :func:`paged_decode_attention` runs the Triton kernels for ``query``."""
+    return HAS_TRITON and (query.is_cuda or interpreting())
+
+
+def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
+                           layout: PagedIndexLayout, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor, headers: torch.Tensor, sink_end: int,
+                           scale: float, out: Optional[torch.Tensor] = None,
+                           workspace=None, count_stats: bool = False) -> torch.Tensor:
+    """Tripartite decode attention of ``B`` rows over the paged wave index.
+
+    Args:
+        query: ``[B, Hq, D]``. kv_cache: vLLM's ``(NB, H, bs, 2D)`` view over padded
+            pages. block_table: ``[>=B, max_blocks]`` int. seq_lens: ``[>=B]`` int
+            (0: padded row, output zero). headers: ``[NB, HDR_WORDS]`` int32.
+            sink_end: first clustered token. scale: softmax scale.
+        out: ``[B, Hq, D]`` (any float dtype), written in full; allocated (query's
+            dtype) if None.
+        workspace: a :class:`DecodeWorkspace` (created if None, which a CUDA graph
+            must not do: pass a persistent one there).
+        count_stats: add the call's statistics to ``workspace.stats`` (rows with an
+            index, rows without, tokens read exactly, estimated, in context).
+    Returns ``out``.
+    """
+    b, hq, d = query.shape
+    if out is None:
+        out = torch.empty(b, hq, d, dtype=query.dtype, device=query.device)
+    if uses_triton(query):
+        if workspace is None:
+            h = layout.num_kv_heads
+            workspace = DecodeWorkspace(kv_cache.shape[0], h, hq // h, d, max(1, b),
+                                        query.device)
+        return paged_decode_attention_triton(query, kv_cache, layout, block_table, seq_lens,
+                                             headers, sink_end, scale, out, workspace,
+                                             count_stats)
+    o, st = reference.paged_decode_attention(query[:b], kv_cache, layout, block_table[:b],
+                                             seq_lens[:b], headers, sink_end, scale)
+    out.copy_(o)
+    if count_stats and workspace is not None:
+        lens = seq_lens[:b].cpu()
+        idx = headers[block_table[:b, 0].long().cpu(), 0].cpu() > 0
+        live = lens > 0
+        add = torch.tensor([int((live & idx).sum()), int((live & ~idx).sum()),
+                            int(st[:, 0].sum()), int(st[:, 1].sum()), int(st[:, 2].sum())],
+                           dtype=torch.int64)
+        workspace.stats += add.to(workspace.stats.device)
+    return out

@@ -1,0 +1,851 @@
+"""Triton decode attention over the paged wave index (the GPU twin of
+:func:`vllm_retro.kernels.reference.paged_decode_attention`).
+
+Role: one decode step of one layer for a batch of ragged rows, inside a CUDA graph.
+Every launch has a grid that depends only on the batch size ``B`` and the model's
+shape (``H`` KV heads, ``G`` query heads per KV head, head size ``D``), never on
+context lengths or header contents, and the call allocates nothing: the graph is
+captured once and replayed for any contexts. Rows are independent; each reads its
+own header (``headers[block_table[r, 0]]``) and context length.
+
+Launch sequence (``NS = workspace.nsplit(B)`` programs per (row, KV head); a row's
+``C`` cluster entries are cut into ``NS`` contiguous ranges where a kernel works
+by range):
+
+1. ``_score_kernel`` ``(B*H, NS)``: the log-mass of every cluster entry for the
+   ``G`` query heads (``[G, chunk]`` tiles, centroid and key variance read once),
+   stored block-addressed in ``workspace.logits``, and each program's partial
+   max / sum-exp per query head. Zeroes the row-head's histogram.
+2. ``_key_kernel`` ``(B*H, NS)``: the per-query-head log-sum-exp from the partials;
+   each entry's ranking score ``sum_g exp(logit - lse_g)`` stored as its float bit
+   pattern (an int32 key that sorts like the score, scores being >= 0); a histogram
+   of a fine log-scale digit of the keys (atomically summed per row-head).
+3. ``_cand_kernel`` ``(B*H, NS)``: exact selection, part 1. From the histogram every
+   program knows the buckets of the two thresholds (the ``n_retrieve``-th and the
+   ``(n_retrieve + n_estimate)``-th largest key); it appends its range's keys in
+   those buckets, with their entry index, to two candidate lists (atomically
+   reserved positions: their order does not matter) and counts its keys above the
+   buckets. The last program of the row-head to finish (atomic ticket) finds both
+   threshold keys by a 4-bits-at-a-time counting search over the candidates, and
+   how many keys equal to each are taken (ties go to the lower entry index, as the
+   twin's stable descending argsort).
+4. ``_collect_kernel`` ``(B*H, NS)``: each range derives its offsets in the
+   selection lists from the lower ranges' counts and candidates, then writes its
+   retrieved clusters (first permutation position, size) and estimated clusters
+   (physical block) to the lists, in entry order; statistics.
+5. ``_attend_kernel`` ``(B*H, NS)``: program ``p`` attends the work items congruent
+   to ``p`` mod ``NS`` of three kinds (steady-zone tokens; tokens of the retrieved
+   clusters: permutation entry -> token position -> the row's block table -> K/V
+   slot; estimated clusters as pseudo-tokens with their log-mass over their mean
+   value), one online softmax in fp32 for all ``G`` query heads of the KV head; the
+   last program of the row-head to finish merges the ``NS`` partials into ``out``
+   (in ``out``'s dtype; zeros for rows without context).
+
+"Last program" hand-offs: each program writes its part, passes a CTA barrier and
+takes a ticket with an acq_rel atomic at GPU scope; the program drawing the last
+ticket reads the others' parts (L1-bypassing loads) and resets the ticket. No
+program ever waits for another, so any grid size is safe.
+
+Scratch whose size depends on the context lives at block-table addresses of the
+row's own clustered zone (``[num_blocks, ...]`` buffers), so it is bounded by the KV
+cache and never by ``max_rows * max_model_len``: the logits of cluster entry ``i``
+at ``logits[bt[r, S/bs + i], h, :]``; the key of entry ``i`` and list entry ``k``
+packed 16 to a block at ``keys[bt[r, S/bs + i // 16], h, i % 16]`` and
+``lists[bt[r, S/bs + k // 16], h, 2 (k % 16) + {0, 1}]`` (candidate list entries
+likewise in ``cands``).
+
+Precision: fp32 accumulation everywhere. With 16-bit caches on the GPU the matrix
+products run on 16-bit tensor cores with the fp32 operand (query, squared query,
+probabilities) split into a high and a low 16-bit part (about 16 significant bits,
+as exact as the bf16 data); fp32 caches (and the interpreter) use fp32 products.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..attention import VARIANCE_CORRECTION_CAP
+from ..index.paged import HDR_CLUSTERED_END, HDR_N_ESTIMATE, HDR_N_RETRIEVE, PagedIndexLayout
+
+# Globals read inside kernels must be constexpr objects.
+_NEG_INF = tl.constexpr(float("-inf"))
+_INT_MAX = tl.constexpr(2147483647)
+_HDR_CE = tl.constexpr(HDR_CLUSTERED_END)
+_HDR_NR = tl.constexpr(HDR_N_RETRIEVE)
+_HDR_NE = tl.constexpr(HDR_N_ESTIMATE)
+
+PACK = 16              # selection keys / list entries per block-table lookup
+LIST_WORDS = 2 * PACK  # int32 words per (block, head) in DecodeWorkspace.lists
+CAND_WORDS = 4 * PACK  # ... in DecodeWorkspace.cands (two lists of (key, entry) pairs)
+CAND_WORDS_C = tl.constexpr(CAND_WORDS)
+SUB_BITS = 5           # the histogram digit resolves 1/32 of a binade ...
+WINDOW_BINADES = 16    # ... over 16 binades around the mean score (edges clamp)
+NBINS = WINDOW_BINADES << SUB_BITS
+
+# Launch meta-parameters (tile sizes in entries / tokens, warps, pipeline stages),
+# measured on an H200 (Llama-3-8B shape, bf16 cache): TUNE for batches of more than
+# SMALL_BATCH rows, updated by TUNE_SMALL_BATCH for smaller ones (few programs: larger
+# tiles pay; many programs: occupancy pays). A benchmark may override them.
+TUNE = {
+    "score": dict(CH=64, num_warps=4, num_stages=2),
+    "key": dict(CHE=256, num_warps=4),
+    # CB: threshold buckets up to CB keys are searched in registers, larger in chunks
+    "cand": dict(RB=256, CB=512, num_warps=8),
+    "collect": dict(RB=256, CB=1024, num_warps=4),
+    "attend": dict(TS=32, RG=8, TR=32, TE=32, num_warps=4, num_stages=2),
+}
+SMALL_BATCH = 2
+TUNE_SMALL_BATCH = {
+    "score": dict(CH=128, num_warps=8, num_stages=2),
+    "attend": dict(TS=128, TE=64),
+}
+
+
+def _tune(kernel: str, num_rows: int) -> dict:
+    cfg = dict(TUNE[kernel])
+    if num_rows <= SMALL_BATCH:
+        cfg.update(TUNE_SMALL_BATCH.get(kernel, {}))
+    return cfg
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class DecodeWorkspace:
+    """Persistent scratch of :func:`paged_decode_attention_triton`, allocated once.
+
+    The tensors never change address (CUDA graphs captured once read them); one
+    workspace serves every layer (each call rewrites what it reads). Block-addressed
+    (bounded by the KV cache, see the module doc):
+
+    * ``logits`` ``[num_blocks, H, G]`` fp32: cluster log-masses;
+    * ``keys`` ``[num_blocks, H, 16]`` int32: selection keys, 16 entries per block;
+    * ``cands`` ``[num_blocks, H, 64]`` int32: the two threshold candidate lists,
+      (key, entry index) pairs, words 0-31 and 32-63;
+    * ``lists`` ``[num_blocks, H, 32]`` int32: the selection lists (retrieved:
+      first permutation position, size; estimated: physical block, size).
+
+    Per (row, KV head), sized by ``max_rows``: ``hist`` ``[max_rows*H, NBINS]``,
+    ``ncand`` ``[max_rows*H, 2]`` (candidates per list), ``counts`` ``[max_rows*H,
+    2]`` (retrieved, estimated), ``sel`` ``[max_rows*H, 4]`` (threshold keys and ties
+    taken), ``ranges`` ``[max_rows*H, NSP, 2]`` (per range: keys above each bucket),
+    ``tickets`` ``[2, max_rows*H]`` (zero between calls), the score partials
+    ``score_max`` / ``score_sum`` ``[max_rows*H, NSP, GP]`` and the attention partials
+    ``part_o`` / ``part_m`` / ``part_l`` (``B * nsplit(B) * H * G`` rows of ``D`` / 1
+    values, sized for the worst ``B <= max_rows``).
+
+    ``stats`` int64 ``[5]``: rows with an index, rows without one, tokens read
+    exactly, tokens estimated, context tokens (token counts summed over KV heads).
+    Calls with ``count_stats`` add to it; the owner reads and zeroes it.
+    """
+
+    def __init__(self, num_blocks: int, num_kv_heads: int, group_size: int,
+                 head_dim: int, max_rows: int, device, *, max_split: int = 0,
+                 num_sms: int = 0):
+        dev = torch.device(device)
+        self.device = dev
+        self.num_blocks = int(num_blocks)
+        self.num_kv_heads = h = int(num_kv_heads)
+        self.group_size = g = int(group_size)
+        self.head_dim = d = int(head_dim)
+        self.max_rows = int(max_rows)
+        self.gp = max(16, _next_pow2(g))   # tl.dot needs >= 16 rows
+        if not num_sms:
+            num_sms = (torch.cuda.get_device_properties(dev).multi_processor_count
+                       if dev.type == "cuda" else 132)
+        if not max_split:
+            # The interpreter runs programs one by one: keep the grids small there.
+            max_split = 4 if interpreting() else 32
+        self.max_split = int(max_split)
+        self.ns_pow2 = _next_pow2(self.max_split)
+        # Two programs per SM hide the latency of the dependent gathers.
+        self.target_programs = 2 * int(num_sms)
+        cap = max(b * self.nsplit(b) for b in range(1, self.max_rows + 1))
+        rows = self.max_rows * h
+        f32, i32 = torch.float32, torch.int32
+        nb, nsp = self.num_blocks, self.ns_pow2
+        self.logits = torch.zeros(nb, h, g, dtype=f32, device=dev)
+        self.keys = torch.zeros(nb, h, PACK, dtype=i32, device=dev)
+        self.lists = torch.zeros(nb, h, LIST_WORDS, dtype=i32, device=dev)
+        self.cands = torch.zeros(nb, h, CAND_WORDS, dtype=i32, device=dev)
+        self.hist = torch.zeros(rows, NBINS, dtype=i32, device=dev)
+        self.ncand = torch.zeros(rows, 2, dtype=i32, device=dev)
+        self.counts = torch.zeros(rows, 2, dtype=i32, device=dev)
+        self.sel = torch.zeros(rows, 4, dtype=i32, device=dev)
+        self.ranges = torch.zeros(rows, nsp, 2, dtype=i32, device=dev)
+        self.tickets = torch.zeros(2, rows, dtype=i32, device=dev)
+        self.score_max = torch.zeros(rows, nsp, self.gp, dtype=f32, device=dev)
+        self.score_sum = torch.zeros(rows, nsp, self.gp, dtype=f32, device=dev)
+        self.part_o = torch.zeros(cap * h * g * d, dtype=f32, device=dev)
+        self.part_m = torch.zeros(cap * h * g, dtype=f32, device=dev)
+        self.part_l = torch.zeros(cap * h * g, dtype=f32, device=dev)
+        self.stats = torch.zeros(5, dtype=torch.int64, device=dev)
+        self._views: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def nsplit(self, num_rows: int) -> int:
+        """Programs per (row, KV head) for a batch of ``num_rows``: enough to fill the
+        GPU at small batches, one at large ones (a function of the batch size only,
+        so a captured graph's grids hold for any contexts)."""
+        want = -(-self.target_programs // (max(1, num_rows) * self.num_kv_heads))
+        return max(1, min(self.max_split, want))
+
+    def views(self, layout: PagedIndexLayout, kv_cache: torch.Tensor):
+        """``layout.views(kv_cache)``, cached per cache tensor (one per layer)."""
+        key = (kv_cache.data_ptr(), tuple(kv_cache.shape), tuple(kv_cache.stride()),
+               kv_cache.dtype)
+        v = self._views.get(key)
+        if v is None:
+            v = self._views[key] = layout.views(kv_cache)
+        return v
+
+
+# ------------------------------------------------------------------ helpers
+@triton.jit
+def _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS: tl.constexpr):
+    """Context length, block-table row, first block, clustered_end (0: no index or
+    no context) and number of cluster entries of row ``r``."""
+    L = tl.load(seq_ptr + r).to(tl.int32)
+    bt_row = bt_ptr + r.to(tl.int64) * bt_s0
+    blk0 = tl.load(bt_row).to(tl.int64)
+    E = tl.load(hdr_ptr + blk0 * hdr_s0 + _HDR_CE)
+    E = tl.where(L > 0, E, 0)
+    C = tl.maximum(E // BS - SB, 0)
+    return L, bt_row, blk0, E, C
+
+
+@triton.jit
+def _budget(hdr_ptr, hdr_s0, blk0, C):
+    """(retrieved, estimated) clusters, clamped as the twin clamps them."""
+    nr = tl.load(hdr_ptr + blk0 * hdr_s0 + _HDR_NR)
+    ne = tl.load(hdr_ptr + blk0 * hdr_s0 + _HDR_NE)
+    n_ret = tl.maximum(tl.minimum(C, nr), 0)
+    n_est = tl.maximum(tl.minimum(C - n_ret, ne), 0)
+    return n_ret, n_est
+
+
+@triton.jit
+def _range(C, p, NS, PK: tl.constexpr):
+    """Entry range [lo, hi) of program p: whole packs, contiguous, NS ranges."""
+    per = (C + PK - 1) // PK
+    per = (per + NS - 1) // NS * PK
+    lo = p * per
+    return lo, tl.minimum(C, lo + per), per
+
+
+@triton.jit
+def _digit(key, mean_bits, SUB: tl.constexpr, NB: tl.constexpr, WIN: tl.constexpr):
+    """Histogram bin of a key: 1/2^SUB binade steps over WIN binades centred on the
+    mean score's binade; monotone in the key (out-of-window keys clamp to the ends)."""
+    lo = ((mean_bits >> 23) - WIN // 2) << SUB
+    return tl.minimum(tl.maximum((key >> (23 - SUB)) - lo, 0), NB - 1)
+
+
+@triton.jit
+def _mean_bits(C, G: tl.constexpr):
+    return (G / tl.maximum(C, 1).to(tl.float32)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _bucket(hist, bins, total, k):
+    """Bin holding the k-th largest key, keys above that bin, keys in it."""
+    ge = total - tl.cumsum(hist, 0) + hist
+    b = tl.maximum(tl.max(tl.where(ge >= k, bins, -1), 0), 0)
+    above = tl.sum(tl.where(bins > b, hist, 0), 0)
+    inside = tl.sum(tl.where(bins == b, hist, 0), 0)
+    return b, above, inside
+
+
+@triton.jit
+def _packed(base_ptr, bt_row, SB, h, pos, mask, H: tl.constexpr, W: tl.constexpr,
+            PK: tl.constexpr, SLOT: tl.constexpr):
+    """Address of item ``pos`` of a row-head list packed PK items (SLOT words each)
+    to a block-table block (W words per block and head)."""
+    lb = tl.load(bt_row + SB + pos // PK, mask=mask, other=0).to(tl.int64)
+    return base_ptr + lb * (H * W) + h * W + (pos % PK) * SLOT
+
+
+@triton.jit
+def _dot(a, b, NATIVE: tl.constexpr, PREC: tl.constexpr):
+    """``a [M, K]`` fp32 @ ``b [K, N]`` (the cache's dtype), fp32 result. NATIVE: two
+    16-bit tensor-core products with ``a`` split into high and low parts (about 16
+    significant bits of ``a``; ``b`` is exact); else an fp32 product."""
+    if NATIVE:
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        return tl.dot(lo, b, acc=tl.dot(hi, b))
+    else:
+        return tl.dot(a, b.to(tl.float32), input_precision=PREC)
+
+
+# ------------------------------------------------------------------ 1. scores
+@triton.jit
+def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
+                  ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, seq_ptr, hdr_ptr, hdr_s0,
+                  lg_ptr, pm_ptr, ps_ptr, hist_ptr, ncand_ptr, scale, SB, NS,
+                  H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                  DP: tl.constexpr, BS: tl.constexpr, NSP: tl.constexpr,
+                  CH: tl.constexpr, NB: tl.constexpr, CAP: tl.constexpr,
+                  NATIVE: tl.constexpr, PREC: tl.constexpr):
+    """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc)."""
+    rh = tl.program_id(0)
+    p = tl.program_id(1)
+    r = rh // H
+    h = rh % H
+    if p == 0:
+        # Later kernels accumulate into these; zeroed here so every call starts clean.
+        tl.store(hist_ptr + rh * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
+        tl.store(ncand_ptr + rh * 2 + tl.arange(0, 2), tl.zeros([2], tl.int32))
+    L, bt_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    gm = g < G
+    dm = d < D
+    q = tl.load(q_ptr + r.to(tl.int64) * q_sb + (h * G + g)[:, None] * q_sh + d[None, :] * q_sd,
+                mask=gm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    qq = q * q
+    m_run = tl.full([GP], _NEG_INF, tl.float32)
+    s_run = tl.zeros([GP], tl.float32)
+    n_mine = tl.maximum(C - p + NS - 1, 0) // NS
+    for m0 in range(0, n_mine, CH):
+        i = p + NS * (m0 + tl.arange(0, CH))
+        valid = i < C
+        blk = tl.load(bt_row + SB + i, mask=valid, other=0).to(tl.int64)
+        fb = fp_ptr + blk * fp_s0 + h * fp_s1
+        cm = valid[:, None] & dm[None, :]
+        cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
+        var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
+        size = tl.load(ip_ptr + blk * ip_s0 + h * ip_s1 + BS, mask=valid, other=0)
+        qc = _dot(q, tl.trans(cen), NATIVE, PREC)
+        qv = _dot(qq, tl.trans(var), NATIVE, PREC)
+        # Same operation order as the twin: s q.c + ln size + min(s^2/2 q^2.var, CAP).
+        lg = qc * scale + tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
+        lg = lg + tl.minimum(qv * (0.5 * scale * scale), CAP)
+        lg = tl.where((valid & (size > 0))[None, :], lg, _NEG_INF)
+        tl.store(lg_ptr + blk[None, :] * (H * G) + h * G + g[:, None], lg,
+                 mask=gm[:, None] & valid[None, :])
+        m_new = tl.maximum(m_run, tl.max(lg, 1))
+        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
+        s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
+        m_run = m_new
+    tl.store(pm_ptr + (rh * NSP + p) * GP + g, m_run)
+    tl.store(ps_ptr + (rh * NSP + p) * GP + g, s_run)
+
+
+# ------------------------------------------------------------------ 2. keys
+@triton.jit
+def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, seq_ptr,
+                hdr_ptr, hdr_s0, SB, NS,
+                H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
+                NSP: tl.constexpr, CHE: tl.constexpr, NB: tl.constexpr,
+                SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr):
+    """Program (row*H + head, p): keys of the entries of range p and their digit
+    histogram, added atomically to the row-head's histogram."""
+    rh = tl.program_id(0)
+    p = tl.program_id(1)
+    r = rh // H
+    h = rh % H
+    L, bt_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS)
+    g = tl.arange(0, GP)
+    gm = g < G
+    sp = tl.arange(0, NSP)
+    pofs = (rh * NSP + sp)[:, None] * GP + g[None, :]
+    # (Scalar conditions enter masks as bounds: the interpreter mishandles vec & scalar.)
+    pmask = (sp < tl.where(C > 0, NS, 0))[:, None] & (g >= 0)[None, :]
+    pm = tl.load(pm_ptr + pofs, mask=pmask, other=_NEG_INF)
+    ps = tl.load(ps_ptr + pofs, mask=pmask, other=0.0)
+    mx = tl.max(pm, 0)
+    mx_safe = tl.where(mx == _NEG_INF, 0.0, mx)
+    tot = tl.sum(ps * tl.exp(pm - mx_safe[None, :]), 0)
+    # lse = -inf when a query head has no non-empty entry: its scores are 0 (the
+    # twin's nan_to_num of an all -inf softmax).
+    has = tot > 0
+    lse = mx_safe + tl.log(tl.where(has, tot, 1.0))
+    mean_bits = _mean_bits(C, G)
+    lo, hi, per = _range(C, p, NS, PK)
+    hist = tl.zeros([NB], tl.int32)
+    bad = tl.zeros([CHE], tl.int32)
+    for i0 in range(lo, hi, CHE):
+        i = i0 + tl.arange(0, CHE)
+        valid = i < hi
+        eblk = tl.load(bt_row + SB + i, mask=valid, other=0).to(tl.int64)
+        lg = tl.load(lg_ptr + eblk[None, :] * (H * G) + h * G + g[:, None],
+                     mask=gm[:, None] & valid[None, :], other=_NEG_INF)
+        pr = tl.where(has[:, None], tl.exp(lg - lse[:, None]), 0.0)
+        key = tl.sum(pr, 0).to(tl.int32, bitcast=True)   # score >= 0: bits sort as floats
+        tl.store(_packed(keys_ptr, bt_row, SB, h, i, valid, H, PK, PK, 1), key, mask=valid)
+        dg = tl.where(valid, _digit(key, mean_bits, SUB, NB, WIN), 0)
+        hist += tl.histogram(dg, NB)
+        bad += (valid == 0).to(tl.int32)
+    # Masked-out lanes were counted in bin 0.
+    hist -= tl.where(tl.arange(0, NB) == 0, tl.sum(bad, 0), 0)
+    tl.atomic_add(hist_ptr + rh * NB + tl.arange(0, NB), hist, mask=hist > 0)
+
+
+# ------------------------------------------------------------------ 3. thresholds
+@triton.jit
+def _cand_load(cand_ptr, word0, bt_row, SB, h, j, jv, H: tl.constexpr, PK: tl.constexpr):
+    """(key, entry index) of candidates ``j`` of the list at ``word0`` (pairs packed
+    16 to a block: ``cands[bt[r, S/bs + j // 16], h, word0 + 2 (j % 16) + {0, 1}]``)."""
+    a = _packed(cand_ptr + word0, bt_row, SB, h, j, jv, H, CAND_WORDS_C, PK, 2)
+    key = tl.load(a, mask=jv, other=-1, cache_modifier=".cg")
+    idx = tl.load(a + 1, mask=jv, other=0, cache_modifier=".cg")
+    return key, idx
+
+
+@triton.jit
+def _kth_step(thr, key, jv, sh):
+    """Counts of the keys (where ``jv``) >= thr + j * 2^sh for j < 16 (int32: with
+    keys < 2^31, the candidates that wrap negative in the top nibble count 0)."""
+    cand = thr + (tl.arange(0, 16) << sh)
+    cnt = tl.sum(((key[:, None] >= cand[None, :]) & jv[:, None]).to(tl.int32), 0)
+    return tl.where(cand < 0, 0, cnt)
+
+
+@triton.jit
+def _kth2(k1, v1, rem1, k2, v2, rem2):
+    """The ``rem``-th largest (1-based) of the keys (>= 0) where ``v``, for two key
+    sets at once: the largest t with #{key >= t} >= rem, built 4 bits at a time (a
+    short loop instead of a sort: one program runs it, so code size and latency
+    matter). Garbage for rem <= 0."""
+    t1 = rem1 * 0
+    t2 = t1
+    j16 = tl.arange(0, 16)
+    for nib in range(0, 8):
+        sh = 28 - 4 * nib
+        c1 = _kth_step(t1, k1, v1, sh)
+        c2 = _kth_step(t2, k2, v2, sh)
+        t1 = t1 + (tl.max(tl.where(c1 >= rem1, j16, 0), 0) << sh)
+        t2 = t2 + (tl.max(tl.where(c2 >= rem2, j16, 0), 0) << sh)
+    return t1, t2
+
+
+@triton.jit
+def _kth_chunks(cand_ptr, word0, bt_row, SB, h, n, rem, H: tl.constexpr,
+                PK: tl.constexpr, CB: tl.constexpr):
+    """:func:`_kth2` for one list of ``n > CB`` candidates read in chunks (buckets
+    this large only come from nearly flat score distributions)."""
+    thr = rem * 0
+    j16 = tl.arange(0, 16)
+    for nib in range(0, 8):
+        sh = 28 - 4 * nib
+        cnt = tl.zeros([16], tl.int32)
+        for j0 in range(0, n, CB):
+            jj = j0 + tl.arange(0, CB)
+            jv = jj < n
+            kk, ii = _cand_load(cand_ptr, word0, bt_row, SB, h, jj, jv, H, PK)
+            cnt += _kth_step(thr, kk, jv, sh)
+        thr = thr + (tl.max(tl.where(cnt >= rem, j16, 0), 0) << sh)
+    return thr
+
+
+@triton.jit
+def _count_chunks(cand_ptr, word0, bt_row, SB, h, n, thr, lo, H: tl.constexpr,
+                  PK: tl.constexpr, CB: tl.constexpr):
+    """Candidates with key > thr, and with key == thr and entry index < lo."""
+    gt = lo * 0
+    eq = gt
+    for j0 in range(0, n, CB):
+        jj = j0 + tl.arange(0, CB)
+        jv = jj < n
+        kk, ii = _cand_load(cand_ptr, word0, bt_row, SB, h, jj, jv, H, PK)
+        gt += tl.sum((jv & (kk > thr) & (ii < lo)).to(tl.int32), 0)
+        eq += tl.sum((jv & (kk == thr) & (ii < lo)).to(tl.int32), 0)
+    return gt, eq
+
+
+@triton.jit
+def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_ptr,
+                 tick_ptr, bt_ptr, bt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, NS,
+                 H: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr,
+                 NB: tl.constexpr, SUB: tl.constexpr, WIN: tl.constexpr,
+                 PK: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr):
+    """Program (row*H + head, p): the keys of range p in the thresholds' histogram
+    buckets go to two candidate lists (positions reserved atomically: their order
+    does not matter), and the keys above the buckets are counted; the last program
+    of the row-head finds both threshold keys and the ties taken at each."""
+    rh = tl.program_id(0)
+    p = tl.program_id(1)
+    r = rh // H
+    h = rh % H
+    L, bt_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS)
+    n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
+    k1 = n_ret
+    k2 = n_ret + n_est
+    use1 = k1 > 0
+    use2 = k2 > k1
+    bins = tl.arange(0, NB)
+    hist = tl.load(hist_ptr + rh * NB + bins)
+    b1, above1, n1 = _bucket(hist, bins, C, k1)
+    b2, above2, n2 = _bucket(hist, bins, C, k2)
+    share = use1 & use2 & (b1 == b2)     # one bucket holds both thresholds: one list
+    mean_bits = _mean_bits(C, G)
+    lo, hi, per = _range(C, p, NS, PK)
+    a1 = lo * 0
+    a2 = a1
+    for i0 in range(lo, hi, RB):
+        i = i0 + tl.arange(0, RB)
+        valid = i < hi
+        key = tl.load(_packed(keys_ptr, bt_row, SB, h, i, valid, H, PK, PK, 1), mask=valid,
+                      other=0)
+        dg = _digit(key, mean_bits, SUB, NB, WIN)
+        f1 = valid & (dg == tl.where(use1, b1, -1))
+        f2 = valid & (dg == tl.where(use2, tl.where(share, -1, b2), -1))
+        m1 = tl.sum(f1.to(tl.int32), 0)
+        m2 = tl.sum(f2.to(tl.int32), 0)
+        o1 = tl.atomic_add(ncand_ptr + rh * 2, m1, mask=m1 > 0, sem="relaxed")
+        o2 = tl.atomic_add(ncand_ptr + rh * 2 + 1, m2, mask=m2 > 0, sem="relaxed")
+        p1 = o1 + tl.cumsum(f1.to(tl.int32), 0) - 1
+        p2 = o2 + tl.cumsum(f2.to(tl.int32), 0) - 1
+        w1 = _packed(cand_ptr, bt_row, SB, h, p1, f1, H, CAND_WORDS_C, PK, 2)
+        tl.store(w1, key, mask=f1)
+        tl.store(w1 + 1, i, mask=f1)
+        w2 = _packed(cand_ptr + 2 * PK, bt_row, SB, h, p2, f2, H, CAND_WORDS_C, PK, 2)
+        tl.store(w2, key, mask=f2)
+        tl.store(w2 + 1, i, mask=f2)
+        a1 += tl.sum((valid & (dg > b1)).to(tl.int32), 0)
+        a2 += tl.sum((valid & (dg > b2)).to(tl.int32), 0)
+    tl.store(rng_ptr + (rh * NSP + p) * 2, a1)
+    tl.store(rng_ptr + (rh * NSP + p) * 2 + 1, a2)
+    tl.debug_barrier()   # every thread's stores precede the release below
+    ticket = tl.atomic_add(tick_ptr + rh, 1, sem="acq_rel", scope="gpu")
+    if ticket == NS - 1:
+        tl.store(tick_ptr + rh, 0)
+        c1 = tl.load(ncand_ptr + rh * 2, cache_modifier=".cg")
+        c2 = tl.where(share, c1, tl.load(ncand_ptr + rh * 2 + 1, cache_modifier=".cg"))
+        w2 = tl.where(share, 0, 2 * PK)
+        rem1 = k1 - above1
+        rem2 = k2 - above2
+        if (c1 <= CB) & (c2 <= CB):
+            # The usual case: buckets of a few dozen to a few hundred keys, in registers.
+            jb = tl.arange(0, CB)
+            x1, i1 = _cand_load(cand_ptr, 0, bt_row, SB, h, jb, jb < c1, H, PK)
+            x2, i2 = _cand_load(cand_ptr, w2, bt_row, SB, h, jb, jb < c2, H, PK)
+            t1, t2 = _kth2(x1, jb < c1, rem1, x2, jb < c2, rem2)
+            g1 = tl.sum(((jb < c1) & (x1 > t1)).to(tl.int32), 0)
+            g2 = tl.sum(((jb < c2) & (x2 > t2)).to(tl.int32), 0)
+        else:
+            t1 = _kth_chunks(cand_ptr, 0, bt_row, SB, h, c1, rem1, H, PK, CB)
+            t2 = _kth_chunks(cand_ptr, w2, bt_row, SB, h, c2, rem2, H, PK, CB)
+            g1, e1 = _count_chunks(cand_ptr, 0, bt_row, SB, h, c1, t1, C, H, PK, CB)
+            g2, e2 = _count_chunks(cand_ptr, w2, bt_row, SB, h, c2, t2, C, H, PK, CB)
+        # Keys equal to a threshold inside the top k: rem minus the candidates above.
+        tl.store(sel_ptr + rh * 4 + 0, tl.where(use1, t1, _INT_MAX))
+        tl.store(sel_ptr + rh * 4 + 1, tl.where(use1, rem1 - g1, 0))
+        tl.store(sel_ptr + rh * 4 + 2, tl.where(use2, t2, _INT_MAX))
+        tl.store(sel_ptr + rh * 4 + 3, tl.where(use2, rem2 - g2, 0))
+        tl.store(cnt_ptr + rh * 2, n_ret)
+        tl.store(cnt_ptr + rh * 2 + 1, n_est)
+
+
+# ------------------------------------------------------------------ 4. lists
+@triton.jit
+def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stats_ptr,
+                    ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, S, NS,
+                    H: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr, PK: tl.constexpr,
+                    LW: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
+                    COUNT_STATS: tl.constexpr):
+    """Program (row*H + head, p): the selected entries of range p, in entry order,
+    into the lists: top k1 -> retrieved, next k2 - k1 -> estimated. The range's list
+    offsets come from the keys of lower ranges: those above the buckets (counted by
+    the candidate kernel) and the candidates above / equal to the thresholds."""
+    rh = tl.program_id(0)
+    p = tl.program_id(1)
+    r = rh // H
+    h = rh % H
+    L, bt_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS)
+    n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
+    k1 = n_ret
+    use2 = n_est > 0
+    lo, hi, per = _range(C, p, NS, PK)
+    t1 = tl.load(sel_ptr + rh * 4 + 0)
+    need1 = tl.load(sel_ptr + rh * 4 + 1)
+    t2 = tl.load(sel_ptr + rh * 4 + 2)
+    need2 = tl.load(sel_ptr + rh * 4 + 3)
+    sp = tl.arange(0, NSP)
+    lower = sp < tl.where(C > 0, p, 0)
+    a1 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 2, mask=lower, other=0), 0)
+    a2 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 2 + 1, mask=lower, other=0), 0)
+    c1 = tl.load(ncand_ptr + rh * 2)
+    c2 = tl.load(ncand_ptr + rh * 2 + 1)
+    # No second list while the second threshold is in use: both share the first one.
+    w2 = tl.where(c2 == 0, 0, 2 * PK)
+    c2 = tl.where(c2 == 0, c1, c2)
+    g1, e1 = _count_chunks(cand_ptr, 0, bt_row, SB, h, c1, t1, lo, H, PK, CB)
+    g2, e2 = _count_chunks(cand_ptr, w2, bt_row, SB, h, c2, t2, lo, H, PK, CB)
+    rc = a1 + g1 + tl.minimum(need1, e1)     # list position of this range's first retrieved
+    in2 = a2 + g2 + tl.minimum(need2, e2)
+    ec = k1 + tl.where(use2, in2 - rc, 0)    # ... and first estimated entry
+    ret_tok = lo * 0
+    est_tok = ret_tok
+    for i0 in range(lo, hi, RB):
+        i = i0 + tl.arange(0, RB)
+        valid = i < hi
+        key = tl.load(_packed(keys_ptr, bt_row, SB, h, i, valid, H, PK, PK, 1), mask=valid,
+                      other=-1)
+        eq1 = valid & (key == t1)
+        eq2 = valid & (key == t2)
+        r1 = e1 + tl.cumsum(eq1.to(tl.int32), 0) - 1
+        r2 = e2 + tl.cumsum(eq2.to(tl.int32), 0) - 1
+        in1 = valid & ((key > t1) | (eq1 & (r1 < need1)))
+        inb = valid & ((key > t2) | (eq2 & (r2 < need2)))
+        ret = in1
+        est = inb & (in1 == 0)
+        sel = ret | est
+        lp = tl.where(ret, rc + tl.cumsum(ret.to(tl.int32), 0) - 1,
+                      ec + tl.cumsum(est.to(tl.int32), 0) - 1)
+        eb = tl.load(bt_row + SB + i, mask=sel, other=0).to(tl.int64)
+        ib = ip_ptr + eb * ip_s0 + h * ip_s1
+        size = tl.load(ib + BS, mask=sel, other=0)
+        start = tl.load(ib + BS + 1, mask=ret, other=0)
+        la = _packed(lists_ptr, bt_row, SB, h, lp, sel, H, LW, PK, 2)
+        tl.store(la, tl.where(ret, start, eb.to(tl.int32)), mask=sel)
+        tl.store(la + 1, size, mask=sel)
+        rc += tl.sum(ret.to(tl.int32), 0)
+        ec += tl.sum(est.to(tl.int32), 0)
+        e1 += tl.sum(eq1.to(tl.int32), 0)
+        e2 += tl.sum(eq2.to(tl.int32), 0)
+        ret_tok += tl.sum(tl.where(ret, size, 0), 0)
+        est_tok += tl.sum(tl.where(est, size, 0), 0)
+    if COUNT_STATS:
+        if L > 0:
+            indexed = E > 0
+            exact = ret_tok
+            if p == 0:
+                exact += tl.where(indexed, S + L - E, L)
+                tl.atomic_add(stats_ptr + 4, L.to(tl.int64))
+                if h == 0:
+                    tl.atomic_add(stats_ptr + tl.where(indexed, 0, 1),
+                                  (ret_tok * 0 + 1).to(tl.int64))
+            tl.atomic_add(stats_ptr + 2, exact.to(tl.int64))
+            tl.atomic_add(stats_ptr + 3, est_tok.to(tl.int64))
+
+
+# ------------------------------------------------------------------ 5. attention
+@triton.jit
+def _online(m_i, l_i, acc, s, v, NATIVE: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step: logits ``s [GP, T]`` over values ``v [T, DP]``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)   # all -inf so far: stay at 0
+    alpha = tl.exp(m_i - m_safe)
+    pr = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(pr, 1)
+    acc = acc * alpha[:, None] + _dot(pr, v, NATIVE, PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_tokens(q, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, valid, h, m_i, l_i, acc,
+                   scale, D: tl.constexpr, DP: tl.constexpr, NATIVE: tl.constexpr,
+                   PREC: tl.constexpr):
+    """Exact attention step over the tokens at (physical block, offset) ``[T]``."""
+    d = tl.arange(0, DP)
+    base = kv_ptr + blk * kv_s0 + h * kv_s1 + off.to(tl.int64) * kv_s2
+    lm = valid[:, None] & (d < D)[None, :]
+    k = tl.load(base[:, None] + d[None, :] * kv_s3, mask=lm, other=0.0)
+    v = tl.load(base[:, None] + (D + d[None, :]) * kv_s3, mask=lm, other=0.0)
+    s = _dot(q, tl.trans(k), NATIVE, PREC) * scale
+    s = tl.where(valid[None, :], s, _NEG_INF)
+    return _online(m_i, l_i, acc, s, v, NATIVE, PREC)
+
+
+@triton.jit
+def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
+                   fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3, ip_ptr, ip_s0, ip_s1,
+                   bt_ptr, bt_s0, seq_ptr, hdr_ptr, hdr_s0, lg_ptr, lists_ptr, cnt_ptr,
+                   po_ptr, pm_ptr, pl_ptr, tick_ptr, out_ptr, o_sb, o_sh, o_sd,
+                   scale, SB, S, NS,
+                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr,
+                   D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
+                   RG: tl.constexpr, TR: tl.constexpr, TE: tl.constexpr,
+                   PK: tl.constexpr, LW: tl.constexpr, NSP: tl.constexpr,
+                   NATIVE: tl.constexpr, PREC: tl.constexpr):
+    """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
+    the retrieved clusters and the estimated clusters -> one partial softmax; the
+    last program of the row-head merges the partials into ``out``."""
+    rh = tl.program_id(0)
+    p = tl.program_id(1)
+    r = rh // H
+    h = rh % H
+    L, bt_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS)
+    indexed = E > 0
+    n_steady = tl.where(indexed, S + L - E, L)
+    split = tl.where(indexed, S, L)      # steady index j >= split lies at E + j - split
+    n_ret = tl.where(indexed, tl.load(cnt_ptr + rh * 2), 0)
+    n_est = tl.where(indexed, tl.load(cnt_ptr + rh * 2 + 1), 0)
+
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    gm = g < G
+    dm = d < D
+    q = tl.load(q_ptr + r.to(tl.int64) * q_sb + (h * G + g)[:, None] * q_sh + d[None, :] * q_sd,
+                mask=gm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    m_i = tl.full([GP], _NEG_INF, tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+
+    # Steady zone: tokens j = p, p + NS, ... of [0, sink_end) + [clustered_end, L).
+    n_mine = tl.maximum(n_steady - p + NS - 1, 0) // NS
+    for m0 in range(0, n_mine, TS):
+        j = p + NS * (m0 + tl.arange(0, TS))
+        valid = j < n_steady
+        pos = tl.where(j < split, j, j - split + E)
+        blk = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
+        m_i, l_i, acc = _attend_tokens(q, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, pos % BS,
+                                       valid, h, m_i, l_i, acc, scale, D, DP, NATIVE, PREC)
+
+    # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
+    # concatenated and attended TR at a time through the permutation.
+    n_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
+    for m0 in range(0, n_mine, RG):
+        k = p + NS * (m0 + tl.arange(0, RG))
+        kv_ok = k < n_ret
+        la = _packed(lists_ptr, bt_row, SB, h, k, kv_ok, H, LW, PK, 2)
+        start = tl.load(la, mask=kv_ok, other=0)
+        size = tl.load(la + 1, mask=kv_ok, other=0)
+        end = tl.cumsum(size, 0)
+        beg = end - size
+        total = tl.sum(size, 0)
+        for t0 in range(0, total, TR):
+            t = t0 + tl.arange(0, TR)
+            inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
+            ppos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
+            valid = (t < total) & (ppos >= S) & (ppos < E)
+            pb = tl.load(bt_row + ppos // BS, mask=valid, other=0).to(tl.int64)
+            # The permutation holds token positions: the K/V slot comes from this
+            # row's own block table (bounds-checked, so no index byte can make a
+            # row read outside its context).
+            tok = tl.load(ip_ptr + pb * ip_s0 + h * ip_s1 + ppos % BS, mask=valid, other=0)
+            valid = valid & (tok >= 0) & (tok < L)
+            kb = tl.load(bt_row + tok // BS, mask=valid, other=0).to(tl.int64)
+            m_i, l_i, acc = _attend_tokens(q, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, kb,
+                                           tok % BS, valid, h, m_i, l_i, acc, scale, D, DP,
+                                           NATIVE, PREC)
+
+    # Estimated clusters: log-mass (from the score kernel) over the mean value.
+    n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
+    for m0 in range(0, n_mine, TE):
+        k = n_ret + p + NS * (m0 + tl.arange(0, TE))
+        valid = k < n_ret + n_est
+        eb = tl.load(_packed(lists_ptr, bt_row, SB, h, k, valid, H, LW, PK, 2),
+                     mask=valid, other=0).to(tl.int64)
+        s = tl.load(lg_ptr + eb[None, :] * (H * G) + h * G + g[:, None],
+                    mask=gm[:, None] & valid[None, :], other=_NEG_INF)
+        v = tl.load(fp_ptr + eb[:, None] * fp_s0 + h * fp_s1 + 2 * fp_s2 + d[None, :] * fp_s3,
+                    mask=valid[:, None] & dm[None, :], other=0.0)
+        m_i, l_i, acc = _online(m_i, l_i, acc, s, v, NATIVE, PREC)
+
+    row = (rh * NS + p) * G + g
+    tl.store(pm_ptr + row, m_i, mask=gm)
+    tl.store(pl_ptr + row, l_i, mask=gm)
+    tl.store(po_ptr + row[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
+    tl.debug_barrier()   # every thread's stores precede the release below
+    ticket = tl.atomic_add(tick_ptr + rh, 1, sem="acq_rel", scope="gpu")
+    if ticket == NS - 1:
+        # Last program of the row-head: merge the NS partials (0 if all empty).
+        tl.store(tick_ptr + rh, 0)
+        sp = tl.arange(0, NSP)
+        g4 = tl.arange(0, G4)
+        pg = (rh * NS + sp)[:, None] * G + g4[None, :]                     # [NSP, G4]
+        pgm = (sp < NS)[:, None] & (g4 < G)[None, :]
+        m_p = tl.load(pm_ptr + pg, mask=pgm, other=_NEG_INF, cache_modifier=".cg")
+        l_p = tl.load(pl_ptr + pg, mask=pgm, other=0.0, cache_modifier=".cg")
+        mx = tl.max(m_p, 0)
+        w = tl.exp(m_p - tl.where(mx == _NEG_INF, 0.0, mx)[None, :])       # 0 for empty
+        den = tl.sum(w * l_p, 0)
+        den = tl.where(den > 0, den, 0.0)
+        ob = out_ptr + r.to(tl.int64) * o_sb + d * o_sd
+        for gg in tl.static_range(G):
+            # one query head at a time keeps the merge's registers small
+            o_p = tl.load(po_ptr + ((rh * NS + sp) * G + gg)[:, None] * D + d[None, :],
+                          mask=(sp < NS)[:, None] & dm[None, :], other=0.0,
+                          cache_modifier=".cg")
+            wg = tl.sum(tl.where(g4[None, :] == gg, w, 0.0), 1)
+            dg = tl.sum(tl.where(g4 == gg, den, 0.0), 0)
+            res = tl.sum(o_p * wg[:, None], 0) / tl.where(dg > 0, dg, 1.0)
+            tl.store(ob + (h * G + gg) * o_sh, res.to(out_ptr.dtype.element_ty), mask=dm)
+
+
+# --------------------------------------------------------------------- launcher
+def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
+                                  layout: PagedIndexLayout, block_table: torch.Tensor,
+                                  seq_lens: torch.Tensor, headers: torch.Tensor,
+                                  sink_end: int, scale: float, out: torch.Tensor,
+                                  workspace: DecodeWorkspace,
+                                  count_stats: bool = False) -> torch.Tensor:
+    """Tripartite decode attention of ``B`` ragged rows (semantics: the twin
+    :func:`vllm_retro.kernels.reference.paged_decode_attention`); CUDA-graph safe.
+
+    Args:
+        query: ``[B, Hq, D]``. kv_cache: vLLM's ``(NB, H, bs, 2D)`` view over padded
+            pages (any strides). block_table: ``[>=B, max_blocks]`` int (the row of a
+            padded row may be all zeros). seq_lens: ``[>=B]`` int (0: padded row).
+            headers: ``[NB, HDR_WORDS]`` int32. sink_end: first clustered token.
+        out: ``[B, Hq, D]`` in any float dtype, every element written.
+        workspace: scratch for at least ``B`` rows and ``NB`` blocks of this shape.
+        count_stats: add this call's statistics to ``workspace.stats``.
+    Returns ``out``.
+    """
+    b, hq, d = query.shape
+    lay, ws = layout, workspace
+    h, bs = lay.num_kv_heads, lay.block_size
+    g = hq // h
+    if (h, g, d) != (ws.num_kv_heads, ws.group_size, ws.head_dim) or d != lay.head_dim:
+        raise ValueError(f"decode workspace shape (H={ws.num_kv_heads}, G={ws.group_size}, "
+                         f"D={ws.head_dim}) does not match the call (H={h}, G={g}, D={d})")
+    if b > ws.max_rows or kv_cache.shape[0] > ws.num_blocks:
+        raise ValueError(f"decode workspace for {ws.max_rows} rows / {ws.num_blocks} blocks "
+                         f"got {b} rows / {kv_cache.shape[0]} blocks")
+    if sink_end % bs:
+        raise ValueError("sink_end must be a multiple of the block size")
+    if b == 0:
+        return out
+    fpart, ipart = ws.views(lay, kv_cache)
+    ns = ws.nsplit(b)
+    gp, dp, nsp = ws.gp, _next_pow2(d), ws.ns_pow2
+    sb = sink_end // bs
+    # 16-bit caches: split 16-bit tensor-core products (not in the interpreter, whose
+    # 16-bit dot is unreliable); fp32 caches: exact fp32 products.
+    native = kv_cache.dtype in (torch.bfloat16, torch.float16) and not interpreting()
+    prec = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
+    scale = float(scale)
+    common = (block_table, block_table.stride(0), seq_lens, headers, headers.stride(0))
+    grid = (b * h, ns)
+    _score_kernel[grid](
+        query, *query.stride(), fpart, *fpart.stride(), ipart, ipart.stride(0),
+        ipart.stride(1), *common, ws.logits, ws.score_max, ws.score_sum, ws.hist, ws.ncand,
+        scale, sb, ns,
+        H=h, G=g, GP=gp, D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
+        CAP=float(VARIANCE_CORRECTION_CAP), NATIVE=native, PREC=prec, **_tune("score", b))
+    _key_kernel[grid](
+        ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, ns,
+        H=h, G=g, GP=gp, BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES,
+        PK=PACK, **_tune("key", b))
+    _cand_kernel[grid](
+        ws.keys, ws.cands, ws.hist, ws.ncand, ws.ranges, ws.sel, ws.counts, ws.tickets[0],
+        *common, sb, ns,
+        H=h, G=g, BS=bs, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, NSP=nsp,
+        **_tune("cand", b))
+    _collect_kernel[grid](
+        ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
+        ipart.stride(0), ipart.stride(1), *common, sb, sink_end, ns,
+        H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
+        **_tune("collect", b))
+    _attend_kernel[grid](
+        query, *query.stride(), kv_cache, *kv_cache.stride(), fpart, *fpart.stride(),
+        ipart, ipart.stride(0), ipart.stride(1), *common, ws.logits, ws.lists, ws.counts,
+        ws.part_o, ws.part_m, ws.part_l, ws.tickets[1], out, *out.stride(),
+        scale, sb, sink_end, ns,
+        H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, PK=PACK, LW=LIST_WORDS,
+        NSP=nsp, NATIVE=native, PREC=prec, **_tune("attend", b))
+    return out
