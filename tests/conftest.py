@@ -1,8 +1,29 @@
-"""Shared fixtures: small models built on disk, and an in-process vLLM engine helper."""
+"""Shared fixtures: small models built on disk, and an in-process vLLM engine helper.
+
+Without a GPU the kernel tests (tests/kernels) run the Triton kernels in Triton's
+CPU interpreter. Triton decides at definition time whether a kernel (its own
+library included) is interpreted, so Triton and the kernel module are imported
+here, before any test module, with TRITON_INTERPRET=1; the variable is then unset
+so the rest of the suite (vLLM) sees its usual environment, and the kernel tests
+set it again while they run (Triton also reads it at launches).
+"""
 
 import os
 
 import pytest
+import torch
+
+TRITON_INTERPRETED = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
+if TRITON_INTERPRETED:
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+
+        import vllm_retro.kernels.triton_decode  # noqa: F401
+    except ImportError:  # no Triton: the kernel tests skip
+        pass
+    finally:
+        del os.environ["TRITON_INTERPRET"]
 
 from vllm_retro.offline import close_llm, make_llm, retro_state, set_offline_env  # noqa: F401
 
@@ -37,3 +58,17 @@ def generate_tokens(llm, prompts, max_tokens):
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                         use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def text_prompts(model_dir, lengths, offset=0):
+    """Token-id prompts of the given lengths cut from real text (stdlib sources)."""
+    from transformers import AutoTokenizer
+
+    from vllm_retro.tiny_model import stdlib_text
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(stdlib_text(400_000))["input_ids"]
+    out, pos = [], offset
+    for n in lengths:
+        out.append(ids[pos:pos + n])
+        pos += n + 17
+    return out

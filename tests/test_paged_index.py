@@ -126,7 +126,8 @@ def _sched(new=(), cached=(), finished=(), preempted=(), resumed=()):
 
 
 def test_connector_metadata_and_request_table():
-    from vllm_retro.backend.connector import RequestTable, step_metadata
+    from vllm_retro.backend.connector import step_metadata
+    from vllm_retro.request_table import RequestTable
     t = RequestTable()
     lens = {"a": 40, "b": 30}
     e = t.apply(step_metadata(_sched(new=[("a", 40, [5, 6, 7], 0), ("b", 30, [9, 10], 0)]),

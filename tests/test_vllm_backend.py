@@ -2,23 +2,11 @@
 
 import pytest
 
-from conftest import close_llm, generate_tokens, make_llm, retro_state
-from vllm_retro.tiny_model import stdlib_text
+from conftest import close_llm, generate_tokens, make_llm, retro_state, text_prompts  # noqa: F401
 
 # Small segments so that prompts of a few thousand tokens are clustered.
 SMALL = {"segment_size": 256, "update_interval": 128, "recent_tokens": 32}
 FULL = dict(SMALL, retrieval_fraction=1.0, estimation_fraction=0.0)
-
-
-def text_prompts(model_dir, lengths, offset=0):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tok(stdlib_text(400_000))["input_ids"]
-    out, pos = [], offset
-    for n in lengths:
-        out.append(ids[pos:pos + n])
-        pos += n + 17
-    return out
 
 
 @pytest.fixture(scope="module")

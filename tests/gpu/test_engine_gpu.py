@@ -13,7 +13,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from conftest import generate_tokens  # noqa: E402
+from conftest import generate_tokens, text_prompts  # noqa: E402
 
 SMALL = {"segment_size": 256, "update_interval": 128, "recent_tokens": 32,
          "min_retrieval_tokens": 64}
@@ -40,19 +40,6 @@ def manager(llm):
     return st.paged
 
 
-def prompts_of(model_dir, lengths, offset=0):
-    from transformers import AutoTokenizer
-
-    from vllm_retro.tiny_model import stdlib_text
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tok(stdlib_text(400_000))["input_ids"]
-    out, pos = [], offset
-    for n in lengths:
-        out.append(ids[pos:pos + n])
-        pos += n + 17
-    return out
-
-
 def generate_with_logprobs(llm, prompts, max_tokens):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -66,7 +53,7 @@ def generate_with_logprobs(llm, prompts, max_tokens):
 @pytest.fixture(scope="module")
 def dense(tiny_model):
     llm = gpu_llm(tiny_model)
-    prompts = prompts_of(tiny_model, LENGTHS)
+    prompts = text_prompts(tiny_model, LENGTHS)
     out = generate_with_logprobs(llm, prompts, MAX_TOKENS)
     from vllm_retro.offline import close_llm
     close_llm(llm)
@@ -138,7 +125,7 @@ def test_requests_leave_the_table(retro_full, tiny_model):
     from vllm.inputs import TokensPrompt
     mgr = manager(retro_full)
     eng = retro_full.llm_engine
-    prompts = prompts_of(tiny_model, [1200, 1500, 700], offset=5000)
+    prompts = text_prompts(tiny_model, [1200, 1500, 700], offset=5000)
     params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         eng.add_request(f"lc-{i}", TokensPrompt(prompt_token_ids=p), params)
@@ -154,7 +141,7 @@ def test_requests_leave_the_table(retro_full, tiny_model):
 
 def test_isolation_together_equals_alone(retro_full, tiny_model):
     """Default budget (not full): a batch decodes each request as it would alone."""
-    prompts = prompts_of(tiny_model, [900, 1400, 2000, 2500], offset=20000)
+    prompts = text_prompts(tiny_model, [900, 1400, 2000, 2500], offset=20000)
     mgr = manager(retro_full)
     before = mgr.stats()["retro_rows"]
     together = generate_tokens(retro_full, prompts, 16)

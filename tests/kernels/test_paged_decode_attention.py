@@ -1,7 +1,7 @@
 """The Triton decode kernels against their torch twin (and dense attention).
 
-Without a GPU the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``,
-set by this folder's conftest before any kernel is defined), so shapes stay small.
+Without a GPU the kernels run in Triton's CPU interpreter (``tests/conftest.py``
+imports Triton and the kernels with ``TRITON_INTERPRET=1``), so shapes stay small.
 Every test draws fresh random inputs from its own seed.
 """
 
@@ -22,6 +22,14 @@ from vllm_retro.kernels import reference  # noqa: E402
 H, D, BS, G = 2, 32, 16, 4
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = RetroConfig(segment_size=256, update_interval=64, recent_tokens=32, cluster_size=32)
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(monkeypatch):
+    from conftest import TRITON_INTERPRETED
+    if TRITON_INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
 
 
 def _td():
@@ -322,6 +330,8 @@ def test_public_op(monkeypatch):
     interpreter), allocating the output and a workspace when none are given."""
     import vllm_retro.kernels as K
     td = _td()
+    if DEV == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(K, "paged_decode_attention_triton", td.paged_decode_attention_triton)
     monkeypatch.setattr(K, "DecodeWorkspace", td.DecodeWorkspace)
     assert K.uses_triton(torch.zeros(1, device=DEV))

@@ -37,7 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorRole)
 
 from .. import compat
-from ..request_table import RequestEntry, RequestTable, RequestUpdate  # noqa: F401
+from ..request_table import RequestUpdate
 
 CONNECTOR_NAME = "RetroConnector"
 CONNECTOR_MODULE = "vllm_retro.backend.connector"

@@ -26,13 +26,13 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional
 
-import torch
 
 from .. import compat
 from ..ops import decode_attention
 from ..request_store import HostMemoryExceeded
 from ..wave_index import WaveIndex
 from ..worker_state import RetroWorkerState, state_for
+from .refusals import refuse, unsupported_reasons
 
 _DenseBackend, _DenseBuilder, _DenseImpl = compat.dense_backend_classes()
 logger = compat.logger(__name__)
@@ -204,29 +204,14 @@ class RetroImpl(_DenseImpl):
                  sliding_window, kv_cache_dtype, logits_soft_cap=None,
                  attn_type=None, kv_sharing_target_layer_name=None, sinks=None,
                  **kwargs) -> None:
+        refuse(unsupported_reasons(
+            head_size=head_size, head_sizes=_DenseBackend.get_supported_head_sizes(),
+            kv_cache_dtype=kv_cache_dtype, kv_cache_dtypes=("auto",), attn_type=attn_type,
+            sliding_window=sliding_window, alibi_slopes=alibi_slopes,
+            logits_soft_cap=logits_soft_cap, sinks=sinks,
+            kv_sharing_target_layer_name=kv_sharing_target_layer_name))
         if attn_type is None:
             attn_type = compat.attention_type_decoder()
-        reasons = []
-        if attn_type != compat.attention_type_decoder():
-            reasons.append(f"attention type {attn_type!r} (decoder self-attention only)")
-        if sliding_window is not None:
-            reasons.append("sliding-window attention")
-        if alibi_slopes is not None:
-            reasons.append("ALiBi")
-        if logits_soft_cap:
-            reasons.append("logits soft-capping")
-        if sinks is not None:
-            reasons.append("learned attention sinks")
-        if kv_sharing_target_layer_name is not None:
-            reasons.append("cross-layer KV sharing")
-        if kv_cache_dtype not in ("auto", None):
-            reasons.append(f"kv_cache_dtype={kv_cache_dtype!r} (only 'auto')")
-        if head_size not in _DenseBackend.get_supported_head_sizes():
-            reasons.append(f"head size {head_size} (supported: "
-                           f"{_DenseBackend.get_supported_head_sizes()})")
-        if reasons:
-            raise ValueError("retro attention backend does not support: " +
-                             "; ".join(reasons))
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes,
                          sliding_window, kv_cache_dtype, logits_soft_cap, attn_type,
                          kv_sharing_target_layer_name, sinks, **kwargs)

@@ -31,44 +31,19 @@ from ..index.paged import (PagedIndexLayout, SegmentJob, budget, build_segments,
                            check_config_for_paged, clusters_in, header_row,
                            make_headers, plan_segments, sink_end)
 from ..kernels import DecodeWorkspace, paged_decode_attention
-from .connector import RequestTable, RetroStepMetadata
+from ..request_table import RequestTable
+from .connector import RetroStepMetadata
+from .refusals import refuse, unsupported_reasons
 
 _DenseBackend, _DenseBuilder, _DenseImpl = compat.dense_backend_classes()
 AttentionCGSupport = compat.attention_cg_support()
 logger = compat.logger(__name__)
 
-#: What the GPU backend supports, declared once; the reasons below name the rest.
+#: What the GPU backend supports, declared once (``refusals`` names the rest).
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 KERNEL_BLOCK_SIZE = 16
-
-
-def unsupported_reasons(head_size: int, dtype: Optional[torch.dtype], kv_cache_dtype,
-                        attn_type, sliding_window, alibi_slopes, logits_soft_cap,
-                        sinks, kv_sharing_target_layer_name) -> List[str]:
-    """Readable reasons why a layer cannot run on retro's GPU path (empty: it can)."""
-    reasons = []
-    if attn_type not in (None, compat.attention_type_decoder()):
-        reasons.append(f"attention type {attn_type!r} (decoder self-attention only)")
-    if sliding_window is not None:
-        reasons.append("sliding-window attention")
-    if alibi_slopes is not None:
-        reasons.append("ALiBi")
-    if logits_soft_cap:
-        reasons.append("logits soft-capping")
-    if sinks is not None:
-        reasons.append("learned attention sinks")
-    if kv_sharing_target_layer_name is not None:
-        reasons.append("cross-layer KV sharing")
-    if kv_cache_dtype not in (None,) + SUPPORTED_KV_CACHE_DTYPES:
-        reasons.append(f"kv_cache_dtype={kv_cache_dtype!r} (supported: "
-                       f"{list(SUPPORTED_KV_CACHE_DTYPES)})")
-    if head_size not in SUPPORTED_HEAD_SIZES:
-        reasons.append(f"head size {head_size} (supported: {list(SUPPORTED_HEAD_SIZES)})")
-    if dtype is not None and dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"dtype {dtype} (supported: float16, bfloat16)")
-    return reasons
 
 
 class RetroBackend(_DenseBackend):
@@ -209,12 +184,12 @@ class RetroImpl(_DenseImpl):
                  sliding_window, kv_cache_dtype, logits_soft_cap=None,
                  attn_type=None, kv_sharing_target_layer_name=None, sinks=None,
                  **kwargs) -> None:
-        reasons = unsupported_reasons(head_size, None, kv_cache_dtype, attn_type,
-                                      sliding_window, alibi_slopes, logits_soft_cap,
-                                      sinks, kv_sharing_target_layer_name)
-        if reasons:
-            raise ValueError("retro attention backend does not support: " +
-                             "; ".join(reasons))
+        refuse(unsupported_reasons(
+            head_size=head_size, head_sizes=SUPPORTED_HEAD_SIZES,
+            kv_cache_dtype=kv_cache_dtype, kv_cache_dtypes=SUPPORTED_KV_CACHE_DTYPES,
+            attn_type=attn_type, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
+            logits_soft_cap=logits_soft_cap, sinks=sinks,
+            kv_sharing_target_layer_name=kv_sharing_target_layer_name))
         if attn_type is None:
             attn_type = compat.attention_type_decoder()
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes,

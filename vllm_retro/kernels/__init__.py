@@ -9,6 +9,7 @@ interpreter is on (``TRITON_INTERPRET=1``), else the torch twin
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -32,8 +33,13 @@ __all__ = ["paged_decode_attention", "DecodeWorkspace", "reference", "HAS_TRITON
 
 
 def uses_triton(query: torch.Tensor) -> bool:
-    """Whether :func:`paged_decode_attention` runs the Triton kernels for ``query``."""
-    return HAS_TRITON and (query.is_cuda or interpreting())
+    """Whether :func:`paged_decode_attention` runs the Triton kernels for ``query``:
+    on CUDA, or on the CPU while ``TRITON_INTERPRET=1`` is set and the kernels were
+    defined for the interpreter."""
+    if not HAS_TRITON:
+        return False
+    return query.is_cuda or (interpreting() and
+                             os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,

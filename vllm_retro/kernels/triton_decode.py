@@ -62,7 +62,6 @@ as exact as the bf16 data); fp32 caches (and the interpreter) use fp32 products.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Tuple
 
 import torch
@@ -118,8 +117,9 @@ def _next_pow2(x: int) -> int:
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether this module's kernels run in Triton's CPU interpreter: they do when
+    ``TRITON_INTERPRET=1`` was set as the module was imported."""
+    return type(_score_kernel).__name__ == "InterpretedFunction"
 
 
 class DecodeWorkspace:
