@@ -9,7 +9,9 @@ until every request has its first token; the decode phase is timed from the step
 that one (retro builds a prompt's index before its first decode step, so that step
 counts as prefill) to the last token (``decode_tok_s`` = decode tokens / decode
 seconds, ``tpot_ms`` = decode seconds / decode steps). ``index_build_s``: GPU time
-of retro's index builds during the prefill phase, per request.
+of retro's index builds during the prefill phase, per request. ``peak_gpu_gib``:
+device memory in use after the batch (vLLM preallocates its KV cache, so this is
+the engine's footprint). ``--shape tiny`` dry-runs the harness on a CPU machine.
 
 Retro's records carry the device counters of its kernels (``retro_rows`` decode
 rows served over an index, ``dense_rows`` rows attended exactly because they had
@@ -39,11 +41,27 @@ LLAMA3_8B = dict(
     eos_token_id=128001)
 
 
-def write_model(path: str) -> str:
+# A small shape for dry runs of the harness on a CPU machine.
+TINY = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=4096,
+            torch_dtype="float32")
+SHAPES = {"llama3-8b": LLAMA3_8B, "tiny": TINY}
+
+
+def write_model(path: str, shape: str) -> str:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(LLAMA3_8B, f)
+        json.dump(SHAPES[shape], f)
     return path
+
+
+def gpu_used_gib():
+    """Device memory in use (the engine's KV cache, weights, graphs), or None."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30
 
 
 def child(a) -> None:
@@ -53,11 +71,15 @@ def child(a) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    model = write_model(a.model_dir)
+    model = write_model(a.model_dir, a.shape)
     max_ctx = max(map(int, a.contexts.split(",")))
-    kw = dict(model=model, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-              max_model_len=max_ctx + a.output_tokens + 16, gpu_memory_utilization=0.92,
-              seed=0, enable_prefix_caching=False)
+    kw = dict(model=model, load_format="dummy", skip_tokenizer_init=True,
+              max_model_len=max_ctx + a.output_tokens + 16, seed=0,
+              enable_prefix_caching=False)
+    if torch.cuda.is_available():
+        kw.update(dtype="bfloat16", gpu_memory_utilization=0.92)
+    else:  # dry run of the harness on a CPU machine
+        kw.update(dtype="float32", enforce_eager=True)
     if a.backend == "retro":
         kw["attention_backend"] = "retro"
         kw["additional_config"] = {"retro": json.loads(a.retro_options)}
@@ -77,6 +99,7 @@ def child(a) -> None:
             raise SystemExit("retro selected but no paged-index state in this process")
         state = st[0].paged
     g = torch.Generator().manual_seed(0)
+    vocab = min(100000, SHAPES[a.shape]["vocab_size"])
     recs = []
     rid = 0
     for ctx in map(int, a.contexts.split(",")):
@@ -90,10 +113,9 @@ def child(a) -> None:
                                     temperature=0.0)
             before = state.stats() if state else None
             build0 = state.index_build_seconds() if state else 0.0
-            torch.cuda.reset_peak_memory_stats()
             ids = []
             for _ in range(b):
-                toks = torch.randint(1000, 100000, (ctx,), generator=g).tolist()
+                toks = torch.randint(100, vocab - 1, (ctx,), generator=g).tolist()
                 eng.add_request(str(rid), TokensPrompt(prompt_token_ids=toks), params)
                 ids.append(str(rid))
                 rid += 1
@@ -117,8 +139,7 @@ def child(a) -> None:
                        decode_tok_s=dec_tokens / dec_s if dec_s > 0 else None,
                        tpot_ms=1e3 * dec_s / max(1, steps_decode),
                        prefill_s=t_first - t_start,
-                       peak_gpu_gib=(torch.cuda.mem_get_info()[1] -
-                                     torch.cuda.mem_get_info()[0]) / 2**30,
+                       peak_gpu_gib=gpu_used_gib(),
                        kv_capacity_tokens=capacity, largest_batch=largest)
             if state:
                 after = state.stats()
@@ -145,6 +166,7 @@ def main() -> None:
     ap.add_argument("--output-tokens", type=int, default=128)
     ap.add_argument("--retro-options", default="{}")
     ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--out", default="benchmarks/results/decode_throughput_h200.json")
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -169,7 +191,7 @@ def main() -> None:
             records += json.load(f)["records"]
     import torch
     import vllm
-    res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+    res = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", date=datetime.date.today().isoformat(),
                versions=dict(vllm=vllm.__version__, torch=torch.__version__),
                command="python " + " ".join(sys.argv), records=records)
     with open(a.out, "w") as f:
