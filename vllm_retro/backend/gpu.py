@@ -278,7 +278,10 @@ class PagedIndexManager:
         self.sink_end = sink_end(self.config, bs)
         dev = first.device
         self.headers = make_headers(nb, dev)
-        max_rows = self.vllm_config.scheduler_config.max_num_seqs
+        # Decode rows per step: at most max_num_seqs, or a CUDA graph's padded size.
+        cc = self.vllm_config.compilation_config
+        max_rows = max(self.vllm_config.scheduler_config.max_num_seqs,
+                       getattr(cc, "max_cudagraph_capture_size", None) or 0)
         hq = self.vllm_config.model_config.get_num_attention_heads(
             self.vllm_config.parallel_config)
         self.workspace = DecodeWorkspace(nb, h, hq // h, two_d // 2, max_rows, dev)
