@@ -32,7 +32,7 @@ from ..ops import decode_attention
 from ..request_store import HostMemoryExceeded
 from ..wave_index import WaveIndex
 from ..worker_state import RetroWorkerState, state_for
-from .refusals import refuse, unsupported_reasons
+from .refusals import RetroBackendTraits, refuse, unsupported_reasons
 
 _DenseBackend, _DenseBuilder, _DenseImpl = compat.dense_backend_classes()
 logger = compat.logger(__name__)
@@ -140,13 +140,8 @@ def slice_common_metadata(cm, start: int, end: int):
     return cm.replace(**changes)
 
 
-class RetroBackend(_DenseBackend):
+class RetroBackend(RetroBackendTraits, _DenseBackend):
     """Dense prefill + wave-index decode. Registered in vLLM's CUSTOM slot."""
-
-    @staticmethod
-    def get_name() -> str:
-        # Must name a member of AttentionBackendEnum; retro lives in CUSTOM.
-        return "CUSTOM"
 
     @staticmethod
     def get_impl_cls():
@@ -155,14 +150,6 @@ class RetroBackend(_DenseBackend):
     @staticmethod
     def get_builder_cls():
         return RetroMetadataBuilder
-
-    @classmethod
-    def supports_sliding_window(cls) -> bool:
-        return False
-
-    @classmethod
-    def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == compat.attention_type_decoder()
 
 
 class RetroMetadataBuilder(_DenseBuilder):

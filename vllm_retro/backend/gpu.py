@@ -33,7 +33,7 @@ from ..index.paged import (PagedIndexLayout, SegmentJob, budget, build_segments,
 from ..kernels import DecodeWorkspace, paged_decode_attention
 from ..request_table import RequestTable
 from .connector import RetroStepMetadata
-from .refusals import refuse, unsupported_reasons
+from .refusals import RetroBackendTraits, refuse, unsupported_reasons
 
 _DenseBackend, _DenseBuilder, _DenseImpl = compat.dense_backend_classes()
 AttentionCGSupport = compat.attention_cg_support()
@@ -46,15 +46,11 @@ SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 KERNEL_BLOCK_SIZE = 16
 
 
-class RetroBackend(_DenseBackend):
+class RetroBackend(RetroBackendTraits, _DenseBackend):
     """Dense prefill + paged-wave-index decode. Registered in vLLM's CUSTOM slot."""
 
     supported_dtypes = list(SUPPORTED_DTYPES)
     supported_kv_cache_dtypes = list(SUPPORTED_KV_CACHE_DTYPES)
-
-    @staticmethod
-    def get_name() -> str:
-        return "CUSTOM"
 
     @staticmethod
     def get_impl_cls():
@@ -81,10 +77,6 @@ class RetroBackend(_DenseBackend):
         return kv_cache_dtype is None or kv_cache_dtype in SUPPORTED_KV_CACHE_DTYPES
 
     @classmethod
-    def supports_sliding_window(cls) -> bool:
-        return False
-
-    @classmethod
     def supports_non_causal(cls) -> bool:
         return False
 
@@ -103,10 +95,6 @@ class RetroBackend(_DenseBackend):
     @classmethod
     def supports_per_head_quant_scales(cls) -> bool:
         return False
-
-    @classmethod
-    def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == compat.attention_type_decoder()
 
     @classmethod
     def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla,

@@ -38,6 +38,25 @@ def unsupported_reasons(*, head_size: int, head_sizes: Sequence[int], kv_cache_d
     return reasons
 
 
+class RetroBackendTraits:
+    """What both builds' ``RetroBackend`` declare alike (mixed in before the
+    platform's dense backend): the CUSTOM slot's name (a member of vLLM's backend
+    enum, which pickles into spawned processes), decoder self-attention only, no
+    sliding windows."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == compat.attention_type_decoder()
+
+
 def refuse(reasons: List[str]) -> None:
     if reasons:
         raise ValueError("retro attention backend does not support: " + "; ".join(reasons))
