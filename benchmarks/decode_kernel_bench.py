@@ -125,6 +125,30 @@ def time_ms(fn, iters=50) -> float:
     return ts[len(ts) // 2]
 
 
+def per_kernel_us(fn, iters=20) -> dict:
+    """Device time of each kernel of ``fn`` (us per call), from the CUDA profiler;
+    empty where the profiler is unavailable."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+        res = {}
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", None)
+            if t is None:
+                t = getattr(e, "cuda_time_total", 0.0)
+            if t > 0:
+                res[e.key] = res.get(e.key, 0.0) + t / iters
+        return {k: round(v, 2) for k, v in sorted(res.items(), key=lambda kv: -kv[1])}
+    except Exception as exc:  # profiling is a diagnostic: never fail the benchmark on it
+        print(f"per-kernel profile unavailable: {exc}", flush=True)
+        return {}
+
+
 def graph_of(fn):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -161,6 +185,7 @@ def bench_case(ctx: int, batch: int, cfg: RetroConfig, bw: float) -> dict:
     gr = graph_of(run_retro)
     graph = time_ms(gr.replay)
     fa = time_ms(lambda: fa3(q, kv, bt, sl, scale, out_fa)) if has_fa3() else float("nan")
+    kernels = per_kernel_us(run_retro)
     # Bytes retro must read: all cluster summaries (centroid + variance + size),
     # exact tokens' K/V + permutation entry, estimated clusters' mean values.
     c_entries = (hdr[bt[:, 0].long(), 0].double() - S).clamp_min(0).sum().item() / BS
@@ -173,7 +198,7 @@ def bench_case(ctx: int, batch: int, cfg: RetroConfig, bw: float) -> dict:
                 fa3_ms=fa, floor_us=floor_us, dense_floor_us=dense_bytes / (bw * 1e12) * 1e6,
                 speedup_vs_fa3=fa / graph, graph_over_floor=graph * 1e3 / floor_us,
                 exact_fraction=exact_frac, estimated_fraction=est_frac,
-                retro_rows=st[0], dense_rows=st[1])
+                retro_rows=st[0], dense_rows=st[1], per_kernel_us=kernels)
 
 
 def check_full_vs_dense(cfg: RetroConfig) -> float:
@@ -271,6 +296,8 @@ def main() -> None:
                   f"{r['graph_over_floor']:.1f}x floor | exact {100 * r['exact_fraction']:.2f}%"
                   f" est {100 * r['estimated_fraction']:.2f}% ({time.time() - t0:.0f}s)",
                   flush=True)
+            print("   per kernel (us):", ", ".join(f"{k.split('(')[0]} {v:.1f}" for k, v
+                                                   in r["per_kernel_us"].items()), flush=True)
             torch.cuda.empty_cache()
     res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),

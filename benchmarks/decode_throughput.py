@@ -76,6 +76,8 @@ def child(a) -> None:
     kw = dict(model=model, load_format="dummy", skip_tokenizer_init=True,
               max_model_len=max_ctx + a.output_tokens + 16, seed=0,
               enable_prefix_caching=False)
+    if a.max_num_seqs:
+        kw["max_num_seqs"] = a.max_num_seqs
     if torch.cuda.is_available():
         kw.update(dtype="bfloat16", gpu_memory_utilization=0.92)
     else:  # dry run of the harness on a CPU machine
@@ -153,6 +155,9 @@ def child(a) -> None:
                     raise SystemExit(f"retro served no decode rows at {ctx}x{b}: {d}")
             recs.append(rec)
             print(json.dumps(rec), flush=True)
+            # Written after every record: a run cut short keeps what it measured.
+            with open(a.child_out, "w") as f:
+                json.dump(dict(startup_s=startup, records=recs), f)
     with open(a.child_out, "w") as f:
         json.dump(dict(startup_s=startup, records=recs), f)
 
@@ -164,6 +169,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8,16,32")
     ap.add_argument("--max-batch", type=int, default=0)
     ap.add_argument("--output-tokens", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=0,
+                    help="vLLM's max_num_seqs (0: its default); bounds the CUDA-graph "
+                         "capture sizes, so a smaller value shortens engine start-up")
     ap.add_argument("--retro-options", default="{}")
     ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -179,24 +187,32 @@ def main() -> None:
             results = json.load(f)
     records = [r for r in results.get("records", [])
                if r["backend"] not in a.backends.split(",")]
+    failed = []
     for be in a.backends.split(","):
         part = a.out + f".{be}.partial"
+        if os.path.exists(part):
+            os.remove(part)
         cmd = [sys.executable, __file__, "--backend", be, "--child-out", part] + \
             [x for x in sys.argv[1:]]
         print("running", be, flush=True)
         r = subprocess.run(cmd)
         if r.returncode != 0:
-            raise SystemExit(f"{be} run failed ({r.returncode})")
-        with open(part) as f:
-            records += json.load(f)["records"]
+            failed.append(f"{be} ({r.returncode})")
+        if os.path.exists(part):
+            with open(part) as f:
+                records += json.load(f)["records"]
     import torch
     import vllm
     res = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", date=datetime.date.today().isoformat(),
                versions=dict(vllm=vllm.__version__, torch=torch.__version__),
                command="python " + " ".join(sys.argv), records=records)
+    if failed:
+        res["failed"] = failed
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     print("wrote", a.out)
+    if failed:
+        raise SystemExit("failed: " + ", ".join(failed))
 
 
 if __name__ == "__main__":

@@ -317,15 +317,20 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     m_run = tl.full([GP], _NEG_INF, tl.float32)
     s_run = tl.zeros([GP], tl.float32)
     n_mine = tl.maximum(C - p + NS - 1, 0) // NS
+    # The next tile's block numbers are loaded before this tile's summaries are
+    # used (a hand-made pipeline stage over the block-table indirection).
+    i = p + NS * tl.arange(0, CH)
+    valid = i < C
+    blk = tl.load(bt_row + SB + i, mask=valid, other=0).to(tl.int64)
     for m0 in range(0, n_mine, CH):
-        i = p + NS * (m0 + tl.arange(0, CH))
-        valid = i < C
-        blk = tl.load(bt_row + SB + i, mask=valid, other=0).to(tl.int64)
         fb = fp_ptr + blk * fp_s0 + h * fp_s1
         cm = valid[:, None] & dm[None, :]
         cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
         var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
         size = tl.load(ip_ptr + blk * ip_s0 + h * ip_s1 + BS, mask=valid, other=0)
+        i_n = p + NS * (m0 + CH + tl.arange(0, CH))
+        valid_n = i_n < C
+        blk_n = tl.load(bt_row + SB + i_n, mask=valid_n, other=0).to(tl.int64)
         qc = _dot(q, tl.trans(cen), NATIVE, PREC)
         qv = _dot(qq, tl.trans(var), NATIVE, PREC)
         # Same operation order as the twin: s q.c + ln size + min(s^2/2 q^2.var, CAP).
@@ -338,6 +343,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
         s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
         m_run = m_new
+        blk, valid = blk_n, valid_n
     tl.store(pm_ptr + (rh * NSP + p) * GP + g, m_run)
     tl.store(ps_ptr + (rh * NSP + p) * GP + g, s_run)
 
@@ -645,18 +651,53 @@ def _online(m_i, l_i, acc, s, v, NATIVE: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _attend_tokens(q, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, valid, h, m_i, l_i, acc,
-                   scale, D: tl.constexpr, DP: tl.constexpr, NATIVE: tl.constexpr,
-                   PREC: tl.constexpr):
-    """Exact attention step over the tokens at (physical block, offset) ``[T]``."""
+def _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, valid, h, D: tl.constexpr,
+             DP: tl.constexpr):
+    """K and V ``[T, DP]`` of the tokens at (physical block, offset) ``[T]``."""
     d = tl.arange(0, DP)
     base = kv_ptr + blk * kv_s0 + h * kv_s1 + off.to(tl.int64) * kv_s2
     lm = valid[:, None] & (d < D)[None, :]
     k = tl.load(base[:, None] + d[None, :] * kv_s3, mask=lm, other=0.0)
     v = tl.load(base[:, None] + (D + d[None, :]) * kv_s3, mask=lm, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_kv(q, k, v, valid, m_i, l_i, acc, scale, NATIVE: tl.constexpr,
+               PREC: tl.constexpr):
+    """Exact attention step over loaded tokens ``k``, ``v`` ``[T, DP]``."""
     s = _dot(q, tl.trans(k), NATIVE, PREC) * scale
     s = tl.where(valid[None, :], s, _NEG_INF)
     return _online(m_i, l_i, acc, s, v, NATIVE, PREC)
+
+
+@triton.jit
+def _steady_addr(bt_row, p, NS, m0, n_steady, split, E, BS: tl.constexpr,
+                 TS: tl.constexpr):
+    """(physical block, offset, valid) of steady-zone tokens j = p + NS (m0 + [0, TS))."""
+    j = p + NS * (m0 + tl.arange(0, TS))
+    valid = j < n_steady
+    pos = tl.where(j < split, j, j - split + E)
+    blk = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
+    return blk, pos % BS, valid
+
+
+@triton.jit
+def _retrieved_addr(t0, total, beg, end, start, bt_row, ip_ptr, ip_s0, ip_s1, h, S, E, L,
+                    BS: tl.constexpr, TR: tl.constexpr):
+    """(physical block, offset, valid) of tokens ``t0 + [0, TR)`` of a group of
+    retrieved clusters (concatenated): permutation entry -> token position -> the
+    row's own block table. The permutation holds positions, bounds-checked here, so
+    no index byte can make a row read outside its context."""
+    t = t0 + tl.arange(0, TR)
+    inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
+    ppos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
+    valid = (t < total) & (ppos >= S) & (ppos < E)
+    pb = tl.load(bt_row + ppos // BS, mask=valid, other=0).to(tl.int64)
+    tok = tl.load(ip_ptr + pb * ip_s0 + h * ip_s1 + ppos % BS, mask=valid, other=0)
+    valid = valid & (tok >= 0) & (tok < L)
+    kb = tl.load(bt_row + tok // BS, mask=valid, other=0).to(tl.int64)
+    return kb, tok % BS, valid
 
 
 @triton.jit
@@ -694,15 +735,19 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
 
+    # Every loop below is software-pipelined by hand: a tile's K/V (or summary)
+    # loads are issued before the next tile's chain of dependent index loads, so
+    # the two latencies overlap instead of adding up.
+
     # Steady zone: tokens j = p, p + NS, ... of [0, sink_end) + [clustered_end, L).
     n_mine = tl.maximum(n_steady - p + NS - 1, 0) // NS
+    blk, off, valid = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
     for m0 in range(0, n_mine, TS):
-        j = p + NS * (m0 + tl.arange(0, TS))
-        valid = j < n_steady
-        pos = tl.where(j < split, j, j - split + E)
-        blk = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
-        m_i, l_i, acc = _attend_tokens(q, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, pos % BS,
-                                       valid, h, m_i, l_i, acc, scale, D, DP, NATIVE, PREC)
+        k, v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, valid, h, D, DP)
+        blk_n, off_n, valid_n = _steady_addr(bt_row, p, NS, m0 + TS, n_steady, split, E,
+                                             BS, TS)
+        m_i, l_i, acc = _attend_kv(q, k, v, valid, m_i, l_i, acc, scale, NATIVE, PREC)
+        blk, off, valid = blk_n, off_n, valid_n
 
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
     # concatenated and attended TR at a time through the permutation.
@@ -716,34 +761,33 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
         end = tl.cumsum(size, 0)
         beg = end - size
         total = tl.sum(size, 0)
+        kb, off, valid = _retrieved_addr(0, total, beg, end, start, bt_row, ip_ptr, ip_s0,
+                                         ip_s1, h, S, E, L, BS, TR)
         for t0 in range(0, total, TR):
-            t = t0 + tl.arange(0, TR)
-            inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
-            ppos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
-            valid = (t < total) & (ppos >= S) & (ppos < E)
-            pb = tl.load(bt_row + ppos // BS, mask=valid, other=0).to(tl.int64)
-            # The permutation holds token positions: the K/V slot comes from this
-            # row's own block table (bounds-checked, so no index byte can make a
-            # row read outside its context).
-            tok = tl.load(ip_ptr + pb * ip_s0 + h * ip_s1 + ppos % BS, mask=valid, other=0)
-            valid = valid & (tok >= 0) & (tok < L)
-            kb = tl.load(bt_row + tok // BS, mask=valid, other=0).to(tl.int64)
-            m_i, l_i, acc = _attend_tokens(q, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, kb,
-                                           tok % BS, valid, h, m_i, l_i, acc, scale, D, DP,
-                                           NATIVE, PREC)
+            k_t, v_t = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, kb, off, valid, h, D, DP)
+            kb_n, off_n, valid_n = _retrieved_addr(t0 + TR, total, beg, end, start, bt_row,
+                                                   ip_ptr, ip_s0, ip_s1, h, S, E, L, BS, TR)
+            m_i, l_i, acc = _attend_kv(q, k_t, v_t, valid, m_i, l_i, acc, scale, NATIVE,
+                                       PREC)
+            kb, off, valid = kb_n, off_n, valid_n
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
     n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
+    ke = n_ret + p + NS * tl.arange(0, TE)
+    ev = ke < n_ret + n_est
+    eb = tl.load(_packed(lists_ptr, bt_row, SB, h, ke, ev, H, LW, PK, 2),
+                 mask=ev, other=0).to(tl.int64)
     for m0 in range(0, n_mine, TE):
-        k = n_ret + p + NS * (m0 + tl.arange(0, TE))
-        valid = k < n_ret + n_est
-        eb = tl.load(_packed(lists_ptr, bt_row, SB, h, k, valid, H, LW, PK, 2),
-                     mask=valid, other=0).to(tl.int64)
         s = tl.load(lg_ptr + eb[None, :] * (H * G) + h * G + g[:, None],
-                    mask=gm[:, None] & valid[None, :], other=_NEG_INF)
+                    mask=gm[:, None] & ev[None, :], other=_NEG_INF)
         v = tl.load(fp_ptr + eb[:, None] * fp_s0 + h * fp_s1 + 2 * fp_s2 + d[None, :] * fp_s3,
-                    mask=valid[:, None] & dm[None, :], other=0.0)
+                    mask=ev[:, None] & dm[None, :], other=0.0)
+        ke = n_ret + p + NS * (m0 + TE + tl.arange(0, TE))
+        ev_n = ke < n_ret + n_est
+        eb_n = tl.load(_packed(lists_ptr, bt_row, SB, h, ke, ev_n, H, LW, PK, 2),
+                       mask=ev_n, other=0).to(tl.int64)
         m_i, l_i, acc = _online(m_i, l_i, acc, s, v, NATIVE, PREC)
+        eb, ev = eb_n, ev_n
 
     row = (rh * NS + p) * G + g
     tl.store(pm_ptr + row, m_i, mask=gm)

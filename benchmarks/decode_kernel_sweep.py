@@ -1,0 +1,130 @@
+"""Launch-parameter sweep of retro's Triton decode kernels on a GPU.
+
+For each (context, batch), the decode step of :mod:`decode_kernel_bench` (same
+cache, index and default budget) is timed as a CUDA graph for a list of variants:
+one kernel's launch parameters overridden (tile sizes, warps, pipeline stages) or
+the programs per (row, KV head). Every variant's output is checked against the
+default variant's (same selection, fp32 accumulation: relative error below 1e-2)
+before it is timed, and the per-kernel device times of the best variant are
+recorded. The winners are what ``TUNE`` / ``TUNE_SMALL_BATCH`` in
+``vllm_retro/kernels/triton_decode.py`` should say.
+
+    python benchmarks/decode_kernel_sweep.py --cases 131072x1,131072x8 --out sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from decode_kernel_bench import (BS, D, DT, H, HQ, graph_of, make_batch,  # noqa: E402
+                                 per_kernel_us, time_ms)
+from vllm_retro.config import RetroConfig  # noqa: E402
+from vllm_retro.kernels import DecodeWorkspace, paged_decode_attention  # noqa: E402
+from vllm_retro.kernels import triton_decode as td  # noqa: E402
+
+# (name, kernel, overrides) or (name, "nsplit", max_split)
+VARIANTS = [
+    ("default", None, {}),
+    ("score CH32", "score", dict(CH=32)),
+    ("score CH128 w8", "score", dict(CH=128, num_warps=8)),
+    ("score CH64 s3", "score", dict(CH=64, num_stages=3)),
+    ("score CH64 s1", "score", dict(CH=64, num_stages=1)),
+    ("key CHE128", "key", dict(CHE=128)),
+    ("key CHE512 w8", "key", dict(CHE=512, num_warps=8)),
+    ("attend TR64", "attend", dict(TR=64)),
+    ("attend TR64 RG32", "attend", dict(TR=64, RG=32)),
+    ("attend RG32", "attend", dict(RG=32)),
+    ("attend TR16 RG32", "attend", dict(TR=16, RG=32)),
+    ("attend w8 TR64 TS64", "attend", dict(num_warps=8, TR=64, TS=64)),
+    ("attend s1", "attend", dict(num_stages=1)),
+    ("cand RB512", "cand", dict(RB=512)),
+    ("collect RB512", "collect", dict(RB=512)),
+    ("nsplit 16", "nsplit", 16),
+    ("nsplit 64", "nsplit", 64),
+]
+
+
+def run_case(ctx: int, batch: int, cfg: RetroConfig) -> dict:
+    scale = 1 / math.sqrt(D)
+    lay, kv, bt, sl, hdr, S = make_batch(ctx, batch, cfg)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+    base_tune = copy.deepcopy(td.TUNE)
+    base_small = copy.deepcopy(td.TUNE_SMALL_BATCH)
+    ref = None
+    res = []
+    for name, kernel, over in VARIANTS:
+        td.TUNE = copy.deepcopy(base_tune)
+        td.TUNE_SMALL_BATCH = copy.deepcopy(base_small)
+        max_split = 0
+        if kernel == "nsplit":
+            max_split = over
+        elif kernel:
+            td.TUNE[kernel].update(over)
+            td.TUNE_SMALL_BATCH.get(kernel, {}).update(over)
+        ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, max(batch, 8), "cuda",
+                             max_split=max_split)
+        out = torch.empty(batch, HQ, D, device="cuda", dtype=torch.float32)
+
+        def step(count=False):
+            paged_decode_attention(q, kv, lay, bt, sl, hdr, S, scale, out=out, workspace=ws,
+                                   count_stats=count)
+        try:
+            ws.stats.zero_()
+            step(True)
+            torch.cuda.synchronize()
+            st = ws.stats.tolist()
+            assert st[0] == batch, f"retro kernels did not serve every row: {st}"
+            if ref is None:
+                ref = out.clone()
+            err = ((out - ref).norm() / ref.norm()).item()
+            if err > 1e-2:
+                raise AssertionError(f"output differs from the default variant: {err:.2e}")
+            t = time_ms(graph_of(step).replay) * 1e3
+            rec = dict(variant=name, graph_us=round(t, 2), rel_err_vs_default=err)
+        except Exception as exc:  # a failing variant is a finding, not a crash
+            rec = dict(variant=name, error=f"{type(exc).__name__}: {exc}"[:300])
+        res.append(rec)
+        print(f"  {ctx}x{batch} {name:24s} {rec.get('graph_us', rec.get('error'))}", flush=True)
+        del ws
+    td.TUNE, td.TUNE_SMALL_BATCH = base_tune, base_small
+    ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, max(batch, 8), "cuda")
+    out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
+    prof = per_kernel_us(lambda: paged_decode_attention(q, kv, lay, bt, sl, hdr, S, scale,
+                                                        out=out, workspace=ws))
+    ok = [r for r in res if "graph_us" in r]
+    best = min(ok, key=lambda r: r["graph_us"]) if ok else None
+    return dict(context=ctx, batch=batch, variants=res, best=best, default_per_kernel_us=prof)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="131072x1,131072x8")
+    ap.add_argument("--out", default="benchmarks/results/decode_kernel_sweep_h200.json")
+    a = ap.parse_args()
+    cfg = RetroConfig()
+    cases = []
+    for c in a.cases.split(","):
+        ctx, b = map(int, c.split("x"))
+        cases.append(run_case(ctx, b, cfg))
+        torch.cuda.empty_cache()
+    res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+               versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
+               command=" ".join(sys.argv), block_size=BS, cases=cases)
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
