@@ -32,25 +32,16 @@ from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.kernels import DecodeWorkspace, paged_decode_attention  # noqa: E402
 from vllm_retro.kernels import triton_decode as td  # noqa: E402
 
-# (name, kernel, overrides) or (name, "nsplit", max_split)
+# (name, kernel, overrides), (name, "nsplit", max_split), (name, "pps",
+# (programs per SM, max_split)) or (name, "pps+<kernel>", (programs per SM, overrides))
 VARIANTS = [
     ("default", None, {}),
-    ("score CH32", "score", dict(CH=32)),
-    ("score CH128 w8", "score", dict(CH=128, num_warps=8)),
-    ("score CH64 s3", "score", dict(CH=64, num_stages=3)),
-    ("score CH64 s1", "score", dict(CH=64, num_stages=1)),
-    ("key CHE128", "key", dict(CHE=128)),
-    ("key CHE512 w8", "key", dict(CHE=512, num_warps=8)),
-    ("attend TR64", "attend", dict(TR=64)),
-    ("attend TR64 RG32", "attend", dict(TR=64, RG=32)),
-    ("attend RG32", "attend", dict(RG=32)),
-    ("attend TR16 RG32", "attend", dict(TR=16, RG=32)),
-    ("attend w8 TR64 TS64", "attend", dict(num_warps=8, TR=64, TS=64)),
-    ("attend s1", "attend", dict(num_stages=1)),
-    ("cand RB512", "cand", dict(RB=512)),
-    ("collect RB512", "collect", dict(RB=512)),
-    ("nsplit 16", "nsplit", 16),
-    ("nsplit 64", "nsplit", 64),
+    ("programs/SM 4", "pps", (4, 0)),
+    ("programs/SM 8", "pps", (8, 0)),
+    ("programs/SM 16", "pps", (16, 0)),
+    ("programs/SM 4, split 64", "pps", (4, 64)),
+    ("programs/SM 8, attend TR16 RG32", "pps+attend", (8, dict(TR=16, RG=32))),
+    ("programs/SM 8, score CH32", "pps+score", (8, dict(CH=32))),
 ]
 
 
@@ -65,14 +56,21 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig) -> dict:
     for name, kernel, over in VARIANTS:
         td.TUNE = copy.deepcopy(base_tune)
         td.TUNE_SMALL_BATCH = copy.deepcopy(base_small)
-        max_split = 0
+        max_split = pps = 0
         if kernel == "nsplit":
             max_split = over
+        elif kernel == "pps":
+            pps, max_split = over
+        elif kernel and kernel.startswith("pps+"):
+            pps, over = over
+            kernel = kernel[4:]
+            td.TUNE[kernel].update(over)
+            td.TUNE_SMALL_BATCH.get(kernel, {}).update(over)
         elif kernel:
             td.TUNE[kernel].update(over)
             td.TUNE_SMALL_BATCH.get(kernel, {}).update(over)
         ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, max(batch, 8), "cuda",
-                             max_split=max_split)
+                             max_split=max_split, programs_per_sm=pps)
         out = torch.empty(batch, HQ, D, device="cuda", dtype=torch.float32)
 
         def step(count=False):
@@ -103,7 +101,15 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig) -> dict:
                                                         out=out, workspace=ws))
     ok = [r for r in res if "graph_us" in r]
     best = min(ok, key=lambda r: r["graph_us"]) if ok else None
-    return dict(context=ctx, batch=batch, variants=res, best=best, default_per_kernel_us=prof)
+    # The best programs per SM alone (what RETRO_DECODE_PROGRAMS_PER_SM can set).
+    pps = {"default": td.PROGRAMS_PER_SM}
+    pps.update({name: over[0] for name, kind, over in VARIANTS
+                if kind == "pps" and over[1] == 0})
+    only = [r for r in ok if r["variant"] in pps]
+    best_pps = pps[min(only, key=lambda r: r["graph_us"])["variant"]] if only else None
+    print(f"BEST_PPS {best_pps} at {ctx}x{batch}", flush=True)
+    return dict(context=ctx, batch=batch, variants=res, best=best, best_programs_per_sm=best_pps,
+                default_per_kernel_us=prof)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ if TRITON_INTERPRETED:
         import triton.language  # noqa: F401
 
         import vllm_retro.kernels.triton_decode  # noqa: F401
+        import vllm_retro.kernels.triton_kmeans  # noqa: F401
     except ImportError:  # no Triton: the kernel tests skip
         pass
     finally:

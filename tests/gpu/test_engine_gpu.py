@@ -75,7 +75,9 @@ def test_preemption_recomputes_and_reindexes(tiny_model, dense):
     """A KV cache too small for the batch forces preemptions; the preempted
     requests are recomputed, re-indexed, and decode as without preemption."""
     prompts, dense_out = dense
-    llm = gpu_llm(tiny_model, "retro", FULL, num_gpu_blocks_override=450)
+    # 450 blocks of 16 hold 7,200 tokens: one request of the longest prompt fits
+    # (max_model_len 4096), the batch's 8,776 tokens do not.
+    llm = gpu_llm(tiny_model, "retro", FULL, num_gpu_blocks_override=450, max_model_len=4096)
     mgr = manager(llm)
     out = generate_tokens(llm, prompts, MAX_TOKENS)
     pre = mgr.requests.preemptions

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -208,22 +208,44 @@ def budget(num_clusters: int, clustered_tokens: int, config: RetroConfig) -> Tup
 
 
 # ------------------------------------------------------------------ building
-def _kmeans_device(x: torch.Tensor, n_clusters: int, iters: int) -> torch.Tensor:
+def _kmeans_device(x: torch.Tensor, n_clusters: int, iters: int,
+                   use_triton: Optional[bool] = None) -> torch.Tensor:
     """Spherical k-means of ``x [S, n, D]`` (S independent problems), as
     :func:`vllm_retro.kmeans.spherical_kmeans`: mean-centred, normalised keys,
-    strided initial centroids, ``iters`` updates then a final assignment. Sums by
-    ``index_add_`` (fast on GPUs); similarities in the KV dtype on GPUs."""
+    strided initial centroids, ``iters`` updates then a final assignment.
+
+    On GPUs (``use_triton`` None: when ``x`` is on CUDA) each assignment is one
+    Triton kernel that also accumulates the next update's sums
+    (:func:`vllm_retro.kernels.triton_kmeans.kmeans_assign`, similarities in bf16
+    products with fp32 sums); elsewhere torch ops (fp32 similarities, sums by
+    ``index_add_``)."""
     s, n, d = x.shape
     x = x.float()
     x = x - x.mean(dim=1, keepdim=True)
     x = torch.nn.functional.normalize(x, dim=-1)
-    sim_dtype = torch.bfloat16 if x.is_cuda else torch.float32
-    xs = x.to(sim_dtype)
     init = torch.div(torch.arange(n_clusters, device=x.device) * n, n_clusters,
                      rounding_mode="floor")
     cent = x[:, init, :].clone()
+    if use_triton is None:
+        use_triton = x.is_cuda
+    if use_triton:
+        from ..kernels.triton_kmeans import kmeans_assign
+        sim_dtype = torch.bfloat16 if x.is_cuda else torch.float32
+        xs = x.to(sim_dtype).contiguous()
+        x = x.contiguous()
+        sums = torch.zeros(s, n_clusters, d, dtype=torch.float32, device=x.device)
+        assign = kmeans_assign(xs, cent.to(sim_dtype), x, sums)
+        for it in range(iters):
+            norms = sums.norm(dim=-1, keepdim=True)
+            cent = torch.where(norms > 0, sums / norms.clamp_min(1e-30), cent)
+            last = it == iters - 1
+            if not last:
+                sums.zero_()
+            assign = kmeans_assign(xs, cent.to(sim_dtype), None if last else x,
+                                   None if last else sums)
+        return assign
     offs = (torch.arange(s, device=x.device) * n_clusters).unsqueeze(1)
-    assign = torch.argmax(torch.bmm(xs, cent.to(sim_dtype).transpose(1, 2)), dim=-1)
+    assign = torch.argmax(torch.bmm(x, cent.transpose(1, 2)), dim=-1)
     flat_x = x.reshape(s * n, d)
     for _ in range(iters):
         sums = torch.zeros(s * n_clusters, d, dtype=x.dtype, device=x.device)
@@ -231,7 +253,7 @@ def _kmeans_device(x: torch.Tensor, n_clusters: int, iters: int) -> torch.Tensor
         sums = sums.view(s, n_clusters, d)
         norms = sums.norm(dim=-1, keepdim=True)
         cent = torch.where(norms > 0, sums / norms.clamp_min(1e-30), cent)
-        assign = torch.argmax(torch.bmm(xs, cent.to(sim_dtype).transpose(1, 2)), dim=-1)
+        assign = torch.argmax(torch.bmm(x, cent.transpose(1, 2)), dim=-1)
     return assign
 
 
@@ -255,7 +277,7 @@ class SegmentJob:
 
 def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout,
                    jobs: Sequence[SegmentJob], config: RetroConfig,
-                   max_batch_bytes: int = 256 << 20) -> None:
+                   max_batch_bytes: int = 768 << 20) -> None:
     """Clusters the keys of ``jobs`` (all of the same length) for one layer and
     writes the clusters and permutation into the index part of the pages.
 
@@ -270,7 +292,10 @@ def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout,
     if n % bs or any(j.p0 % bs for j in jobs):
         raise ValueError("build_segments: segments must be block-aligned")
     c = clusters_in(n, config)
-    per_job = h * n * c * 4 + h * n * d * 16
+    # Temporaries per segment: K/V gathered and in fp32, normalised keys, deviations
+    # (~24 B per key element); the torch k-means also holds an [n, C] similarity
+    # matrix per head. Several segments per call: fewer, larger launches.
+    per_job = h * n * d * 24 + (0 if kv_cache.is_cuda else h * n * c * 4)
     step = max(1, max_batch_bytes // per_job)
     fpart, ipart = layout.views(kv_cache)
     for i in range(0, len(jobs), step):

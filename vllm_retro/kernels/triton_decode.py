@@ -62,6 +62,7 @@ as exact as the bf16 data); fp32 caches (and the interpreter) use fp32 products.
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Tuple
 
 import torch
@@ -99,6 +100,9 @@ TUNE = {
     "attend": dict(TS=32, RG=8, TR=32, TE=32, num_warps=4, num_stages=2),
 }
 SMALL_BATCH = 2
+# Programs per SM the grids aim at (``DecodeWorkspace.nsplit``); the environment
+# variable RETRO_DECODE_PROGRAMS_PER_SM overrides it for tuning runs.
+PROGRAMS_PER_SM = int(os.environ.get("RETRO_DECODE_PROGRAMS_PER_SM", "2"))
 TUNE_SMALL_BATCH = {
     "score": dict(CH=128, num_warps=8, num_stages=2),
     "attend": dict(TS=128, TE=64),
@@ -152,7 +156,7 @@ class DecodeWorkspace:
 
     def __init__(self, num_blocks: int, num_kv_heads: int, group_size: int,
                  head_dim: int, max_rows: int, device, *, max_split: int = 0,
-                 num_sms: int = 0):
+                 num_sms: int = 0, programs_per_sm: int = 0):
         dev = torch.device(device)
         self.device = dev
         self.num_blocks = int(num_blocks)
@@ -169,8 +173,8 @@ class DecodeWorkspace:
             max_split = 4 if interpreting() else 32
         self.max_split = int(max_split)
         self.ns_pow2 = _next_pow2(self.max_split)
-        # Two programs per SM hide the latency of the dependent gathers.
-        self.target_programs = 2 * int(num_sms)
+        # Several programs per SM hide the latency of the dependent gathers.
+        self.target_programs = (programs_per_sm or PROGRAMS_PER_SM) * int(num_sms)
         cap = max(b * self.nsplit(b) for b in range(1, self.max_rows + 1))
         rows = self.max_rows * h
         f32, i32 = torch.float32, torch.int32
@@ -740,54 +744,58 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     # the two latencies overlap instead of adding up.
 
     # Steady zone: tokens j = p, p + NS, ... of [0, sink_end) + [clustered_end, L).
+    # (Each loop has its own variable names: Triton types loop-carried values by
+    # name, and the tiles of the three loops differ in size.)
     n_mine = tl.maximum(n_steady - p + NS - 1, 0) // NS
-    blk, off, valid = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
+    s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
     for m0 in range(0, n_mine, TS):
-        k, v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, valid, h, D, DP)
-        blk_n, off_n, valid_n = _steady_addr(bt_row, p, NS, m0 + TS, n_steady, split, E,
-                                             BS, TS)
-        m_i, l_i, acc = _attend_kv(q, k, v, valid, m_i, l_i, acc, scale, NATIVE, PREC)
-        blk, off, valid = blk_n, off_n, valid_n
+        s_k, s_v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, s_blk, s_off, s_ok, h, D, DP)
+        s_blk_n, s_off_n, s_ok_n = _steady_addr(bt_row, p, NS, m0 + TS, n_steady, split, E,
+                                                BS, TS)
+        m_i, l_i, acc = _attend_kv(q, s_k, s_v, s_ok, m_i, l_i, acc, scale, NATIVE, PREC)
+        s_blk, s_off, s_ok = s_blk_n, s_off_n, s_ok_n
 
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
     # concatenated and attended TR at a time through the permutation.
     n_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
     for m0 in range(0, n_mine, RG):
-        k = p + NS * (m0 + tl.arange(0, RG))
-        kv_ok = k < n_ret
-        la = _packed(lists_ptr, bt_row, SB, h, k, kv_ok, H, LW, PK, 2)
-        start = tl.load(la, mask=kv_ok, other=0)
-        size = tl.load(la + 1, mask=kv_ok, other=0)
+        r_k = p + NS * (m0 + tl.arange(0, RG))
+        r_kok = r_k < n_ret
+        la = _packed(lists_ptr, bt_row, SB, h, r_k, r_kok, H, LW, PK, 2)
+        start = tl.load(la, mask=r_kok, other=0)
+        size = tl.load(la + 1, mask=r_kok, other=0)
         end = tl.cumsum(size, 0)
         beg = end - size
         total = tl.sum(size, 0)
-        kb, off, valid = _retrieved_addr(0, total, beg, end, start, bt_row, ip_ptr, ip_s0,
-                                         ip_s1, h, S, E, L, BS, TR)
+        r_blk, r_off, r_ok = _retrieved_addr(0, total, beg, end, start, bt_row, ip_ptr, ip_s0,
+                                             ip_s1, h, S, E, L, BS, TR)
         for t0 in range(0, total, TR):
-            k_t, v_t = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, kb, off, valid, h, D, DP)
-            kb_n, off_n, valid_n = _retrieved_addr(t0 + TR, total, beg, end, start, bt_row,
-                                                   ip_ptr, ip_s0, ip_s1, h, S, E, L, BS, TR)
-            m_i, l_i, acc = _attend_kv(q, k_t, v_t, valid, m_i, l_i, acc, scale, NATIVE,
+            r_kt, r_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off, r_ok, h,
+                                  D, DP)
+            r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, total, beg, end, start,
+                                                       bt_row, ip_ptr, ip_s0, ip_s1, h, S,
+                                                       E, L, BS, TR)
+            m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale, NATIVE,
                                        PREC)
-            kb, off, valid = kb_n, off_n, valid_n
+            r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
     n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
-    ke = n_ret + p + NS * tl.arange(0, TE)
-    ev = ke < n_ret + n_est
-    eb = tl.load(_packed(lists_ptr, bt_row, SB, h, ke, ev, H, LW, PK, 2),
-                 mask=ev, other=0).to(tl.int64)
+    e_k = n_ret + p + NS * tl.arange(0, TE)
+    e_ok = e_k < n_ret + n_est
+    e_blk = tl.load(_packed(lists_ptr, bt_row, SB, h, e_k, e_ok, H, LW, PK, 2),
+                    mask=e_ok, other=0).to(tl.int64)
     for m0 in range(0, n_mine, TE):
-        s = tl.load(lg_ptr + eb[None, :] * (H * G) + h * G + g[:, None],
-                    mask=gm[:, None] & ev[None, :], other=_NEG_INF)
-        v = tl.load(fp_ptr + eb[:, None] * fp_s0 + h * fp_s1 + 2 * fp_s2 + d[None, :] * fp_s3,
-                    mask=ev[:, None] & dm[None, :], other=0.0)
-        ke = n_ret + p + NS * (m0 + TE + tl.arange(0, TE))
-        ev_n = ke < n_ret + n_est
-        eb_n = tl.load(_packed(lists_ptr, bt_row, SB, h, ke, ev_n, H, LW, PK, 2),
-                       mask=ev_n, other=0).to(tl.int64)
-        m_i, l_i, acc = _online(m_i, l_i, acc, s, v, NATIVE, PREC)
-        eb, ev = eb_n, ev_n
+        e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + g[:, None],
+                      mask=gm[:, None] & e_ok[None, :], other=_NEG_INF)
+        e_v = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 2 * fp_s2
+                      + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
+        e_kn = n_ret + p + NS * (m0 + TE + tl.arange(0, TE))
+        e_ok_n = e_kn < n_ret + n_est
+        e_blk_n = tl.load(_packed(lists_ptr, bt_row, SB, h, e_kn, e_ok_n, H, LW, PK, 2),
+                          mask=e_ok_n, other=0).to(tl.int64)
+        m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC)
+        e_blk, e_ok = e_blk_n, e_ok_n
 
     row = (rh * NS + p) * G + g
     tl.store(pm_ptr + row, m_i, mask=gm)
