@@ -206,6 +206,9 @@ def main() -> None:
     res = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", date=datetime.date.today().isoformat(),
                versions=dict(vllm=vllm.__version__, torch=torch.__version__),
                command="python " + " ".join(sys.argv), records=records)
+    pps = os.environ.get("RETRO_DECODE_PROGRAMS_PER_SM")
+    if pps:
+        res["env"] = {"RETRO_DECODE_PROGRAMS_PER_SM": pps}
     if failed:
         res["failed"] = failed
     with open(a.out, "w") as f:
