@@ -20,13 +20,28 @@ class HostMemoryExceeded(RuntimeError):
 
 @dataclass
 class StoreStats:
-    """Running totals since the store was made."""
+    """Running totals since the store was made.
+
+    ``decode_calls`` and the fraction sums cover the index's own attend calls (one
+    per decode row and layer). The vLLM backend (``backend/cpu.py``) also counts
+    every decode row's reads, dense ones included, for its stats line and vLLM's
+    ``/metrics``: rows on the index / dense (once per row, at the first layer), and
+    per row and layer the tokens read exactly / estimated / in context (summed over
+    KV heads) and the bytes read versus what dense attention would read.
+    """
 
     decode_calls: int = 0
     exact_fraction_sum: float = 0.0
     estimated_fraction_sum: float = 0.0
     builds: int = 0
     freed_requests: int = 0
+    retro_rows: int = 0
+    dense_rows: int = 0
+    exact_tokens: int = 0
+    estimated_tokens: int = 0
+    context_tokens: int = 0
+    kv_bytes_read: int = 0
+    kv_bytes_dense: int = 0
 
     def mean(self, total: float) -> float:
         return total / self.decode_calls if self.decode_calls else 0.0

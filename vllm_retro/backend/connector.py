@@ -14,6 +14,10 @@ drive in the same way, before every forward, FULL CUDA-graph replays included:
   the index maintenance of :mod:`vllm_retro.backend.gpu` or the host-index
   lifecycle of :mod:`vllm_retro.backend.cpu`).
 
+The same connector carries retro's statistics back from the workers into vLLM's
+metrics (``get_kv_connector_stats`` / ``build_kv_connector_stats`` /
+``build_prom_metrics``; :mod:`.metrics`).
+
 The runners' own hooks (``_update_states`` in V1, ``execute_model`` / ``finish_requests``
 in V2) would also see these events, but they are private, differ between the two
 runners and between releases; the connector API is versioned, shared and also the
@@ -38,6 +42,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 
 from .. import compat
 from ..request_table import RequestUpdate
+from .metrics import RetroConnectorStats, RetroPromMetrics, reporter_for
 
 CONNECTOR_NAME = "RetroConnector"
 CONNECTOR_MODULE = "vllm_retro.backend.connector"
@@ -94,8 +99,10 @@ class RetroConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         self._prompt_lens: Dict[str, int] = {}
         self._worker = None
+        self._stats = None
         if role == KVConnectorRole.WORKER:
             self._worker = _worker_side(vllm_config)
+            self._stats = reporter_for(self._worker, vllm_config)
 
     # ----------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
@@ -138,6 +145,22 @@ class RetroConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         return
+
+    # ---------------------------------------------------------------- metrics
+    def get_kv_connector_stats(self) -> Optional[RetroConnectorStats]:
+        """Worker: this worker's statistics when they changed (runners call this
+        after every forward); scheduler: none."""
+        return None if self._stats is None else self._stats.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: Optional[dict] = None) -> RetroConnectorStats:
+        return RetroConnectorStats(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames,
+                           per_engine_labelvalues) -> RetroPromMetrics:
+        return RetroPromMetrics(vllm_config, metric_types, labelnames,
+                                per_engine_labelvalues)
 
 
 def _worker_side(vllm_config):

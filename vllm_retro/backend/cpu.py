@@ -17,14 +17,19 @@ metadata for the prefill rows alone. The impl then
 
 A decode row whose index does not match its context (e.g. it could not be
 built) falls back to the dense kernel for that row alone.
+
+Every decode row is counted in the store's :class:`StoreStats` (rows on the index
+or dense, tokens read exactly / estimated, bytes read): the periodic stats line and
+vLLM's Prometheus ``/metrics`` (through :mod:`.metrics`) report these counters.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 
 from .. import compat
@@ -55,6 +60,7 @@ class RetroBatch:
     state: RetroWorkerState
     builder: "RetroMetadataBuilder"
     common: object
+    count_layer: Optional[str] = None
 
     def dense_metadata_for_rows(self, start: int, end: int):
         return self.builder.build_rows(self.common, start, end)
@@ -89,6 +95,19 @@ class CpuLifecycle:
         st.step += 1
         _maybe_log_stats(st)
 
+    def snapshot(self) -> Dict[str, int]:
+        """This worker's counters since start and its index gauges, for vLLM's
+        metrics (names: :data:`.metrics.COUNTERS`, :data:`.metrics.GAUGES`)."""
+        st, store = self.state, self.state.store
+        values = {name: getattr(store.stats, name) for name in _SNAPSHOT_COUNTERS}
+        values.update(index_faults=st.faults, index_bytes=store.nbytes(),
+                      indexed_requests=len(store.request_ids()))
+        return values
+
+
+_SNAPSHOT_COUNTERS = ("retro_rows", "dense_rows", "exact_tokens", "estimated_tokens",
+                      "context_tokens", "kv_bytes_read", "kv_bytes_dense")
+
 
 def _maybe_log_stats(state) -> None:
     """One INFO line per ``log_stats_interval_s`` with the activity since the last
@@ -100,16 +119,37 @@ def _maybe_log_stats(state) -> None:
     state.last_log_time = now
     st = state.store.stats.minus(state.logged_stats)
     state.logged_stats = state.store.stats.copy()
-    if st.decode_calls == 0 and st.freed_requests == 0:
+    if st.retro_rows + st.dense_rows == 0 and st.freed_requests == 0:
         return
     nbytes = state.store.nbytes()
+    ctx = max(1, st.context_tokens)
     logger.info(
         "retro: %d decode attention calls, %.2f%% of tokens read exactly, "
         "%.2f%% estimated, %d live requests, index memory %.1f MiB (%d B), "
-        "%d requests freed",
-        st.decode_calls, 100 * st.mean(st.exact_fraction_sum),
-        100 * st.mean(st.estimated_fraction_sum), len(state.store.request_ids()),
-        nbytes / 2**20, nbytes, st.freed_requests)
+        "%d requests freed; decode rows %d on the index, %d dense; KV read %.1f%% "
+        "of dense", st.decode_calls, 100.0 * st.exact_tokens / ctx,
+        100.0 * st.estimated_tokens / ctx, len(state.store.request_ids()),
+        nbytes / 2**20, nbytes, st.freed_requests, st.retro_rows, st.dense_rows,
+        100.0 * st.kv_bytes_read / max(1, st.kv_bytes_dense))
+
+
+def _layer_key(name: str):
+    """Sort key of a layer name by its numbers ("layers.10" after "layers.9")."""
+    return [int(x) for x in re.findall(r"\d+", name)], name
+
+
+def decode_read_bytes(index: WaveIndex, kv_element_size: int) -> int:
+    """Bytes one tripartite decode call of ``index`` reads (its last attend): the
+    K and V of the tokens read exactly (sinks, tail, retrieved clusters), every
+    cluster's centroid, key variance and size (ranking), and the value sums of the
+    estimated clusters. Per-head means of the call's statistics, times the heads."""
+    ls = index.last_stats
+    h, d, c = index.num_kv_heads, index.head_dim, index.num_clusters
+    exact = ls.exact_fraction * index.seq_len * h
+    summary = index.centroids.element_size()
+    n_est = min(index.budget()[1], c - ls.clusters_retrieved)
+    return round(exact * 2 * d * kv_element_size + h * c * (2 * d * summary + 8)
+                 + h * n_est * d * summary)
 
 
 def slice_common_metadata(cm, start: int, end: int):
@@ -159,6 +199,7 @@ class RetroMetadataBuilder(_DenseBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
         self.retro_state = state_for(vllm_config)
+        self.count_layer = min(layer_names, key=_layer_key) if layer_names else None
         logger.info("retro attention backend active for %d layers: %s",
                     len(layer_names), self.retro_state.config)
 
@@ -180,7 +221,7 @@ class RetroMetadataBuilder(_DenseBuilder):
         md.retro = RetroBatch(first_blocks=first_blocks, num_decodes=nd,
                               seq_lens=seq_lens, query_start_loc=qsl,
                               prefill_metadata=prefill_md, state=self.retro_state,
-                              builder=self, common=cm)
+                              builder=self, common=cm, count_layer=self.count_layer)
         return md
 
 
@@ -227,6 +268,7 @@ class RetroImpl(_DenseImpl):
                 md = rb.dense_metadata_for_rows(row, row + 1)
                 super().forward(layer, query[row:row + 1], key[row:row + 1],
                                 value[row:row + 1], kv_cache, md, output[row:row + 1])
+                self._count_dense(rb, name, rb.seq_lens[row], key.element_size())
         return output
 
     def _guarded(self, rb: RetroBatch, row: int, fn, *args) -> bool:
@@ -253,7 +295,30 @@ class RetroImpl(_DenseImpl):
             return False
         decode_attention(index, q3[row], self.scale, out=out3[row])
         rb.state.store.record_decode(index)
+        if index.num_clusters == 0:   # short context: the index attended every token
+            self._count_dense(rb, name, index.seq_len, key.element_size())
+            return True
+        st, ls = rb.state.store.stats, index.last_stats
+        ctx = index.seq_len * self.num_kv_heads
+        st.retro_rows += name == rb.count_layer
+        st.context_tokens += ctx
+        st.exact_tokens += round(ls.exact_fraction * ctx)
+        st.estimated_tokens += round(ls.estimated_fraction * ctx)
+        st.kv_bytes_read += decode_read_bytes(index, key.element_size())
+        st.kv_bytes_dense += ctx * 2 * self.head_size * key.element_size()
         return True
+
+    def _count_dense(self, rb: RetroBatch, name: str, seq_len: int, elem: int) -> None:
+        """Counts a decode row attended over every token (dense kernel, or an index
+        too short to have clusters)."""
+        st = rb.state.store.stats
+        ctx = seq_len * self.num_kv_heads
+        st.dense_rows += name == rb.count_layer
+        st.context_tokens += ctx
+        st.exact_tokens += ctx
+        nbytes = ctx * 2 * self.head_size * elem
+        st.kv_bytes_read += nbytes
+        st.kv_bytes_dense += nbytes
 
     def _kv_rows(self, key, value, t0: int, t1: int):
         """This step's K/V of tokens ``[t0, t1)`` as ``[H, n, D]``."""
