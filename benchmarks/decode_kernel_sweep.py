@@ -36,7 +36,7 @@ from vllm_retro.kernels import triton_decode as td  # noqa: E402
 # (programs per SM, max_split)) or (name, "pps+<kernel>", (programs per SM, overrides))
 VARIANTS = [
     ("default", None, {}),
-    ("programs/SM 4", "pps", (4, 0)),
+    ("programs/SM 2", "pps", (2, 0)),
     ("programs/SM 8", "pps", (8, 0)),
     ("programs/SM 16", "pps", (16, 0)),
     ("programs/SM 4, split 64", "pps", (4, 64)),

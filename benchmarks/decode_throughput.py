@@ -162,8 +162,40 @@ def child(a) -> None:
         json.dump(dict(startup_s=startup, records=recs), f)
 
 
+def plot(res: dict, path: str) -> None:
+    """Decode tok/s per (context, batch) for each backend, and retro's ratio over
+    dense at the same context (largest batch against largest batch)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = res["records"]
+    ctxs = sorted({r["context"] for r in recs})
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
+    for ax, ctx in zip(axes[0], ctxs):
+        for be, mk in (("FLASH_ATTN", "s-"), ("retro", "o-")):
+            rs = sorted((r for r in recs if r["context"] == ctx and r["backend"] == be),
+                        key=lambda r: r["batch"])
+            if rs:
+                ax.plot([r["batch"] for r in rs], [r["decode_tok_s"] for r in rs], mk,
+                        label=be if be == "retro" else "dense (FLASH_ATTN)")
+        top = {be: max((r for r in recs if r["context"] == ctx and r["backend"] == be),
+                       key=lambda r: r["batch"], default=None) for be in ("retro", "FLASH_ATTN")}
+        title = f"context {ctx // 1024}K"
+        if top["retro"] and top["FLASH_ATTN"]:
+            title += (f": largest batches {top['retro']['batch']} vs {top['FLASH_ATTN']['batch']}"
+                      f", x{top['retro']['decode_tok_s'] / top['FLASH_ATTN']['decode_tok_s']:.2f}")
+        ax.set_title(title)
+        ax.set_xlabel("batch (concurrent requests)")
+        ax.set_ylabel("decode tokens/s")
+        ax.legend()
+    fig.suptitle(f"Decode throughput through vllm.LLM, Llama-3-8B shape, {res['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--plot", help="only plot this results JSON (to the same name .png)")
     ap.add_argument("--backends", default="retro,FLASH_ATTN")
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--batches", default="1,2,4,8,16,32")
@@ -179,6 +211,9 @@ def main() -> None:
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.plot:
+        with open(a.plot) as f:
+            return plot(json.load(f), a.plot.rsplit(".", 1)[0] + ".png")
     if a.backend:
         return child(a)
     results = {}

@@ -100,9 +100,11 @@ TUNE = {
     "attend": dict(TS=32, RG=8, TR=32, TE=32, num_warps=4, num_stages=2),
 }
 SMALL_BATCH = 2
-# Programs per SM the grids aim at (``DecodeWorkspace.nsplit``); the environment
+# Programs per SM the grids aim at (``DecodeWorkspace.nsplit``): the kernels are
+# latency-bound (chains of dependent gathers), so more resident programs pay; 4 beat
+# 2, 8 and 16 at 128K x 6 on an H200 (decode_kernel_sweep_h200.json). The environment
 # variable RETRO_DECODE_PROGRAMS_PER_SM overrides it for tuning runs.
-PROGRAMS_PER_SM = int(os.environ.get("RETRO_DECODE_PROGRAMS_PER_SM", "2"))
+PROGRAMS_PER_SM = int(os.environ.get("RETRO_DECODE_PROGRAMS_PER_SM", "4"))
 TUNE_SMALL_BATCH = {
     "score": dict(CH=128, num_warps=8, num_stages=2),
     "attend": dict(TS=128, TE=64),
