@@ -6,7 +6,8 @@
 #   STAGES="kernels engine kbench throughput" bash scripts/gpu/run.sh
 #
 # Stages: kernels (kernel tests on the GPU), kbench (decode attention per layer vs
-# FA3), sweep (launch parameters of the decode kernels, SWEEP_ARGS), engine (vLLM
+# FA3), ibuild (index build of one long prompt, profiled; IBUILD_ARGS), sweep
+# (launch parameters of the decode kernels, SWEEP_ARGS), engine (vLLM
 # engine tests under vLLM's defaults), smollm2 (SmolLM2 through
 # vLLM, retro vs dense; needs the .gpu-carry/ parts of scripts/gpu/prepare_carry.sh,
 # carried one per call like the bundle), throughput (benchmarks/decode_throughput.py,
@@ -39,6 +40,8 @@ for s in $STAGES; do
     kernels) python3 -m pytest -q -x tests/kernels 2>&1 | tee "$OUT/kernels.log" | tail -15 ;;
     kbench) python3 benchmarks/decode_kernel_bench.py ${KBENCH_ARGS:-} \
               --out "$OUT/decode_kernel_h200.json" 2>&1 | tee "$OUT/kbench.log" | tail -20 ;;
+    ibuild) python3 benchmarks/index_build_bench.py ${IBUILD_ARGS:-} \
+              --out "$OUT/index_build_h200.json" 2>&1 | tee "$OUT/ibuild.log" | tail -20 ;;
     sweep) python3 benchmarks/decode_kernel_sweep.py ${SWEEP_ARGS:-} \
               --out "$OUT/decode_kernel_sweep_h200.json" 2>&1 | tee "$OUT/sweep.log" | tail -40 ;;
     engine) python3 -m pytest -q -x tests/gpu/test_engine_gpu.py 2>&1 | tee "$OUT/engine.log" | tail -25 ;;
