@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -57,3 +58,42 @@ def test_batch_jsonl_rejects_bad_input(tmp_path):
     r = subprocess.run(cmd + ["--retro-options", '{"segment_size": -3}'],
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "segment_size" in r.stderr, r.stderr
+
+
+def _demo(*args, timeout=600):
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "demo.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_demo_finds_the_needle_with_dense_and_retro(smollm2_model):
+    """The README's demo: SmolLM2 answers with the hidden code, dense and retro,
+    while retro's decode attention reads a minority of the context exactly and
+    fewer KV bytes than dense."""
+    r = _demo()
+    out = r.stdout
+    assert r.returncode == 0, (out + r.stderr)[-4000:]
+    code = re.search(r"The secret code to open the garden gate is (\d{5})\.", out)
+    assert code, out
+    answers = dict(re.findall(r"^  (dense|retro)  '(.*)'\n\s+(?:right|WRONG);", out, re.M))
+    assert set(answers) == {"dense", "retro"}, out
+    for label, text in answers.items():
+        assert code.group(1) in text, f"{label} missed the code:\n{out}"
+    assert out.count("right;") == 2 and "WRONG" not in out, out
+    summary = out.replace("\n", " ")
+    shares = re.search(r"read ([\d.]+)% of the context tokens exactly, estimated "
+                       r"([\d.]+)%", summary)
+    assert shares, out
+    exact, est = map(float, shares.groups())
+    assert 0 < exact < 50 and 0 < est and exact + est <= 100, out
+    kv = re.search(r"([\d.]+) MiB of KV read per step against dense attention's "
+                   r"([\d.]+) MiB", summary)
+    assert kv and 0 < float(kv.group(1)) < float(kv.group(2)), out
+
+
+def test_demo_rejects_bad_options():
+    """Refused by argparse (exit 2) before any model is loaded."""
+    for args, name in ((["--depth", "1.5"], "--depth"),
+                       (["--context-tokens", "9000"], "--context-tokens")):
+        r = _demo(*args, timeout=120)
+        assert r.returncode == 2 and name in r.stderr, r.stderr

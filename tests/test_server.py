@@ -230,6 +230,107 @@ def test_stats_log_line(server):
     assert float(found.group(2)) < 99.0, found.group(0)
 
 
+ROWS_LINE = re.compile(r"retro: \d+ decode attention calls, .*?; decode rows (\d+) on the "
+                       r"index, (\d+) dense")
+
+
+def _scrape(server):
+    """Retro's samples on ``/metrics``: {(sample name, path label): value} (one
+    engine, one model)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    status, body = server.get("/metrics")
+    assert status == 200
+    return {(s.name, s.labels.get("path")): s.value
+            for fam in text_string_to_metric_families(body.decode())
+            for s in fam.samples if s.name.startswith("vllm:retro_")}
+
+
+def _metrics_when(server, accept, what, timeout=30.0):
+    """Scrapes until ``accept(samples)``: a step's numbers reach the front end with
+    its outputs, possibly just after the HTTP response."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = _scrape(server)
+        if accept(m):
+            return m
+        if time.monotonic() > deadline:
+            pytest.fail(f"/metrics never showed {what} in {timeout:.0f} s: {m}\n"
+                        f"{_log_tail(server.log_path)}")
+        time.sleep(0.2)
+
+
+def test_prometheus_metrics_match_engine(server):
+    """vLLM's ``/metrics`` carries retro's numbers: decode rows per path and context
+    tokens exactly as the requests' usage implies (one decode row per generated
+    token after the first; long prompts on the index, a 2-token one dense), the
+    fractions and bytes consistent with them, the index gauges back to 0 once the
+    requests are freed, and the row totals equal to the sum of the worker's own
+    stats lines."""
+    from vllm_retro.config import RetroConfig
+    with open(os.path.join(server.model, "config.json")) as f:
+        mc = json.load(f)
+    heads, layers = mc["num_key_value_heads"], mc["num_hidden_layers"]
+    head_dim = mc["hidden_size"] // mc["num_attention_heads"]
+    indexed_from = RetroConfig(**RETRO_OPTIONS).min_indexed_tokens
+
+    def get(m, name, path=None):
+        return m.get((name, path), 0.0)
+
+    # Once the engine has freed every index, every earlier step has been reported.
+    before = _metrics_when(server, lambda m: get(m, "vllm:retro_indexed_requests") == 0,
+                           "an idle engine")
+    want = {"retro": 0, "dense": 0}
+    ctx = 0
+    for prompt, n in ((PROMPT, 16), (PROMPT[:3000], 9), ("import os", 6)):
+        usage = server.post_json("/v1/completions", _completion_body(
+            server, prompt=prompt, max_tokens=n))["usage"]
+        p, c = usage["prompt_tokens"], usage["completion_tokens"]
+        assert c == n, usage
+        want["retro" if p >= indexed_from else "dense"] += c - 1
+        ctx += heads * layers * sum(p + i for i in range(1, c))
+    assert want["retro"] and want["dense"], want
+    rows = "vllm:retro_decode_rows_total"
+
+    def delta(m, name, path=None):
+        return get(m, name, path) - get(before, name, path)
+
+    after = _metrics_when(
+        server, lambda m: delta(m, rows, "retro") + delta(m, rows, "dense")
+        >= sum(want.values()) and get(m, "vllm:retro_indexed_requests") == 0,
+        f"{want} more decode rows and no index left")
+    assert {k: delta(after, rows, k) for k in want} == want
+    assert delta(after, "vllm:retro_context_tokens_total") == ctx
+    exact = delta(after, "vllm:retro_exact_tokens_total")
+    est = delta(after, "vllm:retro_estimated_tokens_total")
+    assert 0 < exact < ctx and est > 0 and exact + est <= ctx, (exact, est, ctx)
+    dense_bytes = delta(after, "vllm:retro_kv_dense_bytes_total")
+    assert dense_bytes == ctx * 2 * head_dim * 4                  # float32 K and V
+    assert 0 < delta(after, "vllm:retro_kv_read_bytes_total") < dense_bytes
+    assert get(after, "vllm:retro_exact_fraction") == pytest.approx(
+        get(after, "vllm:retro_exact_tokens_total") /
+        get(after, "vllm:retro_context_tokens_total"))
+    assert get(after, "vllm:retro_estimated_fraction") == pytest.approx(
+        get(after, "vllm:retro_estimated_tokens_total") /
+        get(after, "vllm:retro_context_tokens_total"))
+    assert get(after, "vllm:retro_index_bytes") == 0
+    assert get(after, "vllm:retro_index_faults_total") == 0
+
+    # The worker's stats line reports the rows since its last line, at a step: a
+    # 1-token request (a step with no decode row) makes it write the rows above.
+    offset = len(_read_log(server.log_path))
+    deadline = time.monotonic() + 30
+    while not ROWS_LINE.search(_read_log(server.log_path)[offset:]):
+        if time.monotonic() > deadline:
+            pytest.fail(f"no retro stats line; log tail:\n{_log_tail(server.log_path)}")
+        server.post_json("/v1/completions", _completion_body(server, prompt="import os",
+                                                             max_tokens=1))
+        time.sleep(0.5)
+    logged = [tuple(map(int, x)) for x in ROWS_LINE.findall(_read_log(server.log_path))]
+    final = _scrape(server)
+    assert (get(final, rows, "retro"), get(final, rows, "dense")) == \
+        tuple(map(sum, zip(*logged))), logged
+
+
 def _stats_after(server, offset):
     """(live requests, index bytes, freed) of each stats line after log offset."""
     log = _read_log(server.log_path)[offset:]

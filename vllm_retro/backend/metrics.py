@@ -124,14 +124,14 @@ class WorkerStatsReporter:
                  min_interval_s: float = 0.0) -> None:
         self._rank = str(rank)
         self._read = read
-        self._min_interval_s = min_interval_s
+        self.min_interval_s = min_interval_s
         self._last_read = -float("inf")
         self._last: Optional[Dict[str, float]] = None
         self._seq = 0
 
     def take(self) -> Optional[RetroConnectorStats]:
         now = time.monotonic()
-        if now - self._last_read < self._min_interval_s:
+        if now - self._last_read < self.min_interval_s:
             return None
         self._last_read = now
         values = self._read()
