@@ -1,0 +1,137 @@
+"""The GPU path's semantics on real attention: the paged index's twin against the
+host wave index, both against float64 full attention.
+
+Role: the GPU decode kernels compute exactly :func:`vllm_retro.kernels.reference.
+paged_decode_attention` (tested to 2e-6), so this twin on real SmolLM2 Q/K/V (the
+capture of ``capture_qkv.py``) says how far the GPU path's design is from the CPU
+path's (:class:`vllm_retro.wave_index.WaveIndex`) at the same options: segmentation
+by ``plan_segments`` (the prompt indexed once, after its last token), sinks rounded
+to a KV block, summaries stored in the KV dtype (float32 here, bf16 as on the GPU).
+The prompt is the text before the first captured query position; every captured
+query then decodes over the prompt plus the tokens after it.
+
+    python benchmarks/paged_vs_wave.py [--data benchmarks/data/smollm2_qkv.pt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vllm_retro.attention import full_attention  # noqa: E402
+from vllm_retro.config import RetroConfig  # noqa: E402
+from vllm_retro.index.paged import (PagedIndexLayout, SegmentJob, budget,  # noqa: E402
+                                    build_segments, clusters_in, header_row, make_headers,
+                                    plan_segments, sink_end)
+from vllm_retro.kernels import reference  # noqa: E402
+from vllm_retro.wave_index import WaveIndex  # noqa: E402
+
+BS = 16
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def paged_errors(k, v, queries, qpos, scale, cfg, dtype):
+    """Relative errors and exact fractions of the paged twin for every query."""
+    h, t, d = k.shape
+    lay = PagedIndexLayout(h, d, BS, dtype)
+    nblk = math.ceil(t / BS)
+    kv = lay.make_cache(nblk + 1)
+    kvv = torch.zeros(h, nblk * BS, 2 * d)
+    kvv[:, :t, :d], kvv[:, :t, d:] = k, v
+    kv[1:] = kvv.view(h, nblk, BS, 2 * d).permute(1, 0, 2, 3).to(dtype)
+    blocks = torch.arange(1, nblk + 1)
+    prompt = int(qpos[0])
+    segs = plan_segments(0, prompt, prompt, cfg, BS)
+    groups = {}
+    for p0, p1 in segs:
+        groups.setdefault(p1 - p0, []).append(SegmentJob(blocks, p0, p1))
+    for g in groups.values():
+        build_segments(kv, lay, g, cfg)
+    S = sink_end(cfg, BS)
+    headers = make_headers(nblk + 1, "cpu")
+    if segs:
+        E = segs[-1][1]
+        c = sum(clusters_in(p1 - p0, cfg) for p0, p1 in segs)
+        n_ret, n_est = budget(c, E - S, cfg)
+        headers[1] = torch.tensor(header_row(E, n_ret, n_est, c), dtype=torch.int32)
+    errs, fracs = [], []
+    bt = blocks.view(1, -1).int()
+    for i, p in enumerate(qpos):
+        p = int(p)
+        q = queries[i].to(dtype).float()
+        out, st = reference.paged_decode_attention(
+            q.unsqueeze(0), kv, lay, bt, torch.tensor([p + 1]), headers, S, scale)
+        ref = full_attention(queries[i].double(), k[:, :p + 1].double(),
+                             v[:, :p + 1].double(), scale)
+        errs.append(rel(out[0], ref))
+        fracs.append((st[0, 0] / st[0, 2]).item())
+    return errs, fracs
+
+
+def wave_errors(k, v, queries, qpos, scale, cfg):
+    prompt = int(qpos[0])
+    idx = WaveIndex.build(k[:, :prompt].float(), v[:, :prompt].float(), cfg)
+    errs, fracs = [], []
+    done = prompt
+    for i, p in enumerate(qpos):
+        p = int(p)
+        if p + 1 > done:
+            idx.append(k[:, done:p + 1].float(), v[:, done:p + 1].float())
+            done = p + 1
+        out = idx.attend(queries[i].float(), scale)
+        ref = full_attention(queries[i].double(), k[:, :p + 1].double(),
+                             v[:, :p + 1].double(), scale)
+        errs.append(rel(out, ref))
+        fracs.append(idx.last_stats.exact_fraction)
+    return errs, fracs
+
+
+def q(xs, f):
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(f * len(s)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="benchmarks/data/smollm2_qkv.pt")
+    ap.add_argument("--options", default='{"segment_size": 1024}')
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    data = torch.load(a.data, weights_only=False)
+    cfg = RetroConfig(**json.loads(a.options))
+    scale = float(data["scale"])
+    qpos = data["query_positions"].tolist()
+    res = {}
+    for layer in data["keys"]:
+        k, v = data["keys"][layer].float(), data["values"][layer].float()
+        qs = data["queries"][layer].float()
+        row = {}
+        for name, fn in (("wave (CPU)", lambda: wave_errors(k, v, qs, qpos, scale, cfg)),
+                         ("paged fp32", lambda: paged_errors(k, v, qs, qpos, scale, cfg,
+                                                             torch.float32)),
+                         ("paged bf16", lambda: paged_errors(k, v, qs, qpos, scale, cfg,
+                                                             torch.bfloat16))):
+            e, f = fn()
+            row[name] = dict(median_err=q(e, 0.5), p90_err=q(e, 0.9),
+                             exact_fraction=sum(f) / len(f))
+        res[layer] = row
+        print(f"layer {layer}: " + " | ".join(
+            f"{n}: med {100 * r['median_err']:.2f}% p90 {100 * r['p90_err']:.2f}% "
+            f"read {100 * r['exact_fraction']:.1f}%" for n, r in row.items()), flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(data=a.data, options=a.options, layers=res), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
