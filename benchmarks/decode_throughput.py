@@ -158,11 +158,63 @@ def child(a) -> None:
             # Written after every record: a run cut short keeps what it measured.
             with open(a.child_out, "w") as f:
                 json.dump(dict(startup_s=startup, records=recs), f)
+    prof = None
+    if a.profile:
+        ctx, b = map(int, a.profile.split("x"))
+        prof = profile_decode(eng, ctx, b, vocab, g, rid)
+        print("profile " + json.dumps(prof), flush=True)
     with open(a.child_out, "w") as f:
-        json.dump(dict(startup_s=startup, records=recs), f)
+        json.dump(dict(startup_s=startup, records=recs, profile=prof), f)
+
+
+def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, steps: int = 24) -> dict:
+    """Where a decode step's time goes: ``batch`` requests of ``ctx`` tokens, the
+    decode steps after every request's first token under the torch profiler (CPU and
+    CUDA): wall time per step, device time per step (all kernels), the top kernels
+    and the top host operations (self time) per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    params = SamplingParams(max_tokens=steps + 2, ignore_eos=True, temperature=0.0)
+    got = {}
+    for i in range(batch):
+        toks = torch.randint(100, vocab - 1, (ctx,), generator=g).tolist()
+        eng.add_request(f"prof{rid + i}", TokensPrompt(prompt_token_ids=toks), params)
+        got[f"prof{rid + i}"] = 0
+    while not all(v >= 2 for v in got.values()):
+        for o in eng.step():
+            got[o.request_id] = len(o.outputs[0].token_ids)
+    acts = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(ProfilerActivity.CUDA)
+    n = 0
+    t0 = time.perf_counter()
+    with profile(activities=acts) as p:
+        while eng.has_unfinished_requests():
+            eng.step()
+            n += 1
+    wall = time.perf_counter() - t0
+    n = max(1, n)
+    dev, host = {}, {}
+    for e in p.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0.0)
+        if t > 0:
+            dev[e.key] = t / n
+        if e.self_cpu_time_total > 0:
+            host[e.key] = e.self_cpu_time_total / n
+
+    def top(d):
+        return {k[:90]: round(v, 1) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:15]}
+    return dict(context=ctx, batch=batch, steps=n, wall_ms_per_step=1e3 * wall / n,
+                device_us_per_step=round(sum(dev.values()), 1),
+                top_kernels_us_per_step=top(dev), top_host_us_per_step=top(host))
 
 
 def plot(res: dict, path: str) -> None:
+
     """Decode tok/s per (context, batch) for each backend, and retro's ratio over
     dense at the same context (largest batch against largest batch)."""
     import matplotlib
@@ -205,6 +257,10 @@ def main() -> None:
                     help="vLLM's max_num_seqs (0: its default); bounds the CUDA-graph "
                          "capture sizes, so a smaller value shortens engine start-up")
     ap.add_argument("--retro-options", default="{}")
+    ap.add_argument("--profile", default="",
+                    help="CTXxB: after the sweep, profile the decode steps of B requests "
+                         "of CTX tokens (wall vs device time per step, top kernels and "
+                         "host operations); printed and stored per backend")
     ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--out", default="benchmarks/results/decode_throughput_h200.json")
@@ -223,6 +279,7 @@ def main() -> None:
     records = [r for r in results.get("records", [])
                if r["backend"] not in a.backends.split(",")]
     failed = []
+    profiles = results.get("profiles", {})
     for be in a.backends.split(","):
         part = a.out + f".{be}.partial"
         if os.path.exists(part):
@@ -235,12 +292,17 @@ def main() -> None:
             failed.append(f"{be} ({r.returncode})")
         if os.path.exists(part):
             with open(part) as f:
-                records += json.load(f)["records"]
+                got = json.load(f)
+            records += got["records"]
+            if got.get("profile"):
+                profiles[be] = got["profile"]
     import torch
     import vllm
     res = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", date=datetime.date.today().isoformat(),
                versions=dict(vllm=vllm.__version__, torch=torch.__version__),
                command="python " + " ".join(sys.argv), records=records)
+    if profiles:
+        res["profiles"] = profiles
     pps = os.environ.get("RETRO_DECODE_PROGRAMS_PER_SM")
     if pps:
         res["env"] = {"RETRO_DECODE_PROGRAMS_PER_SM": pps}

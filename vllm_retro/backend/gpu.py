@@ -287,6 +287,11 @@ class PagedIndexManager:
 
     # ----------------------------------------------------------- maintenance
     def on_step(self, meta: RetroStepMetadata) -> None:
+        # A named range, so a profile of the engine shows retro's host time per step.
+        with torch.profiler.record_function("retro::on_step"):
+            self._on_step(meta)
+
+    def _on_step(self, meta: RetroStepMetadata) -> None:
         entries = self.requests.apply(meta)
         if self.headers is None:
             return
