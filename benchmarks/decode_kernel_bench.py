@@ -61,9 +61,14 @@ def bandwidth_tbs() -> float:
     return 2 * x.numel() / (ms * 1e-3) / 1e12
 
 
-def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed: int = 0):
+def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed: int = 0,
+               key_scale: float = 1.0):
     """A cache holding ``batch`` requests of ``ctx`` tokens, indexed; block tables,
-    seq_lens, headers; and the per-row (exact, estimated) cluster budget."""
+    seq_lens, headers; and the per-row (exact, estimated) cluster budget.
+
+    ``key_scale`` multiplies the keys: a tiny scale (1e-4) gives what an engine with
+    ``load_format="dummy"`` weights gives, every cluster's log-mass ~ ln(size), so
+    thousands of bitwise-equal ranking keys (the selection's worst case)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     lay = PagedIndexLayout(H, D, BS, DT)
     nblk = math.ceil((ctx + 1) / BS)
@@ -73,7 +78,9 @@ def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed:
     bt = perm[:batch * nblk].view(batch, nblk).int()
     for r in range(batch):
         blocks = bt[r].long()
-        kv[blocks] = torch.randn(nblk, H, BS, 2 * D, device="cuda", dtype=DT, generator=g)
+        x = torch.randn(nblk, H, BS, 2 * D, device="cuda", dtype=torch.float32, generator=g)
+        x[..., :D] *= key_scale
+        kv[blocks] = x.to(DT)
     headers = make_headers(nb, "cuda")
     S = sink_end(cfg, BS)
     segs = plan_segments(0, ctx, ctx, cfg, BS)
@@ -165,9 +172,10 @@ def graph_of(fn):
     return gr
 
 
-def bench_case(ctx: int, batch: int, cfg: RetroConfig, bw: float) -> dict:
+def bench_case(ctx: int, batch: int, cfg: RetroConfig, bw: float,
+               key_scale: float = 1.0) -> dict:
     scale = 1 / math.sqrt(D)
-    lay, kv, bt, sl, hdr, S = make_batch(ctx, batch, cfg)
+    lay, kv, bt, sl, hdr, S = make_batch(ctx, batch, cfg, key_scale=key_scale)
     ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, max(batch, 8), "cuda")
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
@@ -278,6 +286,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--max-tokens-in-cache", type=int, default=1 << 20,
                     help="skip (context, batch) pairs above this many tokens")
+    ap.add_argument("--key-scale", type=float, default=1.0,
+                    help="multiply the keys (1e-4: the flat scores of dummy weights)")
     ap.add_argument("--out", default="benchmarks/results/decode_kernel_h200.json")
     a = ap.parse_args()
     if a.plot:
@@ -296,7 +306,7 @@ def main() -> None:
             if ctx * b > a.max_tokens_in_cache:
                 continue
             t0 = time.time()
-            r = bench_case(ctx, b, cfg, bw)
+            r = bench_case(ctx, b, cfg, bw, a.key_scale)
             recs.append(r)
             print(f"ctx {ctx:>7} b {b}: retro graph {r['retro_graph_ms'] * 1e3:7.1f} us "
                   f"eager {r['retro_eager_ms'] * 1e3:7.1f} us | FA3 {r['fa3_ms'] * 1e3:7.1f} us"
@@ -309,7 +319,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
-               command=" ".join(sys.argv), copy_tbs=bw, full_retrieval_rel_err=err_full,
+               command=" ".join(sys.argv), copy_tbs=bw, key_scale=a.key_scale, full_retrieval_rel_err=err_full,
                full_retrieval_reference="FA3" if has_fa3() else "float64 dense twin",
                default_vs_twin_rel_err=err_twin, records=recs)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)

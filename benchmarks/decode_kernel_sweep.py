@@ -42,12 +42,14 @@ VARIANTS = [
     ("programs/SM 4, split 64", "pps", (4, 64)),
     ("programs/SM 8, attend TR16 RG32", "pps+attend", (8, dict(TR=16, RG=32))),
     ("programs/SM 8, score CH32", "pps+score", (8, dict(CH=32))),
+    ("cand CB1024", "cand", dict(CB=1024)),
+    ("cand CB1024 w16", "cand", dict(CB=1024, num_warps=16)),
 ]
 
 
-def run_case(ctx: int, batch: int, cfg: RetroConfig) -> dict:
+def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> dict:
     scale = 1 / math.sqrt(D)
-    lay, kv, bt, sl, hdr, S = make_batch(ctx, batch, cfg)
+    lay, kv, bt, sl, hdr, S = make_batch(ctx, batch, cfg, key_scale=key_scale)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     base_tune = copy.deepcopy(td.TUNE)
     base_small = copy.deepcopy(td.TUNE_SMALL_BATCH)
@@ -115,17 +117,20 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="131072x1,131072x8")
+    ap.add_argument("--key-scale", type=float, default=1.0,
+                    help="multiply the keys (1e-4: the flat scores of dummy weights)")
     ap.add_argument("--out", default="benchmarks/results/decode_kernel_sweep_h200.json")
     a = ap.parse_args()
     cfg = RetroConfig()
     cases = []
     for c in a.cases.split(","):
         ctx, b = map(int, c.split("x"))
-        cases.append(run_case(ctx, b, cfg))
+        cases.append(run_case(ctx, b, cfg, a.key_scale))
         torch.cuda.empty_cache()
     res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
-               command=" ".join(sys.argv), block_size=BS, cases=cases)
+               command=" ".join(sys.argv), block_size=BS, key_scale=a.key_scale,
+               cases=cases)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
