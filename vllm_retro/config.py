@@ -54,6 +54,14 @@ class RetroConfig:
             softmax mass outside it is below this bound (accuracy-bounded mode).
         max_retrieval_fraction: cap of the exact set in accuracy-bounded mode
             (never below retrieval_fraction, which stays the floor).
+        shared_head_budget: opt-in, fixed-fraction mode only: the layer's retrieved
+            clusters (``n_ret`` per KV head, ``n_ret * H`` in all) are shared by its
+            KV heads: every head keeps its top cluster and the rest go, across heads,
+            to the clusters with the largest estimated share of their own query
+            heads' attention (summed over the group), so heads whose attention is
+            spread read more and concentrated heads fewer. Same clusters read in
+            total; each head reads a prefix of its own ranking. The GPU kernels do
+            not implement it yet.
         dense_below: context length below which the vLLM backend decodes densely
             (0: only the index's own short-sequence fallback applies).
         host_memory_gib: host memory the vLLM backend's indexes of one worker may
@@ -73,6 +81,7 @@ class RetroConfig:
     update_interval: int = 1024
     error_bound: Optional[float] = None
     max_retrieval_fraction: float = 0.25
+    shared_head_budget: bool = False
     dense_below: int = 0
     host_memory_gib: Optional[float] = None
     log_stats_interval_s: float = 10.0
@@ -103,6 +112,12 @@ class RetroConfig:
             _check_float("error_bound", self.error_bound, 0.0, 1.0, lo_open=True)
         _check_float("max_retrieval_fraction", self.max_retrieval_fraction, 0.0, 1.0,
                      lo_open=True)
+        if not isinstance(self.shared_head_budget, bool):
+            raise ValueError("RetroConfig.shared_head_budget must be a bool, got "
+                             f"{self.shared_head_budget!r}")
+        if self.shared_head_budget and self.error_bound is not None:
+            raise ValueError("RetroConfig.shared_head_budget applies to the fixed-fraction "
+                             "mode; error_bound already sizes the exact set per KV head")
         _check_int("dense_below", self.dense_below, 0, 1 << 24)
         if self.host_memory_gib is not None:
             _check_float("host_memory_gib", self.host_memory_gib, 0.0, 1 << 20, lo_open=True)

@@ -312,6 +312,8 @@ class WaveIndex:
         if self.config.error_bound is None:
             k_ret = torch.full((self.num_kv_heads,), n_ret, dtype=torch.int64,
                                device=self.device)
+            if self.config.shared_head_budget:
+                k_ret = self._shared_retrieval(logits, order, steady_lse, n_ret)
         else:
             k_ret = self._bounded_retrieval(logits, order, steady_lse, n_ret)
         rank = torch.arange(c, device=self.device).unsqueeze(0)
@@ -319,6 +321,33 @@ class WaveIndex:
         estimated_valid = (rank >= k_ret.unsqueeze(1)) & (rank < (k_ret + n_est).unsqueeze(1))
         # Both sets index the same ranking; validity masks say which entries count.
         return ClusterSelection(order, retrieved_valid, order, estimated_valid, k_ret)
+
+    def _shared_retrieval(self, logits: torch.Tensor, order: torch.Tensor,
+                          steady_lse: torch.Tensor, n_ret: int) -> torch.Tensor:
+        """Per-head exact-set sizes when the layer's ``n_ret * H`` retrieved clusters
+        are shared by its KV heads (``shared_head_budget``).
+
+        A cluster's claim is its estimated share of the attention of its own query
+        heads, ``sum_g exp(logit - total_g)`` with ``total_g`` the estimated total
+        (steady lse and every cluster's log-mass), so claims compare across heads.
+        Every head keeps its top-ranked cluster; the other ``(n_ret - 1) * H`` go to
+        the largest claims among the remaining ranks (ties: lower head, then better
+        rank). A head then retrieves that many clusters as a prefix of its own
+        ranking, so only the count per head changes, not what a head's ranking is.
+        On a GPU this is one top-k over ``H * C`` scores per sequence and layer;
+        the clusters read in total stay ``n_ret * H``."""
+        h, c = self.num_kv_heads, self.num_clusters
+        lg = torch.gather(logits, 2, order.unsqueeze(1).expand_as(logits))  # ranked
+        total = torch.logaddexp(torch.logsumexp(lg, dim=-1), steady_lse)    # [H, G]
+        claim = torch.exp(lg - total.unsqueeze(-1)).nan_to_num(0.0).sum(1)  # [H, C]
+        extra = (n_ret - 1) * h
+        k = torch.ones(h, dtype=torch.int64, device=self.device)
+        if extra <= 0 or c <= 1:
+            return k
+        flat = claim[:, 1:].reshape(-1)
+        pick = torch.argsort(flat, descending=True, stable=True)[:extra]
+        k += torch.bincount(torch.div(pick, c - 1, rounding_mode="floor"), minlength=h)
+        return k
 
     def _bounded_retrieval(self, logits: torch.Tensor, order: torch.Tensor,
                            steady_lse: torch.Tensor, n_min: int) -> torch.Tensor:

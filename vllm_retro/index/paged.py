@@ -157,6 +157,8 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
     if config.error_bound is not None:
         reasons.append("error_bound (accuracy-bounded mode) is not implemented by the "
                        "GPU decode kernels yet")
+    if config.shared_head_budget:
+        reasons.append("shared_head_budget is not implemented by the GPU decode kernels yet")
     return reasons
 
 
