@@ -69,10 +69,24 @@ decode position (default 4) to keep the runtime down.
 Output: ``--out`` JSON plus a PNG of the same stem (rel. error and recall vs
 fraction read) and ``<stem>_ranking.png`` (ranking ablation).
 
+Text axis (``--texts code,prose,json,table,needles``, issue 16): one capture per
+text kind (``capture_qkv.py --text KIND``); per text, layer and target read
+fraction the median and p90 of the relative error and the median recall over
+every query head and position, for oracle top-k, wave variants (``--variants``:
+the library's ranking, ``shared_head_budget``, finer clusters, estimation and
+window sizes), RetroInfer's fixed split (1.8% retrieved / 23.2% estimated), the
+library default and ``error_bound`` (share of query heads whose true outside mass
+is within the bound). Writes ``accuracy_texts.json`` + PNG. ``--decompose``
+instead splits the error at 3% read into estimated-cluster mass, estimated-cluster
+value and skipped clusters (``accuracy_decomposition.json``). Tables:
+``docs/accuracy.md``.
+
 Usage: python benchmarks/accuracy_vs_budget.py [--layers 2,8,15,22,29]
        [--fractions 0.005,0.01,0.02,0.03,0.05,0.1,0.2,1.0] [--eps 0.05,0.1,0.2]
        [--out benchmarks/results/accuracy_vs_budget.json] [--ablation-stride 4]
        [--threads 1]
+       python benchmarks/accuracy_vs_budget.py --texts code,prose,json,table,needles
+       [--variants wave,wave_shared,...] [--num-queries 32] [--decompose]
 """
 
 from __future__ import annotations
@@ -559,6 +573,7 @@ TEXT_VARIANTS: Dict[str, tuple] = {
     "wave": ({}, "wave index (library ranking, estimation 0.232)"),
     "wave_est_all": ({"estimation_fraction": None},
                      "wave, every non-retrieved cluster estimated"),
+    "wave_ef10": ({"estimation_fraction": 0.1}, "wave, estimation_fraction 0.1"),
     "wave_shared": ({"shared_head_budget": True},
                     "wave, shared_head_budget (clusters shared by the KV heads)"),
     "wave_cs8": ({"cluster_size": 8}, "wave, cluster_size 8"),
@@ -857,6 +872,111 @@ def print_texts(res: dict) -> None:
                       f"{r(p['rel_err_median'])}% p90 {r(p['rel_err_p90'])}%{extra}")
 
 
+# ------------------------------------------------------------ error decomposition
+DECOMP_COMBOS = ("est_mass_mean_value", "true_mass_mean_value", "est_mass_true_value",
+                 "true_mass_true_value")
+
+
+def decompose_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
+                    qpos: Sequence[int], scale: float, target: float = 0.03,
+                    stride: int = 4) -> Dict[str, List[torch.Tensor]]:
+    """Where the wave index's error at ``target`` read comes from (float64).
+
+    For every ``stride``-th position the index is built over the prefix and the
+    library's exact/estimated split chosen for ``target``; the output is then
+    recomputed with each estimated cluster's (log-mass, value) taken either from
+    its summaries (``est``: the library's capped log-mass, mean value) or from its
+    real keys (``true``: ``ln sum_i exp(s q.k_i)`` and the attention-weighted mean
+    of its values). ``est_mass_mean_value`` is the library's own output;
+    ``true_mass_true_value`` leaves only the skipped clusters as error. Also the
+    log-mass error (est - true, nats) of the estimated clusters.
+    """
+    from vllm_retro.attention import partial_attention
+    acc: Dict[str, list] = defaultdict(list)
+    h = keys.shape[0]
+    for i in range(0, len(qpos), stride):
+        t = int(qpos[i]) + 1
+        kp, vp = keys[:, :t].double(), values[:, :t].double()
+        idx = WaveIndex.build(kp, vp, BASE_CONFIG)
+        q = queries[i].double()
+        ref = full_attention(q, kp, vp, scale)
+        steady = idx.sink_keys.shape[1] + idx.tail_len
+        n = B.cluster_token_budget(idx, q, scale, target * t - steady)
+        idx.config = BASE_CONFIG.replace(retrieval_fraction=min(1.0, (n - 0.5) / idx.num_clusters))
+        qg = group_query(q, h)
+        g, c, d = qg.shape[1], idx.num_clusters, idx.head_dim
+        sk = torch.cat([idx.sink_keys, idx.tail_keys], 1)
+        sv = torch.cat([idx.sink_values, idx.tail_values], 1)
+        out_s, lse_s = partial_attention(qg, sk, sv, scale)
+        sel = idx.select_clusters(qg, scale, lse_s)
+        ret = torch.zeros(h, c, dtype=torch.bool).scatter_(1, sel.retrieved, sel.retrieved_valid)
+        est = torch.zeros(h, c, dtype=torch.bool).scatter_(1, sel.estimated, sel.estimated_valid)
+        cid = idx.cluster_ids()
+        tl = torch.einsum("hgd,htd->hgt", qg, idx.keys) * scale              # [H, G, N]
+        mx = tl.amax(-1, keepdim=True)
+        e = torch.exp(tl - mx)
+        mass = torch.zeros(h, g, c, dtype=torch.float64).scatter_add_(
+            2, cid.unsqueeze(1).expand_as(e), e)
+        wv = torch.stack([torch.zeros(g, c, d, dtype=torch.float64).index_add_(
+            1, cid[hh], e[hh].unsqueeze(-1) * idx.values[hh].unsqueeze(0)) for hh in range(h)])
+        true_lm = torch.log(mass) + mx                                     # -inf if empty
+        true_v = (wv / mass.clamp_min(1e-300).unsqueeze(-1)).nan_to_num(0.0)
+        est_lm = idx.cluster_log_mass(qg, scale)
+        mean_v = (idx.value_sums / idx.sizes.clamp_min(1).unsqueeze(-1)).unsqueeze(1).expand(
+            -1, g, -1, -1)
+        r1, e1 = ret.unsqueeze(1), est.unsqueeze(1)
+        for name in DECOMP_COMBOS:
+            lm_e = est_lm if name.startswith("est_mass") else true_lm
+            v_e = mean_v if name.endswith("mean_value") else true_v
+            lm = torch.where(r1, true_lm, torch.where(e1, lm_e, torch.full_like(true_lm,
+                                                                              -math.inf)))
+            vv = torch.where(r1.unsqueeze(-1), true_v, v_e)
+            w = torch.softmax(torch.cat([lse_s.unsqueeze(-1), lm], -1), -1)
+            out = w[..., :1] * out_s + torch.einsum("hgc,hgcd->hgd", w[..., 1:], vv)
+            acc[name].append(B.rel_error(out.reshape(h * g, d), ref))
+        acc["est_logmass_error"].append((est_lm - true_lm)[e1.expand_as(true_lm)
+                                                          & torch.isfinite(true_lm)])
+    return acc
+
+
+def run_decomposition(texts: Sequence[str], layers: Sequence[int], out: str,
+                      target: float = 0.03, stride: int = 4) -> dict:
+    """:func:`decompose_layer` over texts and layers; writes ``out`` (JSON)."""
+    t0 = time.time()
+    res = {"description": "wave index error at %g read, decomposed: estimated clusters "
+                          "from their summaries vs from their real keys" % target,
+           "definitions": {
+               "est_mass_mean_value": "the library's output: estimated clusters weigh "
+                                      "their capped log-mass over their mean value",
+               "true_mass_mean_value": "estimated clusters with their true log-mass "
+                                       "ln sum_i exp(s q.k_i), mean value",
+               "est_mass_true_value": "estimated log-mass, attention-weighted mean value",
+               "true_mass_true_value": "estimated clusters exact: only skipped clusters err",
+               "est_logmass_error": "nats, estimated - true log-mass of estimated clusters",
+               "rel_err": "per query head vs float64 dense attention"},
+           "target_read": target, "layers": list(layers), "position_stride": stride,
+           "wave_config": BASE_CONFIG.to_dict(), "texts": {}}
+    for text in texts:
+        cap = torch.load(capture_qkv.default_out(text), weights_only=False)
+        qpos = [int(x) for x in cap["query_positions"]]
+        acc: Dict[str, list] = defaultdict(list)
+        for l in layers:
+            part = decompose_layer(cap["keys"][l], cap["values"][l], cap["queries"][l], qpos,
+                                   cap["scale"], target, stride)
+            for k, v in part.items():
+                acc[k] += v
+        res["texts"][text] = {k: _dist(torch.cat(v)) | {
+            "p10": torch.quantile(torch.cat(v), 0.1).item()} for k, v in acc.items()}
+        print(f"{text}: " + "  ".join(f"{k} med {100 * x['median']:.2f}% p90 "
+                                      f"{100 * x['p90']:.2f}%" for k, x in
+                                      res["texts"][text].items() if k in DECOMP_COMBOS),
+              flush=True)
+    res["runtime_s"] = round(time.time() - t0, 1)
+    with open(out, "w") as fh:
+        json.dump(res, fh, indent=1)
+    return res
+
+
 def _floats(s: str) -> List[float]:
     return [float(x) for x in s.split(",") if x]
 
@@ -884,6 +1004,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                          "benchmarks/results/accuracy_texts.json)")
     ap.add_argument("--variants", default="wave,wave_est_all",
                     help=f"text-axis mode: wave variants, of {sorted(TEXT_VARIANTS)}")
+    ap.add_argument("--decompose", action="store_true",
+                    help="with --texts: only the error decomposition at 3%% read (estimated "
+                         "clusters from summaries vs real keys) -> "
+                         "benchmarks/results/accuracy_decomposition.json")
+    ap.add_argument("--decompose-stride", type=int, default=4,
+                    help="decomposition: every N-th captured position")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch/faiss threads (default 1: on a shared 2-core machine more "
                          "threads oversubscribe and run ~8x slower; 0: library default)")
@@ -897,6 +1023,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         import faiss
         torch.set_num_threads(a.threads)
         faiss.omp_set_num_threads(a.threads)
+    if a.texts and a.decompose:
+        out = a.out if a.out != DEFAULT_OUT else os.path.join(
+            ROOT, "benchmarks", "results", "accuracy_decomposition.json")
+        res = run_decomposition([x for x in a.texts.split(",") if x],
+                                [int(x) for x in a.layers.split(",")], out,
+                                stride=a.decompose_stride)
+        print(f"wrote {out} in {res['runtime_s']}s")
+        return
     if a.texts:
         fr = _floats(a.fractions) if a.fractions_given else TEXT_FRACTIONS
         eps = _floats(a.eps) if a.eps_given else TEXT_EPS
