@@ -118,3 +118,23 @@ def test_shared_budget_moves_clusters_to_the_spread_head():
         assert sel.k_retrieved[1] > sel.k_retrieved[0]
         assert sel.k_retrieved.sum().item() == 2 * shared.budget()[0]
     assert e_sh < 0.95 * e_ph, (e_sh, e_ph)
+
+
+def test_public_op_honours_shared_head_budget():
+    """``ops.decode_attention`` (what the vLLM CPU backend calls) gives the shared
+    budget's output, not the per-head default's."""
+    from vllm_retro.ops import decode_attention
+    k, v, c = clustered_kv(3, 3000, 32, n_centres=48, seed=4)
+    cfg = RetroConfig(retrieval_fraction=0.05, estimation_fraction=0.1,
+                      min_retrieval_tokens=0, shared_head_budget=True, **SMALL)
+    shared = WaveIndex.build(k, v, cfg)
+    per_head = WaveIndex.build(k, v, RetroConfig(retrieval_fraction=0.05,
+                                                 estimation_fraction=0.1,
+                                                 min_retrieval_tokens=0, **SMALL))
+    q = peaked_query(c, 2, seed=54, sharp=0.4)
+    q[:2] *= 0.05   # an uneven allocation, so the two budgets differ
+    scale = 1 / math.sqrt(32)
+    want = shared.attend(q, scale)
+    got = decode_attention(shared, q, scale)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(decode_attention(per_head, q, scale), want, rtol=0, atol=1e-9)

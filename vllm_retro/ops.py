@@ -70,7 +70,11 @@ def decode_attention(index: WaveIndex, query: torch.Tensor, scale: Optional[floa
     if out is not None and (out.dim() != 2 or tuple(out.shape) != tuple(query.shape)):
         raise ValueError(f"out must be {tuple(query.shape)}, got {tuple(out.shape)}")
 
-    if not (has_extension() and index.device.type == "cpu" and query.device.type == "cpu"):
+    # The C++ kernel implements the per-head budgets of the fixed-fraction and
+    # bounded modes; the shared-budget option (per-head counts from one layer-wide
+    # top-k) exists in the torch reference only, so it runs there.
+    if not (has_extension() and index.device.type == "cpu" and query.device.type == "cpu"
+            and not index.config.shared_head_budget):
         res = index.attend(query, scale)
         if out is None:
             return res
