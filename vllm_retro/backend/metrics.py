@@ -244,12 +244,11 @@ class RetroPromMetrics(KVConnectorPromMetrics):
         for name, value in totals.items():
             if name not in COUNTERS:
                 continue
-            # A total below what was counted means a worker restarted: count on
-            # from its new total.
+            # Totals only grow (newest snapshot per worker), so this is >= 0.
             delta = value - counted.get(name, 0)
-            counted[name] = value
             if delta <= 0:
                 continue
+            counted[name] = value
             if name in ("retro_rows", "dense_rows"):
                 self._rows.labels(*labels, name.split("_")[0]).inc(delta)
             else:
