@@ -297,23 +297,31 @@ class RetroImpl(_DenseImpl):
         rb.state.store.record_decode(index)
         if index.num_clusters == 0:   # short context: the index attended every token
             self._count_dense(rb, name, index.seq_len, key.element_size())
-            return True
+        else:
+            self._count_indexed(rb, name, index, key.element_size())
+        return True
+
+    # A row is counted once as a row, at one layer (rows are the same at every
+    # layer), and at every layer for its tokens and bytes (sums over KV heads).
+    def _count_indexed(self, rb: RetroBatch, name: str, index: WaveIndex,
+                       elem: int) -> None:
+        """Counts a decode row attended through the index (its last attend)."""
         st, ls = rb.state.store.stats, index.last_stats
         ctx = index.seq_len * self.num_kv_heads
-        st.retro_rows += name == rb.count_layer
+        st.retro_rows += int(name == rb.count_layer)
         st.context_tokens += ctx
+        # Per-head means times the heads: the heads' integer token counts.
         st.exact_tokens += round(ls.exact_fraction * ctx)
         st.estimated_tokens += round(ls.estimated_fraction * ctx)
-        st.kv_bytes_read += decode_read_bytes(index, key.element_size())
-        st.kv_bytes_dense += ctx * 2 * self.head_size * key.element_size()
-        return True
+        st.kv_bytes_read += decode_read_bytes(index, elem)
+        st.kv_bytes_dense += ctx * 2 * self.head_size * elem
 
     def _count_dense(self, rb: RetroBatch, name: str, seq_len: int, elem: int) -> None:
         """Counts a decode row attended over every token (dense kernel, or an index
         too short to have clusters)."""
         st = rb.state.store.stats
         ctx = seq_len * self.num_kv_heads
-        st.dense_rows += name == rb.count_layer
+        st.dense_rows += int(name == rb.count_layer)
         st.context_tokens += ctx
         st.exact_tokens += ctx
         nbytes = ctx * 2 * self.head_size * elem

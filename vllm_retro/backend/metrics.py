@@ -78,10 +78,13 @@ class RetroConnectorStats(KVConnectorStats):
 
     def __init__(self, data: Optional[Dict[str, Any]] = None) -> None:
         data = dict(data or {})
-        workers = data.setdefault("workers", {})
+        workers = data.get("workers", {})
         if not isinstance(workers, dict):
             raise TypeError(f"retro stats: 'workers' must be a dict, got "
                             f"{type(workers).__name__}")
+        # Own copy of the mapping: aggregate() merges into it, and vLLM hands the
+        # same payload to its Prometheus and its logging loggers.
+        data["workers"] = dict(workers)
         super().__init__(data=data)
 
     @property
