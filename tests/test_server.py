@@ -6,6 +6,9 @@ processes spawned from it (CPU vLLM uses ``spawn``), so this is also the check
 that the name ``retro`` and ``additional_config["retro"]`` survive pickling into a
 fresh process that loads the plugin only after unpickling the config.
 
+``/metrics`` is checked for retro's statistics against the requests' token counts
+and the worker's own stats lines.
+
 Everything is bounded: start-up (``STARTUP_TIMEOUT_S``), each HTTP request, the
 SSE stream, and the shutdown (``SHUTDOWN_TIMEOUT_S``).
 """

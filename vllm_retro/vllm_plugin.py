@@ -16,7 +16,8 @@ cheap; vLLM calls it in the front-end process, the engine core and every worker
    never fit the host-memory budget (a client error, the server stays up);
 5. installs retro's KV connector (:mod:`.backend.connector`), through which the
    workers learn the request lifecycle (new, finished, aborted, preempted) under
-   either model runner;
+   either model runner, and report retro's statistics into vLLM's metrics
+   (:mod:`.backend.metrics`);
 6. GPU: pads the KV-cache pages of retro layers by the paged index
    (:mod:`.index.paged`), so vLLM sizes, admits and frees the index with the KV.
 """
