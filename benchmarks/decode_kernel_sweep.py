@@ -32,8 +32,8 @@ from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.kernels import DecodeWorkspace, paged_decode_attention  # noqa: E402
 from vllm_retro.kernels import triton_decode as td  # noqa: E402
 
-# (name, kernel, overrides), (name, "nsplit", max_split), (name, "pps",
-# (programs per SM, max_split)) or (name, "pps+<kernel>", (programs per SM, overrides))
+# (name, kernel, overrides), (name, "pps", (programs per SM, max_split)) or
+# (name, "pps+<kernel>", (programs per SM, overrides))
 VARIANTS = [
     ("default", None, {}),
     ("programs/SM 2", "pps", (2, 0)),
@@ -59,16 +59,12 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> 
         td.TUNE = copy.deepcopy(base_tune)
         td.TUNE_SMALL_BATCH = copy.deepcopy(base_small)
         max_split = pps = 0
-        if kernel == "nsplit":
-            max_split = over
-        elif kernel == "pps":
+        if kernel == "pps":
             pps, max_split = over
         elif kernel and kernel.startswith("pps+"):
             pps, over = over
             kernel = kernel[4:]
-            td.TUNE[kernel].update(over)
-            td.TUNE_SMALL_BATCH.get(kernel, {}).update(over)
-        elif kernel:
+        if kernel and kernel != "pps":
             td.TUNE[kernel].update(over)
             td.TUNE_SMALL_BATCH.get(kernel, {}).update(over)
         ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, max(batch, 8), "cuda",

@@ -33,6 +33,15 @@ set_offline_env(kv_cache_gib=1)
 CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache")
 
 
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Triton's CPU interpreter on for a test when there is no GPU (the kernel tests
+    use it through ``pytestmark``; the variable is off elsewhere)."""
+    if TRITON_INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from vllm_retro.tiny_model import build_tiny_llama

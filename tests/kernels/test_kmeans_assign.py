@@ -12,12 +12,7 @@ from vllm_retro.index.paged import _kmeans_device  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def _triton_interpreter(monkeypatch):
-    from conftest import TRITON_INTERPRETED
-    if TRITON_INTERPRETED:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def _assign():

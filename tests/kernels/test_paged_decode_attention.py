@@ -24,12 +24,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = RetroConfig(segment_size=256, update_interval=64, recent_tokens=32, cluster_size=32)
 
 
-@pytest.fixture(autouse=True)
-def _triton_interpreter(monkeypatch):
-    from conftest import TRITON_INTERPRETED
-    if TRITON_INTERPRETED:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def _td():

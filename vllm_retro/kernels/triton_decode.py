@@ -689,6 +689,17 @@ def _steady_addr(bt_row, p, NS, m0, n_steady, split, E, BS: tl.constexpr,
 
 
 @triton.jit
+def _estimated_addr(lists_ptr, bt_row, SB, h, n_ret, n_est, p, NS, m0, H: tl.constexpr,
+                    LW: tl.constexpr, PK: tl.constexpr, TE: tl.constexpr):
+    """(physical block, valid) of estimated list entries n_ret + p + NS (m0 + [0, TE))."""
+    k = n_ret + p + NS * (m0 + tl.arange(0, TE))
+    ok = k < n_ret + n_est
+    blk = tl.load(_packed(lists_ptr, bt_row, SB, h, k, ok, H, LW, PK, 2), mask=ok,
+                  other=0).to(tl.int64)
+    return blk, ok
+
+
+@triton.jit
 def _retrieved_addr(t0, total, beg, end, start, bt_row, ip_ptr, ip_s0, ip_s1, h, S, E, L,
                     BS: tl.constexpr, TR: tl.constexpr):
     """(physical block, offset, valid) of tokens ``t0 + [0, TR)`` of a group of
@@ -783,19 +794,15 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
     n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
-    e_k = n_ret + p + NS * tl.arange(0, TE)
-    e_ok = e_k < n_ret + n_est
-    e_blk = tl.load(_packed(lists_ptr, bt_row, SB, h, e_k, e_ok, H, LW, PK, 2),
-                    mask=e_ok, other=0).to(tl.int64)
+    e_blk, e_ok = _estimated_addr(lists_ptr, bt_row, SB, h, n_ret, n_est, p, NS, 0,
+                                  H, LW, PK, TE)
     for m0 in range(0, n_mine, TE):
         e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + g[:, None],
                       mask=gm[:, None] & e_ok[None, :], other=_NEG_INF)
         e_v = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 2 * fp_s2
                       + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
-        e_kn = n_ret + p + NS * (m0 + TE + tl.arange(0, TE))
-        e_ok_n = e_kn < n_ret + n_est
-        e_blk_n = tl.load(_packed(lists_ptr, bt_row, SB, h, e_kn, e_ok_n, H, LW, PK, 2),
-                          mask=e_ok_n, other=0).to(tl.int64)
+        e_blk_n, e_ok_n = _estimated_addr(lists_ptr, bt_row, SB, h, n_ret, n_est, p, NS,
+                                          m0 + TE, H, LW, PK, TE)
         m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC)
         e_blk, e_ok = e_blk_n, e_ok_n
 
