@@ -140,6 +140,8 @@ def per_kernel_us(fn, iters=20) -> dict:
     empty where the profiler is unavailable."""
     try:
         from torch.profiler import ProfilerActivity, profile
+
+        from profiling import device_us
         fn()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -148,9 +150,7 @@ def per_kernel_us(fn, iters=20) -> dict:
             torch.cuda.synchronize()
         res = {}
         for e in prof.key_averages():
-            t = getattr(e, "device_time_total", None)
-            if t is None:
-                t = getattr(e, "cuda_time_total", 0.0)
+            t = device_us(e)
             if t > 0:
                 res[e.key] = res.get(e.key, 0.0) + t / iters
         return {k: round(v, 2) for k, v in sorted(res.items(), key=lambda kv: -kv[1])}

@@ -174,6 +174,8 @@ def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, steps: in
     and the top host operations (self time) per step."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+
+    from profiling import device_us
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     params = SamplingParams(max_tokens=steps + 2, ignore_eos=True, temperature=0.0)
@@ -198,9 +200,7 @@ def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, steps: in
     n = max(1, n)
     dev, host = {}, {}
     for e in p.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0.0)
+        t = device_us(e, self_time=True)
         if t > 0:
             dev[e.key] = t / n
         if e.self_cpu_time_total > 0:

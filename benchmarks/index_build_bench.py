@@ -83,6 +83,8 @@ def main() -> None:
     prof = {}
     try:
         from torch.profiler import ProfilerActivity, profile
+
+        from profiling import device_us
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
         if dev == "cuda":
             torch.cuda.synchronize()
@@ -91,9 +93,7 @@ def main() -> None:
             if dev == "cuda":
                 torch.cuda.synchronize()
         for e in p.key_averages():
-            t = getattr(e, "device_time_total", None)
-            if t is None:
-                t = getattr(e, "cuda_time_total", 0.0)
+            t = device_us(e)
             if t > 0:
                 prof[e.key] = dict(device_us=round(t, 1), calls=e.count)
         prof = dict(sorted(prof.items(), key=lambda kv_: -kv_[1]["device_us"])[:25])
