@@ -42,6 +42,10 @@ VARIANTS = [
     ("programs/SM 4, split 64", "pps", (4, 64)),
     ("programs/SM 8, attend TR16 RG32", "pps+attend", (8, dict(TR=16, RG=32))),
     ("programs/SM 8, score CH32", "pps+score", (8, dict(CH=32))),
+    ("programs/SM 4, split 16", "pps", (4, 16)),
+    ("score CH64 w4", "score", dict(CH=64, num_warps=4)),
+    ("attend TS64", "attend", dict(TS=64)),
+    ("attend w8", "attend", dict(num_warps=8)),
     ("cand CB1024", "cand", dict(CB=1024)),
     ("cand CB1024 w16", "cand", dict(CB=1024, num_warps=16)),
 ]

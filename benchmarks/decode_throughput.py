@@ -303,9 +303,9 @@ def main() -> None:
                command="python " + " ".join(sys.argv), records=records)
     if profiles:
         res["profiles"] = profiles
-    pps = os.environ.get("RETRO_DECODE_PROGRAMS_PER_SM")
-    if pps:
-        res["env"] = {"RETRO_DECODE_PROGRAMS_PER_SM": pps}
+    env = {k: v for k, v in os.environ.items() if k.startswith("RETRO_DECODE_")}
+    if env:
+        res["env"] = env
     if failed:
         res["failed"] = failed
     with open(a.out, "w") as f:

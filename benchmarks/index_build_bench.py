@@ -48,6 +48,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--assign-tiles", default="",
+                    help="also time the build with these k-means assignment tiles, "
+                         "BNxBCxWARPS comma-separated (e.g. 128x64x8,64x128x4)")
     ap.add_argument("--out", default="benchmarks/results/index_build_h200.json")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,8 +102,25 @@ def main() -> None:
         prof = dict(sorted(prof.items(), key=lambda kv_: -kv_[1]["device_us"])[:25])
     except Exception as exc:  # a diagnostic: never fail the benchmark on it
         print(f"profile unavailable: {exc}", flush=True)
+    variants = {}
+    if a.assign_tiles and dev == "cuda":
+        from vllm_retro.kernels import triton_kmeans
+        default = dict(triton_kmeans.ASSIGN_TUNE)
+        for v in a.assign_tiles.split(","):
+            bn, bc, nw = (int(x) for x in v.split("x"))
+            triton_kmeans.ASSIGN_TUNE.update(BN=bn, BC=bc, num_warps=nw)
+            build_all(kv, lay, blocks, segs, cfg, 1)      # compile
+            torch.cuda.synchronize()
+            ev[0].record()
+            build_all(kv, lay, blocks, segs, cfg, 4)
+            ev[1].record()
+            torch.cuda.synchronize()
+            variants[v] = ev[0].elapsed_time(ev[1]) / 4
+            print(f"assign tiles {v}: {variants[v]:.2f} ms per layer", flush=True)
+        triton_kmeans.ASSIGN_TUNE.clear()
+        triton_kmeans.ASSIGN_TUNE.update(default)
     dense = DENSE_PREFILL_S.get(a.context)
-    rec = dict(context=a.context, layers=a.layers, segments=len(segs), segment_lengths=lens,
+    rec = dict(assign_tiles_ms_per_layer=variants or None, context=a.context, layers=a.layers, segments=len(segs), segment_lengths=lens,
                wall_s=wall, gpu_s=gpu, one_layer_host_s=host_one,
                dense_prefill_s=dense, fraction_of_dense_prefill=(gpu / dense) if dense else None,
                per_op_one_layer=prof)

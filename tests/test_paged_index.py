@@ -54,8 +54,17 @@ def _filled_cache(lay, nb, L, seed):
     return kv, blocks
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("cluster_size", [16, 32])
-def test_build_segments_writes_a_consistent_index(cluster_size):
+def test_build_segments_writes_a_consistent_index(cluster_size, impl, request):
+    """Both build paths (torch ops on CPU; the Triton kernels, in the interpreter
+    here) write a permutation and float64-exact cluster statistics."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+        request.getfixturevalue("triton_interpreter")
+        from vllm_retro.kernels import uses_triton
+        if not uses_triton(torch.zeros(1)):
+            pytest.skip("Triton kernels were compiled for a GPU before the interpreter was on")
     cfg = CFG.replace(cluster_size=cluster_size)
     lay = PagedIndexLayout(2, 32, 16, torch.float32)
     L = 700

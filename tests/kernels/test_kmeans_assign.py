@@ -1,13 +1,15 @@
-"""The Triton k-means assignment step (index build on GPUs) against its twin:
-float64 ``argmax(x @ cent^T)`` and ``index_add_`` of the points (in Triton's CPU
-interpreter without a GPU). Fresh random inputs per test, from its own seed."""
+"""The Triton k-means kernels of the index build (GPU) against their twins: the
+assignment against float64 ``argmax(x @ cent^T)`` and ``index_add_`` of the points,
+the centroid update against ``normalize(sums)``, the segment keys against the
+mean-centred, normalised keys gathered from the pages (in Triton's CPU interpreter
+without a GPU). Fresh random inputs per test, from its own seed."""
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from vllm_retro.index.paged import _kmeans_device  # noqa: E402
+from vllm_retro.index.paged import PagedIndexLayout, _kmeans_torch, _kmeans_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -80,7 +82,72 @@ def test_kmeans_with_triton_assignment_clusters_like_torch():
             tot += (xn[i] * m[a[i]]).sum(-1).mean().item()
         return tot / s
 
-    a_tr = _kmeans_device(x, c, 10, use_triton=True)
-    a_to = _kmeans_device(x, c, 10, use_triton=False)
+    xn = torch.nn.functional.normalize(x - x.mean(1, keepdim=True), dim=-1)
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    a_tr = _kmeans_triton(xn.to(dt).contiguous(), c, 10).long()
+    a_to = _kmeans_torch(x, c, 10)
     assert a_tr.shape == (s, n) and a_tr.min() >= 0 and a_tr.max() < c
     assert quality(a_tr) >= 0.99 * quality(a_to)
+
+
+def test_sums_of_the_product_points_themselves():
+    """``x_sum`` is ``x``: the kernel sums the (16-bit on GPUs) points it compared."""
+    kmeans_assign = _assign()
+    g = torch.Generator().manual_seed(11)
+    s, n, c, d = 2, 100, 9, 16
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    x = torch.nn.functional.normalize(torch.randn(s, n, d, generator=g), dim=-1).to(dt)
+    cent = torch.nn.functional.normalize(torch.randn(s, c, d, generator=g), dim=-1).to(dt)
+    xd = x.to(DEV)
+    sums = torch.zeros(s, c, d, device=DEV)
+    got = kmeans_assign(xd, cent.to(DEV), xd, sums, int32=True).cpu()
+    assert got.dtype == torch.int32
+    want = torch.zeros(s, c, d, dtype=torch.float64)
+    for i in range(s):
+        want[i].index_add_(0, got[i].long(), x[i].double())
+    assert (sums.cpu().double() - want).abs().max().item() < 1e-5
+
+
+def test_centroid_update_matches_normalised_sums():
+    _assign()
+    from vllm_retro.kernels.triton_kmeans import kmeans_update
+    g = torch.Generator().manual_seed(5)
+    s, c, d = 3, 45, 32
+    sums = torch.randn(s, c, d, generator=g)
+    sums[0, 3] = 0.0          # an empty cluster keeps its centroid
+    sums[2, 44] = 0.0
+    old = torch.randn(s, c, d, generator=g)
+    want = torch.nn.functional.normalize(sums.double(), dim=-1)
+    want[0, 3], want[2, 44] = old[0, 3].double(), old[2, 44].double()
+    cent = old.clone().to(DEV)
+    sd = sums.clone().to(DEV)
+    kmeans_update(sd, cent, zero=True)
+    assert (cent.cpu().double() - want).abs().max().item() < 1e-6
+    assert (sd == 0).all()
+    sd = sums.clone().to(DEV)
+    kmeans_update(sd, cent, zero=False)
+    assert torch.equal(sd.cpu(), sums)
+
+
+@pytest.mark.parametrize("m,nbs", [(1, 5), (3, 8)])
+def test_segment_keys_are_centred_normalised_page_keys(m, nbs):
+    _assign()
+    from vllm_retro.kernels.triton_kmeans import segment_keys
+    g = torch.Generator().manual_seed(m * 10 + nbs)
+    lay = PagedIndexLayout(2, 32, 16, torch.float32)
+    nb = 40
+    kv = lay.make_cache(nb)
+    kv.copy_(torch.randn(kv.shape, generator=g) + 0.5)   # a common offset to centre away
+    blocks = torch.randperm(nb, generator=g)[:m * nbs].view(m, nbs)
+    n = nbs * 16
+    pos = torch.arange(n)
+    want = torch.empty(m * 2, n, 32, dtype=torch.float64)
+    for j in range(m):
+        k = kv[blocks[j, pos // 16], :, pos % 16, :32].double()        # [n, H, D]
+        for h in range(2):
+            x = k[:, h] - k[:, h].mean(0)
+            want[j * 2 + h] = torch.nn.functional.normalize(x, dim=-1)
+    kvd = lay.make_cache(nb, DEV)   # .to() would drop the page padding
+    kvd.untyped_storage().copy_(kv.untyped_storage())
+    got = segment_keys(kvd, blocks.to(DEV), 32, torch.float32).cpu().double()
+    assert (got - want).abs().max().item() < 1e-5

@@ -273,11 +273,27 @@ class PagedIndexManager:
         hq = self.vllm_config.model_config.get_num_attention_heads(
             self.vllm_config.parallel_config)
         self.workspace = DecodeWorkspace(nb, h, hq // h, two_d // 2, max_rows, dev)
+        if dev.type == "cuda":
+            self._compile_build_kernels(dev)
         idx = self.layout.index_bytes * nb * len(names)
         logger.info("retro: paged index in %d KV blocks x %d layers (%d B of index per "
                     "block and layer, %.2f GiB in all, %.1f%% of the KV cache)", nb,
                     len(names), self.layout.index_bytes, idx / 2**30,
                     100.0 * self.layout.index_bytes / self.layout.kv_page_bytes)
+
+    def _compile_build_kernels(self, device) -> None:
+        """Runs the index build once on a scratch cache of the same layout, so the
+        Triton kernels compile at start-up and not inside the first request's build
+        (about a second, which would be charged to that request)."""
+        t0 = time.perf_counter()
+        bs = self.layout.block_size
+        n_blocks = max(4, -(-self.config.cluster_size // bs))
+        scratch = self.layout.make_cache(n_blocks + 1, device)
+        blocks = torch.arange(n_blocks + 1, device=device)
+        build_segments(scratch, self.layout, [SegmentJob(blocks, bs, bs * (n_blocks + 1))],
+                       self.config)
+        torch.cuda.synchronize(device)
+        logger.info("retro: index build kernels ready (%.1f s)", time.perf_counter() - t0)
 
     def require_ready(self) -> None:
         if self.headers is None:

@@ -210,17 +210,12 @@ def budget(num_clusters: int, clustered_tokens: int, config: RetroConfig) -> Tup
 
 
 # ------------------------------------------------------------------ building
-def _kmeans_device(x: torch.Tensor, n_clusters: int, iters: int,
-                   use_triton: Optional[bool] = None) -> torch.Tensor:
-    """Spherical k-means of ``x [S, n, D]`` (S independent problems), as
+def _kmeans_torch(x: torch.Tensor, n_clusters: int, iters: int) -> torch.Tensor:
+    """Spherical k-means of ``x [S, n, D]`` (S independent problems) in torch ops, as
     :func:`vllm_retro.kmeans.spherical_kmeans`: mean-centred, normalised keys,
-    strided initial centroids, ``iters`` updates then a final assignment.
-
-    On GPUs (``use_triton`` None: when ``x`` is on CUDA) each assignment is one
-    Triton kernel that also accumulates the next update's sums
-    (:func:`vllm_retro.kernels.triton_kmeans.kmeans_assign`, similarities in bf16
-    products with fp32 sums); elsewhere torch ops (fp32 similarities, sums by
-    ``index_add_``)."""
+    strided initial centroids, ``iters`` updates then a final assignment (fp32
+    similarities, sums by ``index_add_``). The CPU form, and the twin of
+    :func:`_kmeans_triton`."""
     s, n, d = x.shape
     x = x.float()
     x = x - x.mean(dim=1, keepdim=True)
@@ -228,24 +223,6 @@ def _kmeans_device(x: torch.Tensor, n_clusters: int, iters: int,
     init = torch.div(torch.arange(n_clusters, device=x.device) * n, n_clusters,
                      rounding_mode="floor")
     cent = x[:, init, :].clone()
-    if use_triton is None:
-        use_triton = x.is_cuda
-    if use_triton:
-        from ..kernels.triton_kmeans import kmeans_assign
-        sim_dtype = torch.bfloat16 if x.is_cuda else torch.float32
-        xs = x.to(sim_dtype).contiguous()
-        x = x.contiguous()
-        sums = torch.zeros(s, n_clusters, d, dtype=torch.float32, device=x.device)
-        assign = kmeans_assign(xs, cent.to(sim_dtype), x, sums)
-        for it in range(iters):
-            norms = sums.norm(dim=-1, keepdim=True)
-            cent = torch.where(norms > 0, sums / norms.clamp_min(1e-30), cent)
-            last = it == iters - 1
-            if not last:
-                sums.zero_()
-            assign = kmeans_assign(xs, cent.to(sim_dtype), None if last else x,
-                                   None if last else sums)
-        return assign
     offs = (torch.arange(s, device=x.device) * n_clusters).unsqueeze(1)
     assign = torch.argmax(torch.bmm(x, cent.transpose(1, 2)), dim=-1)
     flat_x = x.reshape(s * n, d)
@@ -259,12 +236,23 @@ def _kmeans_device(x: torch.Tensor, n_clusters: int, iters: int,
     return assign
 
 
-def _per_cluster_sums(x: torch.Tensor, assign: torch.Tensor, c: int) -> torch.Tensor:
-    s, n, d = x.shape
-    offs = (torch.arange(s, device=x.device) * c).unsqueeze(1)
-    out = torch.zeros(s * c, d, dtype=x.dtype, device=x.device)
-    out.index_add_(0, (assign + offs).reshape(-1), x.reshape(s * n, d))
-    return out.view(s, c, d)
+def _kmeans_triton(xs: torch.Tensor, n_clusters: int, iters: int) -> torch.Tensor:
+    """:func:`_kmeans_torch`'s algorithm on points already centred and normalised
+    (``xs [S, n, D]``, the products' dtype): Triton assignment (sums accumulated from
+    ``xs`` itself) and centroid update kernels. Returns ``[S, n]`` int32."""
+    from ..kernels.triton_kmeans import kmeans_assign, kmeans_update
+    s, n, d = xs.shape
+    init = torch.div(torch.arange(n_clusters, device=xs.device) * n, n_clusters,
+                     rounding_mode="floor")
+    cent = xs[:, init, :].contiguous()
+    sums = torch.zeros(s, n_clusters, d, dtype=torch.float32, device=xs.device)
+    assign = kmeans_assign(xs, cent, xs, sums, int32=True)
+    for it in range(iters):
+        last = it == iters - 1
+        kmeans_update(sums, cent, zero=not last)
+        assign = kmeans_assign(xs, cent, None if last else xs, None if last else sums,
+                               int32=True)
+    return assign
 
 
 @dataclass
@@ -294,54 +282,42 @@ def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout,
     if n % bs or any(j.p0 % bs for j in jobs):
         raise ValueError("build_segments: segments must be block-aligned")
     c = clusters_in(n, config)
-    # Temporaries per segment: K/V gathered and in fp32, normalised keys, deviations
-    # (~24 B per key element); the torch k-means also holds an [n, C] similarity
-    # matrix per head. Several segments per call: fewer, larger launches.
+    # Temporaries per segment and head: the torch k-means (CPU) holds the keys in
+    # fp32 a few times over (~24 B per key element) and an [n, C] similarity matrix;
+    # the Triton one the normalised keys and the sums (~4 B per key element).
+    # Several segments per call: fewer, larger launches.
     per_job = h * n * d * 24 + (0 if kv_cache.is_cuda else h * n * c * 4)
     step = max(1, max_batch_bytes // per_job)
-    fpart, ipart = layout.views(kv_cache)
+    layout.views(kv_cache)  # checks the padded page stride
     for i in range(0, len(jobs), step):
-        _build_batch(kv_cache, fpart, ipart, layout, jobs[i:i + step], n, c, config)
+        _build_batch(kv_cache, layout, jobs[i:i + step], n, c, config)
 
 
-def _build_batch(kv_cache, fpart, ipart, layout: PagedIndexLayout,
-                 jobs: Sequence[SegmentJob], n: int, c: int, config: RetroConfig) -> None:
+def _build_batch(kv_cache, layout: PagedIndexLayout, jobs: Sequence[SegmentJob], n: int,
+                 c: int, config: RetroConfig) -> None:
+    from ..kernels import uses_triton, write_clusters
     bs, h, d = layout.block_size, layout.num_kv_heads, layout.head_dim
     dev = kv_cache.device
     m = len(jobs)
-    pos = torch.stack([torch.arange(j.p0, j.p1, device=dev) for j in jobs])   # [m, n]
-    blocks = torch.stack([j.block_ids[j.p0 // bs: j.p1 // bs] for j in jobs])  # [m, n/bs]
-    pblk = torch.gather(blocks, 1, (pos - pos[:, :1]) // bs)                     # [m, n]
-    kv = kv_cache[pblk.reshape(-1), :, (pos % bs).reshape(-1)]                  # [m*n, H, 2D]
-    kv = kv.view(m, n, h, 2 * d).permute(0, 2, 1, 3)                            # [m, H, n, 2D]
-    k = kv[..., :d].float().reshape(m * h, n, d)
-    v = kv[..., d:].float().reshape(m * h, n, d)
-    assign = _kmeans_device(k, c, config.kmeans_iters)                          # [mH, n]
-    order = torch.sort(assign, dim=1, stable=True).indices
-    sizes = torch.zeros(m * h, c, dtype=torch.int64, device=dev)
-    sizes.scatter_add_(1, assign, torch.ones_like(assign))
-    starts = torch.cumsum(sizes, dim=1) - sizes
-    cnt = sizes.clamp_min(1).unsqueeze(-1).float()
-    cent = _per_cluster_sums(k, assign, c) / cnt
-    vmean = _per_cluster_sums(v, assign, c) / cnt
-    dev_k = k - torch.gather(cent, 1, assign.unsqueeze(-1).expand(-1, -1, d))
-    kvar = _per_cluster_sums(dev_k * dev_k, assign, c) / cnt
-    nb_seg = n // bs
-    # Cluster j of a segment lives in the segment's j-th block.
-    cblk = blocks[:, :c]                                                        # [m, C]
-    summ = torch.stack([cent, kvar, vmean], dim=2).view(m, h, c, 3, d)
-    fpart[cblk] = summ.permute(0, 2, 1, 3, 4).to(fpart.dtype)                   # [m, C, H, 3, D]
-    start_abs = starts.view(m, h, c) + torch.tensor([j.p0 for j in jobs], device=dev).view(m, 1, 1)
-    ipart[cblk, :, bs] = sizes.view(m, h, c).permute(0, 2, 1).to(torch.int32)
-    ipart[cblk, :, bs + 1] = start_abs.permute(0, 2, 1).to(torch.int32)
-    if c < nb_seg:
-        empty = blocks[:, c:]
-        ipart[empty, :, bs] = 0
-        ipart[empty, :, bs + 1] = 0
-    # Permutation entry i of the segment sits at logical position p0 + i and holds
-    # the position of the segment's i-th token in cluster order.
-    perm_pos = order.view(m, h, n) + pos[:, :1].unsqueeze(1)
-    ipart[pblk, :, pos % bs] = perm_pos.permute(0, 2, 1).to(torch.int32)       # [m, n, H]
+    seg_blocks = torch.stack([j.block_ids[j.p0 // bs: j.p1 // bs] for j in jobs])  # [m, n/bs]
+    p0s = torch.tensor([j.p0 for j in jobs], dtype=torch.int32).to(dev)
+    if uses_triton(kv_cache):
+        from ..kernels.triton_kmeans import segment_keys
+        sim_dtype = torch.bfloat16 if kv_cache.is_cuda else torch.float32
+        xs = segment_keys(kv_cache, seg_blocks, d, sim_dtype)                  # [mH, n, D]
+        assign = _kmeans_triton(xs, c, config.kmeans_iters)
+    else:
+        pos = torch.arange(n, device=dev)
+        k = kv_cache[seg_blocks[:, pos // bs].reshape(-1), :, (pos % bs).repeat(m), :d]
+        k = k.view(m, n, h, d).permute(0, 2, 1, 3).float().reshape(m * h, n, d)
+        assign = _kmeans_torch(k, c, config.kmeans_iters)                      # [mH, n]
+    vals, order = torch.sort(assign, dim=1, stable=True)
+    # Cluster j's entries are [starts[j], starts[j] + sizes[j]) of the sorted order.
+    probe = torch.arange(c + 1, device=dev, dtype=vals.dtype).expand(m * h, c + 1)
+    bounds = torch.searchsorted(vals.contiguous(), probe.contiguous())
+    starts = bounds[:, :c]
+    sizes = bounds[:, 1:] - starts
+    write_clusters(kv_cache, layout, seg_blocks, p0s, order, starts, sizes)
 
 
 def make_headers(num_blocks: int, device) -> torch.Tensor:

@@ -18,6 +18,7 @@ from . import reference
 from ..index.paged import PagedIndexLayout
 
 try:
+    from .triton_cluster_write import write_clusters_triton
     from .triton_decode import (DecodeWorkspace, interpreting,
                                 paged_decode_attention_triton)
     HAS_TRITON = True
@@ -25,21 +26,33 @@ except ImportError:  # CPU-only installs without Triton: the twin serves
     HAS_TRITON = False
     DecodeWorkspace = None  # type: ignore[assignment,misc]
     paged_decode_attention_triton = None  # type: ignore[assignment]
+    write_clusters_triton = None  # type: ignore[assignment]
 
     def interpreting() -> bool:  # type: ignore[misc]
         return False
 
-__all__ = ["paged_decode_attention", "DecodeWorkspace", "reference", "HAS_TRITON"]
+__all__ = ["paged_decode_attention", "write_clusters", "DecodeWorkspace", "reference",
+           "HAS_TRITON"]
 
 
-def uses_triton(query: torch.Tensor) -> bool:
-    """Whether :func:`paged_decode_attention` runs the Triton kernels for ``query``:
-    on CUDA, or on the CPU while ``TRITON_INTERPRET=1`` is set and the kernels were
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether the ops here run their Triton kernels for tensors like ``t``: on
+    CUDA, or on the CPU while ``TRITON_INTERPRET=1`` is set and the kernels were
     defined for the interpreter."""
     if not HAS_TRITON:
         return False
-    return query.is_cuda or (interpreting() and
-                             os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+    return t.is_cuda or (interpreting() and
+                         os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout,
+                   seg_blocks: torch.Tensor, p0s: torch.Tensor, order: torch.Tensor,
+                   starts: torch.Tensor, sizes: torch.Tensor) -> None:
+    """Writes clustered segments (summaries, sizes, starts, permutation) into the
+    index part of their pages: the Triton kernel where :func:`uses_triton`, else the
+    twin. Arguments and semantics: :func:`.reference.write_clusters`."""
+    fn = write_clusters_triton if uses_triton(kv_cache) else reference.write_clusters
+    fn(kv_cache, layout, seg_blocks, p0s, order, starts, sizes)
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,

@@ -142,3 +142,68 @@ def dense_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor,
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout,
+                   seg_blocks: torch.Tensor, p0s: torch.Tensor, order: torch.Tensor,
+                   starts: torch.Tensor, sizes: torch.Tensor) -> None:
+    """Reference of :func:`vllm_retro.kernels.write_clusters`: writes ``m`` clustered
+    segments of equal length ``n`` into the index part of their pages.
+
+    Args:
+        kv_cache: vLLM's ``(NB, H, bs, 2D)`` view over padded pages.
+        seg_blocks: ``[m, n / bs]`` physical blocks of each segment, in order.
+        p0s: ``[m]`` first token position of each segment (block-aligned).
+        order: ``[m * H, n]`` the segment's token indices (0..n-1) in cluster order
+            (problem ``job * H + h``). starts / sizes: ``[m * H, C]`` each cluster's
+            first entry in ``order`` and its size (``C <= n / bs``).
+
+    Cluster ``j`` of a segment goes to the segment's ``j``-th block: centroid (mean
+    key), per-channel key variance and mean value (zeros if empty), size, and the
+    logical index of its first permutation entry (``p0 + start``); blocks ``j >= C``
+    get size and start 0. Permutation entry ``i`` at logical position ``p0 + i``
+    holds the token position ``p0 + order[i]``. Statistics in float32 (float64 for
+    float64 caches), stored in the cache's dtype.
+    """
+    h, bs, d = layout.num_kv_heads, layout.block_size, layout.head_dim
+    m, nbs = seg_blocks.shape
+    n = nbs * bs
+    c = starts.shape[1]
+    dev = kv_cache.device
+    cdt = _cdt(kv_cache.dtype)
+    fpart, ipart = layout.views(kv_cache)
+    sb = seg_blocks.long()
+    order = order.long().view(m, h, n)
+    sizes = sizes.long().view(m, h, c)
+    starts = starts.long().view(m, h, c)
+    # Each entry's cluster, in cluster order.
+    ent = torch.arange(n, device=dev)
+    cid = (torch.searchsorted(starts.reshape(m * h, c).contiguous(),
+                              ent.expand(m * h, n).contiguous(), right=True) - 1)
+    cid = cid.view(m, h, n)
+    job = torch.arange(m, device=dev).view(m, 1, 1)
+    head = torch.arange(h, device=dev).view(1, h, 1)
+    kv = kv_cache[sb[job.expand(m, h, n), order // bs], head.expand(m, h, n),
+                  order % bs].to(cdt)                                         # [m, H, n, 2D]
+    k, v = kv[..., :d], kv[..., d:]
+    cnt = sizes.clamp_min(1).unsqueeze(-1).to(cdt)
+
+    def per_cluster(x):
+        out = torch.zeros(m, h, c, d, dtype=cdt, device=dev)
+        return out.scatter_add_(2, cid.unsqueeze(-1).expand(m, h, n, d), x)
+
+    cent = per_cluster(k) / cnt
+    vmean = per_cluster(v) / cnt
+    dev_k = k - torch.gather(cent, 2, cid.unsqueeze(-1).expand(m, h, n, d))
+    kvar = per_cluster(dev_k * dev_k) / cnt
+    cblk = sb[:, :c]                                                          # [m, C]
+    summ = torch.stack([cent, kvar, vmean], dim=3)                            # [m, H, C, 3, D]
+    fpart[cblk] = summ.permute(0, 2, 1, 3, 4).to(fpart.dtype)
+    p0 = p0s.long().to(dev).view(m, 1, 1)
+    ipart[cblk, :, bs] = sizes.permute(0, 2, 1).to(torch.int32)
+    ipart[cblk, :, bs + 1] = (starts + p0).permute(0, 2, 1).to(torch.int32)
+    if c < nbs:
+        ipart[sb[:, c:], :, bs] = 0
+        ipart[sb[:, c:], :, bs + 1] = 0
+    pblk = sb[:, ent // bs]                                                   # [m, n]
+    ipart[pblk, :, (ent % bs).expand(m, n)] = (order + p0).permute(0, 2, 1).to(torch.int32)

@@ -105,6 +105,9 @@ SMALL_BATCH = 2
 # 2, 8 and 16 at 128K x 6 on an H200 (decode_kernel_sweep_h200.json). The environment
 # variable RETRO_DECODE_PROGRAMS_PER_SM overrides it for tuning runs.
 PROGRAMS_PER_SM = int(os.environ.get("RETRO_DECODE_PROGRAMS_PER_SM", "4"))
+# The most programs per (row, KV head): it binds at batches of one or two rows only
+# (RETRO_DECODE_MAX_SPLIT overrides it for tuning runs).
+MAX_SPLIT = int(os.environ.get("RETRO_DECODE_MAX_SPLIT", "32"))
 TUNE_SMALL_BATCH = {
     "score": dict(CH=128, num_warps=8, num_stages=2),
     "attend": dict(TS=128, TE=64),
@@ -172,7 +175,7 @@ class DecodeWorkspace:
                        if dev.type == "cuda" else 132)
         if not max_split:
             # The interpreter runs programs one by one: keep the grids small there.
-            max_split = 4 if interpreting() else 32
+            max_split = 4 if interpreting() else MAX_SPLIT
         self.max_split = int(max_split)
         self.ns_pow2 = _next_pow2(self.max_split)
         # Several programs per SM hide the latency of the dependent gathers.

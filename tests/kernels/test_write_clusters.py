@@ -1,0 +1,102 @@
+"""``write_clusters`` (the index build's last step): the Triton kernel against its
+torch twin, and the twin against float64 statistics of each cluster's tokens read
+through the written permutation (in Triton's CPU interpreter without a GPU). Fresh
+random inputs per test, from its own seed."""
+
+import pytest
+import torch
+
+from vllm_retro.index.paged import PagedIndexLayout
+from vllm_retro.kernels import reference
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(seed, m, nbs, c, dtype, h=2, d=32, nb=60):
+    g = torch.Generator().manual_seed(seed)
+    lay = PagedIndexLayout(h, d, 16, dtype)
+    kv = lay.make_cache(nb)
+    kv.copy_(torch.randn(kv.shape, generator=g).to(dtype))
+    blocks = torch.randperm(nb, generator=g)[:m * nbs].view(m, nbs)
+    n = nbs * 16
+    p0s = torch.tensor([16 * (1 + 5 * j) for j in range(m)], dtype=torch.int32)
+    # Skewed cluster sizes, some empty: assignments drawn from a power law.
+    w = torch.rand(c, generator=g) ** 4
+    w[0] = 0.0
+    assign = torch.multinomial(w, m * h * n, replacement=True, generator=g).view(m * h, n)
+    vals, order = torch.sort(assign, dim=1, stable=True)
+    bounds = torch.searchsorted(vals, torch.arange(c + 1).expand(m * h, c + 1).contiguous())
+    return lay, kv, blocks, p0s, order, bounds[:, :c], bounds[:, 1:] - bounds[:, :c]
+
+
+def _cache_copy(lay, kv, device="cpu"):
+    """A copy of a padded-page cache (``clone``/``to`` would drop the page padding)."""
+    out = lay.make_cache(kv.shape[0], device)
+    out.untyped_storage().copy_(kv.untyped_storage())
+    return out
+
+
+def _check_against_float64(lay, kv, blocks, p0s, order, starts, sizes, tol):
+    fpart, ipart = lay.views(kv)
+    h, d, bs = lay.num_kv_heads, lay.head_dim, lay.block_size
+    m, nbs = blocks.shape
+    n = nbs * bs
+    c = starts.shape[1]
+    for j in range(m):
+        p0 = int(p0s[j])
+        for hh in range(h):
+            s = j * h + hh
+            e = torch.arange(n)
+            perm = ipart[blocks[j, e // bs], hh, e % bs].long()
+            assert torch.equal(perm, order[s].long() + p0)
+            for ci in range(nbs):
+                blk = blocks[j, ci]
+                if ci >= c:
+                    assert ipart[blk, hh, bs] == 0 and ipart[blk, hh, bs + 1] == 0
+                    continue
+                size, start = int(sizes[s, ci]), int(starts[s, ci])
+                assert ipart[blk, hh, bs] == size and ipart[blk, hh, bs + 1] == p0 + start
+                tok = order[s, start:start + size].long()
+                kvt = kv[blocks[j, tok // bs], hh, tok % bs].double()
+                f = fpart[blk, hh].double()
+                if size == 0:
+                    assert (f == 0).all()
+                    continue
+                k, v = kvt[:, :d], kvt[:, d:]
+                for got, want in ((f[0], k.mean(0)), (f[1], k.var(0, unbiased=False)),
+                                  (f[2], v.mean(0))):
+                    assert (got - want).abs().max().item() <= tol * (1 + want.abs().max().item())
+
+
+@pytest.mark.parametrize("m,nbs,c", [(1, 6, 6), (2, 8, 5)])
+def test_twin_writes_float64_statistics(m, nbs, c):
+    lay, kv, blocks, p0s, order, starts, sizes = _case(m + 100 * c, m, nbs, c, torch.float64)
+    reference.write_clusters(kv, lay, blocks, p0s, order, starts, sizes)
+    _check_against_float64(lay, kv, blocks, p0s, order, starts, sizes, 1e-12)
+
+
+@pytest.mark.usefixtures("triton_interpreter")
+@pytest.mark.parametrize("m,nbs,c", [(1, 6, 6), (2, 8, 5)])
+def test_triton_kernel_matches_twin(m, nbs, c):
+    pytest.importorskip("triton")
+    from vllm_retro.kernels import triton_cluster_write as tcw
+    if DEV == "cpu" and type(tcw._write_kernel).__name__ != "InterpretedFunction":
+        pytest.skip("kernel module was compiled for a GPU before the interpreter was on")
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    lay, kv, blocks, p0s, order, starts, sizes = _case(7 * m + c, m, nbs, c, dt)
+    want = _cache_copy(lay, kv)
+    reference.write_clusters(want, lay, blocks, p0s, order, starts, sizes)
+    got = _cache_copy(lay, kv, DEV)
+    tcw.write_clusters_triton(got, lay, blocks.to(DEV), p0s.to(DEV), order.to(DEV),
+                              starts.to(DEV), sizes.to(DEV))
+    got = _cache_copy(lay, got)
+    fw, iw = lay.views(want)
+    fg, ig = lay.views(got)
+    assert torch.equal(ig, iw)
+    # fp32 statistics in both; the 16-bit store rounds them (one ulp apart at most).
+    tol = 1e-5 if dt == torch.float32 else 8e-3
+    err = ((fg.float() - fw.float()).abs() / (1 + fw.float().abs())).max().item()
+    assert err <= tol, err
+    assert torch.equal(got, kv)   # the K/V themselves are untouched
+    _check_against_float64(lay, got, blocks, p0s, order, starts, sizes,
+                           1e-5 if dt == torch.float32 else 1e-2)
