@@ -303,7 +303,7 @@ def main() -> None:
                command="python " + " ".join(sys.argv), records=records)
     if profiles:
         res["profiles"] = profiles
-    env = {k: v for k, v in os.environ.items() if k.startswith("RETRO_DECODE_")}
+    env = {k: v for k, v in os.environ.items() if k.startswith(("RETRO_DECODE_", "RETRO_KMEANS_"))}
     if env:
         res["env"] = env
     if failed:

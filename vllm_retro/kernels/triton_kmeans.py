@@ -20,6 +20,7 @@ Twins: ``argmax(x @ cent^T)`` per point in fp32 (first maximum on ties) and
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -66,8 +67,12 @@ def _assign_kernel(x_ptr, xf_ptr, c_ptr, a_ptr, sums_ptr, n, C,
 
 
 #: Tiles of the assignment (points x centroids per program) and warps; a benchmark
-#: may override them (benchmarks/index_build_bench.py --assign-tiles).
+#: may override them (benchmarks/index_build_bench.py --assign-tiles), and so may
+#: RETRO_KMEANS_ASSIGN_TILES=BNxBCxWARPS for tuning runs.
 ASSIGN_TUNE = dict(BN=64, BC=64, num_warps=4)
+if os.environ.get("RETRO_KMEANS_ASSIGN_TILES"):
+    ASSIGN_TUNE.update(zip(("BN", "BC", "num_warps"),
+                           map(int, os.environ["RETRO_KMEANS_ASSIGN_TILES"].split("x"))))
 
 
 def kmeans_assign(x: torch.Tensor, cent: torch.Tensor, x_sum: Optional[torch.Tensor] = None,
