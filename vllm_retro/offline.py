@@ -64,6 +64,16 @@ def close_llm(llm) -> None:
         pass
     del llm
     gc.collect()
+    # vLLM keeps one CUDA-graph memory pool handle per process (a class attribute
+    # of the platform); once the closed engine's graphs are collected that pool is
+    # gone, and capturing the next engine's graphs into it fails inside PyTorch's
+    # allocator. A fresh handle for the next engine.
+    try:
+        from vllm.platforms import current_platform
+        if getattr(type(current_platform), "_global_graph_pool", None) is not None:
+            type(current_platform)._global_graph_pool = None
+    except Exception:
+        pass
 
 
 def retro_state(llm):

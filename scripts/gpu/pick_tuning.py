@@ -13,7 +13,7 @@ import os
 import sys
 
 SPLITS = {"programs/SM 4, split 16": 16, "programs/SM 4, split 64": 64}
-DEFAULT_TILES = "64x64x4"
+DEFAULT_TILES = "128x64x4"
 
 
 def pick_split(path: str):
