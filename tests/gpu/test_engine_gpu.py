@@ -162,7 +162,7 @@ def test_requests_leave_the_table(retro_full, tiny_model):
 
 
 def test_isolation_together_equals_alone(retro_full, tiny_model):
-    """Default budget (not full): a batch decodes each request as it would alone."""
+    """A batch decodes each request as it would alone (the full-retrieval engine)."""
     prompts = text_prompts(tiny_model, [900, 1400, 2000, 2500], offset=20000)
     mgr = manager(retro_full)
     before = mgr.stats()["retro_rows"]
