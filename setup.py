@@ -1,7 +1,8 @@
 """Build of vllm-retro and its extension ``vllm_retro._C``.
 
-The CPU kernels (csrc/*.cpp) always build; CUDA sources (csrc/cuda/*.cu) build
-only where nvcc and a CUDA-enabled torch are present (or RETRO_BUILD_CUDA=1).
+The CPU kernels (csrc/*.cpp) always build; CUDA sources (csrc/cuda/*.cu, and the
+torch-op wrappers of their kernels, csrc/cuda/*.cpp) build only where nvcc and a
+CUDA-enabled torch are present (or RETRO_BUILD_CUDA=1).
 RETRO_NO_EXTENSION=1 skips the extension entirely (pure-torch fallback).
 """
 
@@ -21,13 +22,15 @@ def _ext_modules():
     if not sources:
         return [], {}
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    # The wrappers register CUDA kernels and call launchers defined in the .cu files.
+    cuda_wrappers = sorted(glob.glob("csrc/cuda/*.cpp"))
     want_cuda = os.environ.get("RETRO_BUILD_CUDA")
     use_cuda = (want_cuda == "1" or (want_cuda is None and torch.version.cuda is not None
                                      and cpp_extension.CUDA_HOME is not None))
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     if use_cuda and cuda_sources:
         ext = cpp_extension.CUDAExtension(
-            "vllm_retro._C", sources + cuda_sources,
+            "vllm_retro._C", sources + cuda_wrappers + cuda_sources,
             extra_compile_args={"cxx": cxx + ["-DRETRO_WITH_CUDA"],
                                 "nvcc": ["-O3", "-std=c++17", "-DRETRO_WITH_CUDA",
                                          "--use_fast_math"]},

@@ -18,6 +18,13 @@ TORCH_LIBRARY(vllm_retro, m) {
       "Tensor centroids, Tensor value_sums, Tensor key_vars, Tensor sizes, Tensor starts, "
       "int n_ret, int n_est, float scale, Tensor(a!) out, Tensor? k_ret=None, "
       "float error_bound=0., int max_ret=-1) -> Tensor");
+  // Stage 1 of the paged GPU decode (ops.h); its CUDA kernel registers from
+  // csrc/cuda/paged_score_op.cpp in CUDA builds only (no CPU kernel).
+  m.def(
+      "paged_score(Tensor query, Tensor fpart, Tensor ipart, Tensor block_table, "
+      "Tensor seq_lens, Tensor headers, Tensor(a!) logits, Tensor(b!) score_max, "
+      "Tensor(c!) score_sum, Tensor(d!) hist, Tensor(e!) ncand, int sink_blocks, "
+      "int nsplit, float scale, float cap) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vllm_retro, CPU, m) {

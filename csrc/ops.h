@@ -52,4 +52,33 @@ at::Tensor retro_decode_attention_meta(
     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
     double error_bound, int64_t max_ret);
 
+// Stage 1 of the paged GPU decode (the CUDA twin of _score_kernel in
+// vllm_retro/kernels/triton_decode.py), CUDA only (csrc/cuda/; registered in CUDA
+// builds). Log-mass of every cluster entry of each row for the G query heads of each KV
+// head, and per-program softmax partials; program (r*H + h, p), p < nsplit, takes
+// entries p, p + nsplit, ... of the row's C = max(clustered_end / bs - sink_blocks, 0)
+// (0 for seq_len 0) entries.
+//
+//   query        [B, H*G, D]      float32 / float16 / bfloat16, any strides
+//   fpart        [NB, H, 3, D]    cache dtype (float32 / float16 / bfloat16): centroid,
+//                                 key variance, mean value (PagedIndexLayout.views);
+//                                 rows contiguous and 16-byte aligned
+//   ipart        [NB, H, bs + 2]  int32: permutation, size (word bs), start
+//   block_table  [>=B, max_blocks] int32 / int64;  seq_lens [>=B] int32 / int64
+//   headers      [NB, HDR_WORDS]  int32 (word 0: clustered_end)
+//   logits       [>=NB, H, G]     float32, written at the blocks of the rows' entries:
+//                                 logits[bt[r, sink_blocks + i], h, g] = s q.c + ln size
+//                                 + min(s^2/2 sum_d q_d^2 var_d, cap), -inf when size 0
+//   score_max / score_sum [>=B*H, NSP >= nsplit, GP in G..128] float32: per program
+//                                 (r*H + h, p), at [r*H + h, p, g], the max and the sum
+//                                 of exp(log-mass - max) over its entries (-inf / 0 for
+//                                 none; -inf / 0 for g >= G)
+//   hist [>=B*H, NBINS], ncand [>=B*H, 2] int32: rows 0..B*H zeroed
+//   head dims 32/64/128/256, G <= 16; scale: logit scale; cap: VARIANCE_CORRECTION_CAP
+void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at::Tensor& ipart,
+                      const at::Tensor& block_table, const at::Tensor& seq_lens,
+                      const at::Tensor& headers, at::Tensor& logits, at::Tensor& score_max,
+                      at::Tensor& score_sum, at::Tensor& hist, at::Tensor& ncand,
+                      int64_t sink_blocks, int64_t nsplit, double scale, double cap);
+
 }  // namespace vllm_retro

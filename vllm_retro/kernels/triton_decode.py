@@ -15,7 +15,9 @@ by range):
 1. ``_score_kernel`` ``(B*H, NS)``: the log-mass of every cluster entry for the
    ``G`` query heads (``[G, chunk]`` tiles, centroid and key variance read once),
    stored block-addressed in ``workspace.logits``, and each program's partial
-   max / sum-exp per query head. Zeroes the row-head's histogram.
+   max / sum-exp per query head. Zeroes the row-head's histogram. (With
+   ``SCORE_IMPL = "cuda"`` its CUDA twin ``torch.ops.vllm_retro.paged_score``,
+   ``csrc/cuda/paged_score.cu``, runs instead where the extension has it.)
 2. ``_key_kernel`` ``(B*H, NS)``: the per-query-head log-sum-exp from the partials;
    each entry's ranking score ``sum_g exp(logit - lse_g)`` stored as its float bit
    pattern (an int32 key that sorts like the score, scores being >= 0); a histogram
@@ -112,6 +114,27 @@ TUNE_SMALL_BATCH = {
     "score": dict(CH=128, num_warps=8, num_stages=2),
     "attend": dict(TS=128, TE=64),
 }
+# Implementation of stage 1 (issue 13: the hot path in vllm_retro._C where it measures
+# faster): "triton" (default) or "cuda", the extension's torch.ops.vllm_retro.paged_score
+# (csrc/cuda/paged_score.cu; same outputs), used where the extension was built with CUDA
+# (else Triton). RETRO_DECODE_SCORE_IMPL sets it at import; a benchmark may set the
+# attribute.
+SCORE_IMPL = os.environ.get("RETRO_DECODE_SCORE_IMPL", "triton")
+_CUDA_SCORE = None
+
+
+def cuda_score_available() -> bool:
+    """Whether ``torch.ops.vllm_retro.paged_score`` has a CUDA kernel (the extension
+    ``vllm_retro._C`` imports and was built with CUDA)."""
+    global _CUDA_SCORE
+    if _CUDA_SCORE is None:
+        try:
+            from .. import _C  # noqa: F401  (loading registers the ops)
+            _CUDA_SCORE = bool(torch._C._dispatch_has_kernel_for_dispatch_key(
+                "vllm_retro::paged_score", "CUDA"))
+        except Exception:  # no extension, or one without the op
+            _CUDA_SCORE = False
+    return _CUDA_SCORE
 
 
 def _tune(kernel: str, num_rows: int) -> dict:
@@ -885,12 +908,19 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     scale = float(scale)
     common = (block_table, block_table.stride(0), seq_lens, headers, headers.stride(0))
     grid = (b * h, ns)
-    _score_kernel[grid](
-        query, *query.stride(), fpart, *fpart.stride(), ipart, ipart.stride(0),
-        ipart.stride(1), *common, ws.logits, ws.score_max, ws.score_sum, ws.hist, ws.ncand,
-        scale, sb, ns,
-        H=h, G=g, GP=gp, D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
-        CAP=float(VARIANCE_CORRECTION_CAP), NATIVE=native, PREC=prec, **_tune("score", b))
+    if (SCORE_IMPL == "cuda" and query.is_cuda and not interpreting()
+            and cuda_score_available()):
+        torch.ops.vllm_retro.paged_score(
+            query, fpart, ipart, block_table, seq_lens, headers, ws.logits, ws.score_max,
+            ws.score_sum, ws.hist, ws.ncand, sb, ns, scale, float(VARIANCE_CORRECTION_CAP))
+    else:
+        _score_kernel[grid](
+            query, *query.stride(), fpart, *fpart.stride(), ipart, ipart.stride(0),
+            ipart.stride(1), *common, ws.logits, ws.score_max, ws.score_sum, ws.hist,
+            ws.ncand, scale, sb, ns,
+            H=h, G=g, GP=gp, D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
+            CAP=float(VARIANCE_CORRECTION_CAP), NATIVE=native, PREC=prec,
+            **_tune("score", b))
     _key_kernel[grid](
         ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, ns,
         H=h, G=g, GP=gp, BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES,
