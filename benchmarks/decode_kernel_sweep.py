@@ -32,8 +32,9 @@ from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.kernels import DecodeWorkspace, paged_decode_attention  # noqa: E402
 from vllm_retro.kernels import triton_decode as td  # noqa: E402
 
-# (name, kernel, overrides), (name, "pps", (programs per SM, max_split)) or
-# (name, "pps+<kernel>", (programs per SM, overrides))
+# (name, kernel, overrides), (name, "pps", (programs per SM, max_split)),
+# (name, "pps+<kernel>", (programs per SM, overrides)) or (name, "asplit", the
+# attention kernel's own max split)
 VARIANTS = [
     ("default", None, {}),
     ("programs/SM 2", "pps", (2, 0)),
@@ -43,6 +44,8 @@ VARIANTS = [
     ("programs/SM 8, attend TR16 RG32", "pps+attend", (8, dict(TR=16, RG=32))),
     ("programs/SM 8, score CH32", "pps+score", (8, dict(CH=32))),
     ("programs/SM 4, split 16", "pps", (4, 16)),
+    ("attend split 64", "asplit", 64),
+    ("attend split 128", "asplit", 128),
     ("score CH64 w4", "score", dict(CH=64, num_warps=4)),
     ("attend TS64", "attend", dict(TS=64)),
     ("attend w8", "attend", dict(num_warps=8)),
@@ -62,8 +65,10 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> 
     for name, kernel, over in VARIANTS:
         td.TUNE = copy.deepcopy(base_tune)
         td.TUNE_SMALL_BATCH = copy.deepcopy(base_small)
-        max_split = pps = 0
-        if kernel == "pps":
+        max_split = pps = attend_split = 0
+        if kernel == "asplit":
+            attend_split, kernel = over, None
+        elif kernel == "pps":
             pps, max_split = over
         elif kernel and kernel.startswith("pps+"):
             pps, over = over
@@ -72,7 +77,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> 
             td.TUNE[kernel].update(over)
             td.TUNE_SMALL_BATCH.get(kernel, {}).update(over)
         ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, max(batch, 8), "cuda",
-                             max_split=max_split, programs_per_sm=pps)
+                             max_split=max_split, programs_per_sm=pps,
+                             attend_max_split=attend_split)
         out = torch.empty(batch, HQ, D, device="cuda", dtype=torch.float32)
 
         def step(count=False):

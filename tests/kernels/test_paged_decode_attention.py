@@ -52,8 +52,10 @@ class Scene:
     """One KV cache with ragged rows: each row its own blocks (never block 0), its
     random K/V, its index (built as the engine builds it, or crafted) and header."""
 
-    def __init__(self, num_blocks: int, dtype=torch.float32, max_blocks: int = 260):
-        self.lay = PagedIndexLayout(H, D, BS, dtype)
+    def __init__(self, num_blocks: int, dtype=torch.float32, max_blocks: int = 260,
+                 head_dim: int = D):
+        self.D = head_dim
+        self.lay = PagedIndexLayout(H, head_dim, BS, dtype)
         self.kv = self.lay.make_cache(num_blocks, DEV)
         self.headers = make_headers(num_blocks, DEV)
         self.free = (torch.randperm(num_blocks - 1) + 1).tolist()
@@ -76,7 +78,7 @@ class Scene:
             return 0
         blocks = row.long().to(DEV)
         pos = torch.arange(L, device=DEV)
-        self.kv[blocks[pos // BS], :, pos % BS] = torch.randn(L, H, 2 * D).to(
+        self.kv[blocks[pos // BS], :, pos % BS] = torch.randn(L, H, 2 * self.D).to(
             DEV, self.kv.dtype)
         E = 0
         if index == "build":
@@ -109,7 +111,7 @@ class Scene:
         ipart[blocks[pos // BS], :, pos % BS] = pos.int()[:, None].expand(-1, H)
         ipart[pb, :, BS] = BS
         ipart[pb, :, BS + 1] = (lb * BS).int()[:, None].expand(-1, H)
-        v = self.kv[pb][..., D:].float()                                  # [C, H, BS, D]
+        v = self.kv[pb][..., self.D:].float()                             # [C, H, BS, D]
         fpart[pb, :, 0] = cent.to(DEV, fpart.dtype)                        # [C, H, D]
         fpart[pb, :, 1] = 0
         fpart[pb, :, 2] = v.mean(dim=2).to(fpart.dtype)
@@ -207,6 +209,25 @@ def test_ragged_batch_matches_twin():
     for r in (0, 3):
         for kh in range(H):
             assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
+
+
+@pytest.mark.parametrize("split,attend_split", [(2, 4), (4, 2)])
+def test_attention_split_differs_from_selection_split(split, attend_split):
+    """The attention kernel runs its own number of programs per (row, KV head);
+    finer or coarser than the selection kernels', the result is the twin's."""
+    td = _td()
+    torch.manual_seed(11)
+    sc = Scene(200)
+    sc.add(900)
+    sc.add(300, index="none")
+    ws = td.DecodeWorkspace(sc.kv.shape[0], H, G, D, 4, DEV, max_split=split,
+                            attend_max_split=attend_split)
+    assert ws.nsplit(2) == split and ws.nsplit_attend(2) == attend_split
+    q = torch.randn(2, H * G, D)
+    out, ref, st, ws = run_both(sc, q, 0.2, ws=ws, td=td)
+    assert not torch.isnan(out).any()
+    assert _rel(out, ref) < 2e-3, _rel(out, ref)
+    assert ws.stats.tolist() == expected_stats(sc, st)
 
 
 def test_bf16_cache_and_output():
@@ -318,6 +339,81 @@ def test_launch_sequence_does_not_depend_on_data(monkeypatch):
         assert _rel(out, ref) < 2e-3
         assert ws.stats.tolist() == expected_stats(sc, st)
     assert seqs[0] == seqs[1] and len(seqs[0]) == len(names)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the CUDA score kernel needs a GPU")
+@pytest.mark.parametrize("head_dim,group,dtype", [
+    (128, 4, torch.bfloat16), (64, 8, torch.bfloat16), (32, 16, torch.bfloat16),
+    (128, 3, torch.bfloat16), (256, 2, torch.bfloat16), (128, 4, torch.float16),
+    (64, 4, torch.float32)])
+def test_cuda_score_matches_triton(monkeypatch, head_dim, group, dtype):
+    """The CUDA score kernel (``torch.ops.vllm_retro.paged_score``, selected by
+    ``SCORE_IMPL = "cuda"``) against Triton's ``_score_kernel`` on the same inputs:
+    ragged rows (an index of several segments with empty clusters, a row with
+    seq_len 0, a row without an index, an explicit budget), batches of 1, 3 and 6 rows
+    (so 32 down to a few programs per row-head). The log-masses at every entry's
+    block address (-inf at the same entries), each program's partial max / sum-exp
+    (query heads < G) agree to 1e-3 (relative and absolute): both accumulate in fp32,
+    but Triton's products are split high/low 16-bit tensor-core products, the CUDA
+    kernel's fp32 FMAs (and the sum-exp order differs). The call zeroes exactly the
+    batch's hist / ncand rows, and the decode output stays the twin's."""
+    td = _td()
+    if not td.cuda_score_available():
+        pytest.skip("vllm_retro._C is not built with CUDA (scripts/gpu/run.sh BUILD_EXT=1)")
+    from vllm_retro.attention import VARIANCE_CORRECTION_CAP
+    torch.manual_seed(12)
+    sc = Scene(400, dtype=dtype, head_dim=head_dim)
+    sc.add(900)
+    sc.add(0)
+    sc.add(300, index="none")
+    sc.add(700, n_ret=4, n_est=9)
+    sc.add(1500)
+    sc.add(520)
+    bt, sl = sc.tensors()
+    sb = sc.S // BS
+    scale = 1 / math.sqrt(head_dim)
+    nan = float("nan")
+    for b in (1, 3, 6):
+        q = torch.randn(b, H * group, head_dim, device=DEV).to(dtype)
+        runs = {}
+        for impl in ("triton", "cuda"):
+            monkeypatch.setattr(td, "SCORE_IMPL", impl)
+            ws = td.DecodeWorkspace(sc.kv.shape[0], H, group, head_dim, 8, DEV)
+            for t in (ws.logits, ws.score_max, ws.score_sum):
+                t.fill_(nan)
+            out = torch.full((b, H * group, head_dim), nan, device=DEV)
+            td.paged_decode_attention_triton(q, sc.kv, sc.lay, bt[:b], sl[:b], sc.headers,
+                                             sc.S, scale, out, ws)
+            runs[impl] = (ws, out)
+        (wt, ot), (wc, oc) = runs["triton"], runs["cuda"]
+        ns = wt.nsplit(b)
+        for r in range(b):
+            L = int(sl[r])
+            E = int(sc.headers[int(bt[r, 0]), 0]) if L else 0
+            blocks = bt[r, sb:sb + max(E // BS - sb, 0)].long()
+            lt, lc = wt.logits[blocks], wc.logits[blocks]
+            assert not lc.isnan().any(), f"row {r}: log-masses left unwritten"
+            torch.testing.assert_close(lc, lt, rtol=1e-3, atol=1e-3, msg=f"b={b} row {r}")
+        rows = b * H
+        for name in ("score_max", "score_sum"):
+            pt = getattr(wt, name)[:rows, :ns, :group]
+            pc = getattr(wc, name)[:rows, :ns, :group]
+            torch.testing.assert_close(pc, pt, rtol=1e-3, atol=1e-3, msg=f"b={b} {name}")
+        assert _rel(oc, ot) < 1e-2, _rel(oc, ot)
+        ref, _ = reference.paged_decode_attention(q.cpu(), sc.cpu_cache(), sc.lay,
+                                                  bt[:b].cpu(), sl[:b].cpu(),
+                                                  sc.headers.cpu(), sc.S, scale)
+        assert _rel(oc, ref) < 2e-2, _rel(oc, ref)
+        # The op alone: hist / ncand rows of the batch zeroed, the others untouched.
+        wc.hist.fill_(7)
+        wc.ncand.fill_(7)
+        fpart, ipart = sc.lay.views(sc.kv)
+        torch.ops.vllm_retro.paged_score(q, fpart, ipart, bt[:b], sl[:b], sc.headers,
+                                         wc.logits, wc.score_max, wc.score_sum, wc.hist,
+                                         wc.ncand, sb, ns, scale,
+                                         float(VARIANCE_CORRECTION_CAP))
+        assert (wc.hist[:rows] == 0).all() and (wc.ncand[:rows] == 0).all()
+        assert (wc.hist[rows:] == 7).all() and (wc.ncand[rows:] == 7).all()
 
 
 def test_public_op(monkeypatch):

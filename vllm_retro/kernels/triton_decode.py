@@ -35,12 +35,13 @@ by range):
    selection lists from the lower ranges' counts and candidates, then writes its
    retrieved clusters (first permutation position, size) and estimated clusters
    (physical block) to the lists, in entry order; statistics.
-5. ``_attend_kernel`` ``(B*H, NS)``: program ``p`` attends the work items congruent
-   to ``p`` mod ``NS`` of three kinds (steady-zone tokens; tokens of the retrieved
+5. ``_attend_kernel`` ``(B*H, NSA)`` (``NSA = workspace.nsplit_attend(B)``, its own
+   split: it only merges partials): program ``p`` attends the work items congruent
+   to ``p`` mod ``NSA`` of three kinds (steady-zone tokens; tokens of the retrieved
    clusters: permutation entry -> token position -> the row's block table -> K/V
    slot; estimated clusters as pseudo-tokens with their log-mass over their mean
    value), one online softmax in fp32 for all ``G`` query heads of the KV head; the
-   last program of the row-head to finish merges the ``NS`` partials into ``out``
+   last program of the row-head to finish merges the ``NSA`` partials into ``out``
    (in ``out``'s dtype; zeros for rows without context).
 
 "Last program" hand-offs: each program writes its part, passes a CTA barrier and
@@ -110,6 +111,10 @@ PROGRAMS_PER_SM = int(os.environ.get("RETRO_DECODE_PROGRAMS_PER_SM", "4"))
 # The most programs per (row, KV head): it binds at batches of one or two rows only
 # (RETRO_DECODE_MAX_SPLIT overrides it for tuning runs).
 MAX_SPLIT = int(os.environ.get("RETRO_DECODE_MAX_SPLIT", "32"))
+# The attention kernel's own cap (it only merges partials, so it may split finer
+# than the selection kernels, whose range bookkeeping grows with the split);
+# 0: the same as MAX_SPLIT. RETRO_DECODE_ATTEND_MAX_SPLIT overrides it.
+ATTEND_MAX_SPLIT = int(os.environ.get("RETRO_DECODE_ATTEND_MAX_SPLIT", "0"))
 TUNE_SMALL_BATCH = {
     "score": dict(CH=128, num_warps=8, num_stages=2),
     "attend": dict(TS=128, TE=64),
@@ -184,7 +189,7 @@ class DecodeWorkspace:
 
     def __init__(self, num_blocks: int, num_kv_heads: int, group_size: int,
                  head_dim: int, max_rows: int, device, *, max_split: int = 0,
-                 num_sms: int = 0, programs_per_sm: int = 0):
+                 num_sms: int = 0, programs_per_sm: int = 0, attend_max_split: int = 0):
         dev = torch.device(device)
         self.device = dev
         self.num_blocks = int(num_blocks)
@@ -201,9 +206,15 @@ class DecodeWorkspace:
             max_split = 4 if interpreting() else MAX_SPLIT
         self.max_split = int(max_split)
         self.ns_pow2 = _next_pow2(self.max_split)
+        if not attend_max_split:
+            attend_max_split = (ATTEND_MAX_SPLIT or self.max_split) if not interpreting() \
+                else self.max_split
+        self.attend_max_split = int(attend_max_split)
+        self.attend_ns_pow2 = _next_pow2(self.attend_max_split)
         # Several programs per SM hide the latency of the dependent gathers.
         self.target_programs = (programs_per_sm or PROGRAMS_PER_SM) * int(num_sms)
-        cap = max(b * self.nsplit(b) for b in range(1, self.max_rows + 1))
+        cap = max(b * max(self.nsplit(b), self.nsplit_attend(b))
+                  for b in range(1, self.max_rows + 1))
         rows = self.max_rows * h
         f32, i32 = torch.float32, torch.int32
         nb, nsp = self.num_blocks, self.ns_pow2
@@ -231,6 +242,12 @@ class DecodeWorkspace:
         so a captured graph's grids hold for any contexts)."""
         want = -(-self.target_programs // (max(1, num_rows) * self.num_kv_heads))
         return max(1, min(self.max_split, want))
+
+    def nsplit_attend(self, num_rows: int) -> int:
+        """Programs per (row, KV head) of the attention kernel (as :meth:`nsplit`,
+        capped by ``attend_max_split``)."""
+        want = -(-self.target_programs // (max(1, num_rows) * self.num_kv_heads))
+        return max(1, min(self.attend_max_split, want))
 
     def views(self, layout: PagedIndexLayout, kv_cache: torch.Tensor):
         """``layout.views(kv_cache)``, cached per cache tensor (one per layer)."""
@@ -935,11 +952,12 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         ipart.stride(0), ipart.stride(1), *common, sb, sink_end, ns,
         H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
         **_tune("collect", b))
-    _attend_kernel[grid](
+    ns_a = ws.nsplit_attend(b)
+    _attend_kernel[(b * h, ns_a)](
         query, *query.stride(), kv_cache, *kv_cache.stride(), fpart, *fpart.stride(),
         ipart, ipart.stride(0), ipart.stride(1), *common, ws.logits, ws.lists, ws.counts,
         ws.part_o, ws.part_m, ws.part_l, ws.tickets[1], out, *out.stride(),
-        scale, sb, sink_end, ns,
+        scale, sb, sink_end, ns_a,
         H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, PK=PACK, LW=LIST_WORDS,
-        NSP=nsp, NATIVE=native, PREC=prec, **_tune("attend", b))
+        NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, **_tune("attend", b))
     return out
