@@ -2,10 +2,12 @@
 
 For each (context, batch), the decode step of :mod:`decode_kernel_bench` (same
 cache, index and default budget) is timed as a CUDA graph for a list of variants:
-one kernel's launch parameters overridden (tile sizes, warps, pipeline stages) or
-the programs per (row, KV head). Every variant's output is checked against the
-default variant's (same selection, fp32 accumulation: relative error below 1e-2)
-before it is timed, and the per-kernel device times of the best variant are
+one kernel's launch parameters overridden (tile sizes, warps, pipeline stages),
+the programs per (row, KV head), or the score stage run by the extension's CUDA kernel
+("score cuda": needs ``vllm_retro._C`` built with CUDA, ``scripts/gpu/run.sh
+BUILD_EXT=1``; its per-kernel times are recorded beside the default's). Every
+variant's output is checked against the default variant's (same selection, fp32
+accumulation: relative error below 1e-2) before it is timed, and the per-kernel device times of the best variant are
 recorded. The winners are what ``TUNE`` / ``TUNE_SMALL_BATCH`` in
 ``vllm_retro/kernels/triton_decode.py`` should say.
 
@@ -33,8 +35,9 @@ from vllm_retro.kernels import DecodeWorkspace, paged_decode_attention  # noqa: 
 from vllm_retro.kernels import triton_decode as td  # noqa: E402
 
 # (name, kernel, overrides), (name, "pps", (programs per SM, max_split)),
-# (name, "pps+<kernel>", (programs per SM, overrides)) or (name, "asplit", the
-# attention kernel's own max split)
+# (name, "pps+<kernel>", (programs per SM, overrides)), (name, "asplit", the
+# attention kernel's own max split) or (name, "score_impl", triton_decode.SCORE_IMPL:
+# "cuda" is the extension's CUDA score kernel, an error where it is not built)
 VARIANTS = [
     ("default", None, {}),
     ("programs/SM 2", "pps", (2, 0)),
@@ -46,6 +49,7 @@ VARIANTS = [
     ("programs/SM 4, split 16", "pps", (4, 16)),
     ("attend split 64", "asplit", 64),
     ("attend split 128", "asplit", 128),
+    ("score cuda", "score_impl", "cuda"),
     ("score CH64 w4", "score", dict(CH=64, num_warps=4)),
     ("attend TS64", "attend", dict(TS=64)),
     ("attend w8", "attend", dict(num_warps=8)),
@@ -60,13 +64,17 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> 
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     base_tune = copy.deepcopy(td.TUNE)
     base_small = copy.deepcopy(td.TUNE_SMALL_BATCH)
+    base_impl = td.SCORE_IMPL
     ref = None
     res = []
     for name, kernel, over in VARIANTS:
         td.TUNE = copy.deepcopy(base_tune)
         td.TUNE_SMALL_BATCH = copy.deepcopy(base_small)
+        td.SCORE_IMPL = base_impl
         max_split = pps = attend_split = 0
-        if kernel == "asplit":
+        if kernel == "score_impl":
+            td.SCORE_IMPL, kernel = over, None
+        elif kernel == "asplit":
             attend_split, kernel = over, None
         elif kernel == "pps":
             pps, max_split = over
@@ -85,6 +93,9 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> 
             paged_decode_attention(q, kv, lay, bt, sl, hdr, S, scale, out=out, workspace=ws,
                                    count_stats=count)
         try:
+            if td.SCORE_IMPL == "cuda" and not td.cuda_score_available():
+                raise RuntimeError("torch.ops.vllm_retro.paged_score has no CUDA kernel "
+                                   "(build the extension: scripts/gpu/run.sh BUILD_EXT=1)")
             ws.stats.zero_()
             step(True)
             torch.cuda.synchronize()
@@ -97,12 +108,14 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> 
                 raise AssertionError(f"output differs from the default variant: {err:.2e}")
             t = time_ms(graph_of(step).replay) * 1e3
             rec = dict(variant=name, graph_us=round(t, 2), rel_err_vs_default=err)
+            if td.SCORE_IMPL != base_impl:   # the score kernel's own time, against default's
+                rec["per_kernel_us"] = per_kernel_us(step)
         except Exception as exc:  # a failing variant is a finding, not a crash
             rec = dict(variant=name, error=f"{type(exc).__name__}: {exc}"[:300])
         res.append(rec)
         print(f"  {ctx}x{batch} {name:24s} {rec.get('graph_us', rec.get('error'))}", flush=True)
         del ws
-    td.TUNE, td.TUNE_SMALL_BATCH = base_tune, base_small
+    td.TUNE, td.TUNE_SMALL_BATCH, td.SCORE_IMPL = base_tune, base_small, base_impl
     ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, max(batch, 8), "cuda")
     out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
     prof = per_kernel_us(lambda: paged_decode_attention(q, kv, lay, bt, sl, hdr, S, scale,
