@@ -12,6 +12,13 @@
 # vLLM, retro vs dense; needs the .gpu-carry/ parts of scripts/gpu/prepare_carry.sh,
 # carried one per call like the bundle), throughput (benchmarks/decode_throughput.py,
 # THROUGHPUT_ARGS passed through).
+#
+# BUILD_EXT=1 installs the project with its extension vllm_retro._C built with CUDA
+# (csrc/cuda, sm_90; a few minutes, log in $OUT/build_ext.log) instead of the
+# Python-only install, and copies the built library to $OUT to carry back. It is
+# rebuilt when csrc/ or setup.py changed since (or REINSTALL=1). With it, the sweep's
+# "score cuda" variant and the CUDA-vs-Triton score test run, and
+# RETRO_DECODE_SCORE_IMPL=cuda switches the engine's score stage to CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/retro-gpu-out}
@@ -23,7 +30,25 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   VLLM_NO_USAGE_STATS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # The Triton decode path needs no compiled extension; the entry point (vLLM finds
 # the plugin through it) needs an install.
-if [ ! -d /tmp/proj-site/vllm_retro ] || [ "${REINSTALL:-0}" = 1 ]; then
+if [ "${BUILD_EXT:-0}" = 1 ]; then
+  stamp=$(cat setup.py csrc/*.* csrc/cuda/*.* | sha1sum | cut -c1-16)
+  if ! ls /tmp/proj-site/vllm_retro/_C*.so >/dev/null 2>&1 || [ "${REINSTALL:-0}" = 1 ] \
+      || [ "$(cat /tmp/proj-site/.retro-ext-stamp 2>/dev/null)" != "$stamp" ]; then
+    rm -rf /tmp/proj-site
+    echo "=== building vllm_retro._C with CUDA ($(date +%T))"
+    RETRO_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 -m pip install \
+      --no-build-isolation --no-deps --no-index --target /tmp/proj-site . \
+      > "$OUT/build_ext.log" 2>&1
+    r=$?
+    tail -5 "$OUT/build_ext.log"
+    [ "$r" = 0 ] || { echo "extension build failed ($r): $OUT/build_ext.log"; exit 4; }
+    echo "$stamp" > /tmp/proj-site/.retro-ext-stamp
+  fi
+  cp /tmp/proj-site/vllm_retro/_C*.so "$OUT/"
+  # Tests and benchmarks run from the root import vllm_retro from this tree: put the
+  # library beside its sources too (ignored by git).
+  cp /tmp/proj-site/vllm_retro/_C*.so vllm_retro/
+elif [ ! -d /tmp/proj-site/vllm_retro ] || [ "${REINSTALL:-0}" = 1 ]; then
   rm -rf /tmp/proj-site
   RETRO_NO_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps \
     --no-index --target /tmp/proj-site . 2>&1 | tail -3
@@ -33,6 +58,9 @@ export PYTHONPATH=/tmp/proj-site:$PYTHONPATH
 mkdir -p /opt/retro-carry
 cp -n .gpu-carry/* /opt/retro-carry/ 2>/dev/null || true
 python3 -c "import torch, triton, vllm; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name())"
+if [ "${BUILD_EXT:-0}" = 1 ]; then
+  python3 -c "from vllm_retro.kernels import triton_decode as td; print('vllm_retro._C CUDA score kernel:', td.cuda_score_available())"
+fi
 rc=0
 for s in $STAGES; do
   echo "=== stage $s ($(date +%T))"
