@@ -8,8 +8,8 @@ the programs per (row, KV head), or the score stage run by the extension's CUDA 
 BUILD_EXT=1``; its per-kernel times are recorded beside the default's). Every
 variant's output is checked against the default variant's (same selection, fp32
 accumulation: relative error below 1e-2) before it is timed, and the per-kernel
-device times of the best variant are recorded. The winners are what ``TUNE`` / ``TUNE_SMALL_BATCH`` in
-``vllm_retro/kernels/triton_decode.py`` should say.
+device times of the best variant are recorded. The winners are what ``TUNE`` /
+``TUNE_SMALL_BATCH`` in ``vllm_retro/kernels/triton_decode.py`` should say.
 
     python benchmarks/decode_kernel_sweep.py --cases 131072x1,131072x8 --out sweep.json
 """
