@@ -1,0 +1,140 @@
+"""Compiles every Triton kernel of vllm-retro for an H100/H200 (sm_90) on a machine
+without a GPU, through the real launchers.
+
+Role: the CPU interpreter runs the kernels' semantics but not the GPU compiler, so a
+kernel can pass every CPU test and still fail to compile on the GPU (a loop-carried
+value that changes type, an op the interpreter tolerates). Here each launch of the
+launchers (decode attention at a small and a large batch, the index build's
+kernels) is intercepted and compiled ahead of time for ``GPUTarget("cuda", 90, 32)``
+with the launch's own argument types, constexprs, warps and stages; nothing runs.
+Exit status 1 with the compiler's message when a kernel does not compile.
+
+    python scripts/triton_compile_check.py      # needs TRITON_INTERPRET unset / 0
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    raise SystemExit("triton_compile_check: run without TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TARGET = GPUTarget("cuda", 90, 32)
+_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+       torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8",
+       torch.uint8: "u8", torch.bool: "i1"}
+OPTION_KEYS = ("num_warps", "num_stages", "num_ctas")
+compiled: dict = {}
+failures: list = []
+
+
+def _aot(self: JITFunction, *args, grid, warmup, **kwargs):
+    """Stands in for ``JITFunction.run``: compiles instead of launching."""
+    bound = dict(zip(self.arg_names, args))
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTION_KEYS}
+    bound.update(kwargs)
+    sig, consts = {}, {}
+    for p in self.params:
+        v = bound.get(p.name, p.default if p.has_default else None)
+        if p.is_constexpr:
+            consts[p.name] = v
+            sig[p.name] = "constexpr"
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + _DT[v.dtype]
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, int):
+            sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{self.__name__}: cannot type argument {p.name}={v!r}")
+    key = (self.__name__, tuple(sorted(sig.items())), tuple(sorted(map(str, consts.items()))),
+           tuple(sorted(options.items())))
+    if key in compiled:
+        return None
+    try:
+        k = triton.compile(ASTSource(fn=self, signature=sig, constexprs=consts),
+                           target=TARGET, options=options)
+        compiled[key] = len(k.asm["cubin"])
+        print(f"  ok  {self.__name__:22s} {options} cubin {compiled[key]} B", flush=True)
+    except Exception as exc:  # reported together at the end
+        compiled[key] = None
+        failures.append((self.__name__, consts, options, exc))
+        print(f"  FAIL {self.__name__}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+    return None
+
+
+def decode_launches() -> None:
+    from vllm_retro.config import RetroConfig
+    from vllm_retro.index.paged import PagedIndexLayout, make_headers, sink_end
+    from vllm_retro.kernels import triton_decode as td
+    h, g, d, bs = 8, 4, 128, 16
+    for dtype in (torch.bfloat16, torch.float32):   # fp16 compiles as bf16 does
+        lay = PagedIndexLayout(h, d, bs, dtype)
+        nb = 64
+        kv = lay.make_cache(nb)
+        hdr = make_headers(nb, "cpu")
+        for b in (1, 6):
+            ws = td.DecodeWorkspace(nb, h, g, d, max(b, 8), "cpu")
+            q = torch.zeros(b, h * g, d, dtype=dtype)
+            bt = torch.zeros(b, 32, dtype=torch.int32)
+            sl = torch.zeros(b, dtype=torch.int32)
+            out = torch.zeros(b, h * g, d, dtype=dtype)
+            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr,
+                                             sink_end(RetroConfig(), bs), 0.1, out, ws,
+                                             count_stats=True)
+
+
+def build_launches() -> None:
+    from vllm_retro.index.paged import PagedIndexLayout
+    from vllm_retro.kernels import triton_kmeans as tk
+    from vllm_retro.kernels.triton_cluster_write import write_clusters_triton
+    for dtype in (torch.bfloat16, torch.float32):   # fp16 compiles as bf16 does
+        h, d, bs = 8, 128, 16
+        lay = PagedIndexLayout(h, d, bs, dtype)
+        kv = lay.make_cache(20)
+        m, nbs = 2, 4
+        blocks = torch.arange(1, 1 + m * nbs).view(m, nbs)
+        sim = torch.bfloat16 if dtype != torch.float32 else torch.float32
+        xs = tk.segment_keys(kv, blocks, d, sim)
+        c = 4
+        cent = torch.zeros(m * h, c, d, dtype=sim)
+        sums = torch.zeros(m * h, c, d)
+        tk.kmeans_assign(xs, cent, xs, sums)
+        tk.kmeans_assign(xs, cent, xs.float(), sums)
+        tk.kmeans_assign(xs, cent)
+        tk.kmeans_update(sums, cent, zero=True)
+        tk.kmeans_update(sums, cent, zero=False)
+        n = nbs * bs
+        order = torch.zeros(m * h, n, dtype=torch.int32)
+        st = torch.zeros(m * h, c, dtype=torch.int32)
+        write_clusters_triton(kv, lay, blocks, torch.zeros(m, dtype=torch.int32), order, st, st)
+
+
+def main() -> None:
+    JITFunction.run = _aot
+    for name, fn in (("decode", decode_launches), ("index build", build_launches)):
+        print(f"{name}:", flush=True)
+        try:
+            fn()
+        except Exception:
+            traceback.print_exc()
+            failures.append((name, None, None, "launcher raised"))
+    print(f"{len(compiled)} kernel variants for sm_90, {len(failures)} failed")
+    if failures:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
