@@ -36,7 +36,8 @@ from vllm_retro.kernels import triton_decode as td  # noqa: E402
 
 # (name, kernel, overrides), (name, "pps", (programs per SM, max_split)),
 # (name, "pps+<kernel>", (programs per SM, overrides)), (name, "asplit", the
-# attention kernel's own max split) or (name, "score_impl", triton_decode.SCORE_IMPL:
+# attention kernel's own max split), (name, "pdl"[+asplit], ...) (programmatic
+# dependent launch of kernels 2-5) or (name, "score_impl", triton_decode.SCORE_IMPL:
 # "cuda" is the extension's CUDA score kernel, an error where it is not built)
 VARIANTS = [
     ("default", None, {}),
@@ -47,6 +48,8 @@ VARIANTS = [
     ("programs/SM 8, attend TR16 RG32", "pps+attend", (8, dict(TR=16, RG=32))),
     ("programs/SM 8, score CH32", "pps+score", (8, dict(CH=32))),
     ("programs/SM 4, split 16", "pps", (4, 16)),
+    ("PDL", "pdl", None),
+    ("PDL, attend split 64", "pdl+asplit", 64),
     ("attend split 64", "asplit", 64),
     ("attend split 128", "asplit", 128),
     ("score cuda", "score_impl", "cuda"),
@@ -72,7 +75,12 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> 
         td.TUNE_SMALL_BATCH = copy.deepcopy(base_small)
         td.SCORE_IMPL = base_impl
         max_split = pps = attend_split = 0
-        if kernel == "score_impl":
+        td.PDL = bool(kernel and kernel.startswith("pdl"))
+        if kernel == "pdl":
+            kernel = None
+        elif kernel == "pdl+asplit":
+            attend_split, kernel = over, None
+        elif kernel == "score_impl":
             td.SCORE_IMPL, kernel = over, None
         elif kernel == "asplit":
             attend_split, kernel = over, None
@@ -116,6 +124,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> 
         print(f"  {ctx}x{batch} {name:24s} {rec.get('graph_us', rec.get('error'))}", flush=True)
         del ws
     td.TUNE, td.TUNE_SMALL_BATCH, td.SCORE_IMPL = base_tune, base_small, base_impl
+    td.PDL = False
     ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, max(batch, 8), "cuda")
     out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
     prof = per_kernel_us(lambda: paged_decode_attention(q, kv, lay, bt, sl, hdr, S, scale,

@@ -33,7 +33,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
        torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8",
        torch.uint8: "u8", torch.bool: "i1"}
-OPTION_KEYS = ("num_warps", "num_stages", "num_ctas")
+OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "launch_pdl")
 compiled: dict = {}
 failures: list = []
 
@@ -80,7 +80,9 @@ def decode_launches() -> None:
     from vllm_retro.index.paged import PagedIndexLayout, make_headers, sink_end
     from vllm_retro.kernels import triton_decode as td
     h, g, d, bs = 8, 4, 128, 16
-    for dtype in (torch.bfloat16, torch.float32):   # fp16 compiles as bf16 does
+    for dtype, pdl in ((torch.bfloat16, False), (torch.bfloat16, True),
+                       (torch.float32, False)):   # fp16 compiles as bf16 does
+        td.PDL = pdl
         lay = PagedIndexLayout(h, d, bs, dtype)
         nb = 64
         kv = lay.make_cache(nb)

@@ -115,6 +115,12 @@ MAX_SPLIT = int(os.environ.get("RETRO_DECODE_MAX_SPLIT", "32"))
 # than the selection kernels, whose range bookkeeping grows with the split);
 # 0: the same as MAX_SPLIT. RETRO_DECODE_ATTEND_MAX_SPLIT overrides it.
 ATTEND_MAX_SPLIT = int(os.environ.get("RETRO_DECODE_ATTEND_MAX_SPLIT", "0"))
+# Programmatic dependent launch (Hopper): kernels 2-5 are launched as dependents of
+# the one before, start their independent prologue (row, header, block table)
+# while it finishes, and wait (griddepcontrol.wait) before reading its outputs;
+# every kernel lets its dependents launch early. Off by default until measured;
+# RETRO_DECODE_PDL=1 (or the attribute) turns it on. Never in the interpreter.
+PDL = os.environ.get("RETRO_DECODE_PDL", "0") == "1"
 TUNE_SMALL_BATCH = {
     "score": dict(CH=128, num_warps=8, num_stages=2),
     "attend": dict(TS=128, TE=64),
@@ -261,6 +267,21 @@ class DecodeWorkspace:
 
 # ------------------------------------------------------------------ helpers
 @triton.jit
+def _pdl_launch(PDL: tl.constexpr):
+    """Lets the next kernel (a programmatic dependent) start launching."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """Waits until the kernel this one depends on has finished and its writes are
+    visible; every read of an earlier kernel's output and every write comes after."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS: tl.constexpr):
     """Context length, block-table row, first block, clustered_end (0: no index or
     no context) and number of cluster entries of row ``r``."""
@@ -345,8 +366,9 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   DP: tl.constexpr, BS: tl.constexpr, NSP: tl.constexpr,
                   CH: tl.constexpr, NB: tl.constexpr, CAP: tl.constexpr,
-                  NATIVE: tl.constexpr, PREC: tl.constexpr):
+                  NATIVE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc)."""
+    _pdl_launch(PDL)
     rh = tl.program_id(0)
     p = tl.program_id(1)
     r = rh // H
@@ -403,14 +425,17 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, seq_p
                 hdr_ptr, hdr_s0, SB, NS,
                 H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
                 NSP: tl.constexpr, CHE: tl.constexpr, NB: tl.constexpr,
-                SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr):
+                SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr,
+                PDL: tl.constexpr = False):
     """Program (row*H + head, p): keys of the entries of range p and their digit
     histogram, added atomically to the row-head's histogram."""
+    _pdl_launch(PDL)
     rh = tl.program_id(0)
     p = tl.program_id(1)
     r = rh // H
     h = rh % H
     L, bt_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS)
+    _pdl_wait(PDL)
     g = tl.arange(0, GP)
     gm = g < G
     sp = tl.arange(0, NSP)
@@ -524,17 +549,20 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
                  tick_ptr, bt_ptr, bt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, NS,
                  H: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr,
                  NB: tl.constexpr, SUB: tl.constexpr, WIN: tl.constexpr,
-                 PK: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr):
+                 PK: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
+                 PDL: tl.constexpr = False):
     """Program (row*H + head, p): the keys of range p in the thresholds' histogram
     buckets go to two candidate lists (positions reserved atomically: their order
     does not matter), and the keys above the buckets are counted; the last program
     of the row-head finds both threshold keys and the ties taken at each."""
+    _pdl_launch(PDL)
     rh = tl.program_id(0)
     p = tl.program_id(1)
     r = rh // H
     h = rh % H
     L, bt_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS)
     n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
+    _pdl_wait(PDL)
     k1 = n_ret
     k2 = n_ret + n_est
     use1 = k1 > 0
@@ -609,17 +637,19 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                     ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, S, NS,
                     H: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr, PK: tl.constexpr,
                     LW: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
-                    COUNT_STATS: tl.constexpr):
+                    COUNT_STATS: tl.constexpr, PDL: tl.constexpr = False):
     """Program (row*H + head, p): the selected entries of range p, in entry order,
     into the lists: top k1 -> retrieved, next k2 - k1 -> estimated. The range's list
     offsets come from the keys of lower ranges: those above the buckets (counted by
     the candidate kernel) and the candidates above / equal to the thresholds."""
+    _pdl_launch(PDL)
     rh = tl.program_id(0)
     p = tl.program_id(1)
     r = rh // H
     h = rh % H
     L, bt_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS)
     n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
+    _pdl_wait(PDL)
     k1 = n_ret
     use2 = n_est > 0
     lo, hi, per = _range(C, p, NS, PK)
@@ -781,7 +811,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
                    RG: tl.constexpr, TR: tl.constexpr, TE: tl.constexpr,
                    PK: tl.constexpr, LW: tl.constexpr, NSP: tl.constexpr,
-                   NATIVE: tl.constexpr, PREC: tl.constexpr):
+                   NATIVE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``."""
@@ -793,6 +823,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     indexed = E > 0
     n_steady = tl.where(indexed, S + L - E, L)
     split = tl.where(indexed, S, L)      # steady index j >= split lies at E + j - split
+    _pdl_wait(PDL)
     n_ret = tl.where(indexed, tl.load(cnt_ptr + rh * 2), 0)
     n_est = tl.where(indexed, tl.load(cnt_ptr + rh * 2 + 1), 0)
 
@@ -944,6 +975,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     scale = float(scale)
     common = (block_table, block_table.stride(0), seq_lens, headers, headers.stride(0))
     grid = (b * h, ns)
+    pdl = bool(PDL) and not interpreting()
+    dep = dict(PDL=True, launch_pdl=True) if pdl else {}
     if (SCORE_IMPL == "cuda" and query.is_cuda and not interpreting()
             and cuda_score_available()):
         torch.ops.vllm_retro.paged_score(
@@ -956,21 +989,21 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             ws.ncand, scale, sb, ns,
             H=h, G=g, GP=gp, D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
             CAP=float(VARIANCE_CORRECTION_CAP), NATIVE=native, PREC=prec,
-            **_tune("score", b))
+            **({"PDL": True} if pdl else {}), **_tune("score", b))
     _key_kernel[grid](
         ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, ns,
         H=h, G=g, GP=gp, BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES,
-        PK=PACK, **_tune("key", b))
+        PK=PACK, **dep, **_tune("key", b))
     _cand_kernel[grid](
         ws.keys, ws.cands, ws.hist, ws.ncand, ws.ranges, ws.sel, ws.counts, ws.tickets[0],
         *common, sb, ns,
         H=h, G=g, BS=bs, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, NSP=nsp,
-        **_tune("cand", b))
+        **dep, **_tune("cand", b))
     _collect_kernel[grid](
         ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
         ipart.stride(0), ipart.stride(1), *common, sb, sink_end, ns,
         H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
-        **_tune("collect", b))
+        **dep, **_tune("collect", b))
     ns_a = ws.nsplit_attend(b)
     _attend_kernel[(b * h, ns_a)](
         query, *query.stride(), kv_cache, *kv_cache.stride(), fpart, *fpart.stride(),
@@ -978,5 +1011,5 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         ws.part_o, ws.part_m, ws.part_l, ws.tickets[1], out, *out.stride(),
         scale, sb, sink_end, ns_a,
         H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, PK=PACK, LW=LIST_WORDS,
-        NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, **_tune("attend", b))
+        NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, **dep, **_tune("attend", b))
     return out
