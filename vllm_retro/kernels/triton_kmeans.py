@@ -156,7 +156,7 @@ def kmeans_update(sums: torch.Tensor, cent: torch.Tensor, zero: bool = True) -> 
 
 
 # ------------------------------------------------------------- segment keys
-@triton.jit(do_not_specialize=["n"])
+@triton.jit(do_not_specialize=["nbs", "n"])
 def _key_sum_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk_ptr, nbs, sum_ptr, n,
                     H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr):
     """Program (segment x head s, token tile t): adds the tile's keys into sum[s]."""
@@ -173,7 +173,7 @@ def _key_sum_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk_ptr, nbs, sum_ptr, n
     tl.atomic_add(sum_ptr + s.to(tl.int64) * D + d, tl.sum(k, 0), sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit(do_not_specialize=["nbs", "n"])
 def _key_norm_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk_ptr, nbs, sum_ptr, out_ptr, n,
                      H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr):
     """Program (s, t): the tile's keys minus the segment mean, normalised."""
