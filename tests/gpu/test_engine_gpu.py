@@ -167,6 +167,9 @@ def test_isolation_together_equals_alone(retro_full, tiny_model):
     mgr = manager(retro_full)
     before = mgr.stats()["retro_rows"]
     together = generate_tokens(retro_full, prompts, 16)
-    alone = [generate_tokens(retro_full, [p], 16)[0] for p in prompts]
-    assert together == alone
+    alone = [generate_with_logprobs(retro_full, [p], [16])[0] for p in prompts]
+    # The batch splits the kernels' work differently (programs per row depend on the
+    # batch size), so fp32 sums round differently: equal, or first different at a
+    # near-tie of the request alone. Another request's KV would move far more.
+    assert_same_or_near_tie(together, alone)
     assert mgr.stats()["retro_rows"] > before
