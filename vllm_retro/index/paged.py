@@ -210,6 +210,12 @@ def budget(num_clusters: int, clustered_tokens: int, config: RetroConfig) -> Tup
 
 
 # ------------------------------------------------------------------ building
+def _strided_init(n: int, n_clusters: int, device) -> torch.Tensor:
+    """Indices of the initial centroids: every ``n / n_clusters``-th point."""
+    return torch.div(torch.arange(n_clusters, device=device) * n, n_clusters,
+                     rounding_mode="floor")
+
+
 def _kmeans_torch(x: torch.Tensor, n_clusters: int, iters: int) -> torch.Tensor:
     """Spherical k-means of ``x [S, n, D]`` (S independent problems) in torch ops, as
     :func:`vllm_retro.kmeans.spherical_kmeans`: mean-centred, normalised keys,
@@ -220,9 +226,7 @@ def _kmeans_torch(x: torch.Tensor, n_clusters: int, iters: int) -> torch.Tensor:
     x = x.float()
     x = x - x.mean(dim=1, keepdim=True)
     x = torch.nn.functional.normalize(x, dim=-1)
-    init = torch.div(torch.arange(n_clusters, device=x.device) * n, n_clusters,
-                     rounding_mode="floor")
-    cent = x[:, init, :].clone()
+    cent = x[:, _strided_init(n, n_clusters, x.device), :].clone()
     offs = (torch.arange(s, device=x.device) * n_clusters).unsqueeze(1)
     assign = torch.argmax(torch.bmm(x, cent.transpose(1, 2)), dim=-1)
     flat_x = x.reshape(s * n, d)
@@ -242,9 +246,7 @@ def _kmeans_triton(xs: torch.Tensor, n_clusters: int, iters: int) -> torch.Tenso
     ``xs`` itself) and centroid update kernels. Returns ``[S, n]`` int32."""
     from ..kernels.triton_kmeans import kmeans_assign, kmeans_update
     s, n, d = xs.shape
-    init = torch.div(torch.arange(n_clusters, device=xs.device) * n, n_clusters,
-                     rounding_mode="floor")
-    cent = xs[:, init, :].contiguous()
+    cent = xs[:, _strided_init(n, n_clusters, xs.device), :].contiguous()
     sums = torch.zeros(s, n_clusters, d, dtype=torch.float32, device=xs.device)
     assign = kmeans_assign(xs, cent, xs, sums, int32=True)
     for it in range(iters):
@@ -284,8 +286,9 @@ def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout,
     c = clusters_in(n, config)
     # Temporaries per segment and head: the torch k-means (CPU) holds the keys in
     # fp32 a few times over (~24 B per key element) and an [n, C] similarity matrix;
-    # the Triton one the normalised keys and the sums (~4 B per key element).
-    # Several segments per call: fewer, larger launches.
+    # the Triton one far less (normalised keys and sums, ~4 B per key element), but
+    # the batch is sized by the torch form's 24 B on both. Several segments per
+    # call: fewer, larger launches.
     per_job = h * n * d * 24 + (0 if kv_cache.is_cuda else h * n * c * 4)
     step = max(1, max_batch_bytes // per_job)
     layout.views(kv_cache)  # checks the padded page stride

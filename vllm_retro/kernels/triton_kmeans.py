@@ -156,10 +156,11 @@ def kmeans_update(sums: torch.Tensor, cent: torch.Tensor, zero: bool = True) -> 
 
 
 # ------------------------------------------------------------- segment keys
-@triton.jit(do_not_specialize=["nbs", "n"])
-def _key_sum_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk_ptr, nbs, sum_ptr, n,
-                    H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr):
-    """Program (segment x head s, token tile t): adds the tile's keys into sum[s]."""
+@triton.jit
+def _segment_key_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk_ptr, nbs, n,
+                      H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr):
+    """This program's (segment x head s, token tile t) keys from the pages, fp32:
+    (s, rows, row mask, channels, keys ``[BN, D]``)."""
     s = tl.program_id(0)
     job = s // H
     h = s % H
@@ -170,6 +171,15 @@ def _key_sum_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk_ptr, nbs, sum_ptr, n
     ptr = (kv_ptr + blk.to(tl.int64)[:, None] * kv_s0 + h * kv_s1
            + (rows % BS)[:, None] * kv_s2 + d[None, :] * kv_s3)
     k = tl.load(ptr, mask=rm[:, None], other=0.0).to(tl.float32)
+    return s, rows, rm, d, k
+
+
+@triton.jit(do_not_specialize=["nbs", "n"])
+def _key_sum_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk_ptr, nbs, sum_ptr, n,
+                    H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr):
+    """Program (segment x head s, token tile t): adds the tile's keys into sum[s]."""
+    s, rows, rm, d, k = _segment_key_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk_ptr, nbs,
+                                          n, H, D, BS, BN)
     tl.atomic_add(sum_ptr + s.to(tl.int64) * D + d, tl.sum(k, 0), sem="relaxed")
 
 
@@ -177,16 +187,8 @@ def _key_sum_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk_ptr, nbs, sum_ptr, n
 def _key_norm_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk_ptr, nbs, sum_ptr, out_ptr, n,
                      H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr):
     """Program (s, t): the tile's keys minus the segment mean, normalised."""
-    s = tl.program_id(0)
-    job = s // H
-    h = s % H
-    rows = tl.program_id(1) * BN + tl.arange(0, BN)
-    rm = rows < n
-    d = tl.arange(0, D)
-    blk = tl.load(blk_ptr + job.to(tl.int64) * nbs + rows // BS, mask=rm, other=0)
-    ptr = (kv_ptr + blk.to(tl.int64)[:, None] * kv_s0 + h * kv_s1
-           + (rows % BS)[:, None] * kv_s2 + d[None, :] * kv_s3)
-    k = tl.load(ptr, mask=rm[:, None], other=0.0).to(tl.float32)
+    s, rows, rm, d, k = _segment_key_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk_ptr, nbs,
+                                          n, H, D, BS, BN)
     mean = tl.load(sum_ptr + s.to(tl.int64) * D + d) / n
     x = k - mean[None, :]
     nrm = tl.sqrt(tl.sum(x * x, 1))
