@@ -246,14 +246,16 @@ class DecodeWorkspace:
         """Programs per (row, KV head) for a batch of ``num_rows``: enough to fill the
         GPU at small batches, one at large ones (a function of the batch size only,
         so a captured graph's grids hold for any contexts)."""
-        want = -(-self.target_programs // (max(1, num_rows) * self.num_kv_heads))
-        return max(1, min(self.max_split, want))
+        return self._split(num_rows, self.max_split)
 
     def nsplit_attend(self, num_rows: int) -> int:
         """Programs per (row, KV head) of the attention kernel (as :meth:`nsplit`,
         capped by ``attend_max_split``)."""
+        return self._split(num_rows, self.attend_max_split)
+
+    def _split(self, num_rows: int, cap: int) -> int:
         want = -(-self.target_programs // (max(1, num_rows) * self.num_kv_heads))
-        return max(1, min(self.attend_max_split, want))
+        return max(1, min(cap, want))
 
     def views(self, layout: PagedIndexLayout, kv_cache: torch.Tensor):
         """``layout.views(kv_cache)``, cached per cache tensor (one per layer)."""
