@@ -132,15 +132,19 @@ def test_kernels_twin_and_full_attention_on_real_qkv(qkv):
         qd = q.to(DEV, dtype)
         # Float64 full attention over the cache's own (rounded) K/V.
         kr, vr = k.to(dtype).double(), v.to(dtype).double()
-        dense = torch.stack([full_attention(qd[i].double().cpu(), kr[:, :p + 1], vr[:, :p + 1],
+        dense = torch.stack([full_attention(qd[i].cpu().double(), kr[:, :p + 1], vr[:, :p + 1],
                                             scale) for i, p in enumerate(qpos)])
+        # The twin runs on the CPU (as in the other kernel tests).
+        kv_c, bt_c, sl_c, q_c = kv.cpu(), bt.cpu(), sl.cpu(), qd.cpu()
         # Every cluster exact: the twin is full attention.
         _set_budget(headers, bt, (hdr[0], hdr[3], 0, hdr[3]))
-        full, _ = reference.paged_decode_attention(qd, kv, lay, bt, sl, headers, S, scale)
+        full, _ = reference.paged_decode_attention(q_c, kv_c, lay, bt_c, sl_c, headers.cpu(),
+                                                   S, scale)
         assert _rel(full, dense) < 1e-5, layer
         # Default budget: kernels against the twin, the twin against full attention.
         _set_budget(headers, bt, hdr)
-        want, st = reference.paged_decode_attention(qd, kv, lay, bt, sl, headers, S, scale)
+        want, st = reference.paged_decode_attention(q_c, kv_c, lay, bt_c, sl_c, headers.cpu(),
+                                                    S, scale)
         if DEV == "cuda" or layer == next(iter(qkv["keys"])):
             # The interpreter runs the kernels program by program: on CPUs one
             # layer and two rows (the shortest and longest context).
