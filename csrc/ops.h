@@ -18,8 +18,8 @@ namespace vllm_retro {
 //   key_vars                 [H, C, D] compute dtype: per-channel variance of each cluster's
 //                            keys (>= 0); each cluster's estimated log-mass, used for the
 //                            ranking, the accuracy bound and the estimation zone, is
-//                            ln size + q.c*scale + min(scale^2/2 sum_d q_d^2 var_d, 2)
-//                            (vllm_retro.attention.cluster_log_mass)
+//                            ln size + q.c*scale + min(scale^2/2 sum_d q_d^2 var_d, cap)
+//                            (vllm_retro.attention.cluster_log_mass; cap = variance_cap)
 //   sizes / starts           [H, C]    int64, cluster c of head h is keys[h, starts:starts+sizes]
 //   n_ret, n_est             clusters attended exactly / estimated per KV head (clamped to C)
 //   scale                    logit scale
@@ -30,6 +30,11 @@ namespace vllm_retro {
 //                            estimated outside softmax mass (from the log-masses above) is
 //                            <= error_bound for every query head of the group
 //                            (WaveIndex._bounded_retrieval)
+//   variance_cap             cap of the variance term above (RetroConfig.variance_cap, 2)
+//   bound_margin             bounded mode: >= 0 sizes the exact set with the one-sided
+//                            outside-mass estimate (inside clusters at ln size + q.c*scale,
+//                            outside ones uncapped + bound_margin nats;
+//                            WaveIndex._one_sided_outside); < 0: the estimate above
 //
 // Only the last dim of the KV, query and out tensors must be contiguous.
 // Returns [H, 3] int64: clusters retrieved, tokens retrieved, tokens estimated per KV head.
@@ -40,7 +45,7 @@ at::Tensor retro_decode_attention_cpu(
     const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
     int64_t n_ret, int64_t n_est,
     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
-    double error_bound, int64_t max_ret);
+    double error_bound, int64_t max_ret, double variance_cap, double bound_margin);
 
 // Shape-only implementation (Meta / fake tensors, torch.compile tracing).
 at::Tensor retro_decode_attention_meta(
@@ -50,7 +55,7 @@ at::Tensor retro_decode_attention_meta(
     const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
     int64_t n_ret, int64_t n_est,
     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
-    double error_bound, int64_t max_ret);
+    double error_bound, int64_t max_ret, double variance_cap, double bound_margin);
 
 // Stage 1 of the paged GPU decode (the CUDA twin of _score_kernel in
 // vllm_retro/kernels/triton_decode.py), CUDA only (csrc/cuda/; registered in CUDA

@@ -153,8 +153,8 @@ RETRO_LEAF(c10::Half, float, f16)
 RETRO_LEAF(double, double, f64)
 #undef RETRO_LEAF
 
-// Cap (nats) of the variance term of a cluster's log-mass; equal to
-// vllm_retro.attention.VARIANCE_CORRECTION_CAP.
+// Default cap (nats) of the variance term of a cluster's log-mass; equal to
+// vllm_retro.attention.VARIANCE_CORRECTION_CAP (RetroConfig.variance_cap).
 constexpr double kVarianceCorrectionCap = 2.0;
 
 // ---------------------------------------------------------------- arguments
@@ -178,6 +178,8 @@ struct Ctx {
   int64_t k_ret_stride = 0;
   int64_t G = 1, D = 0, C = 0, n_ret = 0, n_est = 0, max_ret = -1;
   double error_bound = 0.0;
+  double var_cap = kVarianceCorrectionCap;
+  double bound_margin = -1.0;  // >= 0: one-sided outside-mass estimate (bounded mode)
   A scale = 1;
   A* out = nullptr;        // [Hq, D] contiguous
   int64_t* stats = nullptr;  // [H, 3] contiguous
@@ -237,11 +239,24 @@ void run_head(const Ctx<T, A>& c, int64_t h) {
     for (int64_t i = 0; i < G * D; ++i) q2[i] = qh[i] * qh[i];
     Leaf<A>::logits(q2.data(), G, row_ptr<A>(c.kvar, h, 0), c.kvar.st, C, D,
                     A(0.5) * c.scale * c.scale, buf.data(), corr.data());
-    const A cap = static_cast<A>(kVarianceCorrectionCap);
+    const A cap = static_cast<A>(c.var_cap);
+    const bool one_sided = c.error_bound > 0 && c.k_ret == nullptr && c.bound_margin >= 0;
+    // One-sided bound (WaveIndex._one_sided_outside): first-order log-mass (lower
+    // bound) and uncapped second-order log-mass + margin (upper estimate).
+    std::vector<A> lo, up;
+    if (one_sided) {
+      lo.resize(static_cast<size_t>(C * G));
+      up.resize(static_cast<size_t>(C * G));
+    }
     for (int64_t ci = 0; ci < C; ++ci) {
       const A ls = std::log(static_cast<A>(sizes[ci * c.sz_sc]));
-      for (int64_t g = 0; g < G; ++g)
+      for (int64_t g = 0; g < G; ++g) {
+        if (one_sided) {
+          lo[ci * G + g] = cl[ci * G + g] + ls;
+          up[ci * G + g] = lo[ci * G + g] + corr[ci * G + g] + static_cast<A>(c.bound_margin);
+        }
         cl[ci * G + g] += ls + std::min(corr[ci * G + g], cap);
+      }
     }
     // Group-summed softmax score; a query head whose logits are all -inf adds 0
     // (the reference's nan_to_num).
@@ -290,19 +305,55 @@ void run_head(const Ctx<T, A>& c, int64_t h) {
         total[g] = (mx > kNegInf) ? mx + std::log1p(std::exp(std::min(a, b) - mx)) : kNegInf;
         base[g] = A(1) - std::exp(slse[g] - total[g]);  // NaN when nothing has mass
       }
-      std::vector<double> cum(G, 0.0);
       int64_t first_ok = C;
-      for (int64_t r = 0; r < cap; ++r) {
-        const int64_t ci = idx[r];
-        bool ok = true;
-        for (int64_t g = 0; g < G; ++g) {
-          cum[g] += static_cast<double>(std::exp(cl[ci * G + g] - total[g]));
-          const A outside = base[g] - static_cast<A>(cum[g]);
-          if (!(outside <= static_cast<A>(c.error_bound))) ok = false;
+      if (!one_sided) {
+        std::vector<double> cum(G, 0.0);
+        for (int64_t r = 0; r < cap; ++r) {
+          const int64_t ci = idx[r];
+          bool ok = true;
+          for (int64_t g = 0; g < G; ++g) {
+            cum[g] += static_cast<double>(std::exp(cl[ci * G + g] - total[g]));
+            const A outside = base[g] - static_cast<A>(cum[g]);
+            if (!(outside <= static_cast<A>(c.error_bound))) ok = false;
+          }
+          if (ok) {
+            first_ok = r + 1;
+            break;
+          }
         }
-        if (ok) {
-          first_ok = r + 1;
-          break;
+      } else {
+        // out(k) = sum of exp(up) over ranks >= k (a suffix: the unsorted rest beyond
+        // the cap first, then ranks cap-1 .. k), in(k) = sum of exp(lo) over ranks < k;
+        // outside fraction out / (steady + in + out), all in float64 relative to the
+        // largest of exp(up) and the steady lse (0 when neither is finite).
+        std::vector<double> m(G), s_exp(G), suffix(static_cast<size_t>((cap + 1) * G), 0.0);
+        for (int64_t g = 0; g < G; ++g) {
+          double mx = static_cast<double>(slse[g]);
+          for (int64_t ci = 0; ci < C; ++ci) mx = std::max(mx, static_cast<double>(up[ci * G + g]));
+          m[g] = std::isfinite(mx) ? mx : 0.0;
+          s_exp[g] = std::exp(static_cast<double>(slse[g]) - m[g]);
+          double rest = 0.0;
+          for (int64_t r = cap; r < C; ++r)
+            rest += std::exp(static_cast<double>(up[idx[r] * G + g]) - m[g]);
+          suffix[cap * G + g] = rest;
+          for (int64_t r = cap - 1; r >= 0; --r)
+            suffix[r * G + g] = suffix[(r + 1) * G + g] +
+                                std::exp(static_cast<double>(up[idx[r] * G + g]) - m[g]);
+        }
+        std::vector<double> inside(G, 0.0);
+        for (int64_t r = 0; r < cap; ++r) {
+          const int64_t ci = idx[r];
+          bool ok = true;
+          for (int64_t g = 0; g < G; ++g) {
+            inside[g] += std::exp(static_cast<double>(lo[ci * G + g]) - m[g]);
+            const double out = suffix[(r + 1) * G + g];
+            const double outside = out / (s_exp[g] + inside[g] + out);
+            if (!(outside <= c.error_bound)) ok = false;
+          }
+          if (ok) {
+            first_ok = r + 1;
+            break;
+          }
         }
       }
       k1 = std::min(std::max(first_ok, n_min), cap);
@@ -425,7 +476,8 @@ Checked check_inputs(const at::Tensor& query, const at::Tensor& sink_keys,
                      const at::Tensor& sizes, const at::Tensor& starts, int64_t n_ret,
                      int64_t n_est, double scale,
                      const at::Tensor& out, const std::optional<at::Tensor>& k_ret,
-                     double error_bound, int64_t max_ret) {
+                     double error_bound, int64_t max_ret, double variance_cap,
+                     double bound_margin) {
   TORCH_CHECK(keys.dim() == 3, kOp, "keys must be [num_kv_heads, tokens, head_dim], got ",
               keys.sizes());
   const int64_t H = keys.size(0), D = keys.size(2);
@@ -495,6 +547,10 @@ Checked check_inputs(const at::Tensor& query, const at::Tensor& sink_keys,
   TORCH_CHECK(!(k_ret.has_value() && error_bound > 0), kOp,
               "pass either k_ret or error_bound, not both");
   (void)max_ret;
+  TORCH_CHECK(std::isfinite(variance_cap) && variance_cap >= 0, kOp,
+              "variance_cap must be finite and >= 0, got ", variance_cap);
+  TORCH_CHECK(std::isfinite(bound_margin), kOp, "bound_margin must be finite (< 0: off), got ",
+              bound_margin);
   if (k_ret.has_value()) {
     const at::Tensor& kr = *k_ret;
     TORCH_CHECK(kr.device().is_cpu() && kr.dim() == 1 && kr.size(0) == H &&
@@ -523,7 +579,7 @@ void launch(const Checked& ck, const at::Tensor& q, const at::Tensor& sink_keys,
             const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
             int64_t n_ret, int64_t n_est, double scale,
             at::Tensor& out_acc, at::Tensor& stats, const std::optional<at::Tensor>& k_ret,
-            double error_bound, int64_t max_ret) {
+            double error_bound, int64_t max_ret, double variance_cap, double bound_margin) {
   Ctx<T, A> c;
   c.q = q.data_ptr<A>();
   c.sk = view3(sink_keys);
@@ -552,6 +608,8 @@ void launch(const Checked& ck, const at::Tensor& q, const at::Tensor& sink_keys,
   c.n_est = n_est;
   c.max_ret = max_ret;
   c.error_bound = error_bound;
+  c.var_cap = variance_cap;
+  c.bound_margin = bound_margin;
   c.scale = static_cast<A>(scale);
   c.out = out_acc.data_ptr<A>();
   c.stats = stats.data_ptr<int64_t>();
@@ -569,10 +627,11 @@ at::Tensor retro_decode_attention_cpu(
     const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
     int64_t n_ret, int64_t n_est,
     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
-    double error_bound, int64_t max_ret) {
+    double error_bound, int64_t max_ret, double variance_cap, double bound_margin) {
   const Checked ck = check_inputs(query, sink_keys, sink_values, tail_keys, tail_values, keys,
                                   values, centroids, value_sums, key_vars, sizes, starts, n_ret,
-                                  n_est, scale, out, k_ret, error_bound, max_ret);
+                                  n_est, scale, out, k_ret, error_bound, max_ret, variance_cap,
+                                  bound_margin);
   const at::Tensor q = query.to(ck.acc_dtype).contiguous();
   const bool direct = out.scalar_type() == ck.acc_dtype && out.is_contiguous();
   at::Tensor out_acc = direct ? out : at::empty({ck.Hq, ck.D}, q.options());
@@ -581,7 +640,7 @@ at::Tensor retro_decode_attention_cpu(
 #define RETRO_LAUNCH(T, A)                                                                    \
   launch<T, A>(ck, q, sink_keys, sink_values, tail_keys, tail_values, keys, values, centroids, \
                value_sums, key_vars, sizes, starts, n_ret, n_est, scale, out_acc, stats,      \
-               k_ret, error_bound, max_ret)
+               k_ret, error_bound, max_ret, variance_cap, bound_margin)
   switch (ck.kv_dtype) {
     case at::kFloat: RETRO_LAUNCH(float, float); break;
     case at::kBFloat16: RETRO_LAUNCH(c10::BFloat16, float); break;
@@ -601,7 +660,8 @@ at::Tensor retro_decode_attention_meta(
     const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
     int64_t n_ret, int64_t n_est,
     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
-    double error_bound, int64_t max_ret) {
+    double error_bound, int64_t max_ret, double variance_cap, double bound_margin) {
+  (void)variance_cap; (void)bound_margin;
   (void)query; (void)sink_keys; (void)sink_values; (void)tail_keys; (void)tail_values;
   (void)values; (void)centroids; (void)value_sums; (void)key_vars; (void)sizes; (void)starts;
   (void)n_ret;

@@ -138,3 +138,119 @@ def test_public_op_honours_shared_head_budget():
     got = decode_attention(shared, q, scale)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not torch.allclose(decode_attention(per_head, q, scale), want, rtol=0, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------
+# ``variance_cap`` and ``bound_margin`` (issue 16): validation, GPU refusal, the C++
+# kernel against the reference, and the one-sided bound's guarantees.
+
+def _true_outside(index, q, scale):
+    """[H, G] true softmax mass (real keys, float64) outside the exact set the
+    index selects for ``q``, and the per-head exact-set sizes."""
+    h = index.num_kv_heads
+    qg = q.reshape(h, -1, index.head_dim).double()
+    sel = index.select_clusters(qg, scale, _steady_lse(index, qg, scale))
+    retrieved = torch.zeros_like(index.sizes, dtype=torch.bool)
+    retrieved.scatter_(1, sel.retrieved, sel.retrieved_valid)
+    tok_in = torch.gather(retrieved, 1, index.cluster_ids())
+    logits = torch.einsum("hgd,htd->hgt", qg, index.keys.double()) * scale
+    lse_all = torch.logaddexp(torch.logsumexp(logits, -1), _steady_lse(index, qg, scale))
+    out = (torch.exp(logits - lse_all.unsqueeze(-1)) * (~tok_in).unsqueeze(1)).sum(-1)
+    return out, sel.k_retrieved
+
+
+def test_variance_cap_and_bound_margin_validation_and_gpu_refusal():
+    for bad in (-0.1, float("nan"), 51.0, "1", True):
+        with pytest.raises(ValueError, match="variance_cap"):
+            RetroConfig(variance_cap=bad)
+    for bad in (-0.5, 21.0, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="bound_margin"):
+            RetroConfig(error_bound=0.1, bound_margin=bad)
+    with pytest.raises(ValueError, match="bound_margin.*error_bound"):
+        RetroConfig(bound_margin=0.5)
+    cfg = RetroConfig.from_dict({"variance_cap": 1.0, "error_bound": 0.1,
+                                 "bound_margin": 0.5})
+    assert (cfg.variance_cap, cfg.bound_margin) == (1.0, 0.5)
+    assert RetroConfig().variance_cap == 2.0 and RetroConfig().bound_margin is None
+    assert any("variance_cap" in r for r in check_config_for_paged(
+        RetroConfig(variance_cap=1.0), 16))
+    assert check_config_for_paged(RetroConfig(variance_cap=2.0), 16) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_variance_cap_and_bound_margin_kernel_matches_reference(dtype):
+    """The C++ op (``ops.decode_attention``) equals the torch reference with a
+    non-default variance cap (fixed and bounded modes) and with the one-sided
+    bound; the options change the result."""
+    from vllm_retro.ops import decode_attention, has_extension
+    if not has_extension():
+        pytest.skip("vllm_retro._C not built")
+    k, v, c = clustered_kv(3, 2600, 32, n_centres=40, noise=0.6, seed=21)
+    base = WaveIndex.build(k.to(dtype), v.to(dtype), RetroConfig(**SMALL))
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    cfgs = [dict(variance_cap=0.0), dict(variance_cap=0.7), dict(variance_cap=6.0),
+            dict(error_bound=0.05, max_retrieval_fraction=0.5, variance_cap=1.0),
+            dict(error_bound=0.05, max_retrieval_fraction=0.5, bound_margin=0.0),
+            dict(error_bound=0.01, max_retrieval_fraction=0.5, bound_margin=0.5)]
+    for i, ch in enumerate(cfgs):
+        index = WaveIndex.build(k.to(dtype), v.to(dtype), RetroConfig(**SMALL, **ch))
+        for group in (1, 3):
+            q = peaked_query(c, group, seed=70 + i, sharp=0.6).to(dtype)
+            want = index.attend(q)
+            k_ref = index.last_stats.clusters_retrieved
+            got = decode_attention(index, q)
+            assert index.last_stats.clusters_retrieved == k_ref
+            assert ((got - want).norm() / want.norm()).item() < tol
+            if ch.get("variance_cap", 2.0) < 1.0:   # below most clusters' term
+                assert not torch.allclose(got.double(), base.attend(q).double(), atol=1e-6)
+
+
+def test_one_sided_outside_dominates_the_mean_estimate():
+    """For every exact-set size k the one-sided outside mass is at least the mean
+    estimate's (inside at the Jensen lower bound, outside uncapped + margin), and it
+    grows with the margin, so the exact set only grows."""
+    k, v, c = clustered_kv(2, 4000, 32, n_centres=48, noise=0.6, seed=31)
+    scale = 1 / math.sqrt(32)
+    mean = WaveIndex.build(k, v, RetroConfig(error_bound=0.02, **SMALL))
+    for s in range(4):
+        q = peaked_query(c, 2, seed=80 + s, sharp=0.5)
+        qg = q.reshape(2, 2, 32)
+        lse_s = _steady_lse(mean, qg, scale)
+        logits = mean.cluster_log_mass(qg, scale)
+        order = torch.argsort(torch.softmax(logits, -1).sum(1), dim=1, descending=True,
+                              stable=True)
+        lg = torch.gather(logits, 2, order.unsqueeze(1).expand_as(logits))
+        total = torch.logaddexp(torch.logsumexp(lg, -1), lse_s)
+        est = (1 - torch.exp(lse_s - total).unsqueeze(-1)
+               - torch.cumsum(torch.exp(lg - total.unsqueeze(-1)), -1))
+        prev_out, prev_k = est, mean.select_clusters(qg, scale, lse_s).k_retrieved
+        for margin in (0.0, 0.5, 2.0):
+            mean.config = RetroConfig(error_bound=0.02, bound_margin=margin, **SMALL)
+            out = mean._one_sided_outside(qg, scale, order, lse_s)
+            assert (out >= prev_out - 1e-12).all()
+            k_now = mean.select_clusters(qg, scale, lse_s).k_retrieved
+            assert (k_now >= prev_k).all()
+            prev_out, prev_k = out, k_now
+        assert (prev_k > mean.budget()[0]).any()
+        mean.config = RetroConfig(error_bound=0.02, **SMALL)
+
+
+def test_one_sided_bound_holds_on_true_mass_where_the_mean_estimate_fails():
+    """Wide clusters (keys with large spread around their centres): the mean
+    estimate of the outside mass misses the bound for some query heads, the
+    one-sided estimate (margin 0.5) keeps the TRUE outside mass within it for all."""
+    k, v, c = clustered_kv(2, 6000, 64, n_centres=64, noise=1.0, seed=41)
+    scale = 1 / 8.0
+    eps = 0.05
+    base = dict(segment_size=2048, error_bound=eps, max_retrieval_fraction=1.0)
+    mean = WaveIndex.build(k, v, RetroConfig(**base))
+    one = WaveIndex.build(k, v, RetroConfig(bound_margin=0.5, **base))
+    worst_mean, worst_one = [], []
+    for s in range(6):
+        q = peaked_query(c, 2, seed=300 + s, sharp=0.5)
+        worst_mean.append(_true_outside(mean, q, scale)[0].max().item())
+        t, k_one = _true_outside(one, q, scale)
+        worst_one.append(t.max().item())
+        assert k_one.max().item() < one.num_clusters
+    assert max(worst_one) <= eps, worst_one
+    assert max(worst_mean) > eps, worst_mean

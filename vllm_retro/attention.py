@@ -72,7 +72,8 @@ VARIANCE_CORRECTION_CAP = 2.0
 
 
 def cluster_log_mass(query: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor,
-                     key_vars: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+                     key_vars: Optional[torch.Tensor], scale: float,
+                     cap: Optional[float] = VARIANCE_CORRECTION_CAP) -> torch.Tensor:
     """Estimated log softmax mass ``ln sum_i exp(s q.k_i)`` of each cluster's keys.
 
     ``ln size + s q.c + min(s^2/2 sum_d q_d^2 var_d, VARIANCE_CORRECTION_CAP)``:
@@ -93,6 +94,9 @@ def cluster_log_mass(query: torch.Tensor, centroids: torch.Tensor, sizes: torch.
     Args:
         query: ``[H, G, D]``; centroids, key_vars: ``[H, C, D]``; sizes ``[H, C]``.
         key_vars: ``None`` for the first-order estimate ``ln size + s q.c`` only.
+        cap: cap of the second-order term (``RetroConfig.variance_cap``); ``None``:
+            uncapped (the upper estimate of the one-sided bound,
+            ``RetroConfig.bound_margin``).
 
     Returns:
         ``[H, G, C]`` in the compute dtype; ``-inf`` for empty clusters.
@@ -103,13 +107,14 @@ def cluster_log_mass(query: torch.Tensor, centroids: torch.Tensor, sizes: torch.
     logits = logits + torch.log(sizes.to(cdt)).unsqueeze(1)  # -inf for empty clusters
     if key_vars is not None:
         corr = torch.einsum("hgd,hcd->hgc", q * q, key_vars.to(cdt)) * (0.5 * scale * scale)
-        logits = logits + corr.clamp(max=VARIANCE_CORRECTION_CAP)
+        logits = logits + (corr if cap is None else corr.clamp(max=cap))
     return logits
 
 
 def estimated_attention(query: torch.Tensor, centroids: torch.Tensor,
                         sizes: torch.Tensor, value_sums: torch.Tensor, scale: float,
                         key_vars: Optional[torch.Tensor] = None,
+                        cap: float = VARIANCE_CORRECTION_CAP,
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention mass and output of clusters estimated from their summaries.
 
@@ -126,7 +131,7 @@ def estimated_attention(query: torch.Tensor, centroids: torch.Tensor,
     """
     cdt = compute_dtype(query.dtype)
     sizes_f = sizes.to(cdt)
-    logits = cluster_log_mass(query, centroids, sizes, key_vars, scale)
+    logits = cluster_log_mass(query, centroids, sizes, key_vars, scale, cap)
     means = value_sums.to(cdt) / sizes_f.clamp_min(1).unsqueeze(-1)
     return _softmax_out(logits, means)
 

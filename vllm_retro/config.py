@@ -54,6 +54,18 @@ class RetroConfig:
             softmax mass outside it is below this bound (accuracy-bounded mode).
         max_retrieval_fraction: cap of the exact set in accuracy-bounded mode
             (never below retrieval_fraction, which stays the floor).
+        bound_margin: opt-in, accuracy-bounded mode only (None: off): the exact set
+            is sized with a one-sided estimate of the mass outside it instead of the
+            mean estimate: clusters inside count at their Jensen lower bound
+            ``ln size + s q.c`` (never above their true mass), clusters outside at
+            the uncapped second-order log-mass plus ``bound_margin`` nats. Larger
+            values read more and hold the bound for more queries (0.5: >= 99% of
+            queries on SmolLM2, docs/accuracy.md). The GPU kernels do not implement
+            the bounded mode.
+        variance_cap: cap (nats) of the key-variance term of a cluster's log-mass
+            ``ln size + s q.c + min(s^2/2 sum_d q_d^2 var_d, variance_cap)``, used for
+            ranking and the estimation zone (0: first-order log-mass). The GPU
+            kernels use the default (2.0) only.
         shared_head_budget: opt-in, fixed-fraction mode only: the layer's retrieved
             clusters (``n_ret`` per KV head, ``n_ret * H`` in all) are shared by its
             KV heads: every head keeps its top cluster and the rest go, across heads,
@@ -81,6 +93,8 @@ class RetroConfig:
     update_interval: int = 1024
     error_bound: Optional[float] = None
     max_retrieval_fraction: float = 0.25
+    bound_margin: Optional[float] = None
+    variance_cap: float = 2.0
     shared_head_budget: bool = False
     dense_below: int = 0
     host_memory_gib: Optional[float] = None
@@ -112,6 +126,13 @@ class RetroConfig:
             _check_float("error_bound", self.error_bound, 0.0, 1.0, lo_open=True)
         _check_float("max_retrieval_fraction", self.max_retrieval_fraction, 0.0, 1.0,
                      lo_open=True)
+        if self.bound_margin is not None:
+            _check_float("bound_margin", self.bound_margin, 0.0, 20.0)
+            if self.error_bound is None:
+                raise ValueError("RetroConfig.bound_margin applies to the accuracy-bounded "
+                                 "mode only: set error_bound too (or leave bound_margin "
+                                 "None)")
+        _check_float("variance_cap", self.variance_cap, 0.0, 50.0)
         if not isinstance(self.shared_head_budget, bool):
             raise ValueError("RetroConfig.shared_head_budget must be a bool, got "
                              f"{self.shared_head_budget!r}")

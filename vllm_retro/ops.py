@@ -94,7 +94,9 @@ def decode_attention(index: WaveIndex, query: torch.Tensor, scale: Optional[floa
     stats = torch.ops.vllm_retro.retro_decode_attention(
         query, index.sink_keys, index.sink_values, index.tail_keys, index.tail_values,
         index.keys, index.values, index.centroids, index.value_sums, index.key_vars,
-        index.sizes, index.starts, n_ret, n_est, scale, out, None, error_bound, max_ret)
+        index.sizes, index.starts, n_ret, n_est, scale, out, None, error_bound, max_ret,
+        float(cfg.variance_cap),
+        -1.0 if cfg.bound_margin is None else float(cfg.bound_margin))
     _set_stats(index, stats)
     return out
 

@@ -276,7 +276,7 @@ class WaveIndex:
         out_e, lse_e = estimated_attention(
             q, torch.gather(self.centroids, 1, gi), est_sizes,
             torch.gather(self.value_sums, 1, gi), scale,
-            key_vars=torch.gather(self.key_vars, 1, gi))
+            key_vars=torch.gather(self.key_vars, 1, gi), cap=self.config.variance_cap)
         out, _ = merge_partials([out_s, out_r, out_e], [lse_s, lse_r, lse_e])
 
         total = float(self.seq_len)
@@ -290,10 +290,12 @@ class WaveIndex:
 
     def cluster_log_mass(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """``[H, G, C]`` estimated log softmax mass of every cluster for the grouped
-        query ``q [H, G, D]``: ``ln size + s q.c`` plus the capped second-order
-        (key variance) term, see :func:`vllm_retro.attention.cluster_log_mass`.
-        Ranking, the accuracy bound and the estimation zone all use it."""
-        return cluster_log_mass(q, self.centroids, self.sizes, self.key_vars, scale)
+        query ``q [H, G, D]``: ``ln size + s q.c`` plus the second-order (key
+        variance) term capped at ``config.variance_cap``, see
+        :func:`vllm_retro.attention.cluster_log_mass`. Ranking, the accuracy bound
+        (unless ``bound_margin`` is set) and the estimation zone all use it."""
+        return cluster_log_mass(q, self.centroids, self.sizes, self.key_vars, scale,
+                                self.config.variance_cap)
 
     def select_clusters(self, q: torch.Tensor, scale: float,
                         steady_lse: torch.Tensor) -> "ClusterSelection":
@@ -315,7 +317,7 @@ class WaveIndex:
             if self.config.shared_head_budget:
                 k_ret = self._shared_retrieval(logits, order, steady_lse, n_ret)
         else:
-            k_ret = self._bounded_retrieval(logits, order, steady_lse, n_ret)
+            k_ret = self._bounded_retrieval(logits, order, steady_lse, n_ret, q, scale)
         rank = torch.arange(c, device=self.device).unsqueeze(0)
         retrieved_valid = rank < k_ret.unsqueeze(1)
         estimated_valid = (rank >= k_ret.unsqueeze(1)) & (rank < (k_ret + n_est).unsqueeze(1))
@@ -350,24 +352,63 @@ class WaveIndex:
         return k
 
     def _bounded_retrieval(self, logits: torch.Tensor, order: torch.Tensor,
-                           steady_lse: torch.Tensor, n_min: int) -> torch.Tensor:
+                           steady_lse: torch.Tensor, n_min: int,
+                           q: Optional[torch.Tensor] = None,
+                           scale: Optional[float] = None) -> torch.Tensor:
         """Smallest exact set (per KV head, in rank order) whose estimated outside
         mass is at most ``error_bound`` for every query head of the group.
 
         ``logits`` are the clusters' estimated log-masses (:meth:`cluster_log_mass`);
-        the total is their log-sum-exp combined with the exact ``steady_lse``."""
+        the total is their log-sum-exp combined with the exact ``steady_lse``.
+        With ``bound_margin`` set, :meth:`_one_sided_outside` replaces this mean
+        estimate of the outside mass."""
         cfg = self.config
         c = self.num_clusters
         cap = self.bounded_cap(n_min)
-        lg = torch.gather(logits, 2, order.unsqueeze(1).expand_as(logits))  # ranked
-        total = torch.logaddexp(torch.logsumexp(lg, dim=-1), steady_lse)  # [H, G]
-        mass = torch.exp(lg - total.unsqueeze(-1))                       # [H, G, C]
-        outside = 1.0 - torch.exp(steady_lse - total).unsqueeze(-1) - torch.cumsum(mass, -1)
+        if cfg.bound_margin is not None:
+            if q is None or scale is None:
+                raise ValueError("bound_margin needs the query and scale")
+            outside = self._one_sided_outside(q, scale, order, steady_lse)
+        else:
+            lg = torch.gather(logits, 2, order.unsqueeze(1).expand_as(logits))  # ranked
+            total = torch.logaddexp(torch.logsumexp(lg, dim=-1), steady_lse)  # [H, G]
+            mass = torch.exp(lg - total.unsqueeze(-1))                       # [H, G, C]
+            outside = (1.0 - torch.exp(steady_lse - total).unsqueeze(-1)
+                       - torch.cumsum(mass, -1))
         worst = outside.amax(dim=1)                                      # [H, C]
         ok = worst <= cfg.error_bound
         first_ok = torch.where(ok.any(dim=1), ok.int().argmax(dim=1) + 1,
                                torch.full_like(ok[:, 0], c, dtype=torch.int64))
         return first_ok.clamp(min=n_min, max=cap)
+
+    def _one_sided_outside(self, q: torch.Tensor, scale: float, order: torch.Tensor,
+                           steady_lse: torch.Tensor) -> torch.Tensor:
+        """``[H, G, C]`` one-sided estimate of the softmax mass outside the exact set
+        made of the top ``k = 1..C`` ranked clusters (``bound_margin`` set).
+
+        Inside clusters count at ``lo = ln size + s q.c``, a lower bound of their
+        true mass (Jensen: the mean of the exps is at least the exp of the mean
+        logit); outside clusters at ``up = lo + s^2/2 sum_d q_d^2 var_d +
+        bound_margin`` (uncapped). The fraction ``out / (steady + in + out)`` grows
+        with ``out`` and falls with ``in``, so it is at least the mean estimate's
+        for every ``k``. Sums in float64: inside as a prefix, outside as a suffix
+        over the ranking."""
+        cdt = compute_dtype(self.dtype)
+        lo = cluster_log_mass(q, self.centroids, self.sizes, None, scale)
+        up = cluster_log_mass(q, self.centroids, self.sizes, self.key_vars, scale, cap=None)
+        up = up + torch.tensor(self.config.bound_margin, dtype=cdt)
+        ix = order.unsqueeze(1).expand_as(lo)
+        lo = torch.gather(lo, 2, ix).double()
+        up = torch.gather(up, 2, ix).double()
+        st = steady_lse.double()
+        m = torch.maximum(up.amax(dim=-1), st)                           # [H, G]
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e_lo = torch.exp(lo - m.unsqueeze(-1))
+        e_up = torch.exp(up - m.unsqueeze(-1))
+        inside = torch.cumsum(e_lo, -1)
+        suffix = torch.flip(torch.cumsum(torch.flip(e_up, [-1]), -1), [-1])
+        out = torch.cat([suffix[..., 1:], torch.zeros_like(suffix[..., :1])], -1)
+        return out / (torch.exp(st - m).unsqueeze(-1) + inside + out)
 
     def _retrieved_attention(self, q: torch.Tensor, scale: float,
                              retrieved_mask: torch.Tensor):

@@ -41,6 +41,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ..attention import VARIANCE_CORRECTION_CAP
 from ..config import RetroConfig
 
 # Header table columns (int32), one row per request, at the request's first block.
@@ -159,6 +160,9 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
                        "GPU decode kernels yet")
     if config.shared_head_budget:
         reasons.append("shared_head_budget is not implemented by the GPU decode kernels yet")
+    if config.variance_cap != VARIANCE_CORRECTION_CAP:
+        reasons.append(f"variance_cap {config.variance_cap}: the GPU decode kernels use the "
+                       f"default cap {VARIANCE_CORRECTION_CAP} only")
     return reasons
 
 
