@@ -775,17 +775,6 @@ def _estimated_addr(lists_ptr, bt_row, SB, h, n_ret, n_est, p, NS, m0, H: tl.con
 
 
 @triton.jit
-def _retrieved_group(lists_ptr, bt_row, SB, h, p, NS, m0, n_ret, H: tl.constexpr,
-                     LW: tl.constexpr, PK: tl.constexpr, RG: tl.constexpr):
-    """(first permutation position, size) of retrieved list entries p + NS (m0 + [0, RG))
-    (0 sizes past the list)."""
-    k = p + NS * (m0 + tl.arange(0, RG))
-    ok = k < n_ret
-    la = _packed(lists_ptr, bt_row, SB, h, k, ok, H, LW, PK, 2)
-    return tl.load(la, mask=ok, other=0), tl.load(la + 1, mask=ok, other=0)
-
-
-@triton.jit
 def _retrieved_addr(t0, total, beg, end, start, bt_row, ip_ptr, ip_s0, ip_s1, h, S, E, L,
                     BS: tl.constexpr, TR: tl.constexpr):
     """(physical block, offset, valid) of tokens ``t0 + [0, TR)`` of a group of
@@ -843,21 +832,9 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     # loads are issued before the next tile's chain of dependent index loads, so
     # the two latencies overlap instead of adding up.
 
+    # Steady zone: tokens j = p, p + NS, ... of [0, sink_end) + [clustered_end, L).
     # (Each loop has its own variable names: Triton types loop-carried values by
     # name, and the tiles of the three loops differ in size.)
-    # The first retrieved group's and the first estimated tile's index chains are
-    # issued before the steady zone, so their latencies overlap its attention.
-    r_start, r_size = _retrieved_group(lists_ptr, bt_row, SB, h, p, NS, 0, n_ret, H, LW, PK,
-                                       RG)
-    r_end = tl.cumsum(r_size, 0)
-    r_beg = r_end - r_size
-    r_total = tl.sum(r_size, 0)
-    r_blk, r_off, r_ok = _retrieved_addr(0, r_total, r_beg, r_end, r_start, bt_row, ip_ptr,
-                                         ip_s0, ip_s1, h, S, E, L, BS, TR)
-    e_blk, e_ok = _estimated_addr(lists_ptr, bt_row, SB, h, n_ret, n_est, p, NS, 0,
-                                  H, LW, PK, TE)
-
-    # Steady zone: tokens j = p, p + NS, ... of [0, sink_end) + [clustered_end, L).
     n_mine = tl.maximum(n_steady - p + NS - 1, 0) // NS
     s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
     for m0 in range(0, n_mine, TS):
@@ -871,26 +848,30 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     # concatenated and attended TR at a time through the permutation.
     n_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
     for m0 in range(0, n_mine, RG):
-        n_start, n_size = _retrieved_group(lists_ptr, bt_row, SB, h, p, NS, m0 + RG, n_ret,
-                                           H, LW, PK, RG)     # the next group's entries
-        for t0 in range(0, r_total, TR):
+        r_k = p + NS * (m0 + tl.arange(0, RG))
+        r_kok = r_k < n_ret
+        la = _packed(lists_ptr, bt_row, SB, h, r_k, r_kok, H, LW, PK, 2)
+        start = tl.load(la, mask=r_kok, other=0)
+        size = tl.load(la + 1, mask=r_kok, other=0)
+        end = tl.cumsum(size, 0)
+        beg = end - size
+        total = tl.sum(size, 0)
+        r_blk, r_off, r_ok = _retrieved_addr(0, total, beg, end, start, bt_row, ip_ptr, ip_s0,
+                                             ip_s1, h, S, E, L, BS, TR)
+        for t0 in range(0, total, TR):
             r_kt, r_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off, r_ok, h,
                                   D, DP)
-            r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, r_total, r_beg, r_end,
-                                                       r_start, bt_row, ip_ptr, ip_s0,
-                                                       ip_s1, h, S, E, L, BS, TR)
+            r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, total, beg, end, start,
+                                                       bt_row, ip_ptr, ip_s0, ip_s1, h, S,
+                                                       E, L, BS, TR)
             m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale, NATIVE,
                                        PREC)
             r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
-        r_start, r_size = n_start, n_size
-        r_end = tl.cumsum(r_size, 0)
-        r_beg = r_end - r_size
-        r_total = tl.sum(r_size, 0)
-        r_blk, r_off, r_ok = _retrieved_addr(0, r_total, r_beg, r_end, r_start, bt_row,
-                                             ip_ptr, ip_s0, ip_s1, h, S, E, L, BS, TR)
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
     n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
+    e_blk, e_ok = _estimated_addr(lists_ptr, bt_row, SB, h, n_ret, n_est, p, NS, 0,
+                                  H, LW, PK, TE)
     for m0 in range(0, n_mine, TE):
         e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + g[:, None],
                       mask=gm[:, None] & e_ok[None, :], other=_NEG_INF)
