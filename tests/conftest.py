@@ -42,6 +42,14 @@ def triton_interpreter(monkeypatch):
     yield
 
 
+def cpu_cache(layout, kv):
+    """A CPU copy of a paged KV cache with its padded page stride (``kv.cpu()``
+    would compact the view and drop the index space between pages)."""
+    out = layout.make_cache(kv.shape[0])
+    out.untyped_storage().copy_(kv.untyped_storage())
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from vllm_retro.tiny_model import build_tiny_llama

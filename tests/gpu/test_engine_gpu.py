@@ -56,17 +56,30 @@ def generate_with_logprobs(llm, prompts, max_tokens):
     return [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
 
 
-def assert_same_or_near_tie(out, dense_out):
+def assert_same_or_near_tie(out, dense_out, out_logprobs=None):
     """Each greedy output equals dense's, or first differs where dense's own top
-    two log-probabilities are within 0.05 nats (a bf16 near-tie)."""
-    for toks, (dtoks, dlp) in zip(out, dense_out):
+    two log-probabilities are within 0.05 nats (a bf16 near-tie).
+
+    With ``out_logprobs`` (retro's, for long generations), a first difference is
+    also accepted where dense's gap is within twice the rounding drift measured
+    on the shared prefix (the largest difference of the chosen tokens'
+    log-probabilities), provided that drift stays small (< 0.1 nats): a wrong
+    index shows as a jump, not as a slow drift."""
+    for r, (toks, (dtoks, dlp)) in enumerate(zip(out, dense_out)):
         if toks == dtoks:
             continue
         i = next(k for k, (a, b) in enumerate(zip(toks, dtoks)) if a != b)
         top = sorted(dlp[i].values(), key=lambda x: -x.logprob)
         gap = top[0].logprob - top[1].logprob
-        assert gap < 0.05, (f"first difference at {i} of {len(toks)} is not a near-tie "
-                            f"(gap {gap:.3f})")
+        drift = 0.0
+        if out_logprobs is not None:
+            drift = max((abs(out_logprobs[r][k][t].logprob - dlp[k][t].logprob)
+                         for k, t in enumerate(toks[:i])), default=0.0)
+            print(f"request {r}: first difference at {i} of {len(toks)}, dense gap "
+                  f"{gap:.3f}, prefix drift {drift:.3f} nats")
+        assert gap < 0.05 or (drift < 0.1 and gap < 2 * drift), (
+            f"request {r}: first difference at {i} of {len(toks)} is not a near-tie "
+            f"(gap {gap:.3f}, prefix drift {drift:.3f})")
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +125,14 @@ def test_preemption_recomputes_and_reindexes(tiny_model, dense_runs):
     llm = gpu_llm(tiny_model, "retro", FULL, num_gpu_blocks_override=PRE_BLOCKS,
                   max_model_len=2048)
     mgr = manager(llm)
-    out = generate_tokens(llm, prompts, PRE_TOKENS)
+    out = generate_with_logprobs(llm, prompts, [PRE_TOKENS] * len(prompts))
     pre = mgr.requests.preemptions
     st = mgr.stats()
     from vllm_retro.offline import close_llm
     close_llm(llm)
     assert pre > 0, "no preemption happened; shrink the cache"
     assert st["retro_rows"] > 0
-    assert_same_or_near_tie(out, dense_out)
+    assert_same_or_near_tie([t for t, _ in out], dense_out, [lp for _, lp in out])
 
 
 def test_starts_under_defaults(retro_full):

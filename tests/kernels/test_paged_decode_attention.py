@@ -17,6 +17,7 @@ from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.index.paged import (HDR_WORDS, PagedIndexLayout, SegmentJob,  # noqa: E402
                                     budget, build_segments, header_row, make_headers,
                                     plan_segments, sink_end)
+from conftest import cpu_cache  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402
 
 H, D, BS, G = 2, 32, 16, 4
@@ -122,9 +123,7 @@ class Scene:
         return bt, sl
 
     def cpu_cache(self):
-        kv = self.lay.make_cache(self.kv.shape[0])
-        kv.untyped_storage().copy_(self.kv.untyped_storage())
-        return kv
+        return cpu_cache(self.lay, self.kv)
 
 
 def run_both(scene: Scene, q: torch.Tensor, scale: float, out_dtype=torch.float32,

@@ -35,6 +35,7 @@ from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.index.paged import (PagedIndexLayout, SegmentJob, budget,  # noqa: E402
                                     build_segments, clusters_in, header_row, make_headers,
                                     plan_segments, sink_end)
+from conftest import cpu_cache  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -135,7 +136,7 @@ def test_kernels_twin_and_full_attention_on_real_qkv(qkv):
         dense = torch.stack([full_attention(qd[i].cpu().double(), kr[:, :p + 1], vr[:, :p + 1],
                                             scale) for i, p in enumerate(qpos)])
         # The twin runs on the CPU (as in the other kernel tests).
-        kv_c, bt_c, sl_c, q_c = kv.cpu(), bt.cpu(), sl.cpu(), qd.cpu()
+        kv_c, bt_c, sl_c, q_c = cpu_cache(lay, kv), bt.cpu(), sl.cpu(), qd.cpu()
         # Every cluster exact: the twin is full attention.
         _set_budget(headers, bt, (hdr[0], hdr[3], 0, hdr[3]))
         full, _ = reference.paged_decode_attention(q_c, kv_c, lay, bt_c, sl_c, headers.cpu(),
