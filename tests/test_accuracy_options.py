@@ -254,3 +254,56 @@ def test_one_sided_bound_holds_on_true_mass_where_the_mean_estimate_fails():
         assert k_one.max().item() < one.num_clusters
     assert max(worst_one) <= eps, worst_one
     assert max(worst_mean) > eps, worst_mean
+
+
+# ---------------------------------------------------------------------------------
+# ``kmeans_value_weight`` (issue 16): k-means over [key, weight * value].
+
+def _within_cluster_var(index, which):
+    """Size-weighted mean over clusters of the per-channel variance of ``which``
+    ("keys" or "values") around the cluster mean."""
+    x = getattr(index, which).double()
+    cid = index.cluster_ids()
+    h, c, d = index.num_kv_heads, index.num_clusters, index.head_dim
+    sums = torch.zeros(h, c, d, dtype=torch.float64).scatter_add_(
+        1, cid.unsqueeze(-1).expand(-1, -1, d), x)
+    means = sums / index.sizes.clamp_min(1).unsqueeze(-1)
+    dev = x - torch.gather(means, 1, cid.unsqueeze(-1).expand(-1, -1, d))
+    return (dev * dev).sum(-1).mean().item()
+
+
+def test_kmeans_value_weight_validation_and_gpu_refusal():
+    from vllm_retro.kmeans import spherical_kmeans
+    for bad in (-0.1, 10.5, float("nan"), "1", True):
+        with pytest.raises(ValueError, match="kmeans_value_weight"):
+            RetroConfig(kmeans_value_weight=bad)
+    assert RetroConfig().kmeans_value_weight == 0.0
+    cfg = RetroConfig.from_dict({"kmeans_value_weight": 0.7})
+    assert cfg.kmeans_value_weight == 0.7
+    assert any("kmeans_value_weight" in r for r in check_config_for_paged(cfg, 16))
+    with pytest.raises(ValueError, match="values"):
+        spherical_kmeans(torch.randn(2, 64, 8), 4, 2, value_weight=0.5)
+
+
+def test_kmeans_value_weight_groups_values_and_keeps_decode_exact():
+    """Values drawn from 4 centres independently of the key clusters: weighting the
+    values into the clustered points lowers the within-cluster value spread (so a
+    cluster's mean value is a better stand-in); weight 0 is the keys-only index,
+    bit for bit; and with every cluster retrieved the output is exact attention."""
+    k, _, c = clustered_kv(2, 2600, 32, n_centres=24, noise=0.25, seed=61)
+    g = torch.Generator().manual_seed(62)
+    v_centres = torch.randn(2, 4, 32, generator=g, dtype=torch.float64)
+    pick = torch.randint(0, 4, (2, 2600), generator=g)
+    v = torch.gather(v_centres, 1, pick.unsqueeze(-1).expand(-1, -1, 32)) + \
+        0.1 * torch.randn(2, 2600, 32, generator=g, dtype=torch.float64)
+    base = dict(retrieval_fraction=0.05, min_retrieval_tokens=0, **SMALL)
+    keys_only = WaveIndex.build(k, v, RetroConfig(**base))
+    zero = WaveIndex.build(k, v, RetroConfig(kmeans_value_weight=0.0, **base))
+    joint = WaveIndex.build(k, v, RetroConfig(kmeans_value_weight=1.0, **base))
+    assert torch.equal(keys_only.positions, zero.positions)
+    assert _within_cluster_var(joint, "values") < 0.5 * _within_cluster_var(keys_only,
+                                                                              "values")
+    joint.config = joint.config.replace(retrieval_fraction=1.0, estimation_fraction=0.0)
+    q = peaked_query(c, 2, seed=62, sharp=0.5)
+    torch.testing.assert_close(joint.attend(q), full_attention(q, k, v),
+                               rtol=1e-10, atol=1e-10)

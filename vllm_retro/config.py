@@ -48,6 +48,12 @@ class RetroConfig:
         sink_tokens: leading tokens always attended exactly.
         recent_tokens: trailing tokens always attended exactly.
         kmeans_iters: spherical k-means iterations per segment.
+        kmeans_value_weight: opt-in (0: keys only): k-means clusters the normalised
+            concatenation of each token's centred, normalised key and this weight
+            times its centred, normalised value, so that a cluster's tokens also
+            agree in value and its mean value is a better estimate. Index build
+            only; decode and the bytes it reads are unchanged. The GPU index build
+            clusters keys only.
         update_interval: decode tokens clustered together into a new segment once
             they leave the recent window.
         error_bound: if set, the exact set grows per query until the estimated
@@ -90,6 +96,7 @@ class RetroConfig:
     sink_tokens: int = 4
     recent_tokens: int = 64
     kmeans_iters: int = 10
+    kmeans_value_weight: float = 0.0
     update_interval: int = 1024
     error_bound: Optional[float] = None
     max_retrieval_fraction: float = 0.25
@@ -117,6 +124,7 @@ class RetroConfig:
         _check_int("sink_tokens", self.sink_tokens, 0, 1 << 16)
         _check_int("recent_tokens", self.recent_tokens, 1, 1 << 20)
         _check_int("kmeans_iters", self.kmeans_iters, 0, 1000)
+        _check_float("kmeans_value_weight", self.kmeans_value_weight, 0.0, 10.0)
         _check_int("update_interval", self.update_interval, 16, 1 << 20)
         if self.update_interval < self.cluster_size:
             raise ValueError(

@@ -6,7 +6,7 @@ Plain torch, deterministic. ``spherical_kmeans`` returns cluster assignments;
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -27,7 +27,9 @@ def segment_sums(x: torch.Tensor, assign: torch.Tensor, n_clusters: int) -> torc
     return torch.bmm(onehot, x)
 
 
-def spherical_kmeans(keys: torch.Tensor, n_clusters: int, iters: int) -> torch.Tensor:
+def spherical_kmeans(keys: torch.Tensor, n_clusters: int, iters: int,
+                     values: Optional[torch.Tensor] = None,
+                     value_weight: float = 0.0) -> torch.Tensor:
     """Clusters each head's keys by cosine similarity of mean-centred keys.
 
     Centroids start at strided tokens (token ``i * n // n_clusters``); each
@@ -35,10 +37,19 @@ def spherical_kmeans(keys: torch.Tensor, n_clusters: int, iters: int) -> torch.T
     the centroid to the normalised mean of its members (an emptied cluster keeps
     its previous centroid). A final assignment follows the last update.
 
+    With ``value_weight > 0`` (``RetroConfig.kmeans_value_weight``) each point is
+    the normalised concatenation ``[k', value_weight * v']`` of its centred,
+    normalised key ``k'`` and value ``v'``: clusters then also group tokens whose
+    values agree, so a cluster's mean value is closer to the attention-weighted
+    value its estimate stands for. Only the assignment changes; the summaries
+    are computed from the keys and values as before.
+
     Args:
         keys: ``[num_heads, n, head_dim]``.
         n_clusters: clusters per head, ``1 <= n_clusters <= n``.
         iters: update iterations (0: strided centroids only).
+        values: ``[num_heads, n, head_dim]``, required when ``value_weight > 0``.
+        value_weight: weight of the values in the clustered points (0: keys only).
 
     Returns:
         ``[num_heads, n]`` int64 cluster ids in ``[0, n_clusters)``.
@@ -49,6 +60,12 @@ def spherical_kmeans(keys: torch.Tensor, n_clusters: int, iters: int) -> torch.T
     x = keys.to(_compute_dtype(keys.dtype))
     x = x - x.mean(dim=1, keepdim=True)
     x = torch.nn.functional.normalize(x, dim=-1)
+    if value_weight > 0:
+        if values is None or values.shape != keys.shape:
+            raise ValueError("value_weight > 0 needs values shaped like keys")
+        y = values.to(x.dtype)
+        y = torch.nn.functional.normalize(y - y.mean(dim=1, keepdim=True), dim=-1)
+        x = torch.nn.functional.normalize(torch.cat([x, value_weight * y], dim=-1), dim=-1)
     init = torch.div(torch.arange(n_clusters, device=keys.device) * n, n_clusters,
                      rounding_mode="floor")
     cent = x[:, init, :].clone()

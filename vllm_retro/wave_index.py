@@ -201,7 +201,8 @@ class WaveIndex:
         v = self._tail_values[:, a:b]
         n = b - a
         n_clusters = max(1, math.ceil(n / self.config.cluster_size))
-        assign = spherical_kmeans(k, n_clusters, self.config.kmeans_iters)
+        assign = spherical_kmeans(k, n_clusters, self.config.kmeans_iters, values=v,
+                                  value_weight=self.config.kmeans_value_weight)
         lay = cluster_layout(k, v, assign, n_clusters)
         gidx = lay.order.unsqueeze(-1).expand(-1, -1, self.head_dim)
         base = self.keys.shape[1]

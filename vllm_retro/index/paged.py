@@ -160,6 +160,9 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
                        "GPU decode kernels yet")
     if config.shared_head_budget:
         reasons.append("shared_head_budget is not implemented by the GPU decode kernels yet")
+    if config.kmeans_value_weight != 0.0:
+        reasons.append(f"kmeans_value_weight {config.kmeans_value_weight}: the GPU index "
+                       "build clusters keys only")
     if config.variance_cap != VARIANCE_CORRECTION_CAP:
         reasons.append(f"variance_cap {config.variance_cap}: the GPU decode kernels use the "
                        f"default cap {VARIANCE_CORRECTION_CAP} only")
