@@ -583,12 +583,16 @@ TEXT_VARIANTS: Dict[str, tuple] = {
     "wave_vcap1": ({"variance_cap": 1.0}, "wave, variance_cap 1 (ranking and estimation)"),
     "wave_vcap1_ef10": ({"variance_cap": 1.0, "estimation_fraction": 0.1},
                         "wave, variance_cap 1, estimation_fraction 0.1"),
+    "wave_kv05": ({"kmeans_value_weight": 0.5}, "wave, kmeans_value_weight 0.5"),
+    "wave_kv07": ({"kmeans_value_weight": 0.7}, "wave, kmeans_value_weight 0.7"),
+    "wave_kv07_vcap1": ({"kmeans_value_weight": 0.7, "variance_cap": 1.0},
+                        "wave, kmeans_value_weight 0.7, variance_cap 1"),
 }
 # The one-sided accuracy bound (``bound_margin``), run beside the library's bounded
 # mode at every eps: margin (nats) and cap of the exact set.
 ONE_SIDED = dict(bound_margin=0.5, max_retrieval_fraction=0.5)
 INDEX_FIELDS = ("cluster_size", "recent_tokens", "sink_tokens", "segment_size",
-                "kmeans_iters")
+                "kmeans_iters", "kmeans_value_weight")
 
 
 def _variant_cfg(changes: dict, rf: float) -> RetroConfig:
