@@ -37,10 +37,10 @@ def test_plan_segments_waits_for_prompt_and_aligns():
 
 
 def test_paged_options_refused_with_reasons():
-    bad = RetroConfig(cluster_size=8, update_interval=1000, error_bound=0.1)
+    bad = RetroConfig(cluster_size=8, update_interval=1000, error_bound=0.1, dense_below=4096)
     reasons = " ".join(check_config_for_paged(bad, 16))
     assert "cluster_size" in reasons and "update_interval" in reasons and \
-        "error_bound" in reasons
+        "error_bound" in reasons and "dense_below" in reasons
     assert check_config_for_paged(RetroConfig(), 16) == []
 
 

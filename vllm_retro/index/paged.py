@@ -163,6 +163,11 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
     if config.kmeans_value_weight != 0.0:
         reasons.append(f"kmeans_value_weight {config.kmeans_value_weight}: the GPU index "
                        "build clusters keys only")
+    if config.dense_below:
+        reasons.append(f"dense_below {config.dense_below}: pure-decode steps replay CUDA "
+                       "graphs with retro's kernels, which cannot switch rows to the dense "
+                       "kernel per step (rows without an index are attended exactly by "
+                       "retro's kernels)")
     if config.variance_cap != VARIANCE_CORRECTION_CAP:
         reasons.append(f"variance_cap {config.variance_cap}: the GPU decode kernels use the "
                        f"default cap {VARIANCE_CORRECTION_CAP} only")
