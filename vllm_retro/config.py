@@ -84,6 +84,16 @@ class RetroConfig:
             (0: only the index's own short-sequence fallback applies).
         host_memory_gib: host memory the vLLM backend's indexes of one worker may
             hold together; a request that would exceed it is refused (None: no limit).
+            With ``wave_buffer`` it is also the pinned host budget of the KV mirrors
+            (None there: 3/4 of the host memory available when the worker starts,
+            :func:`vllm_retro.memory.host_mirror.default_host_budget_bytes`).
+        wave_buffer: GPU only, opt-in (issue 14): mirror each request's clustered KV,
+            cluster-contiguous per KV head, into pinned host memory so that vLLM can
+            release the GPU blocks outside the steady zone (sinks + recent window);
+            decode reads retrieved clusters through the GPU cluster cache.
+        cluster_cache_gib: GPU memory of the wave buffer's cluster cache; 0 (the
+            default) sizes it automatically: the HBM that released KV blocks no
+            longer need. Only with ``wave_buffer``.
         log_stats_interval_s: seconds between the vLLM backend's stats log lines
             (decode calls, tokens read, live requests, index memory); 0 turns them off.
     """
@@ -106,6 +116,8 @@ class RetroConfig:
     dense_below: int = 0
     host_memory_gib: Optional[float] = None
     log_stats_interval_s: float = 10.0
+    wave_buffer: bool = False
+    cluster_cache_gib: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("segment_size", self.segment_size, 64, 1 << 20)
@@ -151,6 +163,12 @@ class RetroConfig:
         if self.host_memory_gib is not None:
             _check_float("host_memory_gib", self.host_memory_gib, 0.0, 1 << 20, lo_open=True)
         _check_float("log_stats_interval_s", self.log_stats_interval_s, 0.0, 86400.0)
+        if not isinstance(self.wave_buffer, bool):
+            raise ValueError(f"RetroConfig.wave_buffer must be a bool, got {self.wave_buffer!r}")
+        _check_float("cluster_cache_gib", self.cluster_cache_gib, 0.0, 1 << 20)
+        if self.cluster_cache_gib and not self.wave_buffer:
+            raise ValueError("RetroConfig.cluster_cache_gib sizes the wave buffer's GPU "
+                             "cluster cache: set wave_buffer too (or leave it 0)")
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping[str, Any]]) -> "RetroConfig":
