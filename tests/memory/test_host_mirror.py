@@ -1,0 +1,153 @@
+"""The wave buffer's host tier on CPU tensors: the arena allocator, admission by host
+memory (reserve, refuse, free, soak), and the mirror of clustered segments checked
+against a recomputation from the paged cache and its index."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from vllm_retro.config import RetroConfig
+from vllm_retro.index.paged import PagedIndexLayout, SegmentJob, build_segments, plan_segments
+from vllm_retro.memory import ExtentAllocator, HostMemoryExceeded, HostMirror, MirrorShape
+
+CFG = RetroConfig(segment_size=256, update_interval=64, recent_tokens=32, cluster_size=16,
+                  min_retrieval_tokens=0, kmeans_iters=3)
+
+
+def test_extent_allocator_first_fit_coalesces_and_refuses_double_free():
+    a = ExtentAllocator(100)
+    x, y, z = a.alloc(30), a.alloc(30), a.alloc(30)
+    assert (x, y, z) == (0, 30, 60) and a.alloc(11) is None and a.in_use == 90
+    a.free(y, 30)
+    assert a.alloc(31) is None and a.alloc(20) == 30     # first fit in the hole
+    with pytest.raises(ValueError):
+        a.free(y + 5, 10)                                   # part of a live extent
+    with pytest.raises(ValueError):
+        a.free(50, 10)                                      # a free extent
+    a.free(30, 20)
+    a.free(x, 30)
+    a.free(z, 30)
+    assert a.in_use == 0 and a.num_free_extents == 1 and a.largest_free == 100
+
+
+def _shape(**kw):
+    base = dict(max_requests=4, num_layers=2, num_kv_heads=2, head_dim=8, block_size=16,
+                max_blocks=64, dtype=torch.float32)
+    base.update(kw)
+    return MirrorShape(**base)
+
+
+def test_admission_refuses_cleanly_and_soak_returns_every_byte():
+    s = _shape()
+    per_tok = s.bytes_per_token()                    # 2 layers x 2 heads x 64 B
+    m = HostMirror(s, 1000 * per_tok)
+    m.reserve(0, 600)
+    with pytest.raises(HostMemoryExceeded, match="host_memory_gib"):
+        m.reserve(1, 500)
+    assert m.request_slots() == (0,) and m.bytes_reserved() == 600 * per_tok
+    with pytest.raises(ValueError):
+        m.reserve(0, 10)                             # slot still held
+    assert m.free(0) == 600 * per_tok and m.bytes_reserved() == 0
+    # Soak: random reserve/free cycles of varying sizes, refusals included.
+    rng = random.Random(0)
+    live, refused = set(), 0
+    for _ in range(3000):
+        slot = rng.randrange(s.max_requests)
+        if slot in live:
+            m.free(slot)
+            live.discard(slot)
+        else:
+            try:
+                m.reserve(slot, rng.randrange(1, 500))
+                live.add(slot)
+            except HostMemoryExceeded:
+                refused += 1
+        assert m.bytes_reserved() <= m.capacity_bytes
+    for slot in list(live):
+        m.free(slot)
+    assert refused > 0 and m.bytes_reserved() == 0
+    assert m.alloc.num_free_extents == 1 and m.alloc.largest_free == m.alloc.capacity
+
+
+def _filled_cache(lay, nb, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    kv = lay.make_cache(nb)
+    blocks = torch.randperm(nb - 1, generator=g)[:math.ceil(L / lay.block_size) + 1] + 1
+    pos = torch.arange(L)
+    kv[blocks[pos // lay.block_size], :, pos % lay.block_size] = \
+        torch.randn(L, lay.num_kv_heads, 2 * lay.head_dim, generator=g, dtype=lay.dtype)
+    return kv, blocks
+
+
+def _indexed(lay, L, seed, nb=80):
+    kv, blocks = _filled_cache(lay, nb, L, seed)
+    segs = plan_segments(0, L, L, CFG, lay.block_size)
+    for p0, p1 in segs:
+        build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], CFG)
+    return kv, blocks, segs
+
+
+def test_mirror_is_cluster_contiguous_and_equals_the_paged_cache():
+    """Every cluster's arena rows are its tokens' K/V read from the pages through the
+    block table in permutation order (float64: exact), every clustered token is
+    mirrored once, and pages of the cluster-ordered mirror are the permutation's
+    blocks."""
+    lay = PagedIndexLayout(2, 16, 16, torch.float64)
+    bs, h, d = 16, 2, 16
+    L = 700
+    layers = [_indexed(lay, L, seed) for seed in (1, 2)]
+    shape = MirrorShape.for_layout(lay, max_requests=3, num_layers=2, max_blocks=64)
+    m = HostMirror(shape, 4 * L * shape.bytes_per_token())
+    segs = layers[0][2]
+    clustered = segs[-1][1] - segs[0][0]
+    m.reserve(2, clustered // 2)          # half: the rest goes to a second extent
+    for li, (kv, blocks, sg) in enumerate(layers):
+        assert sg == segs
+        for p0, p1 in sg:
+            assert m.mirror_segment(2, li, kv, lay, blocks, p0, p1) is None
+    assert m.bytes_mirrored() == clustered * shape.bytes_per_token()
+    # Layer 0 filled the reservation; layer 1's two segments took one extent each.
+    assert len(m._requests[2].extents) == 3
+    for li, (kv, blocks, _) in enumerate(layers):
+        _, ipart = lay.views(kv)
+        for p0, p1 in segs:
+            for hh in range(h):
+                seen = []
+                for b in range(p0 // bs, p1 // bs):
+                    size = int(ipart[blocks[b], hh, bs])
+                    start = int(ipart[blocks[b], hh, bs + 1])
+                    got = m.cluster_rows(2, li, hh, b)
+                    assert got.shape[0] == size
+                    if size == 0:
+                        continue
+                    ent = torch.arange(start, start + size)
+                    toks = ipart[blocks[ent // bs], hh, ent % bs].long()
+                    want = kv[blocks[toks // bs], hh, toks % bs]
+                    assert torch.equal(got, want)
+                    seen += toks.tolist()
+                    # The page holding entry `start` contains the cluster's first token.
+                    prow = int(m.page_row[2, li, hh, start // bs])
+                    assert torch.equal(m.arena[prow + start % bs], want[0])
+                assert sorted(seen) == list(range(p0, p1))
+    # Rows outside the clustered zone (sinks, recent window) are not mirrored.
+    assert int(m.page_row[2, 0, 0, 0]) == -1 and int(m.cluster_addr[2, 0, 0, 0, 1]) == 0
+    held = m.bytes_reserved()
+    assert m.free(2) == held and m.bytes_reserved() == 0
+    assert (m.page_row[2] == -1).all() and (m.cluster_addr[2] == 0).all()
+
+
+def test_mirror_beyond_budget_raises_and_keeps_the_request_freeable():
+    lay = PagedIndexLayout(2, 16, 16, torch.float32)
+    kv, blocks, segs = _indexed(lay, 700, seed=5)
+    shape = MirrorShape.for_layout(lay, max_requests=2, num_layers=1, max_blocks=64)
+    first = segs[0][1] - segs[0][0]
+    m = HostMirror(shape, first * shape.bytes_per_token())
+    m.reserve(0, first)
+    m.mirror_segment(0, 0, kv, lay, blocks, *segs[0])
+    with pytest.raises(HostMemoryExceeded):
+        m.mirror_segment(0, 0, kv, lay, blocks, *segs[1])
+    assert m.free(0) == m.capacity_bytes and m.bytes_reserved() == 0
+    with pytest.raises(ValueError):
+        m.mirror_segment(0, 0, kv, lay, blocks, 17, 64)    # not block-aligned

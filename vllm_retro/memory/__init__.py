@@ -1,0 +1,13 @@
+"""The wave buffer's memory tiers (issue 14): the pinned host mirror of clustered KV
+(:mod:`.host_mirror`) and the GPU cluster cache in front of it (:mod:`.cluster_cache`).
+
+Layering: ``backend/`` -> ``memory/`` -> ``index/`` -> ``kernels/``; nothing here
+imports vLLM. Not wired into the backend yet: docs/design.md §8 says what is built
+and what the GPU integration still has to do.
+"""
+
+from .host_mirror import (ExtentAllocator, HostMemoryExceeded, HostMirror, MirrorShape,
+                          default_host_budget_bytes)
+
+__all__ = ["ExtentAllocator", "HostMemoryExceeded", "HostMirror", "MirrorShape",
+           "default_host_budget_bytes"]

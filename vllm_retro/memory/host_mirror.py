@@ -1,0 +1,343 @@
+"""The wave buffer's host tier: clustered KV mirrored into a (pinned) host arena.
+
+Once a segment of a request's clustered zone has been indexed in the KV pages
+(:mod:`vllm_retro.index.paged`), :meth:`HostMirror.mirror_segment` copies its keys
+and values, per layer and KV head, into one host arena **in cluster order**: the
+tokens of a (request, layer, head, segment) occupy consecutive arena rows in the
+order of the segment's permutation, so every cluster is a contiguous run of rows.
+One arena row is one token's ``[K | V]`` of one head (``2 * head_dim`` elements of
+the KV dtype), the row of vLLM's page, so a copy moves whole rows.
+
+Two address tables (``[max_requests, num_layers, H, max_blocks]``, indexed like the
+paged index by the *logical block* that holds the entry, on the KV cache's device so
+that decode kernels can read them):
+
+* ``cluster_addr[..., 0:2]``: the arena row of the first token of the cluster whose
+  summary lives in that block, and its size (0: empty cluster or not mirrored);
+* ``page_row``: the arena row of the 16 (``block_size``) tokens whose permutation
+  entries live in that block: a "page" of the cluster-ordered mirror, the unit the
+  GPU cluster cache (:mod:`.cluster_cache`) moves (-1: not mirrored).
+
+Admission by host memory: a request reserves its arena space before anything is
+mirrored (:meth:`HostMirror.reserve`, one contiguous extent, first fit); a request
+that cannot get it raises :class:`~vllm_retro.request_store.HostMemoryExceeded`
+and nothing is held. Segments are then placed in the request's own extents by a
+bump pointer, so a request never fragments the arena by itself; segments beyond
+the reservation take a further extent or raise the same error. :meth:`free`
+(finish, abort, preemption) returns every byte.
+
+On CUDA the arena is pinned and the copies are issued ``non_blocking`` on the
+current stream: vLLM's later writes into the released blocks are ordered after
+them on that stream. On CPU (tests) the arena is a plain tensor.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..index.paged import PagedIndexLayout
+from ..request_store import HostMemoryExceeded
+
+__all__ = ["HostMemoryExceeded", "ExtentAllocator", "MirrorShape", "HostMirror",
+           "default_host_budget_bytes"]
+
+
+def default_host_budget_bytes(fraction: float = 0.75) -> int:
+    """``fraction`` of the host memory available now (Linux ``MemAvailable``; the
+    physical memory where that is unknown): the pinned budget when
+    ``host_memory_gib`` is unset. Pinned pages cannot be swapped, so the rest is
+    left to the OS, vLLM's own host buffers and the Python processes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * fraction)
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * fraction)
+
+
+class ExtentAllocator:
+    """First-fit allocator of contiguous row ranges in ``[0, capacity)``.
+
+    Free extents are kept sorted by start and coalesced with their neighbours on
+    free, so freeing everything always restores one extent of the full capacity.
+    Host-side Python: it runs once per admitted request (and rarely per segment),
+    never in a decode step.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self._starts: List[int] = [0] if capacity > 0 else []
+        self._lens: List[int] = [self.capacity] if capacity > 0 else []
+        self.in_use = 0
+        self._live: Dict[int, int] = {}     # start -> rows of each allocated extent
+
+    def alloc(self, n: int) -> Optional[int]:
+        """Start of a free range of ``n`` rows (first fit), or None."""
+        if n <= 0:
+            raise ValueError(f"ExtentAllocator.alloc: n must be positive, got {n}")
+        for i, ln in enumerate(self._lens):
+            if ln >= n:
+                s = self._starts[i]
+                if ln == n:
+                    del self._starts[i], self._lens[i]
+                else:
+                    self._starts[i] += n
+                    self._lens[i] -= n
+                self.in_use += n
+                self._live[s] = n
+                return s
+        return None
+
+    def free(self, start: int, n: int) -> None:
+        # Only whole extents handed out by alloc: a double or partial free would
+        # hand rows of a live mirror to another request.
+        if self._live.get(start) != n:
+            raise ValueError(f"ExtentAllocator.free: [{start}, {start + n}) is not an "
+                             "allocated extent")
+        del self._live[start]
+        i = bisect.bisect_left(self._starts, start)
+        self._starts.insert(i, start)
+        self._lens.insert(i, n)
+        self.in_use -= n
+        # Coalesce with the next, then the previous extent.
+        if i + 1 < len(self._starts) and start + n == self._starts[i + 1]:
+            self._lens[i] += self._lens.pop(i + 1)
+            self._starts.pop(i + 1)
+        if i > 0 and self._starts[i - 1] + self._lens[i - 1] == start:
+            self._lens[i - 1] += self._lens.pop(i)
+            self._starts.pop(i)
+
+    @property
+    def largest_free(self) -> int:
+        return max(self._lens, default=0)
+
+    @property
+    def num_free_extents(self) -> int:
+        return len(self._lens)
+
+
+@dataclass(frozen=True)
+class MirrorShape:
+    """Dimensions of the mirror's address tables and rows."""
+
+    max_requests: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    max_blocks: int            # logical blocks per request (max_model_len / block_size)
+    dtype: torch.dtype
+
+    @property
+    def row_elems(self) -> int:
+        return 2 * self.head_dim
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row_elems * torch.empty((), dtype=self.dtype).element_size()
+
+    def bytes_per_token(self) -> int:
+        """Mirror bytes per clustered token, all layers and KV heads."""
+        return self.num_layers * self.num_kv_heads * self.row_bytes
+
+    @classmethod
+    def for_layout(cls, layout: PagedIndexLayout, max_requests: int, num_layers: int,
+                   max_blocks: int) -> "MirrorShape":
+        return cls(max_requests, num_layers, layout.num_kv_heads, layout.head_dim,
+                   layout.block_size, max_blocks, layout.dtype)
+
+
+@dataclass
+class _Request:
+    extents: List[Tuple[int, int]]     # (start row, rows), in allocation order
+    cursor: int                        # next free row in the last extent
+    reserved_rows: int
+    used_rows: int = 0
+
+
+class HostMirror:
+    """Per-worker host tier of the wave buffer (see the module doc).
+
+    Args:
+        shape: table and row dimensions.
+        capacity_bytes: the pinned budget (``host_memory_gib``); the arena holds
+            ``capacity_bytes // row_bytes`` rows.
+        device: where the address tables live (the KV cache's device).
+        pin: pin the arena (default: when CUDA is available).
+    """
+
+    def __init__(self, shape: MirrorShape, capacity_bytes: int, device="cpu",
+                 pin: Optional[bool] = None):
+        self.shape = shape
+        self.device = torch.device(device)
+        rows = int(capacity_bytes) // shape.row_bytes
+        if rows <= 0:
+            raise ValueError(f"HostMirror: capacity {capacity_bytes} B holds no row of "
+                             f"{shape.row_bytes} B")
+        if rows >= 1 << 31:
+            raise ValueError(f"HostMirror: {rows} arena rows do not fit the int32 tables")
+        if pin is None:
+            pin = torch.cuda.is_available()
+        self.arena = torch.empty(rows, shape.row_elems, dtype=shape.dtype, pin_memory=pin)
+        self.alloc = ExtentAllocator(rows)
+        s = shape
+        tshape = (s.max_requests, s.num_layers, s.num_kv_heads, s.max_blocks)
+        self.cluster_addr = torch.zeros(*tshape, 2, dtype=torch.int32, device=self.device)
+        # int32 row numbers: 12 B per table entry (per 16 tokens of a head), and 2^31
+        # rows of 512 B (bf16, D=128) are 1 TiB, far above any host's pinned budget.
+        self.page_row = torch.full(tshape, -1, dtype=torch.int32, device=self.device)
+        self._requests: Dict[int, _Request] = {}
+
+    # ---------------------------------------------------------------- accounting
+    @property
+    def capacity_bytes(self) -> int:
+        return self.alloc.capacity * self.shape.row_bytes
+
+    def bytes_reserved(self) -> int:
+        """Arena bytes held by requests (reserved, mirrored or not)."""
+        return self.alloc.in_use * self.shape.row_bytes
+
+    def bytes_mirrored(self) -> int:
+        return sum(r.used_rows for r in self._requests.values()) * self.shape.row_bytes
+
+    def request_slots(self) -> Tuple[int, ...]:
+        return tuple(self._requests)
+
+    def rows_for_tokens(self, num_tokens: int) -> int:
+        """Arena rows a request with ``num_tokens`` clustered tokens needs."""
+        return num_tokens * self.shape.num_layers * self.shape.num_kv_heads
+
+    def _extent_or_raise(self, slot: int, rows: int, what: str) -> int:
+        start = self.alloc.alloc(rows)
+        if start is None:
+            rb = self.shape.row_bytes
+            free = (self.alloc.capacity - self.alloc.in_use) * rb
+            raise HostMemoryExceeded(
+                f"retro wave buffer: request slot {slot} needs {rows * rb} B of pinned "
+                f"host memory ({what}); {free} B of the {self.capacity_bytes} B budget "
+                f"are free, the largest free extent is {self.alloc.largest_free * rb} B "
+                "(host_memory_gib)")
+        return start
+
+    def reserve(self, slot: int, num_tokens: int) -> None:
+        """Admits request ``slot`` with room for ``num_tokens`` clustered tokens (all
+        layers and KV heads). Raises HostMemoryExceeded, holding nothing, if the
+        arena has no free extent that large."""
+        if not 0 <= slot < self.shape.max_requests:
+            raise ValueError(f"HostMirror: request slot {slot} outside "
+                             f"[0, {self.shape.max_requests})")
+        if slot in self._requests:
+            raise ValueError(f"HostMirror: request slot {slot} is already reserved")
+        rows = self.rows_for_tokens(num_tokens)
+        if rows == 0:
+            self._requests[slot] = _Request([], 0, 0)
+            return
+        start = self._extent_or_raise(slot, rows, f"{num_tokens} tokens")
+        self._requests[slot] = _Request([(start, rows)], start, rows)
+
+    def free(self, slot: int) -> int:
+        """Returns every arena row of request ``slot`` and clears its addresses
+        (finish, abort, preemption). Returns the bytes freed (0 if none held).
+        The cluster cache's entries of the slot must be invalidated too
+        (:meth:`ClusterCache.invalidate_request`)."""
+        req = self._requests.pop(slot, None)
+        if req is None:
+            return 0
+        for start, rows in req.extents:
+            self.alloc.free(start, rows)
+        self.cluster_addr[slot].zero_()
+        self.page_row[slot].fill_(-1)
+        return sum(r for _, r in req.extents) * self.shape.row_bytes
+
+    def _place(self, slot: int, rows: int) -> int:
+        """Arena row where ``rows`` consecutive rows of request ``slot`` go."""
+        req = self._requests.get(slot)
+        if req is None:
+            raise ValueError(f"HostMirror: request slot {slot} was not reserved")
+        if req.extents:
+            s, n = req.extents[-1]
+            if req.cursor + rows <= s + n:
+                at = req.cursor
+                req.cursor += rows
+                req.used_rows += rows
+                return at
+        # Past the reservation (or a tail too short for one segment): a new extent,
+        # exactly this segment's size. The unused tail of the previous extent stays
+        # with the request until it is freed.
+        at = self._extent_or_raise(slot, rows, "a segment beyond its reservation")
+        req.extents.append((at, rows))
+        req.cursor = at + rows
+        req.used_rows += rows
+        return at
+
+    # ------------------------------------------------------------------ mirroring
+    def mirror_segment(self, slot: int, layer: int, kv_cache: torch.Tensor,
+                       layout: PagedIndexLayout, block_ids: torch.Tensor, p0: int,
+                       p1: int) -> Optional["torch.cuda.Event"]:
+        """Copies the clustered segment ``[p0, p1)`` of one layer to the arena.
+
+        ``kv_cache``: the layer's vLLM view ``(NB, H, bs, 2D)`` over padded pages,
+        whose index part :func:`~vllm_retro.index.paged.build_segments` has written
+        for this segment; ``block_ids``: the request's physical blocks (a tensor on
+        the cache's device covering ``p1``). Per head, the tokens are read in the
+        order of the segment's permutation (entry ``i`` at logical position
+        ``p0 + i`` holds a token position) through the block table and written to
+        ``H * n`` consecutive rows, head after head; then the address tables are
+        written on the device (no host sync). Returns a CUDA event recorded after
+        the copy (None on CPU): the GPU blocks may be released once it completed,
+        or right away when the release is ordered after it on the same stream.
+        """
+        s = self.shape
+        bs, h, d = s.block_size, s.num_kv_heads, s.head_dim
+        n = p1 - p0
+        if n <= 0 or p0 % bs or p1 % bs:
+            raise ValueError(f"HostMirror.mirror_segment: [{p0}, {p1}) is not a non-empty "
+                             f"block-aligned segment")
+        if p1 // bs > s.max_blocks:
+            raise ValueError(f"HostMirror.mirror_segment: block {p1 // bs} beyond "
+                             f"max_blocks {s.max_blocks}")
+        if (layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype) != \
+                (h, d, bs, s.dtype):
+            raise ValueError("HostMirror.mirror_segment: layout does not match the mirror")
+        at = self._place(slot, h * n)
+        _, ipart = layout.views(kv_cache)
+        bids = block_ids.long()
+        seg_pb = bids[p0 // bs: p1 // bs]                                    # [nb]
+        ent = ipart[seg_pb]                                                  # [nb, H, bs+2]
+        tok = ent[:, :, :bs].permute(1, 0, 2).reshape(h, n).long()           # [H, n]
+        heads = torch.arange(h, device=kv_cache.device).unsqueeze(1)
+        kv = kv_cache[bids[tok // bs], heads.expand(h, n), tok % bs]        # [H, n, 2D]
+        dst = self.arena[at: at + h * n].view(h, n, 2 * d)
+        on_cuda = kv.is_cuda
+        dst.copy_(kv, non_blocking=on_cuda)
+        # Addresses. Cluster j of the segment lives in block p0/bs + j; its entries
+        # start at logical index ``start``, i.e. at row ``at + h*n + start - p0``.
+        sizes = ent[:, :, bs].T.to(torch.int32)                              # [H, nb]
+        starts = ent[:, :, bs + 1].T.long()                                  # [H, nb]
+        head_base = at + torch.arange(h, device=kv_cache.device).unsqueeze(1) * n
+        lb0, lb1 = p0 // bs, p1 // bs
+        tdev = self.device
+        first = torch.where(sizes > 0, head_base + starts - p0, 0)
+        self.cluster_addr[slot, layer, :, lb0:lb1, 0] = first.to(torch.int32).to(tdev)
+        self.cluster_addr[slot, layer, :, lb0:lb1, 1] = sizes.to(tdev)
+        pages = head_base + torch.arange(n // bs, device=kv_cache.device) * bs
+        self.page_row[slot, layer, :, lb0:lb1] = pages.to(torch.int32).to(tdev)
+        if on_cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+            return ev
+        return None
+
+    # ------------------------------------------------------------------- reading
+    def cluster_rows(self, slot: int, layer: int, head: int, block: int) -> torch.Tensor:
+        """``[size, 2D]`` arena rows of the cluster whose summary lives in logical
+        block ``block`` (host-side read, for tests and checks; synchronises)."""
+        off, size = (int(x) for x in self.cluster_addr[slot, layer, head, block].tolist())
+        return self.arena[off: off + size]
