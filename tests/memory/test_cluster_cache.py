@@ -1,0 +1,204 @@
+"""The wave buffer's GPU cluster cache on CPU tensors: its batched device-side LRU
+against a plain-Python model of the same policy (exact hits, misses, victims and
+contents), request isolation, and reads through the cache equal to reads from the
+host mirror of a real paged index (float64)."""
+
+import math
+import random
+
+import torch
+
+from vllm_retro.config import RetroConfig
+from vllm_retro.index.paged import PagedIndexLayout, SegmentJob, build_segments, plan_segments
+from vllm_retro.memory import HostMirror, MirrorShape
+from vllm_retro.memory.cluster_cache import C_ADMITTED, C_EVICTED, C_HITS, C_MISSES, ClusterCache
+
+
+class LRUModel:
+    """The documented policy, one key at a time."""
+
+    def __init__(self, num_slots):
+        self.s = num_slots
+        self.table, self.slot_key, self.stamp = {}, [-1] * num_slots, [-1] * num_slots
+        self.clock = 0
+        self.hits = self.misses = self.admitted = self.evicted = 0
+
+    def lookup(self, keys):
+        for k in keys:
+            if k < 0:
+                continue
+            if k in self.table:
+                self.stamp[self.table[k]] = self.clock
+                self.hits += 1
+            else:
+                self.misses += 1
+
+    def admit(self, keys, mirrored):
+        want = sorted({k for k in keys if k >= 0 and k not in self.table and mirrored(k)})
+        order = sorted(range(self.s), key=lambda i: (self.stamp[i], i))
+        for i, k in enumerate(want[:min(len(keys), self.s)]):
+            c = order[i]
+            if self.stamp[c] >= self.clock:          # used in this step: not a victim
+                break
+            old = self.slot_key[c]
+            if old >= 0:
+                del self.table[old]
+                self.evicted += 1
+            self.table[k], self.slot_key[c], self.stamp[c] = c, k, self.clock
+            self.admitted += 1
+
+    def invalidate(self, lo, hi):
+        for c in range(self.s):
+            if lo <= self.slot_key[c] < hi:
+                del self.table[self.slot_key[c]]
+                self.slot_key[c], self.stamp[c] = -1, -1
+
+
+def _synthetic_mirror(shape, seed, unmirrored=0.1):
+    """A mirror whose page table maps every key to its own arena page (a few keys
+    left unmirrored), filled with random rows: the policy test needs addresses and
+    contents, not an index."""
+    nkeys = shape.max_requests * shape.num_layers * shape.num_kv_heads * shape.max_blocks
+    m = HostMirror(shape, nkeys * shape.block_size * shape.row_bytes)
+    g = torch.Generator().manual_seed(seed)
+    m.arena.copy_(torch.randn(m.arena.shape, generator=g, dtype=m.arena.dtype))
+    rows = torch.arange(nkeys, dtype=torch.int32) * shape.block_size
+    drop = torch.rand(nkeys, generator=g) < unmirrored
+    m.page_row.view(-1).copy_(torch.where(drop, -1, rows))
+    return m
+
+
+def _check_same(cache, model):
+    c = cache.counters.tolist()
+    assert c[C_HITS] == model.hits and c[C_MISSES] == model.misses
+    assert c[C_ADMITTED] == model.admitted and c[C_EVICTED] == model.evicted
+    assert cache.slot_key[:-1].tolist() == model.slot_key
+    assert cache.stamp[:-1].tolist() == model.stamp
+    table = cache.table[:-1]
+    live = (table >= 0).nonzero().flatten().tolist()
+    assert {k: int(table[k]) for k in live} == model.table
+
+
+def test_lru_matches_the_python_model_on_random_traces():
+    shape = MirrorShape(max_requests=3, num_layers=2, num_kv_heads=2, head_dim=4,
+                        block_size=4, max_blocks=10, dtype=torch.float64)
+    m = _synthetic_mirror(shape, seed=0)
+    nkeys = 3 * 2 * 2 * 10
+    rng = random.Random(1)
+    for slots in (7, 29):
+        cache = ClusterCache.for_mirror(m, slots)
+        model = LRUModel(slots)
+        hot = rng.sample(range(nkeys), 12)
+        for step in range(60):
+            cache.next_step()
+            model.clock += 1
+            used = []
+            for _ in range(rng.randrange(1, 4)):
+                n = rng.randrange(1, 12)
+                keys = [rng.choice(hot) if rng.random() < 0.7 else rng.randrange(nkeys)
+                        for _ in range(n)] + [-1] * rng.randrange(3)
+                rng.shuffle(keys)
+                kt = torch.tensor(keys)
+                slot = cache.lookup(kt)
+                model.lookup(keys)
+                assert slot.tolist() == [model.table.get(k, -1) if k >= 0 else -1
+                                         for k in keys]
+                used += keys
+            cache.admit(torch.tensor(used), m)
+            model.admit(used, lambda k: int(m.page_row.view(-1)[k]) >= 0)
+            _check_same(cache, model)
+            if rng.random() < 0.1:
+                r = rng.randrange(3)
+                cache.invalidate_request(r)
+                model.invalidate(r * 40, (r + 1) * 40)
+                _check_same(cache, model)
+        # Cached pages hold their keys' mirror pages.
+        for c, k in enumerate(model.slot_key):
+            if k >= 0:
+                row = int(m.page_row.view(-1)[k])
+                assert torch.equal(cache.kv[c], m.arena[row: row + 4])
+        assert model.evicted > 0 and model.hits > 0
+
+
+def test_requests_never_see_each_others_pages():
+    shape = MirrorShape(max_requests=2, num_layers=1, num_kv_heads=1, head_dim=4,
+                        block_size=4, max_blocks=8, dtype=torch.float64)
+    m = _synthetic_mirror(shape, seed=2, unmirrored=0.0)
+    cache = ClusterCache.for_mirror(m, 16)
+    k0, k1 = cache.keys(0, 0, 0, 3), cache.keys(1, 0, 0, 3)   # same place, two requests
+    both = torch.stack([k0, k1])
+    cache.next_step()
+    assert cache.lookup(both).tolist() == [-1, -1]
+    cache.admit(both, m)
+    cache.next_step()
+    s0, s1 = cache.lookup(both).tolist()
+    assert s0 >= 0 and s1 >= 0 and s0 != s1
+    assert torch.equal(cache.read_pages(both, m), torch.stack([
+        m.arena[int(m.page_row.view(-1)[k]):][:4] for k in (k0, k1)]))
+    # Request slot 0 finishes; a new request reuses the slot with other data.
+    cache.invalidate_request(0)
+    row = int(m.page_row.view(-1)[k0])
+    m.arena[row: row + 4] = -7.0
+    cache.next_step()
+    assert cache.lookup(both).tolist() == [-1, s1]
+    assert (cache.read_pages(k0.view(1), m) == -7.0).all()
+    assert cache.stats()["hits"] == 3 and cache.stats()["misses"] == 3
+
+
+CFG = RetroConfig(segment_size=256, update_interval=64, recent_tokens=32, cluster_size=16,
+                  min_retrieval_tokens=0, kmeans_iters=3)
+
+
+def test_reads_through_the_cache_equal_the_mirror_and_the_paged_cache():
+    """A real index (float64), mirrored; decode-like steps retrieve random clusters
+    of every layer and head through a cache far smaller than the mirror. Every
+    cluster read through the cache equals its tokens in the paged cache."""
+    lay = PagedIndexLayout(2, 16, 16, torch.float64)
+    bs, h = 16, 2
+    L, nl, req = 900, 2, 1
+    g = torch.Generator().manual_seed(4)
+    shape = MirrorShape.for_layout(lay, max_requests=2, num_layers=nl, max_blocks=64)
+    m = HostMirror(shape, 2 * L * shape.bytes_per_token())
+    caches = []
+    segs = plan_segments(0, L, L, CFG, bs)
+    m.reserve(req, segs[-1][1] - segs[0][0])
+    for li in range(nl):
+        kv = lay.make_cache(80)
+        blocks = torch.randperm(79, generator=g)[:math.ceil(L / bs) + 1] + 1
+        pos = torch.arange(L)
+        kv[blocks[pos // bs], :, pos % bs] = torch.randn(L, h, 32, generator=g,
+                                                         dtype=torch.float64)
+        for p0, p1 in segs:
+            build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], CFG)
+            m.mirror_segment(req, li, kv, lay, blocks, p0, p1)
+        caches.append((kv, blocks))
+    lb0, lb1 = segs[0][0] // bs, segs[-1][1] // bs
+    cache = ClusterCache.for_mirror(m, 24)                     # of 2 x 2 x 52 pages
+    rng = random.Random(5)
+    for step in range(25):
+        cache.next_step()
+        used = []
+        for li, (kv, blocks) in enumerate(caches):
+            _, ipart = lay.views(kv)
+            for hh in range(h):
+                for b in rng.sample(range(lb0, lb1), 6):          # "retrieved" clusters
+                    size = int(ipart[blocks[b], hh, bs])
+                    if size == 0:
+                        continue
+                    a = int(ipart[blocks[b], hh, bs + 1])
+                    pages = torch.arange(a // bs, (a + size - 1) // bs + 1)
+                    keys = cache.keys(req, li, hh, pages)
+                    slots = cache.lookup(keys)
+                    got = cache.read_pages(keys, m, slots).reshape(-1, 32)
+                    got = got[a % bs: a % bs + size]
+                    ent = torch.arange(a, a + size)
+                    toks = ipart[blocks[ent // bs], hh, ent % bs].long()
+                    assert torch.equal(got, kv[blocks[toks // bs], hh, toks % bs])
+                    assert torch.equal(got, m.cluster_rows(req, li, hh, b))
+                    used.append(keys)
+        cache.admit(torch.cat(used), m)
+    st = cache.stats()
+    assert st["hits"] > 0 and st["evicted"] > 0
+    m.free(req)
+    cache.invalidate_request(req)
+    assert m.bytes_reserved() == 0 and (cache.slot_key == -1).all()

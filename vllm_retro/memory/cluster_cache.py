@@ -1,0 +1,222 @@
+"""The wave buffer's GPU cluster cache: hot pages of the host mirror kept in HBM.
+
+Unit: a **page** of the cluster-ordered mirror (:mod:`.host_mirror`): the
+``block_size`` (16) tokens of one (request, layer, KV head) whose permutation
+entries live in one logical block, i.e. 16 consecutive rows of the mirror, which
+is a run of whole and partial clusters. A retrieved cluster of ``s`` tokens whose
+entries start at logical index ``a`` is read from pages ``a // 16 ..
+(a + s - 1) // 16``. Why pages and not one slot per cluster:
+
+* fixed-size slots with no waste inside them: every mirrored token is in exactly
+  one page, whereas cluster sizes vary (k-means gives 1 to hundreds of tokens for a
+  mean of 16), so per-cluster slots must be sized for the largest cluster or split
+  anyway;
+* the key space is the index's own: one page per logical block of the clustered
+  zone, so the lookup table has the shape of the summaries
+  (``[max_requests, layers, H, max_blocks]``) and a key is computed, not searched;
+* a page is 16 rows x 2D elements (8 KiB in bf16 at D=128): one contiguous copy
+  from the pinned arena.
+The price: a cluster that straddles a page boundary reads one more page (on
+average ``(s + 15) / s`` pages per cluster token: ~1.9x the exact bytes for
+``s = 16``); the neighbouring clusters' rows come along and stay cached.
+
+Bookkeeping lives on the device and is updated by fixed-shape batched tensor ops
+(gathers, scatters, a sort of the batch, one ``topk``): nothing on the lookup or
+admission path reads a value back to the host, so it can run inside CUDA graphs
+and overlaps with compute.
+
+Policy: LRU by last-use step stamps. :meth:`ClusterCache.lookup` stamps the slots
+it hits with the current step; :meth:`ClusterCache.admit`, called after the step
+used the pages (admission after use: the step read its misses from the host
+mirror), installs each distinct absent key, in ascending key order, into the
+least recently used slot not used in this step (ties: lower slot), while such slots
+remain; the others are not admitted this step. Keys hold the request slot, and
+:meth:`ClusterCache.invalidate_request` drops every entry of a freed request, so a
+request never reads another's pages.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .host_mirror import HostMirror
+
+# Counter tensor columns.
+C_HITS, C_MISSES, C_ADMITTED, C_EVICTED = 0, 1, 2, 3
+
+
+class ClusterCache:
+    """Fixed slots of one page each, a device lookup table and LRU stamps.
+
+    Args:
+        num_slots: pages the cache holds (``slots_for_bytes`` turns GiB into slots).
+        key_shape: ``(max_requests, num_layers, num_kv_heads, max_blocks)``, the
+            mirror's table shape; a key is the flat index into it.
+        page_tokens: tokens per page (the KV block size).
+        head_dim, dtype, device: of the cached K/V.
+    """
+
+    def __init__(self, num_slots: int, key_shape: Tuple[int, int, int, int],
+                 page_tokens: int, head_dim: int, dtype: torch.dtype, device="cpu"):
+        if num_slots <= 0:
+            raise ValueError(f"ClusterCache: num_slots must be positive, got {num_slots}")
+        self.num_slots = int(num_slots)
+        self.key_shape = tuple(int(x) for x in key_shape)
+        self.num_keys = 1
+        for x in self.key_shape:
+            self.num_keys *= x
+        self.page_tokens = page_tokens
+        self.device = torch.device(device)
+        s = self.num_slots
+        # One extra slot and one extra table entry absorb the scatters of rows that
+        # must not write (padding, hits, keys not admitted): fixed shapes, no masks
+        # that would need their count on the host.
+        self.kv = torch.zeros(s + 1, page_tokens, 2 * head_dim, dtype=dtype, device=device)
+        self.table = torch.full((self.num_keys + 1,), -1, dtype=torch.int64, device=device)
+        self.slot_key = torch.full((s + 1,), -1, dtype=torch.int64, device=device)
+        self.stamp = torch.full((s + 1,), -1, dtype=torch.int64, device=device)
+        self.clock = torch.zeros((), dtype=torch.int64, device=device)
+        self.counters = torch.zeros(4, dtype=torch.int64, device=device)
+        self._slot_ids = torch.arange(s, dtype=torch.int64, device=device)
+
+    @classmethod
+    def for_mirror(cls, mirror: HostMirror, num_slots: int) -> "ClusterCache":
+        sh = mirror.shape
+        return cls(num_slots, (sh.max_requests, sh.num_layers, sh.num_kv_heads, sh.max_blocks),
+                   sh.block_size, sh.head_dim, sh.dtype, mirror.device)
+
+    @staticmethod
+    def slots_for_bytes(nbytes: int, page_tokens: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        """Slots that ``nbytes`` of HBM hold (page data only; the bookkeeping adds
+        16 B per slot and 8 B per key)."""
+        es = torch.empty((), dtype=dtype).element_size()
+        return int(nbytes) // (page_tokens * 2 * head_dim * es)
+
+    @property
+    def page_bytes(self) -> int:
+        return self.kv[0].numel() * self.kv.element_size()
+
+    # ------------------------------------------------------------------ keys
+    def keys(self, req, layer, head, block) -> torch.Tensor:
+        """Flat keys of pages (broadcasting tensors or ints)."""
+        _, nl, nh, nb = self.key_shape
+        t = lambda x: torch.as_tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
+        return ((t(req) * nl + t(layer)) * nh + t(head)) * nb + t(block)
+
+    def next_step(self) -> None:
+        """Advances the LRU clock (once per decode step, on the device)."""
+        self.clock += 1
+
+    # ---------------------------------------------------------------- lookup
+    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
+        """Slots holding ``keys`` (``[N]`` int64, -1: padding), -1 for misses.
+        Stamps the hit slots with the current step and counts hits and misses
+        (padding is not counted)."""
+        keys = keys.reshape(-1)
+        valid = keys >= 0
+        slot = torch.where(valid, self.table[keys.clamp_min(0)], -1)
+        hit = slot >= 0
+        self.stamp.scatter_(0, torch.where(hit, slot, self.num_slots),
+                            self.clock.expand_as(slot))
+        self.stamp[self.num_slots] = -1
+        self.counters[C_HITS] += hit.sum()
+        self.counters[C_MISSES] += (valid & ~hit).sum()
+        return slot
+
+    # ------------------------------------------------------------- admission
+    def admit(self, keys: torch.Tensor, mirror: HostMirror) -> torch.Tensor:
+        """Admits the distinct absent ``keys`` (after the step used them) and copies
+        their pages from the mirror. Returns ``[N]`` int64: per sorted key position,
+        the slot it was installed in, -1 where nothing was installed (hits,
+        duplicates, padding, no LRU slot left this step)."""
+        keys = keys.reshape(-1)
+        n, s = keys.numel(), self.num_slots
+        if n == 0:
+            return keys.clone()
+        none = self.num_keys                 # sorts after every real key
+        kc = keys.clamp_min(0)
+        # Candidates: valid, absent, and mirrored (a page the mirror does not hold
+        # yet cannot be filled; it is read from the KV pages).
+        want = (keys >= 0) & (self.table[kc] < 0) & (mirror.page_row.view(-1)[kc] >= 0)
+        mk = torch.where(want, keys, none)
+        srt, _ = torch.sort(mk)
+        first = srt != torch.roll(srt, 1)
+        first[0] = True
+        first &= srt != none
+        rank = torch.cumsum(first.to(torch.int64), 0) - 1
+        # LRU order: stamp, then slot. Stamps are unique per slot once combined with
+        # the slot id, so topk's order is deterministic.
+        k = min(n, s)
+        order_key = self.stamp[:s] * s + self._slot_ids
+        cand = torch.topk(order_key, k, largest=False, sorted=True).indices
+        ok = self.stamp[cand] < self.clock          # a prefix: stamps ascend
+        r = rank.clamp(0, k - 1)
+        rows = mirror.page_row.view(-1)[srt.clamp(0, self.num_keys - 1)].to(torch.int64)
+        take = first & (rank < k) & ok[r]
+        victim = torch.where(take, cand[r], s)
+        old = self.slot_key[victim]
+        self.table.scatter_(0, torch.where(take & (old >= 0), old, none),
+                            torch.full_like(old, -1))
+        self.table.scatter_(0, torch.where(take, srt, none), victim)
+        self.table[none] = -1
+        self.slot_key.scatter_(0, victim, torch.where(take, srt, -1))
+        self.stamp.scatter_(0, victim, self.clock.expand_as(victim))
+        self.slot_key[s] = -1
+        self.stamp[s] = -1
+        self.counters[C_ADMITTED] += take.sum()
+        self.counters[C_EVICTED] += (take & (old >= 0)).sum()
+        self._copy_pages(mirror, torch.where(take, rows, 0), victim)
+        return torch.where(take, victim, -1)
+
+    def _copy_pages(self, mirror: HostMirror, rows: torch.Tensor,
+                    victim: torch.Tensor) -> None:
+        """``kv[victim[i]] = arena[rows[i] : rows[i] + page_tokens]`` (the scratch
+        slot takes the rows that were not admitted)."""
+        arena = mirror.arena
+        if arena.device != self.kv.device:
+            # A CUDA cache over the pinned host arena: the device must read the
+            # arena itself (zero-copy through UVA, or the copy engine) with the
+            # rows it computed; doing it here would read the rows back to the host.
+            raise NotImplementedError(
+                "ClusterCache: filling a CUDA cache from the pinned arena is part of "
+                "the GPU integration (issue 14)")
+        idx = rows.unsqueeze(1) + torch.arange(self.page_tokens, device=rows.device)
+        self.kv.index_copy_(0, victim, arena[idx.reshape(-1)].view(
+            -1, self.page_tokens, self.kv.shape[-1]))
+
+    # -------------------------------------------------------------- isolation
+    def invalidate_request(self, req: int) -> None:
+        """Drops every entry of request slot ``req`` (finish, abort, preemption),
+        before the slot is reused; its slots become the least recently used."""
+        per_req = self.num_keys // self.key_shape[0]
+        lo, hi = req * per_req, (req + 1) * per_req
+        mine = (self.slot_key >= lo) & (self.slot_key < hi)
+        self.slot_key.masked_fill_(mine, -1)
+        self.stamp.masked_fill_(mine, -1)
+        self.table[lo:hi] = -1
+
+    # ---------------------------------------------------------------- reading
+    def read_pages(self, keys: torch.Tensor, mirror: HostMirror,
+                   slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[N, page_tokens, 2D]``: each key's page from its cache slot where it is
+        cached (``slots`` from :meth:`lookup`, looked up here if None), else from
+        the mirror: what the decode kernels read for a retrieved cluster's pages.
+        Same-device arena only (CPU tests)."""
+        keys = keys.reshape(-1)
+        if slots is None:
+            slots = torch.where(keys >= 0, self.table[keys.clamp_min(0)], -1)
+        rows = mirror.page_row.view(-1)[keys.clamp_min(0)].to(torch.int64)
+        idx = rows.clamp_min(0).unsqueeze(1) + torch.arange(self.page_tokens,
+                                                            device=rows.device)
+        host = mirror.arena[idx.reshape(-1)].view(-1, self.page_tokens, self.kv.shape[-1])
+        cached = self.kv[slots.clamp_min(0)]
+        return torch.where((slots >= 0).view(-1, 1, 1), cached, host)
+
+    def stats(self) -> dict:
+        """Counters read back to the host (for the stats line; synchronises)."""
+        h, m, a, e = (int(x) for x in self.counters.tolist())
+        return {"hits": h, "misses": m, "admitted": a, "evicted": e,
+                "hit_rate": h / (h + m) if h + m else 0.0}
