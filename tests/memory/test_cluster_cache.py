@@ -6,12 +6,27 @@ host mirror of a real paged index (float64)."""
 import math
 import random
 
+import pytest
 import torch
 
 from vllm_retro.config import RetroConfig
 from vllm_retro.index.paged import PagedIndexLayout, SegmentJob, build_segments, plan_segments
 from vllm_retro.memory import HostMirror, MirrorShape
-from vllm_retro.memory.cluster_cache import C_ADMITTED, C_EVICTED, C_HITS, C_MISSES, ClusterCache
+from vllm_retro.memory.cluster_cache import (C_ADMITTED, C_EVICTED, C_HITS, C_MISSES,
+                                             ClusterCache, _triton_interpreting)
+
+IMPLS = pytest.mark.parametrize("impl", ["torch", "triton"])
+
+
+def _use(impl, request):
+    """Runs the page copies through torch ops or the Triton kernel (interpreted on
+    CPU)."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+        request.getfixturevalue("triton_interpreter")
+        if not (torch.cuda.is_available() or _triton_interpreting()):
+            pytest.skip("the page-copy kernel was compiled for a GPU before the "
+                        "interpreter was on")
 
 
 class LRUModel:
@@ -79,7 +94,9 @@ def _check_same(cache, model):
     assert {k: int(table[k]) for k in live} == model.table
 
 
-def test_lru_matches_the_python_model_on_random_traces():
+@IMPLS
+def test_lru_matches_the_python_model_on_random_traces(impl, request):
+    _use(impl, request)
     shape = MirrorShape(max_requests=3, num_layers=2, num_kv_heads=2, head_dim=4,
                         block_size=4, max_blocks=10, dtype=torch.float64)
     m = _synthetic_mirror(shape, seed=0)
@@ -149,10 +166,12 @@ CFG = RetroConfig(segment_size=256, update_interval=64, recent_tokens=32, cluste
                   min_retrieval_tokens=0, kmeans_iters=3)
 
 
-def test_reads_through_the_cache_equal_the_mirror_and_the_paged_cache():
+@IMPLS
+def test_reads_through_the_cache_equal_the_mirror_and_the_paged_cache(impl, request):
     """A real index (float64), mirrored; decode-like steps retrieve random clusters
     of every layer and head through a cache far smaller than the mirror. Every
     cluster read through the cache equals its tokens in the paged cache."""
+    _use(impl, request)
     lay = PagedIndexLayout(2, 16, 16, torch.float64)
     bs, h = 16, 2
     L, nl, req = 900, 2, 1

@@ -37,11 +37,23 @@ request never reads another's pages.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
 
 from .host_mirror import HostMirror
+
+def _triton_interpreting() -> bool:
+    """Triton's CPU interpreter is on and the page-copy kernel was defined for it."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    try:
+        from .triton_page_copy import interpreting
+    except ImportError:
+        return False
+    return interpreting()
+
 
 # Counter tensor columns.
 C_HITS, C_MISSES, C_ADMITTED, C_EVICTED = 0, 1, 2, 3
@@ -168,21 +180,22 @@ class ClusterCache:
         self.stamp[s] = -1
         self.counters[C_ADMITTED] += take.sum()
         self.counters[C_EVICTED] += (take & (old >= 0)).sum()
-        self._copy_pages(mirror, torch.where(take, rows, 0), victim)
+        self._copy_pages(mirror, torch.where(take, rows, 0), victim, take)
         return torch.where(take, victim, -1)
 
-    def _copy_pages(self, mirror: HostMirror, rows: torch.Tensor,
-                    victim: torch.Tensor) -> None:
-        """``kv[victim[i]] = arena[rows[i] : rows[i] + page_tokens]`` (the scratch
-        slot takes the rows that were not admitted)."""
+    def _copy_pages(self, mirror: HostMirror, rows: torch.Tensor, victim: torch.Tensor,
+                    take: torch.Tensor) -> None:
+        """``kv[victim[i]] = arena[rows[i] : rows[i] + page_tokens]`` where ``take``.
+
+        A CUDA cache reads the pinned arena from a Triton kernel (zero-copy: the
+        rows were computed on the device and are never read back); so does a CPU
+        cache while Triton's interpreter is on (tests). Otherwise torch ops, with
+        the scratch slot taking the entries not admitted."""
+        if self.kv.is_cuda or _triton_interpreting():
+            from .triton_page_copy import copy_pages
+            copy_pages(mirror.arena, self.kv, rows, torch.where(take, victim, -1))
+            return
         arena = mirror.arena
-        if arena.device != self.kv.device:
-            # A CUDA cache over the pinned host arena: the device must read the
-            # arena itself (zero-copy through UVA, or the copy engine) with the
-            # rows it computed; doing it here would read the rows back to the host.
-            raise NotImplementedError(
-                "ClusterCache: filling a CUDA cache from the pinned arena is part of "
-                "the GPU integration (issue 14)")
         idx = rows.unsqueeze(1) + torch.arange(self.page_tokens, device=rows.device)
         self.kv.index_copy_(0, victim, arena[idx.reshape(-1)].view(
             -1, self.page_tokens, self.kv.shape[-1]))
