@@ -192,7 +192,7 @@ def test_reads_through_the_cache_equal_the_mirror_and_the_paged_cache(impl, requ
             m.mirror_segment(req, li, kv, lay, blocks, p0, p1)
         caches.append((kv, blocks))
     lb0, lb1 = segs[0][0] // bs, segs[-1][1] // bs
-    cache = ClusterCache.for_mirror(m, 24)                     # of 2 x 2 x 52 pages
+    cache = ClusterCache.for_mirror(m, 24)                     # of 2 x 2 x 53 pages
     rng = random.Random(5)
     for step in range(25):
         cache.next_step()
