@@ -221,3 +221,27 @@ def test_reads_through_the_cache_equal_the_mirror_and_the_paged_cache(impl, requ
     m.free(req)
     cache.invalidate_request(req)
     assert m.bytes_reserved() == 0 and (cache.slot_key == -1).all()
+
+
+def test_admission_without_copy_hands_out_the_slots_and_rows_to_fill():
+    """``copy=False`` (fused admission) installs the same keys in the same slots as
+    an admission with copy and returns the rows; filling them gives the same cache."""
+    shape = MirrorShape(max_requests=2, num_layers=2, num_kv_heads=2, head_dim=4,
+                        block_size=4, max_blocks=6, dtype=torch.float64)
+    m = _synthetic_mirror(shape, seed=6, unmirrored=0.2)
+    a, b = ClusterCache.for_mirror(m, 10), ClusterCache.for_mirror(m, 10)
+    rng = random.Random(7)
+    for _ in range(15):
+        keys = torch.tensor([rng.randrange(48) for _ in range(8)] + [-1])
+        for c in (a, b):
+            c.next_step()
+            c.lookup(keys)
+        sa, ra = a.admit(keys, m)
+        sb, rb = b.admit(keys, m, copy=False)
+        assert torch.equal(sa, sb) and torch.equal(ra, rb)
+        assert torch.equal(a.table, b.table) and torch.equal(a.stamp, b.stamp)
+        for slot, row in zip(sb.tolist(), rb.tolist()):
+            if slot >= 0:
+                b.kv[slot] = m.arena[row: row + 4]
+        assert torch.equal(a.kv[:-1], b.kv[:-1])
+    assert int(a.counters[C_EVICTED]) > 0

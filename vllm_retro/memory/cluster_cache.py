@@ -139,15 +139,22 @@ class ClusterCache:
         return slot
 
     # ------------------------------------------------------------- admission
-    def admit(self, keys: torch.Tensor, mirror: HostMirror) -> torch.Tensor:
+    def admit(self, keys: torch.Tensor, mirror: HostMirror,
+              copy: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """Admits the distinct absent ``keys`` (after the step used them) and copies
-        their pages from the mirror. Returns ``[N]`` int64: per sorted key position,
-        the slot it was installed in, -1 where nothing was installed (hits,
-        duplicates, padding, no LRU slot left this step)."""
+        their pages from the mirror.
+
+        Returns ``(slots, rows)``, ``[N]`` int64 each, per position of the sorted
+        keys: the slot a key was installed in and the arena row of its page, -1
+        where nothing was installed (hits, duplicates, padding, unmirrored pages,
+        no LRU slot left this step). With ``copy=False`` the pages are *not* copied:
+        the caller fills ``kv[slots[i]]`` from ``arena[rows[i]:]`` before any lookup
+        reads them (fused admission: the kernel that reads a missed page from the
+        arena also writes it into its slot, so a miss crosses PCIe once)."""
         keys = keys.reshape(-1)
         n, s = keys.numel(), self.num_slots
         if n == 0:
-            return keys.clone()
+            return keys.clone(), keys.clone()
         none = self.num_keys                 # sorts after every real key
         kc = keys.clamp_min(0)
         # Candidates: valid, absent, and mirrored (a page the mirror does not hold
@@ -180,8 +187,9 @@ class ClusterCache:
         self.stamp[s] = -1
         self.counters[C_ADMITTED] += take.sum()
         self.counters[C_EVICTED] += (take & (old >= 0)).sum()
-        self._copy_pages(mirror, torch.where(take, rows, 0), victim, take)
-        return torch.where(take, victim, -1)
+        if copy:
+            self._copy_pages(mirror, torch.where(take, rows, 0), victim, take)
+        return torch.where(take, victim, -1), torch.where(take, rows, -1)
 
     def _copy_pages(self, mirror: HostMirror, rows: torch.Tensor, victim: torch.Tensor,
                     take: torch.Tensor) -> None:
