@@ -26,8 +26,8 @@ bump pointer, so a request never fragments the arena by itself; segments beyond
 the reservation take a further extent or raise the same error. :meth:`free`
 (finish, abort, preemption) returns every byte.
 
-On CUDA the arena is pinned and the copies are issued ``non_blocking`` on the
-current stream: vLLM's later writes into the released blocks are ordered after
+On CUDA the arena is pinned (registered with the driver at its exact size) and
+the copies are issued ``non_blocking`` on the current stream: vLLM's later writes into the released blocks are ordered after
 them on that stream. On CPU (tests) the arena is a plain tensor.
 """
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -60,6 +61,28 @@ def default_host_budget_bytes(fraction: float = 0.75) -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * fraction)
+
+
+def _pinned_arena(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A page-locked host tensor of exactly this size. Not ``pin_memory=True``:
+    torch's pinned allocator rounds every allocation up to a power of two (a
+    100 GiB budget would pin 128 GiB, more than the H200 host's 125 GiB). Ordinary
+    host memory is registered with the driver instead, portable and mapped, so
+    kernels can also read it through its device (UVA) address."""
+    t = torch.empty(rows, cols, dtype=dtype)
+    flags = 1 | 2                      # cudaHostRegisterPortable | cudaHostRegisterMapped
+    rc = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(),
+                                                  t.numel() * t.element_size(), flags))
+    if rc != 0:
+        raise RuntimeError(f"HostMirror: pinning {t.numel() * t.element_size()} B of host "
+                           f"memory failed (cudaError {rc}); lower host_memory_gib")
+    return t
+
+
+def _unregister(ptr: int) -> None:
+    # Runs before the mirror's arena tensor is released (weakref callbacks run
+    # before the instance's attributes are cleared).
+    torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 class ExtentAllocator:
@@ -185,7 +208,11 @@ class HostMirror:
             raise ValueError(f"HostMirror: {rows} arena rows do not fit the int32 tables")
         if pin is None:
             pin = torch.cuda.is_available()
-        self.arena = torch.empty(rows, shape.row_elems, dtype=shape.dtype, pin_memory=pin)
+        if pin:
+            self.arena = _pinned_arena(rows, shape.row_elems, shape.dtype)
+            weakref.finalize(self, _unregister, self.arena.data_ptr())
+        else:
+            self.arena = torch.empty(rows, shape.row_elems, dtype=shape.dtype)
         self.alloc = ExtentAllocator(rows)
         s = shape
         tshape = (s.max_requests, s.num_layers, s.num_kv_heads, s.max_blocks)
