@@ -146,6 +146,8 @@ def test_mirror_beyond_budget_raises_and_keeps_the_request_freeable():
     m = HostMirror(shape, first * shape.bytes_per_token())
     m.reserve(0, first)
     m.mirror_segment(0, 0, kv, lay, blocks, *segs[0])
+    with pytest.raises(ValueError, match="position order"):
+        m.mirror_segment(0, 0, kv, lay, blocks, *segs[0])  # again: would leak its rows
     with pytest.raises(HostMemoryExceeded):
         m.mirror_segment(0, 0, kv, lay, blocks, *segs[1])
     assert m.free(0) == m.capacity_bytes and m.bytes_reserved() == 0

@@ -36,7 +36,7 @@ from __future__ import annotations
 import bisect
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -183,6 +183,10 @@ class _Request:
     cursor: int                        # next free row in the last extent
     reserved_rows: int
     used_rows: int = 0
+    # Per layer, the end of the last mirrored segment: segments come in position
+    # order, so a repeated or overlapping one (rows that would leak until free) is
+    # refused on the host, without reading the tables back.
+    layer_end: Dict[int, int] = field(default_factory=dict)
 
 
 class HostMirror:
@@ -333,7 +337,16 @@ class HostMirror:
         if (layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype) != \
                 (h, d, bs, s.dtype):
             raise ValueError("HostMirror.mirror_segment: layout does not match the mirror")
+        if not 0 <= layer < s.num_layers:
+            raise ValueError(f"HostMirror.mirror_segment: layer {layer} outside "
+                             f"[0, {s.num_layers})")
+        req = self._requests.get(slot)
+        if req is not None and p0 < req.layer_end.get(layer, 0):
+            raise ValueError(f"HostMirror.mirror_segment: [{p0}, {p1}) of layer {layer} "
+                             f"starts before the end of its mirrored zone "
+                             f"{req.layer_end[layer]} (segments go in position order, once)")
         at = self._place(slot, h * n)
+        self._requests[slot].layer_end[layer] = p1
         _, ipart = layout.views(kv_cache)
         bids = block_ids.long()
         seg_pb = bids[p0 // bs: p1 // bs]                                    # [nb]
