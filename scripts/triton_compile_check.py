@@ -124,9 +124,18 @@ def build_launches() -> None:
         write_clusters_triton(kv, lay, blocks, torch.zeros(m, dtype=torch.int32), order, st, st)
 
 
+def memory_launches() -> None:
+    from vllm_retro.memory.triton_page_copy import copy_pages
+    for dtype in (torch.bfloat16, torch.float32):
+        arena = torch.zeros(64, 256, dtype=dtype)
+        cache = torch.zeros(4, 16, 256, dtype=dtype)
+        copy_pages(arena, cache, torch.tensor([0, 16]), torch.tensor([1, 3]))
+
+
 def main() -> None:
     JITFunction.run = _aot
-    for name, fn in (("decode", decode_launches), ("index build", build_launches)):
+    for name, fn in (("decode", decode_launches), ("index build", build_launches),
+                     ("wave buffer", memory_launches)):
         print(f"{name}:", flush=True)
         try:
             fn()
