@@ -1,13 +1,14 @@
 """Shared fixtures: small models built on disk, and an in-process vLLM engine helper.
 
-Without a GPU the kernel tests (tests/kernels) run the Triton kernels in Triton's
-CPU interpreter. Triton decides at definition time whether a kernel (its own
+Without a GPU the kernel tests (tests/kernels, and the wave buffer's page copy in
+tests/memory) run the Triton kernels in Triton's CPU interpreter. Triton decides at definition time whether a kernel (its own
 library included) is interpreted, so Triton and the kernel module are imported
 here, before any test module, with TRITON_INTERPRET=1; the variable is then unset
 so the rest of the suite (vLLM) sees its usual environment, and the kernel tests
 set it again while they run (Triton also reads it at launches).
 """
 
+import math
 import os
 
 import pytest
@@ -21,6 +22,7 @@ if TRITON_INTERPRETED:
 
         import vllm_retro.kernels.triton_decode  # noqa: F401
         import vllm_retro.kernels.triton_kmeans  # noqa: F401
+        import vllm_retro.memory.triton_page_copy  # noqa: F401
     except ImportError:  # no Triton: the kernel tests skip
         pass
     finally:
@@ -40,6 +42,18 @@ def triton_interpreter(monkeypatch):
     if TRITON_INTERPRETED:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     yield
+
+
+def filled_cache(lay, nb, L, seed):
+    """A paged cache of ``nb`` blocks with ``L`` random tokens in scattered blocks;
+    returns the cache and the request's block ids."""
+    g = torch.Generator().manual_seed(seed)
+    kv = lay.make_cache(nb)
+    blocks = torch.randperm(nb - 1, generator=g)[:math.ceil(L / lay.block_size) + 1] + 1
+    pos = torch.arange(L)
+    kv[blocks[pos // lay.block_size], :, pos % lay.block_size] = \
+        torch.randn(L, lay.num_kv_heads, 2 * lay.head_dim, generator=g, dtype=lay.dtype)
+    return kv, blocks
 
 
 def cpu_cache(layout, kv):

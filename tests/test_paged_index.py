@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import filled_cache  # noqa: E402
 from vllm_retro.config import RetroConfig
 from vllm_retro.index.paged import (HDR_CLUSTERED_END, HDR_N_RETRIEVE, PagedIndexLayout,
                                     SegmentJob, build_segments, budget, check_config_for_paged,
@@ -44,16 +45,6 @@ def test_paged_options_refused_with_reasons():
     assert check_config_for_paged(RetroConfig(), 16) == []
 
 
-def _filled_cache(lay, nb, L, seed):
-    g = torch.Generator().manual_seed(seed)
-    kv = lay.make_cache(nb)
-    blocks = torch.randperm(nb - 1, generator=g)[:math.ceil(L / lay.block_size) + 1] + 1
-    pos = torch.arange(L)
-    kv[blocks[pos // lay.block_size], :, pos % lay.block_size] = \
-        torch.randn(L, lay.num_kv_heads, 2 * lay.head_dim, generator=g, dtype=lay.dtype)
-    return kv, blocks
-
-
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("cluster_size", [16, 32])
 def test_build_segments_writes_a_consistent_index(cluster_size, impl, request):
@@ -68,7 +59,7 @@ def test_build_segments_writes_a_consistent_index(cluster_size, impl, request):
     cfg = CFG.replace(cluster_size=cluster_size)
     lay = PagedIndexLayout(2, 32, 16, torch.float32)
     L = 700
-    kv, blocks = _filled_cache(lay, 80, L, seed=cluster_size)
+    kv, blocks = filled_cache(lay, 80, L, seed=cluster_size)
     segs = plan_segments(0, L, L, cfg, 16)
     for p0, p1 in segs:
         build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], cfg)
@@ -100,7 +91,7 @@ def test_build_segments_writes_a_consistent_index(cluster_size, impl, request):
 def test_full_retrieval_twin_equals_dense_and_budget_reads_less():
     lay = PagedIndexLayout(2, 32, 16, torch.float64)
     L = 900
-    kv, blocks = _filled_cache(lay, 80, L, seed=3)
+    kv, blocks = filled_cache(lay, 80, L, seed=3)
     segs = plan_segments(0, L, L, CFG, 16)
     for p0, p1 in segs:
         build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], CFG)

@@ -2,12 +2,12 @@
 memory (reserve, refuse, free, soak), and the mirror of clustered segments checked
 against a recomputation from the paged cache and its index."""
 
-import math
 import random
 
 import pytest
 import torch
 
+from conftest import filled_cache  # noqa: E402
 from vllm_retro.config import RetroConfig
 from vllm_retro.index.paged import PagedIndexLayout, SegmentJob, build_segments, plan_segments
 from vllm_retro.memory import ExtentAllocator, HostMemoryExceeded, HostMirror, MirrorShape
@@ -71,18 +71,8 @@ def test_admission_refuses_cleanly_and_soak_returns_every_byte():
     assert m.alloc.num_free_extents == 1 and m.alloc.largest_free == m.alloc.capacity
 
 
-def _filled_cache(lay, nb, L, seed):
-    g = torch.Generator().manual_seed(seed)
-    kv = lay.make_cache(nb)
-    blocks = torch.randperm(nb - 1, generator=g)[:math.ceil(L / lay.block_size) + 1] + 1
-    pos = torch.arange(L)
-    kv[blocks[pos // lay.block_size], :, pos % lay.block_size] = \
-        torch.randn(L, lay.num_kv_heads, 2 * lay.head_dim, generator=g, dtype=lay.dtype)
-    return kv, blocks
-
-
 def _indexed(lay, L, seed, nb=80):
-    kv, blocks = _filled_cache(lay, nb, L, seed)
+    kv, blocks = filled_cache(lay, nb, L, seed)
     segs = plan_segments(0, L, L, CFG, lay.block_size)
     for p0, p1 in segs:
         build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], CFG)
