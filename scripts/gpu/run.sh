@@ -8,7 +8,9 @@
 # Stages: kernels (kernel tests on the GPU), kbench (decode attention per layer vs
 # FA3), ibuild (index build of one long prompt, profiled; IBUILD_ARGS), sweep
 # (launch parameters of the decode kernels, SWEEP_ARGS), engine (vLLM
-# engine tests under vLLM's defaults), smollm2 (SmolLM2 through
+# engine tests under vLLM's defaults), wavebuf (the wave buffer's host mirror, cluster
+# cache and vLLM block release tests: pinned memory and zero-copy copies on the GPU,
+# RetroSpec under vLLM 0.26), smollm2 (SmolLM2 through
 # vLLM, retro vs dense; needs the .gpu-carry/ parts of scripts/gpu/prepare_carry.sh,
 # carried one per call like the bundle), throughput (benchmarks/decode_throughput.py,
 # THROUGHPUT_ARGS passed through).
@@ -73,6 +75,8 @@ for s in $STAGES; do
     sweep) python3 benchmarks/decode_kernel_sweep.py ${SWEEP_ARGS:-} \
               --out "$OUT/decode_kernel_sweep_h200.json" 2>&1 | tee "$OUT/sweep.log" | tail -40 ;;
     engine) python3 -m pytest -q -x tests/gpu/test_engine_gpu.py 2>&1 | tee "$OUT/engine.log" | tail -25 ;;
+    wavebuf) python3 -m pytest -q tests/memory tests/test_kv_spec.py 2>&1 \
+              | tee "$OUT/wavebuf.log" | tail -25 ;;
     smollm2)
       parts=$(ls /opt/retro-carry/part-smollm2-* 2>/dev/null | wc -l)
       if [ "$parts" -lt 2 ]; then echo "smollm2: $parts of 2 GGUF parts carried"; rc=3; continue; fi
