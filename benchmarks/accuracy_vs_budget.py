@@ -587,6 +587,14 @@ TEXT_VARIANTS: Dict[str, tuple] = {
     "wave_kv07": ({"kmeans_value_weight": 0.7}, "wave, kmeans_value_weight 0.7"),
     "wave_kv07_vcap1": ({"kmeans_value_weight": 0.7, "variance_cap": 1.0},
                         "wave, kmeans_value_weight 0.7, variance_cap 1"),
+    "wave_shared_vcap1": ({"shared_head_budget": True, "variance_cap": 1.0},
+                          "wave, shared_head_budget, variance_cap 1"),
+    "wave_shared_kv07": ({"shared_head_budget": True, "kmeans_value_weight": 0.7},
+                         "wave, shared_head_budget, kmeans_value_weight 0.7"),
+    "wave_shared_kv07_vcap1": ({"shared_head_budget": True, "kmeans_value_weight": 0.7,
+                                "variance_cap": 1.0},
+                               "wave, shared_head_budget, kmeans_value_weight 0.7, "
+                               "variance_cap 1"),
 }
 # The one-sided accuracy bound (``bound_margin``), run beside the library's bounded
 # mode at every eps: margin (nats) and cap of the exact set.
