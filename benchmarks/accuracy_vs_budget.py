@@ -595,12 +595,22 @@ TEXT_VARIANTS: Dict[str, tuple] = {
                                 "variance_cap": 1.0},
                                "wave, shared_head_budget, kmeans_value_weight 0.7, "
                                "variance_cap 1"),
+    "wave_vc": ({"value_correction": True}, "wave, value_correction (rank-1)"),
+    "wave_vc_vcap1": ({"value_correction": True, "variance_cap": 1.0},
+                      "wave, value_correction, variance_cap 1"),
+    "wave_kv07_vcap1_vc": ({"kmeans_value_weight": 0.7, "variance_cap": 1.0,
+                            "value_correction": True},
+                           "wave, kmeans_value_weight 0.7, variance_cap 1, value_correction"),
+    "wave_shared_kv07_vcap1_vc": ({"shared_head_budget": True, "kmeans_value_weight": 0.7,
+                                   "variance_cap": 1.0, "value_correction": True},
+                                  "wave, shared_head_budget, kmeans_value_weight 0.7, "
+                                  "variance_cap 1, value_correction"),
 }
 # The one-sided accuracy bound (``bound_margin``), run beside the library's bounded
 # mode at every eps: margin (nats) and cap of the exact set.
 ONE_SIDED = dict(bound_margin=0.5, max_retrieval_fraction=0.5)
 INDEX_FIELDS = ("cluster_size", "recent_tokens", "sink_tokens", "segment_size",
-                "kmeans_iters", "kmeans_value_weight")
+                "kmeans_iters", "kmeans_value_weight", "value_correction")
 
 
 def _variant_cfg(changes: dict, rf: float) -> RetroConfig:

@@ -115,6 +115,7 @@ def estimated_attention(query: torch.Tensor, centroids: torch.Tensor,
                         sizes: torch.Tensor, value_sums: torch.Tensor, scale: float,
                         key_vars: Optional[torch.Tensor] = None,
                         cap: float = VARIANCE_CORRECTION_CAP,
+                        value_corr: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention mass and output of clusters estimated from their summaries.
 
@@ -125,6 +126,9 @@ def estimated_attention(query: torch.Tensor, centroids: torch.Tensor,
     Args:
         query: ``[H, G, D]``; centroids, value_sums, key_vars: ``[H, C, D]``;
         sizes ``[H, C]``.
+        value_corr: ``(sigma u, w)``, each ``[H, C, D]``
+            (:func:`vllm_retro.kmeans.kv_cross_rank1`): each cluster's value becomes
+            ``mean v + scale (q . sigma u) w`` (``RetroConfig.value_correction``).
 
     Returns:
         out ``[H, G, D]`` and lse ``[H, G]`` as :func:`partial_attention`.
@@ -133,7 +137,17 @@ def estimated_attention(query: torch.Tensor, centroids: torch.Tensor,
     sizes_f = sizes.to(cdt)
     logits = cluster_log_mass(query, centroids, sizes, key_vars, scale, cap)
     means = value_sums.to(cdt) / sizes_f.clamp_min(1).unsqueeze(-1)
-    return _softmax_out(logits, means)
+    if value_corr is None:
+        return _softmax_out(logits, means)
+    # First-order change of the softmax-weighted mean value with the query:
+    # mean v + s X^T q, X ~ (sigma u) w^T (RetroConfig.value_correction).
+    su, w = value_corr
+    coef = torch.einsum("hgd,hcd->hgc", query.to(cdt), su.to(cdt)) * scale
+    vals = means.unsqueeze(1) + coef.unsqueeze(-1) * w.to(cdt).unsqueeze(1)  # [H,G,C,D]
+    lse = torch.logsumexp(logits, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(logits - safe.unsqueeze(-1))
+    return torch.einsum("hgt,hgtd->hgd", probs, vals), lse
 
 
 def _softmax_out(logits: torch.Tensor, values: torch.Tensor

@@ -80,6 +80,13 @@ class RetroConfig:
             spread read more and concentrated heads fewer. Same clusters read in
             total; each head reads a prefix of its own ranking. The GPU kernels do
             not implement it yet.
+        value_correction: opt-in (False: off): each cluster also stores the leading
+            singular pair of its key-value cross-covariance ``(1/n) sum_i (k_i - c)
+            (v_i - mean v)^T ~ sigma u w^T`` (2*D more floats per cluster), and an
+            estimated cluster stands for ``mean v + s (q . sigma u) w`` instead of its
+            mean value: the first-order change of the softmax-weighted mean value
+            with the query. Reference only: ``ops.decode_attention`` runs the torch
+            reference with it, the GPU path refuses it.
         dense_below: context length below which the vLLM backend decodes densely
             (0: only the index's own short-sequence fallback applies).
         host_memory_gib: host memory the vLLM backend's indexes of one worker may
@@ -113,6 +120,7 @@ class RetroConfig:
     bound_margin: Optional[float] = None
     variance_cap: float = 2.0
     shared_head_budget: bool = False
+    value_correction: bool = False
     dense_below: int = 0
     host_memory_gib: Optional[float] = None
     log_stats_interval_s: float = 10.0
@@ -159,6 +167,9 @@ class RetroConfig:
         if self.shared_head_budget and self.error_bound is not None:
             raise ValueError("RetroConfig.shared_head_budget applies to the fixed-fraction "
                              "mode; error_bound already sizes the exact set per KV head")
+        if not isinstance(self.value_correction, bool):
+            raise ValueError("RetroConfig.value_correction must be a bool, got "
+                             f"{self.value_correction!r}")
         _check_int("dense_below", self.dense_below, 0, 1 << 24)
         if self.host_memory_gib is not None:
             _check_float("host_memory_gib", self.host_memory_gib, 0.0, 1 << 20, lo_open=True)

@@ -6,7 +6,7 @@ Plain torch, deterministic. ``spherical_kmeans`` returns cluster assignments;
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -128,3 +128,37 @@ def cluster_layout(keys: torch.Tensor, values: torch.Tensor, assign: torch.Tenso
     dev = kc - torch.gather(centroids, 1, assign.unsqueeze(-1).expand(-1, -1, d))
     key_vars = segment_sums(dev * dev, assign, n_clusters) / n
     return ClusterLayout(order, sizes, starts, centroids, value_sums, key_vars)
+
+
+def kv_cross_rank1(keys: torch.Tensor, values: torch.Tensor, assign: torch.Tensor,
+                   centroids: torch.Tensor, value_sums: torch.Tensor, sizes: torch.Tensor,
+                   chunk: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Leading singular pair of each cluster's key-value cross-covariance
+    ``X = (1/n) sum_i (k_i - c)(v_i - mean v)^T ~ sigma u w^T`` (``RetroConfig.
+    value_correction``).
+
+    Args:
+        keys, values: ``[H, n, D]``; assign ``[H, n]``; centroids, value_sums
+            ``[H, C, D]`` and sizes ``[H, C]`` from :func:`cluster_layout`.
+
+    Returns:
+        ``(sigma * u, w)``, both ``[H, C, D]`` in the compute dtype (zero for
+        clusters of fewer than two tokens). Sums of outer products are accumulated
+        over ``chunk`` tokens at a time.
+    """
+    h, n, d = keys.shape
+    c = centroids.shape[1]
+    cdt = centroids.dtype
+    nn = sizes.clamp_min(1).unsqueeze(-1).to(cdt)
+    ix = assign.unsqueeze(-1).expand(-1, -1, d)
+    dk = keys.to(cdt) - torch.gather(centroids, 1, ix)
+    dv = values.to(cdt) - torch.gather(value_sums / nn, 1, ix)
+    cross = torch.zeros(h, c, d * d, dtype=cdt, device=keys.device)
+    for a in range(0, n, chunk):
+        outer = torch.einsum("hnd,hne->hnde", dk[:, a:a + chunk], dv[:, a:a + chunk])
+        cross.scatter_add_(1, assign[:, a:a + chunk].unsqueeze(-1).expand(-1, -1, d * d),
+                           outer.reshape(h, -1, d * d))
+    cross = cross.reshape(h, c, d, d) / nn.unsqueeze(-1)
+    u, sv, vh = torch.linalg.svd(cross)
+    keep = (sizes >= 2).to(cdt).unsqueeze(-1)
+    return u[..., :, 0] * sv[..., :1] * keep, vh[..., 0, :] * keep

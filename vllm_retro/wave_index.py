@@ -24,7 +24,7 @@ from .attention import (cluster_log_mass, compute_dtype, default_scale,
                         estimated_attention, group_query, merge_partials,
                         partial_attention)
 from .config import RetroConfig
-from .kmeans import cluster_layout, spherical_kmeans
+from .kmeans import cluster_layout, kv_cross_rank1, spherical_kmeans
 
 
 @dataclass
@@ -74,6 +74,10 @@ class WaveIndex:
         self.centroids = empty(h, 0, d, dt=cdt)
         self.value_sums = empty(h, 0, d, dt=cdt)
         self.key_vars = empty(h, 0, d, dt=cdt)          # per-channel key variance
+        # value_correction: sigma*u and w of each cluster's key-value cross-covariance
+        # (kept empty, [H, 0, D], when the option is off).
+        self.kv_u = empty(h, 0, d, dt=cdt)
+        self.kv_w = empty(h, 0, d, dt=cdt)
         self.sizes = empty(h, 0, dt=torch.int64)
         self.starts = empty(h, 0, dt=torch.int64)      # offsets into ``keys``
         self.num_segments = 0
@@ -122,7 +126,8 @@ class WaveIndex:
         """Bytes held by this index's tensors (tail counted at capacity)."""
         ts = (self.sink_keys, self.sink_values, self._tail_keys, self._tail_values,
               self.keys, self.values, self.positions, self.centroids,
-              self.value_sums, self.key_vars, self.sizes, self.starts)
+              self.value_sums, self.key_vars, self.kv_u, self.kv_w, self.sizes,
+              self.starts)
         return sum(t.numel() * t.element_size() for t in ts)
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -213,6 +218,10 @@ class WaveIndex:
         self.centroids = torch.cat([self.centroids, lay.centroids], dim=1)
         self.value_sums = torch.cat([self.value_sums, lay.value_sums], dim=1)
         self.key_vars = torch.cat([self.key_vars, lay.key_vars], dim=1)
+        if self.config.value_correction:
+            ku, kw = kv_cross_rank1(k, v, assign, lay.centroids, lay.value_sums, lay.sizes)
+            self.kv_u = torch.cat([self.kv_u, ku], dim=1)
+            self.kv_w = torch.cat([self.kv_w, kw], dim=1)
         self.sizes = torch.cat([self.sizes, lay.sizes], dim=1)
         self.starts = torch.cat([self.starts, lay.starts + base], dim=1)
         self.num_segments += 1
@@ -277,7 +286,8 @@ class WaveIndex:
         out_e, lse_e = estimated_attention(
             q, torch.gather(self.centroids, 1, gi), est_sizes,
             torch.gather(self.value_sums, 1, gi), scale,
-            key_vars=torch.gather(self.key_vars, 1, gi), cap=self.config.variance_cap)
+            key_vars=torch.gather(self.key_vars, 1, gi), cap=self.config.variance_cap,
+            value_corr=self._value_corr(gi))
         out, _ = merge_partials([out_s, out_r, out_e], [lse_s, lse_r, lse_e])
 
         total = float(self.seq_len)
@@ -288,6 +298,16 @@ class WaveIndex:
             clusters_retrieved=retrieved_mask.sum(dim=1).double().mean().item(),
             clusters_total=c)
         return out.reshape(query.shape[0], -1)
+
+    def _value_corr(self, gi: torch.Tensor):
+        """``(sigma u, w)`` of the clusters gathered by ``gi`` when
+        ``value_correction`` is on (None otherwise)."""
+        if not self.config.value_correction:
+            return None
+        if self.kv_u.shape[1] != self.num_clusters:
+            raise ValueError("value_correction was turned on after clusters were built "
+                             "without it: build the index with the option set")
+        return torch.gather(self.kv_u, 1, gi), torch.gather(self.kv_w, 1, gi)
 
     def cluster_log_mass(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """``[H, G, C]`` estimated log softmax mass of every cluster for the grouped

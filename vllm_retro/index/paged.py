@@ -160,6 +160,10 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
                        "GPU decode kernels yet")
     if config.shared_head_budget:
         reasons.append("shared_head_budget is not implemented by the GPU decode kernels yet")
+    if config.value_correction:
+        reasons.append("value_correction (rank-1 key-value correction of estimated "
+                       "clusters) is not implemented by the GPU index build or decode "
+                       "kernels")
     if config.kmeans_value_weight != 0.0:
         reasons.append(f"kmeans_value_weight {config.kmeans_value_weight}: the GPU index "
                        "build clusters keys only")
