@@ -605,6 +605,16 @@ TEXT_VARIANTS: Dict[str, tuple] = {
                                    "variance_cap": 1.0, "value_correction": True},
                                   "wave, shared_head_budget, kmeans_value_weight 0.7, "
                                   "variance_cap 1, value_correction"),
+    "wave_shared_vc_vcap1": ({"shared_head_budget": True, "variance_cap": 1.0,
+                              "value_correction": True},
+                             "wave, shared_head_budget, variance_cap 1, value_correction"),
+    "wave_kv05_vcap1_vc": ({"kmeans_value_weight": 0.5, "variance_cap": 1.0,
+                            "value_correction": True},
+                           "wave, kmeans_value_weight 0.5, variance_cap 1, value_correction"),
+    "wave_shared_kv05_vcap1_vc": ({"shared_head_budget": True, "kmeans_value_weight": 0.5,
+                                   "variance_cap": 1.0, "value_correction": True},
+                                  "wave, shared_head_budget, kmeans_value_weight 0.5, "
+                                  "variance_cap 1, value_correction"),
 }
 # The one-sided accuracy bound (``bound_margin``), run beside the library's bounded
 # mode at every eps: margin (nats) and cap of the exact set.
