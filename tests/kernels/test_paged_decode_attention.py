@@ -127,7 +127,7 @@ class Scene:
 
 
 def run_both(scene: Scene, q: torch.Tensor, scale: float, out_dtype=torch.float32,
-             ws=None, td=None):
+             ws=None, td=None, variance_cap=2.0):
     """(Triton output, twin output, twin stats, workspace) for the scene's rows."""
     td = td or _td()
     bt, sl = scene.tensors()
@@ -137,10 +137,11 @@ def run_both(scene: Scene, q: torch.Tensor, scale: float, out_dtype=torch.float3
     ws.stats.zero_()
     out = torch.full((b, H * G, D), float("nan"), dtype=out_dtype, device=DEV)
     td.paged_decode_attention_triton(q.to(DEV), scene.kv, scene.lay, bt, sl, scene.headers,
-                                     scene.S, scale, out, ws, count_stats=True)
+                                     scene.S, scale, out, ws, count_stats=True,
+                                     variance_cap=variance_cap)
     ref, st = reference.paged_decode_attention(q.cpu(), scene.cpu_cache(), scene.lay,
                                                bt.cpu(), sl.cpu(), scene.headers.cpu(),
-                                               scene.S, scale)
+                                               scene.S, scale, variance_cap)
     return out.cpu(), ref, st, ws
 
 
@@ -208,6 +209,22 @@ def test_ragged_batch_matches_twin():
     for r in (0, 3):
         for kh in range(H):
             assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
+
+
+def test_variance_cap_reaches_the_score_stage():
+    """``RetroConfig.variance_cap`` (issue 16) is a launch parameter: with the
+    first-order log-mass (cap 0) the kernels equal the twin with cap 0, whose
+    output differs from the default cap's."""
+    torch.manual_seed(5)
+    sc = Scene(120)
+    sc.add(900, n_ret=3, n_est=20)
+    q = torch.randn(1, H * G, D) * 2.0     # a larger variance term
+    out, ref, st, ws = run_both(sc, q, 0.2, variance_cap=0.0)
+    assert _rel(out, ref) < 2e-3, _rel(out, ref)
+    assert ws.stats.tolist() == expected_stats(sc, st)
+    ref2, _ = reference.paged_decode_attention(q, sc.cpu_cache(), sc.lay, *[
+        t.cpu() for t in sc.tensors()], sc.headers.cpu(), sc.S, 0.2)
+    assert _rel(ref2, ref) > 1e-2, _rel(ref2, ref)   # well above the kernel tolerance
 
 
 @pytest.mark.parametrize("split,attend_split", [(2, 4), (4, 2)])

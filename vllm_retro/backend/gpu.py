@@ -201,7 +201,8 @@ class RetroImpl(_DenseImpl):
                 mgr.sink_end, self.scale,
                 out=output[:nd].view(nd, self.num_heads, self.head_size),
                 workspace=mgr.workspace,
-                count_stats=layer.layer_name == mgr.first_layer)
+                count_stats=layer.layer_name == mgr.first_layer,
+                variance_cap=mgr.config.variance_cap)
         if md.prefill is not None:
             t0, t1 = md.num_decode_tokens, md.num_actual_tokens
             super().forward(layer, query[t0:t1], key[t0:t1], value[t0:t1], kv_cache,

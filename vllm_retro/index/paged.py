@@ -41,7 +41,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..attention import VARIANCE_CORRECTION_CAP
 from ..config import RetroConfig
 
 # Header table columns (int32), one row per request, at the request's first block.
@@ -172,9 +171,6 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
                        "graphs with retro's kernels, which cannot switch rows to the dense "
                        "kernel per step (rows without an index are attended exactly by "
                        "retro's kernels)")
-    if config.variance_cap != VARIANCE_CORRECTION_CAP:
-        reasons.append(f"variance_cap {config.variance_cap}: the GPU decode kernels use the "
-                       f"default cap {VARIANCE_CORRECTION_CAP} only")
     return reasons
 
 

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from . import reference
+from ..attention import VARIANCE_CORRECTION_CAP
 from ..index.paged import PagedIndexLayout
 
 try:
@@ -59,7 +60,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            layout: PagedIndexLayout, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, headers: torch.Tensor, sink_end: int,
                            scale: float, out: Optional[torch.Tensor] = None,
-                           workspace=None, count_stats: bool = False) -> torch.Tensor:
+                           workspace=None, count_stats: bool = False,
+                           variance_cap: float = VARIANCE_CORRECTION_CAP) -> torch.Tensor:
     """Tripartite decode attention of ``B`` rows over the paged wave index.
 
     Args:
@@ -73,6 +75,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             must not do: pass a persistent one there).
         count_stats: add the call's statistics to ``workspace.stats`` (rows with an
             index, rows without, tokens read exactly, estimated, in context).
+        variance_cap: cap of the clusters' variance term (``RetroConfig.variance_cap``).
     Returns ``out``.
     """
     b, hq, d = query.shape
@@ -85,9 +88,10 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                                         query.device)
         return paged_decode_attention_triton(query, kv_cache, layout, block_table, seq_lens,
                                              headers, sink_end, scale, out, workspace,
-                                             count_stats)
+                                             count_stats, variance_cap)
     o, st = reference.paged_decode_attention(query[:b], kv_cache, layout, block_table[:b],
-                                             seq_lens[:b], headers, sink_end, scale)
+                                             seq_lens[:b], headers, sink_end, scale,
+                                             variance_cap)
     out.copy_(o)
     if count_stats and workspace is not None:
         lens = seq_lens[:b].cpu()

@@ -36,19 +36,22 @@ def _cdt(dtype: torch.dtype) -> torch.dtype:
 
 
 def cluster_log_mass(q: torch.Tensor, cent: torch.Tensor, kvar: torch.Tensor,
-                     sizes: torch.Tensor, scale: float) -> torch.Tensor:
-    """``[G, C]`` log-mass of clusters (see module doc) for ``q [G, D]``."""
+                     sizes: torch.Tensor, scale: float,
+                     cap: float = VARIANCE_CORRECTION_CAP) -> torch.Tensor:
+    """``[G, C]`` log-mass of clusters (see module doc) for ``q [G, D]``; ``cap``
+    bounds the variance term (``RetroConfig.variance_cap``)."""
     cdt = q.dtype
     lg = (q @ cent.to(cdt).T) * scale
     lg = lg + torch.log(sizes.to(cdt)).unsqueeze(0)
     corr = ((q * q) @ kvar.to(cdt).T) * (0.5 * scale * scale)
-    return lg + corr.clamp(max=VARIANCE_CORRECTION_CAP)
+    return lg + corr.clamp(max=cap)
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            layout: PagedIndexLayout, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, headers: torch.Tensor,
-                           sink_end: int, scale: float
+                           sink_end: int, scale: float,
+                           variance_cap: float = VARIANCE_CORRECTION_CAP
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`vllm_retro.kernels.paged_decode_attention`.
 
@@ -56,6 +59,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         query: ``[B, Hq, D]``. kv_cache: vLLM's ``(NB, H, bs, 2D)`` view over padded
             pages. block_table: ``[B, max_blocks]`` int. seq_lens: ``[B]`` int.
             headers: ``[NB, HDR_WORDS]`` int32. sink_end: first clustered token.
+            variance_cap: cap of the clusters' variance term.
     """
     b, hq, d = query.shape
     h, bs = layout.num_kv_heads, layout.block_size
@@ -91,7 +95,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                 f = fpart[pbs, kh].to(cdt)                                   # [C, 3, D]
                 iw = ipart[pbs, kh].long()                                   # [C, bs+2]
                 sizes = iw[:, bs]
-                lg = cluster_log_mass(q, f[:, F_CENTROID], f[:, F_KEY_VAR], sizes, scale)
+                lg = cluster_log_mass(q, f[:, F_CENTROID], f[:, F_KEY_VAR], sizes, scale,
+                                      variance_cap)
                 score = torch.softmax(lg, dim=-1).nan_to_num(0.0).sum(dim=0)
                 order = torch.argsort(score, descending=True, stable=True)
                 c = len(pbs)

@@ -919,7 +919,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
                                   seq_lens: torch.Tensor, headers: torch.Tensor,
                                   sink_end: int, scale: float, out: torch.Tensor,
                                   workspace: DecodeWorkspace,
-                                  count_stats: bool = False) -> torch.Tensor:
+                                  count_stats: bool = False,
+                                  variance_cap: float = VARIANCE_CORRECTION_CAP) -> torch.Tensor:
     """Tripartite decode attention of ``B`` ragged rows (semantics: the twin
     :func:`vllm_retro.kernels.reference.paged_decode_attention`); CUDA-graph safe.
 
@@ -931,6 +932,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         out: ``[B, Hq, D]`` in any float dtype, every element written.
         workspace: scratch for at least ``B`` rows and ``NB`` blocks of this shape.
         count_stats: add this call's statistics to ``workspace.stats``.
+        variance_cap: cap of the clusters' variance term (a compile-time constant of
+            the score kernel: one variant per value).
     Returns ``out``.
     """
     b, hq, d = query.shape
@@ -964,14 +967,14 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             and cuda_score_available()):
         torch.ops.vllm_retro.paged_score(
             query, fpart, ipart, block_table, seq_lens, headers, ws.logits, ws.score_max,
-            ws.score_sum, ws.hist, ws.ncand, sb, ns, scale, float(VARIANCE_CORRECTION_CAP))
+            ws.score_sum, ws.hist, ws.ncand, sb, ns, scale, float(variance_cap))
     else:
         _score_kernel[grid](
             query, *query.stride(), fpart, *fpart.stride(), ipart, ipart.stride(0),
             ipart.stride(1), *common, ws.logits, ws.score_max, ws.score_sum, ws.hist,
             ws.ncand, scale, sb, ns,
             H=h, G=g, GP=gp, D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
-            CAP=float(VARIANCE_CORRECTION_CAP), NATIVE=native, PREC=prec,
+            CAP=float(variance_cap), NATIVE=native, PREC=prec,
             **({"PDL": True} if pdl else {}), **_tune("score", b))
     _key_kernel[grid](
         ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, ns,
