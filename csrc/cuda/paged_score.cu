@@ -77,28 +77,33 @@ __device__ __forceinline__ void unpack<float>(const int4& raw, float* x) {
   x[3] = __int_as_float(raw.w);
 }
 
-template <>
-__device__ __forceinline__ void unpack<__half>(const int4& raw, float* x) {
-  __half2 h[4];
+// 16-bit element pairs to float2, one overload per pair type.
+__device__ __forceinline__ float2 to_float2(const __half2& v) { return __half22float2(v); }
+__device__ __forceinline__ float2 to_float2(const __nv_bfloat162& v) {
+  return __bfloat1622float2(v);
+}
+
+// The 16-bit unpack: 8 elements as 4 pairs of T2 (__half2 or __nv_bfloat162).
+template <typename T2>
+__device__ __forceinline__ void unpack_pairs(const int4& raw, float* x) {
+  T2 h[4];
   memcpy(h, &raw, sizeof(h));
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
+    const float2 f = to_float2(h[i]);
     x[2 * i] = f.x;
     x[2 * i + 1] = f.y;
   }
 }
 
 template <>
+__device__ __forceinline__ void unpack<__half>(const int4& raw, float* x) {
+  unpack_pairs<__half2>(raw, x);
+}
+
+template <>
 __device__ __forceinline__ void unpack<__nv_bfloat16>(const int4& raw, float* x) {
-  __nv_bfloat162 h[4];
-  memcpy(h, &raw, sizeof(h));
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    x[2 * i] = f.x;
-    x[2 * i + 1] = f.y;
-  }
+  unpack_pairs<__nv_bfloat162>(raw, x);
 }
 
 // One element of a tensor of dtype code `dtype` as float (the query: read once).
