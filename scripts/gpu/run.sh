@@ -10,7 +10,8 @@
 # (launch parameters of the decode kernels, SWEEP_ARGS), engine (vLLM
 # engine tests under vLLM's defaults), wavebuf (the wave buffer's host mirror, cluster
 # cache and vLLM block release tests: pinned memory and zero-copy copies on the GPU,
-# RetroSpec under vLLM 0.26), smollm2 (SmolLM2 through
+# RetroSpec under vLLM 0.26), pagecopy (misses of the cluster cache over PCIe:
+# zero-copy Triton reads vs host gather + copy engine; PAGECOPY_ARGS), smollm2 (SmolLM2 through
 # vLLM, retro vs dense; needs the .gpu-carry/ parts of scripts/gpu/prepare_carry.sh,
 # carried one per call like the bundle), throughput (benchmarks/decode_throughput.py,
 # THROUGHPUT_ARGS passed through).
@@ -77,6 +78,8 @@ for s in $STAGES; do
     engine) python3 -m pytest -q -x tests/gpu/test_engine_gpu.py 2>&1 | tee "$OUT/engine.log" | tail -25 ;;
     wavebuf) python3 -m pytest -q tests/memory tests/test_kv_spec.py 2>&1 \
               | tee "$OUT/wavebuf.log" | tail -25 ;;
+    pagecopy) python3 benchmarks/page_copy_bench.py ${PAGECOPY_ARGS:-} \
+              --out "$OUT/page_copy_h200.json" 2>&1 | tee "$OUT/pagecopy.log" | tail -10 ;;
     smollm2)
       parts=$(ls /opt/retro-carry/part-smollm2-* 2>/dev/null | wc -l)
       if [ "$parts" -lt 2 ]; then echo "smollm2: $parts of 2 GGUF parts carried"; rc=3; continue; fi
