@@ -567,54 +567,46 @@ TEXT_EPS = (0.2, 0.1, 0.05, 0.02, 0.01)
 RETROINFER = dict(retrieval_fraction=0.018, estimation_fraction=0.232)
 GOAL = dict(read=0.03, median=0.02, p90=0.05, bound_share=0.99)
 
+def _combo(**changes) -> tuple:
+    """(changes, label) of a variant whose label just lists its changes."""
+    return changes, "wave, " + ", ".join(k if v is True else f"{k} {v:g}"
+                                         for k, v in changes.items())
+
+
 # name -> (config changes over BASE_CONFIG, label). Index-shaping changes
 # (cluster_size, recent_tokens, sink_tokens) get an index of their own.
 TEXT_VARIANTS: Dict[str, tuple] = {
     "wave": ({}, "wave index (library ranking, estimation 0.232)"),
     "wave_est_all": ({"estimation_fraction": None},
                      "wave, every non-retrieved cluster estimated"),
-    "wave_ef10": ({"estimation_fraction": 0.1}, "wave, estimation_fraction 0.1"),
+    "wave_ef10": _combo(estimation_fraction=0.1),
     "wave_shared": ({"shared_head_budget": True},
                     "wave, shared_head_budget (clusters shared by the KV heads)"),
-    "wave_cs8": ({"cluster_size": 8}, "wave, cluster_size 8"),
+    "wave_cs8": _combo(cluster_size=8),
     "wave_recent32": ({"recent_tokens": 32}, "wave, recent window 32"),
     "wave_recent128": ({"recent_tokens": 128}, "wave, recent window 128"),
     "wave_sinks64": ({"sink_tokens": 64}, "wave, 64 sink tokens"),
     "wave_vcap1": ({"variance_cap": 1.0}, "wave, variance_cap 1 (ranking and estimation)"),
-    "wave_vcap1_ef10": ({"variance_cap": 1.0, "estimation_fraction": 0.1},
-                        "wave, variance_cap 1, estimation_fraction 0.1"),
-    "wave_kv05": ({"kmeans_value_weight": 0.5}, "wave, kmeans_value_weight 0.5"),
-    "wave_kv07": ({"kmeans_value_weight": 0.7}, "wave, kmeans_value_weight 0.7"),
-    "wave_kv07_vcap1": ({"kmeans_value_weight": 0.7, "variance_cap": 1.0},
-                        "wave, kmeans_value_weight 0.7, variance_cap 1"),
-    "wave_shared_vcap1": ({"shared_head_budget": True, "variance_cap": 1.0},
-                          "wave, shared_head_budget, variance_cap 1"),
-    "wave_shared_kv07": ({"shared_head_budget": True, "kmeans_value_weight": 0.7},
-                         "wave, shared_head_budget, kmeans_value_weight 0.7"),
-    "wave_shared_kv07_vcap1": ({"shared_head_budget": True, "kmeans_value_weight": 0.7,
-                                "variance_cap": 1.0},
-                               "wave, shared_head_budget, kmeans_value_weight 0.7, "
-                               "variance_cap 1"),
+    "wave_vcap1_ef10": _combo(variance_cap=1.0, estimation_fraction=0.1),
+    "wave_kv05": _combo(kmeans_value_weight=0.5),
+    "wave_kv07": _combo(kmeans_value_weight=0.7),
+    "wave_kv07_vcap1": _combo(kmeans_value_weight=0.7, variance_cap=1.0),
+    "wave_shared_vcap1": _combo(shared_head_budget=True, variance_cap=1.0),
+    "wave_shared_kv07": _combo(shared_head_budget=True, kmeans_value_weight=0.7),
+    "wave_shared_kv07_vcap1": _combo(shared_head_budget=True, kmeans_value_weight=0.7,
+                                     variance_cap=1.0),
     "wave_vc": ({"value_correction": True}, "wave, value_correction (rank-1)"),
-    "wave_vc_vcap1": ({"value_correction": True, "variance_cap": 1.0},
-                      "wave, value_correction, variance_cap 1"),
-    "wave_kv07_vcap1_vc": ({"kmeans_value_weight": 0.7, "variance_cap": 1.0,
-                            "value_correction": True},
-                           "wave, kmeans_value_weight 0.7, variance_cap 1, value_correction"),
-    "wave_shared_kv07_vcap1_vc": ({"shared_head_budget": True, "kmeans_value_weight": 0.7,
-                                   "variance_cap": 1.0, "value_correction": True},
-                                  "wave, shared_head_budget, kmeans_value_weight 0.7, "
-                                  "variance_cap 1, value_correction"),
-    "wave_shared_vc_vcap1": ({"shared_head_budget": True, "variance_cap": 1.0,
-                              "value_correction": True},
-                             "wave, shared_head_budget, variance_cap 1, value_correction"),
-    "wave_kv05_vcap1_vc": ({"kmeans_value_weight": 0.5, "variance_cap": 1.0,
-                            "value_correction": True},
-                           "wave, kmeans_value_weight 0.5, variance_cap 1, value_correction"),
-    "wave_shared_kv05_vcap1_vc": ({"shared_head_budget": True, "kmeans_value_weight": 0.5,
-                                   "variance_cap": 1.0, "value_correction": True},
-                                  "wave, shared_head_budget, kmeans_value_weight 0.5, "
-                                  "variance_cap 1, value_correction"),
+    "wave_vc_vcap1": _combo(value_correction=True, variance_cap=1.0),
+    "wave_kv07_vcap1_vc": _combo(kmeans_value_weight=0.7, variance_cap=1.0,
+                                 value_correction=True),
+    "wave_shared_kv07_vcap1_vc": _combo(shared_head_budget=True, kmeans_value_weight=0.7,
+                                        variance_cap=1.0, value_correction=True),
+    "wave_shared_vc_vcap1": _combo(shared_head_budget=True, variance_cap=1.0,
+                                   value_correction=True),
+    "wave_kv05_vcap1_vc": _combo(kmeans_value_weight=0.5, variance_cap=1.0,
+                                 value_correction=True),
+    "wave_shared_kv05_vcap1_vc": _combo(shared_head_budget=True, kmeans_value_weight=0.5,
+                                        variance_cap=1.0, value_correction=True),
 }
 # The one-sided accuracy bound (``bound_margin``), run beside the library's bounded
 # mode at every eps: margin (nats) and cap of the exact set.
