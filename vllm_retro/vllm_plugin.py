@@ -132,9 +132,10 @@ def check_engine_config(vllm_config) -> None:
     if retro_config_from_vllm(vllm_config).wave_buffer:
         from .backend.kv_spec import wave_buffer_reasons
         from .backend.refusals import refuse
-        refuse(wave_buffer_reasons(
-            cpu_platform=compat.is_cpu_platform(),
-            enable_prefix_caching=bool(getattr(cc, "enable_prefix_caching", False))))
+        # Prefix caching was turned off just above; RetroManager refuses it if a
+        # per-kind backend choice bypassed this check.
+        refuse(wave_buffer_reasons(cpu_platform=compat.is_cpu_platform(),
+                                   enable_prefix_caching=False))
     _install_connector(vllm_config, log)
     if not compat.is_cpu_platform():
         _check_gpu_engine_config(vllm_config)
