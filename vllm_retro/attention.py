@@ -144,18 +144,18 @@ def estimated_attention(query: torch.Tensor, centroids: torch.Tensor,
     su, w = value_corr
     coef = torch.einsum("hgd,hcd->hgc", query.to(cdt), su.to(cdt)) * scale
     vals = means.unsqueeze(1) + coef.unsqueeze(-1) * w.to(cdt).unsqueeze(1)  # [H,G,C,D]
-    lse = torch.logsumexp(logits, dim=-1)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    probs = torch.exp(logits - safe.unsqueeze(-1))
-    return torch.einsum("hgt,hgtd->hgd", probs, vals), lse
+    return _softmax_out(logits, vals)
 
 
 def _softmax_out(logits: torch.Tensor, values: torch.Tensor
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of ``logits [H, G, T]`` over values ``[H, T, D]`` (shared by the
+    group's query heads) or ``[H, G, T, D]`` (one set per query head)."""
     lse = torch.logsumexp(logits, dim=-1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.exp(logits - safe.unsqueeze(-1))
-    return torch.einsum("hgt,htd->hgd", probs, values), lse
+    pattern = "hgt,htd->hgd" if values.dim() == 3 else "hgt,hgtd->hgd"
+    return torch.einsum(pattern, probs, values), lse
 
 
 def merge_partials(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
