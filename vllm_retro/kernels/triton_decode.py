@@ -495,15 +495,16 @@ def _kth_step(thr, key, jv, sh):
 
 
 @triton.jit
-def _kth2(k1, v1, rem1, k2, v2, rem2):
+def _kth2(k1, v1, rem1, k2, v2, rem2, pre1, pre2, nib0):
     """The ``rem``-th largest (1-based) of the keys (>= 0) where ``v``, for two key
     sets at once: the largest t with #{key >= t} >= rem, built 4 bits at a time (a
     short loop instead of a sort: one program runs it, so code size and latency
-    matter). Garbage for rem <= 0."""
-    t1 = rem1 * 0
-    t2 = t1
+    matter) from nibble ``nib0`` down, starting at ``pre`` (bits every key of the
+    set shares above that nibble; 0 and 0 for a full search). Garbage for rem <= 0."""
+    t1 = pre1
+    t2 = pre2
     j16 = tl.arange(0, 16)
-    for nib in range(0, 8):
+    for nib in range(nib0, 8):
         sh = 28 - 4 * nib
         c1 = _kth_step(t1, k1, v1, sh)
         c2 = _kth_step(t2, k2, v2, sh)
@@ -513,13 +514,13 @@ def _kth2(k1, v1, rem1, k2, v2, rem2):
 
 
 @triton.jit
-def _kth_chunks(cand_ptr, word0, bt_row, SB, h, n, rem, H: tl.constexpr,
+def _kth_chunks(cand_ptr, word0, bt_row, SB, h, n, rem, pre, nib0, H: tl.constexpr,
                 PK: tl.constexpr, CB: tl.constexpr):
     """:func:`_kth2` for one list of ``n > CB`` candidates read in chunks (buckets
     this large only come from nearly flat score distributions)."""
-    thr = rem * 0
+    thr = pre
     j16 = tl.arange(0, 16)
-    for nib in range(0, 8):
+    for nib in range(nib0, 8):
         sh = 28 - 4 * nib
         cnt = tl.zeros([16], tl.int32)
         for j0 in range(0, n, CB):
@@ -611,17 +612,27 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
         w2 = tl.where(share, 0, 2 * PK)
         rem1 = k1 - above1
         rem2 = k2 - above2
+        # Keys of an interior histogram bin share every bit above the digit's
+        # (23 - SUB low mantissa bits): the search starts below them (5 nibbles
+        # instead of 8 with SUB = 5). The edge bins also hold clamped keys: full search.
+        lo_bin = ((mean_bits >> 23) - WIN // 2) << SUB
+        in1 = ((b1 > 0) & (b1 < NB - 1)) | (use1 == 0)
+        in2 = ((b2 > 0) & (b2 < NB - 1)) | (use2 == 0)
+        fast = in1 & in2
+        pre1 = tl.where(fast & use1, (b1 + lo_bin) << (23 - SUB), 0)
+        pre2 = tl.where(fast & use2, (b2 + lo_bin) << (23 - SUB), 0)
+        nib0 = tl.where(fast, (28 - (22 - SUB) // 4 * 4) // 4, 0)
         if (c1 <= CB) & (c2 <= CB):
             # The usual case: buckets of a few dozen to a few hundred keys, in registers.
             jb = tl.arange(0, CB)
             x1, i1 = _cand_load(cand_ptr, 0, bt_row, SB, h, jb, jb < c1, H, PK)
             x2, i2 = _cand_load(cand_ptr, w2, bt_row, SB, h, jb, jb < c2, H, PK)
-            t1, t2 = _kth2(x1, jb < c1, rem1, x2, jb < c2, rem2)
+            t1, t2 = _kth2(x1, jb < c1, rem1, x2, jb < c2, rem2, pre1, pre2, nib0)
             g1 = tl.sum(((jb < c1) & (x1 > t1)).to(tl.int32), 0)
             g2 = tl.sum(((jb < c2) & (x2 > t2)).to(tl.int32), 0)
         else:
-            t1 = _kth_chunks(cand_ptr, 0, bt_row, SB, h, c1, rem1, H, PK, CB)
-            t2 = _kth_chunks(cand_ptr, w2, bt_row, SB, h, c2, rem2, H, PK, CB)
+            t1 = _kth_chunks(cand_ptr, 0, bt_row, SB, h, c1, rem1, pre1, nib0, H, PK, CB)
+            t2 = _kth_chunks(cand_ptr, w2, bt_row, SB, h, c2, rem2, pre2, nib0, H, PK, CB)
             g1, e1 = _count_chunks(cand_ptr, 0, bt_row, SB, h, c1, t1, C, H, PK, CB)
             g2, e2 = _count_chunks(cand_ptr, w2, bt_row, SB, h, c2, t2, C, H, PK, CB)
         # Keys equal to a threshold inside the top k: rem minus the candidates above.
