@@ -426,7 +426,7 @@ def test_cuda_score_matches_triton(monkeypatch, head_dim, group, dtype):
         fpart, ipart = sc.lay.views(sc.kv)
         torch.ops.vllm_retro.paged_score(q, fpart, ipart, bt[:b], sl[:b], sc.headers,
                                          wc.logits, wc.score_max, wc.score_sum, wc.hist,
-                                         wc.ncand, sb, ns, scale,
+                                         wc.ncand, sb, BS, ns, scale,
                                          float(VARIANCE_CORRECTION_CAP))
         assert (wc.hist[:rows] == 0).all() and (wc.ncand[:rows] == 0).all()
         assert (wc.hist[rows:] == 7).all() and (wc.ncand[rows:] == 7).all()
