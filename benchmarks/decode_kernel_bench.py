@@ -9,8 +9,8 @@ default options), then timed:
   a CUDA graph (how vLLM runs pure-decode steps);
 * FA3: vLLM's ``flash_attn_varlen_func`` over the same paged cache (dense);
 * the bytes floor: the bytes retro's default budget must read (cluster summaries,
-  exact tokens' K/V and permutation entries, estimated clusters' mean values)
-  over the measured copy bandwidth.
+  exact tokens' K/V, estimated clusters' mean values) over the measured copy
+  bandwidth.
 
 Correctness first: with every cluster retrieved, retro's output is compared with
 FA3's (bf16 tolerance), and the default-budget output is compared with the torch
@@ -198,10 +198,11 @@ def bench_case(ctx: int, batch: int, cfg: RetroConfig, bw: float,
     fa = time_ms(lambda: fa3(q, kv, bt, sl, scale, out_fa)) if has_fa3() else float("nan")
     kernels = per_kernel_us(run_retro)
     # Bytes retro must read: all cluster summaries (centroid + variance + size),
-    # exact tokens' K/V + permutation entry, estimated clusters' mean values.
+    # exact tokens' K/V (retrieved clusters are contiguous positions: no permutation
+    # entries), estimated clusters' mean values.
     c_entries = (hdr[bt[:, 0].long(), 0].double() - S).clamp_min(0).sum().item() / BS
     summ = c_entries * H * (2 * D * 2 + 4)
-    exact = st[2] * (2 * D * 2 + 4)
+    exact = st[2] * (2 * D * 2)
     est_b = (st[3] / cfg.cluster_size) * D * 2
     floor_us = (summ + exact + est_b) / (bw * 1e12) * 1e6
     dense_bytes = batch * (ctx + 1) * H * 2 * D * 2

@@ -25,7 +25,7 @@ TORCH_LIBRARY(vllm_retro, m) {
       "paged_score(Tensor query, Tensor fpart, Tensor ipart, Tensor block_table, "
       "Tensor seq_lens, Tensor headers, Tensor(a!) logits, Tensor(b!) score_max, "
       "Tensor(c!) score_sum, Tensor(d!) hist, Tensor(e!) ncand, int sink_blocks, "
-      "int nsplit, float scale, float cap) -> ()");
+      "int block_size, int nsplit, float scale, float cap) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vllm_retro, CPU, m) {

@@ -68,7 +68,7 @@ at::Tensor retro_decode_attention_meta(
 //   fpart        [NB, H, 3, D]    cache dtype (float32 / float16 / bfloat16): centroid,
 //                                 key variance, mean value (PagedIndexLayout.views);
 //                                 rows contiguous and 16-byte aligned
-//   ipart        [NB, H, bs + 2]  int32: permutation, size (word bs), start
+//   ipart        [NB, H, 2]       int32: size (word 0), start (word 1)
 //   block_table  [>=B, max_blocks] int32 / int64;  seq_lens [>=B] int32 / int64
 //   headers      [NB, HDR_WORDS]  int32 (word 0: clustered_end)
 //   logits       [>=NB, H, G]     float32, written at the blocks of the rows' entries:
@@ -79,11 +79,13 @@ at::Tensor retro_decode_attention_meta(
 //                                 of exp(log-mass - max) over its entries (-inf / 0 for
 //                                 none; -inf / 0 for g >= G)
 //   hist [>=B*H, NBINS], ncand [>=B*H, 2] int32: rows 0..B*H zeroed
+//   block_size: tokens per KV block (bs)
 //   head dims 32/64/128/256, G <= 16; scale: logit scale; cap: VARIANCE_CORRECTION_CAP
 void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at::Tensor& ipart,
                       const at::Tensor& block_table, const at::Tensor& seq_lens,
                       const at::Tensor& headers, at::Tensor& logits, at::Tensor& score_max,
                       at::Tensor& score_sum, at::Tensor& hist, at::Tensor& ncand,
-                      int64_t sink_blocks, int64_t nsplit, double scale, double cap);
+                      int64_t sink_blocks, int64_t block_size, int64_t nsplit,
+                      double scale, double cap);
 
 }  // namespace vllm_retro

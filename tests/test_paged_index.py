@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import filled_cache  # noqa: E402
+from conftest import cpu_cache, filled_cache  # noqa: E402
 from vllm_retro.config import RetroConfig
-from vllm_retro.index.paged import (HDR_CLUSTERED_END, HDR_N_RETRIEVE, PagedIndexLayout,
-                                    SegmentJob, build_segments, budget, check_config_for_paged,
+from vllm_retro.index.paged import (HDR_CLUSTERED_END, HDR_N_RETRIEVE, I_SIZE, I_START,
+                                    PagedIndexLayout, SegmentJob, _kmeans_torch,
+                                    build_segments, budget, check_config_for_paged,
                                     plan_segments, sink_end)
 from vllm_retro.kernels.reference import dense_paged_attention, paged_decode_attention
 
@@ -49,7 +50,10 @@ def test_paged_options_refused_with_reasons():
 @pytest.mark.parametrize("cluster_size", [16, 32])
 def test_build_segments_writes_a_consistent_index(cluster_size, impl, request):
     """Both build paths (torch ops on CPU; the Triton kernels, in the interpreter
-    here) write a permutation and float64-exact cluster statistics."""
+    here) reorder each segment's K/V per head into cluster order (a permutation of
+    the original rows, each cluster contiguous at its start, its members the tokens
+    the k-means assigned to it) and write float64-exact cluster statistics; nothing
+    outside the segments moves."""
     if impl == "triton":
         pytest.importorskip("triton")
         request.getfixturevalue("triton_interpreter")
@@ -60,38 +64,60 @@ def test_build_segments_writes_a_consistent_index(cluster_size, impl, request):
     lay = PagedIndexLayout(2, 32, 16, torch.float32)
     L = 700
     kv, blocks = filled_cache(lay, 80, L, seed=cluster_size)
-    segs = plan_segments(0, L, L, cfg, 16)
-    for p0, p1 in segs:
-        build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], cfg)
-    fpart, ipart = lay.views(kv)
+    before = cpu_cache(lay, kv)
     bs = 16
+    pos = torch.arange(L)
+    orig = before[blocks[pos // bs], :, pos % bs]                            # [L, H, 2D]
+    segs = plan_segments(0, L, L, cfg, 16)
+    assigns = {}
+    for p0, p1 in segs:
+        # The k-means assignment the build computes (deterministic), for the check.
+        k = orig[p0:p1, :, :32].permute(1, 0, 2).float()
+        assigns[p0] = _kmeans_torch(k, math.ceil((p1 - p0) / cluster_size), cfg.kmeans_iters)
+        build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], cfg)
+    after = kv[blocks[pos // bs], :, pos % bs]                               # [L, H, 2D]
+    fpart, ipart = lay.views(kv)
+    s, e = segs[0][0], segs[-1][1]
+    assert torch.equal(after[:s], orig[:s]) and torch.equal(after[e:], orig[e:])
+    moved = False
     for p0, p1 in segs:
         n = p1 - p0
         c = math.ceil(n / cluster_size)
         seg_blocks = blocks[p0 // bs:p1 // bs]
         for h in range(2):
-            perm = ipart[blocks[torch.arange(p0, p1) // bs], h,
-                         torch.arange(p0, p1) % bs].long()
-            assert sorted(perm.tolist()) == list(range(p0, p1))   # a permutation
-            sizes = ipart[seg_blocks, h, bs].long()
-            starts = ipart[seg_blocks, h, bs + 1].long()
+            rows, want = after[p0:p1, h], orig[p0:p1, h]
+            # A permutation of the original rows (random rows: all distinct).
+            match = (rows[:, None, :] == want[None, :, :]).all(-1)           # [n, n]
+            assert (match.sum(1) == 1).all() and (match.sum(0) == 1).all()
+            src = match.int().argmax(1)                  # position p0 + i held token src[i]
+            moved |= not torch.equal(src, torch.arange(n))
+            sizes = ipart[seg_blocks, h, I_SIZE].long()
+            starts = ipart[seg_blocks, h, I_START].long()
             assert int(sizes.sum()) == n and (sizes[c:] == 0).all()
+            a = assigns[p0][h]
+            assert torch.equal(sizes[:c], torch.bincount(a, minlength=c))
             for j in range(c):
                 if sizes[j] == 0:
                     continue
-                toks = perm[starts[j] - p0: starts[j] - p0 + sizes[j]]
-                kvt = kv[blocks[toks // bs], h, toks % bs].double()
+                i0 = int(starts[j]) - p0
+                members = src[i0:i0 + sizes[j]]
+                assert (a[members] == j).all()    # the tokens the k-means put there
+                kvt = rows[i0:i0 + sizes[j]].double()
                 k, v = kvt[:, :32], kvt[:, 32:]
                 f = fpart[seg_blocks[j], h].double()
                 assert torch.allclose(f[0], k.mean(0), atol=1e-5)
                 assert torch.allclose(f[1], k.var(0, unbiased=False), atol=1e-5)
                 assert torch.allclose(f[2], v.mean(0), atol=1e-5)
+    assert moved
 
 
 def test_full_retrieval_twin_equals_dense_and_budget_reads_less():
+    """With every cluster retrieved, the twin over the reordered cache equals float64
+    full attention over the ORIGINAL K/V (attention is order-invariant per head)."""
     lay = PagedIndexLayout(2, 32, 16, torch.float64)
     L = 900
     kv, blocks = filled_cache(lay, 80, L, seed=3)
+    before = cpu_cache(lay, kv)
     segs = plan_segments(0, L, L, CFG, 16)
     for p0, p1 in segs:
         build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], CFG)
@@ -104,13 +130,65 @@ def test_full_retrieval_twin_equals_dense_and_budget_reads_less():
     headers[blocks[0], HDR_CLUSTERED_END] = e
     headers[blocks[0], HDR_N_RETRIEVE] = c
     out, st = paged_decode_attention(q, kv, lay, bt, sl, headers, s, 0.2)
-    ref = dense_paged_attention(q, kv, lay, bt, sl, 0.2)
+    ref = dense_paged_attention(q, before, lay, bt, sl, 0.2)
+    assert not torch.equal(kv, before)            # the build did move K/V
     assert (out - ref).norm() / ref.norm() < 1e-10
     assert st[0, 0] == 2 * L
     n_ret, n_est = budget(c, e - s, CFG)
     headers[blocks[0], 1:3] = torch.tensor([n_ret, n_est], dtype=torch.int32)
     out, st = paged_decode_attention(q, kv, lay, bt, sl, headers, s, 0.2)
     assert st[0, 0] < 2 * L and st[0, 1] > 0 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_dense_attention_unchanged_by_the_build(impl, request):
+    """The property vLLM's own (dense) kernels rely on: after the build reordered the
+    segments' K/V, full attention of any query that sees the whole segment zone
+    (every later decode token) is unchanged, to fp tolerance, for every row sharing
+    the cache; the reorder is per head (heads differ), and the sinks and tail stay
+    in place."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+        request.getfixturevalue("triton_interpreter")
+        from vllm_retro.kernels import uses_triton
+        if not uses_triton(torch.zeros(1)):
+            pytest.skip("Triton kernels were compiled for a GPU before the interpreter was on")
+    lay = PagedIndexLayout(2, 32, 16, torch.float32)
+    g = torch.Generator().manual_seed(21)
+    kv = lay.make_cache(150)
+    lens = [900, 620]
+    free = (torch.randperm(149, generator=g) + 1).tolist()
+    rows = []
+    for L in lens:
+        nblk = math.ceil(L / 16)
+        blocks = torch.tensor([free.pop() for _ in range(nblk)])
+        pos = torch.arange(L)
+        kv[blocks[pos // 16], :, pos % 16] = torch.randn(L, 2, 64, generator=g)
+        rows.append(blocks)
+    before = cpu_cache(lay, kv)
+    for blocks, L in zip(rows, lens):
+        for p0, p1 in plan_segments(0, L, L, CFG, 16):
+            build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], CFG)
+    bt = torch.zeros(2, 64, dtype=torch.int32)
+    for r, blocks in enumerate(rows):
+        bt[r, :len(blocks)] = blocks.int()
+    q = torch.randn(2, 8, 32, generator=g)
+    sl = torch.tensor(lens)
+    want = dense_paged_attention(q, before, lay, bt, sl, 0.2)
+    got = dense_paged_attention(q, kv, lay, bt, sl, 0.2)
+    assert ((got - want).norm() / want.norm()).item() < 1e-6
+    # Not vacuous: the positions moved, differently per head.
+    r0 = rows[0]
+    pos = torch.arange(lens[0])
+    a, b = before[r0[pos // 16], :, pos % 16], kv[r0[pos // 16], :, pos % 16]
+    assert not torch.equal(a[:, 0], b[:, 0]) and not torch.equal(a[:, 1], b[:, 1])
+    s = sink_end(CFG, 16)
+    assert torch.equal(a[:s], b[:s])
+    # A query that sees only part of a segment would NOT be invariant (why the
+    # build waits for the whole prompt and stays out of the recent window).
+    part = torch.tensor([s + 100, lens[1]])
+    assert (dense_paged_attention(q, kv, lay, bt, part, 0.2)
+            - dense_paged_attention(q, before, lay, bt, part, 0.2))[0].abs().max() > 1e-3
 
 
 def _sched(new=(), cached=(), finished=(), preempted=(), resumed=()):

@@ -219,8 +219,9 @@ __global__ void __launch_bounds__(kWarps * 32)
         raw[u][w] = valid[u] ? __ldg(reinterpret_cast<const int4*>(
                                    rows + blk[u] * v.fp_s0 + int64_t(w) * kHalf * kVec))
                              : make_int4(0, 0, 0, 0);
-      size[u] = valid[u] && owner ? __ldg(v.ip + blk[u] * v.ip_s0 + int64_t(h) * v.ip_s1 + v.BS)
-                                  : 0;
+      size[u] = valid[u] && owner
+                    ? __ldg(v.ip + blk[u] * v.ip_s0 + int64_t(h) * v.ip_s1 + kIntSize)
+                    : 0;
     }
     // The next round's block numbers, before this round's summaries are used.
     int64_t blk_n[kUnroll];

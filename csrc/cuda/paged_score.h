@@ -19,6 +19,11 @@ enum PagedScoreDtype : int32_t {
   kScoreBFloat16 = 2,
 };
 
+// Words of the index's int part per (block, head) (vllm_retro/index/paged.py I_SIZE,
+// I_START): the cluster's size, the position of its first token.
+constexpr int kIntSize = 0;
+constexpr int kIntStart = 1;
+
 // Returned by paged_score_launch for a shape/dtype it was not compiled for.
 constexpr int kPagedScoreUnsupported = -1;
 
@@ -37,8 +42,8 @@ struct PagedScoreView {
   const void* fp;
   int64_t fp_s0, fp_s1, fp_s2;
   int32_t fp_dtype;
-  // Int part of the index, [NB, H, BS + 2] int32; word BS of (block, head) is the
-  // cluster's size.
+  // Int part of the index, [NB, H, 2] int32; word kIntSize of (block, head) is the
+  // cluster's size (word 1: its first token position).
   const int32_t* ip;
   int64_t ip_s0, ip_s1;
   // block_table [>=B, max_blocks] (int32 or int64, unit stride along dim 1).

@@ -48,7 +48,8 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
                       const at::Tensor& block_table, const at::Tensor& seq_lens,
                       const at::Tensor& headers, at::Tensor& logits, at::Tensor& score_max,
                       at::Tensor& score_sum, at::Tensor& hist, at::Tensor& ncand,
-                      int64_t sink_blocks, int64_t nsplit, double scale, double cap) {
+                      int64_t sink_blocks, int64_t block_size, int64_t nsplit,
+                      double scale, double cap) {
   const at::Device dev = query.device();
   TORCH_CHECK(dev.is_cuda(), "paged_score: CUDA tensors expected");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
@@ -58,13 +59,14 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
   TORCH_CHECK(query.dim() == 3, "paged_score: query must be [B, Hq, D]");
   TORCH_CHECK(fpart.dim() == 4 && fpart.size(2) == 3, "paged_score: fpart must be [NB, H, 3, D]");
   TORCH_CHECK(ipart.dim() == 3 && ipart.scalar_type() == at::kInt && ipart.stride(2) == 1,
-              "paged_score: ipart must be [NB, H, bs + 2] int32");
+              "paged_score: ipart must be [NB, H, 2] int32 (size, start)");
   const int64_t B = query.size(0), H = fpart.size(1), D = fpart.size(3);
   TORCH_CHECK(query.size(2) == D && H > 0 && query.size(1) % H == 0,
               "paged_score: query [B, H*G, D] does not match fpart [NB, H, 3, D]");
   const int64_t G = query.size(1) / H;
-  const int64_t BS = ipart.size(2) - 2;
-  TORCH_CHECK(ipart.size(1) == H && BS > 0, "paged_score: ipart does not match fpart");
+  const int64_t BS = block_size;
+  TORCH_CHECK(ipart.size(1) == H && ipart.size(2) == 2 && BS > 0 && BS <= (1 << 20),
+              "paged_score: ipart does not match fpart, or bad block_size");
   const int32_t fdt = dtype_code(fpart, "fpart");
   TORCH_CHECK(paged_score_supported(fdt, static_cast<int32_t>(D), static_cast<int32_t>(G)),
               "paged_score: not compiled for head dim ", D, " and ", G,

@@ -14,9 +14,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 from vllm_retro.config import RetroConfig  # noqa: E402
-from vllm_retro.index.paged import (HDR_WORDS, PagedIndexLayout, SegmentJob,  # noqa: E402
-                                    budget, build_segments, header_row, make_headers,
-                                    plan_segments, sink_end)
+from vllm_retro.index.paged import (HDR_WORDS, I_SIZE, I_START,  # noqa: E402
+                                    PagedIndexLayout, SegmentJob, budget, build_segments,
+                                    header_row, make_headers, plan_segments, sink_end)
 from conftest import cpu_cache  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402
 
@@ -62,6 +62,7 @@ class Scene:
         self.free = (torch.randperm(num_blocks - 1) + 1).tolist()
         self.max_blocks = max_blocks
         self.rows = []          # (seq_len, block row [max_blocks] int32)
+        self.orig = []          # each row's K/V as written, before any index build
         self.S = sink_end(CFG, BS)
 
     def _blocks(self, n: int) -> torch.Tensor:
@@ -70,17 +71,18 @@ class Scene:
         return row
 
     def add(self, L: int, index: str = "build", n_ret=None, n_est=None, cent=None):
-        """A row of ``L`` tokens; ``index``: "build" (plan/build_segments), "craft"
-        (one cluster per block, identity permutation, given centroids, zero
-        variance) or "none". Returns the row's clustered_end."""
+        """A row of ``L`` tokens; ``index``: "build" (plan/build_segments: reorders
+        the K/V), "craft" (one cluster per block, its tokens in place, given
+        centroids, zero variance) or "none". Returns the row's clustered_end."""
         row = self._blocks(math.ceil(L / BS) + 2 if L else 0)
         self.rows.append((L, row))
+        kv_row = torch.randn(L, H, 2 * self.D).to(self.kv.dtype)
+        self.orig.append(kv_row)
         if L == 0:
             return 0
         blocks = row.long().to(DEV)
         pos = torch.arange(L, device=DEV)
-        self.kv[blocks[pos // BS], :, pos % BS] = torch.randn(L, H, 2 * self.D).to(
-            DEV, self.kv.dtype)
+        self.kv[blocks[pos // BS], :, pos % BS] = kv_row.to(DEV)
         E = 0
         if index == "build":
             segs = plan_segments(0, L, L, CFG, BS)
@@ -108,10 +110,8 @@ class Scene:
         S = self.S
         lb = torch.arange(S // BS, E // BS, device=DEV)
         pb = blocks[lb]
-        pos = torch.arange(S, E, device=DEV)
-        ipart[blocks[pos // BS], :, pos % BS] = pos.int()[:, None].expand(-1, H)
-        ipart[pb, :, BS] = BS
-        ipart[pb, :, BS + 1] = (lb * BS).int()[:, None].expand(-1, H)
+        ipart[pb, :, I_SIZE] = BS
+        ipart[pb, :, I_START] = (lb * BS).int()[:, None].expand(-1, H)
         v = self.kv[pb][..., self.D:].float()                             # [C, H, BS, D]
         fpart[pb, :, 0] = cent.to(DEV, fpart.dtype)                        # [C, H, D]
         fpart[pb, :, 1] = 0
@@ -143,6 +143,22 @@ def run_both(scene: Scene, q: torch.Tensor, scale: float, out_dtype=torch.float3
                                                bt.cpu(), sl.cpu(), scene.headers.cpu(),
                                                scene.S, scale, variance_cap)
     return out.cpu(), ref, st, ws
+
+
+def dense_original(scene: Scene, q: torch.Tensor, scale: float) -> torch.Tensor:
+    """Float64 full attention of each row over the K/V it was given (before any
+    index build reordered them)."""
+    b = len(scene.rows)
+    out = torch.zeros(b, H * G, scene.D, dtype=torch.float64)
+    for r, kv in enumerate(scene.orig):
+        if len(kv) == 0:
+            continue
+        kv = kv.double()
+        for kh in range(H):
+            qh = q[r, kh * G:(kh + 1) * G].double()
+            p = torch.softmax((qh @ kv[:, kh, :scene.D].T) * scale, dim=-1)
+            out[r, kh * G:(kh + 1) * G] = p @ kv[:, kh, scene.D:]
+    return out
 
 
 def expected_stats(scene: Scene, st: torch.Tensor) -> list:
@@ -179,14 +195,14 @@ def twin_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float)
     pbs = bt[scene.S // BS:hdr[0] // BS]
     f = fpart[pbs, kh].float()
     lg = reference.cluster_log_mass(q[r, kh * G:(kh + 1) * G].float(), f[:, 0], f[:, 1],
-                                    ipart[pbs, kh, BS].long(), scale)
+                                    ipart[pbs, kh, I_SIZE].long(), scale)
     order = torch.argsort(torch.softmax(lg, -1).nan_to_num(0.0).sum(0), descending=True,
                           stable=True).tolist()
     c = len(pbs)
     nr = min(c, hdr[1])
     ne = min(c - nr, hdr[2])
     iw = ipart[pbs, kh]
-    ret = sorted((int(iw[i, BS + 1]), int(iw[i, BS])) for i in order[:nr])
+    ret = sorted((int(iw[i, I_START]), int(iw[i, I_SIZE])) for i in order[:nr])
     return ret, sorted(order[nr:nr + ne])
 
 
@@ -259,6 +275,9 @@ def test_bf16_cache_and_output():
 
 
 def test_all_clusters_retrieved_is_dense():
+    """Every cluster retrieved: kernel and twin over the reordered cache equal
+    float64 full attention over the ORIGINAL K/V (order invariance), as does dense
+    attention over the reordered cache (what vLLM's own kernels compute)."""
     torch.manual_seed(3)
     sc = Scene(140)
     E = sc.add(1000, n_ret=10**6, n_est=0)
@@ -266,10 +285,50 @@ def test_all_clusters_retrieved_is_dense():
     q = torch.randn(1, H * G, D)
     out, ref, st, ws = run_both(sc, q, 0.2)
     bt, sl = sc.tensors()
-    dense = reference.dense_paged_attention(q, sc.cpu_cache(), sc.lay, bt.cpu(), sl.cpu(), 0.2)
+    dense = dense_original(sc, q, 0.2)
+    L = 1000
+    pos = torch.arange(L)
+    now = sc.cpu_cache()[bt[0].long().cpu()[pos // BS], :, pos % BS]
+    assert not torch.equal(now, sc.orig[0])          # the build moved K/V
     assert _rel(ref, dense) < 1e-5
     assert _rel(out, dense) < 1e-5
+    dense_now = reference.dense_paged_attention(q, sc.cpu_cache(), sc.lay, bt.cpu(),
+                                                sl.cpu(), 0.2)
+    assert _rel(dense_now, dense) < 1e-5
     assert ws.stats[2] == 1000 * H and ws.stats[3] == 0
+
+
+def test_retrieved_positions_are_bounds_checked():
+    """Starts come from index bytes: a cluster whose start lies outside the row's
+    clustered zone (corrupt or stale bytes) reads only the part of it inside
+    ``[sink_end, clustered_end)``, never another row's or the steady zone's tokens
+    twice; kernel and twin (which keeps only the in-zone positions) agree."""
+    torch.manual_seed(8)
+    sc = Scene(200)
+    cent = torch.randn(60, H, D)
+    E0 = sc.add(sc.S + 60 * BS + 40, index="craft", n_ret=6, n_est=0, cent=cent)
+    sc.add(500, index="none")
+    bt, _ = sc.tensors()
+    _, ipart = sc.lay.views(sc.kv)
+    b0 = bt[0].long().to(DEV)
+    lb = sc.S // BS
+    # Make three clusters stand out, then point them outside the zone: before the
+    # sinks' end, across the zone's end, and far beyond the context.
+    fpart, _ = sc.lay.views(sc.kv)
+    q = torch.randn(2, H * G, D)
+    for j, start in ((0, sc.S - 8), (1, E0 - 8), (2, 10**6)):
+        blk = b0[lb + j]
+        fpart[blk, :, 0] = (q[0].view(H, G, D).mean(1) * 3).to(DEV, fpart.dtype)
+        ipart[blk, :, I_START] = start
+    out, ref, st, ws = run_both(sc, q, 0.2)
+    assert not torch.isnan(out).any()
+    assert _rel(out, ref) < 2e-3, _rel(out, ref)
+    assert ws.stats.tolist() == expected_stats(sc, st)
+    for kh in range(H):
+        ret, _ = selection(sc, ws, 0, kh)
+        assert {(sc.S - 8, BS), (E0 - 8, BS), (10**6, BS)} <= set(ret)   # they were read
+        assert (ret, _) == twin_selection(sc, q, 0, kh, 0.2)
+
 
 
 @pytest.mark.parametrize("chunk", [0, 64])
@@ -426,7 +485,7 @@ def test_cuda_score_matches_triton(monkeypatch, head_dim, group, dtype):
         fpart, ipart = sc.lay.views(sc.kv)
         torch.ops.vllm_retro.paged_score(q, fpart, ipart, bt[:b], sl[:b], sc.headers,
                                          wc.logits, wc.score_max, wc.score_sum, wc.hist,
-                                         wc.ncand, sb, ns, scale,
+                                         wc.ncand, sb, BS, ns, scale,
                                          float(VARIANCE_CORRECTION_CAP))
         assert (wc.hist[:rows] == 0).all() and (wc.ncand[:rows] == 0).all()
         assert (wc.hist[rows:] == 7).all() and (wc.ncand[rows:] == 7).all()

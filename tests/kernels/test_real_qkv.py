@@ -11,7 +11,8 @@ indexes it, and the 6 queries decode as one batch of ragged rows over it
   can swap clusters whose scores tie to ~1e-4); in the CPU interpreter one layer
   and two rows, on a GPU all;
 * the twin with every cluster retrieved against float64 full attention over the
-  same (cache-dtype) K/V: 1e-5;
+  captured (cache-dtype) K/V in their original order (the build reordered the
+  cache's per head; attention is order-invariant): 1e-5;
 * the default budget against float64 full attention: median relative error at
   most 10% at under half the tokens read (a broken index or selection is far
   worse: sinks and recent window alone err by ~50% here).
@@ -92,7 +93,9 @@ def _scene(k, v, qpos, dtype):
         for js in groups.values():
             build_segments(kv, lay, js, CFG)
     fpart, ipart = lay.views(kv)
-    for r in range(1, b):     # the same index (positions are logical) in each copy
+    for r in range(1, b):
+        # The same cluster-ordered K/V and index (positions are logical) in each copy.
+        kv[perm[r].to(DEV)] = kv[blocks]
         fpart[perm[r].to(DEV)] = fpart[blocks]
         ipart[perm[r].to(DEV)] = ipart[blocks]
     S = sink_end(CFG, BS)

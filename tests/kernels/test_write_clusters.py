@@ -1,12 +1,13 @@
 """``write_clusters`` (the index build's last step): the Triton kernel against its
-torch twin, and the twin against float64 statistics of each cluster's tokens read
-through the written permutation (in Triton's CPU interpreter without a GPU). Fresh
-random inputs per test, from its own seed."""
+torch twin, and the twin against the cache before the build (the segment's K/V
+reordered per head into cluster order, bit-exactly) and float64 statistics of each
+cluster's rows read at its contiguous positions (in Triton's CPU interpreter
+without a GPU). Fresh random inputs per test, from its own seed."""
 
 import pytest
 import torch
 
-from vllm_retro.index.paged import PagedIndexLayout
+from vllm_retro.index.paged import I_SIZE, I_START, PagedIndexLayout
 from vllm_retro.kernels import reference
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,28 +37,44 @@ def _cache_copy(lay, kv, device="cpu"):
     return out
 
 
-def _check_against_float64(lay, kv, blocks, p0s, order, starts, sizes, tol):
+def _check_against_float64(lay, kv, before, blocks, p0s, order, starts, sizes, tol):
+    """The written index and the reordered K/V against ``before`` (the cache before
+    the build): per segment and head, position ``p0 + e`` holds the K/V token
+    ``p0 + order[e]`` had (so the segment's rows are a permutation of the original
+    and every cluster is contiguous at ``[p0 + start, p0 + start + size)``), other
+    heads and blocks are untouched, and each summary equals float64 statistics of
+    its cluster's rows as they now lie in the cache."""
     fpart, ipart = lay.views(kv)
     h, d, bs = lay.num_kv_heads, lay.head_dim, lay.block_size
     m, nbs = blocks.shape
     n = nbs * bs
     c = starts.shape[1]
+    e = torch.arange(n)
+    outside = torch.ones(kv.shape[0], dtype=torch.bool)
+    outside[blocks.reshape(-1)] = False
+    assert torch.equal(kv[outside], before[outside])     # other blocks untouched
     for j in range(m):
         p0 = int(p0s[j])
         for hh in range(h):
             s = j * h + hh
-            e = torch.arange(n)
-            perm = ipart[blocks[j, e // bs], hh, e % bs].long()
-            assert torch.equal(perm, order[s].long() + p0)
+            rows = kv[blocks[j, e // bs], hh, e % bs]                      # [n, 2D]
+            orig = before[blocks[j, e // bs], hh, e % bs]
+            tok = order[s].long()
+            assert torch.equal(rows, orig[tok])           # position e <- token order[e]
+            assert sorted(tok.tolist()) == list(range(n))  # a permutation of the segment
             for ci in range(nbs):
                 blk = blocks[j, ci]
                 if ci >= c:
-                    assert ipart[blk, hh, bs] == 0 and ipart[blk, hh, bs + 1] == 0
+                    assert ipart[blk, hh, I_SIZE] == 0 and ipart[blk, hh, I_START] == 0
                     continue
                 size, start = int(sizes[s, ci]), int(starts[s, ci])
-                assert ipart[blk, hh, bs] == size and ipart[blk, hh, bs + 1] == p0 + start
-                tok = order[s, start:start + size].long()
-                kvt = kv[blocks[j, tok // bs], hh, tok % bs].double()
+                assert ipart[blk, hh, I_SIZE] == size
+                assert ipart[blk, hh, I_START] == p0 + start
+                # The cluster's rows, read where the decode reads them: positions
+                # [p0 + start, p0 + start + size) of this head.
+                pos = torch.arange(start, start + size)
+                kvt = kv[blocks[j, pos // bs], hh, pos % bs].double()
+                assert torch.equal(kvt, orig[tok[start:start + size]].double())
                 f = fpart[blk, hh].double()
                 if size == 0:
                     assert (f == 0).all()
@@ -71,8 +88,9 @@ def _check_against_float64(lay, kv, blocks, p0s, order, starts, sizes, tol):
 @pytest.mark.parametrize("m,nbs,c", [(1, 6, 6), (2, 8, 5)])
 def test_twin_writes_float64_statistics(m, nbs, c):
     lay, kv, blocks, p0s, order, starts, sizes = _case(m + 100 * c, m, nbs, c, torch.float64)
+    before = _cache_copy(lay, kv)
     reference.write_clusters(kv, lay, blocks, p0s, order, starts, sizes)
-    _check_against_float64(lay, kv, blocks, p0s, order, starts, sizes, 1e-12)
+    _check_against_float64(lay, kv, before, blocks, p0s, order, starts, sizes, 1e-12)
 
 
 @pytest.mark.usefixtures("triton_interpreter")
@@ -97,6 +115,7 @@ def test_triton_kernel_matches_twin(m, nbs, c):
     tol = 1e-5 if dt == torch.float32 else 8e-3
     err = ((fg.float() - fw.float()).abs() / (1 + fw.float().abs())).max().item()
     assert err <= tol, err
-    assert torch.equal(got, kv)   # the K/V themselves are untouched
-    _check_against_float64(lay, got, blocks, p0s, order, starts, sizes,
+    assert torch.equal(got, want)   # the K/V reordered bit-exactly, as the twin does
+    assert not torch.equal(got, kv)   # (the case does move tokens)
+    _check_against_float64(lay, got, kv, blocks, p0s, order, starts, sizes,
                            1e-5 if dt == torch.float32 else 1e-2)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from vllm_retro.config import RetroConfig
-from vllm_retro.index.paged import PagedIndexLayout, SegmentJob, build_segments, plan_segments
+from vllm_retro.index.paged import (I_SIZE, I_START, PagedIndexLayout, SegmentJob,
+                                    build_segments, plan_segments)
 from vllm_retro.memory import HostMirror, MirrorShape
 from vllm_retro.memory.cluster_cache import (C_ADMITTED, C_EVICTED, C_HITS, C_MISSES,
                                              ClusterCache, _triton_interpreting)
@@ -201,18 +202,17 @@ def test_reads_through_the_cache_equal_the_mirror_and_the_paged_cache(impl, requ
             _, ipart = lay.views(kv)
             for hh in range(h):
                 for b in rng.sample(range(lb0, lb1), 6):          # "retrieved" clusters
-                    size = int(ipart[blocks[b], hh, bs])
+                    size = int(ipart[blocks[b], hh, I_SIZE])
                     if size == 0:
                         continue
-                    a = int(ipart[blocks[b], hh, bs + 1])
+                    a = int(ipart[blocks[b], hh, I_START])
                     pages = torch.arange(a // bs, (a + size - 1) // bs + 1)
                     keys = cache.keys(req, li, hh, pages)
                     slots = cache.lookup(keys)
                     got = cache.read_pages(keys, m, slots).reshape(-1, 32)
                     got = got[a % bs: a % bs + size]
-                    ent = torch.arange(a, a + size)
-                    toks = ipart[blocks[ent // bs], hh, ent % bs].long()
-                    assert torch.equal(got, kv[blocks[toks // bs], hh, toks % bs])
+                    pos = torch.arange(a, a + size)     # the cluster's positions
+                    assert torch.equal(got, kv[blocks[pos // bs], hh, pos % bs])
                     assert torch.equal(got, m.cluster_rows(req, li, hh, b))
                     used.append(keys)
         cache.admit(torch.cat(used), m)

@@ -9,7 +9,8 @@ import torch
 
 from conftest import filled_cache  # noqa: E402
 from vllm_retro.config import RetroConfig
-from vllm_retro.index.paged import PagedIndexLayout, SegmentJob, build_segments, plan_segments
+from vllm_retro.index.paged import (I_SIZE, I_START, PagedIndexLayout, SegmentJob,
+                                    build_segments, plan_segments)
 from vllm_retro.memory import ExtentAllocator, HostMemoryExceeded, HostMirror, MirrorShape
 
 CFG = RetroConfig(segment_size=256, update_interval=64, recent_tokens=32, cluster_size=16,
@@ -71,8 +72,11 @@ def test_admission_refuses_cleanly_and_soak_returns_every_byte():
     assert m.alloc.num_free_extents == 1 and m.alloc.largest_free == m.alloc.capacity
 
 
-def _indexed(lay, L, seed, nb=80):
+def _indexed(lay, L, seed, nb=80, originals=None):
     kv, blocks = filled_cache(lay, nb, L, seed)
+    if originals is not None:   # each token's K/V before the build reordered them
+        pos = torch.arange(L)
+        originals.append(kv[blocks[pos // lay.block_size], :, pos % lay.block_size].clone())
     segs = plan_segments(0, L, L, CFG, lay.block_size)
     for p0, p1 in segs:
         build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], CFG)
@@ -80,14 +84,16 @@ def _indexed(lay, L, seed, nb=80):
 
 
 def test_mirror_is_cluster_contiguous_and_equals_the_paged_cache():
-    """Every cluster's arena rows are its tokens' K/V read from the pages through the
-    block table in permutation order (float64: exact), every clustered token is
-    mirrored once, and pages of the cluster-ordered mirror are the permutation's
-    blocks."""
+    """Every cluster's arena rows are its K/V read from the pages at its contiguous
+    positions ``[start, start + size)`` (float64: exact), the mirrored rows of a
+    segment and head are a permutation of the tokens' original K/V (every clustered
+    token mirrored once), and each page of the mirror is the K/V of its logical
+    block."""
     lay = PagedIndexLayout(2, 16, 16, torch.float64)
     bs, h, d = 16, 2, 16
     L = 700
-    layers = [_indexed(lay, L, seed) for seed in (1, 2)]
+    orig = []
+    layers = [_indexed(lay, L, seed, originals=orig) for seed in (1, 2)]
     shape = MirrorShape.for_layout(lay, max_requests=3, num_layers=2, max_blocks=64)
     m = HostMirror(shape, 4 * L * shape.bytes_per_token())
     segs = layers[0][2]
@@ -106,21 +112,25 @@ def test_mirror_is_cluster_contiguous_and_equals_the_paged_cache():
             for hh in range(h):
                 seen = []
                 for b in range(p0 // bs, p1 // bs):
-                    size = int(ipart[blocks[b], hh, bs])
-                    start = int(ipart[blocks[b], hh, bs + 1])
+                    size = int(ipart[blocks[b], hh, I_SIZE])
+                    start = int(ipart[blocks[b], hh, I_START])
                     got = m.cluster_rows(2, li, hh, b)
                     assert got.shape[0] == size
+                    # The page of block b: the K/V at its 16 positions, this head.
+                    prow = int(m.page_row[2, li, hh, b])
+                    assert torch.equal(m.arena[prow: prow + bs], kv[blocks[b], hh])
                     if size == 0:
                         continue
-                    ent = torch.arange(start, start + size)
-                    toks = ipart[blocks[ent // bs], hh, ent % bs].long()
-                    want = kv[blocks[toks // bs], hh, toks % bs]
+                    pos = torch.arange(start, start + size)
+                    want = kv[blocks[pos // bs], hh, pos % bs]
                     assert torch.equal(got, want)
-                    seen += toks.tolist()
-                    # The page holding entry `start` contains the cluster's first token.
-                    prow = int(m.page_row[2, li, hh, start // bs])
-                    assert torch.equal(m.arena[prow + start % bs], want[0])
-                assert sorted(seen) == list(range(p0, p1))
+                    seen.append(got)
+                # All the segment's tokens, each once: a permutation of the original
+                # rows of this head (random rows: all distinct).
+                rows = torch.cat(seen)
+                ref = orig[li][p0:p1, hh]
+                match = (rows[:, None, :] == ref[None, :, :]).all(-1)
+                assert (match.sum(0) == 1).all() and (match.sum(1) == 1).all()
     # Rows outside the clustered zone (sinks, recent window) are not mirrored.
     assert int(m.page_row[2, 0, 0, 0]) == -1 and int(m.cluster_addr[2, 0, 0, 0, 1]) == 0
     held = m.bytes_reserved()

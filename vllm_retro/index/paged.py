@@ -4,25 +4,39 @@ vLLM's paged KV cache (FlashAttention layout, vLLM 0.26) keeps per layer a page 
 ``block_size`` tokens per block: ``[block_size, H, 2D]`` (K then V of each head).
 Retro asks vLLM for pages *padded* by :attr:`PagedIndexLayout.index_bytes`
 (``AttentionSpec.page_size_padded``); the padding of block ``b`` holds the index
-entries that live "in" that block:
+entry of the cluster that lives "in" that block:
 
 * float part, ``[H, 3, D]`` in the KV dtype: the centroid (mean key), per-channel
   key variance and mean value of one cluster;
-* int part, ``[H, block_size + 2]`` int32: ``block_size`` entries of the
-  cluster-sorted token permutation (token positions in the request), then the
-  cluster's size and the logical index of its first permutation entry.
+* int part, ``[H, 2]`` int32: the cluster's size (word :data:`I_SIZE`) and the
+  logical position of its first token (word :data:`I_START`).
 
 A request's clustered zone ``[sink_end, clustered_end)`` is cut into segments
 (multiples of ``block_size`` tokens, aligned to blocks). A segment of ``n`` tokens
 over logical blocks ``[p0/bs, p1/bs)`` has ``C = ceil(n / cluster_size) <= n / bs``
 clusters (``cluster_size >= block_size``); cluster ``j`` lives in the segment's
-``j``-th block and blocks ``j >= C`` hold empty clusters (size 0). Permutation
-entry ``i`` of the segment lives at logical position ``p0 + i``. So every index
-byte is addressed through the request's own block table, like its KV: the index is
-sized, admitted, allocated and freed by vLLM together with the KV, and nothing is
-copied. The permutation holds positions, not physical slots, so every KV read of a
-row goes through that row's own block table: even stale index bytes in a reused
-block cannot make one request read another's KV.
+``j``-th block and blocks ``j >= C`` hold empty clusters (size 0).
+
+**Cluster-contiguous KV.** The index build reorders the segment's keys and values
+in place, per KV head: cluster ``j`` (``size_j`` tokens, ``start_j`` tokens of
+lower clusters before it) occupies the logical positions ``[p0 + start_j, p0 +
+start_j + size_j)`` of that head, so a retrieved cluster is read as position ->
+the row's block table -> K/V, with no permutation in between. This is exact:
+cached keys already carry their rotary position, and attention over a set of
+keys and values does not depend on their order (per KV head, for any query that
+sees all of them). It is safe because a segment is built only once the whole
+prompt is in the cache and ends at least ``recent_tokens`` before its last token
+(:func:`plan_segments`): every later query (decode tokens, any dense prefill or
+fallback kernel of vLLM) sees every token of the segment, so vLLM's own kernels
+compute the same attention over the reordered pages. Prefix caching (which would
+share reordered blocks with requests whose queries see part of a segment) is
+refused. Sinks, the unclustered tail and the recent window are never reordered.
+
+Every index byte is addressed through the request's own block table, like its KV:
+the index is sized, admitted, allocated and freed by vLLM together with the KV, and
+nothing is copied. The starts are positions, not physical slots, and the decode
+kernels bounds-check them to the row's clustered zone, so even stale index bytes
+in a reused block cannot make one request read another's KV.
 
 Per request, one row of a small header table, indexed by the request's first
 physical block (its own, since prefix caching is off), gives the decode kernels
@@ -30,7 +44,7 @@ physical block (its own, since prefix caching is off), gives the decode kernels
 per-request budget (clusters retrieved / estimated).
 
 Byte counts (Llama-3-8B shape: H=8, D=128, bf16, block 16): KV page 65,536 B,
-index 6,720 B per block and layer (+10.3%).
+index 6,208 B per block and layer (float part 6,144 B, int part 64 B; +9.5%).
 """
 
 from __future__ import annotations
@@ -52,6 +66,11 @@ HDR_WORDS = 4
 
 # Float part rows.
 F_CENTROID, F_KEY_VAR, F_VALUE_MEAN = 0, 1, 2
+
+# Int part words (int32) per (block, head): the cluster's size, the logical position
+# of its first token.
+I_SIZE, I_START = 0, 1
+INT_WORDS = 2
 
 PAGE_ALIGN = 256
 
@@ -83,8 +102,9 @@ class PagedIndexLayout:
 
     @property
     def int_words(self) -> int:
-        """int32 words per head: the permutation entries, size, start."""
-        return self.block_size + 2
+        """int32 words per head: the cluster's size and start (:data:`I_SIZE`,
+        :data:`I_START`)."""
+        return INT_WORDS
 
     @property
     def int_bytes(self) -> int:
@@ -105,7 +125,7 @@ class PagedIndexLayout:
 
     # ----------------------------------------------------------- tensor views
     def views(self, kv_cache: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(float part ``[NB, H, 3, D]``, int part ``[NB, H, bs + 2]``) of a layer's
+        """(float part ``[NB, H, 3, D]``, int part ``[NB, H, INT_WORDS]``) of a layer's
         KV cache view (vLLM's ``(NB, H, bs, 2D)`` view over padded pages)."""
         nb = kv_cache.shape[0]
         es = self.elem_size
@@ -282,8 +302,9 @@ class SegmentJob:
 def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout,
                    jobs: Sequence[SegmentJob], config: RetroConfig,
                    max_batch_bytes: int = 768 << 20) -> None:
-    """Clusters the keys of ``jobs`` (all of the same length) for one layer and
-    writes the clusters and permutation into the index part of the pages.
+    """Clusters the keys of ``jobs`` (all of the same length) for one layer, writes
+    the clusters into the index part of the pages and reorders each segment's K/V
+    in place, per KV head, into cluster order (see the module doc).
 
     ``kv_cache``: vLLM's view ``(NB, H, bs, 2D)`` over padded pages.
     """
@@ -299,9 +320,11 @@ def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout,
     # Temporaries per segment and head: the torch k-means (CPU) holds the keys in
     # fp32 a few times over (~24 B per key element) and an [n, C] similarity matrix;
     # the Triton one far less (normalised keys and sums, ~4 B per key element), but
-    # the batch is sized by the torch form's 24 B on both. Several segments per
-    # call: fewer, larger launches.
-    per_job = h * n * d * 24 + (0 if kv_cache.is_cuda else h * n * c * 4)
+    # the batch is sized by the torch form's 24 B on both. The reorder adds a copy of
+    # the segment's K/V (2 elements per key element). Several segments per call:
+    # fewer, larger launches.
+    per_job = (h * n * d * (24 + 2 * layout.elem_size)
+               + (0 if kv_cache.is_cuda else h * n * c * 4))
     step = max(1, max_batch_bytes // per_job)
     layout.views(kv_cache)  # checks the padded page stride
     for i in range(0, len(jobs), step):

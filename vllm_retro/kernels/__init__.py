@@ -49,9 +49,10 @@ def uses_triton(t: torch.Tensor) -> bool:
 def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout,
                    seg_blocks: torch.Tensor, p0s: torch.Tensor, order: torch.Tensor,
                    starts: torch.Tensor, sizes: torch.Tensor) -> None:
-    """Writes clustered segments (summaries, sizes, starts, permutation) into the
-    index part of their pages: the Triton kernel where :func:`uses_triton`, else the
-    twin. Arguments and semantics: :func:`.reference.write_clusters`."""
+    """Writes clustered segments (summaries, sizes, starts) into the index part of
+    their pages and reorders their K/V in place into cluster order, per KV head:
+    the Triton kernel where :func:`uses_triton`, else the twin. Arguments and
+    semantics: :func:`.reference.write_clusters`."""
     fn = write_clusters_triton if uses_triton(kv_cache) else reference.write_clusters
     fn(kv_cache, layout, seg_blocks, p0s, order, starts, sizes)
 

@@ -11,8 +11,10 @@ header ``hdr = headers[block_table[r, 0]]``) and KV head ``h`` with its ``G`` qu
   cluster entries of logical blocks ``[sink_end/bs, clustered_end/bs)`` get the
   log-mass ``s q.c + ln size + min(s^2/2 sum_d q_d^2 var_d, CAP)`` (``-inf`` for
   empty ones), the softmax over the entries summed over the group ranks them
-  (ties: lower entry first); the top ``n_retrieve`` are attended exactly through
-  the permutation, the next ``n_estimate`` contribute their log-mass over their
+  (ties: lower entry first); the top ``n_retrieve`` are attended exactly (a
+  cluster's tokens are the positions ``[start, start + size)``, kept inside
+  ``[sink_end, clustered_end)``: the index build made each cluster contiguous per
+  KV head), the next ``n_estimate`` contribute their log-mass over their
   mean value, the rest are skipped. All parts form one softmax.
 
 Returns the output ``[B, Hq, D]`` and per-row statistics ``[B, 3]`` float64:
@@ -28,7 +30,8 @@ import torch
 
 from ..attention import VARIANCE_CORRECTION_CAP
 from ..index.paged import (F_CENTROID, F_KEY_VAR, F_VALUE_MEAN, HDR_CLUSTERED_END,
-                           HDR_N_ESTIMATE, HDR_N_RETRIEVE, PagedIndexLayout)
+                           HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE, I_START,
+                           PagedIndexLayout)
 
 
 def _cdt(dtype: torch.dtype) -> torch.dtype:
@@ -93,8 +96,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             n_est_tok = 0
             if len(pbs):
                 f = fpart[pbs, kh].to(cdt)                                   # [C, 3, D]
-                iw = ipart[pbs, kh].long()                                   # [C, bs+2]
-                sizes = iw[:, bs]
+                iw = ipart[pbs, kh].long()                                   # [C, 2]
+                sizes = iw[:, I_SIZE]
                 lg = cluster_log_mass(q, f[:, F_CENTROID], f[:, F_KEY_VAR], sizes, scale,
                                       variance_cap)
                 score = torch.softmax(lg, dim=-1).nan_to_num(0.0).sum(dim=0)
@@ -103,12 +106,14 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                 n_ret = min(c, hdr[HDR_N_RETRIEVE])
                 n_est = min(c - n_ret, hdr[HDR_N_ESTIMATE])
                 ret, est = order[:n_ret], order[n_ret:n_ret + n_est]
-                perm_pos = torch.cat([torch.arange(int(iw[i, bs + 1]),
-                                                   int(iw[i, bs + 1]) + int(sizes[i]))
-                                      for i in ret.tolist()] or [torch.arange(0)])
-                tok = ipart[bt[perm_pos // bs], kh, perm_pos % bs].long()
+                # A retrieved cluster's tokens: positions [start, start + size) (the
+                # build made each cluster contiguous per head), within [S, E).
+                tok = torch.cat([torch.arange(int(iw[i, I_START]),
+                                              int(iw[i, I_START]) + int(sizes[i]))
+                                 for i in ret.tolist()] or [torch.arange(0)])
+                n_exact += len(tok)
+                tok = tok[(tok >= sink_end) & (tok < min(E, L))]
                 slots = torch.cat([steady_slots, bt[tok // bs] * bs + tok % bs])
-                n_exact += len(perm_pos)
                 est_logits = lg[:, est]
                 est_vals = f[est, F_VALUE_MEAN]
                 n_est_tok = int(sizes[est].sum())
@@ -153,7 +158,8 @@ def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout,
                    seg_blocks: torch.Tensor, p0s: torch.Tensor, order: torch.Tensor,
                    starts: torch.Tensor, sizes: torch.Tensor) -> None:
     """Reference of :func:`vllm_retro.kernels.write_clusters`: writes ``m`` clustered
-    segments of equal length ``n`` into the index part of their pages.
+    segments of equal length ``n`` into the index part of their pages and reorders
+    their K/V in place into cluster order.
 
     Args:
         kv_cache: vLLM's ``(NB, H, bs, 2D)`` view over padded pages.
@@ -163,12 +169,13 @@ def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout,
             (problem ``job * H + h``). starts / sizes: ``[m * H, C]`` each cluster's
             first entry in ``order`` and its size (``C <= n / bs``).
 
-    Cluster ``j`` of a segment goes to the segment's ``j``-th block: centroid (mean
-    key), per-channel key variance and mean value (zeros if empty), size, and the
-    logical index of its first permutation entry (``p0 + start``); blocks ``j >= C``
-    get size and start 0. Permutation entry ``i`` at logical position ``p0 + i``
-    holds the token position ``p0 + order[i]``. Statistics in float32 (float64 for
-    float64 caches), stored in the cache's dtype.
+    Per head ``h``, logical position ``p0 + e`` of the segment receives the K/V
+    (head ``h``) that token ``p0 + order[e]`` had, so cluster ``j`` occupies
+    ``[p0 + start, p0 + start + size)``. Cluster ``j`` goes to the segment's ``j``-th
+    block: centroid (mean key), per-channel key variance and mean value (zeros if
+    empty), size and first position ``p0 + start``; blocks ``j >= C`` get size and
+    start 0. Statistics in float32 (float64 for float64 caches), stored in the
+    cache's dtype; the K/V are moved bit-exactly.
     """
     h, bs, d = layout.num_kv_heads, layout.block_size, layout.head_dim
     m, nbs = seg_blocks.shape
@@ -186,10 +193,11 @@ def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout,
     cid = (torch.searchsorted(starts.reshape(m * h, c).contiguous(),
                               ent.expand(m * h, n).contiguous(), right=True) - 1)
     cid = cid.view(m, h, n)
-    job = torch.arange(m, device=dev).view(m, 1, 1)
-    head = torch.arange(h, device=dev).view(1, h, 1)
-    kv = kv_cache[sb[job.expand(m, h, n), order // bs], head.expand(m, h, n),
-                  order % bs].to(cdt)                                         # [m, H, n, 2D]
+    job = torch.arange(m, device=dev).view(m, 1, 1).expand(m, h, n)
+    head = torch.arange(h, device=dev).view(1, h, 1).expand(m, h, n)
+    # The original K/V in cluster order (a gather: a copy, read before any write).
+    kv_src = kv_cache[sb[job, order // bs], head, order % bs]                 # [m, H, n, 2D]
+    kv = kv_src.to(cdt)
     k, v = kv[..., :d], kv[..., d:]
     cnt = sizes.clamp_min(1).unsqueeze(-1).to(cdt)
 
@@ -205,10 +213,11 @@ def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout,
     summ = torch.stack([cent, kvar, vmean], dim=3)                            # [m, H, C, 3, D]
     fpart[cblk] = summ.permute(0, 2, 1, 3, 4).to(fpart.dtype)
     p0 = p0s.long().to(dev).view(m, 1, 1)
-    ipart[cblk, :, bs] = sizes.permute(0, 2, 1).to(torch.int32)
-    ipart[cblk, :, bs + 1] = (starts + p0).permute(0, 2, 1).to(torch.int32)
+    ipart[cblk, :, I_SIZE] = sizes.permute(0, 2, 1).to(torch.int32)
+    ipart[cblk, :, I_START] = (starts + p0).permute(0, 2, 1).to(torch.int32)
     if c < nbs:
-        ipart[sb[:, c:], :, bs] = 0
-        ipart[sb[:, c:], :, bs + 1] = 0
-    pblk = sb[:, ent // bs]                                                   # [m, n]
-    ipart[pblk, :, (ent % bs).expand(m, n)] = (order + p0).permute(0, 2, 1).to(torch.int32)
+        ipart[sb[:, c:], :, I_SIZE] = 0
+        ipart[sb[:, c:], :, I_START] = 0
+    # Cluster-contiguous K/V: entry e of head h goes to logical position p0 + e.
+    pos = ent.view(1, 1, n).expand(m, h, n)
+    kv_cache[sb[job, pos // bs], head, pos % bs] = kv_src

@@ -33,13 +33,14 @@ by range):
    twin's stable descending argsort).
 4. ``_collect_kernel`` ``(B*H, NS)``: each range derives its offsets in the
    selection lists from the lower ranges' counts and candidates, then writes its
-   retrieved clusters (first permutation position, size) and estimated clusters
+   retrieved clusters (first token position, size) and estimated clusters
    (physical block) to the lists, in entry order; statistics.
 5. ``_attend_kernel`` ``(B*H, NSA)`` (``NSA = workspace.nsplit_attend(B)``, its own
    split: it only merges partials): program ``p`` attends the work items congruent
    to ``p`` mod ``NSA`` of three kinds (steady-zone tokens; tokens of the retrieved
-   clusters: permutation entry -> token position -> the row's block table -> K/V
-   slot; estimated clusters as pseudo-tokens with their log-mass over their mean
+   clusters: token position (the cluster's start + offset; the index build made
+   each cluster contiguous per KV head) -> the row's block table -> K/V slot;
+   estimated clusters as pseudo-tokens with their log-mass over their mean
    value), one online softmax in fp32 for all ``G`` query heads of the KV head; the
    last program of the row-head to finish merges the ``NSA`` partials into ``out``
    (in ``out``'s dtype; zeros for rows without context).
@@ -73,7 +74,8 @@ import triton
 import triton.language as tl
 
 from ..attention import VARIANCE_CORRECTION_CAP
-from ..index.paged import HDR_CLUSTERED_END, HDR_N_ESTIMATE, HDR_N_RETRIEVE, PagedIndexLayout
+from ..index.paged import (HDR_CLUSTERED_END, HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE,
+                           I_START, PagedIndexLayout)
 
 # Globals read inside kernels must be constexpr objects.
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -81,6 +83,8 @@ _INT_MAX = tl.constexpr(2147483647)
 _HDR_CE = tl.constexpr(HDR_CLUSTERED_END)
 _HDR_NR = tl.constexpr(HDR_N_RETRIEVE)
 _HDR_NE = tl.constexpr(HDR_N_ESTIMATE)
+_I_SIZE = tl.constexpr(I_SIZE)
+_I_START = tl.constexpr(I_START)
 
 PACK = 16              # selection keys / list entries per block-table lookup
 LIST_WORDS = 2 * PACK  # int32 words per (block, head) in DecodeWorkspace.lists
@@ -177,7 +181,7 @@ class DecodeWorkspace:
     * ``cands`` ``[num_blocks, H, 64]`` int32: the two threshold candidate lists,
       (key, entry index) pairs, words 0-31 and 32-63;
     * ``lists`` ``[num_blocks, H, 32]`` int32: the selection lists (retrieved:
-      first permutation position, size; estimated: physical block, size).
+      first token position, size; estimated: physical block, size).
 
     Per (row, KV head), sized by ``max_rows``: ``hist`` ``[max_rows*H, NBINS]``,
     ``ncand`` ``[max_rows*H, 2]`` (candidates per list), ``counts`` ``[max_rows*H,
@@ -400,7 +404,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         cm = valid[:, None] & dm[None, :]
         cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
         var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
-        size = tl.load(ip_ptr + blk * ip_s0 + h * ip_s1 + BS, mask=valid, other=0)
+        size = tl.load(ip_ptr + blk * ip_s0 + h * ip_s1 + _I_SIZE, mask=valid, other=0)
         i_n = p + NS * (m0 + CH + tl.arange(0, CH))
         valid_n = i_n < C
         blk_n = tl.load(bt_row + SB + i_n, mask=valid_n, other=0).to(tl.int64)
@@ -704,8 +708,8 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                       ec + tl.cumsum(est.to(tl.int32), 0) - 1)
         eb = tl.load(bt_row + SB + i, mask=sel, other=0).to(tl.int64)
         ib = ip_ptr + eb * ip_s0 + h * ip_s1
-        size = tl.load(ib + BS, mask=sel, other=0)
-        start = tl.load(ib + BS + 1, mask=ret, other=0)
+        size = tl.load(ib + _I_SIZE, mask=sel, other=0)
+        start = tl.load(ib + _I_START, mask=ret, other=0)
         la = _packed(lists_ptr, bt_row, SB, h, lp, sel, H, LW, PK, 2)
         tl.store(la, tl.where(ret, start, eb.to(tl.int32)), mask=sel)
         tl.store(la + 1, size, mask=sel)
@@ -786,26 +790,25 @@ def _estimated_addr(lists_ptr, bt_row, SB, h, n_ret, n_est, p, NS, m0, H: tl.con
 
 
 @triton.jit
-def _retrieved_addr(t0, total, beg, end, start, bt_row, ip_ptr, ip_s0, ip_s1, h, S, E, L,
-                    BS: tl.constexpr, TR: tl.constexpr):
+def _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS: tl.constexpr,
+                    TR: tl.constexpr):
     """(physical block, offset, valid) of tokens ``t0 + [0, TR)`` of a group of
-    retrieved clusters (concatenated): permutation entry -> token position -> the
-    row's own block table. The permutation holds positions, bounds-checked here, so
-    no index byte can make a row read outside its context."""
+    retrieved clusters (concatenated): token position (the cluster's start + offset:
+    the index build made each cluster contiguous per KV head) -> the row's own block
+    table. Starts come from index bytes, so positions are bounds-checked to the
+    row's clustered zone ``[S, E)`` and context: no index byte can make a row read
+    outside its context."""
     t = t0 + tl.arange(0, TR)
     inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
-    ppos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
-    valid = (t < total) & (ppos >= S) & (ppos < E)
-    pb = tl.load(bt_row + ppos // BS, mask=valid, other=0).to(tl.int64)
-    tok = tl.load(ip_ptr + pb * ip_s0 + h * ip_s1 + ppos % BS, mask=valid, other=0)
-    valid = valid & (tok >= 0) & (tok < L)
-    kb = tl.load(bt_row + tok // BS, mask=valid, other=0).to(tl.int64)
-    return kb, tok % BS, valid
+    pos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
+    valid = (t < total) & (pos >= S) & (pos < E) & (pos < L)
+    kb = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
+    return kb, pos % BS, valid
 
 
 @triton.jit
 def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
-                   fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3, ip_ptr, ip_s0, ip_s1,
+                   fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                    bt_ptr, bt_s0, seq_ptr, hdr_ptr, hdr_s0, lg_ptr, lists_ptr, cnt_ptr,
                    po_ptr, pm_ptr, pl_ptr, tick_ptr, out_ptr, o_sb, o_sh, o_sd,
                    scale, SB, S, NS,
@@ -856,7 +859,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
         s_blk, s_off, s_ok = s_blk_n, s_off_n, s_ok_n
 
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
-    # concatenated and attended TR at a time through the permutation.
+    # concatenated and attended TR at a time (positions [start, start + size)).
     n_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
     for m0 in range(0, n_mine, RG):
         r_k = p + NS * (m0 + tl.arange(0, RG))
@@ -867,14 +870,13 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
         end = tl.cumsum(size, 0)
         beg = end - size
         total = tl.sum(size, 0)
-        r_blk, r_off, r_ok = _retrieved_addr(0, total, beg, end, start, bt_row, ip_ptr, ip_s0,
-                                             ip_s1, h, S, E, L, BS, TR)
+        r_blk, r_off, r_ok = _retrieved_addr(0, total, beg, end, start, bt_row, S, E, L, BS,
+                                             TR)
         for t0 in range(0, total, TR):
             r_kt, r_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off, r_ok, h,
                                   D, DP)
             r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, total, beg, end, start,
-                                                       bt_row, ip_ptr, ip_s0, ip_s1, h, S,
-                                                       E, L, BS, TR)
+                                                       bt_row, S, E, L, BS, TR)
             m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale, NATIVE,
                                        PREC)
             r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
@@ -978,7 +980,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             and cuda_score_available()):
         torch.ops.vllm_retro.paged_score(
             query, fpart, ipart, block_table, seq_lens, headers, ws.logits, ws.score_max,
-            ws.score_sum, ws.hist, ws.ncand, sb, ns, scale, float(variance_cap))
+            ws.score_sum, ws.hist, ws.ncand, sb, bs, ns, scale, float(variance_cap))
     else:
         _score_kernel[grid](
             query, *query.stride(), fpart, *fpart.stride(), ipart, ipart.stride(0),
@@ -1004,7 +1006,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     ns_a = ws.nsplit_attend(b)
     _attend_kernel[(b * h, ns_a)](
         query, *query.stride(), kv_cache, *kv_cache.stride(), fpart, *fpart.stride(),
-        ipart, ipart.stride(0), ipart.stride(1), *common, ws.logits, ws.lists, ws.counts,
+        *common, ws.logits, ws.lists, ws.counts,
         ws.part_o, ws.part_m, ws.part_l, ws.tickets[1], out, *out.stride(),
         scale, sb, sink_end, ns_a,
         H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, PK=PACK, LW=LIST_WORDS,

@@ -1,11 +1,11 @@
 """The wave buffer's GPU cluster cache: hot pages of the host mirror kept in HBM.
 
 Unit: a **page** of the cluster-ordered mirror (:mod:`.host_mirror`): the
-``block_size`` (16) tokens of one (request, layer, KV head) whose permutation
-entries live in one logical block, i.e. 16 consecutive rows of the mirror, which
-is a run of whole and partial clusters. A retrieved cluster of ``s`` tokens whose
-entries start at logical index ``a`` is read from pages ``a // 16 ..
-(a + s - 1) // 16``. Why pages and not one slot per cluster:
+``block_size`` (16) tokens of one (request, layer, KV head) at the positions of one
+logical block (cluster-ordered per head by the index build), i.e. 16 consecutive
+rows of the mirror, which is a run of whole and partial clusters. A retrieved
+cluster of ``s`` tokens starting at logical position ``a`` is read from pages
+``a // 16 .. (a + s - 1) // 16``. Why pages and not one slot per cluster:
 
 * fixed-size slots with no waste inside them: every mirrored token is in exactly
   one page, whereas cluster sizes vary (k-means gives 1 to hundreds of tokens for a

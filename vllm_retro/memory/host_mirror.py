@@ -3,8 +3,10 @@
 Once a segment of a request's clustered zone has been indexed in the KV pages
 (:mod:`vllm_retro.index.paged`), :meth:`HostMirror.mirror_segment` copies its keys
 and values, per layer and KV head, into one host arena **in cluster order**: the
-tokens of a (request, layer, head, segment) occupy consecutive arena rows in the
-order of the segment's permutation, so every cluster is a contiguous run of rows.
+index build has already reordered the segment's K/V per head so that every
+cluster occupies consecutive logical positions, so the tokens of a (request,
+layer, head, segment) are copied in position order to consecutive arena rows and
+every cluster is a contiguous run of rows.
 One arena row is one token's ``[K | V]`` of one head (``2 * head_dim`` elements of
 the KV dtype), the row of vLLM's page, so a copy moves whole rows.
 
@@ -14,9 +16,9 @@ that decode kernels can read them):
 
 * ``cluster_addr[..., 0:2]``: the arena row of the first token of the cluster whose
   summary lives in that block, and its size (0: empty cluster or not mirrored);
-* ``page_row``: the arena row of the 16 (``block_size``) tokens whose permutation
-  entries live in that block: a "page" of the cluster-ordered mirror, the unit the
-  GPU cluster cache (:mod:`.cluster_cache`) moves (-1: not mirrored).
+* ``page_row``: the arena row of the 16 (``block_size``) tokens of that logical
+  block (for that head): a "page" of the cluster-ordered mirror, the unit the GPU
+  cluster cache (:mod:`.cluster_cache`) moves (-1: not mirrored).
 
 Admission by host memory: a request reserves its arena space before anything is
 mirrored (:meth:`HostMirror.reserve`, one contiguous extent, first fit); a request
@@ -41,7 +43,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..index.paged import PagedIndexLayout
+from ..index.paged import I_SIZE, I_START, PagedIndexLayout
 from ..request_store import HostMemoryExceeded
 
 __all__ = ["HostMemoryExceeded", "ExtentAllocator", "MirrorShape", "HostMirror",
@@ -317,11 +319,10 @@ class HostMirror:
         ``kv_cache``: the layer's vLLM view ``(NB, H, bs, 2D)`` over padded pages,
         whose index part :func:`~vllm_retro.index.paged.build_segments` has written
         for this segment; ``block_ids``: the request's physical blocks (a tensor on
-        the cache's device covering ``p1``). Per head, the tokens are read in the
-        order of the segment's permutation (entry ``i`` at logical position
-        ``p0 + i`` holds a token position) through the block table and written to
-        ``H * n`` consecutive rows, head after head; then the address tables are
-        written on the device (no host sync). Returns a CUDA event recorded after
+        the cache's device covering ``p1``). Per head, the tokens at logical
+        positions ``[p0, p1)`` (cluster-ordered by the build) are read through the
+        block table and written to ``H * n`` consecutive rows, head after head;
+        then the address tables are written on the device (no host sync). Returns a CUDA event recorded after
         the copy (None on CPU): the GPU blocks may be released once it completed,
         or right away when the release is ordered after it on the same stream.
         """
@@ -348,19 +349,16 @@ class HostMirror:
         at = self._place(slot, h * n)
         self._requests[slot].layer_end[layer] = p1
         _, ipart = layout.views(kv_cache)
-        bids = block_ids.long()
-        seg_pb = bids[p0 // bs: p1 // bs]                                    # [nb]
-        ent = ipart[seg_pb]                                                  # [nb, H, bs+2]
-        tok = ent[:, :, :bs].permute(1, 0, 2).reshape(h, n).long()           # [H, n]
-        heads = torch.arange(h, device=kv_cache.device).unsqueeze(1)
-        kv = kv_cache[bids[tok // bs], heads.expand(h, n), tok % bs]        # [H, n, 2D]
-        dst = self.arena[at: at + h * n].view(h, n, 2 * d)
+        seg_pb = block_ids.long()[p0 // bs: p1 // bs]                        # [nb]
+        kv = kv_cache[seg_pb].permute(1, 0, 2, 3)                            # [H, nb, bs, 2D]
+        dst = self.arena[at: at + h * n].view(h, n // bs, bs, 2 * d)
         on_cuda = kv.is_cuda
         dst.copy_(kv, non_blocking=on_cuda)
-        # Addresses. Cluster j of the segment lives in block p0/bs + j; its entries
-        # start at logical index ``start``, i.e. at row ``at + h*n + start - p0``.
-        sizes = ent[:, :, bs].T.to(torch.int32)                              # [H, nb]
-        starts = ent[:, :, bs + 1].T.long()                                  # [H, nb]
+        # Addresses. Cluster j of the segment lives in block p0/bs + j; its tokens
+        # start at logical position ``start``, i.e. at row ``at + h*n + start - p0``.
+        ent = ipart[seg_pb]                                                  # [nb, H, 2]
+        sizes = ent[:, :, I_SIZE].T.to(torch.int32)                          # [H, nb]
+        starts = ent[:, :, I_START].T.long()                                 # [H, nb]
         head_base = at + torch.arange(h, device=kv_cache.device).unsqueeze(1) * n
         lb0, lb1 = p0 // bs, p1 // bs
         tdev = self.device
