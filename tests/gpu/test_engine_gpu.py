@@ -179,7 +179,10 @@ def test_requests_leave_the_table(retro_full, tiny_model):
         eng.add_request(f"lc-{i}", TokensPrompt(prompt_token_ids=p), params)
     for _ in range(8):
         eng.step()
-    assert {f"lc-{i}" for i in range(3)} <= set(mgr.requests.entries)
+    # vLLM 0.26 suffixes the caller's request id ("lc-0" -> "lc-0-<hex>") inside the engine.
+    ids = set(mgr.requests.entries)
+    assert all(any(k == f"lc-{i}" or k.startswith(f"lc-{i}-") for k in ids)
+               for i in range(3)), ids
     eng.abort_request(["lc-1"])
     while eng.has_unfinished_requests():
         eng.step()
