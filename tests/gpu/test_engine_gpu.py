@@ -186,8 +186,15 @@ def test_requests_leave_the_table(retro_full, tiny_model):
     eng.abort_request(["lc-1"])
     while eng.has_unfinished_requests():
         eng.step()
-    generate_tokens(retro_full, [prompts[0][:50]], 2)  # one more scheduled step
-    assert not mgr.requests.entries, list(mgr.requests.entries)
+    # A request's finish reaches the worker with the next scheduled step, so two more
+    # short requests: afterwards at most the last of them may still be in the table.
+    generate_tokens(retro_full, [prompts[0][:50]], 2)
+    first_extra = set(mgr.requests.entries)
+    generate_tokens(retro_full, [prompts[1][:50]], 2)
+    left = set(mgr.requests.entries)
+    assert not any(k.startswith("lc-") for k in left), left
+    assert not (left & first_extra), (left, first_extra)
+    assert len(left) <= 1, left
 
 
 def test_isolation_together_equals_alone(retro_full, tiny_model):
