@@ -258,7 +258,10 @@ class DecodeWorkspace:
         return self._split(num_rows, self.attend_max_split)
 
     def _split(self, num_rows: int, cap: int) -> int:
-        want = -(-self.target_programs // (max(1, num_rows) * self.num_kv_heads))
+        # Rounded down: a grid just over the resident programs runs a second, nearly
+        # empty wave (128K x 8 on an H200: 9 programs per row-head, 576 > 528, took
+        # 357 us; 5 took 316, decode_kernel_sweep_batch_h200.json).
+        want = self.target_programs // (max(1, num_rows) * self.num_kv_heads)
         return max(1, min(cap, want))
 
     def views(self, layout: PagedIndexLayout, kv_cache: torch.Tensor):
