@@ -569,7 +569,8 @@ GOAL = dict(read=0.03, median=0.02, p90=0.05, bound_share=0.99)
 
 def _combo(**changes) -> tuple:
     """(changes, label) of a variant whose label just lists its changes."""
-    return changes, "wave, " + ", ".join(k if v is True else f"{k} {v:g}"
+    return changes, "wave, " + ", ".join(k if v is True else f"{k} {v}" if isinstance(v, str)
+                                         else f"{k} {v:g}"
                                          for k, v in changes.items())
 
 
@@ -607,6 +608,22 @@ TEXT_VARIANTS: Dict[str, tuple] = {
                                  value_correction=True),
     "wave_shared_kv05_vcap1_vc": _combo(shared_head_budget=True, kmeans_value_weight=0.5,
                                         variance_cap=1.0, value_correction=True),
+    # Fifth pass: error-aware choice of the exact clusters inside the candidate band.
+    "wave_err": _combo(retrieval_rank="error"),
+    "wave_errv": _combo(retrieval_rank="error_value"),
+    "wave_shared_err": _combo(shared_head_budget=True, retrieval_rank="error"),
+    "wave_shared_errv": _combo(shared_head_budget=True, retrieval_rank="error_value"),
+    "wave_kv05_vcap1_vc_err": _combo(kmeans_value_weight=0.5, variance_cap=1.0,
+                                     value_correction=True, retrieval_rank="error"),
+    "wave_kv05_vcap1_vc_errv": _combo(kmeans_value_weight=0.5, variance_cap=1.0,
+                                      value_correction=True, retrieval_rank="error_value"),
+    "wave_shared_kv05_vcap1_vc_err": _combo(shared_head_budget=True, kmeans_value_weight=0.5,
+                                            variance_cap=1.0, value_correction=True,
+                                            retrieval_rank="error"),
+    "wave_shared_kv05_vcap1_vc_errv": _combo(shared_head_budget=True,
+                                             kmeans_value_weight=0.5, variance_cap=1.0,
+                                             value_correction=True,
+                                             retrieval_rank="error_value"),
 }
 # The one-sided accuracy bound (``bound_margin``), run beside the library's bounded
 # mode at every eps: margin (nats) and cap of the exact set.
@@ -641,6 +658,10 @@ def evaluate_text_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch
         ch = TEXT_VARIANTS[v][0]
         key = tuple((f, ch.get(f, getattr(BASE_CONFIG, f))) for f in INDEX_FIELDS)
         idx_cfgs.setdefault(key, BASE_CONFIG.replace(**{f: x for f, x in key}))
+    # retrieval_rank "error_value" needs each cluster's value spread, stored at build:
+    # every index stores it when a variant needs it (the other variants ignore it).
+    if any(TEXT_VARIANTS[v][0].get("retrieval_rank") == "error_value" for v in variants):
+        idx_cfgs = {k: c.replace(retrieval_rank="error_value") for k, c in idx_cfgs.items()}
     indexes = {k: WaveIndex.build(keys[:, :p0].float(), values[:, :p0].float(), c)
                for k, c in idx_cfgs.items()}
 
