@@ -624,6 +624,13 @@ TEXT_VARIANTS: Dict[str, tuple] = {
                                              kmeans_value_weight=0.5, variance_cap=1.0,
                                              value_correction=True,
                                              retrieval_rank="error_value"),
+    "wave_shared_kv07_vcap1_vc_err": _combo(shared_head_budget=True, kmeans_value_weight=0.7,
+                                            variance_cap=1.0, value_correction=True,
+                                            retrieval_rank="error"),
+    "wave_shared_kv07_vcap1_vc_errv": _combo(shared_head_budget=True,
+                                             kmeans_value_weight=0.7, variance_cap=1.0,
+                                             value_correction=True,
+                                             retrieval_rank="error_value"),
 }
 # The one-sided accuracy bound (``bound_margin``), run beside the library's bounded
 # mode at every eps: margin (nats) and cap of the exact set.
