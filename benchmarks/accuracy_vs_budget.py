@@ -799,10 +799,13 @@ def plot_texts(res: dict, path: str) -> None:
     texts = list(res["texts"])
     fig, axes = plt.subplots(1, len(texts), figsize=(4.2 * len(texts), 4.4), squeeze=False)
     names = ["oracle"] + list(res["variants"])
+    # The default cycle repeats after 10 colours; more variants take tab20's.
+    colour = (lambda j: plt.get_cmap("tab20")(j % 20)) if len(names) > 10 else \
+        (lambda j: f"C{j}")
     for ax, text in zip(axes[0], texts):
         curves = res["texts"][text]["methods"]
         for j, name in enumerate(names):
-            st = TEXT_STYLE.get(name, dict(color=f"C{j}", marker="o",
+            st = TEXT_STYLE.get(name, dict(color=colour(j), marker="o",
                                            label=res["variants"].get(name, name)))
             pts = sorted(curves.get(name, []), key=lambda p: p["fraction_read"])
             if not pts:
@@ -828,11 +831,15 @@ def plot_texts(res: dict, path: str) -> None:
     h, l = axes[0][0].get_legend_handles_labels()
     uniq = dict(zip(l, h))
     fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=3, fontsize=8)
+    # Room for the legend below the panels (it grows with the variants).
+    rows = math.ceil(len(uniq) / 3)
+    fig.set_figheight(4.4 + 0.17 * rows)
+    bottom = (0.17 * rows + 0.55) / (4.4 + 0.17 * rows)
     m = res["meta"]
     fig.suptitle(f"{m['model_short']}, {m['num_tokens']} tokens per text, layers "
                  f"{','.join(map(str, m['layers']))}, last {m['num_queries']} positions, every "
                  "head; green: goal (median <= 2% at <= 3% read; + p90 5%)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
