@@ -330,7 +330,8 @@ class WaveIndex:
                         steady_lse: torch.Tensor) -> "ClusterSelection":
         """Ranks clusters by estimated softmax mass (:meth:`cluster_log_mass`, softmax
         over clusters summed over the GQA group) and splits them into retrieved and
-        estimated sets.
+        estimated sets (with ``retrieval_rank`` other than "mass", the retrieved set
+        is chosen inside the mass band by :meth:`_error_ranked`).
 
         Args:
             q: ``[H, G, D]`` grouped query; steady_lse: ``[H, G]`` lse of sinks+tail.
@@ -340,19 +341,22 @@ class WaveIndex:
         order = torch.argsort(score, dim=1, descending=True, stable=True)
         n_ret, n_est = self.budget()
         c = self.num_clusters
-        if self.config.error_bound is None:
-            k_ret = torch.full((self.num_kv_heads,), n_ret, dtype=torch.int64,
-                               device=self.device)
-            if self.config.shared_head_budget:
-                k_ret = self._shared_retrieval(logits, order, steady_lse, n_ret)
-        else:
-            k_ret = self._bounded_retrieval(logits, order, steady_lse, n_ret, q, scale)
-        rank = torch.arange(c, device=self.device).unsqueeze(0)
-        band_end = k_ret + n_est
         if self.config.retrieval_rank != "mass":
+            # Same band as the mass ranking; the exact set chosen inside it by the
+            # expected estimation error (retrieval_rank, fixed-fraction mode only).
             order, k_ret = self._error_ranked(q, scale, steady_lse, logits, order, n_ret,
                                               n_est)
             band_end = torch.full_like(k_ret, min(c, n_ret + n_est))
+        else:
+            if self.config.error_bound is None:
+                k_ret = torch.full((self.num_kv_heads,), n_ret, dtype=torch.int64,
+                                   device=self.device)
+                if self.config.shared_head_budget:
+                    k_ret = self._shared_retrieval(logits, order, steady_lse, n_ret)
+            else:
+                k_ret = self._bounded_retrieval(logits, order, steady_lse, n_ret, q, scale)
+            band_end = k_ret + n_est
+        rank = torch.arange(c, device=self.device).unsqueeze(0)
         retrieved_valid = rank < k_ret.unsqueeze(1)
         estimated_valid = (rank >= k_ret.unsqueeze(1)) & (rank < band_end.unsqueeze(1))
         # Both sets index the same ranking; validity masks say which entries count.
