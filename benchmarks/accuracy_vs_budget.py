@@ -569,7 +569,8 @@ GOAL = dict(read=0.03, median=0.02, p90=0.05, bound_share=0.99)
 
 def _combo(**changes) -> tuple:
     """(changes, label) of a variant whose label just lists its changes."""
-    return changes, "wave, " + ", ".join(k if v is True else f"{k} {v:g}"
+    return changes, "wave, " + ", ".join(k if v is True else f"{k} {v}" if isinstance(v, str)
+                                         else f"{k} {v:g}"
                                          for k, v in changes.items())
 
 
@@ -607,6 +608,29 @@ TEXT_VARIANTS: Dict[str, tuple] = {
                                  value_correction=True),
     "wave_shared_kv05_vcap1_vc": _combo(shared_head_budget=True, kmeans_value_weight=0.5,
                                         variance_cap=1.0, value_correction=True),
+    # Fifth pass: error-aware choice of the exact clusters inside the candidate band.
+    "wave_err": _combo(retrieval_rank="error"),
+    "wave_errv": _combo(retrieval_rank="error_value"),
+    "wave_shared_err": _combo(shared_head_budget=True, retrieval_rank="error"),
+    "wave_shared_errv": _combo(shared_head_budget=True, retrieval_rank="error_value"),
+    "wave_kv05_vcap1_vc_err": _combo(kmeans_value_weight=0.5, variance_cap=1.0,
+                                     value_correction=True, retrieval_rank="error"),
+    "wave_kv05_vcap1_vc_errv": _combo(kmeans_value_weight=0.5, variance_cap=1.0,
+                                      value_correction=True, retrieval_rank="error_value"),
+    "wave_shared_kv05_vcap1_vc_err": _combo(shared_head_budget=True, kmeans_value_weight=0.5,
+                                            variance_cap=1.0, value_correction=True,
+                                            retrieval_rank="error"),
+    "wave_shared_kv05_vcap1_vc_errv": _combo(shared_head_budget=True,
+                                             kmeans_value_weight=0.5, variance_cap=1.0,
+                                             value_correction=True,
+                                             retrieval_rank="error_value"),
+    "wave_shared_kv07_vcap1_vc_err": _combo(shared_head_budget=True, kmeans_value_weight=0.7,
+                                            variance_cap=1.0, value_correction=True,
+                                            retrieval_rank="error"),
+    "wave_shared_kv07_vcap1_vc_errv": _combo(shared_head_budget=True,
+                                             kmeans_value_weight=0.7, variance_cap=1.0,
+                                             value_correction=True,
+                                             retrieval_rank="error_value"),
 }
 # The one-sided accuracy bound (``bound_margin``), run beside the library's bounded
 # mode at every eps: margin (nats) and cap of the exact set.
@@ -641,6 +665,10 @@ def evaluate_text_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch
         ch = TEXT_VARIANTS[v][0]
         key = tuple((f, ch.get(f, getattr(BASE_CONFIG, f))) for f in INDEX_FIELDS)
         idx_cfgs.setdefault(key, BASE_CONFIG.replace(**{f: x for f, x in key}))
+    # retrieval_rank "error_value" needs each cluster's value spread, stored at build:
+    # every index stores it when a variant needs it (the other variants ignore it).
+    if any(TEXT_VARIANTS[v][0].get("retrieval_rank") == "error_value" for v in variants):
+        idx_cfgs = {k: c.replace(retrieval_rank="error_value") for k, c in idx_cfgs.items()}
     indexes = {k: WaveIndex.build(keys[:, :p0].float(), values[:, :p0].float(), c)
                for k, c in idx_cfgs.items()}
 
@@ -771,10 +799,13 @@ def plot_texts(res: dict, path: str) -> None:
     texts = list(res["texts"])
     fig, axes = plt.subplots(1, len(texts), figsize=(4.2 * len(texts), 4.4), squeeze=False)
     names = ["oracle"] + list(res["variants"])
+    # The default cycle repeats after 10 colours; more variants take tab20's.
+    colour = (lambda j: plt.get_cmap("tab20")(j % 20)) if len(names) > 10 else \
+        (lambda j: f"C{j}")
     for ax, text in zip(axes[0], texts):
         curves = res["texts"][text]["methods"]
         for j, name in enumerate(names):
-            st = TEXT_STYLE.get(name, dict(color=f"C{j}", marker="o",
+            st = TEXT_STYLE.get(name, dict(color=colour(j), marker="o",
                                            label=res["variants"].get(name, name)))
             pts = sorted(curves.get(name, []), key=lambda p: p["fraction_read"])
             if not pts:
@@ -800,11 +831,15 @@ def plot_texts(res: dict, path: str) -> None:
     h, l = axes[0][0].get_legend_handles_labels()
     uniq = dict(zip(l, h))
     fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=3, fontsize=8)
+    # Room for the legend below the panels (it grows with the variants).
+    rows = math.ceil(len(uniq) / 3)
+    fig.set_figheight(4.4 + 0.17 * rows)
+    bottom = (0.17 * rows + 0.55) / (4.4 + 0.17 * rows)
     m = res["meta"]
     fig.suptitle(f"{m['model_short']}, {m['num_tokens']} tokens per text, layers "
                  f"{','.join(map(str, m['layers']))}, last {m['num_queries']} positions, every "
                  "head; green: goal (median <= 2% at <= 3% read; + p90 5%)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -385,3 +385,239 @@ def test_value_correction_recovers_values_linear_in_keys():
     for idx in (on, off):
         idx.config = idx.config.replace(estimation_fraction=0.0)
     torch.testing.assert_close(on.attend(q), off.attend(q), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------
+# ``retrieval_rank`` (issue 16, fifth pass): inside the candidate band (the top
+# ``n_ret + n_est`` clusters by estimated mass) the exact set is the ``n_ret``
+# clusters with the largest expected estimation error instead of the largest mass.
+
+ERROR_RANKS = ("error", "error_value")
+
+
+def test_retrieval_rank_validation_gpu_refusal_and_public_op():
+    """Validated against its allowed values and the bounded mode; refused by the GPU
+    path; ``ops.decode_attention`` runs the reference for it (the C++ kernel ranks
+    by mass)."""
+    from vllm_retro.ops import decode_attention
+    for bad in ("Error", "errors", "", 1, None, True, "mass "):
+        with pytest.raises(ValueError, match="retrieval_rank"):
+            RetroConfig(retrieval_rank=bad)
+    with pytest.raises(ValueError, match="retrieval_rank"):
+        RetroConfig(retrieval_rank="error", error_bound=0.1)
+    RetroConfig(retrieval_rank="mass", error_bound=0.1)
+    assert RetroConfig().retrieval_rank == "mass"
+    for rr in ERROR_RANKS:
+        cfg = RetroConfig.from_dict({"retrieval_rank": rr})
+        assert cfg.retrieval_rank == rr
+        assert any("retrieval_rank" in r for r in check_config_for_paged(cfg, 16))
+    assert not any("retrieval_rank" in r for r in check_config_for_paged(RetroConfig(), 16))
+    k, v, c = clustered_kv(2, 1500, 32, n_centres=30, seed=81)
+    base = dict(retrieval_fraction=0.05, estimation_fraction=0.3, min_retrieval_tokens=0,
+                **SMALL)
+    q = peaked_query(c, 3, seed=82, sharp=0.3)
+    mass = WaveIndex.build(k, v, RetroConfig(**base)).attend(q)
+    for rr in ("error", "error_value"):
+        idx = WaveIndex.build(k, v, RetroConfig(retrieval_rank=rr, **base))
+        want = idx.attend(q)
+        torch.testing.assert_close(decode_attention(idx, q, None), want, rtol=0, atol=0)
+        assert not torch.allclose(want, mass, rtol=0, atol=1e-9)
+    # The value spread is stored at build: turned on afterwards it is refused.
+    idx = WaveIndex.build(k, v, RetroConfig(**base))
+    idx.config = idx.config.replace(retrieval_rank="error_value")
+    with pytest.raises(ValueError, match="error_value"):
+        idx.attend(q)
+
+
+def _brute_error_selection(index, q, scale, rr):
+    """Independent float64 selection, cluster by cluster in Python: log-masses from
+    the summaries, the mass ranking (softmax over clusters summed over the group,
+    ties by cluster id), the band, the error proxy from the clusters' real values
+    (value spread and mean value recomputed from the stored tokens), and the exact
+    set. Returns per head (band sorted by error, {id: (-error, mass rank)}, mass
+    order), n_ret and the band size."""
+    h, g = index.num_kv_heads, q.shape[0] // index.num_kv_heads
+    cap = index.config.variance_cap
+    n_ret, n_est = index.budget()
+    c = index.num_clusters
+    band = min(c, n_ret + n_est)
+    st_k = torch.cat([index.sink_keys, index.tail_keys], 1)
+    st_v = torch.cat([index.sink_values, index.tail_values], 1)
+    heads = []
+    for hh in range(h):
+        lm, tt = [[0.0] * c for _ in range(g)], [[0.0] * c for _ in range(g)]
+        for gg in range(g):
+            qq = q[hh * g + gg].double()
+            for ci in range(c):
+                n = int(index.sizes[hh, ci])
+                t = 0.5 * scale * scale * float((qq * qq * index.key_vars[hh, ci]).sum())
+                lm[gg][ci] = (math.log(n) + scale * float(qq @ index.centroids[hh, ci])
+                              + min(t, cap)) if n else -math.inf
+                tt[gg][ci] = t
+        score = [sum(math.exp(lm[gg][ci] - max(lm[gg])) /
+                     sum(math.exp(x - max(lm[gg])) for x in lm[gg]) for gg in range(g))
+                 for ci in range(c)]
+        order = sorted(range(c), key=lambda ci: (-score[ci], ci))
+        err = {}
+        for r, ci in enumerate(order[:band]):
+            s, n = int(index.starts[hh, ci]), int(index.sizes[hh, ci])
+            vv = index.values[hh, s:s + n].double()
+            mean = vv.mean(0)
+            sigma = math.sqrt(float(((vv - mean) ** 2).sum(1).mean()))
+            e = 0.0
+            for gg in range(g):
+                qq = q[hh * g + gg].double()
+                ls = torch.logsumexp(st_k[hh] @ qq * scale, 0).item()
+                total = math.log(sum(math.exp(x) for x in lm[gg]) + math.exp(ls))
+                m = math.exp(lm[gg][ci] - total)
+                if rr == "error_value":
+                    p = torch.softmax(st_k[hh] @ qq * scale, 0)
+                    o, wsum = math.exp(ls - total) * (p @ st_v[hh].double()), math.exp(ls - total)
+                    for cj in order[:band]:       # steady part and the band's mean values
+                        sj, nj = int(index.starts[hh, cj]), int(index.sizes[hh, cj])
+                        if nj:
+                            o = o + math.exp(lm[gg][cj] - total) * \
+                                index.values[hh, sj:sj + nj].double().mean(0)
+                            wsum += math.exp(lm[gg][cj] - total)
+                    d = float((mean - o / wsum).norm())
+                    e += m * (tt[gg][ci] * d + math.sqrt(2 * tt[gg][ci]) * sigma)
+                else:
+                    e += m * tt[gg][ci]
+            err[ci] = (-e, r)
+        heads.append((sorted(order[:band], key=lambda ci: err[ci]), err, order))
+    return heads, n_ret, band
+
+
+@pytest.mark.parametrize("seed,rr", [(0, "error"), (1, "error_value"), (2, "error"),
+                                     (4, "error_value"), (5, "error_value")])
+def test_error_rank_matches_brute_force_float64(seed, rr):
+    """On fresh random clustered KV and queries, the exact and estimated sets equal
+    an independent float64 brute force, and the output equals float64 attention
+    over sinks, tail and the exact clusters merged with the estimate of the rest of
+    the band, computed cluster by cluster."""
+    k, v, c = clustered_kv(2, 1400, 16, n_centres=24, noise=0.4, seed=100 + seed)
+    cfg = RetroConfig(retrieval_fraction=0.06, estimation_fraction=0.25,
+                      min_retrieval_tokens=0, retrieval_rank=rr, **SMALL)
+    index = WaveIndex.build(k, v, cfg)
+    q = peaked_query(c, 2, seed=200 + seed, sharp=0.3)
+    scale = 0.25
+    qg = q.reshape(2, 2, 16)
+    brute, n_ret, band = _brute_error_selection(index, q, scale, rr)
+    heads = [b[0] for b in brute]
+    sel = index.select_clusters(qg, scale, _steady_lse(index, qg, scale))
+    for hh in range(2):
+        got_r = set(sel.retrieved[hh][sel.retrieved_valid[hh]].tolist())
+        got_e = set(sel.estimated[hh][sel.estimated_valid[hh]].tolist())
+        assert got_r == set(heads[hh][:n_ret])
+        assert got_e == set(heads[hh][n_ret:band])
+        # Same band as the mass ranking: exact + estimated cover its top n_ret + n_est.
+        assert got_r | got_e == set(brute[hh][2][:band])
+    # ... but a different exact set on at least one head.
+    assert any(set(heads[hh][:n_ret]) != set(brute[hh][2][:n_ret]) for hh in range(2))
+    out = index.attend(q, scale)
+    ref = torch.empty_like(out)
+    for hh in range(2):
+        parts_o, parts_l = [], []
+        kk = [index.sink_keys[hh], index.tail_keys[hh]]
+        vv = [index.sink_values[hh], index.tail_values[hh]]
+        for ci in heads[hh][:n_ret]:
+            s, n = int(index.starts[hh, ci]), int(index.sizes[hh, ci])
+            kk.append(index.keys[hh, s:s + n])
+            vv.append(index.values[hh, s:s + n])
+        kk, vv = torch.cat(kk), torch.cat(vv)
+        for gg in range(2):
+            qq = q[2 * hh + gg]
+            logits = [kk @ qq * scale]
+            vals = [vv]
+            for ci in heads[hh][n_ret:band]:
+                n = int(index.sizes[hh, ci])
+                t = 0.5 * scale * scale * float((qq * qq * index.key_vars[hh, ci]).sum())
+                logits.append(torch.tensor([math.log(n) + scale * float(
+                    qq @ index.centroids[hh, ci]) + min(t, cfg.variance_cap)],
+                    dtype=torch.float64))
+                vals.append((index.value_sums[hh, ci] / n).unsqueeze(0))
+            p = torch.softmax(torch.cat(logits), 0)
+            ref[2 * hh + gg] = p @ torch.cat(vals)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed,rr", [(5, "error"), (6, "error_value")])
+def test_error_rank_shared_budget_counts_match_brute_force(seed, rr):
+    """With ``shared_head_budget`` the layer's ``n_ret * H`` exact clusters go to
+    every head's top error proxy plus the largest other proxies of the heads'
+    bands (picked here one at a time in Python); the band stays the mass band, so
+    every head's exact + estimated clusters are its top ``n_ret + n_est``."""
+    k, v, c = clustered_kv(3, 1400, 16, n_centres=24, noise=0.4, seed=100 + seed)
+    cfg = RetroConfig(retrieval_fraction=0.06, estimation_fraction=0.25,
+                      min_retrieval_tokens=0, retrieval_rank=rr, shared_head_budget=True,
+                      **SMALL)
+    index = WaveIndex.build(k, v, cfg)
+    q = peaked_query(c, 2, seed=300 + seed, sharp=0.3)
+    q[:2] *= 0.1                          # head 0 flat: the allocation is uneven
+    scale = 0.25
+    qg = q.reshape(3, 2, 16)
+    brute, n_ret, band = _brute_error_selection(index, q, scale, rr)
+    cands = sorted((brute[hh][1][ci][0], hh, i) for hh in range(3)
+                   for i, ci in enumerate(brute[hh][0][1:], 1))
+    counts = [1] * 3
+    for _, hh, _ in cands[:(n_ret - 1) * 3]:
+        counts[hh] += 1
+    sel = index.select_clusters(qg, scale, _steady_lse(index, qg, scale))
+    assert sel.k_retrieved.tolist() == counts and len(set(counts)) > 1
+    for hh in range(3):
+        got_r = set(sel.retrieved[hh][sel.retrieved_valid[hh]].tolist())
+        got_e = set(sel.estimated[hh][sel.estimated_valid[hh]].tolist())
+        assert got_r == set(brute[hh][0][:counts[hh]])
+        assert got_e == set(brute[hh][0][counts[hh]:band])
+
+
+def test_retrieval_rank_mass_is_bit_identical_to_the_mass_ranking():
+    """"mass" (the default) changes nothing: the output equals, bit for bit, the
+    C++ kernel's (today's ranking, when built) and an index built with the value
+    spread stored ("error_value") then switched to "mass"; the exact set is the
+    prefix of the mass order. And an error rank with no estimated band (n_est 0)
+    reads the same clusters as "mass", bit for bit."""
+    from vllm_retro import ops
+    k, v, c = clustered_kv(2, 2000, 32, n_centres=30, seed=91)
+    base = dict(retrieval_fraction=0.04, estimation_fraction=0.3, min_retrieval_tokens=0,
+                **SMALL)
+    mass = WaveIndex.build(k, v, RetroConfig(**base))
+    stored = WaveIndex.build(k, v, RetroConfig(retrieval_rank="error_value", **base))
+    assert stored.value_vars.shape == mass.sizes.shape and mass.value_vars.numel() == 0
+    stored.config = stored.config.replace(retrieval_rank="mass")
+    for s in range(3):
+        q = peaked_query(c, 2, seed=400 + s, sharp=0.4)
+        want = mass.attend(q)
+        torch.testing.assert_close(stored.attend(q), want, rtol=0, atol=0)
+        if ops.has_extension():
+            torch.testing.assert_close(ops.decode_attention(mass, q, None), want,
+                                       rtol=1e-12, atol=1e-12)
+        qg = q.reshape(2, 2, 32)
+        sel = mass.select_clusters(qg, 1 / math.sqrt(32),
+                                   _steady_lse(mass, qg, 1 / math.sqrt(32)))
+        lm = mass.cluster_log_mass(qg, 1 / math.sqrt(32))
+        order = torch.argsort(torch.softmax(lm, -1).sum(1), dim=1, descending=True,
+                              stable=True)
+        assert torch.equal(sel.retrieved, order)
+        n_ret, _ = mass.budget()
+        assert sel.retrieved_valid.sum(1).tolist() == [n_ret, n_ret]
+    no_band = dict(base, estimation_fraction=0.0)
+    a = WaveIndex.build(k, v, RetroConfig(**no_band))
+    b = WaveIndex.build(k, v, RetroConfig(retrieval_rank="error", **no_band))
+    q = peaked_query(c, 2, seed=499, sharp=0.4)
+    torch.testing.assert_close(b.attend(q), a.attend(q), rtol=0, atol=0)
+
+
+def test_cluster_value_vars_match_the_tokens():
+    """The stored value spread is the mean squared deviation of each cluster's
+    values from its mean value, recomputed here cluster by cluster."""
+    k, v, _ = clustered_kv(2, 900, 16, n_centres=12, seed=95)
+    idx = WaveIndex.build(k, v, RetroConfig(retrieval_rank="error_value", **SMALL))
+    assert idx.value_vars.shape == idx.sizes.shape
+    for h in range(2):
+        for ci in range(idx.num_clusters):
+            s, n = idx.starts[h, ci].item(), idx.sizes[h, ci].item()
+            vv = idx.values[h, s:s + n]
+            want = ((vv - vv.mean(0)) ** 2).sum(1).mean() if n else torch.tensor(0.0)
+            torch.testing.assert_close(idx.value_vars[h, ci], want.double(),
+                                       rtol=1e-10, atol=1e-12)

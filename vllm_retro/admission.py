@@ -26,6 +26,10 @@ def index_bytes_per_token(num_kv_heads: int, head_dim: int, kv_dtype_bytes: int,
     """Upper bound of index bytes per token of one layer (all KV heads)."""
     kv = 2 * head_dim * kv_dtype_bytes + 8      # keys + values + position
     per_cluster = CLUSTER_VECTORS * head_dim * 4 + CLUSTER_INT64S * 8
+    if config.value_correction:                 # sigma*u and w of each cluster
+        per_cluster += 2 * head_dim * 4
+    if config.retrieval_rank == "error_value":  # each cluster's value spread
+        per_cluster += 4
     return num_kv_heads * (kv + per_cluster / config.cluster_size)
 
 

@@ -31,6 +31,10 @@ def _check_float(name: str, value: Any, lo: float, hi: float,
         raise ValueError(f"RetroConfig.{name} must be in {left}{lo}, {hi}], got {value}")
 
 
+# RetroConfig.retrieval_rank: how the exact set is chosen inside the candidate band.
+RETRIEVAL_RANKS = ("mass", "error", "error_value")
+
+
 @dataclass(frozen=True)
 class RetroConfig:
     """Knobs of the wave index (per request, per KV head) and of decode attention.
@@ -87,6 +91,19 @@ class RetroConfig:
             mean value: the first-order change of the softmax-weighted mean value
             with the query. Reference only: ``ops.decode_attention`` runs the torch
             reference with it, the GPU path refuses it.
+        retrieval_rank: opt-in, fixed-fraction mode only ("mass": the library
+            ranking). Which clusters of the candidate band (the top ``n_ret + n_est``
+            by estimated mass, the same band as with "mass") are read exactly: the
+            ``n_ret`` with the largest expected estimation error instead of the
+            largest mass; the rest of the band is estimated. "error": estimated mass
+            share times the uncapped key-variance term ``s^2/2 sum_d q_d^2 var_d``
+            (no bytes added). "error_value": mass share times ``t |mean v - o| +
+            sqrt(2 t) sigma_v`` (``t`` that term, ``o`` the estimated output,
+            ``sigma_v`` the cluster's rms value deviation from its mean value: one
+            float per cluster stored at build, read for the band). With
+            ``shared_head_budget`` the layer's ``n_ret * H`` exact clusters go to the
+            largest error proxies of the heads' bands (every head keeps one).
+            Reference only: the C++ and GPU kernels rank by mass.
         dense_below: context length below which the vLLM backend decodes densely
             (0: only the index's own short-sequence fallback applies).
         host_memory_gib: host memory the vLLM backend's indexes of one worker may
@@ -121,6 +138,7 @@ class RetroConfig:
     variance_cap: float = 2.0
     shared_head_budget: bool = False
     value_correction: bool = False
+    retrieval_rank: str = "mass"
     dense_below: int = 0
     host_memory_gib: Optional[float] = None
     log_stats_interval_s: float = 10.0
@@ -170,6 +188,13 @@ class RetroConfig:
         if not isinstance(self.value_correction, bool):
             raise ValueError("RetroConfig.value_correction must be a bool, got "
                              f"{self.value_correction!r}")
+        if self.retrieval_rank not in RETRIEVAL_RANKS:
+            raise ValueError(f"RetroConfig.retrieval_rank must be one of {RETRIEVAL_RANKS}, "
+                             f"got {self.retrieval_rank!r}")
+        if self.retrieval_rank != "mass" and self.error_bound is not None:
+            raise ValueError("RetroConfig.retrieval_rank applies to the fixed-fraction mode; "
+                             "error_bound sizes the exact set from the mass ranking (leave "
+                             "retrieval_rank 'mass')")
         _check_int("dense_below", self.dense_below, 0, 1 << 24)
         if self.host_memory_gib is not None:
             _check_float("host_memory_gib", self.host_memory_gib, 0.0, 1 << 20, lo_open=True)

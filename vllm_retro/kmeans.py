@@ -130,6 +130,21 @@ def cluster_layout(keys: torch.Tensor, values: torch.Tensor, assign: torch.Tenso
     return ClusterLayout(order, sizes, starts, centroids, value_sums, key_vars)
 
 
+def cluster_value_vars(values: torch.Tensor, assign: torch.Tensor,
+                       value_sums: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """``[H, C]`` mean squared deviation ``(1/n) sum_i |v_i - mean v|^2`` of each
+    cluster's values from its mean value (``RetroConfig.retrieval_rank``
+    "error_value"); zero for empty clusters. ``value_sums``, ``sizes`` from
+    :func:`cluster_layout`."""
+    cdt = value_sums.dtype
+    d = values.shape[-1]
+    nn = sizes.clamp_min(1).unsqueeze(-1).to(cdt)
+    dv = values.to(cdt) - torch.gather(value_sums / nn, 1,
+                                       assign.unsqueeze(-1).expand(-1, -1, d))
+    sq = (dv * dv).sum(-1, keepdim=True)
+    return (segment_sums(sq, assign, value_sums.shape[1]) / nn).squeeze(-1)
+
+
 def kv_cross_rank1(keys: torch.Tensor, values: torch.Tensor, assign: torch.Tensor,
                    centroids: torch.Tensor, value_sums: torch.Tensor, sizes: torch.Tensor,
                    chunk: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:

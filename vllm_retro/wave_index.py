@@ -24,7 +24,8 @@ from .attention import (cluster_log_mass, compute_dtype, default_scale,
                         estimated_attention, group_query, merge_partials,
                         partial_attention)
 from .config import RetroConfig
-from .kmeans import cluster_layout, kv_cross_rank1, spherical_kmeans
+from .kmeans import (cluster_layout, cluster_value_vars, kv_cross_rank1,
+                     spherical_kmeans)
 
 
 @dataclass
@@ -78,6 +79,9 @@ class WaveIndex:
         # (kept empty, [H, 0, D], when the option is off).
         self.kv_u = empty(h, 0, d, dt=cdt)
         self.kv_w = empty(h, 0, d, dt=cdt)
+        # retrieval_rank "error_value": mean squared deviation of each cluster's values
+        # from its mean value, one float per cluster ([H, 0] when not needed).
+        self.value_vars = empty(h, 0, dt=cdt)
         self.sizes = empty(h, 0, dt=torch.int64)
         self.starts = empty(h, 0, dt=torch.int64)      # offsets into ``keys``
         self.num_segments = 0
@@ -126,8 +130,8 @@ class WaveIndex:
         """Bytes held by this index's tensors (tail counted at capacity)."""
         ts = (self.sink_keys, self.sink_values, self._tail_keys, self._tail_values,
               self.keys, self.values, self.positions, self.centroids,
-              self.value_sums, self.key_vars, self.kv_u, self.kv_w, self.sizes,
-              self.starts)
+              self.value_sums, self.key_vars, self.kv_u, self.kv_w, self.value_vars,
+              self.sizes, self.starts)
         return sum(t.numel() * t.element_size() for t in ts)
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -222,6 +226,10 @@ class WaveIndex:
             ku, kw = kv_cross_rank1(k, v, assign, lay.centroids, lay.value_sums, lay.sizes)
             self.kv_u = torch.cat([self.kv_u, ku], dim=1)
             self.kv_w = torch.cat([self.kv_w, kw], dim=1)
+        if self.config.retrieval_rank == "error_value":
+            self.value_vars = torch.cat(
+                [self.value_vars, cluster_value_vars(v, assign, lay.value_sums, lay.sizes)],
+                dim=1)
         self.sizes = torch.cat([self.sizes, lay.sizes], dim=1)
         self.starts = torch.cat([self.starts, lay.starts + base], dim=1)
         self.num_segments += 1
@@ -322,7 +330,8 @@ class WaveIndex:
                         steady_lse: torch.Tensor) -> "ClusterSelection":
         """Ranks clusters by estimated softmax mass (:meth:`cluster_log_mass`, softmax
         over clusters summed over the GQA group) and splits them into retrieved and
-        estimated sets.
+        estimated sets (with ``retrieval_rank`` other than "mass", the retrieved set
+        is chosen inside the mass band by :meth:`_error_ranked`).
 
         Args:
             q: ``[H, G, D]`` grouped query; steady_lse: ``[H, G]`` lse of sinks+tail.
@@ -332,18 +341,90 @@ class WaveIndex:
         order = torch.argsort(score, dim=1, descending=True, stable=True)
         n_ret, n_est = self.budget()
         c = self.num_clusters
-        if self.config.error_bound is None:
-            k_ret = torch.full((self.num_kv_heads,), n_ret, dtype=torch.int64,
-                               device=self.device)
-            if self.config.shared_head_budget:
-                k_ret = self._shared_retrieval(logits, order, steady_lse, n_ret)
+        if self.config.retrieval_rank != "mass":
+            # Same band as the mass ranking; the exact set chosen inside it by the
+            # expected estimation error (retrieval_rank, fixed-fraction mode only).
+            order, k_ret = self._error_ranked(q, scale, steady_lse, logits, order, n_ret,
+                                              n_est)
+            band_end = torch.full_like(k_ret, min(c, n_ret + n_est))
         else:
-            k_ret = self._bounded_retrieval(logits, order, steady_lse, n_ret, q, scale)
+            if self.config.error_bound is None:
+                k_ret = torch.full((self.num_kv_heads,), n_ret, dtype=torch.int64,
+                                   device=self.device)
+                if self.config.shared_head_budget:
+                    k_ret = self._shared_retrieval(logits, order, steady_lse, n_ret)
+            else:
+                k_ret = self._bounded_retrieval(logits, order, steady_lse, n_ret, q, scale)
+            band_end = k_ret + n_est
         rank = torch.arange(c, device=self.device).unsqueeze(0)
         retrieved_valid = rank < k_ret.unsqueeze(1)
-        estimated_valid = (rank >= k_ret.unsqueeze(1)) & (rank < (k_ret + n_est).unsqueeze(1))
+        estimated_valid = (rank >= k_ret.unsqueeze(1)) & (rank < band_end.unsqueeze(1))
         # Both sets index the same ranking; validity masks say which entries count.
         return ClusterSelection(order, retrieved_valid, order, estimated_valid, k_ret)
+
+    def cluster_error_proxy(self, q: torch.Tensor, scale: float, steady_lse: torch.Tensor,
+                            logits: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+        """``[H, K]`` expected estimation error of the clusters ``band [H, K]`` were
+        they estimated (``retrieval_rank``), summed over the GQA group.
+
+        ``m = exp(logit - total)`` is the cluster's estimated share of a query head's
+        attention (``logits``: :meth:`cluster_log_mass`; ``total`` includes the
+        steady part), ``t = s^2/2 sum_d q_d^2 var_d`` the uncapped key-variance term
+        (the variance of the logits inside the cluster is ``2 t`` under the
+        diagonal model). "error": ``m t`` (the log-mass error grows with ``t``).
+        "error_value": ``m (t |mean v - o| + sqrt(2 t) sigma_v)``: the mass error
+        moves the output along ``mean v - o`` (``o``: the output estimated from the
+        steady part and the band's mean values), and the attention-weighted value
+        differs from the mean value by at most ``sqrt(var logit) sigma_v``
+        (Cauchy-Schwarz, first order). Reads only the band's summaries."""
+        cdt = compute_dtype(self.dtype)
+        total = torch.logaddexp(torch.logsumexp(logits, dim=-1), steady_lse)   # [H, G]
+        gi = band.unsqueeze(-1).expand(-1, -1, self.head_dim)
+        lb = torch.gather(logits, 2, band.unsqueeze(1).expand(-1, logits.shape[1], -1))
+        m = torch.exp(lb - total.unsqueeze(-1)).nan_to_num(0.0)                 # [H, G, K]
+        var = torch.gather(self.key_vars, 1, gi).to(cdt)
+        t = torch.einsum("hgd,hkd->hgk", q * q, var) * (0.5 * scale * scale)
+        if self.config.retrieval_rank == "error":
+            return (m * t).sum(dim=1)
+        if self.value_vars.shape[1] != self.num_clusters:
+            raise ValueError("retrieval_rank 'error_value' was turned on after clusters "
+                             "were built without it: build the index with the option set")
+        sizes = torch.gather(self.sizes, 1, band).clamp_min(1).to(cdt)
+        means = torch.gather(self.value_sums, 1, gi).to(cdt) / sizes.unsqueeze(-1)
+        steady_k = torch.cat([self.sink_keys, self.tail_keys], dim=1)
+        steady_v = torch.cat([self.sink_values, self.tail_values], dim=1)
+        out_s, _ = partial_attention(q, steady_k, steady_v, scale)
+        w_s = torch.exp(steady_lse - total).nan_to_num(0.0)                     # [H, G]
+        norm = (w_s + m.sum(-1)).clamp_min(1e-300).unsqueeze(-1)
+        o = (w_s.unsqueeze(-1) * out_s + torch.einsum("hgk,hkd->hgd", m, means)) / norm
+        dist = torch.linalg.vector_norm(means.unsqueeze(1) - o.unsqueeze(2), dim=-1)
+        sigma = torch.gather(self.value_vars, 1, band).to(cdt).clamp_min(0).sqrt()
+        return (m * (t * dist + torch.sqrt(2 * t) * sigma.unsqueeze(1))).sum(dim=1)
+
+    def _error_ranked(self, q: torch.Tensor, scale: float, steady_lse: torch.Tensor,
+                      logits: torch.Tensor, order: torch.Tensor, n_ret: int, n_est: int):
+        """(order, k_ret) when ``retrieval_rank`` is not "mass": the candidate band
+        (the top ``n_ret + n_est`` of the mass ranking ``order``) is re-sorted by
+        :meth:`cluster_error_proxy` (descending, ties in mass order) and the rest
+        keeps its mass order, so the exact set is a prefix and the estimated set the
+        rest of the band. ``k_ret``: ``n_ret`` per head, or with
+        ``shared_head_budget`` every head's top one plus the largest
+        ``(n_ret - 1) * H`` proxies of the heads' other band entries (ties: lower
+        head, then better rank)."""
+        h, c = self.num_kv_heads, self.num_clusters
+        band = min(c, n_ret + n_est)
+        err = self.cluster_error_proxy(q, scale, steady_lse, logits, order[:, :band])
+        perm = torch.argsort(err, dim=1, descending=True, stable=True)
+        order = torch.cat([torch.gather(order[:, :band], 1, perm), order[:, band:]], dim=1)
+        k_ret = torch.full((h,), min(n_ret, band), dtype=torch.int64, device=self.device)
+        if not self.config.shared_head_budget or n_ret <= 1 or band <= 1:
+            return order, k_ret
+        err = torch.gather(err, 1, perm)                                  # descending
+        pick = torch.argsort(err[:, 1:].reshape(-1), descending=True,
+                             stable=True)[:(n_ret - 1) * h]
+        k_ret = 1 + torch.bincount(torch.div(pick, band - 1, rounding_mode="floor"),
+                                   minlength=h)
+        return order, k_ret
 
     def _shared_retrieval(self, logits: torch.Tensor, order: torch.Tensor,
                           steady_lse: torch.Tensor, n_ret: int) -> torch.Tensor:

@@ -183,6 +183,10 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
         reasons.append("value_correction (rank-1 key-value correction of estimated "
                        "clusters) is not implemented by the GPU index build or decode "
                        "kernels")
+    if config.retrieval_rank != "mass":
+        reasons.append(f"retrieval_rank {config.retrieval_rank!r} (error-aware choice of "
+                       "the exact clusters) is not implemented by the GPU decode kernels, "
+                       "which rank by mass")
     if config.kmeans_value_weight != 0.0:
         reasons.append(f"kmeans_value_weight {config.kmeans_value_weight}: the GPU index "
                        "build clusters keys only")
