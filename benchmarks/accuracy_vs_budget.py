@@ -608,29 +608,19 @@ TEXT_VARIANTS: Dict[str, tuple] = {
                                  value_correction=True),
     "wave_shared_kv05_vcap1_vc": _combo(shared_head_budget=True, kmeans_value_weight=0.5,
                                         variance_cap=1.0, value_correction=True),
-    # Fifth pass: error-aware choice of the exact clusters inside the candidate band.
-    "wave_err": _combo(retrieval_rank="error"),
-    "wave_errv": _combo(retrieval_rank="error_value"),
-    "wave_shared_err": _combo(shared_head_budget=True, retrieval_rank="error"),
-    "wave_shared_errv": _combo(shared_head_budget=True, retrieval_rank="error_value"),
-    "wave_kv05_vcap1_vc_err": _combo(kmeans_value_weight=0.5, variance_cap=1.0,
-                                     value_correction=True, retrieval_rank="error"),
-    "wave_kv05_vcap1_vc_errv": _combo(kmeans_value_weight=0.5, variance_cap=1.0,
-                                      value_correction=True, retrieval_rank="error_value"),
-    "wave_shared_kv05_vcap1_vc_err": _combo(shared_head_budget=True, kmeans_value_weight=0.5,
-                                            variance_cap=1.0, value_correction=True,
-                                            retrieval_rank="error"),
-    "wave_shared_kv05_vcap1_vc_errv": _combo(shared_head_budget=True,
-                                             kmeans_value_weight=0.5, variance_cap=1.0,
-                                             value_correction=True,
-                                             retrieval_rank="error_value"),
-    "wave_shared_kv07_vcap1_vc_err": _combo(shared_head_budget=True, kmeans_value_weight=0.7,
-                                            variance_cap=1.0, value_correction=True,
-                                            retrieval_rank="error"),
-    "wave_shared_kv07_vcap1_vc_errv": _combo(shared_head_budget=True,
-                                             kmeans_value_weight=0.7, variance_cap=1.0,
-                                             value_correction=True,
-                                             retrieval_rank="error_value"),
+    # Fifth pass: error-aware choice of the exact clusters inside the candidate band,
+    # alone and on top of earlier combinations.
+    **{f"wave_{base}{tag}": _combo(**opts, retrieval_rank=rank)
+       for base, opts in (
+           ("", {}),
+           ("shared_", dict(shared_head_budget=True)),
+           ("kv05_vcap1_vc_", dict(kmeans_value_weight=0.5, variance_cap=1.0,
+                                   value_correction=True)),
+           ("shared_kv05_vcap1_vc_", dict(shared_head_budget=True, kmeans_value_weight=0.5,
+                                          variance_cap=1.0, value_correction=True)),
+           ("shared_kv07_vcap1_vc_", dict(shared_head_budget=True, kmeans_value_weight=0.7,
+                                          variance_cap=1.0, value_correction=True)))
+       for tag, rank in (("err", "error"), ("errv", "error_value"))},
 }
 # The one-sided accuracy bound (``bound_margin``), run beside the library's bounded
 # mode at every eps: margin (nats) and cap of the exact set.
