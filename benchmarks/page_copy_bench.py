@@ -75,7 +75,12 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/page_copy_h200.json")
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--plot", help="only plot this results JSON (to the same name .png)")
     args = ap.parse_args(argv)
+    if args.plot:
+        with open(args.plot) as f:
+            plot(json.load(f), os.path.splitext(args.plot)[0] + ".png")
+        return
     if not DRY and not torch.cuda.is_available():
         sys.exit("page_copy_bench: needs a CUDA GPU (the zero-copy reads are the point); "
                  "--dry-run checks the script on CPU")
@@ -166,6 +171,33 @@ def main(argv=None) -> None:
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print("wrote", args.out)
+    if not DRY:
+        plot(out, os.path.splitext(args.out)[0] + ".png")
+
+
+def plot(res: dict, path: str) -> None:
+    """Copy rate against the number of random pages, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = res["records"]
+    pages = [r["pages"] for r in recs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("zero_copy_gbs", "zero-copy Triton gather (pinned arena)"),
+                       ("host_gather_copy_gbs", "host gather + copy engine"),
+                       ("contiguous_gbs", "contiguous copy (PCIe reference)")):
+        ax.plot(pages, [r[key] for r in recs], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(f"random pages of {res['page_bytes'] // 1024} KiB per copy")
+    ax.set_ylabel("GB/s host -> device")
+    ax.set_title(f"cluster-cache misses over PCIe, {res['device']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print("wrote", path)
 
 
 if __name__ == "__main__":
