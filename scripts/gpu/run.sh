@@ -8,7 +8,7 @@
 # Stages: kernels (kernel tests on the GPU), kbench (decode attention per layer vs
 # FA3), ibuild (index build of one long prompt, profiled; IBUILD_ARGS), sweep
 # (launch parameters of the decode kernels, SWEEP_ARGS), engine (vLLM
-# engine tests under vLLM's defaults), wavebuf (the wave buffer's host mirror, cluster
+# engine tests under vLLM's defaults; ENGINE_ARGS, e.g. -k isolation), wavebuf (the wave buffer's host mirror, cluster
 # cache and vLLM block release tests: pinned memory and zero-copy copies on the GPU,
 # RetroSpec under vLLM 0.26), pagecopy (misses of the cluster cache over PCIe:
 # zero-copy Triton reads vs host gather + copy engine; PAGECOPY_ARGS), smollm2 (SmolLM2 through
@@ -75,7 +75,10 @@ for s in $STAGES; do
               --out "$OUT/index_build_h200.json" 2>&1 | tee "$OUT/ibuild.log" | tail -20 ;;
     sweep) python3 benchmarks/decode_kernel_sweep.py ${SWEEP_ARGS:-} \
               --out "$OUT/decode_kernel_sweep_h200.json" 2>&1 | tee "$OUT/sweep.log" | tail -40 ;;
-    engine) python3 -m pytest -q -x tests/gpu/test_engine_gpu.py 2>&1 | tee "$OUT/engine.log" | tail -25 ;;
+    # -p no:logging: vLLM's captured DEBUG records would bury the assertion in the tail.
+    engine) python3 -m pytest -q -x -p no:logging tests/gpu/test_engine_gpu.py ${ENGINE_ARGS:-} \
+              2>&1 | tee "$OUT/engine.log" | grep -v "^INFO\|^DEBUG\|^WARNING\|^(EngineCore" \
+              | tail -40 ;;
     wavebuf) python3 -m pytest -q tests/memory tests/test_kv_spec.py 2>&1 \
               | tee "$OUT/wavebuf.log" | tail -25 ;;
     pagecopy) python3 benchmarks/page_copy_bench.py ${PAGECOPY_ARGS:-} \
