@@ -7,9 +7,9 @@
 #
 # Stages: kernels (kernel tests on the GPU), kbench (decode attention per layer vs
 # FA3), ibuild (index build of one long prompt, profiled; IBUILD_ARGS), sweep
-# (launch parameters of the decode kernels, SWEEP_ARGS), engine (vLLM
-# engine tests under vLLM's defaults; ENGINE_ARGS, e.g. -k isolation), wavebuf (the wave buffer's host mirror, cluster
-# cache and vLLM block release tests: pinned memory and zero-copy copies on the GPU,
+# (launch parameters of the decode kernels, SWEEP_ARGS), engine (vLLM engine tests
+# under vLLM's defaults; ENGINE_ARGS, e.g. -k isolation), wavebuf (the wave buffer's
+# host mirror, cluster cache and vLLM block release tests: pinned memory and zero-copy copies on the GPU,
 # RetroSpec under vLLM 0.26), pagecopy (misses of the cluster cache over PCIe:
 # zero-copy Triton reads vs host gather + copy engine; PAGECOPY_ARGS), smollm2 (SmolLM2 through
 # vLLM, retro vs dense; needs the .gpu-carry/ parts of scripts/gpu/prepare_carry.sh,
