@@ -621,6 +621,22 @@ TEXT_VARIANTS: Dict[str, tuple] = {
            ("shared_kv07_vcap1_vc_", dict(shared_head_budget=True, kmeans_value_weight=0.7,
                                           variance_cap=1.0, value_correction=True)))
        for tag, rank in (("err", "error"), ("errv", "error_value"))},
+    # Sixth pass: per-query adaptive exact budget (same mean read), alone and on top
+    # of the fifth pass's best combinations.
+    **{f"wave_{base}ad{tag}": _combo(**opts, adaptive_budget=a)
+       for base, opts in (
+           ("", {}),
+           ("kv05_vcap1_vc_err_", dict(kmeans_value_weight=0.5, variance_cap=1.0,
+                                       value_correction=True, retrieval_rank="error")),
+           ("shared_kv05_vcap1_vc_errv_", dict(shared_head_budget=True,
+                                               kmeans_value_weight=0.5, variance_cap=1.0,
+                                               value_correction=True,
+                                               retrieval_rank="error_value")),
+           ("shared_kv07_vcap1_vc_errv_", dict(shared_head_budget=True,
+                                               kmeans_value_weight=0.7, variance_cap=1.0,
+                                               value_correction=True,
+                                               retrieval_rank="error_value")))
+       for tag, a in (("05", 0.5), ("09", 0.9))},
 }
 # The one-sided accuracy bound (``bound_margin``), run beside the library's bounded
 # mode at every eps: margin (nats) and cap of the exact set.
@@ -667,6 +683,9 @@ def evaluate_text_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch
                              for f in INDEX_FIELDS)]
 
     base_index = index_of({})
+    # adaptive_budget: each (variant, target) keeps its own difficulty history on the
+    # shared index, swapped in around its attend (as one serving index would).
+    histories: Dict[tuple, Optional[torch.Tensor]] = {}
     for i, p in enumerate(qpos):
         p = int(p)
         t = p + 1
@@ -709,7 +728,10 @@ def evaluate_text_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch
                 steady = idx.sink_keys.shape[1] + idx.tail_len
                 n = B.cluster_token_budget(idx, q.float(), scale, total - steady)
                 rf = min(1.0, (n - 0.5) / idx.num_clusters)
+                idx.adaptive_history = histories.get((v, f))
                 wave_point(v, f, idx, _variant_cfg(ch, rf))
+                histories[(v, f)] = idx.adaptive_history
+                idx.adaptive_history = None
         wave_point("retroinfer", RETROINFER["retrieval_fraction"], base_index,
                    BASE_CONFIG.replace(**RETROINFER))
         wave_point("wave_default", RetroConfig().retrieval_fraction, base_index,

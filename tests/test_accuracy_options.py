@@ -621,3 +621,143 @@ def test_cluster_value_vars_match_the_tokens():
             want = ((vv - vv.mean(0)) ** 2).sum(1).mean() if n else torch.tensor(0.0)
             torch.testing.assert_close(idx.value_vars[h, ci], want.double(),
                                        rtol=1e-10, atol=1e-12)
+
+
+# --- adaptive_budget (sixth pass): per-query exact-set size from a difficulty history
+
+
+def test_adaptive_budget_validation_gpu_refusal_and_public_op():
+    """Validated as a number in [0, 1] and against the bounded mode; refused by the
+    GPU path; ``ops.decode_attention`` runs the reference for it."""
+    from vllm_retro.ops import decode_attention
+    for bad in (-0.1, 1.5, float("nan"), True, "0.5", None):
+        with pytest.raises(ValueError, match="adaptive_budget"):
+            RetroConfig(adaptive_budget=bad)
+    with pytest.raises(ValueError, match="adaptive_budget"):
+        RetroConfig(adaptive_budget=0.5, error_bound=0.1)
+    assert RetroConfig().adaptive_budget == 0.0
+    cfg = RetroConfig.from_dict({"adaptive_budget": 0.5})
+    assert cfg.adaptive_budget == 0.5
+    assert any("adaptive_budget" in r for r in check_config_for_paged(cfg, 16))
+    assert not any("adaptive_budget" in r for r in check_config_for_paged(RetroConfig(), 16))
+    k, v, c = clustered_kv(2, 1500, 32, n_centres=30, seed=83)
+    base = dict(retrieval_fraction=0.05, estimation_fraction=0.3, min_retrieval_tokens=0,
+                **SMALL)
+    a = WaveIndex.build(k, v, RetroConfig(adaptive_budget=0.8, **base))
+    b = WaveIndex.build(k, v, RetroConfig(adaptive_budget=0.8, **base))
+    for s in range(4):
+        q = peaked_query(c, 3, seed=84 + s, sharp=0.1 + 0.2 * s)
+        torch.testing.assert_close(decode_attention(a, q, None), b.attend(q),
+                                   rtol=0, atol=0)
+    assert a.adaptive_history.shape == (2, 4)
+
+
+def test_adaptive_budget_off_is_bit_identical_and_first_step_is_the_fixed_budget():
+    """0 (the default) ignores any history: output bit-identical to an index without
+    the option over a stream of queries. On, the first step (history = itself,
+    percentile 1/2) reads the fixed budget, bit for bit."""
+    k, v, c = clustered_kv(2, 2000, 32, n_centres=30, seed=93)
+    for extra in ({}, dict(retrieval_rank="error"), dict(shared_head_budget=True)):
+        base = dict(retrieval_fraction=0.04, estimation_fraction=0.3,
+                    min_retrieval_tokens=0, **SMALL, **extra)
+        fixed = WaveIndex.build(k, v, RetroConfig(**base))
+        off = WaveIndex.build(k, v, RetroConfig(adaptive_budget=0.0, **base))
+        on = WaveIndex.build(k, v, RetroConfig(adaptive_budget=0.9, **base))
+        off.adaptive_history = torch.rand(2, 7, dtype=torch.float64)
+        torch.testing.assert_close(on.attend(peaked_query(c, 2, seed=500, sharp=0.4)),
+                                   fixed.attend(peaked_query(c, 2, seed=500, sharp=0.4)),
+                                   rtol=0, atol=0)
+        for s in range(5):
+            q = peaked_query(c, 2, seed=501 + s, sharp=0.1 * s)
+            torch.testing.assert_close(off.attend(q), fixed.attend(q), rtol=0, atol=0)
+
+
+def _brute_adaptive_step(index, q, scale, rr, hist, a, shared):
+    """Independent float64 adaptive sizes and exact sets of one query: the ranking
+    (mass claims, or the error proxy inside the band from
+    :func:`_brute_error_selection`), the signal (score summed over band ranks
+    ``n_ret .. n_ret + n_est``), its mid-rank percentile among ``hist + [signal]``
+    per head (Python lists), the size rule, and with ``shared`` the sum redistributed
+    one cluster at a time (every head keeps one). Returns (sizes, exact sets per
+    head, signals)."""
+    h, g = index.num_kv_heads, q.shape[0] // index.num_kv_heads
+    n_ret, n_est = index.budget()
+    c = index.num_clusters
+    if rr == "mass":
+        qg = q.reshape(h, g, -1)
+        lm = index.cluster_log_mass(qg, scale).double()
+        lse_s = _steady_lse(index, qg, scale)
+        ranked, scores = [], []
+        for hh in range(h):
+            score = torch.softmax(lm[hh], -1).sum(0)
+            order = sorted(range(c), key=lambda i: (-score[i].item(), i))
+            tot = [torch.logaddexp(torch.logsumexp(lm[hh, gg], 0), lse_s[hh, gg]).item()
+                   for gg in range(g)]
+            ranked.append(order)
+            scores.append([sum(math.exp(lm[hh, gg, ci].item() - tot[gg]) for gg in range(g))
+                           for ci in order])
+        k_max, lo, hi = c, n_ret, n_ret + n_est
+    else:
+        brute, n_ret, band = _brute_error_selection(index, q, scale, rr)
+        ranked = [b[0] for b in brute]
+        scores = [[-b[1][ci][0] for ci in b[0]] for b in brute]
+        k_max, lo, hi = band, n_ret, band
+    sig, sizes = [], []
+    for hh in range(h):
+        s = sum(scores[hh][lo:hi])
+        hs = hist[hh] + [s]
+        p = (sum(x < s for x in hs) + 0.5 * sum(x == s for x in hs)) / len(hs)
+        sizes.append(min(max(1, math.floor(n_ret * (1 + a * (2 * p - 1)) + 0.5)), k_max))
+        sig.append(s)
+    if shared:
+        total = sum(sizes)
+        cands = sorted((-scores[hh][r], hh, r) for hh in range(h)
+                       for r in range(1, len(scores[hh]) if rr == "mass" else k_max))
+        sizes = [1] * h
+        for _, hh, _ in cands[:total - h]:
+            sizes[hh] += 1
+    return sizes, [set(ranked[hh][:sizes[hh]]) for hh in range(h)], sig
+
+
+@pytest.mark.parametrize("rr,shared,a", [("mass", False, 0.5), ("mass", True, 0.9),
+                                         ("error", False, 0.9), ("error", True, 0.5),
+                                         ("error_value", False, 0.7)])
+def test_adaptive_sizes_match_brute_force_float64(rr, shared, a):
+    """Over a stream of fresh random queries (sharp and flat mixed), every step's
+    exact-set sizes and sets equal the float64 brute force with its own Python
+    history; the sizes vary, stay in [n_ret (1 - a), n_ret (1 + a)] rounded (per head
+    without ``shared``), and their mean over the stream is the fixed budget's to
+    within one cluster; the history holds the signals."""
+    h = 3 if shared else 2
+    k, v, c = clustered_kv(h, 1400, 16, n_centres=24, noise=0.4, seed=700)
+    cfg = RetroConfig(retrieval_fraction=0.08, estimation_fraction=0.25,
+                      min_retrieval_tokens=0, retrieval_rank=rr, shared_head_budget=shared,
+                      adaptive_budget=a, **SMALL)
+    index = WaveIndex.build(k, v, cfg)
+    n_ret, _ = index.budget()
+    scale = 0.25
+    hist = [[] for _ in range(h)]
+    seen = []
+    for step in range(12):
+        q = peaked_query(c, 2, seed=800 + step, sharp=0.05 + 0.1 * (step % 5))
+        if step % 3 == 0:
+            q[:2] *= 0.2                          # a flat head now and then
+        qg = q.reshape(h, 2, 16)
+        sizes, sets, sig = _brute_adaptive_step(index, q, scale, rr, hist, a, shared)
+        out = index.attend(q, scale)
+        sel = index.select_clusters(qg, scale, _steady_lse(index, qg, scale))
+        assert sel.k_retrieved.tolist() == sizes, step
+        for hh in range(h):
+            assert set(sel.retrieved[hh][sel.retrieved_valid[hh]].tolist()) == sets[hh]
+            hist[hh] = (hist[hh] + [sig[hh]])[-64:]
+            if not shared:
+                assert (math.floor(n_ret * (1 - a) + 0.5) <= sizes[hh]
+                        <= math.floor(n_ret * (1 + a) + 0.5))
+        assert index.adaptive_history.shape == (h, step + 1)
+        torch.testing.assert_close(index.adaptive_history,
+                                   torch.tensor(hist, dtype=torch.float64),
+                                   rtol=1e-9, atol=1e-15)
+        seen += sizes
+        assert torch.isfinite(out).all()
+    assert len(set(seen)) > 1
+    assert abs(sum(seen) / len(seen) - n_ret) <= 1.0

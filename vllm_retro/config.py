@@ -33,6 +33,8 @@ def _check_float(name: str, value: Any, lo: float, hi: float,
 
 # RetroConfig.retrieval_rank: how the exact set is chosen inside the candidate band.
 RETRIEVAL_RANKS = ("mass", "error", "error_value")
+# RetroConfig.adaptive_budget: decode steps of difficulty history kept per KV head.
+ADAPTIVE_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,16 @@ class RetroConfig:
             ``shared_head_budget`` the layer's ``n_ret * H`` exact clusters go to the
             largest error proxies of the heads' bands (every head keeps one).
             Reference only: the C++ and GPU kernels rank by mass.
+        adaptive_budget: opt-in, fixed-fraction mode only (0, the default: off). Per
+            decode query and KV head the exact-set size becomes ``round(n_ret (1 +
+            a (2 p - 1)))`` clipped to ``[1, band]``, ``a`` this value and ``p`` the
+            percentile of the query's difficulty signal among the head's last
+            ``ADAPTIVE_WINDOW`` decode steps (the signal: the ranking score summed
+            over the band entries past the top ``n_ret``, i.e. the estimated mass or,
+            with ``retrieval_rank``, the error proxy left to estimation). ``p`` is
+            uniform on a stationary stream, so the mean read stays at the fixed
+            budget's. With ``shared_head_budget`` the sum of the heads' sizes is the
+            layer's budget. Reference only; the history lives in the index.
         dense_below: context length below which the vLLM backend decodes densely
             (0: only the index's own short-sequence fallback applies).
         host_memory_gib: host memory the vLLM backend's indexes of one worker may
@@ -139,6 +151,7 @@ class RetroConfig:
     shared_head_budget: bool = False
     value_correction: bool = False
     retrieval_rank: str = "mass"
+    adaptive_budget: float = 0.0
     dense_below: int = 0
     host_memory_gib: Optional[float] = None
     log_stats_interval_s: float = 10.0
@@ -195,6 +208,10 @@ class RetroConfig:
             raise ValueError("RetroConfig.retrieval_rank applies to the fixed-fraction mode; "
                              "error_bound sizes the exact set from the mass ranking (leave "
                              "retrieval_rank 'mass')")
+        _check_float("adaptive_budget", self.adaptive_budget, 0.0, 1.0)
+        if self.adaptive_budget and self.error_bound is not None:
+            raise ValueError("RetroConfig.adaptive_budget applies to the fixed-fraction "
+                             "mode; error_bound already sizes the exact set per query")
         _check_int("dense_below", self.dense_below, 0, 1 << 24)
         if self.host_memory_gib is not None:
             _check_float("host_memory_gib", self.host_memory_gib, 0.0, 1 << 20, lo_open=True)

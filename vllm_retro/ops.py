@@ -73,12 +73,14 @@ def decode_attention(index: WaveIndex, query: torch.Tensor, scale: Optional[floa
     # The C++ kernel implements the per-head budgets of the fixed-fraction and
     # bounded modes; the shared-budget option (per-head counts from one layer-wide
     # top-k), the rank-1 value correction and the error-aware exact set
-    # (retrieval_rank) exist in the torch reference only, so
+    # (retrieval_rank) and the per-query adaptive budget exist in the torch
+    # reference only, so
     # they run there.
     if not (has_extension() and index.device.type == "cpu" and query.device.type == "cpu"
             and not index.config.shared_head_budget
             and not index.config.value_correction
-            and index.config.retrieval_rank == "mass"):
+            and index.config.retrieval_rank == "mass"
+            and not index.config.adaptive_budget):
         res = index.attend(query, scale)
         if out is None:
             return res

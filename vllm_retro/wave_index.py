@@ -23,7 +23,7 @@ import torch
 from .attention import (cluster_log_mass, compute_dtype, default_scale,
                         estimated_attention, group_query, merge_partials,
                         partial_attention)
-from .config import RetroConfig
+from .config import ADAPTIVE_WINDOW, RetroConfig
 from .kmeans import (cluster_layout, cluster_value_vars, kv_cross_rank1,
                      spherical_kmeans)
 
@@ -87,6 +87,9 @@ class WaveIndex:
         self.num_segments = 0
         self.seq_len = 0
         self.last_stats: Optional[AttendStats] = None
+        # adaptive_budget: [H, n <= ADAPTIVE_WINDOW] difficulty signals of the last
+        # decode steps (float64, oldest first); None before the first step.
+        self.adaptive_history: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -283,7 +286,7 @@ class WaveIndex:
             self.last_stats = AttendStats(1.0, 0.0, 0.0, 0)
             return out_s.reshape(query.shape[0], -1)
 
-        sel = self.select_clusters(q, scale, lse_s)
+        sel = self.select_clusters(q, scale, lse_s, observe=True)
         retrieved_mask = torch.zeros(self.num_kv_heads, c, dtype=torch.bool,
                                      device=self.device)
         retrieved_mask.scatter_(1, sel.retrieved, sel.retrieved_valid)
@@ -327,11 +330,17 @@ class WaveIndex:
                                 self.config.variance_cap)
 
     def select_clusters(self, q: torch.Tensor, scale: float,
-                        steady_lse: torch.Tensor) -> "ClusterSelection":
+                        steady_lse: torch.Tensor, observe: bool = False
+                        ) -> "ClusterSelection":
         """Ranks clusters by estimated softmax mass (:meth:`cluster_log_mass`, softmax
         over clusters summed over the GQA group) and splits them into retrieved and
         estimated sets (with ``retrieval_rank`` other than "mass", the retrieved set
         is chosen inside the mass band by :meth:`_error_ranked`).
+
+        With ``adaptive_budget`` the exact-set size per KV head comes from
+        :meth:`_adaptive_sizes`; ``observe`` (set by :meth:`attend`) first appends
+        this query's difficulty signal to the history, so a later call with the same
+        query and history (``observe`` False) selects the same sets.
 
         Args:
             q: ``[H, G, D]`` grouped query; steady_lse: ``[H, G]`` lse of sinks+tail.
@@ -345,14 +354,19 @@ class WaveIndex:
             # Same band as the mass ranking; the exact set chosen inside it by the
             # expected estimation error (retrieval_rank, fixed-fraction mode only).
             order, k_ret = self._error_ranked(q, scale, steady_lse, logits, order, n_ret,
-                                              n_est)
+                                              n_est, observe)
             band_end = torch.full_like(k_ret, min(c, n_ret + n_est))
         else:
             if self.config.error_bound is None:
                 k_ret = torch.full((self.num_kv_heads,), n_ret, dtype=torch.int64,
                                    device=self.device)
+                total = None
+                if self.config.adaptive_budget:
+                    k_ret = self._adaptive_sizes(self._claims(logits, order, steady_lse),
+                                                 n_ret, n_est, c, observe)
+                    total = int(k_ret.sum().item())
                 if self.config.shared_head_budget:
-                    k_ret = self._shared_retrieval(logits, order, steady_lse, n_ret)
+                    k_ret = self._shared_retrieval(logits, order, steady_lse, n_ret, total)
             else:
                 k_ret = self._bounded_retrieval(logits, order, steady_lse, n_ret, q, scale)
             band_end = k_ret + n_est
@@ -402,7 +416,8 @@ class WaveIndex:
         return (m * (t * dist + torch.sqrt(2 * t) * sigma.unsqueeze(1))).sum(dim=1)
 
     def _error_ranked(self, q: torch.Tensor, scale: float, steady_lse: torch.Tensor,
-                      logits: torch.Tensor, order: torch.Tensor, n_ret: int, n_est: int):
+                      logits: torch.Tensor, order: torch.Tensor, n_ret: int, n_est: int,
+                      observe: bool = False):
         """(order, k_ret) when ``retrieval_rank`` is not "mass": the candidate band
         (the top ``n_ret + n_est`` of the mass ranking ``order``) is re-sorted by
         :meth:`cluster_error_proxy` (descending, ties in mass order) and the rest
@@ -417,17 +432,60 @@ class WaveIndex:
         perm = torch.argsort(err, dim=1, descending=True, stable=True)
         order = torch.cat([torch.gather(order[:, :band], 1, perm), order[:, band:]], dim=1)
         k_ret = torch.full((h,), min(n_ret, band), dtype=torch.int64, device=self.device)
-        if not self.config.shared_head_budget or n_ret <= 1 or band <= 1:
+        total = n_ret * h
+        if self.config.adaptive_budget:
+            k_ret = self._adaptive_sizes(torch.gather(err, 1, perm), min(n_ret, band),
+                                         band - min(n_ret, band), band, observe)
+            total = int(k_ret.sum().item())
+        if not self.config.shared_head_budget or total <= h or band <= 1:
             return order, k_ret
         err = torch.gather(err, 1, perm)                                  # descending
         pick = torch.argsort(err[:, 1:].reshape(-1), descending=True,
-                             stable=True)[:(n_ret - 1) * h]
+                             stable=True)[:total - h]
         k_ret = 1 + torch.bincount(torch.div(pick, band - 1, rounding_mode="floor"),
                                    minlength=h)
         return order, k_ret
 
+    def _claims(self, logits: torch.Tensor, order: torch.Tensor,
+                steady_lse: torch.Tensor) -> torch.Tensor:
+        """``[H, C]`` each ranked cluster's estimated share of its query heads'
+        attention, ``sum_g exp(logit - total_g)`` (steady part in the total)."""
+        lg = torch.gather(logits, 2, order.unsqueeze(1).expand_as(logits))  # ranked
+        total = torch.logaddexp(torch.logsumexp(lg, dim=-1), steady_lse)    # [H, G]
+        return torch.exp(lg - total.unsqueeze(-1)).nan_to_num(0.0).sum(1)
+
+    def _adaptive_sizes(self, ranked: torch.Tensor, n_ret: int, n_est: int, k_max: int,
+                        observe: bool) -> torch.Tensor:
+        """``[H]`` per-query exact-set sizes (``adaptive_budget`` ``a``).
+
+        ``ranked [H, >= n_ret + n_est]``: the ranking's score (mass claim, or error
+        proxy with ``retrieval_rank``) in exact-set order. The difficulty signal is
+        what the fixed budget would leave to estimation, ``sum ranked[:, n_ret:n_ret
+        + n_est]``; ``p`` its mid-rank percentile among ``adaptive_history`` (0.5
+        when empty); size ``floor(n_ret (1 + a (2 p - 1)) + 1/2)`` clipped to ``[1,
+        k_max]``. ``observe`` appends the signal to the history first (keeping the
+        last ``ADAPTIVE_WINDOW``). On a GPU: one sum over the band and a compare
+        against ``ADAPTIVE_WINDOW`` floats per KV head (256 B at fp32)."""
+        a = self.config.adaptive_budget
+        sig = ranked[:, n_ret:n_ret + n_est].sum(dim=1).double()               # [H]
+        hist = self.adaptive_history
+        if hist is not None and hist.shape[0] != sig.shape[0]:
+            hist = None
+        if observe:
+            hist = sig.unsqueeze(1) if hist is None else torch.cat(
+                [hist, sig.unsqueeze(1)], dim=1)[:, -ADAPTIVE_WINDOW:]
+            self.adaptive_history = hist
+        if hist is None or hist.shape[1] == 0:
+            p = torch.full_like(sig, 0.5)
+        else:
+            s = sig.unsqueeze(1)
+            p = ((hist < s).sum(1) + 0.5 * (hist == s).sum(1)).double() / hist.shape[1]
+        k = torch.floor(n_ret * (1.0 + a * (2.0 * p - 1.0)) + 0.5).to(torch.int64)
+        return k.clamp(min=1, max=max(1, k_max))
+
     def _shared_retrieval(self, logits: torch.Tensor, order: torch.Tensor,
-                          steady_lse: torch.Tensor, n_ret: int) -> torch.Tensor:
+                          steady_lse: torch.Tensor, n_ret: int,
+                          total: Optional[int] = None) -> torch.Tensor:
         """Per-head exact-set sizes when the layer's ``n_ret * H`` retrieved clusters
         are shared by its KV heads (``shared_head_budget``).
 
@@ -439,12 +497,11 @@ class WaveIndex:
         rank). A head then retrieves that many clusters as a prefix of its own
         ranking, so only the count per head changes, not what a head's ranking is.
         On a GPU this is one top-k over ``H * C`` scores per sequence and layer;
-        the clusters read in total stay ``n_ret * H``."""
+        the clusters read in total stay ``n_ret * H`` (or ``total``: the sum of the
+        adaptive sizes, ``adaptive_budget``)."""
         h, c = self.num_kv_heads, self.num_clusters
-        lg = torch.gather(logits, 2, order.unsqueeze(1).expand_as(logits))  # ranked
-        total = torch.logaddexp(torch.logsumexp(lg, dim=-1), steady_lse)    # [H, G]
-        claim = torch.exp(lg - total.unsqueeze(-1)).nan_to_num(0.0).sum(1)  # [H, C]
-        extra = (n_ret - 1) * h
+        claim = self._claims(logits, order, steady_lse)                     # [H, C]
+        extra = (n_ret - 1) * h if total is None else total - h
         k = torch.ones(h, dtype=torch.int64, device=self.device)
         if extra <= 0 or c <= 1:
             return k

@@ -187,6 +187,10 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
         reasons.append(f"retrieval_rank {config.retrieval_rank!r} (error-aware choice of "
                        "the exact clusters) is not implemented by the GPU decode kernels, "
                        "which rank by mass")
+    if config.adaptive_budget:
+        reasons.append(f"adaptive_budget {config.adaptive_budget} (per-query exact-set "
+                       "size from a difficulty history) is not implemented by the GPU "
+                       "decode kernels")
     if config.kmeans_value_weight != 0.0:
         reasons.append(f"kmeans_value_weight {config.kmeans_value_weight}: the GPU index "
                        "build clusters keys only")
