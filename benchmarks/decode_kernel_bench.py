@@ -1,6 +1,6 @@
 """Decode attention per layer on the GPU: retro's paged kernels beside FlashAttention 3.
 
-For each (context, batch): a paged KV cache in vLLM 0.26's layout (padded pages,
+For each (context, batch): a paged KV cache in vLLM 0.26's layout (stock pages,
 Llama-3-8B shape: 32 query / 8 KV heads, d=128, bf16, block 16) with random K/V,
 indexed as the engine indexes a prompt (``plan_segments`` + ``build_segments``,
 default options), then timed:

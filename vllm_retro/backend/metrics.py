@@ -197,8 +197,8 @@ GAUGE_METRICS = {
                            "tokens estimated from cluster summaries since the engine "
                            "started."),
     "index_bytes": ("vllm:retro_index_bytes", "Bytes of the wave indexes: host "
-                    "memory of the live requests' indexes (CPU), the index part of "
-                    "the KV pages (GPU)."),
+                    "memory of the live requests' indexes (CPU), the index pool "
+                    "(GPU, reserved up front)."),
     "indexed_requests": ("vllm:retro_indexed_requests", "Requests the workers hold "
                          "an index for (a finished request's is freed at the next "
                          "step)."),
