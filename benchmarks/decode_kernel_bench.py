@@ -91,8 +91,7 @@ def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed:
     segs = plan_segments(0, ctx, ctx, cfg, BS)
     pool = IndexPool(lay, nb, dev)
     alloc = IndexAllocator(nb, batch, nblk, dev)
-    alloc._free_pages = torch.randperm(
-        nb, generator=torch.Generator().manual_seed(seed)).tolist()
+    alloc.shuffle(seed)
     for r in range(batch):
         E = segs[-1][1] if segs else 0
         irow = alloc.acquire(max(0, (E - S) // BS))

@@ -24,8 +24,7 @@ def _index(lay, num_pages, rows=4, max_pages=64, seed=0):
     """An index pool and allocator whose pages are handed out in a shuffled order."""
     pool = IndexPool(lay, num_pages)
     alloc = IndexAllocator(num_pages, rows, max_pages)
-    alloc._free_pages = torch.randperm(
-        num_pages, generator=torch.Generator().manual_seed(seed)).tolist()
+    alloc.shuffle(seed)
     return pool, alloc
 
 

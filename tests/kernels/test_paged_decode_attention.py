@@ -67,8 +67,7 @@ class Scene:
         num_pages = num_pages or num_blocks + 37
         self.pool = IndexPool(self.lay, num_pages, DEV)
         self.alloc = IndexAllocator(num_pages, 11, max_blocks, DEV)
-        self.alloc._free_pages = torch.randperm(num_pages).tolist()
-        self.alloc._free_rows = torch.randperm(11).tolist()
+        self.alloc.shuffle(int(torch.randint(0, 1 << 30, ())))
         self.free = (torch.randperm(num_blocks - 1) + 1).tolist()
         self.max_blocks = max_blocks
         self.rows = []          # (seq_len, block row [max_blocks] int32)
@@ -231,6 +230,9 @@ def test_ragged_batch_matches_twin():
     sc.add(0)                            # padded row (block table row of zeros)
     sc.add(300, index="none")            # no index: exact over its whole context
     sc.add(700, n_ret=4, n_est=9)        # index, explicit budget
+    for r in (0, 3):    # pool pages neither contiguous nor ordered, unrelated to blocks
+        p = sc.pages(r)
+        assert len(p) > 16 and not torch.equal(p, p.sort().values)
     q = torch.randn(4, H * G, D)
     out, ref, st, ws = run_both(sc, q, 0.2)
     assert not torch.isnan(out).any(), "output elements left unwritten"

@@ -89,7 +89,7 @@ def _scene(k, v, qpos, dtype):
     npool = b * nblk + 1
     pool = IndexPool(lay, npool, DEV)
     alloc = IndexAllocator(npool, b, nblk, DEV)
-    alloc._free_pages = torch.randperm(npool, generator=g).tolist()
+    alloc.shuffle(t)
     irows = [alloc.acquire((E - S) // BS) for _ in range(b)]
     groups = {}
     blocks = perm[0].to(DEV)

@@ -236,9 +236,9 @@ class PagedIndexManager:
         self.requests = requests
         requests.on_remove = self._on_remove
         self.layout: Optional[PagedIndexLayout] = None
-        # Index storage: one IndexPool per layer (construction order until the KV
-        # caches are registered, then by layer name), the index table, and whether
-        # they were allocated before vLLM measured free memory.
+        # Index storage: one IndexPool per layer (a list until the KV caches are
+        # registered, then by layer name), the index table, and whether they were
+        # allocated before vLLM measured free memory.
         self._pool_list: List[IndexPool] = []
         self.pools: Dict[str, IndexPool] = {}
         self.index_alloc: Optional[IndexAllocator] = None
@@ -360,11 +360,15 @@ class PagedIndexManager:
             hq = self.vllm_config.model_config.get_num_attention_heads(
                 self.vllm_config.parallel_config)
             # Without a pre-sized pool (CPU tests, or a failed pre-sizing): index_pool_gib,
-            # or one page per KV block (the former in-page capacity) when it is 0.
-            gib = self.config.index_pool_gib
-            self._allocate_index(self.layout, len(names), hq, dev,
-                                 budget_b=gib * 2**30, num_pages=0 if gib else nb)
-        # Layers are built in name order: the i-th pool belongs to the i-th layer.
+            # else on a GPU the auto share of the memory still free (the KV cache
+            # already took its part), elsewhere one page per KV block (the former
+            # in-page capacity).
+            budget_b = self.config.index_pool_gib * 2**30
+            if not budget_b and dev.type == "cuda":
+                budget_b = INDEX_POOL_AUTO_FRACTION * torch.cuda.mem_get_info(dev)[0]
+            self._allocate_index(self.layout, len(names), hq, dev, budget_b=budget_b,
+                                 num_pages=0 if budget_b else nb)
+        # Every layer its own pool (all of one shape, so which is whose is arbitrary).
         self.pools = dict(zip(names, self._pool_list))
         if dev.type == "cuda":
             self._compile_build_kernels(dev)

@@ -221,6 +221,15 @@ class IndexAllocator:
     def free_rows(self) -> int:
         return len(self._free_rows)
 
+    def shuffle(self, seed: int = 0) -> None:
+        """Hands the free pages and rows out in a random order from now on (tests
+        and benchmarks: requests whose pages are neither contiguous nor ordered)."""
+        g = torch.Generator().manual_seed(seed)
+        self._free_pages = [self._free_pages[i] for i in
+                            torch.randperm(len(self._free_pages), generator=g).tolist()]
+        self._free_rows = [self._free_rows[i] for i in
+                           torch.randperm(len(self._free_rows), generator=g).tolist()]
+
     def pages_of(self, row: int) -> List[int]:
         return list(self._pages[row])
 

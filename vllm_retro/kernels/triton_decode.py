@@ -354,7 +354,8 @@ def _bucket(hist, bins, total, k):
 def _packed(base_ptr, ix_row, h, pos, mask, H: tl.constexpr, W: tl.constexpr,
             PK: tl.constexpr, SLOT: tl.constexpr):
     """Address of item ``pos`` of a row-head list packed PK items (SLOT words each)
-    to a block-table block (W words per block and head)."""
+    to an index-pool page of the row (``ix_row[pos // PK]``; W words per page and
+    head)."""
     lb = tl.load(ix_row + pos // PK, mask=mask, other=0).to(tl.int64)
     return base_ptr + lb * (H * W) + h * W + (pos % PK) * SLOT
 
@@ -403,8 +404,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     m_run = tl.full([GP], _NEG_INF, tl.float32)
     s_run = tl.zeros([GP], tl.float32)
     n_mine = tl.maximum(C - p + NS - 1, 0) // NS
-    # The next tile's block numbers are loaded before this tile's summaries are
-    # used (a hand-made pipeline stage over the block-table indirection).
+    # The next tile's pool pages are loaded before this tile's summaries are
+    # used (a hand-made pipeline stage over the index-table indirection).
     i = p + NS * tl.arange(0, CH)
     valid = i < C
     blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
@@ -492,7 +493,7 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
 @triton.jit
 def _cand_load(cand_ptr, word0, ix_row, h, j, jv, H: tl.constexpr, PK: tl.constexpr):
     """(key, entry index) of candidates ``j`` of the list at ``word0`` (pairs packed
-    16 to a block: ``cands[bt[r, S/bs + j // 16], h, word0 + 2 (j % 16) + {0, 1}]``)."""
+    16 to a pool page: ``cands[ix[j // 16], h, word0 + 2 (j % 16) + {0, 1}]``)."""
     a = _packed(cand_ptr + word0, ix_row, h, j, jv, H, CAND_WORDS_C, PK, 2)
     key = tl.load(a, mask=jv, other=-1, cache_modifier=".cg")
     idx = tl.load(a + 1, mask=jv, other=0, cache_modifier=".cg")
@@ -794,7 +795,7 @@ def _steady_addr(bt_row, p, NS, m0, n_steady, split, E, BS: tl.constexpr,
 @triton.jit
 def _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, m0, H: tl.constexpr,
                     LW: tl.constexpr, PK: tl.constexpr, TE: tl.constexpr):
-    """(physical block, valid) of estimated list entries n_ret + p + NS (m0 + [0, TE))."""
+    """(pool page, valid) of estimated list entries n_ret + p + NS (m0 + [0, TE))."""
     k = n_ret + p + NS * (m0 + tl.arange(0, TE))
     ok = k < n_ret + n_est
     blk = tl.load(_packed(lists_ptr, ix_row, h, k, ok, H, LW, PK, 2), mask=ok,
