@@ -1,6 +1,6 @@
 """Decode attention per layer on the GPU: retro's paged kernels beside FlashAttention 3.
 
-For each (context, batch): a paged KV cache in vLLM 0.26's layout (padded pages,
+For each (context, batch): a paged KV cache in vLLM 0.26's layout (stock pages,
 Llama-3-8B shape: 32 query / 8 KV heads, d=128, bf16, block 16) with random K/V,
 indexed as the engine indexes a prompt (``plan_segments`` + ``build_segments``,
 default options), then timed:
@@ -28,15 +28,17 @@ import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vllm_retro.config import RetroConfig  # noqa: E402
-from vllm_retro.index.paged import (PagedIndexLayout, SegmentJob, budget,  # noqa: E402
-                                    build_segments, clusters_in, header_row,
-                                    make_headers, plan_segments, sink_end)
+from vllm_retro.index.paged import (IndexAllocator, IndexPool,  # noqa: E402
+                                    PagedIndexLayout, budget, build_segments,
+                                    clusters_in, header_row, make_headers, plan_segments,
+                                    sink_end)
 from vllm_retro.kernels import DecodeWorkspace, paged_decode_attention  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402
 
@@ -62,45 +64,52 @@ def bandwidth_tbs() -> float:
 
 
 def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed: int = 0,
-               key_scale: float = 1.0):
-    """A cache holding ``batch`` requests of ``ctx`` tokens, indexed; block tables,
-    seq_lens, headers; and the per-row (exact, estimated) cluster budget.
+               key_scale: float = 1.0, device: str = "cuda"):
+    """A cache holding ``batch`` requests of ``ctx`` tokens, indexed as the engine
+    indexes them (each request its own index-table row and pool pages, handed out
+    shuffled); returns the layout, cache, block tables, seq_lens, headers, sink end
+    and ``ix`` (``ix.ibt``, ``ix.pool``: the index table and the layer's pool).
 
     ``key_scale`` multiplies the keys: a tiny scale (1e-4) gives what an engine with
     ``load_format="dummy"`` weights gives, every cluster's log-mass ~ ln(size), so
     thousands of bitwise-equal ranking keys (the selection's worst case)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = device
+    g = torch.Generator(device=dev).manual_seed(seed)
     lay = PagedIndexLayout(H, D, BS, DT)
     nblk = math.ceil((ctx + 1) / BS)
     nb = batch * nblk + 1
-    kv = lay.make_cache(nb, "cuda")
-    perm = torch.randperm(nb - 1, device="cuda", generator=g) + 1
+    kv = lay.make_cache(nb, dev)
+    perm = torch.randperm(nb - 1, device=dev, generator=g) + 1
     bt = perm[:batch * nblk].view(batch, nblk).int()
     for r in range(batch):
         blocks = bt[r].long()
-        x = torch.randn(nblk, H, BS, 2 * D, device="cuda", dtype=torch.float32, generator=g)
+        x = torch.randn(nblk, H, BS, 2 * D, device=dev, dtype=torch.float32, generator=g)
         x[..., :D] *= key_scale
         kv[blocks] = x.to(DT)
-    headers = make_headers(nb, "cuda")
+    headers = make_headers(nb, dev)
     S = sink_end(cfg, BS)
     segs = plan_segments(0, ctx, ctx, cfg, BS)
+    pool = IndexPool(lay, nb, dev)
+    alloc = IndexAllocator(nb, batch, nblk, dev)
+    alloc.shuffle(seed)
     for r in range(batch):
-        jobs = {}
-        for p0, p1 in segs:
-            jobs.setdefault(p1 - p0, []).append(SegmentJob(bt[r].long(), p0, p1))
-        for js in jobs.values():
-            build_segments(kv, lay, js, cfg)
         E = segs[-1][1] if segs else 0
+        irow = alloc.acquire(max(0, (E - S) // BS))
+        jobs = {}
+        for job in alloc.segment_jobs(irow, bt[r].long(), segs, S, BS):
+            jobs.setdefault(job.p1 - job.p0, []).append(job)
+        for js in jobs.values():
+            build_segments(kv, lay, pool, js, cfg)
         c = sum(clusters_in(p1 - p0, cfg) for p0, p1 in segs)
         n_ret, n_est = (c, 0) if full else budget(c, E - S, cfg)
-        headers[bt[r, 0].long()] = torch.tensor(header_row(E, n_ret, n_est, c),
-                                                dtype=torch.int32, device="cuda")
-    seq_lens = torch.full((batch,), ctx + 1, dtype=torch.int32, device="cuda")
+        headers[bt[r, 0].long()] = torch.tensor(header_row(E, n_ret, n_est, c, irow),
+                                                dtype=torch.int32, device=dev)
+    seq_lens = torch.full((batch,), ctx + 1, dtype=torch.int32, device=dev)
     # The decode token itself (written by vLLM's cache update before attention).
     for r in range(batch):
         blk = bt[r, ctx // BS].long()
-        kv[blk, :, ctx % BS] = torch.randn(H, 2 * D, device="cuda", dtype=DT, generator=g)
-    return lay, kv, bt, seq_lens, headers, S
+        kv[blk, :, ctx % BS] = torch.randn(H, 2 * D, device=dev, dtype=DT, generator=g)
+    return lay, kv, bt, seq_lens, headers, S, SimpleNamespace(ibt=alloc.ibt, pool=pool)
 
 
 def has_fa3() -> bool:
@@ -175,15 +184,15 @@ def graph_of(fn):
 def bench_case(ctx: int, batch: int, cfg: RetroConfig, bw: float,
                key_scale: float = 1.0) -> dict:
     scale = 1 / math.sqrt(D)
-    lay, kv, bt, sl, hdr, S = make_batch(ctx, batch, cfg, key_scale=key_scale)
-    ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, max(batch, 8), "cuda")
+    lay, kv, bt, sl, hdr, S, ix = make_batch(ctx, batch, cfg, key_scale=key_scale)
+    ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
     out_fa = torch.empty_like(out)
 
     def run_retro(count=False):
-        paged_decode_attention(q, kv, lay, bt, sl, hdr, S, scale, out=out, workspace=ws,
-                               count_stats=count)
+        paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale, out=out,
+                               workspace=ws, count_stats=count)
 
     ws.stats.zero_()
     run_retro(True)
@@ -217,33 +226,34 @@ def check_full_vs_dense(cfg: RetroConfig) -> float:
     """Every cluster retrieved: retro must equal dense attention, FA3 where vLLM is
     installed, else the float64 twin (relative error returned)."""
     ctx, batch = 20000, 3
-    lay, kv, bt, sl, hdr, S = make_batch(ctx, batch, cfg, full=True, seed=1)
+    lay, kv, bt, sl, hdr, S, ix = make_batch(ctx, batch, cfg, full=True, seed=1)
     scale = 1 / math.sqrt(D)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
-    ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, 8, "cuda")
-    paged_decode_attention(q, kv, lay, bt, sl, hdr, S, scale, out=out, workspace=ws)
+    ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, 8, "cuda")
+    paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale, out=out,
+                           workspace=ws)
     if has_fa3():
         ref = fa3(q, kv, bt, sl, scale, torch.empty_like(out))
     else:
-        kv_cpu = lay.make_cache(kv.shape[0])
-        kv_cpu.untyped_storage().copy_(kv.untyped_storage())
+        kv_cpu = kv.cpu()
         ref = reference.dense_paged_attention(q.cpu(), kv_cpu, lay, bt.cpu(), sl.cpu(), scale).to(out.device)
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def check_vs_twin(cfg: RetroConfig) -> float:
     ctx, batch = 12000, 2
-    lay, kv, bt, sl, hdr, S = make_batch(ctx, batch, cfg, seed=2)
+    lay, kv, bt, sl, hdr, S, ix = make_batch(ctx, batch, cfg, seed=2)
     scale = 1 / math.sqrt(D)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     out = torch.empty(batch, HQ, D, device="cuda", dtype=torch.float32)
-    ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, 8, "cuda")
-    paged_decode_attention(q, kv, lay, bt, sl, hdr, S, scale, out=out, workspace=ws)
-    kv_cpu = lay.make_cache(kv.shape[0])  # same padded pages on the host
-    kv_cpu.untyped_storage().copy_(kv.untyped_storage())
+    ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, 8, "cuda")
+    paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale, out=out,
+                           workspace=ws)
+    kv_cpu = kv.cpu()
     ref, _ = reference.paged_decode_attention(q.cpu(), kv_cpu, lay, bt.cpu(), sl.cpu(),
-                                              hdr.cpu(), S, scale)
+                                              hdr.cpu(), ix.ibt.cpu(), ix.pool.to("cpu"), S,
+                                              scale)
     return ((out.cpu() - ref).norm() / ref.norm()).item()
 
 

@@ -63,7 +63,7 @@ VARIANTS = [
 
 def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> dict:
     scale = 1 / math.sqrt(D)
-    lay, kv, bt, sl, hdr, S = make_batch(ctx, batch, cfg, key_scale=key_scale)
+    lay, kv, bt, sl, hdr, S, ix = make_batch(ctx, batch, cfg, key_scale=key_scale)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     base_tune = copy.deepcopy(td.TUNE)
     base_small = copy.deepcopy(td.TUNE_SMALL_BATCH)
@@ -92,14 +92,14 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> 
         if kernel and kernel != "pps":
             td.TUNE[kernel].update(over)
             td.TUNE_SMALL_BATCH.get(kernel, {}).update(over)
-        ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, max(batch, 8), "cuda",
+        ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda",
                              max_split=max_split, programs_per_sm=pps,
                              attend_max_split=attend_split)
         out = torch.empty(batch, HQ, D, device="cuda", dtype=torch.float32)
 
         def step(count=False):
-            paged_decode_attention(q, kv, lay, bt, sl, hdr, S, scale, out=out, workspace=ws,
-                                   count_stats=count)
+            paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale,
+                                   out=out, workspace=ws, count_stats=count)
         try:
             if td.SCORE_IMPL == "cuda" and not td.cuda_score_available():
                 raise RuntimeError("torch.ops.vllm_retro.paged_score has no CUDA kernel "
@@ -125,10 +125,11 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> 
         del ws
     td.TUNE, td.TUNE_SMALL_BATCH, td.SCORE_IMPL = base_tune, base_small, base_impl
     td.PDL = False
-    ws = DecodeWorkspace(kv.shape[0], H, HQ // H, D, max(batch, 8), "cuda")
+    ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")
     out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
-    prof = per_kernel_us(lambda: paged_decode_attention(q, kv, lay, bt, sl, hdr, S, scale,
-                                                        out=out, workspace=ws))
+    prof = per_kernel_us(lambda: paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt,
+                                                        ix.pool, S, scale, out=out,
+                                                        workspace=ws))
     ok = [r for r in res if "graph_us" in r]
     best = min(ok, key=lambda r: r["graph_us"]) if ok else None
     # The best programs per SM alone (what RETRO_DECODE_PROGRAMS_PER_SM can set).

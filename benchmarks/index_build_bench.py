@@ -27,20 +27,26 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vllm_retro.config import RetroConfig  # noqa: E402
-from vllm_retro.index.paged import (PagedIndexLayout, SegmentJob, build_segments,  # noqa: E402
-                                    plan_segments)
+from vllm_retro.index.paged import (IndexPool, PagedIndexLayout,  # noqa: E402
+                                    SegmentJob, build_segments, plan_segments, sink_end)
 
 H, D, BS = 8, 128, 16
 DENSE_PREFILL_S = {131072: 10.4, 32768: 1.2}   # ../shared/gpu/README.md, H200
 
 
 def build_all(kv, lay, blocks, segs, cfg, layers):
+    """Builds ``segs`` ``layers`` times (one cache and index pool reused: the cost
+    per layer is the same); the pool's pages are the clustered zone's entries."""
+    s = sink_end(cfg, BS)
+    pool = IndexPool(lay, blocks.numel(), kv.device)
+    pages = torch.arange(blocks.numel(), device=kv.device)
     groups = {}
     for p0, p1 in segs:
-        groups.setdefault(p1 - p0, []).append(SegmentJob(blocks, p0, p1))
+        groups.setdefault(p1 - p0, []).append(
+            SegmentJob(blocks, p0, p1, pages[(p0 - s) // BS:(p1 - s) // BS]))
     for _ in range(layers):
         for g in groups.values():
-            build_segments(kv, lay, g, cfg)
+            build_segments(kv, lay, pool, g, cfg)
     return groups
 
 

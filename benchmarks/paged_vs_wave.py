@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vllm_retro.attention import full_attention  # noqa: E402
 from vllm_retro.config import RetroConfig  # noqa: E402
-from vllm_retro.index.paged import (PagedIndexLayout, SegmentJob, budget,  # noqa: E402
-                                    build_segments, clusters_in, header_row, make_headers,
-                                    plan_segments, sink_end)
+from vllm_retro.index.paged import (IndexAllocator, IndexPool,  # noqa: E402
+                                    PagedIndexLayout, budget, build_segments, clusters_in,
+                                    header_row, make_headers, plan_segments, sink_end)
 from vllm_retro.kernels import reference  # noqa: E402
 from vllm_retro.wave_index import WaveIndex  # noqa: E402
 
@@ -52,25 +52,29 @@ def paged_errors(k, v, queries, qpos, scale, cfg, dtype):
     blocks = torch.arange(1, nblk + 1)
     prompt = int(qpos[0])
     segs = plan_segments(0, prompt, prompt, cfg, BS)
-    groups = {}
-    for p0, p1 in segs:
-        groups.setdefault(p1 - p0, []).append(SegmentJob(blocks, p0, p1))
-    for g in groups.values():
-        build_segments(kv, lay, g, cfg)
     S = sink_end(cfg, BS)
+    pool = IndexPool(lay, nblk)
+    alloc = IndexAllocator(nblk, 1, nblk)
+    irow = alloc.acquire((segs[-1][1] - S) // BS if segs else 0)
+    groups = {}
+    for job in alloc.segment_jobs(irow, blocks, segs, S, BS):
+        groups.setdefault(job.p1 - job.p0, []).append(job)
+    for g in groups.values():
+        build_segments(kv, lay, pool, g, cfg)
     headers = make_headers(nblk + 1, "cpu")
     if segs:
         E = segs[-1][1]
         c = sum(clusters_in(p1 - p0, cfg) for p0, p1 in segs)
         n_ret, n_est = budget(c, E - S, cfg)
-        headers[1] = torch.tensor(header_row(E, n_ret, n_est, c), dtype=torch.int32)
+        headers[1] = torch.tensor(header_row(E, n_ret, n_est, c, irow), dtype=torch.int32)
     errs, fracs = [], []
     bt = blocks.view(1, -1).int()
     for i, p in enumerate(qpos):
         p = int(p)
         q = queries[i].to(dtype).float()
         out, st = reference.paged_decode_attention(
-            q.unsqueeze(0), kv, lay, bt, torch.tensor([p + 1]), headers, S, scale)
+            q.unsqueeze(0), kv, lay, bt, torch.tensor([p + 1]), headers, alloc.ibt, pool, S,
+            scale)
         ref = full_attention(queries[i].double(), k[:, :p + 1].double(),
                              v[:, :p + 1].double(), scale)
         errs.append(rel(out[0], ref))

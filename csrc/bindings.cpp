@@ -22,7 +22,7 @@ TORCH_LIBRARY(vllm_retro, m) {
   // Stage 1 of the paged GPU decode (ops.h); its CUDA kernel registers from
   // csrc/cuda/paged_score_op.cpp in CUDA builds only (no CPU kernel).
   m.def(
-      "paged_score(Tensor query, Tensor fpart, Tensor ipart, Tensor block_table, "
+      "paged_score(Tensor query, Tensor fpart, Tensor ipart, Tensor block_table, Tensor ibt, "
       "Tensor seq_lens, Tensor headers, Tensor(a!) logits, Tensor(b!) score_max, "
       "Tensor(c!) score_sum, Tensor(d!) hist, Tensor(e!) ncand, int sink_blocks, "
       "int block_size, int nsplit, float scale, float cap) -> ()");

@@ -65,14 +65,16 @@ at::Tensor retro_decode_attention_meta(
 // (0 for seq_len 0) entries.
 //
 //   query        [B, H*G, D]      float32 / float16 / bfloat16, any strides
-//   fpart        [NB, H, 3, D]    cache dtype (float32 / float16 / bfloat16): centroid,
-//                                 key variance, mean value (PagedIndexLayout.views);
+//   fpart        [P, H, 3, D]     cache dtype (float32 / float16 / bfloat16): centroid,
+//                                 key variance, mean value (the layer's IndexPool);
 //                                 rows contiguous and 16-byte aligned
-//   ipart        [NB, H, 2]       int32: size (word 0), start (word 1)
+//   ipart        [P, H, 2]        int32: size (word 0), start (word 1)
 //   block_table  [>=B, max_blocks] int32 / int64;  seq_lens [>=B] int32 / int64
-//   headers      [NB, HDR_WORDS]  int32 (word 0: clustered_end)
-//   logits       [>=NB, H, G]     float32, written at the blocks of the rows' entries:
-//                                 logits[bt[r, sink_blocks + i], h, g] = s q.c + ln size
+//   ibt          [R, max_pages]   int32: the index table (entry i of a row at pool page
+//                                 ix[i], ix = ibt[headers[bt[r, 0], HDR_IBT_ROW]])
+//   headers      [NB, HDR_WORDS]  int32 (word 0: clustered_end, word 4: ibt row)
+//   logits       [>=P, H, G]      float32, written at the pool pages of the rows' entries:
+//                                 logits[ix[i], h, g] = s q.c + ln size
 //                                 + min(s^2/2 sum_d q_d^2 var_d, cap), -inf when size 0
 //   score_max / score_sum [>=B*H, NSP >= nsplit, GP in G..128] float32: per program
 //                                 (r*H + h, p), at [r*H + h, p, g], the max and the sum
@@ -82,7 +84,8 @@ at::Tensor retro_decode_attention_meta(
 //   block_size: tokens per KV block (bs)
 //   head dims 32/64/128/256, G <= 16; scale: logit scale; cap: VARIANCE_CORRECTION_CAP
 void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at::Tensor& ipart,
-                      const at::Tensor& block_table, const at::Tensor& seq_lens,
+                      const at::Tensor& block_table, const at::Tensor& ibt,
+                      const at::Tensor& seq_lens,
                       const at::Tensor& headers, at::Tensor& logits, at::Tensor& score_max,
                       at::Tensor& score_sum, at::Tensor& hist, at::Tensor& ncand,
                       int64_t sink_blocks, int64_t block_size, int64_t nsplit,

@@ -77,7 +77,8 @@ def _aot(self: JITFunction, *args, grid, warmup, **kwargs):
 
 def decode_launches() -> None:
     from vllm_retro.config import RetroConfig
-    from vllm_retro.index.paged import PagedIndexLayout, make_headers, sink_end
+    from vllm_retro.index.paged import (IndexAllocator, IndexPool, PagedIndexLayout,
+                                        make_headers, sink_end)
     from vllm_retro.kernels import triton_decode as td
     h, g, d, bs = 8, 4, 128, 16
     for dtype, pdl in ((torch.bfloat16, False), (torch.bfloat16, True),
@@ -87,19 +88,21 @@ def decode_launches() -> None:
         nb = 64
         kv = lay.make_cache(nb)
         hdr = make_headers(nb, "cpu")
+        pool = IndexPool(lay, nb)
+        ibt = IndexAllocator(nb, 8, 32).ibt
         for b in (1, 6):
             ws = td.DecodeWorkspace(nb, h, g, d, max(b, 8), "cpu")
             q = torch.zeros(b, h * g, d, dtype=dtype)
             bt = torch.zeros(b, 32, dtype=torch.int32)
             sl = torch.zeros(b, dtype=torch.int32)
             out = torch.zeros(b, h * g, d, dtype=dtype)
-            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr,
+            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool,
                                              sink_end(RetroConfig(), bs), 0.1, out, ws,
                                              count_stats=True)
 
 
 def build_launches() -> None:
-    from vllm_retro.index.paged import PagedIndexLayout
+    from vllm_retro.index.paged import IndexPool, PagedIndexLayout
     from vllm_retro.kernels import triton_kmeans as tk
     from vllm_retro.kernels.triton_cluster_write import write_clusters_triton
     for dtype in (torch.bfloat16, torch.float32):   # fp16 compiles as bf16 does
@@ -121,7 +124,8 @@ def build_launches() -> None:
         n = nbs * bs
         order = torch.zeros(m * h, n, dtype=torch.int32)
         st = torch.zeros(m * h, c, dtype=torch.int32)
-        write_clusters_triton(kv, lay, blocks, torch.zeros(m, dtype=torch.int32), order, st, st)
+        write_clusters_triton(kv, lay, IndexPool(lay, 20), blocks, blocks,
+                              torch.zeros(m, dtype=torch.int32), order, st, st)
 
 
 def memory_launches() -> None:

@@ -57,10 +57,9 @@ def filled_cache(lay, nb, L, seed):
 
 
 def cpu_cache(layout, kv):
-    """A CPU copy of a paged KV cache with its padded page stride (``kv.cpu()``
-    would compact the view and drop the index space between pages)."""
+    """A CPU copy of a paged KV cache in vLLM's view (strides kept)."""
     out = layout.make_cache(kv.shape[0])
-    out.untyped_storage().copy_(kv.untyped_storage())
+    out.copy_(kv)
     return out
 
 

@@ -410,8 +410,9 @@ def test_cpu_engine_releases_mirrored_blocks_end_to_end(tiny_model, monkeypatch)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (vLLM 0.26)")
 def test_gpu_engine_reports_retro_spec_with_wave_buffer(tiny_model):
     """H200 (vLLM 0.26): wave_buffer=True makes retro layers report RetroSpec with
-    the paged index's page padding, the scheduler runs RetroManager, and until the
-    host mirror reports horizons nothing is released and outputs are unchanged."""
+    vLLM's stock (unpadded) pages, the index living in retro's index pool, the
+    scheduler runs RetroManager, and until the host mirror reports horizons nothing
+    is released and outputs are unchanged."""
     from vllm import LLM
 
     from vllm_retro.offline import close_llm
@@ -429,7 +430,7 @@ def test_gpu_engine_reports_retro_spec_with_wave_buffer(tiny_model):
             (mgr,) = _scheduler_managers(llm)
             assert (type(mgr) is RetroManager) == wave_buffer
             if wave_buffer:
-                assert mgr.kv_cache_spec.page_size_padded is not None
+                assert mgr.kv_cache_spec.page_size_padded is None   # stock pages
             outs.append(generate_tokens(llm, _prompts(), 16))
             if wave_buffer:
                 assert mgr.num_released_blocks == 0

@@ -175,14 +175,17 @@ def test_gpu_worker_reads_its_paged_index_manager():
     q = torch.randn(1, h * g, d, generator=gen)
     bt = torch.tensor([blocks], dtype=torch.int32)
     paged_decode_attention(q, mgr.kv_caches[mgr.first_layer], mgr.layout, bt,
-                           torch.tensor([L + 1]), mgr.headers, mgr.sink_end, 0.125,
+                           torch.tensor([L + 1]), mgr.headers, mgr.index_alloc.ibt,
+                           mgr.pools[mgr.first_layer], mgr.sink_end, 0.125,
                            workspace=mgr.workspace, count_stats=True)
     snap = gpu_snapshot(mgr)
     assert snap["retro_rows"] == 1 and snap["dense_rows"] == 0
     assert snap["context_tokens"] == (L + 1) * h
     assert 0 < snap["exact_tokens"] < snap["context_tokens"]
     assert 0 < snap["estimated_tokens"] <= snap["context_tokens"] - snap["exact_tokens"]
+    # Without a GPU the pool is allocated at registration: one page per KV block.
     assert snap["index_bytes"] == lay.index_bytes * nb * n_layers
+    assert snap["index_pool_full"] == 0
     assert snap["indexed_requests"] == 1
 
     rep = reporter_for(mgr, cfg)        # GPU: the device counters read at most 1/s

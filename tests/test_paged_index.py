@@ -10,14 +10,36 @@ import torch
 
 from conftest import cpu_cache, filled_cache  # noqa: E402
 from vllm_retro.config import RetroConfig
-from vllm_retro.index.paged import (HDR_CLUSTERED_END, HDR_N_RETRIEVE, I_SIZE, I_START,
-                                    PagedIndexLayout, SegmentJob, _kmeans_torch,
-                                    build_segments, budget, check_config_for_paged,
-                                    plan_segments, sink_end)
+from vllm_retro.index.paged import (HDR_CLUSTERED_END, HDR_IBT_ROW, HDR_N_RETRIEVE,
+                                    HDR_WORDS, I_SIZE, I_START, IndexAllocator, IndexPool,
+                                    PagedIndexLayout, _kmeans_torch, build_segments, budget,
+                                    check_config_for_paged, plan_segments, sink_end)
 from vllm_retro.kernels.reference import dense_paged_attention, paged_decode_attention
 
 CFG = RetroConfig(segment_size=256, update_interval=64, recent_tokens=32, cluster_size=16,
                   min_retrieval_tokens=0)
+
+
+def _index(lay, num_pages, rows=4, max_pages=64, seed=0):
+    """An index pool and allocator whose pages are handed out in a shuffled order."""
+    pool = IndexPool(lay, num_pages)
+    alloc = IndexAllocator(num_pages, rows, max_pages)
+    alloc.shuffle(seed)
+    return pool, alloc
+
+
+def _build(kv, lay, pool, alloc, blocks, segs, cfg, irow=None):
+    """Indexes segments ``segs`` of one request (one build call per segment, as
+    the engine's later updates do); returns its index-table row."""
+    s = sink_end(cfg, lay.block_size)
+    need = (segs[-1][1] - s) // lay.block_size
+    if irow is None:
+        irow = alloc.acquire(need)
+    else:
+        alloc.extend(irow, need - len(alloc.pages_of(irow)))
+    for job in alloc.segment_jobs(irow, blocks, segs, s, lay.block_size):
+        build_segments(kv, lay, pool, [job], cfg)
+    return irow
 
 
 def test_plan_segments_waits_for_prompt_and_aligns():
@@ -74,16 +96,18 @@ def test_build_segments_writes_a_consistent_index(cluster_size, impl, request):
         # The k-means assignment the build computes (deterministic), for the check.
         k = orig[p0:p1, :, :32].permute(1, 0, 2).float()
         assigns[p0] = _kmeans_torch(k, math.ceil((p1 - p0) / cluster_size), cfg.kmeans_iters)
-        build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], cfg)
+    pool, alloc = _index(lay, 90)
+    irow = _build(kv, lay, pool, alloc, blocks, segs, cfg)
+    pages = torch.tensor(alloc.pages_of(irow))
     after = kv[blocks[pos // bs], :, pos % bs]                               # [L, H, 2D]
-    fpart, ipart = lay.views(kv)
+    fpart, ipart = pool.fpart, pool.ipart
     s, e = segs[0][0], segs[-1][1]
     assert torch.equal(after[:s], orig[:s]) and torch.equal(after[e:], orig[e:])
     moved = False
     for p0, p1 in segs:
         n = p1 - p0
         c = math.ceil(n / cluster_size)
-        seg_blocks = blocks[p0 // bs:p1 // bs]
+        seg_blocks = pages[(p0 - s) // bs:(p1 - s) // bs]   # the segment's pool pages
         for h in range(2):
             rows, want = after[p0:p1, h], orig[p0:p1, h]
             # A permutation of the original rows (random rows: all distinct).
@@ -119,24 +143,26 @@ def test_full_retrieval_twin_equals_dense_and_budget_reads_less():
     kv, blocks = filled_cache(lay, 80, L, seed=3)
     before = cpu_cache(lay, kv)
     segs = plan_segments(0, L, L, CFG, 16)
-    for p0, p1 in segs:
-        build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], CFG)
+    pool, alloc = _index(lay, 100)
+    alloc.acquire(3)                      # another request's row: not row 0
+    irow = _build(kv, lay, pool, alloc, blocks, segs, CFG)
     s, e = sink_end(CFG, 16), segs[-1][1]
     c = (e - s) // 16
-    headers = torch.zeros(80, 4, dtype=torch.int32)
+    headers = torch.zeros(80, HDR_WORDS, dtype=torch.int32)
     bt = blocks.unsqueeze(0).int()
     q = torch.randn(1, 8, 32, dtype=torch.float64)
     sl = torch.tensor([L])
     headers[blocks[0], HDR_CLUSTERED_END] = e
     headers[blocks[0], HDR_N_RETRIEVE] = c
-    out, st = paged_decode_attention(q, kv, lay, bt, sl, headers, s, 0.2)
+    headers[blocks[0], HDR_IBT_ROW] = irow
+    out, st = paged_decode_attention(q, kv, lay, bt, sl, headers, alloc.ibt, pool, s, 0.2)
     ref = dense_paged_attention(q, before, lay, bt, sl, 0.2)
     assert not torch.equal(kv, before)            # the build did move K/V
     assert (out - ref).norm() / ref.norm() < 1e-10
     assert st[0, 0] == 2 * L
     n_ret, n_est = budget(c, e - s, CFG)
     headers[blocks[0], 1:3] = torch.tensor([n_ret, n_est], dtype=torch.int32)
-    out, st = paged_decode_attention(q, kv, lay, bt, sl, headers, s, 0.2)
+    out, st = paged_decode_attention(q, kv, lay, bt, sl, headers, alloc.ibt, pool, s, 0.2)
     assert st[0, 0] < 2 * L and st[0, 1] > 0 and torch.isfinite(out).all()
 
 
@@ -166,9 +192,9 @@ def test_dense_attention_unchanged_by_the_build(impl, request):
         kv[blocks[pos // 16], :, pos % 16] = torch.randn(L, 2, 64, generator=g)
         rows.append(blocks)
     before = cpu_cache(lay, kv)
+    pool, alloc = _index(lay, 120)
     for blocks, L in zip(rows, lens):
-        for p0, p1 in plan_segments(0, L, L, CFG, 16):
-            build_segments(kv, lay, [SegmentJob(blocks, p0, p1)], CFG)
+        _build(kv, lay, pool, alloc, blocks, plan_segments(0, L, L, CFG, 16), CFG)
     bt = torch.zeros(2, 64, dtype=torch.int32)
     for r, blocks in enumerate(rows):
         bt[r, :len(blocks)] = blocks.int()

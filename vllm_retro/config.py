@@ -35,6 +35,11 @@ def _check_float(name: str, value: Any, lo: float, hi: float,
 RETRIEVAL_RANKS = ("mass", "error", "error_value")
 # RetroConfig.adaptive_budget: decode steps of difficulty history kept per KV head.
 ADAPTIVE_WINDOW = 64
+# Share of the memory vLLM may use (gpu_memory_utilization x device memory) that the
+# GPU index pool takes when RetroConfig.index_pool_gib is 0 (auto): about the 9.5% of
+# the KV cache the index took in the padding of vLLM's pages before (Llama-3-8B on an
+# H200: 0.085 x 0.9 x 141 GB = 10.8 GB against ~10 GB of padding).
+INDEX_POOL_AUTO_FRACTION = 0.085
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,16 @@ class RetroConfig:
         cluster_cache_gib: GPU memory of the wave buffer's cluster cache; 0 (the
             default) sizes it automatically: the HBM that released KV blocks no
             longer need. Only with ``wave_buffer``.
+        index_pool_gib: GPU only: device memory (GiB, all layers of one worker) of the
+            index pool, retro's own storage of the paged index (6,208 B per clustered
+            KV block and layer for Llama-3-8B's shape) and of the decode scratch per
+            pool page. 0 (the default) sizes it automatically:
+            :data:`INDEX_POOL_AUTO_FRACTION` of the memory vLLM may use
+            (``gpu_memory_utilization`` x device memory), about what the former
+            in-page index took (9.5% of the KV). Allocated when the attention layers
+            are built, before vLLM measures free memory, so vLLM sizes its KV cache
+            around it. A request that finds the pool full is not indexed (attended
+            exactly) and counted (``index_pool_full``).
         log_stats_interval_s: seconds between the vLLM backend's stats log lines
             (decode calls, tokens read, live requests, index memory); 0 turns them off.
     """
@@ -157,6 +172,7 @@ class RetroConfig:
     log_stats_interval_s: float = 10.0
     wave_buffer: bool = False
     cluster_cache_gib: float = 0.0
+    index_pool_gib: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("segment_size", self.segment_size, 64, 1 << 20)
@@ -219,6 +235,7 @@ class RetroConfig:
         if not isinstance(self.wave_buffer, bool):
             raise ValueError(f"RetroConfig.wave_buffer must be a bool, got {self.wave_buffer!r}")
         _check_float("cluster_cache_gib", self.cluster_cache_gib, 0.0, 1 << 20)
+        _check_float("index_pool_gib", self.index_pool_gib, 0.0, 1 << 20)
         if self.cluster_cache_gib and not self.wave_buffer:
             raise ValueError("RetroConfig.cluster_cache_gib sizes the wave buffer's GPU "
                              "cluster cache: set wave_buffer too (or leave it 0)")

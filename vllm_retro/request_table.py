@@ -11,7 +11,7 @@ prompt length, the end of the clustered zone).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from .logging_utils import warn_once
 
@@ -45,6 +45,8 @@ class RequestEntry:
     clustered_end: int = 0       # end of the clustered zone (0: no index yet)
     num_clusters: int = 0        # clusters with tokens, over all segments
     is_new: bool = True          # header not yet reset on the device
+    ibt_row: int = -1            # GPU: its index-table row (-1: none, no pool pages)
+    pool_full_counted: bool = False   # GPU: counted once in index_pool_full
 
 
 class RequestTable:
@@ -55,6 +57,10 @@ class RequestTable:
         self._by_first_block: Dict[int, str] = {}
         self.preemptions = 0
         self.freed = 0
+        # Called with every entry that leaves the table (finished, aborted, preempted,
+        # or replaced when it restarts from token 0): the GPU manager frees its index
+        # pool pages there.
+        self.on_remove: Optional[Callable[[RequestEntry], None]] = None
 
     def apply(self, meta) -> List[RequestEntry]:
         """Applies one step's ``RetroStepMetadata``; returns the entries scheduled in it."""
@@ -62,6 +68,8 @@ class RequestTable:
             e = self.entries.pop(rid, None)
             if e is not None:
                 self.freed += 1
+                if self.on_remove is not None:
+                    self.on_remove(e)
                 if e.blocks and self._by_first_block.get(e.blocks[0]) == rid:
                     del self._by_first_block[e.blocks[0]]
         self.preemptions += meta.num_preempted
@@ -77,6 +85,8 @@ class RequestTable:
                 if e is not None and e.blocks and \
                         self._by_first_block.get(e.blocks[0]) == u.req_id:
                     del self._by_first_block[e.blocks[0]]
+                if e is not None and self.on_remove is not None:
+                    self.on_remove(e)
                 e = RequestEntry(u.req_id, list(u.blocks), plen)
                 self.entries[u.req_id] = e
                 if e.blocks:

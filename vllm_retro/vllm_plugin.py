@@ -173,7 +173,8 @@ def _check_gpu_engine_config(vllm_config) -> None:
 
 
 def _patch_kv_cache_spec(attention_cls) -> None:
-    """Retro layers ask for KV pages padded by the paged index (GPU)."""
+    """Retro layers on GPU keep vLLM's stock KV pages (the index lives in retro's own
+    index pool); with ``wave_buffer`` they report a :class:`RetroSpec` (block release)."""
     if _patched(attention_cls, "get_kv_cache_spec"):
         return
     original = attention_cls.get_kv_cache_spec
@@ -185,8 +186,6 @@ def _patch_kv_cache_spec(attention_cls) -> None:
         if spec is None or backend is None or backend.get_name() != "CUSTOM" or \
                 not retro_selected(vllm_config):
             return spec
-        from .backend.gpu import padded_kv_cache_spec
-        spec = padded_kv_cache_spec(spec, self.num_kv_heads, self.head_size, spec.dtype)
         from .worker_state import retro_config_from_vllm
         cfg = retro_config_from_vllm(vllm_config)
         if cfg.wave_buffer:

@@ -1,13 +1,15 @@
 // CUDA twin of stage 1 of the paged decode, Triton's _score_kernel
 // (vllm_retro/kernels/triton_decode.py): the log-mass of every cluster entry of a
-// row for the G query heads of a KV head, stored block-addressed in the workspace's
+// row for the G query heads of a KV head, stored page-addressed in the workspace's
 // logits, and each program's partial max / sum-exp per query head.
 //
 // Same launch meaning and outputs as the Triton kernel: grid (B*H, NS), program
 // (r*H + h, p) takes entries p, p+NS, p+2NS, ... of the row's C cluster entries;
 //   log-mass = s q.c + ln(max(size, 1)) + min(s^2/2 sum_d q_d^2 var_d, cap)
-// (-inf for an empty cluster), written to logits[bt[r, SB + i], h, g] for valid
-// entries; partials at score_max / score_sum[(rh*NSP + p)*GP + g] (-inf / 0 where the
+// (-inf for an empty cluster), written to logits[ix[i], h, g] for valid
+// entries (ix = ibt[hdr[blk0, HDR_IBT_ROW]], the row's index-table row: entry i's
+// summaries and scratch at index-pool page ix[i]); partials at
+// score_max / score_sum[(rh*NSP + p)*GP + g] (-inf / 0 where the
 // program has no non-empty entry); program p == 0 zeroes the row-head's hist and
 // ncand rows. One difference: query-head slots G <= g < GP get -inf / 0, where the
 // Triton kernel leaves the statistics of a zero query; no kernel reads them.
@@ -22,8 +24,8 @@
 // half (shuffles) leaves each lane the full sums of G / 2^steps query heads, one
 // shuffle across the halves pairs q.c with q^2.var, and one "owner" lane per query
 // head writes the log-mass and keeps the program's running max / sum-exp. Each lane
-// has U entries' loads in flight, and the block numbers of the next U entries are
-// loaded before this round's summaries are used (the block-table indirection is a
+// has U entries' loads in flight, and the pool pages of the next U entries are
+// loaded before this round's summaries are used (the index-table indirection is a
 // dependent gather). The teams' partials merge through shared memory at the end.
 //
 // Only CUDA runtime headers here (see paged_score.h): CI compiles this file with
@@ -153,6 +155,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   int E = __ldg(v.hdr + blk0 * v.hdr_s0);
   E = L > 0 ? E : 0;
   const int C = max(E / v.BS - v.SB, 0);
+  // The row's index-table row (no index: C == 0, never read).
+  const int irow = E > 0 ? __ldg(v.hdr + blk0 * v.hdr_s0 + kHdrIbtRow) : 0;
+  const int32_t* ix_row = v.ibt + int64_t(irow) * v.ibt_s0;
 
   // The G query rows in fp32 (zero rows up to GR), staged once through shared memory.
   for (int i = tid; i < GR * D; i += kWarps * 32) {
@@ -197,7 +202,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int n_mine = max(C - p + v.NS - 1, 0) / v.NS;
   const T* rows = static_cast<const T*>(v.fp) + int64_t(h) * v.fp_s1 + half * v.fp_s2 +
                   int64_t(k) * kVec;
-  const int64_t bt_entries = bt_row + v.SB + p;   // entry i = p + NS*m at bt_entries + NS*m
+  const int32_t* ix_entries = ix_row + p;   // entry i = p + NS*m at ix_entries[NS*m]
   const float half_s2 = 0.5f * v.scale * v.scale;
 
   int64_t blk[kUnroll];
@@ -206,7 +211,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int u = 0; u < kUnroll; ++u) {
     const int m = u * kTeams + team;
     valid[u] = m < n_mine;
-    blk[u] = valid[u] ? load_index(v.bt, bt_entries + int64_t(v.NS) * m, v.bt_is64) : 0;
+    blk[u] = valid[u] ? int64_t(__ldg(ix_entries + int64_t(v.NS) * m)) : 0;
   }
   // Uniform trip count over the block: every lane takes part in every shuffle.
   for (int m0 = 0; m0 < n_mine; m0 += kSlots) {
@@ -223,14 +228,14 @@ __global__ void __launch_bounds__(kWarps * 32)
                     ? __ldg(v.ip + blk[u] * v.ip_s0 + int64_t(h) * v.ip_s1 + kIntSize)
                     : 0;
     }
-    // The next round's block numbers, before this round's summaries are used.
+    // The next round's pool pages, before this round's summaries are used.
     int64_t blk_n[kUnroll];
     bool valid_n[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int m = m0 + kSlots + u * kTeams + team;
       valid_n[u] = m < n_mine;
-      blk_n[u] = valid_n[u] ? load_index(v.bt, bt_entries + int64_t(v.NS) * m, v.bt_is64) : 0;
+      blk_n[u] = valid_n[u] ? int64_t(__ldg(ix_entries + int64_t(v.NS) * m)) : 0;
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {

@@ -24,6 +24,10 @@ enum PagedScoreDtype : int32_t {
 constexpr int kIntSize = 0;
 constexpr int kIntStart = 1;
 
+// Header column of the request's index-table row (vllm_retro/index/paged.py
+// HDR_IBT_ROW).
+constexpr int kHdrIbtRow = 4;
+
 // Returned by paged_score_launch for a shape/dtype it was not compiled for.
 constexpr int kPagedScoreUnsupported = -1;
 
@@ -36,13 +40,13 @@ struct PagedScoreView {
   const void* q;
   int64_t q_sb, q_sh, q_sd;
   int32_t q_dtype;
-  // Float part of the index, [NB, H, 3, D] (fp_dtype = the cache's dtype): rows
+  // Float part of the index pool, [P, H, 3, D] (fp_dtype = the cache's dtype): rows
   // centroid, key variance, mean value. fp_s3 must be 1 and every row 16-byte
   // aligned (the kernel reads rows in 16-byte vectors).
   const void* fp;
   int64_t fp_s0, fp_s1, fp_s2;
   int32_t fp_dtype;
-  // Int part of the index, [NB, H, 2] int32; word kIntSize of (block, head) is the
+  // Int part of the index pool, [P, H, 2] int32; word kIntSize of (page, head) is the
   // cluster's size (word 1: its first token position).
   const int32_t* ip;
   int64_t ip_s0, ip_s1;
@@ -50,6 +54,10 @@ struct PagedScoreView {
   const void* bt;
   int64_t bt_s0;
   int32_t bt_is64;
+  // The index table ibt [R, max_pages] int32 (unit stride along dim 1): entry i of a
+  // row's cluster zone has its index at pool page ibt[hdr[blk0, kHdrIbtRow], i].
+  const int32_t* ibt;
+  int64_t ibt_s0;
   // seq_lens [>=B] (int32 or int64, unit stride).
   const void* seq;
   int32_t seq_is64;
@@ -57,14 +65,14 @@ struct PagedScoreView {
   const int32_t* hdr;
   int64_t hdr_s0;
   // Outputs (contiguous, as DecodeWorkspace allocates them):
-  float* logits;      // [NB, H, G]: log-mass of cluster entry i at its block bt[r, SB + i]
+  float* logits;      // [P, H, G]: log-mass of cluster entry i at its pool page ix[i]
   float* score_max;   // [>=B*H, NSP, GP]: per-program max of the log-masses per query head
   float* score_sum;   // [>=B*H, NSP, GP]: per-program sum of exp(log-mass - max)
   int32_t* hist;      // [>=B*H, NBINS]: zeroed by program p == 0
   int32_t* ncand;     // [>=B*H, 2]: zeroed by program p == 0
   // Sizes.
   int32_t B, H, G, D, BS;
-  int32_t SB;         // sink blocks: cluster entry i of a row is in its block SB + i
+  int32_t SB;         // sink blocks: cluster entry i of a row is its logical block SB + i
   int32_t NS, NSP, GP, NBINS;
   float scale;        // logit scale
   float cap;          // cap of the variance term (VARIANCE_CORRECTION_CAP)

@@ -45,7 +45,8 @@ void check_out(const at::Tensor& t, at::ScalarType dt, int64_t dim, const char* 
 }  // namespace
 
 void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at::Tensor& ipart,
-                      const at::Tensor& block_table, const at::Tensor& seq_lens,
+                      const at::Tensor& block_table, const at::Tensor& ibt,
+                      const at::Tensor& seq_lens,
                       const at::Tensor& headers, at::Tensor& logits, at::Tensor& score_max,
                       at::Tensor& score_sum, at::Tensor& hist, at::Tensor& ncand,
                       int64_t sink_blocks, int64_t block_size, int64_t nsplit,
@@ -53,16 +54,16 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
   const at::Device dev = query.device();
   TORCH_CHECK(dev.is_cuda(), "paged_score: CUDA tensors expected");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
-           &fpart, &ipart, &block_table, &seq_lens, &headers, &logits, &score_max, &score_sum,
+           &fpart, &ipart, &block_table, &ibt, &seq_lens, &headers, &logits, &score_max, &score_sum,
            &hist, &ncand})
     TORCH_CHECK(t->device() == dev, "paged_score: all tensors must be on ", dev);
   TORCH_CHECK(query.dim() == 3, "paged_score: query must be [B, Hq, D]");
-  TORCH_CHECK(fpart.dim() == 4 && fpart.size(2) == 3, "paged_score: fpart must be [NB, H, 3, D]");
+  TORCH_CHECK(fpart.dim() == 4 && fpart.size(2) == 3, "paged_score: fpart must be [P, H, 3, D]");
   TORCH_CHECK(ipart.dim() == 3 && ipart.scalar_type() == at::kInt && ipart.stride(2) == 1,
-              "paged_score: ipart must be [NB, H, 2] int32 (size, start)");
+              "paged_score: ipart must be [P, H, 2] int32 (size, start)");
   const int64_t B = query.size(0), H = fpart.size(1), D = fpart.size(3);
   TORCH_CHECK(query.size(2) == D && H > 0 && query.size(1) % H == 0,
-              "paged_score: query [B, H*G, D] does not match fpart [NB, H, 3, D]");
+              "paged_score: query [B, H*G, D] does not match fpart [P, H, 3, D]");
   const int64_t G = query.size(1) / H;
   const int64_t BS = block_size;
   TORCH_CHECK(ipart.size(1) == H && ipart.size(2) == 2 && BS > 0 && BS <= (1 << 20),
@@ -80,6 +81,9 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) >= B &&
                   (block_table.stride(1) == 1 || block_table.size(1) <= 1),
               "paged_score: block_table must be [>=B, max_blocks] with unit stride along dim 1");
+  TORCH_CHECK(ibt.dim() == 2 && ibt.scalar_type() == at::kInt &&
+                  (ibt.stride(1) == 1 || ibt.size(1) <= 1),
+              "paged_score: ibt must be [R, max_pages] int32 with unit stride along dim 1");
   TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) >= B &&
                   (seq_lens.stride(0) == 1 || seq_lens.size(0) <= 1),
               "paged_score: seq_lens must be [>=B] with unit stride");
@@ -91,7 +95,7 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
   check_out(hist, at::kInt, 2, "hist");
   check_out(ncand, at::kInt, 2, "ncand");
   TORCH_CHECK(logits.size(0) >= fpart.size(0) && logits.size(1) == H && logits.size(2) == G,
-              "paged_score: logits must be [>=NB, H, G]");
+              "paged_score: logits must be [>=P, H, G]");
   TORCH_CHECK(score_sum.sizes() == score_max.sizes() && score_max.size(0) >= B * H &&
                   score_max.size(1) >= nsplit && score_max.size(2) >= G &&
                   score_max.size(2) <= 128,
@@ -119,6 +123,8 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
   v.bt = block_table.data_ptr();
   v.bt_s0 = block_table.stride(0);
   v.bt_is64 = index_is64(block_table, "block_table");
+  v.ibt = ibt.data_ptr<int32_t>();
+  v.ibt_s0 = ibt.stride(0);
   v.seq = seq_lens.data_ptr();
   v.seq_is64 = index_is64(seq_lens, "seq_lens");
   v.hdr = headers.data_ptr<int32_t>();

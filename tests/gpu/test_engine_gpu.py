@@ -135,10 +135,18 @@ def test_preemption_recomputes_and_reindexes(tiny_model, dense_runs):
     out = generate_with_logprobs(llm, prompts, [PRE_TOKENS] * len(prompts))
     pre = mgr.requests.preemptions
     st = mgr.stats()
+    alloc = mgr.index_alloc
+    # Every request's pool pages are owned by a live request (preempted ones gave
+    # theirs back); the pool was sized before vLLM measured free memory.
+    owned = sum(len(alloc.pages_of(e.ibt_row)) for e in mgr.requests.entries.values()
+                if e.ibt_row >= 0)
+    free_ok = alloc.free_pages + owned == alloc.num_pages
+    presized = mgr.pool_presized
     from vllm_retro.offline import close_llm
     close_llm(llm)
     assert pre > 0, "no preemption happened; shrink the cache"
     assert st["retro_rows"] > 0
+    assert free_ok and presized and st["index_pool_full"] == 0
     assert_same_or_near_tie([t for t, _ in out], dense_out, [lp for _, lp in out])
 
 

@@ -147,7 +147,7 @@ def test_segment_keys_are_centred_normalised_page_keys(m, nbs):
         for h in range(2):
             x = k[:, h] - k[:, h].mean(0)
             want[j * 2 + h] = torch.nn.functional.normalize(x, dim=-1)
-    kvd = lay.make_cache(nb, DEV)   # .to() would drop the page padding
+    kvd = lay.make_cache(nb, DEV)   # vLLM's page layout on the device
     kvd.untyped_storage().copy_(kv.untyped_storage())
     got = segment_keys(kvd, blocks.to(DEV), 32, torch.float32).cpu().double()
     assert (got - want).abs().max().item() < 1e-5

@@ -14,9 +14,10 @@ import torch
 triton = pytest.importorskip("triton")
 
 from vllm_retro.config import RetroConfig  # noqa: E402
-from vllm_retro.index.paged import (HDR_WORDS, I_SIZE, I_START,  # noqa: E402
-                                    PagedIndexLayout, SegmentJob, budget, build_segments,
-                                    header_row, make_headers, plan_segments, sink_end)
+from vllm_retro.index.paged import (HDR_IBT_ROW, HDR_WORDS, I_SIZE,  # noqa: E402
+                                    I_START, IndexAllocator, IndexPool, PagedIndexLayout,
+                                    budget, build_segments, header_row, make_headers,
+                                    plan_segments, sink_end)
 from conftest import cpu_cache  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402
 
@@ -51,14 +52,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 class Scene:
     """One KV cache with ragged rows: each row its own blocks (never block 0), its
-    random K/V, its index (built as the engine builds it, or crafted) and header."""
+    random K/V, its index (built as the engine builds it, or crafted) and header.
+    The index lives in an :class:`IndexPool` of ``num_blocks + 37`` pages handed out
+    in a shuffled order (a row's pages are neither contiguous nor ordered, and
+    unrelated to its block ids), through an :class:`IndexAllocator` whose rows are
+    taken in a shuffled order too."""
 
     def __init__(self, num_blocks: int, dtype=torch.float32, max_blocks: int = 260,
-                 head_dim: int = D):
+                 head_dim: int = D, num_pages: int = 0):
         self.D = head_dim
         self.lay = PagedIndexLayout(H, head_dim, BS, dtype)
         self.kv = self.lay.make_cache(num_blocks, DEV)
         self.headers = make_headers(num_blocks, DEV)
+        num_pages = num_pages or num_blocks + 37
+        self.pool = IndexPool(self.lay, num_pages, DEV)
+        self.alloc = IndexAllocator(num_pages, 11, max_blocks, DEV)
+        self.alloc.shuffle(int(torch.randint(0, 1 << 30, ())))
         self.free = (torch.randperm(num_blocks - 1) + 1).tolist()
         self.max_blocks = max_blocks
         self.rows = []          # (seq_len, block row [max_blocks] int32)
@@ -87,32 +96,42 @@ class Scene:
         if index == "build":
             segs = plan_segments(0, L, L, CFG, BS)
             assert segs, "context too short for an index"
-            by_len = {}
-            for p0, p1 in segs:
-                by_len.setdefault(p1 - p0, []).append(SegmentJob(blocks, p0, p1))
-            for js in by_len.values():
-                build_segments(self.kv, self.lay, js, CFG)
             E = segs[-1][1]
+            irow = self.alloc.acquire((E - self.S) // BS)
+            by_len = {}
+            for job in self.alloc.segment_jobs(irow, blocks, segs, self.S, BS):
+                by_len.setdefault(job.p1 - job.p0, []).append(job)
+            for js in by_len.values():
+                build_segments(self.kv, self.lay, self.pool, js, CFG)
         elif index == "craft":
             E = (L - CFG.recent_tokens) // BS * BS
-            self._craft(blocks, E, cent)
+            irow = self.alloc.acquire((E - self.S) // BS)
+            self._craft(blocks, irow, E, cent)
         if E:
             c = (E - self.S) // BS
             nr, ne = budget(c, E - self.S, CFG)
             nr = nr if n_ret is None else n_ret
             ne = ne if n_est is None else n_est
-            self.headers[blocks[0]] = torch.tensor(header_row(E, nr, ne, c),
+            self.headers[blocks[0]] = torch.tensor(header_row(E, nr, ne, c, irow),
                                                    dtype=torch.int32, device=DEV)
         return E
 
-    def _craft(self, blocks, E, cent):
-        fpart, ipart = self.lay.views(self.kv)
+    def pages(self, r: int) -> torch.Tensor:
+        """Row r's pool pages (cluster entry order), [] without an index."""
+        L, row = self.rows[r]
+        hdr = self.headers[int(row[0])].tolist() if L else [0] * HDR_WORDS
+        if not hdr[0]:
+            return torch.zeros(0, dtype=torch.long)
+        return self.alloc.ibt[hdr[HDR_IBT_ROW], :(hdr[0] - self.S) // BS].long().cpu()
+
+    def _craft(self, blocks, irow, E, cent):
+        fpart, ipart = self.pool.fpart, self.pool.ipart
         S = self.S
         lb = torch.arange(S // BS, E // BS, device=DEV)
-        pb = blocks[lb]
+        pb = torch.tensor(self.alloc.pages_of(irow), device=DEV).long()
         ipart[pb, :, I_SIZE] = BS
         ipart[pb, :, I_START] = (lb * BS).int()[:, None].expand(-1, H)
-        v = self.kv[pb][..., self.D:].float()                             # [C, H, BS, D]
+        v = self.kv[blocks[lb]][..., self.D:].float()                     # [C, H, BS, D]
         fpart[pb, :, 0] = cent.to(DEV, fpart.dtype)                        # [C, H, D]
         fpart[pb, :, 1] = 0
         fpart[pb, :, 2] = v.mean(dim=2).to(fpart.dtype)
@@ -133,15 +152,16 @@ def run_both(scene: Scene, q: torch.Tensor, scale: float, out_dtype=torch.float3
     bt, sl = scene.tensors()
     b = len(scene.rows)
     if ws is None:
-        ws = td.DecodeWorkspace(scene.kv.shape[0], H, G, D, 8, DEV)
+        ws = td.DecodeWorkspace(scene.pool.num_pages, H, G, D, 8, DEV)
     ws.stats.zero_()
     out = torch.full((b, H * G, D), float("nan"), dtype=out_dtype, device=DEV)
     td.paged_decode_attention_triton(q.to(DEV), scene.kv, scene.lay, bt, sl, scene.headers,
-                                     scene.S, scale, out, ws, count_stats=True,
-                                     variance_cap=variance_cap)
+                                     scene.alloc.ibt, scene.pool, scene.S, scale, out, ws,
+                                     count_stats=True, variance_cap=variance_cap)
     ref, st = reference.paged_decode_attention(q.cpu(), scene.cpu_cache(), scene.lay,
                                                bt.cpu(), sl.cpu(), scene.headers.cpu(),
-                                               scene.S, scale, variance_cap)
+                                               scene.alloc.ibt, scene.pool, scene.S, scale,
+                                               variance_cap)
     return out.cpu(), ref, st, ws
 
 
@@ -172,16 +192,12 @@ def selection(scene: Scene, ws, r: int, kh: int):
     """(retrieved clusters as sorted (start, size), estimated entry indices) that the
     kernels chose for row r, head kh (read back from the workspace lists: white-box,
     for precise failures)."""
-    bt, _ = scene.tensors()
-    bt = bt[r].long().cpu()
-    E = int(scene.headers[int(bt[0]), 0])
-    sb = scene.S // BS
-    pbs = bt[sb:E // BS]
+    pbs = scene.pages(r)
     lists = ws.lists.cpu()
     n_ret, n_est = ws.counts[r * H + kh].tolist()
 
     def word(k, w):
-        return int(lists[bt[sb + k // 16], kh, 2 * (k % 16) + w])
+        return int(lists[pbs[k // 16], kh, 2 * (k % 16) + w])
     ret = sorted((word(k, 0), word(k, 1)) for k in range(n_ret))
     est = sorted(pbs.tolist().index(word(k, 0)) for k in range(n_ret, n_ret + n_est))
     return ret, est
@@ -190,9 +206,9 @@ def selection(scene: Scene, ws, r: int, kh: int):
 def twin_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float):
     bt, _ = scene.tensors()
     bt = bt[r].long().cpu()
-    fpart, ipart = scene.lay.views(scene.cpu_cache())
+    fpart, ipart = scene.pool.fpart.cpu(), scene.pool.ipart.cpu()
     hdr = scene.headers[int(bt[0])].tolist()
-    pbs = bt[scene.S // BS:hdr[0] // BS]
+    pbs = scene.pages(r)
     f = fpart[pbs, kh].float()
     lg = reference.cluster_log_mass(q[r, kh * G:(kh + 1) * G].float(), f[:, 0], f[:, 1],
                                     ipart[pbs, kh, I_SIZE].long(), scale)
@@ -214,6 +230,9 @@ def test_ragged_batch_matches_twin():
     sc.add(0)                            # padded row (block table row of zeros)
     sc.add(300, index="none")            # no index: exact over its whole context
     sc.add(700, n_ret=4, n_est=9)        # index, explicit budget
+    for r in (0, 3):    # pool pages neither contiguous nor ordered, unrelated to blocks
+        p = sc.pages(r)
+        assert len(p) > 16 and not torch.equal(p, p.sort().values)
     q = torch.randn(4, H * G, D)
     out, ref, st, ws = run_both(sc, q, 0.2)
     assert not torch.isnan(out).any(), "output elements left unwritten"
@@ -239,7 +258,7 @@ def test_variance_cap_reaches_the_score_stage():
     assert _rel(out, ref) < 2e-3, _rel(out, ref)
     assert ws.stats.tolist() == expected_stats(sc, st)
     ref2, _ = reference.paged_decode_attention(q, sc.cpu_cache(), sc.lay, *[
-        t.cpu() for t in sc.tensors()], sc.headers.cpu(), sc.S, 0.2)
+        t.cpu() for t in sc.tensors()], sc.headers.cpu(), sc.alloc.ibt, sc.pool, sc.S, 0.2)
     assert _rel(ref2, ref) > 1e-2, _rel(ref2, ref)   # well above the kernel tolerance
 
 
@@ -252,7 +271,7 @@ def test_attention_split_differs_from_selection_split(split, attend_split):
     sc = Scene(200)
     sc.add(900)
     sc.add(300, index="none")
-    ws = td.DecodeWorkspace(sc.kv.shape[0], H, G, D, 4, DEV, max_split=split,
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 4, DEV, max_split=split,
                             attend_max_split=attend_split)
     assert ws.nsplit(2) == split and ws.nsplit_attend(2) == attend_split
     q = torch.randn(2, H * G, D)
@@ -308,16 +327,13 @@ def test_retrieved_positions_are_bounds_checked():
     cent = torch.randn(60, H, D)
     E0 = sc.add(sc.S + 60 * BS + 40, index="craft", n_ret=6, n_est=0, cent=cent)
     sc.add(500, index="none")
-    bt, _ = sc.tensors()
-    _, ipart = sc.lay.views(sc.kv)
-    b0 = bt[0].long().to(DEV)
-    lb = sc.S // BS
+    fpart, ipart = sc.pool.fpart, sc.pool.ipart
+    pages = sc.pages(0)
     # Make three clusters stand out, then point them outside the zone: before the
     # sinks' end, across the zone's end, and far beyond the context.
-    fpart, _ = sc.lay.views(sc.kv)
     q = torch.randn(2, H * G, D)
     for j, start in ((0, sc.S - 8), (1, E0 - 8), (2, 10**6)):
-        blk = b0[lb + j]
+        blk = pages[j]
         fpart[blk, :, 0] = (q[0].view(H, G, D).mean(1) * 3).to(DEV, fpart.dtype)
         ipart[blk, :, I_START] = start
     out, ref, st, ws = run_both(sc, q, 0.2)
@@ -394,7 +410,7 @@ def test_launch_sequence_does_not_depend_on_data(monkeypatch):
     names = [n for n in dir(td) if n.endswith("_kernel")]
     for name in names:
         monkeypatch.setattr(td, name, Rec(name, getattr(td, name)))
-    ws = td.DecodeWorkspace(400, H, G, D, 4, DEV)
+    ws = td.DecodeWorkspace(437, H, G, D, 4, DEV)
     seqs = []
     for calls in range(2):
         sc = Scene(400)
@@ -453,19 +469,17 @@ def test_cuda_score_matches_triton(monkeypatch, head_dim, group, dtype):
         runs = {}
         for impl in ("triton", "cuda"):
             monkeypatch.setattr(td, "SCORE_IMPL", impl)
-            ws = td.DecodeWorkspace(sc.kv.shape[0], H, group, head_dim, 8, DEV)
+            ws = td.DecodeWorkspace(sc.pool.num_pages, H, group, head_dim, 8, DEV)
             for t in (ws.logits, ws.score_max, ws.score_sum):
                 t.fill_(nan)
             out = torch.full((b, H * group, head_dim), nan, device=DEV)
             td.paged_decode_attention_triton(q, sc.kv, sc.lay, bt[:b], sl[:b], sc.headers,
-                                             sc.S, scale, out, ws)
+                                             sc.alloc.ibt, sc.pool, sc.S, scale, out, ws)
             runs[impl] = (ws, out)
         (wt, ot), (wc, oc) = runs["triton"], runs["cuda"]
         ns = wt.nsplit(b)
         for r in range(b):
-            L = int(sl[r])
-            E = int(sc.headers[int(bt[r, 0]), 0]) if L else 0
-            blocks = bt[r, sb:sb + max(E // BS - sb, 0)].long()
+            blocks = sc.pages(r).to(DEV)
             lt, lc = wt.logits[blocks], wc.logits[blocks]
             assert not lc.isnan().any(), f"row {r}: log-masses left unwritten"
             torch.testing.assert_close(lc, lt, rtol=1e-3, atol=1e-3, msg=f"b={b} row {r}")
@@ -477,13 +491,15 @@ def test_cuda_score_matches_triton(monkeypatch, head_dim, group, dtype):
         assert _rel(oc, ot) < 1e-2, _rel(oc, ot)
         ref, _ = reference.paged_decode_attention(q.cpu(), sc.cpu_cache(), sc.lay,
                                                   bt[:b].cpu(), sl[:b].cpu(),
-                                                  sc.headers.cpu(), sc.S, scale)
+                                                  sc.headers.cpu(), sc.alloc.ibt, sc.pool,
+                                                  sc.S, scale)
         assert _rel(oc, ref) < 2e-2, _rel(oc, ref)
         # The op alone: hist / ncand rows of the batch zeroed, the others untouched.
         wc.hist.fill_(7)
         wc.ncand.fill_(7)
-        fpart, ipart = sc.lay.views(sc.kv)
-        torch.ops.vllm_retro.paged_score(q, fpart, ipart, bt[:b], sl[:b], sc.headers,
+        fpart, ipart = sc.pool.fpart, sc.pool.ipart
+        torch.ops.vllm_retro.paged_score(q, fpart, ipart, bt[:b], sc.alloc.ibt, sl[:b],
+                                         sc.headers,
                                          wc.logits, wc.score_max, wc.score_sum, wc.hist,
                                          wc.ncand, sb, BS, ns, scale,
                                          float(VARIANCE_CORRECTION_CAP))
@@ -506,8 +522,10 @@ def test_public_op(monkeypatch):
     sc.add(640)
     bt, sl = sc.tensors()
     q = torch.randn(1, H * G, D)
-    out = K.paged_decode_attention(q.to(DEV), sc.kv, sc.lay, bt, sl, sc.headers, sc.S, 0.2)
+    out = K.paged_decode_attention(q.to(DEV), sc.kv, sc.lay, bt, sl, sc.headers,
+                                   sc.alloc.ibt, sc.pool, sc.S, 0.2)
     ref, _ = reference.paged_decode_attention(q, sc.cpu_cache(), sc.lay, bt.cpu(), sl.cpu(),
-                                              sc.headers.cpu(), sc.S, 0.2)
+                                              sc.headers.cpu(), sc.alloc.ibt, sc.pool,
+                                              sc.S, 0.2)
     assert out.shape == (1, H * G, D) and _rel(out, ref) < 2e-3
     assert HDR_WORDS == sc.headers.shape[1]

@@ -33,7 +33,8 @@ triton = pytest.importorskip("triton")
 
 from vllm_retro.attention import full_attention  # noqa: E402
 from vllm_retro.config import RetroConfig  # noqa: E402
-from vllm_retro.index.paged import (PagedIndexLayout, SegmentJob, budget,  # noqa: E402
+from vllm_retro.index.paged import (IndexAllocator, IndexPool,  # noqa: E402
+                                    PagedIndexLayout, budget,
                                     build_segments, clusters_in, header_row, make_headers,
                                     plan_segments, sink_end)
 from conftest import cpu_cache  # noqa: E402
@@ -63,10 +64,10 @@ def qkv():
 
 def _scene(k, v, qpos, dtype):
     """The layer's K/V in a paged cache on DEV, one copy per row in its own
-    scattered blocks (rows never share blocks: the kernels keep per-row scratch at
-    the row's block addresses, and with prefix caching off vLLM never shares a
-    block between running requests), each copy's prompt indexed as the engine
-    indexes it. Returns the cache, headers, block table, contexts and the budget."""
+    scattered blocks (with prefix caching off vLLM never shares a block between
+    running requests), each copy's prompt indexed as the engine indexes it, into
+    its own index-table row and pool pages. Returns the cache, headers, block table,
+    contexts, the budget and (ibt, pool, index-table rows)."""
     h, t, d = k.shape
     b = len(qpos)
     lay = PagedIndexLayout(h, d, BS, dtype)
@@ -82,37 +83,45 @@ def _scene(k, v, qpos, dtype):
     assert segs, "prompt too short for an index"
     for r in range(b):
         kv[perm[r].to(DEV)] = pages
+    S = sink_end(CFG, BS)
+    E = segs[-1][1]
+    # Each row its own index-table row and pool pages (shuffled: unrelated to blocks).
+    npool = b * nblk + 1
+    pool = IndexPool(lay, npool, DEV)
+    alloc = IndexAllocator(npool, b, nblk, DEV)
+    alloc.shuffle(t)
+    irows = [alloc.acquire((E - S) // BS) for _ in range(b)]
     groups = {}
     blocks = perm[0].to(DEV)
-    for p0, p1 in segs:
-        groups.setdefault(p1 - p0, []).append(SegmentJob(blocks, p0, p1))
+    for job in alloc.segment_jobs(irows[0], blocks, segs, S, BS):
+        groups.setdefault(job.p1 - job.p0, []).append(job)
     # On CPUs the torch build (the interpreter would run the Triton build program
     # by program); tests/kernels/test_write_clusters.py checks the two agree.
     env = {"TRITON_INTERPRET": "0"} if DEV == "cpu" else {}
     with mock.patch.dict(os.environ, env):
         for js in groups.values():
-            build_segments(kv, lay, js, CFG)
-    fpart, ipart = lay.views(kv)
+            build_segments(kv, lay, pool, js, CFG)
+    fpart, ipart = pool.fpart, pool.ipart
+    pg0 = torch.tensor(alloc.pages_of(irows[0]), device=DEV)
     for r in range(1, b):
         # The same cluster-ordered K/V and index (positions are logical) in each copy.
         kv[perm[r].to(DEV)] = kv[blocks]
-        fpart[perm[r].to(DEV)] = fpart[blocks]
-        ipart[perm[r].to(DEV)] = ipart[blocks]
-    S = sink_end(CFG, BS)
-    E = segs[-1][1]
+        pgr = torch.tensor(alloc.pages_of(irows[r]), device=DEV)
+        fpart[pgr] = fpart[pg0]
+        ipart[pgr] = ipart[pg0]
     c = sum(clusters_in(p1 - p0, CFG) for p0, p1 in segs)
     headers = make_headers(b * nblk + 1, DEV)
     n_ret, n_est = budget(c, E - S, CFG)
     bt = perm.int().to(DEV)
     sl = torch.tensor([int(p) + 1 for p in qpos], dtype=torch.int32, device=DEV)
-    return lay, kv, headers, bt, sl, S, (E, n_ret, n_est, c)
+    return lay, kv, headers, bt, sl, S, (E, n_ret, n_est, c), (alloc.ibt, pool, irows)
 
 
-def _set_budget(headers, bt, hdr):
+def _set_budget(headers, bt, hdr, ix):
     E, n_ret, n_est, c = hdr
-    row = torch.tensor(header_row(E, n_ret, n_est, c), dtype=torch.int32,
-                       device=headers.device)
-    headers[bt[:, 0].long()] = row
+    rows = torch.tensor([header_row(E, n_ret, n_est, c, r) for r in ix[2]],
+                        dtype=torch.int32, device=headers.device)
+    headers[bt[:, 0].long()] = rows
 
 
 def _rel(a, b):
@@ -132,7 +141,7 @@ def test_kernels_twin_and_full_attention_on_real_qkv(qkv):
     for layer in qkv["keys"]:
         k, v = qkv["keys"][layer].float(), qkv["values"][layer].float()
         q = qkv["queries"][layer].float()                        # [B, Hq, D]
-        lay, kv, headers, bt, sl, S, hdr = _scene(k, v, qpos, dtype)
+        lay, kv, headers, bt, sl, S, hdr, ix = _scene(k, v, qpos, dtype)
         qd = q.to(DEV, dtype)
         # Float64 full attention over the cache's own (rounded) K/V.
         kr, vr = k.to(dtype).double(), v.to(dtype).double()
@@ -141,21 +150,22 @@ def test_kernels_twin_and_full_attention_on_real_qkv(qkv):
         # The twin runs on the CPU (as in the other kernel tests).
         kv_c, bt_c, sl_c, q_c = cpu_cache(lay, kv), bt.cpu(), sl.cpu(), qd.cpu()
         # Every cluster exact: the twin is full attention.
-        _set_budget(headers, bt, (hdr[0], hdr[3], 0, hdr[3]))
+        _set_budget(headers, bt, (hdr[0], hdr[3], 0, hdr[3]), ix)
         full, _ = reference.paged_decode_attention(q_c, kv_c, lay, bt_c, sl_c, headers.cpu(),
-                                                   S, scale)
+                                                   ix[0], ix[1], S, scale)
         assert _rel(full, dense) < 1e-5, layer
         # Default budget: kernels against the twin, the twin against full attention.
-        _set_budget(headers, bt, hdr)
+        _set_budget(headers, bt, hdr, ix)
         want, st = reference.paged_decode_attention(q_c, kv_c, lay, bt_c, sl_c, headers.cpu(),
-                                                    S, scale)
+                                                    ix[0], ix[1], S, scale)
         if DEV == "cuda" or layer == next(iter(qkv["keys"])):
             # The interpreter runs the kernels program by program: on CPUs one
             # layer and two rows (the shortest and longest context).
             rows = slice(None) if DEV == "cuda" else [0, len(qpos) - 1]
             out = torch.empty(q[rows].shape, dtype=torch.float32, device=DEV)
             paged_decode_attention(qd[rows].contiguous(), kv, lay, bt[rows].contiguous(),
-                                   sl[rows].contiguous(), headers, S, scale, out=out)
+                                   sl[rows].contiguous(), headers, ix[0], ix[1], S, scale,
+                                   out=out)
             assert _rel(out, want[rows]) < kern_tol, (layer, _rel(out, want[rows]))
         for i in range(len(qpos)):
             errs.append(_rel(want[i], dense[i]))

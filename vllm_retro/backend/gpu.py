@@ -7,8 +7,13 @@
   addresses never change, so pure-decode steps are captured in vLLM's FULL CUDA
   graphs (``AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE``). A row without an
   index yet (short context) is attended exactly, by the same kernels.
-* The index lives in the padding of vLLM's KV pages (the plugin pads the KV-cache
-  spec of retro layers), so vLLM sizes and admits it with the KV.
+* The index lives in retro's own index pool (:class:`~vllm_retro.index.paged.IndexPool`
+  per layer, addressed through the index table ``ibt`` of an
+  :class:`~vllm_retro.index.paged.IndexAllocator`), allocated when the attention
+  layers are built (before vLLM profiles memory, so vLLM sizes its KV cache around
+  it); vLLM's KV pages are stock, unpadded pages. Pages and rows are freed when a
+  request finishes, aborts or is preempted; a request that finds the pool full is
+  attended exactly and counted (``index_pool_full``).
 * :class:`PagedIndexManager` (one per worker) keeps the request table and, before
   each forward (the connector's ``start_load_kv``), clusters the segments that
   closed, for every layer, on the GPU, and updates the per-request headers.
@@ -26,10 +31,10 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import compat
-from ..config import RetroConfig
-from ..index.paged import (PagedIndexLayout, SegmentJob, budget, build_segments,
-                           check_config_for_paged, clusters_in, header_row,
-                           make_headers, plan_segments, sink_end)
+from ..config import INDEX_POOL_AUTO_FRACTION, RetroConfig
+from ..index.paged import (IndexAllocator, IndexPool, PagedIndexLayout, SegmentJob,
+                           budget, build_segments, check_config_for_paged, clusters_in,
+                           header_row, make_headers, plan_segments, sink_end)
 from ..kernels import DecodeWorkspace, paged_decode_attention
 from ..request_table import RequestTable
 from .connector import RetroStepMetadata
@@ -184,7 +189,7 @@ class RetroImpl(_DenseImpl):
                          sliding_window, kv_cache_dtype, logits_soft_cap, attn_type,
                          kv_sharing_target_layer_name, sinks, **kwargs)
         self._manager = manager_for(compat.current_vllm_config())
-        self._manager.note_layer(num_kv_heads, head_size)
+        self._manager.note_layer(num_kv_heads, head_size, num_heads)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -198,7 +203,7 @@ class RetroImpl(_DenseImpl):
             paged_decode_attention(
                 query[:nd].view(nd, self.num_heads, self.head_size), kv_cache,
                 mgr.layout, md.decode_block_table, md.decode_seq_lens, mgr.headers,
-                mgr.sink_end, self.scale,
+                mgr.index_alloc.ibt, mgr.pools[layer.layer_name], mgr.sink_end, self.scale,
                 out=output[:nd].view(nd, self.num_heads, self.head_size),
                 workspace=mgr.workspace,
                 count_stats=layer.layer_name == mgr.first_layer,
@@ -213,6 +218,11 @@ class RetroImpl(_DenseImpl):
 # ---------------------------------------------------------------- per worker
 STAT_NAMES = ("retro_rows", "dense_rows", "exact_tokens", "estimated_tokens",
               "context_tokens")
+# Requests that found the index pool (or the index table's rows) full: attended
+# exactly, each counted once (host-side, in PagedIndexManager.stats()).
+POOL_FULL_STAT = "index_pool_full"
+# Spare index-table rows above max_num_seqs.
+IBT_ROW_MARGIN = 8
 
 
 class PagedIndexManager:
@@ -224,7 +234,17 @@ class PagedIndexManager:
         self.config: RetroConfig = retro_config_from_vllm(vllm_config)
         self.vllm_config = vllm_config
         self.requests = requests
+        requests.on_remove = self._on_remove
         self.layout: Optional[PagedIndexLayout] = None
+        # Index storage: one IndexPool per layer (a list until the KV caches are
+        # registered, then by layer name), the index table, and whether they were
+        # allocated before vLLM measured free memory.
+        self._pool_list: List[IndexPool] = []
+        self.pools: Dict[str, IndexPool] = {}
+        self.index_alloc: Optional[IndexAllocator] = None
+        self.pool_presized = False
+        self._pool_layout: Optional[PagedIndexLayout] = None
+        self.index_pool_full = 0
         self.kv_caches: Dict[str, torch.Tensor] = {}
         self.headers: Optional[torch.Tensor] = None
         self.workspace: Optional[DecodeWorkspace] = None
@@ -238,8 +258,69 @@ class PagedIndexManager:
         self._head = None
 
     # ---------------------------------------------------------------- set-up
-    def note_layer(self, num_kv_heads: int, head_size: int) -> None:
+    def note_layer(self, num_kv_heads: int, head_size: int, num_heads: int = 0) -> None:
+        """Called by every retro layer's impl as the model is built: on a GPU, the
+        first call allocates the index pools of all layers, the index table and the
+        decode workspace, before vLLM's memory profiling (so vLLM sizes the KV cache
+        around them). Elsewhere (or if that fails) they are allocated when the KV
+        caches are registered."""
         self._head = (num_kv_heads, head_size)
+        if self._pool_list or not torch.cuda.is_available():
+            return
+        try:
+            self._presize_pools(num_kv_heads, head_size, num_heads)
+        except Exception as exc:  # noqa: BLE001 (allocated at registration instead)
+            logger.warning("retro: index pool not allocated before KV sizing (%s); it "
+                           "will be allocated at KV-cache registration, outside vLLM's "
+                           "memory accounting", exc)
+            self._pool_list = []
+
+    def _presize_pools(self, h: int, d: int, hq: int) -> None:
+        vc = self.vllm_config
+        mc = vc.model_config
+        dtype = mc.dtype
+        kvd = getattr(vc.cache_config, "cache_dtype", "auto")
+        if kvd in ("float16", "bfloat16"):
+            dtype = getattr(torch, kvd)
+        num_layers = int(mc.get_num_layers(vc.parallel_config))
+        dev = torch.device("cuda", torch.cuda.current_device())
+        lay = self.layout_for(h, d, dtype, KERNEL_BLOCK_SIZE)
+        budget_b = self.config.index_pool_gib * 2**30
+        if not budget_b:
+            util = float(getattr(vc.cache_config, "gpu_memory_utilization", 0.9))
+            total = torch.cuda.get_device_properties(dev).total_memory
+            budget_b = INDEX_POOL_AUTO_FRACTION * util * total
+        self._allocate_index(lay, num_layers, hq or h, dev, budget_b=budget_b)
+        self.pool_presized = True
+
+    def _allocate_index(self, lay: PagedIndexLayout, num_layers: int, hq: int, dev,
+                        budget_b: float = 0.0, num_pages: int = 0) -> None:
+        """The pools (``num_pages``, or as many as ``budget_b`` bytes buy with the
+        workspace's scratch per page), the index table and the decode workspace."""
+        vc = self.vllm_config
+        h = lay.num_kv_heads
+        g = max(1, hq // h)
+        scratch = DecodeWorkspace.page_bytes(h, g)
+        if not num_pages:
+            num_pages = int(budget_b // (lay.index_bytes * num_layers + scratch))
+        num_pages = max(1, num_pages)
+        max_seqs = vc.scheduler_config.max_num_seqs
+        max_len = getattr(getattr(vc, "model_config", None), "max_model_len", None) or \
+            num_pages * lay.block_size
+        max_pages = -(-int(max_len) // lay.block_size)
+        self._pool_list = [IndexPool(lay, num_pages, dev) for _ in range(num_layers)]
+        self.index_alloc = IndexAllocator(num_pages, max_seqs + IBT_ROW_MARGIN, max_pages,
+                                          dev)
+        cc = vc.compilation_config
+        max_rows = max(max_seqs, getattr(cc, "max_cudagraph_capture_size", None) or 0)
+        self.workspace = DecodeWorkspace(num_pages, h, g, lay.head_dim, max_rows, dev)
+        self._pool_layout = lay
+        total = num_pages * (lay.index_bytes * num_layers + scratch)
+        logger.info("retro: index pool of %d pages x %d layers (%d B of index per page "
+                    "and layer, %d B of decode scratch per page; %.2f GiB in all), "
+                    "index table %d rows x %d pages", num_pages, num_layers,
+                    lay.index_bytes, scratch, total / 2**30,
+                    max_seqs + IBT_ROW_MARGIN, max_pages)
 
     def layout_for(self, num_kv_heads: int, head_size: int, dtype, block_size: int
                    ) -> PagedIndexLayout:
@@ -261,26 +342,36 @@ class PagedIndexManager:
         nb, h, bs, two_d = first.shape
         self.layout = self.layout_for(h, two_d // 2, first.dtype, bs)
         for n in names:
-            self.layout.views(kv_caches[n])  # checks the padded page stride
+            self.layout.check_cache(kv_caches[n])  # stock (unpadded) pages
         self.kv_caches = {n: kv_caches[n] for n in names}
         self.first_layer = names[0]
         self.sink_end = sink_end(self.config, bs)
         dev = first.device
         self.headers = make_headers(nb, dev)
-        # Decode rows per step: at most max_num_seqs, or a CUDA graph's padded size.
-        cc = self.vllm_config.compilation_config
-        max_rows = max(self.vllm_config.scheduler_config.max_num_seqs,
-                       getattr(cc, "max_cudagraph_capture_size", None) or 0)
-        hq = self.vllm_config.model_config.get_num_attention_heads(
-            self.vllm_config.parallel_config)
-        self.workspace = DecodeWorkspace(nb, h, hq // h, two_d // 2, max_rows, dev)
+        if (len(self._pool_list) != len(names) or self._pool_layout != self.layout
+                or self._pool_list[0].device != dev):
+            if self._pool_list:
+                logger.warning("retro: the index pool allocated at model construction "
+                               "does not match the KV caches (%d layers, %s); "
+                               "reallocated outside vLLM's memory accounting",
+                               len(names), self.layout)
+            self._pool_list = []
+            self.pool_presized = False
+            hq = self.vllm_config.model_config.get_num_attention_heads(
+                self.vllm_config.parallel_config)
+            # Without a pre-sized pool (CPU tests, or a failed pre-sizing): index_pool_gib,
+            # else on a GPU the auto share of the memory still free (the KV cache
+            # already took its part), elsewhere one page per KV block (the former
+            # in-page capacity).
+            budget_b = self.config.index_pool_gib * 2**30
+            if not budget_b and dev.type == "cuda":
+                budget_b = INDEX_POOL_AUTO_FRACTION * torch.cuda.mem_get_info(dev)[0]
+            self._allocate_index(self.layout, len(names), hq, dev, budget_b=budget_b,
+                                 num_pages=0 if budget_b else nb)
+        # Every layer its own pool (all of one shape, so which is whose is arbitrary).
+        self.pools = dict(zip(names, self._pool_list))
         if dev.type == "cuda":
             self._compile_build_kernels(dev)
-        idx = self.layout.index_bytes * nb * len(names)
-        logger.info("retro: paged index in %d KV blocks x %d layers (%d B of index per "
-                    "block and layer, %.2f GiB in all, %.1f%% of the KV cache)", nb,
-                    len(names), self.layout.index_bytes, idx / 2**30,
-                    100.0 * self.layout.index_bytes / self.layout.kv_page_bytes)
 
     def _compile_build_kernels(self, device) -> None:
         """Runs the index build once on a scratch cache of the same layout, so the
@@ -291,8 +382,10 @@ class PagedIndexManager:
         n_blocks = max(4, -(-self.config.cluster_size // bs))
         scratch = self.layout.make_cache(n_blocks + 1, device)
         blocks = torch.arange(n_blocks + 1, device=device)
-        build_segments(scratch, self.layout, [SegmentJob(blocks, bs, bs * (n_blocks + 1))],
-                       self.config)
+        pool = IndexPool(self.layout, n_blocks, device)
+        build_segments(scratch, self.layout, pool,
+                       [SegmentJob(blocks, bs, bs * (n_blocks + 1),
+                                   torch.arange(n_blocks, device=device))], self.config)
         torch.cuda.synchronize(device)
         logger.info("retro: index build kernels ready (%.1f s)", time.perf_counter() - t0)
 
@@ -322,6 +415,33 @@ class PagedIndexManager:
         self._maintain(entries)
         self._maybe_log()
 
+    def _on_remove(self, e) -> None:
+        """A request left the table (finished, aborted, preempted, restarted): its
+        index-table row and pool pages go back to the allocator."""
+        if e.ibt_row >= 0 and self.index_alloc is not None:
+            self.index_alloc.release(e.ibt_row)
+        e.ibt_row = -1
+
+    def _pages_for(self, e, end: int) -> bool:
+        """Makes ``e``'s index-table row cover its clustered zone up to ``end``; False
+        (nothing taken, counted once per request) when the pool or the rows are full."""
+        alloc, bs = self.index_alloc, self.layout.block_size
+        need = (end - self.sink_end) // bs
+        if e.ibt_row < 0:
+            row = alloc.acquire(need)
+            ok = row is not None
+            if ok:
+                e.ibt_row = row
+        else:
+            ok = alloc.extend(e.ibt_row, need - len(alloc.pages_of(e.ibt_row))) is not None
+        if not ok and not e.pool_full_counted:
+            e.pool_full_counted = True
+            self.index_pool_full += 1
+            logger.warning("retro: index pool full (%d pages, %d rows free); request %s "
+                           "is attended %s", alloc.free_pages, alloc.free_rows, e.req_id,
+                           "exactly" if e.ibt_row < 0 else "with its index so far")
+        return ok
+
     def _maintain(self, entries) -> None:
         cfg, bs = self.config, self.layout.block_size
         jobs: Dict[int, List[SegmentJob]] = {}
@@ -336,10 +456,13 @@ class PagedIndexManager:
                 logger.warning("retro: request %s has %d blocks for %d tokens; not "
                                "indexed this step", e.req_id, len(e.blocks), end)
                 continue
+            if not self._pages_for(e, end):
+                continue
             blocks = torch.tensor(e.blocks[:end // bs], dtype=torch.long, device=dev)
-            for p0, p1 in segs:
-                jobs.setdefault(p1 - p0, []).append(SegmentJob(blocks, p0, p1))
-                e.num_clusters += clusters_in(p1 - p0, cfg)
+            for job in self.index_alloc.segment_jobs(e.ibt_row, blocks, segs,
+                                                     self.sink_end, bs):
+                jobs.setdefault(job.p1 - job.p0, []).append(job)
+                e.num_clusters += clusters_in(job.p1 - job.p0, cfg)
             e.clustered_end = end
             touched.append(e)
         if not touched:
@@ -348,13 +471,14 @@ class PagedIndexManager:
             if dev.type == "cuda" else None
         if ev:
             ev[0].record()
-        for kv in self.kv_caches.values():
+        for name, kv in self.kv_caches.items():
             for group in jobs.values():
-                build_segments(kv, self.layout, group, cfg)
+                build_segments(kv, self.layout, self.pools[name], group, cfg)
         rows = []
         for e in touched:
             n_ret, n_est = budget(e.num_clusters, e.clustered_end - self.sink_end, cfg)
-            rows.append(header_row(e.clustered_end, n_ret, n_est, e.num_clusters))
+            rows.append(header_row(e.clustered_end, n_ret, n_est, e.num_clusters,
+                                   e.ibt_row))
         idx = torch.tensor([e.blocks[0] for e in touched], dtype=torch.long, device=dev)
         self.headers[idx] = torch.tensor(rows, dtype=torch.int32, device=dev)
         self.segments_built += sum(len(g) for g in jobs.values())
@@ -374,8 +498,11 @@ class PagedIndexManager:
     def stats(self) -> Dict[str, int]:
         """Device counters since start (one host sync)."""
         if self.workspace is None:
-            return dict.fromkeys(STAT_NAMES, 0)
-        return dict(zip(STAT_NAMES, self.workspace.stats.tolist()))
+            out = dict.fromkeys(STAT_NAMES, 0)
+        else:
+            out = dict(zip(STAT_NAMES, self.workspace.stats.tolist()))
+        out[POOL_FULL_STAT] = self.index_pool_full
+        return out
 
     def _maybe_log(self) -> None:
         interval = self.config.log_stats_interval_s
@@ -383,7 +510,7 @@ class PagedIndexManager:
         if interval <= 0 or now - self.last_log_time < interval:
             return
         self.last_log_time = now
-        cur = list(self.stats().values())
+        cur = [self.stats()[k] for k in STAT_NAMES]
         d = [a - b for a, b in zip(cur, self.logged)]
         self.logged = cur
         if d[0] + d[1] == 0 and self.requests.freed == 0:
@@ -391,8 +518,11 @@ class PagedIndexManager:
         ctx = max(1, d[4])
         logger.info("retro: %d decode rows on the index, %d exact (no index yet); "
                     "%.2f%% of tokens read exactly, %.2f%% estimated; %d live requests, "
-                    "%d segments indexed", d[0], d[1], 100.0 * d[2] / ctx,
-                    100.0 * d[3] / ctx, len(self.requests.entries), self.segments_built)
+                    "%d segments indexed; index pool %d of %d pages free, %d requests "
+                    "found it full", d[0], d[1], 100.0 * d[2] / ctx,
+                    100.0 * d[3] / ctx, len(self.requests.entries), self.segments_built,
+                    self.index_alloc.free_pages, self.index_alloc.num_pages,
+                    self.index_pool_full)
 
 
 def _layer_order(name: str):
@@ -412,9 +542,3 @@ def manager_for(vllm_config) -> PagedIndexManager:
         st.paged = PagedIndexManager(vllm_config, st.requests)
     return st.paged
 
-
-def padded_kv_cache_spec(spec, num_kv_heads: int, head_size: int, dtype):
-    """``spec`` with its page padded by the paged index (retro layers on GPU)."""
-    from dataclasses import replace
-    lay = PagedIndexLayout(num_kv_heads, head_size, spec.block_size, dtype)
-    return replace(spec, page_size_padded=lay.page_bytes)

@@ -1,7 +1,8 @@
 """vLLM block release for the wave buffer (issue 14): ``RetroSpec`` + ``RetroManager``.
 
 With ``wave_buffer`` on, retro's attention layers report :class:`RetroSpec` (a
-``FullAttentionSpec`` that keeps retro's padded page size and adds the steady
+``FullAttentionSpec`` with vLLM's stock page size (the index lives in retro's own
+index pool, not in the pages) that adds the steady
 zone: sink tokens and recent window). vLLM's scheduler then builds a
 :class:`RetroManager` for the group (``KVCacheSpecRegistry``), which frees a
 running request's blocks the way vLLM's own sliding-window managers do
@@ -107,7 +108,7 @@ class RetroSpec(FullAttentionSpec):
 
 
 def retro_spec(spec: FullAttentionSpec, config) -> RetroSpec:
-    """``spec`` (page padding included) as a :class:`RetroSpec` for ``config``."""
+    """``spec`` as a :class:`RetroSpec` for ``config``."""
     from ..index.paged import sink_end
     return RetroSpec(**compat.spec_fields(spec),
                      retro_sink_tokens=sink_end(config, spec.block_size),

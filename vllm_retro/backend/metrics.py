@@ -149,13 +149,12 @@ class WorkerStatsReporter:
 def gpu_snapshot(manager) -> Dict[str, int]:
     """The GPU worker's values from its ``PagedIndexManager``: the decode kernels'
     counters (counted at the first layer, token counts summed over KV heads), the
-    bytes of the index in the KV pages (reserved in every KV block, used or not),
-    and the requests the worker holds."""
+    requests that found the index pool full, the bytes of the index pool (reserved
+    up front, used or not), and the requests the worker holds."""
     values = dict(manager.stats())
-    layout, headers = manager.layout, manager.headers
-    values["index_bytes"] = (0 if layout is None or headers is None else
-                             layout.index_bytes * int(headers.shape[0]) *
-                             len(manager.kv_caches))
+    layout, alloc = manager.layout, manager.index_alloc
+    values["index_bytes"] = (0 if layout is None or alloc is None else
+                             layout.index_bytes * alloc.num_pages * len(manager.pools))
     values["indexed_requests"] = len(manager.requests.entries)
     return values
 
@@ -198,8 +197,8 @@ GAUGE_METRICS = {
                            "tokens estimated from cluster summaries since the engine "
                            "started."),
     "index_bytes": ("vllm:retro_index_bytes", "Bytes of the wave indexes: host "
-                    "memory of the live requests' indexes (CPU), the index part of "
-                    "the KV pages (GPU)."),
+                    "memory of the live requests' indexes (CPU), the index pool "
+                    "(GPU, reserved up front)."),
     "indexed_requests": ("vllm:retro_indexed_requests", "Requests the workers hold "
                          "an index for (a finished request's is freed at the next "
                          "step)."),

@@ -1,51 +1,64 @@
-"""The paged wave index: the GPU form of the wave index, stored inside vLLM's KV pages.
+"""The paged wave index: the GPU form of the wave index, in a retro-owned index pool.
 
 vLLM's paged KV cache (FlashAttention layout, vLLM 0.26) keeps per layer a page of
-``block_size`` tokens per block: ``[block_size, H, 2D]`` (K then V of each head).
-Retro asks vLLM for pages *padded* by :attr:`PagedIndexLayout.index_bytes`
-(``AttentionSpec.page_size_padded``); the padding of block ``b`` holds the index
-entry of the cluster that lives "in" that block:
+``block_size`` tokens per block: ``[block_size, H, 2D]`` (K then V of each head),
+unpadded (a stock page). The index lives beside it, in an :class:`IndexPool` per
+layer that retro allocates itself: ``P`` index pages, one page holding the index
+entry of the cluster that lives "in" one clustered block of one request:
 
-* float part, ``[H, 3, D]`` in the KV dtype: the centroid (mean key), per-channel
-  key variance and mean value of one cluster;
-* int part, ``[H, 2]`` int32: the cluster's size (word :data:`I_SIZE`) and the
-  logical position of its first token (word :data:`I_START`).
+* float part ``fpart [P, H, 3, D]`` in the KV dtype: the centroid (mean key),
+  per-channel key variance and mean value of one cluster;
+* int part ``ipart [P, H, 2]`` int32: the cluster's size (word :data:`I_SIZE`)
+  and the logical position of its first token (word :data:`I_START`).
+
+A request's pool pages are found through retro's own *index table* ``ibt [R,
+max_pages]`` int32 (:class:`IndexAllocator`, which also hands out rows and pages
+from free lists and takes them back on finish, abort and preemption): cluster entry
+``i`` of the row (logical block ``sink_end / bs + i``) has its index at pool page
+``ibt[row, i]``, where ``row`` is the header's :data:`HDR_IBT_ROW`. Pool pages
+never go stale when vLLM reuses a block id (issue 14 releases blocks): they are
+retro's, freed only when the request leaves. The decode workspace's per-entry
+scratch (``logits``, ``keys``, ``cands``, ``lists``) is addressed through the same
+table (:class:`vllm_retro.kernels.triton_decode.DecodeWorkspace`).
 
 A request's clustered zone ``[sink_end, clustered_end)`` is cut into segments
 (multiples of ``block_size`` tokens, aligned to blocks). A segment of ``n`` tokens
-over logical blocks ``[p0/bs, p1/bs)`` has ``C = ceil(n / cluster_size) <= n / bs``
-clusters (``cluster_size >= block_size``); cluster ``j`` lives in the segment's
-``j``-th block and blocks ``j >= C`` hold empty clusters (size 0).
+over logical blocks ``[p0/bs, p1/bs)`` gets ``n / bs`` pool pages and has ``C =
+ceil(n / cluster_size) <= n / bs`` clusters (``cluster_size >= block_size``);
+cluster ``j`` lives in the segment's ``j``-th page and pages ``j >= C`` hold empty
+clusters (size 0).
 
 **Cluster-contiguous KV.** The index build reorders the segment's keys and values
-in place, per KV head: cluster ``j`` (``size_j`` tokens, ``start_j`` tokens of
-lower clusters before it) occupies the logical positions ``[p0 + start_j, p0 +
-start_j + size_j)`` of that head, so a retrieved cluster is read as position ->
-the row's block table -> K/V, with no permutation in between. This is exact:
-cached keys already carry their rotary position, and attention over a set of
-keys and values does not depend on their order (per KV head, for any query that
-sees all of them). It is safe because a segment is built only once the whole
-prompt is in the cache and ends at least ``recent_tokens`` before its last token
-(:func:`plan_segments`): every later query (decode tokens, any dense prefill or
-fallback kernel of vLLM) sees every token of the segment, so vLLM's own kernels
+in place in vLLM's pages, per KV head: cluster ``j`` (``size_j`` tokens,
+``start_j`` tokens of lower clusters before it) occupies the logical positions
+``[p0 + start_j, p0 + start_j + size_j)`` of that head, so a retrieved cluster is
+read as position -> the row's block table -> K/V, with no permutation in between.
+This is exact: cached keys already carry their rotary position, and attention over
+a set of keys and values does not depend on their order (per KV head, for any
+query that sees all of them). It is safe because a segment is built only once the
+whole prompt is in the cache and ends at least ``recent_tokens`` before its last
+token (:func:`plan_segments`): every later query (decode tokens, any dense prefill
+or fallback kernel of vLLM) sees every token of the segment, so vLLM's own kernels
 compute the same attention over the reordered pages. Prefix caching (which would
 share reordered blocks with requests whose queries see part of a segment) is
 refused. Sinks, the unclustered tail and the recent window are never reordered.
 
-Every index byte is addressed through the request's own block table, like its KV:
-the index is sized, admitted, allocated and freed by vLLM together with the KV, and
-nothing is copied. The starts are positions, not physical slots, and the decode
-kernels bounds-check them to the row's clustered zone, so even stale index bytes
-in a reused block cannot make one request read another's KV.
+K/V reads go through the request's own block table (positions are unchanged); the
+starts are positions, not physical slots, and the decode kernels bounds-check them
+to the row's clustered zone, so even stale index bytes cannot make one request
+read another's KV.
 
 Per request, one row of a small header table, indexed by the request's first
-physical block (its own, since prefix caching is off), gives the decode kernels
-``clustered_end`` (0: no index, the row is attended exactly in full) and the
-per-request budget (clusters retrieved / estimated).
+physical block (its own, since prefix caching is off; the sinks' block, never
+released), gives the decode kernels ``clustered_end`` (0: no index, the row is
+attended exactly in full), the per-request budget (clusters retrieved / estimated)
+and the request's ``ibt`` row.
 
 Byte counts (Llama-3-8B shape: H=8, D=128, bf16, block 16): KV page 65,536 B,
-index 6,208 B per block and layer (float part 6,144 B, int part 64 B; +9.5%).
+index page 6,208 B per clustered block and layer (float part 6,144 B, int part
+64 B; 9.5% of the KV page) plus 4 B of ``ibt`` per clustered block.
 """
+
 
 from __future__ import annotations
 
@@ -62,12 +75,13 @@ HDR_CLUSTERED_END = 0
 HDR_N_RETRIEVE = 1
 HDR_N_ESTIMATE = 2
 HDR_NUM_CLUSTERS = 3
-HDR_WORDS = 4
+HDR_IBT_ROW = 4        # the request's row of the index table (valid when clustered)
+HDR_WORDS = 5
 
 # Float part rows.
 F_CENTROID, F_KEY_VAR, F_VALUE_MEAN = 0, 1, 2
 
-# Int part words (int32) per (block, head): the cluster's size, the logical position
+# Int part words (int32) per (index page, head): the cluster's size, the logical position
 # of its first token.
 I_SIZE, I_START = 0, 1
 INT_WORDS = 2
@@ -116,44 +130,151 @@ class PagedIndexLayout:
 
     @property
     def page_bytes(self) -> int:
-        """The padded page vLLM allocates per block and layer."""
-        return _round_up(self.kv_page_bytes + self.index_bytes, PAGE_ALIGN)
+        """vLLM's page per block and layer: the KV alone (unpadded; the index lives
+        in the :class:`IndexPool`)."""
+        return self.kv_page_bytes
 
     def check(self) -> None:
         if self.kv_page_bytes % 4 or self.float_bytes % 4:
             raise ValueError("retro paged index needs 4-byte aligned page parts")
 
-    # ----------------------------------------------------------- tensor views
-    def views(self, kv_cache: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(float part ``[NB, H, 3, D]``, int part ``[NB, H, INT_WORDS]``) of a layer's
-        KV cache view (vLLM's ``(NB, H, bs, 2D)`` view over padded pages)."""
-        nb = kv_cache.shape[0]
-        es = self.elem_size
-        page_elems = kv_cache.stride(0)
-        if page_elems * es != self.page_bytes:
+    def check_cache(self, kv_cache: torch.Tensor) -> None:
+        """Checks a layer's KV cache view ``(NB, H, bs, 2D)``: vLLM's stock
+        FlashAttention pages (page stride = :attr:`page_bytes`)."""
+        if tuple(kv_cache.shape[1:]) != (self.num_kv_heads, self.block_size,
+                                          2 * self.head_dim):
+            raise ValueError(f"retro: KV cache shape {tuple(kv_cache.shape)} does not "
+                             f"match the layout")
+        if kv_cache.stride(0) * self.elem_size != self.page_bytes:
             raise ValueError(
-                f"retro: KV page stride {page_elems * es} B != expected padded page "
-                f"{self.page_bytes} B (was the retro KV-cache spec applied?)")
-        storage = kv_cache.untyped_storage()
-        base = kv_cache.storage_offset()
-        h, d = self.num_kv_heads, self.head_dim
-        flat = torch.empty(0, dtype=kv_cache.dtype, device=kv_cache.device).set_(storage)
-        fpart = flat.as_strided((nb, h, 3, d), (page_elems, 3 * d, d, 1),
-                                base + self.kv_page_bytes // es)
-        words = torch.empty(0, dtype=torch.int32, device=kv_cache.device).set_(storage)
-        ioff = base * es + self.kv_page_bytes + self.float_bytes
-        iw = self.int_words
-        ipart = words.as_strided((nb, h, iw), (self.page_bytes // 4, iw, 1), ioff // 4)
-        return fpart, ipart
+                f"retro: KV page stride {kv_cache.stride(0) * self.elem_size} B != "
+                f"expected unpadded page {self.page_bytes} B")
 
     def make_cache(self, num_blocks: int, device="cpu") -> torch.Tensor:
         """A zeroed KV cache in vLLM's view (tests and benchmarks): logical
-        ``(NB, H, bs, 2D)``, physical ``[NB][bs][H][2D]`` in padded pages."""
-        es = self.elem_size
-        pe = self.page_bytes // es
-        raw = torch.zeros(num_blocks * pe, dtype=self.dtype, device=device)
+        ``(NB, H, bs, 2D)``, physical ``[NB][bs][H][2D]``."""
         h, d, bs = self.num_kv_heads, self.head_dim, self.block_size
-        return raw.as_strided((num_blocks, h, bs, 2 * d), (pe, 2 * d, h * 2 * d, 1))
+        raw = torch.zeros(num_blocks, bs, h, 2 * d, dtype=self.dtype, device=device)
+        return raw.permute(0, 2, 1, 3)
+
+
+class IndexPool:
+    """One layer's index storage (retro-owned, fixed address): ``num_pages`` index
+    pages, page ``p`` the index entry of one clustered block of one request.
+
+    * ``fpart`` ``[P, H, 3, D]`` in the KV dtype: centroid, key variance, mean value;
+    * ``ipart`` ``[P, H, INT_WORDS]`` int32: size (:data:`I_SIZE`), first position
+      (:data:`I_START`).
+
+    Which pages a request owns is the :class:`IndexAllocator`'s business."""
+
+    def __init__(self, layout: PagedIndexLayout, num_pages: int, device="cpu") -> None:
+        h, d = layout.num_kv_heads, layout.head_dim
+        self.layout = layout
+        self.num_pages = int(num_pages)
+        self.fpart = torch.zeros(self.num_pages, h, 3, d, dtype=layout.dtype, device=device)
+        self.ipart = torch.zeros(self.num_pages, h, INT_WORDS, dtype=torch.int32,
+                                 device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.fpart.device
+
+    def to(self, device) -> "IndexPool":
+        out = IndexPool.__new__(IndexPool)
+        out.layout, out.num_pages = self.layout, self.num_pages
+        out.fpart, out.ipart = self.fpart.to(device), self.ipart.to(device)
+        return out
+
+    @staticmethod
+    def pages_for_bytes(layout: PagedIndexLayout, num_layers: int, nbytes: float) -> int:
+        """Pages per layer that ``nbytes`` buy for ``num_layers`` layers (index
+        bytes only; the decode workspace's scratch per page is counted apart)."""
+        return int(nbytes // max(1, layout.index_bytes * num_layers))
+
+
+class IndexAllocator:
+    """The index table and its host-side allocator (one per worker, all layers).
+
+    ``ibt`` ``[num_rows, max_pages]`` int32, a persistent device tensor (CUDA graphs
+    read it; never reallocated): row ``r``'s column ``i`` is the pool page of the
+    cluster entry ``i`` of the request holding row ``r``. Rows and pages come from
+    free lists (:meth:`acquire`, :meth:`extend`) and go back with :meth:`release`.
+    Nothing here syncs with the device; ``extend`` writes the new columns with one
+    host-to-device copy."""
+
+    def __init__(self, num_pages: int, num_rows: int, max_pages: int, device="cpu") -> None:
+        self.num_pages = int(num_pages)
+        self.num_rows = int(num_rows)
+        self.max_pages = int(max_pages)
+        self.ibt = torch.zeros(self.num_rows, self.max_pages, dtype=torch.int32,
+                               device=device)
+        self._free_pages: List[int] = list(range(self.num_pages - 1, -1, -1))
+        self._free_rows: List[int] = list(range(self.num_rows - 1, -1, -1))
+        self._pages: dict = {}   # row -> its pages, in entry order
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free_pages)
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free_rows)
+
+    def shuffle(self, seed: int = 0) -> None:
+        """Hands the free pages and rows out in a random order from now on (tests
+        and benchmarks: requests whose pages are neither contiguous nor ordered)."""
+        g = torch.Generator().manual_seed(seed)
+        self._free_pages = [self._free_pages[i] for i in
+                            torch.randperm(len(self._free_pages), generator=g).tolist()]
+        self._free_rows = [self._free_rows[i] for i in
+                           torch.randperm(len(self._free_rows), generator=g).tolist()]
+
+    def pages_of(self, row: int) -> List[int]:
+        return list(self._pages[row])
+
+    def acquire(self, num_pages: int) -> Optional[int]:
+        """A fresh row with ``num_pages`` pages, or None (nothing taken) when rows or
+        pages run short."""
+        if not self._free_rows or num_pages > min(self.free_pages, self.max_pages):
+            return None
+        row = self._free_rows.pop()
+        self._pages[row] = []
+        self.extend(row, num_pages)
+        return row
+
+    def extend(self, row: int, num_pages: int) -> Optional[List[int]]:
+        """Appends ``num_pages`` pages to ``row`` (written into ``ibt``); returns
+        them, or None (nothing taken) when the pool or the row is full."""
+        have = self._pages[row]
+        if num_pages > self.free_pages or len(have) + num_pages > self.max_pages:
+            return None
+        new = [self._free_pages.pop() for _ in range(num_pages)]
+        if new:
+            self.ibt[row, len(have):len(have) + num_pages] = torch.tensor(
+                new, dtype=torch.int32).to(self.ibt.device, non_blocking=True)
+        have.extend(new)
+        return new
+
+    def segment_jobs(self, row: int, block_ids: torch.Tensor,
+                     segs: Sequence[Tuple[int, int]], sink_end: int,
+                     block_size: int) -> List["SegmentJob"]:
+        """:class:`SegmentJob` s for segments ``[(p0, p1)]`` of the request holding
+        ``row`` (its pages must cover them: entry ``i`` = logical block
+        ``sink_end / bs + i``)."""
+        pages = torch.tensor(self._pages[row], dtype=torch.long).to(block_ids.device)
+        s = sink_end // block_size
+        return [SegmentJob(block_ids, p0, p1,
+                           pages[p0 // block_size - s:p1 // block_size - s])
+                for p0, p1 in segs]
+
+    def release(self, row: int) -> None:
+        """Gives a row and all its pages back (no-op for an unknown row)."""
+        pages = self._pages.pop(row, None)
+        if pages is None:
+            return
+        self._free_pages.extend(reversed(pages))
+        self._free_rows.append(row)
 
 
 def sink_end(config: RetroConfig, block_size: int) -> int:
@@ -300,21 +421,25 @@ def _kmeans_triton(xs: torch.Tensor, n_clusters: int, iters: int) -> torch.Tenso
 @dataclass
 class SegmentJob:
     """One segment to index: the request's physical block ids (``[nblocks]`` int64,
-    on the cache's device, covering at least ``p1``) and its token range."""
+    on the cache's device, covering at least ``p1``), its token range and its pool
+    pages (``[(p1 - p0) / bs]`` int64 on the device: the ``ibt`` entries of the
+    segment's blocks, in order)."""
 
     block_ids: torch.Tensor
     p0: int
     p1: int
+    pages: torch.Tensor
 
 
-def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout,
+def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: IndexPool,
                    jobs: Sequence[SegmentJob], config: RetroConfig,
                    max_batch_bytes: int = 768 << 20) -> None:
     """Clusters the keys of ``jobs`` (all of the same length) for one layer, writes
-    the clusters into the index part of the pages and reorders each segment's K/V
-    in place, per KV head, into cluster order (see the module doc).
+    the clusters into the layer's index pool (at each job's pages) and reorders
+    each segment's K/V in place, per KV head, into cluster order (see the module
+    doc).
 
-    ``kv_cache``: vLLM's view ``(NB, H, bs, 2D)`` over padded pages.
+    ``kv_cache``: vLLM's view ``(NB, H, bs, 2D)``. ``pool``: the layer's pool.
     """
     if not jobs:
         return
@@ -334,18 +459,20 @@ def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout,
     per_job = (h * n * d * (24 + 2 * layout.elem_size)
                + (0 if kv_cache.is_cuda else h * n * c * 4))
     step = max(1, max_batch_bytes // per_job)
-    layout.views(kv_cache)  # checks the padded page stride
+    if any(len(j.pages) != n // bs for j in jobs):
+        raise ValueError("build_segments: a job needs one pool page per block")
     for i in range(0, len(jobs), step):
-        _build_batch(kv_cache, layout, jobs[i:i + step], n, c, config)
+        _build_batch(kv_cache, layout, pool, jobs[i:i + step], n, c, config)
 
 
-def _build_batch(kv_cache, layout: PagedIndexLayout, jobs: Sequence[SegmentJob], n: int,
-                 c: int, config: RetroConfig) -> None:
+def _build_batch(kv_cache, layout: PagedIndexLayout, pool: IndexPool,
+                 jobs: Sequence[SegmentJob], n: int, c: int, config: RetroConfig) -> None:
     from ..kernels import uses_triton, write_clusters
     bs, h, d = layout.block_size, layout.num_kv_heads, layout.head_dim
     dev = kv_cache.device
     m = len(jobs)
     seg_blocks = torch.stack([j.block_ids[j.p0 // bs: j.p1 // bs] for j in jobs])  # [m, n/bs]
+    seg_pages = torch.stack([j.pages.to(dev) for j in jobs]).long()                # [m, n/bs]
     p0s = torch.tensor([j.p0 for j in jobs], dtype=torch.int32).to(dev)
     if uses_triton(kv_cache):
         from ..kernels.triton_kmeans import segment_keys
@@ -363,7 +490,7 @@ def _build_batch(kv_cache, layout: PagedIndexLayout, jobs: Sequence[SegmentJob],
     bounds = torch.searchsorted(vals.contiguous(), probe.contiguous())
     starts = bounds[:, :c]
     sizes = bounds[:, 1:] - starts
-    write_clusters(kv_cache, layout, seg_blocks, p0s, order, starts, sizes)
+    write_clusters(kv_cache, layout, pool, seg_blocks, seg_pages, p0s, order, starts, sizes)
 
 
 def make_headers(num_blocks: int, device) -> torch.Tensor:
@@ -371,10 +498,12 @@ def make_headers(num_blocks: int, device) -> torch.Tensor:
     return torch.zeros(num_blocks, HDR_WORDS, dtype=torch.int32, device=device)
 
 
-def header_row(clustered_end: int, n_ret: int, n_est: int, num_clusters: int) -> List[int]:
+def header_row(clustered_end: int, n_ret: int, n_est: int, num_clusters: int,
+               ibt_row: int = 0) -> List[int]:
     row = [0] * HDR_WORDS
     row[HDR_CLUSTERED_END] = clustered_end
     row[HDR_N_RETRIEVE] = n_ret
     row[HDR_N_ESTIMATE] = n_est
     row[HDR_NUM_CLUSTERS] = num_clusters
+    row[HDR_IBT_ROW] = ibt_row
     return row

@@ -16,7 +16,7 @@ import torch
 
 from . import reference
 from ..attention import VARIANCE_CORRECTION_CAP
-from ..index.paged import PagedIndexLayout
+from ..index.paged import IndexPool, PagedIndexLayout
 
 try:
     from .triton_cluster_write import write_clusters_triton
@@ -46,29 +46,32 @@ def uses_triton(t: torch.Tensor) -> bool:
                          os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
-def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout,
-                   seg_blocks: torch.Tensor, p0s: torch.Tensor, order: torch.Tensor,
-                   starts: torch.Tensor, sizes: torch.Tensor) -> None:
-    """Writes clustered segments (summaries, sizes, starts) into the index part of
+def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: IndexPool,
+                   seg_blocks: torch.Tensor, seg_pages: torch.Tensor, p0s: torch.Tensor,
+                   order: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor) -> None:
+    """Writes clustered segments (summaries, sizes, starts) into the index pool at
     their pages and reorders their K/V in place into cluster order, per KV head:
     the Triton kernel where :func:`uses_triton`, else the twin. Arguments and
     semantics: :func:`.reference.write_clusters`."""
     fn = write_clusters_triton if uses_triton(kv_cache) else reference.write_clusters
-    fn(kv_cache, layout, seg_blocks, p0s, order, starts, sizes)
+    fn(kv_cache, layout, pool, seg_blocks, seg_pages, p0s, order, starts, sizes)
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            layout: PagedIndexLayout, block_table: torch.Tensor,
-                           seq_lens: torch.Tensor, headers: torch.Tensor, sink_end: int,
+                           seq_lens: torch.Tensor, headers: torch.Tensor,
+                           ibt: torch.Tensor, pool: IndexPool, sink_end: int,
                            scale: float, out: Optional[torch.Tensor] = None,
                            workspace=None, count_stats: bool = False,
                            variance_cap: float = VARIANCE_CORRECTION_CAP) -> torch.Tensor:
     """Tripartite decode attention of ``B`` rows over the paged wave index.
 
     Args:
-        query: ``[B, Hq, D]``. kv_cache: vLLM's ``(NB, H, bs, 2D)`` view over padded
-            pages. block_table: ``[>=B, max_blocks]`` int. seq_lens: ``[>=B]`` int
+        query: ``[B, Hq, D]``. kv_cache: vLLM's ``(NB, H, bs, 2D)`` view.
+            block_table: ``[>=B, max_blocks]`` int. seq_lens: ``[>=B]`` int
             (0: padded row, output zero). headers: ``[NB, HDR_WORDS]`` int32.
+            ibt: the index table ``[R, max_pages]`` int32 (rows through the header's
+            ``HDR_IBT_ROW``). pool: the layer's :class:`IndexPool`.
             sink_end: first clustered token. scale: softmax scale.
         out: ``[B, Hq, D]`` (any float dtype), written in full; allocated (query's
             dtype) if None.
@@ -85,13 +88,14 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     if uses_triton(query):
         if workspace is None:
             h = layout.num_kv_heads
-            workspace = DecodeWorkspace(kv_cache.shape[0], h, hq // h, d, max(1, b),
+            workspace = DecodeWorkspace(pool.num_pages, h, hq // h, d, max(1, b),
                                         query.device)
         return paged_decode_attention_triton(query, kv_cache, layout, block_table, seq_lens,
-                                             headers, sink_end, scale, out, workspace,
+                                             headers, ibt, pool, sink_end, scale, out, workspace,
                                              count_stats, variance_cap)
     o, st = reference.paged_decode_attention(query[:b], kv_cache, layout, block_table[:b],
-                                             seq_lens[:b], headers, sink_end, scale,
+                                             seq_lens[:b], headers, ibt, pool, sink_end,
+                                             scale,
                                              variance_cap)
     out.copy_(o)
     if count_stats and workspace is not None:

@@ -3,7 +3,9 @@
 :func:`paged_decode_attention` is tripartite decode attention over the paged wave
 index (:mod:`vllm_retro.index.paged`), one row and KV head at a time, in float32
 (float64 for float64 inputs). Semantics, per row ``r`` (context ``L = seq_lens[r]``,
-header ``hdr = headers[block_table[r, 0]]``) and KV head ``h`` with its ``G`` query heads:
+header ``hdr = headers[block_table[r, 0]]``, index-table row ``ix = ibt[hdr[HDR_IBT_ROW]]``:
+cluster entry ``i``'s summaries at pool page ``ix[i]``) and KV head ``h`` with its
+``G`` query heads:
 
 * ``L == 0`` (a padded row): the output is zero.
 * no index (``clustered_end == 0``): exact attention over all ``L`` tokens.
@@ -30,8 +32,8 @@ import torch
 
 from ..attention import VARIANCE_CORRECTION_CAP
 from ..index.paged import (F_CENTROID, F_KEY_VAR, F_VALUE_MEAN, HDR_CLUSTERED_END,
-                           HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE, I_START,
-                           PagedIndexLayout)
+                           HDR_IBT_ROW, HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE, I_START,
+                           IndexPool, PagedIndexLayout)
 
 
 def _cdt(dtype: torch.dtype) -> torch.dtype:
@@ -53,16 +55,18 @@ def cluster_log_mass(q: torch.Tensor, cent: torch.Tensor, kvar: torch.Tensor,
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            layout: PagedIndexLayout, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, headers: torch.Tensor,
+                           ibt: torch.Tensor, pool: IndexPool,
                            sink_end: int, scale: float,
                            variance_cap: float = VARIANCE_CORRECTION_CAP
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`vllm_retro.kernels.paged_decode_attention`.
 
     Args:
-        query: ``[B, Hq, D]``. kv_cache: vLLM's ``(NB, H, bs, 2D)`` view over padded
-            pages. block_table: ``[B, max_blocks]`` int. seq_lens: ``[B]`` int.
-            headers: ``[NB, HDR_WORDS]`` int32. sink_end: first clustered token.
-            variance_cap: cap of the clusters' variance term.
+        query: ``[B, Hq, D]``. kv_cache: vLLM's ``(NB, H, bs, 2D)`` view.
+            block_table: ``[B, max_blocks]`` int. seq_lens: ``[B]`` int.
+            headers: ``[NB, HDR_WORDS]`` int32. ibt: the index table ``[R,
+            max_pages]`` int32. pool: the layer's :class:`IndexPool`. sink_end:
+            first clustered token. variance_cap: cap of the clusters' variance term.
     """
     b, hq, d = query.shape
     h, bs = layout.num_kv_heads, layout.block_size
@@ -70,7 +74,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     cdt = _cdt(query.dtype)
     out = torch.zeros(b, hq, d, dtype=cdt, device=query.device)
     stats = torch.zeros(b, 3, dtype=torch.float64)
-    fpart, ipart = layout.views(kv_cache)
+    fpart, ipart = pool.fpart.cpu(), pool.ipart.cpu()
+    ibt = ibt.cpu().long()
     for r in range(b):
         L = int(seq_lens[r])
         if L == 0:
@@ -80,8 +85,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         E = hdr[HDR_CLUSTERED_END]
         if E:
             steady = torch.cat([torch.arange(0, sink_end), torch.arange(E, L)])
-            lbs = torch.arange(sink_end // bs, E // bs)
-            pbs = bt[lbs]
+            pbs = ibt[hdr[HDR_IBT_ROW], :E // bs - sink_end // bs]     # pool pages
         else:
             steady = torch.arange(0, L)
             lbs = pbs = torch.arange(0)
@@ -154,16 +158,17 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout,
-                   seg_blocks: torch.Tensor, p0s: torch.Tensor, order: torch.Tensor,
-                   starts: torch.Tensor, sizes: torch.Tensor) -> None:
+def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: IndexPool,
+                   seg_blocks: torch.Tensor, seg_pages: torch.Tensor, p0s: torch.Tensor,
+                   order: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor) -> None:
     """Reference of :func:`vllm_retro.kernels.write_clusters`: writes ``m`` clustered
-    segments of equal length ``n`` into the index part of their pages and reorders
-    their K/V in place into cluster order.
+    segments of equal length ``n`` into the index pool and reorders their K/V in
+    place (in vLLM's pages) into cluster order.
 
     Args:
-        kv_cache: vLLM's ``(NB, H, bs, 2D)`` view over padded pages.
+        kv_cache: vLLM's ``(NB, H, bs, 2D)`` view. pool: the layer's index pool.
         seg_blocks: ``[m, n / bs]`` physical blocks of each segment, in order.
+        seg_pages: ``[m, n / bs]`` pool pages of each segment, in order.
         p0s: ``[m]`` first token position of each segment (block-aligned).
         order: ``[m * H, n]`` the segment's token indices (0..n-1) in cluster order
             (problem ``job * H + h``). starts / sizes: ``[m * H, C]`` each cluster's
@@ -183,8 +188,9 @@ def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout,
     c = starts.shape[1]
     dev = kv_cache.device
     cdt = _cdt(kv_cache.dtype)
-    fpart, ipart = layout.views(kv_cache)
+    fpart, ipart = pool.fpart, pool.ipart
     sb = seg_blocks.long()
+    sp = seg_pages.long().to(fpart.device)
     order = order.long().view(m, h, n)
     sizes = sizes.long().view(m, h, c)
     starts = starts.long().view(m, h, c)
@@ -209,15 +215,15 @@ def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout,
     vmean = per_cluster(v) / cnt
     dev_k = k - torch.gather(cent, 2, cid.unsqueeze(-1).expand(m, h, n, d))
     kvar = per_cluster(dev_k * dev_k) / cnt
-    cblk = sb[:, :c]                                                          # [m, C]
+    cblk = sp[:, :c]                                                          # [m, C]
     summ = torch.stack([cent, kvar, vmean], dim=3)                            # [m, H, C, 3, D]
     fpart[cblk] = summ.permute(0, 2, 1, 3, 4).to(fpart.dtype)
     p0 = p0s.long().to(dev).view(m, 1, 1)
     ipart[cblk, :, I_SIZE] = sizes.permute(0, 2, 1).to(torch.int32)
     ipart[cblk, :, I_START] = (starts + p0).permute(0, 2, 1).to(torch.int32)
     if c < nbs:
-        ipart[sb[:, c:], :, I_SIZE] = 0
-        ipart[sb[:, c:], :, I_START] = 0
+        ipart[sp[:, c:], :, I_SIZE] = 0
+        ipart[sp[:, c:], :, I_START] = 0
     # Cluster-contiguous K/V: entry e of head h goes to logical position p0 + e.
     pos = ent.view(1, 1, n).expand(m, h, n)
     kv_cache[sb[job, pos // bs], head, pos % bs] = kv_src

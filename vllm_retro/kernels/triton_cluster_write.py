@@ -8,9 +8,10 @@ assignment), writes them back into the pages at the cluster's logical positions
 ``[p0 + start, p0 + start + size)`` of that head (the in-place, per-head reorder
 that makes every cluster contiguous), computes its centroid, key variance and
 mean value (fp32, two passes: the variance about the centroid, not E[k^2] -
-mean^2) and writes them, the cluster's size and first position into the index
-part of the pages. Clusters of a segment cover its positions exactly once, so the
-programs' writes are disjoint, and every read is from the copy.
+mean^2) and writes them, the cluster's size and first position into the layer's
+index pool, at the segment's ``j``-th pool page. Clusters of a segment cover its
+positions exactly once, so the programs' writes are disjoint, and every read is
+from the copy.
 
 Twin: :func:`vllm_retro.kernels.reference.write_clusters`
 (tests/kernels/test_write_clusters.py).
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..index.paged import I_SIZE, I_START, PagedIndexLayout
+from ..index.paged import I_SIZE, I_START, IndexPool, PagedIndexLayout
 
 _I_SIZE = tl.constexpr(I_SIZE)
 _I_START = tl.constexpr(I_START)
@@ -30,7 +31,7 @@ _I_START = tl.constexpr(I_START)
 
 @triton.jit(do_not_specialize=["n", "C", "nbs"])
 def _write_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, src_ptr, src_s0, src_s1, src_s2,
-                  src_s3, fp_ptr, fp_s0, fp_s1, fp_s2, ip_ptr, ip_s0, ip_s1, blk_ptr, nbs,
+                  src_s3, fp_ptr, fp_s0, fp_s1, fp_s2, ip_ptr, ip_s0, ip_s1, blk_ptr, pg_ptr, nbs,
                   p0_ptr, ord_ptr, st_ptr, sz_ptr, n, C, H: tl.constexpr, D: tl.constexpr,
                   BS: tl.constexpr, T: tl.constexpr):
     """Program (s = job * H + h, segment block j): cluster j of problem s, or an
@@ -41,7 +42,7 @@ def _write_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, src_ptr, src_s0, src_s1, s
     job = s // H
     h = s % H
     brow = blk_ptr + job.to(tl.int64) * nbs
-    cblk = tl.load(brow + j).to(tl.int64)
+    cblk = tl.load(pg_ptr + job.to(tl.int64) * nbs + j).to(tl.int64)   # pool page
     ip_c = ip_ptr + cblk * ip_s0 + h * ip_s1
     if j >= C:
         tl.store(ip_c + _I_SIZE, 0)
@@ -92,7 +93,8 @@ def _write_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, src_ptr, src_s0, src_s1, s
 
 
 def write_clusters_triton(kv_cache: torch.Tensor, layout: PagedIndexLayout,
-                          seg_blocks: torch.Tensor, p0s: torch.Tensor, order: torch.Tensor,
+                          pool: IndexPool, seg_blocks: torch.Tensor,
+                          seg_pages: torch.Tensor, p0s: torch.Tensor, order: torch.Tensor,
                           starts: torch.Tensor, sizes: torch.Tensor) -> None:
     """See :func:`vllm_retro.kernels.reference.write_clusters` (same arguments;
     ``order``, ``starts``, ``sizes`` and ``p0s`` int32, on the cache's device)."""
@@ -102,7 +104,7 @@ def write_clusters_triton(kv_cache: torch.Tensor, layout: PagedIndexLayout,
     c = starts.shape[1]
     if m == 0:
         return
-    fpart, ipart = layout.views(kv_cache)
+    fpart, ipart = pool.fpart, pool.ipart
     # The segments' K/V before the reorder: [m, nbs, H, bs, 2D], contiguous.
     src = kv_cache[seg_blocks.long()]
     st = kv_cache.stride()
@@ -111,6 +113,7 @@ def write_clusters_triton(kv_cache: torch.Tensor, layout: PagedIndexLayout,
         kv_cache, st[0], st[1], st[2], st[3], src, src.stride(0), src.stride(1),
         src.stride(2), src.stride(3), fpart, fpart.stride(0), fpart.stride(1),
         fpart.stride(2), ipart, ipart.stride(0), ipart.stride(1),
-        seg_blocks.contiguous(), nbs, p0s.to(i32).contiguous(),
+        seg_blocks.contiguous(), seg_pages.to(torch.int64).contiguous(), nbs,
+        p0s.to(i32).contiguous(),
         order.to(i32).contiguous(), starts.to(i32).contiguous(),
         sizes.to(i32).contiguous(), n, c, H=h, D=d, BS=bs, T=16, num_warps=2)

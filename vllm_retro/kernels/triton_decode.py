@@ -6,7 +6,10 @@ Every launch has a grid that depends only on the batch size ``B`` and the model'
 shape (``H`` KV heads, ``G`` query heads per KV head, head size ``D``), never on
 context lengths or header contents, and the call allocates nothing: the graph is
 captured once and replayed for any contexts. Rows are independent; each reads its
-own header (``headers[block_table[r, 0]]``) and context length.
+own header (``headers[block_table[r, 0]]``), its index-table row (``ix = ibt[hdr[
+HDR_IBT_ROW]]``: cluster entry ``i``'s summaries, size and start at pool page
+``ix[i]`` of the layer's :class:`~vllm_retro.index.paged.IndexPool`) and context
+length. K/V are read through vLLM's block table (positions).
 
 Launch sequence (``NS = workspace.nsplit(B)`` programs per (row, KV head); a row's
 ``C`` cluster entries are cut into ``NS`` contiguous ranges where a kernel works
@@ -14,7 +17,7 @@ by range):
 
 1. ``_score_kernel`` ``(B*H, NS)``: the log-mass of every cluster entry for the
    ``G`` query heads (``[G, chunk]`` tiles, centroid and key variance read once),
-   stored block-addressed in ``workspace.logits``, and each program's partial
+   stored page-addressed in ``workspace.logits``, and each program's partial
    max / sum-exp per query head. Zeroes the row-head's histogram. (With
    ``SCORE_IMPL = "cuda"`` its CUDA twin ``torch.ops.vllm_retro.paged_score``,
    ``csrc/cuda/paged_score.cu``, runs instead where the extension has it.)
@@ -34,7 +37,7 @@ by range):
 4. ``_collect_kernel`` ``(B*H, NS)``: each range derives its offsets in the
    selection lists from the lower ranges' counts and candidates, then writes its
    retrieved clusters (first token position, size) and estimated clusters
-   (physical block) to the lists, in entry order; statistics.
+   (pool page) to the lists, in entry order; statistics.
 5. ``_attend_kernel`` ``(B*H, NSA)`` (``NSA = workspace.nsplit_attend(B)``, its own
    split: it only merges partials): program ``p`` attends the work items congruent
    to ``p`` mod ``NSA`` of three kinds (steady-zone tokens; tokens of the retrieved
@@ -50,13 +53,14 @@ takes a ticket with an acq_rel atomic at GPU scope; the program drawing the last
 ticket reads the others' parts (L1-bypassing loads) and resets the ticket. No
 program ever waits for another, so any grid size is safe.
 
-Scratch whose size depends on the context lives at block-table addresses of the
-row's own clustered zone (``[num_blocks, ...]`` buffers), so it is bounded by the KV
-cache and never by ``max_rows * max_model_len``: the logits of cluster entry ``i``
-at ``logits[bt[r, S/bs + i], h, :]``; the key of entry ``i`` and list entry ``k``
-packed 16 to a block at ``keys[bt[r, S/bs + i // 16], h, i % 16]`` and
-``lists[bt[r, S/bs + k // 16], h, 2 (k % 16) + {0, 1}]`` (candidate list entries
-likewise in ``cands``).
+Scratch whose size depends on the context lives at the row's own pool pages
+(``[num_pages, ...]`` buffers, addressed through the index table like the index),
+so it is bounded by the index pool and never by ``max_rows * max_model_len``: the
+logits of cluster entry ``i`` at ``logits[ix[i], h, :]``; the key of entry ``i``
+and list entry ``k`` packed 16 to a page at ``keys[ix[i // 16], h, i % 16]`` and
+``lists[ix[k // 16], h, 2 (k % 16) + {0, 1}]`` (candidate list entries likewise
+in ``cands``). Pool pages belong to one request until it leaves, so rows never
+share scratch, even when vLLM reuses a block id.
 
 Precision: fp32 accumulation everywhere. With 16-bit caches on the GPU the matrix
 products run on 16-bit tensor cores with the fp32 operand (query, squared query,
@@ -67,15 +71,13 @@ as exact as the bf16 data); fp32 caches (and the interpreter) use fp32 products.
 from __future__ import annotations
 
 import os
-from typing import Dict, Tuple
-
 import torch
 import triton
 import triton.language as tl
 
 from ..attention import VARIANCE_CORRECTION_CAP
-from ..index.paged import (HDR_CLUSTERED_END, HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE,
-                           I_START, PagedIndexLayout)
+from ..index.paged import (HDR_CLUSTERED_END, HDR_IBT_ROW, HDR_N_ESTIMATE,
+                           HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool, PagedIndexLayout)
 
 # Globals read inside kernels must be constexpr objects.
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -83,6 +85,7 @@ _INT_MAX = tl.constexpr(2147483647)
 _HDR_CE = tl.constexpr(HDR_CLUSTERED_END)
 _HDR_NR = tl.constexpr(HDR_N_RETRIEVE)
 _HDR_NE = tl.constexpr(HDR_N_ESTIMATE)
+_HDR_IBT = tl.constexpr(HDR_IBT_ROW)
 _I_SIZE = tl.constexpr(I_SIZE)
 _I_START = tl.constexpr(I_START)
 
@@ -173,15 +176,15 @@ class DecodeWorkspace:
     """Persistent scratch of :func:`paged_decode_attention_triton`, allocated once.
 
     The tensors never change address (CUDA graphs captured once read them); one
-    workspace serves every layer (each call rewrites what it reads). Block-addressed
-    (bounded by the KV cache, see the module doc):
+    workspace serves every layer (each call rewrites what it reads). Addressed by
+    index-pool page (bounded by the pool, see the module doc):
 
-    * ``logits`` ``[num_blocks, H, G]`` fp32: cluster log-masses;
-    * ``keys`` ``[num_blocks, H, 16]`` int32: selection keys, 16 entries per block;
-    * ``cands`` ``[num_blocks, H, 64]`` int32: the two threshold candidate lists,
+    * ``logits`` ``[num_pages, H, G]`` fp32: cluster log-masses;
+    * ``keys`` ``[num_pages, H, 16]`` int32: selection keys, 16 entries per page;
+    * ``cands`` ``[num_pages, H, 64]`` int32: the two threshold candidate lists,
       (key, entry index) pairs, words 0-31 and 32-63;
-    * ``lists`` ``[num_blocks, H, 32]`` int32: the selection lists (retrieved:
-      first token position, size; estimated: physical block, size).
+    * ``lists`` ``[num_pages, H, 32]`` int32: the selection lists (retrieved:
+      first token position, size; estimated: pool page, size).
 
     Per (row, KV head), sized by ``max_rows``: ``hist`` ``[max_rows*H, NBINS]``,
     ``ncand`` ``[max_rows*H, 2]`` (candidates per list), ``counts`` ``[max_rows*H,
@@ -197,12 +200,12 @@ class DecodeWorkspace:
     Calls with ``count_stats`` add to it; the owner reads and zeroes it.
     """
 
-    def __init__(self, num_blocks: int, num_kv_heads: int, group_size: int,
+    def __init__(self, num_pages: int, num_kv_heads: int, group_size: int,
                  head_dim: int, max_rows: int, device, *, max_split: int = 0,
                  num_sms: int = 0, programs_per_sm: int = 0, attend_max_split: int = 0):
         dev = torch.device(device)
         self.device = dev
-        self.num_blocks = int(num_blocks)
+        self.num_pages = int(num_pages)
         self.num_kv_heads = h = int(num_kv_heads)
         self.group_size = g = int(group_size)
         self.head_dim = d = int(head_dim)
@@ -227,7 +230,7 @@ class DecodeWorkspace:
                   for b in range(1, self.max_rows + 1))
         rows = self.max_rows * h
         f32, i32 = torch.float32, torch.int32
-        nb, nsp = self.num_blocks, self.ns_pow2
+        nb, nsp = self.num_pages, self.ns_pow2
         self.logits = torch.zeros(nb, h, g, dtype=f32, device=dev)
         self.keys = torch.zeros(nb, h, PACK, dtype=i32, device=dev)
         self.lists = torch.zeros(nb, h, LIST_WORDS, dtype=i32, device=dev)
@@ -244,7 +247,12 @@ class DecodeWorkspace:
         self.part_m = torch.zeros(cap * h * g, dtype=f32, device=dev)
         self.part_l = torch.zeros(cap * h * g, dtype=f32, device=dev)
         self.stats = torch.zeros(5, dtype=torch.int64, device=dev)
-        self._views: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def page_bytes(num_kv_heads: int, group_size: int) -> int:
+        """Scratch bytes per index-pool page (``logits``, ``keys``, ``cands``,
+        ``lists``; 3,712 B for H=8, G=4), shared by the layers."""
+        return 4 * num_kv_heads * (group_size + PACK + CAND_WORDS + LIST_WORDS)
 
     def nsplit(self, num_rows: int) -> int:
         """Programs per (row, KV head) for a batch of ``num_rows``: enough to fill the
@@ -264,14 +272,6 @@ class DecodeWorkspace:
         want = self.target_programs // (max(1, num_rows) * self.num_kv_heads)
         return max(1, min(cap, want))
 
-    def views(self, layout: PagedIndexLayout, kv_cache: torch.Tensor):
-        """``layout.views(kv_cache)``, cached per cache tensor (one per layer)."""
-        key = (kv_cache.data_ptr(), tuple(kv_cache.shape), tuple(kv_cache.stride()),
-               kv_cache.dtype)
-        v = self._views.get(key)
-        if v is None:
-            v = self._views[key] = layout.views(kv_cache)
-        return v
 
 
 # ------------------------------------------------------------------ helpers
@@ -291,16 +291,21 @@ def _pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
-def _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS: tl.constexpr):
-    """Context length, block-table row, first block, clustered_end (0: no index or
-    no context) and number of cluster entries of row ``r``."""
+def _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr, hdr_s0, r, SB,
+              BS: tl.constexpr):
+    """Context length, block-table row, index-table row (cluster entry ``i``'s
+    pool page at ``ix_row[i]``), first block, clustered_end (0: no index or no
+    context) and number of cluster entries of row ``r``."""
     L = tl.load(seq_ptr + r).to(tl.int32)
     bt_row = bt_ptr + r.to(tl.int64) * bt_s0
     blk0 = tl.load(bt_row).to(tl.int64)
     E = tl.load(hdr_ptr + blk0 * hdr_s0 + _HDR_CE)
     E = tl.where(L > 0, E, 0)
     C = tl.maximum(E // BS - SB, 0)
-    return L, bt_row, blk0, E, C
+    irow = tl.load(hdr_ptr + blk0 * hdr_s0 + _HDR_IBT)
+    irow = tl.where(E > 0, irow, 0)      # (no index: every ix_row load is masked)
+    ix_row = ibt_ptr + irow.to(tl.int64) * ibt_s0
+    return L, bt_row, ix_row, blk0, E, C
 
 
 @triton.jit
@@ -346,11 +351,12 @@ def _bucket(hist, bins, total, k):
 
 
 @triton.jit
-def _packed(base_ptr, bt_row, SB, h, pos, mask, H: tl.constexpr, W: tl.constexpr,
+def _packed(base_ptr, ix_row, h, pos, mask, H: tl.constexpr, W: tl.constexpr,
             PK: tl.constexpr, SLOT: tl.constexpr):
     """Address of item ``pos`` of a row-head list packed PK items (SLOT words each)
-    to a block-table block (W words per block and head)."""
-    lb = tl.load(bt_row + SB + pos // PK, mask=mask, other=0).to(tl.int64)
+    to an index-pool page of the row (``ix_row[pos // PK]``; W words per page and
+    head)."""
+    lb = tl.load(ix_row + pos // PK, mask=mask, other=0).to(tl.int64)
     return base_ptr + lb * (H * W) + h * W + (pos % PK) * SLOT
 
 
@@ -370,7 +376,7 @@ def _dot(a, b, NATIVE: tl.constexpr, PREC: tl.constexpr):
 # ------------------------------------------------------------------ 1. scores
 @triton.jit
 def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
-                  ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, seq_ptr, hdr_ptr, hdr_s0,
+                  ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0,
                   lg_ptr, pm_ptr, ps_ptr, hist_ptr, ncand_ptr, scale, SB, NS,
                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   DP: tl.constexpr, BS: tl.constexpr, NSP: tl.constexpr,
@@ -386,7 +392,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         # Later kernels accumulate into these; zeroed here so every call starts clean.
         tl.store(hist_ptr + rh * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
         tl.store(ncand_ptr + rh * 2 + tl.arange(0, 2), tl.zeros([2], tl.int32))
-    L, bt_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS)
+    L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
+                                              hdr_s0, r, SB, BS)
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     gm = g < G
@@ -397,11 +404,11 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     m_run = tl.full([GP], _NEG_INF, tl.float32)
     s_run = tl.zeros([GP], tl.float32)
     n_mine = tl.maximum(C - p + NS - 1, 0) // NS
-    # The next tile's block numbers are loaded before this tile's summaries are
-    # used (a hand-made pipeline stage over the block-table indirection).
+    # The next tile's pool pages are loaded before this tile's summaries are
+    # used (a hand-made pipeline stage over the index-table indirection).
     i = p + NS * tl.arange(0, CH)
     valid = i < C
-    blk = tl.load(bt_row + SB + i, mask=valid, other=0).to(tl.int64)
+    blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
     for m0 in range(0, n_mine, CH):
         fb = fp_ptr + blk * fp_s0 + h * fp_s1
         cm = valid[:, None] & dm[None, :]
@@ -410,7 +417,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         size = tl.load(ip_ptr + blk * ip_s0 + h * ip_s1 + _I_SIZE, mask=valid, other=0)
         i_n = p + NS * (m0 + CH + tl.arange(0, CH))
         valid_n = i_n < C
-        blk_n = tl.load(bt_row + SB + i_n, mask=valid_n, other=0).to(tl.int64)
+        blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
         qc = _dot(q, tl.trans(cen), NATIVE, PREC)
         qv = _dot(qq, tl.trans(var), NATIVE, PREC)
         # Same operation order as the twin: s q.c + ln size + min(s^2/2 q^2.var, CAP).
@@ -430,8 +437,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
 
 # ------------------------------------------------------------------ 2. keys
 @triton.jit
-def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, seq_ptr,
-                hdr_ptr, hdr_s0, SB, NS,
+def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_ptr,
+                ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, NS,
                 H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
                 NSP: tl.constexpr, CHE: tl.constexpr, NB: tl.constexpr,
                 SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr,
@@ -443,7 +450,8 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, seq_p
     p = tl.program_id(1)
     r = rh // H
     h = rh % H
-    L, bt_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS)
+    L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
+                                              hdr_s0, r, SB, BS)
     _pdl_wait(PDL)
     g = tl.arange(0, GP)
     gm = g < G
@@ -467,12 +475,12 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, seq_p
     for i0 in range(lo, hi, CHE):
         i = i0 + tl.arange(0, CHE)
         valid = i < hi
-        eblk = tl.load(bt_row + SB + i, mask=valid, other=0).to(tl.int64)
+        eblk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
         lg = tl.load(lg_ptr + eblk[None, :] * (H * G) + h * G + g[:, None],
                      mask=gm[:, None] & valid[None, :], other=_NEG_INF)
         pr = tl.where(has[:, None], tl.exp(lg - lse[:, None]), 0.0)
         key = tl.sum(pr, 0).to(tl.int32, bitcast=True)   # score >= 0: bits sort as floats
-        tl.store(_packed(keys_ptr, bt_row, SB, h, i, valid, H, PK, PK, 1), key, mask=valid)
+        tl.store(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), key, mask=valid)
         dg = tl.where(valid, _digit(key, mean_bits, SUB, NB, WIN), 0)
         hist += tl.histogram(dg, NB)
         bad += (valid == 0).to(tl.int32)
@@ -483,10 +491,10 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, seq_p
 
 # ------------------------------------------------------------------ 3. thresholds
 @triton.jit
-def _cand_load(cand_ptr, word0, bt_row, SB, h, j, jv, H: tl.constexpr, PK: tl.constexpr):
+def _cand_load(cand_ptr, word0, ix_row, h, j, jv, H: tl.constexpr, PK: tl.constexpr):
     """(key, entry index) of candidates ``j`` of the list at ``word0`` (pairs packed
-    16 to a block: ``cands[bt[r, S/bs + j // 16], h, word0 + 2 (j % 16) + {0, 1}]``)."""
-    a = _packed(cand_ptr + word0, bt_row, SB, h, j, jv, H, CAND_WORDS_C, PK, 2)
+    16 to a pool page: ``cands[ix[j // 16], h, word0 + 2 (j % 16) + {0, 1}]``)."""
+    a = _packed(cand_ptr + word0, ix_row, h, j, jv, H, CAND_WORDS_C, PK, 2)
     key = tl.load(a, mask=jv, other=-1, cache_modifier=".cg")
     idx = tl.load(a + 1, mask=jv, other=0, cache_modifier=".cg")
     return key, idx
@@ -521,7 +529,7 @@ def _kth2(k1, v1, rem1, k2, v2, rem2, pre1, pre2, nib0):
 
 
 @triton.jit
-def _kth_chunks(cand_ptr, word0, bt_row, SB, h, n, rem, pre, nib0, H: tl.constexpr,
+def _kth_chunks(cand_ptr, word0, ix_row, h, n, rem, pre, nib0, H: tl.constexpr,
                 PK: tl.constexpr, CB: tl.constexpr):
     """:func:`_kth2` for one list of ``n > CB`` candidates read in chunks (buckets
     this large only come from nearly flat score distributions)."""
@@ -533,14 +541,14 @@ def _kth_chunks(cand_ptr, word0, bt_row, SB, h, n, rem, pre, nib0, H: tl.constex
         for j0 in range(0, n, CB):
             jj = j0 + tl.arange(0, CB)
             jv = jj < n
-            kk, ii = _cand_load(cand_ptr, word0, bt_row, SB, h, jj, jv, H, PK)
+            kk, ii = _cand_load(cand_ptr, word0, ix_row, h, jj, jv, H, PK)
             cnt += _kth_step(thr, kk, jv, sh)
         thr = thr + (tl.max(tl.where(cnt >= rem, j16, 0), 0) << sh)
     return thr
 
 
 @triton.jit
-def _count_chunks(cand_ptr, word0, bt_row, SB, h, n, thr, lo, H: tl.constexpr,
+def _count_chunks(cand_ptr, word0, ix_row, h, n, thr, lo, H: tl.constexpr,
                   PK: tl.constexpr, CB: tl.constexpr):
     """Candidates with key > thr, and with key == thr and entry index < lo."""
     gt = lo * 0
@@ -548,7 +556,7 @@ def _count_chunks(cand_ptr, word0, bt_row, SB, h, n, thr, lo, H: tl.constexpr,
     for j0 in range(0, n, CB):
         jj = j0 + tl.arange(0, CB)
         jv = jj < n
-        kk, ii = _cand_load(cand_ptr, word0, bt_row, SB, h, jj, jv, H, PK)
+        kk, ii = _cand_load(cand_ptr, word0, ix_row, h, jj, jv, H, PK)
         gt += tl.sum((jv & (kk > thr) & (ii < lo)).to(tl.int32), 0)
         eq += tl.sum((jv & (kk == thr) & (ii < lo)).to(tl.int32), 0)
     return gt, eq
@@ -556,7 +564,7 @@ def _count_chunks(cand_ptr, word0, bt_row, SB, h, n, thr, lo, H: tl.constexpr,
 
 @triton.jit
 def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_ptr,
-                 tick_ptr, bt_ptr, bt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, NS,
+                 tick_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, NS,
                  H: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr,
                  NB: tl.constexpr, SUB: tl.constexpr, WIN: tl.constexpr,
                  PK: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
@@ -570,7 +578,8 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
     p = tl.program_id(1)
     r = rh // H
     h = rh % H
-    L, bt_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS)
+    L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
+                                              hdr_s0, r, SB, BS)
     n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
     _pdl_wait(PDL)
     k1 = n_ret
@@ -589,7 +598,7 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
     for i0 in range(lo, hi, RB):
         i = i0 + tl.arange(0, RB)
         valid = i < hi
-        key = tl.load(_packed(keys_ptr, bt_row, SB, h, i, valid, H, PK, PK, 1), mask=valid,
+        key = tl.load(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), mask=valid,
                       other=0)
         dg = _digit(key, mean_bits, SUB, NB, WIN)
         f1 = valid & (dg == tl.where(use1, b1, -1))
@@ -600,10 +609,10 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
         o2 = tl.atomic_add(ncand_ptr + rh * 2 + 1, m2, mask=m2 > 0, sem="relaxed")
         p1 = o1 + tl.cumsum(f1.to(tl.int32), 0) - 1
         p2 = o2 + tl.cumsum(f2.to(tl.int32), 0) - 1
-        w1 = _packed(cand_ptr, bt_row, SB, h, p1, f1, H, CAND_WORDS_C, PK, 2)
+        w1 = _packed(cand_ptr, ix_row, h, p1, f1, H, CAND_WORDS_C, PK, 2)
         tl.store(w1, key, mask=f1)
         tl.store(w1 + 1, i, mask=f1)
-        w2 = _packed(cand_ptr + 2 * PK, bt_row, SB, h, p2, f2, H, CAND_WORDS_C, PK, 2)
+        w2 = _packed(cand_ptr + 2 * PK, ix_row, h, p2, f2, H, CAND_WORDS_C, PK, 2)
         tl.store(w2, key, mask=f2)
         tl.store(w2 + 1, i, mask=f2)
         a1 += tl.sum((valid & (dg > b1)).to(tl.int32), 0)
@@ -632,16 +641,16 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
         if (c1 <= CB) & (c2 <= CB):
             # The usual case: buckets of a few dozen to a few hundred keys, in registers.
             jb = tl.arange(0, CB)
-            x1, i1 = _cand_load(cand_ptr, 0, bt_row, SB, h, jb, jb < c1, H, PK)
-            x2, i2 = _cand_load(cand_ptr, w2, bt_row, SB, h, jb, jb < c2, H, PK)
+            x1, i1 = _cand_load(cand_ptr, 0, ix_row, h, jb, jb < c1, H, PK)
+            x2, i2 = _cand_load(cand_ptr, w2, ix_row, h, jb, jb < c2, H, PK)
             t1, t2 = _kth2(x1, jb < c1, rem1, x2, jb < c2, rem2, pre1, pre2, nib0)
             g1 = tl.sum(((jb < c1) & (x1 > t1)).to(tl.int32), 0)
             g2 = tl.sum(((jb < c2) & (x2 > t2)).to(tl.int32), 0)
         else:
-            t1 = _kth_chunks(cand_ptr, 0, bt_row, SB, h, c1, rem1, pre1, nib0, H, PK, CB)
-            t2 = _kth_chunks(cand_ptr, w2, bt_row, SB, h, c2, rem2, pre2, nib0, H, PK, CB)
-            g1, e1 = _count_chunks(cand_ptr, 0, bt_row, SB, h, c1, t1, C, H, PK, CB)
-            g2, e2 = _count_chunks(cand_ptr, w2, bt_row, SB, h, c2, t2, C, H, PK, CB)
+            t1 = _kth_chunks(cand_ptr, 0, ix_row, h, c1, rem1, pre1, nib0, H, PK, CB)
+            t2 = _kth_chunks(cand_ptr, w2, ix_row, h, c2, rem2, pre2, nib0, H, PK, CB)
+            g1, e1 = _count_chunks(cand_ptr, 0, ix_row, h, c1, t1, C, H, PK, CB)
+            g2, e2 = _count_chunks(cand_ptr, w2, ix_row, h, c2, t2, C, H, PK, CB)
         # Keys equal to a threshold inside the top k: rem minus the candidates above.
         tl.store(sel_ptr + rh * 4 + 0, tl.where(use1, t1, _INT_MAX))
         tl.store(sel_ptr + rh * 4 + 1, tl.where(use1, rem1 - g1, 0))
@@ -654,7 +663,8 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
 # ------------------------------------------------------------------ 4. lists
 @triton.jit
 def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stats_ptr,
-                    ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, S, NS,
+                    ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr,
+                    hdr_s0, SB, S, NS,
                     H: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr, PK: tl.constexpr,
                     LW: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
                     COUNT_STATS: tl.constexpr, PDL: tl.constexpr = False):
@@ -667,7 +677,8 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     p = tl.program_id(1)
     r = rh // H
     h = rh % H
-    L, bt_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS)
+    L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
+                                              hdr_s0, r, SB, BS)
     n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
     _pdl_wait(PDL)
     k1 = n_ret
@@ -686,8 +697,8 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     # No second list while the second threshold is in use: both share the first one.
     w2 = tl.where(c2 == 0, 0, 2 * PK)
     c2 = tl.where(c2 == 0, c1, c2)
-    g1, e1 = _count_chunks(cand_ptr, 0, bt_row, SB, h, c1, t1, lo, H, PK, CB)
-    g2, e2 = _count_chunks(cand_ptr, w2, bt_row, SB, h, c2, t2, lo, H, PK, CB)
+    g1, e1 = _count_chunks(cand_ptr, 0, ix_row, h, c1, t1, lo, H, PK, CB)
+    g2, e2 = _count_chunks(cand_ptr, w2, ix_row, h, c2, t2, lo, H, PK, CB)
     rc = a1 + g1 + tl.minimum(need1, e1)     # list position of this range's first retrieved
     in2 = a2 + g2 + tl.minimum(need2, e2)
     ec = k1 + tl.where(use2, in2 - rc, 0)    # ... and first estimated entry
@@ -696,7 +707,7 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     for i0 in range(lo, hi, RB):
         i = i0 + tl.arange(0, RB)
         valid = i < hi
-        key = tl.load(_packed(keys_ptr, bt_row, SB, h, i, valid, H, PK, PK, 1), mask=valid,
+        key = tl.load(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), mask=valid,
                       other=-1)
         eq1 = valid & (key == t1)
         eq2 = valid & (key == t2)
@@ -709,11 +720,11 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         sel = ret | est
         lp = tl.where(ret, rc + tl.cumsum(ret.to(tl.int32), 0) - 1,
                       ec + tl.cumsum(est.to(tl.int32), 0) - 1)
-        eb = tl.load(bt_row + SB + i, mask=sel, other=0).to(tl.int64)
+        eb = tl.load(ix_row + i, mask=sel, other=0).to(tl.int64)
         ib = ip_ptr + eb * ip_s0 + h * ip_s1
         size = tl.load(ib + _I_SIZE, mask=sel, other=0)
         start = tl.load(ib + _I_START, mask=ret, other=0)
-        la = _packed(lists_ptr, bt_row, SB, h, lp, sel, H, LW, PK, 2)
+        la = _packed(lists_ptr, ix_row, h, lp, sel, H, LW, PK, 2)
         tl.store(la, tl.where(ret, start, eb.to(tl.int32)), mask=sel)
         tl.store(la + 1, size, mask=sel)
         rc += tl.sum(ret.to(tl.int32), 0)
@@ -782,12 +793,12 @@ def _steady_addr(bt_row, p, NS, m0, n_steady, split, E, BS: tl.constexpr,
 
 
 @triton.jit
-def _estimated_addr(lists_ptr, bt_row, SB, h, n_ret, n_est, p, NS, m0, H: tl.constexpr,
+def _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, m0, H: tl.constexpr,
                     LW: tl.constexpr, PK: tl.constexpr, TE: tl.constexpr):
-    """(physical block, valid) of estimated list entries n_ret + p + NS (m0 + [0, TE))."""
+    """(pool page, valid) of estimated list entries n_ret + p + NS (m0 + [0, TE))."""
     k = n_ret + p + NS * (m0 + tl.arange(0, TE))
     ok = k < n_ret + n_est
-    blk = tl.load(_packed(lists_ptr, bt_row, SB, h, k, ok, H, LW, PK, 2), mask=ok,
+    blk = tl.load(_packed(lists_ptr, ix_row, h, k, ok, H, LW, PK, 2), mask=ok,
                   other=0).to(tl.int64)
     return blk, ok
 
@@ -812,7 +823,8 @@ def _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS: tl.constexp
 @triton.jit
 def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
-                   bt_ptr, bt_s0, seq_ptr, hdr_ptr, hdr_s0, lg_ptr, lists_ptr, cnt_ptr,
+                   bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, lg_ptr, lists_ptr,
+                   cnt_ptr,
                    po_ptr, pm_ptr, pl_ptr, tick_ptr, out_ptr, o_sb, o_sh, o_sd,
                    scale, SB, S, NS,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr,
@@ -827,7 +839,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     p = tl.program_id(1)
     r = rh // H
     h = rh % H
-    L, bt_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, hdr_ptr, hdr_s0, r, SB, BS)
+    L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
+                                              hdr_s0, r, SB, BS)
     indexed = E > 0
     n_steady = tl.where(indexed, S + L - E, L)
     split = tl.where(indexed, S, L)      # steady index j >= split lies at E + j - split
@@ -867,7 +880,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     for m0 in range(0, n_mine, RG):
         r_k = p + NS * (m0 + tl.arange(0, RG))
         r_kok = r_k < n_ret
-        la = _packed(lists_ptr, bt_row, SB, h, r_k, r_kok, H, LW, PK, 2)
+        la = _packed(lists_ptr, ix_row, h, r_k, r_kok, H, LW, PK, 2)
         start = tl.load(la, mask=r_kok, other=0)
         size = tl.load(la + 1, mask=r_kok, other=0)
         end = tl.cumsum(size, 0)
@@ -886,14 +899,14 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
     n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
-    e_blk, e_ok = _estimated_addr(lists_ptr, bt_row, SB, h, n_ret, n_est, p, NS, 0,
+    e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
                                   H, LW, PK, TE)
     for m0 in range(0, n_mine, TE):
         e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + g[:, None],
                       mask=gm[:, None] & e_ok[None, :], other=_NEG_INF)
         e_v = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 2 * fp_s2
                       + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
-        e_blk_n, e_ok_n = _estimated_addr(lists_ptr, bt_row, SB, h, n_ret, n_est, p, NS,
+        e_blk_n, e_ok_n = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS,
                                           m0 + TE, H, LW, PK, TE)
         m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC)
         e_blk, e_ok = e_blk_n, e_ok_n
@@ -933,6 +946,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
 def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
                                   layout: PagedIndexLayout, block_table: torch.Tensor,
                                   seq_lens: torch.Tensor, headers: torch.Tensor,
+                                  ibt: torch.Tensor, pool: IndexPool,
                                   sink_end: int, scale: float, out: torch.Tensor,
                                   workspace: DecodeWorkspace,
                                   count_stats: bool = False,
@@ -941,12 +955,14 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     :func:`vllm_retro.kernels.reference.paged_decode_attention`); CUDA-graph safe.
 
     Args:
-        query: ``[B, Hq, D]``. kv_cache: vLLM's ``(NB, H, bs, 2D)`` view over padded
-            pages (any strides). block_table: ``[>=B, max_blocks]`` int (the row of a
-            padded row may be all zeros). seq_lens: ``[>=B]`` int (0: padded row).
-            headers: ``[NB, HDR_WORDS]`` int32. sink_end: first clustered token.
+        query: ``[B, Hq, D]``. kv_cache: vLLM's ``(NB, H, bs, 2D)`` view (any
+            strides). block_table: ``[>=B, max_blocks]`` int (the row of a padded row
+            may be all zeros). seq_lens: ``[>=B]`` int (0: padded row).
+            headers: ``[NB, HDR_WORDS]`` int32. ibt: the index table ``[R,
+            max_pages]`` int32 (contiguous rows). pool: the layer's index pool.
+            sink_end: first clustered token.
         out: ``[B, Hq, D]`` in any float dtype, every element written.
-        workspace: scratch for at least ``B`` rows and ``NB`` blocks of this shape.
+        workspace: scratch for at least ``B`` rows and the pool's pages.
         count_stats: add this call's statistics to ``workspace.stats``.
         variance_cap: cap of the clusters' variance term (a compile-time constant of
             the score kernel: one variant per value).
@@ -959,14 +975,16 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     if (h, g, d) != (ws.num_kv_heads, ws.group_size, ws.head_dim) or d != lay.head_dim:
         raise ValueError(f"decode workspace shape (H={ws.num_kv_heads}, G={ws.group_size}, "
                          f"D={ws.head_dim}) does not match the call (H={h}, G={g}, D={d})")
-    if b > ws.max_rows or kv_cache.shape[0] > ws.num_blocks:
-        raise ValueError(f"decode workspace for {ws.max_rows} rows / {ws.num_blocks} blocks "
-                         f"got {b} rows / {kv_cache.shape[0]} blocks")
+    if b > ws.max_rows or pool.num_pages > ws.num_pages:
+        raise ValueError(f"decode workspace for {ws.max_rows} rows / {ws.num_pages} pages "
+                         f"got {b} rows / {pool.num_pages} pool pages")
+    if ibt.dtype != torch.int32 or ibt.stride(1) != 1:
+        raise ValueError("the index table must be int32 with contiguous rows")
     if sink_end % bs:
         raise ValueError("sink_end must be a multiple of the block size")
     if b == 0:
         return out
-    fpart, ipart = ws.views(lay, kv_cache)
+    fpart, ipart = pool.fpart, pool.ipart
     ns = ws.nsplit(b)
     gp, dp, nsp = ws.gp, _next_pow2(d), ws.ns_pow2
     sb = sink_end // bs
@@ -975,14 +993,15 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     native = kv_cache.dtype in (torch.bfloat16, torch.float16) and not interpreting()
     prec = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
     scale = float(scale)
-    common = (block_table, block_table.stride(0), seq_lens, headers, headers.stride(0))
+    common = (block_table, block_table.stride(0), ibt, ibt.stride(0), seq_lens, headers,
+              headers.stride(0))
     grid = (b * h, ns)
     pdl = bool(PDL) and not interpreting()
     dep = dict(PDL=True, launch_pdl=True) if pdl else {}
     if (SCORE_IMPL == "cuda" and query.is_cuda and not interpreting()
             and cuda_score_available()):
         torch.ops.vllm_retro.paged_score(
-            query, fpart, ipart, block_table, seq_lens, headers, ws.logits, ws.score_max,
+            query, fpart, ipart, block_table, ibt, seq_lens, headers, ws.logits, ws.score_max,
             ws.score_sum, ws.hist, ws.ncand, sb, bs, ns, scale, float(variance_cap))
     else:
         _score_kernel[grid](

@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..index.paged import I_SIZE, I_START, PagedIndexLayout
+from ..index.paged import I_SIZE, I_START, IndexPool, PagedIndexLayout
 from ..request_store import HostMemoryExceeded
 
 __all__ = ["HostMemoryExceeded", "ExtentAllocator", "MirrorShape", "HostMirror",
@@ -313,14 +313,17 @@ class HostMirror:
     # ------------------------------------------------------------------ mirroring
     def mirror_segment(self, slot: int, layer: int, kv_cache: torch.Tensor,
                        layout: PagedIndexLayout, block_ids: torch.Tensor, p0: int,
-                       p1: int) -> Optional["torch.cuda.Event"]:
+                       p1: int, pool: IndexPool,
+                       seg_pages: torch.Tensor) -> Optional["torch.cuda.Event"]:
         """Copies the clustered segment ``[p0, p1)`` of one layer to the arena.
 
-        ``kv_cache``: the layer's vLLM view ``(NB, H, bs, 2D)`` over padded pages,
-        whose index part :func:`~vllm_retro.index.paged.build_segments` has written
-        for this segment; ``block_ids``: the request's physical blocks (a tensor on
-        the cache's device covering ``p1``). Per head, the tokens at logical
-        positions ``[p0, p1)`` (cluster-ordered by the build) are read through the
+        ``kv_cache``: the layer's vLLM view ``(NB, H, bs, 2D)``; ``block_ids``: the
+        request's physical blocks (a tensor on the cache's device covering ``p1``);
+        ``pool`` / ``seg_pages``: the layer's index pool and the segment's pool
+        pages (``[(p1 - p0) / bs]``), where
+        :func:`~vllm_retro.index.paged.build_segments` has written its index. Per
+        head, the tokens at logical positions ``[p0, p1)`` (cluster-ordered by the
+        build) are read through the
         block table and written to ``H * n`` consecutive rows, head after head;
         then the address tables are written on the device (no host sync). Returns a CUDA event recorded after
         the copy (None on CPU): the GPU blocks may be released once it completed,
@@ -348,15 +351,15 @@ class HostMirror:
                              f"{req.layer_end[layer]} (segments go in position order, once)")
         at = self._place(slot, h * n)
         self._requests[slot].layer_end[layer] = p1
-        _, ipart = layout.views(kv_cache)
         seg_pb = block_ids.long()[p0 // bs: p1 // bs]                        # [nb]
         kv = kv_cache[seg_pb].permute(1, 0, 2, 3)                            # [H, nb, bs, 2D]
         dst = self.arena[at: at + h * n].view(h, n // bs, bs, 2 * d)
         on_cuda = kv.is_cuda
         dst.copy_(kv, non_blocking=on_cuda)
-        # Addresses. Cluster j of the segment lives in block p0/bs + j; its tokens
-        # start at logical position ``start``, i.e. at row ``at + h*n + start - p0``.
-        ent = ipart[seg_pb]                                                  # [nb, H, 2]
+        # Addresses. Cluster j of the segment lives in logical block p0/bs + j (its
+        # index at the segment's j-th pool page); its tokens start at logical
+        # position ``start``, i.e. at row ``at + h*n + start - p0``.
+        ent = pool.ipart[seg_pages.long().to(pool.device)].to(kv_cache.device)   # [nb, H, 2]
         sizes = ent[:, :, I_SIZE].T.to(torch.int32)                          # [H, nb]
         starts = ent[:, :, I_START].T.long()                                 # [H, nb]
         head_base = at + torch.arange(h, device=kv_cache.device).unsqueeze(1) * n
