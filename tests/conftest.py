@@ -103,3 +103,27 @@ def text_prompts(model_dir, lengths, offset=0):
         out.append(ids[pos:pos + n])
         pos += n + 17
     return out
+
+
+# The wave buffer's tests (tests/memory): an index pool per cache, segment jobs and
+# segment mirrors addressed at the pool page of each block (page id = block id).
+_POOLS = {}
+
+
+def index_pool_of(lay, kv):
+    """The cache's index pool: one page per KV block, page id = block id (any page
+    ids would do; the mirror reads the index at the segment's pages)."""
+    from vllm_retro.index.paged import IndexPool
+    return _POOLS.setdefault(kv.data_ptr(), IndexPool(lay, kv.shape[0]))
+
+
+def segment_job(lay, kv, blocks, p0, p1):
+    from vllm_retro.index.paged import SegmentJob
+    bs = lay.block_size
+    return SegmentJob(blocks, p0, p1, blocks[p0 // bs:p1 // bs])
+
+
+def mirror_segment(m, slot, li, kv, lay, blocks, p0, p1):
+    bs = lay.block_size
+    return m.mirror_segment(slot, li, kv, lay, blocks, p0, p1, index_pool_of(lay, kv),
+                            blocks[p0 // bs:p1 // bs])

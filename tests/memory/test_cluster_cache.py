@@ -9,9 +9,11 @@ import random
 import pytest
 import torch
 
+from conftest import index_pool_of, mirror_segment, segment_job  # noqa: E402
+
 from vllm_retro.config import RetroConfig
-from vllm_retro.index.paged import (I_SIZE, I_START, IndexPool, PagedIndexLayout, SegmentJob,
-                                    build_segments, plan_segments)
+from vllm_retro.index.paged import (I_SIZE, I_START, PagedIndexLayout, build_segments,
+                                    plan_segments)
 from vllm_retro.memory import HostMirror, MirrorShape
 from vllm_retro.memory.cluster_cache import (C_ADMITTED, C_EVICTED, C_HITS, C_MISSES,
                                              ClusterCache, _triton_interpreting)
@@ -166,24 +168,6 @@ def test_requests_never_see_each_others_pages():
 CFG = RetroConfig(segment_size=256, update_interval=64, recent_tokens=32, cluster_size=16,
                   min_retrieval_tokens=0, kmeans_iters=3)
 
-_POOLS = {}
-
-
-def _pool(lay, kv):
-    """The cache's index pool: one page per KV block, page id = block id (any page
-    ids would do; the mirror reads the index at the segment's pages)."""
-    return _POOLS.setdefault(kv.data_ptr(), IndexPool(lay, kv.shape[0]))
-
-
-def _job(lay, kv, blocks, p0, p1):
-    bs = lay.block_size
-    return SegmentJob(blocks, p0, p1, blocks[p0 // bs:p1 // bs])
-
-
-def _mirror(m, slot, li, kv, lay, blocks, p0, p1):
-    bs = lay.block_size
-    return m.mirror_segment(slot, li, kv, lay, blocks, p0, p1, _pool(lay, kv),
-                            blocks[p0 // bs:p1 // bs])
 
 
 
@@ -209,8 +193,8 @@ def test_reads_through_the_cache_equal_the_mirror_and_the_paged_cache(impl, requ
         kv[blocks[pos // bs], :, pos % bs] = torch.randn(L, h, 32, generator=g,
                                                          dtype=torch.float64)
         for p0, p1 in segs:
-            build_segments(kv, lay, _pool(lay, kv), [_job(lay, kv, blocks, p0, p1)], CFG)
-            _mirror(m, req, li, kv, lay, blocks, p0, p1)
+            build_segments(kv, lay, index_pool_of(lay, kv), [segment_job(lay, kv, blocks, p0, p1)], CFG)
+            mirror_segment(m, req, li, kv, lay, blocks, p0, p1)
         caches.append((kv, blocks))
     lb0, lb1 = segs[0][0] // bs, segs[-1][1] // bs
     cache = ClusterCache.for_mirror(m, 24)                     # of 2 x 2 x 53 pages
@@ -219,7 +203,7 @@ def test_reads_through_the_cache_equal_the_mirror_and_the_paged_cache(impl, requ
         cache.next_step()
         used = []
         for li, (kv, blocks) in enumerate(caches):
-            ipart = _pool(lay, kv).ipart
+            ipart = index_pool_of(lay, kv).ipart
             for hh in range(h):
                 for b in rng.sample(range(lb0, lb1), 6):          # "retrieved" clusters
                     size = int(ipart[blocks[b], hh, I_SIZE])

@@ -7,33 +7,15 @@ import random
 import pytest
 import torch
 
-from conftest import filled_cache  # noqa: E402
+from conftest import filled_cache, index_pool_of, mirror_segment, segment_job  # noqa: E402
 from vllm_retro.config import RetroConfig
-from vllm_retro.index.paged import (I_SIZE, I_START, IndexPool, PagedIndexLayout, SegmentJob,
-                                    build_segments, plan_segments)
+from vllm_retro.index.paged import (I_SIZE, I_START, PagedIndexLayout, build_segments,
+                                    plan_segments)
 from vllm_retro.memory import ExtentAllocator, HostMemoryExceeded, HostMirror, MirrorShape
 
 CFG = RetroConfig(segment_size=256, update_interval=64, recent_tokens=32, cluster_size=16,
                   min_retrieval_tokens=0, kmeans_iters=3)
 
-_POOLS = {}
-
-
-def _pool(lay, kv):
-    """The cache's index pool: one page per KV block, page id = block id (any page
-    ids would do; the mirror reads the index at the segment's pages)."""
-    return _POOLS.setdefault(kv.data_ptr(), IndexPool(lay, kv.shape[0]))
-
-
-def _job(lay, kv, blocks, p0, p1):
-    bs = lay.block_size
-    return SegmentJob(blocks, p0, p1, blocks[p0 // bs:p1 // bs])
-
-
-def _mirror(m, slot, li, kv, lay, blocks, p0, p1):
-    bs = lay.block_size
-    return m.mirror_segment(slot, li, kv, lay, blocks, p0, p1, _pool(lay, kv),
-                            blocks[p0 // bs:p1 // bs])
 
 
 
@@ -99,7 +81,7 @@ def _indexed(lay, L, seed, nb=80, originals=None):
         originals.append(kv[blocks[pos // lay.block_size], :, pos % lay.block_size].clone())
     segs = plan_segments(0, L, L, CFG, lay.block_size)
     for p0, p1 in segs:
-        build_segments(kv, lay, _pool(lay, kv), [_job(lay, kv, blocks, p0, p1)], CFG)
+        build_segments(kv, lay, index_pool_of(lay, kv), [segment_job(lay, kv, blocks, p0, p1)], CFG)
     return kv, blocks, segs
 
 
@@ -122,12 +104,12 @@ def test_mirror_is_cluster_contiguous_and_equals_the_paged_cache():
     for li, (kv, blocks, sg) in enumerate(layers):
         assert sg == segs
         for p0, p1 in sg:
-            assert _mirror(m, 2, li, kv, lay, blocks, p0, p1) is None
+            assert mirror_segment(m, 2, li, kv, lay, blocks, p0, p1) is None
     assert m.bytes_mirrored() == clustered * shape.bytes_per_token()
     # Layer 0 filled the reservation; layer 1's two segments took one extent each.
     assert len(m._requests[2].extents) == 3
     for li, (kv, blocks, _) in enumerate(layers):
-        ipart = _pool(lay, kv).ipart
+        ipart = index_pool_of(lay, kv).ipart
         for p0, p1 in segs:
             for hh in range(h):
                 seen = []
@@ -165,11 +147,11 @@ def test_mirror_beyond_budget_raises_and_keeps_the_request_freeable():
     first = segs[0][1] - segs[0][0]
     m = HostMirror(shape, first * shape.bytes_per_token())
     m.reserve(0, first)
-    _mirror(m, 0, 0, kv, lay, blocks, *segs[0])
+    mirror_segment(m, 0, 0, kv, lay, blocks, *segs[0])
     with pytest.raises(ValueError, match="position order"):
-        _mirror(m, 0, 0, kv, lay, blocks, *segs[0])  # again: would leak its rows
+        mirror_segment(m, 0, 0, kv, lay, blocks, *segs[0])  # again: would leak its rows
     with pytest.raises(HostMemoryExceeded):
-        _mirror(m, 0, 0, kv, lay, blocks, *segs[1])
+        mirror_segment(m, 0, 0, kv, lay, blocks, *segs[1])
     assert m.free(0) == m.capacity_bytes and m.bytes_reserved() == 0
     with pytest.raises(ValueError):
-        _mirror(m, 0, 0, kv, lay, blocks, 17, 64)    # not block-aligned
+        mirror_segment(m, 0, 0, kv, lay, blocks, 17, 64)    # not block-aligned
