@@ -85,7 +85,9 @@ def child(a) -> None:
     if a.backend == "retro":
         kw["attention_backend"] = "retro"
         kw["additional_config"] = {"retro": json.loads(a.retro_options)}
+        wave = bool(json.loads(a.retro_options).get("wave_buffer"))
     else:
+        wave = False
         kw["attention_backend"] = a.backend
     t0 = time.time()
     llm = LLM(**kw)
@@ -106,8 +108,10 @@ def child(a) -> None:
     rid = 0
     for ctx in map(int, a.contexts.split(",")):
         largest = capacity // (ctx + a.output_tokens + 16)
-        batches = sorted({b for b in map(int, a.batches.split(",")) if b <= largest}
-                         | {largest}) if largest else []
+        # With the wave buffer, requests give their mirrored blocks back after
+        # prefill, so batches beyond the KV cache's capacity are the point.
+        batches = sorted({b for b in map(int, a.batches.split(","))
+                          if b <= largest or wave} | {largest}) if largest else []
         if a.max_batch:
             batches = [b for b in batches if b <= a.max_batch]
         for b in batches:
@@ -137,7 +141,8 @@ def child(a) -> None:
             t_end = time.perf_counter()
             dec_tokens = sum(got.values()) - tok_first
             dec_s = t_end - t_first
-            rec = dict(backend=a.backend, context=ctx, batch=b,
+            rec = dict(backend=(a.label or a.backend) if a.backend == "retro" else a.backend,
+                       context=ctx, batch=b,
                        decode_tok_s=dec_tokens / dec_s if dec_s > 0 else None,
                        tpot_ms=1e3 * dec_s / max(1, steps_decode),
                        prefill_s=t_first - t_start,
@@ -151,6 +156,18 @@ def child(a) -> None:
                            exact_fraction=d["exact_tokens"] / ctx_tok,
                            estimated_fraction=d["estimated_tokens"] / ctx_tok,
                            index_build_s=(state.index_build_seconds() - build0) / b)
+                if "cache_hits" in d:
+                    # The wave buffer: host memory held at the end of the batch, the
+                    # cluster cache's hit rate over its page reads, and the bytes
+                    # that crossed PCIe per decode step (misses read by attention +
+                    # pages admitted, both whole pages).
+                    looked = d["cache_hits"] + d["cache_misses"]
+                    pb = after.get("cache_page_bytes", 0)
+                    rec.update(host_gib=after.get("host_bytes_mirrored", 0) / 2**30,
+                               cache_hit_rate=d["cache_hits"] / looked if looked else None,
+                               pcie_gib_per_step=(d["cache_misses"] + d["cache_admitted"])
+                               * pb / 2**30 / max(1, steps_decode),
+                               released_requests=d.get("mirrored_requests"))
                 if d["retro_rows"] == 0:
                     raise SystemExit(f"retro served no decode rows at {ctx}x{b}: {d}")
             recs.append(rec)
@@ -224,18 +241,22 @@ def plot(res: dict, path: str) -> None:
     ctxs = sorted({r["context"] for r in recs})
     fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
     for ax, ctx in zip(axes[0], ctxs):
-        for be, mk in (("FLASH_ATTN", "s-"), ("retro", "o-")):
+        names = ["FLASH_ATTN"] + sorted({r["backend"] for r in recs} - {"FLASH_ATTN"})
+        for be, mk in zip(names, ("s-", "o-", "^-", "v-", "d-")):
             rs = sorted((r for r in recs if r["context"] == ctx and r["backend"] == be),
                         key=lambda r: r["batch"])
             if rs:
                 ax.plot([r["batch"] for r in rs], [r["decode_tok_s"] for r in rs], mk,
-                        label=be if be == "retro" else "dense (FLASH_ATTN)")
+                        label="dense (FLASH_ATTN)" if be == "FLASH_ATTN" else be)
         top = {be: max((r for r in recs if r["context"] == ctx and r["backend"] == be),
-                       key=lambda r: r["batch"], default=None) for be in ("retro", "FLASH_ATTN")}
+                       key=lambda r: r["batch"], default=None) for be in names}
         title = f"context {ctx // 1024}K"
-        if top["retro"] and top["FLASH_ATTN"]:
-            title += (f": largest batches {top['retro']['batch']} vs {top['FLASH_ATTN']['batch']}"
-                      f", x{top['retro']['decode_tok_s'] / top['FLASH_ATTN']['decode_tok_s']:.2f}")
+        if top["FLASH_ATTN"]:
+            for be in names[1:]:
+                if top[be]:
+                    title += (f"\n{be} largest batch {top[be]['batch']} vs "
+                              f"{top['FLASH_ATTN']['batch']}: x"
+                              f"{top[be]['decode_tok_s'] / top['FLASH_ATTN']['decode_tok_s']:.2f}")
         ax.set_title(title)
         ax.set_xlabel("batch (concurrent requests)")
         ax.set_ylabel("decode tokens/s")
@@ -257,6 +278,9 @@ def main() -> None:
                     help="vLLM's max_num_seqs (0: its default); bounds the CUDA-graph "
                          "capture sizes, so a smaller value shortens engine start-up")
     ap.add_argument("--retro-options", default="{}")
+    ap.add_argument("--label", default="",
+                    help="backend name in retro's records (e.g. retro+wb with "
+                         "--retro-options '{\"wave_buffer\": true}')")
     ap.add_argument("--profile", default="",
                     help="CTXxB: after the sweep, profile the decode steps of B requests "
                          "of CTX tokens (wall vs device time per step, top kernels and "
@@ -276,8 +300,11 @@ def main() -> None:
     if os.path.exists(a.out):
         with open(a.out) as f:
             results = json.load(f)
+    # This run replaces the earlier records of its (backend, context) pairs only.
+    labels = [a.label or be if be == "retro" else be for be in a.backends.split(",")]
+    ctxs = set(map(int, a.contexts.split(",")))
     records = [r for r in results.get("records", [])
-               if r["backend"] not in a.backends.split(",")]
+               if not (r["backend"] in labels and r["context"] in ctxs)]
     failed = []
     profiles = results.get("profiles", {})
     for be in a.backends.split(","):
