@@ -343,3 +343,20 @@ def test_decode_with_released_blocks_equals_wave_buffer_off():
                 RequestUpdate("b", False, [], L, -1, 1)]))
     st = on.stats()
     assert st["cache_hits"] + st["cache_misses"] > 0 and st["cache_admitted"] > 0
+
+
+def test_step_metadata_carries_scheduled_tokens():
+    """The connector's step metadata names each request's query tokens (what the
+    multi-token refusal above reads)."""
+    from vllm_retro.backend.connector import step_metadata
+    new = SimpleNamespace(req_id="n", block_ids=([1, 2],), num_computed_tokens=0,
+                          prompt_token_ids=list(range(20)))
+    cached = SimpleNamespace(req_ids=["c"], new_block_ids=[None], num_computed_tokens=[40],
+                             resumed_req_ids=set())
+    so = SimpleNamespace(finished_req_ids=set(), preempted_req_ids=set(),
+                         scheduled_new_reqs=[new], scheduled_cached_reqs=cached,
+                         num_scheduled_tokens={"n": 20, "c": 1})
+    meta = step_metadata(so, {})
+    assert [(u.req_id, u.num_scheduled) for u in meta.updates] == [("n", 20), ("c", 1)]
+    del so.num_scheduled_tokens
+    assert [u.num_scheduled for u in step_metadata(so, {}).updates] == [-1, -1]

@@ -824,10 +824,11 @@ class PagedIndexManager:
         self._wave_logged = w
         # Estimate: each miss read once by attention, each admitted page once more.
         pcie = (dm + da) * self.cache.page_bytes
-        logger.info("retro wave buffer: cluster cache %d hits, %d misses (%.1f%% hits), "
-                    "%d pages admitted, %d evicted in all; ~%.1f MiB over PCIe per "
-                    "step; host mirror %.2f GiB reserved, %.2f GiB mirrored, %d "
-                    "requests mirrored, %d refused (resident), %d stopped short%s",
+        logger.info("retro wave buffer: cluster cache %d hits, %d misses (%.1f%% hits) "
+                    "since the last line, %d pages admitted and %d evicted since start; "
+                    "~%.2f MiB over PCIe per step; host mirror %.3f GiB reserved, %.3f "
+                    "GiB mirrored, %d requests mirrored, %d refused (resident), %d "
+                    "stopped short%s",
                     dh, dm, 100.0 * dh / max(1, dh + dm), st["cache_admitted"],
                     st["cache_evicted"], pcie / max(1, ds) / 2**20, st["host_gib"],
                     st["host_mirrored_gib"], st["mirrored_requests"],
