@@ -265,6 +265,10 @@ def test_released_request_refuses_a_multi_token_query(wave_header):
     assert mgr.reporter.horizon("a") > 0
     with pytest.raises(RuntimeError, match="cannot be attended densely"):
         mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("a", False, [], 900, -1, 4)]))
+    # a request unknown to the table (no header) that reported: refused too
+    mgr.reporter.mirrored("x", 64)
+    with pytest.raises(RuntimeError, match="no index header"):
+        mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("x", False, [], 900, -1, 1)]))
 
 
 def test_without_kernel_support_nothing_is_published_or_reported():

@@ -134,7 +134,8 @@ class RetroConfig:
             hold together; a request that would exceed it is refused (None: no limit).
             With ``wave_buffer`` it is also the pinned host budget of the KV mirrors
             (None there: 3/4 of the host memory available when the worker starts,
-            :func:`vllm_retro.memory.host_mirror.default_host_budget_bytes`).
+            :func:`vllm_retro.memory.host_mirror.default_host_budget_bytes`, split
+            evenly between the engine's workers).
         wave_buffer: GPU only, opt-in (issue 14): mirror each request's clustered KV,
             cluster-contiguous per KV head, into pinned host memory so that vLLM can
             release the GPU blocks outside the steady zone (sinks + recent window);

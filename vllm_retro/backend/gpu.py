@@ -402,8 +402,12 @@ class PagedIndexManager:
         self.mirror = self.cache = None
         self.wave_views = {}
         shape = MirrorShape.for_layout(lay, alloc.num_rows, num_layers, alloc.max_pages)
+        # The default budget is per host; the workers of one engine (TP x PP, as a
+        # rule on one host) share it rather than each pinning 3/4 of the memory.
+        workers = int(getattr(getattr(self.vllm_config, "parallel_config", None),
+                              "world_size", 1) or 1)
         host_b = int(cfg.host_memory_gib * 2**30) if cfg.host_memory_gib else \
-            default_host_budget_bytes()
+            default_host_budget_bytes() // max(1, workers)
         page_b = lay.block_size * 2 * lay.head_dim * lay.elem_size
         keys = alloc.num_rows * num_layers * lay.num_kv_heads * alloc.max_pages
         arena_pages = max(1, host_b // page_b)
@@ -558,7 +562,7 @@ class PagedIndexManager:
         if self.headers is None:
             return
         if self.reporter is not None:
-            self._check_released(entries)
+            self._check_released(meta, entries)
         if self._wave_rows:
             # The last forward had rows reading below a horizon: admit the pages its
             # attention recorded as misses (device ops only, no host sync; ordered
@@ -579,13 +583,19 @@ class PagedIndexManager:
             e.mirrored_end > self.sink_end for e in entries)
         self._maybe_log()
 
-    def _check_released(self, entries) -> None:
+    def _check_released(self, meta: RetroStepMetadata, entries) -> None:
         """A request whose horizon was reported may have lost its blocks below it:
         fail it loudly rather than let a dense path read them through the block
         table (design §8.2). Rows with more than one query token run vLLM's
-        FlashAttention over the paged KV; a reset header would have the decode
-        kernels read every position through the block table."""
+        FlashAttention over the paged KV; a reset header, or a request missing from
+        the table (its row has no header), would have the decode kernels read every
+        position through the block table."""
         rep = self.reporter
+        if len(entries) != len(meta.updates):
+            for u in meta.updates:
+                if u.req_id not in self.requests.entries:
+                    rep.require_paged_kv(u.req_id, "it is not in retro's request "
+                                         "table, so its rows have no index header")
         for e in entries:
             if e.num_scheduled > 1:
                 rep.require_paged_kv(e.req_id, f"{e.num_scheduled} query tokens in one "
