@@ -289,7 +289,6 @@ def test_without_kernel_support_nothing_is_published_or_reported():
 
 
 def test_wave_buffer_off_builds_nothing():
-    from vllm_retro.backend.gpu import PagedIndexManager  # noqa: F401
     mgr = _manager(wave_buffer=False)
     assert mgr.mirror is None and mgr.cache is None and mgr.reporter is None
     _prefill(mgr, "a", _blocks(1, 900), 900, seed=1)
@@ -365,3 +364,20 @@ def test_step_metadata_carries_scheduled_tokens():
     assert [(u.req_id, u.num_scheduled) for u in meta.updates] == [("n", 20), ("c", 1)]
     del so.num_scheduled_tokens
     assert [u.num_scheduled for u in step_metadata(so, {}).updates] == [-1, -1]
+
+
+def test_wave_counters_reach_the_metrics_payload(wave_header):
+    """The manager's wave-buffer counters ride in the worker's stats payload and
+    vLLM's log line (``RetroConnectorStats.reduce``)."""
+    from vllm_retro.backend.metrics import RetroConnectorStats, gpu_snapshot
+    mgr = _wave_manager()
+    _prefill(mgr, "a", _blocks(1, 900), 900, seed=1)
+    _admit_all(mgr, mgr.requests.entries["a"].ibt_row)
+    mgr.cache.lookup(mgr.cache.keys(mgr.requests.entries["a"].ibt_row, 0, 0,
+                                    torch.arange(0, 8)))
+    snap = gpu_snapshot(mgr)
+    assert snap["cache_admitted"] > 0 and snap["cache_hits"] > 0 and snap["cache_misses"] > 0
+    assert snap["pcie_bytes"] == (snap["cache_misses"] + snap["cache_admitted"]) * \
+        mgr.cache.page_bytes
+    red = RetroConnectorStats({"workers": {"0": {"seq": 1, "values": snap}}}).reduce()
+    assert 0 < red["wave_cache_hit_rate"] < 1 and red["wave_mirror_refused"] == 0
