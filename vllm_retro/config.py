@@ -40,6 +40,13 @@ ADAPTIVE_WINDOW = 64
 # the KV cache the index took in the padding of vLLM's pages before (Llama-3-8B on an
 # H200: 0.085 x 0.9 x 141 GB = 10.8 GB against ~10 GB of padding).
 INDEX_POOL_AUTO_FRACTION = 0.085
+# Share of the memory vLLM may use that the wave buffer's GPU cluster cache takes when
+# RetroConfig.cluster_cache_gib is 0 (auto), capped at the host mirror's size (a cache
+# larger than what it caches is waste). 10% is what design §8.1 leaves for the cache
+# on an H200 with Llama-3-8B after 11 concurrent 128K requests (0.10 x 0.92 x 141 GB =
+# 13 GB against 13.1 GiB): the HBM the released blocks free, decided before vLLM
+# sizes its KV cache, since the cache is allocated before vLLM profiles memory.
+CLUSTER_CACHE_AUTO_FRACTION = 0.10
 
 
 @dataclass(frozen=True)
@@ -127,14 +134,17 @@ class RetroConfig:
             hold together; a request that would exceed it is refused (None: no limit).
             With ``wave_buffer`` it is also the pinned host budget of the KV mirrors
             (None there: 3/4 of the host memory available when the worker starts,
-            :func:`vllm_retro.memory.host_mirror.default_host_budget_bytes`).
+            :func:`vllm_retro.memory.host_mirror.default_host_budget_bytes`, split
+            evenly between the engine's workers).
         wave_buffer: GPU only, opt-in (issue 14): mirror each request's clustered KV,
             cluster-contiguous per KV head, into pinned host memory so that vLLM can
             release the GPU blocks outside the steady zone (sinks + recent window);
             decode reads retrieved clusters through the GPU cluster cache.
         cluster_cache_gib: GPU memory of the wave buffer's cluster cache; 0 (the
-            default) sizes it automatically: the HBM that released KV blocks no
-            longer need. Only with ``wave_buffer``.
+            default) sizes it automatically: :data:`CLUSTER_CACHE_AUTO_FRACTION` of
+            the memory vLLM may use (about the HBM that released KV blocks no longer
+            need), at most the host mirror's size. Allocated before vLLM sizes its KV
+            cache. Only with ``wave_buffer``.
         index_pool_gib: GPU only: device memory (GiB, all layers of one worker) of the
             index pool, retro's own storage of the paged index (6,208 B per clustered
             KV block and layer for Llama-3-8B's shape) and of the decode scratch per

@@ -25,6 +25,9 @@ class RequestUpdate:
     blocks: KV block ids appended (or, with ``reset``, the whole list).
     num_computed: tokens whose KV is in the cache before this step's forward.
     prompt_len: prompt tokens (-1 when unchanged).
+    num_scheduled: query tokens scheduled in this step (-1: not known). With the
+        wave buffer, a request with released blocks must not get a multi-token
+        query: those rows run vLLM's dense FlashAttention over the paged cache.
     """
 
     req_id: str
@@ -32,6 +35,7 @@ class RequestUpdate:
     blocks: List[int]
     num_computed: int
     prompt_len: int = -1
+    num_scheduled: int = -1
 
 
 @dataclass
@@ -47,6 +51,14 @@ class RequestEntry:
     is_new: bool = True          # header not yet reset on the device
     ibt_row: int = -1            # GPU: its index-table row (-1: none, no pool pages)
     pool_full_counted: bool = False   # GPU: counted once in index_pool_full
+    num_scheduled: int = -1      # query tokens of the current step (-1: unknown)
+    # GPU wave buffer: the end of the zone mirrored to host for every layer (the
+    # horizon once published: a token position, block-aligned, <= clustered_end;
+    # 0: nothing mirrored), and the mirror's state: "" (not tried), "on", "refused"
+    # (no host memory at its first clustering: stays resident), "stopped" (a later
+    # segment did not fit: the horizon stays where it is).
+    mirrored_end: int = 0
+    mirror: str = ""
 
 
 class RequestTable:
@@ -94,6 +106,7 @@ class RequestTable:
             else:
                 e.blocks.extend(u.blocks)
             e.num_computed = u.num_computed
+            e.num_scheduled = u.num_scheduled
             out.append(e)
         return out
 

@@ -79,7 +79,7 @@ for s in $STAGES; do
     engine) python3 -m pytest -q -x -p no:logging tests/gpu/test_engine_gpu.py ${ENGINE_ARGS:-} \
               2>&1 | tee "$OUT/engine.log" | grep -v "^INFO\|^DEBUG\|^WARNING\|^(EngineCore" \
               | tail -40 ;;
-    wavebuf) python3 -m pytest -q tests/memory tests/test_kv_spec.py 2>&1 \
+    wavebuf) python3 -m pytest -q tests/memory tests/test_kv_spec.py tests/test_wave_buffer_manager.py 2>&1 \
               | tee "$OUT/wavebuf.log" | tail -25 ;;
     pagecopy) python3 benchmarks/page_copy_bench.py ${PAGECOPY_ARGS:-} \
               --out "$OUT/page_copy_h200.json" 2>&1 | tee "$OUT/pagecopy.log" | tail -10 ;;

@@ -150,6 +150,68 @@ def test_preemption_recomputes_and_reindexes(tiny_model, dense_runs):
     assert_same_or_near_tie([t for t, _ in out], dense_out, [lp for _, lp in out])
 
 
+# Wave buffer: four 1,500-token prompts that decode 64 tokens each need 98 blocks
+# apiece without release; a cache of 240 blocks holds two of them. With the wave
+# buffer their clustered zones are mirrored, vLLM releases the blocks below the
+# horizons, and all four run at once.
+WAVE_LENGTHS = [1500] * 4
+WAVE_TOKENS = 64
+WAVE_BLOCKS = 240
+WAVE_OPTS = dict(FULL, wave_buffer=True, host_memory_gib=0.5, cluster_cache_gib=0.001)
+
+
+def test_wave_buffer_releases_blocks_and_keeps_outputs(tiny_model):
+    """wave_buffer=True in a KV cache that holds two of the four requests without
+    release: the requests are mirrored, vLLM's RetroManager releases their blocks
+    below the reported horizons, more requests run at once than fit without
+    release, the decode kernels read the released zone through the cluster cache
+    (hits + misses counted), and every output equals the run without the wave
+    buffer (full retrieval; the batches differ, so up to bf16 near-ties)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_retro.backend.gpu import wave_kernels_present
+    from vllm_retro.offline import close_llm
+    if not wave_kernels_present():
+        pytest.skip("decode kernels without wave-buffer reads (kernel branch not merged)")
+    prompts = text_prompts(tiny_model, WAVE_LENGTHS, offset=30000)
+    per_req = -(-(WAVE_LENGTHS[0] + WAVE_TOKENS) // 16)
+    assert WAVE_BLOCKS // per_req < len(prompts)
+    llm = gpu_llm(tiny_model, "retro", FULL, max_model_len=2048)
+    want = generate_with_logprobs(llm, prompts, [WAVE_TOKENS] * len(prompts))
+    close_llm(llm)
+    llm = gpu_llm(tiny_model, "retro", WAVE_OPTS, max_model_len=2048,
+                  num_gpu_blocks_override=WAVE_BLOCKS)
+    try:
+        mgr = manager(llm)
+        eng = llm.llm_engine
+        sched = eng.engine_core.engine_core.scheduler
+        (kvm,) = sched.kv_cache_manager.coordinator.single_type_managers
+        params = SamplingParams(max_tokens=WAVE_TOKENS, temperature=0.0, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            eng.add_request(f"wb-{i}", TokensPrompt(prompt_token_ids=p), params)
+        outs, most = {}, 0
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    outs[o.request_id] = list(o.outputs[0].token_ids)
+            most = max(most, len(sched.running))
+        released = kvm.num_released_blocks
+        st = mgr.stats()
+        pre = mgr.requests.preemptions
+    finally:
+        close_llm(llm)
+    got = [next(t for k, t in outs.items() if k == f"wb-{i}" or k.startswith(f"wb-{i}-"))
+           for i in range(len(prompts))]
+    print(f"wave buffer: {released} blocks released, {most} requests at once, "
+          f"{pre} preemptions, stats {st}")
+    assert type(kvm).__name__ == "RetroManager" and released > 0
+    assert most > WAVE_BLOCKS // per_req
+    assert st["retro_rows"] > 0 and st["cache_hits"] + st["cache_misses"] > 0
+    assert st["mirror_refused"] == 0 and st["index_pool_full"] == 0
+    assert_same_or_near_tie(got, want)
+
+
 def test_starts_under_defaults(retro_full):
     cfg = retro_full.llm_engine.vllm_config
     assert cfg.kv_transfer_config.kv_connector == "RetroConnector"

@@ -76,13 +76,15 @@ def step_metadata(scheduler_output, prompt_lens: Dict[str, int]) -> RetroStepMet
     preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
     meta.finished = sorted(set(scheduler_output.finished_req_ids) | preempted)
     meta.num_preempted = len(preempted)
+    sched = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
     for nr in scheduler_output.scheduled_new_reqs:
         plen = prompt_lens.get(nr.req_id)
         if plen is None:
             toks = nr.prompt_token_ids
             plen = len(toks) if toks is not None else int(nr.prompt_embeds.shape[0])
         meta.updates.append(RequestUpdate(nr.req_id, True, _group0(nr.block_ids),
-                                          nr.num_computed_tokens, plen))
+                                          nr.num_computed_tokens, plen,
+                                          int(sched.get(nr.req_id, -1))))
     cached = scheduler_output.scheduled_cached_reqs
     resumed = set(getattr(cached, "resumed_req_ids", None) or ())
     flags = getattr(cached, "resumed_from_preemption", None)
@@ -90,7 +92,7 @@ def step_metadata(scheduler_output, prompt_lens: Dict[str, int]) -> RetroStepMet
         reset = rid in resumed or bool(flags[i] if flags is not None else False)
         meta.updates.append(RequestUpdate(
             rid, reset, _group0(cached.new_block_ids[i]), cached.num_computed_tokens[i],
-            prompt_lens.get(rid, -1) if reset else -1))
+            prompt_lens.get(rid, -1) if reset else -1, int(sched.get(rid, -1))))
     return meta
 
 

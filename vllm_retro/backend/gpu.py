@@ -17,6 +17,12 @@
 * :class:`PagedIndexManager` (one per worker) keeps the request table and, before
   each forward (the connector's ``start_load_kv``), clusters the segments that
   closed, for every layer, on the GPU, and updates the per-request headers.
+* With ``wave_buffer`` (issue 14, design §8) the manager also owns the pinned host
+  mirror and the GPU cluster cache (:mod:`vllm_retro.memory`): right after a
+  request's segments are indexed it copies them to the mirror, publishes the
+  mirrored end as the row's *horizon* in its header (the decode kernels then read
+  K/V below it from the cache / mirror, never through the block table) and reports
+  it to vLLM's scheduler, which releases the blocks below it (``kv_spec``).
 
 What the kernels served is counted on the device (rows with / without an index,
 tokens read exactly / estimated) and logged; tests assert on these counters.
@@ -31,10 +37,13 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import compat
-from ..config import INDEX_POOL_AUTO_FRACTION, RetroConfig
+from ..config import CLUSTER_CACHE_AUTO_FRACTION, INDEX_POOL_AUTO_FRACTION, RetroConfig
+# The header words and header_row / make_headers are looked up on the module when
+# used: the wave buffer's header word (HDR_HORIZON) comes with the kernels that read it.
+from ..index import paged as _paged
 from ..index.paged import (IndexAllocator, IndexPool, PagedIndexLayout, SegmentJob,
                            budget, build_segments, check_config_for_paged, clusters_in,
-                           header_row, make_headers, plan_segments, sink_end)
+                           plan_segments, sink_end)
 from ..kernels import DecodeWorkspace, paged_decode_attention
 from ..request_table import RequestTable
 from .connector import RetroStepMetadata
@@ -200,6 +209,10 @@ class RetroImpl(_DenseImpl):
         nd = md.num_decodes
         if nd:
             mgr.require_ready()
+            # Wave buffer: the layer's view of the cluster cache and host mirror,
+            # built once at registration (fixed addresses for CUDA graphs).
+            wave = mgr.wave_views.get(layer.layer_name)
+            kw = {} if wave is None else {"wave": wave}
             paged_decode_attention(
                 query[:nd].view(nd, self.num_heads, self.head_size), kv_cache,
                 mgr.layout, md.decode_block_table, md.decode_seq_lens, mgr.headers,
@@ -207,7 +220,7 @@ class RetroImpl(_DenseImpl):
                 out=output[:nd].view(nd, self.num_heads, self.head_size),
                 workspace=mgr.workspace,
                 count_stats=layer.layer_name == mgr.first_layer,
-                variance_cap=mgr.config.variance_cap)
+                variance_cap=mgr.config.variance_cap, **kw)
         if md.prefill is not None:
             t0, t1 = md.num_decode_tokens, md.num_actual_tokens
             super().forward(layer, query[t0:t1], key[t0:t1], value[t0:t1], kv_cache,
@@ -223,6 +236,27 @@ STAT_NAMES = ("retro_rows", "dense_rows", "exact_tokens", "estimated_tokens",
 POOL_FULL_STAT = "index_pool_full"
 # Spare index-table rows above max_num_seqs.
 IBT_ROW_MARGIN = 8
+# Without a GPU (CPU tests) the cluster cache's auto size: this share of the mirror.
+CPU_CACHE_MIRROR_SHARE = 8
+
+
+def wave_kernels_present() -> bool:
+    """Whether this build's decode kernels read K/V below a row's horizon from the
+    wave buffer: the header word ``HDR_HORIZON``, ``ClusterCache.view`` /
+    ``admit_misses`` and the public op's ``wave=`` argument. Without them the
+    manager mirrors but never publishes or reports a horizon: kernels that ignore
+    it would read blocks vLLM has released to other requests."""
+    import inspect
+
+    from ..memory.cluster_cache import ClusterCache
+    if not hasattr(_paged, "HDR_HORIZON"):
+        return False
+    if not (hasattr(ClusterCache, "view") and hasattr(ClusterCache, "admit_misses")):
+        return False
+    try:
+        return "wave" in inspect.signature(paged_decode_attention).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class PagedIndexManager:
@@ -256,6 +290,22 @@ class PagedIndexManager:
         self.last_log_time = time.monotonic()
         self.logged = [0] * len(STAT_NAMES)
         self._head = None
+        # Wave buffer (design §8): host mirror, cluster cache, per-layer kernel views
+        # (by layer name), whether horizons are published and reported (the kernels
+        # can read below them), and its counters.
+        self.mirror = None
+        self.cache = None
+        self.wave_views: Dict[str, object] = {}
+        self.publish_horizons = False
+        self.reporter = None
+        if self.config.wave_buffer:
+            from . import kv_spec
+            self.reporter = kv_spec.reporter_for(vllm_config)
+        self.mirror_refused = 0
+        self.mirror_stopped = 0
+        self.wave_steps = 0
+        self._wave_rows = False
+        self._wave_logged = [0, 0, 0, 0]   # hits, misses, admitted, steps last logged
 
     # ---------------------------------------------------------------- set-up
     def note_layer(self, num_kv_heads: int, head_size: int, num_heads: int = 0) -> None:
@@ -274,6 +324,16 @@ class PagedIndexManager:
                            "will be allocated at KV-cache registration, outside vLLM's "
                            "memory accounting", exc)
             self._pool_list = []
+            return
+        if self.config.wave_buffer:
+            # Not caught: a host budget that cannot be pinned or a cache that does
+            # not fit is a configuration error, reported as such.
+            vc = self.vllm_config
+            dev = torch.device("cuda", torch.cuda.current_device())
+            util = float(getattr(vc.cache_config, "gpu_memory_utilization", 0.9))
+            usable = util * torch.cuda.get_device_properties(dev).total_memory
+            self._allocate_wave(self._pool_layout, len(self._pool_list), dev,
+                                auto_cache_b=CLUSTER_CACHE_AUTO_FRACTION * usable)
 
     def _presize_pools(self, h: int, d: int, hq: int) -> None:
         vc = self.vllm_config
@@ -322,6 +382,68 @@ class PagedIndexManager:
                     lay.index_bytes, scratch, total / 2**30,
                     max_seqs + IBT_ROW_MARGIN, max_pages)
 
+    def _allocate_wave(self, lay: PagedIndexLayout, num_layers: int, dev,
+                       auto_cache_b: Optional[float] = None) -> None:
+        """The wave buffer's host mirror and GPU cluster cache (after the index
+        table, whose rows are the mirror's and the cache's request slots).
+
+        The mirror: ``host_memory_gib`` of host memory, else
+        :func:`~vllm_retro.memory.host_mirror.default_host_budget_bytes`; pinned on
+        CUDA; its address tables (12 B per request slot, layer, KV head and logical
+        block) on ``dev``. The cache: ``cluster_cache_gib``, else ``auto_cache_b``
+        (on a GPU :data:`~vllm_retro.config.CLUSTER_CACHE_AUTO_FRACTION` of the
+        memory vLLM may use), else (CPU tests) 1/:data:`CPU_CACHE_MIRROR_SHARE` of
+        the mirror; never more pages than the mirror holds. Called before vLLM
+        profiles memory on a GPU, so the tables and the cache count as non-KV
+        memory and vLLM sizes its KV cache around them."""
+        from ..memory.cluster_cache import ClusterCache
+        from ..memory.host_mirror import HostMirror, MirrorShape, default_host_budget_bytes
+        cfg, alloc = self.config, self.index_alloc
+        self.mirror = self.cache = None
+        self.wave_views = {}
+        shape = MirrorShape.for_layout(lay, alloc.num_rows, num_layers, alloc.max_pages)
+        # The default budget is per host; the workers of one engine (TP x PP, as a
+        # rule on one host) share it rather than each pinning 3/4 of the memory.
+        workers = int(getattr(getattr(self.vllm_config, "parallel_config", None),
+                              "world_size", 1) or 1)
+        host_b = int(cfg.host_memory_gib * 2**30) if cfg.host_memory_gib else \
+            default_host_budget_bytes() // max(1, workers)
+        page_b = lay.block_size * 2 * lay.head_dim * lay.elem_size
+        keys = alloc.num_rows * num_layers * lay.num_kv_heads * alloc.max_pages
+        arena_pages = max(1, host_b // page_b)
+        if cfg.cluster_cache_gib:
+            cache_b = cfg.cluster_cache_gib * 2**30
+        elif auto_cache_b is not None:
+            cache_b = auto_cache_b
+        else:
+            cache_b = arena_pages * page_b / CPU_CACHE_MIRROR_SHARE
+        slots = max(1, min(ClusterCache.slots_for_bytes(int(cache_b), lay.block_size,
+                                                        lay.head_dim, lay.dtype),
+                           arena_pages))
+        # Device bytes: the mirror's two tables (12 B per key), the cache's lookup
+        # table (8 B per key) and its slots (a page + 16 B of bookkeeping each).
+        dev_b = keys * 20 + (slots + 1) * (page_b + 16)
+        if dev.type == "cuda":
+            free = torch.cuda.mem_get_info(dev)[0]
+            if dev_b > 0.9 * free:
+                raise ValueError(
+                    f"retro wave buffer: the cluster cache ({slots} pages, "
+                    f"{slots * page_b / 2**30:.2f} GiB) and the address tables "
+                    f"({keys * 20 / 2**30:.2f} GiB for {alloc.num_rows} request slots x "
+                    f"{num_layers} layers x {lay.num_kv_heads} KV heads x "
+                    f"{alloc.max_pages} blocks) need more than the free device memory "
+                    f"({free / 2**30:.2f} GiB); lower cluster_cache_gib, max_num_seqs or "
+                    "max_model_len")
+        self.mirror = HostMirror(shape, host_b, dev, pin=dev.type == "cuda")
+        self.cache = ClusterCache.for_mirror(self.mirror, slots)
+        logger.info("retro wave buffer: host mirror %.2f GiB%s (%d request slots), "
+                    "cluster cache %d pages = %.2f GiB (%s), address tables %.2f GiB; "
+                    "%.2f GiB of device memory in all", host_b / 2**30,
+                    " pinned" if dev.type == "cuda" else "", alloc.num_rows, slots,
+                    slots * page_b / 2**30,
+                    "cluster_cache_gib" if cfg.cluster_cache_gib else
+                    "auto, capped at the mirror's size", keys * 20 / 2**30, dev_b / 2**30)
+
     def layout_for(self, num_kv_heads: int, head_size: int, dtype, block_size: int
                    ) -> PagedIndexLayout:
         reasons = check_config_for_paged(self.config, block_size)
@@ -347,7 +469,9 @@ class PagedIndexManager:
         self.first_layer = names[0]
         self.sink_end = sink_end(self.config, bs)
         dev = first.device
-        self.headers = make_headers(nb, dev)
+        self.headers = _paged.make_headers(nb, dev)
+        realloc = self.config.wave_buffer and (self.mirror is None or
+                                               self.mirror.device != dev)
         if (len(self._pool_list) != len(names) or self._pool_layout != self.layout
                 or self._pool_list[0].device != dev):
             if self._pool_list:
@@ -368,10 +492,42 @@ class PagedIndexManager:
                 budget_b = INDEX_POOL_AUTO_FRACTION * torch.cuda.mem_get_info(dev)[0]
             self._allocate_index(self.layout, len(names), hq, dev, budget_b=budget_b,
                                  num_pages=0 if budget_b else nb)
+            realloc = self.config.wave_buffer
+        if realloc:
+            # Without pre-sizing (CPU tests, a failed pre-sizing or a mismatch): the
+            # auto cache on a GPU takes its share of the memory still free.
+            auto = (CLUSTER_CACHE_AUTO_FRACTION * torch.cuda.mem_get_info(dev)[0]
+                    if dev.type == "cuda" else None)
+            if dev.type == "cuda":
+                logger.warning("retro wave buffer: allocated at KV-cache registration, "
+                               "outside vLLM's memory accounting")
+            self._allocate_wave(self.layout, len(names), dev, auto_cache_b=auto)
         # Every layer its own pool (all of one shape, so which is whose is arbitrary).
         self.pools = dict(zip(names, self._pool_list))
+        if self.config.wave_buffer:
+            self.publish_horizons = wave_kernels_present()
+            self.build_wave_views()
+            if not self.publish_horizons:
+                logger.warning("retro wave buffer: this build's decode kernels cannot "
+                               "read K/V from the wave buffer; requests are mirrored but "
+                               "no horizon is published or reported, so vLLM releases "
+                               "no blocks")
         if dev.type == "cuda":
             self._compile_build_kernels(dev)
+
+    @property
+    def layer_index(self) -> Dict[str, int]:
+        """Layer name -> the layer's index in the mirror and the cache (the sorted
+        layer order of the KV caches)."""
+        return {n: i for i, n in enumerate(self.kv_caches)}
+
+    def build_wave_views(self) -> None:
+        """The per-layer views the decode kernels read (once: CUDA graphs capture
+        their addresses); none while horizons are not published."""
+        self.wave_views = {}
+        if self.publish_horizons and self.cache is not None:
+            self.wave_views = {n: self.cache.view(self.mirror, i)
+                               for n, i in self.layer_index.items()}
 
     def _compile_build_kernels(self, device) -> None:
         """Runs the index build once on a scratch cache of the same layout, so the
@@ -405,6 +561,16 @@ class PagedIndexManager:
         entries = self.requests.apply(meta)
         if self.headers is None:
             return
+        if self.reporter is not None:
+            self._check_released(meta, entries)
+        if self._wave_rows:
+            # The last forward had rows reading below a horizon: admit the pages its
+            # attention recorded as misses (device ops only, no host sync; ordered
+            # after that forward and before this one on the stream), then advance the
+            # cache's LRU clock. Once per step for all layers (one LRU pass).
+            self.cache.admit_misses(self.mirror)
+            self.cache.next_step()
+            self.wave_steps += 1
         new = [e for e in entries if e.is_new]
         if new:
             idx = torch.tensor([e.blocks[0] for e in new if e.blocks], dtype=torch.long)
@@ -413,14 +579,53 @@ class PagedIndexManager:
             for e in new:
                 e.is_new = False
         self._maintain(entries)
+        self._wave_rows = self.publish_horizons and any(
+            e.mirrored_end > self.sink_end for e in entries)
         self._maybe_log()
+
+    def _check_released(self, meta: RetroStepMetadata, entries) -> None:
+        """A request whose horizon was reported may have lost its blocks below it:
+        fail it loudly rather than let a dense path read them through the block
+        table (design §8.2). Rows with more than one query token run vLLM's
+        FlashAttention over the paged KV; a reset header, or a request missing from
+        the table (its row has no header), would have the decode kernels read every
+        position through the block table."""
+        rep = self.reporter
+        if len(entries) != len(meta.updates):
+            for u in meta.updates:
+                if u.req_id not in self.requests.entries:
+                    rep.require_paged_kv(u.req_id, "it is not in retro's request "
+                                         "table, so its rows have no index header")
+        for e in entries:
+            if e.num_scheduled > 1:
+                rep.require_paged_kv(e.req_id, f"{e.num_scheduled} query tokens in one "
+                                     "step run vLLM's dense attention over its paged KV")
+            if e.is_new:
+                rep.require_paged_kv(e.req_id, "its index header is being reset")
 
     def _on_remove(self, e) -> None:
         """A request left the table (finished, aborted, preempted, restarted): its
-        index-table row and pool pages go back to the allocator."""
-        if e.ibt_row >= 0 and self.index_alloc is not None:
-            self.index_alloc.release(e.ibt_row)
+        mirror and cache entries, then its index-table row and pool pages go back.
+
+        Order matters: the row is the mirror's and the cache's request slot, so they
+        are cleared before the allocator can hand the row to another request (which
+        must never see this one's mirror). The header is zeroed so that no later row
+        naming this first block reads this request's index or mirror."""
+        if e.ibt_row >= 0:
+            if self.mirror is not None:
+                self.mirror.free(e.ibt_row)
+            if self.cache is not None:
+                self.cache.invalidate_request(e.ibt_row)
+            if self.index_alloc is not None:
+                self.index_alloc.release(e.ibt_row)
+        if self.headers is not None and e.blocks:
+            self.headers[e.blocks[0]] = 0
+        if self.reporter is not None:
+            # the connector forgets these too; direct callers (tests) rely on this
+            self.reporter.forget([e.req_id])
         e.ibt_row = -1
+        e.mirrored_end = 0
+        e.mirror = ""
 
     def _pages_for(self, e, end: int) -> bool:
         """Makes ``e``'s index-table row cover its clustered zone up to ``end``; False
@@ -446,6 +651,7 @@ class PagedIndexManager:
         cfg, bs = self.config, self.layout.block_size
         jobs: Dict[int, List[SegmentJob]] = {}
         touched = []
+        block_ids = {}      # per touched request: its block ids up to clustered_end
         dev = self.headers.device
         for e in entries:
             segs = plan_segments(e.clustered_end, e.num_computed, e.prompt_len, cfg, bs)
@@ -459,6 +665,7 @@ class PagedIndexManager:
             if not self._pages_for(e, end):
                 continue
             blocks = torch.tensor(e.blocks[:end // bs], dtype=torch.long, device=dev)
+            block_ids[e.req_id] = blocks
             for job in self.index_alloc.segment_jobs(e.ibt_row, blocks, segs,
                                                      self.sink_end, bs):
                 jobs.setdefault(job.p1 - job.p0, []).append(job)
@@ -474,17 +681,92 @@ class PagedIndexManager:
         for name, kv in self.kv_caches.items():
             for group in jobs.values():
                 build_segments(kv, self.layout, self.pools[name], group, cfg)
+        if self.mirror is not None:
+            for e in touched:
+                self._mirror_request(e, block_ids[e.req_id])
         rows = []
         for e in touched:
             n_ret, n_est = budget(e.num_clusters, e.clustered_end - self.sink_end, cfg)
-            rows.append(header_row(e.clustered_end, n_ret, n_est, e.num_clusters,
-                                   e.ibt_row))
+            row = [e.clustered_end, n_ret, n_est, e.num_clusters, e.ibt_row]
+            if self.publish_horizons:
+                rows.append(_paged.header_row(*row, horizon=self.horizon_of(e)))
+            else:
+                rows.append(_paged.header_row(*row))
         idx = torch.tensor([e.blocks[0] for e in touched], dtype=torch.long, device=dev)
         self.headers[idx] = torch.tensor(rows, dtype=torch.int32, device=dev)
+        if self.publish_horizons:
+            # A report is a promise (kv_spec): from now on this worker reads the
+            # request's K/V below the horizon only from the wave buffer. The header
+            # just written says so to this step's kernels already; the scheduler gets
+            # the report after this step's forward and releases the blocks at its next
+            # schedule, so vLLM's later writes into them are ordered after the copies
+            # issued above on this stream.
+            for e in touched:
+                h = self.horizon_of(e)
+                if h:
+                    self.reporter.mirrored(e.req_id, h)
         self.segments_built += sum(len(g) for g in jobs.values())
         if ev:
             ev[1].record()
             self._build_events.append(ev)
+
+    def horizon_of(self, e) -> int:
+        """The horizon ``e``'s header carries: the end of its mirrored zone (a token
+        position, block-aligned, ``<= clustered_end``), 0 when nothing is mirrored
+        or horizons are not published."""
+        if not self.publish_horizons or e.mirrored_end <= self.sink_end:
+            return 0
+        return e.mirrored_end
+
+    def _mirror_request(self, e, blocks: torch.Tensor) -> None:
+        """Copies ``e``'s newly indexed zone ``[mirrored_end, clustered_end)`` of
+        every layer to the host mirror, at its index-table row (the mirror's request
+        slot), and advances ``e.mirrored_end`` once every layer is copied.
+
+        The first time, the request reserves its clustered zone in the arena; when
+        that fails (HostMemoryExceeded) nothing is held, the request stays resident
+        (attended from its pages, never released), is counted and logged once, and
+        tries again when its index next grows. A later zone that does not fit stops
+        the mirror there: the horizon stays where it is.
+
+        The copies are issued on the current stream before the step's forward (the
+        build wrote the cluster-ordered K/V just before, on the same stream), so this
+        step's kernels and whatever vLLM later writes into released blocks are
+        ordered after them."""
+        from ..memory.host_mirror import HostMemoryExceeded
+        if e.ibt_row < 0 or e.mirror == "stopped":
+            return
+        row, bs = e.ibt_row, self.layout.block_size
+        if e.mirror != "on":
+            try:
+                self.mirror.reserve(row, e.clustered_end - self.sink_end)
+            except HostMemoryExceeded as exc:
+                if e.mirror != "refused":
+                    self.mirror_refused += 1
+                    logger.warning("retro wave buffer: request %s is not mirrored and "
+                                   "stays in GPU memory: %s", e.req_id, exc)
+                e.mirror = "refused"
+                return
+            e.mirror = "on"
+            e.mirrored_end = self.sink_end
+        p0, p1 = e.mirrored_end, e.clustered_end
+        if p1 <= p0:
+            return
+        s = self.sink_end // bs
+        pages = torch.tensor(self.index_alloc.pages_of(row)[p0 // bs - s:p1 // bs - s],
+                             dtype=torch.long).to(blocks.device, non_blocking=True)
+        try:
+            for li, (name, kv) in enumerate(self.kv_caches.items()):
+                self.mirror.mirror_segment(row, li, kv, self.layout, blocks, p0, p1,
+                                           self.pools[name], pages)
+        except HostMemoryExceeded as exc:
+            e.mirror = "stopped"
+            self.mirror_stopped += 1
+            logger.warning("retro wave buffer: request %s stays mirrored up to token "
+                           "%d only (its newer segments stay in GPU memory): %s",
+                           e.req_id, e.mirrored_end, exc)
+            return
+        e.mirrored_end = p1
 
     def index_build_seconds(self) -> float:
         """GPU time spent building index segments since start (syncs the device)."""
@@ -495,13 +777,31 @@ class PagedIndexManager:
         return self.index_build_s
 
     # ----------------------------------------------------------------- stats
-    def stats(self) -> Dict[str, int]:
-        """Device counters since start (one host sync)."""
+    def stats(self) -> Dict[str, float]:
+        """Device counters since start (one host sync; two with the wave buffer).
+
+        With ``wave_buffer``: the cluster cache's page hits, misses, admissions,
+        evictions and hit rate; ``pcie_bytes``, an estimate of the bytes read from
+        the host mirror since start (each miss read once by attention and each
+        admitted page once more by admission, a page each); the mirror's host GiB
+        reserved and mirrored; requests holding a mirror; requests refused one (no
+        host memory: resident) and requests whose mirror stopped short."""
         if self.workspace is None:
             out = dict.fromkeys(STAT_NAMES, 0)
         else:
             out = dict(zip(STAT_NAMES, self.workspace.stats.tolist()))
         out[POOL_FULL_STAT] = self.index_pool_full
+        if self.cache is not None:
+            cs = self.cache.stats()
+            for k in ("hits", "misses", "admitted", "evicted", "hit_rate"):
+                out["cache_" + k] = cs[k]
+            out["pcie_bytes"] = (cs["misses"] + cs["admitted"]) * self.cache.page_bytes
+        if self.mirror is not None:
+            out["host_gib"] = self.mirror.bytes_reserved() / 2**30
+            out["host_mirrored_gib"] = self.mirror.bytes_mirrored() / 2**30
+            out["mirrored_requests"] = len(self.mirror.request_slots())
+            out["mirror_refused"] = self.mirror_refused
+            out["mirror_stopped"] = self.mirror_stopped
         return out
 
     def _maybe_log(self) -> None:
@@ -510,11 +810,14 @@ class PagedIndexManager:
         if interval <= 0 or now - self.last_log_time < interval:
             return
         self.last_log_time = now
-        cur = [self.stats()[k] for k in STAT_NAMES]
+        stats = self.stats()
+        cur = [stats[k] for k in STAT_NAMES]
         d = [a - b for a, b in zip(cur, self.logged)]
         self.logged = cur
         if d[0] + d[1] == 0 and self.requests.freed == 0:
             return
+        if self.mirror is not None:
+            self._log_wave(stats)
         ctx = max(1, d[4])
         logger.info("retro: %d decode rows on the index, %d exact (no index yet); "
                     "%.2f%% of tokens read exactly, %.2f%% estimated; %d live requests, "
@@ -523,6 +826,25 @@ class PagedIndexManager:
                     100.0 * d[3] / ctx, len(self.requests.entries), self.segments_built,
                     self.index_alloc.free_pages, self.index_alloc.num_pages,
                     self.index_pool_full)
+
+
+    def _log_wave(self, st: Dict[str, float]) -> None:
+        w = [st["cache_hits"], st["cache_misses"], st["cache_admitted"], self.wave_steps]
+        dh, dm, da, ds = (a - b for a, b in zip(w, self._wave_logged))
+        self._wave_logged = w
+        # Estimate: each miss read once by attention, each admitted page once more.
+        pcie = (dm + da) * self.cache.page_bytes
+        logger.info("retro wave buffer: cluster cache %d hits, %d misses (%.1f%% hits) "
+                    "since the last line, %d pages admitted and %d evicted since start; "
+                    "~%.2f MiB over PCIe per step; host mirror %.3f GiB reserved, %.3f "
+                    "GiB mirrored, %d requests mirrored, %d refused (resident), %d "
+                    "stopped short%s",
+                    dh, dm, 100.0 * dh / max(1, dh + dm), st["cache_admitted"],
+                    st["cache_evicted"], pcie / max(1, ds) / 2**20, st["host_gib"],
+                    st["host_mirrored_gib"], st["mirrored_requests"],
+                    st["mirror_refused"], st["mirror_stopped"],
+                    "" if self.publish_horizons else
+                    "; no horizons published (kernels without wave-buffer reads)")
 
 
 def _layer_order(name: str):

@@ -116,6 +116,11 @@ class RetroConnectorStats(KVConnectorStats):
             "index_MiB": round(v.get("index_bytes", 0) / 2**20, 1),
             "indexed_requests": int(v.get("indexed_requests", 0)),
         }
+        if "cache_hits" in v:       # GPU wave buffer: its cache and host mirror
+            looked = v["cache_hits"] + v.get("cache_misses", 0)
+            out["wave_cache_hit_rate"] = round(v["cache_hits"] / looked, 4) if looked else 0.0
+            out["wave_host_GiB"] = round(v.get("host_gib", 0.0), 2)
+            out["wave_mirror_refused"] = int(v.get("mirror_refused", 0))
         return out
 
 

@@ -2,8 +2,8 @@
 (:mod:`.host_mirror`) and the GPU cluster cache in front of it (:mod:`.cluster_cache`).
 
 Layering: ``backend/`` -> ``memory/`` -> ``index/`` -> ``kernels/``; nothing here
-imports vLLM. Not wired into the backend yet: docs/design.md §8 says what is built
-and what the GPU integration still has to do.
+imports vLLM. The GPU backend (``backend/gpu.py``) allocates both and drives them
+from its index maintenance; docs/design.md §8 says what is built.
 """
 
 from .host_mirror import (ExtentAllocator, HostMemoryExceeded, HostMirror, MirrorShape,

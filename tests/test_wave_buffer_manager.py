@@ -1,0 +1,383 @@
+"""The wave buffer in the GPU backend's manager (design §8, issue 14), on CPU tensors.
+
+``PagedIndexManager`` with ``wave_buffer`` mirrors each request's indexed zone to
+the host mirror right after the build, publishes the mirrored end as the row's
+horizon (header word ``HDR_HORIZON``), reports it to vLLM's scheduler through the
+worker's ``MirrorReporter``, and frees the mirror and the cluster cache's entries
+when the request leaves. Driven like ``tests/test_index_pool.py``'s manager tests:
+the connector's step metadata, K/V written into the layers' caches as prefill does.
+
+The decode kernels that read below the horizon come from the kernel branch. Until
+they are merged, ``wave_header`` below stands in for their header word (a marked
+shim) and forces the manager to publish; the one end-to-end decode test skips
+unless the real interface is present.
+"""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_retro.backend.connector import RetroStepMetadata
+from vllm_retro.index import paged
+from vllm_retro.index.paged import HDR_CLUSTERED_END, I_SIZE, I_START, PagedIndexLayout
+from vllm_retro.request_table import RequestTable, RequestUpdate
+
+H, G, D, BS, NB, LAYERS = 2, 4, 32, 16, 200, 2
+OPTS = {"segment_size": 256, "update_interval": 64, "recent_tokens": 32,
+        "min_retrieval_tokens": 0, "wave_buffer": True}
+ROW_BYTES = 2 * D * 8                     # float64 [K | V] of one token and head
+TOKEN_BYTES = LAYERS * H * ROW_BYTES      # mirror bytes per clustered token
+
+
+class _Cfg(SimpleNamespace):
+    """A VllmConfig stand-in that takes weak references (reporter_for needs them)."""
+
+
+def _manager(**opts):
+    from vllm_retro.backend.gpu import PagedIndexManager
+    cfg = _Cfg(
+        additional_config={"retro": dict(OPTS, **opts)},
+        compilation_config=SimpleNamespace(max_cudagraph_capture_size=0),
+        scheduler_config=SimpleNamespace(max_num_seqs=4),
+        model_config=SimpleNamespace(get_num_attention_heads=lambda pc: H * G,
+                                     max_model_len=4096),
+        parallel_config=SimpleNamespace(rank=0))
+    mgr = PagedIndexManager(cfg, RequestTable())
+    lay = PagedIndexLayout(H, D, BS, torch.float64)
+    mgr.register_kv_caches({f"model.layers.{i}.self_attn.attn": lay.make_cache(NB)
+                            for i in range(LAYERS)})
+    return mgr
+
+
+def _shim_header_row(clustered_end, n_ret, n_est, num_clusters, ibt_row=0, horizon=0):
+    # SHIM (until the kernel branch is merged): the kernel side's header_row.
+    row = [0] * paged.HDR_WORDS
+    row[:5] = [clustered_end, n_ret, n_est, num_clusters, ibt_row]
+    row[paged.HDR_HORIZON] = horizon
+    return row
+
+
+@pytest.fixture
+def wave_header(monkeypatch):
+    """The header's horizon word and a publishing manager. SHIM until the kernel
+    branch is merged: without ``paged.HDR_HORIZON`` its interface (HDR_HORIZON = 5,
+    HDR_WORDS = 6, header_row(..., horizon=0)) is patched in here, and managers made
+    by :func:`_wave_manager` publish horizons although no kernel reads them (these
+    tests never decode). Returns the horizon word."""
+    from vllm_retro.memory.cluster_cache import ClusterCache
+    if not hasattr(paged, "HDR_HORIZON"):
+        monkeypatch.setattr(paged, "HDR_HORIZON", 5, raising=False)
+        monkeypatch.setattr(paged, "HDR_WORDS", 6)
+        monkeypatch.setattr(paged, "header_row", _shim_header_row)
+    if not hasattr(ClusterCache, "admit_misses"):
+        # SHIM: the kernel side's admission of the misses its attend kernel recorded.
+        monkeypatch.setattr(ClusterCache, "admit_misses", lambda self, mirror: None,
+                            raising=False)
+    return paged.HDR_HORIZON
+
+
+def _wave_manager(**opts):
+    mgr = _manager(**opts)
+    mgr.publish_horizons = True      # see wave_header
+    return mgr
+
+
+def _write_kv(mgr, blocks, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.arange(L)
+    kvs = []
+    for kv in mgr.kv_caches.values():
+        x = torch.randn(L, H, 2 * D, generator=g, dtype=torch.float64)
+        kv[torch.tensor(blocks)[pos // BS], :, pos % BS] = x
+        kvs.append(x)
+    return kvs
+
+
+def _prefill(mgr, rid, blocks, L, seed, prompt_len=None):
+    """K/V for ``L`` tokens in every layer, then the connector steps after which the
+    manager indexes (and mirrors) a prompt of ``prompt_len`` (default ``L``)."""
+    kvs = _write_kv(mgr, blocks, L, seed)
+    plen = L if prompt_len is None else prompt_len
+    mgr.on_step(RetroStepMetadata(updates=[RequestUpdate(rid, True, list(blocks), 0,
+                                                         plen)]))
+    mgr.on_step(RetroStepMetadata(updates=[RequestUpdate(rid, False, [], plen, -1, 1)]))
+    return kvs
+
+
+def _step(mgr, rid, computed):
+    mgr.on_step(RetroStepMetadata(updates=[RequestUpdate(rid, False, [], computed, -1, 1)]))
+
+
+def _blocks(first, L):
+    return list(range(first, first + math.ceil(L / BS)))
+
+
+def _check_mirror_equals_pages(mgr, e):
+    """Every mirrored cluster's rows and every mirrored page equal the (cluster-
+    ordered) paged K/V at their positions, bit for bit; nothing above the mirrored
+    end is addressed."""
+    m, row, s = mgr.mirror, e.ibt_row, mgr.sink_end // BS
+    pages = mgr.index_alloc.pages_of(row)
+    bt = torch.tensor(e.blocks)
+    for li, (name, kv) in enumerate(mgr.kv_caches.items()):
+        pool = mgr.pools[name]
+        for b in range(s, e.mirrored_end // BS):
+            for h in range(H):
+                first, size = m.cluster_addr[row, li, h, b].tolist()
+                ent = pool.ipart[pages[b - s], h]
+                assert size == int(ent[I_SIZE])
+                if size:
+                    p = torch.arange(int(ent[I_START]), int(ent[I_START]) + size)
+                    assert torch.equal(m.arena[first:first + size],
+                                       kv[bt[p // BS], h, p % BS])
+                r = int(m.page_row[row, li, h, b])
+                p = torch.arange(b * BS, (b + 1) * BS)
+                assert torch.equal(m.arena[r:r + BS], kv[bt[p // BS], h, p % BS])
+        assert (m.page_row[row, li, :, e.mirrored_end // BS:] == -1).all()
+        assert (m.page_row[row, li, :, :s] == -1).all()       # sinks stay paged
+
+
+def test_mirror_horizon_and_report_follow_the_index(wave_header):
+    mgr = _wave_manager()
+    rep = mgr.reporter
+    L, P = 1000, 900                      # K/V of 1000 tokens, a prompt of 900
+    blocks = _blocks(1, L)
+    _prefill(mgr, "a", blocks, L, seed=1, prompt_len=P)
+    e = mgr.requests.entries["a"]
+    end0 = (P - OPTS["recent_tokens"]) // BS * BS
+    assert e.clustered_end == end0 and e.mirror == "on" and e.mirrored_end == end0
+    assert int(mgr.headers[blocks[0], wave_header]) == end0
+    assert int(mgr.headers[blocks[0], HDR_CLUSTERED_END]) == end0
+    assert rep.horizon("a") == end0
+    assert rep.take().horizons == {0: {"a": end0}}
+    _check_mirror_equals_pages(mgr, e)
+    assert mgr.mirror.bytes_mirrored() == (end0 - mgr.sink_end) * TOKEN_BYTES
+    # decode: one update_interval closes, is indexed and mirrored; the horizon follows
+    _step(mgr, "a", L)
+    end1 = end0 + OPTS["update_interval"]
+    assert e.clustered_end == e.mirrored_end == end1
+    assert int(mgr.headers[blocks[0], wave_header]) == end1
+    assert rep.take().horizons == {0: {"a": end1}}
+    _check_mirror_equals_pages(mgr, e)
+    _step(mgr, "a", L)                    # nothing new: no report
+    assert rep.take() is None
+    st = mgr.stats()
+    assert st["mirrored_requests"] == 1 and st["mirror_refused"] == 0
+    assert st["host_mirrored_gib"] * 2**30 == (end1 - mgr.sink_end) * TOKEN_BYTES
+    assert st["cache_hits"] == st["cache_misses"] == 0
+
+
+def test_refused_mirror_stays_resident_and_is_counted(wave_header):
+    """A host budget for one prompt: the second request is refused a mirror, keeps
+    its index (horizon 0, nothing reported, counted once), the first one's later
+    segment does not fit (its horizon stops), and the second is mirrored once the
+    first finishes and its own index grows."""
+    zone = (900 - 32) // BS * BS - BS      # clustered tokens of a 900-token prompt
+    mgr = _wave_manager(host_memory_gib=(zone + 8) * TOKEN_BYTES / 2**30)
+    rep = mgr.reporter
+    ba, bb = _blocks(1, 1000), _blocks(100, 1000)
+    _prefill(mgr, "a", ba, 1000, seed=1, prompt_len=900)
+    _prefill(mgr, "b", bb, 1000, seed=2, prompt_len=800)
+    a, b = mgr.requests.entries["a"], mgr.requests.entries["b"]
+    assert a.mirror == "on" and b.mirror == "refused"
+    assert b.clustered_end > 0 and b.ibt_row >= 0              # still indexed
+    assert int(mgr.headers[bb[0], wave_header]) == 0
+    assert rep.horizon("b") == 0 and set(rep.take().horizons[0]) == {"a"}
+    _step(mgr, "b", 830)                  # nothing new for b: not retried, not recounted
+    assert mgr.stats()["mirror_refused"] == 1
+    # a's later segment does not fit either: its mirror stops, its horizon stays
+    _step(mgr, "a", 1000)
+    assert a.mirror == "stopped" and a.mirrored_end < a.clustered_end
+    assert int(mgr.headers[ba[0], wave_header]) == a.mirrored_end
+    assert mgr.stats()["mirror_stopped"] == 1
+    mgr.on_step(RetroStepMetadata(finished=["a"]))
+    assert mgr.mirror.bytes_reserved() == 0
+    _step(mgr, "b", 900)                  # b's index grows: it is mirrored now
+    assert b.mirror == "on" and b.mirrored_end == b.clustered_end
+    assert rep.horizon("b") == b.clustered_end
+    _check_mirror_equals_pages(mgr, b)
+    assert mgr.stats()["mirror_refused"] == 1
+
+
+def _cache_entries(mgr, row):
+    c = mgr.cache
+    per = c.num_keys // c.key_shape[0]
+    mine = (c.slot_key >= row * per) & (c.slot_key < (row + 1) * per)
+    return int(mine.sum()), int((c.table[row * per:(row + 1) * per] >= 0).sum())
+
+
+def _admit_all(mgr, row):
+    """Puts pages of ``row`` into the cluster cache (as admission after a step)."""
+    c, sh = mgr.cache, mgr.mirror.shape
+    keys = c.keys(row, torch.arange(sh.num_layers).view(-1, 1, 1),
+                  torch.arange(sh.num_kv_heads).view(1, -1, 1),
+                  torch.arange(sh.max_blocks).view(1, 1, -1)).reshape(-1)
+    c.admit(keys, mgr.mirror)
+    c.next_step()
+
+
+@pytest.mark.parametrize("how", ["finished", "preempted", "restarted"])
+def test_remove_frees_mirror_cache_and_horizon(wave_header, how):
+    mgr = _wave_manager()
+    L = 900
+    ba = _blocks(1, L)
+    _prefill(mgr, "a", ba, L, seed=1)
+    row = mgr.requests.entries["a"].ibt_row
+    _admit_all(mgr, row)
+    assert _cache_entries(mgr, row)[0] > 0 and mgr.mirror.bytes_reserved() > 0
+    if how == "restarted":               # resumed from token 0 with new blocks
+        mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("a", True, _blocks(100, L),
+                                                             0, L)]))
+    else:
+        mgr.on_step(RetroStepMetadata(finished=["a"],
+                                      num_preempted=int(how == "preempted")))
+    assert mgr.mirror.bytes_reserved() == 0 and mgr.mirror.request_slots() == ()
+    assert mgr.mirror.alloc.num_free_extents == 1
+    assert _cache_entries(mgr, row) == (0, 0)
+    assert (mgr.mirror.page_row[row] == -1).all() and (mgr.mirror.cluster_addr[row] == 0).all()
+    assert mgr.reporter.horizon("a") == 0
+    assert int(mgr.headers[ba[0], wave_header]) == 0
+    assert mgr.index_alloc.free_rows == mgr.index_alloc.num_rows
+
+
+def test_reused_row_does_not_see_the_previous_mirror(wave_header):
+    """Request a (long) finishes; c gets a's index-table row and is shorter: the
+    row's mirror and cache hold c's K/V only, nothing of a's beyond c's zone."""
+    mgr = _wave_manager()
+    _prefill(mgr, "a", _blocks(1, 1400), 1400, seed=1)
+    row = mgr.requests.entries["a"].ibt_row
+    _admit_all(mgr, row)
+    mgr.on_step(RetroStepMetadata(finished=["a"]))
+    bc = list(reversed(_blocks(1, 600)))                # a's block ids, reused
+    _prefill(mgr, "c", bc, 600, seed=3)
+    c = mgr.requests.entries["c"]
+    assert c.ibt_row == row and c.mirror == "on"
+    assert _cache_entries(mgr, row) == (0, 0)
+    _check_mirror_equals_pages(mgr, c)                  # c's K/V, nothing beyond
+    assert mgr.mirror.bytes_mirrored() == (c.mirrored_end - mgr.sink_end) * TOKEN_BYTES
+
+
+def test_released_request_refuses_a_multi_token_query(wave_header):
+    mgr = _wave_manager()
+    _prefill(mgr, "a", _blocks(1, 900), 900, seed=1)
+    assert mgr.reporter.horizon("a") > 0
+    with pytest.raises(RuntimeError, match="cannot be attended densely"):
+        mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("a", False, [], 900, -1, 4)]))
+    # a request unknown to the table (no header) that reported: refused too
+    mgr.reporter.mirrored("x", 64)
+    with pytest.raises(RuntimeError, match="no index header"):
+        mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("x", False, [], 900, -1, 1)]))
+
+
+def test_without_kernel_support_nothing_is_published_or_reported():
+    """Kernels that cannot read the wave buffer: requests are mirrored, but no
+    horizon reaches the header or the scheduler (vLLM releases nothing)."""
+    from vllm_retro.backend.gpu import wave_kernels_present
+    mgr = _manager()
+    if wave_kernels_present():
+        assert mgr.publish_horizons and mgr.wave_views
+        mgr.publish_horizons = False
+        mgr.wave_views = {}
+    _prefill(mgr, "a", _blocks(1, 900), 900, seed=1)
+    e = mgr.requests.entries["a"]
+    assert e.mirror == "on" and e.mirrored_end == e.clustered_end > 0
+    assert mgr.reporter.take() is None and mgr.reporter.horizon("a") == 0
+    if hasattr(paged, "HDR_HORIZON"):
+        assert int(mgr.headers[e.blocks[0], paged.HDR_HORIZON]) == 0
+
+
+def test_wave_buffer_off_builds_nothing():
+    mgr = _manager(wave_buffer=False)
+    assert mgr.mirror is None and mgr.cache is None and mgr.reporter is None
+    _prefill(mgr, "a", _blocks(1, 900), 900, seed=1)
+    assert "cache_hits" not in mgr.stats()
+
+
+# ------------------------------------------------- end to end (kernel branch)
+def _decode(mgr, rows, q, name, wave):
+    from vllm_retro.kernels import paged_decode_attention
+    bt = torch.zeros(len(rows), 128, dtype=torch.int32)
+    for r, (blocks, _) in enumerate(rows):
+        bt[r, :len(blocks)] = torch.tensor(blocks)
+    sl = torch.tensor([L for _, L in rows])
+    kw = {"wave": mgr.wave_views[name]} if wave else {}
+    return paged_decode_attention(q, mgr.kv_caches[name], mgr.layout, bt, sl,
+                                  mgr.headers, mgr.index_alloc.ibt, mgr.pools[name],
+                                  mgr.sink_end, 0.2, **kw)
+
+
+@pytest.mark.skipif(not hasattr(paged, "HDR_HORIZON"),
+                    reason="needs the kernel branch's wave-buffer reads (HDR_HORIZON); "
+                           "enable after merging it")
+def test_decode_with_released_blocks_equals_wave_buffer_off():
+    """Two requests indexed with the wave buffer on and off (same K/V, same index):
+    with every block below the horizon poisoned with NaN (as if vLLM had handed it
+    to another request), decode through the cache / mirror equals decode from the
+    pages with the wave buffer off, before and after admission fills the cache."""
+    from vllm_retro.backend.gpu import wave_kernels_present
+    assert wave_kernels_present()
+    L = 1100
+    ba, bb = _blocks(1, L), _blocks(100, L)
+    off, on = _manager(wave_buffer=False), _manager(cluster_cache_gib=2**-20)
+    for mgr in (off, on):
+        _prefill(mgr, "a", ba, L, seed=1)
+        _prefill(mgr, "b", bb, L, seed=2)
+    assert on.publish_horizons and on.wave_views
+    for blocks in (ba, bb):
+        e = on.requests.entries["a" if blocks is ba else "b"]
+        assert e.mirrored_end == e.clustered_end > 0
+        poison = torch.tensor(blocks[on.sink_end // BS:e.mirrored_end // BS])
+        for kv in on.kv_caches.values():
+            kv[poison] = float("nan")
+    q = torch.randn(2, H * G, D, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(5))
+    rows = [(ba, L), (bb, L)]
+    for step in range(3):
+        for name in on.kv_caches:
+            want = _decode(off, rows, q, name, wave=False)
+            got = _decode(on, rows, q, name, wave=True)
+            assert not torch.isnan(got).any()
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        for mgr in (on, off):        # next step: admission of this step's misses
+            mgr.on_step(RetroStepMetadata(updates=[
+                RequestUpdate("a", False, [], L, -1, 1),
+                RequestUpdate("b", False, [], L, -1, 1)]))
+    # Whether the CPU twin counts lookups is the kernel side's business; the GPU
+    # engine test asserts the cache's counters.
+    print("cache after 3 steps:", {k: v for k, v in on.stats().items() if "cache" in k})
+
+
+def test_step_metadata_carries_scheduled_tokens():
+    """The connector's step metadata names each request's query tokens (what the
+    multi-token refusal above reads)."""
+    from vllm_retro.backend.connector import step_metadata
+    new = SimpleNamespace(req_id="n", block_ids=([1, 2],), num_computed_tokens=0,
+                          prompt_token_ids=list(range(20)))
+    cached = SimpleNamespace(req_ids=["c"], new_block_ids=[None], num_computed_tokens=[40],
+                             resumed_req_ids=set())
+    so = SimpleNamespace(finished_req_ids=set(), preempted_req_ids=set(),
+                         scheduled_new_reqs=[new], scheduled_cached_reqs=cached,
+                         num_scheduled_tokens={"n": 20, "c": 1})
+    meta = step_metadata(so, {})
+    assert [(u.req_id, u.num_scheduled) for u in meta.updates] == [("n", 20), ("c", 1)]
+    del so.num_scheduled_tokens
+    assert [u.num_scheduled for u in step_metadata(so, {}).updates] == [-1, -1]
+
+
+def test_wave_counters_reach_the_metrics_payload(wave_header):
+    """The manager's wave-buffer counters ride in the worker's stats payload and
+    vLLM's log line (``RetroConnectorStats.reduce``)."""
+    from vllm_retro.backend.metrics import RetroConnectorStats, gpu_snapshot
+    mgr = _wave_manager()
+    _prefill(mgr, "a", _blocks(1, 900), 900, seed=1)
+    _admit_all(mgr, mgr.requests.entries["a"].ibt_row)
+    mgr.cache.lookup(mgr.cache.keys(mgr.requests.entries["a"].ibt_row, 0, 0,
+                                    torch.arange(0, 8)))
+    snap = gpu_snapshot(mgr)
+    assert snap["cache_admitted"] > 0 and snap["cache_hits"] > 0 and snap["cache_misses"] > 0
+    assert snap["pcie_bytes"] == (snap["cache_misses"] + snap["cache_admitted"]) * \
+        mgr.cache.page_bytes
+    red = RetroConnectorStats({"workers": {"0": {"seq": 1, "values": snap}}}).reduce()
+    assert 0 < red["wave_cache_hit_rate"] < 1 and red["wave_mirror_refused"] == 0
