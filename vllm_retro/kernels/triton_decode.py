@@ -827,8 +827,8 @@ def _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS: tl.constexp
 
 
 @triton.jit
-def _retrieved_wave(t0, total, beg, end, start, bt_row, S, E, L, HZ, kbase, wrow_ok,
-                    pr_ptr, ct_ptr, WNB, BS: tl.constexpr, TR: tl.constexpr):
+def _retrieved_wave(t0, total, beg, end, start, bt_row, S, E, L, HZ, kbase, pr_ptr, ct_ptr,
+                    WNB, BS: tl.constexpr, TR: tl.constexpr):
     """As :func:`_retrieved_addr`, for a row with a mirrored horizon ``HZ``: tokens
     at positions ``>= HZ`` go through the block table (``paged``); those below it
     come from the cluster cache (``in_cache``: slot ``cache_table[key]``) or the
@@ -836,7 +836,8 @@ def _retrieved_wave(t0, total, beg, end, start, bt_row, S, E, L, HZ, kbase, wrow
     never touch the block table (vLLM may have reused those blocks). A token below
     the horizon whose page is neither cached nor mirrored is in no source (left
     out). ``lead``: the first token of its cluster in its page (the bookkeeping's
-    one lane per visit)."""
+    one lane per visit). ``WNB``: the view's blocks per key row, 0 when the row's
+    ibt row is outside the view (then nothing below the horizon is read)."""
     t = t0 + tl.arange(0, TR)
     inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
     pos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
@@ -845,7 +846,7 @@ def _retrieved_wave(t0, total, beg, end, start, bt_row, S, E, L, HZ, kbase, wrow
     paged = valid & (pos >= HZ)
     kb = tl.load(bt_row + pos // BS, mask=paged, other=0).to(tl.int64)
     lb = pos // BS
-    wok = valid & (pos < HZ) & wrow_ok & (lb < WNB)
+    wok = valid & (pos < HZ) & (lb < WNB)
     key = kbase + lb
     # Both tables at once (independent loads; a hit's page_row word is not needed,
     # but waiting for the slot first would add a dependent load to a miss).
@@ -980,6 +981,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
         wrow = tl.load(hdr0 + _HDR_IBT)
         wrow_ok = (wrow >= 0) & (wrow < WR)
         kbase = ((tl.where(wrow_ok, wrow, 0).to(tl.int64) * WNL + WL) * H + h) * WNB
+        wnb = tl.where(wrow_ok, WNB, 0)     # (an ibt row outside the view reads nothing)
         clock = tl.load(clock_ptr)
         for m0 in range(0, n_mine, RG):
             w_k = p + NS * (m0 + tl.arange(0, RG))
@@ -992,7 +994,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
             w_total = tl.sum(w_size, 0)
             (w_blk, w_off, w_pg, w_slot, w_arow, w_inc, w_ina, w_lead,
              w_key) = _retrieved_wave(0, w_total, w_beg, w_end, w_start, bt_row, S, E, L,
-                                      HZ, kbase, wrow_ok, pr_ptr, ct_ptr, WNB, BS, TR)
+                                      HZ, kbase, pr_ptr, ct_ptr, wnb, BS, TR)
             for t0 in range(0, w_total, TR):
                 w_kt, w_vt = _load_kv_wave(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, w_blk, w_off,
                                            w_pg, ckv_ptr, ckv_s0, ckv_s1, w_slot, w_inc,
@@ -1000,8 +1002,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                 w_ok = w_pg | w_inc | w_ina
                 (w_blk_n, w_off_n, w_pg_n, w_slot_n, w_arow_n, w_inc_n, w_ina_n, w_lead_n,
                  w_key_n) = _retrieved_wave(t0 + TR, w_total, w_beg, w_end, w_start, bt_row,
-                                            S, E, L, HZ, kbase, wrow_ok, pr_ptr, ct_ptr,
-                                            WNB, BS, TR)
+                                            S, E, L, HZ, kbase, pr_ptr, ct_ptr, wnb,
+                                            BS, TR)
                 w_miss, w_idx = _wave_book(w_slot, w_inc, w_ina, w_lead, clock, stamp_ptr,
                                            wcnt_ptr, mc_ptr)
                 m_i, l_i, acc = _attend_kv(q, w_kt, w_vt, w_ok, m_i, l_i, acc, scale,
