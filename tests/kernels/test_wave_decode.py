@@ -13,6 +13,7 @@ against the twin, and the kernel's cache bookkeeping against a plain-Python coun
 """
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -158,11 +159,11 @@ def test_released_rows_match_unreleased():
     arena. (a) twin with the view on the poisoned cache == twin on the clean cache,
     bit for bit; (b) kernel == twin; (c) bookkeeping == the plain count."""
     torch.manual_seed(21)
-    sc = Scene(260)
-    E0 = sc.add(900)
-    E1 = sc.add(700, n_ret=6, n_est=9)
-    sc.add(300, index="none")
-    sc.add(640)
+    sc = Scene(200)
+    E0 = sc.add(700)
+    E1 = sc.add(600, n_ret=6, n_est=9)
+    sc.add(200, index="none")
+    sc.add(420)
     sc.add(0)
     wv = Wave(sc)
     hz1 = sc.S + (E1 - sc.S) // BS // 2 * BS
@@ -184,14 +185,16 @@ def test_released_rows_match_unreleased():
     td = _td()
     bt, sl = sc.tensors()
     bad = torch.zeros(5, H * G, D)
-    td.paged_decode_attention_triton(q, sc.kv, sc.lay, bt, sl, sc.headers, sc.alloc.ibt,
-                                     sc.pool, sc.S, SCALE, bad, ws)
+    with warnings.catch_warnings():          # (the interpreter warns about the NaNs)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        td.paged_decode_attention_triton(q, sc.kv, sc.lay, bt, sl, sc.headers, sc.alloc.ibt,
+                                         sc.pool, sc.S, SCALE, bad, ws)
     assert torch.isnan(bad[0]).all() and _rel(bad[3], ref[3]) < 2e-3
 
 
 def test_steps_with_partial_and_evicting_cache():
     """A cache of 12 pages, partly filled up front (some pages the step reads, some
-    it does not), then four decode steps with fresh queries: each step's outputs
+    it does not), then three decode steps with fresh queries: each step's outputs
     equal the twin's and the clean twin's, its hits / misses / stamps / miss keys
     the plain count from the table as it was; after the step ``admit_misses`` and
     ``next_step``; admissions evict (LRU) and every cached page equals its arena
@@ -211,7 +214,7 @@ def test_steps_with_partial_and_evicting_cache():
     td = _td()
     ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 4, DEV)
     total_hits = 0
-    for step in range(4):
+    for step in range(3):
         q = torch.randn(2, H * G, D) * (1 + step)
         before = (c.table.clone(), c.stamp.clone(), c.counters.clone())
         out, ref, ws = run(wv, q, ws, td)

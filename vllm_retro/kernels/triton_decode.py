@@ -862,22 +862,24 @@ def _retrieved_wave(t0, total, beg, end, start, bt_row, S, E, L, HZ, kbase, pr_p
 
 @triton.jit
 def _load_kv_wave(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, paged,
-                  ckv_ptr, ckv_s0, ckv_s1, slot, in_cache, ar_ptr, ar_s0, arow, in_arena,
-                  h, D: tl.constexpr, DP: tl.constexpr):
+                  ckv_ptr, ckv_s0, ckv_s1, ckv_s2, slot, in_cache, ar_ptr, ar_s0, ar_s1, arow,
+                  in_arena, h, D: tl.constexpr, DP: tl.constexpr):
     """K and V ``[T, DP]`` of retrieved tokens from their own source: one masked load
     per source (each lane fetches from one), then a select."""
     d = tl.arange(0, DP)
     dm = (d < D)[None, :]
     k, v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, paged, h, D, DP)
     offl = off.to(tl.int64)
-    cb = ckv_ptr + tl.where(in_cache, slot, 0) * ckv_s0 + offl * ckv_s1
+    # Masked lanes hold slot / row -1: their addresses are never dereferenced (and
+    # a tl.where here trips Triton 3.9's software pipeliner on fp32 variants).
+    cb = ckv_ptr + slot * ckv_s0 + offl * ckv_s1
     cm = in_cache[:, None] & dm
-    kc = tl.load(cb[:, None] + d[None, :], mask=cm, other=0.0)
-    vc = tl.load(cb[:, None] + D + d[None, :], mask=cm, other=0.0)
-    ab = ar_ptr + (tl.where(in_arena, arow, 0) + offl) * ar_s0
+    kc = tl.load(cb[:, None] + d[None, :] * ckv_s2, mask=cm, other=0.0)
+    vc = tl.load(cb[:, None] + (D + d[None, :]) * ckv_s2, mask=cm, other=0.0)
+    ab = ar_ptr + (arow + offl) * ar_s0
     am = in_arena[:, None] & dm
-    ka = tl.load(ab[:, None] + d[None, :], mask=am, other=0.0)
-    va = tl.load(ab[:, None] + D + d[None, :], mask=am, other=0.0)
+    ka = tl.load(ab[:, None] + d[None, :] * ar_s1, mask=am, other=0.0)
+    va = tl.load(ab[:, None] + (D + d[None, :]) * ar_s1, mask=am, other=0.0)
     k = tl.where(in_cache[:, None], kc, tl.where(in_arena[:, None], ka, k))
     v = tl.where(in_cache[:, None], vc, tl.where(in_arena[:, None], va, v))
     return k, v
@@ -892,7 +894,7 @@ def _wave_book(slot, in_cache, in_arena, lead, clock, stamp_ptr, wcnt_ptr, mc_pt
     atomic's round trip overlaps the tile's attention."""
     hit = lead & in_cache
     miss = lead & in_arena
-    tl.store(stamp_ptr + tl.where(hit, slot, 0), clock + tl.zeros_like(slot), mask=hit)
+    tl.store(stamp_ptr + slot, clock + tl.zeros_like(slot), mask=hit)
     nh = tl.sum(hit.to(tl.int64), 0)
     nm = tl.sum(miss.to(tl.int64), 0)
     tl.atomic_add(wcnt_ptr + _W_HITS, nh, mask=nh > 0, sem="relaxed")
@@ -905,7 +907,7 @@ def _wave_book(slot, in_cache, in_arena, lead, clock, stamp_ptr, wcnt_ptr, mc_pt
 @triton.jit
 def _wave_misses(miss, idx, key, mk_ptr, MCAP):
     """Appends the tile's missed page keys (entries past ``MCAP`` are dropped)."""
-    tl.store(mk_ptr + tl.where(miss, idx, 0), key, mask=miss & (idx < MCAP))
+    tl.store(mk_ptr + idx, key, mask=miss & (idx < MCAP))
 
 
 @triton.jit
@@ -915,7 +917,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    cnt_ptr,
                    po_ptr, pm_ptr, pl_ptr, tick_ptr, out_ptr, o_sb, o_sh, o_sd,
                    scale, SB, S, NS,
-                   ar_ptr, ar_s0, pr_ptr, ct_ptr, ckv_ptr, ckv_s0, ckv_s1, stamp_ptr,
+                   ar_ptr, ar_s0, ar_s1, pr_ptr, ct_ptr, ckv_ptr, ckv_s0, ckv_s1, ckv_s2,
+                   stamp_ptr,
                    clock_ptr, wcnt_ptr, mk_ptr, mc_ptr, MCAP, WL, WNL, WR, WNB,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr,
                    D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
@@ -997,8 +1000,9 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                                       HZ, kbase, pr_ptr, ct_ptr, wnb, BS, TR)
             for t0 in range(0, w_total, TR):
                 w_kt, w_vt = _load_kv_wave(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, w_blk, w_off,
-                                           w_pg, ckv_ptr, ckv_s0, ckv_s1, w_slot, w_inc,
-                                           ar_ptr, ar_s0, w_arow, w_ina, h, D, DP)
+                                           w_pg, ckv_ptr, ckv_s0, ckv_s1, ckv_s2, w_slot,
+                                           w_inc, ar_ptr, ar_s0, ar_s1, w_arow, w_ina, h, D,
+                                           DP)
                 w_ok = w_pg | w_inc | w_ina
                 (w_blk_n, w_off_n, w_pg_n, w_slot_n, w_arow_n, w_inc_n, w_ina_n, w_lead_n,
                  w_key_n) = _retrieved_wave(t0 + TR, w_total, w_beg, w_end, w_start, bt_row,
@@ -1172,15 +1176,15 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     ns_a = ws.nsplit_attend(b)
     if wave is not None:
         w = wave
-        wargs = (w.arena, w.arena.stride(0), w.page_row, w.cache_table, w.cache_kv,
-                 w.cache_kv.stride(0), w.cache_kv.stride(1), w.cache_stamp, w.clock,
+        wargs = (w.arena, *w.arena.stride(), w.page_row, w.cache_table, w.cache_kv,
+                 *w.cache_kv.stride(), w.cache_stamp, w.clock,
                  w.counters, w.miss_keys, w.miss_count, w.miss_capacity, w.layer,
                  w.num_layers, w.max_requests, w.max_blocks)
     else:
         # Never read (WAVE=False): existing tensors of the right pointer types, so
         # nothing is allocated and the variant is today's kernel.
-        wargs = (kv_cache, 0, ibt, ws.stats, kv_cache, 0, 0, ws.stats, ws.stats, ws.stats,
-                 ws.stats, ws.stats, 0, 0, 0, 0, 0)
+        wargs = (kv_cache, 0, 0, ibt, ws.stats, kv_cache, 0, 0, 0, ws.stats, ws.stats,
+                 ws.stats, ws.stats, ws.stats, 0, 0, 0, 0, 0)
     _attend_kernel[(b * h, ns_a)](
         query, *query.stride(), kv_cache, *kv_cache.stride(), fpart, *fpart.stride(),
         *common, ws.logits, ws.lists, ws.counts,
