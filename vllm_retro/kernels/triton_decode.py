@@ -46,7 +46,11 @@ by range):
    estimated clusters as pseudo-tokens with their log-mass over their mean
    value), one online softmax in fp32 for all ``G`` query heads of the KV head; the
    last program of the row-head to finish merges the ``NSA`` partials into ``out``
-   (in ``out``'s dtype; zeros for rows without context).
+   (in ``out``'s dtype; zeros for rows without context). With a wave buffer view
+   (``wave=``, the ``WAVE`` variant), retrieved tokens below the row's mirrored
+   horizon are read from the GPU cluster cache or the pinned host arena instead of
+   the block table (vLLM may have released those blocks), and the cache's stamps,
+   counters and miss buffer are updated in the same pass (:mod:`.wave_view`).
 
 "Last program" hand-offs: each program writes its part, passes a CTA barrier and
 takes a ticket with an acq_rel atomic at GPU scope; the program drawing the last
