@@ -41,7 +41,7 @@ class Wave:
     def __init__(self, sc: Scene, num_slots: int = 64, miss_capacity: int = 4096):
         self.sc = sc
         shape = MirrorShape(11, NL, H, D, BS, sc.max_blocks, sc.lay.dtype)
-        self.mirror = HostMirror(shape, 4 << 20, pin=False)
+        self.mirror = HostMirror(shape, 4 << 20, device=DEV, pin=DEV == "cuda")
         self.cache = ClusterCache.for_mirror(self.mirror, num_slots, miss_capacity)
         self.view = self.cache.view(self.mirror, LAYER)
         self.clean = None

@@ -92,9 +92,11 @@ class WaveBufferView:
             * self.max_blocks + block
 
     def check(self, kv_cache: torch.Tensor, num_kv_heads: int, block_size: int,
-              head_dim: int) -> None:
+              head_dim: int, devices: bool = True) -> None:
         """Raises ValueError unless the view fits a layer of this layout (dtypes,
-        shapes, contiguity the kernels assume, layer range)."""
+        shapes, contiguity the kernels assume, layer range) and, with ``devices``,
+        lives where a kernel over ``kv_cache`` can read it (the twin, which copies
+        what it reads to the host, skips that)."""
         def need(ok: bool, what: str) -> None:
             if not ok:
                 raise ValueError(f"wave buffer view: {what}")
@@ -109,7 +111,7 @@ class WaveBufferView:
              f"arena must be [rows, {row}] with unit stride along dim 1, got "
              f"{tuple(a.shape)} strides {a.stride()}")
         need(a.dtype == dt, f"arena dtype {a.dtype} != KV cache dtype {dt}")
-        need(a.is_cuda or not kv_cache.is_cuda or a.is_pinned(),
+        need(not devices or a.is_cuda or not kv_cache.is_cuda or a.is_pinned(),
              "a CUDA KV cache needs the arena on the GPU or pinned (mapped) host memory")
         pr = self.page_row
         need(pr.dtype == torch.int32 and tuple(pr.shape) == (r, nl, h, nb)
@@ -139,6 +141,8 @@ class WaveBufferView:
         need(self.miss_keys.dtype == torch.int64 and self.miss_keys.dim() == 1
              and self.miss_keys.numel() >= 1 and self.miss_keys.is_contiguous(),
              "miss_keys must be contiguous int64 [cap >= 1]")
+        if not devices:
+            return
         dev = kv_cache.device
         for name in ("page_row", "cache_table", "cache_kv", "cache_stamp", "clock",
                      "counters", "miss_keys", "miss_count"):
