@@ -75,13 +75,13 @@ as exact as the bf16 data); fp32 caches (and the interpreter) use fp32 products.
 from __future__ import annotations
 
 import os
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from ..attention import VARIANCE_CORRECTION_CAP
-from typing import Optional
-
 from ..index.paged import (HDR_CLUSTERED_END, HDR_HORIZON, HDR_IBT_ROW, HDR_N_ESTIMATE,
                            HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool, PagedIndexLayout)
 from .wave_view import W_HITS, W_MISSES, WaveBufferView
