@@ -72,7 +72,8 @@ at::Tensor retro_decode_attention_meta(
 //   block_table  [>=B, max_blocks] int32 / int64;  seq_lens [>=B] int32 / int64
 //   ibt          [R, max_pages]   int32: the index table (entry i of a row at pool page
 //                                 ix[i], ix = ibt[headers[bt[r, 0], HDR_IBT_ROW]])
-//   headers      [NB, HDR_WORDS]  int32 (word 0: clustered_end, word 4: ibt row)
+//   headers      [NB, HDR_WORDS]  int32 (word 0: clustered_end, word 4: ibt row; the
+//                                 row stride is read, later words are not)
 //   logits       [>=P, H, G]      float32, written at the pool pages of the rows' entries:
 //                                 logits[ix[i], h, g] = s q.c + ln size
 //                                 + min(s^2/2 sum_d q_d^2 var_d, cap), -inf when size 0

@@ -411,13 +411,11 @@ def test_cpu_engine_releases_mirrored_blocks_end_to_end(tiny_model, monkeypatch)
 def test_gpu_engine_reports_retro_spec_with_wave_buffer(tiny_model):
     """H200 (vLLM 0.26): wave_buffer=True makes retro layers report RetroSpec with
     vLLM's stock (unpadded) pages, the index living in retro's index pool, the
-    scheduler runs RetroManager, and outputs are unchanged. Blocks are released
-    only when the decode kernels can read the wave buffer (the horizons are
-    published and reported; tests/gpu/test_engine_gpu.py checks the release), else
-    nothing is."""
+    scheduler runs RetroManager, and outputs are unchanged (the decode kernels read
+    released blocks' K/V from the wave buffer; tests/gpu/test_engine_gpu.py checks
+    the release itself)."""
     from vllm import LLM
 
-    from vllm_retro.backend.gpu import wave_kernels_present
     from vllm_retro.offline import close_llm
     from conftest import generate_tokens
     opts = {"segment_size": 256, "update_interval": 128, "recent_tokens": 32,
@@ -435,8 +433,6 @@ def test_gpu_engine_reports_retro_spec_with_wave_buffer(tiny_model):
             if wave_buffer:
                 assert mgr.kv_cache_spec.page_size_padded is None   # stock pages
             outs.append(generate_tokens(llm, _prompts(), 16))
-            if wave_buffer and not wave_kernels_present():
-                assert mgr.num_released_blocks == 0
         finally:
             close_llm(llm)
     assert outs[0] == outs[1]

@@ -6,11 +6,6 @@ horizon (header word ``HDR_HORIZON``), reports it to vLLM's scheduler through th
 worker's ``MirrorReporter``, and frees the mirror and the cluster cache's entries
 when the request leaves. Driven like ``tests/test_index_pool.py``'s manager tests:
 the connector's step metadata, K/V written into the layers' caches as prefill does.
-
-The decode kernels that read below the horizon come from the kernel branch. Until
-they are merged, ``wave_header`` below stands in for their header word (a marked
-shim) and forces the manager to publish; the one end-to-end decode test skips
-unless the real interface is present.
 """
 
 import math
@@ -51,37 +46,14 @@ def _manager(**opts):
     return mgr
 
 
-def _shim_header_row(clustered_end, n_ret, n_est, num_clusters, ibt_row=0, horizon=0):
-    # SHIM (until the kernel branch is merged): the kernel side's header_row.
-    row = [0] * paged.HDR_WORDS
-    row[:5] = [clustered_end, n_ret, n_est, num_clusters, ibt_row]
-    row[paged.HDR_HORIZON] = horizon
-    return row
-
-
 @pytest.fixture
-def wave_header(monkeypatch):
-    """The header's horizon word and a publishing manager. SHIM until the kernel
-    branch is merged: without ``paged.HDR_HORIZON`` its interface (HDR_HORIZON = 5,
-    HDR_WORDS = 6, header_row(..., horizon=0)) is patched in here, and managers made
-    by :func:`_wave_manager` publish horizons although no kernel reads them (these
-    tests never decode). Returns the horizon word."""
-    from vllm_retro.memory.cluster_cache import ClusterCache
-    if not hasattr(paged, "HDR_HORIZON"):
-        monkeypatch.setattr(paged, "HDR_HORIZON", 5, raising=False)
-        monkeypatch.setattr(paged, "HDR_WORDS", 6)
-        monkeypatch.setattr(paged, "header_row", _shim_header_row)
-    if not hasattr(ClusterCache, "admit_misses"):
-        # SHIM: the kernel side's admission of the misses its attend kernel recorded.
-        monkeypatch.setattr(ClusterCache, "admit_misses", lambda self, mirror: None,
-                            raising=False)
+def wave_header():
+    """The header word of the horizon."""
     return paged.HDR_HORIZON
 
 
 def _wave_manager(**opts):
-    mgr = _manager(**opts)
-    mgr.publish_horizons = True      # see wave_header
-    return mgr
+    return _manager(**opts)
 
 
 def _write_kv(mgr, blocks, L, seed):
@@ -271,23 +243,6 @@ def test_released_request_refuses_a_multi_token_query(wave_header):
         mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("x", False, [], 900, -1, 1)]))
 
 
-def test_without_kernel_support_nothing_is_published_or_reported():
-    """Kernels that cannot read the wave buffer: requests are mirrored, but no
-    horizon reaches the header or the scheduler (vLLM releases nothing)."""
-    from vllm_retro.backend.gpu import wave_kernels_present
-    mgr = _manager()
-    if wave_kernels_present():
-        assert mgr.publish_horizons and mgr.wave_views
-        mgr.publish_horizons = False
-        mgr.wave_views = {}
-    _prefill(mgr, "a", _blocks(1, 900), 900, seed=1)
-    e = mgr.requests.entries["a"]
-    assert e.mirror == "on" and e.mirrored_end == e.clustered_end > 0
-    assert mgr.reporter.take() is None and mgr.reporter.horizon("a") == 0
-    if hasattr(paged, "HDR_HORIZON"):
-        assert int(mgr.headers[e.blocks[0], paged.HDR_HORIZON]) == 0
-
-
 def test_wave_buffer_off_builds_nothing():
     mgr = _manager(wave_buffer=False)
     assert mgr.mirror is None and mgr.cache is None and mgr.reporter is None
@@ -295,7 +250,7 @@ def test_wave_buffer_off_builds_nothing():
     assert "cache_hits" not in mgr.stats()
 
 
-# ------------------------------------------------- end to end (kernel branch)
+# ------------------------------------------------------------------- end to end
 def _decode(mgr, rows, q, name, wave):
     from vllm_retro.kernels import paged_decode_attention
     bt = torch.zeros(len(rows), 128, dtype=torch.int32)
@@ -308,23 +263,18 @@ def _decode(mgr, rows, q, name, wave):
                                   mgr.sink_end, 0.2, **kw)
 
 
-@pytest.mark.skipif(not hasattr(paged, "HDR_HORIZON"),
-                    reason="needs the kernel branch's wave-buffer reads (HDR_HORIZON); "
-                           "enable after merging it")
 def test_decode_with_released_blocks_equals_wave_buffer_off():
     """Two requests indexed with the wave buffer on and off (same K/V, same index):
     with every block below the horizon poisoned with NaN (as if vLLM had handed it
     to another request), decode through the cache / mirror equals decode from the
     pages with the wave buffer off, before and after admission fills the cache."""
-    from vllm_retro.backend.gpu import wave_kernels_present
-    assert wave_kernels_present()
     L = 1100
     ba, bb = _blocks(1, L), _blocks(100, L)
     off, on = _manager(wave_buffer=False), _manager(cluster_cache_gib=2**-20)
     for mgr in (off, on):
         _prefill(mgr, "a", ba, L, seed=1)
         _prefill(mgr, "b", bb, L, seed=2)
-    assert on.publish_horizons and on.wave_views
+    assert on.wave_views
     for blocks in (ba, bb):
         e = on.requests.entries["a" if blocks is ba else "b"]
         assert e.mirrored_end == e.clustered_end > 0

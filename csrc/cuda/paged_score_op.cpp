@@ -87,7 +87,9 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
   TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) >= B &&
                   (seq_lens.stride(0) == 1 || seq_lens.size(0) <= 1),
               "paged_score: seq_lens must be [>=B] with unit stride");
-  TORCH_CHECK(headers.dim() == 2 && headers.scalar_type() == at::kInt && headers.stride(1) == 1,
+  // The row stride is passed in (hdr_s0): only the words the score reads are assumed.
+  TORCH_CHECK(headers.dim() == 2 && headers.scalar_type() == at::kInt &&
+                  headers.stride(1) == 1 && headers.size(1) > kHdrIbtRow,
               "paged_score: headers must be [NB, HDR_WORDS] int32");
   check_out(logits, at::kFloat, 3, "logits");
   check_out(score_max, at::kFloat, 3, "score_max");

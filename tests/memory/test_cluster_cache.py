@@ -249,3 +249,37 @@ def test_admission_without_copy_hands_out_the_slots_and_rows_to_fill():
                 b.kv[slot] = m.arena[row: row + 4]
         assert torch.equal(a.kv[:-1], b.kv[:-1])
     assert int(a.counters[C_EVICTED]) > 0
+
+
+def test_miss_buffer_admission_and_view():
+    """The decode kernels' miss buffer (what ``ClusterCache.view`` shares with them):
+    ``admit_misses`` admits exactly the keys below ``miss_count`` (as ``admit`` would
+    from those keys) and empties the buffer; a freed request's pending misses are
+    dropped; a view shares the cache's and the mirror's tensors."""
+    shape = MirrorShape(max_requests=2, num_layers=2, num_kv_heads=2, head_dim=4,
+                        block_size=4, max_blocks=6, dtype=torch.float64)
+    m = _synthetic_mirror(shape, seed=8, unmirrored=0.0)
+    c, ref = ClusterCache.for_mirror(m, 5, miss_capacity=8), ClusterCache.for_mirror(m, 5)
+    v = c.view(m, 1)
+    assert v.miss_keys.data_ptr() == c.miss_keys.data_ptr()
+    assert v.cache_table.data_ptr() == c.table.data_ptr()
+    assert v.page_row.data_ptr() == m.page_row.data_ptr() and v.layer == 1
+    assert v.key(1, 1, 3) == int(c.keys(1, 1, 1, 3))
+    c.miss_keys.copy_(torch.tensor([30, 3, 30, 7, 40, 41, 42, 43]))   # 43-41: stale
+    c.miss_count.fill_(5)
+    c.next_step()
+    ref.next_step()
+    c.admit_misses(m)
+    ref.admit(torch.tensor([30, 3, 30, 7, 40]), m)
+    assert int(c.miss_count) == 0
+    assert torch.equal(c.table, ref.table) and torch.equal(c.kv, ref.kv)
+    # Request slot 1 (keys 24..47) is freed with misses pending: they are not admitted.
+    c.miss_keys.copy_(torch.tensor([25, 4, 26, 0, 0, 0, 0, 0]))
+    c.miss_count.fill_(3)
+    c.invalidate_request(1)
+    c.next_step()
+    c.admit_misses(m)
+    live = set(c.slot_key[:-1].tolist()) - {-1}
+    assert 4 in live and not live & {25, 26}
+    with pytest.raises(ValueError, match="layer"):
+        c.view(m, 2)

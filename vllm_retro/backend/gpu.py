@@ -240,25 +240,6 @@ IBT_ROW_MARGIN = 8
 CPU_CACHE_MIRROR_SHARE = 8
 
 
-def wave_kernels_present() -> bool:
-    """Whether this build's decode kernels read K/V below a row's horizon from the
-    wave buffer: the header word ``HDR_HORIZON``, ``ClusterCache.view`` /
-    ``admit_misses`` and the public op's ``wave=`` argument. Without them the
-    manager mirrors but never publishes or reports a horizon: kernels that ignore
-    it would read blocks vLLM has released to other requests."""
-    import inspect
-
-    from ..memory.cluster_cache import ClusterCache
-    if not hasattr(_paged, "HDR_HORIZON"):
-        return False
-    if not (hasattr(ClusterCache, "view") and hasattr(ClusterCache, "admit_misses")):
-        return False
-    try:
-        return "wave" in inspect.signature(paged_decode_attention).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class PagedIndexManager:
     """One worker's paged-index state: layout, KV caches, headers, workspace,
     request table and the index maintenance run before each forward."""
@@ -291,12 +272,10 @@ class PagedIndexManager:
         self.logged = [0] * len(STAT_NAMES)
         self._head = None
         # Wave buffer (design §8): host mirror, cluster cache, per-layer kernel views
-        # (by layer name), whether horizons are published and reported (the kernels
-        # can read below them), and its counters.
+        # (by layer name), the reporter of horizons, and its counters.
         self.mirror = None
         self.cache = None
         self.wave_views: Dict[str, object] = {}
-        self.publish_horizons = False
         self.reporter = None
         if self.config.wave_buffer:
             from . import kv_spec
@@ -505,13 +484,7 @@ class PagedIndexManager:
         # Every layer its own pool (all of one shape, so which is whose is arbitrary).
         self.pools = dict(zip(names, self._pool_list))
         if self.config.wave_buffer:
-            self.publish_horizons = wave_kernels_present()
             self.build_wave_views()
-            if not self.publish_horizons:
-                logger.warning("retro wave buffer: this build's decode kernels cannot "
-                               "read K/V from the wave buffer; requests are mirrored but "
-                               "no horizon is published or reported, so vLLM releases "
-                               "no blocks")
         if dev.type == "cuda":
             self._compile_build_kernels(dev)
 
@@ -523,9 +496,9 @@ class PagedIndexManager:
 
     def build_wave_views(self) -> None:
         """The per-layer views the decode kernels read (once: CUDA graphs capture
-        their addresses); none while horizons are not published."""
+        their addresses)."""
         self.wave_views = {}
-        if self.publish_horizons and self.cache is not None:
+        if self.cache is not None:
             self.wave_views = {n: self.cache.view(self.mirror, i)
                                for n, i in self.layer_index.items()}
 
@@ -579,7 +552,7 @@ class PagedIndexManager:
             for e in new:
                 e.is_new = False
         self._maintain(entries)
-        self._wave_rows = self.publish_horizons and any(
+        self._wave_rows = self.mirror is not None and any(
             e.mirrored_end > self.sink_end for e in entries)
         self._maybe_log()
 
@@ -688,13 +661,10 @@ class PagedIndexManager:
         for e in touched:
             n_ret, n_est = budget(e.num_clusters, e.clustered_end - self.sink_end, cfg)
             row = [e.clustered_end, n_ret, n_est, e.num_clusters, e.ibt_row]
-            if self.publish_horizons:
-                rows.append(_paged.header_row(*row, horizon=self.horizon_of(e)))
-            else:
-                rows.append(_paged.header_row(*row))
+            rows.append(_paged.header_row(*row, horizon=self.horizon_of(e)))
         idx = torch.tensor([e.blocks[0] for e in touched], dtype=torch.long, device=dev)
         self.headers[idx] = torch.tensor(rows, dtype=torch.int32, device=dev)
-        if self.publish_horizons:
+        if self.reporter is not None:
             # A report is a promise (kv_spec): from now on this worker reads the
             # request's K/V below the horizon only from the wave buffer. The header
             # just written says so to this step's kernels already; the scheduler gets
@@ -713,8 +683,8 @@ class PagedIndexManager:
     def horizon_of(self, e) -> int:
         """The horizon ``e``'s header carries: the end of its mirrored zone (a token
         position, block-aligned, ``<= clustered_end``), 0 when nothing is mirrored
-        or horizons are not published."""
-        if not self.publish_horizons or e.mirrored_end <= self.sink_end:
+        (wave buffer off, refused, or not yet mirrored)."""
+        if e.mirrored_end <= self.sink_end:
             return 0
         return e.mirrored_end
 
@@ -838,13 +808,11 @@ class PagedIndexManager:
                     "since the last line, %d pages admitted and %d evicted since start; "
                     "~%.2f MiB over PCIe per step; host mirror %.3f GiB reserved, %.3f "
                     "GiB mirrored, %d requests mirrored, %d refused (resident), %d "
-                    "stopped short%s",
+                    "stopped short",
                     dh, dm, 100.0 * dh / max(1, dh + dm), st["cache_admitted"],
                     st["cache_evicted"], pcie / max(1, ds) / 2**20, st["host_gib"],
                     st["host_mirrored_gib"], st["mirrored_requests"],
-                    st["mirror_refused"], st["mirror_stopped"],
-                    "" if self.publish_horizons else
-                    "; no horizons published (kernels without wave-buffer reads)")
+                    st["mirror_refused"], st["mirror_stopped"])
 
 
 def _layer_order(name: str):

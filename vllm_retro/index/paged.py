@@ -76,7 +76,12 @@ HDR_N_RETRIEVE = 1
 HDR_N_ESTIMATE = 2
 HDR_NUM_CLUSTERS = 3
 HDR_IBT_ROW = 4        # the request's row of the index table (valid when clustered)
-HDR_WORDS = 5
+# Tokens of the clustered zone mirrored to the host wave buffer (block-aligned, at
+# most clustered_end; 0: none). Below it the decode kernels read a retrieved
+# cluster's K/V from the wave buffer (cluster cache or pinned arena), never through
+# the block table: vLLM may have released and reused those blocks (design §8.3).
+HDR_HORIZON = 5
+HDR_WORDS = 6
 
 # Float part rows.
 F_CENTROID, F_KEY_VAR, F_VALUE_MEAN = 0, 1, 2
@@ -499,11 +504,17 @@ def make_headers(num_blocks: int, device) -> torch.Tensor:
 
 
 def header_row(clustered_end: int, n_ret: int, n_est: int, num_clusters: int,
-               ibt_row: int = 0) -> List[int]:
+               ibt_row: int = 0, *, horizon: int = 0) -> List[int]:
+    """One header row (``HDR_WORDS`` ints). ``horizon``: mirrored tokens of the
+    clustered zone (block-aligned, ``<= clustered_end``; 0: none)."""
+    if horizon < 0 or horizon > max(clustered_end, 0):
+        raise ValueError(f"header_row: horizon {horizon} outside [0, clustered_end "
+                         f"{clustered_end}]")
     row = [0] * HDR_WORDS
     row[HDR_CLUSTERED_END] = clustered_end
     row[HDR_N_RETRIEVE] = n_ret
     row[HDR_N_ESTIMATE] = n_est
     row[HDR_NUM_CLUSTERS] = num_clusters
     row[HDR_IBT_ROW] = ibt_row
+    row[HDR_HORIZON] = horizon
     return row

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from . import reference
+from .wave_view import WaveBufferView
 from ..attention import VARIANCE_CORRECTION_CAP
 from ..index.paged import IndexPool, PagedIndexLayout
 
@@ -33,7 +34,7 @@ except ImportError:  # CPU-only installs without Triton: the twin serves
         return False
 
 __all__ = ["paged_decode_attention", "write_clusters", "DecodeWorkspace", "reference",
-           "HAS_TRITON"]
+           "HAS_TRITON", "WaveBufferView"]
 
 
 def uses_triton(t: torch.Tensor) -> bool:
@@ -63,7 +64,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            ibt: torch.Tensor, pool: IndexPool, sink_end: int,
                            scale: float, out: Optional[torch.Tensor] = None,
                            workspace=None, count_stats: bool = False,
-                           variance_cap: float = VARIANCE_CORRECTION_CAP) -> torch.Tensor:
+                           variance_cap: float = VARIANCE_CORRECTION_CAP,
+                           wave: Optional[WaveBufferView] = None) -> torch.Tensor:
     """Tripartite decode attention of ``B`` rows over the paged wave index.
 
     Args:
@@ -80,6 +82,11 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         count_stats: add the call's statistics to ``workspace.stats`` (rows with an
             index, rows without, tokens read exactly, estimated, in context).
         variance_cap: cap of the clusters' variance term (``RetroConfig.variance_cap``).
+        wave: the layer's :class:`WaveBufferView` when rows may have released blocks:
+            retrieved tokens below a row's horizon (header ``HDR_HORIZON``) are read
+            from the cluster cache or the host arena, never through the block table
+            (the kernels also stamp, count and record misses; the twin does not).
+            None: the horizon is ignored.
     Returns ``out``.
     """
     b, hq, d = query.shape
@@ -92,11 +99,10 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                                         query.device)
         return paged_decode_attention_triton(query, kv_cache, layout, block_table, seq_lens,
                                              headers, ibt, pool, sink_end, scale, out, workspace,
-                                             count_stats, variance_cap)
+                                             count_stats, variance_cap, wave)
     o, st = reference.paged_decode_attention(query[:b], kv_cache, layout, block_table[:b],
                                              seq_lens[:b], headers, ibt, pool, sink_end,
-                                             scale,
-                                             variance_cap)
+                                             scale, variance_cap, wave)
     out.copy_(o)
     if count_stats and workspace is not None:
         lens = seq_lens[:b].cpu()

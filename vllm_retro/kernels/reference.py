@@ -18,6 +18,13 @@ cluster entry ``i``'s summaries at pool page ``ix[i]``) and KV head ``h`` with i
   ``[sink_end, clustered_end)``: the index build made each cluster contiguous per
   KV head), the next ``n_estimate`` contribute their log-mass over their
   mean value, the rest are skipped. All parts form one softmax.
+* with a wave buffer view (``wave``, :mod:`.wave_view`), a retrieved token at a
+  position below the row's horizon ``min(hdr[HDR_HORIZON], clustered_end)`` is
+  read from the cluster cache (slot ``cache_table[key] >= 0``) or else the host
+  arena (row ``page_row[key] >= 0``), ``key = ((ibt_row * layers + layer) * H +
+  h) * max_blocks + pos // bs``, never through the block table; a token in neither
+  is left out. Without a view the horizon is ignored. (The twin neither stamps
+  nor counts; the kernel's bookkeeping is tested against a plain count.)
 
 Returns the output ``[B, Hq, D]`` and per-row statistics ``[B, 3]`` float64:
 tokens read exactly, tokens estimated, tokens in context (summed over KV heads).
@@ -26,14 +33,15 @@ tokens read exactly, tokens estimated, tokens in context (summed over KV heads).
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ..attention import VARIANCE_CORRECTION_CAP
 from ..index.paged import (F_CENTROID, F_KEY_VAR, F_VALUE_MEAN, HDR_CLUSTERED_END,
-                           HDR_IBT_ROW, HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE, I_START,
-                           IndexPool, PagedIndexLayout)
+                           HDR_HORIZON, HDR_IBT_ROW, HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE,
+                           I_START, IndexPool, PagedIndexLayout)
+from .wave_view import WaveBufferView
 
 
 def _cdt(dtype: torch.dtype) -> torch.dtype:
@@ -57,7 +65,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            seq_lens: torch.Tensor, headers: torch.Tensor,
                            ibt: torch.Tensor, pool: IndexPool,
                            sink_end: int, scale: float,
-                           variance_cap: float = VARIANCE_CORRECTION_CAP
+                           variance_cap: float = VARIANCE_CORRECTION_CAP,
+                           wave: Optional[WaveBufferView] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`vllm_retro.kernels.paged_decode_attention`.
 
@@ -67,6 +76,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             headers: ``[NB, HDR_WORDS]`` int32. ibt: the index table ``[R,
             max_pages]`` int32. pool: the layer's :class:`IndexPool`. sink_end:
             first clustered token. variance_cap: cap of the clusters' variance term.
+        wave: the layer's wave buffer view (None: everything through the block
+            table).
     """
     b, hq, d = query.shape
     h, bs = layout.num_kv_heads, layout.block_size
@@ -76,6 +87,12 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     stats = torch.zeros(b, 3, dtype=torch.float64)
     fpart, ipart = pool.fpart.cpu(), pool.ipart.cpu()
     ibt = ibt.cpu().long()
+    if wave is not None:
+        wave.check(kv_cache, h, bs, d, devices=False)
+        w_table = wave.cache_table.cpu()
+        w_rows = wave.page_row.cpu().reshape(-1).long()
+        w_kv = wave.cache_kv.cpu()
+        w_arena = wave.arena.cpu()
     for r in range(b):
         L = int(seq_lens[r])
         if L == 0:
@@ -83,9 +100,12 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         bt = block_table[r].long()
         hdr = headers[int(bt[0])].tolist()
         E = hdr[HDR_CLUSTERED_END]
+        hz = 0
         if E:
             steady = torch.cat([torch.arange(0, sink_end), torch.arange(E, L)])
             pbs = ibt[hdr[HDR_IBT_ROW], :E // bs - sink_end // bs]     # pool pages
+            if wave is not None:
+                hz = min(hdr[HDR_HORIZON], E)
         else:
             steady = torch.arange(0, L)
             lbs = pbs = torch.arange(0)
@@ -117,11 +137,18 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                                  for i in ret.tolist()] or [torch.arange(0)])
                 n_exact += len(tok)
                 tok = tok[(tok >= sink_end) & (tok < min(E, L))]
-                slots = torch.cat([steady_slots, bt[tok // bs] * bs + tok % bs])
                 est_logits = lg[:, est]
                 est_vals = f[est, F_VALUE_MEAN]
                 n_est_tok = int(sizes[est].sum())
-            kvt = kv_cache[slots // bs, kh, slots % bs].to(cdt)              # [T, 2D]
+                if hz > 0:
+                    kv_tok = _wave_tokens(kv_cache, bt, tok, hz, hdr[HDR_IBT_ROW], kh, wave,
+                                          w_table, w_rows, w_kv, w_arena)
+                else:
+                    kv_tok = kv_cache[bt[tok // bs], kh, tok % bs]
+            else:
+                kv_tok = kv_cache[:0, kh, 0]
+            kvt = torch.cat([kv_cache[slots // bs, kh, slots % bs],
+                             kv_tok.to(kv_cache.device)]).to(cdt)             # [T, 2D]
             logits = torch.cat([(q @ kvt[:, :d].T) * scale, est_logits], dim=1)
             vals = torch.cat([kvt[:, d:], est_vals], dim=0)
             p = torch.softmax(logits, dim=-1)
@@ -129,6 +156,30 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             stats[r, 0] += n_exact
             stats[r, 1] += n_est_tok
     return out, stats
+
+
+def _wave_tokens(kv_cache, bt, tok, hz, row, kh, wave, table, page_row, cache_kv, arena):
+    """``[T', 2D]`` K/V of retrieved tokens ``tok`` (in order) of KV head ``kh``:
+    at or above the horizon ``hz`` through the block table, below it from the cache
+    slot or the arena rows of their page; tokens below it in neither are dropped."""
+    bs = kv_cache.shape[2]
+    out = torch.zeros(len(tok), kv_cache.shape[-1], dtype=kv_cache.dtype)
+    paged = tok >= hz
+    tp = tok[paged]
+    out[paged] = kv_cache[bt[tp // bs], kh, tp % bs].cpu()
+    below = ~paged
+    lb = tok // bs
+    ok = below & (0 <= row < wave.max_requests) & (lb < wave.max_blocks)
+    key = wave.key(max(0, min(row, wave.max_requests - 1)), kh, 0) + lb.clamp(
+        max=wave.max_blocks - 1)
+    slot = torch.where(ok, table[key], -1)
+    arow = torch.where(ok, page_row[key], -1)
+    in_cache = ok & (slot >= 0)
+    in_arena = ok & (slot < 0) & (arow >= 0)
+    off = tok % bs
+    out[in_cache] = cache_kv[slot[in_cache], off[in_cache]]
+    out[in_arena] = arena[arow[in_arena] + off[in_arena]]
+    return out[paged | in_cache | in_arena]
 
 
 def dense_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor,

@@ -46,7 +46,11 @@ by range):
    estimated clusters as pseudo-tokens with their log-mass over their mean
    value), one online softmax in fp32 for all ``G`` query heads of the KV head; the
    last program of the row-head to finish merges the ``NSA`` partials into ``out``
-   (in ``out``'s dtype; zeros for rows without context).
+   (in ``out``'s dtype; zeros for rows without context). With a wave buffer view
+   (``wave=``, the ``WAVE`` variant), retrieved tokens below the row's mirrored
+   horizon are read from the GPU cluster cache or the pinned host arena instead of
+   the block table (vLLM may have released those blocks), and the cache's stamps,
+   counters and miss buffer are updated in the same pass (:mod:`.wave_view`).
 
 "Last program" hand-offs: each program writes its part, passes a CTA barrier and
 takes a ticket with an acq_rel atomic at GPU scope; the program drawing the last
@@ -71,13 +75,16 @@ as exact as the bf16 data); fp32 caches (and the interpreter) use fp32 products.
 from __future__ import annotations
 
 import os
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from ..attention import VARIANCE_CORRECTION_CAP
-from ..index.paged import (HDR_CLUSTERED_END, HDR_IBT_ROW, HDR_N_ESTIMATE,
+from ..index.paged import (HDR_CLUSTERED_END, HDR_HORIZON, HDR_IBT_ROW, HDR_N_ESTIMATE,
                            HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool, PagedIndexLayout)
+from .wave_view import W_HITS, W_MISSES, WaveBufferView
 
 # Globals read inside kernels must be constexpr objects.
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -86,6 +93,9 @@ _HDR_CE = tl.constexpr(HDR_CLUSTERED_END)
 _HDR_NR = tl.constexpr(HDR_N_RETRIEVE)
 _HDR_NE = tl.constexpr(HDR_N_ESTIMATE)
 _HDR_IBT = tl.constexpr(HDR_IBT_ROW)
+_HDR_HZ = tl.constexpr(HDR_HORIZON)
+_W_HITS = tl.constexpr(W_HITS)
+_W_MISSES = tl.constexpr(W_MISSES)
 _I_SIZE = tl.constexpr(I_SIZE)
 _I_START = tl.constexpr(I_START)
 
@@ -821,20 +831,113 @@ def _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS: tl.constexp
 
 
 @triton.jit
+def _retrieved_wave(t0, total, beg, end, start, bt_row, S, E, L, HZ, kbase, pr_ptr, ct_ptr,
+                    WNB, BS: tl.constexpr, TR: tl.constexpr):
+    """As :func:`_retrieved_addr`, for a row with a mirrored horizon ``HZ``: tokens
+    at positions ``>= HZ`` go through the block table (``paged``); those below it
+    come from the cluster cache (``in_cache``: slot ``cache_table[key]``) or the
+    arena (``in_arena``: row ``page_row[key]``), ``key = kbase + pos // BS``, and
+    never touch the block table (vLLM may have reused those blocks). A token below
+    the horizon whose page is neither cached nor mirrored is in no source (left
+    out). ``lead``: the first token of its cluster in its page (the bookkeeping's
+    one lane per visit). ``WNB``: the view's blocks per key row, 0 when the row's
+    ibt row is outside the view (then nothing below the horizon is read)."""
+    t = t0 + tl.arange(0, TR)
+    inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
+    pos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
+    cst = tl.sum(tl.where(inside, start[None, :], 0), 1)     # the token's cluster start
+    valid = (t < total) & (pos >= S) & (pos < E) & (pos < L)
+    paged = valid & (pos >= HZ)
+    kb = tl.load(bt_row + pos // BS, mask=paged, other=0).to(tl.int64)
+    lb = pos // BS
+    wok = valid & (pos < HZ) & (lb < WNB)
+    key = kbase + lb
+    # Both tables at once (independent loads; a hit's page_row word is not needed,
+    # but waiting for the slot first would add a dependent load to a miss).
+    slot = tl.load(ct_ptr + key, mask=wok, other=-1)
+    arow = tl.load(pr_ptr + key, mask=wok, other=-1).to(tl.int64)
+    in_cache = wok & (slot >= 0)
+    in_arena = wok & (slot < 0) & (arow >= 0)
+    # Positions below S were clipped: the first valid token then sits at S, a block
+    # start, so "cluster start or block start" marks exactly one lane per page.
+    lead = wok & ((pos == cst) | (pos % BS == 0))
+    return kb, pos % BS, paged, slot, arow, in_cache, in_arena, lead, key
+
+
+@triton.jit
+def _load_kv_wave(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, paged,
+                  ckv_ptr, ckv_s0, ckv_s1, ckv_s2, slot, in_cache, ar_ptr, ar_s0, ar_s1, arow,
+                  in_arena, h, D: tl.constexpr, DP: tl.constexpr):
+    """K and V ``[T, DP]`` of retrieved tokens from their own source: one masked load
+    per source (each lane fetches from one), then a select."""
+    d = tl.arange(0, DP)
+    dm = (d < D)[None, :]
+    k, v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, paged, h, D, DP)
+    offl = off.to(tl.int64)
+    # Masked lanes hold slot / row -1: their addresses are never dereferenced (and
+    # a tl.where here trips Triton 3.9's software pipeliner on fp32 variants).
+    cb = ckv_ptr + slot * ckv_s0 + offl * ckv_s1
+    cm = in_cache[:, None] & dm
+    kc = tl.load(cb[:, None] + d[None, :] * ckv_s2, mask=cm, other=0.0)
+    vc = tl.load(cb[:, None] + (D + d[None, :]) * ckv_s2, mask=cm, other=0.0)
+    ab = ar_ptr + (arow + offl) * ar_s0
+    am = in_arena[:, None] & dm
+    ka = tl.load(ab[:, None] + d[None, :] * ar_s1, mask=am, other=0.0)
+    va = tl.load(ab[:, None] + (D + d[None, :]) * ar_s1, mask=am, other=0.0)
+    k = tl.where(in_cache[:, None], kc, tl.where(in_arena[:, None], ka, k))
+    v = tl.where(in_cache[:, None], vc, tl.where(in_arena[:, None], va, v))
+    return k, v
+
+
+@triton.jit
+def _wave_book(slot, in_cache, in_arena, lead, clock, stamp_ptr, wcnt_ptr, mc_ptr):
+    """Cluster-cache bookkeeping of one tile: per visit (``lead`` lanes) a hit stamps
+    its slot with the step and is counted; a miss on a mirrored page is counted and
+    gets an entry of the miss buffer (one atomic per tile reserves them). Returns
+    (miss lanes, their entry indices) for :func:`_wave_misses`, issued later so the
+    atomic's round trip overlaps the tile's attention."""
+    hit = lead & in_cache
+    miss = lead & in_arena
+    tl.store(stamp_ptr + slot, clock + tl.zeros_like(slot), mask=hit)
+    nh = tl.sum(hit.to(tl.int64), 0)
+    nm = tl.sum(miss.to(tl.int64), 0)
+    tl.atomic_add(wcnt_ptr + _W_HITS, nh, mask=nh > 0, sem="relaxed")
+    tl.atomic_add(wcnt_ptr + _W_MISSES, nm, mask=nm > 0, sem="relaxed")
+    base = tl.atomic_add(mc_ptr, nm, mask=nm > 0, sem="relaxed")
+    idx = base + tl.cumsum(miss.to(tl.int64), 0) - 1
+    return miss, idx
+
+
+@triton.jit
+def _wave_misses(miss, idx, key, mk_ptr, MCAP):
+    """Appends the tile's missed page keys (entries past ``MCAP`` are dropped)."""
+    tl.store(mk_ptr + idx, key, mask=miss & (idx < MCAP))
+
+
+@triton.jit
 def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                    bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, lg_ptr, lists_ptr,
                    cnt_ptr,
                    po_ptr, pm_ptr, pl_ptr, tick_ptr, out_ptr, o_sb, o_sh, o_sd,
                    scale, SB, S, NS,
+                   ar_ptr, ar_s0, ar_s1, pr_ptr, ct_ptr, ckv_ptr, ckv_s0, ckv_s1, ckv_s2,
+                   stamp_ptr,
+                   clock_ptr, wcnt_ptr, mk_ptr, mc_ptr, MCAP, WL, WNL, WR, WNB,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr,
                    D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
                    RG: tl.constexpr, TR: tl.constexpr, TE: tl.constexpr,
                    PK: tl.constexpr, LW: tl.constexpr, NSP: tl.constexpr,
-                   NATIVE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
+                   NATIVE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
+                   WAVE: tl.constexpr = False):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
-    last program of the row-head merges the partials into ``out``."""
+    last program of the row-head merges the partials into ``out``.
+
+    WAVE: retrieved tokens below the row's horizon (header ``HDR_HORIZON``) come
+    from the wave buffer (``ar_ptr``...``WNB``: the :class:`WaveBufferView` of layer
+    ``WL``), with its bookkeeping (:func:`_wave_book`); without it those arguments
+    are dummies, never read, and the horizon is ignored."""
     rh = tl.program_id(0)
     p = tl.program_id(1)
     r = rh // H
@@ -877,25 +980,66 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
     # concatenated and attended TR at a time (positions [start, start + size)).
     n_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
-    for m0 in range(0, n_mine, RG):
-        r_k = p + NS * (m0 + tl.arange(0, RG))
-        r_kok = r_k < n_ret
-        la = _packed(lists_ptr, ix_row, h, r_k, r_kok, H, LW, PK, 2)
-        start = tl.load(la, mask=r_kok, other=0)
-        size = tl.load(la + 1, mask=r_kok, other=0)
-        end = tl.cumsum(size, 0)
-        beg = end - size
-        total = tl.sum(size, 0)
-        r_blk, r_off, r_ok = _retrieved_addr(0, total, beg, end, start, bt_row, S, E, L, BS,
-                                             TR)
-        for t0 in range(0, total, TR):
-            r_kt, r_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off, r_ok, h,
-                                  D, DP)
-            r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, total, beg, end, start,
-                                                       bt_row, S, E, L, BS, TR)
-            m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale, NATIVE,
-                                       PREC)
-            r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
+    if WAVE:
+        # Below the horizon the row's blocks may be released: K/V from the cluster
+        # cache or the arena, keyed by (ibt row, layer, head, logical block).
+        hdr0 = hdr_ptr + blk0 * hdr_s0
+        HZ = tl.where(indexed, tl.minimum(tl.load(hdr0 + _HDR_HZ), E), 0)
+        wrow = tl.load(hdr0 + _HDR_IBT)
+        wrow_ok = (wrow >= 0) & (wrow < WR)
+        kbase = ((tl.where(wrow_ok, wrow, 0).to(tl.int64) * WNL + WL) * H + h) * WNB
+        wnb = tl.where(wrow_ok, WNB, 0)     # (an ibt row outside the view reads nothing)
+        clock = tl.load(clock_ptr)
+        for m0 in range(0, n_mine, RG):
+            w_k = p + NS * (m0 + tl.arange(0, RG))
+            w_kok = w_k < n_ret
+            wla = _packed(lists_ptr, ix_row, h, w_k, w_kok, H, LW, PK, 2)
+            w_start = tl.load(wla, mask=w_kok, other=0)
+            w_size = tl.load(wla + 1, mask=w_kok, other=0)
+            w_end = tl.cumsum(w_size, 0)
+            w_beg = w_end - w_size
+            w_total = tl.sum(w_size, 0)
+            (w_blk, w_off, w_pg, w_slot, w_arow, w_inc, w_ina, w_lead,
+             w_key) = _retrieved_wave(0, w_total, w_beg, w_end, w_start, bt_row, S, E, L,
+                                      HZ, kbase, pr_ptr, ct_ptr, wnb, BS, TR)
+            for t0 in range(0, w_total, TR):
+                w_kt, w_vt = _load_kv_wave(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, w_blk, w_off,
+                                           w_pg, ckv_ptr, ckv_s0, ckv_s1, ckv_s2, w_slot,
+                                           w_inc, ar_ptr, ar_s0, ar_s1, w_arow, w_ina, h, D,
+                                           DP)
+                w_ok = w_pg | w_inc | w_ina
+                (w_blk_n, w_off_n, w_pg_n, w_slot_n, w_arow_n, w_inc_n, w_ina_n, w_lead_n,
+                 w_key_n) = _retrieved_wave(t0 + TR, w_total, w_beg, w_end, w_start, bt_row,
+                                            S, E, L, HZ, kbase, pr_ptr, ct_ptr, wnb,
+                                            BS, TR)
+                w_miss, w_idx = _wave_book(w_slot, w_inc, w_ina, w_lead, clock, stamp_ptr,
+                                           wcnt_ptr, mc_ptr)
+                m_i, l_i, acc = _attend_kv(q, w_kt, w_vt, w_ok, m_i, l_i, acc, scale,
+                                           NATIVE, PREC)
+                _wave_misses(w_miss, w_idx, w_key, mk_ptr, MCAP)
+                w_blk, w_off, w_pg, w_slot, w_arow = w_blk_n, w_off_n, w_pg_n, w_slot_n, \
+                    w_arow_n
+                w_inc, w_ina, w_lead, w_key = w_inc_n, w_ina_n, w_lead_n, w_key_n
+    else:
+        for m0 in range(0, n_mine, RG):
+            r_k = p + NS * (m0 + tl.arange(0, RG))
+            r_kok = r_k < n_ret
+            la = _packed(lists_ptr, ix_row, h, r_k, r_kok, H, LW, PK, 2)
+            start = tl.load(la, mask=r_kok, other=0)
+            size = tl.load(la + 1, mask=r_kok, other=0)
+            end = tl.cumsum(size, 0)
+            beg = end - size
+            total = tl.sum(size, 0)
+            r_blk, r_off, r_ok = _retrieved_addr(0, total, beg, end, start, bt_row, S, E, L,
+                                                 BS, TR)
+            for t0 in range(0, total, TR):
+                r_kt, r_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off, r_ok,
+                                      h, D, DP)
+                r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, total, beg, end, start,
+                                                           bt_row, S, E, L, BS, TR)
+                m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale,
+                                           NATIVE, PREC)
+                r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
     n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
@@ -950,7 +1094,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
                                   sink_end: int, scale: float, out: torch.Tensor,
                                   workspace: DecodeWorkspace,
                                   count_stats: bool = False,
-                                  variance_cap: float = VARIANCE_CORRECTION_CAP) -> torch.Tensor:
+                                  variance_cap: float = VARIANCE_CORRECTION_CAP,
+                                  wave: Optional[WaveBufferView] = None) -> torch.Tensor:
     """Tripartite decode attention of ``B`` ragged rows (semantics: the twin
     :func:`vllm_retro.kernels.reference.paged_decode_attention`); CUDA-graph safe.
 
@@ -966,6 +1111,11 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         count_stats: add this call's statistics to ``workspace.stats``.
         variance_cap: cap of the clusters' variance term (a compile-time constant of
             the score kernel: one variant per value).
+        wave: the layer's wave buffer view: retrieved tokens below each row's
+            horizon (``HDR_HORIZON``) are read from the cluster cache / host arena
+            and the cache's stamps, counters and miss buffer are updated
+            (:mod:`.wave_view`). None: every token through the block table, the
+            horizon ignored (a row with released blocks must not run so).
     Returns ``out``.
     """
     b, hq, d = query.shape
@@ -982,6 +1132,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("the index table must be int32 with contiguous rows")
     if sink_end % bs:
         raise ValueError("sink_end must be a multiple of the block size")
+    if wave is not None:
+        wave.check(kv_cache, h, bs, d)
     if b == 0:
         return out
     fpart, ipart = pool.fpart, pool.ipart
@@ -1026,11 +1178,23 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
         **dep, **_tune("collect", b))
     ns_a = ws.nsplit_attend(b)
+    if wave is not None:
+        w = wave
+        wargs = (w.arena, *w.arena.stride(), w.page_row, w.cache_table, w.cache_kv,
+                 *w.cache_kv.stride(), w.cache_stamp, w.clock,
+                 w.counters, w.miss_keys, w.miss_count, w.miss_capacity, w.layer,
+                 w.num_layers, w.max_requests, w.max_blocks)
+    else:
+        # Never read (WAVE=False): existing tensors of the right pointer types, so
+        # nothing is allocated and the variant is today's kernel.
+        wargs = (kv_cache, 0, 0, ibt, ws.stats, kv_cache, 0, 0, 0, ws.stats, ws.stats,
+                 ws.stats, ws.stats, ws.stats, 0, 0, 0, 0, 0)
     _attend_kernel[(b * h, ns_a)](
         query, *query.stride(), kv_cache, *kv_cache.stride(), fpart, *fpart.stride(),
         *common, ws.logits, ws.lists, ws.counts,
         ws.part_o, ws.part_m, ws.part_l, ws.tickets[1], out, *out.stride(),
-        scale, sb, sink_end, ns_a,
+        scale, sb, sink_end, ns_a, *wargs,
         H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, PK=PACK, LW=LIST_WORDS,
-        NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, **dep, **_tune("attend", b))
+        NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, WAVE=wave is not None, **dep,
+        **_tune("attend", b))
     return out

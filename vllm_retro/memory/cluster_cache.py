@@ -33,6 +33,17 @@ least recently used slot not used in this step (ties: lower slot), while such sl
 remain; the others are not admitted this step. Keys hold the request slot, and
 :meth:`ClusterCache.invalidate_request` drops every entry of a freed request, so a
 request never reads another's pages.
+
+Decode integration (design §8.3 step 2): :meth:`ClusterCache.view` hands a layer's
+addresses and bookkeeping tensors to the attention kernel
+(:class:`~vllm_retro.kernels.wave_view.WaveBufferView`), which does the lookup
+itself: per retrieved page below a row's horizon it reads the cached page (hit:
+stamped, counted) or the arena rows (miss: counted, its key appended to the cache's
+miss buffer). Per decode step the caller then runs, after every layer's attention,
+:meth:`ClusterCache.admit_misses` (admission after use, all layers at once) and
+:meth:`ClusterCache.next_step`. The request slot of the mirror and the cache is the
+request's index-table row (the header's ``HDR_IBT_ROW``): that is the row the
+kernel builds its keys from.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..kernels.wave_view import W_HITS, W_MISSES, WaveBufferView
 from .host_mirror import HostMirror
 
 def _triton_interpreting() -> bool:
@@ -55,8 +67,12 @@ def _triton_interpreting() -> bool:
     return interpreting()
 
 
-# Counter tensor columns.
-C_HITS, C_MISSES, C_ADMITTED, C_EVICTED = 0, 1, 2, 3
+# Counter tensor columns (hits and misses are also what the attention kernel adds
+# to, through the wave buffer view).
+C_HITS, C_MISSES, C_ADMITTED, C_EVICTED = W_HITS, W_MISSES, 2, 3
+# Default capacity of the per-step miss buffer (keys, all layers of a step): 512 KiB;
+# misses past it are counted but not admitted this step (they miss again later).
+DEFAULT_MISS_CAPACITY = 1 << 16
 
 
 class ClusterCache:
@@ -68,10 +84,13 @@ class ClusterCache:
             mirror's table shape; a key is the flat index into it.
         page_tokens: tokens per page (the KV block size).
         head_dim, dtype, device: of the cached K/V.
+        miss_capacity: keys the per-step miss buffer holds (the attention kernel's
+            misses of one step, all layers; see :meth:`view`).
     """
 
     def __init__(self, num_slots: int, key_shape: Tuple[int, int, int, int],
-                 page_tokens: int, head_dim: int, dtype: torch.dtype, device="cpu"):
+                 page_tokens: int, head_dim: int, dtype: torch.dtype, device="cpu",
+                 miss_capacity: int = DEFAULT_MISS_CAPACITY):
         if num_slots <= 0:
             raise ValueError(f"ClusterCache: num_slots must be positive, got {num_slots}")
         self.num_slots = int(num_slots)
@@ -92,12 +111,21 @@ class ClusterCache:
         self.clock = torch.zeros((), dtype=torch.int64, device=device)
         self.counters = torch.zeros(4, dtype=torch.int64, device=device)
         self._slot_ids = torch.arange(s, dtype=torch.int64, device=device)
+        if miss_capacity <= 0:
+            raise ValueError(f"ClusterCache: miss_capacity must be positive, got "
+                             f"{miss_capacity}")
+        # Allocated once (fixed addresses for CUDA graphs), shared by every layer's view.
+        self.miss_keys = torch.full((int(miss_capacity),), -1, dtype=torch.int64,
+                                    device=device)
+        self.miss_count = torch.zeros(1, dtype=torch.int64, device=device)
+        self._miss_ids = torch.arange(int(miss_capacity), dtype=torch.int64, device=device)
 
     @classmethod
-    def for_mirror(cls, mirror: HostMirror, num_slots: int) -> "ClusterCache":
+    def for_mirror(cls, mirror: HostMirror, num_slots: int,
+                   miss_capacity: int = DEFAULT_MISS_CAPACITY) -> "ClusterCache":
         sh = mirror.shape
         return cls(num_slots, (sh.max_requests, sh.num_layers, sh.num_kv_heads, sh.max_blocks),
-                   sh.block_size, sh.head_dim, sh.dtype, mirror.device)
+                   sh.block_size, sh.head_dim, sh.dtype, mirror.device, miss_capacity)
 
     @staticmethod
     def slots_for_bytes(nbytes: int, page_tokens: int, head_dim: int,
@@ -121,6 +149,39 @@ class ClusterCache:
     def next_step(self) -> None:
         """Advances the LRU clock (once per decode step, on the device)."""
         self.clock += 1
+
+    # ------------------------------------------------------------ decode view
+    def view(self, mirror: HostMirror, layer: int) -> WaveBufferView:
+        """Layer ``layer``'s view for the decode attention kernel
+        (:func:`vllm_retro.kernels.paged_decode_attention`'s ``wave``): the
+        mirror's arena and page table, this cache's table, pages, stamps, clock,
+        counters and miss buffer (no copies: the kernel updates the bookkeeping
+        in place). The request slot is the index-table row. Per decode step, after
+        every layer: :meth:`admit_misses`, then :meth:`next_step`."""
+        sh = mirror.shape
+        ks = (sh.max_requests, sh.num_layers, sh.num_kv_heads, sh.max_blocks)
+        if ks != self.key_shape:
+            raise ValueError(f"ClusterCache.view: mirror key shape {ks} != cache "
+                             f"{self.key_shape}")
+        if not 0 <= layer < sh.num_layers:
+            raise ValueError(f"ClusterCache.view: layer {layer} outside "
+                             f"[0, {sh.num_layers})")
+        return WaveBufferView(
+            arena=mirror.arena, page_row=mirror.page_row, cache_table=self.table,
+            cache_kv=self.kv, cache_stamp=self.stamp, clock=self.clock,
+            counters=self.counters, miss_keys=self.miss_keys, miss_count=self.miss_count,
+            layer=int(layer), max_requests=ks[0], num_layers=ks[1], num_kv_heads=ks[2],
+            max_blocks=ks[3])
+
+    def admit_misses(self, mirror: HostMirror) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Admits the page keys the attention kernels recorded as misses this step
+        (all layers), then empties the buffer. Fixed shapes, no host sync: entries
+        at index ``>= miss_count`` are masked to -1 before :meth:`admit` (which
+        drops duplicates, hits and unmirrored pages). Returns :meth:`admit`'s."""
+        keys = torch.where(self._miss_ids < self.miss_count, self.miss_keys, -1)
+        out = self.admit(keys, mirror)
+        self.miss_count.zero_()
+        return out
 
     # ---------------------------------------------------------------- lookup
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
@@ -218,6 +279,9 @@ class ClusterCache:
         self.slot_key.masked_fill_(mine, -1)
         self.stamp.masked_fill_(mine, -1)
         self.table[lo:hi] = -1
+        # Pending misses of the freed slot must not be admitted for its next owner.
+        pend = (self.miss_keys >= lo) & (self.miss_keys < hi)
+        self.miss_keys.masked_fill_(pend, -1)
 
     # ---------------------------------------------------------------- reading
     def read_pages(self, keys: torch.Tensor, mirror: HostMirror,
