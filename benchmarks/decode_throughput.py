@@ -111,7 +111,8 @@ def child(a) -> None:
         # With the wave buffer, requests give their mirrored blocks back after
         # prefill, so batches beyond the KV cache's capacity are the point.
         batches = sorted({b for b in map(int, a.batches.split(","))
-                          if b <= largest or wave} | {largest}) if largest else []
+                          if b <= largest or wave} | (set() if wave else {largest})) \
+            if largest else []
         if a.max_batch:
             batches = [b for b in batches if b <= a.max_batch]
         for b in batches:
