@@ -119,6 +119,7 @@ def child(a) -> None:
             params = SamplingParams(max_tokens=a.output_tokens, ignore_eos=True,
                                     temperature=0.0)
             before = state.stats() if state else None
+            mid = None
             build0 = state.index_build_seconds() if state else 0.0
             ids = []
             for _ in range(b):
@@ -139,6 +140,10 @@ def child(a) -> None:
                     tok_first = sum(got.values())
                 elif t_first is not None:
                     steps_decode += 1
+                    if steps_decode == 1 and state is not None and wave:
+                        # Host memory is sampled while every request decodes: the
+                        # mirrors are freed as requests finish.
+                        mid = state.stats()
             t_end = time.perf_counter()
             dec_tokens = sum(got.values()) - tok_first
             dec_s = t_end - t_first
@@ -163,12 +168,15 @@ def child(a) -> None:
                     # that crossed PCIe per decode step (misses read by attention +
                     # pages admitted, both whole pages).
                     looked = d["cache_hits"] + d["cache_misses"]
-                    pb = after.get("cache_page_bytes", 0)
-                    rec.update(host_gib=after.get("host_bytes_mirrored", 0) / 2**30,
+                    pb = state.cache.page_bytes
+                    mid = mid or after
+                    rec.update(host_gib=mid["host_mirrored_gib"],
+                               host_reserved_gib=mid["host_gib"],
+                               mirrored_requests=mid["mirrored_requests"],
                                cache_hit_rate=d["cache_hits"] / looked if looked else None,
                                pcie_gib_per_step=(d["cache_misses"] + d["cache_admitted"])
                                * pb / 2**30 / max(1, steps_decode),
-                               released_requests=d.get("mirrored_requests"))
+                               mirror_refused=d["mirror_refused"])
                 if d["retro_rows"] == 0:
                     raise SystemExit(f"retro served no decode rows at {ctx}x{b}: {d}")
             recs.append(rec)

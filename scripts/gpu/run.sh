@@ -5,7 +5,7 @@
 #
 #   STAGES="kernels engine kbench throughput" bash scripts/gpu/run.sh
 #
-# Stages: kernels (kernel tests on the GPU), kbench (decode attention per layer vs
+# Stages: kernels (kernel tests on the GPU; KERNEL_TESTS picks files), kbench (decode attention per layer vs
 # FA3), ibuild (index build of one long prompt, profiled; IBUILD_ARGS), sweep
 # (launch parameters of the decode kernels, SWEEP_ARGS), engine (vLLM engine tests
 # under vLLM's defaults; ENGINE_ARGS, e.g. -k isolation), wavebuf (the wave buffer's
@@ -68,7 +68,7 @@ rc=0
 for s in $STAGES; do
   echo "=== stage $s ($(date +%T))"
   case $s in
-    kernels) python3 -m pytest -q -x tests/kernels 2>&1 | tee "$OUT/kernels.log" | tail -15 ;;
+    kernels) python3 -m pytest -q -x ${KERNEL_TESTS:-tests/kernels} 2>&1 | tee "$OUT/kernels.log" | tail -15 ;;
     kbench) python3 benchmarks/decode_kernel_bench.py ${KBENCH_ARGS:-} \
               --out "$OUT/decode_kernel_h200.json" 2>&1 | tee "$OUT/kbench.log" | tail -20 ;;
     ibuild) python3 benchmarks/index_build_bench.py ${IBUILD_ARGS:-} \

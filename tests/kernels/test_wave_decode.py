@@ -130,8 +130,10 @@ def unreleased(wv: Wave, q):
 def check_bookkeeping(wv: Wave, ws, table_before, stamp_before, counters_before):
     """Counters, stamps and miss keys of one kernel call against a plain count."""
     c = wv.cache
+    table_before, stamp_before, counters_before = (
+        t.cpu() for t in (table_before, stamp_before, counters_before))
     hits, misses = [], []
-    rows = wv.mirror.page_row.view(-1)
+    rows = wv.mirror.page_row.view(-1).cpu()
     for r in range(len(wv.sc.rows)):
         for kh in range(H):
             for k in wv.visits(ws, r, kh):
@@ -139,14 +141,15 @@ def check_bookkeeping(wv: Wave, ws, table_before, stamp_before, counters_before)
                     hits.append(int(table_before[k]))
                 elif rows[k] >= 0:
                     misses.append(k)
-    d = (c.counters - counters_before).tolist()
+    d = (c.counters.cpu() - counters_before).tolist()
     assert d[C_HITS] == len(hits) and d[C_MISSES] == len(misses), (d, len(hits), len(misses))
     n = int(c.miss_count)
     assert n == len(misses)
     assert sorted(c.miss_keys[:n].tolist()) == sorted(misses)
-    stamp = c.stamp.clone()
+    stamp = c.stamp.cpu().clone()
+    clock = int(c.clock)
     for s in set(hits):
-        assert stamp[s] == c.clock
+        assert stamp[s] == clock
         stamp[s] = stamp_before[s]
     assert torch.equal(stamp, stamp_before)      # nothing else stamped
     return len(hits), len(misses)
@@ -184,11 +187,12 @@ def test_released_rows_match_unreleased():
     # Without the view the kernel reads the poisoned blocks (what the view prevents).
     td = _td()
     bt, sl = sc.tensors()
-    bad = torch.zeros(5, H * G, D)
+    bad = torch.zeros(5, H * G, D, device=DEV)
     with warnings.catch_warnings():          # (the interpreter warns about the NaNs)
         warnings.simplefilter("ignore", RuntimeWarning)
-        td.paged_decode_attention_triton(q, sc.kv, sc.lay, bt, sl, sc.headers, sc.alloc.ibt,
-                                         sc.pool, sc.S, SCALE, bad, ws)
+        td.paged_decode_attention_triton(q.to(DEV), sc.kv, sc.lay, bt, sl, sc.headers,
+                                         sc.alloc.ibt, sc.pool, sc.S, SCALE, bad, ws)
+    bad = bad.cpu()
     assert torch.isnan(bad[0]).all() and _rel(bad[3], ref[3]) < 2e-3
 
 

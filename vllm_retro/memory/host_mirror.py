@@ -36,6 +36,8 @@ them on that stream. On CPU (tests) the arena is a plain tensor.
 from __future__ import annotations
 
 import bisect
+import ctypes
+import mmap
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -68,17 +70,52 @@ def default_host_budget_bytes(fraction: float = 0.75) -> int:
 def _pinned_arena(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """A page-locked host tensor of exactly this size. Not ``pin_memory=True``:
     torch's pinned allocator rounds every allocation up to a power of two (a
-    100 GiB budget would pin 128 GiB, more than the H200 host's 125 GiB). Ordinary
-    host memory is registered with the driver instead, portable and mapped, so
-    kernels can also read it through its device (UVA) address."""
-    t = torch.empty(rows, cols, dtype=dtype)
+    100 GiB budget would pin 128 GiB, more than the H200 host's 125 GiB). An
+    anonymous mapping is registered with the driver instead, portable and mapped,
+    so kernels can also read it through its device (UVA) address. The mapping is
+    page-aligned: the heap's large blocks start a few bytes into a page, and some
+    drivers refuse to map such a range for the device (cudaErrorInvalidValue)."""
+    es = torch.empty(0, dtype=dtype).element_size()
+    nbytes = rows * cols * es
+    page = mmap.PAGESIZE
+    buf = mmap.mmap(-1, max(page, -(-nbytes // page) * page),
+                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # The tensor keeps the mapping alive (frombuffer holds a reference to it).
+    t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(rows, cols)
     flags = 1 | 2                      # cudaHostRegisterPortable | cudaHostRegisterMapped
-    rc = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(),
-                                                  t.numel() * t.element_size(), flags))
+    rc = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, flags))
     if rc != 0:
-        raise RuntimeError(f"HostMirror: pinning {t.numel() * t.element_size()} B of host "
-                           f"memory failed (cudaError {rc}); lower host_memory_gib")
+        _clear_cuda_error()
+        raise RuntimeError(f"HostMirror: pinning {nbytes} B of host memory failed "
+                           f"(cudaError {rc}); lower host_memory_gib")
     return t
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a refused registration: it is
+    sticky per thread until read, and the next kernel launch anywhere in the
+    process (vLLM's, torch's) would report it as its own failure."""
+    path = None
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                name = line.rsplit(None, 1)[-1]
+                if "libcudart.so" in os.path.basename(name):
+                    path = name
+                    break
+    except OSError:
+        pass
+    if path is not None:
+        try:
+            ctypes.CDLL(path).cudaGetLastError()
+            return
+        except OSError:
+            pass
+    # No shared runtime found (statically linked): a launch check reads and clears it.
+    try:
+        torch.zeros(1, device="cuda").add_(1)
+    except Exception:                                  # noqa: BLE001 (the stale error)
+        pass
 
 
 def _unregister(ptr: int) -> None:
