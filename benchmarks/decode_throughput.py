@@ -129,28 +129,45 @@ def child(a) -> None:
                 rid += 1
             t_start = time.perf_counter()
             got = dict.fromkeys(ids, 0)
-            t_first = None
-            steps_decode = 0
+            t_first = t_win = None
+            steps_decode = steps_win = 0
+            finished_early = False
+            steps_any = 0        # steps with at least one decode row
             while eng.has_unfinished_requests():
+                steps_any += any(v >= 2 for v in got.values())
                 outs = eng.step()
                 for o in outs:
                     got[o.request_id] = len(o.outputs[0].token_ids)
+                done = any(v >= a.output_tokens for v in got.values())
                 if t_first is None and all(v >= 2 for v in got.values()):
                     t_first = time.perf_counter()
                     tok_first = sum(got.values())
+                    finished_early = done
                 elif t_first is not None:
                     steps_decode += 1
                     if steps_decode == 1 and state is not None and wave:
                         # Host memory is sampled while every request decodes: the
                         # mirrors are freed as requests finish.
                         mid = state.stats()
+                    if t_win is None and done:
+                        # The window in which all b requests decode together ends
+                        # with the first finish (requests admitted later, e.g. into
+                        # blocks the wave buffer released, finish later).
+                        t_win, tok_win, steps_win = time.perf_counter(), sum(got.values()), \
+                            steps_decode
             t_end = time.perf_counter()
-            dec_tokens = sum(got.values()) - tok_first
-            dec_s = t_end - t_first
+            if t_win is None or finished_early:
+                t_win, tok_win, steps_win = t_end, sum(got.values()), steps_decode
+            dec_tokens = tok_win - tok_first
+            dec_s = t_win - t_first
             rec = dict(backend=(a.label or a.backend) if a.backend == "retro" else a.backend,
                        context=ctx, batch=b,
                        decode_tok_s=dec_tokens / dec_s if dec_s > 0 else None,
-                       tpot_ms=1e3 * dec_s / max(1, steps_decode),
+                       tpot_ms=1e3 * dec_s / max(1, steps_win),
+                       decode_steps=steps_win,
+                       # False: a request finished before the last one decoded, so
+                       # no step ran all b together (output_tokens too short).
+                       concurrent=not finished_early,
                        prefill_s=t_first - t_start,
                        peak_gpu_gib=gpu_used_gib(),
                        kv_capacity_tokens=capacity, largest_batch=largest)
@@ -163,7 +180,7 @@ def child(a) -> None:
                            estimated_fraction=d["estimated_tokens"] / ctx_tok,
                            index_build_s=(state.index_build_seconds() - build0) / b)
                 if "cache_hits" in d:
-                    # The wave buffer: host memory held at the end of the batch, the
+                    # The wave buffer: host memory held while all requests decode, the
                     # cluster cache's hit rate over its page reads, and the bytes
                     # that crossed PCIe per decode step (misses read by attention +
                     # pages admitted, both whole pages).
@@ -175,7 +192,7 @@ def child(a) -> None:
                                mirrored_requests=mid["mirrored_requests"],
                                cache_hit_rate=d["cache_hits"] / looked if looked else None,
                                pcie_gib_per_step=(d["cache_misses"] + d["cache_admitted"])
-                               * pb / 2**30 / max(1, steps_decode),
+                               * pb / 2**30 / max(1, steps_any),
                                mirror_refused=d["mirror_refused"])
                 if d["retro_rows"] == 0:
                     raise SystemExit(f"retro served no decode rows at {ctx}x{b}: {d}")
