@@ -331,3 +331,24 @@ def test_wave_counters_reach_the_metrics_payload(wave_header):
         mgr.cache.page_bytes
     red = RetroConnectorStats({"workers": {"0": {"seq": 1, "values": snap}}}).reduce()
     assert 0 < red["wave_cache_hit_rate"] < 1 and red["wave_mirror_refused"] == 0
+
+
+def test_auto_index_pool_covers_the_mirrored_tokens():
+    """The automatic index pool adds, with the wave buffer, the index (and decode
+    scratch) of every token the host budget can mirror: a page of the pool per
+    block of KV the mirror holds, on top of the share sized for the KV cache."""
+    from vllm_retro.backend.gpu import index_pool_auto_bytes
+    from vllm_retro.config import INDEX_POOL_AUTO_FRACTION
+    from vllm_retro.kernels.triton_decode import DecodeWorkspace
+    lay = PagedIndexLayout(8, 128, 16, torch.bfloat16)
+    layers, hq = 32, 32
+    usable = 128 * 2**30
+    base = index_pool_auto_bytes(usable, lay, layers, hq)
+    assert base == pytest.approx(INDEX_POOL_AUTO_FRACTION * usable)
+    host = 100 * 2**30
+    per_page = lay.index_bytes * layers + DecodeWorkspace.page_bytes(8, 4)
+    extra = index_pool_auto_bytes(usable, lay, layers, hq, host) - base
+    blocks = host // (16 * 8 * 128 * 2 * 2 * layers)        # 16 tokens of K and V, bf16
+    assert extra == pytest.approx(blocks * per_page)
+    # Llama-3-8B shape: 100 GiB of host mirror hold ~800K tokens, whose index is ~10 GiB.
+    assert 9.5 * 2**30 < extra < 11 * 2**30

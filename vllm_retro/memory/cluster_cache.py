@@ -212,7 +212,7 @@ class ClusterCache:
         the caller fills ``kv[slots[i]]`` from ``arena[rows[i]:]`` before any lookup
         reads them (fused admission: the kernel that reads a missed page from the
         arena also writes it into its slot, so a miss crosses PCIe once)."""
-        keys = keys.reshape(-1)
+        keys = keys.reshape(-1).to(self.table.device)
         n, s = keys.numel(), self.num_slots
         if n == 0:
             return keys.clone(), keys.clone()
