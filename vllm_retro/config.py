@@ -151,10 +151,12 @@ class RetroConfig:
             pool page. 0 (the default) sizes it automatically:
             :data:`INDEX_POOL_AUTO_FRACTION` of the memory vLLM may use
             (``gpu_memory_utilization`` x device memory), about what the former
-            in-page index took (9.5% of the KV). Allocated when the attention layers
-            are built, before vLLM measures free memory, so vLLM sizes its KV cache
-            around it. A request that finds the pool full is not indexed (attended
-            exactly) and counted (``index_pool_full``).
+            in-page index took (9.5% of the KV), plus, with ``wave_buffer``, the index
+            of the tokens the host mirror holds (mirrored requests release their KV
+            blocks, not their index). Allocated when the attention layers are built,
+            before vLLM measures free memory, so vLLM sizes its KV cache around it. A
+            request that finds the pool full is not indexed (attended exactly) and
+            counted (``index_pool_full``).
         log_stats_interval_s: seconds between the vLLM backend's stats log lines
             (decode calls, tokens read, live requests, index memory); 0 turns them off.
     """
