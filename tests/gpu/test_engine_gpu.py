@@ -209,6 +209,41 @@ def test_wave_buffer_releases_blocks_and_keeps_outputs(tiny_model):
     assert_same_or_near_tie(got, want)
 
 
+def test_cluster_cache_moves_bytes_not_results(tiny_model):
+    """The default budget with the wave buffer, the same requests and KV cache twice:
+    a cluster cache that holds every page (hits after the first visit) and one of a
+    few pages (nearly every visit a miss, read zero-copy from pinned host memory)
+    give the same tokens, token for token: the cache moves bytes, the arithmetic and
+    the schedule are the same. Afterwards the host mirror holds nothing (pinned
+    memory returned on finish)."""
+    from vllm_retro.offline import close_llm
+    prompts = text_prompts(tiny_model, WAVE_LENGTHS, offset=40000)
+    runs = {}
+    for name, gib in (("large", 0.25), ("few pages", 2e-5)):
+        opts = dict(SMALL, wave_buffer=True, host_memory_gib=0.5, cluster_cache_gib=gib)
+        llm = gpu_llm(tiny_model, "retro", opts, max_model_len=2048,
+                      num_gpu_blocks_override=WAVE_BLOCKS)
+        try:
+            mgr = manager(llm)
+            toks = generate_tokens(llm, prompts, WAVE_TOKENS)
+            st = mgr.stats()
+            left = mgr.mirror.bytes_reserved(), mgr.mirror.request_slots()
+            slots = mgr.cache.num_slots
+        finally:
+            close_llm(llm)
+        print(f"cluster cache {name} ({slots} pages): hits {st['cache_hits']}, misses "
+              f"{st['cache_misses']}, admitted {st['cache_admitted']}, evicted "
+              f"{st['cache_evicted']}; {st['mirrored_requests']} mirrored at the end")
+        assert st["retro_rows"] > 0 and st["dense_rows"] == 0
+        assert st["mirror_refused"] == 0 and st["index_pool_full"] == 0
+        assert left == (0, ()), f"host mirror not returned: {left}"
+        runs[name] = (toks, st)
+    (big, sb), (small, ss) = runs["large"], runs["few pages"]
+    assert sb["cache_hits"] > ss["cache_hits"] and ss["cache_misses"] > sb["cache_misses"]
+    assert ss["cache_evicted"] > 0
+    assert big == small
+
+
 def test_starts_under_defaults(retro_full):
     cfg = retro_full.llm_engine.vllm_config
     assert cfg.kv_transfer_config.kv_connector == "RetroConnector"
