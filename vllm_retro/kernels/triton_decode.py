@@ -852,7 +852,7 @@ def _retrieved_wave(t0, total, beg, end, start, bt_row, ix_row, S, SB, E, L, HZ,
     valid = (t < total) & (pos >= S) & (pos < E) & (pos < L)
     paged = valid & (pos >= HZ)
     kb = tl.load(bt_row + pos // BS, mask=paged, other=0).to(tl.int64)
-    below = valid & (pos < HZ) & (WP > 0)
+    below = valid & (pos < tl.where(WP > 0, HZ, 0))    # (WP 0: nothing below HZ)
     # pos >= S, so the entry index pos // BS - SB is >= 0 and (pos < E) below the
     # row's page count: the row's own pages, never a stale column.
     pg = tl.load(ix_row + (pos // BS - SB), mask=below, other=-1).to(tl.int64)
