@@ -5,8 +5,9 @@ the host mirror right after the build, publishes the mirrored end as the row's
 horizon (header word ``HDR_HORIZON``), reports it to vLLM's scheduler through the
 worker's ``MirrorReporter``, and frees the mirror and the cluster cache's entries
 when the request leaves (by its index-pool pages, the device tables' keys, before
-the pages go back to the allocator). Driven like ``tests/test_index_pool.py``'s manager tests:
-the connector's step metadata, K/V written into the layers' caches as prefill does.
+the pages go back to the allocator). Driven like ``tests/test_index_pool.py``'s
+manager tests: the connector's step metadata, K/V written into the layers' caches
+as prefill does.
 """
 
 import math
@@ -111,7 +112,8 @@ def _check_mirror_equals_pages(mgr, e):
                 p = torch.arange(b * BS, (b + 1) * BS)
                 assert torch.equal(m.arena[r:r + BS], kv[bt[p // BS], h, p % BS])
         above = pages[e.mirrored_end // BS - s:]
-        assert (m.page_row[above, li] == -1).all() and (m.cluster_addr[above, li] == 0).all()
+        assert (m.page_row[above, li] == -1).all()
+        assert (m.cluster_addr[above, li] == 0).all()
 
 
 def test_mirror_horizon_and_report_follow_the_index(wave_header):

@@ -5,8 +5,8 @@ a hit, host arena on a miss), never through vLLM's block table.
 Each test builds real indexes (``Scene`` of the decode tests: ragged rows, shuffled
 pool pages and index-table rows), mirrors the clustered zone below each row's
 horizon with :meth:`HostMirror.mirror_segment` (request slot = the row's ibt row,
-keys = its pool pages, layer 1 of 2), then *poisons* the released blocks (NaN, or another request's K/V,
-as when vLLM hands them on) and compares: the twin with the view against the twin
+keys = its pool pages, layer 1 of 2), then *poisons* the released blocks (NaN, or
+another request's K/V, as when vLLM hands them on) and compares: the twin with the view against the twin
 on the clean cache without it (bit for bit), the Triton kernel (interpreted on CPU)
 against the twin, and the kernel's cache bookkeeping against a plain-Python count of
 (row, head, cluster, page) visits made from the kernel's own selection lists.
@@ -426,7 +426,8 @@ def test_public_op_and_view_validation(monkeypatch):
     # A view consistent in itself but keyed by another page count than the pool's.
     p2 = v.num_pages + 1
     other = dataclasses.replace(
-        v, num_pages=p2, page_row=torch.full((p2, NL, H), -1, dtype=torch.int32, device=DEV),
+        v, num_pages=p2,
+        page_row=torch.full((p2, NL, H), -1, dtype=torch.int32, device=DEV),
         cache_table=torch.full((p2 * NL * H + 1,), -1, dtype=torch.int64, device=DEV))
     with pytest.raises(ValueError, match="pool pages"):
         K.paged_decode_attention(q.to(DEV), *args, wave=other)

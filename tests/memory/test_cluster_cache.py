@@ -1,7 +1,7 @@
 """The wave buffer's GPU cluster cache on CPU tensors: its batched device-side LRU
 against a plain-Python model of the same policy (exact hits, misses, victims and
-contents), isolation of pool pages reused by another request, and reads through the cache equal to reads from the
-host mirror of a real paged index (float64)."""
+contents), isolation of pool pages reused by another request, and reads through
+the cache equal to reads from the host mirror of a real paged index (float64)."""
 
 import math
 import random

@@ -98,7 +98,8 @@ def test_mirror_is_cluster_contiguous_and_equals_the_paged_cache():
     layers = [_indexed(lay, L, seed, originals=orig) for seed in (1, 2)]
     shape = MirrorShape.for_layout(lay, max_requests=3, num_layers=2, num_pages=80)
     m = HostMirror(shape, 4 * L * shape.bytes_per_token())
-    assert tuple(m.page_row.shape) == (80, 2, 2) and tuple(m.cluster_addr.shape) == (80, 2, 2, 2)
+    assert tuple(m.page_row.shape) == (80, 2, 2)
+    assert tuple(m.cluster_addr.shape) == (80, 2, 2, 2)
     segs = layers[0][2]
     clustered = segs[-1][1] - segs[0][0]
     m.reserve(2, clustered // 2)          # half: the rest goes to a second extent

@@ -18,12 +18,12 @@ kernel reads a retrieved cluster's token at logical position ``pos`` from:
 
 with the flat key ``key = (page * num_layers + layer) * H + head``, where ``page =
 ibt[row, pos // bs - sink_end // bs]`` is the index-pool page of the position's
-logical block (``row``: the header's ``HDR_IBT_ROW``; ``page`` outside ``[0, P)``: no
-page, read as not mirrored). Keyed by pool page, not by (request slot, logical block): every
-mirrored block below a horizon has a pool page of its own, so the tables cost
-20 B per (pool page, layer, KV head), independent of ``max_num_seqs`` and
-``max_model_len``. A pool page goes to another request once its own leaves, so
-the owner clears a leaving request's pages in the mirror and the cache before
+logical block (``row``: the header's ``HDR_IBT_ROW``; a page outside ``[0, P)``:
+no page, read as not mirrored). Keyed by pool page, not by (request slot, logical
+block): every mirrored block below a horizon has a pool page of its own, so the
+tables cost 20 B per (pool page, layer, KV head), independent of ``max_num_seqs``
+and ``max_model_len``. A pool page goes to another request once its own leaves,
+so the owner clears a leaving request's pages in the mirror and the cache before
 the allocator can hand them on (``ClusterCache.invalidate_pages``).
 
 Bookkeeping (in the attention kernel, once per visit of a page by a retrieved

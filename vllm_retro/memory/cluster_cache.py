@@ -4,9 +4,9 @@ Unit: a **page** of the cluster-ordered mirror (:mod:`.host_mirror`): the
 ``block_size`` (16) tokens of one (request, layer, KV head) at the positions of one
 logical block (cluster-ordered per head by the index build), i.e. 16 consecutive
 rows of the mirror, which is a run of whole and partial clusters. A page is named
-by the index-pool page of its logical block (``ibt[row, block - sink_end / bs]``). A retrieved
-cluster of ``s`` tokens starting at logical position ``a`` is read from pages
-``a // 16 .. (a + s - 1) // 16``. Why pages and not one slot per cluster:
+by the index-pool page of its logical block (``ibt[row, block - sink_end / bs]``).
+A retrieved cluster of ``s`` tokens starting at logical position ``a`` is read from
+the pages of blocks ``a // 16 .. (a + s - 1) // 16``. Why pages and not one slot per cluster:
 
 * fixed-size slots with no waste inside them: every mirrored token is in exactly
   one page, whereas cluster sizes vary (k-means gives 1 to hundreds of tokens for a
@@ -130,7 +130,8 @@ class ClusterCache:
     def for_mirror(cls, mirror: HostMirror, num_slots: int,
                    miss_capacity: int = DEFAULT_MISS_CAPACITY) -> "ClusterCache":
         sh = mirror.shape
-        return cls(num_slots, (sh.num_pages, sh.num_layers, sh.num_kv_heads), sh.block_size, sh.head_dim, sh.dtype, mirror.device, miss_capacity)
+        return cls(num_slots, (sh.num_pages, sh.num_layers, sh.num_kv_heads), sh.block_size,
+                   sh.head_dim, sh.dtype, mirror.device, miss_capacity)
 
     @staticmethod
     def slots_for_bytes(nbytes: int, page_tokens: int, head_dim: int,
