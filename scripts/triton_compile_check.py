@@ -103,24 +103,26 @@ def decode_launches() -> None:
             # the cluster cache / host arena; the other kernels are the same).
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool,
                                              sink_end(RetroConfig(), bs), 0.1, out, ws,
-                                             count_stats=True, wave=_wave_view(lay, dtype))
+                                             count_stats=True,
+                                             wave=_wave_view(lay, dtype, pool.num_pages))
 
 
-def _wave_view(lay, dtype):
-    """A small wave buffer view of the layout (CPU tensors: nothing runs)."""
+def _wave_view(lay, dtype, num_pages):
+    """A small wave buffer view of the layout, keyed by the pool's ``num_pages``
+    (CPU tensors: nothing runs)."""
     from vllm_retro.kernels.wave_view import WaveBufferView
-    r, nl, nb, slots = 4, 2, 32, 8
+    p, nl, slots = num_pages, 2, 8
     h, bs, d = lay.num_kv_heads, lay.block_size, lay.head_dim
     i64 = torch.int64
     return WaveBufferView(
         arena=torch.zeros(64, 2 * d, dtype=dtype),
-        page_row=torch.full((r, nl, h, nb), -1, dtype=torch.int32),
-        cache_table=torch.full((r * nl * h * nb + 1,), -1, dtype=i64),
+        page_row=torch.full((p, nl, h), -1, dtype=torch.int32),
+        cache_table=torch.full((p * nl * h + 1,), -1, dtype=i64),
         cache_kv=torch.zeros(slots + 1, bs, 2 * d, dtype=dtype),
         cache_stamp=torch.zeros(slots + 1, dtype=i64), clock=torch.zeros((), dtype=i64),
         counters=torch.zeros(4, dtype=i64), miss_keys=torch.zeros(16, dtype=i64),
-        miss_count=torch.zeros(1, dtype=i64), layer=1, max_requests=r, num_layers=nl,
-        num_kv_heads=h, max_blocks=nb)
+        miss_count=torch.zeros(1, dtype=i64), layer=1, num_pages=p, num_layers=nl,
+        num_kv_heads=h)
 
 
 def build_launches() -> None:

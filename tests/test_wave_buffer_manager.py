@@ -4,8 +4,10 @@
 the host mirror right after the build, publishes the mirrored end as the row's
 horizon (header word ``HDR_HORIZON``), reports it to vLLM's scheduler through the
 worker's ``MirrorReporter``, and frees the mirror and the cluster cache's entries
-when the request leaves. Driven like ``tests/test_index_pool.py``'s manager tests:
-the connector's step metadata, K/V written into the layers' caches as prefill does.
+when the request leaves (by its index-pool pages, the device tables' keys, before
+the pages go back to the allocator). Driven like ``tests/test_index_pool.py``'s
+manager tests: the connector's step metadata, K/V written into the layers' caches
+as prefill does.
 """
 
 import math
@@ -30,14 +32,14 @@ class _Cfg(SimpleNamespace):
     """A VllmConfig stand-in that takes weak references (reporter_for needs them)."""
 
 
-def _manager(**opts):
+def _manager(max_num_seqs=4, max_model_len=4096, **opts):
     from vllm_retro.backend.gpu import PagedIndexManager
     cfg = _Cfg(
         additional_config={"retro": dict(OPTS, **opts)},
         compilation_config=SimpleNamespace(max_cudagraph_capture_size=0),
-        scheduler_config=SimpleNamespace(max_num_seqs=4),
+        scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
         model_config=SimpleNamespace(get_num_attention_heads=lambda pc: H * G,
-                                     max_model_len=4096),
+                                     max_model_len=max_model_len),
         parallel_config=SimpleNamespace(rank=0))
     mgr = PagedIndexManager(cfg, RequestTable())
     lay = PagedIndexLayout(H, D, BS, torch.float64)
@@ -88,27 +90,30 @@ def _blocks(first, L):
 
 def _check_mirror_equals_pages(mgr, e):
     """Every mirrored cluster's rows and every mirrored page equal the (cluster-
-    ordered) paged K/V at their positions, bit for bit; nothing above the mirrored
-    end is addressed."""
+    ordered) paged K/V at their positions, bit for bit (the tables keyed by the
+    blocks' pool pages); none of the request's pages above the mirrored end is
+    addressed."""
     m, row, s = mgr.mirror, e.ibt_row, mgr.sink_end // BS
     pages = mgr.index_alloc.pages_of(row)
     bt = torch.tensor(e.blocks)
     for li, (name, kv) in enumerate(mgr.kv_caches.items()):
         pool = mgr.pools[name]
         for b in range(s, e.mirrored_end // BS):
+            pg = pages[b - s]
             for h in range(H):
-                first, size = m.cluster_addr[row, li, h, b].tolist()
-                ent = pool.ipart[pages[b - s], h]
+                first, size = m.cluster_addr[pg, li, h].tolist()
+                ent = pool.ipart[pg, h]
                 assert size == int(ent[I_SIZE])
                 if size:
                     p = torch.arange(int(ent[I_START]), int(ent[I_START]) + size)
                     assert torch.equal(m.arena[first:first + size],
                                        kv[bt[p // BS], h, p % BS])
-                r = int(m.page_row[row, li, h, b])
+                r = int(m.page_row[pg, li, h])
                 p = torch.arange(b * BS, (b + 1) * BS)
                 assert torch.equal(m.arena[r:r + BS], kv[bt[p // BS], h, p % BS])
-        assert (m.page_row[row, li, :, e.mirrored_end // BS:] == -1).all()
-        assert (m.page_row[row, li, :, :s] == -1).all()       # sinks stay paged
+        above = pages[e.mirrored_end // BS - s:]
+        assert (m.page_row[above, li] == -1).all()
+        assert (m.cluster_addr[above, li] == 0).all()
 
 
 def test_mirror_horizon_and_report_follow_the_index(wave_header):
@@ -173,19 +178,22 @@ def test_refused_mirror_stays_resident_and_is_counted(wave_header):
     assert mgr.stats()["mirror_refused"] == 1
 
 
-def _cache_entries(mgr, row):
+def _cache_entries(mgr, pages):
+    """(slots holding, table entries of) keys of the pool ``pages``."""
     c = mgr.cache
     per = c.num_keys // c.key_shape[0]
-    mine = (c.slot_key >= row * per) & (c.slot_key < (row + 1) * per)
-    return int(mine.sum()), int((c.table[row * per:(row + 1) * per] >= 0).sum())
+    pages = torch.as_tensor(list(pages), dtype=torch.long)
+    mine = torch.isin(c.slot_key.div(per, rounding_mode="floor"), pages) & (c.slot_key >= 0)
+    return int(mine.sum()), int((c.table[:-1].view(-1, per)[pages] >= 0).sum())
 
 
 def _admit_all(mgr, row):
-    """Puts pages of ``row`` into the cluster cache (as admission after a step)."""
+    """Puts every page of ``row`` (all layers and heads) into the cluster cache (as
+    admission after a step)."""
     c, sh = mgr.cache, mgr.mirror.shape
-    keys = c.keys(row, torch.arange(sh.num_layers).view(-1, 1, 1),
-                  torch.arange(sh.num_kv_heads).view(1, -1, 1),
-                  torch.arange(sh.max_blocks).view(1, 1, -1)).reshape(-1)
+    pages = torch.tensor(mgr.index_alloc.pages_of(row))
+    keys = c.keys(pages.view(-1, 1, 1), torch.arange(sh.num_layers).view(1, -1, 1),
+                  torch.arange(sh.num_kv_heads).view(1, 1, -1)).reshape(-1)
     c.admit(keys, mgr.mirror)
     c.next_step()
 
@@ -197,8 +205,11 @@ def test_remove_frees_mirror_cache_and_horizon(wave_header, how):
     ba = _blocks(1, L)
     _prefill(mgr, "a", ba, L, seed=1)
     row = mgr.requests.entries["a"].ibt_row
+    pages = mgr.index_alloc.pages_of(row)
     _admit_all(mgr, row)
-    assert _cache_entries(mgr, row)[0] > 0 and mgr.mirror.bytes_reserved() > 0
+    assert _cache_entries(mgr, pages)[0] > 0 and mgr.mirror.bytes_reserved() > 0
+    mgr.cache.miss_keys[:3] = mgr.cache.keys(pages[0], 0, torch.arange(H).tolist() + [0])
+    mgr.cache.miss_count.fill_(3)                 # misses of a pending at removal
     if how == "restarted":               # resumed from token 0 with new blocks
         mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("a", True, _blocks(100, L),
                                                              0, L)]))
@@ -207,28 +218,55 @@ def test_remove_frees_mirror_cache_and_horizon(wave_header, how):
                                       num_preempted=int(how == "preempted")))
     assert mgr.mirror.bytes_reserved() == 0 and mgr.mirror.request_slots() == ()
     assert mgr.mirror.alloc.num_free_extents == 1
-    assert _cache_entries(mgr, row) == (0, 0)
-    assert (mgr.mirror.page_row[row] == -1).all() and (mgr.mirror.cluster_addr[row] == 0).all()
+    assert _cache_entries(mgr, pages) == (0, 0)
+    assert (mgr.cache.miss_keys[:3] == -1).all()
+    assert (mgr.mirror.page_row == -1).all() and (mgr.mirror.cluster_addr == 0).all()
     assert mgr.reporter.horizon("a") == 0
     assert int(mgr.headers[ba[0], wave_header]) == 0
     assert mgr.index_alloc.free_rows == mgr.index_alloc.num_rows
 
 
-def test_reused_row_does_not_see_the_previous_mirror(wave_header):
-    """Request a (long) finishes; c gets a's index-table row and is shorter: the
-    row's mirror and cache hold c's K/V only, nothing of a's beyond c's zone."""
+def test_reused_row_and_pages_do_not_see_the_previous_mirror(wave_header):
+    """Request a (long) finishes with its pages cached; c gets a's index-table row
+    and pool pages and is shorter: those pages' mirror and cache entries hold c's
+    K/V only, and a's pages c did not get are unmirrored and uncached."""
     mgr = _wave_manager()
     _prefill(mgr, "a", _blocks(1, 1400), 1400, seed=1)
     row = mgr.requests.entries["a"].ibt_row
+    pages_a = mgr.index_alloc.pages_of(row)
     _admit_all(mgr, row)
+    assert _cache_entries(mgr, pages_a)[0] > 0
     mgr.on_step(RetroStepMetadata(finished=["a"]))
     bc = list(reversed(_blocks(1, 600)))                # a's block ids, reused
     _prefill(mgr, "c", bc, 600, seed=3)
     c = mgr.requests.entries["c"]
+    pages_c = mgr.index_alloc.pages_of(c.ibt_row)
     assert c.ibt_row == row and c.mirror == "on"
-    assert _cache_entries(mgr, row) == (0, 0)
+    assert pages_c and set(pages_c) <= set(pages_a)     # a's pool pages, reused
+    assert _cache_entries(mgr, pages_a) == (0, 0)
     _check_mirror_equals_pages(mgr, c)                  # c's K/V, nothing beyond
+    rest = sorted(set(pages_a) - set(pages_c))
+    assert rest and (mgr.mirror.page_row[rest] == -1).all()
     assert mgr.mirror.bytes_mirrored() == (c.mirrored_end - mgr.sink_end) * TOKEN_BYTES
+
+
+def test_address_tables_are_sized_by_the_pool_only():
+    """The mirror's and the cache's device tables have one entry per (pool page,
+    layer, KV head): the same whatever max_num_seqs and max_model_len (which size
+    the index table and the mirror's host slots only)."""
+    shapes = []
+    for seqs, max_len in ((1, 1024), (4, 4096), (64, 1 << 20)):
+        mgr = _wave_manager(max_num_seqs=seqs, max_model_len=max_len)
+        p = mgr.index_alloc.num_pages
+        assert p == mgr.pools[mgr.first_layer].num_pages
+        assert mgr.index_alloc.max_pages == max_len // BS
+        assert tuple(mgr.mirror.page_row.shape) == (p, LAYERS, H)
+        assert tuple(mgr.mirror.cluster_addr.shape) == (p, LAYERS, H, 2)
+        assert mgr.cache.table.numel() == p * LAYERS * H + 1
+        v = mgr.wave_views[mgr.first_layer]
+        assert (v.num_pages, v.num_layers, v.num_kv_heads) == (p, LAYERS, H)
+        shapes.append((p, mgr.cache.table.numel()))
+    assert len(set(shapes)) == 1
 
 
 def test_released_request_refuses_a_multi_token_query(wave_header):
@@ -323,8 +361,8 @@ def test_wave_counters_reach_the_metrics_payload(wave_header):
     mgr = _wave_manager()
     _prefill(mgr, "a", _blocks(1, 900), 900, seed=1)
     _admit_all(mgr, mgr.requests.entries["a"].ibt_row)
-    mgr.cache.lookup(mgr.cache.keys(mgr.requests.entries["a"].ibt_row, 0, 0,
-                                    torch.arange(0, 8)))
+    pages = mgr.index_alloc.pages_of(mgr.requests.entries["a"].ibt_row)
+    mgr.cache.lookup(mgr.cache.keys(torch.tensor(pages + list(range(NB - 8, NB))), 0, 0))
     snap = gpu_snapshot(mgr)
     assert snap["cache_admitted"] > 0 and snap["cache_hits"] > 0 and snap["cache_misses"] > 0
     assert snap["pcie_bytes"] == (snap["cache_misses"] + snap["cache_admitted"]) * \

@@ -5,8 +5,8 @@ a hit, host arena on a miss), never through vLLM's block table.
 Each test builds real indexes (``Scene`` of the decode tests: ragged rows, shuffled
 pool pages and index-table rows), mirrors the clustered zone below each row's
 horizon with :meth:`HostMirror.mirror_segment` (request slot = the row's ibt row,
-layer 1 of 2), then *poisons* the released blocks (NaN, or another request's K/V,
-as when vLLM hands them on) and compares: the twin with the view against the twin
+keys = its pool pages, layer 1 of 2), then *poisons* the released blocks (NaN, or
+another request's K/V, as when vLLM hands them on) and compares: the twin with the view against the twin
 on the clean cache without it (bit for bit), the Triton kernel (interpreted on CPU)
 against the twin, and the kernel's cache bookkeeping against a plain-Python count of
 (row, head, cluster, page) visits made from the kernel's own selection lists.
@@ -40,7 +40,7 @@ class Wave:
 
     def __init__(self, sc: Scene, num_slots: int = 64, miss_capacity: int = 4096):
         self.sc = sc
-        shape = MirrorShape(11, NL, H, D, BS, sc.max_blocks, sc.lay.dtype)
+        shape = MirrorShape(11, NL, H, D, BS, sc.pool.num_pages, sc.lay.dtype)
         self.mirror = HostMirror(shape, 4 << 20, device=DEV, pin=DEV == "cuda")
         self.cache = ClusterCache.for_mirror(self.mirror, num_slots, miss_capacity)
         self.view = self.cache.view(self.mirror, LAYER)
@@ -53,10 +53,17 @@ class Wave:
     def irow(self, r):
         return int(self.hdr(r)[HDR_IBT_ROW])
 
+    def key(self, irow, head, block):
+        """The view's key of logical block ``block`` of ibt row ``irow``: its pool
+        page's (what the kernel computes from the index table)."""
+        page = int(self.sc.alloc.ibt[irow, block - self.sc.S // BS])
+        return self.view.key(page, head)
+
     def release(self, horizons: dict, poison: dict = None):
         """Mirrors rows' zones ``[S, horizon)``, writes the horizons into the headers,
-        keeps a clean copy of the cache, then poisons the released blocks: NaN, or
-        (``poison[r] = r2``) row r2's blocks' contents."""
+        keeps a clean copy of the cache (of these rows' blocks on later calls), then
+        poisons the released blocks: NaN, or (``poison[r] = r2``) row r2's blocks'
+        contents."""
         sc, S = self.sc, self.sc.S
         for r, hz in horizons.items():
             E = int(self.hdr(r)[HDR_CLUSTERED_END])
@@ -68,7 +75,12 @@ class Wave:
                 pages = sc.alloc.ibt[ir, :(hz - S) // BS]
                 self.mirror.mirror_segment(ir, LAYER, sc.kv, sc.lay,
                                            sc.rows[r][1].long().to(DEV), S, hz, sc.pool, pages)
-        self.clean = sc.cpu_cache()
+        if self.clean is None:
+            self.clean = sc.cpu_cache()
+        else:
+            for r in horizons:
+                blocks = sc.rows[r][1].long()
+                self.clean[blocks] = sc.kv[blocks.to(DEV)].cpu()
         for r, hz in horizons.items():
             if hz <= S:
                 continue
@@ -95,7 +107,7 @@ class Wave:
         for start, size in selection(self.sc, ws, r, kh)[0]:
             pages = sorted({p // BS for p in range(start, start + size)
                             if self.sc.S <= p < min(E, L, hz)})
-            out += [self.view.key(self.irow(r), kh, pg) for pg in pages]
+            out += [self.key(self.irow(r), kh, pg) for pg in pages]
         return out
 
 
@@ -211,8 +223,8 @@ def test_steps_with_partial_and_evicting_cache():
     wv.release({0: E0, 1: E1 - 2 * BS})
     c = wv.cache
     ir0, ir1 = wv.irow(0), wv.irow(1)
-    wv.admit([wv.view.key(ir0, 0, b) for b in range(sc.S // BS, sc.S // BS + 4)]
-             + [wv.view.key(ir1, 1, sc.S // BS + 3)])
+    wv.admit([wv.key(ir0, 0, b) for b in range(sc.S // BS, sc.S // BS + 4)]
+             + [wv.key(ir1, 1, sc.S // BS + 3)])
     c.next_step()
     assert int(c.counters[C_ADMITTED]) == 5
     td = _td()
@@ -262,7 +274,8 @@ def test_miss_buffer_overflow_drops_keys_but_counts():
 
 def test_rows_sharing_layer_head_block_are_isolated():
     """Two requests have pages at the same (layer, head, logical block); only their
-    ibt rows (the key's request slot) differ. The cache holds every page of B and
+    ibt rows, hence their pool pages (the key's page), differ. The cache holds every
+    page of B and
     none of A; A's released blocks hold B's K/V, B's are NaN: A still reads its own
     arena rows, B its cached pages."""
     torch.manual_seed(24)
@@ -274,11 +287,11 @@ def test_rows_sharing_layer_head_block_are_isolated():
     ia, ib = wv.irow(0), wv.irow(1)
     assert ia != ib
     blocks = range(sc.S // BS, EB // BS)
-    wv.admit([wv.view.key(ib, kh, b) for kh in range(H) for b in blocks])
+    wv.admit([wv.key(ib, kh, b) for kh in range(H) for b in blocks])
     wv.cache.next_step()
     for kh in range(H):
         for b in blocks:
-            assert int(wv.cache.table[wv.view.key(ia, kh, b)]) == -1
+            assert int(wv.cache.table[wv.key(ia, kh, b)]) == -1
     q = torch.randn(2, H * G, D)
     before = (wv.cache.table.clone(), wv.cache.stamp.clone(), wv.cache.counters.clone())
     out, ref, ws = run(wv, q)
@@ -287,6 +300,63 @@ def test_rows_sharing_layer_head_block_are_isolated():
     nh, nm = check_bookkeeping(wv, ws, *before)
     assert nh == sum(len(wv.visits(ws, 1, kh)) for kh in range(H))
     assert nm == sum(len(wv.visits(ws, 0, kh)) for kh in range(H))
+
+
+def test_reused_pool_pages_never_see_the_previous_owner():
+    """Request A is mirrored, its pages partly cached and partly pending in the miss
+    buffer; A leaves (mirror and cache forget its pool pages, then the allocator
+    takes them back) and B, indexed next, gets A's pages. B's released blocks are
+    NaN: B reads only its own mirror (every visit a miss, no stale hit), A's pending
+    misses are never admitted, and row C (alive throughout) keeps its entries."""
+    torch.manual_seed(27)
+    sc = Scene(200)
+    EA = sc.add(700, n_ret=8, n_est=4)
+    EC = sc.add(600, n_ret=6, n_est=4)
+    wv = Wave(sc, num_slots=512)
+    wv.release({0: EA, 1: EC})
+    c, m = wv.cache, wv.mirror
+    q = torch.randn(2, H * G, D)
+    run(wv, q)                                    # every visit a miss, left pending
+    ia, ic = wv.irow(0), wv.irow(1)
+    blocks_a = range(sc.S // BS, EA // BS)
+    wv.admit([wv.key(ia, kh, b) for kh in range(H) for b in blocks_a])
+    c.next_step()
+    pages_a = sc.alloc.pages_of(ia)
+    per_page = NL * H
+    pend = c.miss_keys[:int(c.miss_count)].cpu()
+    assert any(int(k) // per_page in pages_a for k in pend)
+    assert (c.table[:-1].view(-1, per_page)[pages_a] >= 0).any()
+    c_keys = {wv.key(ic, kh, b) for kh in range(H) for b in range(sc.S // BS, EC // BS)}
+    # A leaves, as the manager's _on_remove does it: mirror, cache, then allocator.
+    m.free(ia, pages_a)
+    c.invalidate_pages(pages_a)
+    sc.alloc.release(ia)
+    L_a, row_a = sc.rows[0]
+    sc.headers[int(row_a[0])] = 0
+    sc.rows[0] = (0, row_a)
+    assert (m.page_row[pages_a] == -1).all()
+    assert (c.table[:-1].view(-1, per_page)[pages_a] == -1).all()
+    assert not any(int(k) // per_page in pages_a for k in c.slot_key.tolist() if k >= 0)
+    assert not any(int(k) // per_page in pages_a for k in c.miss_keys.tolist() if k >= 0)
+    # B takes A's pages (the allocator hands the last freed first).
+    EB = sc.add(700, n_ret=8, n_est=4)
+    ib = wv.irow(2)
+    pages_b = sc.alloc.pages_of(ib)
+    assert set(pages_b) & set(pages_a)
+    wv.release({2: EB})
+    c.admit_misses(m)                             # A's pending misses: dropped
+    c.next_step()
+    live = {int(k) for k in c.slot_key[:-1].tolist() if k >= 0}
+    assert live and live <= c_keys
+    before = (c.table.clone(), c.stamp.clone(), c.counters.clone())
+    out, ref, ws = run(wv, q := torch.randn(3, H * G, D))
+    assert torch.equal(ref, unreleased(wv, q))
+    assert not torch.isnan(out).any()
+    assert _rel(out, ref) < 2e-3, _rel(out, ref)
+    nh, nm = check_bookkeeping(wv, ws, *before)
+    b_visits = sum(len(wv.visits(ws, 2, kh)) for kh in range(H))
+    assert b_visits > 0 and nm >= b_visits
+    assert nh <= sum(len(wv.visits(ws, 1, kh)) for kh in range(H))
 
 
 def test_unmirrored_page_below_horizon_is_left_out():
@@ -301,7 +371,7 @@ def test_unmirrored_page_below_horizon_is_left_out():
     wv = Wave(sc)
     wv.release({0: E})
     gone = sc.S // BS + 5
-    key = wv.view.key(wv.irow(0), 0, gone)
+    key = wv.key(wv.irow(0), 0, gone)
     wv.mirror.page_row.view(-1)[key] = -1
     q = torch.randn(1, H * G, D)
     before = (wv.cache.table.clone(), wv.cache.stamp.clone(), wv.cache.counters.clone())
@@ -348,9 +418,18 @@ def test_public_op_and_view_validation(monkeypatch):
                      (dict(page_row=v.page_row.long()), "page_row"),
                      (dict(cache_table=v.cache_table[:-1]), "cache_table"),
                      (dict(cache_kv=v.cache_kv[:, :8]), "cache_kv"),
-                     (dict(num_kv_heads=H + 1), "KV heads")):
+                     (dict(num_kv_heads=H + 1), "KV heads"),
+                     (dict(num_pages=v.num_pages + 1), "page_row")):
         wrong = dataclasses.replace(v, **bad)
         with pytest.raises(ValueError, match=msg):
             K.paged_decode_attention(q.to(DEV), *args, wave=wrong)
+    # A view consistent in itself but keyed by another page count than the pool's.
+    p2 = v.num_pages + 1
+    other = dataclasses.replace(
+        v, num_pages=p2,
+        page_row=torch.full((p2, NL, H), -1, dtype=torch.int32, device=DEV),
+        cache_table=torch.full((p2 * NL * H + 1,), -1, dtype=torch.int64, device=DEV))
+    with pytest.raises(ValueError, match="pool pages"):
+        K.paged_decode_attention(q.to(DEV), *args, wave=other)
     with pytest.raises(ValueError, match="layer"):
         wv.cache.view(wv.mirror, NL)

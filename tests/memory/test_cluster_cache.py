@@ -1,7 +1,7 @@
 """The wave buffer's GPU cluster cache on CPU tensors: its batched device-side LRU
 against a plain-Python model of the same policy (exact hits, misses, victims and
-contents), request isolation, and reads through the cache equal to reads from the
-host mirror of a real paged index (float64)."""
+contents), isolation of pool pages reused by another request, and reads through
+the cache equal to reads from the host mirror of a real paged index (float64)."""
 
 import math
 import random
@@ -65,9 +65,9 @@ class LRUModel:
             self.table[k], self.slot_key[c], self.stamp[c] = c, k, self.clock
             self.admitted += 1
 
-    def invalidate(self, lo, hi):
+    def invalidate(self, pages, per_page):
         for c in range(self.s):
-            if lo <= self.slot_key[c] < hi:
+            if self.slot_key[c] >= 0 and self.slot_key[c] // per_page in pages:
                 del self.table[self.slot_key[c]]
                 self.slot_key[c], self.stamp[c] = -1, -1
 
@@ -76,7 +76,7 @@ def _synthetic_mirror(shape, seed, unmirrored=0.1):
     """A mirror whose page table maps every key to its own arena page (a few keys
     left unmirrored), filled with random rows: the policy test needs addresses and
     contents, not an index."""
-    nkeys = shape.max_requests * shape.num_layers * shape.num_kv_heads * shape.max_blocks
+    nkeys = shape.num_pages * shape.num_layers * shape.num_kv_heads
     m = HostMirror(shape, nkeys * shape.block_size * shape.row_bytes)
     g = torch.Generator().manual_seed(seed)
     m.arena.copy_(torch.randn(m.arena.shape, generator=g, dtype=m.arena.dtype))
@@ -101,9 +101,9 @@ def _check_same(cache, model):
 def test_lru_matches_the_python_model_on_random_traces(impl, request):
     _use(impl, request)
     shape = MirrorShape(max_requests=3, num_layers=2, num_kv_heads=2, head_dim=4,
-                        block_size=4, max_blocks=10, dtype=torch.float64)
+                        block_size=4, num_pages=30, dtype=torch.float64)
     m = _synthetic_mirror(shape, seed=0)
-    nkeys = 3 * 2 * 2 * 10
+    nkeys = 30 * 2 * 2
     rng = random.Random(1)
     for slots in (7, 29):
         cache = ClusterCache.for_mirror(m, slots)
@@ -128,9 +128,9 @@ def test_lru_matches_the_python_model_on_random_traces(impl, request):
             model.admit(used, lambda k: int(m.page_row.view(-1)[k]) >= 0)
             _check_same(cache, model)
             if rng.random() < 0.1:
-                r = rng.randrange(3)
-                cache.invalidate_request(r)
-                model.invalidate(r * 40, (r + 1) * 40)
+                pages = rng.sample(range(30), 6)        # a leaving request's pool pages
+                cache.invalidate_pages(pages)
+                model.invalidate(set(pages), 4)
                 _check_same(cache, model)
         # Cached pages hold their keys' mirror pages.
         for c, k in enumerate(model.slot_key):
@@ -140,12 +140,15 @@ def test_lru_matches_the_python_model_on_random_traces(impl, request):
         assert model.evicted > 0 and model.hits > 0
 
 
-def test_requests_never_see_each_others_pages():
+def test_reused_pool_page_never_sees_its_previous_owner():
+    """Two requests' pages are cached; the first leaves and its pool page goes to a
+    new request: after ``invalidate_pages`` the page misses and reads the new
+    owner's mirror rows, the other request's page stays cached."""
     shape = MirrorShape(max_requests=2, num_layers=1, num_kv_heads=1, head_dim=4,
-                        block_size=4, max_blocks=8, dtype=torch.float64)
+                        block_size=4, num_pages=16, dtype=torch.float64)
     m = _synthetic_mirror(shape, seed=2, unmirrored=0.0)
     cache = ClusterCache.for_mirror(m, 16)
-    k0, k1 = cache.keys(0, 0, 0, 3), cache.keys(1, 0, 0, 3)   # same place, two requests
+    k0, k1 = cache.keys(3, 0, 0), cache.keys(9, 0, 0)    # two requests' pool pages
     both = torch.stack([k0, k1])
     cache.next_step()
     assert cache.lookup(both).tolist() == [-1, -1]
@@ -155,8 +158,8 @@ def test_requests_never_see_each_others_pages():
     assert s0 >= 0 and s1 >= 0 and s0 != s1
     assert torch.equal(cache.read_pages(both, m), torch.stack([
         m.arena[int(m.page_row.view(-1)[k]):][:4] for k in (k0, k1)]))
-    # Request slot 0 finishes; a new request reuses the slot with other data.
-    cache.invalidate_request(0)
+    # The owner of page 3 finishes; a new request gets page 3 with other data.
+    cache.invalidate_pages([3])
     row = int(m.page_row.view(-1)[k0])
     m.arena[row: row + 4] = -7.0
     cache.next_step()
@@ -181,7 +184,7 @@ def test_reads_through_the_cache_equal_the_mirror_and_the_paged_cache(impl, requ
     bs, h = 16, 2
     L, nl, req = 900, 2, 1
     g = torch.Generator().manual_seed(4)
-    shape = MirrorShape.for_layout(lay, max_requests=2, num_layers=nl, max_blocks=64)
+    shape = MirrorShape.for_layout(lay, max_requests=2, num_layers=nl, num_pages=80)
     m = HostMirror(shape, 2 * L * shape.bytes_per_token())
     caches = []
     segs = plan_segments(0, L, L, CFG, bs)
@@ -211,27 +214,29 @@ def test_reads_through_the_cache_equal_the_mirror_and_the_paged_cache(impl, requ
                         continue
                     a = int(ipart[blocks[b], hh, I_START])
                     pages = torch.arange(a // bs, (a + size - 1) // bs + 1)
-                    keys = cache.keys(req, li, hh, pages)
+                    keys = cache.keys(blocks[pages], li, hh)     # pool page = block id
                     slots = cache.lookup(keys)
                     got = cache.read_pages(keys, m, slots).reshape(-1, 32)
                     got = got[a % bs: a % bs + size]
                     pos = torch.arange(a, a + size)     # the cluster's positions
                     assert torch.equal(got, kv[blocks[pos // bs], hh, pos % bs])
-                    assert torch.equal(got, m.cluster_rows(req, li, hh, b))
+                    assert torch.equal(got, m.cluster_rows(int(blocks[b]), li, hh))
                     used.append(keys)
         cache.admit(torch.cat(used), m)
     st = cache.stats()
     assert st["hits"] > 0 and st["evicted"] > 0
-    m.free(req)
-    cache.invalidate_request(req)
+    pages = torch.cat([blk for _, blk in caches]).unique()
+    m.free(req, pages)
+    cache.invalidate_pages(pages)
     assert m.bytes_reserved() == 0 and (cache.slot_key == -1).all()
+    assert (cache.table == -1).all() and (m.page_row == -1).all()
 
 
 def test_admission_without_copy_hands_out_the_slots_and_rows_to_fill():
     """``copy=False`` (fused admission) installs the same keys in the same slots as
     an admission with copy and returns the rows; filling them gives the same cache."""
     shape = MirrorShape(max_requests=2, num_layers=2, num_kv_heads=2, head_dim=4,
-                        block_size=4, max_blocks=6, dtype=torch.float64)
+                        block_size=4, num_pages=12, dtype=torch.float64)
     m = _synthetic_mirror(shape, seed=6, unmirrored=0.2)
     a, b = ClusterCache.for_mirror(m, 10), ClusterCache.for_mirror(m, 10)
     rng = random.Random(7)
@@ -257,14 +262,14 @@ def test_miss_buffer_admission_and_view():
     from those keys) and empties the buffer; a freed request's pending misses are
     dropped; a view shares the cache's and the mirror's tensors."""
     shape = MirrorShape(max_requests=2, num_layers=2, num_kv_heads=2, head_dim=4,
-                        block_size=4, max_blocks=6, dtype=torch.float64)
+                        block_size=4, num_pages=12, dtype=torch.float64)
     m = _synthetic_mirror(shape, seed=8, unmirrored=0.0)
     c, ref = ClusterCache.for_mirror(m, 5, miss_capacity=8), ClusterCache.for_mirror(m, 5)
     v = c.view(m, 1)
     assert v.miss_keys.data_ptr() == c.miss_keys.data_ptr()
     assert v.cache_table.data_ptr() == c.table.data_ptr()
     assert v.page_row.data_ptr() == m.page_row.data_ptr() and v.layer == 1
-    assert v.key(1, 1, 3) == int(c.keys(1, 1, 1, 3))
+    assert v.key(5, 1) == int(c.keys(5, 1, 1)) == (5 * 2 + 1) * 2 + 1
     c.miss_keys.copy_(torch.tensor([30, 3, 30, 7, 40, 41, 42, 43]))   # 43-41: stale
     c.miss_count.fill_(5)
     c.next_step()
@@ -273,10 +278,10 @@ def test_miss_buffer_admission_and_view():
     ref.admit(torch.tensor([30, 3, 30, 7, 40]), m)
     assert int(c.miss_count) == 0
     assert torch.equal(c.table, ref.table) and torch.equal(c.kv, ref.kv)
-    # Request slot 1 (keys 24..47) is freed with misses pending: they are not admitted.
+    # Pool pages 6..11 (keys 24..47) are freed with misses pending: not admitted.
     c.miss_keys.copy_(torch.tensor([25, 4, 26, 0, 0, 0, 0, 0]))
     c.miss_count.fill_(3)
-    c.invalidate_request(1)
+    c.invalidate_pages(range(6, 12))
     c.next_step()
     c.admit_misses(m)
     live = set(c.slot_key[:-1].tolist()) - {-1}

@@ -37,7 +37,7 @@ def test_extent_allocator_first_fit_coalesces_and_refuses_double_free():
 
 def _shape(**kw):
     base = dict(max_requests=4, num_layers=2, num_kv_heads=2, head_dim=8, block_size=16,
-                max_blocks=64, dtype=torch.float32)
+                num_pages=64, dtype=torch.float32)
     base.update(kw)
     return MirrorShape(**base)
 
@@ -52,14 +52,14 @@ def test_admission_refuses_cleanly_and_soak_returns_every_byte():
     assert m.request_slots() == (0,) and m.bytes_reserved() == 600 * per_tok
     with pytest.raises(ValueError):
         m.reserve(0, 10)                             # slot still held
-    assert m.free(0) == 600 * per_tok and m.bytes_reserved() == 0
+    assert m.free(0, []) == 600 * per_tok and m.bytes_reserved() == 0
     # Soak: random reserve/free cycles of varying sizes, refusals included.
     rng = random.Random(0)
     live, refused = set(), 0
     for _ in range(3000):
         slot = rng.randrange(s.max_requests)
         if slot in live:
-            m.free(slot)
+            m.free(slot, [slot])
             live.discard(slot)
         else:
             try:
@@ -69,7 +69,7 @@ def test_admission_refuses_cleanly_and_soak_returns_every_byte():
                 refused += 1
         assert m.bytes_reserved() <= m.capacity_bytes
     for slot in list(live):
-        m.free(slot)
+        m.free(slot, [])
     assert refused > 0 and m.bytes_reserved() == 0
     assert m.alloc.num_free_extents == 1 and m.alloc.largest_free == m.alloc.capacity
 
@@ -90,14 +90,16 @@ def test_mirror_is_cluster_contiguous_and_equals_the_paged_cache():
     positions ``[start, start + size)`` (float64: exact), the mirrored rows of a
     segment and head are a permutation of the tokens' original K/V (every clustered
     token mirrored once), and each page of the mirror is the K/V of its logical
-    block."""
+    block, at the block's pool page (here the block id: ``index_pool_of``)."""
     lay = PagedIndexLayout(2, 16, 16, torch.float64)
     bs, h, d = 16, 2, 16
     L = 700
     orig = []
     layers = [_indexed(lay, L, seed, originals=orig) for seed in (1, 2)]
-    shape = MirrorShape.for_layout(lay, max_requests=3, num_layers=2, max_blocks=64)
+    shape = MirrorShape.for_layout(lay, max_requests=3, num_layers=2, num_pages=80)
     m = HostMirror(shape, 4 * L * shape.bytes_per_token())
+    assert tuple(m.page_row.shape) == (80, 2, 2)
+    assert tuple(m.cluster_addr.shape) == (80, 2, 2, 2)
     segs = layers[0][2]
     clustered = segs[-1][1] - segs[0][0]
     m.reserve(2, clustered // 2)          # half: the rest goes to a second extent
@@ -116,10 +118,11 @@ def test_mirror_is_cluster_contiguous_and_equals_the_paged_cache():
                 for b in range(p0 // bs, p1 // bs):
                     size = int(ipart[blocks[b], hh, I_SIZE])
                     start = int(ipart[blocks[b], hh, I_START])
-                    got = m.cluster_rows(2, li, hh, b)
+                    pg = int(blocks[b])
+                    got = m.cluster_rows(pg, li, hh)
                     assert got.shape[0] == size
                     # The page of block b: the K/V at its 16 positions, this head.
-                    prow = int(m.page_row[2, li, hh, b])
+                    prow = int(m.page_row[pg, li, hh])
                     assert torch.equal(m.arena[prow: prow + bs], kv[blocks[b], hh])
                     if size == 0:
                         continue
@@ -134,16 +137,21 @@ def test_mirror_is_cluster_contiguous_and_equals_the_paged_cache():
                 match = (rows[:, None, :] == ref[None, :, :]).all(-1)
                 assert (match.sum(0) == 1).all() and (match.sum(1) == 1).all()
     # Rows outside the clustered zone (sinks, recent window) are not mirrored.
-    assert int(m.page_row[2, 0, 0, 0]) == -1 and int(m.cluster_addr[2, 0, 0, 0, 1]) == 0
+    kv0, blocks0, _ = layers[0]
+    for b in (0, segs[-1][1] // bs):
+        pg = int(blocks0[b])
+        assert int(m.page_row[pg, 0, 0]) == -1 and int(m.cluster_addr[pg, 0, 0, 1]) == 0
     held = m.bytes_reserved()
-    assert m.free(2) == held and m.bytes_reserved() == 0
-    assert (m.page_row[2] == -1).all() and (m.cluster_addr[2] == 0).all()
+    pages = torch.cat([blk for _, blk, _ in layers]).unique()
+    assert (m.page_row >= 0).any()
+    assert m.free(2, pages) == held and m.bytes_reserved() == 0
+    assert (m.page_row == -1).all() and (m.cluster_addr == 0).all()
 
 
 def test_mirror_beyond_budget_raises_and_keeps_the_request_freeable():
     lay = PagedIndexLayout(2, 16, 16, torch.float32)
     kv, blocks, segs = _indexed(lay, 700, seed=5)
-    shape = MirrorShape.for_layout(lay, max_requests=2, num_layers=1, max_blocks=64)
+    shape = MirrorShape.for_layout(lay, max_requests=2, num_layers=1, num_pages=80)
     first = segs[0][1] - segs[0][0]
     m = HostMirror(shape, first * shape.bytes_per_token())
     m.reserve(0, first)
@@ -152,6 +160,7 @@ def test_mirror_beyond_budget_raises_and_keeps_the_request_freeable():
         mirror_segment(m, 0, 0, kv, lay, blocks, *segs[0])  # again: would leak its rows
     with pytest.raises(HostMemoryExceeded):
         mirror_segment(m, 0, 0, kv, lay, blocks, *segs[1])
-    assert m.free(0) == m.capacity_bytes and m.bytes_reserved() == 0
+    assert m.free(0, blocks) == m.capacity_bytes and m.bytes_reserved() == 0
+    assert (m.page_row == -1).all()
     with pytest.raises(ValueError):
         mirror_segment(m, 0, 0, kv, lay, blocks, 17, 64)    # not block-aligned

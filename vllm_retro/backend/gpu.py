@@ -393,12 +393,13 @@ class PagedIndexManager:
     def _allocate_wave(self, lay: PagedIndexLayout, num_layers: int, dev,
                        auto_cache_b: Optional[float] = None) -> None:
         """The wave buffer's host mirror and GPU cluster cache (after the index
-        table, whose rows are the mirror's and the cache's request slots).
+        pool and table: the device tables are keyed by pool page, the mirror's host
+        extents by index-table row).
 
         The mirror: ``host_memory_gib`` of host memory, else
         :func:`~vllm_retro.memory.host_mirror.default_host_budget_bytes`; pinned on
-        CUDA; its address tables (12 B per request slot, layer, KV head and logical
-        block) on ``dev``. The cache: ``cluster_cache_gib``, else ``auto_cache_b``
+        CUDA; its address tables (12 B per pool page, layer and KV head) on
+        ``dev``. The cache: ``cluster_cache_gib``, else ``auto_cache_b``
         (on a GPU :data:`~vllm_retro.config.CLUSTER_CACHE_AUTO_FRACTION` of the
         memory vLLM may use), else (CPU tests) 1/:data:`CPU_CACHE_MIRROR_SHARE` of
         the mirror; never more pages than the mirror holds. Called before vLLM
@@ -409,10 +410,10 @@ class PagedIndexManager:
         cfg, alloc = self.config, self.index_alloc
         self.mirror = self.cache = None
         self.wave_views = {}
-        shape = MirrorShape.for_layout(lay, alloc.num_rows, num_layers, alloc.max_pages)
+        shape = MirrorShape.for_layout(lay, alloc.num_rows, num_layers, alloc.num_pages)
         host_b = self._wave_host_bytes()
         page_b = lay.block_size * 2 * lay.head_dim * lay.elem_size
-        keys = alloc.num_rows * num_layers * lay.num_kv_heads * alloc.max_pages
+        keys = alloc.num_pages * num_layers * lay.num_kv_heads
         arena_pages = max(1, host_b // page_b)
         if cfg.cluster_cache_gib:
             cache_b = cfg.cluster_cache_gib * 2**30
@@ -432,20 +433,21 @@ class PagedIndexManager:
                 raise ValueError(
                     f"retro wave buffer: the cluster cache ({slots} pages, "
                     f"{slots * page_b / 2**30:.2f} GiB) and the address tables "
-                    f"({keys * 20 / 2**30:.2f} GiB for {alloc.num_rows} request slots x "
-                    f"{num_layers} layers x {lay.num_kv_heads} KV heads x "
-                    f"{alloc.max_pages} blocks) need more than the free device memory "
-                    f"({free / 2**30:.2f} GiB); lower cluster_cache_gib, max_num_seqs or "
-                    "max_model_len")
+                    f"({keys * 20 / 2**30:.2f} GiB for {alloc.num_pages} index-pool pages "
+                    f"x {num_layers} layers x {lay.num_kv_heads} KV heads) need more than "
+                    f"the free device memory ({free / 2**30:.2f} GiB); lower "
+                    "cluster_cache_gib or index_pool_gib")
         self.mirror = HostMirror(shape, host_b, dev, pin=dev.type == "cuda")
         self.cache = ClusterCache.for_mirror(self.mirror, slots)
         logger.info("retro wave buffer: host mirror %.2f GiB%s (%d request slots), "
-                    "cluster cache %d pages = %.2f GiB (%s), address tables %.2f GiB; "
-                    "%.2f GiB of device memory in all", host_b / 2**30,
+                    "cluster cache %d pages = %.2f GiB (%s), address tables %.2f GiB "
+                    "(%d pool pages x %d layers x %d KV heads); %.2f GiB of device "
+                    "memory in all", host_b / 2**30,
                     " pinned" if dev.type == "cuda" else "", alloc.num_rows, slots,
                     slots * page_b / 2**30,
                     "cluster_cache_gib" if cfg.cluster_cache_gib else
-                    "auto, capped at the mirror's size", keys * 20 / 2**30, dev_b / 2**30)
+                    "auto, capped at the mirror's size", keys * 20 / 2**30,
+                    alloc.num_pages, num_layers, lay.num_kv_heads, dev_b / 2**30)
 
     def layout_for(self, num_kv_heads: int, head_size: int, dtype, block_size: int
                    ) -> PagedIndexLayout:
@@ -604,17 +606,22 @@ class PagedIndexManager:
         """A request left the table (finished, aborted, preempted, restarted): its
         mirror and cache entries, then its index-table row and pool pages go back.
 
-        Order matters: the row is the mirror's and the cache's request slot, so they
-        are cleared before the allocator can hand the row to another request (which
-        must never see this one's mirror). The header is zeroed so that no later row
-        naming this first block reads this request's index or mirror."""
+        Order matters: the mirror's and the cache's device tables are keyed by pool
+        page, so the row's pages (read from the allocator while it still holds
+        them) are cleared in both, pending miss keys included, before the allocator
+        can hand them to another request (which must never see this one's mirror).
+        The header is zeroed so that no later row naming this first block reads
+        this request's index or mirror."""
         if e.ibt_row >= 0:
-            if self.mirror is not None:
-                self.mirror.free(e.ibt_row)
-            if self.cache is not None:
-                self.cache.invalidate_request(e.ibt_row)
-            if self.index_alloc is not None:
-                self.index_alloc.release(e.ibt_row)
+            alloc = self.index_alloc
+            if alloc is not None and (self.mirror is not None or self.cache is not None):
+                pages = alloc.pages_of(e.ibt_row)
+                if self.mirror is not None:
+                    self.mirror.free(e.ibt_row, pages)
+                if self.cache is not None:
+                    self.cache.invalidate_pages(pages)
+            if alloc is not None:
+                alloc.release(e.ibt_row)
         if self.headers is not None and e.blocks:
             self.headers[e.blocks[0]] = 0
         if self.reporter is not None:
@@ -714,8 +721,9 @@ class PagedIndexManager:
 
     def _mirror_request(self, e, blocks: torch.Tensor) -> None:
         """Copies ``e``'s newly indexed zone ``[mirrored_end, clustered_end)`` of
-        every layer to the host mirror, at its index-table row (the mirror's request
-        slot), and advances ``e.mirrored_end`` once every layer is copied.
+        every layer to the host mirror (arena extents of its index-table row, the
+        mirror's request slot; addresses at its pool pages), and advances
+        ``e.mirrored_end`` once every layer is copied.
 
         The first time, the request reserves its clustered zone in the arena; when
         that fails (HostMemoryExceeded) nothing is held, the request stays resident

@@ -21,9 +21,11 @@ cluster entry ``i``'s summaries at pool page ``ix[i]``) and KV head ``h`` with i
 * with a wave buffer view (``wave``, :mod:`.wave_view`), a retrieved token at a
   position below the row's horizon ``min(hdr[HDR_HORIZON], clustered_end)`` is
   read from the cluster cache (slot ``cache_table[key] >= 0``) or else the host
-  arena (row ``page_row[key] >= 0``), ``key = ((ibt_row * layers + layer) * H +
-  h) * max_blocks + pos // bs``, never through the block table; a token in neither
-  is left out. Without a view the horizon is ignored. (The twin neither stamps
+  arena (row ``page_row[key] >= 0``), ``key = (page * layers + layer) * H + h``
+  with ``page = ix[pos // bs - sink_end // bs]`` the pool page of the token's
+  logical block, never through the block table; a token in neither (or with no
+  pool page in ``[0, num_pages)``, or whose ibt row is outside ``ibt``) is left
+  out. Without a view the horizon is ignored. (The twin neither stamps
   nor counts; the kernel's bookkeeping is tested against a plain count.)
 
 Returns the output ``[B, Hq, D]`` and per-row statistics ``[B, 3]`` float64:
@@ -89,6 +91,9 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     ibt = ibt.cpu().long()
     if wave is not None:
         wave.check(kv_cache, h, bs, d, devices=False)
+        if wave.num_pages != pool.num_pages:
+            raise ValueError(f"wave buffer view keyed by {wave.num_pages} pool pages, "
+                             f"the pool has {pool.num_pages}")
         w_table = wave.cache_table.cpu()
         w_rows = wave.page_row.cpu().reshape(-1).long()
         w_kv = wave.cache_kv.cpu()
@@ -141,8 +146,9 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                 est_vals = f[est, F_VALUE_MEAN]
                 n_est_tok = int(sizes[est].sum())
                 if hz > 0:
-                    kv_tok = _wave_tokens(kv_cache, bt, tok, hz, hdr[HDR_IBT_ROW], kh, wave,
-                                          w_table, w_rows, w_kv, w_arena)
+                    kv_tok = _wave_tokens(kv_cache, bt, tok, hz, ibt, hdr[HDR_IBT_ROW],
+                                          sink_end, kh, wave, w_table, w_rows, w_kv,
+                                          w_arena)
                 else:
                     kv_tok = kv_cache[bt[tok // bs], kh, tok % bs]
             else:
@@ -158,20 +164,26 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     return out, stats
 
 
-def _wave_tokens(kv_cache, bt, tok, hz, row, kh, wave, table, page_row, cache_kv, arena):
-    """``[T', 2D]`` K/V of retrieved tokens ``tok`` (in order) of KV head ``kh``:
-    at or above the horizon ``hz`` through the block table, below it from the cache
-    slot or the arena rows of their page; tokens below it in neither are dropped."""
+def _wave_tokens(kv_cache, bt, tok, hz, ibt, row, sink_end, kh, wave, table, page_row,
+                 cache_kv, arena):
+    """``[T', 2D]`` K/V of retrieved tokens ``tok`` (in order, within ``[sink_end,
+    clustered_end)``) of KV head ``kh``: at or above the horizon ``hz`` through the
+    block table, below it from the cache slot or the arena rows of their page (keyed
+    by the pool page ``ibt[row, pos // bs - sink_end // bs]``); tokens below it in
+    neither are dropped."""
     bs = kv_cache.shape[2]
     out = torch.zeros(len(tok), kv_cache.shape[-1], dtype=kv_cache.dtype)
     paged = tok >= hz
     tp = tok[paged]
     out[paged] = kv_cache[bt[tp // bs], kh, tp % bs].cpu()
     below = ~paged
-    lb = tok // bs
-    ok = below & (0 <= row < wave.max_requests) & (lb < wave.max_blocks)
-    key = wave.key(max(0, min(row, wave.max_requests - 1)), kh, 0) + lb.clamp(
-        max=wave.max_blocks - 1)
+    if 0 <= row < ibt.shape[0]:
+        ent = (tok // bs - sink_end // bs).clamp(0, ibt.shape[1] - 1)
+        pg = torch.where(below, ibt[row][ent], -1)
+    else:
+        pg = torch.full_like(tok, -1)
+    ok = below & (pg >= 0) & (pg < wave.num_pages)
+    key = wave.key(pg.clamp(0, wave.num_pages - 1), kh)
     slot = torch.where(ok, table[key], -1)
     arow = torch.where(ok, page_row[key], -1)
     in_cache = ok & (slot >= 0)

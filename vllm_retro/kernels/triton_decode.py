@@ -831,17 +831,20 @@ def _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS: tl.constexp
 
 
 @triton.jit
-def _retrieved_wave(t0, total, beg, end, start, bt_row, S, E, L, HZ, kbase, pr_ptr, ct_ptr,
-                    WNB, BS: tl.constexpr, TR: tl.constexpr):
+def _retrieved_wave(t0, total, beg, end, start, bt_row, ix_row, S, SB, E, L, HZ, WL, WNL,
+                    WP, h, pr_ptr, ct_ptr, H: tl.constexpr, BS: tl.constexpr,
+                    TR: tl.constexpr):
     """As :func:`_retrieved_addr`, for a row with a mirrored horizon ``HZ``: tokens
     at positions ``>= HZ`` go through the block table (``paged``); those below it
     come from the cluster cache (``in_cache``: slot ``cache_table[key]``) or the
-    arena (``in_arena``: row ``page_row[key]``), ``key = kbase + pos // BS``, and
-    never touch the block table (vLLM may have reused those blocks). A token below
-    the horizon whose page is neither cached nor mirrored is in no source (left
-    out). ``lead``: the first token of its cluster in its page (the bookkeeping's
-    one lane per visit). ``WNB``: the view's blocks per key row, 0 when the row's
-    ibt row is outside the view (then nothing below the horizon is read)."""
+    arena (``in_arena``: row ``page_row[key]``), ``key = (pg * WNL + WL) * H + h``
+    with ``pg = ix_row[pos // BS - SB]`` the pool page of the token's logical block,
+    and never touch the block table (vLLM may have reused those blocks). A token
+    below the horizon whose page is neither cached nor mirrored, or that has no
+    pool page (``pg`` outside ``[0, WP)``), is in no source (left out). ``lead``:
+    the first token of its cluster in its page (the bookkeeping's one lane per
+    visit). ``WP``: the view's pool pages, 0 when the row's ibt row is outside the
+    index table (then nothing below the horizon is read)."""
     t = t0 + tl.arange(0, TR)
     inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
     pos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
@@ -849,9 +852,12 @@ def _retrieved_wave(t0, total, beg, end, start, bt_row, S, E, L, HZ, kbase, pr_p
     valid = (t < total) & (pos >= S) & (pos < E) & (pos < L)
     paged = valid & (pos >= HZ)
     kb = tl.load(bt_row + pos // BS, mask=paged, other=0).to(tl.int64)
-    lb = pos // BS
-    wok = valid & (pos < HZ) & (lb < WNB)
-    key = kbase + lb
+    below = valid & (pos < tl.where(WP > 0, HZ, 0))    # (WP 0: nothing below HZ)
+    # pos >= S, so the entry index pos // BS - SB is >= 0 and (pos < E) below the
+    # row's page count: the row's own pages, never a stale column.
+    pg = tl.load(ix_row + (pos // BS - SB), mask=below, other=-1).to(tl.int64)
+    wok = below & (pg >= 0) & (pg < WP)
+    key = (tl.where(wok, pg, 0) * WNL + WL) * H + h
     # Both tables at once (independent loads; a hit's page_row word is not needed,
     # but waiting for the slot first would add a dependent load to a miss).
     slot = tl.load(ct_ptr + key, mask=wok, other=-1)
@@ -923,7 +929,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    scale, SB, S, NS,
                    ar_ptr, ar_s0, ar_s1, pr_ptr, ct_ptr, ckv_ptr, ckv_s0, ckv_s1, ckv_s2,
                    stamp_ptr,
-                   clock_ptr, wcnt_ptr, mk_ptr, mc_ptr, MCAP, WL, WNL, WR, WNB,
+                   clock_ptr, wcnt_ptr, mk_ptr, mc_ptr, MCAP, WL, WNL, WP, WR,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr,
                    D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
                    RG: tl.constexpr, TR: tl.constexpr, TE: tl.constexpr,
@@ -935,9 +941,10 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     last program of the row-head merges the partials into ``out``.
 
     WAVE: retrieved tokens below the row's horizon (header ``HDR_HORIZON``) come
-    from the wave buffer (``ar_ptr``...``WNB``: the :class:`WaveBufferView` of layer
-    ``WL``), with its bookkeeping (:func:`_wave_book`); without it those arguments
-    are dummies, never read, and the horizon is ignored."""
+    from the wave buffer (``ar_ptr``...``WP``: the :class:`WaveBufferView` of layer
+    ``WL``; ``WR``: the index table's rows), with its bookkeeping
+    (:func:`_wave_book`); without it those arguments are dummies, never read, and
+    the horizon is ignored."""
     rh = tl.program_id(0)
     p = tl.program_id(1)
     r = rh // H
@@ -982,13 +989,13 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     n_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
     if WAVE:
         # Below the horizon the row's blocks may be released: K/V from the cluster
-        # cache or the arena, keyed by (ibt row, layer, head, logical block).
+        # cache or the arena, keyed by (pool page, layer, head), the pool page read
+        # from the row's index table (ix_row).
         hdr0 = hdr_ptr + blk0 * hdr_s0
         HZ = tl.where(indexed, tl.minimum(tl.load(hdr0 + _HDR_HZ), E), 0)
         wrow = tl.load(hdr0 + _HDR_IBT)
         wrow_ok = (wrow >= 0) & (wrow < WR)
-        kbase = ((tl.where(wrow_ok, wrow, 0).to(tl.int64) * WNL + WL) * H + h) * WNB
-        wnb = tl.where(wrow_ok, WNB, 0)     # (an ibt row outside the view reads nothing)
+        wp = tl.where(wrow_ok, WP, 0)     # (an ibt row outside the table reads nothing)
         clock = tl.load(clock_ptr)
         for m0 in range(0, n_mine, RG):
             w_k = p + NS * (m0 + tl.arange(0, RG))
@@ -1000,8 +1007,9 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
             w_beg = w_end - w_size
             w_total = tl.sum(w_size, 0)
             (w_blk, w_off, w_pg, w_slot, w_arow, w_inc, w_ina, w_lead,
-             w_key) = _retrieved_wave(0, w_total, w_beg, w_end, w_start, bt_row, S, E, L,
-                                      HZ, kbase, pr_ptr, ct_ptr, wnb, BS, TR)
+             w_key) = _retrieved_wave(0, w_total, w_beg, w_end, w_start, bt_row, ix_row, S,
+                                      SB, E, L, HZ, WL, WNL, wp, h, pr_ptr, ct_ptr, H, BS,
+                                      TR)
             for t0 in range(0, w_total, TR):
                 w_kt, w_vt = _load_kv_wave(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, w_blk, w_off,
                                            w_pg, ckv_ptr, ckv_s0, ckv_s1, ckv_s2, w_slot,
@@ -1010,8 +1018,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                 w_ok = w_pg | w_inc | w_ina
                 (w_blk_n, w_off_n, w_pg_n, w_slot_n, w_arow_n, w_inc_n, w_ina_n, w_lead_n,
                  w_key_n) = _retrieved_wave(t0 + TR, w_total, w_beg, w_end, w_start, bt_row,
-                                            S, E, L, HZ, kbase, pr_ptr, ct_ptr, wnb,
-                                            BS, TR)
+                                            ix_row, S, SB, E, L, HZ, WL, WNL, wp, h, pr_ptr,
+                                            ct_ptr, H, BS, TR)
                 w_miss, w_idx = _wave_book(w_slot, w_inc, w_ina, w_lead, clock, stamp_ptr,
                                            wcnt_ptr, mc_ptr)
                 m_i, l_i, acc = _attend_kv(q, w_kt, w_vt, w_ok, m_i, l_i, acc, scale,
@@ -1134,6 +1142,9 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("sink_end must be a multiple of the block size")
     if wave is not None:
         wave.check(kv_cache, h, bs, d)
+        if wave.num_pages != pool.num_pages:
+            raise ValueError(f"wave buffer view keyed by {wave.num_pages} pool pages, "
+                             f"the pool has {pool.num_pages}")
     if b == 0:
         return out
     fpart, ipart = pool.fpart, pool.ipart
@@ -1183,7 +1194,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         wargs = (w.arena, *w.arena.stride(), w.page_row, w.cache_table, w.cache_kv,
                  *w.cache_kv.stride(), w.cache_stamp, w.clock,
                  w.counters, w.miss_keys, w.miss_count, w.miss_capacity, w.layer,
-                 w.num_layers, w.max_requests, w.max_blocks)
+                 w.num_layers, w.num_pages, ibt.shape[0])
     else:
         # Never read (WAVE=False): existing tensors of the right pointer types, so
         # nothing is allocated and the variant is today's kernel.

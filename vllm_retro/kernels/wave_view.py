@@ -16,9 +16,15 @@ kernel reads a retrieved cluster's token at logical position ``pos`` from:
 3. else nowhere: the page was not mirrored (a broken promise), the token is left
    out rather than read from a released block.
 
-with the flat page key ``key = ((row * num_layers + layer) * H + head) *
-max_blocks + pos // bs``. ``row`` is the request's index-table row (header word
-``HDR_IBT_ROW``): the mirror's and the cache's request slot *is* the ibt row.
+with the flat key ``key = (page * num_layers + layer) * H + head``, where ``page =
+ibt[row, pos // bs - sink_end // bs]`` is the index-pool page of the position's
+logical block (``row``: the header's ``HDR_IBT_ROW``; a page outside ``[0, P)``:
+no page, read as not mirrored). Keyed by pool page, not by (request slot, logical
+block): every mirrored block below a horizon has a pool page of its own, so the
+tables cost 20 B per (pool page, layer, KV head), independent of ``max_num_seqs``
+and ``max_model_len``. A pool page goes to another request once its own leaves,
+so the owner clears a leaving request's pages in the mirror and the cache before
+the allocator can hand them on (``ClusterCache.invalidate_pages``).
 
 Bookkeeping (in the attention kernel, once per visit of a page by a retrieved
 cluster of a (row, KV head), i.e. per distinct (row, head, cluster, page) with at
@@ -50,17 +56,18 @@ class WaveBufferView:
 
     * ``arena`` ``[rows, 2D]``: the host mirror, pinned and mapped on CUDA (read
       through its UVA address), a plain CPU tensor in tests; KV dtype.
-    * ``page_row`` ``[R, L, H, NB]`` int32: arena row of the ``bs`` tokens of a
-      logical block of (ibt row, layer, head); -1: not mirrored.
-    * ``cache_table`` ``[R*L*H*NB + 1]`` int64: cache slot of a page key, -1.
+    * ``page_row`` ``[P, L, H]`` int32: arena row of the ``bs`` tokens (of one
+      layer and head) of the logical block whose index lives at pool page ``p``;
+      -1: not mirrored.
+    * ``cache_table`` ``[P*L*H + 1]`` int64: cache slot of a page key, -1.
     * ``cache_kv`` ``[slots + 1, bs, 2D]``: the cached pages (KV dtype).
     * ``cache_stamp`` ``[slots + 1]`` int64: last step a slot was used.
     * ``clock`` ``[]`` int64: the current step. ``counters`` ``[>=2]`` int64.
     * ``miss_keys`` ``[cap]`` int64, ``miss_count`` ``[1]`` int64: this step's
       missed page keys (shared by every layer's view of one cache).
 
-    ``layer``: the layer this view serves; ``max_requests``, ``num_layers``,
-    ``num_kv_heads``, ``max_blocks``: the key shape (R, L, H, NB).
+    ``layer``: the layer this view serves; ``num_pages``, ``num_layers``,
+    ``num_kv_heads``: the key shape (P, L, H), P the index pool's page count.
     """
 
     arena: torch.Tensor
@@ -73,23 +80,21 @@ class WaveBufferView:
     miss_keys: torch.Tensor
     miss_count: torch.Tensor
     layer: int
-    max_requests: int
+    num_pages: int
     num_layers: int
     num_kv_heads: int
-    max_blocks: int
 
     @property
     def num_keys(self) -> int:
-        return self.max_requests * self.num_layers * self.num_kv_heads * self.max_blocks
+        return self.num_pages * self.num_layers * self.num_kv_heads
 
     @property
     def miss_capacity(self) -> int:
         return self.miss_keys.numel()
 
-    def key(self, row: int, head: int, block: int) -> int:
-        """Flat page key of (ibt row, this layer, head, logical block)."""
-        return ((row * self.num_layers + self.layer) * self.num_kv_heads + head) \
-            * self.max_blocks + block
+    def key(self, page: int, head: int) -> int:
+        """Flat key of (index-pool page, this layer, head)."""
+        return (page * self.num_layers + self.layer) * self.num_kv_heads + head
 
     def check(self, kv_cache: torch.Tensor, num_kv_heads: int, block_size: int,
               head_dim: int, devices: bool = True) -> None:
@@ -101,8 +106,8 @@ class WaveBufferView:
             if not ok:
                 raise ValueError(f"wave buffer view: {what}")
 
-        r, nl, h, nb = self.max_requests, self.num_layers, self.num_kv_heads, self.max_blocks
-        need(min(r, nl, h, nb) > 0, f"key shape {(r, nl, h, nb)} must be positive")
+        p, nl, h = self.num_pages, self.num_layers, self.num_kv_heads
+        need(min(p, nl, h) > 0, f"key shape {(p, nl, h)} must be positive")
         need(h == num_kv_heads, f"{h} KV heads, the layer has {num_kv_heads}")
         need(0 <= self.layer < nl, f"layer {self.layer} outside [0, {nl})")
         dt, row = kv_cache.dtype, 2 * head_dim
@@ -114,9 +119,9 @@ class WaveBufferView:
         need(not devices or a.is_cuda or not kv_cache.is_cuda or a.is_pinned(),
              "a CUDA KV cache needs the arena on the GPU or pinned (mapped) host memory")
         pr = self.page_row
-        need(pr.dtype == torch.int32 and tuple(pr.shape) == (r, nl, h, nb)
+        need(pr.dtype == torch.int32 and tuple(pr.shape) == (p, nl, h)
              and pr.is_contiguous(),
-             f"page_row must be contiguous int32 {(r, nl, h, nb)}, got {pr.dtype} "
+             f"page_row must be contiguous int32 {(p, nl, h)}, got {pr.dtype} "
              f"{tuple(pr.shape)}")
         ct = self.cache_table
         need(ct.dtype == torch.int64 and ct.dim() == 1 and ct.numel() == self.num_keys + 1

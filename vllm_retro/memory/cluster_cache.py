@@ -3,17 +3,19 @@
 Unit: a **page** of the cluster-ordered mirror (:mod:`.host_mirror`): the
 ``block_size`` (16) tokens of one (request, layer, KV head) at the positions of one
 logical block (cluster-ordered per head by the index build), i.e. 16 consecutive
-rows of the mirror, which is a run of whole and partial clusters. A retrieved
-cluster of ``s`` tokens starting at logical position ``a`` is read from pages
-``a // 16 .. (a + s - 1) // 16``. Why pages and not one slot per cluster:
+rows of the mirror, which is a run of whole and partial clusters. A page is named
+by the index-pool page of its logical block (``ibt[row, block - sink_end / bs]``).
+A retrieved cluster of ``s`` tokens starting at logical position ``a`` is read from
+the pages of blocks ``a // 16 .. (a + s - 1) // 16``. Why pages and not one slot per cluster:
 
 * fixed-size slots with no waste inside them: every mirrored token is in exactly
   one page, whereas cluster sizes vary (k-means gives 1 to hundreds of tokens for a
   mean of 16), so per-cluster slots must be sized for the largest cluster or split
   anyway;
-* the key space is the index's own: one page per logical block of the clustered
-  zone, so the lookup table has the shape of the summaries
-  (``[max_requests, layers, H, max_blocks]``) and a key is computed, not searched;
+* the key space is the index's own: one page per index-pool page (a clustered
+  block of some request), so the lookup table has the shape of the summaries
+  (``[num_pages, layers, H]``: 8 B per entry, independent of ``max_num_seqs`` and
+  ``max_model_len``) and a key is computed from the pool page, not searched;
 * a page is 16 rows x 2D elements (8 KiB in bf16 at D=128): one contiguous copy
   from the pinned arena.
 The price: a cluster that straddles a page boundary reads one more page (on
@@ -30,9 +32,10 @@ it hits with the current step; :meth:`ClusterCache.admit`, called after the step
 used the pages (admission after use: the step read its misses from the host
 mirror), installs each distinct absent key, in ascending key order, into the
 least recently used slot not used in this step (ties: lower slot), while such slots
-remain; the others are not admitted this step. Keys hold the request slot, and
-:meth:`ClusterCache.invalidate_request` drops every entry of a freed request, so a
-request never reads another's pages.
+remain; the others are not admitted this step. Keys hold the pool page, and
+:meth:`ClusterCache.invalidate_pages` drops every entry (and pending miss) of a
+leaving request's pages before the allocator hands them on, so a request never
+reads another's pages.
 
 Decode integration (design §8.3 step 2): :meth:`ClusterCache.view` hands a layer's
 addresses and bookkeeping tensors to the attention kernel
@@ -41,9 +44,9 @@ itself: per retrieved page below a row's horizon it reads the cached page (hit:
 stamped, counted) or the arena rows (miss: counted, its key appended to the cache's
 miss buffer). Per decode step the caller then runs, after every layer's attention,
 :meth:`ClusterCache.admit_misses` (admission after use, all layers at once) and
-:meth:`ClusterCache.next_step`. The request slot of the mirror and the cache is the
-request's index-table row (the header's ``HDR_IBT_ROW``): that is the row the
-kernel builds its keys from.
+:meth:`ClusterCache.next_step`. The kernel builds a key from the pool page it
+reads in the row's index table (the header's ``HDR_IBT_ROW``) at the position's
+logical block.
 """
 
 from __future__ import annotations
@@ -80,21 +83,24 @@ class ClusterCache:
 
     Args:
         num_slots: pages the cache holds (``slots_for_bytes`` turns GiB into slots).
-        key_shape: ``(max_requests, num_layers, num_kv_heads, max_blocks)``, the
-            mirror's table shape; a key is the flat index into it.
+        key_shape: ``(num_pages, num_layers, num_kv_heads)``, the mirror's table
+            shape (``num_pages``: the index pool's); a key is the flat index into it.
         page_tokens: tokens per page (the KV block size).
         head_dim, dtype, device: of the cached K/V.
         miss_capacity: keys the per-step miss buffer holds (the attention kernel's
             misses of one step, all layers; see :meth:`view`).
     """
 
-    def __init__(self, num_slots: int, key_shape: Tuple[int, int, int, int],
+    def __init__(self, num_slots: int, key_shape: Tuple[int, int, int],
                  page_tokens: int, head_dim: int, dtype: torch.dtype, device="cpu",
                  miss_capacity: int = DEFAULT_MISS_CAPACITY):
         if num_slots <= 0:
             raise ValueError(f"ClusterCache: num_slots must be positive, got {num_slots}")
         self.num_slots = int(num_slots)
         self.key_shape = tuple(int(x) for x in key_shape)
+        if len(self.key_shape) != 3:
+            raise ValueError(f"ClusterCache: key_shape must be (pages, layers, heads), got "
+                             f"{self.key_shape}")
         self.num_keys = 1
         for x in self.key_shape:
             self.num_keys *= x
@@ -124,8 +130,8 @@ class ClusterCache:
     def for_mirror(cls, mirror: HostMirror, num_slots: int,
                    miss_capacity: int = DEFAULT_MISS_CAPACITY) -> "ClusterCache":
         sh = mirror.shape
-        return cls(num_slots, (sh.max_requests, sh.num_layers, sh.num_kv_heads, sh.max_blocks),
-                   sh.block_size, sh.head_dim, sh.dtype, mirror.device, miss_capacity)
+        return cls(num_slots, (sh.num_pages, sh.num_layers, sh.num_kv_heads), sh.block_size,
+                   sh.head_dim, sh.dtype, mirror.device, miss_capacity)
 
     @staticmethod
     def slots_for_bytes(nbytes: int, page_tokens: int, head_dim: int,
@@ -140,11 +146,11 @@ class ClusterCache:
         return self.kv[0].numel() * self.kv.element_size()
 
     # ------------------------------------------------------------------ keys
-    def keys(self, req, layer, head, block) -> torch.Tensor:
-        """Flat keys of pages (broadcasting tensors or ints)."""
-        _, nl, nh, nb = self.key_shape
+    def keys(self, page, layer, head) -> torch.Tensor:
+        """Flat keys of (pool page, layer, head) (broadcasting tensors or ints)."""
+        _, nl, nh = self.key_shape
         t = lambda x: torch.as_tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
-        return ((t(req) * nl + t(layer)) * nh + t(head)) * nb + t(block)
+        return (t(page) * nl + t(layer)) * nh + t(head)
 
     def next_step(self) -> None:
         """Advances the LRU clock (once per decode step, on the device)."""
@@ -156,10 +162,10 @@ class ClusterCache:
         (:func:`vllm_retro.kernels.paged_decode_attention`'s ``wave``): the
         mirror's arena and page table, this cache's table, pages, stamps, clock,
         counters and miss buffer (no copies: the kernel updates the bookkeeping
-        in place). The request slot is the index-table row. Per decode step, after
-        every layer: :meth:`admit_misses`, then :meth:`next_step`."""
+        in place). Keys are pool pages. Per decode step, after every layer:
+        :meth:`admit_misses`, then :meth:`next_step`."""
         sh = mirror.shape
-        ks = (sh.max_requests, sh.num_layers, sh.num_kv_heads, sh.max_blocks)
+        ks = (sh.num_pages, sh.num_layers, sh.num_kv_heads)
         if ks != self.key_shape:
             raise ValueError(f"ClusterCache.view: mirror key shape {ks} != cache "
                              f"{self.key_shape}")
@@ -170,8 +176,7 @@ class ClusterCache:
             arena=mirror.arena, page_row=mirror.page_row, cache_table=self.table,
             cache_kv=self.kv, cache_stamp=self.stamp, clock=self.clock,
             counters=self.counters, miss_keys=self.miss_keys, miss_count=self.miss_count,
-            layer=int(layer), max_requests=ks[0], num_layers=ks[1], num_kv_heads=ks[2],
-            max_blocks=ks[3])
+            layer=int(layer), num_pages=ks[0], num_layers=ks[1], num_kv_heads=ks[2])
 
     def admit_misses(self, mirror: HostMirror) -> Tuple[torch.Tensor, torch.Tensor]:
         """Admits the page keys the attention kernels recorded as misses this step
@@ -270,17 +275,25 @@ class ClusterCache:
             -1, self.page_tokens, self.kv.shape[-1]))
 
     # -------------------------------------------------------------- isolation
-    def invalidate_request(self, req: int) -> None:
-        """Drops every entry of request slot ``req`` (finish, abort, preemption),
-        before the slot is reused; its slots become the least recently used."""
-        per_req = self.num_keys // self.key_shape[0]
-        lo, hi = req * per_req, (req + 1) * per_req
-        mine = (self.slot_key >= lo) & (self.slot_key < hi)
+    def invalidate_pages(self, pages) -> None:
+        """Drops every entry of the index-pool ``pages`` (all layers and heads; a
+        sequence or tensor of ints): a leaving request's pages (finish, abort,
+        preemption), before the allocator hands them to another request. Their
+        slots become the least recently used. Device ops, no host sync."""
+        pg = torch.as_tensor(pages, dtype=torch.int64).reshape(-1)
+        if pg.numel() == 0:
+            return
+        pg = pg.to(self.device, non_blocking=True)
+        per_page = self.num_keys // self.key_shape[0]
+        # A key's page is key // per_page; -1 (empty slot, padding) maps to -1.
+        mine = torch.isin(torch.div(self.slot_key, per_page, rounding_mode="floor"), pg) \
+            & (self.slot_key >= 0)
         self.slot_key.masked_fill_(mine, -1)
         self.stamp.masked_fill_(mine, -1)
-        self.table[lo:hi] = -1
-        # Pending misses of the freed slot must not be admitted for its next owner.
-        pend = (self.miss_keys >= lo) & (self.miss_keys < hi)
+        self.table[:-1].view(self.key_shape[0], per_page)[pg] = -1
+        # Pending misses of the freed pages must not be admitted for their next owner.
+        pend = torch.isin(torch.div(self.miss_keys, per_page, rounding_mode="floor"), pg) \
+            & (self.miss_keys >= 0)
         self.miss_keys.masked_fill_(pend, -1)
 
     # ---------------------------------------------------------------- reading

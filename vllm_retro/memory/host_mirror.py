@@ -10,15 +10,21 @@ every cluster is a contiguous run of rows.
 One arena row is one token's ``[K | V]`` of one head (``2 * head_dim`` elements of
 the KV dtype), the row of vLLM's page, so a copy moves whole rows.
 
-Two address tables (``[max_requests, num_layers, H, max_blocks]``, indexed like the
-paged index by the *logical block* that holds the entry, on the KV cache's device so
-that decode kernels can read them):
+Two address tables (``[num_pages, num_layers, H]``, indexed like the paged index by
+the *index-pool page* of the logical block that holds the entry (``ibt[row, block -
+sink_end / bs]``), on the KV cache's device so that decode kernels can read them):
 
 * ``cluster_addr[..., 0:2]``: the arena row of the first token of the cluster whose
-  summary lives in that block, and its size (0: empty cluster or not mirrored);
-* ``page_row``: the arena row of the 16 (``block_size``) tokens of that logical
-  block (for that head): a "page" of the cluster-ordered mirror, the unit the GPU
-  cluster cache (:mod:`.cluster_cache`) moves (-1: not mirrored).
+  summary lives in that page, and its size (0: empty cluster or not mirrored);
+* ``page_row``: the arena row of the 16 (``block_size``) tokens of that page's
+  logical block (for that layer and head): a "page" of the cluster-ordered mirror,
+  the unit the GPU cluster cache (:mod:`.cluster_cache`) moves (-1: not mirrored).
+
+Keyed by pool page, the tables cost 12 B per (pool page, layer, KV head), whatever
+``max_num_seqs`` and ``max_model_len``; a request's pages go back to the pool when
+it leaves, so :meth:`HostMirror.free` clears them before they can be reused. The
+arena extents are still per *request slot* (the request's index-table row): host
+bookkeeping only.
 
 Admission by host memory: a request reserves its arena space before anything is
 mirrored (:meth:`HostMirror.reserve`, one contiguous extent, first fit); a request
@@ -189,12 +195,12 @@ class ExtentAllocator:
 class MirrorShape:
     """Dimensions of the mirror's address tables and rows."""
 
-    max_requests: int
+    max_requests: int          # request slots (index-table rows): host extents only
     num_layers: int
     num_kv_heads: int
     head_dim: int
     block_size: int
-    max_blocks: int            # logical blocks per request (max_model_len / block_size)
+    num_pages: int             # index-pool pages: the device tables' first dimension
     dtype: torch.dtype
 
     @property
@@ -211,9 +217,9 @@ class MirrorShape:
 
     @classmethod
     def for_layout(cls, layout: PagedIndexLayout, max_requests: int, num_layers: int,
-                   max_blocks: int) -> "MirrorShape":
+                   num_pages: int) -> "MirrorShape":
         return cls(max_requests, num_layers, layout.num_kv_heads, layout.head_dim,
-                   layout.block_size, max_blocks, layout.dtype)
+                   layout.block_size, num_pages, layout.dtype)
 
 
 @dataclass
@@ -258,7 +264,7 @@ class HostMirror:
             self.arena = torch.empty(rows, shape.row_elems, dtype=shape.dtype)
         self.alloc = ExtentAllocator(rows)
         s = shape
-        tshape = (s.max_requests, s.num_layers, s.num_kv_heads, s.max_blocks)
+        tshape = (s.num_pages, s.num_layers, s.num_kv_heads)
         self.cluster_addr = torch.zeros(*tshape, 2, dtype=torch.int32, device=self.device)
         # int32 row numbers: 12 B per table entry (per 16 tokens of a head), and 2^31
         # rows of 512 B (bf16, D=128) are 1 TiB, far above any host's pinned budget.
@@ -312,18 +318,26 @@ class HostMirror:
         start = self._extent_or_raise(slot, rows, f"{num_tokens} tokens")
         self._requests[slot] = _Request([(start, rows)], start, rows)
 
-    def free(self, slot: int) -> int:
-        """Returns every arena row of request ``slot`` and clears its addresses
-        (finish, abort, preemption). Returns the bytes freed (0 if none held).
-        The cluster cache's entries of the slot must be invalidated too
-        (:meth:`ClusterCache.invalidate_request`)."""
+    def free(self, slot: int, pages) -> int:
+        """Returns every arena row of request ``slot`` and clears the addresses of
+        its index-pool ``pages`` (finish, abort, preemption; all the pages its
+        index-table row holds, a sequence or tensor of ints). Returns the bytes
+        freed (0 if none held). Call it, and invalidate the cluster cache's
+        entries of the same pages (:meth:`ClusterCache.invalidate_pages`), before
+        the pages go back to the allocator: the next owner of a page must find
+        it unmirrored."""
+        pg = torch.as_tensor(pages, dtype=torch.long).reshape(-1)
+        if pg.numel():
+            # Cleared even for a slot that holds nothing (refused): cheap, and no
+            # page leaves here with an address.
+            pg = pg.to(self.device, non_blocking=True)
+            self.cluster_addr[pg] = 0
+            self.page_row[pg] = -1
         req = self._requests.pop(slot, None)
         if req is None:
             return 0
         for start, rows in req.extents:
             self.alloc.free(start, rows)
-        self.cluster_addr[slot].zero_()
-        self.page_row[slot].fill_(-1)
         return sum(r for _, r in req.extents) * self.shape.row_bytes
 
     def _place(self, slot: int, rows: int) -> int:
@@ -358,9 +372,9 @@ class HostMirror:
         request's physical blocks (a tensor on the cache's device covering ``p1``);
         ``pool`` / ``seg_pages``: the layer's index pool and the segment's pool
         pages (``[(p1 - p0) / bs]``), where
-        :func:`~vllm_retro.index.paged.build_segments` has written its index. Per
-        head, the tokens at logical positions ``[p0, p1)`` (cluster-ordered by the
-        build) are read through the
+        :func:`~vllm_retro.index.paged.build_segments` has written its index; they
+        are also the address tables' keys. Per head, the tokens at logical
+        positions ``[p0, p1)`` (cluster-ordered by the build) are read through the
         block table and written to ``H * n`` consecutive rows, head after head;
         then the address tables are written on the device (no host sync). Returns a CUDA event recorded after
         the copy (None on CPU): the GPU blocks may be released once it completed,
@@ -372,9 +386,12 @@ class HostMirror:
         if n <= 0 or p0 % bs or p1 % bs:
             raise ValueError(f"HostMirror.mirror_segment: [{p0}, {p1}) is not a non-empty "
                              f"block-aligned segment")
-        if p1 // bs > s.max_blocks:
-            raise ValueError(f"HostMirror.mirror_segment: block {p1 // bs} beyond "
-                             f"max_blocks {s.max_blocks}")
+        if pool.num_pages != s.num_pages:
+            raise ValueError(f"HostMirror.mirror_segment: the pool has {pool.num_pages} "
+                             f"pages, the mirror's tables {s.num_pages}")
+        if len(seg_pages) != n // bs:
+            raise ValueError(f"HostMirror.mirror_segment: {len(seg_pages)} pool pages for "
+                             f"{n // bs} blocks")
         if (layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype) != \
                 (h, d, bs, s.dtype):
             raise ValueError("HostMirror.mirror_segment: layout does not match the mirror")
@@ -393,20 +410,21 @@ class HostMirror:
         dst = self.arena[at: at + h * n].view(h, n // bs, bs, 2 * d)
         on_cuda = kv.is_cuda
         dst.copy_(kv, non_blocking=on_cuda)
-        # Addresses. Cluster j of the segment lives in logical block p0/bs + j (its
-        # index at the segment's j-th pool page); its tokens start at logical
-        # position ``start``, i.e. at row ``at + h*n + start - p0``.
+        # Addresses, at the segment's pool pages. Cluster j of the segment lives in
+        # logical block p0/bs + j (its index at the segment's j-th pool page); its
+        # tokens start at logical position ``start``, i.e. at row
+        # ``at + h*n + start - p0``.
         ent = pool.ipart[seg_pages.long().to(pool.device)].to(kv_cache.device)   # [nb, H, 2]
         sizes = ent[:, :, I_SIZE].T.to(torch.int32)                          # [H, nb]
         starts = ent[:, :, I_START].T.long()                                 # [H, nb]
         head_base = at + torch.arange(h, device=kv_cache.device).unsqueeze(1) * n
-        lb0, lb1 = p0 // bs, p1 // bs
         tdev = self.device
-        first = torch.where(sizes > 0, head_base + starts - p0, 0)
-        self.cluster_addr[slot, layer, :, lb0:lb1, 0] = first.to(torch.int32).to(tdev)
-        self.cluster_addr[slot, layer, :, lb0:lb1, 1] = sizes.to(tdev)
-        pages = head_base + torch.arange(n // bs, device=kv_cache.device) * bs
-        self.page_row[slot, layer, :, lb0:lb1] = pages.to(torch.int32).to(tdev)
+        pg = seg_pages.long().to(tdev)
+        first = torch.where(sizes > 0, head_base + starts - p0, 0)            # [H, nb]
+        addr = torch.stack([first.to(torch.int32), sizes], -1).transpose(0, 1)  # [nb, H, 2]
+        self.cluster_addr[pg, layer] = addr.to(tdev)
+        rows = head_base + torch.arange(n // bs, device=kv_cache.device) * bs  # [H, nb]
+        self.page_row[pg, layer] = rows.T.to(torch.int32).to(tdev)
         if on_cuda:
             ev = torch.cuda.Event()
             ev.record()
@@ -414,8 +432,8 @@ class HostMirror:
         return None
 
     # ------------------------------------------------------------------- reading
-    def cluster_rows(self, slot: int, layer: int, head: int, block: int) -> torch.Tensor:
-        """``[size, 2D]`` arena rows of the cluster whose summary lives in logical
-        block ``block`` (host-side read, for tests and checks; synchronises)."""
-        off, size = (int(x) for x in self.cluster_addr[slot, layer, head, block].tolist())
+    def cluster_rows(self, page: int, layer: int, head: int) -> torch.Tensor:
+        """``[size, 2D]`` arena rows of the cluster whose summary lives at pool page
+        ``page`` (host-side read, for tests and checks; synchronises)."""
+        off, size = (int(x) for x in self.cluster_addr[page, layer, head].tolist())
         return self.arena[off: off + size]
