@@ -240,6 +240,13 @@ IBT_ROW_MARGIN = 8
 CPU_CACHE_MIRROR_SHARE = 8
 
 
+def pool_page_bytes(lay: PagedIndexLayout, num_layers: int, hq: int) -> int:
+    """Device bytes one index-pool page costs: its index in every layer plus the
+    decode workspace's scratch for it (``hq`` query heads)."""
+    h = lay.num_kv_heads
+    return lay.index_bytes * num_layers + DecodeWorkspace.page_bytes(h, max(1, hq // h))
+
+
 def index_pool_auto_bytes(usable_b: float, lay: PagedIndexLayout, num_layers: int,
                           hq: int, host_b: int = 0) -> float:
     """The index pool's automatic size (``index_pool_gib`` 0):
@@ -249,10 +256,8 @@ def index_pool_auto_bytes(usable_b: float, lay: PagedIndexLayout, num_layers: in
     KV blocks back but keep their index. Without that share the requests past the
     KV cache's capacity find the pool full and are attended exactly (measured on the
     H200 at 128K x 8: TPOT 47.8 ms against 17.2 ms with the pool sized for them)."""
-    h = lay.num_kv_heads
-    per_page = lay.index_bytes * num_layers + DecodeWorkspace.page_bytes(h, max(1, hq // h))
     return INDEX_POOL_AUTO_FRACTION * usable_b + \
-        host_b / (lay.kv_page_bytes * num_layers) * per_page
+        host_b / (lay.kv_page_bytes * num_layers) * pool_page_bytes(lay, num_layers, hq)
 
 
 class PagedIndexManager:
@@ -369,8 +374,9 @@ class PagedIndexManager:
         h = lay.num_kv_heads
         g = max(1, hq // h)
         scratch = DecodeWorkspace.page_bytes(h, g)
+        page_b = pool_page_bytes(lay, num_layers, hq)
         if not num_pages:
-            num_pages = int(budget_b // (lay.index_bytes * num_layers + scratch))
+            num_pages = int(budget_b // page_b)
         num_pages = max(1, num_pages)
         max_seqs = vc.scheduler_config.max_num_seqs
         max_len = getattr(getattr(vc, "model_config", None), "max_model_len", None) or \
@@ -383,7 +389,7 @@ class PagedIndexManager:
         max_rows = max(max_seqs, getattr(cc, "max_cudagraph_capture_size", None) or 0)
         self.workspace = DecodeWorkspace(num_pages, h, g, lay.head_dim, max_rows, dev)
         self._pool_layout = lay
-        total = num_pages * (lay.index_bytes * num_layers + scratch)
+        total = num_pages * page_b
         logger.info("retro: index pool of %d pages x %d layers (%d B of index per page "
                     "and layer, %d B of decode scratch per page; %.2f GiB in all), "
                     "index table %d rows x %d pages", num_pages, num_layers,

@@ -90,10 +90,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     fpart, ipart = pool.fpart.cpu(), pool.ipart.cpu()
     ibt = ibt.cpu().long()
     if wave is not None:
-        wave.check(kv_cache, h, bs, d, devices=False)
-        if wave.num_pages != pool.num_pages:
-            raise ValueError(f"wave buffer view keyed by {wave.num_pages} pool pages, "
-                             f"the pool has {pool.num_pages}")
+        wave.check(kv_cache, h, bs, d, pool.num_pages, devices=False)
         w_table = wave.cache_table.cpu()
         w_rows = wave.page_row.cpu().reshape(-1).long()
         w_kv = wave.cache_kv.cpu()

@@ -1141,10 +1141,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     if sink_end % bs:
         raise ValueError("sink_end must be a multiple of the block size")
     if wave is not None:
-        wave.check(kv_cache, h, bs, d)
-        if wave.num_pages != pool.num_pages:
-            raise ValueError(f"wave buffer view keyed by {wave.num_pages} pool pages, "
-                             f"the pool has {pool.num_pages}")
+        wave.check(kv_cache, h, bs, d, pool.num_pages)
     if b == 0:
         return out
     fpart, ipart = pool.fpart, pool.ipart

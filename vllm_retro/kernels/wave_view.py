@@ -97,9 +97,10 @@ class WaveBufferView:
         return (page * self.num_layers + self.layer) * self.num_kv_heads + head
 
     def check(self, kv_cache: torch.Tensor, num_kv_heads: int, block_size: int,
-              head_dim: int, devices: bool = True) -> None:
+              head_dim: int, pool_pages: int, devices: bool = True) -> None:
         """Raises ValueError unless the view fits a layer of this layout (dtypes,
-        shapes, contiguity the kernels assume, layer range) and, with ``devices``,
+        shapes, contiguity the kernels assume, layer range, keys over the index
+        pool's ``pool_pages``) and, with ``devices``,
         lives where a kernel over ``kv_cache`` can read it (the twin, which copies
         what it reads to the host, skips that)."""
         def need(ok: bool, what: str) -> None:
@@ -146,6 +147,7 @@ class WaveBufferView:
         need(self.miss_keys.dtype == torch.int64 and self.miss_keys.dim() == 1
              and self.miss_keys.numel() >= 1 and self.miss_keys.is_contiguous(),
              "miss_keys must be contiguous int64 [cap >= 1]")
+        need(p == pool_pages, f"keyed by {p} pool pages, the pool has {pool_pages}")
         if not devices:
             return
         dev = kv_cache.device
