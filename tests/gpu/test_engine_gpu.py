@@ -234,7 +234,8 @@ def test_cluster_cache_moves_bytes_not_results(tiny_model):
         print(f"cluster cache {name} ({slots} pages): hits {st['cache_hits']}, misses "
               f"{st['cache_misses']}, admitted {st['cache_admitted']}, evicted "
               f"{st['cache_evicted']}; {st['mirrored_requests']} mirrored at the end")
-        assert st["retro_rows"] > 0 and st["dense_rows"] == 0
+        # Rows decoded before their prompt's index exists count as dense (exact).
+        assert st["retro_rows"] > st["dense_rows"]
         assert st["mirror_refused"] == 0 and st["index_pool_full"] == 0
         assert left == (0, ()), f"host mirror not returned: {left}"
         runs[name] = (toks, st)
