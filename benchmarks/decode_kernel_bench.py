@@ -64,11 +64,13 @@ def bandwidth_tbs() -> float:
 
 
 def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed: int = 0,
-               key_scale: float = 1.0, device: str = "cuda"):
+               key_scale: float = 1.0, device: str = "cuda", shuffle_pages: bool = True):
     """A cache holding ``batch`` requests of ``ctx`` tokens, indexed as the engine
     indexes them (each request its own index-table row and pool pages, handed out
     shuffled); returns the layout, cache, block tables, seq_lens, headers, sink end
     and ``ix`` (``ix.ibt``, ``ix.pool``: the index table and the layer's pool).
+    ``shuffle_pages=False`` hands pool pages out in order (each request's index
+    contiguous in the pool, as in a fresh engine) instead of scattered (after churn).
 
     ``key_scale`` multiplies the keys: a tiny scale (1e-4) gives what an engine with
     ``load_format="dummy"`` weights gives, every cluster's log-mass ~ ln(size), so
@@ -91,7 +93,8 @@ def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed:
     segs = plan_segments(0, ctx, ctx, cfg, BS)
     pool = IndexPool(lay, nb, dev)
     alloc = IndexAllocator(nb, batch, nblk, dev)
-    alloc.shuffle(seed)
+    if shuffle_pages:
+        alloc.shuffle(seed)
     for r in range(batch):
         E = segs[-1][1] if segs else 0
         irow = alloc.acquire(max(0, (E - S) // BS))

@@ -8,7 +8,8 @@ the programs per (row, KV head), or the score stage run by the extension's CUDA 
 BUILD_EXT=1``; its per-kernel times are recorded beside the default's). Every
 variant's output is checked against the default variant's (same selection, fp32
 accumulation: relative error below 1e-2) before it is timed, and the per-kernel
-device times of the best variant are recorded. The winners are what ``TUNE`` /
+device times, split and each kernel's resources (registers, shared memory,
+programs per SM) of every variant are recorded. The winners are what ``TUNE`` /
 ``TUNE_SMALL_BATCH`` in ``vllm_retro/kernels/triton_decode.py`` should say.
 
     python benchmarks/decode_kernel_sweep.py --cases 131072x1,131072x8 --out sweep.json
@@ -42,6 +43,8 @@ from vllm_retro.kernels import triton_decode as td  # noqa: E402
 VARIANTS = [
     ("default", None, {}),
     ("programs/SM 2", "pps", (2, 0)),
+    ("programs/SM 3", "pps", (3, 0)),
+    ("programs/SM 6", "pps", (6, 0)),
     ("programs/SM 8", "pps", (8, 0)),
     ("programs/SM 16", "pps", (16, 0)),
     ("programs/SM 4, split 64", "pps", (4, 64)),
@@ -61,16 +64,21 @@ VARIANTS = [
 ]
 
 
-def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> dict:
+def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
+             variants=None, shuffle_pages: bool = True) -> dict:
     scale = 1 / math.sqrt(D)
-    lay, kv, bt, sl, hdr, S, ix = make_batch(ctx, batch, cfg, key_scale=key_scale)
+    lay, kv, bt, sl, hdr, S, ix = make_batch(ctx, batch, cfg, key_scale=key_scale,
+                                             shuffle_pages=shuffle_pages)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     base_tune = copy.deepcopy(td.TUNE)
     base_small = copy.deepcopy(td.TUNE_SMALL_BATCH)
     base_impl = td.SCORE_IMPL
+    td.RECORD_RESOURCES = True
     ref = None
     res = []
     for name, kernel, over in VARIANTS:
+        if variants is not None and name not in variants:
+            continue
         td.TUNE = copy.deepcopy(base_tune)
         td.TUNE_SMALL_BATCH = copy.deepcopy(base_small)
         td.SCORE_IMPL = base_impl
@@ -115,13 +123,19 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> 
             if err > 1e-2:
                 raise AssertionError(f"output differs from the default variant: {err:.2e}")
             t = time_ms(graph_of(step).replay) * 1e3
-            rec = dict(variant=name, graph_us=round(t, 2), rel_err_vs_default=err)
-            if td.SCORE_IMPL != base_impl:   # the score kernel's own time, against default's
-                rec["per_kernel_us"] = per_kernel_us(step)
+            rec = dict(variant=name, graph_us=round(t, 2), rel_err_vs_default=err,
+                       split=ws.nsplit(batch), attend_split=ws.nsplit_attend(batch),
+                       per_kernel_us={k[:40]: v for k, v in per_kernel_us(step).items()},
+                       resources=td.kernel_resources(
+                           torch.cuda.get_device_properties(0).multi_processor_count))
         except Exception as exc:  # a failing variant is a finding, not a crash
             rec = dict(variant=name, error=f"{type(exc).__name__}: {exc}"[:300])
         res.append(rec)
-        print(f"  {ctx}x{batch} {name:24s} {rec.get('graph_us', rec.get('error'))}", flush=True)
+        print(f"  {ctx}x{batch} {name:24s} {rec.get('graph_us', rec.get('error'))} "
+              f"split {rec.get('split')}/{rec.get('attend_split')} per kernel "
+              f"{json.dumps(rec.get('per_kernel_us', {}))} programs/SM "
+              f"{ {k: v['programs_per_sm'] for k, v in rec.get('resources', {}).items()} }",
+              flush=True)
         del ws
     td.TUNE, td.TUNE_SMALL_BATCH, td.SCORE_IMPL = base_tune, base_small, base_impl
     td.PDL = False
@@ -138,7 +152,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0) -> 
                 if kind == "pps" and over[1] == 0})
     only = [r for r in ok if r["variant"] in pps]
     best_pps = pps[min(only, key=lambda r: r["graph_us"])["variant"]] if only else None
-    print(f"BEST_PPS {best_pps} at {ctx}x{batch}", flush=True)
+    print(f"BEST_PPS {best_pps} at {ctx}x{batch}; default per kernel (us): "
+          + json.dumps({k[:40]: v for k, v in prof.items()}), flush=True)
     return dict(context=ctx, batch=batch, variants=res, best=best, best_programs_per_sm=best_pps,
                 default_per_kernel_us=prof)
 
@@ -148,14 +163,32 @@ def main() -> None:
     ap.add_argument("--cases", default="131072x1,131072x8")
     ap.add_argument("--key-scale", type=float, default=1.0,
                     help="multiply the keys (1e-4: the flat scores of dummy weights)")
+    ap.add_argument("--variants", default="",
+                    help="';'-separated variant names to run, spaces written as '_' "
+                         "(e.g. 'default;programs/SM_16'; default: all)")
+    ap.add_argument("--pages", default="shuffled", choices=("shuffled", "sequential", "both"),
+                    help="index-pool page order: scattered (after churn), in order, or "
+                         "each case in both orders")
     ap.add_argument("--out", default="benchmarks/results/decode_kernel_sweep_h200.json")
     a = ap.parse_args()
     cfg = RetroConfig()
+    names = {n.replace(" ", "_"): n for n, _, _ in VARIANTS}
+    variants = None
+    if a.variants:
+        want = set(a.variants.split(";"))
+        if want - set(names):
+            raise SystemExit(f"unknown variants {sorted(want - set(names))}; known: "
+                             f"{sorted(names)}")
+        variants = {names[v] for v in want}
+    orders = {"shuffled": [True], "sequential": [False], "both": [True, False]}[a.pages]
     cases = []
     for c in a.cases.split(","):
         ctx, b = map(int, c.split("x"))
-        cases.append(run_case(ctx, b, cfg, a.key_scale))
-        torch.cuda.empty_cache()
+        for shuffled in orders:
+            rec = run_case(ctx, b, cfg, a.key_scale, variants, shuffled)
+            rec["pool_pages"] = "shuffled" if shuffled else "sequential"
+            cases.append(rec)
+            torch.cuda.empty_cache()
     res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
                command=" ".join(sys.argv), block_size=BS, key_scale=a.key_scale,

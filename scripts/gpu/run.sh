@@ -13,7 +13,8 @@
 # RetroSpec under vLLM 0.26), pagecopy (misses of the cluster cache over PCIe:
 # zero-copy Triton reads vs host gather + copy engine; PAGECOPY_ARGS), smollm2 (SmolLM2 through
 # vLLM, retro vs dense; needs the .gpu-carry/ parts of scripts/gpu/prepare_carry.sh,
-# carried one per call like the bundle), throughput (benchmarks/decode_throughput.py,
+# carried one per call like the bundle), ncu (Nsight Compute profile of one decode
+# step's kernels, NCU_CASE), throughput (benchmarks/decode_throughput.py,
 # THROUGHPUT_ARGS passed through).
 #
 # BUILD_EXT=1 installs the project with its extension vllm_retro._C built with CUDA
@@ -94,6 +95,18 @@ for s in $STAGES; do
     throughput) python3 benchmarks/decode_throughput.py ${THROUGHPUT_ARGS:-} \
               --out "$OUT/decode_throughput_h200.json" 2>&1 | tee "$OUT/throughput.log" \
               | grep -v "^INFO\|^WARNING\|^DEBUG" | tail -30 ;;
+    # Nsight Compute on the default decode step (NCU_CASE, e.g. 131072x8): speed of
+    # light, occupancy, warp stalls and memory of the five kernels' first launches.
+    ncu)
+      NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu \
+            2>/dev/null | head -1)
+      if [ -z "$NCU" ]; then echo "ncu: not found on this host"; rc=3; continue; fi
+      "$NCU" --csv --page details --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --section LaunchStats --section MemoryWorkloadAnalysis \
+        -k 'regex:_(score|key|cand|collect|attend)_kernel' -c 5 \
+        python3 benchmarks/decode_kernel_sweep.py --cases ${NCU_CASE:-131072x8} \
+        --variants default --out "$OUT/ncu_sweep.json" > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+      r=$?; tail -3 "$OUT/ncu.err"; wc -l "$OUT/ncu.csv"; [ "$r" = 0 ] || rc=$r; continue ;;
     *) echo "unknown stage $s"; rc=2 ;;
   esac
   r=${PIPESTATUS[0]}; [ "$r" = 0 ] || { echo "stage $s failed ($r)"; rc=$r; }

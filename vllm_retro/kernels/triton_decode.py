@@ -149,6 +149,12 @@ TUNE_SMALL_BATCH = {
 # attribute.
 SCORE_IMPL = os.environ.get("RETRO_DECODE_SCORE_IMPL", "triton")
 _CUDA_SCORE = None
+# Diagnostics for tuning runs: with RECORD_RESOURCES set, each launch keeps its
+# compiled kernel in LAST_KERNELS (by stage) so a benchmark can read registers,
+# spills and shared memory, i.e. how many programs fit on an SM
+# (:func:`kernel_resources`).
+RECORD_RESOURCES = False
+LAST_KERNELS: dict = {}
 
 
 def cuda_score_available() -> bool:
@@ -1164,27 +1170,27 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             query, fpart, ipart, block_table, ibt, seq_lens, headers, ws.logits, ws.score_max,
             ws.score_sum, ws.hist, ws.ncand, sb, bs, ns, scale, float(variance_cap))
     else:
-        _score_kernel[grid](
+        _keep("score", _score_kernel[grid](
             query, *query.stride(), fpart, *fpart.stride(), ipart, ipart.stride(0),
             ipart.stride(1), *common, ws.logits, ws.score_max, ws.score_sum, ws.hist,
             ws.ncand, scale, sb, ns,
             H=h, G=g, GP=gp, D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
             CAP=float(variance_cap), NATIVE=native, PREC=prec,
-            **({"PDL": True} if pdl else {}), **_tune("score", b))
-    _key_kernel[grid](
+            **({"PDL": True} if pdl else {}), **_tune("score", b)))
+    _keep("key", _key_kernel[grid](
         ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, ns,
         H=h, G=g, GP=gp, BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES,
-        PK=PACK, **dep, **_tune("key", b))
-    _cand_kernel[grid](
+        PK=PACK, **dep, **_tune("key", b)))
+    _keep("cand", _cand_kernel[grid](
         ws.keys, ws.cands, ws.hist, ws.ncand, ws.ranges, ws.sel, ws.counts, ws.tickets[0],
         *common, sb, ns,
         H=h, G=g, BS=bs, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, NSP=nsp,
-        **dep, **_tune("cand", b))
-    _collect_kernel[grid](
+        **dep, **_tune("cand", b)))
+    _keep("collect", _collect_kernel[grid](
         ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
         ipart.stride(0), ipart.stride(1), *common, sb, sink_end, ns,
         H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
-        **dep, **_tune("collect", b))
+        **dep, **_tune("collect", b)))
     ns_a = ws.nsplit_attend(b)
     if wave is not None:
         w = wave
@@ -1197,12 +1203,43 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         # nothing is allocated and the variant is today's kernel.
         wargs = (kv_cache, 0, 0, ibt, ws.stats, kv_cache, 0, 0, 0, ws.stats, ws.stats,
                  ws.stats, ws.stats, ws.stats, 0, 0, 0, 0, 0)
-    _attend_kernel[(b * h, ns_a)](
+    _keep("attend", _attend_kernel[(b * h, ns_a)](
         query, *query.stride(), kv_cache, *kv_cache.stride(), fpart, *fpart.stride(),
         *common, ws.logits, ws.lists, ws.counts,
         ws.part_o, ws.part_m, ws.part_l, ws.tickets[1], out, *out.stride(),
         scale, sb, sink_end, ns_a, *wargs,
         H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, PK=PACK, LW=LIST_WORDS,
         NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, WAVE=wave is not None, **dep,
-        **_tune("attend", b))
+        **_tune("attend", b)))
     return out
+
+
+def _keep(stage: str, compiled) -> None:
+    if RECORD_RESOURCES:
+        LAST_KERNELS[stage] = compiled
+
+
+def kernel_resources(num_sms: int = 132, regs_per_sm: int = 65536,
+                     smem_per_sm: int = 233472, max_warps: int = 64,
+                     max_blocks: int = 32) -> dict:
+    """Per stage of the last recorded launch (:data:`RECORD_RESOURCES`): registers
+    per thread, spills, shared memory, warps, and the programs one SM can hold
+    (defaults: an H100/H200 SM) -- a grid above ``num_sms`` times that runs in more
+    than one wave."""
+    res = {}
+    for stage, k in LAST_KERNELS.items():
+        md = getattr(k, "metadata", None)
+        warps = int(getattr(md, "num_warps", 4) or 4)
+        shared = int(getattr(md, "shared", 0) or 0)
+        regs = int(getattr(k, "n_regs", 0) or 0)
+        fit = [max_blocks, max_warps // warps]
+        if regs:
+            # Registers are allocated per warp in units of 256.
+            per_warp = -(-regs * 32 // 256) * 256
+            fit.append(regs_per_sm // (per_warp * warps))
+        if shared:
+            fit.append(smem_per_sm // (shared + 1024))   # + the reserved 1 KiB per block
+        res[stage] = dict(regs=regs, spills=int(getattr(k, "n_spills", 0) or 0),
+                          shared=shared, warps=warps, programs_per_sm=min(fit),
+                          resident=min(fit) * num_sms)
+    return res
