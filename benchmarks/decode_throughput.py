@@ -283,7 +283,7 @@ def plot(res: dict, path: str) -> None:
                     title += (f"\n{be} largest batch {top[be]['batch']} vs "
                               f"{top['FLASH_ATTN']['batch']}: x"
                               f"{top[be]['decode_tok_s'] / top['FLASH_ATTN']['decode_tok_s']:.2f}")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=8)
         ax.set_xlabel("batch (concurrent requests)")
         ax.set_ylabel("decode tokens/s")
         ax.legend()

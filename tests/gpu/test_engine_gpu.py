@@ -227,6 +227,9 @@ def test_cluster_cache_moves_bytes_not_results(tiny_model):
             mgr = manager(llm)
             toks = generate_tokens(llm, prompts, WAVE_TOKENS)
             st = mgr.stats()
+            # The worker learns of finished requests with the next step's scheduler
+            # output: one short request (never mirrored) runs that step.
+            generate_tokens(llm, text_prompts(tiny_model, [16], offset=7), 1)
             left = mgr.mirror.bytes_reserved(), mgr.mirror.request_slots()
             slots = mgr.cache.num_slots
         finally:

@@ -573,8 +573,9 @@ class PagedIndexManager:
             # attention recorded as misses (device ops only, no host sync; ordered
             # after that forward and before this one on the stream), then advance the
             # cache's LRU clock. Once per step for all layers (one LRU pass).
-            self.cache.admit_misses(self.mirror)
-            self.cache.next_step()
+            with torch.profiler.record_function("retro::admit"):
+                self.cache.admit_misses(self.mirror)
+                self.cache.next_step()
             self.wave_steps += 1
         new = [e for e in entries if e.is_new]
         if new:
@@ -583,7 +584,8 @@ class PagedIndexManager:
                 self.headers[idx.to(self.headers.device)] = 0
             for e in new:
                 e.is_new = False
-        self._maintain(entries)
+        with torch.profiler.record_function("retro::maintain"):
+            self._maintain(entries)
         self._wave_rows = self.mirror is not None and any(
             e.mirrored_end > self.sink_end for e in entries)
         self._maybe_log()
@@ -692,8 +694,9 @@ class PagedIndexManager:
             for group in jobs.values():
                 build_segments(kv, self.layout, self.pools[name], group, cfg)
         if self.mirror is not None:
-            for e in touched:
-                self._mirror_request(e, block_ids[e.req_id])
+            with torch.profiler.record_function("retro::mirror"):
+                for e in touched:
+                    self._mirror_request(e, block_ids[e.req_id])
         rows = []
         for e in touched:
             n_ret, n_est = budget(e.num_clusters, e.clustered_end - self.sink_end, cfg)
