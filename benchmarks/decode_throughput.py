@@ -211,17 +211,22 @@ def child(a) -> None:
 
 
 def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, steps: int = 24) -> dict:
-    """Where a decode step's time goes: ``batch`` requests of ``ctx`` tokens, the
-    decode steps after every request's first token under the torch profiler (CPU and
-    CUDA): wall time per step, device time per step (all kernels), the top kernels
-    and the top host operations (self time) per step."""
+    """Where a decode step's time goes: ``batch`` requests of ``ctx`` tokens; after
+    every request's first token, three phases of ``steps`` decode steps each: no
+    profiler (wall time per step), the torch profiler (device time per step, the top
+    kernels and named ranges, the top host operations by self time), and Python's
+    cProfile (host functions by cumulative time per step: where the host spends a
+    step when the GPU waits for it)."""
+    import cProfile
+    import pstats
+
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from profiling import device_us
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
-    params = SamplingParams(max_tokens=steps + 2, ignore_eos=True, temperature=0.0)
+    params = SamplingParams(max_tokens=4 * steps + 8, ignore_eos=True, temperature=0.0)
     got = {}
     for i in range(batch):
         toks = torch.randint(100, vocab - 1, (ctx,), generator=g).tolist()
@@ -230,30 +235,57 @@ def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, steps: in
     while not all(v >= 2 for v in got.values()):
         for o in eng.step():
             got[o.request_id] = len(o.outputs[0].token_ids)
+
+    def run(n):
+        """Wall seconds per step over up to ``n`` steps (fewer once all finish)."""
+        t0 = time.perf_counter()
+        done = 0
+        for _ in range(n):
+            if not eng.has_unfinished_requests():
+                break
+            eng.step()
+            done += 1
+        return (time.perf_counter() - t0) / max(1, done)
+
+    plain_ms = 1e3 * run(steps)
     acts = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         acts.append(ProfilerActivity.CUDA)
-    n = 0
-    t0 = time.perf_counter()
     with profile(activities=acts) as p:
-        while eng.has_unfinished_requests():
-            eng.step()
-            n += 1
-    wall = time.perf_counter() - t0
-    n = max(1, n)
+        wall = run(steps)
     dev, host = {}, {}
     for e in p.key_averages():
         t = device_us(e, self_time=True)
         if t > 0:
-            dev[e.key] = t / n
+            dev[e.key] = t / steps
+        if e.key.startswith("retro::"):
+            dev[e.key + " (total)"] = device_us(e) / steps
         if e.self_cpu_time_total > 0:
-            host[e.key] = e.self_cpu_time_total / n
+            host[e.key] = e.self_cpu_time_total / steps
+    pr = cProfile.Profile()
+    pr.enable()
+    py_wall = run(steps)
+    pr.disable()
+    st = pstats.Stats(pr)
+    py = {}
+    for (fn, line, name), (cc, nc, tt, ct, callers) in st.stats.items():
+        py[f"{os.path.basename(fn)}:{line}:{name}"] = 1e6 * ct / steps
+    while eng.has_unfinished_requests():
+        eng.step()
 
-    def top(d):
-        return {k[:90]: round(v, 1) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:15]}
-    return dict(context=ctx, batch=batch, steps=n, wall_ms_per_step=1e3 * wall / n,
-                device_us_per_step=round(sum(dev.values()), 1),
-                top_kernels_us_per_step=top(dev), top_host_us_per_step=top(host))
+    def top(d, n=15):
+        return {k[:90]: round(v, 1) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:n]}
+    retro = {k: round(v, 1) for k, v in dev.items() if k.startswith("retro::")}
+    return dict(context=ctx, batch=batch, steps=steps, wall_ms_per_step_plain=plain_ms,
+                wall_ms_per_step=1e3 * wall,
+                device_us_per_step=round(sum(v for k, v in dev.items()
+                                             if not k.endswith("(total)")), 1),
+                retro_ranges_device_us_per_step=retro,
+                top_kernels_us_per_step=top({k: v for k, v in dev.items()
+                                             if not k.endswith("(total)")}),
+                top_host_us_per_step=top(host),
+                python_wall_ms_per_step=1e3 * py_wall,
+                top_python_cumulative_us_per_step=top(py, 40))
 
 
 def plot(res: dict, path: str) -> None:
