@@ -61,6 +61,18 @@ VARIANTS = [
     ("attend w8", "attend", dict(num_warps=8)),
     ("cand CB1024", "cand", dict(CB=1024)),
     ("cand CB1024 w16", "cand", dict(CB=1024, num_warps=16)),
+    # Nsight Compute at 128K x 8: 8 warps x 128 registers fit 2 candidate programs
+    # per SM (512 programs in 1.94 waves); 4 warps should fit 4 (one wave).
+    ("cand w4", "cand", dict(num_warps=4)),
+    ("cand w4 RB128", "cand", dict(num_warps=4, RB=128)),
+    # Score and attend are latency-bound gathers at 4 programs x 4 warps per SM:
+    # more bytes in flight per program.
+    ("score st3", "score", dict(num_stages=3)),
+    ("score CH128 w8", "score", dict(CH=128, num_warps=8)),
+    ("attend st3", "attend", dict(num_stages=3)),
+    ("attend TR64", "attend", dict(TR=64)),
+    ("key CHE512", "key", dict(CHE=512)),
+    ("key w8", "key", dict(num_warps=8)),
 ]
 
 
