@@ -638,6 +638,40 @@ TEXT_VARIANTS: Dict[str, tuple] = {
                                                retrieval_rank="error_value")))
        for tag, a in (("05", 0.5), ("09", 0.9))},
 }
+# 8-bit cluster summaries (design §6.4: the summaries are 2/3 of the bytes a GPU
+# decode step reads at 128K): a benchmark-side simulation, not a library option.
+# ``summary_bits`` 8 rounds each cluster's centroid and key variance (``"centroid"``:
+# the centroid only) to int8 with one fp32 scale per (cluster, KV head) vector,
+# max |x| / 127, after the build and after every append (idempotent: a rounded
+# vector keeps its scale); the value sums stay full precision. Halves the score
+# pass's bytes (or a quarter with the centroid only) at 128K.
+SUMMARY_VARIANTS = {
+    "wave_q8": ({"summary_bits": 8}, "wave, 8-bit centroids and key variances"),
+    "wave_q8c": ({"summary_bits": 8, "summary_fields": "centroid"},
+                 "wave, 8-bit centroids (key variances full precision)"),
+    "wave_shared_kv05_vcap1_vc_errv_q8": (
+        {"shared_head_budget": True, "kmeans_value_weight": 0.5, "variance_cap": 1.0,
+         "value_correction": True, "retrieval_rank": "error_value", "summary_bits": 8},
+        "shared + kv 0.5 + cap 1 + vc + errv, 8-bit centroids and key variances"),
+}
+TEXT_VARIANTS.update(SUMMARY_VARIANTS)
+SIM_FIELDS = ("summary_bits", "summary_fields")
+
+
+def quantize_summaries(idx: WaveIndex, bits: int, fields: str = "both") -> None:
+    """Rounds ``idx``'s centroids (and key variances, ``fields`` "both") in place to
+    ``bits``-bit integers with one scale per (KV head, cluster) vector."""
+    top = float(2 ** (bits - 1) - 1)
+    names = ("centroids", "key_vars") if fields == "both" else ("centroids",)
+    for name in names:
+        x = getattr(idx, name)
+        if x.numel() == 0:
+            continue
+        sc = x.abs().amax(dim=-1, keepdim=True) / top
+        sc = torch.where(sc > 0, sc, torch.ones_like(sc))
+        setattr(idx, name, (torch.round(x / sc).clamp(-top, top) * sc).to(x.dtype))
+
+
 # The one-sided accuracy bound (``bound_margin``), run beside the library's bounded
 # mode at every eps: margin (nats) and cap of the exact set.
 ONE_SIDED = dict(bound_margin=0.5, max_retrieval_fraction=0.5)
@@ -648,7 +682,7 @@ INDEX_FIELDS = ("cluster_size", "recent_tokens", "sink_tokens", "segment_size",
 def _variant_cfg(changes: dict, rf: float) -> RetroConfig:
     """Config of a variant at retrieval fraction ``rf`` (estimation_fraction None:
     every cluster not retrieved is estimated)."""
-    ch = dict(changes)
+    ch = {k: v for k, v in changes.items() if k not in SIM_FIELDS}
     ef = ch.pop("estimation_fraction", BASE_CONFIG.estimation_fraction)
     ef = 1.0 - rf if ef is None else min(ef, 1.0 - rf)
     return BASE_CONFIG.replace(retrieval_fraction=rf, estimation_fraction=ef, **ch)
@@ -667,21 +701,33 @@ def evaluate_text_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch
     acc: Dict[tuple, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
     p0 = int(qpos[0])
     idx_cfgs = {}
+
+    def key_of(ch):
+        return tuple((f, ch.get(f, getattr(BASE_CONFIG, f))) for f in INDEX_FIELDS) + \
+            tuple((f, ch.get(f)) for f in SIM_FIELDS)
+
     for v in variants:
         ch = TEXT_VARIANTS[v][0]
-        key = tuple((f, ch.get(f, getattr(BASE_CONFIG, f))) for f in INDEX_FIELDS)
-        idx_cfgs.setdefault(key, BASE_CONFIG.replace(**{f: x for f, x in key}))
+        key = key_of(ch)
+        idx_cfgs.setdefault(key, BASE_CONFIG.replace(**{f: x for f, x in key
+                                                        if f not in SIM_FIELDS}))
     # retrieval_rank "error_value" needs each cluster's value spread, stored at build:
     # every index stores it when a variant needs it (the other variants ignore it).
     if any(TEXT_VARIANTS[v][0].get("retrieval_rank") == "error_value" for v in variants):
         idx_cfgs = {k: c.replace(retrieval_rank="error_value") for k, c in idx_cfgs.items()}
     indexes = {k: WaveIndex.build(keys[:, :p0].float(), values[:, :p0].float(), c)
                for k, c in idx_cfgs.items()}
+    quant = {k: (dict(k)["summary_bits"], dict(k)["summary_fields"] or "both")
+             for k in indexes if dict(k)["summary_bits"]}
+    for k, (bits, fields) in quant.items():
+        quantize_summaries(indexes[k], bits, fields)
 
     def index_of(changes):
-        return indexes[tuple((f, changes.get(f, getattr(BASE_CONFIG, f)))
-                             for f in INDEX_FIELDS)]
+        return indexes[key_of(changes)]
 
+    if key_of({}) not in indexes:   # the reference rows (RetroInfer, default) need it
+        indexes[key_of({})] = WaveIndex.build(keys[:, :p0].float(), values[:, :p0].float(),
+                                              BASE_CONFIG)
     base_index = index_of({})
     # adaptive_budget: each (variant, target) keeps its own difficulty history on the
     # shared index, swapped in around its attend (as one serving index would).
@@ -689,9 +735,11 @@ def evaluate_text_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch
     for i, p in enumerate(qpos):
         p = int(p)
         t = p + 1
-        for idx in indexes.values():
+        for k, idx in indexes.items():
             idx.append(keys[:, p:p + 1].float(), values[:, p:p + 1].float())
             assert idx.seq_len == t
+            if k in quant:
+                quantize_summaries(idx, *quant[k])
         kp, vp = keys[:, :t].double(), values[:, :t].double()
         q = queries[i]
         logits = B.true_logits(q, kp, scale)
