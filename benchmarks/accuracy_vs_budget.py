@@ -126,6 +126,21 @@ BASE_CONFIG = RetroConfig(segment_size=2048, min_retrieval_tokens=0)
 RANK_RULES = ("library", "centroid", "no_size", "max_qc", "gauss", "oracle_cluster")
 
 
+def write_json(res: dict, path: str) -> None:
+    """Write a result file with floats at 6 significant digits: the measurements'
+    noise is far above that, and full float64 reprs double the files' size."""
+    def rounded(x):
+        if isinstance(x, float):
+            return float(f"{x:.6g}") if math.isfinite(x) else x
+        if isinstance(x, dict):
+            return {k: rounded(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [rounded(v) for v in x]
+        return x
+    with open(path, "w") as fh:
+        json.dump(rounded(res), fh, indent=1)
+
+
 def _record(acc: dict, key, **vals) -> None:
     for k, v in vals.items():
         acc[key][k].append(v.detach().double().reshape(-1) if torch.is_tensor(v)
@@ -547,8 +562,7 @@ def run(layers: Sequence[int], fractions: Sequence[float], eps_list: Sequence[fl
         "runtime_s": round(time.time() - t_start, 1),
     }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(res, fh, indent=1)
+    write_json(res, out)
     stem = os.path.splitext(out)[0]
     plot(res, stem + ".png")
     plot_ranking(res, stem + "_ranking.png")
@@ -982,8 +996,7 @@ def run_texts(texts: Sequence[str], layers: Sequence[int], fractions: Sequence[f
         "runtime_s": round(time.time() - t_start, 1),
     }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(res, fh, indent=1)
+    write_json(res, out)
     plot_texts(res, os.path.splitext(out)[0] + ".png")
     return res
 
@@ -1104,8 +1117,7 @@ def run_decomposition(texts: Sequence[str], layers: Sequence[int], out: str,
                                       res["texts"][text].items() if k in DECOMP_COMBOS),
               flush=True)
     res["runtime_s"] = round(time.time() - t0, 1)
-    with open(out, "w") as fh:
-        json.dump(res, fh, indent=1)
+    write_json(res, out)
     return res
 
 
