@@ -204,19 +204,25 @@ def child(a) -> None:
     prof = None
     if a.profile:
         ctx, b = map(int, a.profile.split("x"))
-        prof = profile_decode(eng, ctx, b, vocab, g, rid)
+        prof = profile_decode(eng, ctx, b, vocab, g, rid,
+                              max_tokens=max_ctx + a.output_tokens + 15 - ctx, state=state)
         print("profile " + json.dumps(prof), flush=True)
     with open(a.child_out, "w") as f:
         json.dump(dict(startup_s=startup, records=recs, profile=prof), f)
 
 
-def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, steps: int = 24) -> dict:
+def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, max_tokens: int,
+                   state=None, steps: int = 24) -> dict:
     """Where a decode step's time goes: ``batch`` requests of ``ctx`` tokens; after
     every request's first token, three phases of ``steps`` decode steps each: no
     profiler (wall time per step), the torch profiler (device time per step, the top
     kernels and named ranges, the top host operations by self time), and Python's
     cProfile (host functions by cumulative time per step: where the host spends a
-    step when the GPU waits for it)."""
+    step when the GPU waits for it). The requests may produce ``max_tokens`` (all
+    the room the model length leaves: the first ones decode while the later ones
+    prefill, and none may finish inside the phases) and are aborted afterwards.
+    ``decode_rows_per_step`` (from retro's counters, ``state``) says how many rows
+    each phase's steps really had."""
     import cProfile
     import pstats
 
@@ -226,7 +232,7 @@ def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, steps: in
     from profiling import device_us
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
-    params = SamplingParams(max_tokens=4 * steps + 8, ignore_eos=True, temperature=0.0)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
     got = {}
     for i in range(batch):
         toks = torch.randint(100, vocab - 1, (ctx,), generator=g).tolist()
@@ -236,8 +242,11 @@ def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, steps: in
         for o in eng.step():
             got[o.request_id] = len(o.outputs[0].token_ids)
 
-    def run(n):
+    rows = {}
+
+    def run(n, phase):
         """(wall seconds, steps run) over up to ``n`` steps (fewer once all finish)."""
+        before = state.stats() if state is not None else None
         t0 = time.perf_counter()
         done = 0
         for _ in range(n):
@@ -245,14 +254,20 @@ def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, steps: in
                 break
             eng.step()
             done += 1
-        return time.perf_counter() - t0, max(1, done)
+        wall = time.perf_counter() - t0
+        if state is not None:
+            after = state.stats()
+            rows[phase] = round((after["retro_rows"] + after["dense_rows"]
+                                 - before["retro_rows"] - before["dense_rows"])
+                                / max(1, done), 2)
+        return wall, max(1, done)
 
-    plain_s, plain_n = run(steps)
+    plain_s, plain_n = run(steps, "plain")
     acts = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         acts.append(ProfilerActivity.CUDA)
     with profile(activities=acts) as p:
-        wall, n = run(steps)
+        wall, n = run(steps, "torch_profiler")
     dev, host, ranges = {}, {}, {}
     for e in p.key_averages():
         t = device_us(e, self_time=True)
@@ -265,16 +280,17 @@ def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, steps: in
             host[e.key] = e.self_cpu_time_total / n
     pr = cProfile.Profile()
     pr.enable()
-    py_s, py_n = run(steps)
+    py_s, py_n = run(steps, "cprofile")
     pr.disable()
     py = {f"{os.path.basename(fn)}:{line}:{name}": 1e6 * ct / py_n
           for (fn, line, name), (cc, nc, tt, ct, callers) in pstats.Stats(pr).stats.items()}
+    eng.abort_request(list(got))
     while eng.has_unfinished_requests():
         eng.step()
 
     def top(d, k=15):
         return {key[:90]: round(v, 1) for key, v in sorted(d.items(), key=lambda kv: -kv[1])[:k]}
-    return dict(context=ctx, batch=batch, steps=n,
+    return dict(context=ctx, batch=batch, steps=n, decode_rows_per_step=rows,
                 wall_ms_per_step_plain=1e3 * plain_s / plain_n,
                 wall_ms_per_step=1e3 * wall / n,
                 device_us_per_step=round(sum(dev.values()), 1),

@@ -40,6 +40,7 @@ class LRUModel:
         self.table, self.slot_key, self.stamp = {}, [-1] * num_slots, [-1] * num_slots
         self.clock = 0
         self.hits = self.misses = self.admitted = self.evicted = 0
+        self.fill, self.lru = 0, False
 
     def lookup(self, keys):
         for k in keys:
@@ -53,6 +54,16 @@ class LRUModel:
 
     def admit(self, keys, mirrored):
         want = sorted({k for k in keys if k >= 0 and k not in self.table and mirrored(k)})
+        n = min(len(keys), self.s)
+        if not self.lru and self.fill + n <= self.s:
+            # Never filled: never-used slots in order (freed ones wait for the LRU).
+            for k in want[:n]:
+                self.table[k], self.slot_key[self.fill], self.stamp[self.fill] = \
+                    self.fill, k, self.clock
+                self.fill += 1
+                self.admitted += 1
+            return
+        self.lru = True
         order = sorted(range(self.s), key=lambda i: (self.stamp[i], i))
         for i, k in enumerate(want[:min(len(keys), self.s)]):
             c = order[i]
@@ -105,7 +116,7 @@ def test_lru_matches_the_python_model_on_random_traces(impl, request):
     m = _synthetic_mirror(shape, seed=0)
     nkeys = 30 * 2 * 2
     rng = random.Random(1)
-    for slots in (7, 29):
+    for slots in (7, 29, 60):
         cache = ClusterCache.for_mirror(m, slots)
         model = LRUModel(slots)
         hot = rng.sample(range(nkeys), 12)
@@ -137,7 +148,7 @@ def test_lru_matches_the_python_model_on_random_traces(impl, request):
             if k >= 0:
                 row = int(m.page_row.view(-1)[k])
                 assert torch.equal(cache.kv[c], m.arena[row: row + 4])
-        assert model.evicted > 0 and model.hits > 0
+        assert model.evicted > 0 and model.hits > 0 and model.fill > 0
 
 
 def test_reused_pool_page_never_sees_its_previous_owner():
@@ -288,3 +299,94 @@ def test_miss_buffer_admission_and_view():
     assert 4 in live and not live & {25, 26}
     with pytest.raises(ValueError, match="layer"):
         c.view(m, 2)
+
+
+def test_admission_bound_from_earlier_steps_counts():
+    """``miss_limit`` is the latest recorded step's miss count (recorded by
+    ``admit_misses``; on the CPU the previous call's), rounded up to a power of two
+    of at least the floor and capped at the buffer: 0 after a step without misses.
+    ``admit_misses(limit=n)`` admits from the first ``n`` entries only (as ``admit``
+    of those keys would) and empties the buffer either way."""
+    shape = MirrorShape(max_requests=2, num_layers=2, num_kv_heads=2, head_dim=4,
+                        block_size=4, num_pages=12, dtype=torch.float64)
+    m = _synthetic_mirror(shape, seed=9, unmirrored=0.0)
+    c, ref = ClusterCache.for_mirror(m, 40, miss_capacity=8), ClusterCache.for_mirror(m, 40)
+    assert c.miss_limit() == 0                          # nothing recorded yet
+    c.miss_keys.copy_(torch.tensor([30, 3, 30, 7, 40, 41, 2, 1]))
+    c.miss_count.fill_(7)
+    c.admit_misses(m, limit=3)
+    ref.admit(torch.tensor([30, 3, 30]), m)
+    assert int(c.miss_count) == 0
+    assert torch.equal(c.table, ref.table) and torch.equal(c.kv, ref.kv)
+    assert c.miss_limit(floor=2) == 8 and c.miss_limit(floor=1) == 8   # 7 -> 8 (cap 8)
+    c.miss_count.fill_(3)
+    c.admit_misses(m, limit=0)                          # dropped, not admitted
+    assert torch.equal(c.table, ref.table)
+    assert c.miss_limit(floor=1) == 4 and c.miss_limit(floor=2) == 4 and c.miss_limit() == 8
+    c.admit_misses(m, limit=c.miss_limit())             # a step without misses
+    assert c.miss_limit() == 0
+
+
+def test_fresh_slots_then_lru_equal_the_lru_selection_alone():
+    """While the cache has never filled, admission takes never-used slots in order
+    (no LRU selection); without invalidations that is the slot the LRU selection
+    picks (stamp -1, lowest slot first), so the tables, stamps and pages equal a
+    cache that runs the LRU selection from the start, step by step, also after the
+    cache has filled and starts to evict."""
+    shape = MirrorShape(max_requests=2, num_layers=2, num_kv_heads=2, head_dim=4,
+                        block_size=4, num_pages=40, dtype=torch.float64)
+    m = _synthetic_mirror(shape, seed=10)
+    a, b = ClusterCache.for_mirror(m, 50), ClusterCache.for_mirror(m, 50)
+    b._lru = True                                       # the LRU selection only
+    rng = random.Random(3)
+    fresh_steps = 0
+    for step in range(30):
+        for c in (a, b):
+            c.next_step()
+        keys = torch.tensor([rng.randrange(-1, 160) for _ in range(rng.randrange(1, 12))])
+        fresh_steps += not a._lru
+        for c in (a, b):
+            c.lookup(keys)
+            c.admit(keys, m)
+        for t in ("table", "slot_key", "stamp", "kv", "counters"):
+            assert torch.equal(getattr(a, t), getattr(b, t)), (step, t)
+    assert fresh_steps > 3 and a._lru and int(a.counters[C_EVICTED]) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_bookkeeping_never_syncs_on_cuda():
+    """What the engine runs every decode step and on every finished request
+    (``miss_limit`` + ``admit_misses``, in the fresh-slot phase and under the LRU
+    selection; ``invalidate_pages``; ``HostMirror.free``; ``to_device``) makes no
+    host-device sync: torch's sync debug mode raises on one. A sync there would make
+    the host wait for the previous step's forward (vLLM schedules asynchronously)."""
+    from vllm_retro.transfer import to_device
+    shape = MirrorShape(max_requests=2, num_layers=2, num_kv_heads=2, head_dim=8,
+                        block_size=4, num_pages=64, dtype=torch.bfloat16)
+    nkeys = 64 * 2 * 2
+    m = HostMirror(shape, nkeys * shape.block_size * shape.row_bytes, device="cuda")
+    m.page_row.view(-1).copy_(torch.arange(nkeys, dtype=torch.int32, device="cuda")
+                              * shape.block_size)
+    c = ClusterCache.for_mirror(m, 40, miss_capacity=64)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(12):
+            c.miss_keys.copy_(torch.randint(0, nkeys, (64,), generator=g, device="cuda"))
+            c.miss_count.fill_(20 + step)
+            c.admit_misses(m, c.miss_limit(floor=16))
+            c.next_step()
+        c.invalidate_pages(to_device([3, 5, 7], torch.int64, "cuda"))
+        c.invalidate_pages([1, 2])
+        m.free(0, [4, 6])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert c._lru and int(c.counters[C_ADMITTED]) > 40 and int(c.counters[C_EVICTED]) > 0
+    live = (c.slot_key[:-1] >= 0).nonzero().flatten().tolist()
+    for s in live:
+        k = int(c.slot_key[s])
+        assert int(c.table[k]) == s and k // 4 not in (1, 2, 3, 5, 7)
+        row = k * shape.block_size
+        assert torch.equal(c.kv[s].cpu(), m.arena[row:row + 4])

@@ -45,6 +45,7 @@ from ..index.paged import (IndexAllocator, IndexPool, PagedIndexLayout, SegmentJ
                            budget, build_segments, check_config_for_paged, clusters_in,
                            plan_segments, sink_end)
 from ..kernels import DecodeWorkspace, paged_decode_attention
+from ..transfer import to_device
 from ..request_table import RequestTable
 from .connector import RetroStepMetadata
 from .refusals import RetroBackendTraits, refuse, unsupported_reasons
@@ -574,14 +575,14 @@ class PagedIndexManager:
             # after that forward and before this one on the stream), then advance the
             # cache's LRU clock. Once per step for all layers (one LRU pass).
             with torch.profiler.record_function("retro::admit"):
-                self.cache.admit_misses(self.mirror)
+                self.cache.admit_misses(self.mirror, self.cache.miss_limit())
                 self.cache.next_step()
             self.wave_steps += 1
         new = [e for e in entries if e.is_new]
         if new:
-            idx = torch.tensor([e.blocks[0] for e in new if e.blocks], dtype=torch.long)
-            if len(idx):
-                self.headers[idx.to(self.headers.device)] = 0
+            firsts = [e.blocks[0] for e in new if e.blocks]
+            if firsts:
+                self.headers[to_device(firsts, torch.long, self.headers.device)] = 0
             for e in new:
                 e.is_new = False
         with torch.profiler.record_function("retro::maintain"):
@@ -676,7 +677,7 @@ class PagedIndexManager:
                 continue
             if not self._pages_for(e, end):
                 continue
-            blocks = torch.tensor(e.blocks[:end // bs], dtype=torch.long, device=dev)
+            blocks = to_device(e.blocks[:end // bs], torch.long, dev)
             block_ids[e.req_id] = blocks
             for job in self.index_alloc.segment_jobs(e.ibt_row, blocks, segs,
                                                      self.sink_end, bs):
@@ -702,8 +703,8 @@ class PagedIndexManager:
             n_ret, n_est = budget(e.num_clusters, e.clustered_end - self.sink_end, cfg)
             row = [e.clustered_end, n_ret, n_est, e.num_clusters, e.ibt_row]
             rows.append(_paged.header_row(*row, horizon=self.horizon_of(e)))
-        idx = torch.tensor([e.blocks[0] for e in touched], dtype=torch.long, device=dev)
-        self.headers[idx] = torch.tensor(rows, dtype=torch.int32, device=dev)
+        idx = to_device([e.blocks[0] for e in touched], torch.long, dev)
+        self.headers[idx] = to_device(rows, torch.int32, dev)
         if self.reporter is not None:
             # A report is a promise (kv_spec): from now on this worker reads the
             # request's K/V below the horizon only from the wave buffer. The header
@@ -764,8 +765,8 @@ class PagedIndexManager:
         if p1 <= p0:
             return
         s = self.sink_end // bs
-        pages = torch.tensor(self.index_alloc.pages_of(row)[p0 // bs - s:p1 // bs - s],
-                             dtype=torch.long).to(blocks.device, non_blocking=True)
+        pages = to_device(self.index_alloc.pages_of(row)[p0 // bs - s:p1 // bs - s],
+                          torch.long, blocks.device)
         try:
             for li, (name, kv) in enumerate(self.kv_caches.items()):
                 self.mirror.mirror_segment(row, li, kv, self.layout, blocks, p0, p1,

@@ -69,6 +69,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..config import RetroConfig
+from ..transfer import to_device
 
 # Header table columns (int32), one row per request, at the request's first block.
 HDR_CLUSTERED_END = 0
@@ -256,8 +257,8 @@ class IndexAllocator:
             return None
         new = [self._free_pages.pop() for _ in range(num_pages)]
         if new:
-            self.ibt[row, len(have):len(have) + num_pages] = torch.tensor(
-                new, dtype=torch.int32).to(self.ibt.device, non_blocking=True)
+            self.ibt[row, len(have):len(have) + num_pages] = to_device(
+                new, torch.int32, self.ibt.device)
         have.extend(new)
         return new
 
@@ -267,7 +268,7 @@ class IndexAllocator:
         """:class:`SegmentJob` s for segments ``[(p0, p1)]`` of the request holding
         ``row`` (its pages must cover them: entry ``i`` = logical block
         ``sink_end / bs + i``)."""
-        pages = torch.tensor(self._pages[row], dtype=torch.long).to(block_ids.device)
+        pages = to_device(self._pages[row], torch.long, block_ids.device)
         s = sink_end // block_size
         return [SegmentJob(block_ids, p0, p1,
                            pages[p0 // block_size - s:p1 // block_size - s])
@@ -478,7 +479,7 @@ def _build_batch(kv_cache, layout: PagedIndexLayout, pool: IndexPool,
     m = len(jobs)
     seg_blocks = torch.stack([j.block_ids[j.p0 // bs: j.p1 // bs] for j in jobs])  # [m, n/bs]
     seg_pages = torch.stack([j.pages.to(dev) for j in jobs]).long()                # [m, n/bs]
-    p0s = torch.tensor([j.p0 for j in jobs], dtype=torch.int32).to(dev)
+    p0s = to_device([j.p0 for j in jobs], torch.int32, dev)
     if uses_triton(kv_cache):
         from ..kernels.triton_kmeans import segment_keys
         sim_dtype = torch.bfloat16 if kv_cache.is_cuda else torch.float32

@@ -904,20 +904,22 @@ def _load_kv_wave(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, paged,
 @triton.jit
 def _wave_book(slot, in_cache, in_arena, lead, clock, stamp_ptr, wcnt_ptr, mc_ptr):
     """Cluster-cache bookkeeping of one tile: per visit (``lead`` lanes) a hit stamps
-    its slot with the step and is counted; a miss on a mirrored page is counted and
-    gets an entry of the miss buffer (one atomic per tile reserves them). Returns
-    (miss lanes, their entry indices) for :func:`_wave_misses`, issued later so the
-    atomic's round trip overlaps the tile's attention."""
+    its slot with the step; a miss on a mirrored page is counted and gets an entry
+    of the miss buffer (one atomic per tile with misses reserves them). Returns
+    (miss lanes, their entry indices, the tile's hits): the entries for
+    :func:`_wave_misses`, issued later so the atomic's round trip overlaps the
+    tile's attention; the hits are added up by the caller and counted once per
+    program (a warm cache hits in every tile: one atomic per tile on one shared
+    counter would serialise every program of the step on it)."""
     hit = lead & in_cache
     miss = lead & in_arena
     tl.store(stamp_ptr + slot, clock + tl.zeros_like(slot), mask=hit)
     nh = tl.sum(hit.to(tl.int64), 0)
     nm = tl.sum(miss.to(tl.int64), 0)
-    tl.atomic_add(wcnt_ptr + _W_HITS, nh, mask=nh > 0, sem="relaxed")
     tl.atomic_add(wcnt_ptr + _W_MISSES, nm, mask=nm > 0, sem="relaxed")
     base = tl.atomic_add(mc_ptr, nm, mask=nm > 0, sem="relaxed")
     idx = base + tl.cumsum(miss.to(tl.int64), 0) - 1
-    return miss, idx
+    return miss, idx, nh
 
 
 @triton.jit
@@ -1003,6 +1005,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
         wrow_ok = (wrow >= 0) & (wrow < WR)
         wp = tl.where(wrow_ok, WP, 0)     # (an ibt row outside the table reads nothing)
         clock = tl.load(clock_ptr)
+        w_hits = tl.zeros([], tl.int64)
         for m0 in range(0, n_mine, RG):
             w_k = p + NS * (m0 + tl.arange(0, RG))
             w_kok = w_k < n_ret
@@ -1026,14 +1029,16 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                  w_key_n) = _retrieved_wave(t0 + TR, w_total, w_beg, w_end, w_start, bt_row,
                                             ix_row, S, SB, E, L, HZ, WL, WNL, wp, h, pr_ptr,
                                             ct_ptr, H, BS, TR)
-                w_miss, w_idx = _wave_book(w_slot, w_inc, w_ina, w_lead, clock, stamp_ptr,
-                                           wcnt_ptr, mc_ptr)
+                w_miss, w_idx, w_nh = _wave_book(w_slot, w_inc, w_ina, w_lead, clock,
+                                                 stamp_ptr, wcnt_ptr, mc_ptr)
+                w_hits += w_nh
                 m_i, l_i, acc = _attend_kv(q, w_kt, w_vt, w_ok, m_i, l_i, acc, scale,
                                            NATIVE, PREC)
                 _wave_misses(w_miss, w_idx, w_key, mk_ptr, MCAP)
                 w_blk, w_off, w_pg, w_slot, w_arow = w_blk_n, w_off_n, w_pg_n, w_slot_n, \
                     w_arow_n
                 w_inc, w_ina, w_lead, w_key = w_inc_n, w_ina_n, w_lead_n, w_key_n
+        tl.atomic_add(wcnt_ptr + _W_HITS, w_hits, mask=w_hits > 0, sem="relaxed")
     else:
         for m0 in range(0, n_mine, RG):
             r_k = p + NS * (m0 + tl.arange(0, RG))

@@ -32,7 +32,20 @@ it hits with the current step; :meth:`ClusterCache.admit`, called after the step
 used the pages (admission after use: the step read its misses from the host
 mirror), installs each distinct absent key, in ascending key order, into the
 least recently used slot not used in this step (ties: lower slot), while such slots
-remain; the others are not admitted this step. Keys hold the pool page, and
+remain; the others are not admitted this step. Exception, while the cache has
+never filled: admission takes never-used slots, in order, from a device counter
+(``fill``) instead of running the LRU selection (a ``topk`` over millions of
+stamps) every step; it does so while the host's last view of ``fill`` plus the
+step's admission bound fits in the cache (slots past the end are not taken).
+Slots that :meth:`ClusterCache.invalidate_pages` frees in that phase wait until
+the LRU selection takes over.
+
+Admission is best effort, and that keeps it off the host's critical path: a key
+not admitted in its step misses again later and is recorded again. So the engine
+bounds a step's admission by the miss counts of earlier steps that have already
+reached the host (:meth:`ClusterCache.miss_limit`, copied through pinned memory
+after each step: no sync), and skips it when those steps had no misses, the
+steady state of a warm cache. Keys hold the pool page, and
 :meth:`ClusterCache.invalidate_pages` drops every entry (and pending miss) of a
 leaving request's pages before the allocator hands them on, so a request never
 reads another's pages.
@@ -56,6 +69,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..transfer import to_device
 from ..kernels.wave_view import W_HITS, W_MISSES, WaveBufferView
 from .host_mirror import HostMirror
 
@@ -80,6 +94,45 @@ C_HITS, C_MISSES, C_ADMITTED, C_EVICTED = W_HITS, W_MISSES, 2, 3
 # per step), so 16K keys leave ~10x headroom; a newly mirrored request's cold start
 # (up to ~70K page visits in its first step at 128K) is admitted over a few steps.
 DEFAULT_MISS_CAPACITY = 1 << 14
+
+
+class _HostCopies:
+    """A device scalar's values, copied to the host after the fact without a sync:
+    :meth:`record` queues a copy into pinned memory (stream-ordered, with an event on
+    CUDA); :meth:`latest` returns the most recent recorded value whose copy has
+    completed (0 before any). On the CPU a copy completes at once, so ``latest``
+    returns the previous record's value there too: the same one-step lag at least."""
+
+    RING = 4
+
+    def __init__(self, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self._buf = torch.zeros(self.RING, dtype=torch.int64, pin_memory=cuda)
+        self._pending: list = []          # (buffer index, event or None), oldest first
+        self._next = 0
+        self._value = 0
+
+    def _poll(self) -> None:
+        while self._pending and (self._pending[0][1] is None or self._pending[0][1].query()):
+            j, _ = self._pending.pop(0)
+            self._value = int(self._buf[j])
+
+    def latest(self) -> int:
+        self._poll()
+        return self._value
+
+    def record(self, value: torch.Tensor) -> None:
+        self._poll()
+        if len(self._pending) == self.RING:
+            return          # the device is RING steps behind: keep the older values
+        j = self._next % self.RING
+        self._next += 1
+        self._buf[j:j + 1].copy_(value.reshape(1), non_blocking=value.is_cuda)
+        ev = None
+        if value.is_cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+        self._pending.append((j, ev))
 
 
 class ClusterCache:
@@ -129,6 +182,12 @@ class ClusterCache:
                                     device=device)
         self.miss_count = torch.zeros(1, dtype=torch.int64, device=device)
         self._miss_ids = torch.arange(int(miss_capacity), dtype=torch.int64, device=device)
+        self._miss_counts = _HostCopies(self.device)
+        # Slots [0, fill) have been handed out in order (never-used slots come from
+        # here while the cache has never filled); _fills: its values on the host.
+        self._fill = torch.zeros((), dtype=torch.int64, device=device)
+        self._fills = _HostCopies(self.device)
+        self._lru = False       # the LRU selection has taken over (for good)
 
     @classmethod
     def for_mirror(cls, mirror: HostMirror, num_slots: int,
@@ -182,15 +241,38 @@ class ClusterCache:
             counters=self.counters, miss_keys=self.miss_keys, miss_count=self.miss_count,
             layer=int(layer), num_pages=ks[0], num_layers=ks[1], num_kv_heads=ks[2])
 
-    def admit_misses(self, mirror: HostMirror) -> Tuple[torch.Tensor, torch.Tensor]:
+    def admit_misses(self, mirror: HostMirror, limit: Optional[int] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Admits the page keys the attention kernels recorded as misses this step
-        (all layers), then empties the buffer. Fixed shapes, no host sync: entries
-        at index ``>= miss_count`` are masked to -1 before :meth:`admit` (which
-        drops duplicates, hits and unmirrored pages). Returns :meth:`admit`'s."""
-        keys = torch.where(self._miss_ids < self.miss_count, self.miss_keys, -1)
-        out = self.admit(keys, mirror)
+        (all layers), then empties the buffer. No host sync: entries at index
+        ``>= miss_count`` are masked to -1 before :meth:`admit` (which drops
+        duplicates, hits and unmirrored pages).
+
+        ``limit``: the buffer entries considered (the rest are dropped: those pages
+        miss again and are recorded again); None: the whole buffer. The engine
+        passes :meth:`miss_limit`. Returns :meth:`admit`'s (empty when ``limit``
+        is 0)."""
+        cap = self.miss_keys.numel()
+        n = cap if limit is None else max(0, min(int(limit), cap))
+        if n:
+            keys = torch.where(self._miss_ids[:n] < self.miss_count, self.miss_keys[:n], -1)
+            out = self.admit(keys, mirror)
+        else:
+            out = (self.miss_keys[:0].clone(), self.miss_keys[:0].clone())
+        self._miss_counts.record(self.miss_count)
         self.miss_count.zero_()
         return out
+
+    def miss_limit(self, floor: int = 256) -> int:
+        """A bound for :meth:`admit_misses` that needs no host sync: the miss count
+        of the latest step whose count has reached the host (one or two steps back
+        on a GPU with asynchronous scheduling), rounded up to a power of two of at
+        least ``floor``, at most the buffer's capacity; 0 when that step had no
+        misses (or no step has been recorded yet)."""
+        last = self._miss_counts.latest()
+        if last <= 0:
+            return 0
+        return min(self.miss_keys.numel(), max(floor, 1 << (int(last) - 1).bit_length()))
 
     # ---------------------------------------------------------------- lookup
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
@@ -236,12 +318,21 @@ class ClusterCache:
         first[0] = True
         first &= srt != none
         rank = torch.cumsum(first.to(torch.int64), 0) - 1
-        # LRU order: stamp, then slot. Stamps are unique per slot once combined with
-        # the slot id, so topk's order is deterministic.
         k = min(n, s)
-        order_key = self.stamp[:s] * s + self._slot_ids
-        cand = torch.topk(order_key, k, largest=False, sorted=True).indices
-        ok = self.stamp[cand] < self.clock          # a prefix: stamps ascend
+        fresh = not self._lru and self._fills.latest() + k <= s
+        self._lru = not fresh
+        if fresh:
+            # Never-used slots, in order. The host's fill may be stale (lower): past
+            # the end nothing is taken this step.
+            cand = self._fill + self._slot_ids[:k]
+            ok = cand < s
+            cand = cand.clamp_max(s - 1)
+        else:
+            # LRU order: stamp, then slot. Stamps are unique per slot once combined
+            # with the slot id, so topk's order is deterministic.
+            order_key = self.stamp[:s] * s + self._slot_ids
+            cand = torch.topk(order_key, k, largest=False, sorted=True).indices
+            ok = self.stamp[cand] < self.clock          # a prefix: stamps ascend
         r = rank.clamp(0, k - 1)
         rows = mirror.page_row.view(-1)[srt.clamp(0, self.num_keys - 1)].to(torch.int64)
         take = first & (rank < k) & ok[r]
@@ -255,8 +346,13 @@ class ClusterCache:
         self.stamp.scatter_(0, victim, self.clock.expand_as(victim))
         self.slot_key[s] = -1
         self.stamp[s] = -1
-        self.counters[C_ADMITTED] += take.sum()
+        n_take = take.sum()
+        self.counters[C_ADMITTED] += n_take
         self.counters[C_EVICTED] += (take & (old >= 0)).sum()
+        if fresh:
+            # The taken keys' ranks are 0 .. n_take - 1: slots fill .. fill + n_take - 1.
+            self._fill += n_take
+            self._fills.record(self._fill)
         if copy:
             self._copy_pages(mirror, torch.where(take, rows, 0), victim, take)
         return torch.where(take, victim, -1), torch.where(take, rows, -1)
@@ -284,21 +380,26 @@ class ClusterCache:
         sequence or tensor of ints): a leaving request's pages (finish, abort,
         preemption), before the allocator hands them to another request. Their
         slots become the least recently used. Device ops, no host sync."""
-        pg = torch.as_tensor(pages, dtype=torch.int64).reshape(-1)
+        pg = to_device(pages, torch.int64, self.device).reshape(-1)
         if pg.numel() == 0:
             return
-        pg = pg.to(self.device, non_blocking=True)
-        per_page = self.num_keys // self.key_shape[0]
-        # A key's page is key // per_page; -1 (empty slot, padding) maps to -1.
-        mine = torch.isin(torch.div(self.slot_key, per_page, rounding_mode="floor"), pg) \
-            & (self.slot_key >= 0)
+        num_pages = self.key_shape[0]
+        per_page = self.num_keys // num_pages
+        # A page mask looked up per key (torch.isin would sort and read a size back):
+        # a key's page is key // per_page; -1 (empty slot, padding) reads the extra
+        # entry, which stays False.
+        drop = torch.zeros(num_pages + 1, dtype=torch.bool, device=self.device)
+        drop[pg] = True
+
+        def of_freed(keys: torch.Tensor) -> torch.Tensor:
+            page = torch.div(keys, per_page, rounding_mode="floor")
+            return drop[torch.where(keys >= 0, page, num_pages)]
+        mine = of_freed(self.slot_key)
         self.slot_key.masked_fill_(mine, -1)
         self.stamp.masked_fill_(mine, -1)
-        self.table[:-1].view(self.key_shape[0], per_page)[pg] = -1
+        self.table[:-1].view(num_pages, per_page)[pg] = -1
         # Pending misses of the freed pages must not be admitted for their next owner.
-        pend = torch.isin(torch.div(self.miss_keys, per_page, rounding_mode="floor"), pg) \
-            & (self.miss_keys >= 0)
-        self.miss_keys.masked_fill_(pend, -1)
+        self.miss_keys.masked_fill_(of_freed(self.miss_keys), -1)
 
     # ---------------------------------------------------------------- reading
     def read_pages(self, keys: torch.Tensor, mirror: HostMirror,

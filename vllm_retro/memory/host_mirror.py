@@ -53,6 +53,7 @@ import torch
 
 from ..index.paged import I_SIZE, I_START, IndexPool, PagedIndexLayout
 from ..request_store import HostMemoryExceeded
+from ..transfer import to_device
 
 __all__ = ["HostMemoryExceeded", "ExtentAllocator", "MirrorShape", "HostMirror",
            "default_host_budget_bytes"]
@@ -326,11 +327,10 @@ class HostMirror:
         entries of the same pages (:meth:`ClusterCache.invalidate_pages`), before
         the pages go back to the allocator: the next owner of a page must find
         it unmirrored."""
-        pg = torch.as_tensor(pages, dtype=torch.long).reshape(-1)
+        pg = to_device(pages, torch.long, self.device).reshape(-1)
         if pg.numel():
             # Cleared even for a slot that holds nothing (refused): cheap, and no
             # page leaves here with an address.
-            pg = pg.to(self.device, non_blocking=True)
             self.cluster_addr[pg] = 0
             self.page_row[pg] = -1
         req = self._requests.pop(slot, None)
