@@ -21,7 +21,7 @@ def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
     device = torch.device(device)
     if isinstance(values, torch.Tensor) and values.device.type != "cpu":
         return values.to(device=device, dtype=dtype)
-    t = torch.as_tensor(values, dtype=dtype)
+    t = torch.as_tensor(values, dtype=dtype, device="cpu")
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)

@@ -582,7 +582,7 @@ class PagedIndexManager:
         if new:
             firsts = [e.blocks[0] for e in new if e.blocks]
             if firsts:
-                self.headers[to_device(firsts, torch.long, self.headers.device)] = 0
+                self.headers.index_fill_(0, to_device(firsts, torch.long, self.headers.device), 0)
             for e in new:
                 e.is_new = False
         with torch.profiler.record_function("retro::maintain"):
@@ -632,7 +632,7 @@ class PagedIndexManager:
             if alloc is not None:
                 alloc.release(e.ibt_row)
         if self.headers is not None and e.blocks:
-            self.headers[e.blocks[0]] = 0
+            self.headers[e.blocks[0]].fill_(0)
         if self.reporter is not None:
             # the connector forgets these too; direct callers (tests) rely on this
             self.reporter.forget([e.req_id])

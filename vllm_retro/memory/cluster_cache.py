@@ -107,7 +107,7 @@ class _HostCopies:
 
     def __init__(self, device: torch.device) -> None:
         cuda = device.type == "cuda"
-        self._buf = torch.zeros(self.RING, dtype=torch.int64, pin_memory=cuda)
+        self._buf = torch.zeros(self.RING, dtype=torch.int64, device="cpu", pin_memory=cuda)
         self._pending: list = []          # (buffer index, event or None), oldest first
         self._next = 0
         self._value = 0
@@ -285,7 +285,7 @@ class ClusterCache:
         hit = slot >= 0
         self.stamp.scatter_(0, torch.where(hit, slot, self.num_slots),
                             self.clock.expand_as(slot))
-        self.stamp[self.num_slots] = -1
+        self.stamp[self.num_slots:].fill_(-1)
         self.counters[C_HITS] += hit.sum()
         self.counters[C_MISSES] += (valid & ~hit).sum()
         return slot
@@ -315,7 +315,7 @@ class ClusterCache:
         mk = torch.where(want, keys, none)
         srt, _ = torch.sort(mk)
         first = srt != torch.roll(srt, 1)
-        first[0] = True
+        first[:1].fill_(True)   # (an element assignment copies from the host: a sync)
         first &= srt != none
         rank = torch.cumsum(first.to(torch.int64), 0) - 1
         k = min(n, s)
@@ -341,11 +341,11 @@ class ClusterCache:
         self.table.scatter_(0, torch.where(take & (old >= 0), old, none),
                             torch.full_like(old, -1))
         self.table.scatter_(0, torch.where(take, srt, none), victim)
-        self.table[none] = -1
+        self.table[none:].fill_(-1)
         self.slot_key.scatter_(0, victim, torch.where(take, srt, -1))
         self.stamp.scatter_(0, victim, self.clock.expand_as(victim))
-        self.slot_key[s] = -1
-        self.stamp[s] = -1
+        self.slot_key[s:].fill_(-1)
+        self.stamp[s:].fill_(-1)
         n_take = take.sum()
         self.counters[C_ADMITTED] += n_take
         self.counters[C_EVICTED] += (take & (old >= 0)).sum()
@@ -389,7 +389,7 @@ class ClusterCache:
         # a key's page is key // per_page; -1 (empty slot, padding) reads the extra
         # entry, which stays False.
         drop = torch.zeros(num_pages + 1, dtype=torch.bool, device=self.device)
-        drop[pg] = True
+        drop.index_fill_(0, pg, True)
 
         def of_freed(keys: torch.Tensor) -> torch.Tensor:
             page = torch.div(keys, per_page, rounding_mode="floor")
@@ -397,7 +397,7 @@ class ClusterCache:
         mine = of_freed(self.slot_key)
         self.slot_key.masked_fill_(mine, -1)
         self.stamp.masked_fill_(mine, -1)
-        self.table[:-1].view(num_pages, per_page)[pg] = -1
+        self.table[:-1].view(num_pages, per_page).index_fill_(0, pg, -1)
         # Pending misses of the freed pages must not be admitted for their next owner.
         self.miss_keys.masked_fill_(of_freed(self.miss_keys), -1)
 

@@ -331,8 +331,8 @@ class HostMirror:
         if pg.numel():
             # Cleared even for a slot that holds nothing (refused): cheap, and no
             # page leaves here with an address.
-            self.cluster_addr[pg] = 0
-            self.page_row[pg] = -1
+            self.cluster_addr.index_fill_(0, pg, 0)
+            self.page_row.index_fill_(0, pg, -1)
         req = self._requests.pop(slot, None)
         if req is None:
             return 0
