@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vllm_retro.config import RetroConfig  # noqa: E402
-from vllm_retro.index.paged import (IndexAllocator, IndexPool,  # noqa: E402
+from vllm_retro.index.paged import (HDR_CLUSTERED_END, HDR_HORIZON,  # noqa: E402
+                                    HDR_IBT_ROW, IndexAllocator, IndexPool,
                                     PagedIndexLayout, budget, build_segments,
                                     clusters_in, header_row, make_headers, plan_segments,
                                     sink_end)
@@ -64,7 +65,8 @@ def bandwidth_tbs() -> float:
 
 
 def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed: int = 0,
-               key_scale: float = 1.0, device: str = "cuda", shuffle_pages: bool = True):
+               key_scale: float = 1.0, device: str = "cuda", shuffle_pages: bool = True,
+               wave: str = ""):
     """A cache holding ``batch`` requests of ``ctx`` tokens, indexed as the engine
     indexes them (each request its own index-table row and pool pages, handed out
     shuffled); returns the layout, cache, block tables, seq_lens, headers, sink end
@@ -74,7 +76,15 @@ def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed:
 
     ``key_scale`` multiplies the keys: a tiny scale (1e-4) gives what an engine with
     ``load_format="dummy"`` weights gives, every cluster's log-mass ~ ln(size), so
-    thousands of bitwise-equal ranking keys (the selection's worst case)."""
+    thousands of bitwise-equal ranking keys (the selection's worst case).
+
+    ``wave`` ("hit" or "miss"): every request's clustered zone is also mirrored to a
+    host mirror (one layer) and its horizon set to the zone's end, as the wave
+    buffer leaves a released request; "hit" admits every page into a cluster cache
+    that holds them all (a warm cache: the engine's steady state at 128K x 8),
+    "miss" none (every retrieved page read from pinned host memory). ``ix.wave``
+    is the layer's view for ``paged_decode_attention(wave=...)``. The paged cache
+    keeps the K/V too, so the output equals the run without the view."""
     dev = device
     g = torch.Generator(device=dev).manual_seed(seed)
     lay = PagedIndexLayout(H, D, BS, DT)
@@ -107,12 +117,48 @@ def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed:
         n_ret, n_est = (c, 0) if full else budget(c, E - S, cfg)
         headers[bt[r, 0].long()] = torch.tensor(header_row(E, n_ret, n_est, c, irow),
                                                 dtype=torch.int32, device=dev)
+    rows = []
+    for r in range(batch):
+        hdr = headers[bt[r, 0].long()].tolist()
+        rows.append((hdr[HDR_IBT_ROW], hdr[HDR_CLUSTERED_END]))
     seq_lens = torch.full((batch,), ctx + 1, dtype=torch.int32, device=dev)
     # The decode token itself (written by vLLM's cache update before attention).
     for r in range(batch):
         blk = bt[r, ctx // BS].long()
         kv[blk, :, ctx % BS] = torch.randn(H, 2 * D, device=dev, dtype=DT, generator=g)
-    return lay, kv, bt, seq_lens, headers, S, SimpleNamespace(ibt=alloc.ibt, pool=pool)
+    ix = SimpleNamespace(ibt=alloc.ibt, pool=pool, wave=None)
+    if wave:
+        ix.mirror, ix.cache, ix.wave = wave_buffer(wave, lay, kv, bt, headers, S, alloc, pool,
+                                                   rows)
+    return lay, kv, bt, seq_lens, headers, S, ix
+
+
+def wave_buffer(mode: str, lay, kv, bt, headers, S: int, alloc, pool, rows):
+    """(mirror, cache, layer view) of :func:`make_batch`'s ``wave`` mode."""
+    from vllm_retro.memory import HostMirror, MirrorShape
+    from vllm_retro.memory.cluster_cache import ClusterCache
+    if mode not in ("hit", "miss"):
+        raise ValueError(f"wave mode {mode!r}: 'hit' or 'miss'")
+    dev = kv.device
+    h, bs = lay.num_kv_heads, lay.block_size
+    shape = MirrorShape(alloc.ibt.shape[0], 1, h, lay.head_dim, bs, pool.num_pages, lay.dtype)
+    tokens = sum(max(0, E - S) for _, E in rows)
+    mirror = HostMirror(shape, max(1, tokens * h) * shape.row_bytes + (1 << 20), device=dev)
+    keys = []
+    for r, (irow, E) in enumerate(rows):
+        if E <= S:
+            continue
+        mirror.reserve(irow, E - S)
+        pages = alloc.ibt[irow, :(E - S) // bs].long()
+        mirror.mirror_segment(irow, 0, kv, lay, bt[r].long(), S, E, pool, pages)
+        headers[bt[r, 0].long(), HDR_HORIZON] = E
+        keys.append((pages[:, None] * h + torch.arange(h, device=dev)).reshape(-1))
+    cache = ClusterCache.for_mirror(mirror, max(1, sum(len(k) for k in keys)))
+    if mode == "hit" and keys:
+        cache.admit(torch.cat(keys), mirror)
+        cache.next_step()
+    torch.cuda.synchronize() if dev.type == "cuda" else None
+    return mirror, cache, cache.view(mirror, 0)
 
 
 def has_fa3() -> bool:

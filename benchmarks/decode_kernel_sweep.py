@@ -73,20 +73,32 @@ VARIANTS = [
     ("attend TR64", "attend", dict(TR=64)),
     ("key CHE512", "key", dict(CHE=512)),
     ("key w8", "key", dict(num_warps=8)),
+    # The wave path (--wave) holds more live values per tile (two tiles of address
+    # chains in flight): smaller tiles spill less.
+    ("attend TR16", "attend", dict(TR=16)),
+    ("attend TR16 RG16", "attend", dict(TR=16, RG=16)),
 ]
 
 
 def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
-             variants=None, shuffle_pages: bool = True) -> dict:
+             variants=None, shuffle_pages: bool = True, wave: str = "") -> dict:
     scale = 1 / math.sqrt(D)
     lay, kv, bt, sl, hdr, S, ix = make_batch(ctx, batch, cfg, key_scale=key_scale,
-                                             shuffle_pages=shuffle_pages)
+                                             shuffle_pages=shuffle_pages, wave=wave)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+    ref = None
+    if wave:
+        # The view's pages hold the paged cache's K/V: every variant must give the
+        # output of the run without it.
+        ws0 = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")
+        ref = torch.empty(batch, HQ, D, device="cuda", dtype=torch.float32)
+        paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale,
+                               out=ref, workspace=ws0)
+        del ws0
     base_tune = copy.deepcopy(td.TUNE)
     base_small = copy.deepcopy(td.TUNE_SMALL_BATCH)
     base_impl = td.SCORE_IMPL
     td.RECORD_RESOURCES = True
-    ref = None
     res = []
     for name, kernel, over in VARIANTS:
         if variants is not None and name not in variants:
@@ -119,16 +131,22 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
 
         def step(count=False):
             paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale,
-                                   out=out, workspace=ws, count_stats=count)
+                                   out=out, workspace=ws, count_stats=count, wave=ix.wave)
         try:
             if td.SCORE_IMPL == "cuda" and not td.cuda_score_available():
                 raise RuntimeError("torch.ops.vllm_retro.paged_score has no CUDA kernel "
                                    "(build the extension: scripts/gpu/run.sh BUILD_EXT=1)")
             ws.stats.zero_()
+            c0 = ix.cache.counters.tolist() if wave else None
             step(True)
             torch.cuda.synchronize()
             st = ws.stats.tolist()
             assert st[0] == batch, f"retro kernels did not serve every row: {st}"
+            if wave:
+                c1 = ix.cache.counters.tolist()
+                hits, misses = c1[0] - c0[0], c1[1] - c0[1]
+                assert (hits > 0 and misses == 0) if wave == "hit" else \
+                    (misses > 0 and hits == 0), f"wave {wave}: {hits} hits, {misses} misses"
             if ref is None:
                 ref = out.clone()
             err = ((out - ref).norm() / ref.norm()).item()
@@ -155,7 +173,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
     prof = per_kernel_us(lambda: paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt,
                                                         ix.pool, S, scale, out=out,
-                                                        workspace=ws))
+                                                        workspace=ws, wave=ix.wave))
     ok = [r for r in res if "graph_us" in r]
     best = min(ok, key=lambda r: r["graph_us"]) if ok else None
     # The best programs per SM alone (what RETRO_DECODE_PROGRAMS_PER_SM can set).
@@ -166,8 +184,12 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     best_pps = pps[min(only, key=lambda r: r["graph_us"])["variant"]] if only else None
     print(f"BEST_PPS {best_pps} at {ctx}x{batch}; default per kernel (us): "
           + json.dumps({k[:40]: v for k, v in prof.items()}), flush=True)
-    return dict(context=ctx, batch=batch, variants=res, best=best, best_programs_per_sm=best_pps,
-                default_per_kernel_us=prof)
+    out = dict(context=ctx, batch=batch, variants=res, best=best,
+               best_programs_per_sm=best_pps, default_per_kernel_us=prof, wave=wave or None)
+    if wave:
+        c = ix.cache.counters.tolist()
+        out["wave_counters"] = dict(hits=c[0], misses=c[1], admitted=c[2])
+    return out
 
 
 def main() -> None:
@@ -181,6 +203,10 @@ def main() -> None:
     ap.add_argument("--pages", default="shuffled", choices=("shuffled", "sequential", "both"),
                     help="index-pool page order: scattered (after churn), in order, or "
                          "each case in both orders")
+    ap.add_argument("--wave", default="", choices=("", "hit", "miss"),
+                    help="retrieved clusters read through a wave buffer view: every page "
+                         "in the cluster cache (hit: the engine's steady state) or none "
+                         "(miss: from pinned host memory)")
     ap.add_argument("--out", default="benchmarks/results/decode_kernel_sweep_h200.json")
     a = ap.parse_args()
     cfg = RetroConfig()
@@ -197,7 +223,7 @@ def main() -> None:
     for c in a.cases.split(","):
         ctx, b = map(int, c.split("x"))
         for shuffled in orders:
-            rec = run_case(ctx, b, cfg, a.key_scale, variants, shuffled)
+            rec = run_case(ctx, b, cfg, a.key_scale, variants, shuffled, a.wave)
             rec["pool_pages"] = "shuffled" if shuffled else "sequential"
             cases.append(rec)
             torch.cuda.empty_cache()

@@ -10,12 +10,21 @@ with the launch's own argument types, constexprs, warps and stages; nothing runs
 Exit status 1 with the compiler's message when a kernel does not compile.
 
     python scripts/triton_compile_check.py      # needs TRITON_INTERPRET unset / 0
+    python scripts/triton_compile_check.py --resources _attend_kernel
+
+``--resources NAME``: also the registers, stack and local (spill) bytes of NAME's
+variants, from the cubin (``cuobjdump --dump-resource-usage``; without a GPU this
+is where a kernel's register pressure shows).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import traceback
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -36,6 +45,24 @@ _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "launch_pdl")
 compiled: dict = {}
 failures: list = []
+RESOURCES: set = set()
+
+
+def resource_usage(cubin: bytes) -> str:
+    """``REG:n STACK:n SHARED:n LOCAL:n`` of the cubin's kernel (Triton's bundled
+    cuobjdump; LOCAL > 0 means spilled registers)."""
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                       "cuobjdump")
+    if not os.path.exists(exe):
+        exe = shutil.which("cuobjdump") or "cuobjdump"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        r = subprocess.run([exe, "--dump-resource-usage", path], capture_output=True,
+                           text=True)
+    m = re.search(r"REG:\d+.*", r.stdout)
+    return m.group(0).strip() if m else f"cuobjdump: {(r.stdout + r.stderr).strip()[:200]}"
 
 
 def _aot(self: JITFunction, *args, grid, warmup, **kwargs):
@@ -67,7 +94,12 @@ def _aot(self: JITFunction, *args, grid, warmup, **kwargs):
         k = triton.compile(ASTSource(fn=self, signature=sig, constexprs=consts),
                            target=TARGET, options=options)
         compiled[key] = len(k.asm["cubin"])
-        print(f"  ok  {self.__name__:22s} {options} cubin {compiled[key]} B", flush=True)
+        extra = ""
+        if self.__name__ in RESOURCES:
+            flags = {n: consts[n] for n in ("WAVE", "PDL") if n in consts}
+            dt = next((v for n, v in sig.items() if n == "kv_ptr"), "")
+            extra = f" {dt} {flags}: {resource_usage(k.asm['cubin'])}"
+        print(f"  ok  {self.__name__:22s} {options} cubin {compiled[key]} B{extra}", flush=True)
     except Exception as exc:  # reported together at the end
         compiled[key] = None
         failures.append((self.__name__, consts, options, exc))
@@ -161,6 +193,8 @@ def memory_launches() -> None:
 
 
 def main() -> None:
+    if "--resources" in sys.argv:
+        RESOURCES.update(sys.argv[sys.argv.index("--resources") + 1].split(","))
     JITFunction.run = _aot
     for name, fn in (("decode", decode_launches), ("index build", build_launches),
                      ("wave buffer", memory_launches)):

@@ -35,3 +35,34 @@ def test_make_batch_builds_per_row_indexes(monkeypatch):
             assert (st[:, 0] == st[:, 2]).all()
         else:
             assert (st[:, 0] < st[:, 2]).all() and (st[:, 1] > 0).all()
+
+
+def test_make_batch_wave_modes_read_the_same_kv(monkeypatch):
+    """``make_batch(wave=...)``: every row's zone mirrored, its horizon at the zone's
+    end; "hit" caches every page, "miss" none. With the zone's paged blocks then
+    poisoned (NaN), the twin through the view still gives the output of the clean
+    run without it, bit for bit: those tokens come from the cache (hit) or the
+    arena (miss)."""
+    import decode_kernel_bench as kb
+    from vllm_retro.config import RetroConfig
+    from vllm_retro.index.paged import HDR_CLUSTERED_END, HDR_HORIZON
+    from vllm_retro.kernels import reference
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kb, "DT", torch.float32)
+    cfg = RetroConfig(segment_size=512, update_interval=128)
+    q = torch.randn(2, kb.HQ, kb.D, generator=torch.Generator().manual_seed(1))
+    for mode in ("hit", "miss"):
+        lay, kv, bt, sl, hdr, S, ix = kb.make_batch(2500, 2, cfg, device="cpu", wave=mode)
+        first = hdr[bt[:, 0].long()]
+        E = first[:, HDR_CLUSTERED_END]
+        assert (first[:, HDR_HORIZON] == E).all() and (E > S).all()
+        cached = int((ix.cache.slot_key[:-1] >= 0).sum())
+        assert cached == (int((E - S).sum()) // lay.block_size * lay.num_kv_heads
+                          if mode == "hit" else 0)
+        plain, _ = reference.paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool,
+                                                    S, 0.088)
+        for r in range(2):
+            kv[bt[r, S // lay.block_size:int(E[r]) // lay.block_size].long()] = float("nan")
+        out, _ = reference.paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool,
+                                                  S, 0.088, wave=ix.wave)
+        assert torch.equal(out, plain), mode
