@@ -837,20 +837,20 @@ def _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS: tl.constexp
 
 
 @triton.jit
-def _wave_addr(t0, total, beg, end, start, bt_row, ix_row, S, SB, E, L, HZ, WP,
-               BS: tl.constexpr, TR: tl.constexpr):
-    """First half of :func:`_retrieved_addr` for a row with a mirrored horizon
-    ``HZ``: tokens at positions ``>= HZ`` go through the block table (``paged``:
-    their physical block ``kb``); for those below it, the pool page ``pg`` of the
-    token's logical block (``ix_row[pos // BS - SB]``), where :func:`_wave_lookup`
-    finds the token in the cluster cache or the arena; they never touch the block
-    table (vLLM may have reused those blocks). ``below``: a token below the horizon
-    with a pool page in ``[0, WP)`` (``WP``: the view's pool pages, 0 when the row's
-    ibt row is outside the index table: nothing below the horizon is read).
-    ``lead``: the first token of its cluster in its page (the bookkeeping's one lane
-    per visit). The two halves are issued a tile apart in the attention loop, so
-    the pool-page load of one tile and the cache-table load of the next are in
-    flight together instead of one after the other."""
+def _retrieved_wave(t0, total, beg, end, start, bt_row, ix_row, S, SB, E, L, HZ, WL, WNL,
+                    WP, h, pr_ptr, ct_ptr, H: tl.constexpr, BS: tl.constexpr,
+                    TR: tl.constexpr):
+    """As :func:`_retrieved_addr`, for a row with a mirrored horizon ``HZ``: tokens
+    at positions ``>= HZ`` go through the block table (``paged``); those below it
+    come from the cluster cache (``in_cache``: slot ``cache_table[key]``) or the
+    arena (``in_arena``: row ``page_row[key]``), ``key = (pg * WNL + WL) * H + h``
+    with ``pg = ix_row[pos // BS - SB]`` the pool page of the token's logical block,
+    and never touch the block table (vLLM may have reused those blocks). A token
+    below the horizon whose page is neither cached nor mirrored, or that has no
+    pool page (``pg`` outside ``[0, WP)``), is in no source (left out). ``lead``:
+    the first token of its cluster in its page (the bookkeeping's one lane per
+    visit). ``WP``: the view's pool pages, 0 when the row's ibt row is outside the
+    index table (then nothing below the horizon is read)."""
     t = t0 + tl.arange(0, TR)
     inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
     pos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
@@ -858,31 +858,22 @@ def _wave_addr(t0, total, beg, end, start, bt_row, ix_row, S, SB, E, L, HZ, WP,
     valid = (t < total) & (pos >= S) & (pos < E) & (pos < L)
     paged = valid & (pos >= HZ)
     kb = tl.load(bt_row + pos // BS, mask=paged, other=0).to(tl.int64)
-    below = valid & (pos < tl.where(WP > 0, HZ, 0))
+    below = valid & (pos < tl.where(WP > 0, HZ, 0))    # (WP 0: nothing below HZ)
     # pos >= S, so the entry index pos // BS - SB is >= 0 and (pos < E) below the
     # row's page count: the row's own pages, never a stale column.
     pg = tl.load(ix_row + (pos // BS - SB), mask=below, other=-1).to(tl.int64)
-    below = below & (pg >= 0) & (pg < WP)
-    # Positions below S were clipped: the first valid token then sits at S, a block
-    # start, so "cluster start or block start" marks exactly one lane per page.
-    lead = below & ((pos == cst) | (pos % BS == 0))
-    return kb, pos % BS, paged, below, pg, lead
-
-
-@triton.jit
-def _wave_lookup(below, pg, WL, WNL, h, pr_ptr, ct_ptr, H: tl.constexpr):
-    """Second half: the tokens below the horizon in the cluster cache (``in_cache``:
-    slot ``cache_table[key]``) or the arena (``in_arena``: row ``page_row[key]``),
-    ``key = (pg * WNL + WL) * H + h``. A token in neither (page neither cached nor
-    mirrored) is in no source (left out)."""
-    key = (tl.where(below, pg, 0) * WNL + WL) * H + h
+    wok = below & (pg >= 0) & (pg < WP)
+    key = (tl.where(wok, pg, 0) * WNL + WL) * H + h
     # Both tables at once (independent loads; a hit's page_row word is not needed,
     # but waiting for the slot first would add a dependent load to a miss).
-    slot = tl.load(ct_ptr + key, mask=below, other=-1)
-    arow = tl.load(pr_ptr + key, mask=below, other=-1).to(tl.int64)
-    in_cache = below & (slot >= 0)
-    in_arena = below & (slot < 0) & (arow >= 0)
-    return slot, arow, in_cache, in_arena, key
+    slot = tl.load(ct_ptr + key, mask=wok, other=-1)
+    arow = tl.load(pr_ptr + key, mask=wok, other=-1).to(tl.int64)
+    in_cache = wok & (slot >= 0)
+    in_arena = wok & (slot < 0) & (arow >= 0)
+    # Positions below S were clipped: the first valid token then sits at S, a block
+    # start, so "cluster start or block start" marks exactly one lane per page.
+    lead = wok & ((pos == cst) | (pos % BS == 0))
+    return kb, pos % BS, paged, slot, arow, in_cache, in_arena, lead, key
 
 
 @triton.jit
@@ -1024,38 +1015,29 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
             w_end = tl.cumsum(w_size, 0)
             w_beg = w_end - w_size
             w_total = tl.sum(w_size, 0)
-            # Two tiles in flight: tile t's K/V and cache-table lookups are done, tile
-            # t + 1's pool pages are loaded; each iteration issues t's K/V loads, t + 1's
-            # table lookups and t + 2's pool-page loads before attending t.
-            (w_blk, w_off, w_pg, w_below, w_page, w_lead) = _wave_addr(
-                0, w_total, w_beg, w_end, w_start, bt_row, ix_row, S, SB, E, L, HZ, wp,
-                BS, TR)
-            w_slot, w_arow, w_inc, w_ina, w_key = _wave_lookup(w_below, w_page, WL, WNL, h,
-                                                               pr_ptr, ct_ptr, H)
-            (w_blk1, w_off1, w_pg1, w_below1, w_page1, w_lead1) = _wave_addr(
-                TR, w_total, w_beg, w_end, w_start, bt_row, ix_row, S, SB, E, L, HZ, wp,
-                BS, TR)
+            (w_blk, w_off, w_pg, w_slot, w_arow, w_inc, w_ina, w_lead,
+             w_key) = _retrieved_wave(0, w_total, w_beg, w_end, w_start, bt_row, ix_row, S,
+                                      SB, E, L, HZ, WL, WNL, wp, h, pr_ptr, ct_ptr, H, BS,
+                                      TR)
             for t0 in range(0, w_total, TR):
                 w_kt, w_vt = _load_kv_wave(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, w_blk, w_off,
                                            w_pg, ckv_ptr, ckv_s0, ckv_s1, ckv_s2, w_slot,
                                            w_inc, ar_ptr, ar_s0, ar_s1, w_arow, w_ina, h, D,
                                            DP)
                 w_ok = w_pg | w_inc | w_ina
-                w_slot1, w_arow1, w_inc1, w_ina1, w_key1 = _wave_lookup(
-                    w_below1, w_page1, WL, WNL, h, pr_ptr, ct_ptr, H)
-                (w_blk2, w_off2, w_pg2, w_below2, w_page2, w_lead2) = _wave_addr(
-                    t0 + 2 * TR, w_total, w_beg, w_end, w_start, bt_row, ix_row, S, SB, E, L,
-                    HZ, wp, BS, TR)
+                (w_blk_n, w_off_n, w_pg_n, w_slot_n, w_arow_n, w_inc_n, w_ina_n, w_lead_n,
+                 w_key_n) = _retrieved_wave(t0 + TR, w_total, w_beg, w_end, w_start, bt_row,
+                                            ix_row, S, SB, E, L, HZ, WL, WNL, wp, h, pr_ptr,
+                                            ct_ptr, H, BS, TR)
                 w_miss, w_idx, w_nh = _wave_book(w_slot, w_inc, w_ina, w_lead, clock,
                                                  stamp_ptr, wcnt_ptr, mc_ptr)
                 w_hits += w_nh
                 m_i, l_i, acc = _attend_kv(q, w_kt, w_vt, w_ok, m_i, l_i, acc, scale,
                                            NATIVE, PREC)
                 _wave_misses(w_miss, w_idx, w_key, mk_ptr, MCAP)
-                w_blk, w_off, w_pg, w_lead = w_blk1, w_off1, w_pg1, w_lead1
-                w_slot, w_arow, w_inc, w_ina, w_key = w_slot1, w_arow1, w_inc1, w_ina1, w_key1
-                w_blk1, w_off1, w_pg1, w_below1, w_page1, w_lead1 = \
-                    w_blk2, w_off2, w_pg2, w_below2, w_page2, w_lead2
+                w_blk, w_off, w_pg, w_slot, w_arow = w_blk_n, w_off_n, w_pg_n, w_slot_n, \
+                    w_arow_n
+                w_inc, w_ina, w_lead, w_key = w_inc_n, w_ina_n, w_lead_n, w_key_n
         tl.atomic_add(wcnt_ptr + _W_HITS, w_hits, mask=w_hits > 0, sem="relaxed")
     else:
         for m0 in range(0, n_mine, RG):
