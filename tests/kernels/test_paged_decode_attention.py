@@ -429,7 +429,8 @@ def test_launch_sequence_does_not_depend_on_data(monkeypatch):
         assert not torch.isnan(out).any()
         assert _rel(out, ref) < 2e-3
         assert ws.stats.tolist() == expected_stats(sc, st)
-    assert seqs[0] == seqs[1] and len(seqs[0]) == len(names)
+    # (the resolve kernel runs with a wave buffer view only)
+    assert seqs[0] == seqs[1] and len(seqs[0]) == len(set(names) - {"_resolve_kernel"})
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the CUDA score kernel needs a GPU")

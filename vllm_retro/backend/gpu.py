@@ -432,8 +432,12 @@ class PagedIndexManager:
                                                         lay.head_dim, lay.dtype),
                            arena_pages))
         # Device bytes: the mirror's two tables (12 B per key), the cache's lookup
-        # table (8 B per key) and its slots (a page + 16 B of bookkeeping each).
-        dev_b = keys * 20 + (slots + 1) * (page_b + 16)
+        # table (8 B per key), its slots (a page + 16 B of bookkeeping each) and the
+        # decode workspace's resolved page addresses (8 B per row, KV head and page
+        # of the index table).
+        ws = self.workspace
+        src_b = ws.max_rows * ws.num_kv_heads * alloc.ibt.shape[1] * 8
+        dev_b = keys * 20 + (slots + 1) * (page_b + 16) + src_b
         if dev.type == "cuda":
             free = torch.cuda.mem_get_info(dev)[0]
             if dev_b > 0.9 * free:
@@ -446,6 +450,7 @@ class PagedIndexManager:
                     "cluster_cache_gib or index_pool_gib")
         self.mirror = HostMirror(shape, host_b, dev, pin=dev.type == "cuda")
         self.cache = ClusterCache.for_mirror(self.mirror, slots)
+        ws.wave_src_table(alloc.ibt.shape[1])     # before CUDA-graph capture
         logger.info("retro wave buffer: host mirror %.2f GiB%s (%d request slots), "
                     "cluster cache %d pages = %.2f GiB (%s), address tables %.2f GiB "
                     "(%d pool pages x %d layers x %d KV heads); %.2f GiB of device "

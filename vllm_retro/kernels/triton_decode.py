@@ -118,6 +118,8 @@ TUNE = {
     "cand": dict(RB=256, CB=512, num_warps=8),
     "collect": dict(RB=256, CB=1024, num_warps=4),
     "attend": dict(TS=32, RG=8, TR=32, TE=32, num_warps=4, num_stages=2),
+    # The wave buffer's page lookups (walks the attention kernel's retrieved tiles).
+    "resolve": dict(num_warps=4),
 }
 SMALL_BATCH = 2
 # Programs per SM the grids aim at (``DecodeWorkspace.nsplit``): the kernels are
@@ -263,6 +265,23 @@ class DecodeWorkspace:
         self.part_m = torch.zeros(cap * h * g, dtype=f32, device=dev)
         self.part_l = torch.zeros(cap * h * g, dtype=f32, device=dev)
         self.stats = torch.zeros(5, dtype=torch.int64, device=dev)
+        self.wave_src: Optional[torch.Tensor] = None
+
+    def wave_src_table(self, max_pages: int) -> torch.Tensor:
+        """``[max_rows*H, max_pages]`` int64: per row-head and logical page, where
+        the resolve kernel found the page (with a wave buffer); allocated on the
+        first call (outside CUDA-graph capture: the engine's first forward is
+        eager), grown if an index table has more pages. Only the entries of the
+        pages a call's retrieved clusters visit are written and read."""
+        t = self.wave_src
+        if t is None or t.shape[1] < max_pages:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("DecodeWorkspace: the wave buffer's page table must be "
+                                   "allocated before CUDA-graph capture (run one eager "
+                                   "decode call with the wave view first)")
+            t = self.wave_src = torch.full((self.max_rows * self.num_kv_heads, max_pages),
+                                           -1, dtype=torch.int64, device=self.device)
+        return t
 
     @staticmethod
     def page_bytes(num_kv_heads: int, group_size: int) -> int:
@@ -840,28 +859,27 @@ def _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS: tl.constexp
 def _retrieved_wave(t0, total, beg, end, start, bt_row, ix_row, S, SB, E, L, HZ, WL, WNL,
                     WP, h, pr_ptr, ct_ptr, H: tl.constexpr, BS: tl.constexpr,
                     TR: tl.constexpr):
-    """As :func:`_retrieved_addr`, for a row with a mirrored horizon ``HZ``: tokens
-    at positions ``>= HZ`` go through the block table (``paged``); those below it
-    come from the cluster cache (``in_cache``: slot ``cache_table[key]``) or the
-    arena (``in_arena``: row ``page_row[key]``), ``key = (pg * WNL + WL) * H + h``
-    with ``pg = ix_row[pos // BS - SB]`` the pool page of the token's logical block,
-    and never touch the block table (vLLM may have reused those blocks). A token
-    below the horizon whose page is neither cached nor mirrored, or that has no
-    pool page (``pg`` outside ``[0, WP)``), is in no source (left out). ``lead``:
-    the first token of its cluster in its page (the bookkeeping's one lane per
-    visit). ``WP``: the view's pool pages, 0 when the row's ibt row is outside the
-    index table (then nothing below the horizon is read)."""
+    """Tokens ``t0 + [0, TR)`` of a group of retrieved clusters below a row's mirrored
+    horizon ``HZ``, as the resolve kernel sees them: per token its logical block
+    ``lb`` (entry index ``pos // BS - SB`` of the row's index table), the pool page's
+    key ``(pg * WNL + WL) * H + h`` (``pg = ix_row[lb]``), and where the page is: in
+    the cluster cache (``in_cache``: slot ``cache_table[key]``) or the arena
+    (``in_arena``: row ``page_row[key]``). ``below``: a token of the row's
+    clustered zone under the horizon (``WP``: the view's pool pages, 0 when the
+    row's ibt row is outside the index table: nothing below the horizon is read);
+    ``wok``: ... whose pool page is in ``[0, WP)``; a token in neither source (page
+    neither cached nor mirrored, or no pool page) is in no source (left out).
+    ``first``: the first token of its cluster in its page (one lane per visit)."""
     t = t0 + tl.arange(0, TR)
     inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
     pos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
     cst = tl.sum(tl.where(inside, start[None, :], 0), 1)     # the token's cluster start
     valid = (t < total) & (pos >= S) & (pos < E) & (pos < L)
-    paged = valid & (pos >= HZ)
-    kb = tl.load(bt_row + pos // BS, mask=paged, other=0).to(tl.int64)
-    below = valid & (pos < tl.where(WP > 0, HZ, 0))    # (WP 0: nothing below HZ)
+    below = valid & (pos < tl.where(WP > 0, HZ, 0))
     # pos >= S, so the entry index pos // BS - SB is >= 0 and (pos < E) below the
     # row's page count: the row's own pages, never a stale column.
-    pg = tl.load(ix_row + (pos // BS - SB), mask=below, other=-1).to(tl.int64)
+    lb = pos // BS - SB
+    pg = tl.load(ix_row + lb, mask=below, other=-1).to(tl.int64)
     wok = below & (pg >= 0) & (pg < WP)
     key = (tl.where(wok, pg, 0) * WNL + WL) * H + h
     # Both tables at once (independent loads; a hit's page_row word is not needed,
@@ -872,32 +890,57 @@ def _retrieved_wave(t0, total, beg, end, start, bt_row, ix_row, S, SB, E, L, HZ,
     in_arena = wok & (slot < 0) & (arow >= 0)
     # Positions below S were clipped: the first valid token then sits at S, a block
     # start, so "cluster start or block start" marks exactly one lane per page.
-    lead = wok & ((pos == cst) | (pos % BS == 0))
-    return kb, pos % BS, paged, slot, arow, in_cache, in_arena, lead, key
+    first = below & ((pos == cst) | (pos % BS == 0))
+    return lb, slot, arow, in_cache, in_arena, first, key
+
+
+# A resolved page (DecodeWorkspace.wave_src): the source in bits 60-61, below them
+# the cache slot or the arena row of the page's first token; -1: no source. (Indices,
+# not addresses: multiplied by the strides in the attention kernel, the addresses
+# keep the alignment Triton proves for stride arguments, so K/V loads vectorise.)
+_SRC_CACHE = tl.constexpr(1 << 60)
+_SRC_ARENA = tl.constexpr(2 << 60)
+_SRC_INDEX = tl.constexpr((1 << 60) - 1)
 
 
 @triton.jit
-def _load_kv_wave(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, paged,
-                  ckv_ptr, ckv_s0, ckv_s1, ckv_s2, slot, in_cache, ar_ptr, ar_s0, ar_s1, arow,
-                  in_arena, h, D: tl.constexpr, DP: tl.constexpr):
-    """K and V ``[T, DP]`` of retrieved tokens from their own source: one masked load
-    per source (each lane fetches from one), then a select."""
+def _wave_addr(t0, total, beg, end, start, bt_row, src_row, S, SB, E, L, HZ, HZB,
+               kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr, ar_s0, h,
+               BS: tl.constexpr, TR: tl.constexpr):
+    """(address, valid) of tokens ``t0 + [0, TR)`` of a group of
+    retrieved clusters of a row with a mirrored horizon ``HZ``: at or above it
+    through the block table, below it at the page address the resolve kernel wrote
+    for the row-head (``src_row[pos // BS - SB]``), never through the block table
+    (vLLM may have reused those blocks). ``HZB``: ``HZ``, or 0 when the row's ibt
+    row is outside the index table (then nothing below ``HZ`` is read). One
+    dependent load per token, as without a wave buffer: the cache lookups happened
+    in the resolve kernel."""
+    t = t0 + tl.arange(0, TR)
+    inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
+    pos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
+    valid = (t < total) & (pos >= S) & (pos < E) & (pos < L)
+    paged = valid & (pos >= HZ)
+    below = valid & (pos < HZB)
+    kb = tl.load(bt_row + pos // BS, mask=paged, other=0).to(tl.int64)
+    src = tl.load(src_row + (pos // BS - SB), mask=below, other=-1)
+    off = (pos % BS).to(tl.int64)
+    i = src & _SRC_INDEX
+    in_cache = below & (src >= 0) & ((src & _SRC_CACHE) != 0)
+    in_arena = below & (src >= 0) & ((src & _SRC_ARENA) != 0)
+    ptr = tl.where(in_cache, ckv_ptr + i * ckv_s0 + off * ckv_s1,
+                   tl.where(in_arena, ar_ptr + (i + off) * ar_s0,
+                            kv_ptr + kb * kv_s0 + h * kv_s1 + off * kv_s2))
+    return ptr, paged | in_cache | in_arena
+
+
+@triton.jit
+def _load_kv_at(ptr, ok, D: tl.constexpr, DP: tl.constexpr):
+    """K and V ``[T, DP]`` of tokens at their own addresses (K at ``ptr``, V ``D``
+    elements after it; unit element stride in every source)."""
     d = tl.arange(0, DP)
-    dm = (d < D)[None, :]
-    k, v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, paged, h, D, DP)
-    offl = off.to(tl.int64)
-    # Masked lanes hold slot / row -1: their addresses are never dereferenced (and
-    # a tl.where here trips Triton 3.9's software pipeliner on fp32 variants).
-    cb = ckv_ptr + slot * ckv_s0 + offl * ckv_s1
-    cm = in_cache[:, None] & dm
-    kc = tl.load(cb[:, None] + d[None, :] * ckv_s2, mask=cm, other=0.0)
-    vc = tl.load(cb[:, None] + (D + d[None, :]) * ckv_s2, mask=cm, other=0.0)
-    ab = ar_ptr + (arow + offl) * ar_s0
-    am = in_arena[:, None] & dm
-    ka = tl.load(ab[:, None] + d[None, :] * ar_s1, mask=am, other=0.0)
-    va = tl.load(ab[:, None] + (D + d[None, :]) * ar_s1, mask=am, other=0.0)
-    k = tl.where(in_cache[:, None], kc, tl.where(in_arena[:, None], ka, k))
-    v = tl.where(in_cache[:, None], vc, tl.where(in_arena[:, None], va, v))
+    lm = ok[:, None] & (d < D)[None, :]
+    k = tl.load(ptr[:, None] + d[None, :], mask=lm, other=0.0)
+    v = tl.load(ptr[:, None] + (D + d[None, :]), mask=lm, other=0.0)
     return k, v
 
 
@@ -929,15 +972,69 @@ def _wave_misses(miss, idx, key, mk_ptr, MCAP):
 
 
 @triton.jit
+def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, lists_ptr,
+                    cnt_ptr, src_ptr, src_s0, SB, S, NS,
+                    pr_ptr, ct_ptr, stamp_ptr, clock_ptr, wcnt_ptr, mk_ptr,
+                    mc_ptr, MCAP, WL, WNL, WP, WR,
+                    H: tl.constexpr, BS: tl.constexpr, RG: tl.constexpr, TR: tl.constexpr,
+                    PK: tl.constexpr, LW: tl.constexpr, PDL: tl.constexpr = False):
+    """Program (row*H + head, p), with a wave buffer: for the retrieved clusters
+    congruent to p mod NS, every page they visit below the row's horizon is looked
+    up in the cluster cache (hit: its slot stamped with the step and counted) or
+    found in the arena (miss: counted, its key appended to the miss buffer), and its
+    address written to ``src[row-head, page]`` (:data:`_SRC_CACHE` /
+    :data:`_SRC_ARENA` | element offset of the page's first token; -1: in no
+    source), where the attention kernel reads it. A page two clusters visit is
+    counted twice and written twice with the same value."""
+    rh = tl.program_id(0)
+    p = tl.program_id(1)
+    r = rh // H
+    h = rh % H
+    L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
+                                              hdr_s0, r, SB, BS)
+    indexed = E > 0
+    hdr0 = hdr_ptr + blk0 * hdr_s0
+    HZ = tl.where(indexed, tl.minimum(tl.load(hdr0 + _HDR_HZ), E), 0)
+    wrow = tl.load(hdr0 + _HDR_IBT)
+    wp = tl.where((wrow >= 0) & (wrow < WR), WP, 0)
+    clock = tl.load(clock_ptr)
+    src_row = src_ptr + rh.to(tl.int64) * src_s0
+    _pdl_wait(PDL)
+    n_ret = tl.where(indexed, tl.load(cnt_ptr + rh * 2), 0)
+    n_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
+    hits = tl.zeros([], tl.int64)
+    for m0 in range(0, n_mine, RG):
+        k = p + NS * (m0 + tl.arange(0, RG))
+        kok = k < n_ret
+        la = _packed(lists_ptr, ix_row, h, k, kok, H, LW, PK, 2)
+        start = tl.load(la, mask=kok, other=0)
+        size = tl.load(la + 1, mask=kok, other=0)
+        end = tl.cumsum(size, 0)
+        beg = end - size
+        total = tl.sum(size, 0)
+        for t0 in range(0, total, TR):
+            lb, slot, arow, in_cache, in_arena, first, key = _retrieved_wave(
+                t0, total, beg, end, start, bt_row, ix_row, S, SB, E, L, HZ, WL, WNL, wp, h,
+                pr_ptr, ct_ptr, H, BS, TR)
+            src = tl.where(in_cache, _SRC_CACHE | slot,
+                           tl.where(in_arena, _SRC_ARENA | arow, -1))
+            tl.store(src_row + lb, src, mask=first)
+            miss, idx, nh = _wave_book(slot, in_cache, in_arena, first, clock, stamp_ptr,
+                                       wcnt_ptr, mc_ptr)
+            hits += nh
+            _wave_misses(miss, idx, key, mk_ptr, MCAP)
+    tl.atomic_add(wcnt_ptr + _W_HITS, hits, mask=hits > 0, sem="relaxed")
+    _pdl_launch(PDL)
+
+
+@triton.jit
 def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                    bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, lg_ptr, lists_ptr,
                    cnt_ptr,
                    po_ptr, pm_ptr, pl_ptr, tick_ptr, out_ptr, o_sb, o_sh, o_sd,
                    scale, SB, S, NS,
-                   ar_ptr, ar_s0, ar_s1, pr_ptr, ct_ptr, ckv_ptr, ckv_s0, ckv_s1, ckv_s2,
-                   stamp_ptr,
-                   clock_ptr, wcnt_ptr, mk_ptr, mc_ptr, MCAP, WL, WNL, WP, WR,
+                   src_ptr, src_s0, ar_ptr, ar_s0, ckv_ptr, ckv_s0, ckv_s1, WP, WR,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr,
                    D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
                    RG: tl.constexpr, TR: tl.constexpr, TE: tl.constexpr,
@@ -949,10 +1046,11 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     last program of the row-head merges the partials into ``out``.
 
     WAVE: retrieved tokens below the row's horizon (header ``HDR_HORIZON``) come
-    from the wave buffer (``ar_ptr``...``WP``: the :class:`WaveBufferView` of layer
-    ``WL``; ``WR``: the index table's rows), with its bookkeeping
-    (:func:`_wave_book`); without it those arguments are dummies, never read, and
-    the horizon is ignored."""
+    from the wave buffer, at the page addresses :func:`_resolve_kernel` wrote to
+    ``src`` (the cluster cache ``ckv`` or the arena ``ar`` of the layer's
+    :class:`WaveBufferView`; ``WP``: its pool pages, ``WR``: the index table's
+    rows); without it those arguments are dummies, never read, and the horizon is
+    ignored."""
     rh = tl.program_id(0)
     p = tl.program_id(1)
     r = rh // H
@@ -997,15 +1095,12 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     n_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
     if WAVE:
         # Below the horizon the row's blocks may be released: K/V from the cluster
-        # cache or the arena, keyed by (pool page, layer, head), the pool page read
-        # from the row's index table (ix_row).
+        # cache or the arena, at the page addresses the resolve kernel wrote.
         hdr0 = hdr_ptr + blk0 * hdr_s0
         HZ = tl.where(indexed, tl.minimum(tl.load(hdr0 + _HDR_HZ), E), 0)
         wrow = tl.load(hdr0 + _HDR_IBT)
-        wrow_ok = (wrow >= 0) & (wrow < WR)
-        wp = tl.where(wrow_ok, WP, 0)     # (an ibt row outside the table reads nothing)
-        clock = tl.load(clock_ptr)
-        w_hits = tl.zeros([], tl.int64)
+        HZB = tl.where((wrow >= 0) & (wrow < WR) & (WP > 0), HZ, 0)
+        src_row = src_ptr + rh.to(tl.int64) * src_s0
         for m0 in range(0, n_mine, RG):
             w_k = p + NS * (m0 + tl.arange(0, RG))
             w_kok = w_k < n_ret
@@ -1015,30 +1110,18 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
             w_end = tl.cumsum(w_size, 0)
             w_beg = w_end - w_size
             w_total = tl.sum(w_size, 0)
-            (w_blk, w_off, w_pg, w_slot, w_arow, w_inc, w_ina, w_lead,
-             w_key) = _retrieved_wave(0, w_total, w_beg, w_end, w_start, bt_row, ix_row, S,
-                                      SB, E, L, HZ, WL, WNL, wp, h, pr_ptr, ct_ptr, H, BS,
-                                      TR)
+            w_ptr, w_ok = _wave_addr(0, w_total, w_beg, w_end, w_start, bt_row, src_row, S, SB,
+                                     E, L, HZ, HZB, kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr,
+                                     ckv_s0, ckv_s1, ar_ptr, ar_s0, h, BS, TR)
             for t0 in range(0, w_total, TR):
-                w_kt, w_vt = _load_kv_wave(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, w_blk, w_off,
-                                           w_pg, ckv_ptr, ckv_s0, ckv_s1, ckv_s2, w_slot,
-                                           w_inc, ar_ptr, ar_s0, ar_s1, w_arow, w_ina, h, D,
-                                           DP)
-                w_ok = w_pg | w_inc | w_ina
-                (w_blk_n, w_off_n, w_pg_n, w_slot_n, w_arow_n, w_inc_n, w_ina_n, w_lead_n,
-                 w_key_n) = _retrieved_wave(t0 + TR, w_total, w_beg, w_end, w_start, bt_row,
-                                            ix_row, S, SB, E, L, HZ, WL, WNL, wp, h, pr_ptr,
-                                            ct_ptr, H, BS, TR)
-                w_miss, w_idx, w_nh = _wave_book(w_slot, w_inc, w_ina, w_lead, clock,
-                                                 stamp_ptr, wcnt_ptr, mc_ptr)
-                w_hits += w_nh
+                w_kt, w_vt = _load_kv_at(w_ptr, w_ok, D, DP)
+                w_ptr_n, w_ok_n = _wave_addr(t0 + TR, w_total, w_beg, w_end, w_start, bt_row,
+                                             src_row, S, SB, E, L, HZ, HZB, kv_ptr, kv_s0,
+                                             kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr,
+                                             ar_s0, h, BS, TR)
                 m_i, l_i, acc = _attend_kv(q, w_kt, w_vt, w_ok, m_i, l_i, acc, scale,
                                            NATIVE, PREC)
-                _wave_misses(w_miss, w_idx, w_key, mk_ptr, MCAP)
-                w_blk, w_off, w_pg, w_slot, w_arow = w_blk_n, w_off_n, w_pg_n, w_slot_n, \
-                    w_arow_n
-                w_inc, w_ina, w_lead, w_key = w_inc_n, w_ina_n, w_lead_n, w_key_n
-        tl.atomic_add(wcnt_ptr + _W_HITS, w_hits, mask=w_hits > 0, sem="relaxed")
+                w_ptr, w_ok = w_ptr_n, w_ok_n
     else:
         for m0 in range(0, n_mine, RG):
             r_k = p + NS * (m0 + tl.arange(0, RG))
@@ -1197,17 +1280,22 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
         **dep, **_tune("collect", b)))
     ns_a = ws.nsplit_attend(b)
+    tune_a = _tune("attend", b)
     if wave is not None:
         w = wave
-        wargs = (w.arena, *w.arena.stride(), w.page_row, w.cache_table, w.cache_kv,
-                 *w.cache_kv.stride(), w.cache_stamp, w.clock,
-                 w.counters, w.miss_keys, w.miss_count, w.miss_capacity, w.layer,
-                 w.num_layers, w.num_pages, ibt.shape[0])
+        src = ws.wave_src_table(ibt.shape[1])
+        _keep("resolve", _resolve_kernel[(b * h, ns_a)](
+            *common, ws.lists, ws.counts, src, src.stride(0), sb, sink_end, ns_a,
+            w.page_row, w.cache_table, w.cache_stamp, w.clock, w.counters, w.miss_keys, w.miss_count, w.miss_capacity,
+            w.layer, w.num_layers, w.num_pages, ibt.shape[0],
+            H=h, BS=bs, RG=tune_a["RG"], TR=tune_a["TR"], PK=PACK, LW=LIST_WORDS, **dep,
+            **{k: v for k, v in _tune("resolve", b).items()}))
+        wargs = (src, src.stride(0), w.arena, w.arena.stride(0), w.cache_kv,
+                 w.cache_kv.stride(0), w.cache_kv.stride(1), w.num_pages, ibt.shape[0])
     else:
         # Never read (WAVE=False): existing tensors of the right pointer types, so
         # nothing is allocated and the variant is today's kernel.
-        wargs = (kv_cache, 0, 0, ibt, ws.stats, kv_cache, 0, 0, 0, ws.stats, ws.stats,
-                 ws.stats, ws.stats, ws.stats, 0, 0, 0, 0, 0)
+        wargs = (ws.stats, 0, kv_cache, 0, kv_cache, 0, 0, 0, 0)
     _keep("attend", _attend_kernel[(b * h, ns_a)](
         query, *query.stride(), kv_cache, *kv_cache.stride(), fpart, *fpart.stride(),
         *common, ws.logits, ws.lists, ws.counts,
@@ -1215,7 +1303,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         scale, sb, sink_end, ns_a, *wargs,
         H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, PK=PACK, LW=LIST_WORDS,
         NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, WAVE=wave is not None, **dep,
-        **_tune("attend", b)))
+        **tune_a))
     return out
 
 

@@ -148,6 +148,9 @@ class WaveBufferView:
              and self.miss_keys.numel() >= 1 and self.miss_keys.is_contiguous(),
              "miss_keys must be contiguous int64 [cap >= 1]")
         need(p == pool_pages, f"keyed by {p} pool pages, the pool has {pool_pages}")
+        need(kv_cache.dim() == 4 and kv_cache.stride(3) == 1,
+             "the KV cache needs unit stride along its last dim (the decode kernels "
+             "load K/V from the cache, the cluster cache and the arena alike)")
         if not devices:
             return
         dev = kv_cache.device
