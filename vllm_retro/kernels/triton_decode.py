@@ -49,8 +49,10 @@ by range):
    (in ``out``'s dtype; zeros for rows without context). With a wave buffer view
    (``wave=``, the ``WAVE`` variant), retrieved tokens below the row's mirrored
    horizon are read from the GPU cluster cache or the pinned host arena instead of
-   the block table (vLLM may have released those blocks), and the cache's stamps,
-   counters and miss buffer are updated in the same pass (:mod:`.wave_view`).
+   the block table (vLLM may have released those blocks): a kernel before the
+   attention kernel (``_resolve_kernel``) looks each visited page up, updates the
+   cache's stamps, counters and miss buffer (:mod:`.wave_view`) and writes the
+   page's source to the workspace, which the attention kernel reads per token.
 
 "Last program" hand-offs: each program writes its part, passes a CTA barrier and
 takes a ticket with an acq_rel atomic at GPU scope; the program drawing the last

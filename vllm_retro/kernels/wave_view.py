@@ -1,7 +1,7 @@
 """What the decode kernels see of the wave buffer (design §8.1, §8.3 step 2).
 
 Role: one layer's read-only addresses of the host mirror and the GPU cluster
-cache, plus the cache's bookkeeping tensors the attention kernel updates, handed
+cache, plus the cache's bookkeeping tensors the decode kernels update, handed
 across the ``kernels/`` boundary as plain tensors. ``kernels/`` never imports
 ``memory/``; the memory side builds the view (``ClusterCache.view``).
 
@@ -26,7 +26,7 @@ and ``max_model_len``. A pool page goes to another request once its own leaves,
 so the owner clears a leaving request's pages in the mirror and the cache before
 the allocator can hand them on (``ClusterCache.invalidate_pages``).
 
-Bookkeeping (in the attention kernel, once per visit of a page by a retrieved
+Bookkeeping (in the resolve kernel before attention, once per visit of a page by a retrieved
 cluster of a (row, KV head), i.e. per distinct (row, head, cluster, page) with at
 least one token of the cluster below the horizon in that page): a hit stamps its
 slot with ``clock`` (LRU) and adds one to ``counters[W_HITS]``; a miss on a

@@ -51,11 +51,11 @@ leaving request's pages before the allocator hands them on, so a request never
 reads another's pages.
 
 Decode integration (design §8.3 step 2): :meth:`ClusterCache.view` hands a layer's
-addresses and bookkeeping tensors to the attention kernel
-(:class:`~vllm_retro.kernels.wave_view.WaveBufferView`), which does the lookup
-itself: per retrieved page below a row's horizon it reads the cached page (hit:
-stamped, counted) or the arena rows (miss: counted, its key appended to the cache's
-miss buffer). Per decode step the caller then runs, after every layer's attention,
+addresses and bookkeeping tensors to the decode kernels
+(:class:`~vllm_retro.kernels.wave_view.WaveBufferView`), which do the lookup on the
+device: per retrieved page below a row's horizon the cached page (hit: stamped,
+counted) or the arena rows (miss: counted, its key appended to the cache's miss
+buffer) is read. Per decode step the caller then runs, after every layer's attention,
 :meth:`ClusterCache.admit_misses` (admission after use, all layers at once) and
 :meth:`ClusterCache.next_step`. The kernel builds a key from the pool page it
 reads in the row's index table (the header's ``HDR_IBT_ROW``) at the position's
