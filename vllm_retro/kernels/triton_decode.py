@@ -858,6 +858,22 @@ def _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS: tl.constexp
 
 
 @triton.jit
+def _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret, H: tl.constexpr,
+                     LW: tl.constexpr, PK: tl.constexpr, RG: tl.constexpr):
+    """Program ``p``'s retrieved clusters ``p + NS * (m0 + [0, RG))`` of a row-head
+    (those ``< n_ret``) from the selection lists: (start, beg, end, total), their
+    first token positions and their tokens' ranges ``[beg, end)`` once the group's
+    clusters are concatenated (``total`` tokens)."""
+    k = p + NS * (m0 + tl.arange(0, RG))
+    kok = k < n_ret
+    la = _packed(lists_ptr, ix_row, h, k, kok, H, LW, PK, 2)
+    start = tl.load(la, mask=kok, other=0)
+    size = tl.load(la + 1, mask=kok, other=0)
+    end = tl.cumsum(size, 0)
+    return start, end - size, end, tl.sum(size, 0)
+
+
+@triton.jit
 def _retrieved_wave(t0, total, beg, end, start, bt_row, ix_row, S, SB, E, L, HZ, WL, WNL,
                     WP, h, pr_ptr, ct_ptr, H: tl.constexpr, BS: tl.constexpr,
                     TR: tl.constexpr):
@@ -985,7 +1001,7 @@ def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, li
     up in the cluster cache (hit: its slot stamped with the step and counted) or
     found in the arena (miss: counted, its key appended to the miss buffer), and its
     address written to ``src[row-head, page]`` (:data:`_SRC_CACHE` /
-    :data:`_SRC_ARENA` | element offset of the page's first token; -1: in no
+    :data:`_SRC_ARENA` | the cache slot or arena row of the page; -1: in no
     source), where the attention kernel reads it. A page two clusters visit is
     counted twice and written twice with the same value."""
     rh = tl.program_id(0)
@@ -1006,14 +1022,8 @@ def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, li
     n_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
     hits = tl.zeros([], tl.int64)
     for m0 in range(0, n_mine, RG):
-        k = p + NS * (m0 + tl.arange(0, RG))
-        kok = k < n_ret
-        la = _packed(lists_ptr, ix_row, h, k, kok, H, LW, PK, 2)
-        start = tl.load(la, mask=kok, other=0)
-        size = tl.load(la + 1, mask=kok, other=0)
-        end = tl.cumsum(size, 0)
-        beg = end - size
-        total = tl.sum(size, 0)
+        start, beg, end, total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret,
+                                                  H, LW, PK, RG)
         for t0 in range(0, total, TR):
             lb, slot, arow, in_cache, in_arena, first, key = _retrieved_wave(
                 t0, total, beg, end, start, bt_row, ix_row, S, SB, E, L, HZ, WL, WNL, wp, h,
@@ -1104,14 +1114,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
         HZB = tl.where((wrow >= 0) & (wrow < WR) & (WP > 0), HZ, 0)
         src_row = src_ptr + rh.to(tl.int64) * src_s0
         for m0 in range(0, n_mine, RG):
-            w_k = p + NS * (m0 + tl.arange(0, RG))
-            w_kok = w_k < n_ret
-            wla = _packed(lists_ptr, ix_row, h, w_k, w_kok, H, LW, PK, 2)
-            w_start = tl.load(wla, mask=w_kok, other=0)
-            w_size = tl.load(wla + 1, mask=w_kok, other=0)
-            w_end = tl.cumsum(w_size, 0)
-            w_beg = w_end - w_size
-            w_total = tl.sum(w_size, 0)
+            w_start, w_beg, w_end, w_total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0,
+                                                              n_ret, H, LW, PK, RG)
             w_ptr, w_ok = _wave_addr(0, w_total, w_beg, w_end, w_start, bt_row, src_row, S, SB,
                                      E, L, HZ, HZB, kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr,
                                      ckv_s0, ckv_s1, ar_ptr, ar_s0, h, BS, TR)
@@ -1126,14 +1130,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                 w_ptr, w_ok = w_ptr_n, w_ok_n
     else:
         for m0 in range(0, n_mine, RG):
-            r_k = p + NS * (m0 + tl.arange(0, RG))
-            r_kok = r_k < n_ret
-            la = _packed(lists_ptr, ix_row, h, r_k, r_kok, H, LW, PK, 2)
-            start = tl.load(la, mask=r_kok, other=0)
-            size = tl.load(la + 1, mask=r_kok, other=0)
-            end = tl.cumsum(size, 0)
-            beg = end - size
-            total = tl.sum(size, 0)
+            start, beg, end, total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret,
+                                                      H, LW, PK, RG)
             r_blk, r_off, r_ok = _retrieved_addr(0, total, beg, end, start, bt_row, S, E, L,
                                                  BS, TR)
             for t0 in range(0, total, TR):
