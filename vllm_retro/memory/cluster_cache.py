@@ -87,13 +87,14 @@ def _triton_interpreting() -> bool:
 # Counter tensor columns (hits and misses are also what the attention kernel adds
 # to, through the wave buffer view).
 C_HITS, C_MISSES, C_ADMITTED, C_EVICTED = W_HITS, W_MISSES, 2, 3
-# Default capacity of the per-step miss buffer (keys, all layers of a step): 128 KiB;
+# Default capacity of the per-step miss buffer (keys, all layers of a step): 512 KiB;
 # misses past it are counted but not admitted this step (they miss again later).
-# Admission's sort, LRU top-k and page copy scale with it and run every decode step:
-# at 128K x 8 on the H200 a warm cache saw ~1.4K misses per step (22.5 MiB over PCIe
-# per step), so 16K keys leave ~10x headroom; a newly mirrored request's cold start
-# (up to ~70K page visits in its first step at 128K) is admitted over a few steps.
-DEFAULT_MISS_CAPACITY = 1 << 14
+# Admission's work scales with the misses the engine bounds it by (miss_limit), not
+# with the capacity, and is skipped when a step had none (a warm cache at 128K x 8 on
+# the H200: 0 misses per step once every request decodes). A newly mirrored
+# request's cold start (~30K missed page visits per step at 128K, each read over PCIe
+# until admitted) warms in fewer steps with a larger buffer.
+DEFAULT_MISS_CAPACITY = 1 << 16
 
 
 class _HostCopies:
