@@ -52,10 +52,18 @@ if [ "${BUILD_EXT:-0}" = 1 ]; then
   # Tests and benchmarks run from the root import vllm_retro from this tree: put the
   # library beside its sources too (ignored by git).
   cp /tmp/proj-site/vllm_retro/_C*.so vllm_retro/
-elif [ ! -d /tmp/proj-site/vllm_retro ] || [ "${REINSTALL:-0}" = 1 ]; then
-  rm -rf /tmp/proj-site
-  RETRO_NO_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps \
-    --no-index --target /tmp/proj-site . 2>&1 | tail -3
+else
+  # The engine imports the installed package (its entry point is how vLLM finds the
+  # plugin), the tests and benchmarks the tree: reinstall whenever the package's
+  # sources differ from the installed ones, or the engine runs stale code.
+  stamp=$(find vllm_retro setup.py -name '*.py' -type f | sort | xargs cat | sha1sum | cut -c1-16)
+  if [ ! -d /tmp/proj-site/vllm_retro ] || [ "${REINSTALL:-0}" = 1 ] \
+      || [ "$(cat /tmp/proj-site/.retro-py-stamp 2>/dev/null)" != "$stamp" ]; then
+    rm -rf /tmp/proj-site
+    RETRO_NO_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps \
+      --no-index --target /tmp/proj-site . 2>&1 | tail -3
+    echo "$stamp" > /tmp/proj-site/.retro-py-stamp
+  fi
 fi
 export PYTHONPATH=/tmp/proj-site:$PYTHONPATH
 # Carried extras (.gpu-carry/) are kept under /opt/retro-carry across calls.
