@@ -1286,10 +1286,10 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         src = ws.wave_src_table(ibt.shape[1])
         _keep("resolve", _resolve_kernel[(b * h, ns_a)](
             *common, ws.lists, ws.counts, src, src.stride(0), sb, sink_end, ns_a,
-            w.page_row, w.cache_table, w.cache_stamp, w.clock, w.counters, w.miss_keys, w.miss_count, w.miss_capacity,
-            w.layer, w.num_layers, w.num_pages, ibt.shape[0],
+            w.page_row, w.cache_table, w.cache_stamp, w.clock, w.counters, w.miss_keys,
+            w.miss_count, w.miss_capacity, w.layer, w.num_layers, w.num_pages, ibt.shape[0],
             H=h, BS=bs, RG=tune_a["RG"], TR=tune_a["TR"], PK=PACK, LW=LIST_WORDS, **dep,
-            **{k: v for k, v in _tune("resolve", b).items()}))
+            **_tune("resolve", b)))
         wargs = (src, src.stride(0), w.arena, w.arena.stride(0), w.cache_kv,
                  w.cache_kv.stride(0), w.cache_kv.stride(1), w.num_pages, ibt.shape[0])
     else:

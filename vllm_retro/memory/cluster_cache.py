@@ -69,8 +69,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..transfer import to_device
 from ..kernels.wave_view import W_HITS, W_MISSES, WaveBufferView
+from ..transfer import to_device
 from .host_mirror import HostMirror
 
 def _triton_interpreting() -> bool:
