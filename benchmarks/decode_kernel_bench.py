@@ -35,8 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vllm_retro.config import RetroConfig  # noqa: E402
-from vllm_retro.index.paged import (HDR_CLUSTERED_END, HDR_HORIZON,  # noqa: E402
-                                    HDR_IBT_ROW, IndexAllocator, IndexPool,
+from vllm_retro.index.paged import (HDR_HORIZON, IndexAllocator, IndexPool,  # noqa: E402
                                     PagedIndexLayout, budget, build_segments,
                                     clusters_in, header_row, make_headers, plan_segments,
                                     sink_end)
@@ -105,9 +104,11 @@ def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed:
     alloc = IndexAllocator(nb, batch, nblk, dev)
     if shuffle_pages:
         alloc.shuffle(seed)
+    rows = []                                   # (index-table row, clustered end)
     for r in range(batch):
         E = segs[-1][1] if segs else 0
         irow = alloc.acquire(max(0, (E - S) // BS))
+        rows.append((irow, E))
         jobs = {}
         for job in alloc.segment_jobs(irow, bt[r].long(), segs, S, BS):
             jobs.setdefault(job.p1 - job.p0, []).append(job)
@@ -117,10 +118,6 @@ def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed:
         n_ret, n_est = (c, 0) if full else budget(c, E - S, cfg)
         headers[bt[r, 0].long()] = torch.tensor(header_row(E, n_ret, n_est, c, irow),
                                                 dtype=torch.int32, device=dev)
-    rows = []
-    for r in range(batch):
-        hdr = headers[bt[r, 0].long()].tolist()
-        rows.append((hdr[HDR_IBT_ROW], hdr[HDR_CLUSTERED_END]))
     seq_lens = torch.full((batch,), ctx + 1, dtype=torch.int32, device=dev)
     # The decode token itself (written by vLLM's cache update before attention).
     for r in range(batch):
@@ -144,6 +141,7 @@ def wave_buffer(mode: str, lay, kv, bt, headers, S: int, alloc, pool, rows):
     shape = MirrorShape(alloc.ibt.shape[0], 1, h, lay.head_dim, bs, pool.num_pages, lay.dtype)
     tokens = sum(max(0, E - S) for _, E in rows)
     mirror = HostMirror(shape, max(1, tokens * h) * shape.row_bytes + (1 << 20), device=dev)
+    cache = ClusterCache.for_mirror(mirror, max(1, tokens // bs * h))   # room for every page
     keys = []
     for r, (irow, E) in enumerate(rows):
         if E <= S:
@@ -152,12 +150,12 @@ def wave_buffer(mode: str, lay, kv, bt, headers, S: int, alloc, pool, rows):
         pages = alloc.ibt[irow, :(E - S) // bs].long()
         mirror.mirror_segment(irow, 0, kv, lay, bt[r].long(), S, E, pool, pages)
         headers[bt[r, 0].long(), HDR_HORIZON] = E
-        keys.append((pages[:, None] * h + torch.arange(h, device=dev)).reshape(-1))
-    cache = ClusterCache.for_mirror(mirror, max(1, sum(len(k) for k in keys)))
+        keys.append(cache.keys(pages[:, None], 0, torch.arange(h, device=dev)).reshape(-1))
     if mode == "hit" and keys:
         cache.admit(torch.cat(keys), mirror)
         cache.next_step()
-    torch.cuda.synchronize() if dev.type == "cuda" else None
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     return mirror, cache, cache.view(mirror, 0)
 
 

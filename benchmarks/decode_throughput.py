@@ -204,8 +204,8 @@ def child(a) -> None:
     prof = None
     if a.profile:
         ctx, b = map(int, a.profile.split("x"))
-        prof = profile_decode(eng, ctx, b, vocab, g, rid,
-                              max_tokens=max_ctx + a.output_tokens + 15 - ctx, state=state)
+        room = eng.vllm_config.model_config.max_model_len - ctx - 1
+        prof = profile_decode(eng, ctx, b, vocab, g, rid, max_tokens=room, state=state)
         print("profile " + json.dumps(prof), flush=True)
     with open(a.child_out, "w") as f:
         json.dump(dict(startup_s=startup, records=recs, profile=prof), f)

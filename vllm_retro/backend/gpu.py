@@ -45,8 +45,8 @@ from ..index.paged import (IndexAllocator, IndexPool, PagedIndexLayout, SegmentJ
                            budget, build_segments, check_config_for_paged, clusters_in,
                            plan_segments, sink_end)
 from ..kernels import DecodeWorkspace, paged_decode_attention
-from ..transfer import to_device
 from ..request_table import RequestTable
+from ..transfer import to_device
 from .connector import RetroStepMetadata
 from .refusals import RetroBackendTraits, refuse, unsupported_reasons
 
@@ -587,7 +587,8 @@ class PagedIndexManager:
         if new:
             firsts = [e.blocks[0] for e in new if e.blocks]
             if firsts:
-                self.headers.index_fill_(0, to_device(firsts, torch.long, self.headers.device), 0)
+                dev = self.headers.device
+                self.headers.index_fill_(0, to_device(firsts, torch.long, dev), 0)
             for e in new:
                 e.is_new = False
         with torch.profiler.record_function("retro::maintain"):
@@ -629,7 +630,8 @@ class PagedIndexManager:
         if e.ibt_row >= 0:
             alloc = self.index_alloc
             if alloc is not None and (self.mirror is not None or self.cache is not None):
-                pages = alloc.pages_of(e.ibt_row)
+                # one copy to the device for both tables
+                pages = to_device(alloc.pages_of(e.ibt_row), torch.long, alloc.ibt.device)
                 if self.mirror is not None:
                     self.mirror.free(e.ibt_row, pages)
                 if self.cache is not None:

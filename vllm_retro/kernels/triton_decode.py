@@ -841,18 +841,26 @@ def _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, m0, H: tl.constex
 
 
 @triton.jit
-def _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS: tl.constexpr,
-                    TR: tl.constexpr):
-    """(physical block, offset, valid) of tokens ``t0 + [0, TR)`` of a group of
-    retrieved clusters (concatenated): token position (the cluster's start + offset:
-    the index build made each cluster contiguous per KV head) -> the row's own block
-    table. Starts come from index bytes, so positions are bounds-checked to the
-    row's clustered zone ``[S, E)`` and context: no index byte can make a row read
-    outside its context."""
+def _group_positions(t0, total, beg, end, start, S, E, L, TR: tl.constexpr):
+    """(position, its cluster's first position, valid) of tokens ``t0 + [0, TR)``
+    of a group of retrieved clusters (concatenated; the cluster's start + offset:
+    the index build made each cluster contiguous per KV head). Starts come from
+    index bytes, so positions are bounds-checked to the row's clustered zone ``[S,
+    E)`` and context: no index byte can make a row read outside its context."""
     t = t0 + tl.arange(0, TR)
     inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
     pos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
+    cst = tl.sum(tl.where(inside, start[None, :], 0), 1)
     valid = (t < total) & (pos >= S) & (pos < E) & (pos < L)
+    return pos, cst, valid
+
+
+@triton.jit
+def _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS: tl.constexpr,
+                    TR: tl.constexpr):
+    """(physical block, offset, valid) of tokens ``t0 + [0, TR)`` of a group of
+    retrieved clusters, through the row's own block table."""
+    pos, _, valid = _group_positions(t0, total, beg, end, start, S, E, L, TR)
     kb = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
     return kb, pos % BS, valid
 
@@ -874,26 +882,19 @@ def _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret, H: tl.constexpr,
 
 
 @triton.jit
-def _retrieved_wave(t0, total, beg, end, start, bt_row, ix_row, S, SB, E, L, HZ, WL, WNL,
-                    WP, h, pr_ptr, ct_ptr, H: tl.constexpr, BS: tl.constexpr,
-                    TR: tl.constexpr):
-    """Tokens ``t0 + [0, TR)`` of a group of retrieved clusters below a row's mirrored
-    horizon ``HZ``, as the resolve kernel sees them: per token its logical block
-    ``lb`` (entry index ``pos // BS - SB`` of the row's index table), the pool page's
-    key ``(pg * WNL + WL) * H + h`` (``pg = ix_row[lb]``), and where the page is: in
+def _retrieved_wave(t0, total, beg, end, start, ix_row, S, SB, E, L, HZB, WL, WNL, WP, h,
+                    pr_ptr, ct_ptr, H: tl.constexpr, BS: tl.constexpr, TR: tl.constexpr):
+    """Tokens ``t0 + [0, TR)`` of a group of retrieved clusters below a row's readable
+    horizon ``HZB`` (:func:`_wave_horizon`), as the resolve kernel sees them: per
+    token its logical block ``lb`` (entry index ``pos // BS - SB`` of the row's
+    index table), the pool page's key ``(pg * WNL + WL) * H + h`` (``pg =
+    ix_row[lb]``, in ``[0, WP)``: the view's pool pages), and where the page is: in
     the cluster cache (``in_cache``: slot ``cache_table[key]``) or the arena
-    (``in_arena``: row ``page_row[key]``). ``below``: a token of the row's
-    clustered zone under the horizon (``WP``: the view's pool pages, 0 when the
-    row's ibt row is outside the index table: nothing below the horizon is read);
-    ``wok``: ... whose pool page is in ``[0, WP)``; a token in neither source (page
-    neither cached nor mirrored, or no pool page) is in no source (left out).
-    ``first``: the first token of its cluster in its page (one lane per visit)."""
-    t = t0 + tl.arange(0, TR)
-    inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
-    pos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
-    cst = tl.sum(tl.where(inside, start[None, :], 0), 1)     # the token's cluster start
-    valid = (t < total) & (pos >= S) & (pos < E) & (pos < L)
-    below = valid & (pos < tl.where(WP > 0, HZ, 0))
+    (``in_arena``: row ``page_row[key]``). A token in neither (page neither cached
+    nor mirrored, or no pool page) is in no source (left out). ``first``: the first
+    token below the horizon of its cluster in its page (one lane per visit)."""
+    pos, cst, valid = _group_positions(t0, total, beg, end, start, S, E, L, TR)
+    below = valid & (pos < HZB)
     # pos >= S, so the entry index pos // BS - SB is >= 0 and (pos < E) below the
     # row's page count: the row's own pages, never a stale column.
     lb = pos // BS - SB
@@ -922,6 +923,18 @@ _SRC_INDEX = tl.constexpr((1 << 60) - 1)
 
 
 @triton.jit
+def _wave_horizon(hdr_ptr, hdr_s0, blk0, indexed, E, WP, WR):
+    """(HZ, HZB) of a row with a wave buffer view: its mirrored horizon (header
+    ``HDR_HORIZON``, at most its clustered end, 0 without an index), and the same
+    where its index-table row and the view's pool pages can be read, else 0 (then
+    nothing below ``HZ`` is read)."""
+    hdr0 = hdr_ptr + blk0 * hdr_s0
+    HZ = tl.where(indexed, tl.minimum(tl.load(hdr0 + _HDR_HZ), E), 0)
+    wrow = tl.load(hdr0 + _HDR_IBT)
+    return HZ, tl.where((wrow >= 0) & (wrow < WR) & (WP > 0), HZ, 0)
+
+
+@triton.jit
 def _wave_addr(t0, total, beg, end, start, bt_row, src_row, S, SB, E, L, HZ, HZB,
                kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr, ar_s0, h,
                BS: tl.constexpr, TR: tl.constexpr):
@@ -929,14 +942,10 @@ def _wave_addr(t0, total, beg, end, start, bt_row, src_row, S, SB, E, L, HZ, HZB
     retrieved clusters of a row with a mirrored horizon ``HZ``: at or above it
     through the block table, below it at the page address the resolve kernel wrote
     for the row-head (``src_row[pos // BS - SB]``), never through the block table
-    (vLLM may have reused those blocks). ``HZB``: ``HZ``, or 0 when the row's ibt
-    row is outside the index table (then nothing below ``HZ`` is read). One
+    (vLLM may have reused those blocks); ``HZB``: :func:`_wave_horizon`'s. One
     dependent load per token, as without a wave buffer: the cache lookups happened
     in the resolve kernel."""
-    t = t0 + tl.arange(0, TR)
-    inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
-    pos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
-    valid = (t < total) & (pos >= S) & (pos < E) & (pos < L)
+    pos, _, valid = _group_positions(t0, total, beg, end, start, S, E, L, TR)
     paged = valid & (pos >= HZ)
     below = valid & (pos < HZB)
     kb = tl.load(bt_row + pos // BS, mask=paged, other=0).to(tl.int64)
@@ -1011,10 +1020,7 @@ def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, li
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
                                               hdr_s0, r, SB, BS)
     indexed = E > 0
-    hdr0 = hdr_ptr + blk0 * hdr_s0
-    HZ = tl.where(indexed, tl.minimum(tl.load(hdr0 + _HDR_HZ), E), 0)
-    wrow = tl.load(hdr0 + _HDR_IBT)
-    wp = tl.where((wrow >= 0) & (wrow < WR), WP, 0)
+    _, HZB = _wave_horizon(hdr_ptr, hdr_s0, blk0, indexed, E, WP, WR)
     clock = tl.load(clock_ptr)
     src_row = src_ptr + rh.to(tl.int64) * src_s0
     _pdl_wait(PDL)
@@ -1026,8 +1032,8 @@ def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, li
                                                   H, LW, PK, RG)
         for t0 in range(0, total, TR):
             lb, slot, arow, in_cache, in_arena, first, key = _retrieved_wave(
-                t0, total, beg, end, start, bt_row, ix_row, S, SB, E, L, HZ, WL, WNL, wp, h,
-                pr_ptr, ct_ptr, H, BS, TR)
+                t0, total, beg, end, start, ix_row, S, SB, E, L, HZB, WL, WNL, WP, h, pr_ptr,
+                ct_ptr, H, BS, TR)
             src = tl.where(in_cache, _SRC_CACHE | slot,
                            tl.where(in_arena, _SRC_ARENA | arow, -1))
             tl.store(src_row + lb, src, mask=first)
@@ -1108,10 +1114,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     if WAVE:
         # Below the horizon the row's blocks may be released: K/V from the cluster
         # cache or the arena, at the page addresses the resolve kernel wrote.
-        hdr0 = hdr_ptr + blk0 * hdr_s0
-        HZ = tl.where(indexed, tl.minimum(tl.load(hdr0 + _HDR_HZ), E), 0)
-        wrow = tl.load(hdr0 + _HDR_IBT)
-        HZB = tl.where((wrow >= 0) & (wrow < WR) & (WP > 0), HZ, 0)
+        HZ, HZB = _wave_horizon(hdr_ptr, hdr_s0, blk0, indexed, E, WP, WR)
         src_row = src_ptr + rh.to(tl.int64) * src_s0
         for m0 in range(0, n_mine, RG):
             w_start, w_beg, w_end, w_total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0,
