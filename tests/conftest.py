@@ -114,7 +114,12 @@ def index_pool_of(lay, kv):
     """The cache's index pool: one page per KV block, page id = block id (any page
     ids would do; the mirror reads the index at the segment's pages)."""
     from vllm_retro.index.paged import IndexPool
-    return _POOLS.setdefault(kv.data_ptr(), IndexPool(lay, kv.shape[0]))
+    # Keyed by size too: a freed cache's address can come back for a larger one.
+    key = (kv.data_ptr(), kv.shape[0])
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = IndexPool(lay, kv.shape[0])
+    return pool
 
 
 def segment_job(lay, kv, blocks, p0, p1):

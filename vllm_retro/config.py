@@ -157,6 +157,15 @@ class RetroConfig:
             before vLLM measures free memory, so vLLM sizes its KV cache around it. A
             request that finds the pool full is not indexed (attended exactly) and
             counted (``index_pool_full``).
+        prefill_resident_tokens: with ``wave_buffer``, how many of a prompt's tokens
+            may stay in vLLM's GPU blocks while the prompt is still being prefilled
+            (chunked prefill). Tokens further behind the prefill front are clustered,
+            mirrored to host memory and their blocks released *during* the prefill,
+            so a prompt larger than the KV cache (a 1M-token request) fits; the
+            later chunks attend to them exactly, read back from the mirror. 0 (the
+            default): the KV cache's capacity minus a margin of four scheduled
+            chunks and two segments, so prompts that fit the KV cache are never
+            released before they are complete.
         log_stats_interval_s: seconds between the vLLM backend's stats log lines
             (decode calls, tokens read, live requests, index memory); 0 turns them off.
     """
@@ -185,6 +194,7 @@ class RetroConfig:
     wave_buffer: bool = False
     cluster_cache_gib: float = 0.0
     index_pool_gib: float = 0.0
+    prefill_resident_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check_int("segment_size", self.segment_size, 64, 1 << 20)
@@ -248,6 +258,11 @@ class RetroConfig:
             raise ValueError(f"RetroConfig.wave_buffer must be a bool, got {self.wave_buffer!r}")
         _check_float("cluster_cache_gib", self.cluster_cache_gib, 0.0, 1 << 20)
         _check_float("index_pool_gib", self.index_pool_gib, 0.0, 1 << 20)
+        _check_int("prefill_resident_tokens", self.prefill_resident_tokens, 0, 1 << 40)
+        if self.prefill_resident_tokens and not self.wave_buffer:
+            raise ValueError("RetroConfig.prefill_resident_tokens bounds the wave "
+                             "buffer's release during prefill: set wave_buffer too "
+                             "(or leave it 0)")
         if self.cluster_cache_gib and not self.wave_buffer:
             raise ValueError("RetroConfig.cluster_cache_gib sizes the wave buffer's GPU "
                              "cluster cache: set wave_buffer too (or leave it 0)")

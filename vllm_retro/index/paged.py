@@ -331,33 +331,47 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
 
 # ------------------------------------------------------------------ planning
 def plan_segments(clustered_end: int, computed: int, prompt_len: int,
-                  config: RetroConfig, block_size: int) -> List[Tuple[int, int]]:
+                  config: RetroConfig, block_size: int,
+                  prefill_lag: Optional[int] = None) -> List[Tuple[int, int]]:
     """New segments ``[(p0, p1)]`` for a request whose KV exists for ``computed``
     tokens and whose clustered zone ends at ``clustered_end`` (0: none yet).
 
-    Nothing is clustered before the whole prompt is in the cache (so chunked and
-    unchunked prefill index the same way). The first clustering waits until at
-    least ``segment_size`` tokens lie between the sinks and the recent window and
-    cuts them into ``floor(pending / segment_size)`` near-equal, block-aligned
-    segments; later ones add ``update_interval`` tokens at a time.
+    While the prompt is being prefilled nothing is clustered, unless
+    ``prefill_lag`` is given (the wave buffer's release during prefill): then
+    whole segments of ``segment_size`` tokens (rounded down to blocks) are cut
+    from what lies more than ``prefill_lag`` tokens behind the prefill front, so
+    they can be mirrored and released before the prompt ends.
+
+    Once the whole prompt is in the cache, whatever lies between the clustered
+    zone (the sinks, at first) and the recent window is cut into
+    ``floor(pending / segment_size)`` near-equal, block-aligned segments when it
+    holds at least ``segment_size`` tokens (the first clustering waits for that);
+    later, ``update_interval`` tokens at a time. So a prompt prefilled in chunks
+    is indexed as if it came in one piece, up to where a lagging prefill
+    clustering stopped.
     """
-    if computed < prompt_len:
-        return []
     bs = block_size
+    s = sink_end(config, bs)
+    start = clustered_end or s
+    if computed < prompt_len:
+        if prefill_lag is None:
+            return []
+        seg = max(bs, config.segment_size // bs * bs)
+        end = (computed - prefill_lag) // bs * bs
+        n = max(0, (end - start) // seg)
+        return [(start + i * seg, start + (i + 1) * seg) for i in range(n)]
     end = (computed - config.recent_tokens) // bs * bs
     out: List[Tuple[int, int]] = []
-    if clustered_end == 0:
-        s = sink_end(config, bs)
-        pending = end - s
-        if pending < config.segment_size:
-            return []
+    pending = end - start
+    if clustered_end == 0 and pending < config.segment_size:
+        return []
+    if pending >= config.segment_size:
         n_seg = pending // config.segment_size
-        bounds = [s + (i * pending // n_seg) // bs * bs for i in range(n_seg)] + [end]
-        out = list(zip(bounds[:-1], bounds[1:]))
-        clustered_end = end
-    while end - clustered_end >= config.update_interval:
-        out.append((clustered_end, clustered_end + config.update_interval))
-        clustered_end += config.update_interval
+        bounds = [start + (i * pending // n_seg) // bs * bs for i in range(n_seg)] + [end]
+        return list(zip(bounds[:-1], bounds[1:]))
+    while end - start >= config.update_interval:
+        out.append((start, start + config.update_interval))
+        start += config.update_interval
     return out
 
 

@@ -233,6 +233,9 @@ class _Request:
     # order, so a repeated or overlapping one (rows that would leak until free) is
     # refused on the host, without reading the tables back.
     layer_end: Dict[int, int] = field(default_factory=dict)
+    # Per layer, the mirrored segments in position order: (arena row, p0, p1).
+    # Host bookkeeping for reading a released zone back in bulk (prefill).
+    layer_segments: Dict[int, List[Tuple[int, int, int]]] = field(default_factory=dict)
 
 
 class HostMirror:
@@ -405,6 +408,7 @@ class HostMirror:
                              f"{req.layer_end[layer]} (segments go in position order, once)")
         at = self._place(slot, h * n)
         self._requests[slot].layer_end[layer] = p1
+        self._requests[slot].layer_segments.setdefault(layer, []).append((at, p0, p1))
         seg_pb = block_ids.long()[p0 // bs: p1 // bs]                        # [nb]
         kv = kv_cache[seg_pb].permute(1, 0, 2, 3)                            # [H, nb, bs, 2D]
         dst = self.arena[at: at + h * n].view(h, n // bs, bs, 2 * d)
@@ -432,6 +436,70 @@ class HostMirror:
         return None
 
     # ------------------------------------------------------------------- reading
+    def zone_pieces(self, slot: int, layer: int, start: int, end: int,
+                    max_tokens: int) -> List[List[Tuple[int, int, int]]]:
+        """The mirrored segments ``(arena row, p0, p1)`` of request ``slot``'s layer
+        that tile ``[start, end)`` exactly, grouped in position order into pieces of
+        at most ``max_tokens`` tokens (a longer segment is a piece of its own).
+        Raises ValueError when the mirror does not hold all of that zone: a
+        caller reading released tokens back must never read a hole."""
+        req = self._requests.get(slot)
+        segs = [] if req is None else req.layer_segments.get(layer, [])
+        out: List[List[Tuple[int, int, int]]] = []
+        pos, cur, cur_n = start, [], 0
+        for at, p0, p1 in segs:
+            if p1 <= start:
+                continue
+            if p0 >= end:
+                break
+            if p0 != pos or p1 > end:
+                raise ValueError(f"HostMirror.zone_pieces: request slot {slot}, layer "
+                                 f"{layer}: the mirror does not tile [{start}, {end}) "
+                                 f"(segment [{p0}, {p1}) at position {pos})")
+            n = p1 - p0
+            if cur and cur_n + n > max_tokens:
+                out.append(cur)
+                cur, cur_n = [], 0
+            cur.append((at, p0, p1))
+            cur_n += n
+            pos = p1
+        if pos != end:
+            raise ValueError(f"HostMirror.zone_pieces: request slot {slot}, layer "
+                             f"{layer}: the mirror holds [{start}, {pos}) of "
+                             f"[{start}, {end})")
+        if cur:
+            out.append(cur)
+        return out
+
+    def load_piece(self, piece: List[Tuple[int, int, int]], raw: torch.Tensor,
+                   k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Copies one piece of :meth:`zone_pieces` from the arena to the device and
+        returns its keys and values ``[n, H, D]`` (views of ``k`` / ``v``).
+
+        ``raw``: a flat staging buffer of at least ``n * H * 2D`` elements of the
+        mirror's dtype; ``k``, ``v``: ``[>= n, H, D]`` contiguous. Each segment's
+        rows (``[H, n_seg, 2D]``, contiguous in the arena) cross with one copy
+        (the copy engine; asynchronous from pinned memory), then are split into K
+        and V token-major on the device. Tokens come in the mirror's (cluster)
+        order, per head: fine for attention without a causal mask, whose result
+        does not depend on the order of the keys."""
+        s = self.shape
+        h, d = s.num_kv_heads, s.head_dim
+        n_all = sum(p1 - p0 for _, p0, p1 in piece)
+        if raw.numel() < n_all * h * 2 * d or k.shape[0] < n_all or v.shape[0] < n_all:
+            raise ValueError(f"HostMirror.load_piece: staging holds fewer than {n_all} "
+                             "tokens")
+        off = 0
+        for at, p0, p1 in piece:
+            n = p1 - p0
+            seg = raw[:n * h * 2 * d].view(h, n, 2 * d)
+            seg.copy_(self.arena[at: at + h * n].view(h, n, 2 * d),
+                      non_blocking=raw.is_cuda)
+            k[off: off + n].copy_(seg[..., :d].transpose(0, 1))
+            v[off: off + n].copy_(seg[..., d:].transpose(0, 1))
+            off += n
+        return k[:n_all], v[:n_all]
+
     def cluster_rows(self, page: int, layer: int, head: int) -> torch.Tensor:
         """``[size, 2D]`` arena rows of the cluster whose summary lives at pool page
         ``page`` (host-side read, for tests and checks; synchronises)."""
