@@ -122,23 +122,25 @@ def test_registry_picks_retro_manager_for_retro_layers():
 
 
 # -------------------------------------------------------------- release rule
-def test_release_rule_sinks_recent_horizon_and_prompt():
+def test_release_rule_sinks_recent_horizon_during_and_after_prefill():
     """Chunked prompt of 200 tokens (13 blocks), sinks 1 block, recent 32 tokens."""
     kvm, mgr = make_kv_manager(sink=4, recent=32)
-    pool = kvm.block_pool
     req = new_request("a", 200)
     step(kvm, req, 128)
-    # mirrored far ahead, but the prompt is not complete: nothing is released
+    # Mirrored during the prefill (the worker reports only tokens far behind the
+    # front): released at the next step, below the processed tokens' recent window,
+    # (128 - 32) // 16 = 6: blocks [1, 6)
     assert mgr.horizons.update(0, "a", 128)
     step(kvm, req, 72)
-    assert NULL not in blocks(mgr, "a") and len(blocks(mgr, "a")) == 13
-    free0 = pool.get_num_free_blocks()
-    # prompt complete (processed 200), horizon 128: blocks [1, 8) go
-    held = blocks(mgr, "a")
+    ids = blocks(mgr, "a")
+    assert len(ids) == 13 and ids[1:6] == [NULL] * 5 and NULL not in ids[6:]
+    assert mgr.num_released_blocks == 5
+    held = ids
+    # prompt complete (processed 200), horizon 128: up to block 8
     step(kvm, req, 1)
     ids = blocks(mgr, "a")
     assert ids[0] == held[0] and ids[1:8] == [NULL] * 7 and NULL not in ids[8:]
-    assert pool.get_num_free_blocks() == free0 + 7 and mgr.num_released_blocks == 7
+    assert mgr.num_released_blocks == 7
     # horizon beyond processed: capped by the recent window, (201 - 32) // 16 = 10
     mgr.horizons.update(0, "a", 10_000)
     step(kvm, req, 1)
@@ -151,6 +153,67 @@ def test_release_rule_sinks_recent_horizon_and_prompt():
     assert blocks(mgr, "a")[1:11] == [NULL] * 10 and NULL not in blocks(mgr, "a")[11:]
     # the sinks are never released
     assert blocks(mgr, "a")[0] == held[0]
+
+
+def test_prompt_larger_than_the_cache_is_admitted_and_prefilled_behind_its_lag():
+    """A 1,600-token prompt (100 blocks) on a 64-block cache: admitted under vLLM's
+    full-sequence check (the cap: the cache's size), prefilled in chunks of 128 while
+    the worker reports the tokens more than ``lag`` behind the front, it never
+    needs more blocks than the cache has and completes."""
+    spec = retro_spec(full_spec(), RetroConfig(sink_tokens=4, recent_tokens=32,
+                                               segment_size=128, wave_buffer=True))
+    cfg = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+                        kv_cache_groups=[KVCacheGroupSpec(["l0", "l1"], spec)])
+    kvm = KVCacheManager(cfg, max_model_len=4096, scheduler_block_size=BS,
+                         hash_block_size=BS, enable_caching=False)
+    (mgr,) = kvm.coordinator.single_type_managers
+    prompt, chunk = 1600, 128
+    lag = kv_spec.prefill_lag(0, 4 * chunk + 2 * 128, (NUM_BLOCKS - 1) * BS)
+    assert lag == 1008 // 2                     # the floor: half the cache
+    assert kv_spec.prefill_lag(0, 100, 1008) == 908 and kv_spec.prefill_lag(77, 0, 1) == 77
+    req = new_request("big", prompt)
+    assert kvm.allocate_slots(req, chunk, full_sequence_must_fit=True) is not None
+    req.num_computed_tokens += chunk
+    peak = 0
+    while req.num_computed_tokens < prompt:
+        # the worker clusters whole segments behind the lag and reports them
+        done = req.num_computed_tokens
+        horizon = max(0, (done - lag) // 128 * 128)
+        if horizon > 16:
+            mgr.horizons.update(0, "big", horizon)
+        n = min(chunk, prompt - done)
+        assert kvm.allocate_slots(req, n) is not None, f"stalled at {done} tokens"
+        req.num_computed_tokens += n
+        live = [b for b in blocks(mgr, "big") if b != NULL]
+        peak = max(peak, len(live))
+    assert peak <= NUM_BLOCKS - 1 and mgr.num_released_blocks >= 100 - (NUM_BLOCKS - 1)
+    # Full attention's manager refuses it outright.
+    dense = KVCacheManager(
+        KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+                      kv_cache_groups=[KVCacheGroupSpec(["l0", "l1"], full_spec())]),
+        max_model_len=4096, scheduler_block_size=BS, hash_block_size=BS,
+        enable_caching=False)
+    assert dense.allocate_slots(new_request("x", prompt), chunk,
+                                full_sequence_must_fit=True) is None
+
+
+def test_spec_needs_only_what_the_host_mirror_cannot_take():
+    from types import SimpleNamespace
+    base = full_spec()
+    spec = RetroSpec(**kv_spec.compat.spec_fields(base), retro_sink_tokens=16,
+                     retro_recent_tokens=64, retro_prefill_margin_tokens=1024,
+                     retro_host_tokens=100_000)
+    vc = SimpleNamespace(model_config=SimpleNamespace(max_model_len=1_048_576),
+                         parallel_config=SimpleNamespace(decode_context_parallel_size=1))
+    per_block = base.page_size_bytes
+    assert spec.max_memory_usage_bytes(vc) == (1_048_576 - 100_000) // BS * per_block
+    vc.model_config.max_model_len = 50_000          # all of it fits the host
+    assert spec.max_memory_usage_bytes(vc) == -(-(16 + 64 + 1024) // BS) * per_block
+    vc.model_config.max_model_len = 512             # never more than full attention
+    assert spec.max_memory_usage_bytes(vc) == base.max_memory_usage_bytes(vc)
+    with pytest.raises(ValueError, match="release"):
+        spec.merge([spec, RetroSpec(**kv_spec.compat.spec_fields(base),
+                                    retro_sink_tokens=16, retro_recent_tokens=64)])
 
 
 def test_nothing_released_without_mirror_and_freed_blocks_reused():

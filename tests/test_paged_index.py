@@ -60,6 +60,32 @@ def test_plan_segments_waits_for_prompt_and_aligns():
     assert plan_segments(0, 200, 200, CFG, bs) == []
 
 
+def test_plan_segments_behind_a_prefill_lag_then_rest_at_prompt_end():
+    """With the wave buffer's prefill lag, whole segments are cut from what lies more
+    than ``lag`` tokens behind the prefill front; at the prompt's end the rest is cut
+    near-equally as an unchunked prompt would be."""
+    bs, lag, prompt = 16, 300, 2000
+    s = sink_end(CFG, bs)
+    assert plan_segments(0, 500, prompt, CFG, bs, prefill_lag=lag) == []   # 200 behind
+    segs = plan_segments(0, 900, prompt, CFG, bs, prefill_lag=lag)         # 600 behind
+    assert segs == [(s, s + 256), (s + 256, s + 512)]
+    ce = segs[-1][1]
+    assert plan_segments(ce, 900, prompt, CFG, bs, prefill_lag=lag) == []
+    more = plan_segments(ce, 1400, prompt, CFG, bs, prefill_lag=lag)
+    assert more == [(ce, ce + 256), (ce + 256, ce + 512)]
+    ce = more[-1][1]
+    # Without a lag nothing is clustered before the prompt ends (as before).
+    assert plan_segments(ce, 1900, prompt, CFG, bs) == []
+    rest = plan_segments(ce, prompt, prompt, CFG, bs, prefill_lag=lag)
+    end = (prompt - CFG.recent_tokens) // bs * bs
+    assert rest[0][0] == ce and rest[-1][1] == end
+    assert all(a == b for (_, a), (b, _) in zip(rest, rest[1:]))
+    assert all(CFG.segment_size <= b - a < 2 * CFG.segment_size for a, b in rest)
+    # Then decode as usual.
+    assert plan_segments(end, end + CFG.recent_tokens + 64, prompt, CFG, bs) == \
+        [(end, end + 64)]
+
+
 def test_paged_options_refused_with_reasons():
     bad = RetroConfig(cluster_size=8, update_interval=1000, error_bound=0.1, dense_below=4096)
     reasons = " ".join(check_config_for_paged(bad, 16))

@@ -269,16 +269,66 @@ def test_address_tables_are_sized_by_the_pool_only():
     assert len(set(shapes)) == 1
 
 
-def test_released_request_refuses_a_multi_token_query(wave_header):
+def test_released_request_refuses_a_dense_read(wave_header):
+    """A request that reported a horizon may not be read through its block table:
+    a prefill row of it goes through the mirror (listed for the step's plan), and a
+    request unknown to the table that reported is refused."""
     mgr = _wave_manager()
     _prefill(mgr, "a", _blocks(1, 900), 900, seed=1)
     assert mgr.reporter.horizon("a") > 0
-    with pytest.raises(RuntimeError, match="cannot be attended densely"):
-        mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("a", False, [], 900, -1, 4)]))
-    # a request unknown to the table (no header) that reported: refused too
+    mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("a", False, [], 900, -1, 4)]))
+    assert [e.req_id for e in mgr.released_prefills.values()] == ["a"]
     mgr.reporter.mirrored("x", 64)
     with pytest.raises(RuntimeError, match="no index header"):
         mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("x", False, [], 900, -1, 1)]))
+
+
+def test_prompt_beyond_the_prefill_lag_is_mirrored_while_it_is_prefilled():
+    """With ``prefill_resident_tokens`` 300, a 1,400-token prompt prefilled to 1,000
+    tokens has its segments behind the lag clustered, mirrored and reported before
+    it completes; the next prefill step's plan finds its row by its first block,
+    cuts the released blocks out of its block table and fails loudly on a row of
+    another length or a missing row."""
+    from vllm_retro.backend.gpu import RetroMetadata
+    from vllm_retro.memory.released_prefill import ReleasedRow
+    mgr = _wave_manager(prefill_resident_tokens=300)
+    assert mgr.prefill_lag == 300
+    blocks = _blocks(1, 1400)
+    _write_kv(mgr, blocks, 1000, seed=3)
+    mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("a", True, list(blocks), 0,
+                                                         1400, 500)]))
+    assert mgr.reporter.horizon("a") == 0          # 500 computed: nothing 300 behind
+    mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("a", False, [], 500, -1, 500)]))
+    assert mgr.reporter.horizon("a") == 0          # 200 behind: less than a segment
+    mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("a", False, [], 1000, -1, 200)]))
+    s = mgr.sink_end
+    e = mgr.requests.entries["a"]
+    assert e.clustered_end == s + 512 and mgr.reporter.horizon("a") == s + 512
+    assert mgr.mirror.bytes_mirrored() == 512 * TOKEN_BYTES
+    assert list(mgr.released_prefills.values()) == [e]
+    bt = torch.zeros(2, 100, dtype=torch.int32)
+    bt[0, :10] = torch.arange(150, 160)                         # another request first
+    bt[1, :len(blocks)] = torch.tensor(blocks)
+    sl = torch.tensor([160, 1200], dtype=torch.int32)
+    pf = SimpleNamespace(block_table=bt, seq_lens=sl)
+
+    def md(qs):
+        return RetroMetadata(num_decodes=0, decode_block_table=bt[:0],
+                             decode_seq_lens=sl[:0], prefill=pf, num_decode_tokens=0,
+                             num_actual_tokens=qs[-1], prefill_query_start=qs)
+    plan = mgr.plan_released_prefill(md([0, 16, 216]))
+    assert plan.rows == [ReleasedRow(row=1, slot=e.ibt_row, horizon=s + 512)]
+    cbt, csl = plan.compacted
+    assert csl.tolist() == [160, 1200 - 512]
+    assert cbt[1, :s // BS].tolist() == blocks[:s // BS]
+    assert cbt[1, s // BS: s // BS + 5].tolist() == blocks[(s + 512) // BS:][:5]
+    assert torch.equal(cbt[0], bt[0])
+    with pytest.raises(RuntimeError, match="scheduled tokens"):
+        mgr.plan_released_prefill(md([0, 16, 100]))
+    pf.block_table = bt[:1]
+    pf.seq_lens = sl[:1]
+    with pytest.raises(RuntimeError, match="not found"):
+        mgr.plan_released_prefill(md([0, 16]))
 
 
 def test_wave_buffer_off_builds_nothing():

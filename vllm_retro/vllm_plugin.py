@@ -191,7 +191,7 @@ def _patch_kv_cache_spec(attention_cls) -> None:
         if cfg.wave_buffer:
             from .backend import kv_spec
             kv_spec.ensure_registered(vllm_config)
-            spec = kv_spec.retro_spec(spec, cfg)
+            spec = kv_spec.retro_spec(spec, cfg, vllm_config)
         return spec
 
     attention_cls.get_kv_cache_spec = _mark(get_kv_cache_spec)

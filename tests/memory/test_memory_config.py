@@ -13,7 +13,7 @@ def test_wave_buffer_options_validate():
     cfg = RetroConfig()
     assert cfg.wave_buffer is False and cfg.cluster_cache_gib == 0.0
     on = RetroConfig.from_dict({"wave_buffer": True, "cluster_cache_gib": 12.5,
-                                "host_memory_gib": 100})
+                                "host_memory_gib": 100, "prefill_resident_tokens": 600_000})
     assert RetroConfig.from_dict(on.to_dict()) == on
     for bad, field in [({"wave_buffer": 1}, "wave_buffer"),
                        ({"wave_buffer": "yes"}, "wave_buffer"),
@@ -21,7 +21,12 @@ def test_wave_buffer_options_validate():
                        ({"wave_buffer": True, "cluster_cache_gib": float("nan")},
                         "cluster_cache_gib"),
                        ({"wave_buffer": True, "cluster_cache_gib": True}, "cluster_cache_gib"),
-                       ({"cluster_cache_gib": 4.0}, "set wave_buffer")]:
+                       ({"cluster_cache_gib": 4.0}, "set wave_buffer"),
+                       ({"wave_buffer": True, "prefill_resident_tokens": -1},
+                        "prefill_resident_tokens"),
+                       ({"wave_buffer": True, "prefill_resident_tokens": 1.5},
+                        "prefill_resident_tokens"),
+                       ({"prefill_resident_tokens": 4096}, "set wave_buffer")]:
         with pytest.raises(ValueError, match=field):
             RetroConfig.from_dict(bad)
 

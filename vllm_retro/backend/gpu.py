@@ -1,6 +1,9 @@
 """The ``retro`` attention backend on GPUs (vLLM 0.26, FlashAttention build).
 
-* Prefill rows (query length > 1) run vLLM's FlashAttention on their rows alone.
+* Prefill rows (query length > 1) run vLLM's FlashAttention on their rows alone;
+  a prompt larger than the KV cache, released behind its prefill front (wave
+  buffer), attends to its released tokens exactly from the host mirror
+  (:mod:`vllm_retro.memory.released_prefill`).
 * Decode rows (query length 1) run :func:`vllm_retro.kernels.paged_decode_attention`
   over the paged wave index (:mod:`vllm_retro.index.paged`): one fixed launch
   sequence per layer for all decode rows, reading only device buffers whose
@@ -127,6 +130,9 @@ class RetroMetadata:
     decode_seq_lens: their rows of vLLM's (persistent) block table and seq_lens.
     prefill: FlashAttention metadata of the remaining rows (None: none).
     num_decode_tokens: query tokens of the decode rows; num_actual_tokens: of all rows.
+    prefill_query_start: host offsets of the prefill rows' queries (from 0).
+    released_plan: the step's plan for prefill rows with released tokens, made by
+    the first layer that needs it (:meth:`PagedIndexManager.plan_released_prefill`).
     """
 
     num_decodes: int
@@ -135,6 +141,8 @@ class RetroMetadata:
     prefill: Optional[object]
     num_decode_tokens: int
     num_actual_tokens: int
+    prefill_query_start: Optional[List[int]] = None
+    released_plan: Optional[object] = None
 
 
 class RetroMetadataBuilder(_DenseBuilder):
@@ -174,7 +182,9 @@ class RetroMetadataBuilder(_DenseBuilder):
                              decode_block_table=cm.block_table_tensor[:nd],
                              decode_seq_lens=cm.seq_lens[:nd],
                              prefill=prefill, num_decode_tokens=nd_tok,
-                             num_actual_tokens=cm.num_actual_tokens)
+                             num_actual_tokens=cm.num_actual_tokens,
+                             prefill_query_start=None if prefill is None else
+                             [int(x) - int(qsl[nd]) for x in qsl[nd:n + 1]])
 
     def build_for_cudagraph_capture(self, common_attn_metadata):
         return self.build(0, common_attn_metadata)
@@ -224,9 +234,49 @@ class RetroImpl(_DenseImpl):
                 variance_cap=mgr.config.variance_cap, **kw)
         if md.prefill is not None:
             t0, t1 = md.num_decode_tokens, md.num_actual_tokens
-            super().forward(layer, query[t0:t1], key[t0:t1], value[t0:t1], kv_cache,
-                            md.prefill, output[t0:t1])
+            if mgr.released_prefills:
+                self._prefill_released(layer, query[t0:t1], kv_cache, md, output[t0:t1])
+            else:
+                super().forward(layer, query[t0:t1], key[t0:t1], value[t0:t1], kv_cache,
+                                md.prefill, output[t0:t1])
         return output
+
+    def _prefill_released(self, layer, query, kv_cache, md: RetroMetadata, output):
+        """Prefill rows of a step where some request's early tokens were released
+        (wave buffer, design §8.2): FlashAttention over each row's resident blocks
+        (a compacted block table), plus, for the released rows, exact attention to
+        the tokens read back from the host mirror, merged by log-sum-exp."""
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+        from ..memory.released_prefill import released_prefill_attention
+        mgr = self._manager
+        if md.released_plan is None:
+            md.released_plan = mgr.plan_released_prefill(md)
+        plan = md.released_plan
+        pf = md.prefill
+        n = md.num_actual_tokens - md.num_decode_tokens
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        kc, vc = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        fa = dict(softmax_scale=self.scale, return_softmax_lse=True,
+                  fa_version=self.vllm_flash_attn_version)
+
+        def paged_attn(qq, bt, sl):
+            return flash_attn_varlen_func(
+                q=qq, k=kc, v=vc, cu_seqlens_q=pf.query_start_loc,
+                max_seqlen_q=pf.max_query_len, seqused_k=sl, max_seqlen_k=pf.max_seq_len,
+                causal=True, block_table=bt, **fa)
+
+        def dense_attn(qq, k, v):
+            cu = plan.cu_lens(qq.shape[0], k.shape[0])
+            return flash_attn_varlen_func(
+                q=qq, k=k, v=v, cu_seqlens_q=cu[0], max_seqlen_q=qq.shape[0],
+                cu_seqlens_k=cu[1], max_seqlen_k=k.shape[0], causal=False, **fa)
+
+        released_prefill_attention(
+            q, md.prefill_query_start, pf.block_table, pf.seq_lens, plan.rows,
+            mgr.mirror, mgr.layer_index[layer.layer_name], mgr.sink_end,
+            mgr.layout.block_size, paged_attn, dense_attn, mgr.prefill_staging, out,
+            compacted=plan.compacted)
 
 
 # ---------------------------------------------------------------- per worker
@@ -237,6 +287,31 @@ STAT_NAMES = ("retro_rows", "dense_rows", "exact_tokens", "estimated_tokens",
 POOL_FULL_STAT = "index_pool_full"
 # Spare index-table rows above max_num_seqs.
 IBT_ROW_MARGIN = 8
+# Released tokens read back per piece by a prefill row (staging: 2 x 8 MiB per 1K
+# tokens at H=8, D=128, bf16, allocated with the wave buffer).
+PREFILL_PIECE_TOKENS = 32768
+
+
+@dataclass
+class ReleasedPrefillPlan:
+    """One step's prefill rows with released tokens (for all layers): the rows, the
+    compacted block table and key counts, and the ``cu_seqlens`` pairs of the
+    released pieces (made once, reused by every layer)."""
+
+    rows: list
+    compacted: tuple
+    device: object
+    _cu: Dict[tuple, tuple] = None
+
+    def cu_lens(self, q_len: int, k_len: int) -> tuple:
+        if self._cu is None:
+            self._cu = {}
+        key = (q_len, k_len)
+        cu = self._cu.get(key)
+        if cu is None:
+            cu = self._cu[key] = (to_device([0, q_len], torch.int32, self.device),
+                                  to_device([0, k_len], torch.int32, self.device))
+        return cu
 # Without a GPU (CPU tests) the cluster cache's auto size: this share of the mirror.
 CPU_CACHE_MIRROR_SHARE = 8
 
@@ -303,6 +378,12 @@ class PagedIndexManager:
             self.reporter = kv_spec.reporter_for(vllm_config)
         self.mirror_refused = 0
         self.mirror_stopped = 0
+        # Release during prefill (design §8.2): the lag behind the prefill front
+        # (set when the KV caches are registered), the step's prefill requests with
+        # released tokens (by first block id), and the read-back staging buffers.
+        self.prefill_lag: Optional[int] = None
+        self.released_prefills: Dict[int, object] = {}
+        self.prefill_staging = None
         self.wave_steps = 0
         self._wave_rows = False
         self._wave_logged = [0, 0, 0, 0]   # hits, misses, admitted, steps last logged
@@ -356,16 +437,8 @@ class PagedIndexManager:
         self.pool_presized = True
 
     def _wave_host_bytes(self) -> int:
-        """The host mirror's budget: ``host_memory_gib``, else this worker's share
-        of :func:`~vllm_retro.memory.host_mirror.default_host_budget_bytes` (the
-        workers of one engine, TP x PP, as a rule share one host rather than each
-        pinning 3/4 of its memory)."""
-        from ..memory.host_mirror import default_host_budget_bytes
-        if self.config.host_memory_gib:
-            return int(self.config.host_memory_gib * 2**30)
-        workers = int(getattr(getattr(self.vllm_config, "parallel_config", None),
-                              "world_size", 1) or 1)
-        return default_host_budget_bytes() // max(1, workers)
+        from . import kv_spec
+        return kv_spec.wave_host_bytes(self.config, self.vllm_config)
 
     def _allocate_index(self, lay: PagedIndexLayout, num_layers: int, hq: int, dev,
                         budget_b: float = 0.0, num_pages: int = 0) -> None:
@@ -437,7 +510,12 @@ class PagedIndexManager:
         # of the index table).
         ws = self.workspace
         src_b = ws.max_rows * ws.num_kv_heads * alloc.ibt.shape[1] * 8
-        dev_b = keys * 20 + (slots + 1) * (page_b + 16) + src_b
+        # Staging of released tokens read back by prefill rows: a raw piece and its
+        # K and V split token-major.
+        piece = PREFILL_PIECE_TOKENS
+        stage_elems = piece * lay.num_kv_heads * 2 * lay.head_dim
+        stage_b = 2 * stage_elems * lay.elem_size
+        dev_b = keys * 20 + (slots + 1) * (page_b + 16) + src_b + stage_b
         if dev.type == "cuda":
             free = torch.cuda.mem_get_info(dev)[0]
             if dev_b > 0.9 * free:
@@ -450,6 +528,10 @@ class PagedIndexManager:
                     "cluster_cache_gib or index_pool_gib")
         self.mirror = HostMirror(shape, host_b, dev, pin=dev.type == "cuda")
         self.cache = ClusterCache.for_mirror(self.mirror, slots)
+        self.prefill_staging = (
+            torch.empty(stage_elems, dtype=lay.dtype, device=dev),
+            torch.empty(piece, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype, device=dev),
+            torch.empty(piece, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype, device=dev))
         ws.wave_src_table(alloc.ibt.shape[1])     # before CUDA-graph capture
         logger.info("retro wave buffer: host mirror %.2f GiB%s (%d request slots), "
                     "cluster cache %d pages = %.2f GiB (%s), address tables %.2f GiB "
@@ -523,6 +605,13 @@ class PagedIndexManager:
         self.pools = dict(zip(names, self._pool_list))
         if self.config.wave_buffer:
             self.build_wave_views()
+            from . import kv_spec
+            self.prefill_lag = kv_spec.prefill_lag(
+                self.config.prefill_resident_tokens,
+                kv_spec.prefill_margin_tokens(self.config, self.vllm_config), nb * bs)
+            logger.info("retro wave buffer: prompts release their tokens more than %d "
+                        "behind the prefill front (KV cache %d tokens)",
+                        self.prefill_lag, nb * bs)
         if dev.type == "cuda":
             self._compile_build_kernels(dev)
 
@@ -593,6 +682,11 @@ class PagedIndexManager:
                 e.is_new = False
         with torch.profiler.record_function("retro::maintain"):
             self._maintain(entries)
+        if self.reporter is not None:
+            # After the maintenance: this step's prefill reads what it mirrored.
+            self.released_prefills = {
+                e.blocks[0]: e for e in entries
+                if e.num_scheduled > 1 and e.blocks and self.horizon_of(e) > self.sink_end}
         self._wave_rows = self.mirror is not None and any(
             e.mirrored_end > self.sink_end for e in entries)
         self._maybe_log()
@@ -600,10 +694,10 @@ class PagedIndexManager:
     def _check_released(self, meta: RetroStepMetadata, entries) -> None:
         """A request whose horizon was reported may have lost its blocks below it:
         fail it loudly rather than let a dense path read them through the block
-        table (design §8.2). Rows with more than one query token run vLLM's
-        FlashAttention over the paged KV; a reset header, or a request missing from
-        the table (its row has no header), would have the decode kernels read every
-        position through the block table."""
+        table (design §8.2). A reset header, or a request missing from the table (its
+        row has no header), would have the decode kernels read every position
+        through the block table. Rows with more than one query token read their
+        released tokens from the mirror (:meth:`plan_released_prefill`)."""
         rep = self.reporter
         if len(entries) != len(meta.updates):
             for u in meta.updates:
@@ -611,9 +705,6 @@ class PagedIndexManager:
                     rep.require_paged_kv(u.req_id, "it is not in retro's request "
                                          "table, so its rows have no index header")
         for e in entries:
-            if e.num_scheduled > 1:
-                rep.require_paged_kv(e.req_id, f"{e.num_scheduled} query tokens in one "
-                                     "step run vLLM's dense attention over its paged KV")
             if e.is_new:
                 rep.require_paged_kv(e.req_id, "its index header is being reset")
 
@@ -674,7 +765,11 @@ class PagedIndexManager:
         block_ids = {}      # per touched request: its block ids up to clustered_end
         dev = self.headers.device
         for e in entries:
-            segs = plan_segments(e.clustered_end, e.num_computed, e.prompt_len, cfg, bs)
+            # With the wave buffer, a prompt is clustered (then mirrored and
+            # released) behind its prefill front too, unless it has no mirror.
+            lag = self.prefill_lag if e.mirror in ("", "on") else None
+            segs = plan_segments(e.clustered_end, e.num_computed, e.prompt_len, cfg, bs,
+                                 prefill_lag=lag)
             if not segs:
                 continue
             end = segs[-1][1]
@@ -727,6 +822,35 @@ class PagedIndexManager:
         if ev:
             ev[1].record()
             self._build_events.append(ev)
+
+    def plan_released_prefill(self, md: RetroMetadata) -> ReleasedPrefillPlan:
+        """Which prefill rows of this step are requests with released tokens, found
+        by their first block (the key of the request's header; one small read of
+        the block table, in prefill steps with such rows only), with the compacted
+        block table shared by all layers. Fails loudly if such a request has no row
+        or a row of another length: its released blocks must never be read."""
+        from ..memory.released_prefill import ReleasedRow, compact_block_table
+        pf = md.prefill
+        qs = md.prefill_query_start
+        first = pf.block_table[:, 0].tolist()
+        rows, seen = [], set()
+        for r, fb in enumerate(first):
+            e = self.released_prefills.get(int(fb))
+            if e is None:
+                continue
+            if qs[r + 1] - qs[r] != e.num_scheduled:
+                raise RuntimeError(
+                    f"retro: request {e.req_id!r} has {e.num_scheduled} scheduled tokens "
+                    f"but its prefill row {r} has {qs[r + 1] - qs[r]}")
+            rows.append(ReleasedRow(row=r, slot=e.ibt_row, horizon=self.horizon_of(e)))
+            seen.add(e.req_id)
+        for e in self.released_prefills.values():
+            if e.req_id not in seen:
+                self.reporter.require_paged_kv(e.req_id, "its prefill row was not found "
+                                               "among the step's rows")
+        compacted = compact_block_table(pf.block_table, pf.seq_lens, rows, self.sink_end,
+                                        self.layout.block_size)
+        return ReleasedPrefillPlan(rows, compacted, pf.block_table.device)
 
     def horizon_of(self, e) -> int:
         """The horizon ``e``'s header carries: the end of its mirrored zone (a token

@@ -12,14 +12,22 @@ replaced by the null block in the request's list.
 
 A block is released only when all of these hold (``RetroManager.release_end``):
 
-* the whole prompt is processed (``processed >= num_prompt_tokens``): chunked
-  prefill keeps every block, so its peak memory is full attention's;
 * it lies in ``[sink blocks, (processed - recent_tokens) // block_size)``: the
   sinks (at least one block, which also names the request on the worker) and
   the recent window stay;
 * it lies below the request's *mirrored horizon*: every worker (all TP/PP ranks)
   reported that tokens ``[0, horizon)`` of the request are in the host mirror.
-  With nothing reported, nothing is released.
+  With nothing reported, nothing is released. The worker reports during a
+  prompt's prefill only the tokens more than the *prefill lag*
+  (:func:`prefill_lag`) behind its front, so prompts that fit the KV cache keep
+  every block until they are complete, and a larger one (a 1M-token request)
+  streams its early blocks to host memory while it is prefilled.
+
+Admission: :meth:`RetroSpec.max_memory_usage_bytes` (vLLM's start-up check that
+one request of ``max_model_len`` fits) counts only what cannot go to the host
+mirror, and :class:`RetroManager` caps the blocks vLLM reserves for admitting a
+request (``scheduler_reserve_full_isl``) at the KV cache's size: a prompt larger
+than the cache is admitted when the whole cache is free and stays within it.
 
 The horizon travels worker -> scheduler through vLLM's KV-connector channel
 (both 0.26 and 0.32): the worker-side :class:`MirrorReporter` collects what the
@@ -89,30 +97,99 @@ class RetroSpec(FullAttentionSpec):
 
     retro_sink_tokens: int
     retro_recent_tokens: int
+    # Release during prefill (see prefill_lag) and what the host mirror can hold:
+    # the option (0: automatic), the margin kept free for chunks in flight, and the
+    # tokens (all layers) the host budget holds.
+    retro_prefill_resident_tokens: int = 0
+    retro_prefill_margin_tokens: int = 0
+    retro_host_tokens: int = 0
+
+    def _retro_fields(self) -> tuple:
+        return (self.retro_sink_tokens, self.retro_recent_tokens,
+                self.retro_prefill_resident_tokens, self.retro_prefill_margin_tokens,
+                self.retro_host_tokens)
 
     @classmethod
     def merge(cls, specs: List["RetroSpec"]) -> "RetroSpec":
         """As ``FullAttentionSpec.merge`` (same page layout everywhere), keeping the
-        steady zone, which all layers of the group must share."""
+        steady zone and the release parameters, which all layers of the group must
+        share."""
         if not all(isinstance(s, RetroSpec) for s in specs):
             raise ValueError("retro: all layers of a KV-cache group must report "
                              "RetroSpec when wave_buffer is on")
-        zones = {(s.retro_sink_tokens, s.retro_recent_tokens) for s in specs}
+        zones = {s._retro_fields() for s in specs}
         if len(zones) != 1:
             raise ValueError(f"retro: layers of one KV-cache group disagree on the "
-                             f"steady zone (sink, recent tokens): {sorted(zones)}")
+                             f"steady zone (sink, recent tokens) or the release "
+                             f"parameters: {sorted(zones)}")
         base = FullAttentionSpec.merge(specs)
-        sink, recent = zones.pop()
+        sink, recent, resident, margin, host = zones.pop()
         return cls(**compat.spec_fields(base), retro_sink_tokens=sink,
-                   retro_recent_tokens=recent)
+                   retro_recent_tokens=recent, retro_prefill_resident_tokens=resident,
+                   retro_prefill_margin_tokens=margin, retro_host_tokens=host)
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        """What one request of ``max_model_len`` needs in GPU blocks: the tokens the
+        host mirror cannot take, at least the steady zone and the prefill margin
+        (never more than full attention's)."""
+        full = super().max_memory_usage_bytes(vllm_config)
+        n = int(vllm_config.model_config.max_model_len)
+        floor = self.retro_sink_tokens + self.retro_recent_tokens + \
+            self.retro_prefill_margin_tokens
+        need = max(n - self.retro_host_tokens, floor)
+        return min(full, -(-need // self.block_size) * self.page_size_bytes)
 
 
-def retro_spec(spec: FullAttentionSpec, config) -> RetroSpec:
-    """``spec`` as a :class:`RetroSpec` for ``config``."""
+def prefill_margin_tokens(config, vllm_config=None) -> int:
+    """Tokens of the KV cache kept free of a prefilling request's resident zone:
+    four scheduled chunks (the one being allocated, the ones in flight while a
+    report travels to the scheduler) and two segments (clustering cuts whole
+    segments, so the reported horizon trails the lag by up to one)."""
+    sc = getattr(vllm_config, "scheduler_config", None)
+    chunk = int(getattr(sc, "max_num_batched_tokens", 0) or 8192)
+    return 4 * chunk + 2 * config.segment_size
+
+
+def prefill_lag(resident_tokens: int, margin_tokens: int, kv_tokens: int) -> int:
+    """How far behind the prefill front a prompt's tokens stay in GPU blocks: the
+    ``prefill_resident_tokens`` option, else (0) the KV cache's ``kv_tokens`` less
+    the margin, at least half the cache (a small cache is not emptied into host
+    memory by every prompt). The workers use it for what they cluster, mirror and
+    report during prefill."""
+    if resident_tokens:
+        return int(resident_tokens)
+    return max(int(kv_tokens) // 2, int(kv_tokens) - int(margin_tokens))
+
+
+def wave_host_bytes(config, vllm_config=None) -> int:
+    """The host mirror's budget: ``host_memory_gib``, else this worker's share of
+    :func:`~vllm_retro.memory.host_mirror.default_host_budget_bytes` (the workers
+    of one engine, TP x PP, as a rule share one host rather than each pinning 3/4
+    of its memory)."""
+    from ..memory.host_mirror import default_host_budget_bytes
+    if config.host_memory_gib:
+        return int(config.host_memory_gib * 2**30)
+    workers = int(getattr(getattr(vllm_config, "parallel_config", None),
+                          "world_size", 1) or 1)
+    return default_host_budget_bytes() // max(1, workers)
+
+
+def retro_spec(spec: FullAttentionSpec, config, vllm_config=None) -> RetroSpec:
+    """``spec`` as a :class:`RetroSpec` for ``config`` (``vllm_config``: the chunk
+    size, the number of layers and workers, for the release parameters)."""
     from ..index.paged import sink_end
+    host_tokens = 0
+    mc = getattr(vllm_config, "model_config", None)
+    if mc is not None:
+        layers = int(mc.get_num_layers(vllm_config.parallel_config))
+        per_token = layers * spec.page_size_bytes // spec.block_size
+        host_tokens = wave_host_bytes(config, vllm_config) // max(1, per_token)
     return RetroSpec(**compat.spec_fields(spec),
                      retro_sink_tokens=sink_end(config, spec.block_size),
-                     retro_recent_tokens=config.recent_tokens)
+                     retro_recent_tokens=config.recent_tokens,
+                     retro_prefill_resident_tokens=config.prefill_resident_tokens,
+                     retro_prefill_margin_tokens=prefill_margin_tokens(config, vllm_config),
+                     retro_host_tokens=host_tokens)
 
 
 # ------------------------------------------------- scheduler-side horizons
@@ -195,13 +272,20 @@ class RetroManager(FullAttentionManager):
         self.horizons = horizons_for(self.block_pool)
         self.horizons.attach(self)
         self.num_released_blocks = 0
+        # Admission (scheduler_reserve_full_isl): a request reserves at most the
+        # KV cache's blocks; a larger prompt is released behind its prefill lag
+        # (prefill_lag), so it never holds more. 0.26 and 0.32 name the cap
+        # differently.
+        cap = max(1, self.block_pool.num_gpu_blocks - 1)
+        self._max_admission_blocks_per_request = cap
+        self.max_admission_blocks_per_request = cap
 
     def release_end(self, processed: int, num_prompt_tokens: Optional[int],
                     horizon: int) -> int:
         """End (exclusive, in blocks) of the releasable range that starts at
-        ``sink_blocks``; ``<= sink_blocks`` means nothing is releasable."""
-        if num_prompt_tokens is None or processed < num_prompt_tokens:
-            return 0
+        ``sink_blocks``; ``<= sink_blocks`` means nothing is releasable. During a
+        prompt's prefill too: the worker reports a horizon then only for tokens
+        far behind the front, which later chunks read back from the mirror."""
         recent_end = (processed - self.recent_tokens) // self.block_size
         mirrored_end = min(horizon, processed) // self.block_size
         return min(recent_end, mirrored_end)
