@@ -15,7 +15,8 @@
 # vLLM, retro vs dense; needs the .gpu-carry/ parts of scripts/gpu/prepare_carry.sh,
 # carried one per call like the bundle), ncu (Nsight Compute profile of one decode
 # step's kernels, NCU_CASE), throughput (benchmarks/decode_throughput.py,
-# THROUGHPUT_ARGS passed through).
+# THROUGHPUT_ARGS passed through), long / longwait (the 1M-token request of
+# benchmarks/long_context.py, LONG_ARGS, detached: it spans several calls).
 #
 # BUILD_EXT=1 installs the project with its extension vllm_retro._C built with CUDA
 # (csrc/cuda, sm_90; a few minutes, log in $OUT/build_ext.log) instead of the
@@ -103,6 +104,33 @@ for s in $STAGES; do
     throughput) python3 benchmarks/decode_throughput.py ${THROUGHPUT_ARGS:-} \
               --out "$OUT/decode_throughput_h200.json" 2>&1 | tee "$OUT/throughput.log" \
               | grep -v "^INFO\|^WARNING\|^DEBUG" | tail -30 ;;
+    # The 1M-token request (benchmarks/long_context.py, LONG_ARGS): ~10 minutes, more
+    # than one device call. "long" starts it detached (setsid: it outlives the call
+    # while the machine is held) writing under /tmp/retro-long; "longwait" waits up
+    # to LONG_WAIT_S (default 540) for it, shows its progress and copies its JSON
+    # and log to $OUT. Keep the calls back to back (the machine goes back when idle).
+    long)
+      mkdir -p /tmp/retro-long
+      if [ -f /tmp/retro-long/pid ] && kill -0 "$(cat /tmp/retro-long/pid)" 2>/dev/null; then
+        echo "long: already running (pid $(cat /tmp/retro-long/pid))"; continue
+      fi
+      setsid nohup python3 benchmarks/long_context.py ${LONG_ARGS:-} \
+        --out /tmp/retro-long/long_context_h200.json > /tmp/retro-long/long.log 2>&1 &
+      echo $! > /tmp/retro-long/pid
+      echo "long: started (pid $!), log /tmp/retro-long/long.log"; continue ;;
+    longwait)
+      pid=$(cat /tmp/retro-long/pid 2>/dev/null)
+      end=$(( $(date +%s) + ${LONG_WAIT_S:-540} ))
+      while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do
+        sleep 10
+      done
+      grep -v "^INFO\|^WARNING\|^DEBUG\|^(EngineCore" /tmp/retro-long/long.log | tail -25
+      cp /tmp/retro-long/long.log "$OUT/" 2>/dev/null
+      cp /tmp/retro-long/long_context_h200.json* "$OUT/" 2>/dev/null
+      if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        echo "longwait: still running"; rc=5
+      fi
+      continue ;;
     # Nsight Compute on the default decode step (NCU_CASE, e.g. 131072x8): speed of
     # light, occupancy, warp stalls and memory of the five kernels' first launches.
     ncu)

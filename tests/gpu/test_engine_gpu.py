@@ -209,6 +209,38 @@ def test_wave_buffer_releases_blocks_and_keeps_outputs(tiny_model):
     assert_same_or_near_tie(got, want)
 
 
+def test_prompt_larger_than_the_kv_cache_is_released_while_prefilled(tiny_model):
+    """The 1M-token path at small scale: a 6,000-token prompt on a KV cache of 200
+    blocks (3,200 tokens), prefilled in chunks of 512 with ``prefill_resident_tokens``
+    1,024. Dense vLLM cannot hold it; retro clusters, mirrors and releases the
+    prompt behind its prefill front, the later chunks attend to the released tokens
+    exactly from the host mirror (FlashAttention over the compacted block table and
+    over the mirror's pieces), and the output equals dense attention's with every
+    block (full retrieval; up to a bf16 near-tie)."""
+    from vllm_retro.offline import close_llm
+    prompts = text_prompts(tiny_model, [6000], offset=50000)
+    llm = gpu_llm(tiny_model, max_model_len=6200, max_num_batched_tokens=512)
+    want = generate_with_logprobs(llm, prompts, [24])
+    close_llm(llm)
+    opts = dict(FULL, wave_buffer=True, host_memory_gib=0.5, prefill_resident_tokens=1024)
+    llm = gpu_llm(tiny_model, "retro", opts, max_model_len=6200,
+                  max_num_batched_tokens=512, num_gpu_blocks_override=200)
+    try:
+        mgr = manager(llm)
+        sched = llm.llm_engine.engine_core.engine_core.scheduler
+        (kvm,) = sched.kv_cache_manager.coordinator.single_type_managers
+        got = generate_with_logprobs(llm, prompts, [24])
+        st = mgr.stats()
+        released = kvm.num_released_blocks
+    finally:
+        close_llm(llm)
+    print(f"released prefill: {released} blocks released, stats {st}")
+    assert released >= 6000 // 16 - 200
+    assert st["retro_rows"] > 0 and st["dense_rows"] == 0
+    assert st["host_mirrored_gib"] > 0 and st["mirror_refused"] == 0
+    assert_same_or_near_tie([t for t, _ in got], want)
+
+
 def test_cluster_cache_moves_bytes_not_results(tiny_model):
     """The default budget with the wave buffer, the same requests and KV cache twice:
     a cluster cache that holds every page (hits after the first visit) and one of a

@@ -1,0 +1,198 @@
+"""One very long request through ``vllm.LLM``: retro with the wave buffer vs dense vLLM.
+
+Issue 14's 1M-token run: Llama-3-8B shape (``load_format="dummy"``, bf16), one prompt
+of ``--context`` random token ids (default 1,048,576), prefilled in chunks of
+``--chunk`` tokens, then ``--output-tokens`` decoded greedily. Retro runs with the
+wave buffer: the prompt is clustered, mirrored to pinned host memory and released
+behind its prefill front, the later chunks attend to the released tokens exactly
+from the mirror (design §8.2), and decode reads them through the cluster cache.
+Dense vLLM (FLASH_ATTN) is started with the same ``max_model_len``; on one H200 its
+KV cache holds ~914K tokens of this shape, so it refuses at start-up, and the
+refusal is recorded. Each engine runs in its own child process.
+
+Records (``--out``, merged with what is there by (backend, context)):
+``{"context", "backend", "prefill_s", "tpot_ms", "peak_gpu_gib", "host_gib", ...}``;
+``prefill_s`` is the time to the first token (the prompt's prefill), the first
+decode step (which clusters and mirrors the rest of the prompt) is reported on its
+own, ``tpot_ms`` covers the decode steps after it. A retro record whose decode
+rows were not served by retro's kernels fails the run. A progress line (tokens
+prefilled, elapsed, host memory, released blocks) is printed every
+``--progress-s``: a run longer than one device call runs detached
+(``scripts/gpu/run.sh`` stages ``long`` / ``longwait``) and is followed there.
+
+    python benchmarks/long_context.py --out benchmarks/results/long_context_h200.json
+    python benchmarks/long_context.py --shape tiny --context 6000 --chunk 512  # CPU dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_throughput import SHAPES, gpu_used_gib, write_model  # noqa: E402
+
+
+def _engine_kwargs(a, backend: str) -> dict:
+    import torch
+    model = write_model(a.model_dir, a.shape)
+    kw = dict(model=model, load_format="dummy", skip_tokenizer_init=True,
+              max_model_len=a.context + a.output_tokens + 16, seed=0,
+              enable_prefix_caching=False, max_num_seqs=a.max_num_seqs,
+              max_num_batched_tokens=a.chunk, enable_chunked_prefill=True)
+    if torch.cuda.is_available():
+        kw.update(dtype="bfloat16", gpu_memory_utilization=a.gpu_memory_utilization)
+    else:  # dry run of the harness on a CPU machine
+        kw.update(dtype="float32", enforce_eager=True)
+    kw["attention_backend"] = backend
+    if backend == "retro":
+        kw["additional_config"] = {"retro": json.loads(a.retro_options)}
+    return kw
+
+
+def child(a) -> None:
+    # In-process engine core: the scheduler and retro's counters are readable here.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rec = dict(backend=a.label or a.backend, context=a.context, chunk=a.chunk)
+    t0 = time.time()
+    try:
+        llm = LLM(**_engine_kwargs(a, a.backend))
+    except Exception as exc:  # noqa: BLE001 (the refusal is the result)
+        rec.update(fits=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+        print(json.dumps(rec), flush=True)
+        with open(a.child_out, "w") as f:
+            json.dump(dict(records=[rec]), f)
+        return
+    rec["startup_s"] = time.time() - t0
+    eng = llm.llm_engine
+    cc = eng.vllm_config.cache_config
+    rec["kv_capacity_tokens"] = cc.num_gpu_blocks * cc.block_size
+    sched = eng.engine_core.engine_core.scheduler
+    state = None
+    if a.backend == "retro":
+        from vllm_retro.worker_state import _STATES
+        st = [s for s in _STATES.values() if s.paged is not None]
+        if not st:
+            raise SystemExit("retro selected but no paged-index state in this process")
+        state = st[0].paged
+    (kvm,) = sched.kv_cache_manager.coordinator.single_type_managers
+    g = torch.Generator().manual_seed(0)
+    vocab = min(100000, SHAPES[a.shape]["vocab_size"])
+    toks = torch.randint(100, vocab - 1, (a.context,), generator=g).tolist()
+    params = SamplingParams(max_tokens=a.output_tokens, ignore_eos=True, temperature=0.0)
+    eng.add_request("long", TokensPrompt(prompt_token_ids=toks), params)
+    t_start = time.perf_counter()
+    last_print = t_start
+    times = []          # arrival time of each output token
+    n_out = 0
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            k = len(o.outputs[0].token_ids)
+            while n_out < k:
+                times.append(time.perf_counter())
+                n_out += 1
+        now = time.perf_counter()
+        if now - last_print >= a.progress_s:
+            last_print = now
+            req = sched.requests.get("long")
+            done = req.num_computed_tokens if req is not None else a.context
+            extra = ""
+            if state is not None:
+                s = state.stats()
+                extra = (f", host {s.get('host_mirrored_gib', 0):.1f} GiB mirrored, "
+                         f"{getattr(kvm, 'num_released_blocks', 0)} blocks released")
+            print(f"progress: {done} of {a.context} tokens computed, {n_out} output "
+                  f"tokens, {now - t_start:.0f} s{extra}", flush=True)
+    if n_out < 3:
+        raise SystemExit(f"only {n_out} output tokens")
+    rec.update(fits=True, prefill_s=times[0] - t_start,
+               first_decode_step_s=times[1] - times[0],
+               tpot_ms=1e3 * (times[-1] - times[1]) / (n_out - 2),
+               output_tokens=n_out, peak_gpu_gib=gpu_used_gib(),
+               peak_gpu_allocated_gib=(torch.cuda.max_memory_allocated() / 2**30
+                                       if torch.cuda.is_available() else None))
+    if state is not None:
+        s = state.stats()
+        rec.update(host_gib=s.get("host_mirrored_gib"), host_reserved_gib=s.get("host_gib"),
+                   released_blocks=getattr(kvm, "num_released_blocks", None),
+                   retro_rows=s["retro_rows"], dense_rows=s["dense_rows"],
+                   exact_fraction=s["exact_tokens"] / max(1, s["context_tokens"]),
+                   cache_hit_rate=s.get("cache_hit_rate"),
+                   mirror_stopped=s.get("mirror_stopped"),
+                   index_pool_full=s.get("index_pool_full"),
+                   index_build_s=state.index_build_seconds())
+        if s["retro_rows"] == 0:
+            raise SystemExit(f"retro served no decode rows: {s}")
+    print(json.dumps(rec), flush=True)
+    with open(a.child_out, "w") as f:
+        json.dump(dict(records=[rec]), f)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backends", default="retro,FLASH_ATTN")
+    ap.add_argument("--context", type=int, default=1 << 20)
+    ap.add_argument("--chunk", type=int, default=16384,
+                    help="vLLM's max_num_batched_tokens: the prefill chunk")
+    ap.add_argument("--output-tokens", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=4)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.92)
+    ap.add_argument("--retro-options",
+                    default='{"wave_buffer": true, "host_memory_gib": 100}')
+    ap.add_argument("--label", default="", help="backend name in retro's record")
+    ap.add_argument("--progress-s", type=float, default=30.0)
+    ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--out", default="benchmarks/results/long_context_h200.json")
+    ap.add_argument("--backend", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.backend:
+        return child(a)
+    results = {}
+    if os.path.exists(a.out):
+        with open(a.out) as f:
+            results = json.load(f)
+    new, failed = [], []
+    for be in a.backends.split(","):
+        part = a.out + f".{be}.partial"
+        if os.path.exists(part):
+            os.remove(part)
+        print("running", be, flush=True)
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--backend", be,
+                            "--child-out", part] + sys.argv[1:])
+        if r.returncode != 0:
+            failed.append(f"{be} ({r.returncode})")
+        if os.path.exists(part):
+            with open(part) as f:
+                new += json.load(f)["records"]
+    keys = {(r["backend"], r["context"]) for r in new}
+    records = [r for r in results.get("records", [])
+               if (r["backend"], r["context"]) not in keys] + new
+    import torch
+    import vllm
+    res = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               date=datetime.date.today().isoformat(),
+               versions=dict(vllm=vllm.__version__, torch=torch.__version__),
+               command="python " + " ".join(sys.argv), records=records)
+    if failed:
+        res["failed"] = failed
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print("wrote", a.out, flush=True)
+    if failed:
+        raise SystemExit("failed: " + ", ".join(failed))
+
+
+if __name__ == "__main__":
+    main()
