@@ -35,12 +35,24 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_throughput import SHAPES, gpu_used_gib, write_model  # noqa: E402
+from decode_throughput import SHAPES, gpu_used_gib  # noqa: E402
+
+
+def write_model(a) -> str:
+    """The shape's config with room for the request (vLLM refuses a
+    ``max_model_len`` above ``max_position_embeddings``; weights are dummy)."""
+    os.makedirs(a.model_dir, exist_ok=True)
+    cfg = dict(SHAPES[a.shape])
+    cfg["max_position_embeddings"] = max(cfg["max_position_embeddings"],
+                                         a.context + a.output_tokens + 1024)
+    with open(os.path.join(a.model_dir, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return a.model_dir
 
 
 def _engine_kwargs(a, backend: str) -> dict:
     import torch
-    model = write_model(a.model_dir, a.shape)
+    model = write_model(a)
     kw = dict(model=model, load_format="dummy", skip_tokenizer_init=True,
               max_model_len=a.context + a.output_tokens + 16, seed=0,
               enable_prefix_caching=False, max_num_seqs=a.max_num_seqs,
@@ -150,7 +162,7 @@ def main() -> None:
                     default='{"wave_buffer": true, "host_memory_gib": 100}')
     ap.add_argument("--label", default="", help="backend name in retro's record")
     ap.add_argument("--progress-s", type=float, default=30.0)
-    ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape")
+    ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape-long")
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--out", default="benchmarks/results/long_context_h200.json")
     ap.add_argument("--backend", help=argparse.SUPPRESS)

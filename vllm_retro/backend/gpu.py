@@ -763,6 +763,7 @@ class PagedIndexManager:
         jobs: Dict[int, List[SegmentJob]] = {}
         touched = []
         block_ids = {}      # per touched request: its block ids up to clustered_end
+        new_segs = {}       # per touched request: this step's segments
         dev = self.headers.device
         for e in entries:
             # With the wave buffer, a prompt is clustered (then mirrored and
@@ -786,6 +787,7 @@ class PagedIndexManager:
                 jobs.setdefault(job.p1 - job.p0, []).append(job)
                 e.num_clusters += clusters_in(job.p1 - job.p0, cfg)
             e.clustered_end = end
+            new_segs[e.req_id] = segs
             touched.append(e)
         if not touched:
             return
@@ -799,7 +801,7 @@ class PagedIndexManager:
         if self.mirror is not None:
             with torch.profiler.record_function("retro::mirror"):
                 for e in touched:
-                    self._mirror_request(e, block_ids[e.req_id])
+                    self._mirror_request(e, block_ids[e.req_id], new_segs[e.req_id])
         rows = []
         for e in touched:
             n_ret, n_est = budget(e.num_clusters, e.clustered_end - self.sink_end, cfg)
@@ -860,17 +862,19 @@ class PagedIndexManager:
             return 0
         return e.mirrored_end
 
-    def _mirror_request(self, e, blocks: torch.Tensor) -> None:
+    def _mirror_request(self, e, blocks: torch.Tensor, segs) -> None:
         """Copies ``e``'s newly indexed zone ``[mirrored_end, clustered_end)`` of
         every layer to the host mirror (arena extents of its index-table row, the
-        mirror's request slot; addresses at its pool pages), and advances
-        ``e.mirrored_end`` once every layer is copied.
+        mirror's request slot; addresses at its pool pages), segment by segment
+        (``segs``: this step's; a range before them, not mirrored when it was
+        indexed, goes first), advancing ``e.mirrored_end`` past each segment once
+        every layer holds it.
 
         The first time, the request reserves its clustered zone in the arena; when
         that fails (HostMemoryExceeded) nothing is held, the request stays resident
         (attended from its pages, never released), is counted and logged once, and
-        tries again when its index next grows. A later zone that does not fit stops
-        the mirror there: the horizon stays where it is.
+        tries again when its index next grows. A later segment that does not fit
+        stops the mirror there: the horizon stays at the last whole segment.
 
         The copies are issued on the current stream before the step's forward (the
         build wrote the cluster-ordered K/V just before, on the same stream), so this
@@ -892,24 +896,28 @@ class PagedIndexManager:
                 return
             e.mirror = "on"
             e.mirrored_end = self.sink_end
-        p0, p1 = e.mirrored_end, e.clustered_end
-        if p1 <= p0:
+        if e.clustered_end <= e.mirrored_end:
             return
         s = self.sink_end // bs
-        pages = to_device(self.index_alloc.pages_of(row)[p0 // bs - s:p1 // bs - s],
-                          torch.long, blocks.device)
-        try:
-            for li, (name, kv) in enumerate(self.kv_caches.items()):
-                self.mirror.mirror_segment(row, li, kv, self.layout, blocks, p0, p1,
-                                           self.pools[name], pages)
-        except HostMemoryExceeded as exc:
-            e.mirror = "stopped"
-            self.mirror_stopped += 1
-            logger.warning("retro wave buffer: request %s stays mirrored up to token "
-                           "%d only (its newer segments stay in GPU memory): %s",
-                           e.req_id, e.mirrored_end, exc)
-            return
-        e.mirrored_end = p1
+        ranges = [(p0, p1) for p0, p1 in segs if p0 >= e.mirrored_end]
+        first = ranges[0][0] if ranges else e.clustered_end
+        if e.mirrored_end < first:
+            ranges.insert(0, (e.mirrored_end, first))
+        pages_of = self.index_alloc.pages_of(row)
+        for p0, p1 in ranges:
+            pages = to_device(pages_of[p0 // bs - s:p1 // bs - s], torch.long, blocks.device)
+            try:
+                for li, (name, kv) in enumerate(self.kv_caches.items()):
+                    self.mirror.mirror_segment(row, li, kv, self.layout, blocks, p0, p1,
+                                               self.pools[name], pages)
+            except HostMemoryExceeded as exc:
+                e.mirror = "stopped"
+                self.mirror_stopped += 1
+                logger.warning("retro wave buffer: request %s stays mirrored up to token "
+                               "%d only (its newer segments stay in GPU memory): %s",
+                               e.req_id, e.mirrored_end, exc)
+                return
+            e.mirrored_end = p1
 
     def index_build_seconds(self) -> float:
         """GPU time spent building index segments since start (syncs the device)."""

@@ -35,11 +35,12 @@ in place in vLLM's pages, per KV head: cluster ``j`` (``size_j`` tokens,
 read as position -> the row's block table -> K/V, with no permutation in between.
 This is exact: cached keys already carry their rotary position, and attention over
 a set of keys and values does not depend on their order (per KV head, for any
-query that sees all of them). It is safe because a segment is built only once the
-whole prompt is in the cache and ends at least ``recent_tokens`` before its last
-token (:func:`plan_segments`): every later query (decode tokens, any dense prefill
-or fallback kernel of vLLM) sees every token of the segment, so vLLM's own kernels
-compute the same attention over the reordered pages. Prefix caching (which would
+query that sees all of them). It is safe because a segment is built only once all
+its tokens are in the cache and it ends at least ``recent_tokens`` before the last
+one (:func:`plan_segments`; during a prompt's prefill, only with the wave buffer's
+prefill lag, at least that lag before the prefill front): every later query (decode
+tokens, later prefill chunks, any dense kernel of vLLM) sees every token of the
+segment, so vLLM's own kernels compute the same attention over the reordered pages. Prefix caching (which would
 share reordered blocks with requests whose queries see part of a segment) is
 refused. Sinks, the unclustered tail and the recent window are never reordered.
 

@@ -437,15 +437,20 @@ class HostMirror:
 
     # ------------------------------------------------------------------- reading
     def zone_pieces(self, slot: int, layer: int, start: int, end: int,
-                    max_tokens: int) -> List[List[Tuple[int, int, int]]]:
-        """The mirrored segments ``(arena row, p0, p1)`` of request ``slot``'s layer
-        that tile ``[start, end)`` exactly, grouped in position order into pieces of
-        at most ``max_tokens`` tokens (a longer segment is a piece of its own).
-        Raises ValueError when the mirror does not hold all of that zone: a
-        caller reading released tokens back must never read a hole."""
+                    max_tokens: int) -> List[List[Tuple[int, int, int, int]]]:
+        """Request ``slot``'s mirrored tokens ``[start, end)`` of one layer as pieces
+        of at most ``max_tokens`` tokens, in position order: each piece a list of
+        parts ``(arena row, segment tokens, t0, t1)``, tokens ``[t0, t1)`` of a
+        mirrored segment whose rows start at that arena row (head after head). A
+        segment longer than a piece is split. Raises ValueError when the mirror does
+        not hold all of that zone: a caller reading released tokens back must never
+        read a hole."""
+        if max_tokens <= 0:
+            raise ValueError(f"HostMirror.zone_pieces: max_tokens must be positive, "
+                             f"got {max_tokens}")
         req = self._requests.get(slot)
         segs = [] if req is None else req.layer_segments.get(layer, [])
-        out: List[List[Tuple[int, int, int]]] = []
+        out: List[List[Tuple[int, int, int, int]]] = []
         pos, cur, cur_n = start, [], 0
         for at, p0, p1 in segs:
             if p1 <= start:
@@ -456,12 +461,15 @@ class HostMirror:
                 raise ValueError(f"HostMirror.zone_pieces: request slot {slot}, layer "
                                  f"{layer}: the mirror does not tile [{start}, {end}) "
                                  f"(segment [{p0}, {p1}) at position {pos})")
-            n = p1 - p0
-            if cur and cur_n + n > max_tokens:
-                out.append(cur)
-                cur, cur_n = [], 0
-            cur.append((at, p0, p1))
-            cur_n += n
+            n, t = p1 - p0, 0
+            while t < n:
+                take = min(n - t, max_tokens - cur_n)
+                cur.append((at, n, t, t + take))
+                cur_n += take
+                t += take
+                if cur_n == max_tokens:
+                    out.append(cur)
+                    cur, cur_n = [], 0
             pos = p1
         if pos != end:
             raise ValueError(f"HostMirror.zone_pieces: request slot {slot}, layer "
@@ -471,33 +479,38 @@ class HostMirror:
             out.append(cur)
         return out
 
-    def load_piece(self, piece: List[Tuple[int, int, int]], raw: torch.Tensor,
+    def load_piece(self, piece: List[Tuple[int, int, int, int]], raw: torch.Tensor,
                    k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Copies one piece of :meth:`zone_pieces` from the arena to the device and
         returns its keys and values ``[n, H, D]`` (views of ``k`` / ``v``).
 
         ``raw``: a flat staging buffer of at least ``n * H * 2D`` elements of the
-        mirror's dtype; ``k``, ``v``: ``[>= n, H, D]`` contiguous. Each segment's
-        rows (``[H, n_seg, 2D]``, contiguous in the arena) cross with one copy
-        (the copy engine; asynchronous from pinned memory), then are split into K
-        and V token-major on the device. Tokens come in the mirror's (cluster)
-        order, per head: fine for attention without a causal mask, whose result
-        does not depend on the order of the keys."""
+        mirror's dtype; ``k``, ``v``: ``[>= n, H, D]`` contiguous. A whole segment's
+        rows (``[H, n, 2D]``, contiguous in the arena) cross with one copy, a part of
+        one with a copy per head (the copy engine; asynchronous from pinned memory);
+        then they are split into K and V token-major on the device. Tokens come in
+        the mirror's (cluster) order, per head: fine for attention without a causal
+        mask, whose result does not depend on the order of the keys."""
         s = self.shape
         h, d = s.num_kv_heads, s.head_dim
-        n_all = sum(p1 - p0 for _, p0, p1 in piece)
+        n_all = sum(t1 - t0 for _, _, t0, t1 in piece)
         if raw.numel() < n_all * h * 2 * d or k.shape[0] < n_all or v.shape[0] < n_all:
             raise ValueError(f"HostMirror.load_piece: staging holds fewer than {n_all} "
                              "tokens")
+        nb = raw.is_cuda
         off = 0
-        for at, p0, p1 in piece:
-            n = p1 - p0
-            seg = raw[:n * h * 2 * d].view(h, n, 2 * d)
-            seg.copy_(self.arena[at: at + h * n].view(h, n, 2 * d),
-                      non_blocking=raw.is_cuda)
-            k[off: off + n].copy_(seg[..., :d].transpose(0, 1))
-            v[off: off + n].copy_(seg[..., d:].transpose(0, 1))
-            off += n
+        for at, n, t0, t1 in piece:
+            m = t1 - t0
+            part = raw[:m * h * 2 * d].view(h, m, 2 * d)
+            src = self.arena[at: at + h * n].view(h, n, 2 * d)
+            if m == n:
+                part.copy_(src, non_blocking=nb)
+            else:
+                for hh in range(h):
+                    part[hh].copy_(src[hh, t0:t1], non_blocking=nb)
+            k[off: off + m].copy_(part[..., :d].transpose(0, 1))
+            v[off: off + m].copy_(part[..., d:].transpose(0, 1))
+            off += m
         return k[:n_all], v[:n_all]
 
     def cluster_rows(self, page: int, layer: int, head: int) -> torch.Tensor:
