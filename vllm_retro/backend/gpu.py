@@ -246,7 +246,6 @@ class RetroImpl(_DenseImpl):
         (wave buffer, design §8.2): FlashAttention over each row's resident blocks
         (a compacted block table), plus, for the released rows, exact attention to
         the tokens read back from the host mirror, merged by log-sum-exp."""
-        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
         from ..memory.released_prefill import released_prefill_attention
         mgr = self._manager
         if md.released_plan is None:
@@ -256,27 +255,41 @@ class RetroImpl(_DenseImpl):
         n = md.num_actual_tokens - md.num_decode_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        kc, vc = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        fa = dict(softmax_scale=self.scale, return_softmax_lse=True,
-                  fa_version=self.vllm_flash_attn_version)
-
-        def paged_attn(qq, bt, sl):
-            return flash_attn_varlen_func(
-                q=qq, k=kc, v=vc, cu_seqlens_q=pf.query_start_loc,
-                max_seqlen_q=pf.max_query_len, seqused_k=sl, max_seqlen_k=pf.max_seq_len,
-                causal=True, block_table=bt, **fa)
-
-        def dense_attn(qq, k, v):
-            cu = plan.cu_lens(qq.shape[0], k.shape[0])
-            return flash_attn_varlen_func(
-                q=qq, k=k, v=v, cu_seqlens_q=cu[0], max_seqlen_q=qq.shape[0],
-                cu_seqlens_k=cu[1], max_seqlen_k=k.shape[0], causal=False, **fa)
-
+        paged_attn, dense_attn = flash_attn_pair(
+            kv_cache, self.head_size, self.scale, self.vllm_flash_attn_version,
+            pf.query_start_loc, pf.max_query_len, pf.max_seq_len, plan.cu_lens)
         released_prefill_attention(
             q, md.prefill_query_start, pf.block_table, pf.seq_lens, plan.rows,
             mgr.mirror, mgr.layer_index[layer.layer_name], mgr.sink_end,
             mgr.layout.block_size, paged_attn, dense_attn, mgr.prefill_staging, out,
             compacted=plan.compacted)
+
+
+def flash_attn_pair(kv_cache: torch.Tensor, head_size: int, scale: float, fa_version: int,
+                    query_start_loc: torch.Tensor, max_query_len: int, max_seq_len: int,
+                    cu_lens):
+    """The two attention calls of :func:`~vllm_retro.memory.released_prefill.
+    released_prefill_attention` on vLLM's FlashAttention: causal over the paged
+    cache ``[NB, H, bs, 2D]`` (its FlashAttention layout) through a given block
+    table and key counts, and non-causal over contiguous K/V ``[n, H, D]``; both
+    return ``(out [T, Hq, D], lse [Hq, T])``. ``cu_lens(q_len, k_len)`` gives the
+    ``cu_seqlens`` pair of a dense call on the device."""
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+    kc, vc = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    fa = dict(softmax_scale=scale, return_softmax_lse=True, fa_version=fa_version)
+
+    def paged_attn(q, block_table, seq_lens):
+        return flash_attn_varlen_func(
+            q=q, k=kc, v=vc, cu_seqlens_q=query_start_loc, max_seqlen_q=max_query_len,
+            seqused_k=seq_lens, max_seqlen_k=max_seq_len, causal=True,
+            block_table=block_table, **fa)
+
+    def dense_attn(q, k, v):
+        cu_q, cu_k = cu_lens(q.shape[0], k.shape[0])
+        return flash_attn_varlen_func(
+            q=q, k=k, v=v, cu_seqlens_q=cu_q, max_seqlen_q=q.shape[0], cu_seqlens_k=cu_k,
+            max_seqlen_k=k.shape[0], causal=False, **fa)
+    return paged_attn, dense_attn
 
 
 # ---------------------------------------------------------------- per worker
