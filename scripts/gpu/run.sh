@@ -8,7 +8,7 @@
 # Stages: kernels (kernel tests on the GPU; KERNEL_TESTS picks files), kbench (decode attention per layer vs
 # FA3), ibuild (index build of one long prompt, profiled; IBUILD_ARGS), sweep
 # (launch parameters of the decode kernels, SWEEP_ARGS), engine (vLLM engine tests
-# under vLLM's defaults; ENGINE_ARGS, e.g. -k isolation), wavebuf (the wave buffer's
+# under vLLM's defaults; ENGINE_ARGS, e.g. -s; ENGINE_K a -k expression), wavebuf (the wave buffer's
 # host mirror, cluster cache and vLLM block release tests: pinned memory and zero-copy copies on the GPU,
 # RetroSpec under vLLM 0.26), pagecopy (misses of the cluster cache over PCIe:
 # zero-copy Triton reads vs host gather + copy engine; PAGECOPY_ARGS), smollm2 (SmolLM2 through
@@ -87,6 +87,7 @@ for s in $STAGES; do
               --out "$OUT/decode_kernel_sweep_h200.json" 2>&1 | tee "$OUT/sweep.log" | tail -40 ;;
     # -p no:logging: vLLM's captured DEBUG records would bury the assertion in the tail.
     engine) python3 -m pytest -q -x -p no:logging tests/gpu/test_engine_gpu.py ${ENGINE_ARGS:-} \
+              ${ENGINE_K:+-k "$ENGINE_K"} \
               2>&1 | tee "$OUT/engine.log" | grep -v "^INFO\|^DEBUG\|^WARNING\|^(EngineCore" \
               | tail -40 ;;
     wavebuf) python3 -m pytest -q tests/memory tests/test_kv_spec.py tests/test_wave_buffer_manager.py 2>&1 \
