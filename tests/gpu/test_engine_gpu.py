@@ -229,14 +229,18 @@ def test_prompt_larger_than_the_kv_cache_is_released_while_prefilled(tiny_model)
         mgr = manager(llm)
         sched = llm.llm_engine.engine_core.engine_core.scheduler
         (kvm,) = sched.kv_cache_manager.coordinator.single_type_managers
+        before = mgr.stats()
         got = generate_with_logprobs(llm, prompts, [24])
         st = mgr.stats()
         released = kvm.num_released_blocks
     finally:
         close_llm(llm)
-    print(f"released prefill: {released} blocks released, stats {st}")
+    rows = {k: st[k] - before[k] for k in ("retro_rows", "dense_rows")}
+    print(f"released prefill: {released} blocks released, decode rows {rows}, "
+          f"stats before {before}, after {st}")
     assert released >= 6000 // 16 - 200
-    assert st["retro_rows"] > 0 and st["dense_rows"] == 0
+    # every decode row of the request on its index (23 steps after the first token)
+    assert rows == {"retro_rows": 23, "dense_rows": 0}
     assert st["host_mirrored_gib"] > 0 and st["mirror_refused"] == 0
     assert_same_or_near_tie([t for t, _ in got], want)
 

@@ -24,17 +24,20 @@ H, D, BS, G = 2, 16, 16, 2
 
 
 def _full_reference(kv, blocks, n_keys, q, scale):
-    """float64 causal attention of queries at positions ``[n_keys - L, n_keys)``."""
+    """float64 causal attention of queries ``q [L, Hq, D]`` at positions
+    ``[n_keys - L, n_keys)`` over the request's first ``n_keys`` tokens."""
+    h, d = kv.shape[1], kv.shape[-1] // 2
+    g = q.shape[1] // h
     pos = torch.arange(n_keys)
-    kvt = kv[blocks[pos // BS], :, pos % BS]                     # [n, H, 2D]
+    kvt = kv[blocks[pos // BS], :, pos % BS].double()              # [n, H, 2D]
     L = q.shape[0]
-    k = kvt[..., :D].repeat_interleave(G, 1)
-    v = kvt[..., D:].repeat_interleave(G, 1)
-    s = torch.einsum("lhd,nhd->hln", q.double(), k.double()) * scale
+    k = kvt[..., :d].repeat_interleave(g, 1)
+    v = kvt[..., d:].repeat_interleave(g, 1)
+    s = torch.einsum("lhd,nhd->hln", q.double(), k) * scale
     mask = pos.unsqueeze(0) <= torch.arange(n_keys - L, n_keys).unsqueeze(1)
     s = s.masked_fill(~mask.unsqueeze(0), float("-inf"))
     p = torch.softmax(s, -1)
-    return torch.einsum("hln,nhd->lhd", p, v.double())
+    return torch.einsum("hln,nhd->lhd", p, v)
 
 
 def _scenario(dtype, device, h=H, d=D, cfg=CFG, computed=1000, chunk=200, lag=300,
