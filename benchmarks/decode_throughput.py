@@ -64,6 +64,16 @@ def gpu_used_gib():
     return (total - free) / 2**30
 
 
+def retro_manager():
+    """The in-process engine's retro worker state (its ``PagedIndexManager``): its
+    counters say what retro's kernels served."""
+    from vllm_retro.worker_state import _STATES
+    st = [s for s in _STATES.values() if s.paged is not None]
+    if not st:
+        raise SystemExit("retro selected but no paged-index state in this process")
+    return st[0].paged
+
+
 def child(a) -> None:
     # In-process engine core, so the retro counters of the worker are readable here.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -95,13 +105,7 @@ def child(a) -> None:
     eng = llm.llm_engine
     cc = eng.vllm_config.cache_config
     capacity = cc.num_gpu_blocks * cc.block_size
-    state = None
-    if a.backend == "retro":
-        from vllm_retro.worker_state import _STATES
-        st = [s for s in _STATES.values() if s.paged is not None]
-        if not st:
-            raise SystemExit("retro selected but no paged-index state in this process")
-        state = st[0].paged
+    state = retro_manager() if a.backend == "retro" else None
     g = torch.Generator().manual_seed(0)
     vocab = min(100000, SHAPES[a.shape]["vocab_size"])
     recs = []
@@ -336,6 +340,36 @@ def plot(res: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def run_children(script: str, out: str, backends) -> tuple:
+    """Runs ``script`` with this command line once per backend, each in a child
+    process (each engine gets the whole GPU), the child writing ``out.<backend>.partial``.
+    Returns ``([(backend, the child's JSON)], [failures])``."""
+    parts, failed = [], []
+    for be in backends:
+        part = out + f".{be}.partial"
+        if os.path.exists(part):
+            os.remove(part)
+        print("running", be, flush=True)
+        r = subprocess.run([sys.executable, os.path.abspath(script), "--backend", be,
+                            "--child-out", part] + sys.argv[1:])
+        if r.returncode != 0:
+            failed.append(f"{be} ({r.returncode})")
+        if os.path.exists(part):
+            with open(part) as f:
+                parts.append((be, json.load(f)))
+    return parts, failed
+
+
+def result_header() -> dict:
+    """Device, date, versions and command of a results JSON."""
+    import torch
+    import vllm
+    return dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                date=datetime.date.today().isoformat(),
+                versions=dict(vllm=vllm.__version__, torch=torch.__version__),
+                command="python " + " ".join(sys.argv))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--plot", help="only plot this results JSON (to the same name .png)")
@@ -375,29 +409,13 @@ def main() -> None:
     ctxs = set(map(int, a.contexts.split(",")))
     records = [r for r in results.get("records", [])
                if not (r["backend"] in labels and r["context"] in ctxs)]
-    failed = []
     profiles = results.get("profiles", {})
-    for be in a.backends.split(","):
-        part = a.out + f".{be}.partial"
-        if os.path.exists(part):
-            os.remove(part)
-        cmd = [sys.executable, __file__, "--backend", be, "--child-out", part] + \
-            [x for x in sys.argv[1:]]
-        print("running", be, flush=True)
-        r = subprocess.run(cmd)
-        if r.returncode != 0:
-            failed.append(f"{be} ({r.returncode})")
-        if os.path.exists(part):
-            with open(part) as f:
-                got = json.load(f)
-            records += got["records"]
-            if got.get("profile"):
-                profiles[be] = got["profile"]
-    import torch
-    import vllm
-    res = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", date=datetime.date.today().isoformat(),
-               versions=dict(vllm=vllm.__version__, torch=torch.__version__),
-               command="python " + " ".join(sys.argv), records=records)
+    parts, failed = run_children(__file__, a.out, a.backends.split(","))
+    for be, got in parts:
+        records += got["records"]
+        if got.get("profile"):
+            profiles[be] = got["profile"]
+    res = dict(result_header(), records=records)
     if profiles:
         res["profiles"] = profiles
     env = {k: v for k, v in os.environ.items() if k.startswith(("RETRO_DECODE_", "RETRO_KMEANS_"))}

@@ -27,15 +27,14 @@ prefilled, elapsed, host memory, released blocks) is printed every
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_throughput import SHAPES, gpu_used_gib  # noqa: E402
+from decode_throughput import (SHAPES, gpu_used_gib, result_header,  # noqa: E402
+                               retro_manager, run_children)
 
 
 def write_model(a) -> str:
@@ -89,13 +88,7 @@ def child(a) -> None:
     cc = eng.vllm_config.cache_config
     rec["kv_capacity_tokens"] = cc.num_gpu_blocks * cc.block_size
     sched = eng.engine_core.engine_core.scheduler
-    state = None
-    if a.backend == "retro":
-        from vllm_retro.worker_state import _STATES
-        st = [s for s in _STATES.values() if s.paged is not None]
-        if not st:
-            raise SystemExit("retro selected but no paged-index state in this process")
-        state = st[0].paged
+    state = retro_manager() if a.backend == "retro" else None
     (kvm,) = sched.kv_cache_manager.coordinator.single_type_managers
     g = torch.Generator().manual_seed(0)
     vocab = min(100000, SHAPES[a.shape]["vocab_size"])
@@ -174,28 +167,12 @@ def main() -> None:
     if os.path.exists(a.out):
         with open(a.out) as f:
             results = json.load(f)
-    new, failed = [], []
-    for be in a.backends.split(","):
-        part = a.out + f".{be}.partial"
-        if os.path.exists(part):
-            os.remove(part)
-        print("running", be, flush=True)
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--backend", be,
-                            "--child-out", part] + sys.argv[1:])
-        if r.returncode != 0:
-            failed.append(f"{be} ({r.returncode})")
-        if os.path.exists(part):
-            with open(part) as f:
-                new += json.load(f)["records"]
+    parts, failed = run_children(__file__, a.out, a.backends.split(","))
+    new = [r for _, got in parts for r in got["records"]]
     keys = {(r["backend"], r["context"]) for r in new}
     records = [r for r in results.get("records", [])
                if (r["backend"], r["context"]) not in keys] + new
-    import torch
-    import vllm
-    res = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               date=datetime.date.today().isoformat(),
-               versions=dict(vllm=vllm.__version__, torch=torch.__version__),
-               command="python " + " ".join(sys.argv), records=records)
+    res = dict(result_header(), records=records)
     if failed:
         res["failed"] = failed
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
