@@ -28,6 +28,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -137,9 +138,13 @@ def child(a) -> None:
             steps_decode = steps_win = 0
             finished_early = False
             steps_any = 0        # steps with at least one decode row
+            step_s = []          # wall time of each step after t_first
             while eng.has_unfinished_requests():
                 steps_any += any(v >= 2 for v in got.values())
+                ts = time.perf_counter()
                 outs = eng.step()
+                if t_first is not None:
+                    step_s.append(time.perf_counter() - ts)
                 for o in outs:
                     got[o.request_id] = len(o.outputs[0].token_ids)
                 done = any(v >= a.output_tokens for v in got.values())
@@ -168,6 +173,11 @@ def child(a) -> None:
                        context=ctx, batch=b,
                        decode_tok_s=dec_tokens / dec_s if dec_s > 0 else None,
                        tpot_ms=1e3 * dec_s / max(1, steps_win),
+                       # The window's median and slowest step: a few slow steps (a
+                       # newly mirrored request's cold cache) move the mean.
+                       tpot_median_ms=1e3 * statistics.median(step_s[:steps_win])
+                       if step_s[:steps_win] else None,
+                       tpot_max_ms=1e3 * max(step_s[:steps_win], default=0.0),
                        decode_steps=steps_win,
                        # False: a request finished before the last one decoded, so
                        # no step ran all b together (output_tokens too short).
