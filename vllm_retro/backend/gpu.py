@@ -34,7 +34,7 @@ tokens read exactly / estimated) and logged; tests assert on these counters.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -303,6 +303,8 @@ IBT_ROW_MARGIN = 8
 # Released tokens read back per piece by a prefill row (staging: 2 x 8 MiB per 1K
 # tokens at H=8, D=128, bf16, allocated with the wave buffer).
 PREFILL_PIECE_TOKENS = 32768
+# Without a GPU (CPU tests) the cluster cache's auto size: this share of the mirror.
+CPU_CACHE_MIRROR_SHARE = 8
 
 
 @dataclass
@@ -314,19 +316,15 @@ class ReleasedPrefillPlan:
     rows: list
     compacted: tuple
     device: object
-    _cu: Dict[tuple, tuple] = None
+    _cu: Dict[tuple, tuple] = field(default_factory=dict)
 
     def cu_lens(self, q_len: int, k_len: int) -> tuple:
-        if self._cu is None:
-            self._cu = {}
         key = (q_len, k_len)
         cu = self._cu.get(key)
         if cu is None:
             cu = self._cu[key] = (to_device([0, q_len], torch.int32, self.device),
                                   to_device([0, k_len], torch.int32, self.device))
         return cu
-# Without a GPU (CPU tests) the cluster cache's auto size: this share of the mirror.
-CPU_CACHE_MIRROR_SHARE = 8
 
 
 def pool_page_bytes(lay: PagedIndexLayout, num_layers: int, hq: int) -> int:
