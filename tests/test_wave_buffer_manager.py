@@ -331,6 +331,32 @@ def test_prompt_beyond_the_prefill_lag_is_mirrored_while_it_is_prefilled():
         mgr.plan_released_prefill(md([0, 16]))
 
 
+def test_mirror_near_the_host_budget_goes_segment_by_segment():
+    """A prompt mirrored behind its prefill lag, then at its end a zone larger than
+    the host budget has left: the zone goes segment by segment and the horizon stops
+    at the last whole segment that fit (every layer holds it), counted once."""
+    budget_tokens = 900
+    mgr = _wave_manager(prefill_resident_tokens=300,
+                        host_memory_gib=budget_tokens * TOKEN_BYTES / 2**30)
+    blocks = _blocks(1, 1400)
+    _write_kv(mgr, blocks, 1400, seed=4)
+    mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("a", True, list(blocks), 0,
+                                                         1400, 1000)]))
+    mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("a", False, [], 1000, -1, 400)]))
+    s = mgr.sink_end
+    e = mgr.requests.entries["a"]
+    assert mgr.reporter.horizon("a") == s + 512 and e.mirror == "on"
+    mgr.on_step(RetroStepMetadata(updates=[RequestUpdate("a", False, [], 1400, -1, 1)]))
+    segs = paged.plan_segments(s + 512, 1400, 1400, mgr.config, BS)
+    assert len(segs) >= 2 and e.clustered_end == segs[-1][1]
+    fit = [p1 for p0, p1 in segs if p1 - s <= budget_tokens]
+    assert e.mirror == "stopped" and mgr.mirror_stopped == 1
+    assert mgr.reporter.horizon("a") == e.mirrored_end == max(fit)
+    assert mgr.mirror.bytes_mirrored() <= budget_tokens * TOKEN_BYTES
+    for li in range(LAYERS):      # every layer holds the zone up to the horizon
+        assert mgr.mirror.zone_pieces(e.ibt_row, li, s, e.mirrored_end, 10_000)
+
+
 def test_wave_buffer_off_builds_nothing():
     mgr = _manager(wave_buffer=False)
     assert mgr.mirror is None and mgr.cache is None and mgr.reporter is None

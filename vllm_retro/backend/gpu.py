@@ -876,10 +876,10 @@ class PagedIndexManager:
     def _mirror_request(self, e, blocks: torch.Tensor, segs) -> None:
         """Copies ``e``'s newly indexed zone ``[mirrored_end, clustered_end)`` of
         every layer to the host mirror (arena extents of its index-table row, the
-        mirror's request slot; addresses at its pool pages), segment by segment
-        (``segs``: this step's; a range before them, not mirrored when it was
-        indexed, goes first), advancing ``e.mirrored_end`` past each segment once
-        every layer holds it.
+        mirror's request slot; addresses at its pool pages): in one range when the
+        host budget has room for it, else segment by segment (``segs``: this step's;
+        a range before them, not mirrored when it was indexed, goes first),
+        advancing ``e.mirrored_end`` past each range once every layer holds it.
 
         The first time, the request reserves its clustered zone in the arena; when
         that fails (HostMemoryExceeded) nothing is held, the request stays resident
@@ -910,10 +910,16 @@ class PagedIndexManager:
         if e.clustered_end <= e.mirrored_end:
             return
         s = self.sink_end // bs
-        ranges = [(p0, p1) for p0, p1 in segs if p0 >= e.mirrored_end]
-        first = ranges[0][0] if ranges else e.clustered_end
-        if e.mirrored_end < first:
-            ranges.insert(0, (e.mirrored_end, first))
+        n_all = e.clustered_end - e.mirrored_end
+        if self.mirror.can_place(row, self.layout.num_kv_heads * n_all, len(self.kv_caches)):
+            # One copy per layer for the whole new zone (the usual case: few calls).
+            ranges = [(e.mirrored_end, e.clustered_end)]
+        else:
+            # Near the host budget: whole segments, all layers each, as far as they go.
+            ranges = [(p0, p1) for p0, p1 in segs if p0 >= e.mirrored_end]
+            first = ranges[0][0] if ranges else e.clustered_end
+            if e.mirrored_end < first:
+                ranges.insert(0, (e.mirrored_end, first))
         pages_of = self.index_alloc.pages_of(row)
         for p0, p1 in ranges:
             pages = to_device(pages_of[p0 // bs - s:p1 // bs - s], torch.long, blocks.device)

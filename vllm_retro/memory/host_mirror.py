@@ -343,6 +343,22 @@ class HostMirror:
             self.alloc.free(start, rows)
         return sum(r for _, r in req.extents) * self.shape.row_bytes
 
+    def can_place(self, slot: int, rows: int, times: int) -> bool:
+        """Whether ``times`` placements of ``rows`` rows for request ``slot`` (one
+        zone of every layer) are likely to fit: the room left in its reservation,
+        then free extents (an estimate: fragmentation can still refuse one, which
+        :meth:`mirror_segment` reports as HostMemoryExceeded)."""
+        req = self._requests.get(slot)
+        room = 0
+        if req is not None and req.extents and rows > 0:
+            s, n = req.extents[-1]
+            room = (s + n - req.cursor) // rows
+        need = max(0, times - room)
+        if need == 0:
+            return True
+        free = self.alloc.capacity - self.alloc.in_use
+        return self.alloc.largest_free >= rows and free >= need * rows
+
     def _place(self, slot: int, rows: int) -> int:
         """Arena row where ``rows`` consecutive rows of request ``slot`` go."""
         req = self._requests.get(slot)
