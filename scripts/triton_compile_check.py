@@ -137,6 +137,10 @@ def decode_launches() -> None:
                                              sink_end(RetroConfig(), bs), 0.1, out, ws,
                                              count_stats=True,
                                              wave=_wave_view(lay, dtype, pool.num_pages))
+            # The score kernel's 8-bit summaries (summary_bits 8).
+            pool8 = IndexPool(lay, nb, summary_bits=8)
+            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,
+                                             sink_end(RetroConfig(), bs), 0.1, out, ws)
 
 
 def _wave_view(lay, dtype, num_pages):

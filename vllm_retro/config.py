@@ -157,6 +157,13 @@ class RetroConfig:
             before vLLM measures free memory, so vLLM sizes its KV cache around it. A
             request that finds the pool full is not indexed (attended exactly) and
             counted (``index_pool_full``).
+        summary_bits: GPU only: 16 (default) keeps the clusters' centroids and key
+            variances in the KV dtype; 8 stores them as int8 with one scale per
+            cluster, head and vector, so the decode's scoring stage reads about half
+            the bytes (``2D + 8`` instead of ``4D`` per cluster and head at bf16);
+            the mean values stay 16-bit and the pool's memory is unchanged. On the
+            CPU reference 8-bit summaries moved no accuracy cell by more than 0.2
+            points (``docs/accuracy.md``). The CPU backend keeps fp32 summaries.
         prefill_resident_tokens: with ``wave_buffer``, how many of a prompt's tokens
             may stay in vLLM's GPU blocks while the prompt is still being prefilled
             (chunked prefill). Tokens further behind the prefill front are clustered,
@@ -195,6 +202,7 @@ class RetroConfig:
     cluster_cache_gib: float = 0.0
     index_pool_gib: float = 0.0
     prefill_resident_tokens: int = 0
+    summary_bits: int = 16
 
     def __post_init__(self) -> None:
         _check_int("segment_size", self.segment_size, 64, 1 << 20)
@@ -259,6 +267,10 @@ class RetroConfig:
         _check_float("cluster_cache_gib", self.cluster_cache_gib, 0.0, 1 << 20)
         _check_float("index_pool_gib", self.index_pool_gib, 0.0, 1 << 20)
         _check_int("prefill_resident_tokens", self.prefill_resident_tokens, 0, 1 << 40)
+        _check_int("summary_bits", self.summary_bits, 8, 16)
+        if self.summary_bits not in (8, 16):
+            raise ValueError(f"RetroConfig.summary_bits must be 8 or 16, got "
+                             f"{self.summary_bits!r}")
         if self.prefill_resident_tokens and not self.wave_buffer:
             raise ValueError("RetroConfig.prefill_resident_tokens bounds the wave "
                              "buffer's release during prefill: set wave_buffer too "

@@ -17,7 +17,7 @@ from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.index.paged import (HDR_IBT_ROW, HDR_WORDS, I_SIZE,  # noqa: E402
                                     I_START, IndexAllocator, IndexPool, PagedIndexLayout,
                                     budget, build_segments, header_row, make_headers,
-                                    plan_segments, sink_end)
+                                    plan_segments, quantize_summaries, sink_end)
 from conftest import cpu_cache  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402
 
@@ -59,13 +59,13 @@ class Scene:
     taken in a shuffled order too."""
 
     def __init__(self, num_blocks: int, dtype=torch.float32, max_blocks: int = 260,
-                 head_dim: int = D, num_pages: int = 0):
+                 head_dim: int = D, num_pages: int = 0, summary_bits: int = 16):
         self.D = head_dim
         self.lay = PagedIndexLayout(H, head_dim, BS, dtype)
         self.kv = self.lay.make_cache(num_blocks, DEV)
         self.headers = make_headers(num_blocks, DEV)
         num_pages = num_pages or num_blocks + 37
-        self.pool = IndexPool(self.lay, num_pages, DEV)
+        self.pool = IndexPool(self.lay, num_pages, DEV, summary_bits=summary_bits)
         self.alloc = IndexAllocator(num_pages, 11, max_blocks, DEV)
         self.alloc.shuffle(int(torch.randint(0, 1 << 30, ())))
         self.free = (torch.randperm(num_blocks - 1) + 1).tolist()
@@ -206,10 +206,10 @@ def selection(scene: Scene, ws, r: int, kh: int):
 def twin_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float):
     bt, _ = scene.tensors()
     bt = bt[r].long().cpu()
-    fpart, ipart = scene.pool.fpart.cpu(), scene.pool.ipart.cpu()
+    ipart = scene.pool.ipart.cpu()
     hdr = scene.headers[int(bt[0])].tolist()
     pbs = scene.pages(r)
-    f = fpart[pbs, kh].float()
+    f = scene.pool.summaries(pbs.to(scene.pool.device))[:, kh].float().cpu()
     lg = reference.cluster_log_mass(q[r, kh * G:(kh + 1) * G].float(), f[:, 0], f[:, 1],
                                     ipart[pbs, kh, I_SIZE].long(), scale)
     order = torch.argsort(torch.softmax(lg, -1).nan_to_num(0.0).sum(0), descending=True,
@@ -244,6 +244,59 @@ def test_ragged_batch_matches_twin():
     for r in (0, 3):
         for kh in range(H):
             assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
+
+
+def test_8bit_summaries_match_twin_and_stay_near_16bit():
+    """``summary_bits`` 8: the score stage reads int8 centroids and variances with a
+    scale per cluster (kernel == twin, which dequantizes; same selection); the
+    output stays within the quantization's reach of the 16-bit pool's on the same
+    index (same K/V, same build), and both as far from full attention."""
+    outs = {}
+    for bits in (16, 8):
+        torch.manual_seed(5)
+        sc = Scene(260, summary_bits=bits)
+        sc.add(900)
+        sc.add(700, n_ret=4, n_est=9)
+        q = torch.randn(2, H * G, D)
+        out, ref, st, ws = run_both(sc, q, 0.2)
+        assert _rel(out, ref) < 2e-3, (bits, _rel(out, ref))
+        for r in (0, 1):
+            for kh in range(H):
+                assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
+        outs[bits] = (out, dense_original(sc, q, 0.2))
+        if bits == 8:
+            pages = sc.pages(0).to(DEV)
+            f16 = sc.pool.fpart[pages][:, :, 2]         # the mean value stays 16-bit
+            assert torch.equal(f16, sc.pool.summaries(pages)[:, :, 2].to(f16.dtype))
+    (o16, dense), (o8, _) = outs[16], outs[8]
+    e16, e8 = _rel(o16, dense), _rel(o8, dense)
+    print(f"rel. error vs full attention: 16-bit {e16:.4f}, 8-bit {e8:.4f}")
+    assert _rel(o8, o16) < 0.1 and e8 < 1.25 * e16 + 0.01
+
+
+def test_quantize_summaries_round_trip():
+    """Each element within half a scale step; an all-zero vector keeps scale 1."""
+    lay = PagedIndexLayout(H, D, BS, torch.float32)
+    pool = IndexPool(lay, 6, DEV, summary_bits=8)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, H, 3, D, generator=g) * torch.logspace(-3, 2, 6).view(6, 1, 1, 1)
+    x[:, :, 1] = x[:, :, 1].abs()
+    x[2, 1, 0] = 0
+    pool.fpart.copy_(x.to(DEV))
+    pages = torch.tensor([0, 2, 3, 5], device=DEV)
+    quantize_summaries(pool, pages)
+    got = pool.summaries(torch.arange(6, device=DEV)).cpu()
+    for p in (0, 2, 3, 5):
+        for v in range(2):
+            want = x[p, :, v]
+            step = want.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+            assert ((got[p, :, v] - want).abs() <= step / 2 + 1e-6 * step).all()
+        assert torch.equal(got[p, :, 2], x[p, :, 2])
+    # pages not quantized keep their bytes
+    assert torch.equal(pool.fpart[[1, 4]].cpu(), x[[1, 4]])
+    assert torch.equal(got[2, 1, 0], torch.zeros(D))
+    with pytest.raises(ValueError, match="summary_bits"):
+        IndexPool(lay, 2, DEV, summary_bits=4)
 
 
 def test_variance_cap_reaches_the_score_stage():

@@ -13,7 +13,8 @@ def test_wave_buffer_options_validate():
     cfg = RetroConfig()
     assert cfg.wave_buffer is False and cfg.cluster_cache_gib == 0.0
     on = RetroConfig.from_dict({"wave_buffer": True, "cluster_cache_gib": 12.5,
-                                "host_memory_gib": 100, "prefill_resident_tokens": 600_000})
+                                "host_memory_gib": 100, "prefill_resident_tokens": 600_000,
+                                "summary_bits": 8})
     assert RetroConfig.from_dict(on.to_dict()) == on
     for bad, field in [({"wave_buffer": 1}, "wave_buffer"),
                        ({"wave_buffer": "yes"}, "wave_buffer"),
@@ -26,7 +27,10 @@ def test_wave_buffer_options_validate():
                         "prefill_resident_tokens"),
                        ({"wave_buffer": True, "prefill_resident_tokens": 1.5},
                         "prefill_resident_tokens"),
-                       ({"prefill_resident_tokens": 4096}, "set wave_buffer")]:
+                       ({"prefill_resident_tokens": 4096}, "set wave_buffer"),
+                       ({"summary_bits": 4}, "summary_bits"),
+                       ({"summary_bits": 8.0}, "summary_bits"),
+                       ({"summary_bits": True}, "summary_bits")]:
         with pytest.raises(ValueError, match=field):
             RetroConfig.from_dict(bad)
 

@@ -173,12 +173,26 @@ class IndexPool:
     * ``ipart`` ``[P, H, INT_WORDS]`` int32: size (:data:`I_SIZE`), first position
       (:data:`I_START`).
 
+    With ``summary_bits`` 8 (option ``summary_bits``) the build stores the centroid
+    and the key variance in 8 bits (:func:`quantize_summaries`): slot 0 of ``fpart``
+    holds them as int8 (``D`` bytes each, one symmetric scale per cluster, head and
+    vector), slot 1 begins with the two float32 scales, slot 2 is the mean value as
+    before. The score stage then reads ``2D + 8`` bytes per cluster and head
+    instead of ``4D`` (bf16); the memory and the mean value are unchanged.
+
     Which pages a request owns is the :class:`IndexAllocator`'s business."""
 
-    def __init__(self, layout: PagedIndexLayout, num_pages: int, device="cpu") -> None:
+    def __init__(self, layout: PagedIndexLayout, num_pages: int, device="cpu",
+                 summary_bits: int = 16) -> None:
         h, d = layout.num_kv_heads, layout.head_dim
+        if summary_bits not in (8, 16):
+            raise ValueError(f"IndexPool: summary_bits must be 8 or 16, got {summary_bits}")
+        if summary_bits == 8 and (d * layout.elem_size) % 4:
+            raise ValueError("IndexPool: 8-bit summaries need a head of a multiple of 4 "
+                             "bytes")
         self.layout = layout
         self.num_pages = int(num_pages)
+        self.summary_bits = summary_bits
         self.fpart = torch.zeros(self.num_pages, h, 3, d, dtype=layout.dtype, device=device)
         self.ipart = torch.zeros(self.num_pages, h, INT_WORDS, dtype=torch.int32,
                                  device=device)
@@ -190,8 +204,54 @@ class IndexPool:
     def to(self, device) -> "IndexPool":
         out = IndexPool.__new__(IndexPool)
         out.layout, out.num_pages = self.layout, self.num_pages
+        out.summary_bits = self.summary_bits
         out.fpart, out.ipart = self.fpart.to(device), self.ipart.to(device)
         return out
+
+    def q8_views(self):
+        """``(int8 view [P, H, 3, D * elem], float32 view [P, H, 3, D * elem / 4])``
+        of ``fpart``: the 8-bit summaries' bytes and scales."""
+        return self.fpart.view(torch.int8), self.fpart.view(torch.float32)
+
+    def summaries(self, pages: torch.Tensor) -> torch.Tensor:
+        """``[n, H, 3, D]`` centroid, key variance and mean value of the entries at
+        ``pages`` (float32, or the pool's dtype if wider), dequantized when the pool
+        keeps 8-bit summaries."""
+        f = self.fpart[pages].to(torch.promote_types(self.fpart.dtype, torch.float32))
+        if self.summary_bits == 8:
+            d = self.layout.head_dim
+            q, sc = self.q8_views()
+            q, sc = q[pages], sc[pages]
+            f[:, :, 0] = q[:, :, 0, :d].to(f.dtype) * sc[:, :, 1, 0:1].to(f.dtype)
+            f[:, :, 1] = q[:, :, 0, d:2 * d].to(f.dtype) * sc[:, :, 1, 1:2].to(f.dtype)
+        return f
+
+
+#: The largest magnitude of an 8-bit summary element (symmetric int8).
+Q8_MAX = 127
+
+
+def quantize_summaries(pool: IndexPool, pages: torch.Tensor) -> None:
+    """Rewrites the centroid and key variance of the entries at ``pages`` (written
+    in the KV dtype by the build) as 8 bits with one scale each per entry and head:
+    ``x = q * scale``, ``scale = max|x| / 127`` (1 for an all-zero vector). Rounding
+    error at most ``scale / 2`` per element. Device ops only."""
+    d = pool.layout.head_dim
+    pg = pages.long().to(pool.device).reshape(-1)
+    if not pg.numel():
+        return
+    f = pool.fpart[pg, :, :2].float()                                   # [n, H, 2, D]
+    amax = f.abs().amax(dim=-1)                                         # [n, H, 2]
+    scale = torch.where(amax > 0, amax / Q8_MAX, torch.ones_like(amax))
+    q = torch.round(f / scale.unsqueeze(-1)).clamp_(-Q8_MAX, Q8_MAX).to(torch.int8)
+    qv, sv = pool.q8_views()
+    row8 = qv[pg]                                                        # copies
+    row8[:, :, 0, :d] = q[:, :, 0]
+    row8[:, :, 0, d:2 * d] = q[:, :, 1]
+    qv[pg] = row8
+    row32 = sv[pg]
+    row32[:, :, 1, 0:2] = scale
+    sv[pg] = row32
 
     @staticmethod
     def pages_for_bytes(layout: PagedIndexLayout, num_layers: int, nbytes: float) -> int:
@@ -512,6 +572,8 @@ def _build_batch(kv_cache, layout: PagedIndexLayout, pool: IndexPool,
     starts = bounds[:, :c]
     sizes = bounds[:, 1:] - starts
     write_clusters(kv_cache, layout, pool, seg_blocks, seg_pages, p0s, order, starts, sizes)
+    if pool.summary_bits == 8:
+        quantize_summaries(pool, seg_pages)
 
 
 def make_headers(num_blocks: int, device) -> torch.Tensor:

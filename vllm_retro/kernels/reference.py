@@ -87,7 +87,9 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     cdt = _cdt(query.dtype)
     out = torch.zeros(b, hq, d, dtype=cdt, device=query.device)
     stats = torch.zeros(b, 3, dtype=torch.float64)
-    fpart, ipart = pool.fpart.cpu(), pool.ipart.cpu()
+    # Dequantized when the pool keeps 8-bit summaries (what the kernel reads).
+    fpart = pool.summaries(torch.arange(pool.num_pages, device=pool.device)).cpu()
+    ipart = pool.ipart.cpu()
     ibt = ibt.cpu().long()
     if wave is not None:
         wave.check(kv_cache, h, bs, d, pool.num_pages, devices=False)

@@ -421,13 +421,19 @@ def _dot(a, b, NATIVE: tl.constexpr, PREC: tl.constexpr):
 # ------------------------------------------------------------------ 1. scores
 @triton.jit
 def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
+                  fq_ptr, fq_s0, fq_s1, fs_ptr, fs_s0, fs_s1, fs_s2,
                   ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0,
                   lg_ptr, pm_ptr, ps_ptr, hist_ptr, ncand_ptr, scale, SB, NS,
                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   DP: tl.constexpr, BS: tl.constexpr, NSP: tl.constexpr,
                   CH: tl.constexpr, NB: tl.constexpr, CAP: tl.constexpr,
-                  NATIVE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
-    """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc)."""
+                  NATIVE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
+                  Q8: tl.constexpr = False):
+    """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
+
+    Q8: the pool keeps 8-bit centroids and key variances (``fq``: ``fpart``'s int8
+    view, both vectors in slot 0; ``fs``: its float32 view, the two scales first in
+    slot 1), dequantized to the pool's dtype before the same products."""
     _pdl_launch(PDL)
     rh = tl.program_id(0)
     p = tl.program_id(1)
@@ -455,10 +461,21 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     valid = i < C
     blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
     for m0 in range(0, n_mine, CH):
-        fb = fp_ptr + blk * fp_s0 + h * fp_s1
         cm = valid[:, None] & dm[None, :]
-        cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
-        var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
+        if Q8:
+            qb = fq_ptr + blk * fq_s0 + h * fq_s1
+            sb8 = fs_ptr + blk * fs_s0 + h * fs_s1 + fs_s2
+            sc_c = tl.load(sb8, mask=valid, other=0.0)
+            sc_v = tl.load(sb8 + 1, mask=valid, other=0.0)
+            fdt = fp_ptr.dtype.element_ty
+            cen = (tl.load(qb[:, None] + d[None, :], mask=cm, other=0).to(tl.float32)
+                   * sc_c[:, None]).to(fdt)
+            var = (tl.load(qb[:, None] + D + d[None, :], mask=cm, other=0).to(tl.float32)
+                   * sc_v[:, None]).to(fdt)
+        else:
+            fb = fp_ptr + blk * fp_s0 + h * fp_s1
+            cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
+            var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
         size = tl.load(ip_ptr + blk * ip_s0 + h * ip_s1 + _I_SIZE, mask=valid, other=0)
         i_n = p + NS * (m0 + CH + tl.arange(0, CH))
         valid_n = i_n < C
@@ -1263,19 +1280,24 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     grid = (b * h, ns)
     pdl = bool(PDL) and not interpreting()
     dep = dict(PDL=True, launch_pdl=True) if pdl else {}
-    if (SCORE_IMPL == "cuda" and query.is_cuda and not interpreting()
+    q8 = getattr(pool, "summary_bits", 16) == 8
+    # The CUDA score kernel reads 16-bit summaries only.
+    if (SCORE_IMPL == "cuda" and query.is_cuda and not interpreting() and not q8
             and cuda_score_available()):
         torch.ops.vllm_retro.paged_score(
             query, fpart, ipart, block_table, ibt, seq_lens, headers, ws.logits, ws.score_max,
             ws.score_sum, ws.hist, ws.ncand, sb, bs, ns, scale, float(variance_cap))
     else:
+        fq, fs = pool.q8_views() if q8 else (fpart, fpart)
         _keep("score", _score_kernel[grid](
-            query, *query.stride(), fpart, *fpart.stride(), ipart, ipart.stride(0),
-            ipart.stride(1), *common, ws.logits, ws.score_max, ws.score_sum, ws.hist,
-            ws.ncand, scale, sb, ns,
+            query, *query.stride(), fpart, *fpart.stride(),
+            fq, fq.stride(0), fq.stride(1), fs, fs.stride(0), fs.stride(1), fs.stride(2),
+            ipart, ipart.stride(0), ipart.stride(1), *common, ws.logits, ws.score_max,
+            ws.score_sum, ws.hist, ws.ncand, scale, sb, ns,
             H=h, G=g, GP=gp, D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
             CAP=float(variance_cap), NATIVE=native, PREC=prec,
-            **({"PDL": True} if pdl else {}), **_tune("score", b)))
+            **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}),
+            **_tune("score", b)))
     _keep("key", _key_kernel[grid](
         ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, ns,
         H=h, G=g, GP=gp, BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES,
