@@ -112,6 +112,17 @@ def spec_fields(spec) -> dict:
             if f.init}
 
 
+def set_admission_cap(manager, blocks: int) -> None:
+    """Caps the blocks vLLM's full-sequence admission reserves for one request on a
+    single-type KV-cache manager (what its sliding-window managers get from their
+    spec): the attribute is ``_max_admission_blocks_per_request`` in 0.26 and
+    ``max_admission_blocks_per_request`` in 0.32."""
+    name = ("_max_admission_blocks_per_request"
+            if hasattr(manager, "_max_admission_blocks_per_request")
+            else "max_admission_blocks_per_request")
+    setattr(manager, name, blocks)
+
+
 def logger(name: str):
     """A logger under vLLM's ``vllm`` logger, so that it gets vLLM's handler,
     format and level (VLLM_LOGGING_LEVEL). A logger outside that tree (e.g.

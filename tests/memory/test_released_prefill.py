@@ -150,7 +150,7 @@ def test_released_prefill_on_flash_attention_equals_full_attention(piece_tokens)
     se = sc["se"]
     assert sc["horizon"] >= se + 4096
     compacted = compact_block_table(sc["bt"], sc["seq_lens"], sc["rows"], se, BS)
-    plan = ReleasedPrefillPlan(sc["rows"], compacted, dev)
+    plan = ReleasedPrefillPlan(sc["rows"], compacted)
     qs = sc["qs"]
     qsl = torch.tensor(qs, dtype=torch.int32, device=dev)
     staging = _staging(piece_tokens, torch.bfloat16, dev, h=8, d=128)

@@ -315,15 +315,15 @@ class ReleasedPrefillPlan:
 
     rows: list
     compacted: tuple
-    device: object
     _cu: Dict[tuple, tuple] = field(default_factory=dict)
 
     def cu_lens(self, q_len: int, k_len: int) -> tuple:
         key = (q_len, k_len)
         cu = self._cu.get(key)
         if cu is None:
-            cu = self._cu[key] = (to_device([0, q_len], torch.int32, self.device),
-                                  to_device([0, k_len], torch.int32, self.device))
+            dev = self.compacted[0].device
+            cu = self._cu[key] = (to_device([0, q_len], torch.int32, dev),
+                                  to_device([0, k_len], torch.int32, dev))
         return cu
 
 
@@ -864,7 +864,7 @@ class PagedIndexManager:
                                                "among the step's rows")
         compacted = compact_block_table(pf.block_table, pf.seq_lens, rows, self.sink_end,
                                         self.layout.block_size)
-        return ReleasedPrefillPlan(rows, compacted, pf.block_table.device)
+        return ReleasedPrefillPlan(rows, compacted)
 
     def horizon_of(self, e) -> int:
         """The horizon ``e``'s header carries: the end of its mirrored zone (a token

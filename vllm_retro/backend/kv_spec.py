@@ -274,11 +274,8 @@ class RetroManager(FullAttentionManager):
         self.num_released_blocks = 0
         # Admission (scheduler_reserve_full_isl): a request reserves at most the
         # KV cache's blocks; a larger prompt is released behind its prefill lag
-        # (prefill_lag), so it never holds more. 0.26 and 0.32 name the cap
-        # differently.
-        cap = max(1, self.block_pool.num_gpu_blocks - 1)
-        self._max_admission_blocks_per_request = cap
-        self.max_admission_blocks_per_request = cap
+        # (prefill_lag), so it never holds more.
+        compat.set_admission_cap(self, max(1, self.block_pool.num_gpu_blocks - 1))
 
     def release_end(self, processed: int, num_prompt_tokens: Optional[int],
                     horizon: int) -> int:

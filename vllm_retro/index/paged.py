@@ -245,13 +245,8 @@ def quantize_summaries(pool: IndexPool, pages: torch.Tensor) -> None:
     scale = torch.where(amax > 0, amax / Q8_MAX, torch.ones_like(amax))
     q = torch.round(f / scale.unsqueeze(-1)).clamp_(-Q8_MAX, Q8_MAX).to(torch.int8)
     qv, sv = pool.q8_views()
-    row8 = qv[pg]                                                        # copies
-    row8[:, :, 0, :d] = q[:, :, 0]
-    row8[:, :, 0, d:2 * d] = q[:, :, 1]
-    qv[pg] = row8
-    row32 = sv[pg]
-    row32[:, :, 1, 0:2] = scale
-    sv[pg] = row32
+    qv[pg, :, 0, :2 * d] = q.flatten(2)                  # centroid, then variance
+    sv[pg, :, 1, 0:2] = scale
 
     @staticmethod
     def pages_for_bytes(layout: PagedIndexLayout, num_layers: int, nbytes: float) -> int:

@@ -229,13 +229,16 @@ class _Request:
     cursor: int                        # next free row in the last extent
     reserved_rows: int
     used_rows: int = 0
-    # Per layer, the end of the last mirrored segment: segments come in position
-    # order, so a repeated or overlapping one (rows that would leak until free) is
-    # refused on the host, without reading the tables back.
-    layer_end: Dict[int, int] = field(default_factory=dict)
     # Per layer, the mirrored segments in position order: (arena row, p0, p1).
-    # Host bookkeeping for reading a released zone back in bulk (prefill).
+    # Host bookkeeping for reading a released zone back in bulk (prefill), and for
+    # refusing a repeated or overlapping segment (rows that would leak until free)
+    # without reading the tables back: a segment must start at or after the end of
+    # the last one.
     layer_segments: Dict[int, List[Tuple[int, int, int]]] = field(default_factory=dict)
+
+    def layer_end(self, layer: int) -> int:
+        segs = self.layer_segments.get(layer)
+        return segs[-1][2] if segs else 0
 
 
 class HostMirror:
@@ -418,12 +421,11 @@ class HostMirror:
             raise ValueError(f"HostMirror.mirror_segment: layer {layer} outside "
                              f"[0, {s.num_layers})")
         req = self._requests.get(slot)
-        if req is not None and p0 < req.layer_end.get(layer, 0):
+        if req is not None and p0 < req.layer_end(layer):
             raise ValueError(f"HostMirror.mirror_segment: [{p0}, {p1}) of layer {layer} "
                              f"starts before the end of its mirrored zone "
-                             f"{req.layer_end[layer]} (segments go in position order, once)")
+                             f"{req.layer_end(layer)} (segments go in position order, once)")
         at = self._place(slot, h * n)
-        self._requests[slot].layer_end[layer] = p1
         self._requests[slot].layer_segments.setdefault(layer, []).append((at, p0, p1))
         seg_pb = block_ids.long()[p0 // bs: p1 // bs]                        # [nb]
         kv = kv_cache[seg_pb].permute(1, 0, 2, 3)                            # [H, nb, bs, 2D]
