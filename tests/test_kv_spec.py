@@ -216,6 +216,27 @@ def test_spec_needs_only_what_the_host_mirror_cannot_take():
                                     retro_sink_tokens=16, retro_recent_tokens=64)])
 
 
+def test_host_index_admission_only_where_the_index_lives_in_host_memory(monkeypatch):
+    """The front-door check of the host index's size (``host_memory_gib``) applies
+    on the CPU path; on a GPU the mirror stops at its budget and the rest stays in
+    GPU blocks, so a 1M-token prompt over the budget is not refused there."""
+    from types import SimpleNamespace
+    from vllm_retro import admission, compat, vllm_plugin
+    seen = []
+    monkeypatch.setattr(admission, "check_request_fits",
+                        lambda vc, n, m: seen.append((n, m)))
+    monkeypatch.setattr(vllm_plugin, "retro_selected", lambda vc: True)
+    request = SimpleNamespace(prompt_token_ids=[0] * 1_048_576,
+                              sampling_params=SimpleNamespace(max_tokens=64))
+    process = admission.wrap_process_inputs(lambda self: request)
+    processor = SimpleNamespace(vllm_config=None)
+    for cpu, calls in ((True, [(1_048_576, 64)]), (False, [])):
+        seen.clear()
+        monkeypatch.setattr(compat, "is_cpu_platform", lambda cpu=cpu: cpu)
+        assert process(processor) is request
+        assert seen == calls
+
+
 def test_nothing_released_without_mirror_and_freed_blocks_reused():
     kvm, mgr = make_kv_manager(sink=4, recent=32)
     pool = kvm.block_pool

@@ -1,6 +1,12 @@
 """Host-memory admission: refuse, at the front door, requests whose wave indexes
 could never fit in ``host_memory_gib``.
 
+This is the CPU path's check, where the index and its KV live in host memory. On
+a GPU the index lives in GPU memory and ``host_memory_gib`` bounds the wave
+buffer's mirror, which stops at its budget (the rest of the request stays in GPU
+blocks); vLLM's start-up check of ``max_model_len`` counts that
+(``RetroSpec.max_memory_usage_bytes``), so nothing is checked here.
+
 The estimate is an upper bound of what :class:`~vllm_retro.wave_index.WaveIndex`
 holds per token (checked against ``WaveIndex.nbytes`` in the tests). Requests
 that fit alone but not beside the running ones are not refused: when the budget
@@ -80,7 +86,8 @@ def wrap_process_inputs(original):
     def process_inputs(self, *args, **kwargs):
         request = original(self, *args, **kwargs)
         from .vllm_plugin import retro_selected
-        if retro_selected(self.vllm_config):
+        from . import compat
+        if retro_selected(self.vllm_config) and compat.is_cpu_platform():
             sp = getattr(request, "sampling_params", None)
             check_request_fits(self.vllm_config, len(request.prompt_token_ids or ()),
                                getattr(sp, "max_tokens", None))
