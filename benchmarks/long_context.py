@@ -87,6 +87,9 @@ def child(a) -> None:
     eng = llm.llm_engine
     cc = eng.vllm_config.cache_config
     rec["kv_capacity_tokens"] = cc.num_gpu_blocks * cc.block_size
+    mc, pc = eng.vllm_config.model_config, eng.vllm_config.parallel_config
+    rec["block_gib"] = (cc.block_size * mc.get_num_layers(pc) * 2 * mc.get_num_kv_heads(pc)
+                        * mc.get_head_size() * mc.dtype.itemsize / 2**30)
     sched = eng.engine_core.engine_core.scheduler
     state = retro_manager() if a.backend == "retro" else None
     (kvm,) = sched.kv_cache_manager.coordinator.single_type_managers
@@ -100,6 +103,7 @@ def child(a) -> None:
     t_start = time.perf_counter()
     last_print = t_start
     times = []          # arrival time of each output token
+    progress = []       # the progress lines, for the plot
     n_out = 0
     while eng.has_unfinished_requests():
         for o in eng.step():
@@ -110,13 +114,18 @@ def child(a) -> None:
         now = time.perf_counter()
         if now - last_print >= a.progress_s:
             last_print = now
-            req = sched.requests.get("long")
+            # The engine's request id is ours plus a suffix: the one request there.
+            req = next(iter(sched.requests.values()), None)
             done = req.num_computed_tokens if req is not None else a.context
+            point = dict(t_s=round(now - t_start, 1), computed_tokens=done,
+                         output_tokens=n_out)
             extra = ""
             if state is not None:
-                s = state.stats()
-                extra = (f", host {s.get('host_mirrored_gib', 0):.1f} GiB mirrored, "
-                         f"{getattr(kvm, 'num_released_blocks', 0)} blocks released")
+                point.update(host_gib=round(state.stats().get("host_mirrored_gib", 0), 2),
+                             released_blocks=getattr(kvm, "num_released_blocks", 0))
+                extra = (f", host {point['host_gib']:.1f} GiB mirrored, "
+                         f"{point['released_blocks']} blocks released")
+            progress.append(point)
             print(f"progress: {done} of {a.context} tokens computed, {n_out} output "
                   f"tokens, {now - t_start:.0f} s{extra}", flush=True)
     if n_out < 3:
@@ -126,7 +135,8 @@ def child(a) -> None:
                tpot_ms=1e3 * (times[-1] - times[1]) / (n_out - 2),
                output_tokens=n_out, peak_gpu_gib=gpu_used_gib(),
                peak_gpu_allocated_gib=(torch.cuda.max_memory_allocated() / 2**30
-                                       if torch.cuda.is_available() else None))
+                                       if torch.cuda.is_available() else None),
+               progress=progress)
     if state is not None:
         s = state.stats()
         d = {k: s[k] - before[k] for k in ("retro_rows", "dense_rows", "exact_tokens",
@@ -144,6 +154,50 @@ def child(a) -> None:
     print(json.dumps(rec), flush=True)
     with open(a.child_out, "w") as f:
         json.dump(dict(records=[rec]), f)
+
+
+def plot(res: dict, path: str) -> None:
+    """Retro's prefill of the long request over time (host memory mirrored, GPU
+    blocks released) with its figures, and each backend's outcome."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = res["records"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    lines = []
+    for r in recs:
+        if not r.get("fits"):
+            lines.append(f"{r['backend']} at {r['context']:,} tokens: refused at start-up "
+                         f"({r.get('error', '')[:70]}...)")
+            continue
+        lines.append(f"{r['backend']} at {r['context']:,} tokens: prefill "
+                     f"{r['prefill_s']:.0f} s, TPOT {r['tpot_ms']:.1f} ms, peak GPU "
+                     f"{r.get('peak_gpu_gib') or 0:.0f} GiB, host "
+                     f"{r.get('host_gib') or 0:.0f} GiB")
+        pts = [p for p in r.get("progress", []) if "host_gib" in p]
+        if pts and r.get("host_gib") is not None:   # the end of the run
+            end = r["prefill_s"] + r["first_decode_step_s"] + \
+                r["tpot_ms"] * (r["output_tokens"] - 2) / 1e3
+            pts.append(dict(t_s=end, host_gib=r["host_gib"],
+                            released_blocks=r.get("released_blocks") or 0))
+        if pts:
+            t = [p["t_s"] for p in pts]
+            ax.plot(t, [p["host_gib"] for p in pts], "o-",
+                    label=f"{r['backend']}: host GiB mirrored")
+            blk = r.get("block_gib", 0) or 0
+            if blk:
+                ax.plot(t, [p["released_blocks"] * blk for p in pts], "s--",
+                        label=f"{r['backend']}: GPU GiB released")
+            ax.axvline(r["prefill_s"], color="gray", lw=0.8)
+    ax.set_xlabel("seconds since the request arrived")
+    ax.set_ylabel("GiB")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("\n".join(lines), fontsize=7)
+    fig.suptitle(f"One long request through vllm.LLM, Llama-3-8B shape, {res['device']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print("wrote", path, flush=True)
 
 
 def main() -> None:
@@ -172,7 +226,9 @@ def main() -> None:
         with open(a.out) as f:
             results = json.load(f)
     parts, failed = run_children(__file__, a.out, a.backends.split(","))
-    new = [r for _, got in parts for r in got["records"]]
+    # Records of several invocations are merged: each names its own command.
+    command = result_header()["command"]
+    new = [dict(r, command=command) for _, got in parts for r in got["records"]]
     keys = {(r["backend"], r["context"]) for r in new}
     records = [r for r in results.get("records", [])
                if (r["backend"], r["context"]) not in keys] + new
@@ -183,6 +239,7 @@ def main() -> None:
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     print("wrote", a.out, flush=True)
+    plot(res, os.path.splitext(a.out)[0] + ".png")
     if failed:
         raise SystemExit("failed: " + ", ".join(failed))
 
