@@ -42,7 +42,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
        torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8",
        torch.uint8: "u8", torch.bool: "i1"}
-OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "launch_pdl")
+OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "launch_pdl", "maxnreg")
 compiled: dict = {}
 failures: list = []
 RESOURCES: set = set()
@@ -65,8 +65,34 @@ def resource_usage(cubin: bytes) -> str:
     return m.group(0).strip() if m else f"cuobjdump: {(r.stdout + r.stderr).strip()[:200]}"
 
 
+def _jit_specialization(self: JITFunction, args, kwargs):
+    """The signature, constexprs, attributes and options Triton's JIT would compile
+    this launch with: its own binder, so integer arguments divisible by 16 and
+    16-byte-aligned tensors carry ``tt.divisibility`` as on the GPU (without it
+    the compiler cannot vectorize loads, and registers differ from the real ones)."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(self.signature, self.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    return self._pack_args(backend, kwargs, bound_args, specialization, options)
+
+
 def _aot(self: JITFunction, *args, grid, warmup, **kwargs):
     """Stands in for ``JITFunction.run``: compiles instead of launching."""
+    try:
+        options, sig, consts, attrs = _jit_specialization(self, args, dict(kwargs))
+    except Exception as exc:  # a Triton whose JIT internals differ: no attributes
+        print(f"  (no JIT specialization for {self.__name__}: {exc})", flush=True)
+        options = None
+    if options is not None:
+        named = {self.params[p[0]].name: v for p, v in consts.items() if len(p) == 1}
+        key = (self.__name__, tuple(sorted(sig.items())), tuple(sorted(map(str, named.items()))),
+               tuple(sorted(map(str, attrs.items()))),
+               tuple((k, kwargs[k]) for k in OPTION_KEYS if k in kwargs))
+        return _compile(self, key, ASTSource(fn=self, signature=sig, constexprs=consts,
+                                             attrs=attrs),
+                        {k: kwargs[k] for k in OPTION_KEYS if k in kwargs}, named, sig)
     bound = dict(zip(self.arg_names, args))
     options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTION_KEYS}
     bound.update(kwargs)
@@ -88,11 +114,15 @@ def _aot(self: JITFunction, *args, grid, warmup, **kwargs):
             raise TypeError(f"{self.__name__}: cannot type argument {p.name}={v!r}")
     key = (self.__name__, tuple(sorted(sig.items())), tuple(sorted(map(str, consts.items()))),
            tuple(sorted(options.items())))
+    return _compile(self, key, ASTSource(fn=self, signature=sig, constexprs=consts),
+                    options, consts, sig)
+
+
+def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict):
     if key in compiled:
         return None
     try:
-        k = triton.compile(ASTSource(fn=self, signature=sig, constexprs=consts),
-                           target=TARGET, options=options)
+        k = triton.compile(src, target=TARGET, options=options)
         compiled[key] = len(k.asm["cubin"])
         extra = ""
         if self.__name__ in RESOURCES:
