@@ -85,6 +85,10 @@ VARIANTS = [
     # ... with the score kernel held to 128 registers (4 programs per SM at 4 warps
     # instead of 3; the sm_90 compile spills 8 bytes).
     ("summaries 8-bit, score maxnreg 128", "q8+score", dict(maxnreg=128)),
+    # The wave variant of the attention kernel at batches above SMALL_BATCH
+    # (triton_decode.TUNE_WAVE; with --wave): its own retrieved tile.
+    ("wave attend TR32", "wave_attend", dict(TR=32)),
+    ("wave attend TR32 st3", "wave_attend", dict(TR=32, num_stages=3)),
 ]
 
 
@@ -115,6 +119,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     base_tune = copy.deepcopy(td.TUNE)
     base_small = copy.deepcopy(td.TUNE_SMALL_BATCH)
     base_impl = td.SCORE_IMPL
+    base_wave = copy.deepcopy(td.TUNE_WAVE)
     td.RECORD_RESOURCES = True
     res = []
     for name, kernel, over in VARIANTS:
@@ -122,12 +127,16 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             continue
         td.TUNE = copy.deepcopy(base_tune)
         td.TUNE_SMALL_BATCH = copy.deepcopy(base_small)
+        td.TUNE_WAVE = copy.deepcopy(base_wave)
         td.SCORE_IMPL = base_impl
         max_split = pps = attend_split = 0
         td.PDL = bool(kernel and kernel.startswith("pdl"))
         pool, err_limit = ix.pool, 1e-2
         if kernel and kernel.startswith("q8"):
             pool, err_limit, kernel = q8_copy(ix.pool), 0.1, kernel[3:] or None
+        elif kernel == "wave_attend":
+            td.TUNE_WAVE["attend"].update(over)
+            kernel = None
         elif kernel == "pdl":
             kernel = None
         elif kernel == "pdl+asplit":
@@ -188,6 +197,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
               flush=True)
         del ws
     td.TUNE, td.TUNE_SMALL_BATCH, td.SCORE_IMPL = base_tune, base_small, base_impl
+    td.TUNE_WAVE = base_wave
     td.PDL = False
     ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")
     out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)

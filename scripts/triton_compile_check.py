@@ -78,6 +78,27 @@ def _jit_specialization(self: JITFunction, args, kwargs):
     return self._pack_args(backend, kwargs, bound_args, specialization, options)
 
 
+# Kernels whose 16-bit K/V and summary tiles must load as vectors: a 2-byte load
+# per element (the compiler could not prove 16-byte alignment, e.g. of a pointer
+# carried through a loop) costs 8x the load instructions. Checked in their 16-bit
+# variants; the count of such loads in the SASS must be 0.
+VECTOR_LOAD_KERNELS = ("_attend_kernel", "_score_kernel")
+
+
+def scalar_16bit_loads(cubin: bytes) -> int:
+    """Global loads of one 16- or 8-bit element in the cubin's SASS."""
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                       "cuobjdump")
+    if not os.path.exists(exe):
+        exe = shutil.which("cuobjdump") or "cuobjdump"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        r = subprocess.run([exe, "-sass", path], capture_output=True, text=True)
+    return len(re.findall(r"\bLDG\.E\.[US](?:16|8)\b", r.stdout))
+
+
 def _aot(self: JITFunction, *args, grid, warmup, **kwargs):
     """Stands in for ``JITFunction.run``: compiles instead of launching."""
     try:
@@ -129,6 +150,13 @@ def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict
             flags = {n: consts[n] for n in ("WAVE", "PDL") if n in consts}
             dt = next((v for n, v in sig.items() if n == "kv_ptr"), "")
             extra = f" {dt} {flags}: {resource_usage(k.asm['cubin'])}"
+        if self.__name__ in VECTOR_LOAD_KERNELS and \
+                any(v in ("*bf16", "*fp16") for v in sig.values()):
+            n = scalar_16bit_loads(k.asm["cubin"])
+            if n:
+                raise RuntimeError(f"{n} scalar 8/16-bit global loads in the SASS (tiles "
+                                   f"not vectorised: alignment not provable)")
+            extra += " vector loads"
         print(f"  ok  {self.__name__:22s} {options} cubin {compiled[key]} B{extra}", flush=True)
     except Exception as exc:  # reported together at the end
         compiled[key] = None

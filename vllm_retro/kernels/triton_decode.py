@@ -985,13 +985,19 @@ def _wave_addr(t0, total, beg, end, start, bt_row, src_row, S, SB, E, L, HZ, HZB
     ptr = tl.where(in_cache, ckv_ptr + i * ckv_s0 + off * ckv_s1,
                    tl.where(in_arena, ar_ptr + (i + off) * ar_s0,
                             kv_ptr + kb * kv_s0 + h * kv_s1 + off * kv_s2))
+    # Every source's token rows start 16-byte aligned (head sizes are multiples of
+    # 8; the cache, cluster cache and arena rows are whole heads). The select and
+    # the loop that carries the result hide that from the compiler: stated here,
+    # the K/V loads are 16-byte vectors, not one 2-byte load per element.
+    ptr = tl.multiple_of(ptr, 16)
     return ptr, paged | in_cache | in_arena
 
 
 @triton.jit
 def _load_kv_at(ptr, ok, D: tl.constexpr, DP: tl.constexpr):
     """K and V ``[T, DP]`` of tokens at their own addresses (K at ``ptr``, V ``D``
-    elements after it; unit element stride in every source)."""
+    elements after it; unit element stride in every source; 16-byte aligned, see
+    :func:`_wave_addr`)."""
     d = tl.arange(0, DP)
     lm = ok[:, None] & (d < D)[None, :]
     k = tl.load(ptr[:, None] + d[None, :], mask=lm, other=0.0)
