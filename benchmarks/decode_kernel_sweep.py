@@ -85,6 +85,7 @@ VARIANTS = [
     # ... with the score kernel held to 128 registers (4 programs per SM at 4 warps
     # instead of 3; the sm_90 compile spills 8 bytes).
     ("summaries 8-bit, score maxnreg 128", "q8+score", dict(maxnreg=128)),
+    ("summaries 8-bit, score CH32", "q8+score", dict(CH=32)),
     # The wave variant of the attention kernel at batches above SMALL_BATCH
     # (triton_decode.TUNE_WAVE; with --wave): its own retrieved tile.
     ("wave attend TR32", "wave_attend", dict(TR=32)),
