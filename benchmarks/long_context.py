@@ -66,6 +66,34 @@ def _engine_kwargs(a, backend: str) -> dict:
     return kw
 
 
+def _start_profiler():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(ProfilerActivity.CUDA)
+    p = profile(activities=acts)
+    p.__enter__()
+    return p
+
+
+def _profile_summary(p, steps: int, k: int = 15) -> dict:
+    """Device time per decode step and its top kernels (and retro's named ranges)."""
+    from profiling import device_us
+    steps = max(1, steps)
+    dev, ranges = {}, {}
+    for e in p.key_averages():
+        t = device_us(e, self_time=True)
+        if t > 0:
+            dev[e.key] = t / steps
+        if e.key.startswith("retro::"):
+            ranges[e.key] = round(device_us(e) / steps, 1)
+    top = sorted(dev.items(), key=lambda kv: -kv[1])[:k]
+    return dict(steps=steps, device_us_per_step=round(sum(dev.values()), 1),
+                retro_ranges_device_us_per_step=ranges,
+                top_kernels_us_per_step={key[:90]: round(v, 1) for key, v in top})
+
+
 def child(a) -> None:
     # In-process engine core: the scheduler and retro's counters are readable here.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -96,7 +124,11 @@ def child(a) -> None:
     g = torch.Generator().manual_seed(0)
     vocab = min(100000, SHAPES[a.shape]["vocab_size"])
     toks = torch.randint(100, vocab - 1, (a.context,), generator=g).tolist()
-    params = SamplingParams(max_tokens=a.output_tokens, ignore_eos=True, temperature=0.0)
+    # --profile-steps: that many more decode steps, under the torch profiler, after
+    # the timed ones (the profiler slows the steps it records).
+    params = SamplingParams(max_tokens=a.output_tokens + a.profile_steps, ignore_eos=True,
+                            temperature=0.0)
+    prof, prof_from = None, 0
     # vLLM's warm-up and graph capture run the decode kernels too: count from here.
     before = state.stats() if state is not None else None
     eng.add_request("long", TokensPrompt(prompt_token_ids=toks), params)
@@ -111,6 +143,8 @@ def child(a) -> None:
             while n_out < k:
                 times.append(time.perf_counter())
                 n_out += 1
+        if a.profile_steps and prof is None and n_out >= a.output_tokens:
+            prof, prof_from = _start_profiler(), n_out
         now = time.perf_counter()
         if now - last_print >= a.progress_s:
             last_print = now
@@ -128,6 +162,10 @@ def child(a) -> None:
             progress.append(point)
             print(f"progress: {done} of {a.context} tokens computed, {n_out} output "
                   f"tokens, {now - t_start:.0f} s{extra}", flush=True)
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        rec["profile"] = _profile_summary(prof, n_out - prof_from)
+    times, n_out = times[:a.output_tokens], min(n_out, a.output_tokens)
     if n_out < 3:
         raise SystemExit(f"only {n_out} output tokens")
     rec.update(fits=True, prefill_s=times[0] - t_start,
@@ -213,6 +251,8 @@ def main() -> None:
                     default='{"wave_buffer": true, "host_memory_gib": 100}')
     ap.add_argument("--label", default="", help="backend name in retro's record")
     ap.add_argument("--progress-s", type=float, default=30.0)
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="decode steps profiled after the timed ones (0: none)")
     ap.add_argument("--model-dir", default="/tmp/llama3-8b-shape-long")
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--out", default="benchmarks/results/long_context_h200.json")
