@@ -243,7 +243,7 @@ def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, max_token
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from profiling import device_us
+    from profiling import per_step, top
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
@@ -282,16 +282,7 @@ def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, max_token
         acts.append(ProfilerActivity.CUDA)
     with profile(activities=acts) as p:
         wall, n = run(steps, "torch_profiler")
-    dev, host, ranges = {}, {}, {}
-    for e in p.key_averages():
-        t = device_us(e, self_time=True)
-        if t > 0:
-            dev[e.key] = t / n
-        if e.key.startswith("retro::"):
-            # A named range's device time: the kernels launched inside it.
-            ranges[e.key] = round(device_us(e) / n, 1)
-        if e.self_cpu_time_total > 0:
-            host[e.key] = e.self_cpu_time_total / n
+    dev, host, ranges = per_step(p, n)
     pr = cProfile.Profile()
     pr.enable()
     py_s, py_n = run(steps, "cprofile")
@@ -301,9 +292,6 @@ def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, max_token
     eng.abort_request(list(got))
     while eng.has_unfinished_requests():
         eng.step()
-
-    def top(d, k=15):
-        return {key[:90]: round(v, 1) for key, v in sorted(d.items(), key=lambda kv: -kv[1])[:k]}
     return dict(context=ctx, batch=batch, steps=n, decode_rows_per_step=rows,
                 wall_ms_per_step_plain=1e3 * plain_s / plain_n,
                 wall_ms_per_step=1e3 * wall / n,

@@ -77,21 +77,12 @@ def _start_profiler():
     return p
 
 
-def _profile_summary(p, steps: int, k: int = 15) -> dict:
+def _profile_summary(p, steps: int) -> dict:
     """Device time per decode step and its top kernels (and retro's named ranges)."""
-    from profiling import device_us
-    steps = max(1, steps)
-    dev, ranges = {}, {}
-    for e in p.key_averages():
-        t = device_us(e, self_time=True)
-        if t > 0:
-            dev[e.key] = t / steps
-        if e.key.startswith("retro::"):
-            ranges[e.key] = round(device_us(e) / steps, 1)
-    top = sorted(dev.items(), key=lambda kv: -kv[1])[:k]
-    return dict(steps=steps, device_us_per_step=round(sum(dev.values()), 1),
-                retro_ranges_device_us_per_step=ranges,
-                top_kernels_us_per_step={key[:90]: round(v, 1) for key, v in top})
+    from profiling import per_step, top
+    dev, _, ranges = per_step(p, steps)
+    return dict(steps=max(1, steps), device_us_per_step=round(sum(dev.values()), 1),
+                retro_ranges_device_us_per_step=ranges, top_kernels_us_per_step=top(dev))
 
 
 def child(a) -> None:

@@ -48,9 +48,8 @@ failures: list = []
 RESOURCES: set = set()
 
 
-def resource_usage(cubin: bytes) -> str:
-    """``REG:n STACK:n SHARED:n LOCAL:n`` of the cubin's kernel (Triton's bundled
-    cuobjdump; LOCAL > 0 means spilled registers)."""
+def cuobjdump(cubin: bytes, flag: str) -> subprocess.CompletedProcess:
+    """Triton's bundled cuobjdump (else the one on PATH) run with ``flag`` on ``cubin``."""
     exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                        "cuobjdump")
     if not os.path.exists(exe):
@@ -59,8 +58,13 @@ def resource_usage(cubin: bytes) -> str:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        r = subprocess.run([exe, "--dump-resource-usage", path], capture_output=True,
-                           text=True)
+        return subprocess.run([exe, flag, path], capture_output=True, text=True)
+
+
+def resource_usage(cubin: bytes) -> str:
+    """``REG:n STACK:n SHARED:n LOCAL:n`` of the cubin's kernel (LOCAL > 0 means
+    spilled registers)."""
+    r = cuobjdump(cubin, "--dump-resource-usage")
     m = re.search(r"REG:\d+.*", r.stdout)
     return m.group(0).strip() if m else f"cuobjdump: {(r.stdout + r.stderr).strip()[:200]}"
 
@@ -87,16 +91,7 @@ VECTOR_LOAD_KERNELS = ("_attend_kernel", "_score_kernel")
 
 def scalar_16bit_loads(cubin: bytes) -> int:
     """Global loads of one 16- or 8-bit element in the cubin's SASS."""
-    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                       "cuobjdump")
-    if not os.path.exists(exe):
-        exe = shutil.which("cuobjdump") or "cuobjdump"
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        r = subprocess.run([exe, "-sass", path], capture_output=True, text=True)
-    return len(re.findall(r"\bLDG\.E\.[US](?:16|8)\b", r.stdout))
+    return len(re.findall(r"\bLDG\.E\.[US](?:16|8)\b", cuobjdump(cubin, "-sass").stdout))
 
 
 def _aot(self: JITFunction, *args, grid, warmup, **kwargs):
