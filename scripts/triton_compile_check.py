@@ -7,7 +7,11 @@ value that changes type, an op the interpreter tolerates). Here each launch of t
 launchers (decode attention at a small and a large batch, the index build's
 kernels) is intercepted and compiled ahead of time for ``GPUTarget("cuda", 90, 32)``
 with the launch's own argument types, constexprs, warps and stages; nothing runs.
-Exit status 1 with the compiler's message when a kernel does not compile.
+Exit status 1 with the compiler's message when a kernel does not compile, or when a
+variant with 16-bit tensors loads them one element at a time (its SASS has scalar
+8/16-bit global loads: a lost vectorisation, 8x the load instructions). Launches are
+specialized as Triton's JIT specializes them (divisibility by 16 of integer
+arguments and pointers), so registers and SASS are the GPU's.
 
     python scripts/triton_compile_check.py      # needs TRITON_INTERPRET unset / 0
     python scripts/triton_compile_check.py --resources _attend_kernel
@@ -82,11 +86,11 @@ def _jit_specialization(self: JITFunction, args, kwargs):
     return self._pack_args(backend, kwargs, bound_args, specialization, options)
 
 
-# Kernels whose 16-bit K/V and summary tiles must load as vectors: a 2-byte load
-# per element (the compiler could not prove 16-byte alignment, e.g. of a pointer
-# carried through a loop) costs 8x the load instructions. Checked in their 16-bit
-# variants; the count of such loads in the SASS must be 0.
-VECTOR_LOAD_KERNELS = ("_attend_kernel", "_score_kernel")
+# Every kernel's 16-bit tiles (K/V, summaries, keys, pages) must load as vectors: a
+# 2-byte load per element (the compiler could not prove 16-byte alignment, e.g. of
+# a pointer carried through a loop) costs 8x the load instructions. Checked in the
+# variants with a 16-bit tensor argument; the count of such loads in the SASS must
+# be 0.
 
 
 def scalar_16bit_loads(cubin: bytes) -> int:
@@ -145,8 +149,7 @@ def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict
             flags = {n: consts[n] for n in ("WAVE", "PDL") if n in consts}
             dt = next((v for n, v in sig.items() if n == "kv_ptr"), "")
             extra = f" {dt} {flags}: {resource_usage(k.asm['cubin'])}"
-        if self.__name__ in VECTOR_LOAD_KERNELS and \
-                any(v in ("*bf16", "*fp16") for v in sig.values()):
+        if any(v in ("*bf16", "*fp16") for v in sig.values()):
             n = scalar_16bit_loads(k.asm["cubin"])
             if n:
                 raise RuntimeError(f"{n} scalar 8/16-bit global loads in the SASS (tiles "
