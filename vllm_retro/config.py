@@ -130,9 +130,10 @@ class RetroConfig:
             layer's budget. Reference only; the history lives in the index.
         dense_below: context length below which the vLLM backend decodes densely
             (0: only the index's own short-sequence fallback applies).
-        host_memory_gib: host memory the vLLM backend's indexes of one worker may
-            hold together; a request that would exceed it is refused (None: no limit).
-            With ``wave_buffer`` it is also the pinned host budget of the KV mirrors
+        host_memory_gib: CPU build: host memory the vLLM backend's indexes of one
+            worker may hold together; a request whose index alone would exceed it is
+            refused (None: no limit). GPU: with ``wave_buffer``, the pinned host
+            budget of the KV mirrors (a full budget stops a mirror; nothing refused)
             (None there: 3/4 of the host memory available when the worker starts,
             :func:`vllm_retro.memory.host_mirror.default_host_budget_bytes`, split
             evenly between the engine's workers).
