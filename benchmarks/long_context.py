@@ -160,14 +160,14 @@ def child(a) -> None:
     times, n_out = times[:a.output_tokens], min(n_out, a.output_tokens)
     if n_out < 3:
         raise SystemExit(f"only {n_out} output tokens")
+    gaps = [b - a for a, b in zip(times[1:], times[2:])]   # decode steps after the first
     rec.update(fits=True, prefill_s=times[0] - t_start,
                first_decode_step_s=times[1] - times[0],
                tpot_ms=1e3 * (times[-1] - times[1]) / (n_out - 2),
                # The cluster cache fills during the first decode steps (their misses
                # are read over PCIe): the median is the steady state, the mean not.
-               tpot_median_ms=1e3 * statistics.median(
-                   b - a for a, b in zip(times[1:], times[2:])),
-               tpot_max_ms=1e3 * max(b - a for a, b in zip(times[1:], times[2:])),
+               tpot_median_ms=1e3 * statistics.median(gaps),
+               tpot_max_ms=1e3 * max(gaps),
                output_tokens=n_out, peak_gpu_gib=gpu_used_gib(),
                peak_gpu_allocated_gib=(torch.cuda.max_memory_allocated() / 2**30
                                        if torch.cuda.is_available() else None),

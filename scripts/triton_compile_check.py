@@ -43,9 +43,6 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TARGET = GPUTarget("cuda", 90, 32)
-_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-       torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8",
-       torch.uint8: "u8", torch.bool: "i1"}
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "launch_pdl", "maxnreg")
 compiled: dict = {}
 failures: list = []
@@ -86,56 +83,31 @@ def _jit_specialization(self: JITFunction, args, kwargs):
     return self._pack_args(backend, kwargs, bound_args, specialization, options)
 
 
-# Every kernel's 16-bit tiles (K/V, summaries, keys, pages) must load as vectors: a
-# 2-byte load per element (the compiler could not prove 16-byte alignment, e.g. of
-# a pointer carried through a loop) costs 8x the load instructions. Checked in the
-# variants with a 16-bit tensor argument; the count of such loads in the SASS must
-# be 0.
-
-
 def scalar_16bit_loads(cubin: bytes) -> int:
-    """Global loads of one 16- or 8-bit element in the cubin's SASS."""
+    """Global loads of one 16- or 8-bit element in the cubin's SASS. Every kernel's
+    16-bit tiles (K/V, summaries, keys, pages) must load as vectors: a 2-byte load
+    per element (the compiler could not prove 16-byte alignment, e.g. of a pointer
+    carried through a loop) costs 8x the load instructions; checked in the variants
+    with a 16-bit tensor argument, where the count must be 0."""
     return len(re.findall(r"\bLDG\.E\.[US](?:16|8)\b", cuobjdump(cubin, "-sass").stdout))
 
 
 def _aot(self: JITFunction, *args, grid, warmup, **kwargs):
-    """Stands in for ``JITFunction.run``: compiles instead of launching."""
+    """Stands in for ``JITFunction.run``: compiles instead of launching (a launch
+    Triton's binder cannot specialize is reported as a failure)."""
+    options = {k: kwargs[k] for k in OPTION_KEYS if k in kwargs}
     try:
-        options, sig, consts, attrs = _jit_specialization(self, args, dict(kwargs))
-    except Exception as exc:  # a Triton whose JIT internals differ: no attributes
-        print(f"  (no JIT specialization for {self.__name__}: {exc})", flush=True)
-        options = None
-    if options is not None:
-        named = {self.params[p[0]].name: v for p, v in consts.items() if len(p) == 1}
-        key = (self.__name__, tuple(sorted(sig.items())), tuple(sorted(map(str, named.items()))),
-               tuple(sorted(map(str, attrs.items()))),
-               tuple((k, kwargs[k]) for k in OPTION_KEYS if k in kwargs))
-        return _compile(self, key, ASTSource(fn=self, signature=sig, constexprs=consts,
-                                             attrs=attrs),
-                        {k: kwargs[k] for k in OPTION_KEYS if k in kwargs}, named, sig)
-    bound = dict(zip(self.arg_names, args))
-    options = {k: kwargs.pop(k) for k in list(kwargs) if k in OPTION_KEYS}
-    bound.update(kwargs)
-    sig, consts = {}, {}
-    for p in self.params:
-        v = bound.get(p.name, p.default if p.has_default else None)
-        if p.is_constexpr:
-            consts[p.name] = v
-            sig[p.name] = "constexpr"
-        elif isinstance(v, torch.Tensor):
-            sig[p.name] = "*" + _DT[v.dtype]
-        elif isinstance(v, bool):
-            sig[p.name] = "i1"
-        elif isinstance(v, int):
-            sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
-        elif isinstance(v, float):
-            sig[p.name] = "fp32"
-        else:
-            raise TypeError(f"{self.__name__}: cannot type argument {p.name}={v!r}")
-    key = (self.__name__, tuple(sorted(sig.items())), tuple(sorted(map(str, consts.items()))),
-           tuple(sorted(options.items())))
-    return _compile(self, key, ASTSource(fn=self, signature=sig, constexprs=consts),
-                    options, consts, sig)
+        _, sig, consts, attrs = _jit_specialization(self, args, dict(kwargs))
+    except Exception as exc:  # reported together at the end
+        failures.append((self.__name__, None, options, exc))
+        print(f"  FAIL {self.__name__}: JIT specialization: {type(exc).__name__}: {exc}",
+              flush=True)
+        return None
+    named = {self.params[p[0]].name: v for p, v in consts.items() if len(p) == 1}
+    key = (self.__name__, tuple(sorted(sig.items())), tuple(sorted(map(str, named.items()))),
+           tuple(sorted(map(str, attrs.items()))), tuple(sorted(options.items())))
+    return _compile(self, key, ASTSource(fn=self, signature=sig, constexprs=consts,
+                                         attrs=attrs), options, named, sig)
 
 
 def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict):
