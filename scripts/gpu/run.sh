@@ -5,7 +5,8 @@
 #
 #   STAGES="kernels engine kbench throughput" bash scripts/gpu/run.sh
 #
-# Stages: kernels (kernel tests on the GPU; KERNEL_TESTS picks files), kbench (decode attention per layer vs
+# Stages: ncusrc (Nsight Compute per-instruction profiles exported as text; NCUSRC),
+# kernels (kernel tests on the GPU; KERNEL_TESTS picks files), kbench (decode attention per layer vs
 # FA3), ibuild (index build of one long prompt, profiled; IBUILD_ARGS), sweep
 # (launch parameters of the decode kernels, SWEEP_ARGS), engine (vLLM engine tests
 # under vLLM's defaults; ENGINE_ARGS, e.g. -s; ENGINE_K a -k expression), wavebuf (the wave buffer's
@@ -144,6 +145,30 @@ for s in $STAGES; do
         python3 benchmarks/decode_kernel_sweep.py --cases ${NCU_CASE:-131072x8} \
         --variants default --out "$OUT/ncu_sweep.json" > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
       r=$?; tail -3 "$OUT/ncu.err"; wc -l "$OUT/ncu.csv"; [ "$r" = 0 ] || rc=$r; continue ;;
+    # Nsight Compute, full set with per-instruction (SASS) counters, of single kernels,
+    # exported as text so a machine without ncu can read them: NCUSRC lists
+    # "name|kernel regex|sweep arguments" entries separated by "+"; reports carried
+    # under .ncu/ are exported too.
+    ncusrc)
+      NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu \
+            2>/dev/null | head -1)
+      if [ -z "$NCU" ]; then echo "ncu: not found on this host"; rc=3; continue; fi
+      IFS='+' read -ra specs <<< "${NCUSRC:-}"
+      for spec in "${specs[@]}"; do
+        IFS='|' read -r nm rx sargs <<< "$spec"
+        timeout 240 "$NCU" --set full --import-source yes -k "regex:$rx" --launch-skip 2 -c 1 \
+          -o "$OUT/$nm" python3 benchmarks/decode_kernel_sweep.py $sargs \
+          --out "$OUT/$nm.sweep.json" > "$OUT/$nm.log" 2>&1
+        echo "ncusrc $nm: rc=$?"
+      done
+      for rep in "$OUT"/*.ncu-rep .ncu/*.ncu-rep; do
+        [ -f "$rep" ] || continue
+        b="$OUT/$(basename "$rep" .ncu-rep)"
+        "$NCU" --import "$rep" --page source --csv --print-source sass > "$b.sass.csv" 2> "$b.err"
+        "$NCU" --import "$rep" --page details --print-details all > "$b.details.txt" 2>> "$b.err"
+        echo "exported $(basename "$rep"): $(wc -l < "$b.sass.csv") SASS lines"
+      done
+      continue ;;
     *) echo "unknown stage $s"; rc=2 ;;
   esac
   r=${PIPESTATUS[0]}; [ "$r" = 0 ] || { echo "stage $s failed ($r)"; rc=$r; }
