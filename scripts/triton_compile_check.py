@@ -16,6 +16,8 @@ arguments and pointers), so registers and SASS are the GPU's.
     python scripts/triton_compile_check.py      # needs TRITON_INTERPRET unset / 0
     python scripts/triton_compile_check.py --resources _attend_kernel
 
+``--sass DIR`` (with ``--resources``): also writes those variants' SASS to DIR.
+
 ``--resources NAME``: also the registers, stack and local (spill) bytes of NAME's
 variants, from the cubin (``cuobjdump --dump-resource-usage``; without a GPU this
 is where a kernel's register pressure shows).
@@ -47,6 +49,7 @@ OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "launch_pdl", "maxnreg")
 compiled: dict = {}
 failures: list = []
 RESOURCES: set = set()
+SASS_DIR: str = ""
 
 
 def cuobjdump(cubin: bytes, flag: str) -> subprocess.CompletedProcess:
@@ -121,6 +124,14 @@ def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict
             flags = {n: consts[n] for n in ("WAVE", "PDL") if n in consts}
             dt = next((v for n, v in sig.items() if n == "kv_ptr"), "")
             extra = f" {dt} {flags}: {resource_usage(k.asm['cubin'])}"
+            if SASS_DIR:
+                tag = "_".join(f"{n}{int(consts[n])}" for n in ("WAVE", "PDL", "Q8")
+                               if n in consts)
+                path = os.path.join(SASS_DIR, f"{self.__name__}_{dt.strip('*')}_{tag}_"
+                                    f"{len(compiled)}.sass")
+                with open(path, "w") as f:
+                    f.write(cuobjdump(k.asm["cubin"], "-sass").stdout)
+                extra += f" -> {path}"
         if any(v in ("*bf16", "*fp16") for v in sig.values()):
             n = scalar_16bit_loads(k.asm["cubin"])
             if n:
@@ -225,8 +236,12 @@ def memory_launches() -> None:
 
 
 def main() -> None:
+    global SASS_DIR
     if "--resources" in sys.argv:
         RESOURCES.update(sys.argv[sys.argv.index("--resources") + 1].split(","))
+    if "--sass" in sys.argv:
+        SASS_DIR = sys.argv[sys.argv.index("--sass") + 1]
+        os.makedirs(SASS_DIR, exist_ok=True)
     JITFunction.run = _aot
     for name, fn in (("decode", decode_launches), ("index build", build_launches),
                      ("wave buffer", memory_launches)):

@@ -90,6 +90,8 @@ from .wave_view import W_HITS, W_MISSES, WaveBufferView
 
 # Globals read inside kernels must be constexpr objects.
 _NEG_INF = tl.constexpr(float("-inf"))
+# The query's low int8 part counts steps of 1/254 of one high step (|residual| <= 1/2).
+_Q8_LO = tl.constexpr(254)
 _INT_MAX = tl.constexpr(2147483647)
 _HDR_CE = tl.constexpr(HDR_CLUSTERED_END)
 _HDR_NR = tl.constexpr(HDR_N_RETRIEVE)
@@ -418,6 +420,34 @@ def _dot(a, b, NATIVE: tl.constexpr, PREC: tl.constexpr):
         return tl.dot(a, b.to(tl.float32), input_precision=PREC)
 
 
+@triton.jit
+def _q8_split(a):
+    """``a [M, K]`` fp32 as ``s * (hi + lo / Q8_LO)`` with int8 ``hi``, ``lo`` and one
+    fp32 scale ``s = max|a| / 127``: about 15 bits relative to ``max|a|``, far finer
+    than the int8 summaries it multiplies (half a step of 1/127 of their max)."""
+    amax = tl.max(tl.max(tl.abs(a), 1), 0)
+    s = tl.where(amax > 0, amax / 127.0, 1.0)
+    t = a / s
+    hi = _rint(t)
+    lo = _rint((t - hi) * _Q8_LO)
+    return hi.to(tl.int8), lo.to(tl.int8), s
+
+
+@triton.jit
+def _rint(x):
+    """Round half away from zero (exact on the interpreter and the GPU alike)."""
+    return tl.where(x >= 0, tl.floor(x + 0.5), -tl.floor(0.5 - x))
+
+
+@triton.jit
+def _q8_dot(hi, lo, b):
+    """``(hi + lo / Q8_LO) @ b`` for int8 ``hi``, ``lo`` ``[M, K]`` and int8 ``b [K, N]``
+    on integer tensor cores: two exact int32 products, combined in int32
+    (``|hi @ b| * Q8_LO + |lo @ b| < 2^31`` for K <= 256), one conversion."""
+    acc = tl.dot(hi, b, out_dtype=tl.int32) * _Q8_LO + tl.dot(lo, b, out_dtype=tl.int32)
+    return acc.to(tl.float32) * (1.0 / _Q8_LO)
+
+
 # ------------------------------------------------------------------ 1. scores
 @triton.jit
 def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
@@ -433,9 +463,10 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
 
     Q8: the pool keeps 8-bit centroids and key variances (``fq``: ``fpart``'s int8
     view, both vectors in slot 0; ``fs``: its float32 view, the two scales first in
-    slot 1). The int8 tiles enter the products as they are (exact in the pool's
-    dtype) and each cluster's scale multiplies its product: one conversion per
-    element instead of three, and no float32 tile."""
+    slot 1). The query and its square are split once per program into two int8
+    parts with one scale (:func:`_q8_split`); the int8 tiles enter integer
+    tensor-core products as they are (no conversion per element) and each cluster's
+    scale multiplies its product."""
     _pdl_launch(PDL)
     rh = tl.program_id(0)
     p = tl.program_id(1)
@@ -454,6 +485,9 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     q = tl.load(q_ptr + r.to(tl.int64) * q_sb + (h * G + g)[:, None] * q_sh + d[None, :] * q_sd,
                 mask=gm[:, None] & dm[None, :], other=0.0).to(tl.float32)
     qq = q * q
+    if Q8:
+        qh, ql, sq = _q8_split(q)
+        qqh, qql, sqq = _q8_split(qq)
     m_run = tl.full([GP], _NEG_INF, tl.float32)
     s_run = tl.zeros([GP], tl.float32)
     n_mine = tl.maximum(C - p + NS - 1, 0) // NS
@@ -469,9 +503,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             sb8 = fs_ptr + blk * fs_s0 + h * fs_s1 + fs_s2
             sc_c = tl.load(sb8, mask=valid, other=0.0)
             sc_v = tl.load(sb8 + 1, mask=valid, other=0.0)
-            fdt = fp_ptr.dtype.element_ty
-            cen = tl.load(qb[:, None] + d[None, :], mask=cm, other=0).to(fdt)
-            var = tl.load(qb[:, None] + D + d[None, :], mask=cm, other=0).to(fdt)
+            cen = tl.load(qb[:, None] + d[None, :], mask=cm, other=0)
+            var = tl.load(qb[:, None] + D + d[None, :], mask=cm, other=0)
         else:
             fb = fp_ptr + blk * fp_s0 + h * fp_s1
             cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
@@ -480,11 +513,12 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         i_n = p + NS * (m0 + CH + tl.arange(0, CH))
         valid_n = i_n < C
         blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
-        qc = _dot(q, tl.trans(cen), NATIVE, PREC)
-        qv = _dot(qq, tl.trans(var), NATIVE, PREC)
         if Q8:
-            qc = qc * sc_c[None, :]
-            qv = qv * sc_v[None, :]
+            qc = _q8_dot(qh, ql, tl.trans(cen)) * (sq * sc_c)[None, :]
+            qv = _q8_dot(qqh, qql, tl.trans(var)) * (sqq * sc_v)[None, :]
+        else:
+            qc = _dot(q, tl.trans(cen), NATIVE, PREC)
+            qv = _dot(qq, tl.trans(var), NATIVE, PREC)
         # Same operation order as the twin: s q.c + ln size + min(s^2/2 q^2.var, CAP).
         lg = qc * scale + tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
         lg = lg + tl.minimum(qv * (0.5 * scale * scale), CAP)
