@@ -90,13 +90,6 @@ VARIANTS = [
     # (triton_decode.TUNE_WAVE; with --wave): its own retrieved tile.
     ("wave attend TR32", "wave_attend", dict(TR=32)),
     ("wave attend TR32 st3", "wave_attend", dict(TR=32, num_stages=3)),
-    # Kernels 2-4 as split programs per row-head or as one program per row-head
-    # (triton_decode.SELECT; "auto" picks one at >= 64 row-heads), with its tiles.
-    ("select split", "select", ("split", {})),
-    ("select one", "select", ("one", {})),
-    ("select one CHE512", "select", ("one", dict(CHE=512))),
-    ("select one CHE128 RB512", "select", ("one", dict(CHE=128, RB=512))),
-    ("select one w4", "select", ("one", dict(num_warps=4))),
 ]
 
 
@@ -128,7 +121,6 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     base_small = copy.deepcopy(td.TUNE_SMALL_BATCH)
     base_impl = td.SCORE_IMPL
     base_wave = copy.deepcopy(td.TUNE_WAVE)
-    base_select = td.SELECT
     td.RECORD_RESOURCES = True
     res = []
     for name, kernel, over in VARIANTS:
@@ -138,8 +130,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         td.TUNE_SMALL_BATCH = copy.deepcopy(base_small)
         td.TUNE_WAVE = copy.deepcopy(base_wave)
         td.SCORE_IMPL = base_impl
-        td.SELECT = base_select
-        td.LAST_KERNELS.clear()
+        td.LAST_KERNELS.clear()   # (else the programs/SM line shows earlier variants' stages)
         max_split = pps = attend_split = 0
         td.PDL = bool(kernel and kernel.startswith("pdl"))
         pool, err_limit = ix.pool, 1e-2
@@ -147,10 +138,6 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             pool, err_limit, kernel = q8_copy(ix.pool), 0.1, kernel[3:] or None
         elif kernel == "wave_attend":
             td.TUNE_WAVE["attend"].update(over)
-            kernel = None
-        elif kernel == "select":
-            td.SELECT, over = over
-            td.TUNE["select"].update(over)
             kernel = None
         elif kernel == "pdl":
             kernel = None
@@ -212,7 +199,6 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
               flush=True)
         del ws
     td.TUNE, td.TUNE_SMALL_BATCH, td.SCORE_IMPL = base_tune, base_small, base_impl
-    td.SELECT = base_select
     td.TUNE_WAVE = base_wave
     td.PDL = False
     ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")

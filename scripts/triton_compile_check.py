@@ -161,8 +161,7 @@ def decode_launches() -> None:
         hdr = make_headers(nb, "cpu")
         pool = IndexPool(lay, nb)
         ibt = IndexAllocator(nb, 8, 32).ibt
-        # 8 rows x 8 KV heads: the selection as one program per row-head (SELECT auto).
-        for b in (1, 6, 8):
+        for b in (1, 6):
             ws = td.DecodeWorkspace(nb, h, g, d, max(b, 8), "cpu")
             q = torch.zeros(b, h * g, d, dtype=dtype)
             bt = torch.zeros(b, 32, dtype=torch.int32)

@@ -121,8 +121,6 @@ TUNE = {
     # CB: threshold buckets up to CB keys are searched in registers, larger in chunks
     "cand": dict(RB=256, CB=512, num_warps=8),
     "collect": dict(RB=256, CB=1024, num_warps=4),
-    # Kernels 2-4 as one program per row-head (SELECT): larger tiles, fewer passes.
-    "select": dict(CHE=256, RB=1024, CB=512, num_warps=8),
     "attend": dict(TS=32, RG=8, TR=32, TE=32, num_warps=4, num_stages=2),
     # The wave buffer's page lookups (walks the retrieved clusters like the attention
     # kernel, in tiles of its own: every visited page's source is written whatever
@@ -148,14 +146,6 @@ ATTEND_MAX_SPLIT = int(os.environ.get("RETRO_DECODE_ATTEND_MAX_SPLIT", "0"))
 # every kernel lets its dependents launch early. Off by default until measured;
 # RETRO_DECODE_PDL=1 (or the attribute) turns it on. Never in the interpreter.
 PDL = os.environ.get("RETRO_DECODE_PDL", "0") == "1"
-# Selection (kernels 2-4): "split" runs the key, candidate and collect kernels with
-# nsplit(B) programs per row-head (parallel within a row-head; atomics, tickets and
-# hand-offs between its programs); "one" runs _select_kernel, one program per
-# row-head doing all three passes (no hand-offs; parallel across row-heads only);
-# "auto" picks "one" when the batch has at least SELECT_ONE_MIN_ROW_HEADS row-heads.
-# RETRO_DECODE_SELECT sets it at import; a benchmark may set the attribute.
-SELECT = os.environ.get("RETRO_DECODE_SELECT", "auto")
-SELECT_ONE_MIN_ROW_HEADS = 64
 TUNE_SMALL_BATCH = {
     "score": dict(CH=128, num_warps=8, num_stages=2),
     "attend": dict(TS=128, TE=64),
@@ -200,16 +190,6 @@ def _tune(kernel: str, num_rows: int, wave: bool = False) -> dict:
     elif wave:
         cfg.update(TUNE_WAVE.get(kernel, {}))
     return cfg
-
-
-def select_in_one_program(num_rows: int, num_kv_heads: int) -> bool:
-    """Whether a call of ``num_rows`` rows runs the selection as :func:`_select_kernel`
-    (see :data:`SELECT`); a function of the batch shape only (CUDA graphs)."""
-    if SELECT not in ("auto", "one", "split"):
-        raise ValueError(f"SELECT must be 'auto', 'one' or 'split', not {SELECT!r}")
-    if SELECT == "auto":
-        return num_rows * num_kv_heads >= SELECT_ONE_MIN_ROW_HEADS
-    return SELECT == "one"
 
 
 def _next_pow2(x: int) -> int:
@@ -866,167 +846,6 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
             tl.atomic_add(stats_ptr + 3, est_tok.to(tl.int64))
 
 
-# ------------------------------------------------------------- 2-4. one program
-@triton.jit
-def _select_kernel(lg_ptr, keys_ptr, cand_ptr, lists_ptr, pm_ptr, ps_ptr, cnt_ptr, stats_ptr,
-                   ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr,
-                   hdr_s0, SB, S, NS,
-                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
-                   NSP: tl.constexpr, CHE: tl.constexpr, RB: tl.constexpr, NB: tl.constexpr,
-                   SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr, LW: tl.constexpr,
-                   CB: tl.constexpr, COUNT_STATS: tl.constexpr, PDL: tl.constexpr = False):
-    """Program (row*H + head): kernels 2-4 in one program per row-head, for batches
-    that fill the GPU with row-heads alone (``SELECT``). The same three passes over
-    the row-head's entries, in order: keys and their histogram; the candidates in
-    the thresholds' buckets (positions from running counts), then both threshold
-    keys; the lists in entry order. No atomics, tickets or hand-offs between
-    programs: a CTA barrier orders each pass's global writes before the next reads
-    them. Same outputs as the three kernels (``keys``, ``cands``, ``lists``,
-    ``counts``, ``stats``)."""
-    _pdl_launch(PDL)
-    rh = tl.program_id(0)
-    r = rh // H
-    h = rh % H
-    L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
-                                              hdr_s0, r, SB, BS)
-    n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
-    _pdl_wait(PDL)
-    # Pass 1 (the key kernel over the whole row-head).
-    g = tl.arange(0, GP)
-    gm = g < G
-    sp = tl.arange(0, NSP)
-    pofs = (rh * NSP + sp)[:, None] * GP + g[None, :]
-    pmask = (sp < tl.where(C > 0, NS, 0))[:, None] & (g >= 0)[None, :]
-    pm = tl.load(pm_ptr + pofs, mask=pmask, other=_NEG_INF)
-    ps = tl.load(ps_ptr + pofs, mask=pmask, other=0.0)
-    mx = tl.max(pm, 0)
-    mx_safe = tl.where(mx == _NEG_INF, 0.0, mx)
-    tot = tl.sum(ps * tl.exp(pm - mx_safe[None, :]), 0)
-    has = tot > 0
-    lse = mx_safe + tl.log(tl.where(has, tot, 1.0))
-    mean_bits = _mean_bits(C, G)
-    hist = tl.zeros([NB], tl.int32)
-    bad = tl.zeros([CHE], tl.int32)
-    for i0 in range(0, C, CHE):
-        i = i0 + tl.arange(0, CHE)
-        valid = i < C
-        eblk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
-        lg = tl.load(lg_ptr + eblk[None, :] * (H * G) + h * G + g[:, None],
-                     mask=gm[:, None] & valid[None, :], other=_NEG_INF)
-        pr = tl.where(has[:, None], tl.exp(lg - lse[:, None]), 0.0)
-        key = tl.sum(pr, 0).to(tl.int32, bitcast=True)
-        tl.store(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), key, mask=valid)
-        dg = tl.where(valid, _digit(key, mean_bits, SUB, NB, WIN), 0)
-        hist += tl.histogram(dg, NB)
-        bad += (valid == 0).to(tl.int32)
-    hist -= tl.where(tl.arange(0, NB) == 0, tl.sum(bad, 0), 0)
-    tl.debug_barrier()   # every thread's keys are written before any is read back
-    # Pass 2 (the candidate kernel over the whole row-head, then its last program).
-    k1 = n_ret
-    k2 = n_ret + n_est
-    use1 = k1 > 0
-    use2 = k2 > k1
-    bins = tl.arange(0, NB)
-    b1, above1, n1 = _bucket(hist, bins, C, k1)
-    b2, above2, n2 = _bucket(hist, bins, C, k2)
-    share = use1 & use2 & (b1 == b2)
-    c1 = C * 0
-    c2 = c1
-    for i0 in range(0, C, RB):
-        i = i0 + tl.arange(0, RB)
-        valid = i < C
-        key = tl.load(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), mask=valid,
-                      other=0)
-        dg = _digit(key, mean_bits, SUB, NB, WIN)
-        f1 = valid & (dg == tl.where(use1, b1, -1))
-        f2 = valid & (dg == tl.where(use2, tl.where(share, -1, b2), -1))
-        p1 = c1 + tl.cumsum(f1.to(tl.int32), 0) - 1
-        p2 = c2 + tl.cumsum(f2.to(tl.int32), 0) - 1
-        w1 = _packed(cand_ptr, ix_row, h, p1, f1, H, CAND_WORDS_C, PK, 2)
-        tl.store(w1, key, mask=f1)
-        tl.store(w1 + 1, i, mask=f1)
-        w2 = _packed(cand_ptr + 2 * PK, ix_row, h, p2, f2, H, CAND_WORDS_C, PK, 2)
-        tl.store(w2, key, mask=f2)
-        tl.store(w2 + 1, i, mask=f2)
-        c1 += tl.sum(f1.to(tl.int32), 0)
-        c2 += tl.sum(f2.to(tl.int32), 0)
-    tl.debug_barrier()   # the candidates are written before the search reads them
-    c2 = tl.where(share, c1, c2)
-    w2 = tl.where(share, 0, 2 * PK)
-    rem1 = k1 - above1
-    rem2 = k2 - above2
-    lo_bin = ((mean_bits >> 23) - WIN // 2) << SUB
-    in1 = ((b1 > 0) & (b1 < NB - 1)) | (use1 == 0)
-    in2 = ((b2 > 0) & (b2 < NB - 1)) | (use2 == 0)
-    fast = in1 & in2
-    pre1 = tl.where(fast & use1, (b1 + lo_bin) << (23 - SUB), 0)
-    pre2 = tl.where(fast & use2, (b2 + lo_bin) << (23 - SUB), 0)
-    nib0 = tl.where(fast, (28 - (22 - SUB) // 4 * 4) // 4, 0)
-    if (c1 <= CB) & (c2 <= CB):
-        jb = tl.arange(0, CB)
-        x1, i1 = _cand_load(cand_ptr, 0, ix_row, h, jb, jb < c1, H, PK)
-        x2, i2 = _cand_load(cand_ptr, w2, ix_row, h, jb, jb < c2, H, PK)
-        t1, t2 = _kth2(x1, jb < c1, rem1, x2, jb < c2, rem2, pre1, pre2, nib0)
-        g1 = tl.sum(((jb < c1) & (x1 > t1)).to(tl.int32), 0)
-        g2 = tl.sum(((jb < c2) & (x2 > t2)).to(tl.int32), 0)
-    else:
-        t1 = _kth_chunks(cand_ptr, 0, ix_row, h, c1, rem1, pre1, nib0, H, PK, CB)
-        t2 = _kth_chunks(cand_ptr, w2, ix_row, h, c2, rem2, pre2, nib0, H, PK, CB)
-        g1, e1 = _count_chunks(cand_ptr, 0, ix_row, h, c1, t1, C, H, PK, CB)
-        g2, e2 = _count_chunks(cand_ptr, w2, ix_row, h, c2, t2, C, H, PK, CB)
-    t1 = tl.where(use1, t1, _INT_MAX)
-    need1 = tl.where(use1, rem1 - g1, 0)
-    t2 = tl.where(use2, t2, _INT_MAX)
-    need2 = tl.where(use2, rem2 - g2, 0)
-    tl.store(cnt_ptr + rh * 2, n_ret)
-    tl.store(cnt_ptr + rh * 2 + 1, n_est)
-    # Pass 3 (the collect kernel over the whole row-head: its offsets start at 0).
-    rc = C * 0
-    ec = k1
-    e1 = rc
-    e2 = rc
-    ret_tok = rc
-    est_tok = rc
-    for i0 in range(0, C, RB):
-        i = i0 + tl.arange(0, RB)
-        valid = i < C
-        key = tl.load(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), mask=valid,
-                      other=-1)
-        eq1 = valid & (key == t1)
-        eq2 = valid & (key == t2)
-        r1 = e1 + tl.cumsum(eq1.to(tl.int32), 0) - 1
-        r2 = e2 + tl.cumsum(eq2.to(tl.int32), 0) - 1
-        inr = valid & ((key > t1) | (eq1 & (r1 < need1)))
-        inb = valid & ((key > t2) | (eq2 & (r2 < need2)))
-        ret = inr
-        est = inb & (inr == 0)
-        sel = ret | est
-        lp = tl.where(ret, rc + tl.cumsum(ret.to(tl.int32), 0) - 1,
-                      ec + tl.cumsum(est.to(tl.int32), 0) - 1)
-        eb = tl.load(ix_row + i, mask=sel, other=0).to(tl.int64)
-        ib = ip_ptr + eb * ip_s0 + h * ip_s1
-        size = tl.load(ib + _I_SIZE, mask=sel, other=0)
-        start = tl.load(ib + _I_START, mask=ret, other=0)
-        la = _packed(lists_ptr, ix_row, h, lp, sel, H, LW, PK, 2)
-        tl.store(la, tl.where(ret, start, eb.to(tl.int32)), mask=sel)
-        tl.store(la + 1, size, mask=sel)
-        rc += tl.sum(ret.to(tl.int32), 0)
-        ec += tl.sum(est.to(tl.int32), 0)
-        e1 += tl.sum(eq1.to(tl.int32), 0)
-        e2 += tl.sum(eq2.to(tl.int32), 0)
-        ret_tok += tl.sum(tl.where(ret, size, 0), 0)
-        est_tok += tl.sum(tl.where(est, size, 0), 0)
-    if COUNT_STATS:
-        if L > 0:
-            indexed = E > 0
-            exact = ret_tok + tl.where(indexed, S + L - E, L)
-            tl.atomic_add(stats_ptr + 4, L.to(tl.int64))
-            if h == 0:
-                tl.atomic_add(stats_ptr + tl.where(indexed, 0, 1),
-                              (ret_tok * 0 + 1).to(tl.int64))
-            tl.atomic_add(stats_ptr + 2, exact.to(tl.int64))
-            tl.atomic_add(stats_ptr + 3, est_tok.to(tl.int64))
-
 # ------------------------------------------------------------------ 5. attention
 @triton.jit
 def _online(m_i, l_i, acc, s, v, NATIVE: tl.constexpr, PREC: tl.constexpr):
@@ -1522,28 +1341,20 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             CAP=float(variance_cap), NATIVE=native, PREC=prec,
             **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}),
             **_tune("score", b)))
-    if select_in_one_program(b, h):
-        _keep("select", _select_kernel[(b * h,)](
-            ws.logits, ws.keys, ws.cands, ws.lists, ws.score_max, ws.score_sum, ws.counts,
-            ws.stats, ipart, ipart.stride(0), ipart.stride(1), *common, sb, sink_end, ns,
-            H=h, G=g, GP=gp, BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES,
-            PK=PACK, LW=LIST_WORDS, COUNT_STATS=bool(count_stats), **dep,
-            **_tune("select", b)))
-    else:
-        _keep("key", _key_kernel[grid](
-            ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, ns,
-            H=h, G=g, GP=gp, BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES,
-            PK=PACK, **dep, **_tune("key", b)))
-        _keep("cand", _cand_kernel[grid](
-            ws.keys, ws.cands, ws.hist, ws.ncand, ws.ranges, ws.sel, ws.counts,
-            ws.tickets[0], *common, sb, ns,
-            H=h, G=g, BS=bs, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, NSP=nsp,
-            **dep, **_tune("cand", b)))
-        _keep("collect", _collect_kernel[grid](
-            ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
-            ipart.stride(0), ipart.stride(1), *common, sb, sink_end, ns,
-            H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
-            **dep, **_tune("collect", b)))
+    _keep("key", _key_kernel[grid](
+        ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, ns,
+        H=h, G=g, GP=gp, BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES,
+        PK=PACK, **dep, **_tune("key", b)))
+    _keep("cand", _cand_kernel[grid](
+        ws.keys, ws.cands, ws.hist, ws.ncand, ws.ranges, ws.sel, ws.counts, ws.tickets[0],
+        *common, sb, ns,
+        H=h, G=g, BS=bs, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, NSP=nsp,
+        **dep, **_tune("cand", b)))
+    _keep("collect", _collect_kernel[grid](
+        ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
+        ipart.stride(0), ipart.stride(1), *common, sb, sink_end, ns,
+        H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
+        **dep, **_tune("collect", b)))
     ns_a = ws.nsplit_attend(b)
     tune_a = _tune("attend", b, wave is not None)
     if wave is not None:
