@@ -90,6 +90,15 @@ VARIANTS = [
     # (triton_decode.TUNE_WAVE; with --wave): its own retrieved tile.
     ("wave attend TR32", "wave_attend", dict(TR=32)),
     ("wave attend TR32 st3", "wave_attend", dict(TR=32, num_stages=3)),
+    # The selection kernels take 4 tiles per range at 128K x 8 (1,024 entries per
+    # program), each a chain of dependent loads (and, for the candidates, atomics
+    # with return): one tile per range. Key tiles are [G4, CHE] since the twelfth
+    # session (were [16, CHE]: "key CHE512" was slower then).
+    ("key CHE1024", "key", dict(CHE=1024)),
+    ("cand RB1024", "cand", dict(RB=1024)),
+    ("collect RB1024", "collect", dict(RB=1024)),
+    ("selection tiles 1024", "multi", dict(key=dict(CHE=1024), cand=dict(RB=1024),
+                                           collect=dict(RB=1024))),
 ]
 
 
@@ -138,6 +147,10 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             pool, err_limit, kernel = q8_copy(ix.pool), 0.1, kernel[3:] or None
         elif kernel == "wave_attend":
             td.TUNE_WAVE["attend"].update(over)
+            kernel = None
+        elif kernel == "multi":
+            for k, o in over.items():
+                td.TUNE[k].update(o)
             kernel = None
         elif kernel == "pdl":
             kernel = None

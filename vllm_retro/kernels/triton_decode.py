@@ -538,12 +538,14 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
 @triton.jit
 def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_ptr,
                 ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, NS,
-                H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
-                NSP: tl.constexpr, CHE: tl.constexpr, NB: tl.constexpr,
+                H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr,
+                BS: tl.constexpr, NSP: tl.constexpr, CHE: tl.constexpr, NB: tl.constexpr,
                 SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr,
                 PDL: tl.constexpr = False):
     """Program (row*H + head, p): keys of the entries of range p and their digit
-    histogram, added atomically to the row-head's histogram."""
+    histogram, added atomically to the row-head's histogram. Tiles are ``[G4, CHE]``
+    (``G4`` = G rounded up to a power of two; no product here, so no padding to the
+    16 rows of ``GP``); the partials are strided by ``GP``."""
     _pdl_launch(PDL)
     rh = tl.program_id(0)
     p = tl.program_id(1)
@@ -552,7 +554,7 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
                                               hdr_s0, r, SB, BS)
     _pdl_wait(PDL)
-    g = tl.arange(0, GP)
+    g = tl.arange(0, G4)
     gm = g < G
     sp = tl.arange(0, NSP)
     pofs = (rh * NSP + sp)[:, None] * GP + g[None, :]
@@ -1343,8 +1345,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             **_tune("score", b)))
     _keep("key", _key_kernel[grid](
         ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, ns,
-        H=h, G=g, GP=gp, BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES,
-        PK=PACK, **dep, **_tune("key", b)))
+        H=h, G=g, GP=gp, G4=_next_pow2(g), BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS,
+        WIN=WINDOW_BINADES, PK=PACK, **dep, **_tune("key", b)))
     _keep("cand", _cand_kernel[grid](
         ws.keys, ws.cands, ws.hist, ws.ncand, ws.ranges, ws.sel, ws.counts, ws.tickets[0],
         *common, sb, ns,
