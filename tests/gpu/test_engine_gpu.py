@@ -6,6 +6,7 @@ Every test asserts from the device counters that retro's kernels served the
 decode rows: a silent fallback to dense decoding fails loudly.
 """
 
+import json
 import os
 
 import pytest
@@ -28,6 +29,11 @@ PRE_TOKENS = 400
 PRE_BLOCKS = 390
 
 
+#: Retro options every test adds to its own (JSON), to run the suite under another
+#: configuration (e.g. ``{"summary_bits": 8}``) before it becomes a default.
+EXTRA_OPTIONS = json.loads(os.environ.get("RETRO_GPU_TEST_OPTIONS", "{}") or "{}")
+
+
 def gpu_llm(model, backend=None, retro=None, **kw):
     from vllm import LLM
     args = dict(dtype="bfloat16", max_model_len=8192, max_num_seqs=8, seed=0,
@@ -35,7 +41,7 @@ def gpu_llm(model, backend=None, retro=None, **kw):
     args.update(kw)
     if backend:
         args["attention_backend"] = backend
-        args["additional_config"] = {"retro": dict(retro or {})}
+        args["additional_config"] = {"retro": dict(retro or {}, **EXTRA_OPTIONS)}
     return LLM(model, **args)
 
 
