@@ -90,6 +90,9 @@ VARIANTS = [
     # (triton_decode.TUNE_WAVE; with --wave): its own retrieved tile.
     ("wave attend TR32", "wave_attend", dict(TR=32)),
     ("wave attend TR32 st3", "wave_attend", dict(TR=32, num_stages=3)),
+    # TR 32 is the plain kernel's tile (78 us at 128K x 8 against 95 with TR 16); the
+    # wave variant needs 144 registers for it (3 programs per SM): held to 128 (4).
+    ("wave attend TR32 maxnreg 128", "wave_attend", dict(TR=32, maxnreg=128)),
     # The selection kernels take 4 tiles per range at 128K x 8 (1,024 entries per
     # program), each a chain of dependent loads (and, for the candidates, atomics
     # with return): one tile per range. Key tiles are [G4, CHE] since the twelfth
