@@ -669,6 +669,17 @@ SUMMARY_VARIANTS = {
         "shared + kv 0.5 + cap 1 + vc + errv, 8-bit centroids and key variances"),
 }
 TEXT_VARIANTS.update(SUMMARY_VARIANTS)
+# Seventh pass: the skipped clusters as one pseudo-token (rest_estimate), alone and on
+# the fifth pass's best combinations.
+TEXT_VARIANTS.update({
+    f"wave_{base}rest{tag}": _combo(**opts, rest_estimate=w)
+    for base, opts in (
+        ("", {}),
+        ("ef10_", dict(estimation_fraction=0.1)),
+        ("shared_kv07_vcap1_vc_errv_", dict(shared_head_budget=True, kmeans_value_weight=0.7,
+                                            variance_cap=1.0, value_correction=True,
+                                            retrieval_rank="error_value")))
+    for tag, w in (("", 1.0), ("05", 0.5), ("025", 0.25))})
 SIM_FIELDS = ("summary_bits", "summary_fields")
 
 

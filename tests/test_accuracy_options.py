@@ -761,3 +761,82 @@ def test_adaptive_sizes_match_brute_force_float64(rr, shared, a):
         assert torch.isfinite(out).all()
     assert len(set(seen)) > 1
     assert abs(sum(seen) / len(seen) - n_ret) <= 1.0
+
+
+def test_rest_estimate_validation_gpu_refusal_and_public_op():
+    """Validated as a weight in [0, 1]; refused by the GPU path; ``ops.decode_attention``
+    runs the reference for it; with nothing skipped it changes nothing."""
+    from vllm_retro.ops import decode_attention
+    for bad in (-0.1, 1.5, float("nan"), True, "yes", None):
+        with pytest.raises(ValueError, match="rest_estimate"):
+            RetroConfig(rest_estimate=bad)
+    cfg = RetroConfig.from_dict({"rest_estimate": 0.5})
+    assert cfg.rest_estimate == 0.5 and RetroConfig().rest_estimate == 0.0
+    assert any("rest_estimate" in r for r in check_config_for_paged(cfg, 16))
+    assert not any("rest_estimate" in r for r in check_config_for_paged(RetroConfig(), 16))
+    k, v, c = clustered_kv(2, 1500, 32, n_centres=30, seed=91)
+    base = dict(retrieval_fraction=0.05, estimation_fraction=0.2, min_retrieval_tokens=0,
+                **SMALL)
+    on = WaveIndex.build(k, v, RetroConfig(rest_estimate=1.0, **base))
+    q = peaked_query(c, 3, seed=92, sharp=0.3)
+    want = on.attend(q)
+    torch.testing.assert_close(decode_attention(on, q, None), want, rtol=0, atol=0)
+    off = WaveIndex.build(k, v, RetroConfig(**base))
+    assert not torch.allclose(off.attend(q), want, rtol=0, atol=1e-9)
+    # Nothing skipped (every cluster not retrieved is estimated): no rest term.
+    all_est = dict(base, estimation_fraction=0.95)
+    a = WaveIndex.build(k, v, RetroConfig(rest_estimate=1.0, **all_est)).attend(q)
+    b = WaveIndex.build(k, v, RetroConfig(**all_est)).attend(q)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed,weight", [(0, 1.0), (1, 0.5), (2, 0.25)])
+def test_rest_estimate_matches_float64_brute_force(seed, weight):
+    """One cluster retrieved per head, none estimated: every other cluster is in the
+    rest. Brute force in float64, token by token: the sinks and tail and the
+    retrieved cluster's tokens exactly, plus one pseudo-token per KV head whose mass
+    is ``weight`` times the sum over the other clusters of ``size exp(s q.c +
+    min(s^2/2 q^2.var, cap))`` and whose value is those clusters' tokens' mean
+    value."""
+    k, v, c = clustered_kv(2, 900, 16, n_centres=12, seed=100 + seed)
+    k, v = k.double(), v.double()
+    cfg = RetroConfig(rest_estimate=weight, retrieval_fraction=1e-9, estimation_fraction=0.0,
+                      min_retrieval_tokens=0, **SMALL)
+    idx = WaveIndex.build(k, v, cfg)
+    q = peaked_query(c.double(), 4, seed=200 + seed, sharp=0.2)
+    s = 1 / math.sqrt(16)
+    got = idx.attend(q)
+    h, g = idx.num_kv_heads, q.shape[0] // idx.num_kv_heads
+    ids = idx.cluster_ids()
+    nc = idx.num_clusters
+
+    def logm(hh, qv, j):
+        if not idx.sizes[hh, j]:
+            return -math.inf
+        return (math.log(idx.sizes[hh, j].item()) + s * float(qv @ idx.centroids[hh, j])
+                + min(0.5 * s * s * float((qv * qv) @ idx.key_vars[hh, j]), cfg.variance_cap))
+
+    for hh in range(h):
+        lm = [[logm(hh, q[hh * g + gg], j) for j in range(nc)] for gg in range(g)]
+        # The library's ranking: the GQA group's softmax over clusters, summed.
+        score = [0.0] * nc
+        for gg in range(g):
+            z = max(lm[gg])
+            tot = sum(math.exp(x - z) for x in lm[gg])
+            for j in range(nc):
+                score[j] += math.exp(lm[gg][j] - z) / tot
+        top = max(range(nc), key=lambda j: (score[j], -j))
+        for gg in range(g):
+            qv = q[hh * g + gg]
+            ks = [idx.sink_keys[hh], idx.tail_keys[hh], idx.keys[hh][ids[hh] == top]]
+            vs = [idx.sink_values[hh], idx.tail_values[hh], idx.values[hh][ids[hh] == top]]
+            kk, vv = torch.cat(ks), torch.cat(vs)
+            w = [math.exp(s * float(qv @ kt)) for kt in kk]
+            num = sum(wi * vt for wi, vt in zip(w, vv))
+            den = sum(w)
+            rest = [j for j in range(idx.num_clusters) if j != top and idx.sizes[hh, j]]
+            mass = weight * sum(math.exp(lm[gg][j]) for j in rest)
+            mean = sum(idx.values[hh][ids[hh] == j].sum(0) for j in rest) / sum(
+                idx.sizes[hh, j].item() for j in rest)
+            want = (num + mass * mean) / (den + mass)
+            torch.testing.assert_close(got[hh * g + gg], want, rtol=1e-9, atol=1e-12)

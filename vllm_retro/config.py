@@ -128,6 +128,14 @@ class RetroConfig:
             uniform on a stationary stream, so the mean read stays at the fixed
             budget's. With ``shared_head_budget`` the sum of the heads' sizes is the
             layer's budget. Reference only; the history lives in the index.
+        rest_estimate: opt-in weight in [0, 1] (0, the default: off). The clusters
+            neither retrieved nor estimated (skipped) are attended as one
+            pseudo-token per KV head: this weight times their summed estimated mass
+            (the log-masses the ranking computed) over their size-weighted mean
+            value (the head's value sum minus the value sums of the retrieved and
+            estimated clusters, over their sizes). Flat attention spreads mass over
+            the skipped clusters, which dropping them loses; the weight discounts
+            the estimate's upward bias on low-ranked clusters. Reference only.
         dense_below: context length below which the vLLM backend decodes densely
             (0: only the index's own short-sequence fallback applies).
         host_memory_gib: CPU build: host memory the vLLM backend's indexes of one
@@ -197,6 +205,7 @@ class RetroConfig:
     value_correction: bool = False
     retrieval_rank: str = "mass"
     adaptive_budget: float = 0.0
+    rest_estimate: float = 0.0
     dense_below: int = 0
     host_memory_gib: Optional[float] = None
     log_stats_interval_s: float = 10.0
@@ -260,6 +269,7 @@ class RetroConfig:
         if self.adaptive_budget and self.error_bound is not None:
             raise ValueError("RetroConfig.adaptive_budget applies to the fixed-fraction "
                              "mode; error_bound already sizes the exact set per query")
+        _check_float("rest_estimate", self.rest_estimate, 0.0, 1.0)
         _check_int("dense_below", self.dense_below, 0, 1 << 24)
         if self.host_memory_gib is not None:
             _check_float("host_memory_gib", self.host_memory_gib, 0.0, 1 << 20, lo_open=True)

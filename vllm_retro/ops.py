@@ -75,12 +75,13 @@ def decode_attention(index: WaveIndex, query: torch.Tensor, scale: Optional[floa
     # top-k), the rank-1 value correction and the error-aware exact set
     # (retrieval_rank) and the per-query adaptive budget exist in the torch
     # reference only, so
-    # they run there.
+    # they run there (as does rest_estimate).
     if not (has_extension() and index.device.type == "cpu" and query.device.type == "cpu"
             and not index.config.shared_head_budget
             and not index.config.value_correction
             and index.config.retrieval_rank == "mass"
-            and not index.config.adaptive_budget):
+            and not index.config.adaptive_budget
+            and not index.config.rest_estimate):
         res = index.attend(query, scale)
         if out is None:
             return res

@@ -299,16 +299,47 @@ class WaveIndex:
             torch.gather(self.value_sums, 1, gi), scale,
             key_vars=torch.gather(self.key_vars, 1, gi), cap=self.config.variance_cap,
             value_corr=self._value_corr(gi))
-        out, _ = merge_partials([out_s, out_r, out_e], [lse_s, lse_r, lse_e])
+        outs, lses = [out_s, out_r, out_e], [lse_s, lse_r, lse_e]
+        rest_tok = 0.0
+        if self.config.rest_estimate:
+            out_x, lse_x, rest_tok = self._rest_attention(q, scale, retrieved_mask, sel)
+            outs.append(out_x)
+            lses.append(lse_x)
+        out, _ = merge_partials(outs, lses)
 
         total = float(self.seq_len)
         n_ret_tok = (self.sizes * retrieved_mask).sum(dim=1).double().mean().item()
         self.last_stats = AttendStats(
             exact_fraction=(steady_k.shape[1] + n_ret_tok) / total,
-            estimated_fraction=est_sizes.sum(dim=1).double().mean().item() / total,
+            estimated_fraction=(est_sizes.sum(dim=1).double().mean().item()
+                                + rest_tok) / total,
             clusters_retrieved=retrieved_mask.sum(dim=1).double().mean().item(),
             clusters_total=c)
         return out.reshape(query.shape[0], -1)
+
+    def _rest_attention(self, q: torch.Tensor, scale: float, retrieved_mask: torch.Tensor,
+                        sel: "ClusterSelection"):
+        """``rest_estimate`` ``w``: the skipped clusters (neither retrieved nor
+        estimated) of each KV head as one pseudo-token: log-mass ``ln w`` plus the
+        log-sum-exp of their estimated log-masses (:meth:`cluster_log_mass`), value
+        their value sums over their sizes. Returns (out ``[H, G, D]``, lse ``[H, G]``, skipped tokens per
+        KV head (mean)). On a GPU: the key stage's per-head total minus the selected
+        masses, and the head's running value sum minus the selected clusters' (one
+        value sum per retrieved cluster more than now: +D values each)."""
+        cdt = compute_dtype(self.dtype)
+        c = self.num_clusters
+        est = torch.zeros(retrieved_mask.shape, dtype=torch.int32, device=self.device)
+        est.scatter_add_(1, sel.estimated, sel.estimated_valid.to(torch.int32))
+        skipped = ~retrieved_mask & (est == 0) & (self.sizes[:, :c] > 0)
+        logm = self.cluster_log_mass(q, scale)                                # [H, G, C]
+        logm = logm.masked_fill(~skipped.unsqueeze(1), float("-inf"))
+        lse = torch.logsumexp(logm, dim=-1) + math.log(self.config.rest_estimate)
+        w = skipped.to(cdt)
+        vsum = torch.einsum("hc,hcd->hd", w, self.value_sums[:, :c].to(cdt))
+        n = (self.sizes[:, :c].to(cdt) * w).sum(dim=1)                        # [H]
+        mean = vsum / n.clamp_min(1).unsqueeze(-1)
+        out = mean.unsqueeze(1).expand(-1, q.shape[1], -1)
+        return out, lse, n.double().mean().item()
 
     def _value_corr(self, gi: torch.Tensor):
         """``(sigma u, w)`` of the clusters gathered by ``gi`` when

@@ -374,6 +374,9 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
         reasons.append(f"adaptive_budget {config.adaptive_budget} (per-query exact-set "
                        "size from a difficulty history) is not implemented by the GPU "
                        "decode kernels")
+    if config.rest_estimate:
+        reasons.append("rest_estimate (the skipped clusters as one pseudo-token) is not "
+                       "implemented by the GPU decode kernels")
     if config.kmeans_value_weight != 0.0:
         reasons.append(f"kmeans_value_weight {config.kmeans_value_weight}: the GPU index "
                        "build clusters keys only")
