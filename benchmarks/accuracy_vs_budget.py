@@ -678,7 +678,16 @@ TEXT_VARIANTS.update({
         ("ef10_", dict(estimation_fraction=0.1)),
         ("shared_kv07_vcap1_vc_errv_", dict(shared_head_budget=True, kmeans_value_weight=0.7,
                                             variance_cap=1.0, value_correction=True,
-                                            retrieval_rank="error_value")))
+                                            retrieval_rank="error_value")),
+        ("shared_kv05_vcap1_vc_errv_", dict(shared_head_budget=True, kmeans_value_weight=0.5,
+                                            variance_cap=1.0, value_correction=True,
+                                            retrieval_rank="error_value")),
+        ("shared_kv07_vcap1_vc_errv_ad09_", dict(
+            shared_head_budget=True, kmeans_value_weight=0.7, variance_cap=1.0,
+            value_correction=True, retrieval_rank="error_value", adaptive_budget=0.9)),
+        ("shared_kv05_vcap1_vc_errv_ad09_", dict(
+            shared_head_budget=True, kmeans_value_weight=0.5, variance_cap=1.0,
+            value_correction=True, retrieval_rank="error_value", adaptive_budget=0.9)))
     for tag, w in (("", 1.0), ("05", 0.5), ("025", 0.25))})
 SIM_FIELDS = ("summary_bits", "summary_fields")
 
