@@ -689,6 +689,15 @@ TEXT_VARIANTS.update({
             shared_head_budget=True, kmeans_value_weight=0.5, variance_cap=1.0,
             value_correction=True, retrieval_rank="error_value", adaptive_budget=0.9)))
     for tag, w in (("", 1.0), ("05", 0.5), ("025", 0.25))})
+# ... each of the combinations above with 8-token clusters (twice the summaries per
+# clustered token).
+TEXT_VARIANTS.update({
+    "wave_cs8_" + name[len("wave_"):]: _combo(cluster_size=8, **changes)
+    for name, (changes, _) in list(TEXT_VARIANTS.items())
+    if name.startswith(("wave_shared_kv05_vcap1_vc_errv", "wave_shared_kv07_vcap1_vc_errv"))})
+# ... and with 8-bit summaries: the same summary bytes per token as 16-token clusters.
+TEXT_VARIANTS["wave_cs8_shared_kv07_vcap1_vc_errv_ad09_rest05_q8"] = _combo(
+    **TEXT_VARIANTS["wave_cs8_shared_kv07_vcap1_vc_errv_ad09_rest05"][0], summary_bits=8)
 SIM_FIELDS = ("summary_bits", "summary_fields")
 
 
