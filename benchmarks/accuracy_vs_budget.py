@@ -695,6 +695,12 @@ TEXT_VARIANTS.update({
     "wave_cs8_" + name[len("wave_"):]: _combo(cluster_size=8, **changes)
     for name, (changes, _) in list(TEXT_VARIANTS.items())
     if name.startswith(("wave_shared_kv05_vcap1_vc_errv", "wave_shared_kv07_vcap1_vc_errv"))})
+# ... and with 4-token clusters (four times the summaries per token).
+TEXT_VARIANTS.update({
+    f"wave_cs4_{base}": _combo(cluster_size=4, **TEXT_VARIANTS[f"wave_{base}"][0])
+    for base in ("shared_kv07_vcap1_vc_errv_rest05", "shared_kv05_vcap1_vc_errv_rest05")})
+TEXT_VARIANTS["wave_cs4_shared_kv07_vcap1_vc_errv_rest05_q8"] = _combo(
+    **TEXT_VARIANTS["wave_cs4_shared_kv07_vcap1_vc_errv_rest05"][0], summary_bits=8)
 # ... and with 8-bit summaries: the same summary bytes per token as 16-token clusters.
 TEXT_VARIANTS["wave_cs8_shared_kv07_vcap1_vc_errv_ad09_rest05_q8"] = _combo(
     **TEXT_VARIANTS["wave_cs8_shared_kv07_vcap1_vc_errv_ad09_rest05"][0], summary_bits=8)
