@@ -699,6 +699,20 @@ TEXT_VARIANTS.update({
 TEXT_VARIANTS.update({
     f"wave_cs4_{base}": _combo(cluster_size=4, **TEXT_VARIANTS[f"wave_{base}"][0])
     for base in ("shared_kv07_vcap1_vc_errv_rest05", "shared_kv05_vcap1_vc_errv_rest05")})
+# Ablation of the 4-token stack: which parts carry the gain (what to port first).
+TEXT_VARIANTS.update({
+    "wave_cs4": _combo(cluster_size=4),
+    "wave_cs4_vcap1": _combo(cluster_size=4, variance_cap=1.0),
+    "wave_cs4_vcap1_vc": _combo(cluster_size=4, variance_cap=1.0, value_correction=True),
+    "wave_cs4_vcap1_vc_errv": _combo(cluster_size=4, variance_cap=1.0, value_correction=True,
+                                     retrieval_rank="error_value"),
+    "wave_cs4_kv07_vcap1_vc_errv": _combo(cluster_size=4, kmeans_value_weight=0.7,
+                                          variance_cap=1.0, value_correction=True,
+                                          retrieval_rank="error_value"),
+    "wave_cs4_vcap1_rest05": _combo(cluster_size=4, variance_cap=1.0, rest_estimate=0.5),
+    "wave_cs4_shared_kv07_vcap1_vc_errv": _combo(
+        cluster_size=4, **TEXT_VARIANTS["wave_shared_kv07_vcap1_vc_errv"][0]),
+})
 TEXT_VARIANTS["wave_cs4_shared_kv07_vcap1_vc_errv_rest05_q8"] = _combo(
     **TEXT_VARIANTS["wave_cs4_shared_kv07_vcap1_vc_errv_rest05"][0], summary_bits=8)
 # ... and with 8-bit summaries: the same summary bytes per token as 16-token clusters.
