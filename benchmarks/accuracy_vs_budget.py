@@ -710,6 +710,9 @@ TEXT_VARIANTS.update({
                                           variance_cap=1.0, value_correction=True,
                                           retrieval_rank="error_value"),
     "wave_cs4_vcap1_rest05": _combo(cluster_size=4, variance_cap=1.0, rest_estimate=0.5),
+    "wave_cs8_kv07_vcap1_vc_errv": _combo(cluster_size=8, kmeans_value_weight=0.7,
+                                          variance_cap=1.0, value_correction=True,
+                                          retrieval_rank="error_value"),
     "wave_cs4_shared_kv07_vcap1_vc_errv": _combo(
         cluster_size=4, **TEXT_VARIANTS["wave_shared_kv07_vcap1_vc_errv"][0]),
 })
