@@ -672,22 +672,10 @@ TEXT_VARIANTS.update(SUMMARY_VARIANTS)
 # Seventh pass: the skipped clusters as one pseudo-token (rest_estimate), alone and on
 # the fifth pass's best combinations.
 TEXT_VARIANTS.update({
-    f"wave_{base}rest{tag}": _combo(**opts, rest_estimate=w)
-    for base, opts in (
-        ("", {}),
-        ("ef10_", dict(estimation_fraction=0.1)),
-        ("shared_kv07_vcap1_vc_errv_", dict(shared_head_budget=True, kmeans_value_weight=0.7,
-                                            variance_cap=1.0, value_correction=True,
-                                            retrieval_rank="error_value")),
-        ("shared_kv05_vcap1_vc_errv_", dict(shared_head_budget=True, kmeans_value_weight=0.5,
-                                            variance_cap=1.0, value_correction=True,
-                                            retrieval_rank="error_value")),
-        ("shared_kv07_vcap1_vc_errv_ad09_", dict(
-            shared_head_budget=True, kmeans_value_weight=0.7, variance_cap=1.0,
-            value_correction=True, retrieval_rank="error_value", adaptive_budget=0.9)),
-        ("shared_kv05_vcap1_vc_errv_ad09_", dict(
-            shared_head_budget=True, kmeans_value_weight=0.5, variance_cap=1.0,
-            value_correction=True, retrieval_rank="error_value", adaptive_budget=0.9)))
+    f"wave_{base}rest{tag}": _combo(**TEXT_VARIANTS[f"wave_{base}".rstrip("_")][0],
+                                    rest_estimate=w)
+    for base in ("", "ef10_", "shared_kv07_vcap1_vc_errv_", "shared_kv05_vcap1_vc_errv_",
+                 "shared_kv07_vcap1_vc_errv_ad09_", "shared_kv05_vcap1_vc_errv_ad09_")
     for tag, w in (("", 1.0), ("05", 0.5), ("025", 0.25))})
 # ... each of the combinations above with 8-token clusters (twice the summaries per
 # clustered token).
@@ -706,13 +694,11 @@ TEXT_VARIANTS.update({
     "wave_cs4_vcap1_vc": _combo(cluster_size=4, variance_cap=1.0, value_correction=True),
     "wave_cs4_vcap1_vc_errv": _combo(cluster_size=4, variance_cap=1.0, value_correction=True,
                                      retrieval_rank="error_value"),
-    "wave_cs4_kv07_vcap1_vc_errv": _combo(cluster_size=4, kmeans_value_weight=0.7,
-                                          variance_cap=1.0, value_correction=True,
-                                          retrieval_rank="error_value"),
+    **{f"wave_cs{cs}_kv07_vcap1_vc_errv": _combo(cluster_size=cs, kmeans_value_weight=0.7,
+                                                 variance_cap=1.0, value_correction=True,
+                                                 retrieval_rank="error_value")
+       for cs in (4, 8)},
     "wave_cs4_vcap1_rest05": _combo(cluster_size=4, variance_cap=1.0, rest_estimate=0.5),
-    "wave_cs8_kv07_vcap1_vc_errv": _combo(cluster_size=8, kmeans_value_weight=0.7,
-                                          variance_cap=1.0, value_correction=True,
-                                          retrieval_rank="error_value"),
     "wave_cs4_shared_kv07_vcap1_vc_errv": _combo(
         cluster_size=4, **TEXT_VARIANTS["wave_shared_kv07_vcap1_vc_errv"][0]),
 })

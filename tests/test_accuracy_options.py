@@ -834,7 +834,7 @@ def test_rest_estimate_matches_float64_brute_force(seed, weight):
             w = [math.exp(s * float(qv @ kt)) for kt in kk]
             num = sum(wi * vt for wi, vt in zip(w, vv))
             den = sum(w)
-            rest = [j for j in range(idx.num_clusters) if j != top and idx.sizes[hh, j]]
+            rest = [j for j in range(nc) if j != top and idx.sizes[hh, j]]
             mass = weight * sum(math.exp(lm[gg][j]) for j in rest)
             mean = sum(idx.values[hh][ids[hh] == j].sum(0) for j in rest) / sum(
                 idx.sizes[hh, j].item() for j in rest)

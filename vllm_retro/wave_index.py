@@ -302,7 +302,7 @@ class WaveIndex:
         outs, lses = [out_s, out_r, out_e], [lse_s, lse_r, lse_e]
         rest_tok = 0.0
         if self.config.rest_estimate:
-            out_x, lse_x, rest_tok = self._rest_attention(q, scale, retrieved_mask, sel)
+            out_x, lse_x, rest_tok = self._rest_attention(q, retrieved_mask, sel)
             outs.append(out_x)
             lses.append(lse_x)
         out, _ = merge_partials(outs, lses)
@@ -317,26 +317,25 @@ class WaveIndex:
             clusters_total=c)
         return out.reshape(query.shape[0], -1)
 
-    def _rest_attention(self, q: torch.Tensor, scale: float, retrieved_mask: torch.Tensor,
+    def _rest_attention(self, q: torch.Tensor, retrieved_mask: torch.Tensor,
                         sel: "ClusterSelection"):
         """``rest_estimate`` ``w``: the skipped clusters (neither retrieved nor
         estimated) of each KV head as one pseudo-token: log-mass ``ln w`` plus the
-        log-sum-exp of their estimated log-masses (:meth:`cluster_log_mass`), value
-        their value sums over their sizes. Returns (out ``[H, G, D]``, lse ``[H, G]``, skipped tokens per
-        KV head (mean)). On a GPU: the key stage's per-head total minus the selected
+        log-sum-exp of their estimated log-masses (the selection's, see
+        :meth:`cluster_log_mass`), value their value sums over their sizes.
+        Returns (out ``[H, G, D]``, lse ``[H, G]``, skipped tokens per KV head
+        (mean)). On a GPU: the key stage's per-head total minus the selected
         masses, and the head's running value sum minus the selected clusters' (one
         value sum per retrieved cluster more than now: +D values each)."""
         cdt = compute_dtype(self.dtype)
-        c = self.num_clusters
         est = torch.zeros(retrieved_mask.shape, dtype=torch.int32, device=self.device)
         est.scatter_add_(1, sel.estimated, sel.estimated_valid.to(torch.int32))
-        skipped = ~retrieved_mask & (est == 0) & (self.sizes[:, :c] > 0)
-        logm = self.cluster_log_mass(q, scale)                                # [H, G, C]
-        logm = logm.masked_fill(~skipped.unsqueeze(1), float("-inf"))
+        skipped = ~retrieved_mask & (est == 0) & (self.sizes > 0)
+        logm = sel.log_mass.masked_fill(~skipped.unsqueeze(1), float("-inf"))   # [H, G, C]
         lse = torch.logsumexp(logm, dim=-1) + math.log(self.config.rest_estimate)
         w = skipped.to(cdt)
-        vsum = torch.einsum("hc,hcd->hd", w, self.value_sums[:, :c].to(cdt))
-        n = (self.sizes[:, :c].to(cdt) * w).sum(dim=1)                        # [H]
+        vsum = torch.einsum("hc,hcd->hd", w, self.value_sums.to(cdt))
+        n = (self.sizes.to(cdt) * w).sum(dim=1)                                # [H]
         mean = vsum / n.clamp_min(1).unsqueeze(-1)
         out = mean.unsqueeze(1).expand(-1, q.shape[1], -1)
         return out, lse, n.double().mean().item()
@@ -405,7 +404,7 @@ class WaveIndex:
         retrieved_valid = rank < k_ret.unsqueeze(1)
         estimated_valid = (rank >= k_ret.unsqueeze(1)) & (rank < band_end.unsqueeze(1))
         # Both sets index the same ranking; validity masks say which entries count.
-        return ClusterSelection(order, retrieved_valid, order, estimated_valid, k_ret)
+        return ClusterSelection(order, retrieved_valid, order, estimated_valid, k_ret, logits)
 
     def cluster_error_proxy(self, q: torch.Tensor, scale: float, steady_lse: torch.Tensor,
                             logits: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
@@ -633,6 +632,8 @@ class ClusterSelection:
 
     retrieved / estimated: ``[H, K]`` cluster ids; *_valid: ``[H, K]`` bool saying
     which entries belong to the set. k_retrieved: ``[H]`` exact-set size.
+    log_mass: ``[H, G, C]`` the clusters' estimated log-masses the ranking used
+    (:meth:`WaveIndex.cluster_log_mass`).
     """
 
     retrieved: torch.Tensor
@@ -640,3 +641,4 @@ class ClusterSelection:
     estimated: torch.Tensor
     estimated_valid: torch.Tensor
     k_retrieved: torch.Tensor
+    log_mass: torch.Tensor
