@@ -102,14 +102,6 @@ VARIANTS = [
     ("collect RB1024", "collect", dict(RB=1024)),
     ("selection tiles 1024", "multi", dict(key=dict(CHE=1024), cand=dict(RB=1024),
                                            collect=dict(RB=1024))),
-    # The wave attend with two tiles in flight (PF: tile t+1's K/V loads issued before
-    # tile t is attended). sm_90 compile: 140 registers at TR 16 / TE 16; held to 128,
-    # 120 and no spill (4 programs per SM, as the default's 126); TE 32: 88 B spilled.
-    ("wave attend TE16", "wave_attend", dict(TE=16)),
-    ("wave attend prefetch TE16", "wave_attend", dict(PF=True, TE=16)),
-    ("wave attend prefetch TE16 maxnreg 128", "wave_attend", dict(PF=True, TE=16, maxnreg=128)),
-    ("wave attend prefetch TR32 TE16 maxnreg 128", "wave_attend",
-     dict(PF=True, TR=32, TE=16, maxnreg=128)),
 ]
 
 

@@ -180,19 +180,6 @@ def decode_launches() -> None:
             pool8 = IndexPool(lay, nb, summary_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,
                                              sink_end(RetroConfig(), bs), 0.1, out, ws)
-            if dtype == torch.bfloat16 and not pdl and b > td.SMALL_BATCH:
-                # The attention kernel's prefetching variant (a sweep candidate), plain
-                # and wave, at the tiles the sweep runs it with.
-                saved = dict(td.TUNE["attend"]), dict(td.TUNE_WAVE["attend"])
-                for tr in (16, 32):
-                    td.TUNE["attend"] = dict(saved[0], PF=True)
-                    td.TUNE_WAVE["attend"] = dict(saved[1], PF=True, TR=tr)
-                    td.paged_decode_attention_triton(
-                        q, kv, lay, bt, sl, hdr, ibt, pool, sink_end(RetroConfig(), bs),
-                        0.1, out, ws, wave=_wave_view(lay, dtype, pool.num_pages))
-                td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool,
-                                                 sink_end(RetroConfig(), bs), 0.1, out, ws)
-                td.TUNE["attend"], td.TUNE_WAVE["attend"] = saved
 
 
 def _wave_view(lay, dtype, num_pages):

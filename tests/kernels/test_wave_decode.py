@@ -168,15 +168,11 @@ def check_bookkeeping(wv: Wave, ws, table_before, stamp_before, counters_before)
 
 
 # ----------------------------------------------------------------------- tests
-@pytest.mark.parametrize("attend", [{}, dict(PF=True, TR=16, TE=16)],
-                         ids=["default", "prefetch"])
-def test_released_rows_match_unreleased(monkeypatch, attend):
+def test_released_rows_match_unreleased():
     """Ragged rows: full horizon, partial horizon (poisoned with another row's K/V),
     horizon 0, no index, padding. Empty cache: every visit is a miss read from the
     arena. (a) twin with the view on the poisoned cache == twin on the clean cache,
     bit for bit; (b) kernel == twin; (c) bookkeeping == the plain count."""
-    td = _td()
-    monkeypatch.setitem(td.TUNE_WAVE, "attend", dict(td.TUNE_WAVE["attend"], **attend))
     torch.manual_seed(21)
     sc = Scene(200)
     E0 = sc.add(700)
@@ -201,6 +197,7 @@ def test_released_rows_match_unreleased(monkeypatch, attend):
     _, n_miss = check_bookkeeping(wv, ws, wv.cache.table.clone(), wv.cache.stamp.clone(), z)
     assert n_miss > 0 and int(wv.cache.counters[C_HITS]) == 0
     # Without the view the kernel reads the poisoned blocks (what the view prevents).
+    td = _td()
     bt, sl = sc.tensors()
     bad = torch.zeros(5, H * G, D, device=DEV)
     with warnings.catch_warnings():          # (the interpreter warns about the NaNs)

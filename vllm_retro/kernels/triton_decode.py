@@ -905,18 +905,6 @@ def _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, m0, H: tl.constex
 
 
 @triton.jit
-def _estimated_tile(lg_ptr, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3, e_blk, e_ok, h, g, gm, d, dm,
-                    H: tl.constexpr, G: tl.constexpr):
-    """Log-masses ``[GP, TE]`` (from the score kernel; -inf where not ``e_ok``) and
-    mean values ``[TE, DP]`` of the estimated clusters at pool pages ``e_blk``."""
-    e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + g[:, None],
-                  mask=gm[:, None] & e_ok[None, :], other=_NEG_INF)
-    e_v = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 2 * fp_s2
-                  + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
-    return e_s, e_v
-
-
-@triton.jit
 def _group_positions(t0, total, beg, end, start, S, E, L, TR: tl.constexpr):
     """(position, its cluster's first position, valid) of tokens ``t0 + [0, TR)``
     of a group of retrieved clusters (concatenated; the cluster's start + offset:
@@ -1140,7 +1128,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    RG: tl.constexpr, TR: tl.constexpr, TE: tl.constexpr,
                    PK: tl.constexpr, LW: tl.constexpr, NSP: tl.constexpr,
                    NATIVE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
-                   WAVE: tl.constexpr = False, PF: tl.constexpr = False):
+                   WAVE: tl.constexpr = False):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
@@ -1150,12 +1138,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     ``src`` (the cluster cache ``ckv`` or the arena ``ar`` of the layer's
     :class:`WaveBufferView`; ``WP``: its pool pages, ``WR``: the index table's
     rows); without it those arguments are dummies, never read, and the horizon is
-    ignored.
-
-    PF: the retrieved and estimated loops hold two tiles: tile t+1's K/V (summary)
-    loads are issued before tile t is attended, so their latency overlaps its
-    arithmetic (one more tile of registers; else a tile's loads are issued at the top
-    of its own iteration, overlapping only the next tile's index loads)."""
+    ignored."""
     rh = tl.program_id(0)
     p = tl.program_id(1)
     r = rh // H
@@ -1209,89 +1192,43 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
             w_ptr, w_ok = _wave_addr(0, w_total, w_beg, w_end, w_start, bt_row, src_row, S, SB,
                                      E, L, HZ, HZB, kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr,
                                      ckv_s0, ckv_s1, ar_ptr, ar_s0, h, BS, TR)
-            if PF:
-                # (current tile's K/V and mask; next tile's addresses)
-                f_kt, f_vt = _load_kv_at(w_ptr, w_ok, D, DP)
-                f_ok = w_ok
-                w_ptr, w_ok = _wave_addr(TR, w_total, w_beg, w_end, w_start, bt_row, src_row,
-                                         S, SB, E, L, HZ, HZB, kv_ptr, kv_s0, kv_s1, kv_s2,
-                                         ckv_ptr, ckv_s0, ckv_s1, ar_ptr, ar_s0, h, BS, TR)
-                for t0 in range(0, w_total, TR):
-                    f_kn, f_vn = _load_kv_at(w_ptr, w_ok, D, DP)
-                    w_ptr_n, w_ok_n = _wave_addr(t0 + 2 * TR, w_total, w_beg, w_end, w_start,
-                                                 bt_row, src_row, S, SB, E, L, HZ, HZB, kv_ptr,
-                                                 kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1,
-                                                 ar_ptr, ar_s0, h, BS, TR)
-                    m_i, l_i, acc = _attend_kv(q, f_kt, f_vt, f_ok, m_i, l_i, acc, scale,
-                                               NATIVE, PREC)
-                    f_kt, f_vt, f_ok = f_kn, f_vn, w_ok
-                    w_ptr, w_ok = w_ptr_n, w_ok_n
-            else:
-                for t0 in range(0, w_total, TR):
-                    w_kt, w_vt = _load_kv_at(w_ptr, w_ok, D, DP)
-                    w_ptr_n, w_ok_n = _wave_addr(t0 + TR, w_total, w_beg, w_end, w_start,
-                                                 bt_row, src_row, S, SB, E, L, HZ, HZB, kv_ptr,
-                                                 kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1,
-                                                 ar_ptr, ar_s0, h, BS, TR)
-                    m_i, l_i, acc = _attend_kv(q, w_kt, w_vt, w_ok, m_i, l_i, acc, scale,
-                                               NATIVE, PREC)
-                    w_ptr, w_ok = w_ptr_n, w_ok_n
+            for t0 in range(0, w_total, TR):
+                w_kt, w_vt = _load_kv_at(w_ptr, w_ok, D, DP)
+                w_ptr_n, w_ok_n = _wave_addr(t0 + TR, w_total, w_beg, w_end, w_start, bt_row,
+                                             src_row, S, SB, E, L, HZ, HZB, kv_ptr, kv_s0,
+                                             kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr,
+                                             ar_s0, h, BS, TR)
+                m_i, l_i, acc = _attend_kv(q, w_kt, w_vt, w_ok, m_i, l_i, acc, scale,
+                                           NATIVE, PREC)
+                w_ptr, w_ok = w_ptr_n, w_ok_n
     else:
         for m0 in range(0, n_mine, RG):
             start, beg, end, total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret,
                                                       H, LW, PK, RG)
             r_blk, r_off, r_ok = _retrieved_addr(0, total, beg, end, start, bt_row, S, E, L,
                                                  BS, TR)
-            if PF:
-                g_kt, g_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off, r_ok,
+            for t0 in range(0, total, TR):
+                r_kt, r_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off, r_ok,
                                       h, D, DP)
-                g_ok = r_ok
-                r_blk, r_off, r_ok = _retrieved_addr(TR, total, beg, end, start, bt_row, S, E,
-                                                     L, BS, TR)
-                for t0 in range(0, total, TR):
-                    g_kn, g_vn = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off,
-                                          r_ok, h, D, DP)
-                    r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + 2 * TR, total, beg, end,
-                                                               start, bt_row, S, E, L, BS, TR)
-                    m_i, l_i, acc = _attend_kv(q, g_kt, g_vt, g_ok, m_i, l_i, acc, scale,
-                                               NATIVE, PREC)
-                    g_kt, g_vt, g_ok = g_kn, g_vn, r_ok
-                    r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
-            else:
-                for t0 in range(0, total, TR):
-                    r_kt, r_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off,
-                                          r_ok, h, D, DP)
-                    r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, total, beg, end, start,
-                                                               bt_row, S, E, L, BS, TR)
-                    m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale,
-                                               NATIVE, PREC)
-                    r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
+                r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, total, beg, end, start,
+                                                           bt_row, S, E, L, BS, TR)
+                m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale,
+                                           NATIVE, PREC)
+                r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
     n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
     e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
                                   H, LW, PK, TE)
-    if PF:
-        e_s, e_v = _estimated_tile(lg_ptr, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3, e_blk, e_ok,
-                                   h, g, gm, d, dm, H, G)
-        e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, TE,
-                                      H, LW, PK, TE)
-        for m0 in range(0, n_mine, TE):
-            e_sn, e_vn = _estimated_tile(lg_ptr, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3, e_blk,
-                                         e_ok, h, g, gm, d, dm, H, G)
-            e_blk_n, e_ok_n = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS,
-                                              m0 + 2 * TE, H, LW, PK, TE)
-            m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC)
-            e_s, e_v = e_sn, e_vn
-            e_blk, e_ok = e_blk_n, e_ok_n
-    else:
-        for m0 in range(0, n_mine, TE):
-            e_s, e_v = _estimated_tile(lg_ptr, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3, e_blk,
-                                       e_ok, h, g, gm, d, dm, H, G)
-            e_blk_n, e_ok_n = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS,
-                                              m0 + TE, H, LW, PK, TE)
-            m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC)
-            e_blk, e_ok = e_blk_n, e_ok_n
+    for m0 in range(0, n_mine, TE):
+        e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + g[:, None],
+                      mask=gm[:, None] & e_ok[None, :], other=_NEG_INF)
+        e_v = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 2 * fp_s2
+                      + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
+        e_blk_n, e_ok_n = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS,
+                                          m0 + TE, H, LW, PK, TE)
+        m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC)
+        e_blk, e_ok = e_blk_n, e_ok_n
 
     row = (rh * NS + p) * G + g
     tl.store(pm_ptr + row, m_i, mask=gm)
