@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -82,6 +83,8 @@ VARIANTS = [
     # the pool, quantized; its output differs from the default's by the
     # quantization, so it is compared with a looser bound).
     ("summaries 8-bit", "q8", None),
+    # ... and 16-bit ones (the default before the thirteenth session).
+    ("summaries 16-bit", "b16", None),
     # ... with the score kernel held to 128 registers (4 programs per SM at 4 warps
     # instead of 3; the sm_90 compile spills 8 bytes).
     ("summaries 8-bit, score maxnreg 128", "q8+score", dict(maxnreg=128)),
@@ -102,6 +105,13 @@ VARIANTS = [
     ("collect RB1024", "collect", dict(RB=1024)),
     ("selection tiles 1024", "multi", dict(key=dict(CHE=1024), cand=dict(RB=1024),
                                            collect=dict(RB=1024))),
+    # The attention kernel's EAGER variant (every phase's first index chain issued up
+    # front; the default at one or two rows): off, with smaller steady tiles (fewer
+    # registers: 255 at TS 128), and on at larger batches (plain and wave).
+    ("attend not eager", "attend", dict(EAGER=False)),
+    ("attend eager TS64", "attend", dict(EAGER=True, TS=64)),
+    ("attend eager", "attend", dict(EAGER=True)),
+    ("wave attend eager", "wave_attend", dict(EAGER=True)),
 ]
 
 
@@ -117,8 +127,14 @@ def q8_copy(pool: IndexPool) -> IndexPool:
 def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
              variants=None, shuffle_pages: bool = True, wave: str = "") -> dict:
     scale = 1 / math.sqrt(D)
-    lay, kv, bt, sl, hdr, S, ix = make_batch(ctx, batch, cfg, key_scale=key_scale,
+    # The batch is built with 16-bit summaries; the variants read them or an 8-bit
+    # copy, the default variant what the configuration's ``summary_bits`` says.
+    lay, kv, bt, sl, hdr, S, ix = make_batch(ctx, batch, dataclasses.replace(cfg, summary_bits=16),
+                                             key_scale=key_scale,
                                              shuffle_pages=shuffle_pages, wave=wave)
+    pool16 = ix.pool
+    pool8 = q8_copy(pool16)
+    pool_default = pool8 if cfg.summary_bits == 8 else pool16
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     ref = None
     if wave:
@@ -126,7 +142,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         # output of the run without it.
         ws0 = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")
         ref = torch.empty(batch, HQ, D, device="cuda", dtype=torch.float32)
-        paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale,
+        paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, pool_default, S, scale,
                                out=ref, workspace=ws0)
         del ws0
     base_tune = copy.deepcopy(td.TUNE)
@@ -145,10 +161,13 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         td.LAST_KERNELS.clear()   # (else the programs/SM line shows earlier variants' stages)
         max_split = pps = attend_split = 0
         td.PDL = bool(kernel and kernel.startswith("pdl"))
-        pool, err_limit = ix.pool, 1e-2
-        if kernel and kernel.startswith("q8"):
-            pool, err_limit, kernel = q8_copy(ix.pool), 0.1, kernel[3:] or None
-        elif kernel == "wave_attend":
+        pool = pool_default
+        if kernel and kernel.startswith(("q8", "b16")):
+            pool = pool8 if kernel.startswith("q8") else pool16
+            kernel = kernel.split("+", 1)[1] if "+" in kernel else None
+        # Other summaries than the default's: the output differs by their quantization.
+        err_limit = 1e-2 if pool is pool_default else 0.1
+        if kernel == "wave_attend":
             td.TUNE_WAVE["attend"].update(over)
             kernel = None
         elif kernel == "multi":
@@ -220,7 +239,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")
     out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
     prof = per_kernel_us(lambda: paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt,
-                                                        ix.pool, S, scale, out=out,
+                                                        pool_default, S, scale, out=out,
                                                         workspace=ws, wave=ix.wave))
     ok = [r for r in res if "graph_us" in r]
     best = min(ok, key=lambda r: r["graph_us"]) if ok else None

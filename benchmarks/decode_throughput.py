@@ -309,12 +309,23 @@ def plot(res: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    recs = res["records"]
+    import itertools
+    # Per (context, backend) only its latest run's records: a rerun replaces the
+    # figures of older code instead of joining them in one line.
+    def run_no(r):
+        return r.get("run") if r.get("run") is not None else -1
+    last = {}
+    for r in res["records"]:
+        key = (r["context"], r["backend"])
+        last[key] = max(last.get(key, -1), run_no(r))
+    recs = [r for r in res["records"] if run_no(r) == last[(r["context"], r["backend"])]]
     ctxs = sorted({r["context"] for r in recs})
-    fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 5), squeeze=False)
     for ax, ctx in zip(axes[0], ctxs):
-        names = ["FLASH_ATTN"] + sorted({r["backend"] for r in recs} - {"FLASH_ATTN"})
-        for be, mk in zip(names, ("s-", "o-", "^-", "v-", "d-")):
+        names = ["FLASH_ATTN"] + sorted({r["backend"] for r in recs if r["context"] == ctx}
+                                        - {"FLASH_ATTN"})
+        for be, mk in zip(names, itertools.cycle(("s-", "o-", "^-", "v-", "d-", "P-", "X-",
+                                                  "*-"))):
             rs = sorted((r for r in recs if r["context"] == ctx and r["backend"] == be),
                         key=lambda r: r["batch"])
             if rs:

@@ -86,9 +86,10 @@ def test_allocator_refusals_take_nothing():
 
 
 # ------------------------------------------------------------- the manager
-def _manager(index_pool_gib=0.0, max_num_seqs=4):
+def _manager(index_pool_gib=0.0, max_num_seqs=4, **extra):
     from vllm_retro.backend.gpu import PagedIndexManager
     opts = dict(OPTS, index_pool_gib=index_pool_gib) if index_pool_gib else dict(OPTS)
+    opts.update(extra)
     cfg = SimpleNamespace(
         additional_config={"retro": opts},
         compilation_config=SimpleNamespace(max_cudagraph_capture_size=0),
@@ -301,7 +302,9 @@ def test_kernels_read_the_managers_pool():
     if not uses_triton(torch.zeros(1)):
         pytest.skip("Triton kernels were compiled for a GPU before the interpreter was on")
     from vllm_retro.kernels import paged_decode_attention
-    mgr = _manager()
+    # Summaries in the KV dtype: the kernels read a float32 copy of the pool (8-bit
+    # summaries through the manager: the GPU engine tests).
+    mgr = _manager(summary_bits=16)
     L = 700
     n = math.ceil(L / BS)
     ba, bb = list(range(1, 1 + n)), list(range(90, 90 + n))

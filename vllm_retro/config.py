@@ -166,10 +166,10 @@ class RetroConfig:
             before vLLM measures free memory, so vLLM sizes its KV cache around it. A
             request that finds the pool full is not indexed (attended exactly) and
             counted (``index_pool_full``).
-        summary_bits: GPU only: 16 (default) keeps the clusters' centroids and key
-            variances in the KV dtype; 8 stores them as int8 with one scale per
-            cluster, head and vector, so the decode's scoring stage reads about half
-            the bytes (``2D + 8`` instead of ``4D`` per cluster and head at bf16);
+        summary_bits: GPU only: 8 (default) stores the clusters' centroids and key
+            variances as int8 with one scale per cluster, head and vector, so the
+            decode's scoring stage reads about half the bytes (``2D + 8`` instead of
+            ``4D`` per cluster and head at bf16; 16 keeps them in the KV dtype);
             the mean values stay 16-bit and the pool's memory is unchanged. On the
             CPU reference 8-bit summaries moved no accuracy cell by more than 0.2
             points (``docs/accuracy.md``); on an H200 the scoring stage takes 26%
@@ -213,7 +213,7 @@ class RetroConfig:
     cluster_cache_gib: float = 0.0
     index_pool_gib: float = 0.0
     prefill_resident_tokens: int = 0
-    summary_bits: int = 16
+    summary_bits: int = 8
 
     def __post_init__(self) -> None:
         _check_int("segment_size", self.segment_size, 64, 1 << 20)

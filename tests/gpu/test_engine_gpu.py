@@ -30,7 +30,7 @@ PRE_BLOCKS = 390
 
 
 #: Retro options every test adds to its own (JSON), to run the suite under another
-#: configuration (e.g. ``{"summary_bits": 8}``) before it becomes a default.
+#: configuration (e.g. ``{"summary_bits": 16}``, or an option before it becomes a default).
 EXTRA_OPTIONS = json.loads(os.environ.get("RETRO_GPU_TEST_OPTIONS", "{}") or "{}")
 
 
