@@ -105,13 +105,6 @@ VARIANTS = [
     ("collect RB1024", "collect", dict(RB=1024)),
     ("selection tiles 1024", "multi", dict(key=dict(CHE=1024), cand=dict(RB=1024),
                                            collect=dict(RB=1024))),
-    # The attention kernel's EAGER variant (every phase's first index chain issued up
-    # front; the default at one or two rows): off, with smaller steady tiles (fewer
-    # registers: 255 at TS 128), and on at larger batches (plain and wave).
-    ("attend not eager", "attend", dict(EAGER=False)),
-    ("attend eager TS64", "attend", dict(EAGER=True, TS=64)),
-    ("attend eager", "attend", dict(EAGER=True)),
-    ("wave attend eager", "wave_attend", dict(EAGER=True)),
 ]
 
 

@@ -168,14 +168,11 @@ def check_bookkeeping(wv: Wave, ws, table_before, stamp_before, counters_before)
 
 
 # ----------------------------------------------------------------------- tests
-@pytest.mark.parametrize("attend", [{}, dict(EAGER=True)], ids=["default", "eager"])
-def test_released_rows_match_unreleased(monkeypatch, attend):
+def test_released_rows_match_unreleased():
     """Ragged rows: full horizon, partial horizon (poisoned with another row's K/V),
     horizon 0, no index, padding. Empty cache: every visit is a miss read from the
     arena. (a) twin with the view on the poisoned cache == twin on the clean cache,
     bit for bit; (b) kernel == twin; (c) bookkeeping == the plain count."""
-    td = _td()
-    monkeypatch.setitem(td.TUNE_WAVE, "attend", dict(td.TUNE_WAVE["attend"], **attend))
     torch.manual_seed(21)
     sc = Scene(200)
     E0 = sc.add(700)
@@ -187,10 +184,7 @@ def test_released_rows_match_unreleased(monkeypatch, attend):
     hz1 = sc.S + (E1 - sc.S) // BS // 2 * BS
     wv.release({0: E0, 1: hz1, 3: 0}, poison={1: 2})
     q = torch.randn(5, H * G, D)
-    # One attention program per row-head: several retrieved groups per program.
-    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV,
-                            **(dict(attend_max_split=1) if attend else {}))
-    out, ref, ws = run(wv, q, ws=ws, td=td)
+    out, ref, ws = run(wv, q)
     clean = unreleased(wv, q)
     assert torch.equal(ref, clean)
     assert not torch.isnan(out).any()
@@ -203,6 +197,7 @@ def test_released_rows_match_unreleased(monkeypatch, attend):
     _, n_miss = check_bookkeeping(wv, ws, wv.cache.table.clone(), wv.cache.stamp.clone(), z)
     assert n_miss > 0 and int(wv.cache.counters[C_HITS]) == 0
     # Without the view the kernel reads the poisoned blocks (what the view prevents).
+    td = _td()
     bt, sl = sc.tensors()
     bad = torch.zeros(5, H * G, D, device=DEV)
     with warnings.catch_warnings():          # (the interpreter warns about the NaNs)

@@ -154,7 +154,7 @@ TUNE_SMALL_BATCH = {
     "key": dict(CHE=256),
     "cand": dict(RB=256),
     "collect": dict(RB=256),
-    "attend": dict(TS=128, TE=64, EAGER=True),
+    "attend": dict(TS=128, TE=64),
 }
 # The attention kernel's wave-buffer variant at batches above SMALL_BATCH: its extra
 # source word per token costs registers (144 at 32-token retrieved tiles: 3 programs
@@ -1037,39 +1037,6 @@ def _wave_addr(t0, total, beg, end, start, bt_row, src_row, S, SB, E, L, HZ, HZB
 
 
 @triton.jit
-def _retrieved_tile(t0, total, beg, end, start, bt_row, src_row, S, SB, E, L, HZ, HZB,
-                    kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr, ar_s0, h,
-                    BS: tl.constexpr, TR: tl.constexpr, WAVE: tl.constexpr):
-    """Where tokens ``t0 + [0, TR)`` of a group of retrieved clusters are: WAVE
-    (:func:`_wave_addr`): (address, valid, valid); else (:func:`_retrieved_addr`):
-    (physical block, offset, valid)."""
-    if WAVE:
-        a, ok = _wave_addr(t0, total, beg, end, start, bt_row, src_row, S, SB, E, L, HZ, HZB,
-                           kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr, ar_s0,
-                           h, BS, TR)
-        b = ok
-    else:
-        a, b, ok = _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS, TR)
-    return a, b, ok
-
-
-@triton.jit
-def _retrieved_first(lists_ptr, ix_row, h, p, NS, m0, n_ret, bt_row, src_row, S, SB, E, L,
-                     HZ, HZB, kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr,
-                     ar_s0, H: tl.constexpr, LW: tl.constexpr, PK: tl.constexpr,
-                     RG: tl.constexpr, BS: tl.constexpr, TR: tl.constexpr,
-                     WAVE: tl.constexpr):
-    """A group of retrieved clusters (:func:`_retrieved_group`) and where its first
-    tile's tokens are (:func:`_retrieved_tile`)."""
-    start, beg, end, total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret, H, LW,
-                                              PK, RG)
-    a, b, ok = _retrieved_tile(0, total, beg, end, start, bt_row, src_row, S, SB, E, L, HZ,
-                               HZB, kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1,
-                               ar_ptr, ar_s0, h, BS, TR, WAVE)
-    return start, beg, end, total, a, b, ok
-
-
-@triton.jit
 def _load_kv_at(ptr, ok, D: tl.constexpr, DP: tl.constexpr):
     """K and V ``[T, DP]`` of tokens at their own addresses (K at ``ptr``, V ``D``
     elements after it; unit element stride in every source; 16-byte aligned, see
@@ -1168,7 +1135,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    RG: tl.constexpr, TR: tl.constexpr, TE: tl.constexpr,
                    PK: tl.constexpr, LW: tl.constexpr, NSP: tl.constexpr,
                    NATIVE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
-                   WAVE: tl.constexpr = False, EAGER: tl.constexpr = False):
+                   WAVE: tl.constexpr = False):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
@@ -1204,38 +1171,14 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
 
     # Every loop below is software-pipelined by hand: a tile's K/V (or summary)
     # loads are issued before the next tile's chain of dependent index loads, so
-    # the two latencies overlap instead of adding up. EAGER (one or two rows: about
-    # one tile per phase and program): the first tile of each phase has its index
-    # chain issued before any phase waits for data, so the three chains overlap
-    # instead of running one after the other, and the next group of retrieved
-    # clusters is looked up while the current one is attended (the values live
-    # across the steady loop cost ~17 registers: off at larger batches, whose
-    # occupancy they would lower).
-    # (Each loop has its own variable names: Triton types loop-carried values by
-    # name, and the tiles of the three loops differ in size.)
-    n_mine_s = tl.maximum(n_steady - p + NS - 1, 0) // NS
-    n_mine_r = tl.maximum(n_ret - p + NS - 1, 0) // NS
-    n_mine_e = tl.maximum(n_est - p + NS - 1, 0) // NS
-    if WAVE:
-        # Below the horizon the row's blocks may be released: K/V from the cluster
-        # cache or the arena, at the page addresses the resolve kernel wrote.
-        HZ, HZB = _wave_horizon(hdr_ptr, hdr_s0, blk0, indexed, E, WP, WR)
-        src_row = src_ptr + rh.to(tl.int64) * src_s0
-    else:
-        HZ = 0
-        HZB = 0
-        src_row = src_ptr
-    s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
-    if EAGER:
-        start, beg, end, total, ra, rb, rok = _retrieved_first(
-            lists_ptr, ix_row, h, p, NS, 0, n_ret, bt_row, src_row, S, SB, E, L, HZ, HZB,
-            kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr, ar_s0,
-            H, LW, PK, RG, BS, TR, WAVE)
-        e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
-                                      H, LW, PK, TE)
+    # the two latencies overlap instead of adding up.
 
     # Steady zone: tokens j = p, p + NS, ... of [0, sink_end) + [clustered_end, L).
-    for m0 in range(0, n_mine_s, TS):
+    # (Each loop has its own variable names: Triton types loop-carried values by
+    # name, and the tiles of the three loops differ in size.)
+    n_mine = tl.maximum(n_steady - p + NS - 1, 0) // NS
+    s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
+    for m0 in range(0, n_mine, TS):
         s_k, s_v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, s_blk, s_off, s_ok, h, D, DP)
         s_blk_n, s_off_n, s_ok_n = _steady_addr(bt_row, p, NS, m0 + TS, n_steady, split, E,
                                                 BS, TS)
@@ -1244,39 +1187,47 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
 
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
     # concatenated and attended TR at a time (positions [start, start + size)).
-    for m0 in range(0, n_mine_r, RG):
-        if EAGER:
-            n_start, n_beg, n_end, n_total, n_ra, n_rb, n_rok = _retrieved_first(
-                lists_ptr, ix_row, h, p, NS, m0 + RG, n_ret, bt_row, src_row, S, SB, E, L,
-                HZ, HZB, kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr, ar_s0,
-                H, LW, PK, RG, BS, TR, WAVE)
-        else:
-            start, beg, end, total, ra, rb, rok = _retrieved_first(
-                lists_ptr, ix_row, h, p, NS, m0, n_ret, bt_row, src_row, S, SB, E, L,
-                HZ, HZB, kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr, ar_s0,
-                H, LW, PK, RG, BS, TR, WAVE)
-        for t0 in range(0, total, TR):
-            if WAVE:
-                r_kt, r_vt = _load_kv_at(ra, rok, D, DP)
-            else:
-                r_kt, r_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, ra, rb, rok, h, D,
-                                      DP)
-            ra_n, rb_n, rok_n = _retrieved_tile(
-                t0 + TR, total, beg, end, start, bt_row, src_row, S, SB, E, L, HZ, HZB,
-                kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr, ar_s0,
-                h, BS, TR, WAVE)
-            m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, rok, m_i, l_i, acc, scale, NATIVE,
-                                       PREC)
-            ra, rb, rok = ra_n, rb_n, rok_n
-        if EAGER:
-            start, beg, end, total = n_start, n_beg, n_end, n_total
-            ra, rb, rok = n_ra, n_rb, n_rok
+    n_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
+    if WAVE:
+        # Below the horizon the row's blocks may be released: K/V from the cluster
+        # cache or the arena, at the page addresses the resolve kernel wrote.
+        HZ, HZB = _wave_horizon(hdr_ptr, hdr_s0, blk0, indexed, E, WP, WR)
+        src_row = src_ptr + rh.to(tl.int64) * src_s0
+        for m0 in range(0, n_mine, RG):
+            w_start, w_beg, w_end, w_total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0,
+                                                              n_ret, H, LW, PK, RG)
+            w_ptr, w_ok = _wave_addr(0, w_total, w_beg, w_end, w_start, bt_row, src_row, S, SB,
+                                     E, L, HZ, HZB, kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr,
+                                     ckv_s0, ckv_s1, ar_ptr, ar_s0, h, BS, TR)
+            for t0 in range(0, w_total, TR):
+                w_kt, w_vt = _load_kv_at(w_ptr, w_ok, D, DP)
+                w_ptr_n, w_ok_n = _wave_addr(t0 + TR, w_total, w_beg, w_end, w_start, bt_row,
+                                             src_row, S, SB, E, L, HZ, HZB, kv_ptr, kv_s0,
+                                             kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr,
+                                             ar_s0, h, BS, TR)
+                m_i, l_i, acc = _attend_kv(q, w_kt, w_vt, w_ok, m_i, l_i, acc, scale,
+                                           NATIVE, PREC)
+                w_ptr, w_ok = w_ptr_n, w_ok_n
+    else:
+        for m0 in range(0, n_mine, RG):
+            start, beg, end, total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret,
+                                                      H, LW, PK, RG)
+            r_blk, r_off, r_ok = _retrieved_addr(0, total, beg, end, start, bt_row, S, E, L,
+                                                 BS, TR)
+            for t0 in range(0, total, TR):
+                r_kt, r_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off, r_ok,
+                                      h, D, DP)
+                r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, total, beg, end, start,
+                                                           bt_row, S, E, L, BS, TR)
+                m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale,
+                                           NATIVE, PREC)
+                r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
-    if not EAGER:
-        e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
-                                      H, LW, PK, TE)
-    for m0 in range(0, n_mine_e, TE):
+    n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
+    e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
+                                  H, LW, PK, TE)
+    for m0 in range(0, n_mine, TE):
         e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + g[:, None],
                       mask=gm[:, None] & e_ok[None, :], other=_NEG_INF)
         e_v = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 2 * fp_s2
