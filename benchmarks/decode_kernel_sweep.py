@@ -105,6 +105,10 @@ VARIANTS = [
     ("collect RB1024", "collect", dict(RB=1024)),
     ("selection tiles 1024", "multi", dict(key=dict(CHE=1024), cand=dict(RB=1024),
                                            collect=dict(RB=1024))),
+    # The programs per row-head as a function of the padded batch (before the
+    # thirteenth session) instead of the rows with context (triton_decode.DYNAMIC_SPLIT);
+    # they differ on padded cases ("131072x16:10").
+    ("static split", "static", None),
 ]
 
 
@@ -118,13 +122,19 @@ def q8_copy(pool: IndexPool) -> IndexPool:
 
 
 def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
-             variants=None, shuffle_pages: bool = True, wave: str = "") -> dict:
+             variants=None, shuffle_pages: bool = True, wave: str = "",
+             real: int = 0) -> dict:
+    """One (context, batch) case; ``real`` < batch: only the first ``real`` rows have
+    context, the others are padding (seq_len 0), as vLLM pads a decode batch to its
+    CUDA-graph size."""
     scale = 1 / math.sqrt(D)
     # The batch is built with 16-bit summaries; the variants read them or an 8-bit
     # copy, the default variant what the configuration's ``summary_bits`` says.
     lay, kv, bt, sl, hdr, S, ix = make_batch(ctx, batch, dataclasses.replace(cfg, summary_bits=16),
                                              key_scale=key_scale,
                                              shuffle_pages=shuffle_pages, wave=wave)
+    real = real or batch
+    sl[real:] = 0
     pool16 = ix.pool
     pool8 = q8_copy(pool16)
     pool_default = pool8 if cfg.summary_bits == 8 else pool16
@@ -142,6 +152,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     base_small = copy.deepcopy(td.TUNE_SMALL_BATCH)
     base_impl = td.SCORE_IMPL
     base_wave = copy.deepcopy(td.TUNE_WAVE)
+    base_dyn = td.DYNAMIC_SPLIT
     td.RECORD_RESOURCES = True
     res = []
     for name, kernel, over in VARIANTS:
@@ -154,6 +165,9 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         td.LAST_KERNELS.clear()   # (else the programs/SM line shows earlier variants' stages)
         max_split = pps = attend_split = 0
         td.PDL = bool(kernel and kernel.startswith("pdl"))
+        td.DYNAMIC_SPLIT = kernel != "static"
+        if kernel == "static":
+            kernel = None
         pool = pool_default
         if kernel and kernel.startswith(("q8", "b16")):
             pool = pool8 if kernel.startswith("q8") else pool16
@@ -200,7 +214,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             step(True)
             torch.cuda.synchronize()
             st = ws.stats.tolist()
-            assert st[0] == batch, f"retro kernels did not serve every row: {st}"
+            assert st[0] == real, f"retro kernels did not serve every row: {st}"
             if wave:
                 c1 = ix.cache.counters.tolist()
                 hits, misses = c1[0] - c0[0], c1[1] - c0[1]
@@ -229,6 +243,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     td.TUNE, td.TUNE_SMALL_BATCH, td.SCORE_IMPL = base_tune, base_small, base_impl
     td.TUNE_WAVE = base_wave
     td.PDL = False
+    td.DYNAMIC_SPLIT = base_dyn
     ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")
     out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
     prof = per_kernel_us(lambda: paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt,
@@ -281,9 +296,13 @@ def main() -> None:
     orders = {"shuffled": [True], "sequential": [False], "both": [True, False]}[a.pages]
     cases = []
     for c in a.cases.split(","):
+        # CTXxB, or CTXxB:R (R rows with context, padded to B)
+        c, _, real = c.partition(":")
         ctx, b = map(int, c.split("x"))
         for shuffled in orders:
-            rec = run_case(ctx, b, cfg, a.key_scale, variants, shuffled, a.wave)
+            rec = run_case(ctx, b, cfg, a.key_scale, variants, shuffled, a.wave,
+                           int(real or 0))
+            rec["rows_with_context"] = int(real or b)
             rec["pool_pages"] = "shuffled" if shuffled else "sequential"
             cases.append(rec)
             torch.cuda.empty_cache()

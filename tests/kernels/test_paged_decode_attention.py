@@ -246,6 +246,34 @@ def test_ragged_batch_matches_twin():
             assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
 
 
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_padded_batch_spreads_over_the_grid(monkeypatch, dynamic):
+    """A batch padded to a CUDA-graph size (trailing rows of seq_len 0): with the
+    dynamic split the rows in use get the programs per row-head of their own count
+    (here 4 for 5 rows of 8, against 3 for the padded 8), read on the device; either
+    way every row equals the twin and the padding rows are zeros."""
+    td = _td()
+    monkeypatch.setattr(td, "DYNAMIC_SPLIT", dynamic)
+    torch.manual_seed(5)
+    sc = Scene(420)
+    for L in (700, 650, 900, 520, 610):
+        sc.add(L)
+    for _ in range(3):
+        sc.add(0)
+    q = torch.randn(8, H * G, D)
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, programs_per_sm=3,
+                            num_sms=16, max_split=8)
+    assert ws.nsplit(8) == 3 and ws.nsplit(5) == 4
+    ws.score_max.fill_(float("nan"))
+    out, ref, st, ws = run_both(sc, q, 0.2, ws=ws, td=td)
+    assert not torch.isnan(out).any(), "output elements left unwritten"
+    assert out[5:].abs().max() == 0
+    assert _rel(out[:5], ref[:5]) < 2e-3, _rel(out[:5], ref[:5])
+    assert ws.stats.tolist() == expected_stats(sc, st)
+    written = (~ws.score_max[:5 * H, :, 0].isnan()).sum(1).cpu()
+    assert (written == (4 if dynamic else 3)).all(), written
+
+
 def test_8bit_summaries_match_twin_and_stay_near_16bit():
     """``summary_bits`` 8: the score stage reads int8 centroids and variances with a
     scale per cluster (kernel == twin, which dequantizes; same selection); the

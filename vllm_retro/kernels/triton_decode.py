@@ -11,21 +11,25 @@ HDR_IBT_ROW]]``: cluster entry ``i``'s summaries, size and start at pool page
 ``ix[i]`` of the layer's :class:`~vllm_retro.index.paged.IndexPool`) and context
 length. K/V are read through vLLM's block table (positions).
 
-Launch sequence (``NS = workspace.nsplit(B)`` programs per (row, KV head); a row's
-``C`` cluster entries are cut into ``NS`` contiguous ranges where a kernel works
-by range):
+Launch sequence (``NS`` programs per (row, KV head); a row's ``C`` cluster
+entries are cut into ``NS`` contiguous ranges where a kernel works by range). The
+grids are ``(B*H, NSG)`` with ``NSG = workspace.nsplit(B // 2 + 1)``; each program
+derives ``NS = workspace.nsplit(R)`` (capped by ``NSG``) on the device from ``R``,
+the rows up to the last one with context (:func:`_program`): a batch that vLLM
+padded to its CUDA-graph size with empty rows keeps the whole GPU busy, and the
+programs beyond ``NS`` (or of the padding rows) return at once:
 
-1. ``_score_kernel`` ``(B*H, NS)``: the log-mass of every cluster entry for the
+1. ``_score_kernel``: the log-mass of every cluster entry for the
    ``G`` query heads (``[G, chunk]`` tiles, centroid and key variance read once),
    stored page-addressed in ``workspace.logits``, and each program's partial
    max / sum-exp per query head. Zeroes the row-head's histogram. (With
    ``SCORE_IMPL = "cuda"`` its CUDA twin ``torch.ops.vllm_retro.paged_score``,
    ``csrc/cuda/paged_score.cu``, runs instead where the extension has it.)
-2. ``_key_kernel`` ``(B*H, NS)``: the per-query-head log-sum-exp from the partials;
+2. ``_key_kernel``: the per-query-head log-sum-exp from the partials;
    each entry's ranking score ``sum_g exp(logit - lse_g)`` stored as its float bit
    pattern (an int32 key that sorts like the score, scores being >= 0); a histogram
    of a fine log-scale digit of the keys (atomically summed per row-head).
-3. ``_cand_kernel`` ``(B*H, NS)``: exact selection, part 1. From the histogram every
+3. ``_cand_kernel``: exact selection, part 1. From the histogram every
    program knows the buckets of the two thresholds (the ``n_retrieve``-th and the
    ``(n_retrieve + n_estimate)``-th largest key); it appends its range's keys in
    those buckets, with their entry index, to two candidate lists (atomically
@@ -34,12 +38,12 @@ by range):
    threshold keys by a 4-bits-at-a-time counting search over the candidates, and
    how many keys equal to each are taken (ties go to the lower entry index, as the
    twin's stable descending argsort).
-4. ``_collect_kernel`` ``(B*H, NS)``: each range derives its offsets in the
+4. ``_collect_kernel``: each range derives its offsets in the
    selection lists from the lower ranges' counts and candidates, then writes its
    retrieved clusters (first token position, size) and estimated clusters
    (pool page) to the lists, in entry order; statistics.
-5. ``_attend_kernel`` ``(B*H, NSA)`` (``NSA = workspace.nsplit_attend(B)``, its own
-   split: it only merges partials): program ``p`` attends the work items congruent
+5. ``_attend_kernel`` (``NSA`` programs per row-head, from
+   ``workspace.nsplit_attend`` as above: its own split, it only merges partials): program ``p`` attends the work items congruent
    to ``p`` mod ``NSA`` of three kinds (steady-zone tokens; tokens of the retrieved
    clusters: token position (the cluster's start + offset; the index build made
    each cluster contiguous per KV head) -> the row's block table -> K/V slot;
@@ -124,7 +128,7 @@ TUNE = {
     # CB: threshold buckets up to CB keys are searched in registers, larger in chunks
     "cand": dict(RB=1024, CB=512, num_warps=8),
     "collect": dict(RB=1024, CB=1024, num_warps=4),
-    "attend": dict(TS=32, RG=8, TR=32, TE=32, num_warps=4, num_stages=2),
+    "attend": dict(TS=32, RG=8, TR=32, TE=32, num_warps=4, num_stages=2, maxnreg=128),
     # The wave buffer's page lookups (walks the retrieved clusters like the attention
     # kernel, in tiles of its own: every visited page's source is written whatever
     # the tiling; 32-token tiles: 21.5 us per layer at 128K x 8, 33 with 16).
@@ -149,12 +153,16 @@ ATTEND_MAX_SPLIT = int(os.environ.get("RETRO_DECODE_ATTEND_MAX_SPLIT", "0"))
 # every kernel lets its dependents launch early. Off by default until measured;
 # RETRO_DECODE_PDL=1 (or the attribute) turns it on. Never in the interpreter.
 PDL = os.environ.get("RETRO_DECODE_PDL", "0") == "1"
+# The programs per row-head follow the rows with context (a batch padded to its
+# CUDA-graph size spreads over the whole grid): :func:`_program`. Off: a function
+# of the padded batch. RETRO_DECODE_DYNAMIC_SPLIT=0 (or the attribute) turns it off.
+DYNAMIC_SPLIT = os.environ.get("RETRO_DECODE_DYNAMIC_SPLIT", "1") == "1"
 TUNE_SMALL_BATCH = {
     "score": dict(CH=128, num_warps=8, num_stages=2),
     "key": dict(CHE=256),
     "cand": dict(RB=256),
     "collect": dict(RB=256),
-    "attend": dict(TS=128, TE=64),
+    "attend": dict(TS=128, TE=64, maxnreg=None),
 }
 # The attention kernel's wave-buffer variant at batches above SMALL_BATCH: its extra
 # source word per token costs registers (144 at 32-token retrieved tiles: 3 programs
@@ -345,6 +353,32 @@ def _pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
+def _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H: tl.constexpr, BP: tl.constexpr):
+    """(row-head, its range p, programs per row-head NS, rows in use NR, active) of
+    program (row-head, p) of a ``(NROWS*H, MSPLIT)`` grid.
+
+    The split is a function of the rows in use, read on the device (DYN): rows up to
+    the last one with context; else all NROWS. vLLM pads a decode batch to its next
+    CUDA-graph size with rows of seq_len 0: a graph captured for 16 rows and replayed
+    with 10 then spreads the 10 rows' work over the programs the 16 would have had
+    (``TGT // (NR*H)`` per row-head, at most MSPLIT) instead of running it on 10/16
+    of them. The launcher sizes MSPLIT for the smallest batch it expects to be padded
+    to NROWS; a smaller one still gets every entry, on MSPLIT programs per row-head.
+    Row-head and range are the program's own ids, not values derived from the
+    loaded lengths: the compiler keeps them (and every address computed from them)
+    in uniform registers (derived from a load they cost the attention kernel 26
+    registers per thread)."""
+    r = tl.arange(0, BP)
+    L = tl.load(seq_ptr + r, mask=r < NROWS, other=0)
+    last = tl.max(tl.where(L > 0, r + 1, 0), 0)
+    nr = tl.where(DYN != 0, tl.maximum(last, 1), NROWS)
+    ns = tl.maximum(tl.minimum(MSPLIT, TGT // (nr * H)), 1)
+    rh = tl.program_id(0)
+    p = tl.program_id(1)
+    return rh, p, ns, nr, (rh < nr * H) & (p < ns)
+
+
+@triton.jit
 def _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr, hdr_s0, r, SB,
               BS: tl.constexpr):
     """Context length, block-table row, index-table row (cluster entry ``i``'s
@@ -460,7 +494,8 @@ def _q8_dot(hi, lo, b):
 def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   fq_ptr, fq_s0, fq_s1, fs_ptr, fs_s0, fs_s1, fs_s2,
                   ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0,
-                  lg_ptr, pm_ptr, ps_ptr, hist_ptr, ncand_ptr, scale, SB, NS,
+                  lg_ptr, pm_ptr, ps_ptr, hist_ptr, ncand_ptr, scale, SB,
+                  NROWS, TGT, MSPLIT, DYN, BP: tl.constexpr,
                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   DP: tl.constexpr, BS: tl.constexpr, NSP: tl.constexpr,
                   CH: tl.constexpr, NB: tl.constexpr, CAP: tl.constexpr,
@@ -475,8 +510,9 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     tensor-core products as they are (no conversion per element) and each cluster's
     scale multiplies its product."""
     _pdl_launch(PDL)
-    rh = tl.program_id(0)
-    p = tl.program_id(1)
+    rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
+    if not active:
+        return
     r = rh // H
     h = rh % H
     if p == 0:
@@ -544,7 +580,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
 # ------------------------------------------------------------------ 2. keys
 @triton.jit
 def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_ptr,
-                ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, NS,
+                ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, NROWS, TGT, MSPLIT, DYN,
+                BP: tl.constexpr,
                 H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr,
                 BS: tl.constexpr, NSP: tl.constexpr, CHE: tl.constexpr, NB: tl.constexpr,
                 SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr,
@@ -554,8 +591,9 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     (``G4`` = G rounded up to a power of two; no product here, so no padding to the
     16 rows of ``GP``); the partials are strided by ``GP``."""
     _pdl_launch(PDL)
-    rh = tl.program_id(0)
-    p = tl.program_id(1)
+    rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
+    if not active:
+        return
     r = rh // H
     h = rh % H
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
@@ -672,7 +710,8 @@ def _count_chunks(cand_ptr, word0, ix_row, h, n, thr, lo, H: tl.constexpr,
 
 @triton.jit
 def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_ptr,
-                 tick_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, NS,
+                 tick_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB,
+                 NROWS, TGT, MSPLIT, DYN, BP: tl.constexpr,
                  H: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr,
                  NB: tl.constexpr, SUB: tl.constexpr, WIN: tl.constexpr,
                  PK: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
@@ -682,8 +721,9 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
     does not matter), and the keys above the buckets are counted; the last program
     of the row-head finds both threshold keys and the ties taken at each."""
     _pdl_launch(PDL)
-    rh = tl.program_id(0)
-    p = tl.program_id(1)
+    rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
+    if not active:
+        return
     r = rh // H
     h = rh % H
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
@@ -772,7 +812,7 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
 @triton.jit
 def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stats_ptr,
                     ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr,
-                    hdr_s0, SB, S, NS,
+                    hdr_s0, SB, S, NROWS, TGT, MSPLIT, DYN, BP: tl.constexpr,
                     H: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr, PK: tl.constexpr,
                     LW: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
                     COUNT_STATS: tl.constexpr, PDL: tl.constexpr = False):
@@ -781,8 +821,9 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     offsets come from the keys of lower ranges: those above the buckets (counted by
     the candidate kernel) and the candidates above / equal to the thresholds."""
     _pdl_launch(PDL)
-    rh = tl.program_id(0)
-    p = tl.program_id(1)
+    rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
+    if not active:
+        return
     r = rh // H
     h = rh % H
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
@@ -1077,11 +1118,12 @@ def _wave_misses(miss, idx, key, mk_ptr, MCAP):
 
 @triton.jit
 def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, lists_ptr,
-                    cnt_ptr, src_ptr, src_s0, SB, S, NS,
+                    cnt_ptr, src_ptr, src_s0, SB, S, NROWS, TGT, MSPLIT, DYN,
                     pr_ptr, ct_ptr, stamp_ptr, clock_ptr, wcnt_ptr, mk_ptr,
                     mc_ptr, MCAP, WL, WNL, WP, WR,
                     H: tl.constexpr, BS: tl.constexpr, RG: tl.constexpr, TR: tl.constexpr,
-                    PK: tl.constexpr, LW: tl.constexpr, PDL: tl.constexpr = False):
+                    PK: tl.constexpr, LW: tl.constexpr, BP: tl.constexpr,
+                    PDL: tl.constexpr = False):
     """Program (row*H + head, p), with a wave buffer: for the retrieved clusters
     congruent to p mod NS, every page they visit below the row's horizon is looked
     up in the cluster cache (hit: its slot stamped with the step and counted) or
@@ -1090,8 +1132,9 @@ def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, li
     :data:`_SRC_ARENA` | the cache slot or arena row of the page; -1: in no
     source), where the attention kernel reads it. A page two clusters visit is
     counted twice and written twice with the same value."""
-    rh = tl.program_id(0)
-    p = tl.program_id(1)
+    rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
+    if not active:
+        return
     r = rh // H
     h = rh % H
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
@@ -1128,14 +1171,14 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, lg_ptr, lists_ptr,
                    cnt_ptr,
                    po_ptr, pm_ptr, pl_ptr, tick_ptr, out_ptr, o_sb, o_sh, o_sd,
-                   scale, SB, S, NS,
+                   scale, SB, S, NROWS, TGT, MSPLIT, DYN,
                    src_ptr, src_s0, ar_ptr, ar_s0, ckv_ptr, ckv_s0, ckv_s1, WP, WR,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr,
                    D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
                    RG: tl.constexpr, TR: tl.constexpr, TE: tl.constexpr,
                    PK: tl.constexpr, LW: tl.constexpr, NSP: tl.constexpr,
-                   NATIVE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
-                   WAVE: tl.constexpr = False):
+                   NATIVE: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr,
+                   PDL: tl.constexpr = False, WAVE: tl.constexpr = False):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
@@ -1146,8 +1189,18 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     :class:`WaveBufferView`; ``WP``: its pool pages, ``WR``: the index table's
     rows); without it those arguments are dummies, never read, and the horizon is
     ignored."""
-    rh = tl.program_id(0)
-    p = tl.program_id(1)
+    rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
+    if not active:
+        if (rh >= NR * H) & (p == 0):
+            # A row past the last one with context (a CUDA graph's padding): zeros
+            # (every element of ``out`` is written).
+            zg = tl.arange(0, G4)
+            zd = tl.arange(0, DP)
+            zo = (out_ptr + (rh // H).to(tl.int64) * o_sb
+                  + ((rh % H) * G + zg)[:, None] * o_sh + zd[None, :] * o_sd)
+            tl.store(zo, tl.zeros([G4, DP], tl.float32).to(out_ptr.dtype.element_ty),
+                     mask=(zg < G)[:, None] & (zd < D)[None, :])
+        return
     r = rh // H
     h = rh % H
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
@@ -1329,13 +1382,24 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     scale = float(scale)
     common = (block_table, block_table.stride(0), ibt, ibt.stride(0), seq_lens, headers,
               headers.stride(0))
-    grid = (b * h, ns)
     pdl = bool(PDL) and not interpreting()
     dep = dict(PDL=True, launch_pdl=True) if pdl else {}
     q8 = getattr(pool, "summary_bits", 16) == 8
     # The CUDA score kernel reads 16-bit summaries only.
-    if (SCORE_IMPL == "cuda" and query.is_cuda and not interpreting() and not q8
-            and cuda_score_available()):
+    cuda_score = (SCORE_IMPL == "cuda" and query.is_cuda and not interpreting() and not q8
+                  and cuda_score_available())
+    # The split per row-head follows the rows in use, derived on the device
+    # (:func:`_program`; DYNAMIC_SPLIT), except beside the CUDA score kernel, whose
+    # grid is the static (B*H, nsplit(B)). The grids have room for the split of a
+    # batch about half as large (vLLM's CUDA-graph sizes at most double).
+    dyn = 1 if DYNAMIC_SPLIT and not cuda_score else 0
+    b_min = b // 2 + 1 if dyn else b
+    nsg, nsg_a = ws.nsplit(b_min), ws.nsplit_attend(b_min)
+    grid, grid_a = (b * h, nsg), (b * h, nsg_a)
+    bp = _next_pow2(b)
+    split = (b, ws.target_programs, nsg, dyn)
+    split_a = (b, ws.target_programs, nsg_a, dyn)
+    if cuda_score:
         torch.ops.vllm_retro.paged_score(
             query, fpart, ipart, block_table, ibt, seq_lens, headers, ws.logits, ws.score_max,
             ws.score_sum, ws.hist, ws.ncand, sb, bs, ns, scale, float(variance_cap))
@@ -1345,48 +1409,47 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             query, *query.stride(), fpart, *fpart.stride(),
             fq, fq.stride(0), fq.stride(1), fs, fs.stride(0), fs.stride(1), fs.stride(2),
             ipart, ipart.stride(0), ipart.stride(1), *common, ws.logits, ws.score_max,
-            ws.score_sum, ws.hist, ws.ncand, scale, sb, ns,
+            ws.score_sum, ws.hist, ws.ncand, scale, sb, *split, BP=bp,
             H=h, G=g, GP=gp, D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
             CAP=float(variance_cap), NATIVE=native, PREC=prec,
             **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}),
             **_tune("score", b)))
     _keep("key", _key_kernel[grid](
-        ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, ns,
+        ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, *split, BP=bp,
         H=h, G=g, GP=gp, G4=_next_pow2(g), BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS,
         WIN=WINDOW_BINADES, PK=PACK, **dep, **_tune("key", b)))
     _keep("cand", _cand_kernel[grid](
         ws.keys, ws.cands, ws.hist, ws.ncand, ws.ranges, ws.sel, ws.counts, ws.tickets[0],
-        *common, sb, ns,
+        *common, sb, *split, BP=bp,
         H=h, G=g, BS=bs, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, NSP=nsp,
         **dep, **_tune("cand", b)))
     _keep("collect", _collect_kernel[grid](
         ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
-        ipart.stride(0), ipart.stride(1), *common, sb, sink_end, ns,
+        ipart.stride(0), ipart.stride(1), *common, sb, sink_end, *split, BP=bp,
         H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
         **dep, **_tune("collect", b)))
-    ns_a = ws.nsplit_attend(b)
     tune_a = _tune("attend", b, wave is not None)
     if wave is not None:
         w = wave
         src = ws.wave_src_table(ibt.shape[1])
-        _keep("resolve", _resolve_kernel[(b * h, ns_a)](
-            *common, ws.lists, ws.counts, src, src.stride(0), sb, sink_end, ns_a,
+        _keep("resolve", _resolve_kernel[grid_a](
+            *common, ws.lists, ws.counts, src, src.stride(0), sb, sink_end, *split_a,
             w.page_row, w.cache_table, w.cache_stamp, w.clock, w.counters, w.miss_keys,
             w.miss_count, w.miss_capacity, w.layer, w.num_layers, w.num_pages, ibt.shape[0],
-            H=h, BS=bs, PK=PACK, LW=LIST_WORDS, **dep, **_tune("resolve", b)))
+            H=h, BS=bs, PK=PACK, LW=LIST_WORDS, BP=bp, **dep, **_tune("resolve", b)))
         wargs = (src, src.stride(0), w.arena, w.arena.stride(0), w.cache_kv,
                  w.cache_kv.stride(0), w.cache_kv.stride(1), w.num_pages, ibt.shape[0])
     else:
         # Never read (WAVE=False): existing tensors of the right pointer types, so
         # nothing is allocated and the variant is today's kernel.
         wargs = (ws.stats, 0, kv_cache, 0, kv_cache, 0, 0, 0, 0)
-    _keep("attend", _attend_kernel[(b * h, ns_a)](
+    _keep("attend", _attend_kernel[grid_a](
         query, *query.stride(), kv_cache, *kv_cache.stride(), fpart, *fpart.stride(),
         *common, ws.logits, ws.lists, ws.counts,
         ws.part_o, ws.part_m, ws.part_l, ws.tickets[1], out, *out.stride(),
-        scale, sb, sink_end, ns_a, *wargs,
+        scale, sb, sink_end, *split_a, *wargs,
         H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, PK=PACK, LW=LIST_WORDS,
-        NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, WAVE=wave is not None, **dep,
+        NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, BP=bp, WAVE=wave is not None, **dep,
         **tune_a))
     return out
 
