@@ -45,8 +45,9 @@ programs beyond ``NS`` (or of the padding rows) return at once:
 5. ``_attend_kernel`` (``NSA`` programs per row-head, from
    ``workspace.nsplit_attend`` as above: its own split, it only merges partials):
    program ``p`` attends the work items congruent to ``p`` mod ``NSA`` of three
-   kinds (steady-zone tokens; tokens of the retrieved clusters: token position (the cluster's start + offset; the index build made
-   each cluster contiguous per KV head) -> the row's block table -> K/V slot;
+   kinds (steady-zone tokens; tokens of the retrieved clusters: token position
+   (the cluster's start + offset; the index build made each cluster contiguous
+   per KV head) -> the row's block table -> K/V slot;
    estimated clusters as pseudo-tokens with their log-mass over their mean
    value), one online softmax in fp32 for all ``G`` query heads of the KV head; the
    last program of the row-head to finish merges the ``NSA`` partials into ``out``
