@@ -259,7 +259,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     best_pps = pps[min(only, key=lambda r: r["graph_us"])["variant"]] if only else None
     print(f"BEST_PPS {best_pps} at {ctx}x{batch}; default per kernel (us): "
           + json.dumps({k[:40]: v for k, v in prof.items()}), flush=True)
-    out = dict(context=ctx, batch=batch, variants=res, best=best,
+    out = dict(context=ctx, batch=batch, rows_with_context=real, variants=res, best=best,
                best_programs_per_sm=best_pps, default_per_kernel_us=prof, wave=wave or None)
     if wave:
         c = ix.cache.counters.tolist()
@@ -302,7 +302,6 @@ def main() -> None:
         for shuffled in orders:
             rec = run_case(ctx, b, cfg, a.key_scale, variants, shuffled, a.wave,
                            int(real or 0))
-            rec["rows_with_context"] = int(real or b)
             rec["pool_pages"] = "shuffled" if shuffled else "sequential"
             cases.append(rec)
             torch.cuda.empty_cache()
