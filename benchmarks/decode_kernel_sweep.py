@@ -89,6 +89,9 @@ VARIANTS = [
     # instead of 3; the sm_90 compile spills 8 bytes).
     ("summaries 8-bit, score maxnreg 128", "q8+score", dict(maxnreg=128)),
     ("summaries 8-bit, score CH32", "q8+score", dict(CH=32)),
+    # The score kernel without the 128-register cap of TUNE (the default since the
+    # fourteenth session: a compiler change had made it 138 registers, 3 per SM).
+    ("score maxnreg none", "score", dict(maxnreg=None)),
     # The wave variant of the attention kernel at batches above SMALL_BATCH
     # (triton_decode.TUNE_WAVE; with --wave): its own retrieved tile.
     ("wave attend TR32", "wave_attend", dict(TR=32)),

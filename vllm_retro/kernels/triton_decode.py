@@ -121,7 +121,9 @@ NBINS = WINDOW_BINADES << SUB_BITS
 # SMALL_BATCH rows, updated by TUNE_SMALL_BATCH for smaller ones (few programs: larger
 # tiles pay; many programs: occupancy pays). A benchmark may override them.
 TUNE = {
-    "score": dict(CH=64, num_warps=4, num_stages=2),
+    # maxnreg: 4 programs per SM need <= 128 registers; a compiler change that
+    # crosses it loses a quarter of the resident programs (a second wave at 128K x 8).
+    "score": dict(CH=64, num_warps=4, num_stages=2, maxnreg=128),
     # Selection tiles of 1,024 entries: one tile per program's range at 128K x 8
     # (keys 19 -> 16, candidates 30 -> 22, lists 17 -> 14 us per layer); at one or
     # two rows the ranges are shorter and 256 stays (TUNE_SMALL_BATCH).
@@ -159,7 +161,7 @@ PDL = os.environ.get("RETRO_DECODE_PDL", "0") == "1"
 # of the padded batch. RETRO_DECODE_DYNAMIC_SPLIT=0 (or the attribute) turns it off.
 DYNAMIC_SPLIT = os.environ.get("RETRO_DECODE_DYNAMIC_SPLIT", "1") == "1"
 TUNE_SMALL_BATCH = {
-    "score": dict(CH=128, num_warps=8, num_stages=2),
+    "score": dict(CH=128, num_warps=8, num_stages=2, maxnreg=None),
     "key": dict(CHE=256),
     "cand": dict(RB=256),
     "collect": dict(RB=256),
@@ -354,10 +356,9 @@ def _pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
-def _program(seq_ptr, TGT, DYN, H: tl.constexpr, BP: tl.constexpr):
+def _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H: tl.constexpr, BP: tl.constexpr):
     """(row-head, its range p, programs per row-head NS, rows in use NR, active) of
-    program (row-head, p) of a ``(NROWS*H, MSPLIT)`` grid (``NROWS`` rows, at most
-    ``MSPLIT`` programs per row-head).
+    program (row-head, p) of a ``(NROWS*H, MSPLIT)`` grid.
 
     The split is a function of the rows in use, read on the device (DYN): rows up to
     the last one with context; else all NROWS. vLLM pads a decode batch to its next
@@ -369,9 +370,10 @@ def _program(seq_ptr, TGT, DYN, H: tl.constexpr, BP: tl.constexpr):
     Row-head and range are the program's own ids, not values derived from the
     loaded lengths: the compiler keeps them (and every address computed from them)
     in uniform registers (derived from a load they cost the attention kernel 26
-    registers per thread)."""
-    NROWS = tl.num_programs(0) // H
-    MSPLIT = tl.num_programs(1)
+    registers per thread). NROWS and MSPLIT are arguments equal to the grid's
+    dimensions, not ``tl.num_programs``: with Triton 3.6 the latter raised the score
+    kernel from 106 to 138 registers (3 programs per SM instead of 4: 113 us per
+    layer at 128K x 8 instead of 65)."""
     r = tl.arange(0, BP)
     L = tl.load(seq_ptr + r, mask=r < NROWS, other=0)
     last = tl.max(tl.where(L > 0, r + 1, 0), 0)
@@ -499,7 +501,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   fq_ptr, fq_s0, fq_s1, fs_ptr, fs_s0, fs_s1, fs_s2,
                   ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0,
                   lg_ptr, pm_ptr, ps_ptr, hist_ptr, ncand_ptr, scale, SB,
-                  TGT, DYN, BP: tl.constexpr,
+                  NROWS, TGT, MSPLIT, DYN, BP: tl.constexpr,
                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                   DP: tl.constexpr, BS: tl.constexpr, NSP: tl.constexpr,
                   CH: tl.constexpr, NB: tl.constexpr, CAP: tl.constexpr,
@@ -514,7 +516,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     tensor-core products as they are (no conversion per element) and each cluster's
     scale multiplies its product."""
     _pdl_launch(PDL)
-    rh, p, NS, NR, active = _program(seq_ptr, TGT, DYN, H, BP)
+    rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
         return
     r = rh // H
@@ -584,7 +586,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
 # ------------------------------------------------------------------ 2. keys
 @triton.jit
 def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_ptr,
-                ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, TGT, DYN,
+                ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, NROWS, TGT, MSPLIT, DYN,
                 BP: tl.constexpr,
                 H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr,
                 BS: tl.constexpr, NSP: tl.constexpr, CHE: tl.constexpr, NB: tl.constexpr,
@@ -595,7 +597,7 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     (``G4`` = G rounded up to a power of two; no product here, so no padding to the
     16 rows of ``GP``); the partials are strided by ``GP``."""
     _pdl_launch(PDL)
-    rh, p, NS, NR, active = _program(seq_ptr, TGT, DYN, H, BP)
+    rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
         return
     r = rh // H
@@ -715,7 +717,7 @@ def _count_chunks(cand_ptr, word0, ix_row, h, n, thr, lo, H: tl.constexpr,
 @triton.jit
 def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_ptr,
                  tick_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB,
-                 TGT, DYN, BP: tl.constexpr,
+                 NROWS, TGT, MSPLIT, DYN, BP: tl.constexpr,
                  H: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr,
                  NB: tl.constexpr, SUB: tl.constexpr, WIN: tl.constexpr,
                  PK: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
@@ -725,7 +727,7 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
     does not matter), and the keys above the buckets are counted; the last program
     of the row-head finds both threshold keys and the ties taken at each."""
     _pdl_launch(PDL)
-    rh, p, NS, NR, active = _program(seq_ptr, TGT, DYN, H, BP)
+    rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
         return
     r = rh // H
@@ -816,7 +818,7 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
 @triton.jit
 def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stats_ptr,
                     ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr,
-                    hdr_s0, SB, S, TGT, DYN, BP: tl.constexpr,
+                    hdr_s0, SB, S, NROWS, TGT, MSPLIT, DYN, BP: tl.constexpr,
                     H: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr, PK: tl.constexpr,
                     LW: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
                     COUNT_STATS: tl.constexpr, PDL: tl.constexpr = False):
@@ -825,7 +827,7 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     offsets come from the keys of lower ranges: those above the buckets (counted by
     the candidate kernel) and the candidates above / equal to the thresholds."""
     _pdl_launch(PDL)
-    rh, p, NS, NR, active = _program(seq_ptr, TGT, DYN, H, BP)
+    rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
         return
     r = rh // H
@@ -1122,7 +1124,7 @@ def _wave_misses(miss, idx, key, mk_ptr, MCAP):
 
 @triton.jit
 def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, lists_ptr,
-                    cnt_ptr, src_ptr, src_s0, SB, S, TGT, DYN,
+                    cnt_ptr, src_ptr, src_s0, SB, S, NROWS, TGT, MSPLIT, DYN,
                     pr_ptr, ct_ptr, stamp_ptr, clock_ptr, wcnt_ptr, mk_ptr,
                     mc_ptr, MCAP, WL, WNL, WP, WR,
                     H: tl.constexpr, BS: tl.constexpr, RG: tl.constexpr, TR: tl.constexpr,
@@ -1136,7 +1138,7 @@ def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, li
     :data:`_SRC_ARENA` | the cache slot or arena row of the page; -1: in no
     source), where the attention kernel reads it. A page two clusters visit is
     counted twice and written twice with the same value."""
-    rh, p, NS, NR, active = _program(seq_ptr, TGT, DYN, H, BP)
+    rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
         return
     r = rh // H
@@ -1175,7 +1177,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, lg_ptr, lists_ptr,
                    cnt_ptr,
                    po_ptr, pm_ptr, pl_ptr, tick_ptr, out_ptr, o_sb, o_sh, o_sd,
-                   scale, SB, S, TGT, DYN,
+                   scale, SB, S, NROWS, TGT, MSPLIT, DYN,
                    src_ptr, src_s0, ar_ptr, ar_s0, ckv_ptr, ckv_s0, ckv_s1, WP, WR,
                    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr,
                    D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
@@ -1193,7 +1195,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     :class:`WaveBufferView`; ``WP``: its pool pages, ``WR``: the index table's
     rows); without it those arguments are dummies, never read, and the horizon is
     ignored."""
-    rh, p, NS, NR, active = _program(seq_ptr, TGT, DYN, H, BP)
+    rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
         if (rh >= NR * H) & (p == 0):
             # A row past the last one with context (a CUDA graph's padding): zeros
@@ -1376,6 +1378,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     if b == 0:
         return out
     fpart, ipart = pool.fpart, pool.ipart
+    ns = ws.nsplit(b)
     gp, dp, nsp = ws.gp, _next_pow2(d), ws.ns_pow2
     sb = sink_end // bs
     # 16-bit caches: split 16-bit tensor-core products (not in the interpreter, whose
@@ -1400,11 +1403,12 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     nsg, nsg_a = ws.nsplit(b_min), ws.nsplit_attend(b_min)
     grid, grid_a = (b * h, nsg), (b * h, nsg_a)
     bp = _next_pow2(b)
-    split = (ws.target_programs, dyn)
+    split = (b, ws.target_programs, nsg, dyn)
+    split_a = (b, ws.target_programs, nsg_a, dyn)
     if cuda_score:
         torch.ops.vllm_retro.paged_score(
             query, fpart, ipart, block_table, ibt, seq_lens, headers, ws.logits, ws.score_max,
-            ws.score_sum, ws.hist, ws.ncand, sb, bs, nsg, scale, float(variance_cap))
+            ws.score_sum, ws.hist, ws.ncand, sb, bs, ns, scale, float(variance_cap))
     else:
         fq, fs = pool.q8_views() if q8 else (fpart, fpart)
         _keep("score", _score_kernel[grid](
@@ -1435,7 +1439,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         w = wave
         src = ws.wave_src_table(ibt.shape[1])
         _keep("resolve", _resolve_kernel[grid_a](
-            *common, ws.lists, ws.counts, src, src.stride(0), sb, sink_end, *split,
+            *common, ws.lists, ws.counts, src, src.stride(0), sb, sink_end, *split_a,
             w.page_row, w.cache_table, w.cache_stamp, w.clock, w.counters, w.miss_keys,
             w.miss_count, w.miss_capacity, w.layer, w.num_layers, w.num_pages, ibt.shape[0],
             H=h, BS=bs, PK=PACK, LW=LIST_WORDS, BP=bp, **dep, **_tune("resolve", b)))
@@ -1449,7 +1453,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         query, *query.stride(), kv_cache, *kv_cache.stride(), fpart, *fpart.stride(),
         *common, ws.logits, ws.lists, ws.counts,
         ws.part_o, ws.part_m, ws.part_l, ws.tickets[1], out, *out.stride(),
-        scale, sb, sink_end, *split, *wargs,
+        scale, sb, sink_end, *split_a, *wargs,
         H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, PK=PACK, LW=LIST_WORDS,
         NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, BP=bp, WAVE=wave is not None, **dep,
         **tune_a))
