@@ -57,11 +57,14 @@ def main() -> None:
     ap.add_argument("--assign-tiles", default="",
                     help="also time the build with these k-means assignment tiles, "
                          "BNxBCxWARPS comma-separated (e.g. 128x64x8,64x128x4)")
+    ap.add_argument("--retro-options", default="{}",
+                    help='retro options as JSON, e.g. \'{"kmeans_value_weight": 0.7}\' '
+                         "(the value-aware build clusters 2D-wide points)")
     ap.add_argument("--out", default="benchmarks/results/index_build_h200.json")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    cfg = RetroConfig()
+    cfg = RetroConfig.from_dict(json.loads(a.retro_options))
     lay = PagedIndexLayout(H, D, BS, dt)
     nblk = (a.context + BS - 1) // BS
     kv = lay.make_cache(nblk + 1, dev)
@@ -126,7 +129,8 @@ def main() -> None:
         triton_kmeans.ASSIGN_TUNE.clear()
         triton_kmeans.ASSIGN_TUNE.update(default)
     dense = DENSE_PREFILL_S.get(a.context)
-    rec = dict(assign_tiles_ms_per_layer=variants or None, context=a.context, layers=a.layers, segments=len(segs), segment_lengths=lens,
+    rec = dict(retro_options=json.loads(a.retro_options),
+               assign_tiles_ms_per_layer=variants or None, context=a.context, layers=a.layers, segments=len(segs), segment_lengths=lens,
                wall_s=wall, gpu_s=gpu, one_layer_host_s=host_one,
                dense_prefill_s=dense, fraction_of_dense_prefill=(gpu / dense) if dense else None,
                per_op_one_layer=prof)

@@ -220,6 +220,15 @@ def build_launches() -> None:
         tk.kmeans_assign(xs, cent)
         tk.kmeans_update(sums, cent, zero=True)
         tk.kmeans_update(sums, cent, zero=False)
+        # kmeans_value_weight: keys and values concatenated, 2D-wide points (values
+        # gathered by segment_keys from the second half of each token row).
+        xv = tk.segment_keys(kv[..., d:], blocks, d, sim)
+        x2 = torch.cat([xs, xv], dim=-1).contiguous()
+        cent2 = torch.zeros(m * h, c, 2 * d, dtype=sim)
+        sums2 = torch.zeros(m * h, c, 2 * d)
+        tk.kmeans_assign(x2, cent2, x2, sums2)
+        tk.kmeans_assign(x2, cent2)
+        tk.kmeans_update(sums2, cent2, zero=True)
         n = nbs * bs
         order = torch.zeros(m * h, n, dtype=torch.int32)
         st = torch.zeros(m * h, c, dtype=torch.int32)

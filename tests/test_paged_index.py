@@ -92,26 +92,51 @@ def test_paged_options_refused_with_reasons():
     assert "cluster_size" in reasons and "update_interval" in reasons and \
         "error_bound" in reasons and "dense_below" in reasons
     assert check_config_for_paged(RetroConfig(), 16) == []
+    assert check_config_for_paged(RetroConfig(kmeans_value_weight=0.7), 16) == []
+
+
+def test_kmeans_points_are_the_reference_points():
+    """The paged build's points equal :func:`vllm_retro.kmeans.spherical_kmeans`'s
+    (float64 recomputation): keys only, and keys with values at a weight; so does
+    the whole k-means (same assignment as the reference on the same keys)."""
+    from vllm_retro.index.paged import kmeans_points
+    from vllm_retro.kmeans import spherical_kmeans
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(3, 96, 16, generator=g) + 2.0
+    v = torch.randn(3, 96, 16, generator=g) - 1.0
+    for w in (0.0, 0.5):
+        x = kmeans_points(k, v, w).double()
+        kd, vd = k.double(), v.double()
+        kn = torch.nn.functional.normalize(kd - kd.mean(1, keepdim=True), dim=-1)
+        vn = torch.nn.functional.normalize(vd - vd.mean(1, keepdim=True), dim=-1)
+        want = kn if w == 0 else torch.nn.functional.normalize(torch.cat([kn, w * vn], -1),
+                                                                dim=-1)
+        assert x.shape == want.shape and torch.allclose(x, want, atol=1e-6)
+        a = _kmeans_torch(k, 8, 5, values=v, value_weight=w)
+        assert torch.equal(a, spherical_kmeans(k, 8, 5, values=v, value_weight=w))
+    with pytest.raises(ValueError, match="values"):
+        kmeans_points(k, None, 0.5)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("cluster_size", [16, 32])
-def test_build_segments_writes_a_consistent_index(cluster_size, impl, request):
+@pytest.mark.parametrize("cluster_size,value_weight", [(16, 0.0), (32, 0.0), (16, 0.7)])
+def test_build_segments_writes_a_consistent_index(cluster_size, value_weight, impl, request):
     """Both build paths (torch ops on CPU; the Triton kernels, in the interpreter
     here) reorder each segment's K/V per head into cluster order (a permutation of
     the original rows, each cluster contiguous at its start, its members the tokens
     the k-means assigned to it) and write float64-exact cluster statistics; nothing
-    outside the segments moves."""
+    outside the segments moves. With ``kmeans_value_weight`` the k-means clusters
+    keys with their values (the reference's points, :func:`kmeans_points`)."""
     if impl == "triton":
         pytest.importorskip("triton")
         request.getfixturevalue("triton_interpreter")
         from vllm_retro.kernels import uses_triton
         if not uses_triton(torch.zeros(1)):
             pytest.skip("Triton kernels were compiled for a GPU before the interpreter was on")
-    cfg = CFG.replace(cluster_size=cluster_size)
+    cfg = CFG.replace(cluster_size=cluster_size, kmeans_value_weight=value_weight)
     lay = PagedIndexLayout(2, 32, 16, torch.float32)
     L = 700
-    kv, blocks = filled_cache(lay, 80, L, seed=cluster_size)
+    kv, blocks = filled_cache(lay, 80, L, seed=cluster_size + int(10 * value_weight))
     before = cpu_cache(lay, kv)
     bs = 16
     pos = torch.arange(L)
@@ -120,8 +145,10 @@ def test_build_segments_writes_a_consistent_index(cluster_size, impl, request):
     assigns = {}
     for p0, p1 in segs:
         # The k-means assignment the build computes (deterministic), for the check.
-        k = orig[p0:p1, :, :32].permute(1, 0, 2).float()
-        assigns[p0] = _kmeans_torch(k, math.ceil((p1 - p0) / cluster_size), cfg.kmeans_iters)
+        kv_seg = orig[p0:p1].permute(1, 0, 2).float()
+        assigns[p0] = _kmeans_torch(kv_seg[..., :32], math.ceil((p1 - p0) / cluster_size),
+                                    cfg.kmeans_iters, values=kv_seg[..., 32:],
+                                    value_weight=value_weight)
     pool, alloc = _index(lay, 90)
     irow = _build(kv, lay, pool, alloc, blocks, segs, cfg)
     pages = torch.tensor(alloc.pages_of(irow))

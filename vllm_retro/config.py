@@ -70,8 +70,8 @@ class RetroConfig:
             concatenation of each token's centred, normalised key and this weight
             times its centred, normalised value, so that a cluster's tokens also
             agree in value and its mean value is a better estimate. Index build
-            only; decode and the bytes it reads are unchanged. The GPU index build
-            clusters keys only.
+            only; decode and the bytes it reads are unchanged (the GPU build's
+            k-means then runs on 2D-wide points: about twice its assignment work).
         update_interval: decode tokens clustered together into a new segment once
             they leave the recent window.
         error_bound: if set, the exact set grows per query until the estimated

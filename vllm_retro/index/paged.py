@@ -377,9 +377,6 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
     if config.rest_estimate:
         reasons.append("rest_estimate (the skipped clusters as one pseudo-token) is not "
                        "implemented by the GPU decode kernels")
-    if config.kmeans_value_weight != 0.0:
-        reasons.append(f"kmeans_value_weight {config.kmeans_value_weight}: the GPU index "
-                       "build clusters keys only")
     if config.dense_below:
         reasons.append(f"dense_below {config.dense_below}: pure-decode steps replay CUDA "
                        "graphs with retro's kernels, which cannot switch rows to the dense "
@@ -456,16 +453,37 @@ def _strided_init(n: int, n_clusters: int, device) -> torch.Tensor:
                      rounding_mode="floor")
 
 
-def _kmeans_torch(x: torch.Tensor, n_clusters: int, iters: int) -> torch.Tensor:
+def kmeans_points(keys: torch.Tensor, values: Optional[torch.Tensor] = None,
+                  value_weight: float = 0.0) -> torch.Tensor:
+    """The points the index build clusters, ``[S, n, D]`` (``[S, n, 2D]`` with values),
+    fp32, as :func:`vllm_retro.kmeans.spherical_kmeans` forms them: each key mean-
+    centred per problem and normalised; with ``value_weight > 0``
+    (``RetroConfig.kmeans_value_weight``) the normalised concatenation ``[k', w v']``
+    with the values centred and normalised likewise. ``keys`` (and ``values``) ``[S,
+    n, D]`` of any float dtype, or already centred and normalised (centring and
+    normalising again changes nothing but rounding)."""
+    x = keys.float()
+    x = torch.nn.functional.normalize(x - x.mean(dim=1, keepdim=True), dim=-1)
+    if value_weight > 0:
+        if values is None or values.shape != keys.shape:
+            raise ValueError("kmeans_points: value_weight > 0 needs values shaped like keys")
+        y = values.float()
+        y = torch.nn.functional.normalize(y - y.mean(dim=1, keepdim=True), dim=-1)
+        x = torch.nn.functional.normalize(torch.cat([x, value_weight * y], dim=-1), dim=-1)
+    return x
+
+
+def _kmeans_torch(x: torch.Tensor, n_clusters: int, iters: int,
+                  values: Optional[torch.Tensor] = None,
+                  value_weight: float = 0.0) -> torch.Tensor:
     """Spherical k-means of ``x [S, n, D]`` (S independent problems) in torch ops, as
-    :func:`vllm_retro.kmeans.spherical_kmeans`: mean-centred, normalised keys,
+    :func:`vllm_retro.kmeans.spherical_kmeans`: the points of :func:`kmeans_points`
+    (mean-centred, normalised keys, with their values when ``value_weight > 0``),
     strided initial centroids, ``iters`` updates then a final assignment (fp32
     similarities, sums by ``index_add_``). The CPU form, and the twin of
     :func:`_kmeans_triton`."""
+    x = kmeans_points(x, values, value_weight)
     s, n, d = x.shape
-    x = x.float()
-    x = x - x.mean(dim=1, keepdim=True)
-    x = torch.nn.functional.normalize(x, dim=-1)
     cent = x[:, _strided_init(n, n_clusters, x.device), :].clone()
     offs = (torch.arange(s, device=x.device) * n_clusters).unsqueeze(1)
     assign = torch.argmax(torch.bmm(x, cent.transpose(1, 2)), dim=-1)
@@ -535,7 +553,10 @@ def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: Index
     # the batch is sized by the torch form's 24 B on both. The reorder adds a copy of
     # the segment's K/V (2 elements per key element). Several segments per call:
     # fewer, larger launches.
-    per_job = (h * n * d * (24 + 2 * layout.elem_size)
+    # kmeans_value_weight: the values' points and the 2D-wide concatenation (fp32
+    # while it is formed) about double the k-means temporaries.
+    wide = 24 if config.kmeans_value_weight > 0 else 0
+    per_job = (h * n * d * (24 + wide + 2 * layout.elem_size)
                + (0 if kv_cache.is_cuda else h * n * c * 4))
     step = max(1, max_batch_bytes // per_job)
     if any(len(j.pages) != n // bs for j in jobs):
@@ -553,16 +574,25 @@ def _build_batch(kv_cache, layout: PagedIndexLayout, pool: IndexPool,
     seg_blocks = torch.stack([j.block_ids[j.p0 // bs: j.p1 // bs] for j in jobs])  # [m, n/bs]
     seg_pages = torch.stack([j.pages.to(dev) for j in jobs]).long()                # [m, n/bs]
     p0s = to_device([j.p0 for j in jobs], torch.int32, dev)
+    w = config.kmeans_value_weight
     if uses_triton(kv_cache):
         from ..kernels.triton_kmeans import segment_keys
         sim_dtype = torch.bfloat16 if kv_cache.is_cuda else torch.float32
         xs = segment_keys(kv_cache, seg_blocks, d, sim_dtype)                  # [mH, n, D]
+        if w > 0:
+            # The values (the last D of each token row), centred and normalised by
+            # the same kernels; the points [k', w v'] normalised (2D wide).
+            xv = segment_keys(kv_cache[..., d:], seg_blocks, d, sim_dtype)
+            xs = torch.nn.functional.normalize(
+                torch.cat([xs.float(), w * xv.float()], dim=-1), dim=-1).to(sim_dtype)
+            del xv
         assign = _kmeans_triton(xs, c, config.kmeans_iters)
     else:
         pos = torch.arange(n, device=dev)
-        k = kv_cache[seg_blocks[:, pos // bs].reshape(-1), :, (pos % bs).repeat(m), :d]
-        k = k.view(m, n, h, d).permute(0, 2, 1, 3).float().reshape(m * h, n, d)
-        assign = _kmeans_torch(k, c, config.kmeans_iters)                      # [mH, n]
+        kv = kv_cache[seg_blocks[:, pos // bs].reshape(-1), :, (pos % bs).repeat(m), :]
+        kv = kv.view(m, n, h, 2 * d).permute(0, 2, 1, 3).float().reshape(m * h, n, 2 * d)
+        assign = _kmeans_torch(kv[..., :d], c, config.kmeans_iters,               # [mH, n]
+                               values=kv[..., d:] if w > 0 else None, value_weight=w)
     vals, order = torch.sort(assign, dim=1, stable=True)
     # Cluster j's entries are [starts[j], starts[j] + sizes[j]) of the sorted order.
     probe = torch.arange(c + 1, device=dev, dtype=vals.dtype).expand(m * h, c + 1)

@@ -110,7 +110,11 @@ def kmeans_assign(x: torch.Tensor, cent: torch.Tensor, x_sum: Optional[torch.Ten
     self_sum = acc and x_sum is x
     if acc and not self_sum:
         x_sum = x_sum.contiguous()
-    t = ASSIGN_TUNE
+    t = dict(ASSIGN_TUNE)
+    if d > 128 and not os.environ.get("RETRO_KMEANS_ASSIGN_TILES"):
+        # Wider points (keys with values, kmeans_value_weight): half the points per
+        # program keeps the summed fp32 tile at 128 values per thread.
+        t["BN"] = min(t["BN"], 64)
     grid = (s, triton.cdiv(n, t["BN"]))
     _assign_kernel[grid](x, x_sum if acc else x, cent, out, sums if acc else out, n, c,
                          D=d, BN=t["BN"], BC=t["BC"], ACC=acc, SELF_SUM=self_sum,
