@@ -112,6 +112,14 @@ VARIANTS = [
     # thirteenth session) instead of the rows with context (triton_decode.DYNAMIC_SPLIT);
     # they differ on padded cases ("131072x16:10").
     ("static split", "static", None),
+    # 10 rows in a 16-row graph (131072x16:10): the dynamic split gives 6 programs per
+    # row-head, so a range holds ~1,365 entries: two 1,024-entry tiles per selection
+    # kernel (candidates 1.01 -> 1.31 ms per step from 8 to 10 rows). One tile each:
+    ("selection tiles 2048", "multi", dict(key=dict(CHE=2048), cand=dict(RB=2048),
+                                           collect=dict(RB=2048))),
+    ("selection tiles 2048 w8", "multi", dict(key=dict(CHE=2048, num_warps=8),
+                                              cand=dict(RB=2048),
+                                              collect=dict(RB=2048, num_warps=8))),
 ]
 
 
