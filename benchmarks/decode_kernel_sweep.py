@@ -115,6 +115,9 @@ VARIANTS = [
     # 10 rows in a 16-row graph (131072x16:10): the dynamic split gives 6 programs per
     # row-head, so a range holds ~1,365 entries: two 1,024-entry tiles per selection
     # kernel (candidates 1.01 -> 1.31 ms per step from 8 to 10 rows). One tile each:
+    # With --wave: the page lookups in the list kernel instead of their own kernel
+    # (triton_decode.RESOLVE_IN_COLLECT): one launch fewer per layer.
+    ("resolve in collect", "in_collect", None),
     ("selection tiles 2048", "multi", dict(key=dict(CHE=2048), cand=dict(RB=2048),
                                            collect=dict(RB=2048))),
     ("selection tiles 2048 w8", "multi", dict(key=dict(CHE=2048, num_warps=8),
@@ -164,6 +167,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     base_impl = td.SCORE_IMPL
     base_wave = copy.deepcopy(td.TUNE_WAVE)
     base_dyn = td.DYNAMIC_SPLIT
+    base_in_collect = td.RESOLVE_IN_COLLECT
     td.RECORD_RESOURCES = True
     res = []
     for name, kernel, over in VARIANTS:
@@ -177,7 +181,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         max_split = pps = attend_split = 0
         td.PDL = bool(kernel and kernel.startswith("pdl"))
         td.DYNAMIC_SPLIT = kernel != "static"
-        if kernel == "static":
+        td.RESOLVE_IN_COLLECT = base_in_collect or kernel == "in_collect"
+        if kernel in ("static", "in_collect"):
             kernel = None
         pool = pool_default
         if kernel and kernel.startswith(("q8", "b16")):
@@ -255,6 +260,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     td.TUNE_WAVE = base_wave
     td.PDL = False
     td.DYNAMIC_SPLIT = base_dyn
+    td.RESOLVE_IN_COLLECT = base_in_collect
     ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")
     out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
     prof = per_kernel_us(lambda: paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt,

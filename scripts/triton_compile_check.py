@@ -176,6 +176,13 @@ def decode_launches() -> None:
                                              sink_end(RetroConfig(), bs), 0.1, out, ws,
                                              count_stats=True,
                                              wave=_wave_view(lay, dtype, pool.num_pages))
+            # ... with the page lookups in the list kernel (RESOLVE_IN_COLLECT).
+            td.RESOLVE_IN_COLLECT = True
+            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool,
+                                             sink_end(RetroConfig(), bs), 0.1, out, ws,
+                                             count_stats=True,
+                                             wave=_wave_view(lay, dtype, pool.num_pages))
+            td.RESOLVE_IN_COLLECT = False
             # The score kernel's 8-bit summaries (summary_bits 8).
             pool8 = IndexPool(lay, nb, summary_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,

@@ -30,10 +30,16 @@ ROWS = 8
 ONE_WAVE = ("score", "key", "collect", "attend")
 
 
-def test_decode_grids_fit_one_wave(monkeypatch):
+@pytest.mark.parametrize("wave", ["none", "resolve_kernel", "in_collect"])
+def test_decode_grids_fit_one_wave(monkeypatch, wave):
+    """Without a wave buffer view; with one (the attention kernel's wave variant, the
+    resolve kernel); with one and the lookups in the list kernel."""
     from vllm_retro.kernels import triton_decode as td
+    from vllm_retro.memory import HostMirror, MirrorShape
+    from vllm_retro.memory.cluster_cache import ClusterCache
 
     monkeypatch.setattr(td, "RECORD_RESOURCES", True)
+    monkeypatch.setattr(td, "RESOLVE_IN_COLLECT", wave == "in_collect")
     td.LAST_KERNELS.clear()
     dev = "cuda"
     lay = PagedIndexLayout(H, D, BS, torch.bfloat16)
@@ -49,8 +55,13 @@ def test_decode_grids_fit_one_wave(monkeypatch):
     out = torch.empty_like(q)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     ws = td.DecodeWorkspace(pool.num_pages, H, G, D, ROWS, dev)
+    view = None
+    if wave != "none":
+        mirror = HostMirror(MirrorShape(ROWS, 2, H, D, BS, pool.num_pages, torch.bfloat16),
+                            8 << 20, device=dev, pin=True)
+        view = ClusterCache.for_mirror(mirror, 64, 1024).view(mirror, 1)
     td.paged_decode_attention_triton(q, kv, lay, bt, seq, headers, alloc.ibt, pool, BS,
-                                     D ** -0.5, out, ws)
+                                     D ** -0.5, out, ws, wave=view)
     torch.cuda.synchronize()
     res = td.kernel_resources(num_sms=sms)
     grid = {s: ROWS * H * (ws.nsplit_attend(ROWS) if s == "attend" else ws.nsplit(ROWS))

@@ -30,6 +30,14 @@ from vllm_retro.memory.cluster_cache import (C_ADMITTED, C_EVICTED, C_HITS,  # n
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["resolve_kernel", "in_collect"])
+def resolve_in_collect(request, monkeypatch):
+    """Every test with the page lookups in their own kernel and in the list kernel
+    (``triton_decode.RESOLVE_IN_COLLECT``): same outputs, same bookkeeping."""
+    monkeypatch.setattr(_td(), "RESOLVE_IN_COLLECT", request.param)
+    return request.param
+
 NL, LAYER = 2, 1          # the mirror holds two layers; the scene's cache is layer 1
 SCALE = 0.2
 

@@ -156,6 +156,11 @@ ATTEND_MAX_SPLIT = int(os.environ.get("RETRO_DECODE_ATTEND_MAX_SPLIT", "0"))
 # every kernel lets its dependents launch early. Off by default until measured;
 # RETRO_DECODE_PDL=1 (or the attribute) turns it on. Never in the interpreter.
 PDL = os.environ.get("RETRO_DECODE_PDL", "0") == "1"
+# With a wave buffer, the list kernel also resolves the pages its range's retrieved
+# clusters visit (what _resolve_kernel does, on the list entries it has just
+# written: one launch, prologue and list read fewer per layer). Off until measured
+# on the GPU; RETRO_DECODE_RESOLVE_IN_COLLECT=1 (or the attribute) turns it on.
+RESOLVE_IN_COLLECT = os.environ.get("RETRO_DECODE_RESOLVE_IN_COLLECT", "0") == "1"
 # The programs per row-head follow the rows with context (a batch padded to its
 # CUDA-graph size spreads over the whole grid): :func:`_program`. Off: a function
 # of the padded batch. RETRO_DECODE_DYNAMIC_SPLIT=0 (or the attribute) turns it off.
@@ -818,14 +823,24 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
 @triton.jit
 def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stats_ptr,
                     ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr,
-                    hdr_s0, SB, S, NROWS, TGT, MSPLIT, DYN, BP: tl.constexpr,
+                    hdr_s0, SB, S, NROWS, TGT, MSPLIT, DYN,
+                    src_ptr, src_s0, pr_ptr, ct_ptr, stamp_ptr, clock_ptr, wcnt_ptr, mk_ptr,
+                    mc_ptr, MCAP, WL, WNL, WP, WR, BP: tl.constexpr,
                     H: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr, PK: tl.constexpr,
                     LW: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
-                    COUNT_STATS: tl.constexpr, PDL: tl.constexpr = False):
+                    COUNT_STATS: tl.constexpr, PDL: tl.constexpr = False,
+                    WAVE: tl.constexpr = False, RV: tl.constexpr = 32):
     """Program (row*H + head, p): the selected entries of range p, in entry order,
     into the lists: top k1 -> retrieved, next k2 - k1 -> estimated. The range's list
     offsets come from the keys of lower ranges: those above the buckets (counted by
-    the candidate kernel) and the candidates above / equal to the thresholds."""
+    the candidate kernel) and the candidates above / equal to the thresholds.
+
+    WAVE (:data:`RESOLVE_IN_COLLECT`): then the pages the range's retrieved
+    clusters visit below the row's horizon are resolved as :func:`_resolve_kernel`
+    resolves them (the cluster cache's lookups, stamps, counters and miss buffer,
+    the source table ``src``), reading back the list entries the program has just
+    written (``RV`` at a time); without it the wave arguments are dummies, never
+    read."""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -857,6 +872,7 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     rc = a1 + g1 + tl.minimum(need1, e1)     # list position of this range's first retrieved
     in2 = a2 + g2 + tl.minimum(need2, e2)
     ec = k1 + tl.where(use2, in2 - rc, 0)    # ... and first estimated entry
+    rc0 = rc
     ret_tok = lo * 0
     est_tok = ret_tok
     for i0 in range(lo, hi, RB):
@@ -888,6 +904,24 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         e2 += tl.sum(eq2.to(tl.int32), 0)
         ret_tok += tl.sum(tl.where(ret, size, 0), 0)
         est_tok += tl.sum(tl.where(est, size, 0), 0)
+    if WAVE:
+        # The range's retrieved clusters are list entries [rc0, rc), written above by
+        # every thread of the program: visible to all after the barrier (read past L1).
+        tl.debug_barrier()
+        _, HZB = _wave_horizon(hdr_ptr, hdr_s0, blk0, E > 0, E, WP, WR)
+        clock = tl.load(clock_ptr)
+        src_row = src_ptr + rh.to(tl.int64) * src_s0
+        hits = tl.zeros([], tl.int64)
+        for k0 in range(rc0, rc, RV):
+            k = k0 + tl.arange(0, RV)
+            kok = k < rc
+            la = _packed(lists_ptr, ix_row, h, k, kok, H, LW, PK, 2)
+            w_start = tl.load(la, mask=kok, other=0, cache_modifier=".cg")
+            w_size = tl.load(la + 1, mask=kok, other=0, cache_modifier=".cg")
+            hits += _visit_pages(kok, w_start, w_size, ix_row, src_row, S, SB, E, L, HZB,
+                                 WL, WNL, WP, h, clock, pr_ptr, ct_ptr, stamp_ptr, wcnt_ptr,
+                                 mk_ptr, mc_ptr, MCAP, H, BS)
+        tl.atomic_add(wcnt_ptr + _W_HITS, hits, mask=hits > 0, sem="relaxed")
     if COUNT_STATS:
         if L > 0:
             indexed = E > 0
@@ -1120,6 +1154,41 @@ def _wave_book(slot, in_cache, in_arena, lead, clock, stamp_ptr, wcnt_ptr, mc_pt
 def _wave_misses(miss, idx, key, mk_ptr, MCAP):
     """Appends the tile's missed page keys (entries past ``MCAP`` are dropped)."""
     tl.store(mk_ptr + idx, key, mask=miss & (idx < MCAP))
+
+
+@triton.jit
+def _visit_pages(ok, start, size, ix_row, src_row, S, SB, E, L, HZB, WL, WNL, WP, h, clock,
+                 pr_ptr, ct_ptr, stamp_ptr, wcnt_ptr, mk_ptr, mc_ptr, MCAP,
+                 H: tl.constexpr, BS: tl.constexpr):
+    """Resolves the pages retrieved clusters ``(start, size)`` (lanes ``ok``) visit
+    below a row's readable horizon ``HZB``, one visit per (cluster, page), as
+    :func:`_resolve_kernel` does per token tile: the page's source written to
+    ``src_row`` (its logical block's entry), the cache's bookkeeping
+    (:func:`_wave_book`, :func:`_wave_misses`). A cluster's positions are clipped to
+    ``[S, min(E, L, HZB))`` as the attention kernel clips them. Returns the hits."""
+    p0 = tl.maximum(start, S)
+    p1 = tl.minimum(tl.minimum(start + size, E), tl.minimum(L, HZB))
+    vis = ok & (p1 > p0)
+    lb0 = p0 // BS - SB                  # p0 >= S: the row's own entries
+    npg = tl.where(vis, (p1 - 1) // BS - p0 // BS + 1, 0)
+    hits = tl.zeros([], tl.int64)
+    for j in range(0, tl.max(npg, 0)):
+        on = vis & (j < npg)
+        lb = lb0 + j
+        pg = tl.load(ix_row + lb, mask=on, other=-1).to(tl.int64)
+        wok = on & (pg >= 0) & (pg < WP)
+        key = (tl.where(wok, pg, 0) * WNL + WL) * H + h
+        slot = tl.load(ct_ptr + key, mask=wok, other=-1)
+        arow = tl.load(pr_ptr + key, mask=wok, other=-1).to(tl.int64)
+        in_cache = wok & (slot >= 0)
+        in_arena = wok & (slot < 0) & (arow >= 0)
+        src = tl.where(in_cache, _SRC_CACHE | slot, tl.where(in_arena, _SRC_ARENA | arow, -1))
+        tl.store(src_row + lb, src, mask=on)
+        miss, idx, nh = _wave_book(slot, in_cache, in_arena, on, clock, stamp_ptr, wcnt_ptr,
+                                   mc_ptr)
+        hits += nh
+        _wave_misses(miss, idx, key, mk_ptr, MCAP)
+    return hits
 
 
 @triton.jit
@@ -1429,20 +1498,29 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         *common, sb, *split, BP=bp,
         H=h, G=g, BS=bs, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, NSP=nsp,
         **dep, **_tune("cand", b)))
-    _keep("collect", _collect_kernel[grid](
-        ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
-        ipart.stride(0), ipart.stride(1), *common, sb, sink_end, *split, BP=bp,
-        H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
-        **dep, **_tune("collect", b)))
-    tune_a = _tune("attend", b, wave is not None)
+    in_collect = wave is not None and RESOLVE_IN_COLLECT
     if wave is not None:
         w = wave
         src = ws.wave_src_table(ibt.shape[1])
-        _keep("resolve", _resolve_kernel[grid_a](
-            *common, ws.lists, ws.counts, src, src.stride(0), sb, sink_end, *split_a,
-            w.page_row, w.cache_table, w.cache_stamp, w.clock, w.counters, w.miss_keys,
-            w.miss_count, w.miss_capacity, w.layer, w.num_layers, w.num_pages, ibt.shape[0],
-            H=h, BS=bs, PK=PACK, LW=LIST_WORDS, BP=bp, **dep, **_tune("resolve", b)))
+        wbook = (w.page_row, w.cache_table, w.cache_stamp, w.clock, w.counters, w.miss_keys,
+                 w.miss_count, w.miss_capacity, w.layer, w.num_layers, w.num_pages,
+                 ibt.shape[0])
+    cargs = ((src, src.stride(0)) + wbook if in_collect
+             # Never read (WAVE=False): existing tensors of the right types.
+             else (ws.stats, 0, ws.ncand, ws.stats, ws.stats, ws.stats, ws.stats, ws.stats,
+                   ws.stats, 0, 0, 0, 0, 0))
+    _keep("collect", _collect_kernel[grid](
+        ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
+        ipart.stride(0), ipart.stride(1), *common, sb, sink_end, *split, *cargs, BP=bp,
+        H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
+        **({"WAVE": True} if in_collect else {}), **dep, **_tune("collect", b)))
+    tune_a = _tune("attend", b, wave is not None)
+    if wave is not None:
+        if not in_collect:
+            _keep("resolve", _resolve_kernel[grid_a](
+                *common, ws.lists, ws.counts, src, src.stride(0), sb, sink_end, *split_a,
+                *wbook, H=h, BS=bs, PK=PACK, LW=LIST_WORDS, BP=bp, **dep,
+                **_tune("resolve", b)))
         wargs = (src, src.stride(0), w.arena, w.arena.stride(0), w.cache_kv,
                  w.cache_kv.stride(0), w.cache_kv.stride(1), w.num_pages, ibt.shape[0])
     else:
