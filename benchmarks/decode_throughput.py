@@ -303,48 +303,61 @@ def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, max_token
 
 
 def plot(res: dict, path: str) -> None:
-
-    """Decode tok/s per (context, batch) for each backend, and retro's ratio over
-    dense at the same context (largest batch against largest batch)."""
+    """Decode tok/s per (context, batch) for dense, retro and retro with the wave
+    buffer (records labelled ``retro+wb...``): per family and context the latest
+    run's records, with other batches measured the same day (a rerun replaces older
+    code's figures); and retro's ratio over dense at the same context (largest batch
+    against largest batch)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import itertools
-    # Per (context, backend) only its latest run's records: a rerun replaces the
-    # figures of older code instead of joining them in one line.
+
+    def family(be):
+        return ("dense (FLASH_ATTN)" if be == "FLASH_ATTN" else
+                "retro + wave buffer" if be.startswith("retro+wb") else "retro")
+
     def run_no(r):
         return r.get("run") if r.get("run") is not None else -1
-    last = {}
+    newest = {}
     for r in res["records"]:
-        key = (r["context"], r["backend"])
-        last[key] = max(last.get(key, -1), run_no(r))
-    recs = [r for r in res["records"] if run_no(r) == last[(r["context"], r["backend"])]]
-    ctxs = sorted({r["context"] for r in recs})
+        k = (family(r["backend"]), r["context"])
+        if k not in newest or run_no(r) >= run_no(newest[k]):
+            newest[k] = r
+    latest = {}
+    for r in res["records"]:
+        k = (family(r["backend"]), r["context"])
+        if r.get("date") != newest[k].get("date") and run_no(r) != run_no(newest[k]):
+            continue
+        key = k + (r["batch"],)
+        if key not in latest or run_no(r) >= run_no(latest[key]):
+            latest[key] = r
+    fams = ["dense (FLASH_ATTN)", "retro", "retro + wave buffer"]
+    ctxs = sorted({c for _, c, _ in latest})
     fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 5), squeeze=False)
     for ax, ctx in zip(axes[0], ctxs):
-        names = ["FLASH_ATTN"] + sorted({r["backend"] for r in recs if r["context"] == ctx}
-                                        - {"FLASH_ATTN"})
-        for be, mk in zip(names, itertools.cycle(("s-", "o-", "^-", "v-", "d-", "P-", "X-",
-                                                  "*-"))):
-            rs = sorted((r for r in recs if r["context"] == ctx and r["backend"] == be),
+        top = {}
+        for fam, mk in zip(fams, ("s-", "o-", "^-")):
+            rs = sorted((r for (f, c, _), r in latest.items() if f == fam and c == ctx),
                         key=lambda r: r["batch"])
             if rs:
                 ax.plot([r["batch"] for r in rs], [r["decode_tok_s"] for r in rs], mk,
-                        label="dense (FLASH_ATTN)" if be == "FLASH_ATTN" else be)
-        top = {be: max((r for r in recs if r["context"] == ctx and r["backend"] == be),
-                       key=lambda r: r["batch"], default=None) for be in names}
+                        label=fam)
+                top[fam] = rs[-1]
         title = f"context {ctx // 1024}K"
-        if top["FLASH_ATTN"]:
-            for be in names[1:]:
-                if top[be]:
-                    title += (f"\n{be} largest batch {top[be]['batch']} vs "
-                              f"{top['FLASH_ATTN']['batch']}: x"
-                              f"{top[be]['decode_tok_s'] / top['FLASH_ATTN']['decode_tok_s']:.2f}")
+        dense = top.get(fams[0])
+        if dense:
+            for fam in fams[1:]:
+                if fam in top:
+                    t = top[fam]
+                    title += (f"\n{fam}: {t['decode_tok_s']:.0f} tok/s at {t['batch']} = "
+                              f"x{t['decode_tok_s'] / dense['decode_tok_s']:.2f} dense's "
+                              f"{dense['decode_tok_s']:.0f} at {dense['batch']}")
         ax.set_title(title, fontsize=8)
         ax.set_xlabel("batch (concurrent requests)")
         ax.set_ylabel("decode tokens/s")
         ax.legend()
-    fig.suptitle(f"Decode throughput through vllm.LLM, Llama-3-8B shape, {res['device']}")
+    fig.suptitle(f"Decode throughput through vllm.LLM, Llama-3-8B shape, {res['device']} "
+                 "(each backend's latest runs)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
