@@ -62,6 +62,12 @@ VARIANTS = [
     ("attend TS64", "attend", dict(TS=64)),
     ("attend w8", "attend", dict(num_warps=8)),
     ("cand CB1024", "cand", dict(CB=1024)),
+    # The last program's threshold search on fewer lanes when both buckets are small
+    # (at 32K a bucket holds ~10-50 keys; the search's 5 rounds reduce [CB, 16] tiles).
+    ("cand CBS64", "cand", dict(CBS=64)),
+    ("cand CBS128", "cand", dict(CBS=128)),
+    # The small-batch steady tiles before the fourteenth session.
+    ("attend TS128", "attend", dict(TS=128)),
     ("cand CB1024 w16", "cand", dict(CB=1024, num_warps=16)),
     # Nsight Compute at 128K x 8: 8 warps x 128 registers fit 2 candidate programs
     # per SM (512 programs in 1.94 waves); 4 warps should fit 4 (one wave).

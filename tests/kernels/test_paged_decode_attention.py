@@ -428,16 +428,20 @@ def test_retrieved_positions_are_bounds_checked():
 
 
 
-@pytest.mark.parametrize("chunk", [0, 64])
-def test_ties_pick_lower_entries_like_twin(monkeypatch, chunk):
+@pytest.mark.parametrize("chunk,small", [(0, 0), (64, 0), (0, 16)])
+def test_ties_pick_lower_entries_like_twin(monkeypatch, chunk, small):
     """Crafted indexes whose cluster summaries repeat: exact score ties, broken by
     the lower entry index. Row 0: 40 entries, 3 distinct summaries; row 1: 200 equal
     entries but 4. chunk=64: threshold buckets of more than 64 keys are searched in
-    chunks (the path of huge buckets)."""
+    chunks (the path of huge buckets); small=16: buckets of at most 16 keys are
+    searched on 16 lanes (``CBS``; row 0's, not row 1's)."""
     td = _td()
     if chunk:
         for k in ("cand", "collect"):
             monkeypatch.setitem(td.TUNE, k, dict(td.TUNE[k], CB=chunk))
+    if small:
+        for t in (td.TUNE, td.TUNE_SMALL_BATCH):
+            monkeypatch.setitem(t, "cand", dict(t["cand"], CBS=small))
     torch.manual_seed(4)
     scale = 0.25
     sc = Scene(320)

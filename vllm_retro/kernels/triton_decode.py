@@ -128,7 +128,8 @@ TUNE = {
     # (keys 19 -> 16, candidates 30 -> 22, lists 17 -> 14 us per layer); at one or
     # two rows the ranges are shorter and 256 stays (TUNE_SMALL_BATCH).
     "key": dict(CHE=1024, num_warps=4),
-    # CB: threshold buckets up to CB keys are searched in registers, larger in chunks
+    # CB: threshold buckets up to CB keys are searched in registers, larger in chunks;
+    # CBS > 0: buckets up to CBS keys on CBS lanes (sweep variants "cand CBS...").
     "cand": dict(RB=1024, CB=512, num_warps=8),
     "collect": dict(RB=1024, CB=1024, num_warps=4),
     "attend": dict(TS=32, RG=8, TR=32, TE=32, num_warps=4, num_stages=2, maxnreg=128),
@@ -170,7 +171,11 @@ TUNE_SMALL_BATCH = {
     "key": dict(CHE=256),
     "cand": dict(RB=256),
     "collect": dict(RB=256),
-    "attend": dict(TS=128, TE=64, maxnreg=None),
+    # 64-token steady tiles: 3 programs per SM instead of 2 (166 registers, 45 KB of
+    # shared memory against 216 and 80 KB): 53.8 / 67.7 us per layer at 32K / 128K x 1
+    # against 54.8 / 69.8 with 128 (fourteenth session; the thirteenth: 60.0 / 76.6
+    # against 60.5 / 77.4 with its EAGER variant).
+    "attend": dict(TS=64, TE=64, maxnreg=None),
 }
 # The attention kernel's wave-buffer variant at batches above SMALL_BATCH: its extra
 # source word per token costs registers (144 at 32-token retrieved tiles: 3 programs
@@ -686,6 +691,38 @@ def _kth2(k1, v1, rem1, k2, v2, rem2, pre1, pre2, nib0):
 
 
 @triton.jit
+def _kth_regs(cand_ptr, w2, ix_row, h, c1, c2, rem1, rem2, pre1, pre2, nib0,
+              H: tl.constexpr, PK: tl.constexpr, N: tl.constexpr):
+    """:func:`_kth2` over both candidate lists (``c1``, ``c2 <= N`` entries) loaded
+    into ``N`` lanes; also the candidates above each threshold. Returns (t1, t2,
+    g1, g2)."""
+    jb = tl.arange(0, N)
+    x1, i1 = _cand_load(cand_ptr, 0, ix_row, h, jb, jb < c1, H, PK)
+    x2, i2 = _cand_load(cand_ptr, w2, ix_row, h, jb, jb < c2, H, PK)
+    t1, t2 = _kth2(x1, jb < c1, rem1, x2, jb < c2, rem2, pre1, pre2, nib0)
+    g1 = tl.sum(((jb < c1) & (x1 > t1)).to(tl.int32), 0)
+    g2 = tl.sum(((jb < c2) & (x2 > t2)).to(tl.int32), 0)
+    return t1, t2, g1, g2
+
+
+@triton.jit
+def _kth_any(cand_ptr, w2, ix_row, h, c1, c2, rem1, rem2, pre1, pre2, nib0, C,
+             H: tl.constexpr, PK: tl.constexpr, CB: tl.constexpr):
+    """Both thresholds and the candidates above them: in registers when both lists
+    hold at most ``CB`` candidates (the usual case: buckets of a few dozen to a few
+    hundred keys), else in chunks."""
+    if (c1 <= CB) & (c2 <= CB):
+        t1, t2, g1, g2 = _kth_regs(cand_ptr, w2, ix_row, h, c1, c2, rem1, rem2, pre1, pre2,
+                                   nib0, H, PK, CB)
+    else:
+        t1 = _kth_chunks(cand_ptr, 0, ix_row, h, c1, rem1, pre1, nib0, H, PK, CB)
+        t2 = _kth_chunks(cand_ptr, w2, ix_row, h, c2, rem2, pre2, nib0, H, PK, CB)
+        g1, e1 = _count_chunks(cand_ptr, 0, ix_row, h, c1, t1, C, H, PK, CB)
+        g2, e2 = _count_chunks(cand_ptr, w2, ix_row, h, c2, t2, C, H, PK, CB)
+    return t1, t2, g1, g2
+
+
+@triton.jit
 def _kth_chunks(cand_ptr, word0, ix_row, h, n, rem, pre, nib0, H: tl.constexpr,
                 PK: tl.constexpr, CB: tl.constexpr):
     """:func:`_kth2` for one list of ``n > CB`` candidates read in chunks (buckets
@@ -726,7 +763,7 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
                  H: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr,
                  NB: tl.constexpr, SUB: tl.constexpr, WIN: tl.constexpr,
                  PK: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = False, CBS: tl.constexpr = 0):
     """Program (row*H + head, p): the keys of range p in the thresholds' histogram
     buckets go to two candidate lists (positions reserved atomically: their order
     does not matter), and the keys above the buckets are counted; the last program
@@ -797,19 +834,17 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
         pre1 = tl.where(fast & use1, (b1 + lo_bin) << (23 - SUB), 0)
         pre2 = tl.where(fast & use2, (b2 + lo_bin) << (23 - SUB), 0)
         nib0 = tl.where(fast, (28 - (22 - SUB) // 4 * 4) // 4, 0)
-        if (c1 <= CB) & (c2 <= CB):
-            # The usual case: buckets of a few dozen to a few hundred keys, in registers.
-            jb = tl.arange(0, CB)
-            x1, i1 = _cand_load(cand_ptr, 0, ix_row, h, jb, jb < c1, H, PK)
-            x2, i2 = _cand_load(cand_ptr, w2, ix_row, h, jb, jb < c2, H, PK)
-            t1, t2 = _kth2(x1, jb < c1, rem1, x2, jb < c2, rem2, pre1, pre2, nib0)
-            g1 = tl.sum(((jb < c1) & (x1 > t1)).to(tl.int32), 0)
-            g2 = tl.sum(((jb < c2) & (x2 > t2)).to(tl.int32), 0)
+        if CBS > 0:
+            if (c1 <= CBS) & (c2 <= CBS):
+                # Buckets of at most CBS keys: the same search on fewer lanes.
+                t1, t2, g1, g2 = _kth_regs(cand_ptr, w2, ix_row, h, c1, c2, rem1, rem2,
+                                           pre1, pre2, nib0, H, PK, CBS)
+            else:
+                t1, t2, g1, g2 = _kth_any(cand_ptr, w2, ix_row, h, c1, c2, rem1, rem2,
+                                          pre1, pre2, nib0, C, H, PK, CB)
         else:
-            t1 = _kth_chunks(cand_ptr, 0, ix_row, h, c1, rem1, pre1, nib0, H, PK, CB)
-            t2 = _kth_chunks(cand_ptr, w2, ix_row, h, c2, rem2, pre2, nib0, H, PK, CB)
-            g1, e1 = _count_chunks(cand_ptr, 0, ix_row, h, c1, t1, C, H, PK, CB)
-            g2, e2 = _count_chunks(cand_ptr, w2, ix_row, h, c2, t2, C, H, PK, CB)
+            t1, t2, g1, g2 = _kth_any(cand_ptr, w2, ix_row, h, c1, c2, rem1, rem2, pre1,
+                                      pre2, nib0, C, H, PK, CB)
         # Keys equal to a threshold inside the top k: rem minus the candidates above.
         tl.store(sel_ptr + rh * 4 + 0, tl.where(use1, t1, _INT_MAX))
         tl.store(sel_ptr + rh * 4 + 1, tl.where(use1, rem1 - g1, 0))
