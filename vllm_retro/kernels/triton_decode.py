@@ -1069,6 +1069,30 @@ def _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret, H: tl.constexpr,
 
 
 @triton.jit
+def _page_source(ix_row, lb, mask, WL, WNL, WP, h, pr_ptr, ct_ptr, H: tl.constexpr):
+    """Where the wave buffer holds logical block ``lb`` of a row-head (lanes
+    ``mask``): its pool page's key ``(pg * WNL + WL) * H + h`` (``pg = ix_row[lb]``
+    in ``[0, WP)``), the cluster-cache slot (``in_cache``: ``cache_table[key] >=
+    0``) or else the arena row (``in_arena``: ``page_row[key] >= 0``). Returns
+    (slot, arena row, in_cache, in_arena, key)."""
+    pg = tl.load(ix_row + lb, mask=mask, other=-1).to(tl.int64)
+    wok = mask & (pg >= 0) & (pg < WP)
+    key = (tl.where(wok, pg, 0) * WNL + WL) * H + h
+    # Both tables at once (independent loads; a hit's page_row word is not needed,
+    # but waiting for the slot first would add a dependent load to a miss).
+    slot = tl.load(ct_ptr + key, mask=wok, other=-1)
+    arow = tl.load(pr_ptr + key, mask=wok, other=-1).to(tl.int64)
+    return slot, arow, wok & (slot >= 0), wok & (slot < 0) & (arow >= 0), key
+
+
+@triton.jit
+def _source_word(slot, arow, in_cache, in_arena):
+    """A resolved page's word in the source table (:data:`_SRC_CACHE` /
+    :data:`_SRC_ARENA` | slot or arena row; -1: in no source)."""
+    return tl.where(in_cache, _SRC_CACHE | slot, tl.where(in_arena, _SRC_ARENA | arow, -1))
+
+
+@triton.jit
 def _retrieved_wave(t0, total, beg, end, start, ix_row, S, SB, E, L, HZB, WL, WNL, WP, h,
                     pr_ptr, ct_ptr, H: tl.constexpr, BS: tl.constexpr, TR: tl.constexpr):
     """Tokens ``t0 + [0, TR)`` of a group of retrieved clusters below a row's readable
@@ -1085,15 +1109,8 @@ def _retrieved_wave(t0, total, beg, end, start, ix_row, S, SB, E, L, HZB, WL, WN
     # pos >= S, so the entry index pos // BS - SB is >= 0 and (pos < E) below the
     # row's page count: the row's own pages, never a stale column.
     lb = pos // BS - SB
-    pg = tl.load(ix_row + lb, mask=below, other=-1).to(tl.int64)
-    wok = below & (pg >= 0) & (pg < WP)
-    key = (tl.where(wok, pg, 0) * WNL + WL) * H + h
-    # Both tables at once (independent loads; a hit's page_row word is not needed,
-    # but waiting for the slot first would add a dependent load to a miss).
-    slot = tl.load(ct_ptr + key, mask=wok, other=-1)
-    arow = tl.load(pr_ptr + key, mask=wok, other=-1).to(tl.int64)
-    in_cache = wok & (slot >= 0)
-    in_arena = wok & (slot < 0) & (arow >= 0)
+    slot, arow, in_cache, in_arena, key = _page_source(ix_row, lb, below, WL, WNL, WP, h,
+                                                       pr_ptr, ct_ptr, H)
     # Positions below S were clipped: the first valid token then sits at S, a block
     # start, so "cluster start or block start" marks exactly one lane per page.
     first = below & ((pos == cst) | (pos % BS == 0))
@@ -1210,15 +1227,9 @@ def _visit_pages(ok, start, size, ix_row, src_row, S, SB, E, L, HZB, WL, WNL, WP
     for j in range(0, tl.max(npg, 0)):
         on = vis & (j < npg)
         lb = lb0 + j
-        pg = tl.load(ix_row + lb, mask=on, other=-1).to(tl.int64)
-        wok = on & (pg >= 0) & (pg < WP)
-        key = (tl.where(wok, pg, 0) * WNL + WL) * H + h
-        slot = tl.load(ct_ptr + key, mask=wok, other=-1)
-        arow = tl.load(pr_ptr + key, mask=wok, other=-1).to(tl.int64)
-        in_cache = wok & (slot >= 0)
-        in_arena = wok & (slot < 0) & (arow >= 0)
-        src = tl.where(in_cache, _SRC_CACHE | slot, tl.where(in_arena, _SRC_ARENA | arow, -1))
-        tl.store(src_row + lb, src, mask=on)
+        slot, arow, in_cache, in_arena, key = _page_source(ix_row, lb, on, WL, WNL, WP, h,
+                                                           pr_ptr, ct_ptr, H)
+        tl.store(src_row + lb, _source_word(slot, arow, in_cache, in_arena), mask=on)
         miss, idx, nh = _wave_book(slot, in_cache, in_arena, on, clock, stamp_ptr, wcnt_ptr,
                                    mc_ptr)
         hits += nh
@@ -1264,9 +1275,7 @@ def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, li
             lb, slot, arow, in_cache, in_arena, first, key = _retrieved_wave(
                 t0, total, beg, end, start, ix_row, S, SB, E, L, HZB, WL, WNL, WP, h, pr_ptr,
                 ct_ptr, H, BS, TR)
-            src = tl.where(in_cache, _SRC_CACHE | slot,
-                           tl.where(in_arena, _SRC_ARENA | arow, -1))
-            tl.store(src_row + lb, src, mask=first)
+            tl.store(src_row + lb, _source_word(slot, arow, in_cache, in_arena), mask=first)
             miss, idx, nh = _wave_book(slot, in_cache, in_arena, first, clock, stamp_ptr,
                                        wcnt_ptr, mc_ptr)
             hits += nh
