@@ -57,7 +57,9 @@ programs beyond ``NS`` (or of the padding rows) return at once:
    the block table (vLLM may have released those blocks): a kernel before the
    attention kernel (``_resolve_kernel``) looks each visited page up, updates the
    cache's stamps, counters and miss buffer (:mod:`.wave_view`) and writes the
-   page's source to the workspace, which the attention kernel reads per token.
+   page's source to the workspace, which the attention kernel reads per token
+   (with :data:`RESOLVE_IN_COLLECT` the list kernel does it instead, for the
+   clusters it has just listed).
 
 "Last program" hand-offs: each program writes its part, passes a CTA barrier and
 takes a ticket with an acq_rel atomic at GPU scope; the program drawing the last
