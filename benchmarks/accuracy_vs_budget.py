@@ -663,6 +663,9 @@ SUMMARY_VARIANTS = {
     "wave_q8": ({"summary_bits": 8}, "wave, 8-bit centroids and key variances"),
     "wave_q8c": ({"summary_bits": 8, "summary_fields": "centroid"},
                  "wave, 8-bit centroids (key variances full precision)"),
+    # mean_value_bits 8 on the GPU: the mean values (value sum / size) in 8 bits too.
+    "wave_q8v": ({"summary_bits": 8, "summary_fields": "all"},
+                 "wave, 8-bit centroids, key variances and mean values"),
     "wave_shared_kv05_vcap1_vc_errv_q8": (
         {"shared_head_budget": True, "kmeans_value_weight": 0.5, "variance_cap": 1.0,
          "value_correction": True, "retrieval_rank": "error_value", "summary_bits": 8},
@@ -710,18 +713,27 @@ TEXT_VARIANTS["wave_cs8_shared_kv07_vcap1_vc_errv_ad09_rest05_q8"] = _combo(
 SIM_FIELDS = ("summary_bits", "summary_fields")
 
 
+def _rounded(x: torch.Tensor, top: float) -> torch.Tensor:
+    """``x`` rounded to integers times one scale per last-dim vector (max|x| / top)."""
+    sc = x.abs().amax(dim=-1, keepdim=True) / top
+    sc = torch.where(sc > 0, sc, torch.ones_like(sc))
+    return (torch.round(x / sc).clamp(-top, top) * sc).to(x.dtype)
+
+
 def quantize_summaries(idx: WaveIndex, bits: int, fields: str = "both") -> None:
-    """Rounds ``idx``'s centroids (and key variances, ``fields`` "both") in place to
-    ``bits``-bit integers with one scale per (KV head, cluster) vector."""
+    """Rounds ``idx``'s centroids (and key variances, ``fields`` "both"; and the
+    mean values, ``fields`` "all": each cluster's value sum becomes its size times
+    the rounded mean) in place to ``bits``-bit integers with one scale per (KV head,
+    cluster) vector."""
     top = float(2 ** (bits - 1) - 1)
-    names = ("centroids", "key_vars") if fields == "both" else ("centroids",)
+    names = ("centroids", "key_vars") if fields in ("both", "all") else ("centroids",)
     for name in names:
         x = getattr(idx, name)
-        if x.numel() == 0:
-            continue
-        sc = x.abs().amax(dim=-1, keepdim=True) / top
-        sc = torch.where(sc > 0, sc, torch.ones_like(sc))
-        setattr(idx, name, (torch.round(x / sc).clamp(-top, top) * sc).to(x.dtype))
+        if x.numel():
+            setattr(idx, name, _rounded(x, top))
+    if fields == "all" and idx.value_sums.numel():
+        n = idx.sizes.clamp_min(1).unsqueeze(-1).to(idx.value_sums.dtype)
+        idx.value_sums = _rounded(idx.value_sums / n, top) * n
 
 
 # The one-sided accuracy bound (``bound_margin``), run beside the library's bounded

@@ -100,7 +100,8 @@ def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed:
     headers = make_headers(nb, dev)
     S = sink_end(cfg, BS)
     segs = plan_segments(0, ctx, ctx, cfg, BS)
-    pool = IndexPool(lay, nb, dev, summary_bits=cfg.summary_bits)
+    pool = IndexPool(lay, nb, dev, summary_bits=cfg.summary_bits,
+                     mean_value_bits=cfg.mean_value_bits)
     alloc = IndexAllocator(nb, batch, nblk, dev)
     if shuffle_pages:
         alloc.shuffle(seed)

@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from decode_kernel_bench import (BS, D, DT, H, HQ, graph_of, make_batch,  # noqa: E402
                                  per_kernel_us, time_ms)
 from vllm_retro.config import RetroConfig  # noqa: E402
-from vllm_retro.index.paged import IndexPool, quantize_summaries  # noqa: E402
+from vllm_retro.index.paged import (IndexPool, quantize_mean_values,  # noqa: E402
+                                    quantize_summaries)
 from vllm_retro.kernels import DecodeWorkspace, paged_decode_attention  # noqa: E402
 from vllm_retro.kernels import triton_decode as td  # noqa: E402
 
@@ -95,6 +96,9 @@ VARIANTS = [
     # instead of 3; the sm_90 compile spills 8 bytes).
     ("summaries 8-bit, score maxnreg 128", "q8+score", dict(maxnreg=128)),
     ("summaries 8-bit, score CH32", "q8+score", dict(CH=32)),
+    # 8-bit summaries and mean values (mean_value_bits 8): the attention stage reads
+    # D + 4 bytes per estimated cluster and head instead of 2D.
+    ("mean values 8-bit", "mv8", None),
     # The score kernel without the 128-register cap of TUNE (the default since the
     # fourteenth session: a compiler change had made it 138 registers, 3 per SM).
     ("score maxnreg none", "score", dict(maxnreg=None)),
@@ -132,12 +136,17 @@ VARIANTS = [
 ]
 
 
-def q8_copy(pool: IndexPool) -> IndexPool:
-    """A copy of ``pool`` with 8-bit summaries (every page quantized)."""
-    out = IndexPool(pool.layout, pool.num_pages, pool.device, summary_bits=8)
+def q8_copy(pool: IndexPool, mean_values: bool = False) -> IndexPool:
+    """A copy of ``pool`` with 8-bit summaries (every page quantized); with
+    ``mean_values`` the mean values in 8 bits too (``mean_value_bits`` 8)."""
+    out = IndexPool(pool.layout, pool.num_pages, pool.device, summary_bits=8,
+                    mean_value_bits=8 if mean_values else 16)
     out.fpart.copy_(pool.fpart)
     out.ipart.copy_(pool.ipart)
-    quantize_summaries(out, torch.arange(pool.num_pages, device=pool.device))
+    pages = torch.arange(pool.num_pages, device=pool.device)
+    quantize_summaries(out, pages)
+    if mean_values:
+        quantize_mean_values(out, pages)
     return out
 
 
@@ -158,6 +167,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     pool16 = ix.pool
     pool8 = q8_copy(pool16)
     pool_default = pool8 if cfg.summary_bits == 8 else pool16
+    pool8v = q8_copy(pool16, mean_values=True) if variants is None or \
+        "mean values 8-bit" in variants else None
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     ref = None
     if wave:
@@ -191,8 +202,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         if kernel in ("static", "in_collect"):
             kernel = None
         pool = pool_default
-        if kernel and kernel.startswith(("q8", "b16")):
-            pool = pool8 if kernel.startswith("q8") else pool16
+        if kernel and kernel.startswith(("q8", "b16", "mv8")):
+            pool = {"q8": pool8, "b16": pool16, "mv8": pool8v}[kernel.split("+")[0]]
             kernel = kernel.split("+", 1)[1] if "+" in kernel else None
         # Other summaries than the default's: the output differs by their quantization.
         err_limit = 1e-2 if pool is pool_default else 0.1

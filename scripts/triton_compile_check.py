@@ -187,6 +187,10 @@ def decode_launches() -> None:
             pool8 = IndexPool(lay, nb, summary_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,
                                              sink_end(RetroConfig(), bs), 0.1, out, ws)
+            # The attention kernel's 8-bit mean values (mean_value_bits 8).
+            pool8v = IndexPool(lay, nb, summary_bits=8, mean_value_bits=8)
+            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8v,
+                                             sink_end(RetroConfig(), bs), 0.1, out, ws)
 
 
 def _wave_view(lay, dtype, num_pages):

@@ -174,6 +174,12 @@ class RetroConfig:
             CPU reference 8-bit summaries moved no accuracy cell by more than 0.2
             points (``docs/accuracy.md``); on an H200 the scoring stage takes 26%
             less time (``docs/benchmarks.md``). The CPU backend keeps fp32 summaries.
+        mean_value_bits: GPU only: 16 (default) keeps each cluster's mean value in the
+            KV dtype; 8 stores it as int8 with one scale per cluster and head (in
+            the same slot), so every estimated cluster's value costs ``D + 4``
+            bytes instead of ``2D`` at bf16 (the attention stage reads it for ~29%
+            of the clusters). Rounding: at most 1/254 of the vector's largest
+            element. Opt-in until measured on the GPU.
         prefill_resident_tokens: with ``wave_buffer``, how many of a prompt's tokens
             may stay in vLLM's GPU blocks while the prompt is still being prefilled
             (chunked prefill). Tokens further behind the prefill front are clustered,
@@ -214,6 +220,7 @@ class RetroConfig:
     index_pool_gib: float = 0.0
     prefill_resident_tokens: int = 0
     summary_bits: int = 8
+    mean_value_bits: int = 16
 
     def __post_init__(self) -> None:
         _check_int("segment_size", self.segment_size, 64, 1 << 20)
@@ -283,6 +290,10 @@ class RetroConfig:
         if self.summary_bits not in (8, 16):
             raise ValueError(f"RetroConfig.summary_bits must be 8 or 16, got "
                              f"{self.summary_bits!r}")
+        _check_int("mean_value_bits", self.mean_value_bits, 8, 16)
+        if self.mean_value_bits not in (8, 16):
+            raise ValueError(f"RetroConfig.mean_value_bits must be 8 or 16, got "
+                             f"{self.mean_value_bits!r}")
         if self.prefill_resident_tokens and not self.wave_buffer:
             raise ValueError("RetroConfig.prefill_resident_tokens bounds the wave "
                              "buffer's release during prefill: set wave_buffer too "

@@ -17,7 +17,8 @@ from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.index.paged import (HDR_IBT_ROW, HDR_WORDS, I_SIZE,  # noqa: E402
                                     I_START, IndexAllocator, IndexPool, PagedIndexLayout,
                                     budget, build_segments, header_row, make_headers,
-                                    plan_segments, quantize_summaries, sink_end)
+                                    plan_segments, quantize_mean_values,
+                                    quantize_summaries, sink_end)
 from conftest import cpu_cache  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402
 
@@ -59,13 +60,15 @@ class Scene:
     taken in a shuffled order too."""
 
     def __init__(self, num_blocks: int, dtype=torch.float32, max_blocks: int = 260,
-                 head_dim: int = D, num_pages: int = 0, summary_bits: int = 16):
+                 head_dim: int = D, num_pages: int = 0, summary_bits: int = 16,
+                 mean_value_bits: int = 16):
         self.D = head_dim
         self.lay = PagedIndexLayout(H, head_dim, BS, dtype)
         self.kv = self.lay.make_cache(num_blocks, DEV)
         self.headers = make_headers(num_blocks, DEV)
         num_pages = num_pages or num_blocks + 37
-        self.pool = IndexPool(self.lay, num_pages, DEV, summary_bits=summary_bits)
+        self.pool = IndexPool(self.lay, num_pages, DEV, summary_bits=summary_bits,
+                              mean_value_bits=mean_value_bits)
         self.alloc = IndexAllocator(num_pages, 11, max_blocks, DEV)
         self.alloc.shuffle(int(torch.randint(0, 1 << 30, ())))
         self.free = (torch.randperm(num_blocks - 1) + 1).tolist()
@@ -300,6 +303,59 @@ def test_8bit_summaries_match_twin_and_stay_near_16bit():
     e16, e8 = _rel(o16, dense), _rel(o8, dense)
     print(f"rel. error vs full attention: 16-bit {e16:.4f}, 8-bit {e8:.4f}")
     assert _rel(o8, o16) < 0.1 and e8 < 1.25 * e16 + 0.01
+
+
+def test_8bit_mean_values_match_twin_and_stay_near_16bit():
+    """``mean_value_bits`` 8: the attention stage reads each estimated cluster's
+    mean value as int8 and its scale (kernel == twin, which dequantizes; the
+    selection does not change); the output stays within the rounding's reach of the
+    16-bit pool's on the same index, equally far from full attention."""
+    outs = {}
+    for bits in (16, 8):
+        torch.manual_seed(6)
+        sc = Scene(260, mean_value_bits=bits)
+        sc.add(900)
+        sc.add(700, n_ret=3, n_est=20)
+        q = torch.randn(2, H * G, D)
+        out, ref, st, ws = run_both(sc, q, 0.2)
+        assert _rel(out, ref) < 2e-3, (bits, _rel(out, ref))
+        for r in (0, 1):
+            for kh in range(H):
+                assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
+        assert ws.stats.tolist() == expected_stats(sc, st) and st[:, 1].sum() > 0
+        outs[bits] = (out, dense_original(sc, q, 0.2))
+    (o16, dense), (o8, _) = outs[16], outs[8]
+    e16, e8 = _rel(o16, dense), _rel(o8, dense)
+    assert 0 < _rel(o8, o16) < 0.01 and e8 < 1.05 * e16 + 0.002, (_rel(o8, o16), e16, e8)
+
+
+def test_quantize_mean_values_round_trip():
+    """Each mean-value element within half a scale step, the scale in the slot after
+    the D int8 values; the centroid and variance slots untouched; pages not
+    quantized keep their bytes."""
+    lay = PagedIndexLayout(H, D, BS, torch.bfloat16)
+    pool = IndexPool(lay, 5, DEV, mean_value_bits=8)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, H, 3, D, generator=g)
+         * torch.logspace(-2, 2, 5).view(5, 1, 1, 1)).to(torch.bfloat16)
+    x[3, 0, 2] = 0
+    pool.fpart.copy_(x.to(DEV))
+    pages = torch.tensor([0, 3, 4], device=DEV)
+    quantize_mean_values(pool, pages)
+    got = pool.summaries(torch.arange(5, device=DEV)).cpu()
+    for p in (0, 3, 4):
+        want = x[p, :, 2].float()
+        step = want.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+        assert ((got[p, :, 2] - want).abs() <= step / 2 + 1e-6 * step).all()
+        assert torch.equal(pool.fpart[p, :, :2].cpu(), x[p, :, :2])
+    assert torch.equal(got[3, 0, 2], torch.zeros(D))
+    assert torch.equal(pool.fpart[[1, 2]].cpu(), x[[1, 2]])
+    with pytest.raises(ValueError, match="mean_value_bits"):
+        IndexPool(lay, 2, DEV, mean_value_bits=4)
+    with pytest.raises(ValueError, match="mean_value_bits"):
+        RetroConfig(mean_value_bits=12)
+    assert RetroConfig.from_dict({"mean_value_bits": 8}).mean_value_bits == 8
+    assert RetroConfig().mean_value_bits == 16
 
 
 def test_quantize_summaries_round_trip():

@@ -467,7 +467,8 @@ class PagedIndexManager:
         max_len = getattr(getattr(vc, "model_config", None), "max_model_len", None) or \
             num_pages * lay.block_size
         max_pages = -(-int(max_len) // lay.block_size)
-        self._pool_list = [IndexPool(lay, num_pages, dev, summary_bits=self.config.summary_bits)
+        self._pool_list = [IndexPool(lay, num_pages, dev, summary_bits=self.config.summary_bits,
+                                     mean_value_bits=self.config.mean_value_bits)
                            for _ in range(num_layers)]
         self.index_alloc = IndexAllocator(num_pages, max_seqs + IBT_ROW_MARGIN, max_pages,
                                           dev)

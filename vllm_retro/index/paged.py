@@ -178,21 +178,31 @@ class IndexPool:
     holds them as int8 (``D`` bytes each, one symmetric scale per cluster, head and
     vector), slot 1 begins with the two float32 scales, slot 2 is the mean value as
     before. The score stage then reads ``2D + 8`` bytes per cluster and head
-    instead of ``4D`` (bf16); the memory and the mean value are unchanged.
+    instead of ``4D`` (bf16); the memory and the mean value are unchanged. With
+    ``mean_value_bits`` 8 (option ``mean_value_bits``) slot 2 holds the mean value
+    as int8 (``D`` bytes) followed by its float32 scale (:func:`quantize_mean_values`):
+    an estimated cluster's value then costs ``D + 4`` bytes.
 
     Which pages a request owns is the :class:`IndexAllocator`'s business."""
 
     def __init__(self, layout: PagedIndexLayout, num_pages: int, device="cpu",
-                 summary_bits: int = 16) -> None:
+                 summary_bits: int = 16, mean_value_bits: int = 16) -> None:
         h, d = layout.num_kv_heads, layout.head_dim
         if summary_bits not in (8, 16):
             raise ValueError(f"IndexPool: summary_bits must be 8 or 16, got {summary_bits}")
-        if summary_bits == 8 and (d * layout.elem_size) % 4:
+        if mean_value_bits not in (8, 16):
+            raise ValueError(f"IndexPool: mean_value_bits must be 8 or 16, got "
+                             f"{mean_value_bits}")
+        if 8 in (summary_bits, mean_value_bits) and (d * layout.elem_size) % 4:
             raise ValueError("IndexPool: 8-bit summaries need a head of a multiple of 4 "
                              "bytes")
+        if mean_value_bits == 8 and layout.elem_size < 2:
+            raise ValueError("IndexPool: 8-bit mean values need a KV dtype of at least "
+                             "2 bytes (the scale follows the D int8 values in the slot)")
         self.layout = layout
         self.num_pages = int(num_pages)
         self.summary_bits = summary_bits
+        self.mean_value_bits = mean_value_bits
         self.fpart = torch.zeros(self.num_pages, h, 3, d, dtype=layout.dtype, device=device)
         self.ipart = torch.zeros(self.num_pages, h, INT_WORDS, dtype=torch.int32,
                                  device=device)
@@ -205,6 +215,7 @@ class IndexPool:
         out = IndexPool.__new__(IndexPool)
         out.layout, out.num_pages = self.layout, self.num_pages
         out.summary_bits = self.summary_bits
+        out.mean_value_bits = self.mean_value_bits
         out.fpart, out.ipart = self.fpart.to(device), self.ipart.to(device)
         return out
 
@@ -224,6 +235,12 @@ class IndexPool:
             q, sc = q[pages], sc[pages]
             f[:, :, 0] = q[:, :, 0, :d].to(f.dtype) * sc[:, :, 1, 0:1].to(f.dtype)
             f[:, :, 1] = q[:, :, 0, d:2 * d].to(f.dtype) * sc[:, :, 1, 1:2].to(f.dtype)
+        if self.mean_value_bits == 8:
+            d = self.layout.head_dim
+            q, sc = self.q8_views()
+            q, sc = q[pages], sc[pages]
+            f[:, :, 2] = (q[:, :, 2, :d].to(f.dtype)
+                          * sc[:, :, 2, d // 4:d // 4 + 1].to(f.dtype))
         return f
 
 
@@ -247,6 +264,24 @@ def quantize_summaries(pool: IndexPool, pages: torch.Tensor) -> None:
     qv, sv = pool.q8_views()
     qv[pg, :, 0, :2 * d] = q.flatten(2)                  # centroid, then variance
     sv[pg, :, 1, 0:2] = scale
+
+
+def quantize_mean_values(pool: IndexPool, pages: torch.Tensor) -> None:
+    """Rewrites the mean value of the entries at ``pages`` (slot 2, written in the
+    KV dtype by the build) as ``D`` int8 values followed by their float32 scale
+    (byte ``D`` of the slot): ``x = q * scale``, ``scale = max|x| / 127`` (1 for an
+    all-zero vector), per entry and head. Device ops only."""
+    d = pool.layout.head_dim
+    pg = pages.long().to(pool.device).reshape(-1)
+    if not pg.numel():
+        return
+    f = pool.fpart[pg, :, 2].float()                                    # [n, H, D]
+    amax = f.abs().amax(dim=-1)                                         # [n, H]
+    scale = torch.where(amax > 0, amax / Q8_MAX, torch.ones_like(amax))
+    q = torch.round(f / scale.unsqueeze(-1)).clamp_(-Q8_MAX, Q8_MAX).to(torch.int8)
+    qv, sv = pool.q8_views()
+    qv[pg, :, 2, :d] = q
+    sv[pg, :, 2, d // 4] = scale
 
     @staticmethod
     def pages_for_bytes(layout: PagedIndexLayout, num_layers: int, nbytes: float) -> int:
@@ -602,6 +637,8 @@ def _build_batch(kv_cache, layout: PagedIndexLayout, pool: IndexPool,
     write_clusters(kv_cache, layout, pool, seg_blocks, seg_pages, p0s, order, starts, sizes)
     if pool.summary_bits == 8:
         quantize_summaries(pool, seg_pages)
+    if pool.mean_value_bits == 8:
+        quantize_mean_values(pool, seg_pages)
 
 
 def make_headers(num_blocks: int, device) -> torch.Tensor:

@@ -975,13 +975,21 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
 
 # ------------------------------------------------------------------ 5. attention
 @triton.jit
-def _online(m_i, l_i, acc, s, v, NATIVE: tl.constexpr, PREC: tl.constexpr):
-    """One online-softmax step: logits ``s [GP, T]`` over values ``v [T, DP]``."""
+def _online_probs(m_i, l_i, s):
+    """The softmax half of an online step over logits ``s [GP, T]``: (new max, new
+    sum, the old accumulator's factor, the tile's probabilities)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)   # all -inf so far: stay at 0
     alpha = tl.exp(m_i - m_safe)
     pr = tl.exp(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(pr, 1)
+    return m_new, l_i, alpha, pr
+
+
+@triton.jit
+def _online(m_i, l_i, acc, s, v, NATIVE: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step: logits ``s [GP, T]`` over values ``v [T, DP]``."""
+    m_new, l_i, alpha, pr = _online_probs(m_i, l_i, s)
     acc = acc * alpha[:, None] + _dot(pr, v, NATIVE, PREC)
     return m_new, l_i, acc
 
@@ -1289,6 +1297,7 @@ def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, li
 @triton.jit
 def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
+                   fq_ptr, fq_s0, fq_s1, fq_s2, fs_ptr, fs_s0, fs_s1, fs_s2,
                    bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, lg_ptr, lists_ptr,
                    cnt_ptr,
                    po_ptr, pm_ptr, pl_ptr, tick_ptr, out_ptr, o_sb, o_sh, o_sd,
@@ -1299,7 +1308,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    RG: tl.constexpr, TR: tl.constexpr, TE: tl.constexpr,
                    PK: tl.constexpr, LW: tl.constexpr, NSP: tl.constexpr,
                    NATIVE: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr,
-                   PDL: tl.constexpr = False, WAVE: tl.constexpr = False):
+                   PDL: tl.constexpr = False, WAVE: tl.constexpr = False,
+                   MV8: tl.constexpr = False):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
@@ -1309,7 +1319,12 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     ``src`` (the cluster cache ``ckv`` or the arena ``ar`` of the layer's
     :class:`WaveBufferView`; ``WP``: its pool pages, ``WR``: the index table's
     rows); without it those arguments are dummies, never read, and the horizon is
-    ignored."""
+    ignored.
+
+    MV8: the pool keeps 8-bit mean values (``fq``: ``fpart``'s int8 view, slot 2's
+    first D bytes; ``fs``: its float32 view, the scale at slot 2's byte D): an
+    estimated cluster's probability is multiplied by its scale and the int8 values
+    enter the product as they are (exact in the 16-bit dtype)."""
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
         if (rh >= NR * H) & (p == 0):
@@ -1404,11 +1419,22 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     for m0 in range(0, n_mine, TE):
         e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + g[:, None],
                       mask=gm[:, None] & e_ok[None, :], other=_NEG_INF)
-        e_v = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 2 * fp_s2
-                      + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
+        if MV8:
+            e_q = tl.load(fq_ptr + (e_blk * fq_s0 + h * fq_s1 + 2 * fq_s2)[:, None]
+                          + d[None, :], mask=e_ok[:, None] & dm[None, :], other=0)
+            e_sc = tl.load(fs_ptr + e_blk * fs_s0 + h * fs_s1 + 2 * fs_s2 + D // 4,
+                           mask=e_ok, other=0.0)
+        else:
+            e_v = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 2 * fp_s2
+                          + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
         e_blk_n, e_ok_n = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS,
                                           m0 + TE, H, LW, PK, TE)
-        m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC)
+        if MV8:
+            m_i, l_i, e_al, e_pr = _online_probs(m_i, l_i, e_s)
+            acc = acc * e_al[:, None] + _dot(e_pr * e_sc[None, :],
+                                             e_q.to(fp_ptr.dtype.element_ty), NATIVE, PREC)
+        else:
+            m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC)
         e_blk, e_ok = e_blk_n, e_ok_n
 
     row = (rh * NS + p) * G + g
@@ -1573,14 +1599,18 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         # Never read (WAVE=False): existing tensors of the right pointer types, so
         # nothing is allocated and the variant is today's kernel.
         wargs = (ws.stats, 0, kv_cache, 0, kv_cache, 0, 0, 0, 0)
+    mv8 = getattr(pool, "mean_value_bits", 16) == 8
+    vq, vs = pool.q8_views()
     _keep("attend", _attend_kernel[grid_a](
         query, *query.stride(), kv_cache, *kv_cache.stride(), fpart, *fpart.stride(),
+        vq, vq.stride(0), vq.stride(1), vq.stride(2), vs, vs.stride(0), vs.stride(1),
+        vs.stride(2),
         *common, ws.logits, ws.lists, ws.counts,
         ws.part_o, ws.part_m, ws.part_l, ws.tickets[1], out, *out.stride(),
         scale, sb, sink_end, *split_a, *wargs,
         H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, PK=PACK, LW=LIST_WORDS,
         NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, BP=bp, WAVE=wave is not None, **dep,
-        **tune_a))
+        **({"MV8": True} if mv8 else {}), **tune_a))
     return out
 
 
