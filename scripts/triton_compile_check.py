@@ -191,6 +191,9 @@ def decode_launches() -> None:
             pool8v = IndexPool(lay, nb, summary_bits=8, mean_value_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8v,
                                              sink_end(RetroConfig(), bs), 0.1, out, ws)
+            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8v,
+                                             sink_end(RetroConfig(), bs), 0.1, out, ws,
+                                             wave=_wave_view(lay, dtype, pool8v.num_pages))
 
 
 def _wave_view(lay, dtype, num_pages):

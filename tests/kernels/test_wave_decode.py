@@ -222,9 +222,10 @@ def test_steps_with_partial_and_evicting_cache():
     equal the twin's and the clean twin's, its hits / misses / stamps / miss keys
     the plain count from the table as it was; after the step ``admit_misses`` and
     ``next_step``; admissions evict (LRU) and every cached page equals its arena
-    rows."""
+    rows. The index keeps 8-bit mean values (``mean_value_bits``; the other tests
+    16-bit ones)."""
     torch.manual_seed(22)
-    sc = Scene(200)
+    sc = Scene(200, mean_value_bits=8)
     E0 = sc.add(800, n_ret=5, n_est=4)
     E1 = sc.add(760, n_ret=4, n_est=4)
     wv = Wave(sc, num_slots=12)
