@@ -277,29 +277,33 @@ def test_padded_batch_spreads_over_the_grid(monkeypatch, dynamic):
     assert (written == (4 if dynamic else 3)).all(), written
 
 
+def _two_rows_checked(seed: int, n_ret: int, n_est: int, **pool_kw):
+    """Two indexed rows (the second with the given budget) run by the kernel and the
+    twin, checked equal (output and selection): (output, float64 full attention,
+    twin stats, workspace, scene)."""
+    torch.manual_seed(seed)
+    sc = Scene(260, **pool_kw)
+    sc.add(900)
+    sc.add(700, n_ret=n_ret, n_est=n_est)
+    q = torch.randn(2, H * G, D)
+    out, ref, st, ws = run_both(sc, q, 0.2)
+    assert _rel(out, ref) < 2e-3, (pool_kw, _rel(out, ref))
+    for r in (0, 1):
+        for kh in range(H):
+            assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
+    return out, dense_original(sc, q, 0.2), st, ws, sc
+
+
 def test_8bit_summaries_match_twin_and_stay_near_16bit():
     """``summary_bits`` 8: the score stage reads int8 centroids and variances with a
     scale per cluster (kernel == twin, which dequantizes; same selection); the
     output stays within the quantization's reach of the 16-bit pool's on the same
     index (same K/V, same build), and both as far from full attention."""
-    outs = {}
-    for bits in (16, 8):
-        torch.manual_seed(5)
-        sc = Scene(260, summary_bits=bits)
-        sc.add(900)
-        sc.add(700, n_ret=4, n_est=9)
-        q = torch.randn(2, H * G, D)
-        out, ref, st, ws = run_both(sc, q, 0.2)
-        assert _rel(out, ref) < 2e-3, (bits, _rel(out, ref))
-        for r in (0, 1):
-            for kh in range(H):
-                assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
-        outs[bits] = (out, dense_original(sc, q, 0.2))
-        if bits == 8:
-            pages = sc.pages(0).to(DEV)
-            f16 = sc.pool.fpart[pages][:, :, 2]         # the mean value stays 16-bit
-            assert torch.equal(f16, sc.pool.summaries(pages)[:, :, 2].to(f16.dtype))
-    (o16, dense), (o8, _) = outs[16], outs[8]
+    o16, dense, *_ = _two_rows_checked(5, 4, 9, summary_bits=16)
+    o8, _, _, _, sc = _two_rows_checked(5, 4, 9, summary_bits=8)
+    pages = sc.pages(0).to(DEV)
+    f16 = sc.pool.fpart[pages][:, :, 2]         # the mean value stays 16-bit
+    assert torch.equal(f16, sc.pool.summaries(pages)[:, :, 2].to(f16.dtype))
     e16, e8 = _rel(o16, dense), _rel(o8, dense)
     print(f"rel. error vs full attention: 16-bit {e16:.4f}, 8-bit {e8:.4f}")
     assert _rel(o8, o16) < 0.1 and e8 < 1.25 * e16 + 0.01
@@ -310,21 +314,9 @@ def test_8bit_mean_values_match_twin_and_stay_near_16bit():
     mean value as int8 and its scale (kernel == twin, which dequantizes; the
     selection does not change); the output stays within the rounding's reach of the
     16-bit pool's on the same index, equally far from full attention."""
-    outs = {}
-    for bits in (16, 8):
-        torch.manual_seed(6)
-        sc = Scene(260, mean_value_bits=bits)
-        sc.add(900)
-        sc.add(700, n_ret=3, n_est=20)
-        q = torch.randn(2, H * G, D)
-        out, ref, st, ws = run_both(sc, q, 0.2)
-        assert _rel(out, ref) < 2e-3, (bits, _rel(out, ref))
-        for r in (0, 1):
-            for kh in range(H):
-                assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
-        assert ws.stats.tolist() == expected_stats(sc, st) and st[:, 1].sum() > 0
-        outs[bits] = (out, dense_original(sc, q, 0.2))
-    (o16, dense), (o8, _) = outs[16], outs[8]
+    o16, dense, *_ = _two_rows_checked(6, 3, 20, mean_value_bits=16)
+    o8, _, st, ws, sc = _two_rows_checked(6, 3, 20, mean_value_bits=8)
+    assert ws.stats.tolist() == expected_stats(sc, st) and st[:, 1].sum() > 0
     e16, e8 = _rel(o16, dense), _rel(o8, dense)
     assert 0 < _rel(o8, o16) < 0.01 and e8 < 1.05 * e16 + 0.002, (_rel(o8, o16), e16, e8)
 
