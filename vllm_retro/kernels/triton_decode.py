@@ -1581,11 +1581,16 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
              # Never read (WAVE=False): existing tensors of the right types.
              else (ws.stats, 0, ws.ncand, ws.stats, ws.stats, ws.stats, ws.stats, ws.stats,
                    ws.stats, 0, 0, 0, 0, 0))
+    tune_c = _tune("collect", b)
+    if in_collect:
+        # The lookups add live values: held to 128 registers, the list kernel keeps 4
+        # programs per SM (125 on sm_90 with the CPU venv's Triton).
+        tune_c.setdefault("maxnreg", 128)
     _keep("collect", _collect_kernel[grid](
         ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
         ipart.stride(0), ipart.stride(1), *common, sb, sink_end, *split, *cargs, BP=bp,
         H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
-        **({"WAVE": True} if in_collect else {}), **dep, **_tune("collect", b)))
+        **({"WAVE": True} if in_collect else {}), **dep, **tune_c))
     tune_a = _tune("attend", b, wave is not None)
     if wave is not None:
         if not in_collect:
