@@ -229,18 +229,16 @@ class IndexPool:
         ``pages`` (float32, or the pool's dtype if wider), dequantized when the pool
         keeps 8-bit summaries."""
         f = self.fpart[pages].to(torch.promote_types(self.fpart.dtype, torch.float32))
+        if 8 not in (self.summary_bits, self.mean_value_bits):
+            return f
+        d = self.layout.head_dim
+        q, sc = self.q8_views()
+        q, sc = q[pages].to(f.dtype), sc[pages].to(f.dtype)
         if self.summary_bits == 8:
-            d = self.layout.head_dim
-            q, sc = self.q8_views()
-            q, sc = q[pages], sc[pages]
-            f[:, :, 0] = q[:, :, 0, :d].to(f.dtype) * sc[:, :, 1, 0:1].to(f.dtype)
-            f[:, :, 1] = q[:, :, 0, d:2 * d].to(f.dtype) * sc[:, :, 1, 1:2].to(f.dtype)
+            f[:, :, 0] = q[:, :, 0, :d] * sc[:, :, 1, 0:1]
+            f[:, :, 1] = q[:, :, 0, d:2 * d] * sc[:, :, 1, 1:2]
         if self.mean_value_bits == 8:
-            d = self.layout.head_dim
-            q, sc = self.q8_views()
-            q, sc = q[pages], sc[pages]
-            f[:, :, 2] = (q[:, :, 2, :d].to(f.dtype)
-                          * sc[:, :, 2, d // 4:d // 4 + 1].to(f.dtype))
+            f[:, :, 2] = q[:, :, 2, :d] * sc[:, :, 2, d // 4:d // 4 + 1]
         return f
 
 
@@ -257,13 +255,20 @@ def quantize_summaries(pool: IndexPool, pages: torch.Tensor) -> None:
     pg = pages.long().to(pool.device).reshape(-1)
     if not pg.numel():
         return
-    f = pool.fpart[pg, :, :2].float()                                   # [n, H, 2, D]
-    amax = f.abs().amax(dim=-1)                                         # [n, H, 2]
-    scale = torch.where(amax > 0, amax / Q8_MAX, torch.ones_like(amax))
-    q = torch.round(f / scale.unsqueeze(-1)).clamp_(-Q8_MAX, Q8_MAX).to(torch.int8)
+    q, scale = _q8(pool.fpart[pg, :, :2])                               # [n, H, 2, (D)]
     qv, sv = pool.q8_views()
     qv[pg, :, 0, :2 * d] = q.flatten(2)                  # centroid, then variance
     sv[pg, :, 1, 0:2] = scale
+
+
+def _q8(x: torch.Tensor):
+    """``(q, scale)``: ``x``'s last-dim vectors as int8 ``q`` times one float32
+    ``scale`` each, ``max|x| / 127`` (1 for an all-zero vector)."""
+    f = x.float()
+    amax = f.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / Q8_MAX, torch.ones_like(amax))
+    q = torch.round(f / scale.unsqueeze(-1)).clamp_(-Q8_MAX, Q8_MAX).to(torch.int8)
+    return q, scale
 
 
 def quantize_mean_values(pool: IndexPool, pages: torch.Tensor) -> None:
@@ -275,19 +280,10 @@ def quantize_mean_values(pool: IndexPool, pages: torch.Tensor) -> None:
     pg = pages.long().to(pool.device).reshape(-1)
     if not pg.numel():
         return
-    f = pool.fpart[pg, :, 2].float()                                    # [n, H, D]
-    amax = f.abs().amax(dim=-1)                                         # [n, H]
-    scale = torch.where(amax > 0, amax / Q8_MAX, torch.ones_like(amax))
-    q = torch.round(f / scale.unsqueeze(-1)).clamp_(-Q8_MAX, Q8_MAX).to(torch.int8)
+    q, scale = _q8(pool.fpart[pg, :, 2])                                # [n, H, (D)]
     qv, sv = pool.q8_views()
     qv[pg, :, 2, :d] = q
     sv[pg, :, 2, d // 4] = scale
-
-    @staticmethod
-    def pages_for_bytes(layout: PagedIndexLayout, num_layers: int, nbytes: float) -> int:
-        """Pages per layer that ``nbytes`` buy for ``num_layers`` layers (index
-        bytes only; the decode workspace's scratch per page is counted apart)."""
-        return int(nbytes // max(1, layout.index_bytes * num_layers))
 
 
 class IndexAllocator:
@@ -493,10 +489,9 @@ def kmeans_points(keys: torch.Tensor, values: Optional[torch.Tensor] = None,
     """The points the index build clusters, ``[S, n, D]`` (``[S, n, 2D]`` with values),
     fp32, as :func:`vllm_retro.kmeans.spherical_kmeans` forms them: each key mean-
     centred per problem and normalised; with ``value_weight > 0``
-    (``RetroConfig.kmeans_value_weight``) the normalised concatenation ``[k', w v']``
-    with the values centred and normalised likewise. ``keys`` (and ``values``) ``[S,
-    n, D]`` of any float dtype, or already centred and normalised (centring and
-    normalising again changes nothing but rounding)."""
+    (``RetroConfig.kmeans_value_weight``) :func:`_with_values` of those and the
+    values centred and normalised likewise. ``keys`` (and ``values``) ``[S, n, D]``
+    of any float dtype."""
     x = keys.float()
     x = torch.nn.functional.normalize(x - x.mean(dim=1, keepdim=True), dim=-1)
     if value_weight > 0:
@@ -504,8 +499,15 @@ def kmeans_points(keys: torch.Tensor, values: Optional[torch.Tensor] = None,
             raise ValueError("kmeans_points: value_weight > 0 needs values shaped like keys")
         y = values.float()
         y = torch.nn.functional.normalize(y - y.mean(dim=1, keepdim=True), dim=-1)
-        x = torch.nn.functional.normalize(torch.cat([x, value_weight * y], dim=-1), dim=-1)
+        x = _with_values(x, y, value_weight)
     return x
+
+
+def _with_values(k: torch.Tensor, v: torch.Tensor, value_weight: float) -> torch.Tensor:
+    """``normalise([k', w v'])`` (fp32) of centred, normalised keys and values ``[S, n,
+    D]``: the value-aware build's points."""
+    return torch.nn.functional.normalize(
+        torch.cat([k.float(), value_weight * v.float()], dim=-1), dim=-1)
 
 
 def _kmeans_torch(x: torch.Tensor, n_clusters: int, iters: int,
@@ -618,8 +620,7 @@ def _build_batch(kv_cache, layout: PagedIndexLayout, pool: IndexPool,
             # The values (the last D of each token row), centred and normalised by
             # the same kernels; the points [k', w v'] normalised (2D wide).
             xv = segment_keys(kv_cache[..., d:], seg_blocks, d, sim_dtype)
-            xs = torch.nn.functional.normalize(
-                torch.cat([xs.float(), w * xv.float()], dim=-1), dim=-1).to(sim_dtype)
+            xs = _with_values(xs, xv, w).to(sim_dtype)
             del xv
         assign = _kmeans_triton(xs, c, config.kmeans_iters)
     else:
