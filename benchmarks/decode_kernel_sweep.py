@@ -67,6 +67,7 @@ VARIANTS = [
     # (at 32K a bucket holds ~10-50 keys; the search's 5 rounds reduce [CB, 16] tiles).
     ("cand CBS64", "cand", dict(CBS=64)),
     ("cand CBS128", "cand", dict(CBS=128)),
+    ("cand CBS0", "cand", dict(CBS=0)),
     # The small-batch steady tiles before the fourteenth session.
     ("attend TS128", "attend", dict(TS=128)),
     ("cand CB1024 w16", "cand", dict(CB=1024, num_warps=16)),
@@ -125,9 +126,10 @@ VARIANTS = [
     # 10 rows in a 16-row graph (131072x16:10): the dynamic split gives 6 programs per
     # row-head, so a range holds ~1,365 entries: two 1,024-entry tiles per selection
     # kernel (candidates 1.01 -> 1.31 ms per step from 8 to 10 rows). One tile each:
-    # With --wave: the page lookups in the list kernel instead of their own kernel
-    # (triton_decode.RESOLVE_IN_COLLECT): one launch fewer per layer.
+    # With --wave: the page lookups in the list kernel (triton_decode.RESOLVE_IN_COLLECT,
+    # the default) or in their own kernel, one launch more per layer.
     ("resolve in collect", "in_collect", None),
+    ("resolve kernel", "resolve_kernel", None),
     ("selection tiles 2048", "multi", dict(key=dict(CHE=2048), cand=dict(RB=2048),
                                            collect=dict(RB=2048))),
     ("selection tiles 2048 w8", "multi", dict(key=dict(CHE=2048, num_warps=8),
@@ -198,8 +200,9 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         max_split = pps = attend_split = 0
         td.PDL = bool(kernel and kernel.startswith("pdl"))
         td.DYNAMIC_SPLIT = kernel != "static"
-        td.RESOLVE_IN_COLLECT = base_in_collect or kernel == "in_collect"
-        if kernel in ("static", "in_collect"):
+        td.RESOLVE_IN_COLLECT = ((base_in_collect or kernel == "in_collect")
+                                 and kernel != "resolve_kernel")
+        if kernel in ("static", "in_collect", "resolve_kernel"):
             kernel = None
         pool = pool_default
         if kernel and kernel.startswith(("q8", "b16", "mv8")):

@@ -503,11 +503,19 @@ def kmeans_points(keys: torch.Tensor, values: Optional[torch.Tensor] = None,
     return x
 
 
-def _with_values(k: torch.Tensor, v: torch.Tensor, value_weight: float) -> torch.Tensor:
-    """``normalise([k', w v'])`` (fp32) of centred, normalised keys and values ``[S, n,
-    D]``: the value-aware build's points."""
-    return torch.nn.functional.normalize(
-        torch.cat([k.float(), value_weight * v.float()], dim=-1), dim=-1)
+def _with_values(k: torch.Tensor, v: torch.Tensor, value_weight: float,
+                 out_dtype: torch.dtype = torch.float32, chunk: int = 8) -> torch.Tensor:
+    """``normalise([k', w v'])`` of centred, normalised keys and values ``[S, n, D]``:
+    the value-aware build's points, ``[S, n, 2D]`` in ``out_dtype``. Formed in fp32
+    ``chunk`` problems at a time, so the GPU build's temporaries are the output and
+    one chunk's fp32 points, not ``S`` problems' (same values as in one piece)."""
+    s, n, d = k.shape
+    out = torch.empty(s, n, 2 * d, dtype=out_dtype, device=k.device)
+    for i in range(0, s, chunk):
+        out[i:i + chunk] = torch.nn.functional.normalize(
+            torch.cat([k[i:i + chunk].float(), value_weight * v[i:i + chunk].float()],
+                      dim=-1), dim=-1)
+    return out
 
 
 def _kmeans_torch(x: torch.Tensor, n_clusters: int, iters: int,
@@ -584,16 +592,20 @@ def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: Index
     if n % bs or any(j.p0 % bs for j in jobs):
         raise ValueError("build_segments: segments must be block-aligned")
     c = clusters_in(n, config)
-    # Temporaries per segment and head: the torch k-means (CPU) holds the keys in
-    # fp32 a few times over (~24 B per key element) and an [n, C] similarity matrix;
-    # the Triton one far less (normalised keys and sums, ~4 B per key element), but
-    # the batch is sized by the torch form's 24 B on both. The reorder adds a copy of
-    # the segment's K/V (2 elements per key element). Several segments per call:
-    # fewer, larger launches.
-    # kmeans_value_weight: the values' points and the 2D-wide concatenation (fp32
-    # while it is formed) about double the k-means temporaries.
-    wide = 24 if config.kmeans_value_weight > 0 else 0
-    per_job = (h * n * d * (24 + wide + 2 * layout.elem_size)
+    # Temporaries per segment and head, in bytes per key element. The torch k-means
+    # (CPU) holds the keys in fp32 a few times over (~24) and an [n, C] similarity
+    # matrix; with kmeans_value_weight the values' points and the 2D-wide
+    # concatenation double that. The Triton one (GPU) holds the points in bf16 (2;
+    # with values the keys' and values' points and their concatenation, 8: one
+    # segment's fp32 concatenation at a time, see _with_values) and fp32 centroids
+    # and sums ([C, width]: under 2). The reorder adds a copy of the segment's K/V
+    # (2 elements per key element). Several segments per call: fewer, larger launches.
+    valued = config.kmeans_value_weight > 0
+    if kv_cache.is_cuda:
+        per_elem = (8 if valued else 2) + 2
+    else:
+        per_elem = 24 + (24 if valued else 0)
+    per_job = (h * n * d * (per_elem + 2 * layout.elem_size)
                + (0 if kv_cache.is_cuda else h * n * c * 4))
     step = max(1, max_batch_bytes // per_job)
     if any(len(j.pages) != n // bs for j in jobs):
@@ -620,7 +632,7 @@ def _build_batch(kv_cache, layout: PagedIndexLayout, pool: IndexPool,
             # The values (the last D of each token row), centred and normalised by
             # the same kernels; the points [k', w v'] normalised (2D wide).
             xv = segment_keys(kv_cache[..., d:], seg_blocks, d, sim_dtype)
-            xs = _with_values(xs, xv, w).to(sim_dtype)
+            xs = _with_values(xs, xv, w, sim_dtype, chunk=h)
             del xv
         assign = _kmeans_triton(xs, c, config.kmeans_iters)
     else:

@@ -131,8 +131,9 @@ TUNE = {
     # two rows the ranges are shorter and 256 stays (TUNE_SMALL_BATCH).
     "key": dict(CHE=1024, num_warps=4),
     # CB: threshold buckets up to CB keys are searched in registers, larger in chunks;
-    # CBS > 0: buckets up to CBS keys on CBS lanes (sweep variants "cand CBS...").
-    "cand": dict(RB=1024, CB=512, num_warps=8),
+    # CBS > 0: buckets up to CBS keys on CBS lanes. CBS=128: 54.0 against 59.2 us per
+    # layer at 32K x 1, within +-1 us at 128K x 1 / 8 / 16 (fifteenth session's sweep).
+    "cand": dict(RB=1024, CB=512, CBS=128, num_warps=8),
     "collect": dict(RB=1024, CB=1024, num_warps=4),
     "attend": dict(TS=32, RG=8, TR=32, TE=32, num_warps=4, num_stages=2, maxnreg=128),
     # The wave buffer's page lookups (walks the retrieved clusters like the attention
@@ -161,9 +162,11 @@ ATTEND_MAX_SPLIT = int(os.environ.get("RETRO_DECODE_ATTEND_MAX_SPLIT", "0"))
 PDL = os.environ.get("RETRO_DECODE_PDL", "0") == "1"
 # With a wave buffer, the list kernel also resolves the pages its range's retrieved
 # clusters visit (what _resolve_kernel does, on the list entries it has just
-# written: one launch, prologue and list read fewer per layer). Off until measured
-# on the GPU; RETRO_DECODE_RESOLVE_IN_COLLECT=1 (or the attribute) turns it on.
-RESOLVE_IN_COLLECT = os.environ.get("RETRO_DECODE_RESOLVE_IN_COLLECT", "0") == "1"
+# written: one launch, prologue and list read fewer per layer): 216 against 235 us
+# per layer at 128K x 8 (every page cached), 694 against 650 tok/s end to end at
+# 128K x 10 (fifteenth session). RETRO_DECODE_RESOLVE_IN_COLLECT=0 (or the
+# attribute) turns it off.
+RESOLVE_IN_COLLECT = os.environ.get("RETRO_DECODE_RESOLVE_IN_COLLECT", "1") == "1"
 # The programs per row-head follow the rows with context (a batch padded to its
 # CUDA-graph size spreads over the whole grid): :func:`_program`. Off: a function
 # of the padded batch. RETRO_DECODE_DYNAMIC_SPLIT=0 (or the attribute) turns it off.
