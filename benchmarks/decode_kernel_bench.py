@@ -86,7 +86,7 @@ def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed:
     keeps the K/V too, so the output equals the run without the view."""
     dev = device
     g = torch.Generator(device=dev).manual_seed(seed)
-    lay = PagedIndexLayout(H, D, BS, DT)
+    lay = PagedIndexLayout(H, D, BS, DT, float_slots=5 if cfg.value_correction else 3)
     nblk = math.ceil((ctx + 1) / BS)
     nb = batch * nblk + 1
     kv = lay.make_cache(nb, dev)

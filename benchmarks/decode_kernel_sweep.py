@@ -100,6 +100,9 @@ VARIANTS = [
     # 8-bit summaries and mean values (mean_value_bits 8): the attention stage reads
     # D + 4 bytes per estimated cluster and head instead of 2D.
     ("mean values 8-bit", "mv8", None),
+    # value_correction's cost: the attention kernel's VC variant reading sigma u
+    # (zeros here, so the output is the default's) and w for every estimated cluster.
+    ("value correction", "vc", None),
     # The score kernel without the 128-register cap of TUNE (the default since the
     # fourteenth session: a compiler change had made it 138 registers, 3 per SM).
     ("score maxnreg none", "score", dict(maxnreg=None)),
@@ -152,6 +155,18 @@ def q8_copy(pool: IndexPool, mean_values: bool = False) -> IndexPool:
     return out
 
 
+def vc_copy(pool: IndexPool) -> IndexPool:
+    """A copy of ``pool`` in the value correction's layout (5 float rows): ``sigma
+    u`` zero (every correction 0: the default's output), ``w`` random."""
+    lay = dataclasses.replace(pool.layout, float_slots=5)
+    out = IndexPool(lay, pool.num_pages, pool.device, summary_bits=pool.summary_bits,
+                    mean_value_bits=pool.mean_value_bits)
+    out.fpart[:, :, :3].copy_(pool.fpart)
+    out.fpart[:, :, 4].normal_()
+    out.ipart.copy_(pool.ipart)
+    return out
+
+
 def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
              variants=None, shuffle_pages: bool = True, wave: str = "",
              real: int = 0) -> dict:
@@ -171,6 +186,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     pool_default = pool8 if cfg.summary_bits == 8 else pool16
     pool8v = q8_copy(pool16, mean_values=True) if variants is None or \
         "mean values 8-bit" in variants else None
+    pool_vc = vc_copy(pool_default) if variants is None or \
+        "value correction" in variants else None
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     ref = None
     if wave:
@@ -205,11 +222,12 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         if kernel in ("static", "in_collect", "resolve_kernel"):
             kernel = None
         pool = pool_default
-        if kernel and kernel.startswith(("q8", "b16", "mv8")):
-            pool = {"q8": pool8, "b16": pool16, "mv8": pool8v}[kernel.split("+")[0]]
+        if kernel and kernel.startswith(("q8", "b16", "mv8", "vc")):
+            pool = {"q8": pool8, "b16": pool16, "mv8": pool8v,
+                    "vc": pool_vc}[kernel.split("+")[0]]
             kernel = kernel.split("+", 1)[1] if "+" in kernel else None
         # Other summaries than the default's: the output differs by their quantization.
-        err_limit = 1e-2 if pool is pool_default else 0.1
+        err_limit = 1e-2 if pool in (pool_default, pool_vc) else 0.1
         if kernel == "wave_attend":
             td.TUNE_WAVE["attend"].update(over)
             kernel = None

@@ -65,7 +65,7 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     cfg = RetroConfig.from_dict(json.loads(a.retro_options))
-    lay = PagedIndexLayout(H, D, BS, dt)
+    lay = PagedIndexLayout(H, D, BS, dt, float_slots=5 if cfg.value_correction else 3)
     nblk = (a.context + BS - 1) // BS
     kv = lay.make_cache(nblk + 1, dev)
     g = torch.Generator(device=dev).manual_seed(0)

@@ -65,8 +65,9 @@ at::Tensor retro_decode_attention_meta(
 // (0 for seq_len 0) entries.
 //
 //   query        [B, H*G, D]      float32 / float16 / bfloat16, any strides
-//   fpart        [P, H, 3, D]     cache dtype (float32 / float16 / bfloat16): centroid,
-//                                 key variance, mean value (the layer's IndexPool);
+//   fpart        [P, H, S, D]     cache dtype (float32 / float16 / bfloat16): centroid,
+//                                 key variance, mean value (the layer's IndexPool; S 3,
+//                                 or 5 with the value correction's pair, not read here);
 //                                 rows contiguous and 16-byte aligned
 //   ipart        [P, H, 2]        int32: size (word 0), start (word 1)
 //   block_table  [>=B, max_blocks] int32 / int64;  seq_lens [>=B] int32 / int64

@@ -176,13 +176,15 @@ def decode_launches() -> None:
                                              sink_end(RetroConfig(), bs), 0.1, out, ws,
                                              count_stats=True,
                                              wave=_wave_view(lay, dtype, pool.num_pages))
-            # ... with the page lookups in the list kernel (RESOLVE_IN_COLLECT).
-            td.RESOLVE_IN_COLLECT = True
+            # ... with the page lookups in their own kernel, or in the list kernel
+            # (RESOLVE_IN_COLLECT, the default): the other way round.
+            base = td.RESOLVE_IN_COLLECT
+            td.RESOLVE_IN_COLLECT = not base
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool,
                                              sink_end(RetroConfig(), bs), 0.1, out, ws,
                                              count_stats=True,
                                              wave=_wave_view(lay, dtype, pool.num_pages))
-            td.RESOLVE_IN_COLLECT = False
+            td.RESOLVE_IN_COLLECT = base
             # The score kernel's 8-bit summaries (summary_bits 8).
             pool8 = IndexPool(lay, nb, summary_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,
@@ -194,6 +196,14 @@ def decode_launches() -> None:
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8v,
                                              sink_end(RetroConfig(), bs), 0.1, out, ws,
                                              wave=_wave_view(lay, dtype, pool8v.num_pages))
+            # The attention kernel's value correction (value_correction: 5 float rows).
+            lay_vc = PagedIndexLayout(h, d, bs, dtype, float_slots=5)
+            pool_vc = IndexPool(lay_vc, nb, summary_bits=8)
+            td.paged_decode_attention_triton(q, kv, lay_vc, bt, sl, hdr, ibt, pool_vc,
+                                             sink_end(RetroConfig(), bs), 0.1, out, ws)
+            td.paged_decode_attention_triton(q, kv, lay_vc, bt, sl, hdr, ibt, pool_vc,
+                                             sink_end(RetroConfig(), bs), 0.1, out, ws,
+                                             wave=_wave_view(lay_vc, dtype, pool_vc.num_pages))
 
 
 def _wave_view(lay, dtype, num_pages):

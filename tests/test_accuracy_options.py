@@ -313,18 +313,25 @@ def test_kmeans_value_weight_groups_values_and_keeps_decode_exact():
 # ``value_correction`` (issue 16): the rank-1 key-value cross-covariance of each
 # cluster corrects the value an estimated cluster stands for.
 
-def test_value_correction_validation_gpu_refusal_and_public_op():
-    """Validated as a bool; refused by the GPU path; ``ops.decode_attention`` (the
-    vLLM CPU backend's entry, whose C++ kernel lacks the correction) gives the
-    reference's corrected output."""
+def test_value_correction_validation_gpu_layout_and_public_op():
+    """Validated as a bool; accepted by the GPU path (its layout gets the two extra
+    float rows per index page); ``ops.decode_attention`` (the vLLM CPU backend's
+    entry, whose C++ kernel lacks the correction) gives the reference's corrected
+    output."""
     from vllm_retro.ops import decode_attention
     for bad in (1, "yes", None):
         with pytest.raises(ValueError, match="value_correction"):
             RetroConfig(value_correction=bad)
     cfg = RetroConfig.from_dict({"value_correction": True})
     assert cfg.value_correction and not RetroConfig().value_correction
-    assert any("value_correction" in r for r in check_config_for_paged(cfg, 16))
-    assert not any("value_correction" in r for r in check_config_for_paged(RetroConfig(), 16))
+    assert not any("value_correction" in r for r in check_config_for_paged(cfg, 16))
+    from vllm_retro.backend.gpu import PagedIndexManager
+    mgr = PagedIndexManager.__new__(PagedIndexManager)
+    for c, slots in ((cfg, 5), (RetroConfig(), 3)):
+        mgr.config = c
+        lay = mgr.layout_for(2, 32, torch.bfloat16, 16)
+        assert lay.float_slots == slots and lay.value_correction == (slots == 5)
+        assert lay.float_bytes == 2 * slots * 32 * 2
     k, v, c = clustered_kv(2, 1500, 32, n_centres=30, seed=71)
     base = dict(retrieval_fraction=0.05, estimation_fraction=0.5, min_retrieval_tokens=0,
                 **SMALL)

@@ -103,8 +103,12 @@ class RetroConfig:
             (v_i - mean v)^T ~ sigma u w^T`` (2*D more floats per cluster), and an
             estimated cluster stands for ``mean v + s (q . sigma u) w`` instead of its
             mean value: the first-order change of the softmax-weighted mean value
-            with the query. Reference only: ``ops.decode_attention`` runs the torch
-            reference with it, the GPU path refuses it.
+            with the query. CPU: ``ops.decode_attention`` runs the torch reference
+            with it (the C++ kernel lacks it). GPU: the index pages get two more
+            rows (``index.paged.write_value_correction``: power iterations at build,
+            +2D elements per cluster and head in the pool) and the attention kernel
+            reads them for estimated clusters (+2D elements read per estimated
+            cluster and head); not yet measured on a GPU.
         retrieval_rank: opt-in, fixed-fraction mode only ("mass": the library
             ranking). Which clusters of the candidate band (the top ``n_ret + n_est``
             by estimated mass, the same band as with "mass") are read exactly: the

@@ -58,12 +58,13 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
            &hist, &ncand})
     TORCH_CHECK(t->device() == dev, "paged_score: all tensors must be on ", dev);
   TORCH_CHECK(query.dim() == 3, "paged_score: query must be [B, Hq, D]");
-  TORCH_CHECK(fpart.dim() == 4 && fpart.size(2) == 3, "paged_score: fpart must be [P, H, 3, D]");
+  TORCH_CHECK(fpart.dim() == 4 && fpart.size(2) >= 3,
+              "paged_score: fpart must be [P, H, S >= 3, D]");
   TORCH_CHECK(ipart.dim() == 3 && ipart.scalar_type() == at::kInt && ipart.stride(2) == 1,
               "paged_score: ipart must be [P, H, 2] int32 (size, start)");
   const int64_t B = query.size(0), H = fpart.size(1), D = fpart.size(3);
   TORCH_CHECK(query.size(2) == D && H > 0 && query.size(1) % H == 0,
-              "paged_score: query [B, H*G, D] does not match fpart [P, H, 3, D]");
+              "paged_score: query [B, H*G, D] does not match fpart [P, H, S, D]");
   const int64_t G = query.size(1) / H;
   const int64_t BS = block_size;
   TORCH_CHECK(ipart.size(1) == H && ipart.size(2) == 2 && BS > 0 && BS <= (1 << 20),

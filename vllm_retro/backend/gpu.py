@@ -33,6 +33,7 @@ tokens read exactly / estimated) and logged; tests assert on these counters.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -343,7 +344,11 @@ def index_pool_auto_bytes(usable_b: float, lay: PagedIndexLayout, num_layers: in
     KV blocks back but keep their index. Without that share the requests past the
     KV cache's capacity find the pool full and are attended exactly (measured on the
     H200 at 128K x 8: TPOT 47.8 ms against 17.2 ms with the pool sized for them)."""
-    return INDEX_POOL_AUTO_FRACTION * usable_b + \
+    # The fraction was measured for 3 float rows per page; value_correction's 5 buy
+    # the same pages for proportionally more bytes.
+    base = dataclasses.replace(lay, float_slots=_paged.FLOAT_SLOTS)
+    grow = pool_page_bytes(lay, num_layers, hq) / pool_page_bytes(base, num_layers, hq)
+    return INDEX_POOL_AUTO_FRACTION * usable_b * grow + \
         host_b / (lay.kv_page_bytes * num_layers) * pool_page_bytes(lay, num_layers, hq)
 
 
@@ -561,7 +566,10 @@ class PagedIndexManager:
         reasons = check_config_for_paged(self.config, block_size)
         if reasons:
             raise ValueError("retro (GPU) cannot use these options: " + "; ".join(reasons))
-        lay = PagedIndexLayout(num_kv_heads, head_size, block_size, dtype)
+        lay = PagedIndexLayout(num_kv_heads, head_size, block_size, dtype,
+                               float_slots=(_paged.FLOAT_SLOTS_VC
+                                            if self.config.value_correction
+                                            else _paged.FLOAT_SLOTS))
         lay.check()
         return lay
 

@@ -85,8 +85,14 @@ HDR_IBT_ROW = 4        # the request's row of the index table (valid when cluste
 HDR_HORIZON = 5
 HDR_WORDS = 6
 
-# Float part rows.
+# Float part rows. With RetroConfig.value_correction two more: the leading singular
+# pair (sigma u, w) of the cluster's key-value cross-covariance.
 F_CENTROID, F_KEY_VAR, F_VALUE_MEAN = 0, 1, 2
+F_SIGMA_U, F_W = 3, 4
+FLOAT_SLOTS, FLOAT_SLOTS_VC = 3, 5
+# Power iterations of the value correction's rank-1 pair at index build
+# (:func:`write_value_correction`).
+VC_POWER_ITERS = 10
 
 # Int part words (int32) per (index page, head): the cluster's size, the logical position
 # of its first token.
@@ -108,6 +114,9 @@ class PagedIndexLayout:
     head_dim: int
     block_size: int
     dtype: torch.dtype
+    #: float rows per (index page, head): :data:`FLOAT_SLOTS`, or
+    #: :data:`FLOAT_SLOTS_VC` with ``value_correction``.
+    float_slots: int = FLOAT_SLOTS
 
     @property
     def elem_size(self) -> int:
@@ -119,7 +128,7 @@ class PagedIndexLayout:
 
     @property
     def float_bytes(self) -> int:
-        return self.num_kv_heads * 3 * self.head_dim * self.elem_size
+        return self.num_kv_heads * self.float_slots * self.head_dim * self.elem_size
 
     @property
     def int_words(self) -> int:
@@ -141,7 +150,16 @@ class PagedIndexLayout:
         in the :class:`IndexPool`)."""
         return self.kv_page_bytes
 
+    @property
+    def value_correction(self) -> bool:
+        """Whether index pages hold the value correction's pair (slots
+        :data:`F_SIGMA_U`, :data:`F_W`)."""
+        return self.float_slots == FLOAT_SLOTS_VC
+
     def check(self) -> None:
+        if self.float_slots not in (FLOAT_SLOTS, FLOAT_SLOTS_VC):
+            raise ValueError(f"retro paged index: float_slots must be {FLOAT_SLOTS} or "
+                             f"{FLOAT_SLOTS_VC}, got {self.float_slots!r}")
         if self.kv_page_bytes % 4 or self.float_bytes % 4:
             raise ValueError("retro paged index needs 4-byte aligned page parts")
 
@@ -169,7 +187,9 @@ class IndexPool:
     """One layer's index storage (retro-owned, fixed address): ``num_pages`` index
     pages, page ``p`` the index entry of one clustered block of one request.
 
-    * ``fpart`` ``[P, H, 3, D]`` in the KV dtype: centroid, key variance, mean value;
+    * ``fpart`` ``[P, H, S, D]`` in the KV dtype: centroid, key variance, mean value
+      (``S`` = ``layout.float_slots``: 3; 5 with ``value_correction``, then also
+      ``sigma u`` and ``w``, :func:`write_value_correction`);
     * ``ipart`` ``[P, H, INT_WORDS]`` int32: size (:data:`I_SIZE`), first position
       (:data:`I_START`).
 
@@ -203,13 +223,21 @@ class IndexPool:
         self.num_pages = int(num_pages)
         self.summary_bits = summary_bits
         self.mean_value_bits = mean_value_bits
-        self.fpart = torch.zeros(self.num_pages, h, 3, d, dtype=layout.dtype, device=device)
+        if layout.float_slots not in (FLOAT_SLOTS, FLOAT_SLOTS_VC):
+            raise ValueError(f"IndexPool: float_slots must be {FLOAT_SLOTS} or "
+                             f"{FLOAT_SLOTS_VC}, got {layout.float_slots!r}")
+        self.fpart = torch.zeros(self.num_pages, h, layout.float_slots, d, dtype=layout.dtype,
+                                 device=device)
         self.ipart = torch.zeros(self.num_pages, h, INT_WORDS, dtype=torch.int32,
                                  device=device)
 
     @property
     def device(self) -> torch.device:
         return self.fpart.device
+
+    @property
+    def value_correction(self) -> bool:
+        return self.layout.value_correction
 
     def to(self, device) -> "IndexPool":
         out = IndexPool.__new__(IndexPool)
@@ -225,7 +253,8 @@ class IndexPool:
         return self.fpart.view(torch.int8), self.fpart.view(torch.float32)
 
     def summaries(self, pages: torch.Tensor) -> torch.Tensor:
-        """``[n, H, 3, D]`` centroid, key variance and mean value of the entries at
+        """``[n, H, S, D]`` centroid, key variance and mean value (then the value
+        correction's pair, if the layout has it) of the entries at
         ``pages`` (float32, or the pool's dtype if wider), dequantized when the pool
         keeps 8-bit summaries."""
         f = self.fpart[pages].to(torch.promote_types(self.fpart.dtype, torch.float32))
@@ -393,10 +422,6 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
                        "GPU decode kernels yet")
     if config.shared_head_budget:
         reasons.append("shared_head_budget is not implemented by the GPU decode kernels yet")
-    if config.value_correction:
-        reasons.append("value_correction (rank-1 key-value correction of estimated "
-                       "clusters) is not implemented by the GPU index build or decode "
-                       "kernels")
     if config.retrieval_rank != "mass":
         reasons.append(f"retrieval_rank {config.retrieval_rank!r} (error-aware choice of "
                        "the exact clusters) is not implemented by the GPU decode kernels, "
@@ -600,11 +625,16 @@ def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: Index
     # segment's fp32 concatenation at a time, see _with_values) and fp32 centroids
     # and sums ([C, width]: under 2). The reorder adds a copy of the segment's K/V
     # (2 elements per key element). Several segments per call: fewer, larger launches.
+    # With value_correction (write_value_correction, after the k-means): the
+    # segment's K/V in fp32 and their deviations from the cluster means, and one
+    # gathered vector per token (~28).
     valued = config.kmeans_value_weight > 0
     if kv_cache.is_cuda:
         per_elem = (8 if valued else 2) + 2
     else:
         per_elem = 24 + (24 if valued else 0)
+    if pool.value_correction:
+        per_elem = max(per_elem, 28)
     per_job = (h * n * d * (per_elem + 2 * layout.elem_size)
                + (0 if kv_cache.is_cuda else h * n * c * 4))
     step = max(1, max_batch_bytes // per_job)
@@ -648,10 +678,79 @@ def _build_batch(kv_cache, layout: PagedIndexLayout, pool: IndexPool,
     starts = bounds[:, :c]
     sizes = bounds[:, 1:] - starts
     write_clusters(kv_cache, layout, pool, seg_blocks, seg_pages, p0s, order, starts, sizes)
+    if pool.value_correction:
+        write_value_correction(kv_cache, layout, pool, seg_blocks, seg_pages, starts, sizes)
     if pool.summary_bits == 8:
         quantize_summaries(pool, seg_pages)
     if pool.mean_value_bits == 8:
         quantize_mean_values(pool, seg_pages)
+
+
+def write_value_correction(kv_cache: torch.Tensor, layout: PagedIndexLayout,
+                           pool: IndexPool, seg_blocks: torch.Tensor,
+                           seg_pages: torch.Tensor, starts: torch.Tensor,
+                           sizes: torch.Tensor, iters: int = VC_POWER_ITERS) -> None:
+    """Writes each cluster's value-correction pair into slots :data:`F_SIGMA_U` and
+    :data:`F_W` of its index page (``RetroConfig.value_correction``, the GPU twin of
+    :func:`vllm_retro.kmeans.kv_cross_rank1`): the leading singular pair of the key-
+    value cross-covariance ``X = (1/n) sum_i (k_i - c)(v_i - mean v)^T ~ sigma u
+    w^T``, ``sigma u`` and the unit ``w`` (zero for clusters of fewer than two
+    tokens), found by ``iters`` power iterations from the cluster's first key
+    deviation, without forming ``X`` (each step two passes over the tokens: ``X w =
+    (1/n) sum_i dk_i (dv_i . w)``, ``X^T u = (1/n) sum_i dv_i (dk_i . u)``). The sign
+    of the pair is arbitrary, the correction ``(q . sigma u) w`` is not.
+
+    Runs after :func:`~vllm_retro.kernels.write_clusters` (the segments' K/V are
+    cluster-contiguous, cluster ``j`` at entries ``[starts[j], starts[j] +
+    sizes[j])``); arguments as there. Statistics in float32 (float64 for float64
+    caches), stored in the pool's dtype. Torch operations: one implementation for
+    every device.
+    """
+    h, bs, d = layout.num_kv_heads, layout.block_size, layout.head_dim
+    m, nbs = seg_blocks.shape
+    n = nbs * bs
+    c = starts.shape[1]
+    dev = kv_cache.device
+    cdt = torch.promote_types(kv_cache.dtype, torch.float32)
+    ent = torch.arange(n, device=dev)
+    kv = kv_cache[seg_blocks.long()[:, ent // bs], :, ent % bs]                # [m, n, H, 2D]
+    kv = kv.permute(0, 2, 1, 3).reshape(m * h, n, 2 * d).to(cdt)
+    starts = starts.long().reshape(m * h, c)
+    sizes = sizes.long().reshape(m * h, c)
+    cid = torch.searchsorted(starts.contiguous(), ent.expand(m * h, n).contiguous(),
+                             right=True) - 1                                   # [mH, n]
+    cid = cid.clamp_min(0)
+    ix = cid.unsqueeze(-1).expand(m * h, n, d)
+    cnt = sizes.clamp_min(1).unsqueeze(-1).to(cdt)
+
+    def per_cluster(x):
+        out = torch.zeros(m * h, c, d, dtype=cdt, device=dev)
+        return out.scatter_add_(1, ix, x)
+
+    dk = kv[..., :d]
+    dk = dk - torch.gather(per_cluster(dk) / cnt, 1, ix)
+    dv = kv[..., d:]
+    dv = dv - torch.gather(per_cluster(dv) / cnt, 1, ix)
+    del kv
+
+    def x_times(w):      # X w, w [mH, C, D]
+        return per_cluster(dk * (dv * torch.gather(w, 1, ix)).sum(-1, keepdim=True)) / cnt
+
+    def xt_times(u):     # X^T u
+        return per_cluster(dv * (dk * torch.gather(u, 1, ix)).sum(-1, keepdim=True)) / cnt
+
+    first = starts.clamp(0, n - 1).unsqueeze(-1).expand(m * h, c, d)
+    u = torch.nn.functional.normalize(torch.gather(dk, 1, first), dim=-1)
+    w = torch.nn.functional.normalize(xt_times(u), dim=-1)
+    for _ in range(iters):
+        u = torch.nn.functional.normalize(x_times(w), dim=-1)
+        w = torch.nn.functional.normalize(xt_times(u), dim=-1)
+    su = x_times(w)
+    keep = (sizes >= 2).to(cdt).unsqueeze(-1)
+    su, w = su * keep, w * keep
+    cblk = seg_pages.long().to(pool.device)[:, :c]                                 # [m, C]
+    pair = torch.stack([su, w], dim=2).view(m, h, c, 2, d).permute(0, 2, 1, 3, 4)  # [m, C, H, 2, D]
+    pool.fpart[cblk, :, F_SIGMA_U:F_W + 1] = pair.to(pool.fpart.dtype)
 
 
 def make_headers(num_blocks: int, device) -> torch.Tensor:

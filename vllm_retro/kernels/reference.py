@@ -17,7 +17,10 @@ cluster entry ``i``'s summaries at pool page ``ix[i]``) and KV head ``h`` with i
   cluster's tokens are the positions ``[start, start + size)``, kept inside
   ``[sink_end, clustered_end)``: the index build made each cluster contiguous per
   KV head), the next ``n_estimate`` contribute their log-mass over their
-  mean value, the rest are skipped. All parts form one softmax.
+  mean value, the rest are skipped. All parts form one softmax. With the value
+  correction in the pool (``pool.value_correction``), an estimated cluster's value
+  for query head ``g`` is ``mean v + s (q_g . sigma u) w`` (slots ``F_SIGMA_U``,
+  ``F_W``), as :func:`vllm_retro.attention.estimated_attention` with ``value_corr``.
 * with a wave buffer view (``wave``, :mod:`.wave_view`), a retrieved token at a
   position below the row's horizon ``min(hdr[HDR_HORIZON], clustered_end)`` is
   read from the cluster cache (slot ``cache_table[key] >= 0``) or else the host
@@ -40,9 +43,9 @@ from typing import Optional, Tuple
 import torch
 
 from ..attention import VARIANCE_CORRECTION_CAP
-from ..index.paged import (F_CENTROID, F_KEY_VAR, F_VALUE_MEAN, HDR_CLUSTERED_END,
-                           HDR_HORIZON, HDR_IBT_ROW, HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE,
-                           I_START, IndexPool, PagedIndexLayout)
+from ..index.paged import (F_CENTROID, F_KEY_VAR, F_SIGMA_U, F_VALUE_MEAN, F_W,
+                           HDR_CLUSTERED_END, HDR_HORIZON, HDR_IBT_ROW, HDR_N_ESTIMATE,
+                           HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool, PagedIndexLayout)
 from .wave_view import WaveBufferView
 
 
@@ -120,6 +123,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             slots = steady_slots
             est_logits = torch.empty(g, 0, dtype=cdt)
             est_vals = torch.empty(0, d, dtype=cdt)
+            est_coef = torch.empty(g, 0, dtype=cdt)      # value correction (q . sigma u) s
+            est_w = torch.empty(0, d, dtype=cdt)
             n_exact = len(steady)
             n_est_tok = 0
             if len(pbs):
@@ -143,6 +148,11 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                 tok = tok[(tok >= sink_end) & (tok < min(E, L))]
                 est_logits = lg[:, est]
                 est_vals = f[est, F_VALUE_MEAN]
+                if pool.value_correction:
+                    # An estimated cluster's value is mean v + s (q . sigma u) w, one
+                    # per query head (RetroConfig.value_correction).
+                    est_coef = (q @ f[est, F_SIGMA_U].T) * scale
+                    est_w = f[est, F_W]
                 n_est_tok = int(sizes[est].sum())
                 if hz > 0:
                     kv_tok = _wave_tokens(kv_cache, bt, tok, hz, ibt, hdr[HDR_IBT_ROW],
@@ -157,7 +167,10 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             logits = torch.cat([(q @ kvt[:, :d].T) * scale, est_logits], dim=1)
             vals = torch.cat([kvt[:, d:], est_vals], dim=0)
             p = torch.softmax(logits, dim=-1)
-            out[r, kh * g:(kh + 1) * g] = p @ vals
+            o = p @ vals
+            if est_w.shape[0]:
+                o = o + (p[:, p.shape[1] - est_w.shape[0]:] * est_coef) @ est_w
+            out[r, kh * g:(kh + 1) * g] = o
             stats[r, 0] += n_exact
             stats[r, 1] += n_est_tok
     return out, stats
@@ -279,7 +292,7 @@ def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: Index
     kvar = per_cluster(dev_k * dev_k) / cnt
     cblk = sp[:, :c]                                                          # [m, C]
     summ = torch.stack([cent, kvar, vmean], dim=3)                            # [m, H, C, 3, D]
-    fpart[cblk] = summ.permute(0, 2, 1, 3, 4).to(fpart.dtype)
+    fpart[cblk, :, :3] = summ.permute(0, 2, 1, 3, 4).to(fpart.dtype)
     p0 = p0s.long().to(dev).view(m, 1, 1)
     ipart[cblk, :, I_SIZE] = sizes.permute(0, 2, 1).to(torch.int32)
     ipart[cblk, :, I_START] = (starts + p0).permute(0, 2, 1).to(torch.int32)

@@ -1312,7 +1312,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    PK: tl.constexpr, LW: tl.constexpr, NSP: tl.constexpr,
                    NATIVE: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr,
                    PDL: tl.constexpr = False, WAVE: tl.constexpr = False,
-                   MV8: tl.constexpr = False):
+                   MV8: tl.constexpr = False, VC: tl.constexpr = False):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
@@ -1327,7 +1327,12 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     MV8: the pool keeps 8-bit mean values (``fq``: ``fpart``'s int8 view, slot 2's
     first D bytes; ``fs``: its float32 view, the scale at slot 2's byte D): an
     estimated cluster's probability is multiplied by its scale and the int8 values
-    enter the product as they are (exact in the 16-bit dtype)."""
+    enter the product as they are (exact in the 16-bit dtype).
+
+    VC: the pool holds the value correction's pair (``fpart`` slots 3 and 4, ``sigma
+    u`` and ``w``): an estimated cluster's value for query head ``g`` is ``mean v +
+    scale (q_g . sigma u) w``, i.e. its probabilities times those coefficients enter
+    one more product with ``w`` (``2D`` elements more per estimated cluster)."""
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
         if (rh >= NR * H) & (p == 0):
@@ -1430,12 +1435,25 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
         else:
             e_v = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 2 * fp_s2
                           + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
+        if VC:
+            e_su = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 3 * fp_s2
+                           + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
+            e_w = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 4 * fp_s2
+                          + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
         e_blk_n, e_ok_n = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS,
                                           m0 + TE, H, LW, PK, TE)
-        if MV8:
+        if MV8 or VC:
             m_i, l_i, e_al, e_pr = _online_probs(m_i, l_i, e_s)
-            acc = acc * e_al[:, None] + _dot(e_pr * e_sc[None, :],
-                                             e_q.to(fp_ptr.dtype.element_ty), NATIVE, PREC)
+            acc = acc * e_al[:, None]
+            if MV8:
+                acc += _dot(e_pr * e_sc[None, :], e_q.to(fp_ptr.dtype.element_ty), NATIVE,
+                            PREC)
+            else:
+                acc += _dot(e_pr, e_v, NATIVE, PREC)
+            if VC:
+                # (q_g . sigma u) s per estimated cluster: [GP, TE].
+                e_cf = _dot(q, tl.trans(e_su), NATIVE, PREC) * scale
+                acc += _dot(e_pr * e_cf, e_w, NATIVE, PREC)
         else:
             m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC)
         e_blk, e_ok = e_blk_n, e_ok_n
@@ -1618,7 +1636,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         scale, sb, sink_end, *split_a, *wargs,
         H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, PK=PACK, LW=LIST_WORDS,
         NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, BP=bp, WAVE=wave is not None, **dep,
-        **({"MV8": True} if mv8 else {}), **tune_a))
+        **({"MV8": True} if mv8 else {}),
+        **({"VC": True} if getattr(pool, "value_correction", False) else {}), **tune_a))
     return out
 
 
