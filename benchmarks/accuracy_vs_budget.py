@@ -702,6 +702,10 @@ TEXT_VARIANTS.update({
                                                  retrieval_rank="error_value")
        for cs in (4, 8)},
     "wave_cs4_vcap1_rest05": _combo(cluster_size=4, variance_cap=1.0, rest_estimate=0.5),
+    # The members the GPU path has (fifteenth session): no error rank.
+    **{f"wave_cs{cs}_kv07_vcap1_vc": _combo(cluster_size=cs, kmeans_value_weight=0.7,
+                                            variance_cap=1.0, value_correction=True)
+       for cs in (4, 8)},
     "wave_cs4_shared_kv07_vcap1_vc_errv": _combo(
         cluster_size=4, **TEXT_VARIANTS["wave_shared_kv07_vcap1_vc_errv"][0]),
 })

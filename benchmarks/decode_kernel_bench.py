@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.index.paged import (HDR_HORIZON, IndexAllocator, IndexPool,  # noqa: E402
                                     PagedIndexLayout, budget, build_segments,
-                                    clusters_in, header_row, make_headers, plan_segments,
-                                    sink_end)
+                                    clusters_in, entries_per_block, header_row,
+                                    make_headers, plan_segments, sink_end)
 from vllm_retro.kernels import DecodeWorkspace, paged_decode_attention  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402
 
@@ -86,7 +86,9 @@ def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed:
     keeps the K/V too, so the output equals the run without the view."""
     dev = device
     g = torch.Generator(device=dev).manual_seed(seed)
-    lay = PagedIndexLayout(H, D, BS, DT, float_slots=5 if cfg.value_correction else 3)
+    epb = entries_per_block(cfg, BS)
+    lay = PagedIndexLayout(H, D, BS, DT, float_slots=5 if cfg.value_correction else 3,
+                           entries_per_block=epb)
     nblk = math.ceil((ctx + 1) / BS)
     nb = batch * nblk + 1
     kv = lay.make_cache(nb, dev)
@@ -100,18 +102,18 @@ def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed:
     headers = make_headers(nb, dev)
     S = sink_end(cfg, BS)
     segs = plan_segments(0, ctx, ctx, cfg, BS)
-    pool = IndexPool(lay, nb, dev, summary_bits=cfg.summary_bits,
+    pool = IndexPool(lay, nb * epb, dev, summary_bits=cfg.summary_bits,
                      mean_value_bits=cfg.mean_value_bits)
-    alloc = IndexAllocator(nb, batch, nblk, dev)
+    alloc = IndexAllocator(nb * epb, batch, nblk * epb, dev)
     if shuffle_pages:
         alloc.shuffle(seed)
     rows = []                                   # (index-table row, clustered end)
     for r in range(batch):
         E = segs[-1][1] if segs else 0
-        irow = alloc.acquire(max(0, (E - S) // BS))
+        irow = alloc.acquire(max(0, (E - S) // BS) * epb)
         rows.append((irow, E))
         jobs = {}
-        for job in alloc.segment_jobs(irow, bt[r].long(), segs, S, BS):
+        for job in alloc.segment_jobs(irow, bt[r].long(), segs, S, BS, epb):
             jobs.setdefault(job.p1 - job.p0, []).append(job)
         for js in jobs.values():
             build_segments(kv, lay, pool, js, cfg)
@@ -347,12 +349,14 @@ def main() -> None:
                     help="skip (context, batch) pairs above this many tokens")
     ap.add_argument("--key-scale", type=float, default=1.0,
                     help="multiply the keys (1e-4: the flat scores of dummy weights)")
+    ap.add_argument("--retro-options", default="{}",
+                    help="RetroConfig options as JSON, e.g. '{\"cluster_size\": 8}'")
     ap.add_argument("--out", default="benchmarks/results/decode_kernel_h200.json")
     a = ap.parse_args()
     if a.plot:
         with open(a.plot) as f:
             return plot(json.load(f), a.plot.rsplit(".", 1)[0] + ".png")
-    cfg = RetroConfig()
+    cfg = RetroConfig.from_dict(json.loads(a.retro_options))
     bw = bandwidth_tbs()
     err_full = check_full_vs_dense(cfg)
     err_twin = check_vs_twin(cfg)

@@ -29,7 +29,8 @@ from vllm_retro.attention import full_attention  # noqa: E402
 from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.index.paged import (IndexAllocator, IndexPool,  # noqa: E402
                                     PagedIndexLayout, budget, build_segments, clusters_in,
-                                    header_row, make_headers, plan_segments, sink_end)
+                                    entries_per_block, header_row, make_headers,
+                                    plan_segments, sink_end)
 from vllm_retro.kernels import reference  # noqa: E402
 from vllm_retro.wave_index import WaveIndex  # noqa: E402
 
@@ -43,7 +44,9 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 def paged_errors(k, v, queries, qpos, scale, cfg, dtype):
     """Relative errors and exact fractions of the paged twin for every query."""
     h, t, d = k.shape
-    lay = PagedIndexLayout(h, d, BS, dtype)
+    epb = entries_per_block(cfg, BS)
+    lay = PagedIndexLayout(h, d, BS, dtype, float_slots=5 if cfg.value_correction else 3,
+                           entries_per_block=epb)
     nblk = math.ceil(t / BS)
     kv = lay.make_cache(nblk + 1)
     kvv = torch.zeros(h, nblk * BS, 2 * d)
@@ -53,11 +56,11 @@ def paged_errors(k, v, queries, qpos, scale, cfg, dtype):
     prompt = int(qpos[0])
     segs = plan_segments(0, prompt, prompt, cfg, BS)
     S = sink_end(cfg, BS)
-    pool = IndexPool(lay, nblk)
-    alloc = IndexAllocator(nblk, 1, nblk)
-    irow = alloc.acquire((segs[-1][1] - S) // BS if segs else 0)
+    pool = IndexPool(lay, nblk * epb, summary_bits=cfg.summary_bits)
+    alloc = IndexAllocator(nblk * epb, 1, nblk * epb)
+    irow = alloc.acquire((segs[-1][1] - S) // BS * epb if segs else 0)
     groups = {}
-    for job in alloc.segment_jobs(irow, blocks, segs, S, BS):
+    for job in alloc.segment_jobs(irow, blocks, segs, S, BS, epb):
         groups.setdefault(job.p1 - job.p0, []).append(job)
     for g in groups.values():
         build_segments(kv, lay, pool, g, cfg)
@@ -74,7 +77,7 @@ def paged_errors(k, v, queries, qpos, scale, cfg, dtype):
         q = queries[i].to(dtype).float()
         out, st = reference.paged_decode_attention(
             q.unsqueeze(0), kv, lay, bt, torch.tensor([p + 1]), headers, alloc.ibt, pool, S,
-            scale)
+            scale, cfg.variance_cap)
         ref = full_attention(queries[i].double(), k[:, :p + 1].double(),
                              v[:, :p + 1].double(), scale)
         errs.append(rel(out[0], ref))

@@ -196,6 +196,13 @@ def decode_launches() -> None:
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8v,
                                              sink_end(RetroConfig(), bs), 0.1, out, ws,
                                              wave=_wave_view(lay, dtype, pool8v.num_pages))
+            # Clusters of a quarter block (entries_per_block 4: every kernel's EPB).
+            lay_e4 = PagedIndexLayout(h, d, bs, dtype, entries_per_block=4)
+            pool_e4 = IndexPool(lay_e4, 4 * nb, summary_bits=8)
+            ws4 = td.DecodeWorkspace(4 * nb, h, g, d, max(b, 8), "cpu")
+            td.paged_decode_attention_triton(q, kv, lay_e4, bt, sl, hdr,
+                                             IndexAllocator(4 * nb, 8, 128).ibt, pool_e4,
+                                             sink_end(RetroConfig(), bs), 0.1, out, ws4)
             # The attention kernel's value correction (value_correction: 5 float rows).
             lay_vc = PagedIndexLayout(h, d, bs, dtype, float_slots=5)
             pool_vc = IndexPool(lay_vc, nb, summary_bits=8)

@@ -333,3 +333,34 @@ def _float_pool(pool: IndexPool) -> IndexPool:
     out.fpart.copy_(pool.fpart)
     out.ipart.copy_(pool.ipart)
     return out
+
+
+@pytest.mark.parametrize("extra", [{"cluster_size": 8}, {"cluster_size": 4},
+                                   {"cluster_size": 8, "value_correction": True}])
+def test_manager_small_clusters_and_value_correction(extra):
+    """Issue 16's options through the GPU path's manager: clusters smaller than a KV
+    block take ``bs / cluster_size`` pool pages per clustered block (all returned on
+    finish) and ``value_correction`` gives the pages its two rows; with every
+    cluster retrieved the twin is full attention over the request's K/V, and at the
+    default budget it reads part of it."""
+    mgr = _manager(**extra)
+    epb = BS // extra["cluster_size"]
+    assert mgr.layout.entries_per_block == epb
+    assert mgr.layout.value_correction == bool(extra.get("value_correction"))
+    alloc = mgr.index_alloc
+    total = alloc.num_pages
+    L = 700
+    blocks = list(range(1, 1 + math.ceil(L / BS)))
+    kvs = _prefill(mgr, "a", blocks, L, seed=11)
+    e = mgr.requests.entries["a"]
+    assert len(alloc.pages_of(e.ibt_row)) == (e.clustered_end - mgr.sink_end) // BS * epb
+    q = torch.randn(1, H * G, D, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(12))
+    for layer in range(LAYERS):
+        dense = _dense(q[0], kvs[layer])
+        full, _ = _decode(mgr, [(blocks, L)], q, layer=layer, full=True)
+        assert _rel(full[0], dense) < 1e-10
+        part, st = _decode(mgr, [(blocks, L)], q, layer=layer)
+        assert 0 < st[0, 0] < L * H and torch.isfinite(part).all()
+    mgr.on_step(RetroStepMetadata(finished=["a"]))
+    assert alloc.free_pages == total and alloc.free_rows == alloc.num_rows

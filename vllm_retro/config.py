@@ -56,6 +56,9 @@ class RetroConfig:
     Attributes:
         segment_size: tokens per prefill segment clustered independently.
         cluster_size: mean tokens per cluster (clusters = ceil(segment / cluster_size)).
+            GPU: at least the KV block size, or a half or a quarter of it (2 or 4
+            index entries per block: that many times the index pool's pages and the
+            score stage's bytes; not with ``wave_buffer``).
         retrieval_fraction: fraction of clusters attended exactly at each decode step.
         min_retrieval_tokens: floor of the exact set in tokens: at least
             ``ceil(min_retrieval_tokens / mean cluster size)`` clusters are retrieved,

@@ -5,6 +5,7 @@ imports Triton and the kernels with ``TRITON_INTERPRET=1``), so shapes stay smal
 Every test draws fresh random inputs from its own seed.
 """
 
+import dataclasses
 import importlib
 import math
 
@@ -16,8 +17,8 @@ triton = pytest.importorskip("triton")
 from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.index.paged import (HDR_IBT_ROW, HDR_WORDS, I_SIZE,  # noqa: E402
                                     I_START, IndexAllocator, IndexPool, PagedIndexLayout,
-                                    budget, build_segments, header_row, make_headers,
-                                    plan_segments, quantize_mean_values,
+                                    budget, build_segments, entries_per_block, header_row,
+                                    make_headers, plan_segments, quantize_mean_values,
                                     quantize_summaries, sink_end)
 from conftest import cpu_cache  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402
@@ -61,22 +62,25 @@ class Scene:
 
     def __init__(self, num_blocks: int, dtype=torch.float32, max_blocks: int = 260,
                  head_dim: int = D, num_pages: int = 0, summary_bits: int = 16,
-                 mean_value_bits: int = 16, value_correction: bool = False):
+                 mean_value_bits: int = 16, value_correction: bool = False, cfg=None):
         self.D = head_dim
+        self.cfg = cfg or CFG
+        self.epb = entries_per_block(self.cfg, BS)
         self.lay = PagedIndexLayout(H, head_dim, BS, dtype,
-                                    float_slots=5 if value_correction else 3)
+                                    float_slots=5 if value_correction else 3,
+                                    entries_per_block=self.epb)
         self.kv = self.lay.make_cache(num_blocks, DEV)
         self.headers = make_headers(num_blocks, DEV)
-        num_pages = num_pages or num_blocks + 37
+        num_pages = num_pages or (num_blocks + 37) * self.epb
         self.pool = IndexPool(self.lay, num_pages, DEV, summary_bits=summary_bits,
                               mean_value_bits=mean_value_bits)
-        self.alloc = IndexAllocator(num_pages, 11, max_blocks, DEV)
+        self.alloc = IndexAllocator(num_pages, 11, max_blocks * self.epb, DEV)
         self.alloc.shuffle(int(torch.randint(0, 1 << 30, ())))
         self.free = (torch.randperm(num_blocks - 1) + 1).tolist()
         self.max_blocks = max_blocks
         self.rows = []          # (seq_len, block row [max_blocks] int32)
         self.orig = []          # each row's K/V as written, before any index build
-        self.S = sink_end(CFG, BS)
+        self.S = sink_end(self.cfg, BS)
 
     def _blocks(self, n: int) -> torch.Tensor:
         row = torch.zeros(self.max_blocks, dtype=torch.int32)
@@ -102,22 +106,23 @@ class Scene:
         self.kv[blocks[pos // BS], :, pos % BS] = kv_row.to(DEV)
         E = 0
         if index == "build":
-            segs = plan_segments(0, L, L, CFG, BS)
+            segs = plan_segments(0, L, L, self.cfg, BS)
             assert segs, "context too short for an index"
             E = segs[-1][1]
-            irow = self.alloc.acquire((E - self.S) // BS)
+            irow = self.alloc.acquire((E - self.S) // BS * self.epb)
             by_len = {}
-            for job in self.alloc.segment_jobs(irow, blocks, segs, self.S, BS):
+            for job in self.alloc.segment_jobs(irow, blocks, segs, self.S, BS, self.epb):
                 by_len.setdefault(job.p1 - job.p0, []).append(job)
             for js in by_len.values():
-                build_segments(self.kv, self.lay, self.pool, js, CFG)
+                build_segments(self.kv, self.lay, self.pool, js, self.cfg)
         elif index == "craft":
+            assert self.epb == 1, "crafted indexes hold one cluster per block"
             E = (L - CFG.recent_tokens) // BS * BS
             irow = self.alloc.acquire((E - self.S) // BS)
             self._craft(blocks, irow, E, cent)
         if E:
-            c = (E - self.S) // BS
-            nr, ne = budget(c, E - self.S, CFG)
+            c = (E - self.S) // BS * self.epb
+            nr, ne = budget(c, E - self.S, self.cfg)
             nr = nr if n_ret is None else n_ret
             ne = ne if n_est is None else n_est
             self.headers[blocks[0]] = torch.tensor(header_row(E, nr, ne, c, irow),
@@ -130,7 +135,8 @@ class Scene:
         hdr = self.headers[int(row[0])].tolist() if L else [0] * HDR_WORDS
         if not hdr[0]:
             return torch.zeros(0, dtype=torch.long)
-        return self.alloc.ibt[hdr[HDR_IBT_ROW], :(hdr[0] - self.S) // BS].long().cpu()
+        return self.alloc.ibt[hdr[HDR_IBT_ROW],
+                              :(hdr[0] - self.S) // BS * self.epb].long().cpu()
 
     def _craft(self, blocks, irow, E, cent):
         fpart, ipart = self.pool.fpart, self.pool.ipart
@@ -252,6 +258,63 @@ def test_ragged_batch_matches_twin():
     for r in (0, 3):
         for kh in range(H):
             assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
+
+
+@pytest.mark.parametrize("cluster_size", [8, 4])
+def test_clusters_smaller_than_a_block_match_twin(cluster_size):
+    """``cluster_size`` below the KV block size (issue 16's small clusters on the GPU
+    index): ``bs / cluster_size`` index entries (pool pages) per KV block, every
+    kernel counting ``entries_per_block`` entries per clustered block. Kernel ==
+    twin (output, selection, statistics) on a ragged batch; with every cluster
+    retrieved the output is float64 full attention over the original K/V."""
+    cfg = dataclasses.replace(CFG, cluster_size=cluster_size)
+    epb = BS // cluster_size
+    torch.manual_seed(20 + cluster_size)
+    sc = Scene(260, cfg=cfg)
+    assert sc.lay.entries_per_block == epb
+    E0 = sc.add(900)
+    sc.add(0)
+    sc.add(300, index="none")
+    sc.add(700, n_ret=6, n_est=25)
+    E4 = sc.add(600, n_ret=10 ** 6, n_est=0)          # every cluster exact
+    assert len(sc.pages(0)) == (E0 - sc.S) // BS * epb
+    sizes = sc.pool.ipart[sc.pages(0).to(DEV), :, I_SIZE].cpu()
+    assert sizes.sum(0).tolist() == [E0 - sc.S] * H and (sizes > 0).float().mean() > 0.5
+    q = torch.randn(5, H * G, D)
+    out, ref, st, ws = run_both(sc, q, 0.2)
+    assert not torch.isnan(out).any() and out[1].abs().max() == 0
+    for r in (0, 2, 3, 4):
+        assert _rel(out[r], ref[r]) < 2e-3, (r, _rel(out[r], ref[r]))
+    assert ws.stats.tolist() == expected_stats(sc, st)
+    for r in (0, 3):
+        for kh in range(H):
+            assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
+    assert E4 > sc.S
+    dense = dense_original(sc, q, 0.2)
+    assert _rel(ref[4], dense[4]) < 1e-5 and _rel(out[4], dense[4]) < 2e-3
+
+
+def test_entries_per_block_validation():
+    """Clusters must divide a block into 1, 2 or 4 entries; not with the wave buffer
+    (its cache and mirror keep one entry per block); the layout rejects other
+    counts and a build whose clusters outnumber the layout's entries."""
+    from vllm_retro.index.paged import check_config_for_paged
+    assert check_config_for_paged(dataclasses.replace(CFG, cluster_size=8), 16) == []
+    assert check_config_for_paged(dataclasses.replace(CFG, cluster_size=4), 16) == []
+    for cs in (2, 6, 12):
+        assert any("cluster_size" in r for r in
+                   check_config_for_paged(dataclasses.replace(CFG, cluster_size=cs), 16))
+    assert any("wave buffer" in r for r in check_config_for_paged(
+        dataclasses.replace(CFG, cluster_size=8, wave_buffer=True), 16))
+    with pytest.raises(ValueError, match="entries_per_block"):
+        PagedIndexLayout(H, D, BS, torch.float32, entries_per_block=3).check()
+    sc = Scene(40)                                   # one entry per block ...
+    sc.add(300, index="none")
+    blocks = sc.rows[0][1].long().to(DEV)
+    irow = sc.alloc.acquire(16)
+    job = sc.alloc.segment_jobs(irow, blocks, [(sc.S, sc.S + 256)], sc.S, BS)
+    with pytest.raises(ValueError, match="clusters"):  # ... but 8-token clusters
+        build_segments(sc.kv, sc.lay, sc.pool, job, dataclasses.replace(CFG, cluster_size=8))
 
 
 @pytest.mark.parametrize("dynamic", [True, False])

@@ -344,12 +344,15 @@ def index_pool_auto_bytes(usable_b: float, lay: PagedIndexLayout, num_layers: in
     KV blocks back but keep their index. Without that share the requests past the
     KV cache's capacity find the pool full and are attended exactly (measured on the
     H200 at 128K x 8: TPOT 47.8 ms against 17.2 ms with the pool sized for them)."""
-    # The fraction was measured for 3 float rows per page; value_correction's 5 buy
-    # the same pages for proportionally more bytes.
+    # The fraction was measured for 3 float rows per page and one page per KV block;
+    # value_correction's 5 rows and smaller clusters' pages per block buy the same
+    # index coverage for proportionally more bytes.
     base = dataclasses.replace(lay, float_slots=_paged.FLOAT_SLOTS)
-    grow = pool_page_bytes(lay, num_layers, hq) / pool_page_bytes(base, num_layers, hq)
+    grow = (pool_page_bytes(lay, num_layers, hq) / pool_page_bytes(base, num_layers, hq)
+            * lay.entries_per_block)
     return INDEX_POOL_AUTO_FRACTION * usable_b * grow + \
-        host_b / (lay.kv_page_bytes * num_layers) * pool_page_bytes(lay, num_layers, hq)
+        host_b / (lay.kv_page_bytes * num_layers) * pool_page_bytes(lay, num_layers, hq) \
+        * lay.entries_per_block
 
 
 class PagedIndexManager:
@@ -471,7 +474,7 @@ class PagedIndexManager:
         max_seqs = vc.scheduler_config.max_num_seqs
         max_len = getattr(getattr(vc, "model_config", None), "max_model_len", None) or \
             num_pages * lay.block_size
-        max_pages = -(-int(max_len) // lay.block_size)
+        max_pages = -(-int(max_len) // lay.block_size) * lay.entries_per_block
         self._pool_list = [IndexPool(lay, num_pages, dev, summary_bits=self.config.summary_bits,
                                      mean_value_bits=self.config.mean_value_bits)
                            for _ in range(num_layers)]
@@ -569,7 +572,9 @@ class PagedIndexManager:
         lay = PagedIndexLayout(num_kv_heads, head_size, block_size, dtype,
                                float_slots=(_paged.FLOAT_SLOTS_VC
                                             if self.config.value_correction
-                                            else _paged.FLOAT_SLOTS))
+                                            else _paged.FLOAT_SLOTS),
+                               entries_per_block=_paged.entries_per_block(self.config,
+                                                                         block_size))
         lay.check()
         return lay
 
@@ -659,10 +664,11 @@ class PagedIndexManager:
         n_blocks = max(4, -(-self.config.cluster_size // bs))
         scratch = self.layout.make_cache(n_blocks + 1, device)
         blocks = torch.arange(n_blocks + 1, device=device)
-        pool = IndexPool(self.layout, n_blocks, device)
+        npg = n_blocks * self.layout.entries_per_block
+        pool = IndexPool(self.layout, npg, device)
         build_segments(scratch, self.layout, pool,
                        [SegmentJob(blocks, bs, bs * (n_blocks + 1),
-                                   torch.arange(n_blocks, device=device))], self.config)
+                                   torch.arange(npg, device=device))], self.config)
         torch.cuda.synchronize(device)
         logger.info("retro: index build kernels ready (%.1f s)", time.perf_counter() - t0)
 
@@ -763,7 +769,7 @@ class PagedIndexManager:
         """Makes ``e``'s index-table row cover its clustered zone up to ``end``; False
         (nothing taken, counted once per request) when the pool or the rows are full."""
         alloc, bs = self.index_alloc, self.layout.block_size
-        need = (end - self.sink_end) // bs
+        need = (end - self.sink_end) // bs * self.layout.entries_per_block
         if e.ibt_row < 0:
             row = alloc.acquire(need)
             ok = row is not None
@@ -804,7 +810,8 @@ class PagedIndexManager:
             blocks = to_device(e.blocks[:end // bs], torch.long, dev)
             block_ids[e.req_id] = blocks
             for job in self.index_alloc.segment_jobs(e.ibt_row, blocks, segs,
-                                                     self.sink_end, bs):
+                                                     self.sink_end, bs,
+                                                     self.layout.entries_per_block):
                 jobs.setdefault(job.p1 - job.p0, []).append(job)
                 e.num_clusters += clusters_in(job.p1 - job.p0, cfg)
             e.clustered_end = end

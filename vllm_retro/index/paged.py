@@ -23,10 +23,12 @@ table (:class:`vllm_retro.kernels.triton_decode.DecodeWorkspace`).
 
 A request's clustered zone ``[sink_end, clustered_end)`` is cut into segments
 (multiples of ``block_size`` tokens, aligned to blocks). A segment of ``n`` tokens
-over logical blocks ``[p0/bs, p1/bs)`` gets ``n / bs`` pool pages and has ``C =
-ceil(n / cluster_size) <= n / bs`` clusters (``cluster_size >= block_size``);
-cluster ``j`` lives in the segment's ``j``-th page and pages ``j >= C`` hold empty
-clusters (size 0).
+over logical blocks ``[p0/bs, p1/bs)`` gets ``e n / bs`` pool pages (``e`` the
+layout's ``entries_per_block``: 1, or ``bs / cluster_size`` for clusters smaller
+than a block) and has ``C = ceil(n / cluster_size) <= e n / bs`` clusters; cluster
+``j`` lives in the segment's ``j``-th page and pages ``j >= C`` hold empty clusters
+(size 0). A row's cluster entries are therefore ``e (clustered_end - sink_end) /
+bs``.
 
 **Cluster-contiguous KV.** The index build reorders the segment's keys and values
 in place in vLLM's pages, per KV head: cluster ``j`` (``size_j`` tokens,
@@ -90,6 +92,9 @@ HDR_WORDS = 6
 F_CENTROID, F_KEY_VAR, F_VALUE_MEAN = 0, 1, 2
 F_SIGMA_U, F_W = 3, 4
 FLOAT_SLOTS, FLOAT_SLOTS_VC = 3, 5
+# Index entries per KV block the GPU index supports (clusters of a block, a half or a
+# quarter of a block).
+ENTRIES_PER_BLOCK = (1, 2, 4)
 # Power iterations of the value correction's rank-1 pair at index build
 # (:func:`write_value_correction`).
 VC_POWER_ITERS = 10
@@ -117,6 +122,9 @@ class PagedIndexLayout:
     #: float rows per (index page, head): :data:`FLOAT_SLOTS`, or
     #: :data:`FLOAT_SLOTS_VC` with ``value_correction``.
     float_slots: int = FLOAT_SLOTS
+    #: index entries (pool pages) per KV block: 1, or ``block_size / cluster_size``
+    #: (2 or 4) for clusters smaller than a block (:func:`entries_per_block`).
+    entries_per_block: int = 1
 
     @property
     def elem_size(self) -> int:
@@ -157,6 +165,9 @@ class PagedIndexLayout:
         return self.float_slots == FLOAT_SLOTS_VC
 
     def check(self) -> None:
+        if self.entries_per_block not in ENTRIES_PER_BLOCK:
+            raise ValueError(f"retro paged index: entries_per_block must be one of "
+                             f"{ENTRIES_PER_BLOCK}, got {self.entries_per_block!r}")
         if self.float_slots not in (FLOAT_SLOTS, FLOAT_SLOTS_VC):
             raise ValueError(f"retro paged index: float_slots must be {FLOAT_SLOTS} or "
                              f"{FLOAT_SLOTS_VC}, got {self.float_slots!r}")
@@ -380,14 +391,16 @@ class IndexAllocator:
 
     def segment_jobs(self, row: int, block_ids: torch.Tensor,
                      segs: Sequence[Tuple[int, int]], sink_end: int,
-                     block_size: int) -> List["SegmentJob"]:
+                     block_size: int, epb: int = 1) -> List["SegmentJob"]:
         """:class:`SegmentJob` s for segments ``[(p0, p1)]`` of the request holding
-        ``row`` (its pages must cover them: entry ``i`` = logical block
-        ``sink_end / bs + i``)."""
+        ``row`` (its pages must cover them: entries ``epb * i`` to ``epb * (i + 1) -
+        1`` belong to logical block ``sink_end / bs + i``; ``epb`` the layout's
+        ``entries_per_block``)."""
         pages = to_device(self._pages[row], torch.long, block_ids.device)
         s = sink_end // block_size
+        e = epb
         return [SegmentJob(block_ids, p0, p1,
-                           pages[p0 // block_size - s:p1 // block_size - s])
+                           pages[(p0 // block_size - s) * e:(p1 // block_size - s) * e])
                 for p0, p1 in segs]
 
     def release(self, row: int) -> None:
@@ -405,12 +418,29 @@ def sink_end(config: RetroConfig, block_size: int) -> int:
     return max(block_size, _round_up(config.sink_tokens, block_size))
 
 
+def entries_per_block(config: RetroConfig, block_size: int) -> int:
+    """Index entries (pool pages) per KV block: 1 for ``cluster_size >= block_size``,
+    else ``block_size / cluster_size`` (valid only if it is in
+    :data:`ENTRIES_PER_BLOCK`: :func:`check_config_for_paged`)."""
+    if config.cluster_size >= block_size:
+        return 1
+    return block_size // config.cluster_size
+
+
 def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
     """Reasons the paged (GPU) index cannot use this config; empty if it can."""
     reasons = []
     if config.cluster_size < block_size:
-        reasons.append(f"cluster_size {config.cluster_size} < KV block size {block_size} "
-                       "(the GPU index keeps at most one cluster per KV block)")
+        epb = block_size // config.cluster_size
+        if block_size % config.cluster_size or epb not in ENTRIES_PER_BLOCK:
+            reasons.append(f"cluster_size {config.cluster_size} < KV block size "
+                           f"{block_size} must divide it into "
+                           f"{' or '.join(str(e) for e in ENTRIES_PER_BLOCK[1:])} "
+                           "index entries per block")
+        if config.wave_buffer:
+            reasons.append(f"cluster_size {config.cluster_size} < KV block size "
+                           f"{block_size} with the wave buffer (its cluster cache and "
+                           "host mirror keep one index entry per KV block)")
     if config.update_interval % block_size:
         reasons.append(f"update_interval {config.update_interval} is not a multiple of "
                        f"the KV block size {block_size}")
@@ -638,8 +668,12 @@ def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: Index
     per_job = (h * n * d * (per_elem + 2 * layout.elem_size)
                + (0 if kv_cache.is_cuda else h * n * c * 4))
     step = max(1, max_batch_bytes // per_job)
-    if any(len(j.pages) != n // bs for j in jobs):
-        raise ValueError("build_segments: a job needs one pool page per block")
+    epb = layout.entries_per_block
+    if any(len(j.pages) != n // bs * epb for j in jobs):
+        raise ValueError(f"build_segments: a job needs {epb} pool page(s) per block")
+    if c > n // bs * epb:
+        raise ValueError(f"build_segments: {c} clusters in a segment of {n // bs * epb} "
+                         "index entries (cluster_size below the layout's entry size)")
     for i in range(0, len(jobs), step):
         _build_batch(kv_cache, layout, pool, jobs[i:i + step], n, c, config)
 

@@ -110,7 +110,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         hz = 0
         if E:
             steady = torch.cat([torch.arange(0, sink_end), torch.arange(E, L)])
-            pbs = ibt[hdr[HDR_IBT_ROW], :E // bs - sink_end // bs]     # pool pages
+            epb = layout.entries_per_block
+            pbs = ibt[hdr[HDR_IBT_ROW], :(E // bs - sink_end // bs) * epb]  # pool pages
             if wave is not None:
                 hz = min(hdr[HDR_HORIZON], E)
         else:
@@ -243,17 +244,18 @@ def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: Index
     Args:
         kv_cache: vLLM's ``(NB, H, bs, 2D)`` view. pool: the layer's index pool.
         seg_blocks: ``[m, n / bs]`` physical blocks of each segment, in order.
-        seg_pages: ``[m, n / bs]`` pool pages of each segment, in order.
+        seg_pages: ``[m, e n / bs]`` pool pages of each segment, in order (``e`` the
+            layout's ``entries_per_block``; ``C <= e n / bs``).
         p0s: ``[m]`` first token position of each segment (block-aligned).
         order: ``[m * H, n]`` the segment's token indices (0..n-1) in cluster order
             (problem ``job * H + h``). starts / sizes: ``[m * H, C]`` each cluster's
-            first entry in ``order`` and its size (``C <= n / bs``).
+            first entry in ``order`` and its size.
 
     Per head ``h``, logical position ``p0 + e`` of the segment receives the K/V
     (head ``h``) that token ``p0 + order[e]`` had, so cluster ``j`` occupies
     ``[p0 + start, p0 + start + size)``. Cluster ``j`` goes to the segment's ``j``-th
-    block: centroid (mean key), per-channel key variance and mean value (zeros if
-    empty), size and first position ``p0 + start``; blocks ``j >= C`` get size and
+    page: centroid (mean key), per-channel key variance and mean value (zeros if
+    empty), size and first position ``p0 + start``; pages ``j >= C`` get size and
     start 0. Statistics in float32 (float64 for float64 caches), stored in the
     cache's dtype; the K/V are moved bit-exactly.
     """
@@ -296,7 +298,7 @@ def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: Index
     p0 = p0s.long().to(dev).view(m, 1, 1)
     ipart[cblk, :, I_SIZE] = sizes.permute(0, 2, 1).to(torch.int32)
     ipart[cblk, :, I_START] = (starts + p0).permute(0, 2, 1).to(torch.int32)
-    if c < nbs:
+    if c < sp.shape[1]:
         ipart[sp[:, c:], :, I_SIZE] = 0
         ipart[sp[:, c:], :, I_START] = 0
     # Cluster-contiguous K/V: entry e of head h goes to logical position p0 + e.

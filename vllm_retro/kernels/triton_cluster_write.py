@@ -9,7 +9,8 @@ assignment), writes them back into the pages at the cluster's logical positions
 that makes every cluster contiguous), computes its centroid, key variance and
 mean value (fp32, two passes: the variance about the centroid, not E[k^2] -
 mean^2) and writes them, the cluster's size and first position into the layer's
-index pool, at the segment's ``j``-th pool page. Clusters of a segment cover its
+index pool, at the segment's ``j``-th pool page (a segment has ``entries_per_block``
+pages per block). Clusters of a segment cover its
 positions exactly once, so the programs' writes are disjoint, and every read is
 from the copy.
 
@@ -29,12 +30,12 @@ _I_SIZE = tl.constexpr(I_SIZE)
 _I_START = tl.constexpr(I_START)
 
 
-@triton.jit(do_not_specialize=["n", "C", "nbs"])
+@triton.jit(do_not_specialize=["n", "C", "nbs", "npg"])
 def _write_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, src_ptr, src_s0, src_s1, src_s2,
                   src_s3, fp_ptr, fp_s0, fp_s1, fp_s2, ip_ptr, ip_s0, ip_s1, blk_ptr, pg_ptr, nbs,
-                  p0_ptr, ord_ptr, st_ptr, sz_ptr, n, C, H: tl.constexpr, D: tl.constexpr,
-                  BS: tl.constexpr, T: tl.constexpr):
-    """Program (s = job * H + h, segment block j): cluster j of problem s, or an
+                  npg, p0_ptr, ord_ptr, st_ptr, sz_ptr, n, C, H: tl.constexpr,
+                  D: tl.constexpr, BS: tl.constexpr, T: tl.constexpr):
+    """Program (s = job * H + h, segment page j < npg): cluster j of problem s, or an
     empty slot when j >= C. ``src [m, nbs, H, BS, 2D]`` (last stride 1): the
     segments' K/V before the reorder."""
     s = tl.program_id(0)
@@ -42,7 +43,7 @@ def _write_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, src_ptr, src_s0, src_s1, s
     job = s // H
     h = s % H
     brow = blk_ptr + job.to(tl.int64) * nbs
-    cblk = tl.load(pg_ptr + job.to(tl.int64) * nbs + j).to(tl.int64)   # pool page
+    cblk = tl.load(pg_ptr + job.to(tl.int64) * npg + j).to(tl.int64)   # pool page
     ip_c = ip_ptr + cblk * ip_s0 + h * ip_s1
     if j >= C:
         tl.store(ip_c + _I_SIZE, 0)
@@ -100,6 +101,7 @@ def write_clusters_triton(kv_cache: torch.Tensor, layout: PagedIndexLayout,
     ``order``, ``starts``, ``sizes`` and ``p0s`` int32, on the cache's device)."""
     h, bs, d = layout.num_kv_heads, layout.block_size, layout.head_dim
     m, nbs = seg_blocks.shape
+    npg = seg_pages.shape[1]
     n = nbs * bs
     c = starts.shape[1]
     if m == 0:
@@ -109,11 +111,11 @@ def write_clusters_triton(kv_cache: torch.Tensor, layout: PagedIndexLayout,
     src = kv_cache[seg_blocks.long()]
     st = kv_cache.stride()
     i32 = torch.int32
-    _write_kernel[(m * h, nbs)](
+    _write_kernel[(m * h, npg)](
         kv_cache, st[0], st[1], st[2], st[3], src, src.stride(0), src.stride(1),
         src.stride(2), src.stride(3), fpart, fpart.stride(0), fpart.stride(1),
         fpart.stride(2), ipart, ipart.stride(0), ipart.stride(1),
-        seg_blocks.contiguous(), seg_pages.to(torch.int64).contiguous(), nbs,
+        seg_blocks.contiguous(), seg_pages.to(torch.int64).contiguous(), nbs, npg,
         p0s.to(i32).contiguous(),
         order.to(i32).contiguous(), starts.to(i32).contiguous(),
         sizes.to(i32).contiguous(), n, c, H=h, D=d, BS=bs, T=16, num_warps=2)

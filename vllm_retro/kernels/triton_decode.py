@@ -401,7 +401,7 @@ def _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H: tl.constexpr, BP: tl.constexpr
 
 @triton.jit
 def _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr, hdr_s0, r, SB,
-              BS: tl.constexpr):
+              BS: tl.constexpr, EPB: tl.constexpr = 1):
     """Context length, block-table row, index-table row (cluster entry ``i``'s
     pool page at ``ix_row[i]``), first block, clustered_end (0: no index or no
     context) and number of cluster entries of row ``r``."""
@@ -410,7 +410,7 @@ def _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr, hdr_s0, r, SB,
     blk0 = tl.load(bt_row).to(tl.int64)
     E = tl.load(hdr_ptr + blk0 * hdr_s0 + _HDR_CE)
     E = tl.where(L > 0, E, 0)
-    C = tl.maximum(E // BS - SB, 0)
+    C = tl.maximum(E // BS - SB, 0) * EPB          # EPB index entries per KV block
     irow = tl.load(hdr_ptr + blk0 * hdr_s0 + _HDR_IBT)
     irow = tl.where(E > 0, irow, 0)      # (no index: every ix_row load is masked)
     ix_row = ibt_ptr + irow.to(tl.int64) * ibt_s0
@@ -521,7 +521,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   DP: tl.constexpr, BS: tl.constexpr, NSP: tl.constexpr,
                   CH: tl.constexpr, NB: tl.constexpr, CAP: tl.constexpr,
                   NATIVE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
-                  Q8: tl.constexpr = False):
+                  Q8: tl.constexpr = False,
+                  EPB: tl.constexpr = 1):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
 
     Q8: the pool keeps 8-bit centroids and key variances (``fq``: ``fpart``'s int8
@@ -541,7 +542,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         tl.store(hist_ptr + rh * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
         tl.store(ncand_ptr + rh * 2 + tl.arange(0, 2), tl.zeros([2], tl.int32))
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
-                                              hdr_s0, r, SB, BS)
+                                              hdr_s0, r, SB, BS, EPB)
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     gm = g < G
@@ -606,7 +607,8 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
                 H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr,
                 BS: tl.constexpr, NSP: tl.constexpr, CHE: tl.constexpr, NB: tl.constexpr,
                 SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr,
-                PDL: tl.constexpr = False):
+                PDL: tl.constexpr = False,
+                EPB: tl.constexpr = 1):
     """Program (row*H + head, p): keys of the entries of range p and their digit
     histogram, added atomically to the row-head's histogram. Tiles are ``[G4, CHE]``
     (``G4`` = G rounded up to a power of two; no product here, so no padding to the
@@ -618,7 +620,7 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     r = rh // H
     h = rh % H
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
-                                              hdr_s0, r, SB, BS)
+                                              hdr_s0, r, SB, BS, EPB)
     _pdl_wait(PDL)
     g = tl.arange(0, G4)
     gm = g < G
@@ -768,7 +770,8 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
                  H: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr,
                  NB: tl.constexpr, SUB: tl.constexpr, WIN: tl.constexpr,
                  PK: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
-                 PDL: tl.constexpr = False, CBS: tl.constexpr = 0):
+                 PDL: tl.constexpr = False, CBS: tl.constexpr = 0,
+                 EPB: tl.constexpr = 1):
     """Program (row*H + head, p): the keys of range p in the thresholds' histogram
     buckets go to two candidate lists (positions reserved atomically: their order
     does not matter), and the keys above the buckets are counted; the last program
@@ -780,7 +783,7 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
     r = rh // H
     h = rh % H
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
-                                              hdr_s0, r, SB, BS)
+                                              hdr_s0, r, SB, BS, EPB)
     n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
     _pdl_wait(PDL)
     k1 = n_ret
@@ -869,7 +872,8 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                     H: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr, PK: tl.constexpr,
                     LW: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
                     COUNT_STATS: tl.constexpr, PDL: tl.constexpr = False,
-                    WAVE: tl.constexpr = False, RV: tl.constexpr = 32):
+                    WAVE: tl.constexpr = False, RV: tl.constexpr = 32,
+                    EPB: tl.constexpr = 1):
     """Program (row*H + head, p): the selected entries of range p, in entry order,
     into the lists: top k1 -> retrieved, next k2 - k1 -> estimated. The range's list
     offsets come from the keys of lower ranges: those above the buckets (counted by
@@ -888,7 +892,7 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     r = rh // H
     h = rh % H
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
-                                              hdr_s0, r, SB, BS)
+                                              hdr_s0, r, SB, BS, EPB)
     n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
     _pdl_wait(PDL)
     k1 = n_ret
@@ -1257,7 +1261,8 @@ def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, li
                     mc_ptr, MCAP, WL, WNL, WP, WR,
                     H: tl.constexpr, BS: tl.constexpr, RG: tl.constexpr, TR: tl.constexpr,
                     PK: tl.constexpr, LW: tl.constexpr, BP: tl.constexpr,
-                    PDL: tl.constexpr = False):
+                    PDL: tl.constexpr = False,
+                    EPB: tl.constexpr = 1):
     """Program (row*H + head, p), with a wave buffer: for the retrieved clusters
     congruent to p mod NS, every page they visit below the row's horizon is looked
     up in the cluster cache (hit: its slot stamped with the step and counted) or
@@ -1272,7 +1277,7 @@ def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, li
     r = rh // H
     h = rh % H
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
-                                              hdr_s0, r, SB, BS)
+                                              hdr_s0, r, SB, BS, EPB)
     indexed = E > 0
     _, HZB = _wave_horizon(hdr_ptr, hdr_s0, blk0, indexed, E, WP, WR)
     clock = tl.load(clock_ptr)
@@ -1312,7 +1317,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    PK: tl.constexpr, LW: tl.constexpr, NSP: tl.constexpr,
                    NATIVE: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr,
                    PDL: tl.constexpr = False, WAVE: tl.constexpr = False,
-                   MV8: tl.constexpr = False, VC: tl.constexpr = False):
+                   MV8: tl.constexpr = False, VC: tl.constexpr = False,
+                   EPB: tl.constexpr = 1):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
@@ -1348,7 +1354,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     r = rh // H
     h = rh % H
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
-                                              hdr_s0, r, SB, BS)
+                                              hdr_s0, r, SB, BS, EPB)
     indexed = E > 0
     n_steady = tl.where(indexed, S + L - E, L)
     split = tl.where(indexed, S, L)      # steady index j >= split lies at E + j - split
@@ -1535,7 +1541,11 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("the index table must be int32 with contiguous rows")
     if sink_end % bs:
         raise ValueError("sink_end must be a multiple of the block size")
+    epb = lay.entries_per_block
     if wave is not None:
+        if epb != 1:
+            raise ValueError("the wave buffer needs one index entry per KV block (got "
+                             f"entries_per_block {epb})")
         wave.check(kv_cache, h, bs, d, pool.num_pages)
     if b == 0:
         return out
@@ -1553,9 +1563,12 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     pdl = bool(PDL) and not interpreting()
     dep = dict(PDL=True, launch_pdl=True) if pdl else {}
     q8 = getattr(pool, "summary_bits", 16) == 8
-    # The CUDA score kernel reads 16-bit summaries only.
+    # Index entries per KV block (clusters smaller than a block): a compile-time
+    # constant, passed only when not 1 (the default variants stay as they are).
+    ep = {"EPB": epb} if epb != 1 else {}
+    # The CUDA score kernel reads 16-bit summaries, one entry per block, only.
     cuda_score = (SCORE_IMPL == "cuda" and query.is_cuda and not interpreting() and not q8
-                  and cuda_score_available())
+                  and epb == 1 and cuda_score_available())
     # The split per row-head follows the rows in use, derived on the device
     # (:func:`_program`; DYNAMIC_SPLIT), except beside the CUDA score kernel, whose
     # grid is the static (B*H, nsplit(B)). The grids have room for the split of a
@@ -1580,17 +1593,17 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             ws.score_sum, ws.hist, ws.ncand, scale, sb, *split, BP=bp,
             H=h, G=g, GP=gp, D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
             CAP=float(variance_cap), NATIVE=native, PREC=prec,
-            **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}),
+            **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}), **ep,
             **_tune("score", b)))
     _keep("key", _key_kernel[grid](
         ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, *split, BP=bp,
         H=h, G=g, GP=gp, G4=_next_pow2(g), BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS,
-        WIN=WINDOW_BINADES, PK=PACK, **dep, **_tune("key", b)))
+        WIN=WINDOW_BINADES, PK=PACK, **dep, **ep, **_tune("key", b)))
     _keep("cand", _cand_kernel[grid](
         ws.keys, ws.cands, ws.hist, ws.ncand, ws.ranges, ws.sel, ws.counts, ws.tickets[0],
         *common, sb, *split, BP=bp,
         H=h, G=g, BS=bs, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, NSP=nsp,
-        **dep, **_tune("cand", b)))
+        **dep, **ep, **_tune("cand", b)))
     in_collect = wave is not None and RESOLVE_IN_COLLECT
     if wave is not None:
         w = wave
@@ -1611,7 +1624,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
         ipart.stride(0), ipart.stride(1), *common, sb, sink_end, *split, *cargs, BP=bp,
         H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
-        **({"WAVE": True} if in_collect else {}), **dep, **tune_c))
+        **({"WAVE": True} if in_collect else {}), **dep, **ep, **tune_c))
     tune_a = _tune("attend", b, wave is not None)
     if wave is not None:
         if not in_collect:
@@ -1637,7 +1650,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, PK=PACK, LW=LIST_WORDS,
         NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, BP=bp, WAVE=wave is not None, **dep,
         **({"MV8": True} if mv8 else {}),
-        **({"VC": True} if getattr(pool, "value_correction", False) else {}), **tune_a))
+        **({"VC": True} if getattr(pool, "value_correction", False) else {}), **ep,
+        **tune_a))
     return out
 
 
