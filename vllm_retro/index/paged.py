@@ -398,9 +398,8 @@ class IndexAllocator:
         ``entries_per_block``)."""
         pages = to_device(self._pages[row], torch.long, block_ids.device)
         s = sink_end // block_size
-        e = epb
         return [SegmentJob(block_ids, p0, p1,
-                           pages[(p0 // block_size - s) * e:(p1 // block_size - s) * e])
+                           pages[(p0 // block_size - s) * epb:(p1 // block_size - s) * epb])
                 for p0, p1 in segs]
 
     def release(self, row: int) -> None:
