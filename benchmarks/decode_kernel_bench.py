@@ -259,10 +259,12 @@ def bench_case(ctx: int, batch: int, cfg: RetroConfig, bw: float,
     # Bytes retro must read: all cluster summaries (centroid + variance + size),
     # exact tokens' K/V (retrieved clusters are contiguous positions: no permutation
     # entries), estimated clusters' mean values.
-    c_entries = (hdr[bt[:, 0].long(), 0].double() - S).clamp_min(0).sum().item() / BS
+    c_entries = ((hdr[bt[:, 0].long(), 0].double() - S).clamp_min(0).sum().item() / BS
+                 * lay.entries_per_block)
     summ = c_entries * H * (2 * D * 2 + 4)
     exact = st[2] * (2 * D * 2)
-    est_b = (st[3] / cfg.cluster_size) * D * 2
+    # Each estimated cluster's mean value (with value_correction also sigma u and w).
+    est_b = (st[3] / cfg.cluster_size) * D * 2 * (3 if lay.value_correction else 1)
     floor_us = (summ + exact + est_b) / (bw * 1e12) * 1e6
     dense_bytes = batch * (ctx + 1) * H * 2 * D * 2
     return dict(context=ctx, batch=batch, retro_eager_ms=eager, retro_graph_ms=graph,
