@@ -234,7 +234,8 @@ def _wave_view(lay, dtype, num_pages):
 def build_launches() -> None:
     from vllm_retro.index.paged import IndexPool, PagedIndexLayout
     from vllm_retro.kernels import triton_kmeans as tk
-    from vllm_retro.kernels.triton_cluster_write import write_clusters_triton
+    from vllm_retro.kernels.triton_cluster_write import (write_clusters_triton,
+                                                         write_value_correction_triton)
     for dtype in (torch.bfloat16, torch.float32):   # fp16 compiles as bf16 does
         h, d, bs = 8, 128, 16
         lay = PagedIndexLayout(h, d, bs, dtype)
@@ -265,6 +266,10 @@ def build_launches() -> None:
         st = torch.zeros(m * h, c, dtype=torch.int32)
         write_clusters_triton(kv, lay, IndexPool(lay, 20), blocks, blocks,
                               torch.zeros(m, dtype=torch.int32), order, st, st)
+        # value_correction: the pair's power iterations per cluster.
+        lay_vc = PagedIndexLayout(h, d, bs, dtype, float_slots=5)
+        write_value_correction_triton(kv, lay_vc, IndexPool(lay_vc, 20), blocks, blocks,
+                                      st, st, 10)
 
 
 def memory_launches() -> None:

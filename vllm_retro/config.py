@@ -108,7 +108,7 @@ class RetroConfig:
             mean value: the first-order change of the softmax-weighted mean value
             with the query. CPU: ``ops.decode_attention`` runs the torch reference
             with it (the C++ kernel lacks it). GPU: the index pages get two more
-            rows (``index.paged.write_value_correction``: power iterations at build,
+            rows (``kernels.write_value_correction``: power iterations at build,
             +2D elements per cluster and head in the pool) and the attention kernel
             reads them for estimated clusters (+2D elements read per estimated
             cluster and head); not yet measured on a GPU.

@@ -20,7 +20,7 @@ from ..attention import VARIANCE_CORRECTION_CAP
 from ..index.paged import IndexPool, PagedIndexLayout
 
 try:
-    from .triton_cluster_write import write_clusters_triton
+    from .triton_cluster_write import write_clusters_triton, write_value_correction_triton
     from .triton_decode import (DecodeWorkspace, interpreting,
                                 paged_decode_attention_triton)
     HAS_TRITON = True
@@ -29,12 +29,13 @@ except ImportError:  # CPU-only installs without Triton: the twin serves
     DecodeWorkspace = None  # type: ignore[assignment,misc]
     paged_decode_attention_triton = None  # type: ignore[assignment]
     write_clusters_triton = None  # type: ignore[assignment]
+    write_value_correction_triton = None  # type: ignore[assignment]
 
     def interpreting() -> bool:  # type: ignore[misc]
         return False
 
-__all__ = ["paged_decode_attention", "write_clusters", "DecodeWorkspace", "reference",
-           "HAS_TRITON", "WaveBufferView"]
+__all__ = ["paged_decode_attention", "write_clusters", "write_value_correction",
+           "DecodeWorkspace", "reference", "HAS_TRITON", "WaveBufferView"]
 
 
 def uses_triton(t: torch.Tensor) -> bool:
@@ -56,6 +57,20 @@ def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: Index
     semantics: :func:`.reference.write_clusters`."""
     fn = write_clusters_triton if uses_triton(kv_cache) else reference.write_clusters
     fn(kv_cache, layout, pool, seg_blocks, seg_pages, p0s, order, starts, sizes)
+
+
+def write_value_correction(kv_cache: torch.Tensor, layout: PagedIndexLayout,
+                           pool: IndexPool, seg_blocks: torch.Tensor,
+                           seg_pages: torch.Tensor, starts: torch.Tensor,
+                           sizes: torch.Tensor, iters: int) -> None:
+    """Writes each cluster's value-correction pair (``RetroConfig.value_correction``)
+    after :func:`write_clusters`: the Triton kernel where :func:`uses_triton` (and
+    the cache is not float64), else the twin. Arguments and semantics:
+    :func:`.reference.write_value_correction`."""
+    fn = (write_value_correction_triton
+          if uses_triton(kv_cache) and kv_cache.dtype != torch.float64
+          else reference.write_value_correction)
+    fn(kv_cache, layout, pool, seg_blocks, seg_pages, starts, sizes, iters)
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,

@@ -304,3 +304,70 @@ def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: Index
     # Cluster-contiguous K/V: entry e of head h goes to logical position p0 + e.
     pos = ent.view(1, 1, n).expand(m, h, n)
     kv_cache[sb[job, pos // bs], head, pos % bs] = kv_src
+
+
+def write_value_correction(kv_cache: torch.Tensor, layout: PagedIndexLayout,
+                           pool: IndexPool, seg_blocks: torch.Tensor,
+                           seg_pages: torch.Tensor, starts: torch.Tensor,
+                           sizes: torch.Tensor, iters: int) -> None:
+    """Reference of :func:`vllm_retro.kernels.write_value_correction`: writes each
+    cluster's value-correction pair into slots ``F_SIGMA_U`` and ``F_W`` of its index
+    page (``RetroConfig.value_correction``, the paged counterpart of
+    :func:`vllm_retro.kmeans.kv_cross_rank1`): the leading singular pair of the key-
+    value cross-covariance ``X = (1/n) sum_i (k_i - c)(v_i - mean v)^T ~ sigma u
+    w^T``, ``sigma u`` and the unit ``w`` (zero for clusters of fewer than two
+    tokens), found by ``iters`` power iterations from the cluster's first key
+    deviation, without forming ``X`` (each step two passes over the tokens: ``X w =
+    (1/n) sum_i dk_i (dv_i . w)``, ``X^T u = (1/n) sum_i dv_i (dk_i . u)``). The sign
+    of the pair is arbitrary, the correction ``(q . sigma u) w`` is not.
+
+    Runs after :func:`~vllm_retro.kernels.write_clusters` (the segments' K/V are
+    cluster-contiguous, cluster ``j`` at entries ``[starts[j], starts[j] +
+    sizes[j])``); arguments as there (``starts``, ``sizes`` ``[m * H, C]``).
+    Statistics in float32 (float64 for float64 caches), stored in the pool's dtype.
+    """
+    h, bs, d = layout.num_kv_heads, layout.block_size, layout.head_dim
+    m, nbs = seg_blocks.shape
+    n = nbs * bs
+    c = starts.shape[1]
+    dev = kv_cache.device
+    cdt = torch.promote_types(kv_cache.dtype, torch.float32)
+    ent = torch.arange(n, device=dev)
+    kv = kv_cache[seg_blocks.long()[:, ent // bs], :, ent % bs]                # [m, n, H, 2D]
+    kv = kv.permute(0, 2, 1, 3).reshape(m * h, n, 2 * d).to(cdt)
+    starts = starts.long().reshape(m * h, c)
+    sizes = sizes.long().reshape(m * h, c)
+    cid = torch.searchsorted(starts.contiguous(), ent.expand(m * h, n).contiguous(),
+                             right=True) - 1                                   # [mH, n]
+    cid = cid.clamp_min(0)
+    ix = cid.unsqueeze(-1).expand(m * h, n, d)
+    cnt = sizes.clamp_min(1).unsqueeze(-1).to(cdt)
+
+    def per_cluster(x):
+        out = torch.zeros(m * h, c, d, dtype=cdt, device=dev)
+        return out.scatter_add_(1, ix, x)
+
+    dk = kv[..., :d]
+    dk = dk - torch.gather(per_cluster(dk) / cnt, 1, ix)
+    dv = kv[..., d:]
+    dv = dv - torch.gather(per_cluster(dv) / cnt, 1, ix)
+    del kv
+
+    def x_times(w):      # X w, w [mH, C, D]
+        return per_cluster(dk * (dv * torch.gather(w, 1, ix)).sum(-1, keepdim=True)) / cnt
+
+    def xt_times(u):     # X^T u
+        return per_cluster(dv * (dk * torch.gather(u, 1, ix)).sum(-1, keepdim=True)) / cnt
+
+    first = starts.clamp(0, n - 1).unsqueeze(-1).expand(m * h, c, d)
+    u = torch.nn.functional.normalize(torch.gather(dk, 1, first), dim=-1)
+    w = torch.nn.functional.normalize(xt_times(u), dim=-1)
+    for _ in range(iters):
+        u = torch.nn.functional.normalize(x_times(w), dim=-1)
+        w = torch.nn.functional.normalize(xt_times(u), dim=-1)
+    su = x_times(w)
+    keep = (sizes >= 2).to(cdt).unsqueeze(-1)
+    su, w = su * keep, w * keep
+    cblk = seg_pages.long().to(pool.device)[:, :c]                                 # [m, C]
+    pair = torch.stack([su, w], dim=2).view(m, h, c, 2, d).permute(0, 2, 1, 3, 4)  # [m, C, H, 2, D]
+    pool.fpart[cblk, :, F_SIGMA_U:F_W + 1] = pair.to(pool.fpart.dtype)

@@ -16,6 +16,15 @@ from the copy.
 
 Twin: :func:`vllm_retro.kernels.reference.write_clusters`
 (tests/kernels/test_write_clusters.py).
+
+:func:`write_value_correction_triton` (``RetroConfig.value_correction``, after the
+write): one program per (segment x KV head, cluster) reads the cluster's now
+contiguous K/V a tile at a time, its mean key and value, then runs the power
+iterations of its key-value cross-covariance's leading pair on the tiles (each
+step two passes over the cluster's tokens, from cache), and writes ``sigma u`` and
+``w`` to the page's rows ``F_SIGMA_U`` and ``F_W``. Twin:
+:func:`vllm_retro.kernels.reference.write_value_correction`
+(tests/kernels/test_value_correction.py).
 """
 
 from __future__ import annotations
@@ -24,10 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..index.paged import I_SIZE, I_START, IndexPool, PagedIndexLayout
+from ..index.paged import F_SIGMA_U, F_W, I_SIZE, I_START, IndexPool, PagedIndexLayout
 
 _I_SIZE = tl.constexpr(I_SIZE)
 _I_START = tl.constexpr(I_START)
+_F_SIGMA_U = tl.constexpr(F_SIGMA_U)
+_F_W = tl.constexpr(F_W)
 
 
 @triton.jit(do_not_specialize=["n", "C", "nbs", "npg"])
@@ -119,3 +130,112 @@ def write_clusters_triton(kv_cache: torch.Tensor, layout: PagedIndexLayout,
         p0s.to(i32).contiguous(),
         order.to(i32).contiguous(), starts.to(i32).contiguous(),
         sizes.to(i32).contiguous(), n, c, H=h, D=d, BS=bs, T=16, num_warps=2)
+
+
+@triton.jit
+def _vc_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, t0,
+             D: tl.constexpr, BS: tl.constexpr, T: tl.constexpr):
+    """Keys and values ``[T, D]`` (float32, zero past the cluster) of the cluster's
+    entries ``t0 .. t0 + T`` (logical positions ``start + t``)."""
+    i = tl.arange(0, T)
+    d = tl.arange(0, D)
+    m = t0 + i < size
+    e = start + t0 + i
+    pb = tl.load(brow + e // BS, mask=m, other=0).to(tl.int64)
+    base = kv_ptr + pb * kv_s0 + h * kv_s1 + (e % BS).to(tl.int64) * kv_s2
+    k = tl.load(base[:, None] + d[None, :] * kv_s3, mask=m[:, None], other=0.0)
+    v = tl.load(base[:, None] + (D + d[None, :]) * kv_s3, mask=m[:, None], other=0.0)
+    return k.to(tl.float32), v.to(tl.float32), m
+
+
+@triton.jit
+def _vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, cent, vmean, x,
+              TRANS: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, T: tl.constexpr):
+    """``X x`` (``TRANS``: ``X^T x``) for the cluster's cross-covariance ``X = (1/n)
+    sum_i dk_i dv_i^T``: ``(1/n) sum_i dk_i (dv_i . x)`` (``sum_i dv_i (dk_i . x)``)."""
+    acc = tl.zeros([D], tl.float32)
+    for t0 in range(0, size, T):
+        k, v, m = _vc_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, t0, D,
+                           BS, T)
+        dk = tl.where(m[:, None], k - cent[None, :], 0.0)
+        dv = tl.where(m[:, None], v - vmean[None, :], 0.0)
+        if TRANS:
+            acc += tl.sum(dv * tl.sum(dk * x[None, :], 1)[:, None], 0)
+        else:
+            acc += tl.sum(dk * tl.sum(dv * x[None, :], 1)[:, None], 0)
+    return acc / tl.maximum(size, 1).to(tl.float32)
+
+
+@triton.jit
+def _unit(x):
+    """``x / max(|x|, 1e-12)`` (torch's ``normalize``)."""
+    return x / tl.maximum(tl.sqrt(tl.sum(x * x, 0)), 1e-12)
+
+
+@triton.jit(do_not_specialize=["C", "nbs", "npg"])
+def _vc_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, fp_ptr, fp_s0, fp_s1, fp_s2, blk_ptr,
+               pg_ptr, nbs, npg, st_ptr, sz_ptr, C, ITERS: tl.constexpr, H: tl.constexpr,
+               D: tl.constexpr, BS: tl.constexpr, T: tl.constexpr):
+    """Program (s = job * H + h, cluster j < C): the value-correction pair of cluster
+    j of problem s (zeros below two tokens)."""
+    s = tl.program_id(0)
+    j = tl.program_id(1)
+    job = s // H
+    h = s % H
+    brow = blk_ptr + job.to(tl.int64) * nbs
+    cblk = tl.load(pg_ptr + job.to(tl.int64) * npg + j).to(tl.int64)
+    start = tl.load(st_ptr + s.to(tl.int64) * C + j)
+    size = tl.load(sz_ptr + s.to(tl.int64) * C + j)
+    d = tl.arange(0, D)
+    fp_c = fp_ptr + cblk * fp_s0 + h * fp_s1 + d
+    ety = fp_ptr.dtype.element_ty
+    su = tl.zeros([D], tl.float32)
+    w = tl.zeros([D], tl.float32)
+    if size >= 2:
+        acc_k = tl.zeros([D], tl.float32)
+        acc_v = tl.zeros([D], tl.float32)
+        for t0 in range(0, size, T):
+            k, v, m = _vc_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, t0,
+                               D, BS, T)
+            acc_k += tl.sum(k, 0)
+            acc_v += tl.sum(v, 0)
+        cent = acc_k / size.to(tl.float32)
+        vmean = acc_v / size.to(tl.float32)
+        # From the first entry's key deviation, as the twin.
+        k0, v0, m0 = _vc_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, 0, D,
+                            BS, T)
+        u = _unit(tl.sum(tl.where((tl.arange(0, T) == 0)[:, None], k0 - cent[None, :], 0.0),
+                         0))
+        w = _unit(_vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, cent,
+                            vmean, u, True, D, BS, T))
+        for it in range(ITERS):
+            u = _unit(_vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size,
+                                cent, vmean, w, False, D, BS, T))
+            w = _unit(_vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size,
+                                cent, vmean, u, True, D, BS, T))
+        su = _vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, cent,
+                       vmean, w, False, D, BS, T)
+    tl.store(fp_c + _F_SIGMA_U * fp_s2, su.to(ety))
+    tl.store(fp_c + _F_W * fp_s2, w.to(ety))
+
+
+def write_value_correction_triton(kv_cache: torch.Tensor, layout: PagedIndexLayout,
+                                  pool: IndexPool, seg_blocks: torch.Tensor,
+                                  seg_pages: torch.Tensor, starts: torch.Tensor,
+                                  sizes: torch.Tensor, iters: int) -> None:
+    """See :func:`vllm_retro.kernels.reference.write_value_correction` (same
+    arguments; float32 statistics)."""
+    h, bs, d = layout.num_kv_heads, layout.block_size, layout.head_dim
+    m, nbs = seg_blocks.shape
+    npg = seg_pages.shape[1]
+    c = starts.shape[1]
+    if m == 0 or c == 0:
+        return
+    fpart = pool.fpart
+    st = kv_cache.stride()
+    i32 = torch.int32
+    _vc_kernel[(m * h, c)](
+        kv_cache, st[0], st[1], st[2], st[3], fpart, fpart.stride(0), fpart.stride(1),
+        fpart.stride(2), seg_blocks.contiguous(), seg_pages.to(torch.int64).contiguous(),
+        nbs, npg, starts.to(i32).contiguous(), sizes.to(i32).contiguous(), c,
+        ITERS=int(iters), H=h, D=d, BS=bs, T=16, num_warps=4)
