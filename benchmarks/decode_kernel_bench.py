@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.index.paged import (HDR_HORIZON, IndexAllocator, IndexPool,  # noqa: E402
                                     PagedIndexLayout, budget, build_segments,
-                                    clusters_in, entries_per_block, header_row,
+                                    clusters_in, header_row,
                                     make_headers, plan_segments, sink_end)
 from vllm_retro.kernels import DecodeWorkspace, paged_decode_attention  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402
@@ -86,9 +86,8 @@ def make_batch(ctx: int, batch: int, cfg: RetroConfig, full: bool = False, seed:
     keeps the K/V too, so the output equals the run without the view."""
     dev = device
     g = torch.Generator(device=dev).manual_seed(seed)
-    epb = entries_per_block(cfg, BS)
-    lay = PagedIndexLayout(H, D, BS, DT, float_slots=5 if cfg.value_correction else 3,
-                           entries_per_block=epb)
+    lay = PagedIndexLayout.for_config(cfg, H, D, BS, DT)
+    epb = lay.entries_per_block
     nblk = math.ceil((ctx + 1) / BS)
     nb = batch * nblk + 1
     kv = lay.make_cache(nb, dev)

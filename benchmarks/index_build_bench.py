@@ -38,12 +38,13 @@ def build_all(kv, lay, blocks, segs, cfg, layers):
     """Builds ``segs`` ``layers`` times (one cache and index pool reused: the cost
     per layer is the same); the pool's pages are the clustered zone's entries."""
     s = sink_end(cfg, BS)
-    pool = IndexPool(lay, blocks.numel(), kv.device)
-    pages = torch.arange(blocks.numel(), device=kv.device)
+    e = lay.entries_per_block
+    pool = IndexPool(lay, blocks.numel() * e, kv.device)
+    pages = torch.arange(blocks.numel() * e, device=kv.device)
     groups = {}
     for p0, p1 in segs:
         groups.setdefault(p1 - p0, []).append(
-            SegmentJob(blocks, p0, p1, pages[(p0 - s) // BS:(p1 - s) // BS]))
+            SegmentJob(blocks, p0, p1, pages[(p0 - s) // BS * e:(p1 - s) // BS * e]))
     for _ in range(layers):
         for g in groups.values():
             build_segments(kv, lay, pool, g, cfg)
@@ -65,7 +66,7 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     cfg = RetroConfig.from_dict(json.loads(a.retro_options))
-    lay = PagedIndexLayout(H, D, BS, dt, float_slots=5 if cfg.value_correction else 3)
+    lay = PagedIndexLayout.for_config(cfg, H, D, BS, dt)
     nblk = (a.context + BS - 1) // BS
     kv = lay.make_cache(nblk + 1, dev)
     g = torch.Generator(device=dev).manual_seed(0)

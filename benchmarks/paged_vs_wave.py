@@ -29,7 +29,7 @@ from vllm_retro.attention import full_attention  # noqa: E402
 from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.index.paged import (IndexAllocator, IndexPool,  # noqa: E402
                                     PagedIndexLayout, budget, build_segments, clusters_in,
-                                    entries_per_block, header_row, make_headers,
+                                    header_row, make_headers,
                                     plan_segments, sink_end)
 from vllm_retro.kernels import reference  # noqa: E402
 from vllm_retro.wave_index import WaveIndex  # noqa: E402
@@ -44,9 +44,8 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 def paged_errors(k, v, queries, qpos, scale, cfg, dtype):
     """Relative errors and exact fractions of the paged twin for every query."""
     h, t, d = k.shape
-    epb = entries_per_block(cfg, BS)
-    lay = PagedIndexLayout(h, d, BS, dtype, float_slots=5 if cfg.value_correction else 3,
-                           entries_per_block=epb)
+    lay = PagedIndexLayout.for_config(cfg, h, d, BS, dtype)
+    epb = lay.entries_per_block
     nblk = math.ceil(t / BS)
     kv = lay.make_cache(nblk + 1)
     kvv = torch.zeros(h, nblk * BS, 2 * d)

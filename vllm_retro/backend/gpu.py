@@ -569,12 +569,8 @@ class PagedIndexManager:
         reasons = check_config_for_paged(self.config, block_size)
         if reasons:
             raise ValueError("retro (GPU) cannot use these options: " + "; ".join(reasons))
-        lay = PagedIndexLayout(num_kv_heads, head_size, block_size, dtype,
-                               float_slots=(_paged.FLOAT_SLOTS_VC
-                                            if self.config.value_correction
-                                            else _paged.FLOAT_SLOTS),
-                               entries_per_block=_paged.entries_per_block(self.config,
-                                                                         block_size))
+        lay = PagedIndexLayout.for_config(self.config, num_kv_heads, head_size, block_size,
+                                          dtype)
         lay.check()
         return lay
 

@@ -158,19 +158,32 @@ class PagedIndexLayout:
         in the :class:`IndexPool`)."""
         return self.kv_page_bytes
 
+    @classmethod
+    def for_config(cls, config: RetroConfig, num_kv_heads: int, head_dim: int,
+                   block_size: int, dtype: torch.dtype) -> "PagedIndexLayout":
+        """The layout a configuration needs: the value correction's rows
+        (``value_correction``), the entries per block of its ``cluster_size``."""
+        return cls(num_kv_heads, head_dim, block_size, dtype,
+                   float_slots=FLOAT_SLOTS_VC if config.value_correction else FLOAT_SLOTS,
+                   entries_per_block=entries_per_block(config, block_size))
+
     @property
     def value_correction(self) -> bool:
         """Whether index pages hold the value correction's pair (slots
         :data:`F_SIGMA_U`, :data:`F_W`)."""
         return self.float_slots == FLOAT_SLOTS_VC
 
-    def check(self) -> None:
+    def check_rows(self) -> None:
+        """Rows and entries per page and block: values the index supports."""
         if self.entries_per_block not in ENTRIES_PER_BLOCK:
             raise ValueError(f"retro paged index: entries_per_block must be one of "
                              f"{ENTRIES_PER_BLOCK}, got {self.entries_per_block!r}")
         if self.float_slots not in (FLOAT_SLOTS, FLOAT_SLOTS_VC):
             raise ValueError(f"retro paged index: float_slots must be {FLOAT_SLOTS} or "
                              f"{FLOAT_SLOTS_VC}, got {self.float_slots!r}")
+
+    def check(self) -> None:
+        self.check_rows()
         if self.kv_page_bytes % 4 or self.float_bytes % 4:
             raise ValueError("retro paged index needs 4-byte aligned page parts")
 
@@ -234,9 +247,7 @@ class IndexPool:
         self.num_pages = int(num_pages)
         self.summary_bits = summary_bits
         self.mean_value_bits = mean_value_bits
-        if layout.float_slots not in (FLOAT_SLOTS, FLOAT_SLOTS_VC):
-            raise ValueError(f"IndexPool: float_slots must be {FLOAT_SLOTS} or "
-                             f"{FLOAT_SLOTS_VC}, got {layout.float_slots!r}")
+        layout.check_rows()
         self.fpart = torch.zeros(self.num_pages, h, layout.float_slots, d, dtype=layout.dtype,
                                  device=device)
         self.ipart = torch.zeros(self.num_pages, h, INT_WORDS, dtype=torch.int32,
@@ -654,15 +665,16 @@ def build_segments(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: Index
     # segment's fp32 concatenation at a time, see _with_values) and fp32 centroids
     # and sums ([C, width]: under 2). The reorder adds a copy of the segment's K/V
     # (2 elements per key element). Several segments per call: fewer, larger launches.
-    # With value_correction (write_value_correction, after the k-means): the
-    # segment's K/V in fp32 and their deviations from the cluster means, and one
-    # gathered vector per token (~28).
+    # With value_correction on the CPU (the torch twin of write_value_correction,
+    # after the k-means): the segment's K/V in fp32 and their deviations from the
+    # cluster means, and one gathered vector per token (~28); the GPU kernel reads
+    # each cluster from the cache and holds nothing per token.
     valued = config.kmeans_value_weight > 0
     if kv_cache.is_cuda:
         per_elem = (8 if valued else 2) + 2
     else:
         per_elem = 24 + (24 if valued else 0)
-    if pool.value_correction:
+    if pool.value_correction and not kv_cache.is_cuda:
         per_elem = max(per_elem, 28)
     per_job = (h * n * d * (per_elem + 2 * layout.elem_size)
                + (0 if kv_cache.is_cuda else h * n * c * 4))

@@ -44,8 +44,9 @@ import torch
 
 from ..attention import VARIANCE_CORRECTION_CAP
 from ..index.paged import (F_CENTROID, F_KEY_VAR, F_SIGMA_U, F_VALUE_MEAN, F_W,
-                           HDR_CLUSTERED_END, HDR_HORIZON, HDR_IBT_ROW, HDR_N_ESTIMATE,
-                           HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool, PagedIndexLayout)
+                           FLOAT_SLOTS, HDR_CLUSTERED_END, HDR_HORIZON, HDR_IBT_ROW,
+                           HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool,
+                           PagedIndexLayout)
 from .wave_view import WaveBufferView
 
 
@@ -294,7 +295,7 @@ def write_clusters(kv_cache: torch.Tensor, layout: PagedIndexLayout, pool: Index
     kvar = per_cluster(dev_k * dev_k) / cnt
     cblk = sp[:, :c]                                                          # [m, C]
     summ = torch.stack([cent, kvar, vmean], dim=3)                            # [m, H, C, 3, D]
-    fpart[cblk, :, :3] = summ.permute(0, 2, 1, 3, 4).to(fpart.dtype)
+    fpart[cblk, :, :FLOAT_SLOTS] = summ.permute(0, 2, 1, 3, 4).to(fpart.dtype)
     p0 = p0s.long().to(dev).view(m, 1, 1)
     ipart[cblk, :, I_SIZE] = sizes.permute(0, 2, 1).to(torch.int32)
     ipart[cblk, :, I_START] = (starts + p0).permute(0, 2, 1).to(torch.int32)
