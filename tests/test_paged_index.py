@@ -87,11 +87,14 @@ def test_plan_segments_behind_a_prefill_lag_then_rest_at_prompt_end():
 
 
 def test_paged_options_refused_with_reasons():
-    bad = RetroConfig(cluster_size=6, update_interval=1000, error_bound=0.1, dense_below=4096)
+    bad = RetroConfig(cluster_size=6, update_interval=1000, error_bound=0.1, dense_below=4096,
+                      wave_buffer=True)
     reasons = " ".join(check_config_for_paged(bad, 16))
     assert "cluster_size" in reasons and "update_interval" in reasons and \
-        "error_bound" in reasons and "dense_below" in reasons
+        "error_bound" in reasons and "dense_below 4096 with wave_buffer" in reasons
     assert check_config_for_paged(RetroConfig(), 16) == []
+    # The dense switch alone is supported (a step's rows all dense, or all retro).
+    assert check_config_for_paged(RetroConfig(dense_below=40960), 16) == []
     assert check_config_for_paged(RetroConfig(kmeans_value_weight=0.7), 16) == []
     assert check_config_for_paged(RetroConfig(cluster_size=8), 16) == []
 

@@ -144,7 +144,10 @@ class RetroConfig:
             the skipped clusters, which dropping them loses; the weight discounts
             the estimate's upward bias on low-ranked clusters. Reference only.
         dense_below: context length below which the vLLM backend decodes densely
-            (0: only the index's own short-sequence fallback applies).
+            (0: only the index's own short-sequence fallback applies). CPU build: per
+            decode row. GPU: per step, a step of at most two decode rows whose contexts
+            average fewer tokens runs vLLM's FlashAttention for all its rows (inside
+            the CUDA graphs, through conditional nodes); not with ``wave_buffer``.
         host_memory_gib: CPU build: host memory the vLLM backend's indexes of one
             worker may hold together; a request whose index alone would exceed it is
             refused (None: no limit). GPU: with ``wave_buffer``, the pinned host

@@ -290,6 +290,46 @@ def test_cluster_cache_moves_bytes_not_results(tiny_model):
     assert big == small
 
 
+def test_dense_switch_inside_cuda_graphs(tiny_model, dense):
+    """``dense_below``: a step of at most two decode rows whose contexts average
+    fewer tokens runs vLLM's FlashAttention, inside the same captured graphs as
+    retro's kernels (conditional nodes): short requests alone decode on
+    FlashAttention (counted in ``flash_rows``, outputs as the dense engine's), a long
+    one on retro's kernels (every cluster exact: as dense up to bf16 near-ties), and
+    three short ones together on retro's kernels."""
+    from vllm_retro.offline import close_llm
+    prompts, dense_out = dense
+    llm = gpu_llm(tiny_model, "retro", dict(FULL, dense_below=2000))
+    mgr = manager(llm)
+    try:
+        assert mgr.switch is not None, "dense switch off (no conditional graph nodes?)"
+        for i in (0, 1):                       # 40 and 300 tokens, alone
+            before = mgr.stats()
+            out = generate_with_logprobs(llm, [prompts[i]], [MAX_TOKENS[i]])
+            after = mgr.stats()
+            assert after["flash_rows"] - before["flash_rows"] == MAX_TOKENS[i] - 1
+            assert after["retro_rows"] + after["dense_rows"] == \
+                before["retro_rows"] + before["dense_rows"]
+            assert_same_or_near_tie([out[0][0]], [dense_out[i]])
+        before = mgr.stats()
+        out = generate_with_logprobs(llm, [prompts[5]], [MAX_TOKENS[5]])   # 3,100
+        after = mgr.stats()
+        assert after["flash_rows"] == before["flash_rows"]
+        assert after["retro_rows"] + after["dense_rows"] - before["retro_rows"] - \
+            before["dense_rows"] == MAX_TOKENS[5] - 1
+        assert_same_or_near_tie([out[0][0]], [dense_out[5]])
+        # Three short requests together: more rows than a dense step may have (a
+        # step where fewer of them decode, the others still prefilling, may be
+        # dense: so only "some rows on retro's kernels").
+        before = mgr.stats()
+        generate_with_logprobs(llm, prompts[:3], [8, 8, 8])
+        after = mgr.stats()
+        assert after["retro_rows"] + after["dense_rows"] > \
+            before["retro_rows"] + before["dense_rows"]
+    finally:
+        close_llm(llm)
+
+
 def test_starts_under_defaults(retro_full):
     cfg = retro_full.llm_engine.vllm_config
     assert cfg.kv_transfer_config.kv_connector == "RetroConnector"

@@ -10,6 +10,12 @@
   addresses never change, so pure-decode steps are captured in vLLM's FULL CUDA
   graphs (``AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE``). A row without an
   index yet (short context) is attended exactly, by the same kernels.
+* With ``dense_below`` (:class:`DenseSwitch`), a step of at most
+  :data:`DENSE_MAX_ROWS` decode rows whose contexts average fewer tokens than that
+  runs vLLM's FlashAttention for all its rows instead (few short rows: retro's
+  fixed chain of kernels costs more than dense reads). Captured pure-decode graphs
+  hold both paths, each inside a CUDA graph conditional node whose predicate the
+  metadata builder sets before each replay.
 * The index lives in retro's own index pool (:class:`~vllm_retro.index.paged.IndexPool`
   per layer, addressed through the index table ``ibt`` of an
   :class:`~vllm_retro.index.paged.IndexAllocator`), allocated when the attention
@@ -33,6 +39,7 @@ tokens read exactly / estimated) and logged; tests assert on these counters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -144,6 +151,11 @@ class RetroMetadata:
     num_actual_tokens: int
     prefill_query_start: Optional[List[int]] = None
     released_plan: Optional[object] = None
+    # The dense switch: ``dense`` this step runs vLLM's FlashAttention for every row
+    # (``flash``: its metadata over all rows); during graph capture ``flash`` is set
+    # but ``dense`` is not (the graph holds both paths, chosen on the device).
+    dense: bool = False
+    flash: Optional[object] = None
 
 
 class RetroMetadataBuilder(_DenseBuilder):
@@ -160,6 +172,7 @@ class RetroMetadataBuilder(_DenseBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
         self._slice = None
+        self._capturing = False
         logger.info("retro attention backend (GPU, paged index) active for %d layers",
                     len(layer_names))
 
@@ -174,10 +187,25 @@ class RetroMetadataBuilder(_DenseBuilder):
         # rows (their seq_len is 0, so the kernels only zero their output).
         while nd < n and qlen[nd] <= 1:
             nd += 1
-        prefill = None
+        switch = manager_for(self.vllm_config).dense_switch(self.device)
+        dense = switch is not None and not self._capturing and switch.choose(
+            cm.seq_lens_cpu_upper_bound if hasattr(cm, "seq_lens_cpu_upper_bound") else
+            None, nd, cm.max_seq_len, sum(1 for q in qlen[:nd] if q == 1))
+        if dense:
+            # One FlashAttention build for all rows (its schedule buffer is shared:
+            # a second build in the step would overwrite the first one's).
+            return RetroMetadata(num_decodes=nd, decode_block_table=cm.block_table_tensor[:nd],
+                                 decode_seq_lens=cm.seq_lens[:nd], prefill=None,
+                                 num_decode_tokens=int(qsl[nd]),
+                                 num_actual_tokens=cm.num_actual_tokens, dense=True,
+                                 flash=super().build(0, cm, fast_build))
+        prefill = flash = None
         if nd < n:
             # Cascade attention off: the prefix is shared with decode rows.
             prefill = super().build(0, slice_common_metadata(cm, nd, n), fast_build)
+        elif switch is not None and self._capturing:
+            # The captured graph holds the dense path too (pure decode: one build).
+            flash = super().build(0, cm, fast_build)
         nd_tok = int(qsl[nd])
         return RetroMetadata(num_decodes=nd,
                              decode_block_table=cm.block_table_tensor[:nd],
@@ -185,10 +213,14 @@ class RetroMetadataBuilder(_DenseBuilder):
                              prefill=prefill, num_decode_tokens=nd_tok,
                              num_actual_tokens=cm.num_actual_tokens,
                              prefill_query_start=None if prefill is None else
-                             [int(x) - int(qsl[nd]) for x in qsl[nd:n + 1]])
+                             [int(x) - int(qsl[nd]) for x in qsl[nd:n + 1]], flash=flash)
 
     def build_for_cudagraph_capture(self, common_attn_metadata):
-        return self.build(0, common_attn_metadata)
+        self._capturing = True
+        try:
+            return self.build(0, common_attn_metadata)
+        finally:
+            self._capturing = False
 
 
 class RetroImpl(_DenseImpl):
@@ -217,30 +249,45 @@ class RetroImpl(_DenseImpl):
         if attn_metadata is None:
             return output.fill_(0)  # profiling run, as FlashAttention
         md: RetroMetadata = attn_metadata
-        mgr = self._manager
+        if md.dense:
+            return super().forward(layer, query, key, value, kv_cache, md.flash, output)
         nd = md.num_decodes
         if nd:
-            mgr.require_ready()
-            # Wave buffer: the layer's view of the cluster cache and host mirror,
-            # built once at registration (fixed addresses for CUDA graphs).
-            wave = mgr.wave_views.get(layer.layer_name)
-            kw = {} if wave is None else {"wave": wave}
-            paged_decode_attention(
-                query[:nd].view(nd, self.num_heads, self.head_size), kv_cache,
-                mgr.layout, md.decode_block_table, md.decode_seq_lens, mgr.headers,
-                mgr.index_alloc.ibt, mgr.pools[layer.layer_name], mgr.sink_end, self.scale,
-                out=output[:nd].view(nd, self.num_heads, self.head_size),
-                workspace=mgr.workspace,
-                count_stats=layer.layer_name == mgr.first_layer,
-                variance_cap=mgr.config.variance_cap, **kw)
+            if md.flash is not None and torch.cuda.is_current_stream_capturing():
+                # Both paths in the graph, each run only when its predicate is set.
+                sw = self._manager.switch
+                with sw.branch(sw.pred_dense):
+                    super().forward(layer, query, key, value, kv_cache, md.flash, output)
+                with sw.branch(sw.pred_retro):
+                    self._decode(layer, query, kv_cache, md, output)
+            else:
+                self._decode(layer, query, kv_cache, md, output)
         if md.prefill is not None:
             t0, t1 = md.num_decode_tokens, md.num_actual_tokens
-            if mgr.released_prefills:
+            if self._manager.released_prefills:
                 self._prefill_released(layer, query[t0:t1], kv_cache, md, output[t0:t1])
             else:
                 super().forward(layer, query[t0:t1], key[t0:t1], value[t0:t1], kv_cache,
                                 md.prefill, output[t0:t1])
         return output
+
+    def _decode(self, layer, query, kv_cache, md: RetroMetadata, output) -> None:
+        """Retro's kernels for the step's decode rows."""
+        mgr = self._manager
+        nd = md.num_decodes
+        mgr.require_ready()
+        # Wave buffer: the layer's view of the cluster cache and host mirror,
+        # built once at registration (fixed addresses for CUDA graphs).
+        wave = mgr.wave_views.get(layer.layer_name)
+        kw = {} if wave is None else {"wave": wave}
+        paged_decode_attention(
+            query[:nd].view(nd, self.num_heads, self.head_size), kv_cache,
+            mgr.layout, md.decode_block_table, md.decode_seq_lens, mgr.headers,
+            mgr.index_alloc.ibt, mgr.pools[layer.layer_name], mgr.sink_end, self.scale,
+            out=output[:nd].view(nd, self.num_heads, self.head_size),
+            workspace=mgr.workspace,
+            count_stats=layer.layer_name == mgr.first_layer,
+            variance_cap=mgr.config.variance_cap, **kw)
 
     def _prefill_released(self, layer, query, kv_cache, md: RetroMetadata, output):
         """Prefill rows of a step where some request's early tokens were released
@@ -299,6 +346,8 @@ STAT_NAMES = ("retro_rows", "dense_rows", "exact_tokens", "estimated_tokens",
 # Requests that found the index pool (or the index table's rows) full: attended
 # exactly, each counted once (host-side, in PagedIndexManager.stats()).
 POOL_FULL_STAT = "index_pool_full"
+# Decode rows served by vLLM's FlashAttention through the dense switch (host-side).
+FLASH_ROWS_STAT = "flash_rows"
 # Spare index-table rows above max_num_seqs.
 IBT_ROW_MARGIN = 8
 # Released tokens read back per piece by a prefill row (staging: 2 x 8 MiB per 1K
@@ -306,6 +355,84 @@ IBT_ROW_MARGIN = 8
 PREFILL_PIECE_TOKENS = 32768
 # Without a GPU (CPU tests) the cluster cache's auto size: this share of the mirror.
 CPU_CACHE_MIRROR_SHARE = 8
+
+
+#: The most decode rows a dense step may have (measured on the H200 at 32K: dense
+#: faster at one and two rows, retro 2.6x faster at the largest batch).
+DENSE_MAX_ROWS = 2
+
+
+def conditional_graphs_available() -> bool:
+    """Whether torch can capture into CUDA graph conditional nodes (CUDA 12.4+:
+    ``CUDAGraph.begin_capture_to_if_node``), which the dense switch needs under
+    FULL CUDA graphs."""
+    g = getattr(torch.cuda, "CUDAGraph", None)
+    return all(hasattr(g, a) for a in ("get_currently_capturing_graph",
+                                       "begin_capture_to_if_node",
+                                       "end_capture_to_conditional_node"))
+
+
+class DenseSwitch:
+    """Per step, vLLM's FlashAttention or retro's kernels for all decode rows
+    (``dense_below``). The choice (:meth:`choose`) is made on the host from the
+    rows' sequence-length bounds when the step's metadata is built; a captured
+    graph holds both paths, each in a conditional node (:meth:`branch`) whose
+    predicate (``pred_dense`` / ``pred_retro``, device booleans at fixed addresses)
+    :meth:`choose` writes before the replay (only when it changes). ``flash_rows``
+    counts the decode rows served by FlashAttention."""
+
+    def __init__(self, threshold: int, device) -> None:
+        self.threshold = int(threshold)
+        self.pred_dense = torch.zeros((), dtype=torch.bool, device=device)
+        self.pred_retro = torch.ones((), dtype=torch.bool, device=device)
+        self._dense = False
+        self.flash_rows = 0
+
+    def choose(self, seq_lens_upper: Optional[torch.Tensor], num_decodes: int,
+               max_seq_len: int, real_rows: int) -> bool:
+        """Whether this step runs dense (:func:`dense_step`); sets the predicates
+        and counts ``real_rows`` (decode rows with a query token) when it does."""
+        dense = dense_step(seq_lens_upper, num_decodes, max_seq_len, self.threshold,
+                           real_rows)
+        if dense != self._dense:
+            self.pred_dense.fill_(dense)
+            self.pred_retro.fill_(not dense)
+            self._dense = dense
+        if dense:
+            self.flash_rows += real_rows
+        return dense
+
+    @staticmethod
+    @contextlib.contextmanager
+    def branch(pred: torch.Tensor):
+        """Captures the body into a conditional node of the graph being captured,
+        run at replay only where ``pred`` (a device boolean) is true."""
+        g = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+        g.begin_capture_to_if_node(pred)
+        try:
+            yield
+        finally:
+            g.end_capture_to_conditional_node()
+
+
+def dense_step(seq_lens_upper: Optional[torch.Tensor], num_decodes: int, max_seq_len: int,
+               threshold: int, real_rows: Optional[int] = None) -> bool:
+    """Whether a step's decode rows run vLLM's FlashAttention: at most
+    :data:`DENSE_MAX_ROWS` rows with a query token (``real_rows``; default
+    ``num_decodes``) whose contexts average fewer than ``threshold`` tokens (0:
+    never). Retro's step is a chain of five dependent kernels whose latency at one
+    or two rows outweighs the bytes it saves on short contexts; at more rows its
+    batched kernels win (32K: 2.6x dense's throughput at the largest batch).
+    ``seq_lens_upper``: host upper bounds of the step's sequence lengths (decode
+    rows first, padding rows 0; None: ``max_seq_len`` bounds every row)."""
+    rows = num_decodes if real_rows is None else real_rows
+    if threshold <= 0 or rows <= 0 or rows > DENSE_MAX_ROWS:
+        return False
+    if seq_lens_upper is not None:
+        total = int(seq_lens_upper[:num_decodes].sum())
+    else:
+        total = rows * int(max_seq_len)
+    return total < rows * threshold
 
 
 @dataclass
@@ -385,6 +512,7 @@ class PagedIndexManager:
         self._build_events: list = []
         self.last_log_time = time.monotonic()
         self.logged = [0] * len(STAT_NAMES)
+        self.logged_flash = 0
         self._head = None
         # Wave buffer (design §8): host mirror, cluster cache, per-layer kernel views
         # (by layer name), the reporter of horizons, and its counters.
@@ -406,6 +534,29 @@ class PagedIndexManager:
         self.wave_steps = 0
         self._wave_rows = False
         self._wave_logged = [0, 0, 0, 0]   # hits, misses, admitted, steps last logged
+        # The dense switch (``dense_below``), made by the first metadata build.
+        self.switch: Optional[DenseSwitch] = None
+        self._switch_checked = False
+
+    def dense_switch(self, device) -> Optional[DenseSwitch]:
+        """The worker's :class:`DenseSwitch` (None: ``dense_below`` 0, or FULL CUDA
+        graphs without conditional nodes in this torch, which is logged once)."""
+        if not self._switch_checked:
+            self._switch_checked = True
+            t = self.config.dense_below
+            cc = getattr(self.vllm_config, "compilation_config", None)
+            mode = getattr(cc, "cudagraph_mode", None)
+            full = bool(mode is not None and mode.has_full_cudagraphs())
+            if t and full and not conditional_graphs_available():
+                logger.warning("retro: dense_below %d is off: this torch cannot capture "
+                               "CUDA graph conditional nodes, which the switch needs "
+                               "under FULL CUDA graphs", t)
+            elif t:
+                self.switch = DenseSwitch(t, device)
+                logger.info("retro: decode steps of at most %d rows whose contexts average "
+                            "fewer than %d tokens run FlashAttention (dense_below)",
+                            DENSE_MAX_ROWS, t)
+        return self.switch
 
     # ---------------------------------------------------------------- set-up
     def note_layer(self, num_kv_heads: int, head_size: int, num_heads: int = 0) -> None:
@@ -972,6 +1123,7 @@ class PagedIndexManager:
         else:
             out = dict(zip(STAT_NAMES, self.workspace.stats.tolist()))
         out[POOL_FULL_STAT] = self.index_pool_full
+        out[FLASH_ROWS_STAT] = 0 if self.switch is None else self.switch.flash_rows
         if self.cache is not None:
             cs = self.cache.stats()
             for k in ("hits", "misses", "admitted", "evicted", "hit_rate"):
@@ -995,15 +1147,18 @@ class PagedIndexManager:
         cur = [stats[k] for k in STAT_NAMES]
         d = [a - b for a, b in zip(cur, self.logged)]
         self.logged = cur
-        if d[0] + d[1] == 0 and self.requests.freed == 0:
+        flash = stats[FLASH_ROWS_STAT] - self.logged_flash
+        self.logged_flash = stats[FLASH_ROWS_STAT]
+        if d[0] + d[1] + flash == 0 and self.requests.freed == 0:
             return
         if self.mirror is not None:
             self._log_wave(stats)
         ctx = max(1, d[4])
-        logger.info("retro: %d decode rows on the index, %d exact (no index yet); "
+        logger.info("retro: %d decode rows on the index, %d exact (no index yet), %d on "
+                    "FlashAttention (dense_below); "
                     "%.2f%% of tokens read exactly, %.2f%% estimated; %d live requests, "
                     "%d segments indexed; index pool %d of %d pages free, %d requests "
-                    "found it full", d[0], d[1], 100.0 * d[2] / ctx,
+                    "found it full", d[0], d[1], flash, 100.0 * d[2] / ctx,
                     100.0 * d[3] / ctx, len(self.requests.entries), self.segments_built,
                     self.index_alloc.free_pages, self.index_alloc.num_pages,
                     self.index_pool_full)

@@ -473,11 +473,9 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
     if config.rest_estimate:
         reasons.append("rest_estimate (the skipped clusters as one pseudo-token) is not "
                        "implemented by the GPU decode kernels")
-    if config.dense_below:
-        reasons.append(f"dense_below {config.dense_below}: pure-decode steps replay CUDA "
-                       "graphs with retro's kernels, which cannot switch rows to the dense "
-                       "kernel per step (rows without an index are attended exactly by "
-                       "retro's kernels)")
+    if config.dense_below and config.wave_buffer:
+        reasons.append(f"dense_below {config.dense_below} with wave_buffer: a dense step "
+                       "attends through vLLM's blocks, which the wave buffer releases")
     return reasons
 
 
