@@ -70,7 +70,7 @@ def test_pair_is_the_leading_singular_pair_of_random_clusters():
     the hard case for power iterations): ``|X w|`` within 3% of the top singular
     value for 90% of the clusters (median within 0.5%; no SVD) and never below the
     second, ``sigma u = X w``,
-    zeros below two tokens, rows 0-2 equal to the plain build's."""
+    zeros below two tokens, rows 0-2 the plain build's (to rounding)."""
     lay, kv, pool, ref_pool, blocks, pages, starts, sizes = _build(
         1, lambda shape, g: torch.randn(shape, generator=g))
     ratios, small = [], 0
@@ -91,7 +91,10 @@ def test_pair_is_the_leading_singular_pair_of_random_clusters():
     assert r.max() <= 1 + 1e-5 and r.quantile(0.1) > 0.97 and r.median() > 0.995, \
         r.sort()[0][:8]
     pg = pages.reshape(-1)
-    assert torch.equal(pool.fpart[pg, :, :3].cpu(), ref_pool.fpart[pg].cpu())
+    # Two separate builds of the same clusters need not round alike (on CUDA the
+    # per-cluster sums are atomic adds in no fixed order): equal to fp32 rounding.
+    torch.testing.assert_close(pool.fpart[pg, :, :3].cpu(), ref_pool.fpart[pg].cpu(),
+                               rtol=1e-5, atol=1e-6)
     assert torch.equal(pool.ipart.cpu(), ref_pool.ipart.cpu())
 
 
@@ -121,17 +124,22 @@ def test_planted_rank1_cross_covariance_is_recovered():
 @pytest.mark.usefixtures("triton_interpreter")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernel_matches_twin(dtype):
-    """The kernel (one program per cluster, power iterations on the cluster's tiles)
-    writes the twin's pair: ``sigma u w^T`` within 1e-4 (fp32 cache; bf16: the
-    store's rounding) relative to the pair's size for 95% of the clusters and 2e-2
-    for all (near-tied top singular values let the iterations' rounding pick a
-    slightly different mix), zeros where the twin has zeros, rows 0-2 untouched."""
+    """The kernel (one program per cluster: the power iterations on the cluster's
+    token Gram matrices up to ``VC_HELD_TOKENS`` tokens, in a tile of half as many
+    rows where they suffice, else on tiles streamed from cache; clusters of all three
+    kinds here) writes the twin's pair: ``sigma u w^T`` within 1e-4 (fp32 cache;
+    bf16: the store's rounding) relative to the pair's size for 95% of the clusters
+    and 2e-2 for all (near-tied top singular values let the iterations' rounding pick
+    a slightly different mix), zeros where the twin has zeros, rows 0-2 untouched."""
     pytest.importorskip("triton")
     from vllm_retro.kernels import triton_cluster_write as tcw
     if DEV == "cpu" and type(tcw._vc_kernel).__name__ != "InterpretedFunction":
         pytest.skip("kernel module was compiled for a GPU before the interpreter was on")
     lay, kv, pool, _, blocks, pages, starts, sizes = _build(
         3, lambda shape, g: torch.randn(shape, generator=g), dtype=dtype)
+    held, n = tcw.VC_HELD_TOKENS, sizes.cpu()
+    assert ((n >= 2) & (n <= held // 2)).any() and ((n > held // 2) & (n <= held)).any()
+    assert (n > held).any()
     got = IndexPool(lay, pool.num_pages, DEV)
     got.fpart[:, :, :3] = pool.fpart[:, :, :3]
     tcw.write_value_correction_triton(kv, lay, got, blocks, pages, starts, sizes,

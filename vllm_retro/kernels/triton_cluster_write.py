@@ -18,11 +18,14 @@ Twin: :func:`vllm_retro.kernels.reference.write_clusters`
 (tests/kernels/test_write_clusters.py).
 
 :func:`write_value_correction_triton` (``RetroConfig.value_correction``, after the
-write): one program per (segment x KV head, cluster) reads the cluster's now
-contiguous K/V a tile at a time, its mean key and value, then runs the power
-iterations of its key-value cross-covariance's leading pair on the tiles (each
-step two passes over the cluster's tokens, from cache), and writes ``sigma u`` and
-``w`` to the page's rows ``F_SIGMA_U`` and ``F_W``. Twin:
+write): one program (one warp) per (segment x KV head, cluster) finds the leading
+singular pair of the cluster's key-value cross-covariance ``X`` by the twin's power
+iterations and writes ``sigma u`` and ``w`` to the page's rows ``F_SIGMA_U`` and
+``F_W``. A cluster of up to ``VC_HELD_TOKENS`` tokens (nearly all of them) is read
+twice: once for its tokens' key and value Gram matrices (``[n, n]``, on the tensor
+cores), on which every step of the iteration runs, and once to turn the result back
+into D dimensions. A larger one streams its now contiguous K/V from cache, a tile
+at a time, on every step (two passes each). Twin:
 :func:`vllm_retro.kernels.reference.write_value_correction`
 (tests/kernels/test_value_correction.py).
 """
@@ -39,6 +42,11 @@ _I_SIZE = tl.constexpr(I_SIZE)
 _I_START = tl.constexpr(I_START)
 _F_SIGMA_U = tl.constexpr(F_SIGMA_U)
 _F_W = tl.constexpr(F_W)
+
+# The value correction's clusters of up to this many tokens (a power of two >= 32)
+# take the Gram path, larger ones the streamed one. At 16-token clusters k-means
+# leaves ~1% of them above 32 (SmolLM2's keys); 64 would not fit in one warp.
+VC_HELD_TOKENS = 32
 
 
 @triton.jit(do_not_specialize=["n", "C", "nbs", "npg"])
@@ -135,8 +143,8 @@ def write_clusters_triton(kv_cache: torch.Tensor, layout: PagedIndexLayout,
 @triton.jit
 def _vc_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, t0,
              D: tl.constexpr, BS: tl.constexpr, T: tl.constexpr):
-    """Keys and values ``[T, D]`` (float32, zero past the cluster) of the cluster's
-    entries ``t0 .. t0 + T`` (logical positions ``start + t``)."""
+    """Keys and values ``[T, D]`` (the cache's dtype, zero past the cluster) of the
+    cluster's entries ``t0 .. t0 + T`` (logical positions ``start + t``)."""
     i = tl.arange(0, T)
     d = tl.arange(0, D)
     m = t0 + i < size
@@ -145,20 +153,21 @@ def _vc_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, t0,
     base = kv_ptr + pb * kv_s0 + h * kv_s1 + (e % BS).to(tl.int64) * kv_s2
     k = tl.load(base[:, None] + d[None, :] * kv_s3, mask=m[:, None], other=0.0)
     v = tl.load(base[:, None] + (D + d[None, :]) * kv_s3, mask=m[:, None], other=0.0)
-    return k.to(tl.float32), v.to(tl.float32), m
+    return k, v, m
 
 
 @triton.jit
 def _vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, cent, vmean, x,
               TRANS: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, T: tl.constexpr):
     """``X x`` (``TRANS``: ``X^T x``) for the cluster's cross-covariance ``X = (1/n)
-    sum_i dk_i dv_i^T``: ``(1/n) sum_i dk_i (dv_i . x)`` (``sum_i dv_i (dk_i . x)``)."""
+    sum_i dk_i dv_i^T``: ``(1/n) sum_i dk_i (dv_i . x)`` (``sum_i dv_i (dk_i . x)``),
+    one pass over the cluster's tokens in cache."""
     acc = tl.zeros([D], tl.float32)
     for t0 in range(0, size, T):
         k, v, m = _vc_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, t0, D,
                            BS, T)
-        dk = tl.where(m[:, None], k - cent[None, :], 0.0)
-        dv = tl.where(m[:, None], v - vmean[None, :], 0.0)
+        dk = tl.where(m[:, None], k.to(tl.float32) - cent[None, :], 0.0)
+        dv = tl.where(m[:, None], v.to(tl.float32) - vmean[None, :], 0.0)
         if TRANS:
             acc += tl.sum(dv * tl.sum(dk * x[None, :], 1)[:, None], 0)
         else:
@@ -172,12 +181,145 @@ def _unit(x):
     return x / tl.maximum(tl.sqrt(tl.sum(x * x, 0)), 1e-12)
 
 
+@triton.jit
+def _vc_pair_streamed(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size,
+                      ITERS: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                      T: tl.constexpr):
+    """``(sigma u, w)`` of a cluster of any size (at least two tokens): the twin's
+    steps, each product a pass over the cluster's tokens in cache, ``T`` at a time."""
+    acc_k = tl.zeros([D], tl.float32)
+    acc_v = tl.zeros([D], tl.float32)
+    for t0 in range(0, size, T):
+        k, v, m = _vc_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, t0,
+                           D, BS, T)
+        acc_k += tl.sum(k.to(tl.float32), 0)
+        acc_v += tl.sum(v.to(tl.float32), 0)
+    cent = acc_k / size.to(tl.float32)
+    vmean = acc_v / size.to(tl.float32)
+    # From the first entry's key deviation, as the twin.
+    k0, v0, m0 = _vc_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, 0, D,
+                          BS, T)
+    u = _unit(tl.sum(tl.where((tl.arange(0, T) == 0)[:, None],
+                              k0.to(tl.float32) - cent[None, :], 0.0), 0))
+    w = _unit(_vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, cent,
+                        vmean, u, True, D, BS, T))
+    for it in range(ITERS):
+        u = _unit(_vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size,
+                            cent, vmean, w, False, D, BS, T))
+        w = _unit(_vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size,
+                            cent, vmean, u, True, D, BS, T))
+    su = _vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, cent,
+                   vmean, w, False, D, BS, T)
+    return su, w
+
+
+@triton.jit
+def _centred_gram(base, m, size, cnt, kv_s3, OFF: tl.constexpr, D: tl.constexpr,
+                  DC: tl.constexpr, TR: tl.constexpr, NATIVE: tl.constexpr):
+    """``G [TR, TR]``, ``G_ij = (x_i - mean) . (x_j - mean)`` for the cluster's keys
+    (``OFF`` 0) or values (``OFF`` D), zero past the cluster (``base`` its tokens'
+    row pointers, ``m`` its live rows). The raw products ``R = x x^T`` accumulate
+    ``DC`` dimensions at a time (16-bit values multiply exactly on the tensor cores
+    with ``NATIVE``, else in fp32); the centring is on the small matrix, ``G = R - r
+    1^T - 1 r^T + mu`` with ``r_i = x_i . mean = (1/n) sum_j R_ij`` and ``mu = mean
+    . mean``."""
+    g = tl.zeros([TR, TR], tl.float32)
+    for c0 in tl.static_range(0, D, DC):
+        dd = OFF + c0 + tl.arange(0, DC)
+        x = tl.load(base[:, None] + dd[None, :] * kv_s3, mask=m[:, None], other=0.0)
+        if NATIVE:
+            g = tl.dot(x, tl.trans(x), g)
+        else:
+            xf = x.to(tl.float32)
+            g = tl.dot(xf, tl.trans(xf), g, input_precision="ieee")
+    r1 = tl.sum(g, 1) / cnt            # r as a column ...
+    r0 = tl.sum(g, 0) / cnt            # ... and as a row (g is symmetric)
+    mu = tl.sum(r1, 0) / cnt
+    i = tl.arange(0, TR)
+    live = (i < size)[:, None] & (i < size)[None, :]
+    return tl.where(live, g - r1[:, None] - r0[None, :] + mu, 0.0)
+
+
+@triton.jit
+def _rescale(x):
+    """``x / max|x|`` (zero stays zero): keeps the power iteration's coefficient
+    vectors in range whatever the scale of the K/V."""
+    return x / tl.maximum(tl.max(tl.abs(x), 0), 1e-30)
+
+
+@triton.jit
+def _vc_pair_held(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, fp_c, fp_s2,
+                  ITERS: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                  TR: tl.constexpr, DC: tl.constexpr, DE: tl.constexpr,
+                  NATIVE: tl.constexpr):
+    """Writes ``sigma u`` and ``w`` of a cluster of 2 to ``TR`` tokens (row pointer
+    ``fp_c``): the twin's power iteration run in the span of the cluster's tokens.
+    With ``DK``, ``DV`` the ``[n, D]`` deviations from the means, ``Gk = DK DK^T``
+    and ``Gv = DV DV^T``, a ``w`` of the form ``DV^T b`` gives ``X w ~ DK^T (Gv b)``
+    and a ``u = DK^T a`` gives ``X^T u ~ DV^T (Gk a)``; the twin's start, ``u ~ dk_0``
+    (the first entry's key deviation), is ``a = e_0``. So each step is a product
+    with a ``[TR, TR]`` matrix (not a pass over ``[n, D]``), and only the end returns
+    to D dimensions: ``w = unit(DV^T b)``, ``sigma u = X w``."""
+    i = tl.arange(0, TR)
+    m = i < size
+    e = start + i
+    pb = tl.load(brow + e // BS, mask=m, other=0).to(tl.int64)
+    base = kv_ptr + pb * kv_s0 + h * kv_s1 + (e % BS).to(tl.int64) * kv_s2
+    cnt = size.to(tl.float32)
+    gk = _centred_gram(base, m, size, cnt, kv_s3, 0, D, DC, TR, NATIVE)
+    gv = _centred_gram(base, m, size, cnt, kv_s3, D, D, DC, TR, NATIVE)
+    # Gk and Gv are symmetric: alternating the reduced axis keeps each vector in the
+    # layout the next product broadcasts it in. a and b are rescaled, not
+    # normalised: only their directions matter.
+    b = _rescale(tl.sum(tl.where(i[None, :] == 0, gk, 0.0), 1))         # Gk e_0
+    for it in range(ITERS):
+        a = _rescale(tl.sum(gv * b[:, None], 0))
+        b = _rescale(tl.sum(gk * a[None, :], 1))
+    # Back in D dimensions, DE at a time (the cluster's values and keys in fp32
+    # would not fit in one warp's registers): w ~ DV^T b, s = DV w and sigma u =
+    # DK^T s / n without forming the deviations (b, s and the rows past the cluster
+    # are zero). w is stored once its norm over all D is known, by a second pass
+    # over the values (the first's expressions: the compiler may reuse them).
+    sb = tl.sum(b, 0)
+    nrm = 0.0
+    svm = 0.0
+    sv = tl.zeros([TR], tl.float32)
+    for c0 in tl.static_range(0, D, DE):
+        dd = D + c0 + tl.arange(0, DE)
+        v = tl.load(base[:, None] + dd[None, :] * kv_s3, mask=m[:, None], other=0.0)
+        v = v.to(tl.float32)
+        vmean = tl.sum(v, 0) / cnt
+        wc = tl.sum(v * b[:, None], 0) - sb * vmean
+        nrm += tl.sum(wc * wc, 0)
+        svm += tl.sum(vmean * wc, 0)
+        sv += tl.sum(v * wc[None, :], 1)
+    inv = 1.0 / tl.maximum(tl.sqrt(nrm), 1e-12)
+    s = tl.where(m, (sv - svm) * inv, 0.0)
+    ss = tl.sum(s, 0)
+    ety = fp_c.dtype.element_ty
+    for c0 in tl.static_range(0, D, DE):
+        dd = D + c0 + tl.arange(0, DE)
+        v = tl.load(base[:, None] + dd[None, :] * kv_s3, mask=m[:, None], other=0.0)
+        v = v.to(tl.float32)
+        wc = (tl.sum(v * b[:, None], 0) - sb * (tl.sum(v, 0) / cnt)) * inv
+        tl.store(fp_c + _F_W * fp_s2 + (dd - D), wc.to(ety))
+    for c0 in tl.static_range(0, D, DE):
+        dd = c0 + tl.arange(0, DE)
+        k = tl.load(base[:, None] + dd[None, :] * kv_s3, mask=m[:, None], other=0.0)
+        k = k.to(tl.float32)
+        su = (tl.sum(k * s[:, None], 0) - ss * (tl.sum(k, 0) / cnt)) / cnt
+        tl.store(fp_c + _F_SIGMA_U * fp_s2 + dd, su.to(ety))
+
+
 @triton.jit(do_not_specialize=["C", "nbs", "npg"])
 def _vc_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, fp_ptr, fp_s0, fp_s1, fp_s2, blk_ptr,
                pg_ptr, nbs, npg, st_ptr, sz_ptr, C, ITERS: tl.constexpr, H: tl.constexpr,
-               D: tl.constexpr, BS: tl.constexpr, T: tl.constexpr):
+               D: tl.constexpr, BS: tl.constexpr, T: tl.constexpr, TR: tl.constexpr,
+               DC: tl.constexpr, DE: tl.constexpr, NATIVE: tl.constexpr):
     """Program (s = job * H + h, cluster j < C): the value-correction pair of cluster
-    j of problem s (zeros below two tokens)."""
+    j of problem s (zeros below two tokens): up to ``TR`` tokens by the Gram path
+    (with ``TR / 2`` rows where they suffice: a quarter of the iteration's work, half
+    of the rest), more streamed ``T`` tokens at a time."""
     s = tl.program_id(0)
     j = tl.program_id(1)
     job = s // H
@@ -186,37 +328,29 @@ def _vc_kernel(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, fp_ptr, fp_s0, fp_s1, fp_s2, 
     cblk = tl.load(pg_ptr + job.to(tl.int64) * npg + j).to(tl.int64)
     start = tl.load(st_ptr + s.to(tl.int64) * C + j)
     size = tl.load(sz_ptr + s.to(tl.int64) * C + j)
-    d = tl.arange(0, D)
-    fp_c = fp_ptr + cblk * fp_s0 + h * fp_s1 + d
-    ety = fp_ptr.dtype.element_ty
-    su = tl.zeros([D], tl.float32)
-    w = tl.zeros([D], tl.float32)
-    if size >= 2:
-        acc_k = tl.zeros([D], tl.float32)
-        acc_v = tl.zeros([D], tl.float32)
-        for t0 in range(0, size, T):
-            k, v, m = _vc_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, t0,
-                               D, BS, T)
-            acc_k += tl.sum(k, 0)
-            acc_v += tl.sum(v, 0)
-        cent = acc_k / size.to(tl.float32)
-        vmean = acc_v / size.to(tl.float32)
-        # From the first entry's key deviation, as the twin.
-        k0, v0, m0 = _vc_tile(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, 0, D,
-                            BS, T)
-        u = _unit(tl.sum(tl.where((tl.arange(0, T) == 0)[:, None], k0 - cent[None, :], 0.0),
-                         0))
-        w = _unit(_vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, cent,
-                            vmean, u, True, D, BS, T))
-        for it in range(ITERS):
-            u = _unit(_vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size,
-                                cent, vmean, w, False, D, BS, T))
-            w = _unit(_vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size,
-                                cent, vmean, u, True, D, BS, T))
-        su = _vc_apply(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, cent,
-                       vmean, w, False, D, BS, T)
-    tl.store(fp_c + _F_SIGMA_U * fp_s2, su.to(ety))
-    tl.store(fp_c + _F_W * fp_s2, w.to(ety))
+    fp_c = fp_ptr + cblk * fp_s0 + h * fp_s1
+    if size >= 2 and size <= TR // 2:
+        _vc_pair_held(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, fp_c, fp_s2,
+                      ITERS, D, BS, TR // 2, DC, DE, NATIVE)
+    elif size >= 2 and size <= TR:
+        _vc_pair_held(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start, size, fp_c, fp_s2,
+                      ITERS, D, BS, TR, DC, DE, NATIVE)
+    else:
+        d = tl.arange(0, D)
+        su = tl.zeros([D], tl.float32)
+        w = tl.zeros([D], tl.float32)
+        if size >= 2:
+            su, w = _vc_pair_streamed(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, brow, h, start,
+                                      size, ITERS, D, BS, T)
+        ety = fp_ptr.dtype.element_ty
+        tl.store(fp_c + _F_SIGMA_U * fp_s2 + d, su.to(ety))
+        tl.store(fp_c + _F_W * fp_s2 + d, w.to(ety))
+
+
+def _interpreting() -> bool:
+    """Whether the kernels run in Triton's CPU interpreter (its 16-bit dot is
+    unreliable: fp32 products there)."""
+    return type(_vc_kernel).__name__ == "InterpretedFunction"
 
 
 def write_value_correction_triton(kv_cache: torch.Tensor, layout: PagedIndexLayout,
@@ -234,8 +368,14 @@ def write_value_correction_triton(kv_cache: torch.Tensor, layout: PagedIndexLayo
     fpart = pool.fpart
     st = kv_cache.stride()
     i32 = torch.int32
+    # One warp per cluster: the Gram path's small matrices are then neither split
+    # across warps (no cross-warp reductions) nor replicated in each. fp32 caches
+    # (tests) take four: their tiles are twice the registers.
+    sixteen = kv_cache.dtype in (torch.bfloat16, torch.float16)
     _vc_kernel[(m * h, c)](
         kv_cache, st[0], st[1], st[2], st[3], fpart, fpart.stride(0), fpart.stride(1),
         fpart.stride(2), seg_blocks.contiguous(), seg_pages.to(torch.int64).contiguous(),
         nbs, npg, starts.to(i32).contiguous(), sizes.to(i32).contiguous(), c,
-        ITERS=int(iters), H=h, D=d, BS=bs, T=16, num_warps=4)
+        ITERS=int(iters), H=h, D=d, BS=bs, T=16, TR=VC_HELD_TOKENS, DC=min(32, d),
+        DE=min(64, d), NATIVE=sixteen and not _interpreting(),
+        num_warps=1 if sixteen else 4)
