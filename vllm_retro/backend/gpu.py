@@ -39,7 +39,6 @@ tokens read exactly / estimated) and logged; tests assert on these counters.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -254,12 +253,12 @@ class RetroImpl(_DenseImpl):
         nd = md.num_decodes
         if nd:
             if md.flash is not None and torch.cuda.is_current_stream_capturing():
-                # Both paths in the graph, each run only when its predicate is set.
-                sw = self._manager.switch
-                with sw.branch(sw.pred_dense):
-                    super().forward(layer, query, key, value, kv_cache, md.flash, output)
-                with sw.branch(sw.pred_retro):
-                    self._decode(layer, query, kv_cache, md, output)
+                # Both paths in the graph, each run only when the step calls for it.
+                dense_impl = super()
+                self._manager.switch.capture_both(
+                    lambda: dense_impl.forward(layer, query, key, value, kv_cache,
+                                               md.flash, output),
+                    lambda: self._decode(layer, query, kv_cache, md, output))
             else:
                 self._decode(layer, query, kv_cache, md, output)
         if md.prefill is not None:
@@ -372,6 +371,20 @@ def conditional_graphs_available() -> bool:
                                        "end_capture_to_conditional_node"))
 
 
+def extension_branches_available() -> bool:
+    """Whether the extension ``vllm_retro._C`` has the CUDA kernels of
+    ``graph_begin_if`` / ``graph_end_if`` (its IF nodes, for a torch without
+    :func:`conditional_graphs_available`: torch 2.11)."""
+    if not (hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")):
+        return False
+    try:
+        from .. import _C  # noqa: F401  (loading registers the ops)
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(
+            "vllm_retro::graph_begin_if", "CUDA"))
+    except Exception:  # no extension, or one built without CUDA
+        return False
+
+
 class DenseSwitch:
     """Per step, vLLM's FlashAttention or retro's kernels for all decode rows
     (``dense_below``). The choice (:meth:`choose`) is made on the host from the
@@ -387,6 +400,8 @@ class DenseSwitch:
         self.pred_retro = torch.ones((), dtype=torch.bool, device=device)
         self._dense = False
         self.flash_rows = 0
+        self._side = None     # the extension's IF-ELSE bodies: capture stream, pool
+        self._pool = None
 
     def choose(self, seq_lens_upper: Optional[torch.Tensor], num_decodes: int,
                max_seq_len: int, real_rows: int) -> bool:
@@ -402,17 +417,35 @@ class DenseSwitch:
             self.flash_rows += real_rows
         return dense
 
-    @staticmethod
-    @contextlib.contextmanager
-    def branch(pred: torch.Tensor):
-        """Captures the body into a conditional node of the graph being captured,
-        run at replay only where ``pred`` (a device boolean) is true."""
-        g = torch.cuda.CUDAGraph.get_currently_capturing_graph()
-        g.begin_capture_to_if_node(pred)
+    def capture_both(self, dense_fn, retro_fn) -> None:
+        """Captures ``dense_fn()`` and ``retro_fn()`` into the graph being captured
+        on the current stream, each run at replay only when the step is dense /
+        not dense. With torch's own conditional nodes: two IF nodes (one per
+        predicate). Else the extension's IF-ELSE node (``graph_begin_if``, one
+        predicate kernel and one node per layer; CUDA 12.8+): its bodies are
+        captured on a side stream, their allocations from a memory pool of the
+        switch's own, kept for the graphs' lifetime."""
+        if conditional_graphs_available():
+            for pred, fn in ((self.pred_dense, dense_fn), (self.pred_retro, retro_fn)):
+                g = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+                g.begin_capture_to_if_node(pred)
+                try:
+                    fn()
+                finally:
+                    g.end_capture_to_conditional_node()
+            return
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.pred_dense.device)
+            self._pool = torch.cuda.MemPool()
+        ops, pred, side = torch.ops.vllm_retro, self.pred_dense, self._side.cuda_stream
+        ops.graph_begin_if(pred, side, True)
         try:
-            yield
+            with torch.cuda.use_mem_pool(self._pool), torch.cuda.stream(self._side):
+                dense_fn()
+                ops.graph_else(pred, side)
+                retro_fn()
         finally:
-            g.end_capture_to_conditional_node()
+            ops.graph_end_if(pred, side)
 
 
 def dense_step(seq_lens_upper: Optional[torch.Tensor], num_decodes: int, max_seq_len: int,
@@ -547,10 +580,12 @@ class PagedIndexManager:
             cc = getattr(self.vllm_config, "compilation_config", None)
             mode = getattr(cc, "cudagraph_mode", None)
             full = bool(mode is not None and mode.has_full_cudagraphs())
-            if t and full and not conditional_graphs_available():
-                logger.warning("retro: dense_below %d is off: this torch cannot capture "
-                               "CUDA graph conditional nodes, which the switch needs "
-                               "under FULL CUDA graphs", t)
+            if t and full and not (conditional_graphs_available()
+                                   or extension_branches_available()):
+                logger.warning("retro: dense_below %d is off: neither this torch nor "
+                               "vllm_retro._C (built without CUDA?) can capture CUDA "
+                               "graph conditional nodes, which the switch needs under "
+                               "FULL CUDA graphs", t)
             elif t:
                 self.switch = DenseSwitch(t, device)
                 logger.info("retro: decode steps of at most %d rows whose contexts average "
