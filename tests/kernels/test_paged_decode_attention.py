@@ -405,11 +405,12 @@ def test_value_correction_matches_twin_and_corrects_the_estimate():
         v = torch.einsum("lhd,hde->lhe", k, mix) + 0.05 * torch.randn(L, H, D, generator=g)
         return torch.cat([k, v], dim=-1)
 
+    # The same K/V for both arms: the comparison is of the estimate alone.
+    kv0, kv1 = planted(900), planted(700)
     outs, errs = {}, {}
     for vc in (False, True):
         torch.manual_seed(4)
         sc = Scene(260, value_correction=vc)
-        kv0, kv1 = planted(900), planted(700)
         sc.add(900, kv_row=kv0, n_ret=1, n_est=30)
         sc.add(700, kv_row=kv1, n_ret=1, n_est=30)
         q = 0.3 * torch.randn(2, H * G, D, generator=torch.Generator().manual_seed(5))
