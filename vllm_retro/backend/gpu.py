@@ -14,8 +14,8 @@
   :data:`DENSE_MAX_ROWS` decode rows whose contexts average fewer tokens than that
   runs vLLM's FlashAttention for all its rows instead (few short rows: retro's
   fixed chain of kernels costs more than dense reads). Captured pure-decode graphs
-  hold both paths, each inside a CUDA graph conditional node whose predicate the
-  metadata builder sets before each replay.
+  hold both paths in CUDA graph conditional nodes whose predicate the metadata
+  builder sets before each replay (the extension's IF-ELSE node on torch 2.11).
 * The index lives in retro's own index pool (:class:`~vllm_retro.index.paged.IndexPool`
   per layer, addressed through the index table ``ibt`` of an
   :class:`~vllm_retro.index.paged.IndexAllocator`), allocated when the attention
@@ -373,8 +373,9 @@ def conditional_graphs_available() -> bool:
 
 def extension_branches_available() -> bool:
     """Whether the extension ``vllm_retro._C`` has the CUDA kernels of
-    ``graph_begin_if`` / ``graph_end_if`` (its IF nodes, for a torch without
-    :func:`conditional_graphs_available`: torch 2.11)."""
+    ``graph_begin_if`` / ``graph_else`` / ``graph_end_if`` (its IF-ELSE nodes, for a
+    torch without :func:`conditional_graphs_available`: torch 2.11) and torch the
+    memory pools their bodies allocate from."""
     if not (hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")):
         return False
     try:
@@ -389,9 +390,9 @@ class DenseSwitch:
     """Per step, vLLM's FlashAttention or retro's kernels for all decode rows
     (``dense_below``). The choice (:meth:`choose`) is made on the host from the
     rows' sequence-length bounds when the step's metadata is built; a captured
-    graph holds both paths, each in a conditional node (:meth:`branch`) whose
-    predicate (``pred_dense`` / ``pred_retro``, device booleans at fixed addresses)
-    :meth:`choose` writes before the replay (only when it changes). ``flash_rows``
+    graph holds both paths in conditional nodes (:meth:`capture_both`) whose
+    predicates (``pred_dense`` / ``pred_retro``, device booleans at fixed addresses)
+    :meth:`choose` writes before the replay (only when they change). ``flash_rows``
     counts the decode rows served by FlashAttention."""
 
     def __init__(self, threshold: int, device) -> None:
@@ -573,7 +574,8 @@ class PagedIndexManager:
 
     def dense_switch(self, device) -> Optional[DenseSwitch]:
         """The worker's :class:`DenseSwitch` (None: ``dense_below`` 0, or FULL CUDA
-        graphs without conditional nodes in this torch, which is logged once)."""
+        graphs with neither torch's conditional nodes nor the extension's, which is
+        logged once)."""
         if not self._switch_checked:
             self._switch_checked = True
             t = self.config.dense_below
