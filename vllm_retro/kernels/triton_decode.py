@@ -510,8 +510,21 @@ def _q8_dot(hi, lo, b):
     return acc.to(tl.float32) * (1.0 / _Q8_LO)
 
 
+# The grid's split (MSPLIT, a function of the batch) is not specialized: Triton
+# compiles a variant per class of an integer argument's value (1, multiples of 16,
+# others), and an eager step with a row count no CUDA graph was captured for (a
+# mixed prefill / decode step: 3 rows split 32 ways, a multiple of 16, where the
+# 4-row graph splits 22 ways) compiled new variants in the middle of serving (~2 s
+# per kernel, vLLM's JIT monitor warned of it on the H200). NROWS stays specialized:
+# unspecialized it moved the registers of the one- and two-row variants (sm_90
+# compile check), while with MSPLIT alone every variant compiles as before; eager
+# steps of 9-15 rows (NROWS in the "other" class with BP 16, whose graph of 16 rows
+# is a multiple of 16) may still compile once.
+_BATCH_ARGS = ["MSPLIT"]
+
+
 # ------------------------------------------------------------------ 1. scores
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   fq_ptr, fq_s0, fq_s1, fs_ptr, fs_s0, fs_s1, fs_s2,
                   ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0,
@@ -600,7 +613,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
 
 
 # ------------------------------------------------------------------ 2. keys
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_ptr,
                 ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, NROWS, TGT, MSPLIT, DYN,
                 BP: tl.constexpr,
@@ -763,7 +776,7 @@ def _count_chunks(cand_ptr, word0, ix_row, h, n, thr, lo, H: tl.constexpr,
     return gt, eq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_ptr,
                  tick_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB,
                  NROWS, TGT, MSPLIT, DYN, BP: tl.constexpr,
@@ -863,7 +876,7 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
 
 
 # ------------------------------------------------------------------ 4. lists
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stats_ptr,
                     ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr,
                     hdr_s0, SB, S, NROWS, TGT, MSPLIT, DYN,
@@ -1254,7 +1267,7 @@ def _visit_pages(ok, start, size, ix_row, src_row, S, SB, E, L, HZB, WL, WNL, WP
     return hits
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, lists_ptr,
                     cnt_ptr, src_ptr, src_s0, SB, S, NROWS, TGT, MSPLIT, DYN,
                     pr_ptr, ct_ptr, stamp_ptr, clock_ptr, wcnt_ptr, mk_ptr,
@@ -1302,7 +1315,7 @@ def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, li
     _pdl_launch(PDL)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                    fq_ptr, fq_s0, fq_s1, fq_s2, fs_ptr, fs_s0, fs_s1, fs_s2,
