@@ -151,10 +151,12 @@ class RetroMetadata:
     prefill_query_start: Optional[List[int]] = None
     released_plan: Optional[object] = None
     # The dense switch: ``dense`` this step runs vLLM's FlashAttention for every row
-    # (``flash``: its metadata over all rows); during graph capture ``flash`` is set
-    # but ``dense`` is not (the graph holds both paths, chosen on the device).
+    # (``flash``: its metadata over all rows); during graph capture ``flash`` and
+    # ``switch`` are set but ``dense`` is not (the graph holds both paths, chosen on
+    # the device by the switch's predicates).
     dense: bool = False
     flash: Optional[object] = None
+    switch: Optional["DenseSwitch"] = None
 
 
 class RetroMetadataBuilder(_DenseBuilder):
@@ -212,7 +214,8 @@ class RetroMetadataBuilder(_DenseBuilder):
                              prefill=prefill, num_decode_tokens=nd_tok,
                              num_actual_tokens=cm.num_actual_tokens,
                              prefill_query_start=None if prefill is None else
-                             [int(x) - int(qsl[nd]) for x in qsl[nd:n + 1]], flash=flash)
+                             [int(x) - int(qsl[nd]) for x in qsl[nd:n + 1]], flash=flash,
+                             switch=switch if flash is not None else None)
 
     def build_for_cudagraph_capture(self, common_attn_metadata):
         self._capturing = True
@@ -252,10 +255,11 @@ class RetroImpl(_DenseImpl):
             return super().forward(layer, query, key, value, kv_cache, md.flash, output)
         nd = md.num_decodes
         if nd:
-            if md.flash is not None and torch.cuda.is_current_stream_capturing():
-                # Both paths in the graph, each run only when the step calls for it.
+            if md.switch is not None and torch.cuda.is_current_stream_capturing():
+                # Both paths in the graph, each run only when the step calls for it
+                # (the builder's switch: the one whose predicates it writes).
                 dense_impl = super()
-                self._manager.switch.capture_both(
+                md.switch.capture_both(
                     lambda: dense_impl.forward(layer, query, key, value, kv_cache,
                                                md.flash, output),
                     lambda: self._decode(layer, query, kv_cache, md, output))
