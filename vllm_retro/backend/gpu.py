@@ -55,6 +55,7 @@ from ..index.paged import (IndexAllocator, IndexPool, PagedIndexLayout, SegmentJ
                            budget, build_segments, check_config_for_paged, clusters_in,
                            plan_segments, sink_end)
 from ..kernels import DecodeWorkspace, paged_decode_attention
+from ..kernels.extension import has_cuda_kernel
 from ..request_table import RequestTable
 from ..transfer import to_device
 from .connector import RetroStepMetadata
@@ -190,8 +191,8 @@ class RetroMetadataBuilder(_DenseBuilder):
             nd += 1
         switch = manager_for(self.vllm_config).dense_switch(self.device)
         dense = switch is not None and not self._capturing and switch.choose(
-            cm.seq_lens_cpu_upper_bound if hasattr(cm, "seq_lens_cpu_upper_bound") else
-            None, nd, cm.max_seq_len, sum(1 for q in qlen[:nd] if q == 1))
+            getattr(cm, "seq_lens_cpu_upper_bound", None), nd, cm.max_seq_len,
+            sum(1 for q in qlen[:nd] if q == 1))
         if dense:
             # One FlashAttention build for all rows (its schedule buffer is shared:
             # a second build in the step would overwrite the first one's).
@@ -380,14 +381,8 @@ def extension_branches_available() -> bool:
     ``graph_begin_if`` / ``graph_else`` / ``graph_end_if`` (its IF-ELSE nodes, for a
     torch without :func:`conditional_graphs_available`: torch 2.11) and torch the
     memory pools their bodies allocate from."""
-    if not (hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")):
-        return False
-    try:
-        from .. import _C  # noqa: F401  (loading registers the ops)
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(
-            "vllm_retro::graph_begin_if", "CUDA"))
-    except Exception:  # no extension, or one built without CUDA
-        return False
+    return (hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")
+            and has_cuda_kernel("graph_begin_if"))
 
 
 class DenseSwitch:

@@ -93,6 +93,7 @@ import triton.language as tl
 from ..attention import VARIANCE_CORRECTION_CAP
 from ..index.paged import (HDR_CLUSTERED_END, HDR_HORIZON, HDR_IBT_ROW, HDR_N_ESTIMATE,
                            HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool, PagedIndexLayout)
+from . import extension
 from .wave_view import W_HITS, W_MISSES, WaveBufferView
 
 # Globals read inside kernels must be constexpr objects.
@@ -193,7 +194,6 @@ TUNE_WAVE = {"attend": dict(TR=32, maxnreg=128)}
 # (else Triton). RETRO_DECODE_SCORE_IMPL sets it at import; a benchmark may set the
 # attribute.
 SCORE_IMPL = os.environ.get("RETRO_DECODE_SCORE_IMPL", "triton")
-_CUDA_SCORE = None
 # Diagnostics for tuning runs: with RECORD_RESOURCES set, each launch keeps its
 # compiled kernel in LAST_KERNELS (by stage) so a benchmark can read registers,
 # spills and shared memory, i.e. how many programs fit on an SM
@@ -205,15 +205,7 @@ LAST_KERNELS: dict = {}
 def cuda_score_available() -> bool:
     """Whether ``torch.ops.vllm_retro.paged_score`` has a CUDA kernel (the extension
     ``vllm_retro._C`` imports and was built with CUDA)."""
-    global _CUDA_SCORE
-    if _CUDA_SCORE is None:
-        try:
-            from .. import _C  # noqa: F401  (loading registers the ops)
-            _CUDA_SCORE = bool(torch._C._dispatch_has_kernel_for_dispatch_key(
-                "vllm_retro::paged_score", "CUDA"))
-        except Exception:  # no extension, or one without the op
-            _CUDA_SCORE = False
-    return _CUDA_SCORE
+    return extension.has_cuda_kernel("paged_score")
 
 
 def _tune(kernel: str, num_rows: int, wave: bool = False) -> dict:
