@@ -275,8 +275,8 @@ def profile_decode(eng, ctx: int, batch: int, vocab: int, g, rid: int, max_token
         wall = time.perf_counter() - t0
         if state is not None:
             after = state.stats()
-            rows[phase] = round((after["retro_rows"] + after["dense_rows"]
-                                 - before["retro_rows"] - before["dense_rows"])
+            served = ("retro_rows", "dense_rows", "flash_rows")
+            rows[phase] = round(sum(after.get(k, 0) - before.get(k, 0) for k in served)
                                 / max(1, done), 2)
         return wall, max(1, done)
 

@@ -8,11 +8,15 @@ from vllm_retro.backend.gpu import DENSE_MAX_ROWS, DenseSwitch, dense_step
 
 
 def test_dense_step_rows_and_average_context():
-    ub = torch.tensor([30000, 9000, 0, 0, 5000], dtype=torch.int32)  # 2 rows + padding
-    assert dense_step(ub, 4, 30000, 20000, real_rows=2)       # average 19,500
-    assert not dense_step(ub, 4, 30000, 19500, real_rows=2)   # not below
-    assert not dense_step(ub, 4, 30000, 0, real_rows=2)       # off
+    ub = torch.tensor([30000, 9000, 0, 0, 5000], dtype=torch.int32)
+    assert dense_step(ub, 2, 30000, 20000, real_rows=2)       # average 19,500
+    assert not dense_step(ub, 2, 30000, 19500, real_rows=2)   # not below
+    assert not dense_step(ub, 2, 30000, 0, real_rows=2)       # off
     assert not dense_step(ub, 0, 30000, 40000)                # no decode rows
+    # One row padded to a CUDA graph of two: dense; two rows padded to four: that
+    # graph holds no dense path (only graphs of at most DENSE_MAX_ROWS rows do).
+    assert dense_step(ub[1:], 2, 9000, 10000, real_rows=1)
+    assert not dense_step(ub, 4, 30000, 20000, real_rows=2)
     # Rows after the decode rows (prefill rows) do not count.
     assert dense_step(ub, 2, 30000, 19501) and not dense_step(ub, 1, 30000, 30000)
     # More than DENSE_MAX_ROWS rows: retro's batched kernels, however short.

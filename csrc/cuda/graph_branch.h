@@ -8,10 +8,13 @@
 
 namespace vllm_retro {
 
-// Called with `parent` capturing: adds, after what `parent` has captured so far, a
-// one-thread kernel that copies *pred (a device bool) into a new conditional handle
-// and an IF node on that handle (with an ELSE body if `with_else`: CUDA 12.8+);
-// `parent` then continues after the node, and `child` (a stream not capturing)
+// Called with `parent` capturing: adds, after what `parent` has captured so far, an
+// IF node on a conditional handle that holds *pred (a device bool) at replay: the
+// first call of a capture for a predicate creates the handle and a one-thread kernel
+// that sets it; later calls of the same capture and predicate reuse both (where the
+// driver refuses a handle shared between nodes: a handle and a kernel per node). The
+// node has an ELSE body if `with_else` (CUDA 12.8+). `parent` then continues after
+// the node, and `child` (a stream not capturing)
 // starts capturing into the IF body. Returns 0, or a cudaError_t code
 // (kGraphBranchNotCapturing: `parent` is not capturing).
 int graph_begin_if_launch(const void* pred, void* parent, void* child, bool with_else);
@@ -23,6 +26,10 @@ int graph_else_launch(void* child);
 
 // Ends `child`'s capture into the body begun last. 0 or a cudaError_t code.
 int graph_end_if_launch(void* child);
+
+// 1 while handles are shared between the IF nodes of a capture, 0 once the driver
+// refused it (graph_begin_if_launch's fallback).
+int graph_branch_handles_shared();
 
 constexpr int kGraphBranchNotCapturing = -1;
 constexpr int kGraphBranchNoElse = -2;

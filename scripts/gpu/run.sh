@@ -38,6 +38,17 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
 # the plugin through it) needs an install.
 if [ "${BUILD_EXT:-0}" = 1 ]; then
   stamp=$(cat setup.py csrc/*.* csrc/cuda/*.* | sha1sum | cut -c1-16)
+  if [ ! -f /tmp/proj-site/.retro-ext-stamp ] && ls vllm_retro/_C*.so >/dev/null 2>&1 \
+      && [ "$(cat vllm_retro/.retro-ext-stamp 2>/dev/null)" = "$stamp" ]; then
+    # A library built by an earlier call from the same sources, carried back
+    # (vllm_retro/_C*.so + vllm_retro/.retro-ext-stamp): a Python-only install.
+    echo "=== using the carried vllm_retro._C (stamp $stamp)"
+    rm -rf /tmp/proj-site
+    RETRO_NO_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps \
+      --no-index --target /tmp/proj-site . 2>&1 | tail -3
+    cp vllm_retro/_C*.so /tmp/proj-site/vllm_retro/
+    echo "$stamp" > /tmp/proj-site/.retro-ext-stamp
+  fi
   if ! ls /tmp/proj-site/vllm_retro/_C*.so >/dev/null 2>&1 || [ "${REINSTALL:-0}" = 1 ] \
       || [ "$(cat /tmp/proj-site/.retro-ext-stamp 2>/dev/null)" != "$stamp" ]; then
     rm -rf /tmp/proj-site
@@ -50,7 +61,11 @@ if [ "${BUILD_EXT:-0}" = 1 ]; then
     [ "$r" = 0 ] || { echo "extension build failed ($r): $OUT/build_ext.log"; exit 4; }
     echo "$stamp" > /tmp/proj-site/.retro-ext-stamp
   fi
+  # The installed Python files are those of the call that built the library: a
+  # later call on the same machine with the same C++ but changed Python refreshes them.
+  find vllm_retro -name '*.py' -exec cp --parents {} /tmp/proj-site/ \;
   cp /tmp/proj-site/vllm_retro/_C*.so "$OUT/"
+  echo "$stamp" > "$OUT/retro-ext-stamp"
   # Tests and benchmarks run from the root import vllm_retro from this tree: put the
   # library beside its sources too (ignored by git).
   cp /tmp/proj-site/vllm_retro/_C*.so vllm_retro/

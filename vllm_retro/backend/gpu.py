@@ -205,8 +205,10 @@ class RetroMetadataBuilder(_DenseBuilder):
         if nd < n:
             # Cascade attention off: the prefix is shared with decode rows.
             prefill = super().build(0, slice_common_metadata(cm, nd, n), fast_build)
-        elif switch is not None and self._capturing:
-            # The captured graph holds the dense path too (pure decode: one build).
+        elif switch is not None and self._capturing and nd <= DENSE_MAX_ROWS:
+            # The captured graph holds the dense path too (pure decode: one build);
+            # only graphs a dense step can replay (at most DENSE_MAX_ROWS rows, as
+            # padded): larger ones pay no node per layer.
             flash = super().build(0, cm, fast_build)
         nd_tok = int(qsl[nd])
         return RetroMetadata(num_decodes=nd,
@@ -421,8 +423,8 @@ class DenseSwitch:
         """Captures ``dense_fn()`` and ``retro_fn()`` into the graph being captured
         on the current stream, each run at replay only when the step is dense /
         not dense. With torch's own conditional nodes: two IF nodes (one per
-        predicate). Else the extension's IF-ELSE node (``graph_begin_if``, one
-        predicate kernel and one node per layer; CUDA 12.8+): its bodies are
+        predicate). Else the extension's IF-ELSE node (``graph_begin_if``: one
+        node per layer, one predicate kernel per captured graph; CUDA 12.8+): its bodies are
         captured on a side stream, their allocations from a memory pool of the
         switch's own, kept for the graphs' lifetime."""
         if conditional_graphs_available():
@@ -459,7 +461,9 @@ def dense_step(seq_lens_upper: Optional[torch.Tensor], num_decodes: int, max_seq
     ``seq_lens_upper``: host upper bounds of the step's sequence lengths (decode
     rows first, padding rows 0; None: ``max_seq_len`` bounds every row)."""
     rows = num_decodes if real_rows is None else real_rows
-    if threshold <= 0 or rows <= 0 or rows > DENSE_MAX_ROWS:
+    # num_decodes counts the rows a CUDA graph pads the step to: a graph of more
+    # than DENSE_MAX_ROWS rows holds no dense path.
+    if threshold <= 0 or rows <= 0 or max(rows, num_decodes) > DENSE_MAX_ROWS:
         return False
     if seq_lens_upper is not None:
         total = int(seq_lens_upper[:num_decodes].sum())
