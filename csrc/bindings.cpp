@@ -26,14 +26,13 @@ TORCH_LIBRARY(vllm_retro, m) {
       "Tensor seq_lens, Tensor headers, Tensor(a!) logits, Tensor(b!) score_max, "
       "Tensor(c!) score_sum, Tensor(d!) hist, Tensor(e!) ncand, int sink_blocks, "
       "int block_size, int nsplit, float scale, float cap) -> ()");
-  // IF(-ELSE) nodes of a CUDA graph being captured on the current stream (the GPU
-  // backend's dense switch, where torch's CUDAGraph lacks them): the bodies are what
-  // `child_stream` captures between begin and else, and else and end; `pred` (one
-  // device bool) is read at each replay. CUDA kernels only
-  // (csrc/cuda/graph_branch_op.cpp).
-  m.def("graph_begin_if(Tensor pred, int child_stream, bool with_else) -> ()");
-  m.def("graph_else(Tensor pred, int child_stream) -> ()");
-  m.def("graph_end_if(Tensor pred, int child_stream) -> ()");
+  // Two paths of a captured CUDA graph, one enabled at a time (the GPU backend's dense
+  // switch): the kernel, memset and memcpy nodes of the graph being captured on the
+  // current stream of `anchor`'s device, and enabling or disabling nodes of an
+  // instantiated graph (`exec`, a cudaGraphExec_t) from its next launch on. CUDA
+  // kernels only (csrc/cuda/graph_paths_op.cpp).
+  m.def("graph_capture_nodes(Tensor anchor) -> int[]");
+  m.def("graph_exec_enable(Tensor anchor, int exec, int[] nodes, bool enabled) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vllm_retro, CPU, m) {

@@ -1,10 +1,13 @@
 """The GPU backend's dense switch (``dense_below``): which steps run vLLM's
-FlashAttention, the predicates a captured graph reads, and the row counter. The
+FlashAttention, which nodes of a captured graph each path holds and which the
+switch disables per step (against stand-ins of the CUDA ops), and the row counter. The
 switch itself inside CUDA graphs runs in ``tests/gpu/test_engine_gpu.py``."""
 
+import pytest
 import torch
 
 from vllm_retro.backend.gpu import DENSE_MAX_ROWS, DenseSwitch, dense_step
+from vllm_retro.backend.graph_paths import GraphPaths, capturing_graph, install
 
 
 def test_dense_step_rows_and_average_context():
@@ -27,13 +30,121 @@ def test_dense_step_rows_and_average_context():
     assert dense_step(None, 2, 16000, 16001) and not dense_step(None, 2, 16000, 16000)
 
 
-def test_switch_sets_predicates_and_counts_rows():
-    sw = DenseSwitch(40000, "cpu")
-    assert not bool(sw.pred_dense) and bool(sw.pred_retro)
+class _Graph:
+    """Stands for a torch CUDAGraph: its instantiation's handle (0: none yet)."""
+
+    def __init__(self, exec_handle: int) -> None:
+        self.exec_handle = exec_handle
+
+    def raw_cuda_graph_exec(self) -> int:
+        return self.exec_handle
+
+
+class _Ops:
+    """Stands for torch.ops.vllm_retro's graph ops over one graph being captured:
+    ``nodes`` are its nodes so far; enabling calls are recorded."""
+
+    def __init__(self) -> None:
+        self.nodes = [1, 2, 3]          # what the model captured before attention
+        self.calls = []
+
+    def add(self, *nodes):
+        self.nodes.extend(nodes)
+
+    def graph_capture_nodes(self, anchor):
+        return list(self.nodes)
+
+    def graph_exec_enable(self, anchor, exec_handle, nodes, enabled):
+        self.calls.append((exec_handle, sorted(nodes), enabled))
+
+
+def test_graph_paths_record_each_path_and_disable_the_other():
+    ops = _Ops()
+    paths = GraphPaths(torch.zeros(1), ops)
+    g = _Graph(exec_handle=0)
+    # Two layers: FlashAttention adds two nodes, retro's kernels five.
+    for base in (10, 30):
+        paths.capture(g, lambda b=base: ops.add(b, b + 1),
+                      lambda b=base: ops.add(b + 2, b + 3, b + 4, b + 5, b + 6))
+        ops.add(base + 7)                # the layer's other nodes (not recorded)
+    assert paths.nodes(g) == [[10, 11, 30, 31], [12, 13, 14, 15, 16, 32, 33, 34, 35, 36]]
+    dense_nodes, retro_nodes = paths.nodes(g)
+    paths.take(True)                     # not instantiated yet: nothing to do
+    assert ops.calls == []
+    g.exec_handle = 77
+    paths.take(True)
+    assert ops.calls == [(77, dense_nodes, True), (77, retro_nodes, False)]
+    paths.take(True)                     # unchanged: no call
+    assert len(ops.calls) == 2
+    paths.take(False)
+    assert ops.calls[2:] == [(77, dense_nodes, False), (77, retro_nodes, True)]
+    g.exec_handle = 78                   # re-instantiated: both enabled again
+    paths.take(False)
+    assert ops.calls[4:] == [(78, dense_nodes, False), (78, retro_nodes, True)]
+    assert paths.toggles == 3
+
+
+def test_switch_takes_the_path_in_every_graph_and_counts_rows():
+    ops = _Ops()
+    sw = DenseSwitch(40000, torch.zeros(1), ops)
+    graphs = [_Graph(5), _Graph(6)]       # graphs of one and two rows
+    for g in graphs:
+        sw.paths.capture(g, lambda: ops.add(len(ops.nodes) + 100),
+                         lambda: ops.add(len(ops.nodes) + 200))
     ub = torch.tensor([20000, 0], dtype=torch.int32)
-    assert sw.choose(ub, 2, 20000, real_rows=1)
-    assert bool(sw.pred_dense) and not bool(sw.pred_retro) and sw.flash_rows == 1
+    assert sw.choose(ub, 2, 20000, real_rows=1) and sw.flash_rows == 1
+    assert {(c[0], c[2]) for c in ops.calls} == {(5, True), (5, False), (6, True), (6, False)}
+    assert all(c[1] == sw.paths.nodes(graphs[c[0] - 5])[0 if c[2] else 1]
+               for c in ops.calls)
+    n = len(ops.calls)
     assert sw.choose(ub, 2, 20000, real_rows=1) and sw.flash_rows == 2
+    assert len(ops.calls) == n           # same path: no call
     long = torch.tensor([50000], dtype=torch.int32)
-    assert not sw.choose(long, 1, 50000, real_rows=1)
-    assert not bool(sw.pred_dense) and bool(sw.pred_retro) and sw.flash_rows == 2
+    assert not sw.choose(long, 1, 50000, real_rows=1) and sw.flash_rows == 2
+    assert all(not c[2] for c in ops.calls[n:] if c[1] == sw.paths.nodes(graphs[c[0] - 5])[0])
+    assert len(ops.calls) == n + 4
+
+
+def test_switch_without_graphs_counts_rows():
+    sw = DenseSwitch(40000)
+    assert sw.paths is None
+    ub = torch.tensor([20000, 0], dtype=torch.int32)
+    assert sw.choose(ub, 2, 20000, real_rows=1) and sw.flash_rows == 1
+    assert not sw.choose(torch.tensor([50000], dtype=torch.int32), 1, 50000, 1)
+    assert sw.flash_rows == 1
+
+
+def test_capture_outside_a_tracked_graph_is_refused():
+    sw = DenseSwitch(40000, torch.zeros(1), _Ops())
+    with pytest.raises(RuntimeError, match="not through torch.cuda.CUDAGraph"):
+        sw.capture_both(lambda: None, lambda: None)
+
+
+def test_install_keeps_graphs_tracks_the_capture_and_instantiates_at_its_end():
+    class FakeCUDAGraph:
+        """torch.cuda.CUDAGraph's interface as the patch sees it."""
+
+        def __new__(cls, keep_graph=False):
+            obj = super().__new__(cls)
+            obj.keep_graph, obj.events = keep_graph, []
+            return obj
+
+        def capture_begin(self, pool=None, capture_error_mode="global"):
+            self.events.append(("begin", pool))
+
+        def capture_end(self):
+            self.events.append(("end", capturing_graph()))
+
+        def instantiate(self):
+            self.events.append(("instantiate",))
+
+    install(FakeCUDAGraph)
+    install(FakeCUDAGraph)               # idempotent: not wrapped twice
+    g = FakeCUDAGraph()
+    assert g.keep_graph and FakeCUDAGraph(keep_graph=False).keep_graph
+    assert capturing_graph() is None
+    g.capture_begin(pool=(0, 1))
+    assert capturing_graph() is g
+    g.capture_end()
+    assert capturing_graph() is None
+    assert g.events == [("begin", (0, 1)), ("end", None), ("instantiate",)]

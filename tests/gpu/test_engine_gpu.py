@@ -293,7 +293,7 @@ def test_cluster_cache_moves_bytes_not_results(tiny_model):
 def test_dense_switch_inside_cuda_graphs(tiny_model, dense):
     """``dense_below``: a step of at most two decode rows whose contexts average
     fewer tokens runs vLLM's FlashAttention, inside the same captured graphs as
-    retro's kernels (conditional nodes): short requests alone decode on
+    retro's kernels (the path not taken disabled): short requests alone decode on
     FlashAttention (counted in ``flash_rows``, outputs as the dense engine's), a long
     one on retro's kernels (every cluster exact: as dense up to bf16 near-ties), and
     three short ones together on retro's kernels."""
@@ -302,7 +302,10 @@ def test_dense_switch_inside_cuda_graphs(tiny_model, dense):
     llm = gpu_llm(tiny_model, "retro", dict(FULL, dense_below=2000))
     mgr = manager(llm)
     try:
-        assert mgr.switch is not None, "dense switch off (no conditional graph nodes?)"
+        assert mgr.switch is not None, "dense switch off (graph_paths unavailable?)"
+        # The graphs of one and two rows hold both paths.
+        assert mgr.switch.paths is not None and len(mgr.switch.paths) >= 2, \
+            "no captured graph holds both paths"
         for i in (0, 1):                       # 40 and 300 tokens, alone
             before = mgr.stats()
             out = generate_with_logprobs(llm, [prompts[i]], [MAX_TOKENS[i]])
@@ -311,6 +314,7 @@ def test_dense_switch_inside_cuda_graphs(tiny_model, dense):
             assert after["retro_rows"] + after["dense_rows"] == \
                 before["retro_rows"] + before["dense_rows"]
             assert_same_or_near_tie([out[0][0]], [dense_out[i]])
+        assert mgr.switch.paths.toggles >= len(mgr.switch.paths)
         before = mgr.stats()
         out = generate_with_logprobs(llm, [prompts[5]], [MAX_TOKENS[5]])   # 3,100
         after = mgr.stats()

@@ -14,8 +14,8 @@
   :data:`DENSE_MAX_ROWS` decode rows whose contexts average fewer tokens than that
   runs vLLM's FlashAttention for all its rows instead (few short rows: retro's
   fixed chain of kernels costs more than dense reads). Captured pure-decode graphs
-  hold both paths in CUDA graph conditional nodes whose predicate the metadata
-  builder sets before each replay (the extension's IF-ELSE node on torch 2.11).
+  of at most that many rows hold both paths; the metadata builder disables the
+  nodes of the path not taken before the replay (:mod:`.graph_paths`).
 * The index lives in retro's own index pool (:class:`~vllm_retro.index.paged.IndexPool`
   per layer, addressed through the index table ``ibt`` of an
   :class:`~vllm_retro.index.paged.IndexAllocator`), allocated when the attention
@@ -55,9 +55,9 @@ from ..index.paged import (IndexAllocator, IndexPool, PagedIndexLayout, SegmentJ
                            budget, build_segments, check_config_for_paged, clusters_in,
                            plan_segments, sink_end)
 from ..kernels import DecodeWorkspace, paged_decode_attention
-from ..kernels.extension import has_cuda_kernel
 from ..request_table import RequestTable
 from ..transfer import to_device
+from . import graph_paths
 from .connector import RetroStepMetadata
 from .refusals import RetroBackendTraits, refuse, unsupported_reasons
 
@@ -153,8 +153,8 @@ class RetroMetadata:
     released_plan: Optional[object] = None
     # The dense switch: ``dense`` this step runs vLLM's FlashAttention for every row
     # (``flash``: its metadata over all rows); during graph capture ``flash`` and
-    # ``switch`` are set but ``dense`` is not (the graph holds both paths, chosen on
-    # the device by the switch's predicates).
+    # ``switch`` are set but ``dense`` is not (the graph holds both paths; the
+    # switch disables one before each replay).
     dense: bool = False
     flash: Optional[object] = None
     switch: Optional["DenseSwitch"] = None
@@ -260,7 +260,7 @@ class RetroImpl(_DenseImpl):
         if nd:
             if md.switch is not None and torch.cuda.is_current_stream_capturing():
                 # Both paths in the graph, each run only when the step calls for it
-                # (the builder's switch: the one whose predicates it writes).
+                # (the builder's switch: the one that picks the path per step).
                 dense_impl = super()
                 md.switch.capture_both(
                     lambda: dense_impl.forward(layer, query, key, value, kv_cache,
@@ -368,86 +368,46 @@ CPU_CACHE_MIRROR_SHARE = 8
 DENSE_MAX_ROWS = 2
 
 
-def conditional_graphs_available() -> bool:
-    """Whether torch can capture into CUDA graph conditional nodes (CUDA 12.4+:
-    ``CUDAGraph.begin_capture_to_if_node``), which the dense switch needs under
-    FULL CUDA graphs."""
-    g = getattr(torch.cuda, "CUDAGraph", None)
-    return all(hasattr(g, a) for a in ("get_currently_capturing_graph",
-                                       "begin_capture_to_if_node",
-                                       "end_capture_to_conditional_node"))
-
-
-def extension_branches_available() -> bool:
-    """Whether the extension ``vllm_retro._C`` has the CUDA kernels of
-    ``graph_begin_if`` / ``graph_else`` / ``graph_end_if`` (its IF-ELSE nodes, for a
-    torch without :func:`conditional_graphs_available`: torch 2.11) and torch the
-    memory pools their bodies allocate from."""
-    return (hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")
-            and has_cuda_kernel("graph_begin_if"))
-
-
 class DenseSwitch:
     """Per step, vLLM's FlashAttention or retro's kernels for all decode rows
     (``dense_below``). The choice (:meth:`choose`) is made on the host from the
-    rows' sequence-length bounds when the step's metadata is built; a captured
-    graph holds both paths in conditional nodes (:meth:`capture_both`) whose
-    predicates (``pred_dense`` / ``pred_retro``, device booleans at fixed addresses)
-    :meth:`choose` writes before the replay (only when they change). ``flash_rows``
-    counts the decode rows served by FlashAttention."""
+    rows' sequence-length bounds when the step's metadata is built. A captured
+    graph of at most :data:`DENSE_MAX_ROWS` rows holds both paths
+    (:meth:`capture_both`, :class:`graph_paths.GraphPaths`), and :meth:`choose`
+    disables the nodes of the path not taken before the replay (only when the
+    choice changes). ``flash_rows`` counts the decode rows served by
+    FlashAttention."""
 
-    def __init__(self, threshold: int, device) -> None:
+    def __init__(self, threshold: int, anchor: Optional[torch.Tensor] = None,
+                 ops=None) -> None:
         self.threshold = int(threshold)
-        self.pred_dense = torch.zeros((), dtype=torch.bool, device=device)
-        self.pred_retro = torch.ones((), dtype=torch.bool, device=device)
         self._dense = False
         self.flash_rows = 0
-        self._side = None     # the extension's IF-ELSE bodies: capture stream, pool
-        self._pool = None
+        # Graphs holding both paths (None: no CUDA graphs, e.g. the CPU tests).
+        self.paths = None if anchor is None else graph_paths.GraphPaths(anchor, ops)
 
     def choose(self, seq_lens_upper: Optional[torch.Tensor], num_decodes: int,
                max_seq_len: int, real_rows: int) -> bool:
-        """Whether this step runs dense (:func:`dense_step`); sets the predicates
-        and counts ``real_rows`` (decode rows with a query token) when it does."""
+        """Whether this step runs dense (:func:`dense_step`); makes the captured
+        graphs take that path and counts ``real_rows`` (decode rows with a query
+        token) when it does."""
         dense = dense_step(seq_lens_upper, num_decodes, max_seq_len, self.threshold,
                            real_rows)
-        if dense != self._dense:
-            self.pred_dense.fill_(dense)
-            self.pred_retro.fill_(not dense)
-            self._dense = dense
+        self._dense = dense
+        if self.paths is not None:
+            self.paths.take(dense)
         if dense:
             self.flash_rows += real_rows
         return dense
 
     def capture_both(self, dense_fn, retro_fn) -> None:
-        """Captures ``dense_fn()`` and ``retro_fn()`` into the graph being captured
-        on the current stream, each run at replay only when the step is dense /
-        not dense. With torch's own conditional nodes: two IF nodes (one per
-        predicate). Else the extension's IF-ELSE node (``graph_begin_if``: one
-        node per layer, one predicate kernel per captured graph; CUDA 12.8+): its bodies are
-        captured on a side stream, their allocations from a memory pool of the
-        switch's own, kept for the graphs' lifetime."""
-        if conditional_graphs_available():
-            for pred, fn in ((self.pred_dense, dense_fn), (self.pred_retro, retro_fn)):
-                g = torch.cuda.CUDAGraph.get_currently_capturing_graph()
-                g.begin_capture_to_if_node(pred)
-                try:
-                    fn()
-                finally:
-                    g.end_capture_to_conditional_node()
-            return
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.pred_dense.device)
-            self._pool = torch.cuda.MemPool()
-        ops, pred, side = torch.ops.vllm_retro, self.pred_dense, self._side.cuda_stream
-        ops.graph_begin_if(pred, side, True)
-        try:
-            with torch.cuda.use_mem_pool(self._pool), torch.cuda.stream(self._side):
-                dense_fn()
-                ops.graph_else(pred, side)
-                retro_fn()
-        finally:
-            ops.graph_end_if(pred, side)
+        """Captures ``dense_fn()`` and then ``retro_fn()`` into the graph being
+        captured on this thread; at replay only the path :meth:`choose` took runs."""
+        graph = graph_paths.capturing_graph()
+        if graph is None or self.paths is None:
+            raise RuntimeError("retro dense switch: a CUDA graph is being captured but not "
+                               "through torch.cuda.CUDAGraph after graph_paths.install()")
+        self.paths.capture(graph, dense_fn, retro_fn)
 
 
 def dense_step(seq_lens_upper: Optional[torch.Tensor], num_decodes: int, max_seq_len: int,
@@ -577,22 +537,26 @@ class PagedIndexManager:
 
     def dense_switch(self, device) -> Optional[DenseSwitch]:
         """The worker's :class:`DenseSwitch` (None: ``dense_below`` 0, or FULL CUDA
-        graphs with neither torch's conditional nodes nor the extension's, which is
-        logged once)."""
+        graphs where neither this torch nor ``vllm_retro._C`` can hold two paths in
+        a graph, which is logged once). Made before vLLM captures any graph (the
+        first layer's :meth:`note_layer`): it makes torch keep captured graphs."""
         if not self._switch_checked:
             self._switch_checked = True
             t = self.config.dense_below
             cc = getattr(self.vllm_config, "compilation_config", None)
             mode = getattr(cc, "cudagraph_mode", None)
             full = bool(mode is not None and mode.has_full_cudagraphs())
-            if t and full and not (conditional_graphs_available()
-                                   or extension_branches_available()):
-                logger.warning("retro: dense_below %d is off: neither this torch nor "
-                               "vllm_retro._C (built without CUDA?) can capture CUDA "
-                               "graph conditional nodes, which the switch needs under "
-                               "FULL CUDA graphs", t)
+            if t and full and not graph_paths.available():
+                logger.warning("retro: dense_below %d is off: this torch (CUDAGraph "
+                               "keep_graph, torch 2.8+) or vllm_retro._C (built without "
+                               "CUDA?) cannot hold two paths in a CUDA graph, which the "
+                               "switch needs under FULL CUDA graphs", t)
             elif t:
-                self.switch = DenseSwitch(t, device)
+                anchor = None
+                if full:
+                    graph_paths.install()
+                    anchor = torch.zeros(1, dtype=torch.int8, device=device)
+                self.switch = DenseSwitch(t, anchor)
                 logger.info("retro: decode steps of at most %d rows whose contexts average "
                             "fewer than %d tokens run FlashAttention (dense_below)",
                             DENSE_MAX_ROWS, t)
@@ -606,6 +570,9 @@ class PagedIndexManager:
         around them). Elsewhere (or if that fails) they are allocated when the KV
         caches are registered."""
         self._head = (num_kv_heads, head_size)
+        if torch.cuda.is_available() and not self._switch_checked:
+            # Before vLLM captures a graph: the switch makes torch keep them.
+            self.dense_switch(torch.device("cuda", torch.cuda.current_device()))
         if self._pool_list or not torch.cuda.is_available():
             return
         try:
