@@ -45,6 +45,11 @@ from vllm_retro.kernels import triton_decode as td  # noqa: E402
 # "cuda" is the extension's CUDA score kernel, an error where it is not built)
 VARIANTS = [
     ("default", None, {}),
+    # Whole histogram buckets at the thresholds (triton_decode.SELECT "bucket"): the
+    # candidate kernel only counts (no candidate lists, search or hand-off); the
+    # selection differs from the exact one, so the output too (exact_fraction shows
+    # how much more is read).
+    ("select bucket", "select", "bucket"),
     ("programs/SM 2", "pps", (2, 0)),
     ("programs/SM 3", "pps", (3, 0)),
     ("programs/SM 6", "pps", (6, 0)),
@@ -204,6 +209,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     base_wave = copy.deepcopy(td.TUNE_WAVE)
     base_dyn = td.DYNAMIC_SPLIT
     base_in_collect = td.RESOLVE_IN_COLLECT
+    base_select = td.SELECT
     td.RECORD_RESOURCES = True
     res = []
     for name, kernel, over in VARIANTS:
@@ -213,6 +219,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         td.TUNE_SMALL_BATCH = copy.deepcopy(base_small)
         td.TUNE_WAVE = copy.deepcopy(base_wave)
         td.SCORE_IMPL = base_impl
+        td.SELECT = base_select
         td.LAST_KERNELS.clear()   # (else the programs/SM line shows earlier variants' stages)
         max_split = pps = attend_split = 0
         td.PDL = bool(kernel and kernel.startswith("pdl"))
@@ -228,6 +235,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             kernel = kernel.split("+", 1)[1] if "+" in kernel else None
         # Other summaries than the default's: the output differs by their quantization.
         err_limit = 1e-2 if pool in (pool_default, pool_vc) else 0.1
+        if kernel == "select":
+            td.SELECT, kernel, err_limit = over, None, 1.0
         if kernel == "wave_attend":
             td.TUNE_WAVE["attend"].update(over)
             kernel = None
@@ -281,6 +290,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
                 raise AssertionError(f"output differs from the default variant: {err:.2e}")
             t = time_ms(graph_of(step).replay) * 1e3
             rec = dict(variant=name, graph_us=round(t, 2), rel_err_vs_default=err,
+                       exact_fraction=st[2] / max(1, st[4]),
+                       estimated_fraction=st[3] / max(1, st[4]),
                        split=ws.nsplit(batch), attend_split=ws.nsplit_attend(batch),
                        per_kernel_us={k[:40]: v for k, v in per_kernel_us(step).items()},
                        resources=td.kernel_resources(
@@ -295,6 +306,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
               flush=True)
         del ws
     td.TUNE, td.TUNE_SMALL_BATCH, td.SCORE_IMPL = base_tune, base_small, base_impl
+    td.SELECT = base_select
     td.TUNE_WAVE = base_wave
     td.PDL = False
     td.DYNAMIC_SPLIT = base_dyn

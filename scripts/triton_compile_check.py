@@ -185,6 +185,17 @@ def decode_launches() -> None:
                                              count_stats=True,
                                              wave=_wave_view(lay, dtype, pool.num_pages))
             td.RESOLVE_IN_COLLECT = base
+            # Whole-bucket selection (SELECT "bucket": the candidate and list
+            # kernels' BUCKET variants), plain and with the lookups in the list kernel.
+            td.SELECT = "bucket"
+            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool,
+                                             sink_end(RetroConfig(), bs), 0.1, out, ws,
+                                             count_stats=True)
+            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool,
+                                             sink_end(RetroConfig(), bs), 0.1, out, ws,
+                                             count_stats=True,
+                                             wave=_wave_view(lay, dtype, pool.num_pages))
+            td.SELECT = "exact"
             # The score kernel's 8-bit summaries (summary_bits 8).
             pool8 = IndexPool(lay, nb, summary_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,

@@ -160,7 +160,7 @@ class Scene:
 
 
 def run_both(scene: Scene, q: torch.Tensor, scale: float, out_dtype=torch.float32,
-             ws=None, td=None, variance_cap=2.0):
+             ws=None, td=None, variance_cap=2.0, select="exact"):
     """(Triton output, twin output, twin stats, workspace) for the scene's rows."""
     td = td or _td()
     bt, sl = scene.tensors()
@@ -175,7 +175,7 @@ def run_both(scene: Scene, q: torch.Tensor, scale: float, out_dtype=torch.float3
     ref, st = reference.paged_decode_attention(q.cpu(), scene.cpu_cache(), scene.lay,
                                                bt.cpu(), sl.cpu(), scene.headers.cpu(),
                                                scene.alloc.ibt, scene.pool, scene.S, scale,
-                                               variance_cap)
+                                               variance_cap, select=select)
     return out.cpu(), ref, st, ws
 
 
@@ -582,6 +582,88 @@ def test_retrieved_positions_are_bounds_checked():
         assert {(sc.S - 8, BS), (E0 - 8, BS), (10**6, BS)} <= set(ret)   # they were read
         assert (ret, _) == twin_selection(sc, q, 0, kh, 0.2)
 
+
+
+def test_bucket_selection_matches_twin_and_covers_the_budget(monkeypatch):
+    """``SELECT = "bucket"``: whole histogram buckets at each threshold. The kernels'
+    lists equal the twin's bucket selection (white-box), outputs and statistics
+    match the twin, the retrieved set at most doubles the budget and is a superset
+    of the exact top ``n_retrieve`` whenever it reaches the budget, and the output is
+    no further from float64 full attention than the exact selection's."""
+    td = _td()
+    monkeypatch.setattr(td, "SELECT", "bucket")
+    torch.manual_seed(11)
+    sc = Scene(260)
+    sc.add(900)
+    sc.add(0)
+    sc.add(300, index="none")
+    sc.add(700, n_ret=4, n_est=9)
+    q = torch.randn(4, H * G, D)
+    out, ref, st, ws = run_both(sc, q, 0.2, select="bucket")
+    assert not torch.isnan(out).any() and out[1].abs().max() == 0
+    for r in (0, 2, 3):
+        assert _rel(out[r], ref[r]) < 2e-3, (r, _rel(out[r], ref[r]))
+    assert ws.stats.tolist() == expected_stats(sc, st)
+    bt, _ = sc.tensors()
+    grew = 0
+    for r in (0, 3):
+        hdr = sc.headers[int(bt[r, 0])].tolist()
+        c = len(sc.pages(r))
+        nr, ne = min(c, hdr[1]), min(c - min(c, hdr[1]), hdr[2])
+        for kh in range(H):
+            ret, est = selection(sc, ws, r, kh)
+            ex_ret, ex_est = twin_selection(sc, q, r, kh, 0.2)
+            assert len(ret) <= 2 * nr and len(ret) + len(est) <= 2 * (nr + ne)
+            if len(ret) >= nr:
+                assert set(ex_ret) <= set(ret)
+            grew += len(ret) - nr
+            # The twin's bucket selection, from the same scores.
+            pbs = sc.pages(r)
+            f = sc.pool.summaries(pbs.to(sc.pool.device))[:, kh].float().cpu()
+            ip = sc.pool.ipart.cpu()[pbs, kh]
+            lg = reference.cluster_log_mass(q[r, kh * G:(kh + 1) * G].float(), f[:, 0],
+                                            f[:, 1], ip[:, I_SIZE].long(), 0.2)
+            score = torch.softmax(lg, -1).nan_to_num(0.0).sum(0)
+            tr, te = reference.bucket_selection(score, nr, ne, G)
+            assert ret == sorted((int(ip[i, I_START]), int(ip[i, I_SIZE]))
+                                 for i in tr.tolist())
+            assert est == te.tolist()
+    assert grew != 0, "no bucket taken or left out: the test shows nothing"
+    # Random keys spread attention thinly (far from full attention at this budget
+    # in both modes); taking whole buckets must not be further from it than the
+    # exact selection.
+    dense = dense_original(sc, q, 0.2)
+    exact, _ = reference.paged_decode_attention(q, sc.cpu_cache(), sc.lay, bt.cpu(),
+                                                sc.tensors()[1].cpu(), sc.headers.cpu(),
+                                                sc.alloc.ibt, sc.pool, sc.S, 0.2)
+    for r in (0, 3):
+        assert _rel(out[r], dense[r]) <= _rel(exact[r], dense[r]) + 0.02
+
+
+def test_bucket_selection_twin_edges():
+    """The twin's buckets on crafted scores: equal scores share a bin (all taken),
+    a budget of 0 takes nothing, and a budget of every entry takes all."""
+    g = 4
+    c = 64
+    score = torch.full((c,), g / c)                  # all equal: one crowded bin
+    ret, est = reference.bucket_selection(score, 3, 5, g)
+    assert len(ret) == 0 and len(est) == 0           # left out: more than 2k
+    ret, est = reference.bucket_selection(score, 40, 10, g)
+    assert len(ret) == c and len(est) == 0           # taken whole: at most 2k
+    score = torch.linspace(0.001, 1.0, c) ** 4
+    score = score / score.sum() * g                  # a few large, many small
+    ret, est = reference.bucket_selection(score, 0, 0, g)
+    assert len(ret) == 0 and len(est) == 0
+    ret, est = reference.bucket_selection(score, c, 0, g)
+    assert len(ret) == c
+    ret, est = reference.bucket_selection(score, 4, 10, g)
+    top = set(torch.argsort(score, descending=True)[:4].tolist())
+    assert top <= set(ret.tolist()) and 4 <= len(ret) <= 8
+    assert set(ret.tolist()).isdisjoint(est.tolist()) and 14 <= len(ret) + len(est) <= 28
+    with pytest.raises(ValueError, match="select"):
+        reference.paged_decode_attention(torch.zeros(1, 2, 4), torch.zeros(1, 1, 1, 8),
+                                         None, None, None, None, None, None, 0, 1.0,
+                                         select="top")
 
 
 @pytest.mark.parametrize("chunk,small", [(0, 0), (64, 0), (0, 16)])

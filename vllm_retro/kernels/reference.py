@@ -17,7 +17,9 @@ cluster entry ``i``'s summaries at pool page ``ix[i]``) and KV head ``h`` with i
   cluster's tokens are the positions ``[start, start + size)``, kept inside
   ``[sink_end, clustered_end)``: the index build made each cluster contiguous per
   KV head), the next ``n_estimate`` contribute their log-mass over their
-  mean value, the rest are skipped. All parts form one softmax. With the value
+  mean value, the rest are skipped (``select="bucket"``: :func:`bucket_selection`
+  instead, whole buckets of a log-scale histogram of the scores). All parts form
+  one softmax. With the value
   correction in the pool (``pool.value_correction``), an estimated cluster's value
   for query head ``g`` is ``mean v + s (q_g . sigma u) w`` (slots ``F_SIGMA_U``,
   ``F_W``), as :func:`vllm_retro.attention.estimated_attention` with ``value_corr``.
@@ -49,6 +51,48 @@ from ..index.paged import (F_CENTROID, F_KEY_VAR, F_SIGMA_U, F_VALUE_MEAN, F_W,
                            PagedIndexLayout)
 from .wave_view import WaveBufferView
 
+# The selection histogram (the kernels' stage 2): bins of 1/2^SUB_BITS binade of the
+# float32 score over WINDOW_BINADES binades centred on the mean score's binade.
+SUB_BITS = 5
+WINDOW_BINADES = 16
+NBINS = WINDOW_BINADES << SUB_BITS
+
+
+def score_digits(score: torch.Tensor, group: int) -> torch.Tensor:
+    """Histogram bin of each cluster's ranking score (``[C]``, >= 0, as float32):
+    the kernels' digit of its float32 bit pattern, clamped at the window's ends."""
+    c = score.numel()
+    key = score.float().view(torch.int32).long()
+    mean = torch.tensor(float(group), dtype=torch.float32) / torch.tensor(
+        float(max(c, 1)), dtype=torch.float32)
+    lo = ((int(mean.view(torch.int32)) >> 23) - WINDOW_BINADES // 2) << SUB_BITS
+    return ((key >> (23 - SUB_BITS)) - lo).clamp(0, NBINS - 1)
+
+
+def bucket_selection(score: torch.Tensor, n_ret: int, n_est: int, group: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(retrieved, estimated) entry indices, in entry order, of the "bucket"
+    selection. For ``k = n_ret``: the histogram bin ``b`` holding the k-th largest
+    score is taken whole, with every bin above it, when that is at most ``2k``
+    scores; else only the bins above ``b`` (a crowded bin of nearly equal scores,
+    of which the exact ones matter little). Likewise for the band with ``k = n_ret
+    + n_est``, less the retrieved. A bin is 1/32 of a binade: scores within ~2%."""
+    dg = score_digits(score, group)
+    c = dg.numel()
+    hist = torch.bincount(dg, minlength=NBINS)
+    ge = c - hist.cumsum(0) + hist                             # keys in bins >= b
+
+    def first_bin(k: int) -> int:
+        if k <= 0:
+            return NBINS                                       # none
+        b = torch.nonzero(ge >= k).flatten()
+        b = int(b.max()) if len(b) else 0
+        above = int(ge[b]) - int(hist[b])
+        return b if int(hist[b]) <= 2 * k - above else b + 1
+    ret = dg >= first_bin(n_ret)
+    band = dg >= first_bin(n_ret + n_est) if n_est > 0 else ret
+    return torch.nonzero(ret).flatten(), torch.nonzero(band & ~ret).flatten()
+
 
 def _cdt(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -72,7 +116,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            ibt: torch.Tensor, pool: IndexPool,
                            sink_end: int, scale: float,
                            variance_cap: float = VARIANCE_CORRECTION_CAP,
-                           wave: Optional[WaveBufferView] = None
+                           wave: Optional[WaveBufferView] = None, select: str = "exact"
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`vllm_retro.kernels.paged_decode_attention`.
 
@@ -84,7 +128,11 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             first clustered token. variance_cap: cap of the clusters' variance term.
         wave: the layer's wave buffer view (None: everything through the block
             table).
+        select: "exact" (the top n_retrieve / n_estimate) or "bucket"
+            (:func:`bucket_selection`, the kernels' ``SELECT = "bucket"``).
     """
+    if select not in ("exact", "bucket"):
+        raise ValueError(f"select must be 'exact' or 'bucket', not {select!r}")
     b, hq, d = query.shape
     h, bs = layout.num_kv_heads, layout.block_size
     g = hq // h
@@ -136,11 +184,14 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                 lg = cluster_log_mass(q, f[:, F_CENTROID], f[:, F_KEY_VAR], sizes, scale,
                                       variance_cap)
                 score = torch.softmax(lg, dim=-1).nan_to_num(0.0).sum(dim=0)
-                order = torch.argsort(score, descending=True, stable=True)
                 c = len(pbs)
-                n_ret = min(c, hdr[HDR_N_RETRIEVE])
-                n_est = min(c - n_ret, hdr[HDR_N_ESTIMATE])
-                ret, est = order[:n_ret], order[n_ret:n_ret + n_est]
+                n_ret = max(0, min(c, hdr[HDR_N_RETRIEVE]))
+                n_est = max(0, min(c - n_ret, hdr[HDR_N_ESTIMATE]))
+                if select == "bucket":
+                    ret, est = bucket_selection(score, n_ret, n_est, g)
+                else:
+                    order = torch.argsort(score, descending=True, stable=True)
+                    ret, est = order[:n_ret], order[n_ret:n_ret + n_est]
                 # A retrieved cluster's tokens: positions [start, start + size) (the
                 # build made each cluster contiguous per head), within [S, E).
                 tok = torch.cat([torch.arange(int(iw[i, I_START]),

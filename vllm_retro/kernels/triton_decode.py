@@ -93,7 +93,7 @@ import triton.language as tl
 from ..attention import VARIANCE_CORRECTION_CAP
 from ..index.paged import (HDR_CLUSTERED_END, HDR_HORIZON, HDR_IBT_ROW, HDR_N_ESTIMATE,
                            HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool, PagedIndexLayout)
-from . import extension
+from . import extension, reference
 from .wave_view import W_HITS, W_MISSES, WaveBufferView
 
 # Globals read inside kernels must be constexpr objects.
@@ -115,9 +115,10 @@ PACK = 16              # selection keys / list entries per block-table lookup
 LIST_WORDS = 2 * PACK  # int32 words per (block, head) in DecodeWorkspace.lists
 CAND_WORDS = 4 * PACK  # ... in DecodeWorkspace.cands (two lists of (key, entry) pairs)
 CAND_WORDS_C = tl.constexpr(CAND_WORDS)
-SUB_BITS = 5           # the histogram digit resolves 1/32 of a binade ...
-WINDOW_BINADES = 16    # ... over 16 binades around the mean score (edges clamp)
-NBINS = WINDOW_BINADES << SUB_BITS
+# The histogram digit resolves 1/32 of a binade over 16 binades around the mean score
+# (edges clamp): the twin's constants (reference.score_digits).
+SUB_BITS, WINDOW_BINADES, NBINS = (reference.SUB_BITS, reference.WINDOW_BINADES,
+                                   reference.NBINS)
 
 # Launch meta-parameters (tile sizes in entries / tokens, warps, pipeline stages),
 # measured on an H200 (Llama-3-8B shape, bf16 cache): TUNE for batches of more than
@@ -188,6 +189,13 @@ TUNE_SMALL_BATCH = {
 # per SM); held to 128 (4 per SM, no spill) the 32-token tiles take 87.5 us per layer
 # at 128K x 8 (every page cached) against 105 for 16-token tiles.
 TUNE_WAVE = {"attend": dict(TR=32, maxnreg=128)}
+# Selection (stages 3-4): "exact" (default: the n_retrieve / n_retrieve + n_estimate
+# largest keys, ties to the lower entry, as the twin's stable argsort) or "bucket":
+# the histogram bucket of each threshold is taken whole (when that at most doubles
+# the count; else left out: scores within 1/32 of a binade of each other), so the
+# candidate kernel only counts (no candidate lists, no search, no hand-off). Opt-in
+# until measured (RETRO_DECODE_SELECT; the attribute for benchmarks).
+SELECT = os.environ.get("RETRO_DECODE_SELECT", "exact")
 # Implementation of stage 1 (issue 13: the hot path in vllm_retro._C where it measures
 # faster): "triton" (default) or "cuda", the extension's torch.ops.vllm_retro.paged_score
 # (csrc/cuda/paged_score.cu; same outputs), used where the extension was built with CUDA
@@ -776,11 +784,17 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
                  NB: tl.constexpr, SUB: tl.constexpr, WIN: tl.constexpr,
                  PK: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
                  PDL: tl.constexpr = False, CBS: tl.constexpr = 0,
-                 EPB: tl.constexpr = 1):
+                 EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False):
     """Program (row*H + head, p): the keys of range p in the thresholds' histogram
     buckets go to two candidate lists (positions reserved atomically: their order
     does not matter), and the keys above the buckets are counted; the last program
-    of the row-head finds both threshold keys and the ties taken at each."""
+    of the row-head finds both threshold keys and the ties taken at each.
+
+    BUCKET (:data:`SELECT` "bucket"): whole histogram buckets instead (the twin's
+    :func:`~vllm_retro.kernels.reference.bucket_selection`): the threshold's
+    bucket is taken whole when that at most doubles k, else left out; the range's
+    keys from the threshold bin up are counted, no candidates, no search; program 0
+    writes the thresholds (the bins' lower edges) and the lists' lengths."""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -804,6 +818,38 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
     lo, hi, per = _range(C, p, NS, PK)
     a1 = lo * 0
     a2 = a1
+    if BUCKET:
+        # A bucket holding more than twice the keys it must supply is left out
+        # (nearly equal scores: which of them are exact matters little); the
+        # thresholds' bins then start above it.
+        c1b = tl.where(use1, tl.where(n1 <= 2 * k1 - above1, b1, b1 + 1), NB)
+        c2b = tl.where(use2, tl.where(n2 <= 2 * k2 - above2, b2, b2 + 1), NB)
+        for i0 in range(lo, hi, RB):
+            i = i0 + tl.arange(0, RB)
+            valid = i < hi
+            key = tl.load(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), mask=valid,
+                          other=0)
+            dg = _digit(key, mean_bits, SUB, NB, WIN)
+            a1 += tl.sum((valid & (dg >= c1b)).to(tl.int32), 0)
+            a2 += tl.sum((valid & (dg >= c2b)).to(tl.int32), 0)
+        tl.store(rng_ptr + (rh * NSP + p) * 2, a1)
+        tl.store(rng_ptr + (rh * NSP + p) * 2 + 1, a2)
+        if p == 0:
+            # Thresholds one below the bins' lower edges (keys are the bits of
+            # scores >= 0; bin 0 also holds every key below the window: all keys;
+            # bin NB: none).
+            lo_bin = ((mean_bits >> 23) - WIN // 2) << SUB
+            e1 = tl.where(c1b > 0, ((c1b + lo_bin) << (23 - SUB)) - 1, -1)
+            e2 = tl.where(c2b > 0, ((c2b + lo_bin) << (23 - SUB)) - 1, -1)
+            m1 = tl.where(use1, above1 + tl.where(c1b == b1, n1, 0), 0)
+            m2 = tl.where(use2, above2 + tl.where(c2b == b2, n2, 0), m1)
+            tl.store(sel_ptr + rh * 4 + 0, tl.where(c1b < NB, e1, _INT_MAX))
+            tl.store(sel_ptr + rh * 4 + 1, 0)
+            tl.store(sel_ptr + rh * 4 + 2, tl.where(c2b < NB, e2, _INT_MAX))
+            tl.store(sel_ptr + rh * 4 + 3, 0)
+            tl.store(cnt_ptr + rh * 2, m1)
+            tl.store(cnt_ptr + rh * 2 + 1, tl.maximum(m2 - m1, 0))
+        return
     for i0 in range(lo, hi, RB):
         i = i0 + tl.arange(0, RB)
         valid = i < hi
@@ -878,7 +924,7 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                     LW: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
                     COUNT_STATS: tl.constexpr, PDL: tl.constexpr = False,
                     WAVE: tl.constexpr = False, RV: tl.constexpr = 32,
-                    EPB: tl.constexpr = 1):
+                    EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False, cnt_ptr=None):
     """Program (row*H + head, p): the selected entries of range p, in entry order,
     into the lists: top k1 -> retrieved, next k2 - k1 -> estimated. The range's list
     offsets come from the keys of lower ranges: those above the buckets (counted by
@@ -889,7 +935,12 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     resolves them (the cluster cache's lookups, stamps, counters and miss buffer,
     the source table ``src``), reading back the list entries the program has just
     written (``RV`` at a time); without it the wave arguments are dummies, never
-    read."""
+    read.
+
+    BUCKET: whole buckets (the candidate kernel's BUCKET): the thresholds take no
+    ties, the lower ranges' counts are all the offsets, and the retrieved list's
+    length (where the estimated entries start) is the candidate kernel's count
+    (``cnt_ptr``)."""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -900,7 +951,10 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                                               hdr_s0, r, SB, BS, EPB)
     n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
     _pdl_wait(PDL)
-    k1 = n_ret
+    if BUCKET:
+        k1 = tl.load(cnt_ptr + rh * 2)
+    else:
+        k1 = n_ret
     use2 = n_est > 0
     lo, hi, per = _range(C, p, NS, PK)
     t1 = tl.load(sel_ptr + rh * 4 + 0)
@@ -911,13 +965,19 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     lower = sp < tl.where(C > 0, p, 0)
     a1 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 2, mask=lower, other=0), 0)
     a2 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 2 + 1, mask=lower, other=0), 0)
-    c1 = tl.load(ncand_ptr + rh * 2)
-    c2 = tl.load(ncand_ptr + rh * 2 + 1)
-    # No second list while the second threshold is in use: both share the first one.
-    w2 = tl.where(c2 == 0, 0, 2 * PK)
-    c2 = tl.where(c2 == 0, c1, c2)
-    g1, e1 = _count_chunks(cand_ptr, 0, ix_row, h, c1, t1, lo, H, PK, CB)
-    g2, e2 = _count_chunks(cand_ptr, w2, ix_row, h, c2, t2, lo, H, PK, CB)
+    if BUCKET:
+        g1 = lo * 0
+        e1 = g1
+        g2 = g1
+        e2 = g1
+    else:
+        c1 = tl.load(ncand_ptr + rh * 2)
+        c2 = tl.load(ncand_ptr + rh * 2 + 1)
+        # No second list while the second threshold is in use: both share the first.
+        w2 = tl.where(c2 == 0, 0, 2 * PK)
+        c2 = tl.where(c2 == 0, c1, c2)
+        g1, e1 = _count_chunks(cand_ptr, 0, ix_row, h, c1, t1, lo, H, PK, CB)
+        g2, e2 = _count_chunks(cand_ptr, w2, ix_row, h, c2, t2, lo, H, PK, CB)
     rc = a1 + g1 + tl.minimum(need1, e1)     # list position of this range's first retrieved
     in2 = a2 + g2 + tl.minimum(need2, e2)
     ec = k1 + tl.where(use2, in2 - rc, 0)    # ... and first estimated entry
@@ -1604,11 +1664,12 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, *split, BP=bp,
         H=h, G=g, GP=gp, G4=_next_pow2(g), BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS,
         WIN=WINDOW_BINADES, PK=PACK, **dep, **ep, **_tune("key", b)))
+    bucket = {"BUCKET": True} if SELECT == "bucket" else {}
     _keep("cand", _cand_kernel[grid](
         ws.keys, ws.cands, ws.hist, ws.ncand, ws.ranges, ws.sel, ws.counts, ws.tickets[0],
         *common, sb, *split, BP=bp,
         H=h, G=g, BS=bs, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, NSP=nsp,
-        **dep, **ep, **_tune("cand", b)))
+        **dep, **ep, **bucket, **_tune("cand", b)))
     in_collect = wave is not None and RESOLVE_IN_COLLECT
     if wave is not None:
         w = wave
@@ -1629,7 +1690,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
         ipart.stride(0), ipart.stride(1), *common, sb, sink_end, *split, *cargs, BP=bp,
         H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
-        **({"WAVE": True} if in_collect else {}), **dep, **ep, **tune_c))
+        **({"WAVE": True} if in_collect else {}), **dep, **ep,
+        **(dict(bucket, cnt_ptr=ws.counts) if bucket else {}), **tune_c))
     tune_a = _tune("attend", b, wave is not None)
     if wave is not None:
         if not in_collect:
