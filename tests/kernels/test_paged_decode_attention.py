@@ -584,6 +584,28 @@ def test_retrieved_positions_are_bounds_checked():
 
 
 
+def test_batch_above_sixteen_rows_matches_twin():
+    """A batch of 18 rows (the launcher's row class above 16: every program scans up
+    to 512 rows for the last one with context), the last two padded: every row as
+    the twin, padding rows zero."""
+    torch.manual_seed(13)
+    sc = Scene(200)
+    sc.add(700)
+    for _ in range(14):
+        sc.add(40, index="none")
+    sc.add(500, n_ret=3, n_est=5)
+    sc.add(0)
+    sc.add(0)
+    q = torch.randn(18, H * G, D)
+    out, ref, st, ws = run_both(sc, q, 0.2, ws=_td().DecodeWorkspace(
+        sc.pool.num_pages, H, G, D, 18, DEV))
+    assert not torch.isnan(out).any() and out[16:].abs().max() == 0
+    for r in range(16):
+        assert _rel(out[r], ref[r]) < 2e-3, (r, _rel(out[r], ref[r]))
+    assert ws.stats.tolist() == expected_stats(sc, st)
+    assert ws.stats[0] == 2 and ws.stats[1] == 14
+
+
 def test_bucket_selection_matches_twin_and_covers_the_budget(monkeypatch):
     """``SELECT = "bucket"``: whole histogram buckets at each threshold. The kernels'
     lists equal the twin's bucket selection (white-box), outputs and statistics

@@ -83,6 +83,7 @@ as exact as the bf16 data); fp32 caches (and the interpreter) use fp32 products.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Optional
 
@@ -521,10 +522,15 @@ def _q8_dot(hi, lo, b):
 # steps of 9-15 rows (NROWS in the "other" class with BP 16, whose graph of 16 rows
 # is a multiple of 16) may still compile once.
 _BATCH_ARGS = ["MSPLIT"]
+# NROWS keeps its "== 1" specialization (the one-row variants) but not the
+# divisibility by 16: one variant for every batch size above one in a BP class.
+_NO_ALIGN = (dict(do_not_specialize_on_alignment=["NROWS"])
+             if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
+             else {})
 
 
 # ------------------------------------------------------------------ 1. scores
-@triton.jit(do_not_specialize=_BATCH_ARGS)
+@triton.jit(do_not_specialize=_BATCH_ARGS, **_NO_ALIGN)
 def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   fq_ptr, fq_s0, fq_s1, fs_ptr, fs_s0, fs_s1, fs_s2,
                   ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0,
@@ -613,7 +619,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
 
 
 # ------------------------------------------------------------------ 2. keys
-@triton.jit(do_not_specialize=_BATCH_ARGS)
+@triton.jit(do_not_specialize=_BATCH_ARGS, **_NO_ALIGN)
 def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_ptr,
                 ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, NROWS, TGT, MSPLIT, DYN,
                 BP: tl.constexpr,
@@ -776,7 +782,7 @@ def _count_chunks(cand_ptr, word0, ix_row, h, n, thr, lo, H: tl.constexpr,
     return gt, eq
 
 
-@triton.jit(do_not_specialize=_BATCH_ARGS)
+@triton.jit(do_not_specialize=_BATCH_ARGS, **_NO_ALIGN)
 def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_ptr,
                  tick_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB,
                  NROWS, TGT, MSPLIT, DYN, BP: tl.constexpr,
@@ -914,7 +920,7 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
 
 
 # ------------------------------------------------------------------ 4. lists
-@triton.jit(do_not_specialize=_BATCH_ARGS)
+@triton.jit(do_not_specialize=_BATCH_ARGS, **_NO_ALIGN)
 def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stats_ptr,
                     ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr,
                     hdr_s0, SB, S, NROWS, TGT, MSPLIT, DYN,
@@ -1319,7 +1325,7 @@ def _visit_pages(ok, start, size, ix_row, src_row, S, SB, E, L, HZB, WL, WNL, WP
     return hits
 
 
-@triton.jit(do_not_specialize=_BATCH_ARGS)
+@triton.jit(do_not_specialize=_BATCH_ARGS, **_NO_ALIGN)
 def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, lists_ptr,
                     cnt_ptr, src_ptr, src_s0, SB, S, NROWS, TGT, MSPLIT, DYN,
                     pr_ptr, ct_ptr, stamp_ptr, clock_ptr, wcnt_ptr, mk_ptr,
@@ -1367,7 +1373,7 @@ def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, li
     _pdl_launch(PDL)
 
 
-@triton.jit(do_not_specialize=_BATCH_ARGS)
+@triton.jit(do_not_specialize=_BATCH_ARGS, **_NO_ALIGN)
 def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                    fq_ptr, fq_s0, fq_s1, fq_s2, fs_ptr, fs_s0, fs_s1, fs_s2,
@@ -1642,7 +1648,11 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     b_min = b // 2 + 1 if dyn else b
     nsg, nsg_a = ws.nsplit(b_min), ws.nsplit_attend(b_min)
     grid, grid_a = (b * h, nsg), (b * h, nsg_a)
-    bp = _next_pow2(b)
+    # The rows every program scans for the last one with context (_program): above
+    # SMALL_BATCH (whose tiles are their own variants anyway) two classes, not one
+    # per power of two, so capturing vLLM's ~50 CUDA-graph sizes compiles each kernel
+    # four times, not ten and more.
+    bp = _next_pow2(b) if b <= SMALL_BATCH else 16 if b <= 16 else max(512, _next_pow2(b))
     split = (b, ws.target_programs, nsg, dyn)
     split_a = (b, ws.target_programs, nsg_a, dyn)
     if cuda_score:
