@@ -18,8 +18,8 @@ cluster entry ``i``'s summaries at pool page ``ix[i]``) and KV head ``h`` with i
   ``[sink_end, clustered_end)``: the index build made each cluster contiguous per
   KV head), the next ``n_estimate`` contribute their log-mass over their
   mean value, the rest are skipped (``select="bucket"``: :func:`bucket_selection`
-  instead, whole buckets of a log-scale histogram of the scores). All parts form
-  one softmax. With the value
+  instead, scores in one bin of a log-scale histogram ranked by entry). All parts
+  form one softmax. With the value
   correction in the pool (``pool.value_correction``), an estimated cluster's value
   for query head ``g`` is ``mean v + s (q_g . sigma u) w`` (slots ``F_SIGMA_U``,
   ``F_W``), as :func:`vllm_retro.attention.estimated_attention` with ``value_corr``.
@@ -72,25 +72,27 @@ def score_digits(score: torch.Tensor, group: int) -> torch.Tensor:
 def bucket_selection(score: torch.Tensor, n_ret: int, n_est: int, group: int
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(retrieved, estimated) entry indices, in entry order, of the "bucket"
-    selection. For ``k = n_ret``: the histogram bin ``b`` holding the k-th largest
-    score is taken whole, with every bin above it, when that is at most ``2k``
-    scores; else only the bins above ``b`` (a crowded bin of nearly equal scores,
-    of which the exact ones matter little). Likewise for the band with ``k = n_ret
-    + n_est``, less the retrieved. A bin is 1/32 of a binade: scores within ~2%."""
+    selection: scores in one histogram bin (:func:`score_digits`: 1/32 of a binade,
+    within ~2% of each other) count as equal, ties to the lower entry. The
+    retrieved are the ``n_ret`` largest so ranked, the estimated the next
+    ``n_est``: the exact selection's counts, its sets up to the order inside the
+    threshold bins."""
     dg = score_digits(score, group)
     c = dg.numel()
     hist = torch.bincount(dg, minlength=NBINS)
     ge = c - hist.cumsum(0) + hist                             # keys in bins >= b
 
-    def first_bin(k: int) -> int:
+    def top(k: int) -> torch.Tensor:
+        sel = torch.zeros(c, dtype=torch.bool)
         if k <= 0:
-            return NBINS                                       # none
-        b = torch.nonzero(ge >= k).flatten()
-        b = int(b.max()) if len(b) else 0
-        above = int(ge[b]) - int(hist[b])
-        return b if int(hist[b]) <= 2 * k - above else b + 1
-    ret = dg >= first_bin(n_ret)
-    band = dg >= first_bin(n_ret + n_est) if n_est > 0 else ret
+            return sel
+        b = int(torch.nonzero(ge >= k).flatten().max())
+        sel |= dg > b
+        inside = torch.nonzero(dg == b).flatten()
+        sel[inside[:k - int(sel.sum())]] = True
+        return sel
+    ret = top(n_ret)
+    band = top(n_ret + n_est)
     return torch.nonzero(ret).flatten(), torch.nonzero(band & ~ret).flatten()
 
 

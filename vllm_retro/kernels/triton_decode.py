@@ -192,10 +192,10 @@ TUNE_SMALL_BATCH = {
 TUNE_WAVE = {"attend": dict(TR=32, maxnreg=128)}
 # Selection (stages 3-4): "exact" (default: the n_retrieve / n_retrieve + n_estimate
 # largest keys, ties to the lower entry, as the twin's stable argsort) or "bucket":
-# the histogram bucket of each threshold is taken whole (when that at most doubles
-# the count; else left out: scores within 1/32 of a binade of each other), so the
-# candidate kernel only counts (no candidate lists, no search, no hand-off). Opt-in
-# until measured (RETRO_DECODE_SELECT; the attribute for benchmarks).
+# keys in the histogram bucket of a threshold (scores within 1/32 of a binade of each
+# other) count as equal, ties to the lower entry: the same counts, no exact search, so
+# the candidate kernel only counts (no candidate lists, no search, no hand-off).
+# Opt-in until measured (RETRO_DECODE_SELECT; the attribute for benchmarks).
 SELECT = os.environ.get("RETRO_DECODE_SELECT", "exact")
 # Implementation of stage 1 (issue 13: the hot path in vllm_retro._C where it measures
 # faster): "triton" (default) or "cuda", the extension's torch.ops.vllm_retro.paged_score
@@ -253,7 +253,8 @@ class DecodeWorkspace:
     Per (row, KV head), sized by ``max_rows``: ``hist`` ``[max_rows*H, NBINS]``,
     ``ncand`` ``[max_rows*H, 2]`` (candidates per list), ``counts`` ``[max_rows*H,
     2]`` (retrieved, estimated), ``sel`` ``[max_rows*H, 4]`` (threshold keys and ties
-    taken), ``ranges`` ``[max_rows*H, NSP, 2]`` (per range: keys above each bucket),
+    taken), ``ranges`` ``[max_rows*H, NSP, 4]`` (per range: keys above each bucket; with
+    the bucket selection also the keys in each),
     ``tickets`` ``[2, max_rows*H]`` (zero between calls), the score partials
     ``score_max`` / ``score_sum`` ``[max_rows*H, NSP, GP]`` and the attention partials
     ``part_o`` / ``part_m`` / ``part_l`` (``B * nsplit(B) * H * G`` rows of ``D`` / 1
@@ -303,7 +304,7 @@ class DecodeWorkspace:
         self.ncand = torch.zeros(rows, 2, dtype=i32, device=dev)
         self.counts = torch.zeros(rows, 2, dtype=i32, device=dev)
         self.sel = torch.zeros(rows, 4, dtype=i32, device=dev)
-        self.ranges = torch.zeros(rows, nsp, 2, dtype=i32, device=dev)
+        self.ranges = torch.zeros(rows, nsp, 4, dtype=i32, device=dev)
         self.tickets = torch.zeros(2, rows, dtype=i32, device=dev)
         self.score_max = torch.zeros(rows, nsp, self.gp, dtype=f32, device=dev)
         self.score_sum = torch.zeros(rows, nsp, self.gp, dtype=f32, device=dev)
@@ -796,11 +797,10 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
     does not matter), and the keys above the buckets are counted; the last program
     of the row-head finds both threshold keys and the ties taken at each.
 
-    BUCKET (:data:`SELECT` "bucket"): whole histogram buckets instead (the twin's
-    :func:`~vllm_retro.kernels.reference.bucket_selection`): the threshold's
-    bucket is taken whole when that at most doubles k, else left out; the range's
-    keys from the threshold bin up are counted, no candidates, no search; program 0
-    writes the thresholds (the bins' lower edges) and the lists' lengths."""
+    BUCKET (:data:`SELECT` "bucket"): keys in a threshold's histogram bucket count
+    as equal (the twin's :func:`~vllm_retro.kernels.reference.bucket_selection`):
+    the range's keys above and in each bucket are counted, no candidates, no
+    search, no hand-off; the list kernel takes the lowest entries of the bucket."""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -825,36 +825,29 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
     a1 = lo * 0
     a2 = a1
     if BUCKET:
-        # A bucket holding more than twice the keys it must supply is left out
-        # (nearly equal scores: which of them are exact matters little); the
-        # thresholds' bins then start above it.
-        c1b = tl.where(use1, tl.where(n1 <= 2 * k1 - above1, b1, b1 + 1), NB)
-        c2b = tl.where(use2, tl.where(n2 <= 2 * k2 - above2, b2, b2 + 1), NB)
+        # Per range, the keys above and in each threshold's bucket (a bucket beyond
+        # the last bin when unused: scalars enter masks as bounds).
+        c1b = tl.where(use1, b1, NB)
+        c2b = tl.where(use2, b2, NB)
+        i1 = a1
+        i2 = a1
         for i0 in range(lo, hi, RB):
             i = i0 + tl.arange(0, RB)
             valid = i < hi
             key = tl.load(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), mask=valid,
                           other=0)
             dg = _digit(key, mean_bits, SUB, NB, WIN)
-            a1 += tl.sum((valid & (dg >= c1b)).to(tl.int32), 0)
-            a2 += tl.sum((valid & (dg >= c2b)).to(tl.int32), 0)
-        tl.store(rng_ptr + (rh * NSP + p) * 2, a1)
-        tl.store(rng_ptr + (rh * NSP + p) * 2 + 1, a2)
+            a1 += tl.sum((valid & (dg > c1b)).to(tl.int32), 0)
+            a2 += tl.sum((valid & (dg > c2b)).to(tl.int32), 0)
+            i1 += tl.sum((valid & (dg == c1b)).to(tl.int32), 0)
+            i2 += tl.sum((valid & (dg == c2b)).to(tl.int32), 0)
+        tl.store(rng_ptr + (rh * NSP + p) * 4, a1)
+        tl.store(rng_ptr + (rh * NSP + p) * 4 + 1, a2)
+        tl.store(rng_ptr + (rh * NSP + p) * 4 + 2, i1)
+        tl.store(rng_ptr + (rh * NSP + p) * 4 + 3, i2)
         if p == 0:
-            # Thresholds one below the bins' lower edges (keys are the bits of
-            # scores >= 0; bin 0 also holds every key below the window: all keys;
-            # bin NB: none).
-            lo_bin = ((mean_bits >> 23) - WIN // 2) << SUB
-            e1 = tl.where(c1b > 0, ((c1b + lo_bin) << (23 - SUB)) - 1, -1)
-            e2 = tl.where(c2b > 0, ((c2b + lo_bin) << (23 - SUB)) - 1, -1)
-            m1 = tl.where(use1, above1 + tl.where(c1b == b1, n1, 0), 0)
-            m2 = tl.where(use2, above2 + tl.where(c2b == b2, n2, 0), m1)
-            tl.store(sel_ptr + rh * 4 + 0, tl.where(c1b < NB, e1, _INT_MAX))
-            tl.store(sel_ptr + rh * 4 + 1, 0)
-            tl.store(sel_ptr + rh * 4 + 2, tl.where(c2b < NB, e2, _INT_MAX))
-            tl.store(sel_ptr + rh * 4 + 3, 0)
-            tl.store(cnt_ptr + rh * 2, m1)
-            tl.store(cnt_ptr + rh * 2 + 1, tl.maximum(m2 - m1, 0))
+            tl.store(cnt_ptr + rh * 2, n_ret)
+            tl.store(cnt_ptr + rh * 2 + 1, n_est)
         return
     for i0 in range(lo, hi, RB):
         i = i0 + tl.arange(0, RB)
@@ -878,8 +871,8 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
         tl.store(w2 + 1, i, mask=f2)
         a1 += tl.sum((valid & (dg > b1)).to(tl.int32), 0)
         a2 += tl.sum((valid & (dg > b2)).to(tl.int32), 0)
-    tl.store(rng_ptr + (rh * NSP + p) * 2, a1)
-    tl.store(rng_ptr + (rh * NSP + p) * 2 + 1, a2)
+    tl.store(rng_ptr + (rh * NSP + p) * 4, a1)
+    tl.store(rng_ptr + (rh * NSP + p) * 4 + 1, a2)
     tl.debug_barrier()   # every thread's stores precede the release below
     ticket = tl.atomic_add(tick_ptr + rh, 1, sem="acq_rel", scope="gpu")
     if ticket == NS - 1:
@@ -930,7 +923,9 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                     LW: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
                     COUNT_STATS: tl.constexpr, PDL: tl.constexpr = False,
                     WAVE: tl.constexpr = False, RV: tl.constexpr = 32,
-                    EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False, cnt_ptr=None):
+                    EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False,
+                    hist_ptr=None, G: tl.constexpr = 1, NB: tl.constexpr = 1,
+                    SUB: tl.constexpr = 1, WIN: tl.constexpr = 1):
     """Program (row*H + head, p): the selected entries of range p, in entry order,
     into the lists: top k1 -> retrieved, next k2 - k1 -> estimated. The range's list
     offsets come from the keys of lower ranges: those above the buckets (counted by
@@ -943,10 +938,9 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     written (``RV`` at a time); without it the wave arguments are dummies, never
     read.
 
-    BUCKET: whole buckets (the candidate kernel's BUCKET): the thresholds take no
-    ties, the lower ranges' counts are all the offsets, and the retrieved list's
-    length (where the estimated entries start) is the candidate kernel's count
-    (``cnt_ptr``)."""
+    BUCKET (the candidate kernel's BUCKET): the thresholds are histogram buckets
+    (from ``hist_ptr``), the keys in a bucket rank by entry index, and the lower
+    ranges' counts above and in each bucket give the offsets."""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -957,26 +951,33 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                                               hdr_s0, r, SB, BS, EPB)
     n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
     _pdl_wait(PDL)
-    if BUCKET:
-        k1 = tl.load(cnt_ptr + rh * 2)
-    else:
-        k1 = n_ret
+    k1 = n_ret
     use2 = n_est > 0
     lo, hi, per = _range(C, p, NS, PK)
-    t1 = tl.load(sel_ptr + rh * 4 + 0)
-    need1 = tl.load(sel_ptr + rh * 4 + 1)
-    t2 = tl.load(sel_ptr + rh * 4 + 2)
-    need2 = tl.load(sel_ptr + rh * 4 + 3)
     sp = tl.arange(0, NSP)
     lower = sp < tl.where(C > 0, p, 0)
-    a1 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 2, mask=lower, other=0), 0)
-    a2 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 2 + 1, mask=lower, other=0), 0)
+    a1 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 4, mask=lower, other=0), 0)
+    a2 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 4 + 1, mask=lower, other=0), 0)
     if BUCKET:
+        # Thresholds as buckets: t = the bucket, need = the keys taken from it.
+        mean_bits = _mean_bits(C, G)
+        bins = tl.arange(0, NB)
+        hist = tl.load(hist_ptr + rh * NB + bins)
+        b1, above1, n1 = _bucket(hist, bins, C, k1)
+        b2, above2, n2 = _bucket(hist, bins, C, k1 + n_est)
+        t1 = tl.where(k1 > 0, b1, NB)
+        t2 = tl.where(use2, b2, NB)
+        need1 = tl.where(k1 > 0, k1 - above1, 0)
+        need2 = tl.where(use2, k1 + n_est - above2, 0)
         g1 = lo * 0
-        e1 = g1
         g2 = g1
-        e2 = g1
+        e1 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 4 + 2, mask=lower, other=0), 0)
+        e2 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 4 + 3, mask=lower, other=0), 0)
     else:
+        t1 = tl.load(sel_ptr + rh * 4 + 0)
+        need1 = tl.load(sel_ptr + rh * 4 + 1)
+        t2 = tl.load(sel_ptr + rh * 4 + 2)
+        need2 = tl.load(sel_ptr + rh * 4 + 3)
         c1 = tl.load(ncand_ptr + rh * 2)
         c2 = tl.load(ncand_ptr + rh * 2 + 1)
         # No second list while the second threshold is in use: both share the first.
@@ -995,12 +996,16 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         valid = i < hi
         key = tl.load(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), mask=valid,
                       other=-1)
-        eq1 = valid & (key == t1)
-        eq2 = valid & (key == t2)
+        if BUCKET:
+            v = _digit(key, mean_bits, SUB, NB, WIN)
+        else:
+            v = key
+        eq1 = valid & (v == t1)
+        eq2 = valid & (v == t2)
         r1 = e1 + tl.cumsum(eq1.to(tl.int32), 0) - 1
         r2 = e2 + tl.cumsum(eq2.to(tl.int32), 0) - 1
-        in1 = valid & ((key > t1) | (eq1 & (r1 < need1)))
-        inb = valid & ((key > t2) | (eq2 & (r2 < need2)))
+        in1 = valid & ((v > t1) | (eq1 & (r1 < need1)))
+        inb = valid & ((v > t2) | (eq2 & (r2 < need2)))
         ret = in1
         est = inb & (in1 == 0)
         sel = ret | est
@@ -1701,7 +1706,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         ipart.stride(0), ipart.stride(1), *common, sb, sink_end, *split, *cargs, BP=bp,
         H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
         **({"WAVE": True} if in_collect else {}), **dep, **ep,
-        **(dict(bucket, cnt_ptr=ws.counts) if bucket else {}), **tune_c))
+        **(dict(bucket, hist_ptr=ws.hist, G=g, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES)
+           if bucket else {}), **tune_c))
     tune_a = _tune("attend", b, wave is not None)
     if wave is not None:
         if not in_collect:
