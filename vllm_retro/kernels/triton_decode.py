@@ -38,6 +38,10 @@ programs beyond ``NS`` (or of the padding rows) return at once:
    threshold keys by a 4-bits-at-a-time counting search over the candidates, and
    how many keys equal to each are taken (ties go to the lower entry index, as the
    twin's stable descending argsort).
+   With :data:`SELECT` "bucket" this kernel is not launched: keys in a
+   threshold's histogram bin count as equal (ties to the lower entry), the key
+   kernel also stores each range's histogram, and the list kernel takes its
+   offsets from the lower ranges' histograms (four launches per layer).
 4. ``_collect_kernel``: each range derives its offsets in the
    selection lists from the lower ranges' counts and candidates, then writes its
    retrieved clusters (first token position, size) and estimated clusters
@@ -192,10 +196,11 @@ TUNE_SMALL_BATCH = {
 TUNE_WAVE = {"attend": dict(TR=32, maxnreg=128)}
 # Selection (stages 3-4): "exact" (default: the n_retrieve / n_retrieve + n_estimate
 # largest keys, ties to the lower entry, as the twin's stable argsort) or "bucket":
-# keys in the histogram bucket of a threshold (scores within 1/32 of a binade of each
-# other) count as equal, ties to the lower entry: the same counts, no exact search, so
-# the candidate kernel only counts (no candidate lists, no search, no hand-off).
-# Opt-in until measured (RETRO_DECODE_SELECT; the attribute for benchmarks).
+# keys in the histogram bin of a threshold (scores within 1/32 of a binade of each
+# other) count as equal, ties to the lower entry: the same counts, no exact search,
+# and no candidate kernel (the list kernel reads the key kernel's per-range
+# histograms): four launches per layer instead of five. Opt-in until measured
+# (RETRO_DECODE_SELECT; the attribute for benchmarks).
 SELECT = os.environ.get("RETRO_DECODE_SELECT", "exact")
 # Implementation of stage 1 (issue 13: the hot path in vllm_retro._C where it measures
 # faster): "triton" (default) or "cuda", the extension's torch.ops.vllm_retro.paged_score
@@ -253,8 +258,7 @@ class DecodeWorkspace:
     Per (row, KV head), sized by ``max_rows``: ``hist`` ``[max_rows*H, NBINS]``,
     ``ncand`` ``[max_rows*H, 2]`` (candidates per list), ``counts`` ``[max_rows*H,
     2]`` (retrieved, estimated), ``sel`` ``[max_rows*H, 4]`` (threshold keys and ties
-    taken), ``ranges`` ``[max_rows*H, NSP, 4]`` (per range: keys above each bucket; with
-    the bucket selection also the keys in each),
+    taken), ``ranges`` ``[max_rows*H, NSP, 2]`` (per range: keys above each bucket),
     ``tickets`` ``[2, max_rows*H]`` (zero between calls), the score partials
     ``score_max`` / ``score_sum`` ``[max_rows*H, NSP, GP]`` and the attention partials
     ``part_o`` / ``part_m`` / ``part_l`` (``B * nsplit(B) * H * G`` rows of ``D`` / 1
@@ -304,7 +308,7 @@ class DecodeWorkspace:
         self.ncand = torch.zeros(rows, 2, dtype=i32, device=dev)
         self.counts = torch.zeros(rows, 2, dtype=i32, device=dev)
         self.sel = torch.zeros(rows, 4, dtype=i32, device=dev)
-        self.ranges = torch.zeros(rows, nsp, 4, dtype=i32, device=dev)
+        self.ranges = torch.zeros(rows, nsp, 2, dtype=i32, device=dev)
         self.tickets = torch.zeros(2, rows, dtype=i32, device=dev)
         self.score_max = torch.zeros(rows, nsp, self.gp, dtype=f32, device=dev)
         self.score_sum = torch.zeros(rows, nsp, self.gp, dtype=f32, device=dev)
@@ -313,6 +317,26 @@ class DecodeWorkspace:
         self.part_l = torch.zeros(cap * h * g, dtype=f32, device=dev)
         self.stats = torch.zeros(5, dtype=torch.int64, device=dev)
         self.wave_src: Optional[torch.Tensor] = None
+        self._range_hist: Optional[torch.Tensor] = None
+        if SELECT == "bucket":
+            self.range_hist(0)     # before any capture
+
+    def range_hist(self, programs: int) -> torch.Tensor:
+        """``[programs, NBINS]`` int32: each selection program's histogram of its
+        range (the bucket selection, :data:`SELECT`), indexed by its grid position
+        ``(row*H + head) * grid_y + p``; allocated on the first call for the
+        largest grid of ``max_rows`` (~1-2K programs, 2-4 MiB), outside capture."""
+        t = self._range_hist
+        if t is None or t.shape[0] < programs:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("DecodeWorkspace: the bucket selection's histograms "
+                                   "must be allocated before CUDA-graph capture (run one "
+                                   "eager decode call first)")
+            most = max(b * self.num_kv_heads * max(self.nsplit(b // 2 + 1), self.nsplit(b))
+                       for b in range(1, self.max_rows + 1))
+            t = self._range_hist = torch.zeros(max(most, programs), NBINS,
+                                               dtype=torch.int32, device=self.device)
+        return t
 
     def wave_src_table(self, max_pages: int) -> torch.Tensor:
         """``[max_rows*H, max_pages]`` int64: per row-head and logical page, where
@@ -628,11 +652,15 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
                 BS: tl.constexpr, NSP: tl.constexpr, CHE: tl.constexpr, NB: tl.constexpr,
                 SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr,
                 PDL: tl.constexpr = False,
-                EPB: tl.constexpr = 1):
+                EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False, rgh_ptr=None):
     """Program (row*H + head, p): keys of the entries of range p and their digit
     histogram, added atomically to the row-head's histogram. Tiles are ``[G4, CHE]``
     (``G4`` = G rounded up to a power of two; no product here, so no padding to the
-    16 rows of ``GP``); the partials are strided by ``GP``."""
+    16 rows of ``GP``); the partials are strided by ``GP``.
+
+    BUCKET (:data:`SELECT` "bucket"): also the range's own histogram, as counts of
+    its keys in bins >= b, at ``rgh_ptr[(row*H + head) * MSPLIT + p]`` (the list
+    kernel's offsets)."""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -676,6 +704,9 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     # Masked-out lanes were counted in bin 0.
     hist -= tl.where(tl.arange(0, NB) == 0, tl.sum(bad, 0), 0)
     tl.atomic_add(hist_ptr + rh * NB + tl.arange(0, NB), hist, mask=hist > 0)
+    if BUCKET:
+        ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        tl.store(rgh_ptr + (rh * MSPLIT + p).to(tl.int64) * NB + tl.arange(0, NB), ge)
 
 
 # ------------------------------------------------------------------ 3. thresholds
@@ -791,16 +822,13 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
                  NB: tl.constexpr, SUB: tl.constexpr, WIN: tl.constexpr,
                  PK: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
                  PDL: tl.constexpr = False, CBS: tl.constexpr = 0,
-                 EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False):
+                 EPB: tl.constexpr = 1):
     """Program (row*H + head, p): the keys of range p in the thresholds' histogram
     buckets go to two candidate lists (positions reserved atomically: their order
     does not matter), and the keys above the buckets are counted; the last program
     of the row-head finds both threshold keys and the ties taken at each.
-
-    BUCKET (:data:`SELECT` "bucket"): keys in a threshold's histogram bucket count
-    as equal (the twin's :func:`~vllm_retro.kernels.reference.bucket_selection`):
-    the range's keys above and in each bucket are counted, no candidates, no
-    search, no hand-off; the list kernel takes the lowest entries of the bucket."""
+    (Not launched with the bucket selection: the list kernel reads the key
+    kernel's per-range histograms instead.)"""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -824,31 +852,6 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
     lo, hi, per = _range(C, p, NS, PK)
     a1 = lo * 0
     a2 = a1
-    if BUCKET:
-        # Per range, the keys above and in each threshold's bucket (a bucket beyond
-        # the last bin when unused: scalars enter masks as bounds).
-        c1b = tl.where(use1, b1, NB)
-        c2b = tl.where(use2, b2, NB)
-        i1 = a1
-        i2 = a1
-        for i0 in range(lo, hi, RB):
-            i = i0 + tl.arange(0, RB)
-            valid = i < hi
-            key = tl.load(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), mask=valid,
-                          other=0)
-            dg = _digit(key, mean_bits, SUB, NB, WIN)
-            a1 += tl.sum((valid & (dg > c1b)).to(tl.int32), 0)
-            a2 += tl.sum((valid & (dg > c2b)).to(tl.int32), 0)
-            i1 += tl.sum((valid & (dg == c1b)).to(tl.int32), 0)
-            i2 += tl.sum((valid & (dg == c2b)).to(tl.int32), 0)
-        tl.store(rng_ptr + (rh * NSP + p) * 4, a1)
-        tl.store(rng_ptr + (rh * NSP + p) * 4 + 1, a2)
-        tl.store(rng_ptr + (rh * NSP + p) * 4 + 2, i1)
-        tl.store(rng_ptr + (rh * NSP + p) * 4 + 3, i2)
-        if p == 0:
-            tl.store(cnt_ptr + rh * 2, n_ret)
-            tl.store(cnt_ptr + rh * 2 + 1, n_est)
-        return
     for i0 in range(lo, hi, RB):
         i = i0 + tl.arange(0, RB)
         valid = i < hi
@@ -871,8 +874,8 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
         tl.store(w2 + 1, i, mask=f2)
         a1 += tl.sum((valid & (dg > b1)).to(tl.int32), 0)
         a2 += tl.sum((valid & (dg > b2)).to(tl.int32), 0)
-    tl.store(rng_ptr + (rh * NSP + p) * 4, a1)
-    tl.store(rng_ptr + (rh * NSP + p) * 4 + 1, a2)
+    tl.store(rng_ptr + (rh * NSP + p) * 2, a1)
+    tl.store(rng_ptr + (rh * NSP + p) * 2 + 1, a2)
     tl.debug_barrier()   # every thread's stores precede the release below
     ticket = tl.atomic_add(tick_ptr + rh, 1, sem="acq_rel", scope="gpu")
     if ticket == NS - 1:
@@ -913,6 +916,19 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
 
 
 # ------------------------------------------------------------------ 4. lists
+@triton.jit
+def _lower_counts(rg, sp, p, C, t, NB: tl.constexpr):
+    """Keys of the ranges below ``p`` in bins above ``t``, and in bin ``t``, from
+    their histograms as counts in bins >= b (``rg``: each range's row; ``t = NB``:
+    none)."""
+    below = sp < tl.where((C > 0) & (t < NB), p, 0)
+    ge_t = tl.load(rg + t, mask=below, other=0)
+    ge_next = tl.load(rg + t + 1, mask=sp < tl.where((C > 0) & (t + 1 < NB), p, 0),
+                      other=0)
+    above = tl.sum(ge_next, 0)
+    return above, tl.sum(ge_t, 0) - above
+
+
 @triton.jit(do_not_specialize=_BATCH_ARGS, **_NO_ALIGN)
 def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stats_ptr,
                     ip_ptr, ip_s0, ip_s1, bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr,
@@ -924,8 +940,8 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                     COUNT_STATS: tl.constexpr, PDL: tl.constexpr = False,
                     WAVE: tl.constexpr = False, RV: tl.constexpr = 32,
                     EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False,
-                    hist_ptr=None, G: tl.constexpr = 1, NB: tl.constexpr = 1,
-                    SUB: tl.constexpr = 1, WIN: tl.constexpr = 1):
+                    hist_ptr=None, rgh_ptr=None, cnt_ptr=None, G: tl.constexpr = 1,
+                    NB: tl.constexpr = 1, SUB: tl.constexpr = 1, WIN: tl.constexpr = 1):
     """Program (row*H + head, p): the selected entries of range p, in entry order,
     into the lists: top k1 -> retrieved, next k2 - k1 -> estimated. The range's list
     offsets come from the keys of lower ranges: those above the buckets (counted by
@@ -938,9 +954,11 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     written (``RV`` at a time); without it the wave arguments are dummies, never
     read.
 
-    BUCKET (the candidate kernel's BUCKET): the thresholds are histogram buckets
-    (from ``hist_ptr``), the keys in a bucket rank by entry index, and the lower
-    ranges' counts above and in each bucket give the offsets."""
+    BUCKET (:data:`SELECT` "bucket", no candidate kernel before it): the
+    thresholds are the row-head's histogram bins (``hist_ptr``) holding the k-th
+    keys, keys in a bin rank by entry index, the lower ranges' counts above and in
+    each bin (the key kernel's per-range histograms, ``rgh_ptr``) give the
+    offsets, and program 0 writes the lists' lengths (``cnt_ptr``)."""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -956,10 +974,8 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     lo, hi, per = _range(C, p, NS, PK)
     sp = tl.arange(0, NSP)
     lower = sp < tl.where(C > 0, p, 0)
-    a1 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 4, mask=lower, other=0), 0)
-    a2 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 4 + 1, mask=lower, other=0), 0)
     if BUCKET:
-        # Thresholds as buckets: t = the bucket, need = the keys taken from it.
+        # Thresholds as bins: t = the bin, need = the keys taken from it.
         mean_bits = _mean_bits(C, G)
         bins = tl.arange(0, NB)
         hist = tl.load(hist_ptr + rh * NB + bins)
@@ -969,11 +985,17 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         t2 = tl.where(use2, b2, NB)
         need1 = tl.where(k1 > 0, k1 - above1, 0)
         need2 = tl.where(use2, k1 + n_est - above2, 0)
+        rg = rgh_ptr + (rh * MSPLIT + sp).to(tl.int64) * NB
+        a1, e1 = _lower_counts(rg, sp, p, C, t1, NB)
+        a2, e2 = _lower_counts(rg, sp, p, C, t2, NB)
         g1 = lo * 0
         g2 = g1
-        e1 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 4 + 2, mask=lower, other=0), 0)
-        e2 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 4 + 3, mask=lower, other=0), 0)
+        if p == 0:
+            tl.store(cnt_ptr + rh * 2, n_ret)
+            tl.store(cnt_ptr + rh * 2 + 1, n_est)
     else:
+        a1 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 2, mask=lower, other=0), 0)
+        a2 = tl.sum(tl.load(rng_ptr + (rh * NSP + sp) * 2 + 1, mask=lower, other=0), 0)
         t1 = tl.load(sel_ptr + rh * 4 + 0)
         need1 = tl.load(sel_ptr + rh * 4 + 1)
         t2 = tl.load(sel_ptr + rh * 4 + 2)
@@ -1675,16 +1697,20 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             CAP=float(variance_cap), NATIVE=native, PREC=prec,
             **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}), **ep,
             **_tune("score", b)))
+    bucket = SELECT == "bucket"
+    if bucket:
+        rgh = ws.range_hist(b * h * nsg)
     _keep("key", _key_kernel[grid](
         ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, *split, BP=bp,
         H=h, G=g, GP=gp, G4=_next_pow2(g), BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS,
-        WIN=WINDOW_BINADES, PK=PACK, **dep, **ep, **_tune("key", b)))
-    bucket = {"BUCKET": True} if SELECT == "bucket" else {}
-    _keep("cand", _cand_kernel[grid](
-        ws.keys, ws.cands, ws.hist, ws.ncand, ws.ranges, ws.sel, ws.counts, ws.tickets[0],
-        *common, sb, *split, BP=bp,
-        H=h, G=g, BS=bs, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, NSP=nsp,
-        **dep, **ep, **bucket, **_tune("cand", b)))
+        WIN=WINDOW_BINADES, PK=PACK, **dep, **ep,
+        **(dict(BUCKET=True, rgh_ptr=rgh) if bucket else {}), **_tune("key", b)))
+    if not bucket:
+        _keep("cand", _cand_kernel[grid](
+            ws.keys, ws.cands, ws.hist, ws.ncand, ws.ranges, ws.sel, ws.counts,
+            ws.tickets[0], *common, sb, *split, BP=bp,
+            H=h, G=g, BS=bs, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, NSP=nsp,
+            **dep, **ep, **_tune("cand", b)))
     in_collect = wave is not None and RESOLVE_IN_COLLECT
     if wave is not None:
         w = wave
@@ -1697,17 +1723,18 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
              else (ws.stats, 0, ws.ncand, ws.stats, ws.stats, ws.stats, ws.stats, ws.stats,
                    ws.stats, 0, 0, 0, 0, 0))
     tune_c = _tune("collect", b)
-    if in_collect:
-        # The lookups add live values: held to 128 registers, the list kernel keeps 4
-        # programs per SM (125 on sm_90 with the CPU venv's Triton).
+    if in_collect or (bucket and b > SMALL_BATCH):
+        # The lookups (or the bucket thresholds) add live values: held to 128
+        # registers, the list kernel keeps 4 programs per SM (the lookups: 125 on
+        # sm_90 with the CPU venv's Triton; the buckets: 132 unbounded).
         tune_c.setdefault("maxnreg", 128)
     _keep("collect", _collect_kernel[grid](
         ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
         ipart.stride(0), ipart.stride(1), *common, sb, sink_end, *split, *cargs, BP=bp,
         H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
         **({"WAVE": True} if in_collect else {}), **dep, **ep,
-        **(dict(bucket, hist_ptr=ws.hist, G=g, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES)
-           if bucket else {}), **tune_c))
+        **(dict(BUCKET=True, hist_ptr=ws.hist, rgh_ptr=rgh, cnt_ptr=ws.counts, G=g,
+                NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES) if bucket else {}), **tune_c))
     tune_a = _tune("attend", b, wave is not None)
     if wave is not None:
         if not in_collect:
