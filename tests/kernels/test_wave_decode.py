@@ -119,7 +119,7 @@ class Wave:
         return out
 
 
-def run(wv: Wave, q, ws=None, td=None):
+def run(wv: Wave, q, ws=None, td=None, select="exact"):
     """(kernel output with the view, twin output with the view, workspace)."""
     td = td or _td()
     sc = wv.sc
@@ -133,7 +133,8 @@ def run(wv: Wave, q, ws=None, td=None):
                                      count_stats=True, wave=wv.view)
     ref, _ = reference.paged_decode_attention(q.cpu(), sc.cpu_cache(), sc.lay, bt.cpu(),
                                               sl.cpu(), sc.headers.cpu(), sc.alloc.ibt,
-                                              sc.pool, sc.S, SCALE, wave=wv.view)
+                                              sc.pool, sc.S, SCALE, wave=wv.view,
+                                              select=select)
     return out.cpu(), ref, ws
 
 
@@ -214,6 +215,31 @@ def test_released_rows_match_unreleased():
                                          sc.alloc.ibt, sc.pool, sc.S, SCALE, bad, ws)
     bad = bad.cpu()
     assert torch.isnan(bad[0]).all() and _rel(bad[3], ref[3]) < 2e-3
+
+
+@pytest.mark.parametrize("in_collect", [True, False])
+def test_bucket_selection_with_released_rows(monkeypatch, in_collect):
+    """The bucket selection (no candidate kernel) with the view: released rows read
+    from the arena as the twin's bucket selection reads them, and the bookkeeping
+    (page lookups in the list kernel, or in their own) is the plain count."""
+    td = _td()
+    monkeypatch.setattr(td, "SELECT", "bucket")
+    monkeypatch.setattr(td, "RESOLVE_IN_COLLECT", in_collect)
+    torch.manual_seed(23)
+    sc = Scene(200)
+    E0 = sc.add(700)
+    E1 = sc.add(600, n_ret=6, n_est=9)
+    sc.add(0)
+    wv = Wave(sc)
+    hz1 = sc.S + (E1 - sc.S) // BS // 2 * BS
+    wv.release({0: E0, 1: hz1}, poison={1: 0})
+    q = torch.randn(3, H * G, D)
+    out, ref, ws = run(wv, q, select="bucket")
+    assert not torch.isnan(out).any() and out[2].abs().max() == 0
+    assert _rel(out, ref) < 2e-3, _rel(out, ref)
+    z = torch.zeros(4, dtype=torch.int64)
+    _, n_miss = check_bookkeeping(wv, ws, wv.cache.table.clone(), wv.cache.stamp.clone(), z)
+    assert n_miss > 0
 
 
 def test_steps_with_partial_and_evicting_cache():
