@@ -167,35 +167,22 @@ def decode_launches() -> None:
             bt = torch.zeros(b, 32, dtype=torch.int32)
             sl = torch.zeros(b, dtype=torch.int32)
             out = torch.zeros(b, h * g, d, dtype=dtype)
-            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool,
-                                             sink_end(RetroConfig(), bs), 0.1, out, ws,
-                                             count_stats=True)
-            # The attention kernel's wave-buffer variant (released blocks read from
-            # the cluster cache / host arena; the other kernels are the same).
-            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool,
-                                             sink_end(RetroConfig(), bs), 0.1, out, ws,
-                                             count_stats=True,
-                                             wave=_wave_view(lay, dtype, pool.num_pages))
-            # ... with the page lookups in their own kernel, or in the list kernel
-            # (RESOLVE_IN_COLLECT, the default): the other way round.
+            # Both selections (SELECT "bucket": the key and list kernels' BUCKET
+            # variants, no candidate kernel), each plain and with the attention
+            # kernel's wave-buffer variant (released blocks read from the cluster
+            # cache / host arena), the page lookups in the list kernel
+            # (RESOLVE_IN_COLLECT, the default) or in their own.
             base = td.RESOLVE_IN_COLLECT
-            td.RESOLVE_IN_COLLECT = not base
-            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool,
-                                             sink_end(RetroConfig(), bs), 0.1, out, ws,
-                                             count_stats=True,
-                                             wave=_wave_view(lay, dtype, pool.num_pages))
-            td.RESOLVE_IN_COLLECT = base
-            # Whole-bucket selection (SELECT "bucket": the candidate and list
-            # kernels' BUCKET variants), plain and with the lookups in the list kernel.
-            td.SELECT = "bucket"
-            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool,
-                                             sink_end(RetroConfig(), bs), 0.1, out, ws,
-                                             count_stats=True)
-            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool,
-                                             sink_end(RetroConfig(), bs), 0.1, out, ws,
-                                             count_stats=True,
-                                             wave=_wave_view(lay, dtype, pool.num_pages))
-            td.SELECT = "exact"
+            for select in ("exact", "bucket"):
+                td.SELECT = select
+                wsel = td.DecodeWorkspace(nb, h, g, d, max(b, 8), "cpu")
+                for wave, in_collect in ((False, base), (True, base), (True, not base)):
+                    td.RESOLVE_IN_COLLECT = in_collect
+                    td.paged_decode_attention_triton(
+                        q, kv, lay, bt, sl, hdr, ibt, pool, sink_end(RetroConfig(), bs),
+                        0.1, out, wsel, count_stats=True,
+                        wave=_wave_view(lay, dtype, pool.num_pages) if wave else None)
+            td.SELECT, td.RESOLVE_IN_COLLECT = "exact", base
             # The score kernel's 8-bit summaries (summary_bits 8).
             pool8 = IndexPool(lay, nb, summary_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,

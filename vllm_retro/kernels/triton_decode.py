@@ -321,6 +321,13 @@ class DecodeWorkspace:
         if SELECT == "bucket":
             self.range_hist(0)     # before any capture
 
+    def _not_capturing(self, what: str, call: str) -> None:
+        """Scratch allocated lazily must not be allocated under CUDA-graph capture
+        (the graph would keep a pool address the next capture reuses)."""
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"DecodeWorkspace: {what} must be allocated before "
+                               f"CUDA-graph capture (run one eager decode call{call} first)")
+
     def range_hist(self, programs: int) -> torch.Tensor:
         """``[programs, NBINS]`` int32: each selection program's histogram of its
         range (the bucket selection, :data:`SELECT`), indexed by its grid position
@@ -328,10 +335,7 @@ class DecodeWorkspace:
         largest grid of ``max_rows`` (~1-2K programs, 2-4 MiB), outside capture."""
         t = self._range_hist
         if t is None or t.shape[0] < programs:
-            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("DecodeWorkspace: the bucket selection's histograms "
-                                   "must be allocated before CUDA-graph capture (run one "
-                                   "eager decode call first)")
+            self._not_capturing("the bucket selection's histograms", "")
             most = max(b * self.num_kv_heads * max(self.nsplit(b // 2 + 1), self.nsplit(b))
                        for b in range(1, self.max_rows + 1))
             t = self._range_hist = torch.zeros(max(most, programs), NBINS,
@@ -346,10 +350,7 @@ class DecodeWorkspace:
         pages a call's retrieved clusters visit are written and read."""
         t = self.wave_src
         if t is None or t.shape[1] < max_pages:
-            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("DecodeWorkspace: the wave buffer's page table must be "
-                                   "allocated before CUDA-graph capture (run one eager "
-                                   "decode call with the wave view first)")
+            self._not_capturing("the wave buffer's page table", " with the wave view")
             t = self.wave_src = torch.full((self.max_rows * self.num_kv_heads, max_pages),
                                            -1, dtype=torch.int64, device=self.device)
         return t
