@@ -208,7 +208,7 @@ class RetroMetadataBuilder(_DenseBuilder):
         elif switch is not None and self._capturing and nd <= DENSE_MAX_ROWS:
             # The captured graph holds the dense path too (pure decode: one build);
             # only graphs a dense step can replay (at most DENSE_MAX_ROWS rows, as
-            # padded): larger ones pay no node per layer.
+            # padded): larger ones hold retro's kernels alone.
             flash = super().build(0, cm, fast_build)
         nd_tok = int(qsl[nd])
         return RetroMetadata(num_decodes=nd,
@@ -381,7 +381,6 @@ class DenseSwitch:
     def __init__(self, threshold: int, anchor: Optional[torch.Tensor] = None,
                  ops=None) -> None:
         self.threshold = int(threshold)
-        self._dense = False
         self.flash_rows = 0
         # Graphs holding both paths (None: no CUDA graphs, e.g. the CPU tests).
         self.paths = None if anchor is None else graph_paths.GraphPaths(anchor, ops)
@@ -393,7 +392,6 @@ class DenseSwitch:
         token) when it does."""
         dense = dense_step(seq_lens_upper, num_decodes, max_seq_len, self.threshold,
                            real_rows)
-        self._dense = dense
         if self.paths is not None:
             self.paths.take(dense)
         if dense:
