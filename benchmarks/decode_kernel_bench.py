@@ -302,9 +302,10 @@ def check_vs_twin(cfg: RetroConfig) -> float:
     paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale, out=out,
                            workspace=ws)
     kv_cpu = kv.cpu()
+    from vllm_retro.kernels import triton_decode as td
     ref, _ = reference.paged_decode_attention(q.cpu(), kv_cpu, lay, bt.cpu(), sl.cpu(),
                                               hdr.cpu(), ix.ibt.cpu(), ix.pool.to("cpu"), S,
-                                              scale)
+                                              scale, select=td.SELECT)
     return ((out.cpu() - ref).norm() / ref.norm()).item()
 
 
@@ -383,7 +384,9 @@ def main() -> None:
             torch.cuda.empty_cache()
     res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
-               command=" ".join(sys.argv), copy_tbs=bw, key_scale=a.key_scale, full_retrieval_rel_err=err_full,
+               command=" ".join(sys.argv), copy_tbs=bw, key_scale=a.key_scale,
+               select=__import__("vllm_retro.kernels.triton_decode", fromlist=["SELECT"]).SELECT,
+               full_retrieval_rel_err=err_full,
                full_retrieval_reference="FA3" if has_fa3() else "float64 dense twin",
                default_vs_twin_rel_err=err_twin, records=recs)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
