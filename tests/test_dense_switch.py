@@ -148,3 +148,54 @@ def test_install_keeps_graphs_tracks_the_capture_and_instantiates_at_its_end():
     g.capture_end()
     assert capturing_graph() is None
     assert g.events == [("begin", (0, 1)), ("end", None), ("instantiate",)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_runs_only_the_path_taken():
+    """On a GPU (with ``vllm_retro._C`` built with CUDA): a torch CUDA graph of three
+    "layers", each capturing a dense path (``y = x + 1``) then a retro path (``y = 3
+    x``) through :class:`GraphPaths`, replays as all-dense (2 -> 5) or all-retro
+    (2 -> 54) as :meth:`GraphPaths.take` says, back and forth, and as retro's path
+    (which writes last) before any choice."""
+    from vllm_retro.backend import graph_paths
+    if not graph_paths.available():
+        pytest.skip("vllm_retro._C has no CUDA graph ops here (built without CUDA)")
+    graph_paths.install()
+    x = torch.zeros(4096, device="cuda")
+    y = torch.zeros_like(x)
+    paths = GraphPaths(torch.zeros(1, dtype=torch.int8, device="cuda"))
+
+    def layers(capture_graph=None):
+        for _ in range(3):
+            dense, retro = (lambda: y.copy_(x + 1)), (lambda: y.copy_(x * 3))
+            if capture_graph is None:
+                retro()
+            else:
+                paths.capture(capture_graph, dense, retro)
+            x.copy_(y)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layers()                              # warm-up, as before any capture
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        assert graph_paths.capturing_graph() is g
+        layers(g)
+    assert graph_paths.capturing_graph() is None
+    dense_nodes, retro_nodes = paths.nodes(g)
+    assert len(dense_nodes) >= 3 and len(retro_nodes) >= 3
+    assert not set(dense_nodes) & set(retro_nodes)
+
+    def replay() -> float:
+        x.fill_(2.0)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.all(x == x[0])
+        return float(x[0])
+    assert replay() == 54.0                   # both enabled: retro's writes last
+    for dense, want in ((True, 5.0), (False, 54.0), (True, 5.0), (True, 5.0)):
+        paths.take(dense)
+        assert replay() == want, dense
+    assert paths.toggles == 3
