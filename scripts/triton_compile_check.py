@@ -173,7 +173,9 @@ def decode_launches() -> None:
             # cache / host arena), the page lookups in the list kernel
             # (RESOLVE_IN_COLLECT, the default) or in their own.
             base = td.RESOLVE_IN_COLLECT
-            for select in ("exact", "bucket"):
+            # (The bucket variants once per batch class: bf16, no PDL.)
+            for select in (("exact", "bucket") if dtype == torch.bfloat16 and not pdl
+                           else ("exact",)):
                 td.SELECT = select
                 wsel = td.DecodeWorkspace(nb, h, g, d, max(b, 8), "cpu")
                 for wave, in_collect in ((False, base), (True, base), (True, not base)):
