@@ -41,6 +41,7 @@ from vllm_retro.index.paged import (HDR_HORIZON, IndexAllocator, IndexPool,  # n
                                     make_headers, plan_segments, sink_end)
 from vllm_retro.kernels import DecodeWorkspace, paged_decode_attention  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402
+from vllm_retro.kernels import triton_decode as td  # noqa: E402
 
 HQ, H, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -302,7 +303,6 @@ def check_vs_twin(cfg: RetroConfig) -> float:
     paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale, out=out,
                            workspace=ws)
     kv_cpu = kv.cpu()
-    from vllm_retro.kernels import triton_decode as td
     ref, _ = reference.paged_decode_attention(q.cpu(), kv_cpu, lay, bt.cpu(), sl.cpu(),
                                               hdr.cpu(), ix.ibt.cpu(), ix.pool.to("cpu"), S,
                                               scale, select=td.SELECT)
@@ -385,7 +385,7 @@ def main() -> None:
     res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
                command=" ".join(sys.argv), copy_tbs=bw, key_scale=a.key_scale,
-               select=__import__("vllm_retro.kernels.triton_decode", fromlist=["SELECT"]).SELECT,
+               select=td.SELECT,
                full_retrieval_rel_err=err_full,
                full_retrieval_reference="FA3" if has_fa3() else "float64 dense twin",
                default_vs_twin_rel_err=err_twin, records=recs)

@@ -217,7 +217,9 @@ def selection(scene: Scene, ws, r: int, kh: int):
     return ret, est
 
 
-def twin_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float):
+def twin_scores(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float):
+    """(ranking score of each of row r's cluster entries for head kh, n_retrieve,
+    n_estimate clamped as the twin clamps them, the entries' ipart rows)."""
     bt, _ = scene.tensors()
     bt = bt[r].long().cpu()
     ipart = scene.pool.ipart.cpu()
@@ -226,14 +228,22 @@ def twin_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float)
     f = scene.pool.summaries(pbs.to(scene.pool.device))[:, kh].float().cpu()
     lg = reference.cluster_log_mass(q[r, kh * G:(kh + 1) * G].float(), f[:, 0], f[:, 1],
                                     ipart[pbs, kh, I_SIZE].long(), scale)
-    order = torch.argsort(torch.softmax(lg, -1).nan_to_num(0.0).sum(0), descending=True,
-                          stable=True).tolist()
     c = len(pbs)
     nr = min(c, hdr[1])
     ne = min(c - nr, hdr[2])
-    iw = ipart[pbs, kh]
-    ret = sorted((int(iw[i, I_START]), int(iw[i, I_SIZE])) for i in order[:nr])
-    return ret, sorted(order[nr:nr + ne])
+    return torch.softmax(lg, -1).nan_to_num(0.0).sum(0), nr, ne, ipart[pbs, kh]
+
+
+def twin_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float,
+                   select: str = "exact"):
+    """What :func:`selection` reads back, as the twin selects it."""
+    score, nr, ne, iw = twin_scores(scene, q, r, kh, scale)
+    if select == "bucket":
+        ret, est = (t.tolist() for t in reference.bucket_selection(score, nr, ne, G))
+    else:
+        order = torch.argsort(score, descending=True, stable=True).tolist()
+        ret, est = order[:nr], order[nr:nr + ne]
+    return sorted((int(iw[i, I_START]), int(iw[i, I_SIZE])) for i in ret), sorted(est)
 
 
 # ----------------------------------------------------------------------- tests
@@ -630,24 +640,13 @@ def test_bucket_selection_matches_twin(monkeypatch):
     bt, _ = sc.tensors()
     crowded = 0          # row-heads whose retrieval bin holds more than one score
     for r in (0, 3):
-        hdr = sc.headers[int(bt[r, 0])].tolist()
-        pbs = sc.pages(r)
-        c = len(pbs)
-        nr = min(c, hdr[1])
-        ne = min(c - nr, hdr[2])
-        ip = sc.pool.ipart.cpu()[pbs]
         for kh in range(H):
             ret, est = selection(sc, ws, r, kh)
+            score, nr, ne, _ = twin_scores(sc, q, r, kh, 0.2)
             assert len(ret) == nr and len(est) == ne
-            f = sc.pool.summaries(pbs.to(sc.pool.device))[:, kh].float().cpu()
-            lg = reference.cluster_log_mass(q[r, kh * G:(kh + 1) * G].float(), f[:, 0],
-                                            f[:, 1], ip[:, kh, I_SIZE].long(), 0.2)
-            score = torch.softmax(lg, -1).nan_to_num(0.0).sum(0)
-            tr, te = reference.bucket_selection(score, nr, ne, G)
-            assert ret == sorted((int(ip[i, kh, I_START]), int(ip[i, kh, I_SIZE]))
-                                 for i in tr.tolist())
-            assert est == te.tolist()
+            assert (ret, est) == twin_selection(sc, q, r, kh, 0.2, select="bucket")
             kth = score.sort(descending=True).values[nr - 1]
+            tr, _ = reference.bucket_selection(score, nr, ne, G)
             assert score[tr].min() >= kth / 2 ** (1 / 32) * (1 - 1e-6)
             dg = reference.score_digits(score, G)
             crowded += int((dg == dg[score.argsort(descending=True)[nr - 1]]).sum() > 1)
