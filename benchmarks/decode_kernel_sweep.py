@@ -45,11 +45,12 @@ from vllm_retro.kernels import triton_decode as td  # noqa: E402
 # "cuda" is the extension's CUDA score kernel, an error where it is not built)
 VARIANTS = [
     ("default", None, {}),
-    # Whole histogram buckets at the thresholds (triton_decode.SELECT "bucket"): the
-    # candidate kernel only counts (no candidate lists, search or hand-off); the
-    # selection differs from the exact one, so the output too (exact_fraction shows
-    # how much more is read).
+    # The selection modes (triton_decode.SELECT): "bucket" (the default: whole
+    # histogram bins at the thresholds, no candidate kernel) and "exact" (the exact
+    # top counts: a candidate kernel searches the threshold bins). The sets differ
+    # among near-tied clusters, so the outputs too.
     ("select bucket", "select", "bucket"),
+    ("select exact", "select", "exact"),
     ("programs/SM 2", "pps", (2, 0)),
     ("programs/SM 3", "pps", (3, 0)),
     ("programs/SM 6", "pps", (6, 0)),

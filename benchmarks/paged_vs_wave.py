@@ -8,9 +8,12 @@ path's (:class:`vllm_retro.wave_index.WaveIndex`) at the same options: segmentat
 by ``plan_segments`` (the prompt indexed once, after its last token), sinks rounded
 to a KV block, summaries stored in the KV dtype (float32 here, bf16 as on the GPU).
 The prompt is the text before the first captured query position; every captured
-query then decodes over the prompt plus the tokens after it.
+query then decodes over the prompt plus the tokens after it. ``--select`` adds a
+"paged bf16/fp32 <mode>" column per cluster-selection mode other than "exact" (e.g.
+``bucket``, the kernels' near-tie selection).
 
     python benchmarks/paged_vs_wave.py [--data benchmarks/data/smollm2_qkv.pt]
+        [--select exact,bucket]
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def paged_errors(k, v, queries, qpos, scale, cfg, dtype):
+def paged_errors(k, v, queries, qpos, scale, cfg, dtype, select="exact"):
     """Relative errors and exact fractions of the paged twin for every query."""
     h, t, d = k.shape
     lay = PagedIndexLayout.for_config(cfg, h, d, BS, dtype)
@@ -76,7 +79,7 @@ def paged_errors(k, v, queries, qpos, scale, cfg, dtype):
         q = queries[i].to(dtype).float()
         out, st = reference.paged_decode_attention(
             q.unsqueeze(0), kv, lay, bt, torch.tensor([p + 1]), headers, alloc.ibt, pool, S,
-            scale, cfg.variance_cap)
+            scale, cfg.variance_cap, select=select)
         ref = full_attention(queries[i].double(), k[:, :p + 1].double(),
                              v[:, :p + 1].double(), scale)
         errs.append(rel(out[0], ref))
@@ -111,6 +114,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="benchmarks/data/smollm2_qkv.pt")
     ap.add_argument("--options", default='{"segment_size": 1024}')
+    ap.add_argument("--select", default="exact",
+                    help="comma list of selection modes; each but exact adds paged columns")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     data = torch.load(a.data, weights_only=False)
@@ -121,12 +126,13 @@ def main() -> None:
     for layer in data["keys"]:
         k, v = data["keys"][layer].float(), data["values"][layer].float()
         qs = data["queries"][layer].float()
+        runs = {"wave (CPU)": lambda: wave_errors(k, v, qs, qpos, scale, cfg)}
+        for s in ["exact"] + [s for s in a.select.split(",") if s != "exact"]:
+            for dn, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                name = f"paged {dn}" + ("" if s == "exact" else f" {s}")
+                runs[name] = lambda dt=dt, s=s: paged_errors(k, v, qs, qpos, scale, cfg, dt, s)
         row = {}
-        for name, fn in (("wave (CPU)", lambda: wave_errors(k, v, qs, qpos, scale, cfg)),
-                         ("paged fp32", lambda: paged_errors(k, v, qs, qpos, scale, cfg,
-                                                             torch.float32)),
-                         ("paged bf16", lambda: paged_errors(k, v, qs, qpos, scale, cfg,
-                                                             torch.bfloat16))):
+        for name, fn in runs.items():
             e, f = fn()
             row[name] = dict(median_err=q(e, 0.5), p90_err=q(e, 0.9),
                              exact_fraction=sum(f) / len(f))

@@ -138,10 +138,21 @@ def test_install_keeps_graphs_tracks_the_capture_and_instantiates_at_its_end():
         def instantiate(self):
             self.events.append(("instantiate",))
 
-    install(FakeCUDAGraph)
-    install(FakeCUDAGraph)               # idempotent: not wrapped twice
+    class FakeTorchCUDAGraph(FakeCUDAGraph):
+        """As torch 2.11's: ``__new__`` passes keep_graph on, but the C++ base (a
+        pybind11 class) takes it in ``__init__`` with the caller's arguments."""
+
+        def __new__(cls, keep_graph=False):
+            return super().__new__(cls, None)
+
+        def __init__(self, keep_graph=False):
+            self.keep_graph = keep_graph
+
+    for cls in (FakeCUDAGraph, FakeTorchCUDAGraph):
+        install(cls)
+        install(cls)                     # idempotent: not wrapped twice
+        assert cls().keep_graph is True and cls(keep_graph=False).keep_graph is True
     g = FakeCUDAGraph()
-    assert g.keep_graph and FakeCUDAGraph(keep_graph=False).keep_graph
     assert capturing_graph() is None
     g.capture_begin(pool=(0, 1))
     assert capturing_graph() is g

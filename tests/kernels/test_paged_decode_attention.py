@@ -160,8 +160,9 @@ class Scene:
 
 
 def run_both(scene: Scene, q: torch.Tensor, scale: float, out_dtype=torch.float32,
-             ws=None, td=None, variance_cap=2.0, select="exact"):
-    """(Triton output, twin output, twin stats, workspace) for the scene's rows."""
+             ws=None, td=None, variance_cap=2.0, select=None):
+    """(Triton output, twin output, twin stats, workspace) for the scene's rows; the
+    twin selects as the kernels do (``select``: default ``td.SELECT``)."""
     td = td or _td()
     bt, sl = scene.tensors()
     b = len(scene.rows)
@@ -175,7 +176,7 @@ def run_both(scene: Scene, q: torch.Tensor, scale: float, out_dtype=torch.float3
     ref, st = reference.paged_decode_attention(q.cpu(), scene.cpu_cache(), scene.lay,
                                                bt.cpu(), sl.cpu(), scene.headers.cpu(),
                                                scene.alloc.ibt, scene.pool, scene.S, scale,
-                                               variance_cap, select=select)
+                                               variance_cap, select=select or td.SELECT)
     return out.cpu(), ref, st, ws
 
 
@@ -235,10 +236,11 @@ def twin_scores(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float):
 
 
 def twin_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float,
-                   select: str = "exact"):
-    """What :func:`selection` reads back, as the twin selects it."""
+                   select: str = None):
+    """What :func:`selection` reads back, as the twin selects it (``select``: default
+    the kernels' ``SELECT``)."""
     score, nr, ne, iw = twin_scores(scene, q, r, kh, scale)
-    if select == "bucket":
+    if (select or _td().SELECT) == "bucket":
         ret, est = (t.tolist() for t in reference.bucket_selection(score, nr, ne, G))
     else:
         order = torch.argsort(score, descending=True, stable=True).tolist()
@@ -247,7 +249,10 @@ def twin_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float,
 
 
 # ----------------------------------------------------------------------- tests
-def test_ragged_batch_matches_twin():
+@pytest.mark.parametrize("select", ["bucket", "exact"])
+def test_ragged_batch_matches_twin(monkeypatch, select):
+    """Both selections (``SELECT``): output, statistics and lists equal the twin's."""
+    monkeypatch.setattr(_td(), "SELECT", select)
     torch.manual_seed(1)
     sc = Scene(260)
     sc.add(900)                          # index: several segments, empty clusters
@@ -772,8 +777,10 @@ def test_launch_sequence_does_not_depend_on_data(monkeypatch):
         assert not torch.isnan(out).any()
         assert _rel(out, ref) < 2e-3
         assert ws.stats.tolist() == expected_stats(sc, st)
-    # (the resolve kernel runs with a wave buffer view only)
-    assert seqs[0] == seqs[1] and len(seqs[0]) == len(set(names) - {"_resolve_kernel"})
+    # (the resolve kernel runs with a wave buffer view only; the candidate kernel
+    # with the exact selection only)
+    skipped = {"_resolve_kernel"} | ({"_cand_kernel"} if td.SELECT == "bucket" else set())
+    assert seqs[0] == seqs[1] and len(seqs[0]) == len(set(names) - skipped)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the CUDA score kernel needs a GPU")

@@ -156,8 +156,10 @@ def test_kernels_twin_and_full_attention_on_real_qkv(qkv):
         assert _rel(full, dense) < 1e-5, layer
         # Default budget: kernels against the twin, the twin against full attention.
         _set_budget(headers, bt, hdr, ix)
+        from vllm_retro.kernels import triton_decode
         want, st = reference.paged_decode_attention(q_c, kv_c, lay, bt_c, sl_c, headers.cpu(),
-                                                    ix[0], ix[1], S, scale)
+                                                    ix[0], ix[1], S, scale,
+                                                    select=triton_decode.SELECT)
         if DEV == "cuda" or layer == next(iter(qkv["keys"])):
             # The interpreter runs the kernels program by program: on CPUs one
             # layer and two rows (the shortest and longest context).

@@ -119,8 +119,9 @@ class Wave:
         return out
 
 
-def run(wv: Wave, q, ws=None, td=None, select="exact"):
-    """(kernel output with the view, twin output with the view, workspace)."""
+def run(wv: Wave, q, ws=None, td=None, select=None):
+    """(kernel output with the view, twin output with the view, workspace); the twin
+    selects as the kernels do (``select``: default ``td.SELECT``)."""
     td = td or _td()
     sc = wv.sc
     bt, sl = sc.tensors()
@@ -134,17 +135,18 @@ def run(wv: Wave, q, ws=None, td=None, select="exact"):
     ref, _ = reference.paged_decode_attention(q.cpu(), sc.cpu_cache(), sc.lay, bt.cpu(),
                                               sl.cpu(), sc.headers.cpu(), sc.alloc.ibt,
                                               sc.pool, sc.S, SCALE, wave=wv.view,
-                                              select=select)
+                                              select=select or td.SELECT)
     return out.cpu(), ref, ws
 
 
 def unreleased(wv: Wave, q):
-    """The twin without a view over the cache before the poisoning."""
+    """The twin without a view over the cache before the poisoning (selecting as the
+    kernels do)."""
     sc = wv.sc
     bt, sl = sc.tensors()
     ref, _ = reference.paged_decode_attention(q.cpu(), wv.clean, sc.lay, bt.cpu(), sl.cpu(),
                                               sc.headers.cpu(), sc.alloc.ibt, sc.pool,
-                                              sc.S, SCALE)
+                                              sc.S, SCALE, select=_td().SELECT)
     return ref
 
 
@@ -217,13 +219,15 @@ def test_released_rows_match_unreleased():
     assert torch.isnan(bad[0]).all() and _rel(bad[3], ref[3]) < 2e-3
 
 
-@pytest.mark.parametrize("in_collect", [True, False])
-def test_bucket_selection_with_released_rows(monkeypatch, in_collect):
-    """The bucket selection (no candidate kernel) with the view: released rows read
-    from the arena as the twin's bucket selection reads them, and the bookkeeping
-    (page lookups in the list kernel, or in their own) is the plain count."""
+@pytest.mark.parametrize("select,in_collect",
+                         [("bucket", True), ("bucket", False), ("exact", True)])
+def test_selection_with_released_rows(monkeypatch, select, in_collect):
+    """Both selections (the bucket one without a candidate kernel) with the view:
+    released rows read from the arena as the twin's selection reads them, and the
+    bookkeeping (page lookups in the list kernel, or in their own) is the plain
+    count."""
     td = _td()
-    monkeypatch.setattr(td, "SELECT", "bucket")
+    monkeypatch.setattr(td, "SELECT", select)
     monkeypatch.setattr(td, "RESOLVE_IN_COLLECT", in_collect)
     torch.manual_seed(23)
     sc = Scene(200)
@@ -234,7 +238,7 @@ def test_bucket_selection_with_released_rows(monkeypatch, in_collect):
     hz1 = sc.S + (E1 - sc.S) // BS // 2 * BS
     wv.release({0: E0, 1: hz1}, poison={1: 0})
     q = torch.randn(3, H * G, D)
-    out, ref, ws = run(wv, q, select="bucket")
+    out, ref, ws = run(wv, q)
     assert not torch.isnan(out).any() and out[2].abs().max() == 0
     assert _rel(out, ref) < 2e-3, _rel(out, ref)
     z = torch.zeros(4, dtype=torch.int64)

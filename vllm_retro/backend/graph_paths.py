@@ -56,10 +56,16 @@ def install(cls=None) -> None:
     cls = torch.cuda.CUDAGraph if cls is None else cls
     if cls.__dict__.get("_retro_keeps_graphs"):
         return
-    new, begin, end = cls.__new__, cls.capture_begin, cls.capture_end
+    new, init, begin, end = cls.__new__, cls.__init__, cls.capture_begin, cls.capture_end
 
+    # torch's Python class passes keep_graph on in __new__, but its C++ base (a
+    # pybind11 class) is constructed in __init__, which receives the caller's
+    # arguments: both must see True.
     def keep_new(c, keep_graph: bool = False, *args, **kwargs):
         return new(c, True, *args, **kwargs)
+
+    def keep_init(self, keep_graph: bool = False, *args, **kwargs):
+        init(self, True, *args, **kwargs)
 
     def tracked_begin(self, *args, **kwargs):
         begin(self, *args, **kwargs)
@@ -72,6 +78,8 @@ def install(cls=None) -> None:
         self.instantiate()
 
     cls.__new__ = staticmethod(keep_new)
+    if init is not object.__init__:
+        cls.__init__ = keep_init
     cls.capture_begin = tracked_begin
     cls.capture_end = instantiating_end
     cls._retro_keeps_graphs = True

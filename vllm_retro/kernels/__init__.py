@@ -21,11 +21,13 @@ from ..index.paged import IndexPool, PagedIndexLayout
 
 try:
     from .triton_cluster_write import write_clusters_triton, write_value_correction_triton
+    from . import triton_decode
     from .triton_decode import (DecodeWorkspace, interpreting,
                                 paged_decode_attention_triton)
     HAS_TRITON = True
 except ImportError:  # CPU-only installs without Triton: the twin serves
     HAS_TRITON = False
+    triton_decode = None  # type: ignore[assignment]
     DecodeWorkspace = None  # type: ignore[assignment,misc]
     paged_decode_attention_triton = None  # type: ignore[assignment]
     write_clusters_triton = None  # type: ignore[assignment]
@@ -115,9 +117,11 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         return paged_decode_attention_triton(query, kv_cache, layout, block_table, seq_lens,
                                              headers, ibt, pool, sink_end, scale, out, workspace,
                                              count_stats, variance_cap, wave)
+    # The twin selects as the kernels would (their SELECT; "bucket" without Triton).
+    select = triton_decode.SELECT if HAS_TRITON else "bucket"
     o, st = reference.paged_decode_attention(query[:b], kv_cache, layout, block_table[:b],
                                              seq_lens[:b], headers, ibt, pool, sink_end,
-                                             scale, variance_cap, wave)
+                                             scale, variance_cap, wave, select)
     out.copy_(o)
     if count_stats and workspace is not None:
         lens = seq_lens[:b].cpu()

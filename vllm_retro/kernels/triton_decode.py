@@ -194,14 +194,18 @@ TUNE_SMALL_BATCH = {
 # per SM); held to 128 (4 per SM, no spill) the 32-token tiles take 87.5 us per layer
 # at 128K x 8 (every page cached) against 105 for 16-token tiles.
 TUNE_WAVE = {"attend": dict(TR=32, maxnreg=128)}
-# Selection (stages 3-4): "exact" (default: the n_retrieve / n_retrieve + n_estimate
-# largest keys, ties to the lower entry, as the twin's stable argsort) or "bucket":
-# keys in the histogram bin of a threshold (scores within 1/32 of a binade of each
-# other) count as equal, ties to the lower entry: the same counts, no exact search,
-# and no candidate kernel (the list kernel reads the key kernel's per-range
-# histograms): four launches per layer instead of five. Opt-in until measured
-# (RETRO_DECODE_SELECT; the attribute for benchmarks).
-SELECT = os.environ.get("RETRO_DECODE_SELECT", "exact")
+# Selection (stages 3-4): "bucket" (default): keys in the histogram bin of a
+# threshold (scores within 1/32 of a binade of each other) count as equal, ties to
+# the lower entry: the exact selection's counts, no exact search, no candidate kernel
+# (the list kernel reads the key kernel's per-range histograms), four launches per
+# layer; 20% faster per layer on the H200 (docs/benchmarks.md) and no less accurate on
+# real attention (docs/accuracy.md). "exact": the n_retrieve / n_retrieve + n_estimate
+# largest keys, ties to the lower entry, as the twin's stable argsort (five launches).
+# RETRO_DECODE_SELECT sets it at import; a benchmark may set the attribute.
+SELECTIONS = ("bucket", "exact")
+SELECT = os.environ.get("RETRO_DECODE_SELECT", "bucket")
+if SELECT not in SELECTIONS:
+    raise ValueError(f"RETRO_DECODE_SELECT must be one of {SELECTIONS}, not {SELECT!r}")
 # Implementation of stage 1 (issue 13: the hot path in vllm_retro._C where it measures
 # faster): "triton" (default) or "cuda", the extension's torch.ops.vllm_retro.paged_score
 # (csrc/cuda/paged_score.cu; same outputs), used where the extension was built with CUDA
