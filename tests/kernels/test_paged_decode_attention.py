@@ -802,6 +802,11 @@ def test_cuda_score_matches_triton(monkeypatch, head_dim, group, dtype):
     td = _td()
     if not td.cuda_score_available():
         pytest.skip("vllm_retro._C is not built with CUDA (scripts/gpu/run.sh BUILD_EXT=1)")
+    # The outputs are compared under the exact selection, which scores within 1e-3
+    # change only at exact near-ties; the bucket selection takes whole histogram bins,
+    # and a score crossing a bin edge reorders the threshold bin (the same inputs give
+    # the same lists: the bucket tests above).
+    monkeypatch.setattr(td, "SELECT", "exact")
     from vllm_retro.attention import VARIANCE_CORRECTION_CAP
     torch.manual_seed(12)
     sc = Scene(400, dtype=dtype, head_dim=head_dim)

@@ -17,6 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_every_kernel_compiles_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
+    import torch
+    if torch.cuda.is_available():
+        # (there the kernel tests compile and run the kernels; this check of every
+        # variant took over five minutes of device time on the H200)
+        pytest.skip("a CPU check: on a GPU host the kernel tests run the kernels")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "triton_compile_check.py")],
                        env=env, capture_output=True, text=True, timeout=900)
