@@ -8,6 +8,9 @@ Every test draws fresh random inputs from its own seed.
 import dataclasses
 import importlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -689,6 +692,16 @@ def test_bucket_selection_twin_edges():
         reference.paged_decode_attention(torch.zeros(1, 2, 4), torch.zeros(1, 1, 1, 8),
                                          None, None, None, None, None, None, 0, 1.0,
                                          select="top")
+
+
+def test_unknown_selection_mode_is_refused_at_import():
+    """``RETRO_DECODE_SELECT`` other than "bucket" / "exact" stops the import with a
+    message naming the variable (a typo must not fall back to some selection)."""
+    env = dict(os.environ, RETRO_DECODE_SELECT="top")
+    r = subprocess.run([sys.executable, "-c", "import vllm_retro.kernels.triton_decode"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "RETRO_DECODE_SELECT must be one of ('bucket', 'exact'), not 'top'" in r.stderr
 
 
 @pytest.mark.parametrize("chunk,small", [(0, 0), (64, 0), (0, 16)])

@@ -130,7 +130,7 @@ def _rel(a, b):
 
 
 def test_kernels_twin_and_full_attention_on_real_qkv(qkv):
-    from vllm_retro.kernels import uses_triton, paged_decode_attention
+    from vllm_retro.kernels import paged_decode_attention, triton_decode, uses_triton
     if not uses_triton(torch.zeros(1, device=DEV)):
         pytest.skip("Triton kernels were compiled for a GPU before the interpreter was on")
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
@@ -156,7 +156,6 @@ def test_kernels_twin_and_full_attention_on_real_qkv(qkv):
         assert _rel(full, dense) < 1e-5, layer
         # Default budget: kernels against the twin, the twin against full attention.
         _set_budget(headers, bt, hdr, ix)
-        from vllm_retro.kernels import triton_decode
         want, st = reference.paged_decode_attention(q_c, kv_c, lay, bt_c, sl_c, headers.cpu(),
                                                     ix[0], ix[1], S, scale,
                                                     select=triton_decode.SELECT)

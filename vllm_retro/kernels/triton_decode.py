@@ -198,7 +198,7 @@ TUNE_WAVE = {"attend": dict(TR=32, maxnreg=128)}
 # threshold (scores within 1/32 of a binade of each other) count as equal, ties to
 # the lower entry: the exact selection's counts, no exact search, no candidate kernel
 # (the list kernel reads the key kernel's per-range histograms), four launches per
-# layer; 20% faster per layer on the H200 (docs/benchmarks.md) and no less accurate on
+# layer; 10-19% faster per layer on the H200 (docs/benchmarks.md), as accurate on
 # real attention (docs/accuracy.md). "exact": the n_retrieve / n_retrieve + n_estimate
 # largest keys, ties to the lower entry, as the twin's stable argsort (five launches).
 # RETRO_DECODE_SELECT sets it at import; a benchmark may set the attribute.
