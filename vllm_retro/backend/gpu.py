@@ -54,7 +54,7 @@ from ..index import paged as _paged
 from ..index.paged import (IndexAllocator, IndexPool, PagedIndexLayout, SegmentJob,
                            budget, build_segments, check_config_for_paged, clusters_in,
                            plan_segments, sink_end)
-from ..kernels import DecodeWorkspace, paged_decode_attention
+from ..kernels import DecodeWorkspace, paged_decode_attention, triton_decode
 from ..request_table import RequestTable
 from ..transfer import to_device
 from . import graph_paths
@@ -175,8 +175,10 @@ class RetroMetadataBuilder(_DenseBuilder):
         self._init_reorder_batch_threshold(1)
         self._slice = None
         self._capturing = False
-        logger.info("retro attention backend (GPU, paged index) active for %d layers",
-                    len(layer_names))
+        logger.info("retro attention backend (GPU, paged index) active for %d layers "
+                    "(decode kernels: %s)", len(layer_names),
+                    f"selection {triton_decode.SELECT}, score stage {triton_decode.SCORE_IMPL}"
+                    if triton_decode is not None else "none, Triton missing: the twin serves")
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         from .cpu import slice_common_metadata
