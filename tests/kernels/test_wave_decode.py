@@ -219,16 +219,14 @@ def test_released_rows_match_unreleased():
     assert torch.isnan(bad[0]).all() and _rel(bad[3], ref[3]) < 2e-3
 
 
-@pytest.mark.parametrize("select,in_collect",
-                         [("bucket", True), ("bucket", False), ("exact", True)])
-def test_selection_with_released_rows(monkeypatch, select, in_collect):
+@pytest.mark.parametrize("select", ["bucket", "exact"])
+def test_selection_with_released_rows(monkeypatch, select):
     """Both selections (the bucket one without a candidate kernel) with the view:
     released rows read from the arena as the twin's selection reads them, and the
-    bookkeeping (page lookups in the list kernel, or in their own) is the plain
-    count."""
+    bookkeeping (page lookups in the list kernel, or in their own: the module's
+    fixture) is the plain count."""
     td = _td()
     monkeypatch.setattr(td, "SELECT", select)
-    monkeypatch.setattr(td, "RESOLVE_IN_COLLECT", in_collect)
     torch.manual_seed(23)
     sc = Scene(200)
     E0 = sc.add(700)
