@@ -172,7 +172,7 @@ def decode_launches() -> None:
             # kernel's wave-buffer variant (released blocks read from the cluster
             # cache / host arena), the page lookups in the list kernel
             # (RESOLVE_IN_COLLECT, the default) or in their own.
-            base = td.RESOLVE_IN_COLLECT
+            base, base_select = td.RESOLVE_IN_COLLECT, td.SELECT
             # (The bucket variants once per batch class: bf16, no PDL.)
             for select in (("exact", "bucket") if dtype == torch.bfloat16 and not pdl
                            else ("exact",)):
@@ -184,7 +184,7 @@ def decode_launches() -> None:
                         q, kv, lay, bt, sl, hdr, ibt, pool, sink_end(RetroConfig(), bs),
                         0.1, out, wsel, count_stats=True,
                         wave=_wave_view(lay, dtype, pool.num_pages) if wave else None)
-            td.SELECT, td.RESOLVE_IN_COLLECT = "exact", base
+            td.SELECT, td.RESOLVE_IN_COLLECT = base_select, base
             # The score kernel's 8-bit summaries (summary_bits 8).
             pool8 = IndexPool(lay, nb, summary_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import threading
 import weakref
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
@@ -92,6 +93,17 @@ def capturing_graph():
     return None if ref is None else ref()
 
 
+@dataclass
+class _Paths:
+    """One graph's two paths: their nodes, the path its instantiation runs (None:
+    both, True: dense, False: retro's) and that instantiation (a re-instantiated
+    graph runs both again)."""
+    dense: List[int] = field(default_factory=list)
+    retro: List[int] = field(default_factory=list)
+    taken: Optional[bool] = None
+    exec_: int = 0
+
+
 class GraphPaths:
     """The dense and retro paths' nodes in each captured graph that holds both,
     and the path each graph's instantiation currently runs.
@@ -103,10 +115,7 @@ class GraphPaths:
     def __init__(self, anchor: torch.Tensor, ops=None) -> None:
         self.anchor = anchor
         self.ops = ops if ops is not None else torch.ops.vllm_retro
-        # graph -> [dense nodes, retro nodes, path taken (None: both, True: dense,
-        # False: retro's), the instantiation it was taken in (a re-instantiated
-        # graph runs both again)]
-        self._graphs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._graphs: "weakref.WeakKeyDictionary[object, _Paths]" = weakref.WeakKeyDictionary()
         self.toggles = 0     # node-enable calls made, for the tests and the log
 
     def __len__(self) -> int:
@@ -120,27 +129,27 @@ class GraphPaths:
         mid = set(self.ops.graph_capture_nodes(self.anchor))
         retro_fn()
         after = set(self.ops.graph_capture_nodes(self.anchor))
-        entry = self._graphs.setdefault(graph, [[], [], None, 0])
-        entry[0].extend(sorted(mid - before))
-        entry[1].extend(sorted(after - mid))
-        entry[2] = None
+        paths = self._graphs.setdefault(graph, _Paths())
+        paths.dense.extend(sorted(mid - before))
+        paths.retro.extend(sorted(after - mid))
+        paths.taken = None
 
     def take(self, dense: bool) -> None:
         """Makes every instantiated graph holding both paths run only the dense
         (``dense``) or only retro's path from its next replay on."""
-        for graph, entry in list(self._graphs.items()):
+        for graph, paths in list(self._graphs.items()):
             exec_ = _exec_of(graph)
-            if not exec_ or (entry[2] is dense and entry[3] == exec_):
+            if not exec_ or (paths.taken is dense and paths.exec_ == exec_):
                 continue   # not instantiated (yet: taken at the next call), or taken
-            self.ops.graph_exec_enable(self.anchor, exec_, entry[0], dense)
-            self.ops.graph_exec_enable(self.anchor, exec_, entry[1], not dense)
+            self.ops.graph_exec_enable(self.anchor, exec_, paths.dense, dense)
+            self.ops.graph_exec_enable(self.anchor, exec_, paths.retro, not dense)
             self.toggles += 1
-            entry[2], entry[3] = dense, exec_
+            paths.taken, paths.exec_ = dense, exec_
 
     def nodes(self, graph) -> Optional[List[List[int]]]:
         """``[dense nodes, retro nodes]`` recorded for ``graph`` (None: none)."""
-        e = self._graphs.get(graph)
-        return None if e is None else [list(e[0]), list(e[1])]
+        p = self._graphs.get(graph)
+        return None if p is None else [list(p.dense), list(p.retro)]
 
 
 def _exec_of(graph) -> int:

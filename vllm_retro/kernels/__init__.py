@@ -117,8 +117,9 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         return paged_decode_attention_triton(query, kv_cache, layout, block_table, seq_lens,
                                              headers, ibt, pool, sink_end, scale, out, workspace,
                                              count_stats, variance_cap, wave)
-    # The twin selects as the kernels would (their SELECT; "bucket" without Triton).
-    select = triton_decode.SELECT if HAS_TRITON else "bucket"
+    # The twin selects as the kernels would (their SELECT; without Triton the same
+    # variable read here).
+    select = triton_decode.SELECT if HAS_TRITON else reference.selection_from_env()
     o, st = reference.paged_decode_attention(query[:b], kv_cache, layout, block_table[:b],
                                              seq_lens[:b], headers, ibt, pool, sink_end,
                                              scale, variance_cap, wave, select)

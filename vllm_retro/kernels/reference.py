@@ -40,6 +40,7 @@ tokens read exactly, tokens estimated, tokens in context (summed over KV heads).
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -50,6 +51,20 @@ from ..index.paged import (F_CENTROID, F_KEY_VAR, F_SIGMA_U, F_VALUE_MEAN, F_W,
                            HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool,
                            PagedIndexLayout)
 from .wave_view import WaveBufferView
+
+# The decode kernels' selection modes (``triton_decode.SELECT``; the twin's ``select``):
+# "bucket" (:func:`bucket_selection`) or "exact" (the top counts by score).
+SELECTIONS = ("bucket", "exact")
+
+
+def selection_from_env() -> str:
+    """The kernels' selection mode: ``RETRO_DECODE_SELECT`` (default "bucket");
+    another value is an error (a typo must not fall back to some selection)."""
+    select = os.environ.get("RETRO_DECODE_SELECT", "bucket")
+    if select not in SELECTIONS:
+        raise ValueError(f"RETRO_DECODE_SELECT must be one of {SELECTIONS}, not {select!r}")
+    return select
+
 
 # The selection histogram (the kernels' stage 2): bins of 1/2^SUB_BITS binade of the
 # float32 score over WINDOW_BINADES binades centred on the mean score's binade.
@@ -133,7 +148,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         select: "exact" (the top n_retrieve / n_estimate) or "bucket"
             (:func:`bucket_selection`, the kernels' ``SELECT = "bucket"``).
     """
-    if select not in ("exact", "bucket"):
+    if select not in SELECTIONS:
         raise ValueError(f"select must be 'exact' or 'bucket', not {select!r}")
     b, hq, d = query.shape
     h, bs = layout.num_kv_heads, layout.block_size

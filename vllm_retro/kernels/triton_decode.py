@@ -202,10 +202,7 @@ TUNE_WAVE = {"attend": dict(TR=32, maxnreg=128)}
 # real attention (docs/accuracy.md). "exact": the n_retrieve / n_retrieve + n_estimate
 # largest keys, ties to the lower entry, as the twin's stable argsort (five launches).
 # RETRO_DECODE_SELECT sets it at import; a benchmark may set the attribute.
-SELECTIONS = ("bucket", "exact")
-SELECT = os.environ.get("RETRO_DECODE_SELECT", "bucket")
-if SELECT not in SELECTIONS:
-    raise ValueError(f"RETRO_DECODE_SELECT must be one of {SELECTIONS}, not {SELECT!r}")
+SELECT = reference.selection_from_env()
 # Implementation of stage 1 (issue 13: the hot path in vllm_retro._C where it measures
 # faster): "triton" (default) or "cuda", the extension's torch.ops.vllm_retro.paged_score
 # (csrc/cuda/paged_score.cu; same outputs), used where the extension was built with CUDA
