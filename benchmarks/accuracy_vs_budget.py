@@ -706,6 +706,12 @@ TEXT_VARIANTS.update({
     **{f"wave_cs{cs}_kv07_vcap1_vc": _combo(cluster_size=cs, kmeans_value_weight=0.7,
                                             variance_cap=1.0, value_correction=True)
        for cs in (4, 8)},
+    # The GPU stack plus the mass-only error rank (no value term: what the decode
+    # kernels can rank by from the score stage's outputs alone).
+    **{f"wave_cs{cs}_kv07_vcap1_vc_err": _combo(cluster_size=cs, kmeans_value_weight=0.7,
+                                                variance_cap=1.0, value_correction=True,
+                                                retrieval_rank="error")
+       for cs in (4, 8)},
     "wave_cs4_shared_kv07_vcap1_vc_errv": _combo(
         cluster_size=4, **TEXT_VARIANTS["wave_shared_kv07_vcap1_vc_errv"][0]),
 })
@@ -715,6 +721,38 @@ TEXT_VARIANTS["wave_cs4_shared_kv07_vcap1_vc_errv_rest05_q8"] = _combo(
 TEXT_VARIANTS["wave_cs8_shared_kv07_vcap1_vc_errv_ad09_rest05_q8"] = _combo(
     **TEXT_VARIANTS["wave_cs8_shared_kv07_vcap1_vc_errv_ad09_rest05"][0], summary_bits=8)
 SIM_FIELDS = ("summary_bits", "summary_fields")
+# The GPU path's semantics: the decode kernels' torch twin
+# (``reference.paged_decode_attention``) over the paged index in a bf16 cache, with
+# the kernels' bucket selection; the index built once over the prompt (the tokens
+# before the first captured position), every later token in the steady tail, as
+# serving does between updates. ``retrieval_rank`` "error": the kernels' error rank
+# (``reference.error_proxy``). Recall is not measured for these rows (NaN).
+PAGED_SELECT = "bucket"
+_GPU_STACK = dict(kmeans_value_weight=0.7, variance_cap=1.0, value_correction=True)
+PAGED_VARIANTS: Dict[str, tuple] = {
+    **{f"paged_cs{cs}_kv07_vcap1_vc{tag}": (
+        dict(cluster_size=cs, **_GPU_STACK, **rank),
+        f"GPU twin (bf16, bucket), cluster_size {cs}, kmeans_value_weight 0.7, "
+        f"variance_cap 1, value_correction" + (", retrieval_rank error" if rank else ""))
+       for cs in (4, 8, 16) for tag, rank in (("", {}), ("_err", dict(retrieval_rank="error")))},
+    # The same in a float32 cache: what the bf16 rounding of K/V and summaries costs.
+    "paged32_cs4_kv07_vcap1_vc_err": (
+        dict(cluster_size=4, **_GPU_STACK, retrieval_rank="error", cache_dtype="float32"),
+        "GPU twin (fp32 cache, bucket), cluster_size 4, kmeans_value_weight 0.7, "
+        "variance_cap 1, value_correction, retrieval_rank error"),
+    "paged_cs4_kv05_vcap1_vc_err": (
+        dict(cluster_size=4, kmeans_value_weight=0.5, variance_cap=1.0,
+             value_correction=True, retrieval_rank="error"),
+        "GPU twin (bf16, bucket), cluster_size 4, kmeans_value_weight 0.5, variance_cap 1, "
+        "value_correction, retrieval_rank error"),
+    "paged_cs4_kv07_vcap1_vc_err_ef30": (
+        dict(cluster_size=4, **_GPU_STACK, retrieval_rank="error", estimation_fraction=0.3),
+        "GPU twin (bf16, bucket), cluster_size 4, kmeans_value_weight 0.7, variance_cap 1, "
+        "value_correction, retrieval_rank error, estimation_fraction 0.3"),
+    "paged": ({}, "GPU twin (bf16, bucket), library options"),
+    "paged_err": (dict(retrieval_rank="error"), "GPU twin (bf16, bucket), retrieval_rank error"),
+}
+TEXT_VARIANTS.update(PAGED_VARIANTS)
 
 
 def _rounded(x: torch.Tensor, top: float) -> torch.Tensor:
@@ -756,6 +794,38 @@ def _variant_cfg(changes: dict, rf: float) -> RetroConfig:
     return BASE_CONFIG.replace(retrieval_fraction=rf, estimation_fraction=ef, **ch)
 
 
+def paged_text_points(acc: dict, name: str, keys: torch.Tensor, values: torch.Tensor,
+                      queries: torch.Tensor, qpos: Sequence[int], scale: float,
+                      fractions: Sequence[float]) -> None:
+    """Points of a :data:`PAGED_VARIANTS` variant: per query and target read
+    fraction ``f``, the header's retrieved count is the number of mean-size clusters
+    that fill ``f * context`` minus the steady tokens (at least one), the
+    estimated count ``estimation_fraction`` of the clusters; the read recorded is
+    the twin's own count."""
+    from paged_vs_wave import PagedPrompt
+    changes = dict(PAGED_VARIANTS[name][0])
+    rank = changes.pop("retrieval_rank", "mass")
+    dtype = getattr(torch, changes.pop("cache_dtype", "bfloat16"))
+    cfg = BASE_CONFIG.replace(**changes)
+    idx = PagedPrompt(keys.float(), values.float(), int(qpos[0]), cfg, dtype)
+    c = idx.num_clusters
+    clustered = max(1, idx.clustered_end - idx.sink_end)
+    n_est_of = lambda n_ret: min(c - n_ret, math.ceil(cfg.estimation_fraction * c))
+    for i, p in enumerate(qpos):
+        t = int(p) + 1
+        q = queries[i].to(dtype).float()
+        ref = full_attention(queries[i].double(), keys[:, :t].double(),
+                             values[:, :t].double(), scale)
+        steady = idx.sink_end + t - idx.clustered_end
+        for f in fractions:
+            n_ret = max(1, min(c, round((f * t - steady) * c / clustered)))
+            idx.set_budget(n_ret, n_est_of(n_ret))
+            out, st = idx.attend(q, t, scale, PAGED_SELECT, rank)
+            _record(acc, (name, f), frac=(st[0] / st[2]).item(),
+                    err=B.rel_error(out, ref),
+                    recall=torch.full((queries.shape[1],), float("nan"), dtype=torch.float64))
+
+
 def evaluate_text_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
                         qpos: Sequence[int], scale: float, fractions: Sequence[float],
                         eps_list: Sequence[float], variants: Sequence[str]
@@ -768,6 +838,9 @@ def evaluate_text_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch
     """
     acc: Dict[tuple, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
     p0 = int(qpos[0])
+    for v in [v for v in variants if v in PAGED_VARIANTS]:
+        paged_text_points(acc, v, keys, values, queries, qpos, scale, fractions)
+    variants = [v for v in variants if v not in PAGED_VARIANTS]
     idx_cfgs = {}
 
     def key_of(ch):

@@ -44,46 +44,71 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
+class PagedPrompt:
+    """A prompt indexed as the GPU path indexes it (the twin's inputs): ``k``, ``v``
+    ``[H, T, D]`` in a paged cache of ``dtype`` (block 0 holds the header), the
+    index built once over the first ``prompt`` tokens by ``plan_segments``; every
+    token after them is in the steady tail."""
+
+    def __init__(self, k, v, prompt, cfg, dtype):
+        h, t, d = k.shape
+        self.cfg, self.prompt = cfg, prompt
+        self.layout = lay = PagedIndexLayout.for_config(cfg, h, d, BS, dtype)
+        epb = lay.entries_per_block
+        nblk = math.ceil(t / BS)
+        self.kv = kv = lay.make_cache(nblk + 1)
+        kvv = torch.zeros(h, nblk * BS, 2 * d)
+        kvv[:, :t, :d], kvv[:, :t, d:] = k, v
+        kv[1:] = kvv.view(h, nblk, BS, 2 * d).permute(1, 0, 2, 3).to(dtype)
+        blocks = torch.arange(1, nblk + 1)
+        segs = plan_segments(0, prompt, prompt, cfg, BS)
+        self.sink_end = S = sink_end(cfg, BS)
+        self.pool = pool = IndexPool(lay, nblk * epb, summary_bits=cfg.summary_bits)
+        self.alloc = alloc = IndexAllocator(nblk * epb, 1, nblk * epb)
+        self.irow = alloc.acquire((segs[-1][1] - S) // BS * epb if segs else 0)
+        groups = {}
+        for job in alloc.segment_jobs(self.irow, blocks, segs, S, BS, epb):
+            groups.setdefault(job.p1 - job.p0, []).append(job)
+        for g in groups.values():
+            build_segments(kv, lay, pool, g, cfg)
+        self.headers = make_headers(nblk + 1, "cpu")
+        self.clustered_end = segs[-1][1] if segs else 0
+        self.num_clusters = sum(clusters_in(p1 - p0, cfg) for p0, p1 in segs)
+        self.block_table = blocks.view(1, -1).int()
+        self.set_budget(*budget(self.num_clusters, self.clustered_end - S, cfg))
+
+    def set_budget(self, n_ret: int, n_est: int) -> None:
+        """The header's (retrieved, estimated) cluster counts."""
+        if self.clustered_end:
+            self.headers[1] = torch.tensor(header_row(self.clustered_end, n_ret, n_est,
+                                                      self.num_clusters, self.irow),
+                                           dtype=torch.int32)
+
+    def attend(self, q, context, scale, select="exact", retrieval_rank="mass"):
+        """The twin's output ``[Hq, D]`` and statistics ``[3]`` (tokens read exactly,
+        estimated, in context) for query ``q [Hq, D]`` over the first ``context``
+        tokens."""
+        out, st = reference.paged_decode_attention(
+            q.unsqueeze(0), self.kv, self.layout, self.block_table,
+            torch.tensor([context]), self.headers, self.alloc.ibt, self.pool,
+            self.sink_end, scale, self.cfg.variance_cap, select=select,
+            retrieval_rank=retrieval_rank)
+        return out[0], st[0]
+
+
 def paged_errors(k, v, queries, qpos, scale, cfg, dtype, select="exact"):
     """Relative errors and exact fractions of the paged twin for every query."""
-    h, t, d = k.shape
-    lay = PagedIndexLayout.for_config(cfg, h, d, BS, dtype)
-    epb = lay.entries_per_block
-    nblk = math.ceil(t / BS)
-    kv = lay.make_cache(nblk + 1)
-    kvv = torch.zeros(h, nblk * BS, 2 * d)
-    kvv[:, :t, :d], kvv[:, :t, d:] = k, v
-    kv[1:] = kvv.view(h, nblk, BS, 2 * d).permute(1, 0, 2, 3).to(dtype)
-    blocks = torch.arange(1, nblk + 1)
-    prompt = int(qpos[0])
-    segs = plan_segments(0, prompt, prompt, cfg, BS)
-    S = sink_end(cfg, BS)
-    pool = IndexPool(lay, nblk * epb, summary_bits=cfg.summary_bits)
-    alloc = IndexAllocator(nblk * epb, 1, nblk * epb)
-    irow = alloc.acquire((segs[-1][1] - S) // BS * epb if segs else 0)
-    groups = {}
-    for job in alloc.segment_jobs(irow, blocks, segs, S, BS, epb):
-        groups.setdefault(job.p1 - job.p0, []).append(job)
-    for g in groups.values():
-        build_segments(kv, lay, pool, g, cfg)
-    headers = make_headers(nblk + 1, "cpu")
-    if segs:
-        E = segs[-1][1]
-        c = sum(clusters_in(p1 - p0, cfg) for p0, p1 in segs)
-        n_ret, n_est = budget(c, E - S, cfg)
-        headers[1] = torch.tensor(header_row(E, n_ret, n_est, c, irow), dtype=torch.int32)
+    idx = PagedPrompt(k, v, int(qpos[0]), cfg, dtype)
+    rank = cfg.retrieval_rank if cfg.retrieval_rank in reference.RANKS else "mass"
     errs, fracs = [], []
-    bt = blocks.view(1, -1).int()
     for i, p in enumerate(qpos):
         p = int(p)
         q = queries[i].to(dtype).float()
-        out, st = reference.paged_decode_attention(
-            q.unsqueeze(0), kv, lay, bt, torch.tensor([p + 1]), headers, alloc.ibt, pool, S,
-            scale, cfg.variance_cap, select=select)
+        out, st = idx.attend(q, p + 1, scale, select, rank)
         ref = full_attention(queries[i].double(), k[:, :p + 1].double(),
                              v[:, :p + 1].double(), scale)
-        errs.append(rel(out[0], ref))
-        fracs.append((st[0, 0] / st[0, 2]).item())
+        errs.append(rel(out, ref))
+        fracs.append((st[0] / st[2]).item())
     return errs, fracs
 
 

@@ -211,6 +211,20 @@ def decode_launches() -> None:
             td.paged_decode_attention_triton(q, kv, lay_vc, bt, sl, hdr, ibt, pool_vc,
                                              sink_end(RetroConfig(), bs), 0.1, out, ws,
                                              wave=_wave_view(lay_vc, dtype, pool_vc.num_pages))
+            # The error rank (retrieval_rank "error": the score, key and list kernels'
+            # ERR variants and the band kernel), on the default index and on the
+            # accuracy stack's (quarter-block clusters, value correction, 8 bits).
+            if dtype == torch.bfloat16 and td.SELECT == "bucket":
+                lay_s = PagedIndexLayout(h, d, bs, dtype, float_slots=5,
+                                         entries_per_block=4)
+                for lay_x, pool_x, n in ((lay, pool, nb),
+                                         (lay_s, IndexPool(lay_s, 4 * nb, summary_bits=8),
+                                          4 * nb)):
+                    ws_x = td.DecodeWorkspace(n, h, g, d, max(b, 8), "cpu", error_rank=True)
+                    td.paged_decode_attention_triton(
+                        q, kv, lay_x, bt, sl, hdr, IndexAllocator(n, 8, 4 * 32).ibt, pool_x,
+                        sink_end(RetroConfig(), bs), 0.1, out, ws_x, count_stats=True,
+                        retrieval_rank="error")
 
 
 def _wave_view(lay, dtype, num_pages):

@@ -404,9 +404,10 @@ ERROR_RANKS = ("error", "error_value")
 
 
 def test_retrieval_rank_validation_gpu_refusal_and_public_op():
-    """Validated against its allowed values and the bounded mode; refused by the GPU
-    path; ``ops.decode_attention`` runs the reference for it (the C++ kernel ranks
-    by mass)."""
+    """Validated against its allowed values and the bounded mode; "error_value"
+    refused by the GPU path ("error" runs there: its kernels' tests are in
+    tests/kernels); ``ops.decode_attention`` runs the reference for it (the C++
+    kernel ranks by mass)."""
     from vllm_retro.ops import decode_attention
     for bad in ("Error", "errors", "", 1, None, True, "mass "):
         with pytest.raises(ValueError, match="retrieval_rank"):
@@ -418,7 +419,8 @@ def test_retrieval_rank_validation_gpu_refusal_and_public_op():
     for rr in ERROR_RANKS:
         cfg = RetroConfig.from_dict({"retrieval_rank": rr})
         assert cfg.retrieval_rank == rr
-        assert any("retrieval_rank" in r for r in check_config_for_paged(cfg, 16))
+        assert any("retrieval_rank" in r for r in check_config_for_paged(cfg, 16)) == (
+            rr == "error_value")
     assert not any("retrieval_rank" in r for r in check_config_for_paged(RetroConfig(), 16))
     k, v, c = clustered_kv(2, 1500, 32, n_centres=30, seed=81)
     base = dict(retrieval_fraction=0.05, estimation_fraction=0.3, min_retrieval_tokens=0,

@@ -163,7 +163,7 @@ class Scene:
 
 
 def run_both(scene: Scene, q: torch.Tensor, scale: float, out_dtype=torch.float32,
-             ws=None, td=None, variance_cap=2.0, select=None):
+             ws=None, td=None, variance_cap=2.0, select=None, retrieval_rank="mass"):
     """(Triton output, twin output, twin stats, workspace) for the scene's rows; the
     twin selects as the kernels do (``select``: default ``td.SELECT``)."""
     td = td or _td()
@@ -175,11 +175,13 @@ def run_both(scene: Scene, q: torch.Tensor, scale: float, out_dtype=torch.float3
     out = torch.full((b, H * G, D), float("nan"), dtype=out_dtype, device=DEV)
     td.paged_decode_attention_triton(q.to(DEV), scene.kv, scene.lay, bt, sl, scene.headers,
                                      scene.alloc.ibt, scene.pool, scene.S, scale, out, ws,
-                                     count_stats=True, variance_cap=variance_cap)
+                                     count_stats=True, variance_cap=variance_cap,
+                                     retrieval_rank=retrieval_rank)
     ref, st = reference.paged_decode_attention(q.cpu(), scene.cpu_cache(), scene.lay,
                                                bt.cpu(), sl.cpu(), scene.headers.cpu(),
                                                scene.alloc.ibt, scene.pool, scene.S, scale,
-                                               variance_cap, select=select or td.SELECT)
+                                               variance_cap, select=select or td.SELECT,
+                                               retrieval_rank=retrieval_rank)
     return out.cpu(), ref, st, ws
 
 
@@ -791,9 +793,124 @@ def test_launch_sequence_does_not_depend_on_data(monkeypatch):
         assert _rel(out, ref) < 2e-3
         assert ws.stats.tolist() == expected_stats(sc, st)
     # (the resolve kernel runs with a wave buffer view only; the candidate kernel
-    # with the exact selection only)
-    skipped = {"_resolve_kernel"} | ({"_cand_kernel"} if td.SELECT == "bucket" else set())
+    # with the exact selection only; the band kernel with the error rank only)
+    skipped = {"_resolve_kernel", "_band_kernel"} | (
+        {"_cand_kernel"} if td.SELECT == "bucket" else set())
     assert seqs[0] == seqs[1] and len(seqs[0]) == len(set(names) - skipped)
+
+
+def twin_error_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float,
+                         variance_cap: float = 2.0):
+    """What :func:`selection` reads back, as the twin's error rank selects it."""
+    _, nr, ne, iw = twin_scores(scene, q, r, kh, scale)
+    pbs = scene.pages(r)
+    f = scene.pool.summaries(pbs.to(scene.pool.device))[:, kh].float().cpu()
+    qh = q[r, kh * G:(kh + 1) * G].float()
+    lg = reference.cluster_log_mass(qh, f[:, 0], f[:, 1], iw[:, I_SIZE].long(), scale,
+                                    variance_cap)
+    score = torch.softmax(lg, -1).nan_to_num(0.0).sum(0)
+    err = reference.error_proxy(qh, lg, f[:, 1], scale)
+    ret, est = reference.error_selection(score, err, nr, ne, G)
+    return (sorted((int(iw[i, I_START]), int(iw[i, I_SIZE])) for i in ret.tolist()),
+            sorted(est.tolist()))
+
+
+def test_error_rank_matches_twin(monkeypatch):
+    """``retrieval_rank="error"`` (the band kernel between the key and list kernels):
+    on ragged rows (built indexes, a padded row, a row without index, explicit,
+    estimation-free and clamped budgets) the kernels' lists equal the twin's error
+    selection (white-box), outputs and statistics the twin's; the rank changes the
+    retrieved set against the mass rank on some row-head (else this test could not
+    tell them apart), and with every cluster retrieved the result is float64 full
+    attention."""
+    td = _td()
+    monkeypatch.setattr(td, "SELECT", "bucket")
+    torch.manual_seed(21)
+    sc = Scene(400)
+    sc.add(900)
+    sc.add(0)
+    sc.add(300, index="none")
+    sc.add(700, n_ret=4, n_est=9)
+    sc.add(640, n_ret=5, n_est=0)             # band = the retrieved set
+    sc.add(600, n_ret=3, n_est=10**6)         # band = every cluster
+    sc.add(500, n_ret=10**6, n_est=3)         # every cluster retrieved
+    q = torch.randn(7, H * G, D)
+    out, ref, st, ws = run_both(sc, q, 0.2, retrieval_rank="error")
+    assert not torch.isnan(out).any() and out[1].abs().max() == 0
+    for r in (0, 2, 3, 4, 5, 6):
+        assert _rel(out[r], ref[r]) < 2e-3, (r, _rel(out[r], ref[r]))
+    assert ws.stats.tolist() == expected_stats(sc, st)
+    changed = 0
+    for r in (0, 3, 4, 5, 6):
+        for kh in range(H):
+            ret, est = selection(sc, ws, r, kh)
+            assert (ret, est) == twin_error_selection(sc, q, r, kh, 0.2), (r, kh)
+            mret, mest = twin_selection(sc, q, r, kh, 0.2, select="bucket")
+            assert len(ret) == len(mret) and len(est) == len(mest)
+            # Same band, as the mass rank selects it.
+            band = {s for s, _ in ret} | {int(sc.pool.ipart.cpu()[sc.pages(r)[i], kh, I_START])
+                                          for i in est}
+            assert band == {s for s, _ in mret} | {
+                int(sc.pool.ipart.cpu()[sc.pages(r)[i], kh, I_START]) for i in mest}
+            changed += ret != mret
+    assert changed > 0
+    dense = dense_original(sc, q, 0.2)
+    assert _rel(ref[6], dense[6]) < 1e-5 and _rel(out[6], dense[6]) < 1e-5
+
+
+def test_error_selection_twin():
+    """The twin's error rank on fresh random scores and errors: the band is the mass
+    rank's, the retrieved its top ``n_ret`` errors by bin (every retrieved error
+    within one bin, 1/32 binade, of the exact ``n_ret``-th of the band), ties to the
+    lower entry; all-zero errors retrieve the band's lowest entries; budgets of 0."""
+    gen = torch.Generator().manual_seed(17)
+    c, g = 300, 4
+    for trial in range(20):
+        score = torch.softmax(torch.randn(g, c, generator=gen) * 3, -1).sum(0)
+        err = torch.rand(c, generator=gen) ** 4 * 10.0 ** float(torch.randint(-3, 3, (1,),
+                                                                               generator=gen))
+        nr, ne = int(torch.randint(1, 20, (1,), generator=gen)), int(
+            torch.randint(0, 60, (1,), generator=gen))
+        ret, est = reference.error_selection(score, err, nr, ne, g)
+        r0, e0 = reference.bucket_selection(score, nr, ne, g)
+        band = torch.cat([r0, e0]).sort().values
+        assert torch.equal(torch.cat([ret, est]).sort().values, band)
+        assert len(ret) == nr and len(est) == len(e0)
+        kth = err[band].double().sort(descending=True).values[nr - 1]
+        assert err[ret].double().min() >= kth / 2 ** (1 / 32) * (1 - 1e-6)
+        exact_ret, _ = reference.error_selection(score, err, nr, ne, g, select="exact")
+        xband = score.argsort(descending=True, stable=True)[:nr + ne]
+        assert set(exact_ret.tolist()) == set(xband[err[xband].double().argsort(
+            descending=True, stable=True)[:nr]].tolist())
+    zero = torch.zeros(c)
+    ret, est = reference.error_selection(score, zero, 3, 10, g)
+    band = torch.cat([ret, est]).sort().values
+    assert ret.tolist() == band[:3].tolist()
+    ret, est = reference.error_selection(score, err, 0, 0, g)
+    assert len(ret) == 0 and len(est) == 0
+    dg = reference.error_digits(torch.tensor([1.0, 0.5, 2.0 ** -20, 0.0]))
+    assert dg.tolist() == [reference.NBINS - 32, reference.NBINS - 64, 0, 0]
+
+
+def test_error_rank_refusals(monkeypatch):
+    """The error rank needs the bucket selection; the decode kernels know "mass" and
+    "error" only ("error_value" needs the steady part's output: refused by the
+    paged index's config check too, with its reason)."""
+    td = _td()
+    torch.manual_seed(2)
+    sc = Scene(60)
+    sc.add(500)
+    q = torch.randn(1, H * G, D)
+    monkeypatch.setattr(td, "SELECT", "exact")
+    with pytest.raises(ValueError, match="bucket selection"):
+        run_both(sc, q, 0.2, retrieval_rank="error")
+    monkeypatch.setattr(td, "SELECT", "bucket")
+    with pytest.raises(ValueError, match="retrieval_rank must be one of"):
+        run_both(sc, q, 0.2, retrieval_rank="error_value")
+    from vllm_retro.index.paged import check_config_for_paged
+    assert check_config_for_paged(CFG.replace(retrieval_rank="error"), BS) == []
+    assert any("error_value" in r for r in
+               check_config_for_paged(CFG.replace(retrieval_rank="error_value"), BS))
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the CUDA score kernel needs a GPU")

@@ -295,7 +295,8 @@ class RetroImpl(_DenseImpl):
             out=output[:nd].view(nd, self.num_heads, self.head_size),
             workspace=mgr.workspace,
             count_stats=layer.layer_name == mgr.first_layer,
-            variance_cap=mgr.config.variance_cap, **kw)
+            variance_cap=mgr.config.variance_cap,
+            retrieval_rank=mgr.config.retrieval_rank, **kw)
 
     def _prefill_released(self, layer, query, kv_cache, md: RetroMetadata, output):
         """Prefill rows of a step where some request's early tokens were released
@@ -452,15 +453,18 @@ class ReleasedPrefillPlan:
         return cu
 
 
-def pool_page_bytes(lay: PagedIndexLayout, num_layers: int, hq: int) -> int:
+def pool_page_bytes(lay: PagedIndexLayout, num_layers: int, hq: int,
+                    error_rank: bool = False) -> int:
     """Device bytes one index-pool page costs: its index in every layer plus the
-    decode workspace's scratch for it (``hq`` query heads)."""
+    decode workspace's scratch for it (``hq`` query heads; ``error_rank``: with
+    the error rank's scratch)."""
     h = lay.num_kv_heads
-    return lay.index_bytes * num_layers + DecodeWorkspace.page_bytes(h, max(1, hq // h))
+    return lay.index_bytes * num_layers + DecodeWorkspace.page_bytes(h, max(1, hq // h),
+                                                                     error_rank)
 
 
 def index_pool_auto_bytes(usable_b: float, lay: PagedIndexLayout, num_layers: int,
-                          hq: int, host_b: int = 0) -> float:
+                          hq: int, host_b: int = 0, error_rank: bool = False) -> float:
     """The index pool's automatic size (``index_pool_gib`` 0):
     :data:`~vllm_retro.config.INDEX_POOL_AUTO_FRACTION` of the memory vLLM may use
     (about the index of a full KV cache), plus, with the wave buffer, the index of
@@ -472,11 +476,10 @@ def index_pool_auto_bytes(usable_b: float, lay: PagedIndexLayout, num_layers: in
     # value_correction's 5 rows and smaller clusters' pages per block buy the same
     # index coverage for proportionally more bytes.
     base = dataclasses.replace(lay, float_slots=_paged.FLOAT_SLOTS)
-    grow = (pool_page_bytes(lay, num_layers, hq) / pool_page_bytes(base, num_layers, hq)
-            * lay.entries_per_block)
+    page_b = pool_page_bytes(lay, num_layers, hq, error_rank)
+    grow = page_b / pool_page_bytes(base, num_layers, hq) * lay.entries_per_block
     return INDEX_POOL_AUTO_FRACTION * usable_b * grow + \
-        host_b / (lay.kv_page_bytes * num_layers) * pool_page_bytes(lay, num_layers, hq) \
-        * lay.entries_per_block
+        host_b / (lay.kv_page_bytes * num_layers) * page_b * lay.entries_per_block
 
 
 class PagedIndexManager:
@@ -609,9 +612,16 @@ class PagedIndexManager:
             total = torch.cuda.get_device_properties(dev).total_memory
             budget_b = index_pool_auto_bytes(
                 util * total, lay, num_layers, hq or h,
-                self._wave_host_bytes() if self.config.wave_buffer else 0)
+                self._wave_host_bytes() if self.config.wave_buffer else 0,
+                error_rank=self._error_rank)
         self._allocate_index(lay, num_layers, hq or h, dev, budget_b=budget_b)
         self.pool_presized = True
+
+    @property
+    def _error_rank(self) -> bool:
+        """Whether the decode kernels choose the exact set by the error rank (its
+        scratch is part of each pool page's cost)."""
+        return self.config.retrieval_rank == "error"
 
     def _wave_host_bytes(self) -> int:
         from . import kv_spec
@@ -624,8 +634,8 @@ class PagedIndexManager:
         vc = self.vllm_config
         h = lay.num_kv_heads
         g = max(1, hq // h)
-        scratch = DecodeWorkspace.page_bytes(h, g)
-        page_b = pool_page_bytes(lay, num_layers, hq)
+        scratch = DecodeWorkspace.page_bytes(h, g, self._error_rank)
+        page_b = pool_page_bytes(lay, num_layers, hq, self._error_rank)
         if not num_pages:
             num_pages = int(budget_b // page_b)
         num_pages = max(1, num_pages)
@@ -640,7 +650,8 @@ class PagedIndexManager:
                                           dev)
         cc = vc.compilation_config
         max_rows = max(max_seqs, getattr(cc, "max_cudagraph_capture_size", None) or 0)
-        self.workspace = DecodeWorkspace(num_pages, h, g, lay.head_dim, max_rows, dev)
+        self.workspace = DecodeWorkspace(num_pages, h, g, lay.head_dim, max_rows, dev,
+                                         error_rank=self._error_rank)
         self._pool_layout = lay
         total = num_pages * page_b
         logger.info("retro: index pool of %d pages x %d layers (%d B of index per page "

@@ -462,10 +462,15 @@ def check_config_for_paged(config: RetroConfig, block_size: int) -> List[str]:
                        "GPU decode kernels yet")
     if config.shared_head_budget:
         reasons.append("shared_head_budget is not implemented by the GPU decode kernels yet")
-    if config.retrieval_rank != "mass":
-        reasons.append(f"retrieval_rank {config.retrieval_rank!r} (error-aware choice of "
-                       "the exact clusters) is not implemented by the GPU decode kernels, "
-                       "which rank by mass")
+    if config.retrieval_rank == "error_value":
+        reasons.append("retrieval_rank 'error_value' (needs the steady part's output "
+                       "before selection) is not implemented by the GPU decode kernels: "
+                       "use 'error'")
+    elif config.retrieval_rank == "error":
+        from ..kernels.reference import selection_from_env
+        if selection_from_env() != "bucket":
+            reasons.append("retrieval_rank 'error' needs the decode kernels' bucket "
+                           "selection (RETRO_DECODE_SELECT=bucket, the default)")
     if config.adaptive_budget:
         reasons.append(f"adaptive_budget {config.adaptive_budget} (per-query exact-set "
                        "size from a difficulty history) is not implemented by the GPU "

@@ -82,7 +82,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            scale: float, out: Optional[torch.Tensor] = None,
                            workspace=None, count_stats: bool = False,
                            variance_cap: float = VARIANCE_CORRECTION_CAP,
-                           wave: Optional[WaveBufferView] = None) -> torch.Tensor:
+                           wave: Optional[WaveBufferView] = None,
+                           retrieval_rank: str = "mass") -> torch.Tensor:
     """Tripartite decode attention of ``B`` rows over the paged wave index.
 
     Args:
@@ -104,6 +105,10 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             from the cluster cache or the host arena, never through the block table
             (the kernels also stamp, count and record misses; the twin does not).
             None: the horizon is ignored.
+        retrieval_rank: how the exact set is chosen inside the band
+            (``RetroConfig.retrieval_rank``): "mass", or "error" (by expected
+            estimation error, :func:`.reference.error_proxy`; the kernels need
+            the bucket selection).
     Returns ``out``.
     """
     b, hq, d = query.shape
@@ -113,16 +118,18 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         if workspace is None:
             h = layout.num_kv_heads
             workspace = DecodeWorkspace(pool.num_pages, h, hq // h, d, max(1, b),
-                                        query.device)
+                                        query.device,
+                                        error_rank=retrieval_rank == "error")
         return paged_decode_attention_triton(query, kv_cache, layout, block_table, seq_lens,
                                              headers, ibt, pool, sink_end, scale, out, workspace,
-                                             count_stats, variance_cap, wave)
+                                             count_stats, variance_cap, wave, retrieval_rank)
     # The twin selects as the kernels would (their SELECT; without Triton the same
     # variable read here).
     select = triton_decode.SELECT if HAS_TRITON else reference.selection_from_env()
     o, st = reference.paged_decode_attention(query[:b], kv_cache, layout, block_table[:b],
                                              seq_lens[:b], headers, ibt, pool, sink_end,
-                                             scale, variance_cap, wave, select)
+                                             scale, variance_cap, wave, select,
+                                             retrieval_rank)
     out.copy_(o)
     if count_stats and workspace is not None:
         lens = seq_lens[:b].cpu()

@@ -55,6 +55,9 @@ from .wave_view import WaveBufferView
 # The decode kernels' selection modes (``triton_decode.SELECT``; the twin's ``select``):
 # "bucket" (:func:`bucket_selection`) or "exact" (the top counts by score).
 SELECTIONS = ("bucket", "exact")
+# How the decode kernels choose the exact set inside the band (RetroConfig.retrieval_rank
+# values the GPU path implements).
+RANKS = ("mass", "error")
 
 
 def selection_from_env() -> str:
@@ -111,6 +114,59 @@ def bucket_selection(score: torch.Tensor, n_ret: int, n_est: int, group: int
     return torch.nonzero(ret).flatten(), torch.nonzero(band & ~ret).flatten()
 
 
+def error_digits(err: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each cluster's error proxy (``[C]``, >= 0, as float32) for
+    the error rank's selection: the same 1/32-binade bins as :func:`score_digits`,
+    over the ``WINDOW_BINADES`` binades that end with the largest proxy's (the
+    proxies have no natural scale to centre on; the rank keeps the largest ones,
+    smaller ones clamp to bin 0)."""
+    key = err.float().view(torch.int32).long()
+    top = int(key.max()) >> 23 if key.numel() else 0
+    lo = (top - WINDOW_BINADES + 1) << SUB_BITS
+    return ((key >> (23 - SUB_BITS)) - lo).clamp(0, NBINS - 1)
+
+
+def error_proxy(q: torch.Tensor, lg: torch.Tensor, kvar: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """``[C]`` the GPU error rank's proxy (``retrieval_rank`` "error"): the
+    expected log-mass error of each cluster were it estimated, ``sum_g m_g t_g``
+    with ``m_g = exp(lg_g - lse_g)`` the cluster's share of query head ``g``'s
+    attention among the clusters (``lg`` ``[G, C]``: :func:`cluster_log_mass`) and
+    ``t_g = s^2/2 sum_d q_d^2 var_d`` the uncapped key-variance term (``q [G, D]``,
+    ``kvar [C, D]``). As :meth:`vllm_retro.wave_index.WaveIndex.cluster_error_proxy`
+    with "error", but normalised over the clusters alone (the wave index adds the
+    steady part to the total: the decode kernels rank before they attend it)."""
+    cdt = q.dtype
+    t = ((q * q) @ kvar.to(cdt).T) * (0.5 * scale * scale)
+    m = torch.softmax(lg, dim=-1).nan_to_num(0.0)
+    return (m * t).sum(dim=0)
+
+
+def error_selection(score: torch.Tensor, err: torch.Tensor, n_ret: int, n_est: int,
+                    group: int, select: str = "bucket"
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(retrieved, estimated) entry indices, in entry order, of the error rank: the
+    band is the top ``n_ret + n_est`` by ``score`` (as the mass ranking selects
+    it, ``select``), the retrieved its ``n_ret`` largest ``err`` (``select``
+    "bucket": :func:`error_digits` bins, ties to the lower entry; "exact": ties to
+    the lower entry), the estimated the rest of the band."""
+    if select == "bucket":
+        r0, e0 = bucket_selection(score, n_ret, n_est, group)
+    else:
+        order = torch.argsort(score, descending=True, stable=True)
+        r0, e0 = order[:n_ret], order[n_ret:n_ret + n_est]
+    band = torch.sort(torch.cat([r0, e0])).values
+    if select == "bucket":
+        dg = error_digits(err)[band]
+        # Descending bin, then ascending entry: the bins are small integers.
+        pick = torch.argsort(-dg * (band.numel() + 1) + torch.arange(band.numel()))
+    else:
+        pick = torch.argsort(err[band].float(), descending=True, stable=True)
+    sel = torch.zeros(band.numel(), dtype=torch.bool)
+    sel[pick[:n_ret]] = True
+    return band[sel], band[~sel]
+
+
 def _cdt(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -133,7 +189,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            ibt: torch.Tensor, pool: IndexPool,
                            sink_end: int, scale: float,
                            variance_cap: float = VARIANCE_CORRECTION_CAP,
-                           wave: Optional[WaveBufferView] = None, select: str = "exact"
+                           wave: Optional[WaveBufferView] = None, select: str = "exact",
+                           retrieval_rank: str = "mass"
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`vllm_retro.kernels.paged_decode_attention`.
 
@@ -147,9 +204,14 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             table).
         select: "exact" (the top n_retrieve / n_estimate) or "bucket"
             (:func:`bucket_selection`, the kernels' ``SELECT = "bucket"``).
+        retrieval_rank: "mass" (the top ``n_retrieve`` by score are exact) or
+            "error" (:func:`error_selection` with :func:`error_proxy`: the same
+            band, its exact part chosen by expected estimation error).
     """
     if select not in SELECTIONS:
         raise ValueError(f"select must be 'exact' or 'bucket', not {select!r}")
+    if retrieval_rank not in RANKS:
+        raise ValueError(f"retrieval_rank must be one of {RANKS}, not {retrieval_rank!r}")
     b, hq, d = query.shape
     h, bs = layout.num_kv_heads, layout.block_size
     g = hq // h
@@ -204,7 +266,10 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                 c = len(pbs)
                 n_ret = max(0, min(c, hdr[HDR_N_RETRIEVE]))
                 n_est = max(0, min(c - n_ret, hdr[HDR_N_ESTIMATE]))
-                if select == "bucket":
+                if retrieval_rank == "error":
+                    err = error_proxy(q, lg, f[:, F_KEY_VAR], scale)
+                    ret, est = error_selection(score, err, n_ret, n_est, g, select)
+                elif select == "bucket":
                     ret, est = bucket_selection(score, n_ret, n_est, g)
                 else:
                     order = torch.argsort(score, descending=True, stable=True)

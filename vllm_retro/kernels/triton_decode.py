@@ -142,6 +142,8 @@ TUNE = {
     # layer at 32K x 1, within +-1 us at 128K x 1 / 8 / 16 (fifteenth session's sweep).
     "cand": dict(RB=1024, CB=512, CBS=128, num_warps=8),
     "collect": dict(RB=1024, CB=1024, num_warps=4),
+    # The error rank's band kernel: the key kernel's tiles (not yet tuned on a GPU).
+    "band": dict(CHE=1024, num_warps=4),
     "attend": dict(TS=32, RG=8, TR=32, TE=32, num_warps=4, num_stages=2, maxnreg=128),
     # The wave buffer's page lookups (walks the retrieved clusters like the attention
     # kernel, in tiles of its own: every visited page's source is written whatever
@@ -181,6 +183,7 @@ DYNAMIC_SPLIT = os.environ.get("RETRO_DECODE_DYNAMIC_SPLIT", "1") == "1"
 TUNE_SMALL_BATCH = {
     "score": dict(CH=128, num_warps=8, num_stages=2, maxnreg=None),
     "key": dict(CHE=256),
+    "band": dict(CHE=256),
     "cand": dict(RB=256),
     "collect": dict(RB=256),
     # 64-token steady tiles: 3 programs per SM instead of 2 (166 registers, 45 KB of
@@ -268,11 +271,19 @@ class DecodeWorkspace:
     ``stats`` int64 ``[5]``: rows with an index, rows without one, tokens read
     exactly, tokens estimated, context tokens (token counts summed over KV heads).
     Calls with ``count_stats`` add to it; the owner reads and zeroes it.
+
+    The error rank (``retrieval_rank`` "error", :meth:`error_buffers`, allocated at
+    construction with ``error_rank`` or on the first call that needs them):
+    ``tvar`` ``[num_pages, H, G]`` fp32 (each entry's uncapped variance term),
+    ``keys2`` ``[num_pages, H, 16]`` int32 (error keys), per row-head ``hist2``
+    ``[max_rows*H, NBINS]`` and ``emax`` ``[max_rows*H]``, and per selection program
+    the band's error histogram as counts in bins >= b (as :meth:`range_hist`).
     """
 
     def __init__(self, num_pages: int, num_kv_heads: int, group_size: int,
                  head_dim: int, max_rows: int, device, *, max_split: int = 0,
-                 num_sms: int = 0, programs_per_sm: int = 0, attend_max_split: int = 0):
+                 num_sms: int = 0, programs_per_sm: int = 0, attend_max_split: int = 0,
+                 error_rank: bool = False):
         dev = torch.device(device)
         self.device = dev
         self.num_pages = int(num_pages)
@@ -319,8 +330,11 @@ class DecodeWorkspace:
         self.stats = torch.zeros(5, dtype=torch.int64, device=dev)
         self.wave_src: Optional[torch.Tensor] = None
         self._range_hist: Optional[torch.Tensor] = None
+        self._error: Optional[tuple] = None
         if SELECT == "bucket":
             self.range_hist(0)     # before any capture
+        if error_rank:
+            self.error_buffers(0)
 
     def _not_capturing(self, what: str, call: str) -> None:
         """Scratch allocated lazily must not be allocated under CUDA-graph capture
@@ -337,11 +351,32 @@ class DecodeWorkspace:
         t = self._range_hist
         if t is None or t.shape[0] < programs:
             self._not_capturing("the bucket selection's histograms", "")
-            most = max(b * self.num_kv_heads * max(self.nsplit(b // 2 + 1), self.nsplit(b))
-                       for b in range(1, self.max_rows + 1))
+            most = self._selection_programs()
             t = self._range_hist = torch.zeros(max(most, programs), NBINS,
                                                dtype=torch.int32, device=self.device)
         return t
+
+    def _selection_programs(self) -> int:
+        """Selection programs of the largest grid of ``max_rows`` rows."""
+        return max(b * self.num_kv_heads * max(self.nsplit(b // 2 + 1), self.nsplit(b))
+                   for b in range(1, self.max_rows + 1))
+
+    def error_buffers(self, programs: int) -> tuple:
+        """``(tvar, keys2, hist2, emax, range_hist2)`` of the error rank (see the
+        class doc), allocated on the first call, outside capture."""
+        e = self._error
+        if e is None or e[4].shape[0] < programs:
+            self._not_capturing("the error rank's scratch", "")
+            h, g, nb, dev = self.num_kv_heads, self.group_size, self.num_pages, self.device
+            rows = self.max_rows * h
+            e = self._error = (
+                torch.zeros(nb, h, g, dtype=torch.float32, device=dev),
+                torch.zeros(nb, h, PACK, dtype=torch.int32, device=dev),
+                torch.zeros(rows, NBINS, dtype=torch.int32, device=dev),
+                torch.zeros(rows, dtype=torch.int32, device=dev),
+                torch.zeros(max(self._selection_programs(), programs), NBINS,
+                            dtype=torch.int32, device=dev))
+        return e
 
     def wave_src_table(self, max_pages: int) -> torch.Tensor:
         """``[max_rows*H, max_pages]`` int64: per row-head and logical page, where
@@ -357,10 +392,14 @@ class DecodeWorkspace:
         return t
 
     @staticmethod
-    def page_bytes(num_kv_heads: int, group_size: int) -> int:
+    def page_bytes(num_kv_heads: int, group_size: int, error_rank: bool = False) -> int:
         """Scratch bytes per index-pool page (``logits``, ``keys``, ``cands``,
-        ``lists``; 3,712 B for H=8, G=4), shared by the layers."""
-        return 4 * num_kv_heads * (group_size + PACK + CAND_WORDS + LIST_WORDS)
+        ``lists``; 3,712 B for H=8, G=4; the error rank's ``tvar`` and ``keys2`` add
+        640 B), shared by the layers."""
+        words = group_size + PACK + CAND_WORDS + LIST_WORDS
+        if error_rank:
+            words += group_size + PACK
+        return 4 * num_kv_heads * words
 
     def nsplit(self, num_rows: int) -> int:
         """Programs per (row, KV head) for a batch of ``num_rows``: enough to fill the
@@ -568,8 +607,13 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   CH: tl.constexpr, NB: tl.constexpr, CAP: tl.constexpr,
                   NATIVE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
                   Q8: tl.constexpr = False,
-                  EPB: tl.constexpr = 1):
+                  EPB: tl.constexpr = 1, ERR: tl.constexpr = False, tv_ptr=None,
+                  hist2_ptr=None, emax_ptr=None):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
+
+    ERR (the error rank, ``retrieval_rank`` "error"): also each entry's uncapped
+    variance term ``t_g`` (``tv``, addressed as the logits), and program 0 zeroes
+    the row-head's band histogram and largest error key.
 
     Q8: the pool keeps 8-bit centroids and key variances (``fq``: ``fpart``'s int8
     view, both vectors in slot 0; ``fs``: its float32 view, the two scales first in
@@ -587,6 +631,9 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         # Later kernels accumulate into these; zeroed here so every call starts clean.
         tl.store(hist_ptr + rh * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
         tl.store(ncand_ptr + rh * 2 + tl.arange(0, 2), tl.zeros([2], tl.int32))
+        if ERR:
+            tl.store(hist2_ptr + rh * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
+            tl.store(emax_ptr + rh, 0)
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
                                               hdr_s0, r, SB, BS, EPB)
     g = tl.arange(0, GP)
@@ -632,10 +679,14 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             qv = _dot(qq, tl.trans(var), NATIVE, PREC)
         # Same operation order as the twin: s q.c + ln size + min(s^2/2 q^2.var, CAP).
         lg = qc * scale + tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
-        lg = lg + tl.minimum(qv * (0.5 * scale * scale), CAP)
+        tv = qv * (0.5 * scale * scale)
+        lg = lg + tl.minimum(tv, CAP)
         lg = tl.where((valid & (size > 0))[None, :], lg, _NEG_INF)
         tl.store(lg_ptr + blk[None, :] * (H * G) + h * G + g[:, None], lg,
                  mask=gm[:, None] & valid[None, :])
+        if ERR:
+            tl.store(tv_ptr + blk[None, :] * (H * G) + h * G + g[:, None], tv,
+                     mask=gm[:, None] & valid[None, :])
         m_new = tl.maximum(m_run, tl.max(lg, 1))
         m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
         s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
@@ -654,7 +705,8 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
                 BS: tl.constexpr, NSP: tl.constexpr, CHE: tl.constexpr, NB: tl.constexpr,
                 SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr,
                 PDL: tl.constexpr = False,
-                EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False, rgh_ptr=None):
+                EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False, rgh_ptr=None,
+                ERR: tl.constexpr = False, tv_ptr=None, keys2_ptr=None, emax_ptr=None):
     """Program (row*H + head, p): keys of the entries of range p and their digit
     histogram, added atomically to the row-head's histogram. Tiles are ``[G4, CHE]``
     (``G4`` = G rounded up to a power of two; no product here, so no padding to the
@@ -662,7 +714,13 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
 
     BUCKET (:data:`SELECT` "bucket"): also the range's own histogram, as counts of
     its keys in bins >= b, at ``rgh_ptr[(row*H + head) * MSPLIT + p]`` (the list
-    kernel's offsets)."""
+    kernel's offsets).
+
+    ERR (the error rank): also each entry's error key, the bits of ``sum_g
+    p_g t_g`` (its share of each query head's attention among the entries times
+    the uncapped variance term, :func:`~.reference.error_proxy`), at ``keys2``
+    (packed as the keys), and the row-head's largest error key (atomic max at
+    ``emax``, zeroed by the score kernel)."""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -691,6 +749,7 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     lo, hi, per = _range(C, p, NS, PK)
     hist = tl.zeros([NB], tl.int32)
     bad = tl.zeros([CHE], tl.int32)
+    emax = tl.zeros([CHE], tl.int32)
     for i0 in range(lo, hi, CHE):
         i = i0 + tl.arange(0, CHE)
         valid = i < hi
@@ -700,6 +759,12 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
         pr = tl.where(has[:, None], tl.exp(lg - lse[:, None]), 0.0)
         key = tl.sum(pr, 0).to(tl.int32, bitcast=True)   # score >= 0: bits sort as floats
         tl.store(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), key, mask=valid)
+        if ERR:
+            tv = tl.load(tv_ptr + eblk[None, :] * (H * G) + h * G + g[:, None],
+                         mask=gm[:, None] & valid[None, :], other=0.0)
+            err = tl.maximum(tl.sum(pr * tv, 0), 0.0).to(tl.int32, bitcast=True)
+            tl.store(_packed(keys2_ptr, ix_row, h, i, valid, H, PK, PK, 1), err, mask=valid)
+            emax = tl.maximum(emax, tl.where(valid, err, 0))
         dg = tl.where(valid, _digit(key, mean_bits, SUB, NB, WIN), 0)
         hist += tl.histogram(dg, NB)
         bad += (valid == 0).to(tl.int32)
@@ -709,6 +774,84 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     if BUCKET:
         ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
         tl.store(rgh_ptr + (rh * MSPLIT + p).to(tl.int64) * NB + tl.arange(0, NB), ge)
+    if ERR:
+        top = tl.max(emax, 0)
+        tl.atomic_max(emax_ptr + rh, top, mask=top > 0, sem="relaxed")
+
+
+# ------------------------------------------------------------------ 2b. the error rank's band
+@triton.jit
+def _edigit(key, top_bits, SUB: tl.constexpr, NB: tl.constexpr, WIN: tl.constexpr):
+    """Histogram bin of an error key: 1/2^SUB binade steps over the WIN binades
+    ending with the largest key's (``top_bits``); smaller keys clamp to bin 0
+    (:func:`~.reference.error_digits`)."""
+    lo = ((top_bits >> 23) - WIN + 1) << SUB
+    return tl.minimum(tl.maximum((key >> (23 - SUB)) - lo, 0), NB - 1)
+
+
+@triton.jit
+def _band(hist_ptr, rgh_ptr, rh, sp, p, C, kb, MSPLIT, NB: tl.constexpr):
+    """The band (the top ``kb`` entries by score, bucket ties to the lower entry)
+    as the key histogram's threshold bin ``t``, the keys taken from it ``need``,
+    and the lower ranges' keys above and in it."""
+    bins = tl.arange(0, NB)
+    hist = tl.load(hist_ptr + rh * NB + bins)
+    b, above, n = _bucket(hist, bins, C, kb)
+    t = tl.where(kb > 0, b, NB)
+    need = tl.where(kb > 0, kb - above, 0)
+    rg = rgh_ptr + (rh * MSPLIT + sp).to(tl.int64) * NB
+    a, e = _lower_counts(rg, sp, p, C, t, NB)
+    return t, need, a, e
+
+
+@triton.jit(do_not_specialize=_BATCH_ARGS, **_NO_ALIGN)
+def _band_kernel(keys_ptr, keys2_ptr, hist_ptr, hist2_ptr, emax_ptr, rgh_ptr, rgh2_ptr,
+                 bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, SB, NROWS, TGT,
+                 MSPLIT, DYN, BP: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+                 BS: tl.constexpr, NSP: tl.constexpr, CHE: tl.constexpr,
+                 NB: tl.constexpr, SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr,
+                 PDL: tl.constexpr = False, EPB: tl.constexpr = 1):
+    """Program (row*H + head, p), the error rank only: which entries of range p are
+    in the band (the top ``n_retrieve + n_estimate`` by score, as the list kernel
+    decides it), and the histogram of their error keys' bins (:func:`_edigit`),
+    added atomically to the row-head's (``hist2``) and stored per range as counts
+    in bins >= b (``rgh2``, the list kernel's offsets)."""
+    _pdl_launch(PDL)
+    rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
+    if not active:
+        return
+    r = rh // H
+    h = rh % H
+    L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
+                                              hdr_s0, r, SB, BS, EPB)
+    n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
+    _pdl_wait(PDL)
+    sp = tl.arange(0, NSP)
+    t2, need2, a2, e2 = _band(hist_ptr, rgh_ptr, rh, sp, p, C, n_ret + n_est, MSPLIT, NB)
+    mean_bits = _mean_bits(C, G)
+    top = tl.load(emax_ptr + rh)
+    lo, hi, per = _range(C, p, NS, PK)
+    hist2 = tl.zeros([NB], tl.int32)
+    out = tl.zeros([CHE], tl.int32)
+    for i0 in range(lo, hi, CHE):
+        i = i0 + tl.arange(0, CHE)
+        valid = i < hi
+        key = tl.load(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), mask=valid,
+                      other=-1)
+        v = _digit(key, mean_bits, SUB, NB, WIN)
+        eq2 = valid & (v == t2)
+        r2 = e2 + tl.cumsum(eq2.to(tl.int32), 0) - 1
+        inb = valid & ((v > t2) | (eq2 & (r2 < need2)))
+        key2 = tl.load(_packed(keys2_ptr, ix_row, h, i, inb, H, PK, PK, 1), mask=inb,
+                       other=0)
+        hist2 += tl.histogram(tl.where(inb, _edigit(key2, top, SUB, NB, WIN), 0), NB)
+        out += (inb == 0).to(tl.int32)
+        e2 += tl.sum(eq2.to(tl.int32), 0)
+    # Entries outside the band were counted in bin 0.
+    hist2 -= tl.where(tl.arange(0, NB) == 0, tl.sum(out, 0), 0)
+    tl.atomic_add(hist2_ptr + rh * NB + tl.arange(0, NB), hist2, mask=hist2 > 0)
+    ge = tl.sum(hist2, 0) - tl.cumsum(hist2, 0) + hist2
+    tl.store(rgh2_ptr + (rh * MSPLIT + p).to(tl.int64) * NB + tl.arange(0, NB), ge)
 
 
 # ------------------------------------------------------------------ 3. thresholds
@@ -943,7 +1086,9 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                     WAVE: tl.constexpr = False, RV: tl.constexpr = 32,
                     EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False,
                     hist_ptr=None, rgh_ptr=None, cnt_ptr=None, G: tl.constexpr = 1,
-                    NB: tl.constexpr = 1, SUB: tl.constexpr = 1, WIN: tl.constexpr = 1):
+                    NB: tl.constexpr = 1, SUB: tl.constexpr = 1, WIN: tl.constexpr = 1,
+                    ERR: tl.constexpr = False, keys2_ptr=None, hist2_ptr=None,
+                    rgh2_ptr=None, emax_ptr=None):
     """Program (row*H + head, p): the selected entries of range p, in entry order,
     into the lists: top k1 -> retrieved, next k2 - k1 -> estimated. The range's list
     offsets come from the keys of lower ranges: those above the buckets (counted by
@@ -960,7 +1105,13 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     thresholds are the row-head's histogram bins (``hist_ptr``) holding the k-th
     keys, keys in a bin rank by entry index, the lower ranges' counts above and in
     each bin (the key kernel's per-range histograms, ``rgh_ptr``) give the
-    offsets, and program 0 writes the lists' lengths (``cnt_ptr``)."""
+    offsets, and program 0 writes the lists' lengths (``cnt_ptr``).
+
+    ERR (the error rank, with BUCKET): the band is the top ``n_retrieve +
+    n_estimate`` by score as above; its ``n_retrieve`` entries of largest error
+    key (the band kernel's histogram ``hist2`` of the band's error bins, ties to
+    the lower entry; offsets from its per-range counts ``rgh2``) are retrieved,
+    the rest of the band estimated."""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -976,7 +1127,20 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     lo, hi, per = _range(C, p, NS, PK)
     sp = tl.arange(0, NSP)
     lower = sp < tl.where(C > 0, p, 0)
-    if BUCKET:
+    if ERR:
+        # The band by score (t2), then the retrieved by error bin inside it (t1).
+        mean_bits = _mean_bits(C, G)
+        bins = tl.arange(0, NB)
+        kb = k1 + n_est
+        t2, need2, a2, e2 = _band(hist_ptr, rgh_ptr, rh, sp, p, C, kb, MSPLIT, NB)
+        t1, need1, a1, e1 = _band(hist2_ptr, rgh2_ptr, rh, sp, p, kb, k1, MSPLIT, NB)
+        top = tl.load(emax_ptr + rh)
+        g1 = lo * 0
+        g2 = g1
+        if p == 0:
+            tl.store(cnt_ptr + rh * 2, n_ret)
+            tl.store(cnt_ptr + rh * 2 + 1, n_est)
+    elif BUCKET:
         # Thresholds as bins: t = the bin, need = the keys taken from it.
         mean_bits = _mean_bits(C, G)
         bins = tl.arange(0, NB)
@@ -1024,12 +1188,20 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
             v = _digit(key, mean_bits, SUB, NB, WIN)
         else:
             v = key
-        eq1 = valid & (v == t1)
         eq2 = valid & (v == t2)
-        r1 = e1 + tl.cumsum(eq1.to(tl.int32), 0) - 1
         r2 = e2 + tl.cumsum(eq2.to(tl.int32), 0) - 1
-        in1 = valid & ((v > t1) | (eq1 & (r1 < need1)))
         inb = valid & ((v > t2) | (eq2 & (r2 < need2)))
+        if ERR:
+            key2 = tl.load(_packed(keys2_ptr, ix_row, h, i, inb, H, PK, PK, 1), mask=inb,
+                           other=0)
+            v1 = _edigit(key2, top, SUB, NB, WIN)
+            eq1 = inb & (v1 == t1)
+            r1 = e1 + tl.cumsum(eq1.to(tl.int32), 0) - 1
+            in1 = inb & ((v1 > t1) | (eq1 & (r1 < need1)))
+        else:
+            eq1 = valid & (v == t1)
+            r1 = e1 + tl.cumsum(eq1.to(tl.int32), 0) - 1
+            in1 = valid & ((v > t1) | (eq1 & (r1 < need1)))
         ret = in1
         est = inb & (in1 == 0)
         sel = ret | est
@@ -1604,7 +1776,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
                                   workspace: DecodeWorkspace,
                                   count_stats: bool = False,
                                   variance_cap: float = VARIANCE_CORRECTION_CAP,
-                                  wave: Optional[WaveBufferView] = None) -> torch.Tensor:
+                                  wave: Optional[WaveBufferView] = None,
+                                  retrieval_rank: str = "mass") -> torch.Tensor:
     """Tripartite decode attention of ``B`` ragged rows (semantics: the twin
     :func:`vllm_retro.kernels.reference.paged_decode_attention`); CUDA-graph safe.
 
@@ -1625,6 +1798,9 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             and the cache's stamps, counters and miss buffer are updated
             (:mod:`.wave_view`). None: every token through the block table, the
             horizon ignored (a row with released blocks must not run so).
+        retrieval_rank: "mass" or "error" (the exact set chosen inside the band by
+            the expected estimation error: one more launch, the band kernel; needs
+            the bucket selection, :data:`SELECT`).
     Returns ``out``.
     """
     b, hq, d = query.shape
@@ -1641,6 +1817,13 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("the index table must be int32 with contiguous rows")
     if sink_end % bs:
         raise ValueError("sink_end must be a multiple of the block size")
+    if retrieval_rank not in reference.RANKS:
+        raise ValueError(f"retrieval_rank must be one of {reference.RANKS} on the decode "
+                         f"kernels, not {retrieval_rank!r}")
+    err = retrieval_rank == "error"
+    if err and SELECT != "bucket":
+        raise ValueError("retrieval_rank 'error' needs the bucket selection "
+                         f"(RETRO_DECODE_SELECT=bucket), not {SELECT!r}")
     epb = lay.entries_per_block
     if wave is not None:
         if epb != 1:
@@ -1668,7 +1851,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     ep = {"EPB": epb} if epb != 1 else {}
     # The CUDA score kernel reads 16-bit summaries, one entry per block, only.
     cuda_score = (SCORE_IMPL == "cuda" and query.is_cuda and not interpreting() and not q8
-                  and epb == 1 and cuda_score_available())
+                  and epb == 1 and not err and cuda_score_available())
     # The split per row-head follows the rows in use, derived on the device
     # (:func:`_program`; DYNAMIC_SPLIT), except beside the CUDA score kernel, whose
     # grid is the static (B*H, nsplit(B)). The grids have room for the split of a
@@ -1684,6 +1867,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     bp = _next_pow2(b) if b <= SMALL_BATCH else 16 if b <= 16 else max(512, _next_pow2(b))
     split = (b, ws.target_programs, nsg, dyn)
     split_a = (b, ws.target_programs, nsg_a, dyn)
+    if err:
+        tvar, keys2, hist2, emax, rgh2 = ws.error_buffers(b * h * nsg)
     if cuda_score:
         torch.ops.vllm_retro.paged_score(
             query, fpart, ipart, block_table, ibt, seq_lens, headers, ws.logits, ws.score_max,
@@ -1698,6 +1883,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             H=h, G=g, GP=gp, D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
             CAP=float(variance_cap), NATIVE=native, PREC=prec,
             **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}), **ep,
+            **(dict(ERR=True, tv_ptr=tvar, hist2_ptr=hist2, emax_ptr=emax) if err else {}),
             **_tune("score", b)))
     bucket = SELECT == "bucket"
     if bucket:
@@ -1706,7 +1892,14 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, *split, BP=bp,
         H=h, G=g, GP=gp, G4=_next_pow2(g), BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS,
         WIN=WINDOW_BINADES, PK=PACK, **dep, **ep,
-        **(dict(BUCKET=True, rgh_ptr=rgh) if bucket else {}), **_tune("key", b)))
+        **(dict(BUCKET=True, rgh_ptr=rgh) if bucket else {}),
+        **(dict(ERR=True, tv_ptr=tvar, keys2_ptr=keys2, emax_ptr=emax) if err else {}),
+        **_tune("key", b)))
+    if err:
+        _keep("band", _band_kernel[grid](
+            ws.keys, keys2, ws.hist, hist2, emax, rgh, rgh2, *common, sb, *split, BP=bp,
+            H=h, G=g, BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK,
+            **dep, **ep, **_tune("band", b)))
     if not bucket:
         _keep("cand", _cand_kernel[grid](
             ws.keys, ws.cands, ws.hist, ws.ncand, ws.ranges, ws.sel, ws.counts,
@@ -1736,7 +1929,9 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
         **({"WAVE": True} if in_collect else {}), **dep, **ep,
         **(dict(BUCKET=True, hist_ptr=ws.hist, rgh_ptr=rgh, cnt_ptr=ws.counts, G=g,
-                NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES) if bucket else {}), **tune_c))
+                NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES) if bucket else {}),
+        **(dict(ERR=True, keys2_ptr=keys2, hist2_ptr=hist2, rgh2_ptr=rgh2, emax_ptr=emax)
+           if err else {}), **tune_c))
     tune_a = _tune("attend", b, wave is not None)
     if wave is not None:
         if not in_collect:
