@@ -231,18 +231,25 @@ def graph_of(fn):
     return gr
 
 
+def decode_options(cfg: RetroConfig) -> dict:
+    """The decode op's options that come from the config (as the backend passes
+    them)."""
+    return dict(variance_cap=cfg.variance_cap, retrieval_rank=cfg.retrieval_rank)
+
+
 def bench_case(ctx: int, batch: int, cfg: RetroConfig, bw: float,
                key_scale: float = 1.0) -> dict:
     scale = 1 / math.sqrt(D)
     lay, kv, bt, sl, hdr, S, ix = make_batch(ctx, batch, cfg, key_scale=key_scale)
-    ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")
+    ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda",
+                         error_rank=cfg.retrieval_rank == "error")
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
     out_fa = torch.empty_like(out)
 
     def run_retro(count=False):
         paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale, out=out,
-                               workspace=ws, count_stats=count)
+                               workspace=ws, count_stats=count, **decode_options(cfg))
 
     ws.stats.zero_()
     run_retro(True)
@@ -282,9 +289,10 @@ def check_full_vs_dense(cfg: RetroConfig) -> float:
     scale = 1 / math.sqrt(D)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     out = torch.empty(batch, HQ, D, device="cuda", dtype=DT)
-    ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, 8, "cuda")
+    ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, 8, "cuda",
+                         error_rank=cfg.retrieval_rank == "error")
     paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale, out=out,
-                           workspace=ws)
+                           workspace=ws, **decode_options(cfg))
     if has_fa3():
         ref = fa3(q, kv, bt, sl, scale, torch.empty_like(out))
     else:
@@ -299,13 +307,15 @@ def check_vs_twin(cfg: RetroConfig) -> float:
     scale = 1 / math.sqrt(D)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     out = torch.empty(batch, HQ, D, device="cuda", dtype=torch.float32)
-    ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, 8, "cuda")
+    ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, 8, "cuda",
+                         error_rank=cfg.retrieval_rank == "error")
     paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale, out=out,
-                           workspace=ws)
+                           workspace=ws, **decode_options(cfg))
     kv_cpu = kv.cpu()
     ref, _ = reference.paged_decode_attention(q.cpu(), kv_cpu, lay, bt.cpu(), sl.cpu(),
                                               hdr.cpu(), ix.ibt.cpu(), ix.pool.to("cpu"), S,
-                                              scale, select=td.SELECT)
+                                              scale, cfg.variance_cap, select=td.SELECT,
+                                              retrieval_rank=cfg.retrieval_rank)
     return ((out.cpu() - ref).norm() / ref.norm()).item()
 
 

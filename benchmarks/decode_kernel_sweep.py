@@ -51,6 +51,11 @@ VARIANTS = [
     # among near-tied clusters, so the outputs too.
     ("select bucket", "select", "bucket"),
     ("select exact", "select", "exact"),
+    # The error rank (retrieval_rank "error"): the exact set chosen inside the band by
+    # expected estimation error; one launch more (the band kernel), the score kernel
+    # stores each entry's variance terms, the key kernel an error key. Other sets,
+    # so other outputs.
+    ("rank error", "rank", "error"),
     ("programs/SM 2", "pps", (2, 0)),
     ("programs/SM 3", "pps", (3, 0)),
     ("programs/SM 6", "pps", (6, 0)),
@@ -223,6 +228,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         td.SELECT = base_select
         td.LAST_KERNELS.clear()   # (else the programs/SM line shows earlier variants' stages)
         max_split = pps = attend_split = 0
+        rank = "mass"
         td.PDL = bool(kernel and kernel.startswith("pdl"))
         td.DYNAMIC_SPLIT = kernel != "static"
         td.RESOLVE_IN_COLLECT = ((base_in_collect or kernel == "in_collect")
@@ -238,6 +244,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         err_limit = 1e-2 if pool in (pool_default, pool_vc) else 0.1
         if kernel == "select":
             td.SELECT, kernel, err_limit = over, None, 0.2
+        if kernel == "rank":
+            rank, kernel, err_limit = over, None, 0.2
         if kernel == "wave_attend":
             td.TUNE_WAVE["attend"].update(over)
             kernel = None
@@ -263,12 +271,13 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             td.TUNE_SMALL_BATCH.get(kernel, {}).update(over)
         ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda",
                              max_split=max_split, programs_per_sm=pps,
-                             attend_max_split=attend_split)
+                             attend_max_split=attend_split, error_rank=rank == "error")
         out = torch.empty(batch, HQ, D, device="cuda", dtype=torch.float32)
 
         def step(count=False):
             paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, pool, S, scale,
-                                   out=out, workspace=ws, count_stats=count, wave=ix.wave)
+                                   out=out, workspace=ws, count_stats=count, wave=ix.wave,
+                                   retrieval_rank=rank)
         try:
             if td.SCORE_IMPL == "cuda" and not td.cuda_score_available():
                 raise RuntimeError("torch.ops.vllm_retro.paged_score has no CUDA kernel "

@@ -29,6 +29,12 @@ programs beyond ``NS`` (or of the padding rows) return at once:
    each entry's ranking score ``sum_g exp(logit - lse_g)`` stored as its float bit
    pattern (an int32 key that sorts like the score, scores being >= 0); a histogram
    of a fine log-scale digit of the keys (atomically summed per row-head).
+   With the error rank (``retrieval_rank="error"``, bucket selection only) the
+   score kernel also stores each entry's uncapped variance terms, the key kernel
+   an error key per entry (``sum_g p_g t_g``, :func:`~.reference.error_proxy`),
+   and ``_band_kernel`` runs next: the band (the top ``n_retrieve + n_estimate``
+   by score) and the histogram of its error keys, from which the list kernel
+   retrieves the band's ``n_retrieve`` largest errors (five launches per layer).
 3. ``_cand_kernel``: exact selection, part 1. From the histogram every
    program knows the buckets of the two thresholds (the ``n_retrieve``-th and the
    ``(n_retrieve + n_estimate)``-th largest key); it appends its range's keys in
