@@ -221,10 +221,14 @@ def decode_launches() -> None:
                                          (lay_s, IndexPool(lay_s, 4 * nb, summary_bits=8),
                                           4 * nb)):
                     ws_x = td.DecodeWorkspace(n, h, g, d, max(b, 8), "cpu", error_rank=True)
-                    td.paged_decode_attention_triton(
-                        q, kv, lay_x, bt, sl, hdr, IndexAllocator(n, 8, 4 * 32).ibt, pool_x,
-                        sink_end(RetroConfig(), bs), 0.1, out, ws_x, count_stats=True,
-                        retrieval_rank="error")
+                    # (with the wave buffer's view too where it applies: one entry
+                    # per block; the list kernel then also resolves pages)
+                    for wv in ((None, _wave_view(lay_x, dtype, n))
+                               if lay_x.entries_per_block == 1 else (None,)):
+                        td.paged_decode_attention_triton(
+                            q, kv, lay_x, bt, sl, hdr, IndexAllocator(n, 8, 4 * 32).ibt,
+                            pool_x, sink_end(RetroConfig(), bs), 0.1, out, ws_x,
+                            count_stats=True, wave=wv, retrieval_rank="error")
 
 
 def _wave_view(lay, dtype, num_pages):

@@ -119,7 +119,7 @@ class Wave:
         return out
 
 
-def run(wv: Wave, q, ws=None, td=None, select=None):
+def run(wv: Wave, q, ws=None, td=None, select=None, retrieval_rank="mass"):
     """(kernel output with the view, twin output with the view, workspace); the twin
     selects as the kernels do (``select``: default ``td.SELECT``)."""
     td = td or _td()
@@ -131,11 +131,13 @@ def run(wv: Wave, q, ws=None, td=None, select=None):
     out = torch.full((b, H * G, D), float("nan"), device=DEV)
     td.paged_decode_attention_triton(q.to(DEV), sc.kv, sc.lay, bt, sl, sc.headers,
                                      sc.alloc.ibt, sc.pool, sc.S, SCALE, out, ws,
-                                     count_stats=True, wave=wv.view)
+                                     count_stats=True, wave=wv.view,
+                                     retrieval_rank=retrieval_rank)
     ref, _ = reference.paged_decode_attention(q.cpu(), sc.cpu_cache(), sc.lay, bt.cpu(),
                                               sl.cpu(), sc.headers.cpu(), sc.alloc.ibt,
                                               sc.pool, sc.S, SCALE, wave=wv.view,
-                                              select=select or td.SELECT)
+                                              select=select or td.SELECT,
+                                              retrieval_rank=retrieval_rank)
     return out.cpu(), ref, ws
 
 
@@ -219,12 +221,13 @@ def test_released_rows_match_unreleased():
     assert torch.isnan(bad[0]).all() and _rel(bad[3], ref[3]) < 2e-3
 
 
-@pytest.mark.parametrize("select", ["bucket", "exact"])
-def test_selection_with_released_rows(monkeypatch, select):
-    """Both selections (the bucket one without a candidate kernel) with the view:
-    released rows read from the arena as the twin's selection reads them, and the
-    bookkeeping (page lookups in the list kernel, or in their own: the module's
-    fixture) is the plain count."""
+@pytest.mark.parametrize("select,rank", [("bucket", "mass"), ("exact", "mass"),
+                                         ("bucket", "error")])
+def test_selection_with_released_rows(monkeypatch, select, rank):
+    """Both selections (the bucket one without a candidate kernel), and the error
+    rank, with the view: released rows read from the arena as the twin's selection
+    reads them, and the bookkeeping (page lookups in the list kernel, or in their
+    own: the module's fixture) is the plain count."""
     td = _td()
     monkeypatch.setattr(td, "SELECT", select)
     torch.manual_seed(23)
@@ -236,7 +239,8 @@ def test_selection_with_released_rows(monkeypatch, select):
     hz1 = sc.S + (E1 - sc.S) // BS // 2 * BS
     wv.release({0: E0, 1: hz1}, poison={1: 0})
     q = torch.randn(3, H * G, D)
-    out, ref, ws = run(wv, q)
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, error_rank=rank == "error")
+    out, ref, ws = run(wv, q, ws=ws, retrieval_rank=rank)
     assert not torch.isnan(out).any() and out[2].abs().max() == 0
     assert _rel(out, ref) < 2e-3, _rel(out, ref)
     z = torch.zeros(4, dtype=torch.int64)

@@ -796,17 +796,15 @@ def _edigit(key, top_bits, SUB: tl.constexpr, NB: tl.constexpr, WIN: tl.constexp
 
 
 @triton.jit
-def _band(hist_ptr, rgh_ptr, rh, sp, p, C, kb, MSPLIT, NB: tl.constexpr):
-    """The band (the top ``kb`` entries by score, bucket ties to the lower entry)
-    as the key histogram's threshold bin ``t``, the keys taken from it ``need``,
-    and the lower ranges' keys above and in it."""
-    bins = tl.arange(0, NB)
-    hist = tl.load(hist_ptr + rh * NB + bins)
-    b, above, n = _bucket(hist, bins, C, kb)
-    t = tl.where(kb > 0, b, NB)
-    need = tl.where(kb > 0, kb - above, 0)
-    rg = rgh_ptr + (rh * MSPLIT + sp).to(tl.int64) * NB
-    a, e = _lower_counts(rg, sp, p, C, t, NB)
+def _threshold(hist, rg, sp, p, total, k, NB: tl.constexpr):
+    """The top ``k`` of ``total`` keys by bucket (ties to the lower entry), from the
+    row-head's histogram ``hist`` and the ranges' counts in bins >= b (rows ``rg``):
+    the threshold bin ``t`` (NB: none), the keys taken from it ``need``, and the
+    keys of the ranges below ``p`` above it and in it."""
+    b, above, n = _bucket(hist, tl.arange(0, NB), total, k)
+    t = tl.where(k > 0, b, NB)
+    need = tl.where(k > 0, k - above, 0)
+    a, e = _lower_counts(rg, sp, p, total, t, NB)
     return t, need, a, e
 
 
@@ -833,7 +831,9 @@ def _band_kernel(keys_ptr, keys2_ptr, hist_ptr, hist2_ptr, emax_ptr, rgh_ptr, rg
     n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
     _pdl_wait(PDL)
     sp = tl.arange(0, NSP)
-    t2, need2, a2, e2 = _band(hist_ptr, rgh_ptr, rh, sp, p, C, n_ret + n_est, MSPLIT, NB)
+    hist = tl.load(hist_ptr + rh * NB + tl.arange(0, NB))
+    rg = rgh_ptr + (rh * MSPLIT + sp).to(tl.int64) * NB
+    t2, need2, a2, e2 = _threshold(hist, rg, sp, p, C, n_ret + n_est, NB)
     mean_bits = _mean_bits(C, G)
     top = tl.load(emax_ptr + rh)
     lo, hi, per = _range(C, p, NS, PK)
@@ -1133,33 +1133,25 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     lo, hi, per = _range(C, p, NS, PK)
     sp = tl.arange(0, NSP)
     lower = sp < tl.where(C > 0, p, 0)
-    if ERR:
-        # The band by score (t2), then the retrieved by error bin inside it (t1).
+    if BUCKET:
+        # Thresholds as bins: t = the bin, need = the keys taken from it. ERR: the
+        # band by score (t2, always: its top k1 by error are retrieved), then the
+        # retrieved by error bin inside it (t1: the band kernel's histogram).
         mean_bits = _mean_bits(C, G)
-        bins = tl.arange(0, NB)
-        kb = k1 + n_est
-        t2, need2, a2, e2 = _band(hist_ptr, rgh_ptr, rh, sp, p, C, kb, MSPLIT, NB)
-        t1, need1, a1, e1 = _band(hist2_ptr, rgh2_ptr, rh, sp, p, kb, k1, MSPLIT, NB)
-        top = tl.load(emax_ptr + rh)
-        g1 = lo * 0
-        g2 = g1
-        if p == 0:
-            tl.store(cnt_ptr + rh * 2, n_ret)
-            tl.store(cnt_ptr + rh * 2 + 1, n_est)
-    elif BUCKET:
-        # Thresholds as bins: t = the bin, need = the keys taken from it.
-        mean_bits = _mean_bits(C, G)
-        bins = tl.arange(0, NB)
-        hist = tl.load(hist_ptr + rh * NB + bins)
-        b1, above1, n1 = _bucket(hist, bins, C, k1)
-        b2, above2, n2 = _bucket(hist, bins, C, k1 + n_est)
-        t1 = tl.where(k1 > 0, b1, NB)
-        t2 = tl.where(use2, b2, NB)
-        need1 = tl.where(k1 > 0, k1 - above1, 0)
-        need2 = tl.where(use2, k1 + n_est - above2, 0)
+        hist = tl.load(hist_ptr + rh * NB + tl.arange(0, NB))
         rg = rgh_ptr + (rh * MSPLIT + sp).to(tl.int64) * NB
-        a1, e1 = _lower_counts(rg, sp, p, C, t1, NB)
-        a2, e2 = _lower_counts(rg, sp, p, C, t2, NB)
+        if ERR:
+            kb = k1 + n_est
+        else:
+            kb = tl.where(use2, k1 + n_est, 0)
+        t2, need2, a2, e2 = _threshold(hist, rg, sp, p, C, kb, NB)
+        if ERR:
+            hist2 = tl.load(hist2_ptr + rh * NB + tl.arange(0, NB))
+            rg2 = rgh2_ptr + (rh * MSPLIT + sp).to(tl.int64) * NB
+            t1, need1, a1, e1 = _threshold(hist2, rg2, sp, p, kb, k1, NB)
+            top = tl.load(emax_ptr + rh)
+        else:
+            t1, need1, a1, e1 = _threshold(hist, rg, sp, p, C, k1, NB)
         g1 = lo * 0
         g2 = g1
         if p == 0:
