@@ -745,10 +745,13 @@ PAGED_VARIANTS: Dict[str, tuple] = {
              value_correction=True, retrieval_rank="error"),
         "GPU twin (bf16, bucket), cluster_size 4, kmeans_value_weight 0.5, variance_cap 1, "
         "value_correction, retrieval_rank error"),
-    "paged_cs4_kv07_vcap1_vc_err_ef30": (
-        dict(cluster_size=4, **_GPU_STACK, retrieval_rank="error", estimation_fraction=0.3),
+    # The estimated band's size (its mean values and corrections are most of the
+    # stack's bytes after the summaries).
+    **{f"paged_cs4_kv07_vcap1_vc_err_ef{round(ef * 100):02d}": (
+        dict(cluster_size=4, **_GPU_STACK, retrieval_rank="error", estimation_fraction=ef),
         "GPU twin (bf16, bucket), cluster_size 4, kmeans_value_weight 0.7, variance_cap 1, "
-        "value_correction, retrieval_rank error, estimation_fraction 0.3"),
+        f"value_correction, retrieval_rank error, estimation_fraction {ef:g}")
+       for ef in (0.05, 0.1, 0.3)},
     "paged": ({}, "GPU twin (bf16, bucket), library options"),
     "paged_err": (dict(retrieval_rank="error"), "GPU twin (bf16, bucket), retrieval_rank error"),
 }
