@@ -391,12 +391,37 @@ def build_samples(tok, tasks, lengths, depths_by_length: Dict[int, List[float]],
 
 # --------------------------------------------------------------------------- engine
 
+def on_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def make_llm(model: str, retro: Optional[dict], max_model_len: int = 8192,
              dtype: Optional[str] = None):
-    """Dense engine when ``retro`` is None, else retro with those options."""
+    """Dense engine when ``retro`` is None, else retro with those options. On a GPU
+    under vLLM's defaults (CUDA graphs, its default runner), else eager on CPU."""
+    gpu = dict(enforce_eager=False, gpu_memory_utilization=0.5) if on_gpu() else {}
     return _make_offline_llm(model, None if retro is None else "retro", retro,
                              dtype=dtype or DTYPE, max_model_len=max_model_len,
-                             enable_prefix_caching=False)
+                             enable_prefix_caching=False, **gpu)
+
+
+def retro_stats(llm) -> Optional[dict]:
+    """Retro's counters of an engine: on CPU the store's decode calls and read
+    fractions, on a GPU the decode rows served by retro's kernels with an index
+    (``retro_rows``), exactly without one (``dense_rows``) or by FlashAttention
+    (``flash_rows``) and the tokens read."""
+    from vllm_retro.offline import retro_state
+    state = retro_state(llm)
+    if state is None:
+        return None
+    if getattr(state, "paged", None) is not None:
+        return dict(state.paged.stats())
+    st = state.store.stats
+    return {"decode_calls": st.decode_calls,
+            "exact_fraction": st.mean(st.exact_fraction_sum),
+            "estimated_fraction": st.mean(st.estimated_fraction_sum),
+            "index_builds": st.builds}
 
 
 def generate(llm, samples: Sequence[Sample]) -> List[List[int]]:
@@ -429,17 +454,15 @@ def run_config(model: str, name: str, retro: Optional[dict], samples: Sequence[S
     t1 = time.perf_counter()
     outs = generate(llm, samples)
     t_gen = time.perf_counter() - t1
-    stats = None
-    if retro is not None:
-        from vllm_retro.offline import retro_state
-        state = retro_state(llm)
-        if state is not None:
-            st = state.store.stats
-            stats = {"decode_calls": st.decode_calls,
-                     "exact_fraction": st.mean(st.exact_fraction_sum),
-                     "estimated_fraction": st.mean(st.estimated_fraction_sum),
-                     "index_builds": st.builds}
+    stats = retro_stats(llm) if retro is not None else None
     close_llm(llm)
+    if retro is not None:
+        # A silent fallback to dense decoding must fail loudly: every prompt here is
+        # long enough to be indexed (segment_size 1024).
+        served = (stats or {}).get("retro_rows", (stats or {}).get("decode_calls", 0))
+        if not served:
+            raise RuntimeError(f"config {name}: retro served no decode row with an "
+                               f"index ({stats})")
     texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
     return {"name": name, "retro_options": retro, "engine_start_s": t_start,
             "sample_idx": sample_idx, "prompt_tokens": sum(len(x.prompt_ids) for x in samples),
@@ -614,6 +637,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                          "'--depths-at none' uses --depths everywhere")
     ap.add_argument("--samples", type=int, default=1, help="samples (seeds) per cell")
     ap.add_argument("--configs", default="dense,retro,rf0.005,rf0.01,rf0.018,rf0.05")
+    ap.add_argument("--extra-configs", default="",
+                    help="JSON {name: retro options} added to the known configurations "
+                         "(list them in --configs)")
     ap.add_argument("--sweep-lengths", default="4096",
                     help="lengths the rf* sweep configurations run on ('all': every "
                          "length); dense and retro always run every prompt")
@@ -646,10 +672,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     tasks = [t for t in args.tasks.split(",") if t]
     lengths = [int(x) for x in args.lengths.split(",") if x]
     configs = [c for c in args.configs.split(",") if c]
+    if args.extra_configs:
+        CONFIGS.update(json.loads(args.extra_configs))
     for c in configs:
         if c not in CONFIGS:
             raise SystemExit(f"unknown config {c!r}; known: {list(CONFIGS)}")
-    model = export_smollm2(args.model_dir)
+    # (bf16 weights for a bf16 run: what the GPU engines load)
+    model = export_smollm2(args.model_dir, **({"dtype": "bfloat16"}
+                                              if DTYPE == "bfloat16" else {}))
     tok = AutoTokenizer.from_pretrained(model)
     depths_by_length = {L: _floats(args.depths) for L in lengths}
     depths_at = DEFAULT_DEPTHS_AT if args.depths_at is None else dict(
@@ -672,7 +702,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "device": {"processor": platform.processor() or platform.machine(),
                        "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                       "torch_threads": torch.get_num_threads()},
+                       "torch_threads": torch.get_num_threads(),
+                       "gpu": torch.cuda.get_device_name() if on_gpu() else None},
             "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__,
                          "python": platform.python_version()},
@@ -686,8 +717,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "sweep_lengths": args.sweep_lengths,
             "answer_tokens": {t: ANSWER_TOKENS[t] for t in tasks},
             "filler": {t: args.filler or TASK_FILLER[t] for t in tasks},
-            "configs": {c: {"backend": "dense (vLLM CPU default)" if CONFIGS[c] is None
-                            else "retro", "retro_options": CONFIGS[c]} for c in configs},
+            "configs": {c: {"backend": ("dense (vLLM's default: FlashAttention)"
+                                        if on_gpu() else "dense (vLLM CPU default)")
+                            if CONFIGS[c] is None else "retro",
+                            "retro_options": CONFIGS[c]} for c in configs},
             "scoring": "see the benchmarks/task_accuracy.py docstring: whole-number / "
                        "whole-word match of the expected value(s) in the greedy output "
                        "(generation stops at EOS)",

@@ -17,7 +17,9 @@
 # carried one per call like the bundle), ncu (Nsight Compute profile of one decode
 # step's kernels, NCU_CASE), throughput (benchmarks/decode_throughput.py,
 # THROUGHPUT_ARGS passed through), long / longwait (the 1M-token request of
-# benchmarks/long_context.py, LONG_ARGS, detached: it spans several calls).
+# benchmarks/long_context.py, LONG_ARGS, detached: it spans several calls), taskacc
+# (RULER-style task accuracy through vLLM, retro vs FlashAttention, TASKACC_ARGS;
+# needs the SmolLM2 parts as smollm2).
 #
 # BUILD_EXT=1 installs the project with its extension vllm_retro._C built with CUDA
 # (csrc/cuda, sm_90; a few minutes, log in $OUT/build_ext.log) instead of the
@@ -118,6 +120,19 @@ for s in $STAGES; do
       PYTHONPATH=/tmp/carry-site:$PYTHONPATH RETRO_SMOLLM2_GGUF=/opt/retro-carry/smollm2.gguf \
         python3 -m pytest -q -s -x tests/gpu/test_smollm2_gpu.py 2>&1 | tee "$OUT/smollm2.log" \
         | grep -v "^INFO\|^DEBUG\|^WARNING" | tail -25 ;;
+    # RULER-style task accuracy through vLLM on the GPU (benchmarks/task_accuracy.py,
+    # TASKACC_ARGS, e.g. --configs dense,retro,stack --extra-configs '{"stack": {...}}'),
+    # SmolLM2 in bf16 from the carried GGUF (as the smollm2 stage).
+    taskacc)
+      parts=$(ls /opt/retro-carry/part-smollm2-* 2>/dev/null | wc -l)
+      if [ "$parts" -lt 2 ]; then echo "taskacc: $parts of 2 GGUF parts carried"; rc=3; continue; fi
+      cat /opt/retro-carry/part-smollm2-* > /opt/retro-carry/smollm2.gguf
+      python3 -m pip install -q --no-index --no-deps --target /tmp/carry-site /opt/retro-carry/gguf-*.whl
+      PYTHONPATH=/tmp/carry-site:$PYTHONPATH RETRO_SMOLLM2_GGUF=/opt/retro-carry/smollm2.gguf \
+        python3 benchmarks/task_accuracy.py --dtype bfloat16 \
+        --model-dir .cache/smollm2-135m-bf16 ${TASKACC_ARGS:-} \
+        --out "$OUT/task_accuracy_h200.json" 2>&1 | tee "$OUT/taskacc.log" \
+        | grep -v "^INFO\|^DEBUG\|^WARNING" | tail -40 ;;
     throughput) python3 benchmarks/decode_throughput.py ${THROUGHPUT_ARGS:-} \
               --out "$OUT/decode_throughput_h200.json" 2>&1 | tee "$OUT/throughput.log" \
               | grep -v "^INFO\|^WARNING\|^DEBUG" | tail -30 ;;
