@@ -124,6 +124,8 @@ BASE_RETRO = {"segment_size": SEGMENT_SIZE}
 # The sweep varies the fraction alone (no token floor): at <= 8K tokens the default
 # 512-token floor (min_retrieval_tokens) would exceed every fraction swept.
 FRACTION_ONLY = dict(BASE_RETRO, min_retrieval_tokens=0)
+GPU_STACK = dict(cluster_size=4, kmeans_value_weight=0.7, variance_cap=1.0,
+                 value_correction=True, retrieval_rank="error")
 CONFIGS = {
     "dense": None,
     "retro": dict(BASE_RETRO),
@@ -131,6 +133,11 @@ CONFIGS = {
     "rf0.01": dict(FRACTION_ONLY, retrieval_fraction=0.01),
     "rf0.018": dict(FRACTION_ONLY),         # the default fraction without the floor
     "rf0.05": dict(FRACTION_ONLY, retrieval_fraction=0.05),
+    # Issue 16's options that the GPU kernels run (not in the default run): 4-token
+    # clusters, value-aware clustering, the variance cap, the value correction and
+    # the error rank; with the token floor and without it.
+    "stack": dict(BASE_RETRO, **GPU_STACK),
+    "stack_fo": dict(FRACTION_ONLY, **GPU_STACK),
 }
 
 ADJECTIVES = ("ancient", "bitter", "brave", "calm", "clever", "crimson", "dusty",
