@@ -92,6 +92,16 @@ python3 -c "import torch, triton, vllm; print('torch', torch.__version__, 'trito
 if [ "${BUILD_EXT:-0}" = 1 ]; then
   python3 -c "from vllm_retro.kernels import triton_decode as td; print('vllm_retro._C CUDA score kernel:', td.cuda_score_available())"
 fi
+# The SmolLM2 GGUF from its carried parts (.gpu-carry/, scripts/gpu/prepare_carry.sh)
+# and the gguf reader transformers needs (stages smollm2 and taskacc).
+smollm2_gguf() {
+  local parts
+  parts=$(ls /opt/retro-carry/part-smollm2-* 2>/dev/null | wc -l)
+  if [ "$parts" -lt 2 ]; then echo "$s: $parts of 2 SmolLM2 GGUF parts carried"; return 1; fi
+  cat /opt/retro-carry/part-smollm2-* > /opt/retro-carry/smollm2.gguf
+  python3 -m pip install -q --no-index --no-deps --target /tmp/carry-site \
+    /opt/retro-carry/gguf-*.whl
+}
 rc=0
 for s in $STAGES; do
   echo "=== stage $s ($(date +%T))"
@@ -113,10 +123,7 @@ for s in $STAGES; do
     pagecopy) python3 benchmarks/page_copy_bench.py ${PAGECOPY_ARGS:-} \
               --out "$OUT/page_copy_h200.json" 2>&1 | tee "$OUT/pagecopy.log" | tail -10 ;;
     smollm2)
-      parts=$(ls /opt/retro-carry/part-smollm2-* 2>/dev/null | wc -l)
-      if [ "$parts" -lt 2 ]; then echo "smollm2: $parts of 2 GGUF parts carried"; rc=3; continue; fi
-      cat /opt/retro-carry/part-smollm2-* > /opt/retro-carry/smollm2.gguf
-      python3 -m pip install -q --no-index --no-deps --target /tmp/carry-site /opt/retro-carry/gguf-*.whl
+      smollm2_gguf || { rc=3; continue; }
       PYTHONPATH=/tmp/carry-site:$PYTHONPATH RETRO_SMOLLM2_GGUF=/opt/retro-carry/smollm2.gguf \
         python3 -m pytest -q -s -x tests/gpu/test_smollm2_gpu.py 2>&1 | tee "$OUT/smollm2.log" \
         | grep -v "^INFO\|^DEBUG\|^WARNING" | tail -25 ;;
@@ -124,10 +131,7 @@ for s in $STAGES; do
     # TASKACC_ARGS, e.g. --configs dense,retro,stack --extra-configs '{"stack": {...}}'),
     # SmolLM2 in bf16 from the carried GGUF (as the smollm2 stage).
     taskacc)
-      parts=$(ls /opt/retro-carry/part-smollm2-* 2>/dev/null | wc -l)
-      if [ "$parts" -lt 2 ]; then echo "taskacc: $parts of 2 GGUF parts carried"; rc=3; continue; fi
-      cat /opt/retro-carry/part-smollm2-* > /opt/retro-carry/smollm2.gguf
-      python3 -m pip install -q --no-index --no-deps --target /tmp/carry-site /opt/retro-carry/gguf-*.whl
+      smollm2_gguf || { rc=3; continue; }
       PYTHONPATH=/tmp/carry-site:$PYTHONPATH RETRO_SMOLLM2_GGUF=/opt/retro-carry/smollm2.gguf \
         python3 benchmarks/task_accuracy.py --dtype bfloat16 \
         --model-dir .cache/smollm2-135m-bf16 ${TASKACC_ARGS:-} \
