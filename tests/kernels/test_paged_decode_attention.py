@@ -223,9 +223,10 @@ def selection(scene: Scene, ws, r: int, kh: int):
     return ret, est
 
 
-def twin_scores(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float):
-    """(ranking score of each of row r's cluster entries for head kh, n_retrieve,
-    n_estimate clamped as the twin clamps them, the entries' ipart rows)."""
+def _twin_log_mass(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float):
+    """(log-masses ``[G, C]`` of row r's cluster entries for head kh, their key
+    variances, n_retrieve and n_estimate clamped as the twin clamps them, the
+    entries' ipart rows)."""
     bt, _ = scene.tensors()
     bt = bt[r].long().cpu()
     ipart = scene.pool.ipart.cpu()
@@ -237,7 +238,20 @@ def twin_scores(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float):
     c = len(pbs)
     nr = min(c, hdr[1])
     ne = min(c - nr, hdr[2])
-    return torch.softmax(lg, -1).nan_to_num(0.0).sum(0), nr, ne, ipart[pbs, kh]
+    return lg, f[:, 1], nr, ne, ipart[pbs, kh]
+
+
+def twin_scores(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float):
+    """(ranking score of each of row r's cluster entries for head kh, n_retrieve,
+    n_estimate clamped as the twin clamps them, the entries' ipart rows)."""
+    lg, _, nr, ne, iw = _twin_log_mass(scene, q, r, kh, scale)
+    return torch.softmax(lg, -1).nan_to_num(0.0).sum(0), nr, ne, iw
+
+
+def _as_lists(iw, ret, est):
+    """Retrieved as sorted (start, size), estimated as sorted entry indices."""
+    return (sorted((int(iw[i, I_START]), int(iw[i, I_SIZE])) for i in ret.tolist()),
+            sorted(est.tolist()))
 
 
 def twin_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float,
@@ -245,12 +259,8 @@ def twin_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float,
     """What :func:`selection` reads back, as the twin selects it (``select``: default
     the kernels' ``SELECT``)."""
     score, nr, ne, iw = twin_scores(scene, q, r, kh, scale)
-    if (select or _td().SELECT) == "bucket":
-        ret, est = (t.tolist() for t in reference.bucket_selection(score, nr, ne, G))
-    else:
-        order = torch.argsort(score, descending=True, stable=True).tolist()
-        ret, est = order[:nr], order[nr:nr + ne]
-    return sorted((int(iw[i, I_START]), int(iw[i, I_SIZE])) for i in ret), sorted(est)
+    return _as_lists(iw, *reference.mass_selection(score, nr, ne, G,
+                                                   select or _td().SELECT))
 
 
 # ----------------------------------------------------------------------- tests
@@ -799,20 +809,12 @@ def test_launch_sequence_does_not_depend_on_data(monkeypatch):
     assert seqs[0] == seqs[1] and len(seqs[0]) == len(set(names) - skipped)
 
 
-def twin_error_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float,
-                         variance_cap: float = 2.0):
+def twin_error_selection(scene: Scene, q: torch.Tensor, r: int, kh: int, scale: float):
     """What :func:`selection` reads back, as the twin's error rank selects it."""
-    _, nr, ne, iw = twin_scores(scene, q, r, kh, scale)
-    pbs = scene.pages(r)
-    f = scene.pool.summaries(pbs.to(scene.pool.device))[:, kh].float().cpu()
-    qh = q[r, kh * G:(kh + 1) * G].float()
-    lg = reference.cluster_log_mass(qh, f[:, 0], f[:, 1], iw[:, I_SIZE].long(), scale,
-                                    variance_cap)
+    lg, kvar, nr, ne, iw = _twin_log_mass(scene, q, r, kh, scale)
     score = torch.softmax(lg, -1).nan_to_num(0.0).sum(0)
-    err = reference.error_proxy(qh, lg, f[:, 1], scale)
-    ret, est = reference.error_selection(score, err, nr, ne, G)
-    return (sorted((int(iw[i, I_START]), int(iw[i, I_SIZE])) for i in ret.tolist()),
-            sorted(est.tolist()))
+    err = reference.error_proxy(q[r, kh * G:(kh + 1) * G].float(), lg, kvar, scale)
+    return _as_lists(iw, *reference.error_selection(score, err, nr, ne, G))
 
 
 def test_error_rank_matches_twin(monkeypatch):

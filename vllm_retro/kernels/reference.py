@@ -114,6 +114,17 @@ def bucket_selection(score: torch.Tensor, n_ret: int, n_est: int, group: int
     return torch.nonzero(ret).flatten(), torch.nonzero(band & ~ret).flatten()
 
 
+def mass_selection(score: torch.Tensor, n_ret: int, n_est: int, group: int,
+                   select: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(retrieved, estimated) entry indices of the mass rank: the top ``n_ret`` and
+    the next ``n_est`` by ``score`` (``select`` "bucket": :func:`bucket_selection`,
+    in entry order; "exact": in rank order, ties to the lower entry)."""
+    if select == "bucket":
+        return bucket_selection(score, n_ret, n_est, group)
+    order = torch.argsort(score, descending=True, stable=True)
+    return order[:n_ret], order[n_ret:n_ret + n_est]
+
+
 def error_digits(err: torch.Tensor) -> torch.Tensor:
     """Histogram bin of each cluster's error proxy (``[C]``, >= 0, as float32) for
     the error rank's selection: the same 1/32-binade bins as :func:`score_digits`,
@@ -150,12 +161,7 @@ def error_selection(score: torch.Tensor, err: torch.Tensor, n_ret: int, n_est: i
     it, ``select``), the retrieved its ``n_ret`` largest ``err`` (``select``
     "bucket": :func:`error_digits` bins, ties to the lower entry; "exact": ties to
     the lower entry), the estimated the rest of the band."""
-    if select == "bucket":
-        r0, e0 = bucket_selection(score, n_ret, n_est, group)
-    else:
-        order = torch.argsort(score, descending=True, stable=True)
-        r0, e0 = order[:n_ret], order[n_ret:n_ret + n_est]
-    band = torch.sort(torch.cat([r0, e0])).values
+    band = torch.sort(torch.cat(mass_selection(score, n_ret, n_est, group, select))).values
     if select == "bucket":
         dg = error_digits(err)[band]
         # Descending bin, then ascending entry: the bins are small integers.
@@ -269,11 +275,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                 if retrieval_rank == "error":
                     err = error_proxy(q, lg, f[:, F_KEY_VAR], scale)
                     ret, est = error_selection(score, err, n_ret, n_est, g, select)
-                elif select == "bucket":
-                    ret, est = bucket_selection(score, n_ret, n_est, g)
                 else:
-                    order = torch.argsort(score, descending=True, stable=True)
-                    ret, est = order[:n_ret], order[n_ret:n_ret + n_est]
+                    ret, est = mass_selection(score, n_ret, n_est, g, select)
                 # A retrieved cluster's tokens: positions [start, start + size) (the
                 # build made each cluster contiguous per head), within [S, E).
                 tok = torch.cat([torch.arange(int(iw[i, I_START]),

@@ -95,7 +95,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -251,6 +251,15 @@ def interpreting() -> bool:
     return type(_score_kernel).__name__ == "InterpretedFunction"
 
 
+class ErrorScratch(NamedTuple):
+    """The error rank's scratch in a :class:`DecodeWorkspace` (see its doc)."""
+    tvar: torch.Tensor          # [num_pages, H, G] fp32
+    keys2: torch.Tensor         # [num_pages, H, 16] int32
+    hist2: torch.Tensor         # [max_rows*H, NBINS] int32
+    emax: torch.Tensor          # [max_rows*H] int32
+    range_hist2: torch.Tensor   # [selection programs, NBINS] int32
+
+
 class DecodeWorkspace:
     """Persistent scratch of :func:`paged_decode_attention_triton`, allocated once.
 
@@ -336,7 +345,7 @@ class DecodeWorkspace:
         self.stats = torch.zeros(5, dtype=torch.int64, device=dev)
         self.wave_src: Optional[torch.Tensor] = None
         self._range_hist: Optional[torch.Tensor] = None
-        self._error: Optional[tuple] = None
+        self._error: Optional[ErrorScratch] = None
         if SELECT == "bucket":
             self.range_hist(0)     # before any capture
         if error_rank:
@@ -367,15 +376,15 @@ class DecodeWorkspace:
         return max(b * self.num_kv_heads * max(self.nsplit(b // 2 + 1), self.nsplit(b))
                    for b in range(1, self.max_rows + 1))
 
-    def error_buffers(self, programs: int) -> tuple:
-        """``(tvar, keys2, hist2, emax, range_hist2)`` of the error rank (see the
-        class doc), allocated on the first call, outside capture."""
+    def error_buffers(self, programs: int) -> ErrorScratch:
+        """The error rank's scratch (see the class doc), allocated on the first
+        call, outside capture."""
         e = self._error
-        if e is None or e[4].shape[0] < programs:
+        if e is None or e.range_hist2.shape[0] < programs:
             self._not_capturing("the error rank's scratch", "")
             h, g, nb, dev = self.num_kv_heads, self.group_size, self.num_pages, self.device
             rows = self.max_rows * h
-            e = self._error = (
+            e = self._error = ErrorScratch(
                 torch.zeros(nb, h, g, dtype=torch.float32, device=dev),
                 torch.zeros(nb, h, PACK, dtype=torch.int32, device=dev),
                 torch.zeros(rows, NBINS, dtype=torch.int32, device=dev),
@@ -1866,7 +1875,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     split = (b, ws.target_programs, nsg, dyn)
     split_a = (b, ws.target_programs, nsg_a, dyn)
     if err:
-        tvar, keys2, hist2, emax, rgh2 = ws.error_buffers(b * h * nsg)
+        es = ws.error_buffers(b * h * nsg)
     if cuda_score:
         torch.ops.vllm_retro.paged_score(
             query, fpart, ipart, block_table, ibt, seq_lens, headers, ws.logits, ws.score_max,
@@ -1881,7 +1890,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             H=h, G=g, GP=gp, D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
             CAP=float(variance_cap), NATIVE=native, PREC=prec,
             **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}), **ep,
-            **(dict(ERR=True, tv_ptr=tvar, hist2_ptr=hist2, emax_ptr=emax) if err else {}),
+            **(dict(ERR=True, tv_ptr=es.tvar, hist2_ptr=es.hist2, emax_ptr=es.emax)
+               if err else {}),
             **_tune("score", b)))
     bucket = SELECT == "bucket"
     if bucket:
@@ -1891,11 +1901,13 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         H=h, G=g, GP=gp, G4=_next_pow2(g), BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS,
         WIN=WINDOW_BINADES, PK=PACK, **dep, **ep,
         **(dict(BUCKET=True, rgh_ptr=rgh) if bucket else {}),
-        **(dict(ERR=True, tv_ptr=tvar, keys2_ptr=keys2, emax_ptr=emax) if err else {}),
+        **(dict(ERR=True, tv_ptr=es.tvar, keys2_ptr=es.keys2, emax_ptr=es.emax)
+           if err else {}),
         **_tune("key", b)))
     if err:
         _keep("band", _band_kernel[grid](
-            ws.keys, keys2, ws.hist, hist2, emax, rgh, rgh2, *common, sb, *split, BP=bp,
+            ws.keys, es.keys2, ws.hist, es.hist2, es.emax, rgh, es.range_hist2, *common, sb,
+            *split, BP=bp,
             H=h, G=g, BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK,
             **dep, **ep, **_tune("band", b)))
     if not bucket:
@@ -1928,8 +1940,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         **({"WAVE": True} if in_collect else {}), **dep, **ep,
         **(dict(BUCKET=True, hist_ptr=ws.hist, rgh_ptr=rgh, cnt_ptr=ws.counts, G=g,
                 NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES) if bucket else {}),
-        **(dict(ERR=True, keys2_ptr=keys2, hist2_ptr=hist2, rgh2_ptr=rgh2, emax_ptr=emax)
-           if err else {}), **tune_c))
+        **(dict(ERR=True, keys2_ptr=es.keys2, hist2_ptr=es.hist2, rgh2_ptr=es.range_hist2,
+                emax_ptr=es.emax) if err else {}), **tune_c))
     tune_a = _tune("attend", b, wave is not None)
     if wave is not None:
         if not in_collect:
