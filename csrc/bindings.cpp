@@ -18,7 +18,8 @@ TORCH_LIBRARY(vllm_retro, m) {
       "Tensor centroids, Tensor value_sums, Tensor key_vars, Tensor sizes, Tensor starts, "
       "int n_ret, int n_est, float scale, Tensor(a!) out, Tensor? k_ret=None, "
       "float error_bound=0., int max_ret=-1, float variance_cap=2., "
-      "float bound_margin=-1.) -> Tensor");
+      "float bound_margin=-1., Tensor? vc_su=None, Tensor? vc_w=None, "
+      "bool error_rank=False) -> Tensor");
   // Stage 1 of the paged GPU decode (ops.h); its CUDA kernel registers from
   // csrc/cuda/paged_score_op.cpp in CUDA builds only (no CPU kernel).
   m.def(

@@ -35,6 +35,15 @@ namespace vllm_retro {
 //                            outside-mass estimate (inside clusters at ln size + q.c*scale,
 //                            outside ones uncapped + bound_margin nats;
 //                            WaveIndex._one_sided_outside); < 0: the estimate above
+//   vc_su / vc_w             optional [H, C, D] compute dtype, together: the value
+//                            correction's pair (RetroConfig.value_correction); an
+//                            estimated cluster's value is value_sum/size + scale (q.su) w
+//   error_rank               retrieval_rank "error" (fixed budget only): the exact set is
+//                            the n_ret clusters of the band (top n_ret + n_est by score)
+//                            with the largest sum_g m_g t_g (m_g the cluster's share of
+//                            query head g's attention, steady part included; t_g its
+//                            uncapped variance term), ties in score order
+//                            (WaveIndex._error_ranked)
 //
 // Only the last dim of the KV, query and out tensors must be contiguous.
 // Returns [H, 3] int64: clusters retrieved, tokens retrieved, tokens estimated per KV head.
@@ -45,7 +54,9 @@ at::Tensor retro_decode_attention_cpu(
     const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
     int64_t n_ret, int64_t n_est,
     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
-    double error_bound, int64_t max_ret, double variance_cap, double bound_margin);
+    double error_bound, int64_t max_ret, double variance_cap, double bound_margin,
+    const std::optional<at::Tensor>& vc_su, const std::optional<at::Tensor>& vc_w,
+    bool error_rank);
 
 // Shape-only implementation (Meta / fake tensors, torch.compile tracing).
 at::Tensor retro_decode_attention_meta(
@@ -55,7 +66,9 @@ at::Tensor retro_decode_attention_meta(
     const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
     int64_t n_ret, int64_t n_est,
     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
-    double error_bound, int64_t max_ret, double variance_cap, double bound_margin);
+    double error_bound, int64_t max_ret, double variance_cap, double bound_margin,
+    const std::optional<at::Tensor>& vc_su, const std::optional<at::Tensor>& vc_w,
+    bool error_rank);
 
 // Stage 1 of the paged GPU decode (the CUDA twin of _score_kernel in
 // vllm_retro/kernels/triton_decode.py), CUDA only (csrc/cuda/; registered in CUDA

@@ -15,11 +15,15 @@
 //      term) and the group-summed score,
 //   3. partial selection (nth_element / partial_sort) of the top k_ret + n_est; k_ret is
 //      n_ret (fixed fractions), a per-head k_ret tensor, or, with error_bound > 0, the
-//      smallest exact set of bounded outside mass (WaveIndex._bounded_retrieval),
+//      smallest exact set of bounded outside mass (WaveIndex._bounded_retrieval); with
+//      the error rank the band (top n_ret + n_est by score) is re-sorted by each
+//      cluster's expected estimation error and its first n_ret are exact
+//      (WaveIndex._error_ranked, retrieval_rank "error"),
 //   4. logits of the retrieved clusters' contiguous token ranges (only those tokens
 //      are read),
 //   5. one softmax over exact tokens and estimated clusters, then the weighted sum of
-//      values / cluster mean values.
+//      values / cluster mean values (plus, with the value correction, each estimated
+//      cluster's scale (q . sigma u) w per query head).
 // Accumulation in float32 (float64 for float64 KV). Inner loops run over the
 // contiguous head dim so the compiler vectorises them.
 
@@ -171,6 +175,8 @@ template <typename T, typename A>
 struct Ctx {
   const A* q = nullptr;  // [Hq, D] contiguous
   View3 sk, sv, tk, tv, k, v, cent, vsum, kvar;
+  View3 vc_su, vc_w;       // value correction's sigma u and w [H, C, D]; data null: off
+  bool error_rank = false; // retrieval_rank "error" (fixed budget only)
   const int64_t* sizes = nullptr;
   const int64_t* starts = nullptr;
   int64_t sz_sh = 0, sz_sc = 0, st_sh = 0, st_sc = 0;
@@ -361,9 +367,43 @@ void run_head(const Ctx<T, A>& c, int64_t h) {
       k1 = std::min(c.n_ret, C);
     }
     const int64_t k2 = std::min(k1 + c.n_est, C);
-    if (k1 > 0 && k1 < C) std::nth_element(idx.begin(), idx.begin() + k1, idx.end(), better);
-    if (k2 > k1 && k2 < C)
-      std::nth_element(idx.begin() + k1, idx.begin() + k2, idx.end(), better);
+    if (c.error_rank) {
+      // The band in score order, then stably re-sorted by the expected estimation
+      // error sum_g m_g t_g: m_g the cluster's share of query head g's attention
+      // (steady part in the total), t_g its uncapped variance term.
+      std::partial_sort(idx.begin(), idx.begin() + k2, idx.end(), better);
+      std::vector<A> total(G);
+      for (int64_t g = 0; g < G; ++g) {
+        A m = kNegInf;
+        for (size_t i = g; i < n_steady; i += G) m = std::max(m, lg[i]);
+        A slse = kNegInf;
+        if (m > kNegInf) {
+          A s = 0;
+          for (size_t i = g; i < n_steady; i += G) s += std::exp(lg[i] - m);
+          slse = m + std::log(s);
+        }
+        const A hi = std::max(slse, clse[g]);
+        total[g] = hi > kNegInf
+                       ? hi + std::log(std::exp(slse - hi) + std::exp(clse[g] - hi))
+                       : kNegInf;
+      }
+      std::vector<A> err(C, A(0));
+      for (int64_t r = 0; r < k2; ++r) {
+        const int64_t ci = idx[r];
+        A s = 0;
+        for (int64_t g = 0; g < G; ++g) {
+          const A m = std::exp(cl[ci * G + g] - total[g]);
+          if (!std::isnan(m)) s += m * corr[ci * G + g];
+        }
+        err[ci] = s;
+      }
+      std::stable_sort(idx.begin(), idx.begin() + k2,
+                       [&err](int64_t a, int64_t b) { return err[a] > err[b]; });
+    } else {
+      if (k1 > 0 && k1 < C) std::nth_element(idx.begin(), idx.begin() + k1, idx.end(), better);
+      if (k2 > k1 && k2 < C)
+        std::nth_element(idx.begin() + k1, idx.begin() + k2, idx.end(), better);
+    }
 
     // 4. retrieved clusters, in storage order.
     std::sort(idx.begin(), idx.begin() + k1);
@@ -424,12 +464,24 @@ void run_head(const Ctx<T, A>& c, int64_t h) {
   }
   if (n_e > 0) {
     const int64_t* sizes = c.sizes + h * c.sz_sh;
+    std::vector<A> vc_coef(c.vc_su.data != nullptr ? G : 0);
     for (int64_t j = 0; j < n_e; ++j) {
       // The cluster's mean value value_sum / size, weighted: (w / size) * value_sum.
       const A inv_sz = A(1) / static_cast<A>(std::max<int64_t>(sizes[est[j] * c.sz_sc], 1));
       for (int64_t g = 0; g < G; ++g) el[j * G + g] *= inv_sz;
       Leaf<A>::accum(el.data() + j * G, G, row_ptr<A>(c.vsum, h, est[j]), 0, 1, D, buf.data(),
                      acc.data());
+      if (c.vc_su.data != nullptr) {
+        // + weight_g * scale (q_g . sigma u) w: the mean value's first-order change
+        // with the query (the weight undoes the 1 / size above).
+        std::vector<A>& cf = vc_coef;
+        Leaf<A>::logits(qh, G, row_ptr<A>(c.vc_su, h, est[j]), 0, 1, D, c.scale, buf.data(),
+                        cf.data());
+        const A sz = static_cast<A>(std::max<int64_t>(sizes[est[j] * c.sz_sc], 1));
+        for (int64_t g = 0; g < G; ++g) cf[g] *= el[j * G + g] * sz;
+        Leaf<A>::accum(cf.data(), G, row_ptr<A>(c.vc_w, h, est[j]), 0, 1, D, buf.data(),
+                       acc.data());
+      }
     }
   }
 
@@ -477,7 +529,8 @@ Checked check_inputs(const at::Tensor& query, const at::Tensor& sink_keys,
                      int64_t n_est, double scale,
                      const at::Tensor& out, const std::optional<at::Tensor>& k_ret,
                      double error_bound, int64_t max_ret, double variance_cap,
-                     double bound_margin) {
+                     double bound_margin, const std::optional<at::Tensor>& vc_su,
+                     const std::optional<at::Tensor>& vc_w, bool error_rank) {
   TORCH_CHECK(keys.dim() == 3, kOp, "keys must be [num_kv_heads, tokens, head_dim], got ",
               keys.sizes());
   const int64_t H = keys.size(0), D = keys.size(2);
@@ -551,6 +604,17 @@ Checked check_inputs(const at::Tensor& query, const at::Tensor& sink_keys,
               "variance_cap must be finite and >= 0, got ", variance_cap);
   TORCH_CHECK(std::isfinite(bound_margin), kOp, "bound_margin must be finite (< 0: off), got ",
               bound_margin);
+  TORCH_CHECK(vc_su.has_value() == vc_w.has_value(), kOp,
+              "vc_su and vc_w (the value correction's pair) must be given together");
+  if (vc_su.has_value()) {
+    check_kv(*vc_su, "vc_su", H, D, acc, acc_what);
+    check_kv(*vc_w, "vc_w", H, D, acc, acc_what);
+    TORCH_CHECK(vc_su->size(1) == C && vc_w->size(1) == C, kOp,
+                "vc_su and vc_w must have one row per cluster (", C, "), got ",
+                vc_su->sizes(), " and ", vc_w->sizes());
+  }
+  TORCH_CHECK(!(error_rank && (k_ret.has_value() || error_bound > 0)), kOp,
+              "error_rank applies to the fixed budget (no k_ret, no error_bound)");
   if (k_ret.has_value()) {
     const at::Tensor& kr = *k_ret;
     TORCH_CHECK(kr.device().is_cpu() && kr.dim() == 1 && kr.size(0) == H &&
@@ -579,7 +643,9 @@ void launch(const Checked& ck, const at::Tensor& q, const at::Tensor& sink_keys,
             const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
             int64_t n_ret, int64_t n_est, double scale,
             at::Tensor& out_acc, at::Tensor& stats, const std::optional<at::Tensor>& k_ret,
-            double error_bound, int64_t max_ret, double variance_cap, double bound_margin) {
+            double error_bound, int64_t max_ret, double variance_cap, double bound_margin,
+            const std::optional<at::Tensor>& vc_su, const std::optional<at::Tensor>& vc_w,
+            bool error_rank) {
   Ctx<T, A> c;
   c.q = q.data_ptr<A>();
   c.sk = view3(sink_keys);
@@ -591,6 +657,11 @@ void launch(const Checked& ck, const at::Tensor& q, const at::Tensor& sink_keys,
   c.cent = view3(centroids);
   c.vsum = view3(value_sums);
   c.kvar = view3(key_vars);
+  if (vc_su.has_value()) {
+    c.vc_su = view3(*vc_su);
+    c.vc_w = view3(*vc_w);
+  }
+  c.error_rank = error_rank;
   c.sizes = sizes.data_ptr<int64_t>();
   c.starts = starts.data_ptr<int64_t>();
   c.sz_sh = sizes.stride(0);
@@ -627,11 +698,13 @@ at::Tensor retro_decode_attention_cpu(
     const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
     int64_t n_ret, int64_t n_est,
     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
-    double error_bound, int64_t max_ret, double variance_cap, double bound_margin) {
+    double error_bound, int64_t max_ret, double variance_cap, double bound_margin,
+    const std::optional<at::Tensor>& vc_su, const std::optional<at::Tensor>& vc_w,
+    bool error_rank) {
   const Checked ck = check_inputs(query, sink_keys, sink_values, tail_keys, tail_values, keys,
                                   values, centroids, value_sums, key_vars, sizes, starts, n_ret,
                                   n_est, scale, out, k_ret, error_bound, max_ret, variance_cap,
-                                  bound_margin);
+                                  bound_margin, vc_su, vc_w, error_rank);
   const at::Tensor q = query.to(ck.acc_dtype).contiguous();
   const bool direct = out.scalar_type() == ck.acc_dtype && out.is_contiguous();
   at::Tensor out_acc = direct ? out : at::empty({ck.Hq, ck.D}, q.options());
@@ -640,7 +713,8 @@ at::Tensor retro_decode_attention_cpu(
 #define RETRO_LAUNCH(T, A)                                                                    \
   launch<T, A>(ck, q, sink_keys, sink_values, tail_keys, tail_values, keys, values, centroids, \
                value_sums, key_vars, sizes, starts, n_ret, n_est, scale, out_acc, stats,      \
-               k_ret, error_bound, max_ret, variance_cap, bound_margin)
+               k_ret, error_bound, max_ret, variance_cap, bound_margin, vc_su, vc_w,     \
+               error_rank)
   switch (ck.kv_dtype) {
     case at::kFloat: RETRO_LAUNCH(float, float); break;
     case at::kBFloat16: RETRO_LAUNCH(c10::BFloat16, float); break;
@@ -660,8 +734,10 @@ at::Tensor retro_decode_attention_meta(
     const at::Tensor& key_vars, const at::Tensor& sizes, const at::Tensor& starts,
     int64_t n_ret, int64_t n_est,
     double scale, at::Tensor& out, const std::optional<at::Tensor>& k_ret,
-    double error_bound, int64_t max_ret, double variance_cap, double bound_margin) {
-  (void)variance_cap; (void)bound_margin;
+    double error_bound, int64_t max_ret, double variance_cap, double bound_margin,
+    const std::optional<at::Tensor>& vc_su, const std::optional<at::Tensor>& vc_w,
+    bool error_rank) {
+  (void)variance_cap; (void)bound_margin; (void)vc_su; (void)vc_w; (void)error_rank;
   (void)query; (void)sink_keys; (void)sink_values; (void)tail_keys; (void)tail_values;
   (void)values; (void)centroids; (void)value_sums; (void)key_vars; (void)sizes; (void)starts;
   (void)n_ret;

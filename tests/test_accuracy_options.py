@@ -321,8 +321,8 @@ def test_kmeans_value_weight_groups_values_and_keeps_decode_exact():
 def test_value_correction_validation_gpu_layout_and_public_op():
     """Validated as a bool; accepted by the GPU path (its layout gets the two extra
     float rows per index page); ``ops.decode_attention`` (the vLLM CPU backend's
-    entry, whose C++ kernel lacks the correction) gives the reference's corrected
-    output."""
+    entry: the C++ kernel, or the reference without the extension) gives the
+    reference's corrected output (float64: within 1e-12)."""
     from vllm_retro.ops import decode_attention
     for bad in (1, "yes", None):
         with pytest.raises(ValueError, match="value_correction"):
@@ -344,7 +344,7 @@ def test_value_correction_validation_gpu_layout_and_public_op():
     off = WaveIndex.build(k, v, RetroConfig(**base))
     q = peaked_query(c, 3, seed=72, sharp=0.3)
     want = on.attend(q)
-    torch.testing.assert_close(decode_attention(on, q, None), want, rtol=0, atol=0)
+    torch.testing.assert_close(decode_attention(on, q, None), want, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(off.attend(q), want, rtol=0, atol=1e-9)
     # Turned on over clusters built without it: refused, not silently uncorrected.
     off.config = off.config.replace(value_correction=True)
@@ -411,8 +411,9 @@ ERROR_RANKS = ("error", "error_value")
 def test_retrieval_rank_validation_gpu_refusal_and_public_op():
     """Validated against its allowed values and the bounded mode; "error_value"
     refused by the GPU path ("error" runs there: its kernels' tests are in
-    tests/kernels); ``ops.decode_attention`` runs the reference for it (the C++
-    kernel ranks by mass)."""
+    tests/kernels); ``ops.decode_attention`` gives the reference's output (the C++
+    kernel runs "error", float64 within 1e-12; "error_value" falls back to the
+    reference)."""
     from vllm_retro.ops import decode_attention
     for bad in ("Error", "errors", "", 1, None, True, "mass "):
         with pytest.raises(ValueError, match="retrieval_rank"):
@@ -435,7 +436,8 @@ def test_retrieval_rank_validation_gpu_refusal_and_public_op():
     for rr in ("error", "error_value"):
         idx = WaveIndex.build(k, v, RetroConfig(retrieval_rank=rr, **base))
         want = idx.attend(q)
-        torch.testing.assert_close(decode_attention(idx, q, None), want, rtol=0, atol=0)
+        torch.testing.assert_close(decode_attention(idx, q, None), want, rtol=1e-12,
+                                   atol=1e-12)
         assert not torch.allclose(want, mass, rtol=0, atol=1e-9)
     # The value spread is stored at build: turned on afterwards it is refused.
     idx = WaveIndex.build(k, v, RetroConfig(**base))

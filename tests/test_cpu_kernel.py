@@ -449,3 +449,91 @@ def test_bad_inputs_raise(index64):
     for changes, msg in bad:
         with pytest.raises(RuntimeError, match=msg):
             call(**changes)
+
+
+# --------------------------------------------------------------- (g): accuracy options
+@pytest.fixture(scope="module")
+def index_vc():
+    """A float64 index built with the value correction (its pair per cluster)."""
+    k, v, c = clustered_kv(3, 2600, 32, seed=13)
+    cfg = RetroConfig(**SMALL, value_correction=True, estimation_fraction=0.4)
+    return WaveIndex.build(k, v, cfg), c
+
+
+def _kernel_only(index, monkeypatch):
+    """Makes the torch reference unreachable from ``decode_attention`` (a fallback
+    would fail the test instead of passing it)."""
+    def no_reference(*a, **k):
+        raise AssertionError("decode_attention fell back to the torch reference")
+    monkeypatch.setattr(index, "attend", no_reference)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("vc,rank", [(True, "mass"), (False, "error"), (True, "error")])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_value_correction_and_error_rank_match_reference(index_vc, monkeypatch, group, vc,
+                                                         rank, seed):
+    """The kernel's value correction (each estimated cluster's value plus scale (q .
+    sigma u) w) and "error" rank (the band re-sorted by sum_g m_g t_g) against the
+    float64 reference, at 1e-10, with the same per-head statistics; the error rank
+    really changes the exact set here (else the check would be the mass rank's)."""
+    base, c = index_vc
+    index = WaveIndex.__new__(WaveIndex)
+    index.__dict__.update(base.__dict__)
+    index.config = base.config.replace(value_correction=vc, retrieval_rank=rank)
+    q = make_query(c, group, seed, sharp=1.0)
+    ref = index.attend(q)
+    ref_stats = index.last_stats
+    with monkeypatch.context() as mp:
+        _kernel_only(index, mp)
+        out = decode_attention(index, q)
+    assert rel(out, ref) < 1e-10
+    assert_same_stats(index.last_stats, ref_stats)
+    # The option matters: turning it off moves the output by far more than 1e-10.
+    off = index.config.replace(value_correction=False, retrieval_rank="mass")
+    plain = WaveIndex.__new__(WaveIndex)
+    plain.__dict__.update(index.__dict__)
+    plain.config = off
+    assert rel(decode_attention(plain, q), out) > 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_accuracy_preset_low_precision_vs_its_reference(dtype, monkeypatch):
+    """The "accuracy" preset's decode (4-token clusters, value correction, error rank)
+    in a low-precision index: the kernel against the index's own float32 torch
+    reference, 2e-5 (float32 accumulation both; near-equal error proxies could
+    order differently, which random clustered data does not produce)."""
+    k, v, c = clustered_kv(2, 1800, 32, seed=5)
+    cfg = RetroConfig.from_preset("accuracy", **SMALL)
+    index = WaveIndex.build(k.to(dtype), v.to(dtype), cfg)
+    q = make_query(c, 3, 2, sharp=1.0).to(dtype)
+    ref = index.attend(q)
+    ref_stats = index.last_stats
+    with monkeypatch.context() as mp:
+        _kernel_only(index, mp)
+        out = decode_attention(index, q)
+    assert rel(out, ref) < 2e-5
+    assert_same_stats(index.last_stats, ref_stats)
+
+
+def test_accuracy_option_inputs_raise(index_vc):
+    index, c = index_vc
+    q = make_query(c, 2, 0)
+    su, w = index.kv_u, index.kv_w
+    with pytest.raises(RuntimeError, match="must be given together"):
+        op(index, q, 3, 5, vc_su=su)
+    with pytest.raises(RuntimeError, match="one row per cluster"):
+        op(index, q, 3, 5, vc_su=su[:, :-1], vc_w=w[:, :-1])
+    with pytest.raises(RuntimeError, match="vc_w must have the compute dtype"):
+        op(index, q, 3, 5, vc_su=su, vc_w=w.float())
+    with pytest.raises(RuntimeError, match="error_rank applies to the fixed budget"):
+        op(index, q, 3, 5, error_rank=True, error_bound=0.1)
+    with pytest.raises(RuntimeError, match="error_rank applies to the fixed budget"):
+        op(index, q, 3, 5, error_rank=True, k_ret=torch.ones(3, dtype=torch.long))
+    # An index whose clusters were built without the pair: a clear error, as the
+    # reference's.
+    plain = WaveIndex.build(index.keys[:, :600].clone(), index.values[:, :600].clone(),
+                            RetroConfig(**SMALL))
+    plain.config = plain.config.replace(value_correction=True)
+    with pytest.raises(ValueError, match="value_correction was turned on after"):
+        decode_attention(plain, q)

@@ -122,7 +122,7 @@ class RetroConfig:
             estimated cluster stands for ``mean v + s (q . sigma u) w`` instead of its
             mean value: the first-order change of the softmax-weighted mean value
             with the query. CPU: ``ops.decode_attention`` runs the torch reference
-            with it (the C++ kernel lacks it). GPU: the index pages get two more
+            with it. GPU: the index pages get two more
             rows (``kernels.write_value_correction``: power iterations at build,
             +2D elements per cluster and head in the pool) and the attention kernel
             reads them for estimated clusters (+2D elements read per estimated

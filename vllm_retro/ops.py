@@ -71,17 +71,17 @@ def decode_attention(index: WaveIndex, query: torch.Tensor, scale: Optional[floa
         raise ValueError(f"out must be {tuple(query.shape)}, got {tuple(out.shape)}")
 
     # The C++ kernel implements the per-head budgets of the fixed-fraction and
-    # bounded modes; the shared-budget option (per-head counts from one layer-wide
-    # top-k), the rank-1 value correction and the error-aware exact set
-    # (retrieval_rank) and the per-query adaptive budget exist in the torch
-    # reference only, so
-    # they run there (as does rest_estimate).
+    # bounded modes, the rank-1 value correction and the "error" rank; the
+    # shared-budget option (per-head counts from one layer-wide top-k), the
+    # "error_value" rank (it needs the steady part's output first), the per-query
+    # adaptive budget and rest_estimate exist in the torch reference only, so they
+    # run there.
+    cfg = index.config
     if not (has_extension() and index.device.type == "cpu" and query.device.type == "cpu"
-            and not index.config.shared_head_budget
-            and not index.config.value_correction
-            and index.config.retrieval_rank == "mass"
-            and not index.config.adaptive_budget
-            and not index.config.rest_estimate):
+            and not cfg.shared_head_budget
+            and cfg.retrieval_rank in ("mass", "error")
+            and not cfg.adaptive_budget
+            and not cfg.rest_estimate):
         res = index.attend(query, scale)
         if out is None:
             return res
@@ -93,7 +93,12 @@ def decode_attention(index: WaveIndex, query: torch.Tensor, scale: Optional[floa
         out = torch.empty(query.shape, dtype=compute_dtype(index.dtype), device=query.device)
     n_ret, n_est = index.budget()
     c = index.num_clusters
-    cfg = index.config
+    vc = (None, None)
+    if cfg.value_correction and c > 0:
+        if index.kv_u.shape[1] != c:
+            raise ValueError("value_correction was turned on after clusters were built "
+                             "without it: build the index with the option set")
+        vc = (index.kv_u, index.kv_w)
     error_bound, max_ret = 0.0, -1
     if cfg.error_bound is not None and c > 0:
         error_bound = float(cfg.error_bound)
@@ -103,7 +108,8 @@ def decode_attention(index: WaveIndex, query: torch.Tensor, scale: Optional[floa
         index.keys, index.values, index.centroids, index.value_sums, index.key_vars,
         index.sizes, index.starts, n_ret, n_est, scale, out, None, error_bound, max_ret,
         float(cfg.variance_cap),
-        -1.0 if cfg.bound_margin is None else float(cfg.bound_margin))
+        -1.0 if cfg.bound_margin is None else float(cfg.bound_margin),
+        vc[0], vc[1], cfg.retrieval_rank == "error" and c > 0)
     _set_stats(index, stats)
     return out
 
