@@ -884,6 +884,13 @@ def test_presets_expand_override_and_refuse_clearly():
         RetroConfig.from_dict({"preset": "accuracy", "error_bound": 0.1})
     with pytest.raises(ValueError, match="preset 'accuracy'.*cluster_size"):
         RetroConfig.from_dict({"preset": "accuracy", "cluster_size": 0})
+    # What a worker reads from vLLM's additional_config.
+    from types import SimpleNamespace
+    from vllm_retro.worker_state import retro_config_from_vllm
+    vc = SimpleNamespace(additional_config={"retro": {"preset": "accuracy",
+                                                      "segment_size": 1024}})
+    assert retro_config_from_vllm(vc) == RetroConfig.from_preset("accuracy",
+                                                                 segment_size=1024)
     # The GPU kernels run every member; the wave buffer's one-entry-per-block layout
     # is the only refusal, with its reason.
     assert check_config_for_paged(acc, 16) == []
