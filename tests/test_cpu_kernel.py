@@ -460,12 +460,20 @@ def index_vc():
     return WaveIndex.build(k, v, cfg), c
 
 
-def _kernel_only(index, monkeypatch):
-    """Makes the torch reference unreachable from ``decode_attention`` (a fallback
-    would fail the test instead of passing it)."""
+def _kernel_vs_reference(index, q, monkeypatch):
+    """(kernel output, reference output) of one query; the kernel's statistics must
+    equal the reference's, and the torch reference is unreachable from
+    ``decode_attention`` meanwhile (a fallback fails instead of passing)."""
+    ref = index.attend(q)
+    ref_stats = index.last_stats
+
     def no_reference(*a, **k):
         raise AssertionError("decode_attention fell back to the torch reference")
-    monkeypatch.setattr(index, "attend", no_reference)
+    with monkeypatch.context() as mp:
+        mp.setattr(index, "attend", no_reference)
+        out = decode_attention(index, q)
+    assert_same_stats(index.last_stats, ref_stats)
+    return out, ref
 
 
 @pytest.mark.parametrize("group", [1, 4])
@@ -482,13 +490,8 @@ def test_value_correction_and_error_rank_match_reference(index_vc, monkeypatch, 
     index.__dict__.update(base.__dict__)
     index.config = base.config.replace(value_correction=vc, retrieval_rank=rank)
     q = make_query(c, group, seed, sharp=1.0)
-    ref = index.attend(q)
-    ref_stats = index.last_stats
-    with monkeypatch.context() as mp:
-        _kernel_only(index, mp)
-        out = decode_attention(index, q)
+    out, ref = _kernel_vs_reference(index, q, monkeypatch)
     assert rel(out, ref) < 1e-10
-    assert_same_stats(index.last_stats, ref_stats)
     # The option matters: turning it off moves the output by far more than 1e-10.
     off = index.config.replace(value_correction=False, retrieval_rank="mass")
     plain = WaveIndex.__new__(WaveIndex)
@@ -507,13 +510,8 @@ def test_accuracy_preset_low_precision_vs_its_reference(dtype, monkeypatch):
     cfg = RetroConfig.from_preset("accuracy", **SMALL)
     index = WaveIndex.build(k.to(dtype), v.to(dtype), cfg)
     q = make_query(c, 3, 2, sharp=1.0).to(dtype)
-    ref = index.attend(q)
-    ref_stats = index.last_stats
-    with monkeypatch.context() as mp:
-        _kernel_only(index, mp)
-        out = decode_attention(index, q)
+    out, ref = _kernel_vs_reference(index, q, monkeypatch)
     assert rel(out, ref) < 2e-5
-    assert_same_stats(index.last_stats, ref_stats)
 
 
 def test_accuracy_option_inputs_raise(index_vc):
