@@ -34,14 +34,14 @@ def _check_float(name: str, value: Any, lo: float, hi: float,
 # RetroConfig.retrieval_rank: how the exact set is chosen inside the candidate band.
 RETRIEVAL_RANKS = ("mass", "error", "error_value")
 # Named option sets (RetroConfig.from_preset; option "preset" in a dict). "accuracy":
-# issue 16's options that every decode path runs (torch reference on CPU, the GPU
+# issue 16's options that every decode path runs (the C++ kernel on CPU, the GPU
 # kernels): 4-token clusters, value-aware clustering, the variance cap, the rank-1
 # value correction, the error rank, a wider estimated band. On real SmolLM2 attention,
 # at 3% of tokens read exactly, through the GPU kernels' twin: median error
 # 1.15-1.51% and p90 3.1-5.0% on code, prose, JSON, a table and a multi-needle prompt
 # (docs/accuracy.md, "The accuracy preset"), against 2.4-5.5% / 10-22% with the
-# defaults. What it costs: about 3x the bytes a decode step reads (mostly the 4x
-# centroids), ~6.7x the index memory per token (docs/configuration.md), and it does
+# defaults. What it costs: about 4.5x the bytes a decode step reads (the 4x centroids,
+# the estimated band's values and corrections), ~6.6x the index memory per token (docs/configuration.md), and it does
 # not combine with the wave buffer (clusters smaller than a KV block).
 PRESETS: Dict[str, Dict[str, Any]] = {
     "default": {},
@@ -121,8 +121,8 @@ class RetroConfig:
             (v_i - mean v)^T ~ sigma u w^T`` (2*D more floats per cluster), and an
             estimated cluster stands for ``mean v + s (q . sigma u) w`` instead of its
             mean value: the first-order change of the softmax-weighted mean value
-            with the query. CPU: ``ops.decode_attention`` runs the torch reference
-            with it. GPU: the index pages get two more
+            with the query. CPU: the C++ kernel applies it
+            (``ops.decode_attention``). GPU: the index pages get two more
             rows (``kernels.write_value_correction``: power iterations at build,
             +2D elements per cluster and head in the pool) and the attention kernel
             reads them for estimated clusters (+2D elements read per estimated
@@ -141,7 +141,7 @@ class RetroConfig:
             largest error proxies of the heads' bands (every head keeps one).
             The torch reference runs all three; the GPU kernels "mass" and "error"
             (their proxy normalises the shares over the clusters alone: they rank
-            before they attend the steady zone); the C++ CPU kernel "mass".
+            before they attend the steady zone); the C++ CPU kernel "mass" and "error".
         adaptive_budget: opt-in, fixed-fraction mode only (0, the default: off). Per
             decode query and KV head the exact-set size becomes ``round(n_ret (1 +
             a (2 p - 1)))`` clipped to ``[1, band]``, ``a`` this value and ``p`` the

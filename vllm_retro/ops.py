@@ -93,12 +93,7 @@ def decode_attention(index: WaveIndex, query: torch.Tensor, scale: Optional[floa
         out = torch.empty(query.shape, dtype=compute_dtype(index.dtype), device=query.device)
     n_ret, n_est = index.budget()
     c = index.num_clusters
-    vc = (None, None)
-    if cfg.value_correction and c > 0:
-        if index.kv_u.shape[1] != c:
-            raise ValueError("value_correction was turned on after clusters were built "
-                             "without it: build the index with the option set")
-        vc = (index.kv_u, index.kv_w)
+    vc = (index.value_corr_pair() if c > 0 else None) or (None, None)
     error_bound, max_ret = 0.0, -1
     if cfg.error_bound is not None and c > 0:
         error_bound = float(cfg.error_bound)

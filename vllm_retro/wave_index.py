@@ -340,15 +340,21 @@ class WaveIndex:
         out = mean.unsqueeze(1).expand(-1, q.shape[1], -1)
         return out, lse, n.double().mean().item()
 
-    def _value_corr(self, gi: torch.Tensor):
-        """``(sigma u, w)`` of the clusters gathered by ``gi`` when
-        ``value_correction`` is on (None otherwise)."""
+    def value_corr_pair(self):
+        """``(sigma u, w)`` ``[H, C, D]`` of every cluster when ``value_correction``
+        is on (None otherwise); an index built without it raises."""
         if not self.config.value_correction:
             return None
         if self.kv_u.shape[1] != self.num_clusters:
             raise ValueError("value_correction was turned on after clusters were built "
                              "without it: build the index with the option set")
-        return torch.gather(self.kv_u, 1, gi), torch.gather(self.kv_w, 1, gi)
+        return self.kv_u, self.kv_w
+
+    def _value_corr(self, gi: torch.Tensor):
+        """``(sigma u, w)`` of the clusters gathered by ``gi`` when
+        ``value_correction`` is on (None otherwise)."""
+        pair = self.value_corr_pair()
+        return None if pair is None else tuple(torch.gather(t, 1, gi) for t in pair)
 
     def cluster_log_mass(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """``[H, G, C]`` estimated log softmax mass of every cluster for the grouped
