@@ -318,7 +318,8 @@ def plot(res: dict, path: str) -> None:
 
     def family(be):
         return ("dense (FLASH_ATTN)" if be == "FLASH_ATTN" else
-                "retro + wave buffer" if be.startswith("retro+wb") else "retro")
+                "retro + wave buffer" if be.startswith("retro+wb") else
+                "retro, accuracy preset" if be.startswith("retro+preset") else "retro")
 
     def run_no(r):
         return r.get("run") if r.get("run") is not None else -1
@@ -335,12 +336,12 @@ def plot(res: dict, path: str) -> None:
         key = k + (r["batch"],)
         if key not in latest or run_no(r) >= run_no(latest[key]):
             latest[key] = r
-    fams = ["dense (FLASH_ATTN)", "retro", "retro + wave buffer"]
+    fams = ["dense (FLASH_ATTN)", "retro", "retro + wave buffer", "retro, accuracy preset"]
     ctxs = sorted({c for _, c, _ in latest})
     fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 5), squeeze=False)
     for ax, ctx in zip(axes[0], ctxs):
         top = {}
-        for fam, mk in zip(fams, ("s-", "o-", "^-")):
+        for fam, mk in zip(fams, ("s-", "o-", "^-", "D-")):
             rs = sorted((r for (f, c, _), r in latest.items() if f == fam and c == ctx),
                         key=lambda r: r["batch"])
             if rs:
