@@ -290,14 +290,11 @@ void run_head(const Ctx<T, A>& c, int64_t h) {
       return score[a] > score[b] || (score[a] == score[b] && a < b);
     };
 
-    if (c.k_ret != nullptr) {
-      k1 = std::min<int64_t>(c.k_ret[h * c.k_ret_stride], C);
-    } else if (c.error_bound > 0) {
-      // Accuracy-bounded exact set (WaveIndex._bounded_retrieval).
-      const int64_t n_min = std::min(c.n_ret, C);
-      const int64_t cap = std::max(n_min, c.max_ret < 0 ? C : std::min(c.max_ret, C));
-      std::partial_sort(idx.begin(), idx.begin() + cap, idx.end(), better);
-      std::vector<A> slse(G, kNegInf), total(G), base(G);
+    // Per query head, the steady part's logsumexp and the total over steady part and
+    // clusters: the denominators of a cluster's estimated share of the attention.
+    auto steady_and_total = [&](std::vector<A>& slse, std::vector<A>& total) {
+      slse.assign(G, kNegInf);
+      total.assign(G, kNegInf);
       for (int64_t g = 0; g < G; ++g) {
         A m = kNegInf;
         for (size_t i = g; i < n_steady; i += G) m = std::max(m, lg[i]);
@@ -308,9 +305,21 @@ void run_head(const Ctx<T, A>& c, int64_t h) {
         }
         const A a = clse[g], b = slse[g];
         const A mx = std::max(a, b);
-        total[g] = (mx > kNegInf) ? mx + std::log1p(std::exp(std::min(a, b) - mx)) : kNegInf;
-        base[g] = A(1) - std::exp(slse[g] - total[g]);  // NaN when nothing has mass
+        if (mx > kNegInf) total[g] = mx + std::log1p(std::exp(std::min(a, b) - mx));
       }
+    };
+
+    if (c.k_ret != nullptr) {
+      k1 = std::min<int64_t>(c.k_ret[h * c.k_ret_stride], C);
+    } else if (c.error_bound > 0) {
+      // Accuracy-bounded exact set (WaveIndex._bounded_retrieval).
+      const int64_t n_min = std::min(c.n_ret, C);
+      const int64_t cap = std::max(n_min, c.max_ret < 0 ? C : std::min(c.max_ret, C));
+      std::partial_sort(idx.begin(), idx.begin() + cap, idx.end(), better);
+      std::vector<A> slse, total, base(G);
+      steady_and_total(slse, total);
+      for (int64_t g = 0; g < G; ++g)
+        base[g] = A(1) - std::exp(slse[g] - total[g]);  // NaN when nothing has mass
       int64_t first_ok = C;
       if (!one_sided) {
         std::vector<double> cum(G, 0.0);
@@ -372,21 +381,8 @@ void run_head(const Ctx<T, A>& c, int64_t h) {
       // error sum_g m_g t_g: m_g the cluster's share of query head g's attention
       // (steady part in the total), t_g its uncapped variance term.
       std::partial_sort(idx.begin(), idx.begin() + k2, idx.end(), better);
-      std::vector<A> total(G);
-      for (int64_t g = 0; g < G; ++g) {
-        A m = kNegInf;
-        for (size_t i = g; i < n_steady; i += G) m = std::max(m, lg[i]);
-        A slse = kNegInf;
-        if (m > kNegInf) {
-          A s = 0;
-          for (size_t i = g; i < n_steady; i += G) s += std::exp(lg[i] - m);
-          slse = m + std::log(s);
-        }
-        const A hi = std::max(slse, clse[g]);
-        total[g] = hi > kNegInf
-                       ? hi + std::log(std::exp(slse - hi) + std::exp(clse[g] - hi))
-                       : kNegInf;
-      }
+      std::vector<A> slse, total;
+      steady_and_total(slse, total);
       std::vector<A> err(C, A(0));
       for (int64_t r = 0; r < k2; ++r) {
         const int64_t ci = idx[r];

@@ -338,15 +338,20 @@ class RetroConfig:
         listing the known ones.
         """
         options = dict(options or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known - {"preset"})
-        if unknown:
-            raise ValueError(
-                f"unknown retro option(s) {unknown}; known options: "
-                f"{sorted(known | {'preset'})}")
+        cls._check_known(options, extra=("preset",))
         if "preset" in options:
             return cls.from_preset(options.pop("preset"), **options)
         return cls(**options)
+
+    @classmethod
+    def _check_known(cls, names, extra=()) -> None:
+        """``ValueError`` listing the known options (the fields and ``extra``) if
+        ``names`` has others."""
+        known = {f.name for f in fields(cls)} | set(extra)
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown retro option(s) {unknown}; known options: {sorted(known)}")
 
     @classmethod
     def from_preset(cls, name: str, **changes: Any) -> "RetroConfig":
@@ -357,11 +362,7 @@ class RetroConfig:
         if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"RetroConfig preset must be one of {sorted(PRESETS)}, got "
                              f"{name!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown retro option(s) {unknown}; known options: {sorted(known)}")
+        cls._check_known(changes)
         try:
             return cls(**{**PRESETS[name], **changes})
         except ValueError as e:

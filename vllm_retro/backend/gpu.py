@@ -487,8 +487,8 @@ def index_pool_auto_bytes(usable_b: float, lay: PagedIndexLayout, num_layers: in
     r = page_b * lay.entries_per_block / kv_b
     r0 = pool_page_bytes(base, num_layers, hq) / kv_b
     grow = (r / (1 + r)) / (r0 / (1 + r0))
-    return INDEX_POOL_AUTO_FRACTION * usable_b * grow + \
-        host_b / (lay.kv_page_bytes * num_layers) * page_b * lay.entries_per_block
+    return INDEX_POOL_AUTO_FRACTION * usable_b * grow + host_b / kv_b * page_b * \
+        lay.entries_per_block
 
 
 class PagedIndexManager:
