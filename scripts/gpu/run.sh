@@ -188,20 +188,24 @@ for s in $STAGES; do
             2>/dev/null | head -1)
       if [ -z "$NCU" ]; then echo "ncu: not found on this host"; rc=3; continue; fi
       IFS='+' read -ra specs <<< "${NCUSRC:-}"
+      # Reports and exports under /tmp/ncusrc; one archive of the text comes back
+      # ($OUT returns a limited number of files).
+      NO=/tmp/ncusrc; rm -rf "$NO"; mkdir -p "$NO"
       for spec in "${specs[@]}"; do
         IFS='|' read -r nm rx sargs <<< "$spec"
         timeout 240 "$NCU" --set full --import-source yes -k "regex:$rx" --launch-skip 2 -c 1 \
-          -o "$OUT/$nm" python3 benchmarks/decode_kernel_sweep.py $sargs \
-          --out "$OUT/$nm.sweep.json" > "$OUT/$nm.log" 2>&1
+          -o "$NO/$nm" python3 benchmarks/decode_kernel_sweep.py $sargs \
+          --out "$NO/$nm.sweep.json" > "$NO/$nm.log" 2>&1
         echo "ncusrc $nm: rc=$?"
       done
-      for rep in "$OUT"/*.ncu-rep .ncu/*.ncu-rep; do
+      for rep in "$NO"/*.ncu-rep .ncu/*.ncu-rep; do
         [ -f "$rep" ] || continue
-        b="$OUT/$(basename "$rep" .ncu-rep)"
+        b="$NO/$(basename "$rep" .ncu-rep)"
         "$NCU" --import "$rep" --page source --csv --print-source sass > "$b.sass.csv" 2> "$b.err"
         "$NCU" --import "$rep" --page details --print-details all > "$b.details.txt" 2>> "$b.err"
         echo "exported $(basename "$rep"): $(wc -l < "$b.sass.csv") SASS lines"
       done
+      tar czf "$OUT/ncusrc_text.tar.gz" -C "$NO" --exclude='*.ncu-rep' .
       continue ;;
     *) echo "unknown stage $s"; rc=2 ;;
   esac
