@@ -117,6 +117,10 @@ VARIANTS = [
     # The score kernel without the 128-register cap of TUNE (the default since the
     # fourteenth session: a compiler change had made it 138 registers, 3 per SM).
     ("score maxnreg none", "score", dict(maxnreg=None)),
+    # The score kernel's small gathers (size, 8-bit scales) one tile ahead and the
+    # pool pages two (PF): Nsight Compute put 34% of its stalls on those loads.
+    ("score prefetch", "score", dict(PF=True)),
+    ("score prefetch CH32", "score", dict(PF=True, CH=32)),
     # The wave variant of the attention kernel at batches above SMALL_BATCH
     # (triton_decode.TUNE_WAVE; with --wave): its own retrieved tile.
     ("wave attend TR32", "wave_attend", dict(TR=32)),

@@ -392,6 +392,33 @@ def _two_rows_checked(seed: int, n_ret: int, n_est: int, **pool_kw):
     return out, dense_original(sc, q, 0.2), st, ws, sc
 
 
+@pytest.mark.parametrize("bits", [16, 8])
+def test_score_prefetch_matches_plain_score(monkeypatch, bits):
+    """The score kernel's ``PF`` variant (the small gathers one tile ahead, the pool
+    pages two) computes what the plain kernel computes: bit-equal log-masses and
+    outputs, and the twin's, over programs of several tiles and a partial last tile
+    (one program per row-head, 16-entry tiles)."""
+    td = _td()
+    torch.manual_seed(31 + bits)
+    sc = Scene(260, summary_bits=bits)
+    sc.add(900)
+    sc.add(0)
+    sc.add(700, n_ret=4, n_est=9)
+    q = torch.randn(3, H * G, D)
+    got = []
+    for pf in (False, True):
+        for table in (td.TUNE, td.TUNE_SMALL_BATCH):
+            monkeypatch.setitem(table, "score", dict(table["score"], CH=16, PF=pf))
+        ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=1)
+        out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
+        assert _rel(out, ref) < 2e-3, (pf, _rel(out, ref))
+        assert ws.stats.tolist() == expected_stats(sc, st)
+        got.append((out, ws.logits.cpu()))
+    c = (len(sc.pages(0)) + 15) // 16
+    assert c >= 3, "the row must span several score tiles"
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+
+
 def test_8bit_summaries_match_twin_and_stay_near_16bit():
     """``summary_bits`` 8: the score stage reads int8 centroids and variances with a
     scale per cluster (kernel == twin, which dequantizes; same selection); the
