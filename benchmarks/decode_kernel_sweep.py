@@ -121,6 +121,10 @@ VARIANTS = [
     # pool pages two (PF): Nsight Compute put 34% of its stalls on those loads.
     ("score prefetch", "score", dict(PF=True)),
     ("score prefetch CH32", "score", dict(PF=True, CH=32)),
+    # Larger groups of retrieved clusters: each group starts with a chain of three
+    # dependent loads (index table, list, block table) before its first K/V load.
+    ("attend RG16", "attend", dict(RG=16)),
+    ("attend RG32", "attend", dict(RG=32)),
     # The wave variant of the attention kernel at batches above SMALL_BATCH
     # (triton_decode.TUNE_WAVE; with --wave): its own retrieved tile.
     ("wave attend TR32", "wave_attend", dict(TR=32)),
