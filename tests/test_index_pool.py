@@ -364,3 +364,32 @@ def test_manager_small_clusters_and_value_correction(extra):
         assert 0 < st[0, 0] < L * H and torch.isfinite(part).all()
     mgr.on_step(RetroStepMetadata(finished=["a"]))
     assert alloc.free_pages == total and alloc.free_rows == alloc.num_rows
+
+
+def test_decode_before_registration_is_profiling_only_with_the_connector():
+    """Decode rows before the KV caches are registered: with retro's connector
+    configured they can only be vLLM's memory-profiling dummy rows (no KV block
+    exists for a request yet): not ready, no error; without the connector the
+    caches would never be registered, so it is an error, not a silent zero."""
+    from vllm_retro.backend.connector import kv_transfer_config
+    from vllm_retro.backend.gpu import PagedIndexManager
+
+    def cfg(ktc):
+        return SimpleNamespace(
+            additional_config={"retro": dict(OPTS)}, kv_transfer_config=ktc,
+            compilation_config=SimpleNamespace(max_cudagraph_capture_size=0),
+            scheduler_config=SimpleNamespace(max_num_seqs=4),
+            model_config=SimpleNamespace(get_num_attention_heads=lambda pc: H * G,
+                                         max_model_len=4096),
+            parallel_config=SimpleNamespace(rank=0))
+
+    with_conn = PagedIndexManager(cfg(kv_transfer_config()), RequestTable())
+    assert with_conn.require_ready() is False
+    assert with_conn.require_ready() is False          # logged once, still not ready
+    for ktc in (None, SimpleNamespace(kv_connector="SomeOtherConnector")):
+        with pytest.raises(RuntimeError, match="RetroConnector"):
+            PagedIndexManager(cfg(ktc), RequestTable()).require_ready()
+    lay = PagedIndexLayout(H, D, BS, torch.float64)
+    with_conn.register_kv_caches({f"model.layers.{i}.self_attn.attn": lay.make_cache(NB)
+                                  for i in range(LAYERS)})
+    assert with_conn.require_ready() is True

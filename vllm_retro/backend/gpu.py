@@ -283,7 +283,12 @@ class RetroImpl(_DenseImpl):
         """Retro's kernels for the step's decode rows."""
         mgr = self._manager
         nd = md.num_decodes
-        mgr.require_ready()
+        if not mgr.require_ready():
+            # vLLM's CUDA-graph memory profiling (the V1 runner's
+            # profile_cudagraph_memory) runs dummy decodes before any KV cache
+            # exists; no request can be in them and their graphs are discarded.
+            output[:nd].zero_()
+            return
         # Wave buffer: the layer's view of the cluster cache and host mirror,
         # built once at registration (fixed addresses for CUDA graphs).
         wave = mgr.wave_views.get(layer.layer_name)
@@ -513,6 +518,7 @@ class PagedIndexManager:
         self.index_pool_full = 0
         self.kv_caches: Dict[str, torch.Tensor] = {}
         self.headers: Optional[torch.Tensor] = None
+        self._profiling_logged = False
         self.workspace: Optional[DecodeWorkspace] = None
         self.first_layer: Optional[str] = None
         self.sink_end = 0
@@ -846,11 +852,25 @@ class PagedIndexManager:
         torch.cuda.synchronize(device)
         logger.info("retro: index build kernels ready (%.1f s)", time.perf_counter() - t0)
 
-    def require_ready(self) -> None:
-        if self.headers is None:
+    def require_ready(self) -> bool:
+        """True once the KV caches are registered. Before that, decode rows can only
+        be the dummy rows of vLLM's memory profiling (no KV block exists for a
+        request yet): False, logged once, when retro's connector is configured to
+        register them later; otherwise (no connector: the caches would never be
+        registered and every decode would be dummy) an error."""
+        if self.headers is not None:
+            return True
+        from .connector import CONNECTOR_NAME
+        ktc = getattr(self.vllm_config, "kv_transfer_config", None)
+        if getattr(ktc, "kv_connector", None) != CONNECTOR_NAME:
             raise RuntimeError(
                 "retro: decode rows before the KV caches were registered with the "
                 "retro connector (is kv_transfer_config the RetroConnector?)")
+        if not self._profiling_logged:
+            self._profiling_logged = True
+            logger.info("retro: dummy decode rows before the KV caches exist (vLLM's "
+                        "memory profiling): zero output, not counted")
+        return False
 
     # ----------------------------------------------------------- maintenance
     def on_step(self, meta: RetroStepMetadata) -> None:

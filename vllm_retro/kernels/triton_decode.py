@@ -150,7 +150,10 @@ TUNE = {
     "collect": dict(RB=1024, CB=1024, num_warps=4),
     # The error rank's band kernel: the key kernel's tiles (not yet tuned on a GPU).
     "band": dict(CHE=1024, num_warps=4),
-    "attend": dict(TS=32, RG=8, TR=32, TE=32, num_warps=4, num_stages=2, maxnreg=128),
+    # RG: retrieved clusters per group (each group starts with a chain of three
+    # dependent loads): 32 took 60.2 / 74.0 us at 128K x 6 / 8 against 63.9 / 79.8
+    # with 8 (twenty-first session); at one row 8 stays (TUNE_SMALL_BATCH).
+    "attend": dict(TS=32, RG=32, TR=32, TE=32, num_warps=4, num_stages=2, maxnreg=128),
     # The wave buffer's page lookups (walks the retrieved clusters like the attention
     # kernel, in tiles of its own: every visited page's source is written whatever
     # the tiling; 32-token tiles: 21.5 us per layer at 128K x 8, 33 with 16).
@@ -196,13 +199,13 @@ TUNE_SMALL_BATCH = {
     # shared memory against 216 and 80 KB): 53.8 / 67.7 us per layer at 32K / 128K x 1
     # against 54.8 / 69.8 with 128 (fourteenth session; the thirteenth: 60.0 / 76.6
     # against 60.5 / 77.4 with its EAGER variant).
-    "attend": dict(TS=64, TE=64, maxnreg=None),
+    "attend": dict(TS=64, TE=64, RG=8, maxnreg=None),
 }
 # The attention kernel's wave-buffer variant at batches above SMALL_BATCH: its extra
 # source word per token costs registers (144 at 32-token retrieved tiles: 3 programs
 # per SM); held to 128 (4 per SM, no spill) the 32-token tiles take 87.5 us per layer
 # at 128K x 8 (every page cached) against 105 for 16-token tiles.
-TUNE_WAVE = {"attend": dict(TR=32, maxnreg=128)}
+TUNE_WAVE = {"attend": dict(TR=32, RG=8, maxnreg=128)}
 # Selection (stages 3-4): "bucket" (default): keys in the histogram bin of a
 # threshold (scores within 1/32 of a binade of each other) count as equal, ties to
 # the lower entry: the exact selection's counts, no exact search, no candidate kernel
