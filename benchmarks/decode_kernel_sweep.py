@@ -121,6 +121,10 @@ VARIANTS = [
     # pool pages two (PF): Nsight Compute put 34% of its stalls on those loads.
     ("score prefetch", "score", dict(PF=True)),
     ("score prefetch CH32", "score", dict(PF=True, CH=32)),
+    # The element-wise work of a score tile on the G query-head rows, not the 16 rows
+    # of the tensor-core products (Nsight Compute at 128K x 6: ~48 warp instructions
+    # per entry at 0.44 issued per scheduler and cycle; a quarter of the elements).
+    ("score XR", "score", dict(XR=True)),
     # Larger groups of retrieved clusters: each group starts with a chain of three
     # dependent loads (index table, list, block table) before its first K/V load.
     ("attend RG16", "attend", dict(RG=16)),

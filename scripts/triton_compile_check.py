@@ -189,16 +189,20 @@ def decode_launches() -> None:
             pool8 = IndexPool(lay, nb, summary_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,
                                              sink_end(RetroConfig(), bs), 0.1, out, ws)
-            # ... and the score kernel's prefetching variant (PF), 8- and 16-bit.
+            # ... and the score kernel's variants: prefetching (PF), the element-wise
+            # work on the query heads' rows (XR); 8- and 16-bit.
             tune = {k: dict(t["score"]) for k, t in (("big", td.TUNE),
                                                      ("small", td.TUNE_SMALL_BATCH))}
-            try:
-                td.TUNE["score"]["PF"] = td.TUNE_SMALL_BATCH["score"]["PF"] = True
-                for pl in (pool8, pool):
-                    td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pl,
-                                                     sink_end(RetroConfig(), bs), 0.1, out, ws)
-            finally:
-                td.TUNE["score"], td.TUNE_SMALL_BATCH["score"] = tune["big"], tune["small"]
+            for var in ("PF", "XR"):
+                try:
+                    td.TUNE["score"][var] = td.TUNE_SMALL_BATCH["score"][var] = True
+                    for pl in (pool8, pool):
+                        td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pl,
+                                                         sink_end(RetroConfig(), bs), 0.1,
+                                                         out, ws)
+                finally:
+                    td.TUNE["score"] = dict(tune["big"])
+                    td.TUNE_SMALL_BATCH["score"] = dict(tune["small"])
             # The attention kernel's 8-bit mean values (mean_value_bits 8).
             pool8v = IndexPool(lay, nb, summary_bits=8, mean_value_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8v,

@@ -392,12 +392,14 @@ def _two_rows_checked(seed: int, n_ret: int, n_est: int, **pool_kw):
     return out, dense_original(sc, q, 0.2), st, ws, sc
 
 
+@pytest.mark.parametrize("variant", ["PF", "XR"])
 @pytest.mark.parametrize("bits", [16, 8])
-def test_score_prefetch_matches_plain_score(monkeypatch, bits):
-    """The score kernel's ``PF`` variant (the small gathers one tile ahead, the pool
-    pages two) computes what the plain kernel computes: bit-equal log-masses and
-    outputs, and the twin's, over programs of several tiles and a partial last tile
-    (one program per row-head, 16-entry tiles)."""
+def test_score_variants_match_plain_score(monkeypatch, bits, variant):
+    """The score kernel's variants compute what the plain kernel computes:
+    bit-equal log-masses and outputs, and the twin's, over programs of several tiles
+    and a partial last tile (one program per row-head, 16-entry tiles). ``PF``: the
+    small gathers one tile ahead, the pool pages two; ``XR``: the element-wise work
+    on the query heads' rows only."""
     td = _td()
     torch.manual_seed(31 + bits)
     sc = Scene(260, summary_bits=bits)
@@ -406,12 +408,12 @@ def test_score_prefetch_matches_plain_score(monkeypatch, bits):
     sc.add(700, n_ret=4, n_est=9)
     q = torch.randn(3, H * G, D)
     got = []
-    for pf in (False, True):
+    for on in (False, True):
         for table in (td.TUNE, td.TUNE_SMALL_BATCH):
-            monkeypatch.setitem(table, "score", dict(table["score"], CH=16, PF=pf))
+            monkeypatch.setitem(table, "score", dict(table["score"], CH=16, **{variant: on}))
         ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=1)
         out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
-        assert _rel(out, ref) < 2e-3, (pf, _rel(out, ref))
+        assert _rel(out, ref) < 2e-3, (on, _rel(out, ref))
         assert ws.stats.tolist() == expected_stats(sc, st)
         got.append((out, ws.logits.cpu()))
     c = (len(sc.pages(0)) + 15) // 16

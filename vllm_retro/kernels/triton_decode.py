@@ -642,12 +642,18 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   NATIVE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
                   Q8: tl.constexpr = False,
                   EPB: tl.constexpr = 1, ERR: tl.constexpr = False, tv_ptr=None,
-                  hist2_ptr=None, emax_ptr=None, PF: tl.constexpr = False):
+                  hist2_ptr=None, emax_ptr=None, PF: tl.constexpr = False,
+                  XR: tl.constexpr = False, G4: tl.constexpr = 16):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
 
     PF: the small per-entry gathers (size, and the 8-bit scales) of tile t+1 and the
     pool pages of tile t+2 are issued while tile t is scored, so no tile waits on a
     load it issued itself (without it only the pool pages of tile t+1 are ahead).
+
+    XR: the products' ``GP`` rows (16: the tensor cores' least) are folded to the
+    ``G4`` query-head rows right after them (the padded rows are exact zeros, the
+    query's padding being zero), so the element-wise work of a tile runs on ``[G4,
+    CH]`` instead of ``[GP, CH]`` (a quarter of the lanes' elements for G = 4).
 
     ERR (the error rank, ``retrieval_rank`` "error"): also each entry's uncapped
     variance term ``t_g`` (``tv``, addressed as the logits), and program 0 zeroes
@@ -684,8 +690,12 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     if Q8:
         qh, ql, sq = _q8_split(q)
         qqh, qql, sqq = _q8_split(qq)
-    m_run = tl.full([GP], _NEG_INF, tl.float32)
-    s_run = tl.zeros([GP], tl.float32)
+    # The rows of the element-wise work: the query heads' G4 (XR) or the products' GP.
+    GX: tl.constexpr = G4 if XR else GP
+    gx = tl.arange(0, GX)
+    gxm = gx < G
+    m_run = tl.full([GX], _NEG_INF, tl.float32)
+    s_run = tl.zeros([GX], tl.float32)
     n_mine = tl.maximum(C - p + NS - 1, 0) // NS
     # The next tile's pool pages are loaded before this tile's summaries are
     # used (a hand-made pipeline stage over the index-table indirection).
@@ -727,16 +737,19 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         else:
             qc = _dot(q, tl.trans(cen), NATIVE, PREC)
             qv = _dot(qq, tl.trans(var), NATIVE, PREC)
+        if XR:
+            qc = tl.sum(tl.reshape(qc, [GP // G4, G4, CH]), 0)
+            qv = tl.sum(tl.reshape(qv, [GP // G4, G4, CH]), 0)
         # Same operation order as the twin: s q.c + ln size + min(s^2/2 q^2.var, CAP).
         lg = qc * scale + tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
         tv = qv * (0.5 * scale * scale)
         lg = lg + tl.minimum(tv, CAP)
         lg = tl.where((valid & (size > 0))[None, :], lg, _NEG_INF)
-        tl.store(lg_ptr + blk[None, :] * (H * G) + h * G + g[:, None], lg,
-                 mask=gm[:, None] & valid[None, :])
+        tl.store(lg_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], lg,
+                 mask=gxm[:, None] & valid[None, :])
         if ERR:
-            tl.store(tv_ptr + blk[None, :] * (H * G) + h * G + g[:, None], tv,
-                     mask=gm[:, None] & valid[None, :])
+            tl.store(tv_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], tv,
+                     mask=gxm[:, None] & valid[None, :])
         m_new = tl.maximum(m_run, tl.max(lg, 1))
         m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
         s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
@@ -745,8 +758,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         if PF:
             blk_n, valid_n = blk_nn, valid_nn
             sc_c, sc_v, size = sc_c_n, sc_v_n, size_n
-    tl.store(pm_ptr + (rh * NSP + p) * GP + g, m_run)
-    tl.store(ps_ptr + (rh * NSP + p) * GP + g, s_run)
+    tl.store(pm_ptr + (rh * NSP + p) * GP + gx, m_run)
+    tl.store(ps_ptr + (rh * NSP + p) * GP + gx, s_run)
 
 
 # ------------------------------------------------------------------ 2. keys
@@ -1925,7 +1938,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             fq, fq.stride(0), fq.stride(1), fs, fs.stride(0), fs.stride(1), fs.stride(2),
             ipart, ipart.stride(0), ipart.stride(1), *common, ws.logits, ws.score_max,
             ws.score_sum, ws.hist, ws.ncand, scale, sb, *split, BP=bp,
-            H=h, G=g, GP=gp, D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
+            H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
             CAP=float(variance_cap), NATIVE=native, PREC=prec,
             **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}), **ep,
             **(dict(ERR=True, tv_ptr=es.tvar, hist2_ptr=es.hist2, emax_ptr=es.emax)
