@@ -117,10 +117,6 @@ VARIANTS = [
     # The score kernel without the 128-register cap of TUNE (the default since the
     # fourteenth session: a compiler change had made it 138 registers, 3 per SM).
     ("score maxnreg none", "score", dict(maxnreg=None)),
-    # The score kernel's small gathers (size, 8-bit scales) one tile ahead and the
-    # pool pages two (PF): Nsight Compute put 34% of its stalls on those loads.
-    ("score prefetch", "score", dict(PF=True)),
-    ("score prefetch CH32", "score", dict(PF=True, CH=32)),
     # The element-wise work of a score tile on the G query-head rows, not the 16 rows
     # of the tensor-core products (Nsight Compute at 128K x 6: ~48 warp instructions
     # per entry at 0.44 issued per scheduler and cycle; a quarter of the elements).

@@ -189,11 +189,11 @@ def decode_launches() -> None:
             pool8 = IndexPool(lay, nb, summary_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,
                                              sink_end(RetroConfig(), bs), 0.1, out, ws)
-            # ... and the score kernel's variants: prefetching (PF), the element-wise
-            # work on the query heads' rows (XR); 8- and 16-bit.
+            # ... and the score kernel's variant with the element-wise work on the
+            # query heads' rows (XR); 8- and 16-bit.
             tune = {k: dict(t["score"]) for k, t in (("big", td.TUNE),
                                                      ("small", td.TUNE_SMALL_BATCH))}
-            for var in ("PF", "XR"):
+            for var in ("XR",):
                 try:
                     td.TUNE["score"][var] = td.TUNE_SMALL_BATCH["score"][var] = True
                     for pl in (pool8, pool):

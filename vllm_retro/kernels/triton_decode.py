@@ -642,13 +642,9 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   NATIVE: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
                   Q8: tl.constexpr = False,
                   EPB: tl.constexpr = 1, ERR: tl.constexpr = False, tv_ptr=None,
-                  hist2_ptr=None, emax_ptr=None, PF: tl.constexpr = False,
-                  XR: tl.constexpr = False, G4: tl.constexpr = 16):
+                  hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
+                  G4: tl.constexpr = 16):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
-
-    PF: the small per-entry gathers (size, and the 8-bit scales) of tile t+1 and the
-    pool pages of tile t+2 are issued while tile t is scored, so no tile waits on a
-    load it issued itself (without it only the pool pages of tile t+1 are ahead).
 
     XR: the products' ``GP`` rows (16: the tensor cores' least) are folded to the
     ``G4`` query-head rows right after them (the padded rows are exact zeros, the
@@ -702,17 +698,10 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     i = p + NS * tl.arange(0, CH)
     valid = i < C
     blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
-    if PF:
-        sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
-                                        blk, valid, h, Q8)
-        i_n = p + NS * (CH + tl.arange(0, CH))
-        valid_n = i_n < C
-        blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
     for m0 in range(0, n_mine, CH):
         cm = valid[:, None] & dm[None, :]
-        if not PF:
-            sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
-                                            blk, valid, h, Q8)
+        sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
+                                        blk, valid, h, Q8)
         if Q8:
             qb = fq_ptr + blk * fq_s0 + h * fq_s1
             cen = tl.load(qb[:, None] + d[None, :], mask=cm, other=0)
@@ -721,16 +710,9 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             fb = fp_ptr + blk * fp_s0 + h * fp_s1
             cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
             var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
-        if PF:
-            i_nn = p + NS * (m0 + 2 * CH + tl.arange(0, CH))
-            valid_nn = i_nn < C
-            blk_nn = tl.load(ix_row + i_nn, mask=valid_nn, other=0).to(tl.int64)
-            sc_c_n, sc_v_n, size_n = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0,
-                                                  ip_s1, blk_n, valid_n, h, Q8)
-        else:
-            i_n = p + NS * (m0 + CH + tl.arange(0, CH))
-            valid_n = i_n < C
-            blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
+        i_n = p + NS * (m0 + CH + tl.arange(0, CH))
+        valid_n = i_n < C
+        blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
         if Q8:
             qc = _q8_dot(qh, ql, tl.trans(cen)) * (sq * sc_c)[None, :]
             qv = _q8_dot(qqh, qql, tl.trans(var)) * (sqq * sc_v)[None, :]
@@ -755,9 +737,6 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
         m_run = m_new
         blk, valid = blk_n, valid_n
-        if PF:
-            blk_n, valid_n = blk_nn, valid_nn
-            sc_c, sc_v, size = sc_c_n, sc_v_n, size_n
     tl.store(pm_ptr + (rh * NSP + p) * GP + gx, m_run)
     tl.store(ps_ptr + (rh * NSP + p) * GP + gx, s_run)
 
