@@ -286,7 +286,7 @@ class RetroImpl(_DenseImpl):
         if not mgr.require_ready():
             # vLLM's CUDA-graph memory profiling (the V1 runner's
             # profile_cudagraph_memory) runs dummy decodes before any KV cache
-            # exists; no request can be in them and their graphs are discarded.
+            # exists: no request can be in them.
             output[:nd].zero_()
             return
         # Wave buffer: the layer's view of the cluster cache and host mirror,
