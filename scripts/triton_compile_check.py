@@ -191,18 +191,14 @@ def decode_launches() -> None:
                                              sink_end(RetroConfig(), bs), 0.1, out, ws)
             # ... and the score kernel's variant with the element-wise work on the
             # query heads' rows (XR); 8- and 16-bit.
-            tune = {k: dict(t["score"]) for k, t in (("big", td.TUNE),
-                                                     ("small", td.TUNE_SMALL_BATCH))}
-            for var in ("XR",):
-                try:
-                    td.TUNE["score"][var] = td.TUNE_SMALL_BATCH["score"][var] = True
-                    for pl in (pool8, pool):
-                        td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pl,
-                                                         sink_end(RetroConfig(), bs), 0.1,
-                                                         out, ws)
-                finally:
-                    td.TUNE["score"] = dict(tune["big"])
-                    td.TUNE_SMALL_BATCH["score"] = dict(tune["small"])
+            big, small = dict(td.TUNE["score"]), dict(td.TUNE_SMALL_BATCH["score"])
+            try:
+                td.TUNE["score"]["XR"] = td.TUNE_SMALL_BATCH["score"]["XR"] = True
+                for pl in (pool8, pool):
+                    td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pl,
+                                                     sink_end(RetroConfig(), bs), 0.1, out, ws)
+            finally:
+                td.TUNE["score"], td.TUNE_SMALL_BATCH["score"] = big, small
             # The attention kernel's 8-bit mean values (mean_value_bits 8).
             pool8v = IndexPool(lay, nb, summary_bits=8, mean_value_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8v,

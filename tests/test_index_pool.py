@@ -86,18 +86,22 @@ def test_allocator_refusals_take_nothing():
 
 
 # ------------------------------------------------------------- the manager
-def _manager(index_pool_gib=0.0, max_num_seqs=4, **extra):
-    from vllm_retro.backend.gpu import PagedIndexManager
-    opts = dict(OPTS, index_pool_gib=index_pool_gib) if index_pool_gib else dict(OPTS)
-    opts.update(extra)
-    cfg = SimpleNamespace(
+def _vllm_config(opts, max_num_seqs=4, **attrs):
+    """The parts of a vLLM config the manager reads (``attrs``: more of them)."""
+    return SimpleNamespace(
         additional_config={"retro": opts},
         compilation_config=SimpleNamespace(max_cudagraph_capture_size=0),
         scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
         model_config=SimpleNamespace(get_num_attention_heads=lambda pc: H * G,
                                      max_model_len=4096),
-        parallel_config=SimpleNamespace(rank=0))
-    mgr = PagedIndexManager(cfg, RequestTable())
+        parallel_config=SimpleNamespace(rank=0), **attrs)
+
+
+def _manager(index_pool_gib=0.0, max_num_seqs=4, **extra):
+    from vllm_retro.backend.gpu import PagedIndexManager
+    opts = dict(OPTS, index_pool_gib=index_pool_gib) if index_pool_gib else dict(OPTS)
+    opts.update(extra)
+    mgr = PagedIndexManager(_vllm_config(opts, max_num_seqs), RequestTable())
     lay = PagedIndexLayout(H, D, BS, torch.float64)
     mgr.register_kv_caches({f"model.layers.{i}.self_attn.attn": lay.make_cache(NB)
                             for i in range(LAYERS)})
@@ -375,21 +379,15 @@ def test_decode_before_registration_is_profiling_only_with_the_connector():
     from vllm_retro.backend.gpu import PagedIndexManager
 
     def cfg(ktc):
-        return SimpleNamespace(
-            additional_config={"retro": dict(OPTS)}, kv_transfer_config=ktc,
-            compilation_config=SimpleNamespace(max_cudagraph_capture_size=0),
-            scheduler_config=SimpleNamespace(max_num_seqs=4),
-            model_config=SimpleNamespace(get_num_attention_heads=lambda pc: H * G,
-                                         max_model_len=4096),
-            parallel_config=SimpleNamespace(rank=0))
+        return _vllm_config(dict(OPTS), kv_transfer_config=ktc)
 
     with_conn = PagedIndexManager(cfg(kv_transfer_config()), RequestTable())
-    assert with_conn.require_ready() is False
-    assert with_conn.require_ready() is False          # logged once, still not ready
+    assert with_conn.decode_ready() is False
+    assert with_conn.decode_ready() is False          # logged once, still not ready
     for ktc in (None, SimpleNamespace(kv_connector="SomeOtherConnector")):
         with pytest.raises(RuntimeError, match="RetroConnector"):
-            PagedIndexManager(cfg(ktc), RequestTable()).require_ready()
+            PagedIndexManager(cfg(ktc), RequestTable()).decode_ready()
     lay = PagedIndexLayout(H, D, BS, torch.float64)
     with_conn.register_kv_caches({f"model.layers.{i}.self_attn.attn": lay.make_cache(NB)
                                   for i in range(LAYERS)})
-    assert with_conn.require_ready() is True
+    assert with_conn.decode_ready() is True

@@ -392,13 +392,12 @@ def _two_rows_checked(seed: int, n_ret: int, n_est: int, **pool_kw):
     return out, dense_original(sc, q, 0.2), st, ws, sc
 
 
-@pytest.mark.parametrize("variant", ["XR"])
 @pytest.mark.parametrize("bits", [16, 8])
-def test_score_variants_match_plain_score(monkeypatch, bits, variant):
-    """The score kernel's variants compute what the plain kernel computes:
-    bit-equal log-masses and outputs, and the twin's, over programs of several tiles
-    and a partial last tile (one program per row-head, 16-entry tiles). ``XR``: the
-    element-wise work on the query heads' rows only."""
+def test_score_row_fold_matches_plain_score(monkeypatch, bits):
+    """The score kernel's ``XR`` variant (the element-wise work on the query heads'
+    rows only) computes what the plain kernel computes: bit-equal log-masses and
+    outputs, and the twin's, over programs of several tiles and a partial last tile
+    (one program per row-head, 16-entry tiles)."""
     td = _td()
     torch.manual_seed(31 + bits)
     sc = Scene(260, summary_bits=bits)
@@ -409,7 +408,7 @@ def test_score_variants_match_plain_score(monkeypatch, bits, variant):
     got = []
     for on in (False, True):
         for table in (td.TUNE, td.TUNE_SMALL_BATCH):
-            monkeypatch.setitem(table, "score", dict(table["score"], CH=16, **{variant: on}))
+            monkeypatch.setitem(table, "score", dict(table["score"], CH=16, XR=on))
         ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=1)
         out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
         assert _rel(out, ref) < 2e-3, (on, _rel(out, ref))

@@ -283,7 +283,7 @@ class RetroImpl(_DenseImpl):
         """Retro's kernels for the step's decode rows."""
         mgr = self._manager
         nd = md.num_decodes
-        if not mgr.require_ready():
+        if not mgr.decode_ready():
             # vLLM's CUDA-graph memory profiling (the V1 runner's
             # profile_cudagraph_memory) runs dummy decodes before any KV cache
             # exists: no request can be in them.
@@ -852,7 +852,7 @@ class PagedIndexManager:
         torch.cuda.synchronize(device)
         logger.info("retro: index build kernels ready (%.1f s)", time.perf_counter() - t0)
 
-    def require_ready(self) -> bool:
+    def decode_ready(self) -> bool:
         """True once the KV caches are registered. Before that, decode rows can only
         be the dummy rows of vLLM's memory profiling (no KV block exists for a
         request yet): False, logged once, when retro's connector is configured to
