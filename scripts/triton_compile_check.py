@@ -125,8 +125,10 @@ def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict
             dt = next((v for n, v in sig.items() if n == "kv_ptr"), "")
             extra = f" {dt} {flags}: {resource_usage(k.asm['cubin'])}"
             if SASS_DIR:
-                tag = "_".join(f"{n}{int(consts[n])}" for n in ("WAVE", "PDL", "Q8")
+                tag = "_".join(f"{n}{int(consts[n])}" for n in ("WAVE", "PDL", "Q8", "XR",
+                                                                  "ERR", "MV8", "VC", "EPB")
                                if n in consts)
+                tag += f"_r{options.get('maxnreg') or 0}"
                 path = os.path.join(SASS_DIR, f"{self.__name__}_{dt.strip('*')}_{tag}_"
                                     f"{len(compiled)}.sass")
                 with open(path, "w") as f:

@@ -942,6 +942,28 @@ def test_error_rank_refusals(monkeypatch):
                check_config_for_paged(CFG.replace(retrieval_rank="error_value"), BS))
 
 
+def test_index_width_refused_beyond_int32(monkeypatch):
+    """The kernels form addresses from 32-bit indices and strides widened once: a
+    cache whose block stride reaches 2^31 elements is refused with a clear error
+    (shapes and strides only: a meta tensor, nothing allocated), not indexed with a
+    wrapped offset; a stride just below passes the check."""
+    td = _td()
+    big = torch.empty(0, device="meta").as_strided((4, H, BS, 2 * D), (2**31, 2 * D * BS, 2 * D, 1))
+    with pytest.raises(ValueError, match="below 2\\^31"):
+        td._check_index_width(torch.zeros(2, 3), big)
+    ok = torch.empty(0, device="meta").as_strided((4, H, BS, 2 * D), (2**31 - 1, 2 * D * BS, 2 * D, 1))
+    td._check_index_width(ok)
+    torch.manual_seed(3)
+    sc = Scene(60)
+    sc.add(500)
+    q = torch.randn(1, H * G, D)
+    kv = sc.kv
+    monkeypatch.setattr(sc, "kv", torch.empty(0, device="meta", dtype=kv.dtype).as_strided(
+        kv.shape, (2**31,) + kv.stride()[1:]))
+    with pytest.raises(ValueError, match="below 2\\^31"):
+        run_both(sc, q, 0.2)
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="the CUDA score kernel needs a GPU")
 @pytest.mark.parametrize("head_dim,group,dtype", [
     (128, 4, torch.bfloat16), (64, 8, torch.bfloat16), (32, 16, torch.bfloat16),

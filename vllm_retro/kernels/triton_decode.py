@@ -550,8 +550,10 @@ def _packed(base_ptr, ix_row, h, pos, mask, H: tl.constexpr, W: tl.constexpr,
     """Address of item ``pos`` of a row-head list packed PK items (SLOT words each)
     to an index-pool page of the row (``ix_row[pos // PK]``; W words per page and
     head)."""
-    lb = tl.load(ix_row + pos // PK, mask=mask, other=0).to(tl.int64)
-    return base_ptr + lb * (H * W) + h * W + (pos % PK) * SLOT
+    pu = pos.to(tl.uint32)              # (non-negative on the lanes that load)
+    lb = tl.load(ix_row + (pu // PK).to(tl.int32), mask=mask, other=0)
+    return base_ptr + (lb.to(tl.uint32).to(tl.int64) * (H * W)
+                       + (h * W + (pu % PK).to(tl.int32) * SLOT))
 
 
 @triton.jit
@@ -619,9 +621,9 @@ def _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1, blk, valid, 
                  Q8: tl.constexpr):
     """(centroid scale, variance scale, size) of the entries at pool pages ``blk``:
     the score stage's small per-entry gathers (the scales are 1 without ``Q8``)."""
-    size = tl.load(ip_ptr + blk * ip_s0 + h * ip_s1 + _I_SIZE, mask=valid, other=0)
+    size = tl.load(ip_ptr + _wide_mad(blk, ip_s0, h * ip_s1 + _I_SIZE), mask=valid, other=0)
     if Q8:
-        sb8 = fs_ptr + blk * fs_s0 + h * fs_s1 + fs_s2
+        sb8 = fs_ptr + _wide_mad(blk, fs_s0, h * fs_s1 + fs_s2)
         sc_c = tl.load(sb8, mask=valid, other=0.0)
         sc_v = tl.load(sb8 + 1, mask=valid, other=0.0)
     else:
@@ -703,11 +705,11 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
                                         blk, valid, h, Q8)
         if Q8:
-            qb = fq_ptr + blk * fq_s0 + h * fq_s1
+            qb = fq_ptr + _wide_mad(blk, fq_s0, h * fq_s1)
             cen = tl.load(qb[:, None] + d[None, :], mask=cm, other=0)
             var = tl.load(qb[:, None] + D + d[None, :], mask=cm, other=0)
         else:
-            fb = fp_ptr + blk * fp_s0 + h * fp_s1
+            fb = fp_ptr + _wide_mad(blk, fp_s0, h * fp_s1)
             cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
             var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
         i_n = p + NS * (m0 + CH + tl.arange(0, CH))
@@ -1311,11 +1313,36 @@ def _online(m_i, l_i, acc, s, v, NATIVE: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _wide_mad(a, s, c):
+    """``a * s + c`` as int64 for int32 ``a``, ``s``, ``c`` that are non-negative
+    (block ids, strides, offsets inside a block): one 32 x 32 -> 64-bit multiply-add.
+    Signed, the compiler sign-extends each operand and multiplies in 64 bits (four
+    to five integer instructions more per token row and thread)."""
+    return _wide_mul(a, s) + c.to(tl.uint32).to(tl.int64)
+
+
+@triton.jit
+def _wide_mul(a, s):
+    """``a * s`` as int64 for non-negative int32 ``a`` and ``s`` (:func:`_wide_mad`)."""
+    return a.to(tl.uint32).to(tl.int64) * s.to(tl.uint32).to(tl.int64)
+
+
+@triton.jit
+def _block_of(pos, BS: tl.constexpr):
+    """(block index, offset in the block) of token positions ``pos`` (int32,
+    non-negative on the lanes that load): unsigned, a shift and a mask for a
+    power-of-two block size instead of a signed division's sign corrections."""
+    pu = pos.to(tl.uint32)
+    return (pu // BS).to(tl.int32), (pu % BS).to(tl.int32)
+
+
+@triton.jit
 def _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, valid, h, D: tl.constexpr,
              DP: tl.constexpr):
-    """K and V ``[T, DP]`` of the tokens at (physical block, offset) ``[T]``."""
+    """K and V ``[T, DP]`` of the tokens at (physical block, offset) ``[T]`` (both
+    int32, non-negative on the lanes ``valid``)."""
     d = tl.arange(0, DP)
-    base = kv_ptr + blk * kv_s0 + h * kv_s1 + off.to(tl.int64) * kv_s2
+    base = kv_ptr + _wide_mad(blk, kv_s0, h * kv_s1 + off * kv_s2)
     lm = valid[:, None] & (d < D)[None, :]
     k = tl.load(base[:, None] + d[None, :] * kv_s3, mask=lm, other=0.0)
     v = tl.load(base[:, None] + (D + d[None, :]) * kv_s3, mask=lm, other=0.0)
@@ -1338,8 +1365,9 @@ def _steady_addr(bt_row, p, NS, m0, n_steady, split, E, BS: tl.constexpr,
     j = p + NS * (m0 + tl.arange(0, TS))
     valid = j < n_steady
     pos = tl.where(j < split, j, j - split + E)
-    blk = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
-    return blk, pos % BS, valid
+    bi, off = _block_of(pos, BS)
+    blk = tl.load(bt_row + bi, mask=valid, other=0)
+    return blk, off, valid
 
 
 @triton.jit
@@ -1374,8 +1402,9 @@ def _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS: tl.constexp
     """(physical block, offset, valid) of tokens ``t0 + [0, TR)`` of a group of
     retrieved clusters, through the row's own block table."""
     pos, _, valid = _group_positions(t0, total, beg, end, start, S, E, L, TR)
-    kb = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
-    return kb, pos % BS, valid
+    bi, off = _block_of(pos, BS)
+    kb = tl.load(bt_row + bi, mask=valid, other=0)
+    return kb, off, valid
 
 
 @triton.jit
@@ -1478,15 +1507,16 @@ def _wave_addr(t0, total, beg, end, start, bt_row, src_row, S, SB, E, L, HZ, HZB
     pos, _, valid = _group_positions(t0, total, beg, end, start, S, E, L, TR)
     paged = valid & (pos >= HZ)
     below = valid & (pos < HZB)
-    kb = tl.load(bt_row + pos // BS, mask=paged, other=0).to(tl.int64)
-    src = tl.load(src_row + (pos // BS - SB), mask=below, other=-1)
-    off = (pos % BS).to(tl.int64)
-    i = src & _SRC_INDEX
+    bi, off = _block_of(pos, BS)
+    kb = tl.load(bt_row + bi, mask=paged, other=0)
+    src = tl.load(src_row + (bi - SB), mask=below, other=-1)
+    # (cache slots and arena rows are below 2^31: DecodeWorkspace / the launcher)
+    i = (src & _SRC_INDEX).to(tl.int32)
     in_cache = below & (src >= 0) & ((src & _SRC_CACHE) != 0)
     in_arena = below & (src >= 0) & ((src & _SRC_ARENA) != 0)
-    ptr = tl.where(in_cache, ckv_ptr + i * ckv_s0 + off * ckv_s1,
-                   tl.where(in_arena, ar_ptr + (i + off) * ar_s0,
-                            kv_ptr + kb * kv_s0 + h * kv_s1 + off * kv_s2))
+    ptr = tl.where(in_cache, ckv_ptr + _wide_mad(i, ckv_s0, off * ckv_s1),
+                   tl.where(in_arena, ar_ptr + _wide_mul(i + off, ar_s0),
+                            kv_ptr + _wide_mad(kb, kv_s0, h * kv_s1 + off * kv_s2)))
     # Every source's token rows start 16-byte aligned (head sizes are multiples of
     # 8; the cache, cluster cache and arena rows are whole heads). The select and
     # the loop that carries the result hide that from the compiler: stated here,
@@ -1804,6 +1834,20 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
             tl.store(ob + (h * G + gg) * o_sh, res.to(out_ptr.dtype.element_ty), mask=dm)
 
 
+_I32 = 2**31
+
+
+def _check_index_width(*tensors: torch.Tensor) -> None:
+    """The kernels widen ``index x stride`` products from 32 bits once per address
+    (:func:`_wide_mad`): every size and stride of the tensors they index (so every
+    block id, pool page, cache slot and arena row, and every stride argument) must
+    be below 2^31. A clear error instead of a wrapped address."""
+    for t in tensors:
+        if max(max(t.shape, default=0), max(t.stride(), default=0)) >= _I32:
+            raise ValueError(f"decode kernels index tensors with sizes and strides below "
+                             f"2^31; got shape {tuple(t.shape)}, strides {t.stride()}")
+
+
 # --------------------------------------------------------------------- launcher
 def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
                                   layout: PagedIndexLayout, block_table: torch.Tensor,
@@ -1870,6 +1914,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     if b == 0:
         return out
     fpart, ipart = pool.fpart, pool.ipart
+    _check_index_width(kv_cache, block_table, fpart, ipart, ws.logits,
+                       *((wave.cache_kv, wave.arena) if wave is not None else ()))
     ns = ws.nsplit(b)
     gp, dp, nsp = ws.gp, _next_pow2(d), ws.ns_pow2
     sb = sink_end // bs
