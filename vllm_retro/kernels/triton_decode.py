@@ -1382,26 +1382,30 @@ def _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, m0, H: tl.constex
 
 
 @triton.jit
-def _group_positions(t0, total, beg, end, start, S, E, L, TR: tl.constexpr):
+def _group_positions(t0, total, beg, dpos, dcst, S, E, L, TR: tl.constexpr):
     """(position, its cluster's first position, valid) of tokens ``t0 + [0, TR)``
     of a group of retrieved clusters (concatenated; the cluster's start + offset:
-    the index build made each cluster contiguous per KV head). Starts come from
+    the index build made each cluster contiguous per KV head). ``beg``: each
+    cluster's first token in the concatenation; ``dpos`` / ``dcst``: the steps of
+    (start - beg) / start from the group's previous cluster (:func:`_retrieved_group`),
+    so that the clusters beginning at or before a token add up to its cluster's
+    values: one comparison per (token, cluster), no range test. Starts come from
     index bytes, so positions are bounds-checked to the row's clustered zone ``[S,
     E)`` and context: no index byte can make a row read outside its context."""
     t = t0 + tl.arange(0, TR)
-    inside = (t[:, None] >= beg[None, :]) & (t[:, None] < end[None, :])
-    pos = t + tl.sum(tl.where(inside, (start - beg)[None, :], 0), 1)
-    cst = tl.sum(tl.where(inside, start[None, :], 0), 1)
+    began = t[:, None] >= beg[None, :]
+    pos = t + tl.sum(tl.where(began, dpos[None, :], 0), 1)
+    cst = tl.sum(tl.where(began, dcst[None, :], 0), 1)
     valid = (t < total) & (pos >= S) & (pos < E) & (pos < L)
     return pos, cst, valid
 
 
 @triton.jit
-def _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS: tl.constexpr,
+def _retrieved_addr(t0, total, beg, dpos, dcst, bt_row, S, E, L, BS: tl.constexpr,
                     TR: tl.constexpr):
     """(physical block, offset, valid) of tokens ``t0 + [0, TR)`` of a group of
     retrieved clusters, through the row's own block table."""
-    pos, _, valid = _group_positions(t0, total, beg, end, start, S, E, L, TR)
+    pos, _, valid = _group_positions(t0, total, beg, dpos, dcst, S, E, L, TR)
     bi, off = _block_of(pos, BS)
     kb = tl.load(bt_row + bi, mask=valid, other=0)
     return kb, off, valid
@@ -1411,16 +1415,28 @@ def _retrieved_addr(t0, total, beg, end, start, bt_row, S, E, L, BS: tl.constexp
 def _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret, H: tl.constexpr,
                      LW: tl.constexpr, PK: tl.constexpr, RG: tl.constexpr):
     """Program ``p``'s retrieved clusters ``p + NS * (m0 + [0, RG))`` of a row-head
-    (those ``< n_ret``) from the selection lists: (start, beg, end, total), their
-    first token positions and their tokens' ranges ``[beg, end)`` once the group's
-    clusters are concatenated (``total`` tokens)."""
-    k = p + NS * (m0 + tl.arange(0, RG))
+    (those ``< n_ret``) from the selection lists, their tokens concatenated (``total``
+    tokens): (dpos, dcst, beg, total), per cluster its first token in the
+    concatenation ``beg`` and the steps of ``start - beg`` and of ``start`` (its
+    first position) from the group's previous cluster (the first cluster's own
+    values), :func:`_group_positions`'s form. (The previous cluster's entry is read
+    again rather than shifted in registers: one more pair of loads per group, on the
+    lines just read.)"""
+    i = tl.arange(0, RG)
+    k = p + NS * (m0 + i)
     kok = k < n_ret
     la = _packed(lists_ptr, ix_row, h, k, kok, H, LW, PK, 2)
     start = tl.load(la, mask=kok, other=0)
     size = tl.load(la + 1, mask=kok, other=0)
+    pok = kok & (i > 0)
+    lp = _packed(lists_ptr, ix_row, h, k - NS, pok, H, LW, PK, 2)
+    start_p = tl.load(lp, mask=pok, other=0)
+    size_p = tl.load(lp + 1, mask=pok, other=0)
     end = tl.cumsum(size, 0)
-    return start, end - size, end, tl.sum(size, 0)
+    beg = end - size
+    # The previous cluster's start - beg is start_p - (beg - size_p); 0 before the first.
+    dpos = (start - beg) - tl.where(pok, start_p - beg + size_p, 0)
+    return dpos, start - start_p, beg, tl.sum(size, 0)
 
 
 @triton.jit
@@ -1448,7 +1464,7 @@ def _source_word(slot, arow, in_cache, in_arena):
 
 
 @triton.jit
-def _retrieved_wave(t0, total, beg, end, start, ix_row, S, SB, E, L, HZB, WL, WNL, WP, h,
+def _retrieved_wave(t0, total, beg, dpos, dcst, ix_row, S, SB, E, L, HZB, WL, WNL, WP, h,
                     pr_ptr, ct_ptr, H: tl.constexpr, BS: tl.constexpr, TR: tl.constexpr):
     """Tokens ``t0 + [0, TR)`` of a group of retrieved clusters below a row's readable
     horizon ``HZB`` (:func:`_wave_horizon`), as the resolve kernel sees them: per
@@ -1459,7 +1475,7 @@ def _retrieved_wave(t0, total, beg, end, start, ix_row, S, SB, E, L, HZB, WL, WN
     (``in_arena``: row ``page_row[key]``). A token in neither (page neither cached
     nor mirrored, or no pool page) is in no source (left out). ``first``: the first
     token below the horizon of its cluster in its page (one lane per visit)."""
-    pos, cst, valid = _group_positions(t0, total, beg, end, start, S, E, L, TR)
+    pos, cst, valid = _group_positions(t0, total, beg, dpos, dcst, S, E, L, TR)
     below = valid & (pos < HZB)
     # pos >= S, so the entry index pos // BS - SB is >= 0 and (pos < E) below the
     # row's page count: the row's own pages, never a stale column.
@@ -1494,7 +1510,7 @@ def _wave_horizon(hdr_ptr, hdr_s0, blk0, indexed, E, WP, WR):
 
 
 @triton.jit
-def _wave_addr(t0, total, beg, end, start, bt_row, src_row, S, SB, E, L, HZ, HZB,
+def _wave_addr(t0, total, beg, dpos, dcst, bt_row, src_row, S, SB, E, L, HZ, HZB,
                kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr, ar_s0, h,
                BS: tl.constexpr, TR: tl.constexpr):
     """(address, valid) of tokens ``t0 + [0, TR)`` of a group of
@@ -1504,7 +1520,7 @@ def _wave_addr(t0, total, beg, end, start, bt_row, src_row, S, SB, E, L, HZ, HZB
     (vLLM may have reused those blocks); ``HZB``: :func:`_wave_horizon`'s. One
     dependent load per token, as without a wave buffer: the cache lookups happened
     in the resolve kernel."""
-    pos, _, valid = _group_positions(t0, total, beg, end, start, S, E, L, TR)
+    pos, _, valid = _group_positions(t0, total, beg, dpos, dcst, S, E, L, TR)
     paged = valid & (pos >= HZ)
     below = valid & (pos < HZB)
     bi, off = _block_of(pos, BS)
@@ -1626,11 +1642,11 @@ def _resolve_kernel(bt_ptr, bt_s0, ibt_ptr, ibt_s0, seq_ptr, hdr_ptr, hdr_s0, li
     n_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
     hits = tl.zeros([], tl.int64)
     for m0 in range(0, n_mine, RG):
-        start, beg, end, total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret,
+        dpos, dcst, beg, total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret,
                                                   H, LW, PK, RG)
         for t0 in range(0, total, TR):
             lb, slot, arow, in_cache, in_arena, first, key = _retrieved_wave(
-                t0, total, beg, end, start, ix_row, S, SB, E, L, HZB, WL, WNL, WP, h, pr_ptr,
+                t0, total, beg, dpos, dcst, ix_row, S, SB, E, L, HZB, WL, WNL, WP, h, pr_ptr,
                 ct_ptr, H, BS, TR)
             tl.store(src_row + lb, _source_word(slot, arow, in_cache, in_arena), mask=first)
             miss, idx, nh = _wave_book(slot, in_cache, in_arena, first, clock, stamp_ptr,
@@ -1736,14 +1752,14 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
         HZ, HZB = _wave_horizon(hdr_ptr, hdr_s0, blk0, indexed, E, WP, WR)
         src_row = src_ptr + rh.to(tl.int64) * src_s0
         for m0 in range(0, n_mine, RG):
-            w_start, w_beg, w_end, w_total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0,
+            w_dpos, w_dcst, w_beg, w_total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0,
                                                               n_ret, H, LW, PK, RG)
-            w_ptr, w_ok = _wave_addr(0, w_total, w_beg, w_end, w_start, bt_row, src_row, S, SB,
+            w_ptr, w_ok = _wave_addr(0, w_total, w_beg, w_dpos, w_dcst, bt_row, src_row, S, SB,
                                      E, L, HZ, HZB, kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr,
                                      ckv_s0, ckv_s1, ar_ptr, ar_s0, h, BS, TR)
             for t0 in range(0, w_total, TR):
                 w_kt, w_vt = _load_kv_at(w_ptr, w_ok, D, DP)
-                w_ptr_n, w_ok_n = _wave_addr(t0 + TR, w_total, w_beg, w_end, w_start, bt_row,
+                w_ptr_n, w_ok_n = _wave_addr(t0 + TR, w_total, w_beg, w_dpos, w_dcst, bt_row,
                                              src_row, S, SB, E, L, HZ, HZB, kv_ptr, kv_s0,
                                              kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr,
                                              ar_s0, h, BS, TR)
@@ -1752,14 +1768,14 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                 w_ptr, w_ok = w_ptr_n, w_ok_n
     else:
         for m0 in range(0, n_mine, RG):
-            start, beg, end, total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret,
+            dpos, dcst, beg, total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret,
                                                       H, LW, PK, RG)
-            r_blk, r_off, r_ok = _retrieved_addr(0, total, beg, end, start, bt_row, S, E, L,
+            r_blk, r_off, r_ok = _retrieved_addr(0, total, beg, dpos, dcst, bt_row, S, E, L,
                                                  BS, TR)
             for t0 in range(0, total, TR):
                 r_kt, r_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off, r_ok,
                                       h, D, DP)
-                r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, total, beg, end, start,
+                r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, total, beg, dpos, dcst,
                                                            bt_row, S, E, L, BS, TR)
                 m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale,
                                            NATIVE, PREC)
