@@ -198,9 +198,15 @@ TUNE_SMALL_BATCH = {
     # 64-token steady tiles: 3 programs per SM instead of 2 (166 registers, 45 KB of
     # shared memory against 216 and 80 KB): 53.8 / 67.7 us per layer at 32K / 128K x 1
     # against 54.8 / 69.8 with 128 (fourteenth session; the thirteenth: 60.0 / 76.6
-    # against 60.5 / 77.4 with its EAGER variant).
-    "attend": dict(TS=64, TE=64, RG=8, maxnreg=None),
+    # against 60.5 / 77.4 with its EAGER variant). Held to 168 registers (3 programs
+    # per SM): Triton 3.6 gives the 32-bit address forms 232 otherwise (2 per SM);
+    # capped, its sm_90 compile has no spills and fewer instructions per tile.
+    "attend": dict(TS=64, TE=64, RG=8, maxnreg=168),
 }
+# ... for the attention kernel's value-correction variant (two more vectors per
+# estimated cluster): it takes all registers (255, 2 programs per SM) and a 168 cap
+# spills 120 bytes (sm_90, Triton 3.6), so it stays uncapped.
+TUNE_SMALL_BATCH_RICH = {"attend": dict(maxnreg=None)}
 # The attention kernel's wave-buffer variant at batches above SMALL_BATCH: its extra
 # source word per token costs registers (144 at 32-token retrieved tiles: 3 programs
 # per SM); held to 128 (4 per SM, no spill) the 32-token tiles take 87.5 us per layer
@@ -235,10 +241,12 @@ def cuda_score_available() -> bool:
     return extension.has_cuda_kernel("paged_score")
 
 
-def _tune(kernel: str, num_rows: int, wave: bool = False) -> dict:
+def _tune(kernel: str, num_rows: int, wave: bool = False, rich: bool = False) -> dict:
     cfg = dict(TUNE[kernel])
     if num_rows <= SMALL_BATCH:
         cfg.update(TUNE_SMALL_BATCH.get(kernel, {}))
+        if rich:
+            cfg.update(TUNE_SMALL_BATCH_RICH.get(kernel, {}))
     elif wave:
         cfg.update(TUNE_WAVE.get(kernel, {}))
     return cfg
@@ -2034,7 +2042,9 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
                 NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES) if bucket else {}),
         **(dict(ERR=True, keys2_ptr=es.keys2, hist2_ptr=es.hist2, rgh2_ptr=es.range_hist2,
                 emax_ptr=es.emax) if err else {}), **tune_c))
-    tune_a = _tune("attend", b, wave is not None)
+    mv8 = getattr(pool, "mean_value_bits", 16) == 8
+    vc = getattr(pool, "value_correction", False)
+    tune_a = _tune("attend", b, wave is not None, rich=vc)
     if wave is not None:
         if not in_collect:
             _keep("resolve", _resolve_kernel[grid_a](
@@ -2047,7 +2057,6 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         # Never read (WAVE=False): existing tensors of the right pointer types, so
         # nothing is allocated and the variant is today's kernel.
         wargs = (ws.stats, 0, kv_cache, 0, kv_cache, 0, 0, 0, 0)
-    mv8 = getattr(pool, "mean_value_bits", 16) == 8
     vq, vs = pool.q8_views()
     _keep("attend", _attend_kernel[grid_a](
         query, *query.stride(), kv_cache, *kv_cache.stride(), fpart, *fpart.stride(),
@@ -2059,7 +2068,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, PK=PACK, LW=LIST_WORDS,
         NSP=ws.attend_ns_pow2, NATIVE=native, PREC=prec, BP=bp, WAVE=wave is not None, **dep,
         **({"MV8": True} if mv8 else {}),
-        **({"VC": True} if getattr(pool, "value_correction", False) else {}), **ep,
+        **({"VC": True} if vc else {}), **ep,
         **tune_a))
     return out
 
