@@ -117,10 +117,12 @@ VARIANTS = [
     # The score kernel without the 128-register cap of TUNE (the default since the
     # fourteenth session: a compiler change had made it 138 registers, 3 per SM).
     ("score maxnreg none", "score", dict(maxnreg=None)),
-    # The element-wise work of a score tile on the G query-head rows, not the 16 rows
-    # of the tensor-core products (Nsight Compute at 128K x 6: ~48 warp instructions
-    # per entry at 0.44 issued per scheduler and cycle; a quarter of the elements).
-    ("score XR", "score", dict(XR=True)),
+    # The score kernel's plain form: the element-wise work of a tile on the 16 rows of
+    # the tensor-core products, not the G query-head rows (the fold, XR, is the
+    # default since the twenty-second session: 634 -> 521 SASS instructions per tile
+    # at sm_90; Nsight Compute at 128K x 6 had shown ~48 warp instructions per entry
+    # at 0.44 issued per scheduler and cycle).
+    ("score plain", "score", dict(XR=False)),
     # Larger groups of retrieved clusters: each group starts with a chain of three
     # dependent loads (index table, list, block table) before its first K/V load.
     # One or two rows (TUNE_SMALL_BATCH): without the 168-register cap Triton 3.6

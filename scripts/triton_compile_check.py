@@ -191,11 +191,11 @@ def decode_launches() -> None:
             pool8 = IndexPool(lay, nb, summary_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,
                                              sink_end(RetroConfig(), bs), 0.1, out, ws)
-            # ... and the score kernel's variant with the element-wise work on the
-            # query heads' rows (XR); 8- and 16-bit.
+            # ... and the score kernel's plain form (XR off: the element-wise work on
+            # the products' 16 rows; the float32 caches' form on a GPU); 8- and 16-bit.
             big, small = dict(td.TUNE["score"]), dict(td.TUNE_SMALL_BATCH["score"])
             try:
-                td.TUNE["score"]["XR"] = td.TUNE_SMALL_BATCH["score"]["XR"] = True
+                td.TUNE["score"]["XR"] = td.TUNE_SMALL_BATCH["score"]["XR"] = False
                 for pl in (pool8, pool):
                     td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pl,
                                                      sink_end(RetroConfig(), bs), 0.1, out, ws)

@@ -138,7 +138,10 @@ SUB_BITS, WINDOW_BINADES, NBINS = (reference.SUB_BITS, reference.WINDOW_BINADES,
 TUNE = {
     # maxnreg: 4 programs per SM need <= 128 registers; a compiler change that
     # crosses it loses a quarter of the resident programs (a second wave at 128K x 8).
-    "score": dict(CH=64, num_warps=4, num_stages=2, maxnreg=128),
+    # XR: the products' 16 rows folded to the query heads' 4 before the element-wise
+    # work: 634 -> 521 SASS instructions per 64-entry tile and no spill at 8-bit
+    # summaries, 128 registers (sm_90, Triton 3.6; bit-equal outputs).
+    "score": dict(CH=64, num_warps=4, num_stages=2, maxnreg=128, XR=True),
     # Selection tiles of 1,024 entries: one tile per program's range at 128K x 8
     # (keys 19 -> 16, candidates 30 -> 22, lists 17 -> 14 us per layer); at one or
     # two rows the ranges are shorter and 256 stays (TUNE_SMALL_BATCH).
@@ -190,7 +193,7 @@ RESOLVE_IN_COLLECT = os.environ.get("RETRO_DECODE_RESOLVE_IN_COLLECT", "1") == "
 # of the padded batch. RETRO_DECODE_DYNAMIC_SPLIT=0 (or the attribute) turns it off.
 DYNAMIC_SPLIT = os.environ.get("RETRO_DECODE_DYNAMIC_SPLIT", "1") == "1"
 TUNE_SMALL_BATCH = {
-    "score": dict(CH=128, num_warps=8, num_stages=2, maxnreg=None),
+    "score": dict(CH=128, num_warps=8, num_stages=2, maxnreg=None, XR=True),
     "key": dict(CHE=256),
     "band": dict(CHE=256),
     "cand": dict(RB=256),
@@ -203,6 +206,10 @@ TUNE_SMALL_BATCH = {
     # capped, its sm_90 compile has no spills and fewer instructions per tile.
     "attend": dict(TS=64, TE=64, RG=8, maxnreg=168),
 }
+# ... for float32 caches on a GPU: the score kernel's fold spills there (984 bytes at
+# 128 registers, sm_90), so it keeps the plain form (the interpreter keeps the fold:
+# registers do not exist there, and its tests compare the two forms).
+TUNE_FP32 = {"score": dict(XR=False)}
 # ... for the attention kernel's value-correction variant (two more vectors per
 # estimated cluster): it takes all registers (255, 2 programs per SM) and a 168 cap
 # spills 120 bytes (sm_90, Triton 3.6), so it stays uncapped.
@@ -1976,6 +1983,9 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     split_a = (b, ws.target_programs, nsg_a, dyn)
     if err:
         es = ws.error_buffers(b * h * nsg)
+    tune_s = _tune("score", b)
+    if kv_cache.dtype == torch.float32 and not interpreting():
+        tune_s.update(TUNE_FP32["score"])
     if cuda_score:
         torch.ops.vllm_retro.paged_score(
             query, fpart, ipart, block_table, ibt, seq_lens, headers, ws.logits, ws.score_max,
@@ -1992,7 +2002,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}), **ep,
             **(dict(ERR=True, tv_ptr=es.tvar, hist2_ptr=es.hist2, emax_ptr=es.emax)
                if err else {}),
-            **_tune("score", b)))
+            **tune_s))
     bucket = SELECT == "bucket"
     if bucket:
         rgh = ws.range_hist(b * h * nsg)
