@@ -119,7 +119,7 @@ VARIANTS = [
     ("score maxnreg none", "score", dict(maxnreg=None)),
     # The score kernel's plain form: the element-wise work of a tile on the 16 rows of
     # the tensor-core products, not the G query-head rows (the fold, XR, is the
-    # default since the twenty-second session: 634 -> 521 SASS instructions per tile
+    # default since the twenty-second session: 634 -> 498 SASS instructions per tile
     # at sm_90; Nsight Compute at 128K x 6 had shown ~48 warp instructions per entry
     # at 0.44 issued per scheduler and cycle).
     ("score plain", "score", dict(XR=False)),

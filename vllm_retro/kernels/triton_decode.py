@@ -139,7 +139,7 @@ TUNE = {
     # maxnreg: 4 programs per SM need <= 128 registers; a compiler change that
     # crosses it loses a quarter of the resident programs (a second wave at 128K x 8).
     # XR: the products' 16 rows folded to the query heads' 4 before the element-wise
-    # work: 634 -> 521 SASS instructions per 64-entry tile and no spill at 8-bit
+    # work: 634 -> 498 SASS instructions per 64-entry tile and no spill at 8-bit
     # summaries, 128 registers (sm_90, Triton 3.6; bit-equal outputs).
     "score": dict(CH=64, num_warps=4, num_stages=2, maxnreg=128, XR=True),
     # Selection tiles of 1,024 entries: one tile per program's range at 128K x 8
@@ -604,11 +604,24 @@ def _rint(x):
 
 
 @triton.jit
-def _q8_dot(hi, lo, b):
-    """``(hi + lo / Q8_LO) @ b`` for int8 ``hi``, ``lo`` ``[M, K]`` and int8 ``b [K, N]``
-    on integer tensor cores: two exact int32 products, combined in int32
-    (``|hi @ b| * Q8_LO + |lo @ b| < 2^31`` for K <= 256), one conversion."""
-    acc = tl.dot(hi, b, out_dtype=tl.int32) * _Q8_LO + tl.dot(lo, b, out_dtype=tl.int32)
+def _fold_rows(x, GP: tl.constexpr, G4: tl.constexpr, N: tl.constexpr):
+    """``x [GP, N]`` -> ``[G4, N]``: row ``g`` is the sum of rows ``g, g + G4, ...``
+    (exact where only the first G4 rows are non-zero: a product's padded rows)."""
+    return tl.sum(tl.reshape(x, [GP // G4, G4, N]), 0)
+
+
+@triton.jit
+def _q8_acc(hi, lo, b):
+    """``(hi + lo / Q8_LO) @ b`` times Q8_LO, exact in int32, for int8 ``hi``, ``lo``
+    ``[M, K]`` and int8 ``b [K, N]`` on integer tensor cores: two exact int32
+    products combined in int32 (``|hi @ b| * Q8_LO + |lo @ b| < 2^31`` for K <= 256).
+    :func:`_q8_float` converts it."""
+    return tl.dot(hi, b, out_dtype=tl.int32) * _Q8_LO + tl.dot(lo, b, out_dtype=tl.int32)
+
+
+@triton.jit
+def _q8_float(acc):
+    """:func:`_q8_acc`'s product as float32 (one conversion)."""
     return acc.to(tl.float32) * (1.0 / _Q8_LO)
 
 
@@ -666,7 +679,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     XR: the products' ``GP`` rows (16: the tensor cores' least) are folded to the
     ``G4`` query-head rows right after them (the padded rows are exact zeros, the
     query's padding being zero), so the element-wise work of a tile runs on ``[G4,
-    CH]`` instead of ``[GP, CH]`` (a quarter of the lanes' elements for G = 4).
+    CH]`` instead of ``[GP, CH]`` (a quarter of the lanes' elements for G = 4); with
+    Q8 the int32 products are folded, before their conversions and scales.
 
     ERR (the error rank, ``retrieval_rank`` "error"): also each entry's uncapped
     variance term ``t_g`` (``tv``, addressed as the logits), and program 0 zeroes
@@ -731,14 +745,17 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         valid_n = i_n < C
         blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
         if Q8:
-            qc = _q8_dot(qh, ql, tl.trans(cen)) * (sq * sc_c)[None, :]
-            qv = _q8_dot(qqh, qql, tl.trans(var)) * (sqq * sc_v)[None, :]
+            qc_i = _q8_acc(qh, ql, tl.trans(cen))
+            qv_i = _q8_acc(qqh, qql, tl.trans(var))
+            if XR:   # (in int32, before the conversions and scales)
+                qc_i, qv_i = _fold_rows(qc_i, GP, G4, CH), _fold_rows(qv_i, GP, G4, CH)
+            qc = _q8_float(qc_i) * (sq * sc_c)[None, :]
+            qv = _q8_float(qv_i) * (sqq * sc_v)[None, :]
         else:
             qc = _dot(q, tl.trans(cen), NATIVE, PREC)
             qv = _dot(qq, tl.trans(var), NATIVE, PREC)
-        if XR:
-            qc = tl.sum(tl.reshape(qc, [GP // G4, G4, CH]), 0)
-            qv = tl.sum(tl.reshape(qv, [GP // G4, G4, CH]), 0)
+            if XR:
+                qc, qv = _fold_rows(qc, GP, G4, CH), _fold_rows(qv, GP, G4, CH)
         # Same operation order as the twin: s q.c + ln size + min(s^2/2 q^2.var, CAP).
         lg = qc * scale + tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
         tv = qv * (0.5 * scale * scale)
