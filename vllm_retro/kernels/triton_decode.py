@@ -206,14 +206,16 @@ TUNE_SMALL_BATCH = {
     # capped, its sm_90 compile has no spills and fewer instructions per tile.
     "attend": dict(TS=64, TE=64, RG=8, maxnreg=168),
 }
-# ... for float32 caches on a GPU: the score kernel's fold spills there (984 bytes at
-# 128 registers, sm_90), so it keeps the plain form (the interpreter keeps the fold:
-# registers do not exist there, and its tests compare the two forms).
+# ... for float32 caches on a GPU (any batch): the score kernel's fold spills there
+# (984 bytes at 128 registers, sm_90), so it keeps the plain form (the interpreter
+# keeps the fold: registers do not exist there, and its tests compare the two forms).
 TUNE_FP32 = {"score": dict(XR=False)}
-# ... for the attention kernel's value-correction variant (two more vectors per
-# estimated cluster): it takes all registers (255, 2 programs per SM) and a 168 cap
-# spills 120 bytes (sm_90, Triton 3.6), so it stays uncapped.
-TUNE_SMALL_BATCH_RICH = {"attend": dict(maxnreg=None)}
+# ... at one or two rows, for the attention variants the 168-register cap would make
+# spill (sm_90, Triton 3.6): the value correction's (two more vectors per estimated
+# cluster: 255 registers uncapped, 120 bytes of spill capped) and float32 caches'
+# (166-189 registers uncapped, up to 1,312 bytes of spill capped): uncapped, as
+# before the cap.
+TUNE_SMALL_BATCH_UNCAPPED = {"attend": dict(maxnreg=None)}
 # The attention kernel's wave-buffer variant at batches above SMALL_BATCH: its extra
 # source word per token costs registers (144 at 32-token retrieved tiles: 3 programs
 # per SM); held to 128 (4 per SM, no spill) the 32-token tiles take 87.5 us per layer
@@ -248,14 +250,20 @@ def cuda_score_available() -> bool:
     return extension.has_cuda_kernel("paged_score")
 
 
-def _tune(kernel: str, num_rows: int, wave: bool = False, rich: bool = False) -> dict:
+def _tune(kernel: str, num_rows: int, wave: bool = False, vc: bool = False,
+          fp32: bool = False) -> dict:
+    """A kernel's launch meta-parameters: TUNE, then the tables of the batch class,
+    the wave buffer, the value correction (``vc``) and float32 caches (``fp32``;
+    TUNE_FP32 compiled for a GPU only) that apply."""
     cfg = dict(TUNE[kernel])
     if num_rows <= SMALL_BATCH:
         cfg.update(TUNE_SMALL_BATCH.get(kernel, {}))
-        if rich:
-            cfg.update(TUNE_SMALL_BATCH_RICH.get(kernel, {}))
+        if vc or fp32:
+            cfg.update(TUNE_SMALL_BATCH_UNCAPPED.get(kernel, {}))
     elif wave:
         cfg.update(TUNE_WAVE.get(kernel, {}))
+    if fp32 and not interpreting():
+        cfg.update(TUNE_FP32.get(kernel, {}))
     return cfg
 
 
@@ -1346,8 +1354,9 @@ def _online(m_i, l_i, acc, s, v, NATIVE: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _wide_mad(a, s, c):
-    """``a * s + c`` as int64 for int32 ``a``, ``s``, ``c`` that are non-negative
-    (block ids, strides, offsets inside a block): one 32 x 32 -> 64-bit multiply-add.
+    """``a * s + c`` as int64 for non-negative ``a``, ``s``, ``c`` below 2^31 (block
+    ids, pool pages, strides, offsets inside a block; int32, or int64 holding such a
+    value: the low 32 bits are used): one 32 x 32 -> 64-bit multiply-add.
     Signed, the compiler sign-extends each operand and multiplies in 64 bits (four
     to five integer instructions more per token row and thread)."""
     return _wide_mul(a, s) + c.to(tl.uint32).to(tl.int64)
@@ -1558,7 +1567,7 @@ def _wave_addr(t0, total, beg, dpos, dcst, bt_row, src_row, S, SB, E, L, HZ, HZB
     bi, off = _block_of(pos, BS)
     kb = tl.load(bt_row + bi, mask=paged, other=0)
     src = tl.load(src_row + (bi - SB), mask=below, other=-1)
-    # (cache slots and arena rows are below 2^31: DecodeWorkspace / the launcher)
+    # (cache slots and arena rows are below 2^31: the launcher's _check_index_width)
     i = (src & _SRC_INDEX).to(tl.int32)
     in_cache = below & (src >= 0) & ((src & _SRC_CACHE) != 0)
     in_arena = below & (src >= 0) & ((src & _SRC_ARENA) != 0)
@@ -2000,9 +2009,6 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     split_a = (b, ws.target_programs, nsg_a, dyn)
     if err:
         es = ws.error_buffers(b * h * nsg)
-    tune_s = _tune("score", b)
-    if kv_cache.dtype == torch.float32 and not interpreting():
-        tune_s.update(TUNE_FP32["score"])
     if cuda_score:
         torch.ops.vllm_retro.paged_score(
             query, fpart, ipart, block_table, ibt, seq_lens, headers, ws.logits, ws.score_max,
@@ -2019,7 +2025,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}), **ep,
             **(dict(ERR=True, tv_ptr=es.tvar, hist2_ptr=es.hist2, emax_ptr=es.emax)
                if err else {}),
-            **tune_s))
+            **_tune("score", b, fp32=kv_cache.dtype == torch.float32)))
     bucket = SELECT == "bucket"
     if bucket:
         rgh = ws.range_hist(b * h * nsg)
@@ -2071,7 +2077,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
                 emax_ptr=es.emax) if err else {}), **tune_c))
     mv8 = getattr(pool, "mean_value_bits", 16) == 8
     vc = getattr(pool, "value_correction", False)
-    tune_a = _tune("attend", b, wave is not None, rich=vc)
+    tune_a = _tune("attend", b, wave is not None, vc=vc, fp32=kv_cache.dtype == torch.float32)
     if wave is not None:
         if not in_collect:
             _keep("resolve", _resolve_kernel[grid_a](
