@@ -10,6 +10,7 @@ set it again while they run (Triton also reads it at launches).
 
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -42,6 +43,22 @@ def triton_interpreter(monkeypatch):
     if TRITON_INTERPRETED:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     yield
+
+
+class ConfigDouble(SimpleNamespace):
+    """A ``VllmConfig`` stand-in holding the parts a test's code reads; weakly
+    referenceable, as ``VllmConfig`` is."""
+
+
+def paged_manager(vllm_config):
+    """A ``PagedIndexManager`` of ``vllm_config`` (a :class:`ConfigDouble`) with an
+    empty request table. The manager holds its config weakly (in vLLM the engine
+    owns it), so the manager keeps the test's double alive here."""
+    from vllm_retro.backend.gpu import PagedIndexManager
+    from vllm_retro.request_table import RequestTable
+    mgr = PagedIndexManager(vllm_config, RequestTable())
+    mgr.test_owned_config = vllm_config
+    return mgr
 
 
 def filled_cache(lay, nb, L, seed):

@@ -12,12 +12,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import ConfigDouble, paged_manager
 from vllm_retro.backend.connector import RetroStepMetadata
 from vllm_retro.index.paged import (HDR_CLUSTERED_END, HDR_IBT_ROW, HDR_N_ESTIMATE,
                                     HDR_N_RETRIEVE, IndexAllocator, IndexPool,
                                     PagedIndexLayout)
 from vllm_retro.kernels import reference
-from vllm_retro.request_table import RequestTable, RequestUpdate
+from vllm_retro.request_table import RequestUpdate
 
 H, G, D, BS, NB, LAYERS = 2, 4, 32, 16, 200, 2
 OPTS = {"segment_size": 256, "update_interval": 64, "recent_tokens": 32,
@@ -88,7 +89,7 @@ def test_allocator_refusals_take_nothing():
 # ------------------------------------------------------------- the manager
 def _vllm_config(opts, max_num_seqs=4, **attrs):
     """The parts of a vLLM config the manager reads (``attrs``: more of them)."""
-    return SimpleNamespace(
+    return ConfigDouble(
         additional_config={"retro": opts},
         compilation_config=SimpleNamespace(max_cudagraph_capture_size=0),
         scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
@@ -98,14 +99,40 @@ def _vllm_config(opts, max_num_seqs=4, **attrs):
 
 
 def _manager(index_pool_gib=0.0, max_num_seqs=4, **extra):
-    from vllm_retro.backend.gpu import PagedIndexManager
     opts = dict(OPTS, index_pool_gib=index_pool_gib) if index_pool_gib else dict(OPTS)
     opts.update(extra)
-    mgr = PagedIndexManager(_vllm_config(opts, max_num_seqs), RequestTable())
+    mgr = paged_manager(_vllm_config(opts, max_num_seqs))
     lay = PagedIndexLayout(H, D, BS, torch.float64)
     mgr.register_kv_caches({f"model.layers.{i}.self_attn.attn": lay.make_cache(NB)
                             for i in range(LAYERS)})
     return mgr
+
+
+def test_a_dropped_engines_state_and_caches_are_collected():
+    """The worker state is a process global keyed by the engine's config; once the
+    config is gone its manager, index pools and KV caches must go too (with the
+    config held strongly by the manager, a closed GPU engine kept its whole KV
+    cache, and the next engine in the process could not start)."""
+    import gc
+    import weakref
+
+    from vllm_retro.backend.gpu import manager_for
+    from vllm_retro.worker_state import _STATES, existing_state
+    cfg = _vllm_config(dict(OPTS))
+    mgr = manager_for(cfg)
+    lay = PagedIndexLayout(H, D, BS, torch.float64)
+    caches = {f"model.layers.{i}.self_attn.attn": lay.make_cache(NB) for i in range(LAYERS)}
+    mgr.register_kv_caches(caches)
+    rid, L = "r", 700
+    blocks = list(range(1, math.ceil(L / BS) + 2))
+    _prefill(mgr, rid, blocks, L, seed=3)
+    assert existing_state(cfg).paged is mgr and mgr.vllm_config is cfg
+    cache_ref, mgr_ref = weakref.ref(caches["model.layers.0.self_attn.attn"]), weakref.ref(mgr)
+    n_states = len(_STATES)
+    del cfg, mgr, caches
+    gc.collect()
+    assert mgr_ref() is None and cache_ref() is None
+    assert len(_STATES) == n_states - 1
 
 
 def _prefill(mgr, rid, blocks, L, seed):
@@ -376,17 +403,16 @@ def test_decode_before_registration_is_profiling_only_with_the_connector():
     exists for a request yet): not ready, no error; without the connector the
     caches would never be registered, so it is an error, not a silent zero."""
     from vllm_retro.backend.connector import kv_transfer_config
-    from vllm_retro.backend.gpu import PagedIndexManager
 
     def cfg(ktc):
         return _vllm_config(dict(OPTS), kv_transfer_config=ktc)
 
-    with_conn = PagedIndexManager(cfg(kv_transfer_config()), RequestTable())
+    with_conn = paged_manager(cfg(kv_transfer_config()))
     assert with_conn.decode_ready() is False
     assert with_conn.decode_ready() is False          # logged once, still not ready
     for ktc in (None, SimpleNamespace(kv_connector="SomeOtherConnector")):
         with pytest.raises(RuntimeError, match="RetroConnector"):
-            PagedIndexManager(cfg(ktc), RequestTable()).decode_ready()
+            paged_manager(cfg(ktc)).decode_ready()
     lay = PagedIndexLayout(H, D, BS, torch.float64)
     with_conn.register_kv_caches({f"model.layers.{i}.self_attn.attn": lay.make_cache(NB)
                                   for i in range(LAYERS)})

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ConfigDouble, paged_manager
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from vllm_retro.backend.metrics import (GPU_READ_INTERVAL_S, RetroConnectorStats,
@@ -144,20 +145,19 @@ def test_gpu_worker_reads_its_paged_index_manager():
     request's prompt is indexed by the connector's step events, one decode step of
     the reference kernel counts its statistics, the snapshot reads them."""
     from vllm_retro.backend.connector import RetroStepMetadata
-    from vllm_retro.backend.gpu import PagedIndexManager
     from vllm_retro.index.paged import PagedIndexLayout
     from vllm_retro.kernels import paged_decode_attention
-    from vllm_retro.request_table import RequestTable, RequestUpdate
+    from vllm_retro.request_table import RequestUpdate
 
     h, g, d, bs, nb, n_layers, L = 2, 4, 32, 16, 80, 2, 900
-    cfg = SimpleNamespace(
+    cfg = ConfigDouble(
         additional_config={"retro": {"segment_size": 256, "update_interval": 64,
                                      "recent_tokens": 32, "min_retrieval_tokens": 0}},
         compilation_config=SimpleNamespace(max_cudagraph_capture_size=0),
         scheduler_config=SimpleNamespace(max_num_seqs=2),
         model_config=SimpleNamespace(get_num_attention_heads=lambda pc: h * g),
         parallel_config=SimpleNamespace(rank=0))
-    mgr = PagedIndexManager(cfg, RequestTable())
+    mgr = paged_manager(cfg)
     lay = PagedIndexLayout(h, d, bs, torch.float32)
     mgr.register_kv_caches({f"model.layers.{i}.self_attn.attn": lay.make_cache(nb)
                             for i in range(n_layers)})

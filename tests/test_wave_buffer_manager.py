@@ -16,10 +16,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import ConfigDouble, paged_manager
 from vllm_retro.backend.connector import RetroStepMetadata
 from vllm_retro.index import paged
 from vllm_retro.index.paged import HDR_CLUSTERED_END, I_SIZE, I_START, PagedIndexLayout
-from vllm_retro.request_table import RequestTable, RequestUpdate
+from vllm_retro.request_table import RequestUpdate
 
 H, G, D, BS, NB, LAYERS = 2, 4, 32, 16, 200, 2
 OPTS = {"segment_size": 256, "update_interval": 64, "recent_tokens": 32,
@@ -28,20 +29,15 @@ ROW_BYTES = 2 * D * 8                     # float64 [K | V] of one token and hea
 TOKEN_BYTES = LAYERS * H * ROW_BYTES      # mirror bytes per clustered token
 
 
-class _Cfg(SimpleNamespace):
-    """A VllmConfig stand-in that takes weak references (reporter_for needs them)."""
-
-
 def _manager(max_num_seqs=4, max_model_len=4096, **opts):
-    from vllm_retro.backend.gpu import PagedIndexManager
-    cfg = _Cfg(
+    cfg = ConfigDouble(
         additional_config={"retro": dict(OPTS, **opts)},
         compilation_config=SimpleNamespace(max_cudagraph_capture_size=0),
         scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
         model_config=SimpleNamespace(get_num_attention_heads=lambda pc: H * G,
                                      max_model_len=max_model_len),
         parallel_config=SimpleNamespace(rank=0))
-    mgr = PagedIndexManager(cfg, RequestTable())
+    mgr = paged_manager(cfg)
     lay = PagedIndexLayout(H, D, BS, torch.float64)
     mgr.register_kv_caches({f"model.layers.{i}.self_attn.attn": lay.make_cache(NB)
                             for i in range(LAYERS)})

@@ -39,6 +39,9 @@ def make_llm(model: str, backend: Optional[str] = None, retro: Optional[dict] = 
     unless ``kw`` says otherwise); ``backend`` is an attention backend name (None:
     vLLM's default), ``retro`` the retro options."""
     from vllm import LLM
+    # A dropped engine's reference cycles hold its KV caches until collected, and
+    # vLLM sizes the new engine's cache from the device memory free now.
+    _collect()
     args = dict(dtype="float32", max_model_len=8192, enforce_eager=True,
                 distributed_executor_backend="uni", seed=0,
                 additional_config={"retro": dict(retro or {})})
@@ -48,12 +51,26 @@ def make_llm(model: str, backend: Optional[str] = None, retro: Optional[dict] = 
     return LLM(model, **args)
 
 
+def _collect() -> None:
+    """Collect garbage and hand the CUDA caching allocator's free blocks back."""
+    gc.collect()
+    if _has_cuda():
+        import torch
+        torch.cuda.empty_cache()
+
+
 def close_llm(llm) -> None:
-    """Shuts the engine core down and collects it, so the next engine starts clean."""
+    """Shuts the engine core down and collects it, so the next engine starts clean
+    (the caller's reference to ``llm`` is dead weight after this; drop it)."""
+    cfg = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
     try:
         llm.llm_engine.engine_core.shutdown()
     except Exception:
         pass
+    if cfg is not None:
+        from .worker_state import drop_state
+        drop_state(cfg)
+        del cfg
     # An in-process worker's KV connector is a process global: drop it, or the
     # next engine of this process would inherit retro's connector.
     try:
@@ -63,7 +80,7 @@ def close_llm(llm) -> None:
     except ImportError:
         pass
     del llm
-    gc.collect()
+    _collect()
     # vLLM keeps one CUDA-graph memory pool handle per process (a class attribute
     # of the platform); once the closed engine's graphs are collected that pool is
     # gone, and capturing the next engine's graphs into it fails inside PyTorch's

@@ -79,5 +79,11 @@ def state_for(vllm_config) -> RetroWorkerState:
     return st
 
 
+def drop_state(vllm_config) -> None:
+    """Forget the state of a closed engine now, with its index pools and cached
+    tensors (the config's finalizer would, once the config is collected)."""
+    _STATES.pop(id(vllm_config), None)
+
+
 def existing_state(vllm_config) -> Optional[RetroWorkerState]:
     return _STATES.get(id(vllm_config))

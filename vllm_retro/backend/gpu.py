@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -503,7 +504,10 @@ class PagedIndexManager:
     def __init__(self, vllm_config, requests: RequestTable) -> None:
         from ..worker_state import retro_config_from_vllm
         self.config: RetroConfig = retro_config_from_vllm(vllm_config)
-        self.vllm_config = vllm_config
+        # Weak: the worker state (a process global, dropped when the config dies)
+        # holds this manager; a strong reference would keep a closed engine's
+        # config alive, and through its forward context every KV cache.
+        self._vllm_config = weakref.ref(vllm_config)
         self.requests = requests
         requests.on_remove = self._on_remove
         self.layout: Optional[PagedIndexLayout] = None
@@ -552,6 +556,14 @@ class PagedIndexManager:
         # The dense switch (``dense_below``), made by the first metadata build.
         self.switch: Optional[DenseSwitch] = None
         self._switch_checked = False
+
+    @property
+    def vllm_config(self):
+        vc = self._vllm_config()
+        if vc is None:
+            raise RuntimeError("retro: the engine whose config this index manager "
+                               "served was closed")
+        return vc
 
     def dense_switch(self, device) -> Optional[DenseSwitch]:
         """The worker's :class:`DenseSwitch` (None: ``dense_below`` 0, or FULL CUDA
@@ -1232,9 +1244,6 @@ def _layer_order(name: str):
     import re
     nums = [int(x) for x in re.findall(r"\d+", name)]
     return (nums, name)
-
-
-_MANAGERS: Dict[int, PagedIndexManager] = {}
 
 
 def manager_for(vllm_config) -> PagedIndexManager:
