@@ -1979,7 +1979,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     # 16-bit caches: split 16-bit tensor-core products (not in the interpreter, whose
     # 16-bit dot is unreliable); fp32 caches: exact fp32 products.
     native = kv_cache.dtype in (torch.bfloat16, torch.float16) and not interpreting()
-    prec = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
+    fp32 = kv_cache.dtype == torch.float32
+    prec = "ieee" if fp32 else "tf32"
     scale = float(scale)
     common = (block_table, block_table.stride(0), ibt, ibt.stride(0), seq_lens, headers,
               headers.stride(0))
@@ -2025,7 +2026,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}), **ep,
             **(dict(ERR=True, tv_ptr=es.tvar, hist2_ptr=es.hist2, emax_ptr=es.emax)
                if err else {}),
-            **_tune("score", b, fp32=kv_cache.dtype == torch.float32)))
+            **_tune("score", b, fp32=fp32)))
     bucket = SELECT == "bucket"
     if bucket:
         rgh = ws.range_hist(b * h * nsg)
@@ -2077,7 +2078,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
                 emax_ptr=es.emax) if err else {}), **tune_c))
     mv8 = getattr(pool, "mean_value_bits", 16) == 8
     vc = getattr(pool, "value_correction", False)
-    tune_a = _tune("attend", b, wave is not None, vc=vc, fp32=kv_cache.dtype == torch.float32)
+    tune_a = _tune("attend", b, wave is not None, vc=vc, fp32=fp32)
     if wave is not None:
         if not in_collect:
             _keep("resolve", _resolve_kernel[grid_a](
