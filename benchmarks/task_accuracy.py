@@ -434,6 +434,15 @@ def retro_stats(llm) -> Optional[dict]:
             "index_builds": st.builds}
 
 
+def counter_delta(after: Optional[dict], before: Optional[dict]) -> Optional[dict]:
+    """``after`` with its integer counters less their values in ``before`` (the
+    fractions and other floats as ``after`` has them)."""
+    if after is None or before is None:
+        return after
+    return {k: (v - before.get(k, 0) if isinstance(v, int) and not isinstance(v, bool)
+                else v) for k, v in after.items()}
+
+
 def generate(llm, samples: Sequence[Sample]) -> List[List[int]]:
     """Greedy outputs (token ids, stopping at EOS) of all samples, one generate call."""
     from vllm import SamplingParams
@@ -461,10 +470,13 @@ def run_config(model: str, name: str, retro: Optional[dict], samples: Sequence[S
     t0 = time.perf_counter()
     llm = make_llm(model, retro)
     t_start = time.perf_counter() - t0
+    # The counters also hold the engine start's warm-up and profiling rows: this
+    # run's figures are the differences across generate.
+    before = retro_stats(llm) if retro is not None else None
     t1 = time.perf_counter()
     outs = generate(llm, samples)
     t_gen = time.perf_counter() - t1
-    stats = retro_stats(llm) if retro is not None else None
+    stats = None if retro is None else counter_delta(retro_stats(llm), before)
     close_llm(llm)
     if retro is not None:
         # A silent fallback to dense decoding must fail loudly: every prompt here is

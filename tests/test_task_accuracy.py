@@ -92,3 +92,14 @@ def test_retro_default_budget_task_accuracy(smollm2_model, samples):
     # floor is ~26% of these prompts) and estimated another part.
     assert st.decode_calls > 0 and st.mean(st.exact_fraction_sum) < 0.4
     assert st.mean(st.estimated_fraction_sum) > 0.1
+
+
+def test_counter_delta_takes_the_engine_starts_rows_out():
+    before = {"retro_rows": 3, "dense_rows": 11_000, "exact_fraction": 0.5, "ok": True}
+    after = {"retro_rows": 918, "dense_rows": 11_000, "exact_fraction": 0.03, "ok": True,
+             "flash_rows": 2}
+    assert ta.counter_delta(after, before) == {
+        "retro_rows": 915, "dense_rows": 0, "exact_fraction": 0.03, "ok": True,
+        "flash_rows": 2}
+    assert ta.counter_delta(after, None) is after
+    assert ta.counter_delta(None, before) is None
