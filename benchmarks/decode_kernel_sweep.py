@@ -72,6 +72,10 @@ VARIANTS = [
     ("score cuda", "score_impl", "cuda"),
     ("score CH64 w4", "score", dict(CH=64, num_warps=4)),
     ("attend TS64", "attend", dict(TS=64)),
+    # At one row a program gets ~32 steady tokens and ~60 estimated clusters at 128K
+    # (32 programs per row-head): the small-batch 64-wide tiles run half empty
+    # (Nsight Compute, twenty-fourth session: ~1,250 + ~900 of 4,133 instructions per warp).
+    ("attend TS32 TE32", "attend", dict(TS=32, TE=32)),
     ("attend w8", "attend", dict(num_warps=8)),
     ("cand CB1024", "cand", dict(CB=1024)),
     # The last program's threshold search on fewer lanes when both buckets are small
