@@ -462,6 +462,25 @@ def match_rate(a: Sequence[int], b: Sequence[int]) -> float:
     return sum(x == y for x, y in zip(a, b)) / n if n else 1.0
 
 
+def check_served(name: str, retro: dict, stats: Optional[dict]) -> None:
+    """Raises when retro's counters over a run (``stats``, see :func:`retro_stats`)
+    show a silent fallback: no decode row served over an index, or on a GPU rows
+    attended exactly without one or, unless the configuration asks for the dense
+    switch (``dense_below``), by FlashAttention. Every prompt here is long enough to
+    be indexed (``segment_size`` 1024)."""
+    stats = stats or {}
+    served = stats.get("retro_rows", stats.get("decode_calls", 0))
+    if not served:
+        raise RuntimeError(f"config {name}: retro served no decode row with an "
+                           f"index ({stats})")
+    unindexed = stats.get("dense_rows", 0)
+    if not retro.get("dense_below"):
+        unindexed += stats.get("flash_rows", 0)
+    if unindexed:
+        raise RuntimeError(f"config {name}: {unindexed} decode rows were not served "
+                           f"over an index ({stats})")
+
+
 def run_config(model: str, name: str, retro: Optional[dict], samples: Sequence[Sample],
                tok, sample_idx: Optional[Sequence[int]] = None) -> dict:
     """One engine, one ``generate`` call over ``samples[i] for i in sample_idx``."""
@@ -479,12 +498,7 @@ def run_config(model: str, name: str, retro: Optional[dict], samples: Sequence[S
     stats = None if retro is None else counter_delta(retro_stats(llm), before)
     close_llm(llm)
     if retro is not None:
-        # A silent fallback to dense decoding must fail loudly: every prompt here is
-        # long enough to be indexed (segment_size 1024).
-        served = (stats or {}).get("retro_rows", (stats or {}).get("decode_calls", 0))
-        if not served:
-            raise RuntimeError(f"config {name}: retro served no decode row with an "
-                               f"index ({stats})")
+        check_served(name, retro, stats)
     texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
     return {"name": name, "retro_options": retro, "engine_start_s": t_start,
             "sample_idx": sample_idx, "prompt_tokens": sum(len(x.prompt_ids) for x in samples),

@@ -103,3 +103,16 @@ def test_counter_delta_takes_the_engine_starts_rows_out():
         "flash_rows": 2}
     assert ta.counter_delta(after, None) is after
     assert ta.counter_delta(None, before) is None
+
+
+def test_check_served_fails_loudly_on_a_fallback():
+    retro = {"segment_size": 1024}
+    ta.check_served("retro", retro, {"retro_rows": 915, "dense_rows": 0, "flash_rows": 0})
+    ta.check_served("retro", retro, {"decode_calls": 40})            # the CPU's counters
+    for bad in ({"retro_rows": 0}, {"decode_calls": 0}, None,
+                {"retro_rows": 900, "dense_rows": 15},
+                {"retro_rows": 900, "flash_rows": 2}):
+        with pytest.raises(RuntimeError):
+            ta.check_served("retro", retro, bad)
+    # The dense switch on: FlashAttention's rows are the configuration's own.
+    ta.check_served("sw", dict(retro, dense_below=4096), {"retro_rows": 900, "flash_rows": 2})
