@@ -857,7 +857,9 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
         bad += (valid == 0).to(tl.int32)
     # Masked-out lanes were counted in bin 0.
     hist -= tl.where(tl.arange(0, NB) == 0, tl.sum(bad, 0), 0)
-    tl.atomic_add(hist_ptr + rh * NB + tl.arange(0, NB), hist, mask=hist > 0)
+    # Relaxed: only later launches read the sums (the default acq_rel put a full GPU
+    # memory barrier before each of a thread's atomics: MEMBAR.ALL.GPU in the sm_90 SASS).
+    tl.atomic_add(hist_ptr + rh * NB + tl.arange(0, NB), hist, mask=hist > 0, sem="relaxed")
     if BUCKET:
         ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
         tl.store(rgh_ptr + (rh * MSPLIT + p).to(tl.int64) * NB + tl.arange(0, NB), ge)
@@ -936,7 +938,8 @@ def _band_kernel(keys_ptr, keys2_ptr, hist_ptr, hist2_ptr, emax_ptr, rgh_ptr, rg
         e2 += tl.sum(eq2.to(tl.int32), 0)
     # Entries outside the band were counted in bin 0.
     hist2 -= tl.where(tl.arange(0, NB) == 0, tl.sum(out, 0), 0)
-    tl.atomic_add(hist2_ptr + rh * NB + tl.arange(0, NB), hist2, mask=hist2 > 0)
+    tl.atomic_add(hist2_ptr + rh * NB + tl.arange(0, NB), hist2, mask=hist2 > 0,
+                  sem="relaxed")   # (read by later launches only, as the key histogram)
     ge = tl.sum(hist2, 0) - tl.cumsum(hist2, 0) + hist2
     tl.store(rgh2_ptr + (rh * MSPLIT + p).to(tl.int64) * NB + tl.arange(0, NB), ge)
 
@@ -1323,12 +1326,13 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
             exact = ret_tok
             if p == 0:
                 exact += tl.where(indexed, S + L - E, L)
-                tl.atomic_add(stats_ptr + 4, L.to(tl.int64))
+                tl.atomic_add(stats_ptr + 4, L.to(tl.int64), sem="relaxed")
                 if h == 0:
                     tl.atomic_add(stats_ptr + tl.where(indexed, 0, 1),
-                                  (ret_tok * 0 + 1).to(tl.int64))
-            tl.atomic_add(stats_ptr + 2, exact.to(tl.int64))
-            tl.atomic_add(stats_ptr + 3, est_tok.to(tl.int64))
+                                  (ret_tok * 0 + 1).to(tl.int64), sem="relaxed")
+            # (Counters the host reads after the step: no ordering needed.)
+            tl.atomic_add(stats_ptr + 2, exact.to(tl.int64), sem="relaxed")
+            tl.atomic_add(stats_ptr + 3, est_tok.to(tl.int64), sem="relaxed")
 
 
 # ------------------------------------------------------------------ 5. attention
