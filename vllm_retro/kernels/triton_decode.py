@@ -857,8 +857,8 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
         bad += (valid == 0).to(tl.int32)
     # Masked-out lanes were counted in bin 0.
     hist -= tl.where(tl.arange(0, NB) == 0, tl.sum(bad, 0), 0)
-    # Relaxed: only later launches read the sums (the default acq_rel put a full GPU
-    # memory barrier before each of a thread's atomics: MEMBAR.ALL.GPU in the sm_90 SASS).
+    # Relaxed: only later launches read the sums, and the default acq_rel puts a full
+    # GPU memory barrier (MEMBAR.ALL.GPU at sm_90) before each of a thread's atomics.
     tl.atomic_add(hist_ptr + rh * NB + tl.arange(0, NB), hist, mask=hist > 0, sem="relaxed")
     if BUCKET:
         ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
