@@ -619,6 +619,17 @@ def _fold_rows(x, GP: tl.constexpr, G4: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
+def _pad_rows(x, GP: tl.constexpr, G4: tl.constexpr, N: tl.constexpr):
+    """``x [G4, N]`` -> ``[GP, N]``: ``x`` in the first G4 rows, zeros below (the
+    tensor-core products' least M is 16 rows)."""
+    if GP == G4:
+        return x
+    else:
+        rep = tl.reshape(tl.broadcast_to(x[None, :, :], [GP // G4, G4, N]), [GP, N])
+        return tl.where((tl.arange(0, GP) < G4)[:, None], rep, tl.zeros_like(rep))
+
+
+@triton.jit
 def _q8_acc(hi, lo, b):
     """``(hi + lo / Q8_LO) @ b`` times Q8_LO, exact in int32, for int8 ``hi``, ``lo``
     ``[M, K]`` and int8 ``b [K, N]`` on integer tensor cores: two exact int32
@@ -715,16 +726,25 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             tl.store(emax_ptr + rh, 0)
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
                                               hdr_s0, r, SB, BS, EPB)
-    g = tl.arange(0, GP)
     d = tl.arange(0, DP)
-    gm = g < G
     dm = d < D
-    q = tl.load(q_ptr + r.to(tl.int64) * q_sb + (h * G + g)[:, None] * q_sh + d[None, :] * q_sd,
-                mask=gm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-    qq = q * q
     if Q8:
-        qh, ql, sq = _q8_split(q)
-        qqh, qql, sqq = _q8_split(qq)
+        # Split on the G4 query-head rows, then padded to the products' GP rows with
+        # zeros: the rounding work of the padded rows (zeros) is not done per program.
+        g4 = tl.arange(0, G4)
+        q4 = tl.load(q_ptr + r.to(tl.int64) * q_sb + (h * G + g4)[:, None] * q_sh
+                     + d[None, :] * q_sd, mask=(g4 < G)[:, None] & dm[None, :],
+                     other=0.0).to(tl.float32)
+        qh4, ql4, sq = _q8_split(q4)
+        qqh4, qql4, sqq = _q8_split(q4 * q4)
+        qh, ql = _pad_rows(qh4, GP, G4, DP), _pad_rows(ql4, GP, G4, DP)
+        qqh, qql = _pad_rows(qqh4, GP, G4, DP), _pad_rows(qql4, GP, G4, DP)
+    else:
+        g = tl.arange(0, GP)
+        q = tl.load(q_ptr + r.to(tl.int64) * q_sb + (h * G + g)[:, None] * q_sh
+                    + d[None, :] * q_sd, mask=(g < G)[:, None] & dm[None, :],
+                    other=0.0).to(tl.float32)
+        qq = q * q
     # The rows of the element-wise work: the query heads' G4 (XR) or the products' GP.
     GX: tl.constexpr = G4 if XR else GP
     gx = tl.arange(0, GX)
