@@ -175,10 +175,13 @@ for s in $STAGES; do
       if [ -z "$NCU" ]; then echo "ncu: not found on this host"; rc=3; continue; fi
       "$NCU" --csv --page details --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section LaunchStats --section MemoryWorkloadAnalysis \
+        --section InstructionStats \
         -k 'regex:_(score|key|cand|collect|attend)_kernel' -c 5 \
         python3 benchmarks/decode_kernel_sweep.py --cases ${NCU_CASE:-131072x8} \
         --variants default --out "$OUT/ncu_sweep.json" > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
-      r=$?; tail -3 "$OUT/ncu.err"; wc -l "$OUT/ncu.csv"; [ "$r" = 0 ] || rc=$r; continue ;;
+      r=$?; tail -3 "$OUT/ncu.err"; wc -l "$OUT/ncu.csv"
+      python3 scripts/gpu/ncu_summary.py "$OUT/ncu.csv" || true
+      [ "$r" = 0 ] || rc=$r; continue ;;
     # Nsight Compute, full set with per-instruction (SASS) counters, of single kernels,
     # exported as text so a machine without ncu can read them: NCUSRC lists
     # "name|kernel regex|sweep arguments" entries separated by "+"; reports carried
