@@ -728,23 +728,19 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                                               hdr_s0, r, SB, BS, EPB)
     d = tl.arange(0, DP)
     dm = d < D
+    # With Q8 the query is split on its G4 query-head rows and the int8 parts padded
+    # to the products' GP rows with zeros afterwards: the rounding work of the padded
+    # rows (zeros) is not done per program.
+    QR: tl.constexpr = G4 if Q8 else GP
+    gq = tl.arange(0, QR)
+    q = tl.load(q_ptr + r.to(tl.int64) * q_sb + (h * G + gq)[:, None] * q_sh + d[None, :] * q_sd,
+                mask=(gq < G)[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    qq = q * q
     if Q8:
-        # Split on the G4 query-head rows, then padded to the products' GP rows with
-        # zeros: the rounding work of the padded rows (zeros) is not done per program.
-        g4 = tl.arange(0, G4)
-        q4 = tl.load(q_ptr + r.to(tl.int64) * q_sb + (h * G + g4)[:, None] * q_sh
-                     + d[None, :] * q_sd, mask=(g4 < G)[:, None] & dm[None, :],
-                     other=0.0).to(tl.float32)
-        qh4, ql4, sq = _q8_split(q4)
-        qqh4, qql4, sqq = _q8_split(q4 * q4)
+        qh4, ql4, sq = _q8_split(q)
+        qqh4, qql4, sqq = _q8_split(qq)
         qh, ql = _pad_rows(qh4, GP, G4, DP), _pad_rows(ql4, GP, G4, DP)
         qqh, qql = _pad_rows(qqh4, GP, G4, DP), _pad_rows(qql4, GP, G4, DP)
-    else:
-        g = tl.arange(0, GP)
-        q = tl.load(q_ptr + r.to(tl.int64) * q_sb + (h * G + g)[:, None] * q_sh
-                    + d[None, :] * q_sd, mask=(g < G)[:, None] & dm[None, :],
-                    other=0.0).to(tl.float32)
-        qq = q * q
     # The rows of the element-wise work: the query heads' G4 (XR) or the products' GP.
     GX: tl.constexpr = G4 if XR else GP
     gx = tl.arange(0, GX)
