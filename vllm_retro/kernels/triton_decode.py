@@ -1277,17 +1277,18 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     rc0 = rc
     ret_tok = lo * 0
     est_tok = ret_tok
+    # Small tiles (one or two rows) load every entry's pool page beside its key, so
+    # the load does not wait for the keys and the selection (one memory latency
+    # fewer per tile); larger tiles load the selected entries' pages after the
+    # selection: held across it, the pages cost 1,024-entry tiles registers (134
+    # instead of 128 at sm_90: 3 programs per SM, not 4).
+    EARLY_PAGES: tl.constexpr = RB <= 256
     for i0 in range(lo, hi, RB):
         i = i0 + tl.arange(0, RB)
         valid = i < hi
         key = tl.load(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), mask=valid,
                       other=-1)
-        if RB <= 256:
-            # Small tiles (one or two rows): every entry's pool page, not only the
-            # selected ones', so the load does not wait for the keys and the
-            # selection (one memory latency fewer per tile). Larger tiles keep it
-            # after the selection: held across it, the pages cost 1,024-entry tiles
-            # registers (134 instead of 128 at sm_90: 3 programs per SM, not 4).
+        if EARLY_PAGES:
             eb32 = tl.load(ix_row + i, mask=valid, other=0)
         if BUCKET:
             v = _digit(key, mean_bits, SUB, NB, WIN)
@@ -1312,7 +1313,7 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         sel = ret | est
         lp = tl.where(ret, rc + tl.cumsum(ret.to(tl.int32), 0) - 1,
                       ec + tl.cumsum(est.to(tl.int32), 0) - 1)
-        if RB > 256:
+        if not EARLY_PAGES:
             eb32 = tl.load(ix_row + i, mask=sel, other=0)
         eb = eb32.to(tl.int64)
         ib = ip_ptr + eb * ip_s0 + h * ip_s1
@@ -1346,6 +1347,7 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                                  mk_ptr, mc_ptr, MCAP, H, BS)
         tl.atomic_add(wcnt_ptr + _W_HITS, hits, mask=hits > 0, sem="relaxed")
     if COUNT_STATS:
+        # (Counters the host reads after the step: relaxed atomics, no ordering needed.)
         if L > 0:
             indexed = E > 0
             exact = ret_tok
@@ -1355,7 +1357,6 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                 if h == 0:
                     tl.atomic_add(stats_ptr + tl.where(indexed, 0, 1),
                                   (ret_tok * 0 + 1).to(tl.int64), sem="relaxed")
-            # (Counters the host reads after the step: no ordering needed.)
             tl.atomic_add(stats_ptr + 2, exact.to(tl.int64), sem="relaxed")
             tl.atomic_add(stats_ptr + 3, est_tok.to(tl.int64), sem="relaxed")
 
