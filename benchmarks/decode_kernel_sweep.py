@@ -66,6 +66,8 @@ VARIANTS = [
     ("programs/SM 8, score CH32", "pps+score", (8, dict(CH=32))),
     ("programs/SM 4, split 16", "pps", (4, 16)),
     ("PDL", "pdl", None),
+    # PDL is on above two rows by default (triton_decode.PDL): the variant without.
+    ("no PDL", "no_pdl", None),
     ("PDL, attend split 64", "pdl+asplit", 64),
     ("attend split 64", "asplit", 64),
     ("attend split 128", "asplit", 128),
@@ -76,6 +78,7 @@ VARIANTS = [
     # (32 programs per row-head): the small-batch 64-wide tiles run half empty
     # (Nsight Compute, twenty-fourth session: ~1,250 + ~900 of 4,133 instructions per warp).
     ("attend TS32 TE32", "attend", dict(TS=32, TE=32)),
+    ("attend TS64 TE64", "attend", dict(TS=64, TE=64)),
     ("attend w8", "attend", dict(num_warps=8)),
     ("cand CB1024", "cand", dict(CB=1024)),
     # The last program's threshold search on fewer lanes when both buckets are small
@@ -127,12 +130,25 @@ VARIANTS = [
     # at sm_90; Nsight Compute at 128K x 6 had shown ~48 warp instructions per entry
     # at 0.44 issued per scheduler and cycle).
     ("score plain", "score", dict(XR=False)),
+    # The attention kernel's softmax on the G4 query-head rows (XR) and on the
+    # products' 16 rows (plain), whichever is the default.
+    # The score kernel's first tile loaded before the query's split (at one or two
+    # rows a program has two tiles; Nsight Compute put ~27% of its samples at 128K x 1
+    # in the prologue and 17% on the wait for the first tile). The tile held across
+    # the split takes registers: 171 at 8-bit summaries uncapped (one program per SM
+    # instead of two), so capped at 128 (24 bytes of spill, sm_90).
+    ("score EARLY", "score", dict(EARLY=True, maxnreg=128)),
+    ("attend XR", "attend", dict(XR=True)),
+    ("attend plain", "attend", dict(XR=False)),
     # Larger groups of retrieved clusters: each group starts with a chain of three
     # dependent loads (index table, list, block table) before its first K/V load.
     # One or two rows (TUNE_SMALL_BATCH): without the 168-register cap Triton 3.6
     # gives the kernel 232 registers (2 programs per SM instead of 3) and more loads
     # in flight per program.
     ("attend maxnreg none", "attend", dict(maxnreg=None)),
+    # ... and held to 128 (4 programs per SM instead of 3: the small-batch variant
+    # takes 143 registers at sm_90 since the softmax on the query-head rows).
+    ("attend maxnreg 128", "attend", dict(maxnreg=128)),
     ("attend RG16", "attend", dict(RG=16)),
     ("attend RG32", "attend", dict(RG=32)),
     # The wave variant of the attention kernel at batches above SMALL_BATCH
@@ -234,6 +250,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     base_dyn = td.DYNAMIC_SPLIT
     base_in_collect = td.RESOLVE_IN_COLLECT
     base_select = td.SELECT
+    base_pdl = td.PDL
     td.RECORD_RESOURCES = True
     res = []
     for name, kernel, over in VARIANTS:
@@ -247,7 +264,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         td.LAST_KERNELS.clear()   # (else the programs/SM line shows earlier variants' stages)
         max_split = pps = attend_split = 0
         rank = "mass"
-        td.PDL = bool(kernel and kernel.startswith("pdl"))
+        td.PDL = True if kernel and kernel.startswith("pdl") else \
+            False if kernel == "no_pdl" else base_pdl
         td.DYNAMIC_SPLIT = kernel != "static"
         td.RESOLVE_IN_COLLECT = ((base_in_collect or kernel == "in_collect")
                                  and kernel != "resolve_kernel")
@@ -271,7 +289,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             for k, o in over.items():
                 td.TUNE[k].update(o)
             kernel = None
-        elif kernel == "pdl":
+        elif kernel in ("pdl", "no_pdl"):
             kernel = None
         elif kernel == "pdl+asplit":
             attend_split, kernel = over, None
@@ -336,7 +354,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     td.TUNE, td.TUNE_SMALL_BATCH, td.SCORE_IMPL = base_tune, base_small, base_impl
     td.SELECT = base_select
     td.TUNE_WAVE = base_wave
-    td.PDL = False
+    td.PDL = base_pdl
     td.DYNAMIC_SPLIT = base_dyn
     td.RESOLVE_IN_COLLECT = base_in_collect
     ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")

@@ -323,13 +323,15 @@ def plot(res: dict, path: str) -> None:
 
     def run_no(r):
         return r.get("run") if r.get("run") is not None else -1
+    # A record whose requests did not all decode together measured no batch.
+    records = [r for r in res["records"] if r.get("concurrent", True)]
     newest = {}
-    for r in res["records"]:
+    for r in records:
         k = (family(r["backend"]), r["context"])
         if k not in newest or run_no(r) >= run_no(newest[k]):
             newest[k] = r
     latest = {}
-    for r in res["records"]:
+    for r in records:
         k = (family(r["backend"]), r["context"])
         if r.get("date") != newest[k].get("date") and run_no(r) != run_no(newest[k]):
             continue

@@ -419,6 +419,37 @@ def test_score_row_fold_matches_plain_score(monkeypatch, bits):
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
+@pytest.mark.parametrize("kernel,knob,tiles", [
+    ("score", "EARLY", dict(CH=16)),
+    ("attend", "XR", dict(TS=16, TE=16, TR=16, RG=2)),
+])
+@pytest.mark.parametrize("bits", [16, 8])
+def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, bits):
+    """Two forms of a kernel that must compute the same values: the score kernel with
+    its first tile loaded before the query's split (``EARLY``) and without; the
+    attention kernel's softmax on the query heads' rows (``XR``) and on the products'
+    rows. Bit-equal outputs and logits, each the twin's, over several tiles per
+    program and a partial last tile."""
+    td = _td()
+    torch.manual_seed(37 + bits)
+    sc = Scene(260, summary_bits=bits)
+    sc.add(900, n_ret=6, n_est=20)
+    sc.add(0)
+    sc.add(700, n_ret=4, n_est=9)
+    q = torch.randn(3, H * G, D)
+    got = []
+    for on in (False, True):
+        for table in (td.TUNE, td.TUNE_SMALL_BATCH):
+            monkeypatch.setitem(table, kernel, dict(table[kernel], **tiles, **{knob: on}))
+        ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=1)
+        out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
+        assert _rel(out, ref) < 2e-3, (on, _rel(out, ref))
+        assert ws.stats.tolist() == expected_stats(sc, st)
+        got.append((out, ws.logits.cpu()))
+    assert len(sc.pages(0)) % 16 and len(sc.pages(0)) > 32, "several tiles, a partial last"
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+
+
 def test_8bit_summaries_match_twin_and_stay_near_16bit():
     """``summary_bits`` 8: the score stage reads int8 centroids and variances with a
     scale per cluster (kernel == twin, which dequantizes; same selection); the

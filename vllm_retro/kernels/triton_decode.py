@@ -156,7 +156,10 @@ TUNE = {
     # RG: retrieved clusters per group (each group starts with a chain of three
     # dependent loads): 32 took 60.2 / 74.0 us at 128K x 6 / 8 against 63.9 / 79.8
     # with 8 (twenty-first session); at one row 8 stays (TUNE_SMALL_BATCH).
-    "attend": dict(TS=32, RG=32, TR=32, TE=32, num_warps=4, num_stages=2, maxnreg=128),
+    # XR: the softmax on the query heads' G4 rows (as the score kernel's): 0.3-1.4 us
+    # less per layer at 32K / 128K x 1 / 6 / 8 on an H100 (twenty-fifth session).
+    "attend": dict(TS=32, RG=32, TR=32, TE=32, num_warps=4, num_stages=2, maxnreg=128,
+                   XR=True),
     # The wave buffer's page lookups (walks the retrieved clusters like the attention
     # kernel, in tiles of its own: every visited page's source is written whatever
     # the tiling; 32-token tiles: 21.5 us per layer at 128K x 8, 33 with 16).
@@ -178,9 +181,19 @@ ATTEND_MAX_SPLIT = int(os.environ.get("RETRO_DECODE_ATTEND_MAX_SPLIT", "0"))
 # Programmatic dependent launch (Hopper): kernels 2-5 are launched as dependents of
 # the one before, start their independent prologue (row, header, block table)
 # while it finishes, and wait (griddepcontrol.wait) before reading its outputs;
-# every kernel lets its dependents launch early. Off by default until measured;
-# RETRO_DECODE_PDL=1 (or the attribute) turns it on. Never in the interpreter.
-PDL = os.environ.get("RETRO_DECODE_PDL", "0") == "1"
+# every kernel lets its dependents launch early. None (the default): on above
+# SMALL_BATCH rows, where it took 1.9-9.2 us off a layer (128K x 3 / 4 / 6 / 8, 32K
+# x 4 / 8; 330 -> 334 tok/s end to end at 128K x 3) and off at one or two rows, where
+# it added ~5 us (H100, twenty-fifth session). RETRO_DECODE_PDL=1 / 0 (or the
+# attribute True / False) forces it on / off. Never in the interpreter.
+PDL = {"1": True, "0": False}.get(os.environ.get("RETRO_DECODE_PDL", ""))
+
+
+def pdl_for(num_rows: int) -> bool:
+    """Whether a step of ``num_rows`` decode rows launches with PDL (see ``PDL``)."""
+    if interpreting():
+        return False
+    return num_rows > SMALL_BATCH if PDL is None else bool(PDL)
 # With a wave buffer, the list kernel also resolves the pages its range's retrieved
 # clusters visit (what _resolve_kernel does, on the list entries it has just
 # written: one launch, prologue and list read fewer per layer): 216 against 235 us
@@ -204,7 +217,7 @@ TUNE_SMALL_BATCH = {
     # against 60.5 / 77.4 with its EAGER variant). Held to 168 registers (3 programs
     # per SM): Triton 3.6 gives the 32-bit address forms 232 otherwise (2 per SM);
     # capped, its sm_90 compile has no spills and fewer instructions per tile.
-    "attend": dict(TS=64, TE=64, RG=8, maxnreg=168),
+    "attend": dict(TS=32, TE=32, RG=8, maxnreg=168),
 }
 # ... for float32 caches on a GPU (any batch): the score kernel's fold spills there
 # (984 bytes at 128 registers, sm_90), so it keeps the plain form (the interpreter
@@ -273,8 +286,9 @@ def _next_pow2(x: int) -> int:
 
 def interpreting() -> bool:
     """Whether this module's kernels run in Triton's CPU interpreter: they do when
-    ``TRITON_INTERPRET=1`` was set as the module was imported."""
-    return type(_score_kernel).__name__ == "InterpretedFunction"
+    ``TRITON_INTERPRET=1`` was set as the module was imported (asked of a helper:
+    tests wrap the ``*_kernel`` objects to record their launches)."""
+    return type(_program).__name__ == "InterpretedFunction"
 
 
 class ErrorScratch(NamedTuple):
@@ -679,6 +693,63 @@ def _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1, blk, valid, 
     return sc_c, sc_v, size
 
 
+@triton.jit
+def _score_loads(fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3, fq_ptr, fq_s0, fq_s1, fs_ptr, fs_s0,
+                 fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1, blk, valid, h, D: tl.constexpr,
+                 DP: tl.constexpr, Q8: tl.constexpr):
+    """A score tile's summaries at pool pages ``blk [CH]``: (centroids, key variances
+    ``[CH, DP]``, their scales, sizes ``[CH]``), int8 with Q8."""
+    d = tl.arange(0, DP)
+    cm = valid[:, None] & (d < D)[None, :]
+    sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
+                                    blk, valid, h, Q8)
+    if Q8:
+        qb = fq_ptr + _wide_mad(blk, fq_s0, h * fq_s1)
+        cen = tl.load(qb[:, None] + d[None, :], mask=cm, other=0)
+        var = tl.load(qb[:, None] + D + d[None, :], mask=cm, other=0)
+    else:
+        fb = fp_ptr + _wide_mad(blk, fp_s0, h * fp_s1)
+        cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
+        var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
+    return cen, var, sc_c, sc_v, size
+
+
+@triton.jit
+def _score_step(cen, var, sc_c, sc_v, size, blk, valid, q, qq, qh, ql, qqh, qql, sq, sqq,
+                m_run, s_run, lg_ptr, tv_ptr, scale, h, gx, gxm, H: tl.constexpr,
+                G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr, CH: tl.constexpr,
+                CAP: tl.constexpr, NATIVE: tl.constexpr, PREC: tl.constexpr,
+                Q8: tl.constexpr, XR: tl.constexpr, ERR: tl.constexpr):
+    """One score tile: log-masses of its entries (stored to the logits, and the
+    variance terms with ERR) folded into the running max and sum ``[GX]``."""
+    if Q8:
+        qc_i = _q8_acc(qh, ql, tl.trans(cen))
+        qv_i = _q8_acc(qqh, qql, tl.trans(var))
+        if XR:   # (in int32, before the conversions and scales)
+            qc_i, qv_i = _fold_rows(qc_i, GP, G4, CH), _fold_rows(qv_i, GP, G4, CH)
+        qc = _q8_float(qc_i) * (sq * sc_c)[None, :]
+        qv = _q8_float(qv_i) * (sqq * sc_v)[None, :]
+    else:
+        qc = _dot(q, tl.trans(cen), NATIVE, PREC)
+        qv = _dot(qq, tl.trans(var), NATIVE, PREC)
+        if XR:
+            qc, qv = _fold_rows(qc, GP, G4, CH), _fold_rows(qv, GP, G4, CH)
+    # Same operation order as the twin: s q.c + ln size + min(s^2/2 q^2.var, CAP).
+    lg = qc * scale + tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
+    tv = qv * (0.5 * scale * scale)
+    lg = lg + tl.minimum(tv, CAP)
+    lg = tl.where((valid & (size > 0))[None, :], lg, _NEG_INF)
+    tl.store(lg_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], lg,
+             mask=gxm[:, None] & valid[None, :])
+    if ERR:
+        tl.store(tv_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], tv,
+                 mask=gxm[:, None] & valid[None, :])
+    m_new = tl.maximum(m_run, tl.max(lg, 1))
+    m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
+    s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
+    return m_new, s_run
+
+
 @triton.jit(do_not_specialize=_BATCH_ARGS, **_NO_ALIGN)
 def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   fq_ptr, fq_s0, fq_s1, fs_ptr, fs_s0, fs_s1, fs_s2,
@@ -692,8 +763,10 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   Q8: tl.constexpr = False,
                   EPB: tl.constexpr = 1, ERR: tl.constexpr = False, tv_ptr=None,
                   hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
-                  G4: tl.constexpr = 16):
+                  G4: tl.constexpr = 16, EARLY: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
+
+    EARLY: the first tile's loads are issued before the query's split (see below).
 
     XR: the products' ``GP`` rows (16: the tensor cores' least) are folded to the
     ``G4`` query-head rows right after them (the padded rows are exact zeros, the
@@ -728,6 +801,22 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                                               hdr_s0, r, SB, BS, EPB)
     d = tl.arange(0, DP)
     dm = d < D
+    n_mine = tl.maximum(C - p + NS - 1, 0) // NS
+    # EARLY: the first tile's summaries and the second tile's pool pages are loaded
+    # before the query's split (reductions across warps, barriers), so their DRAM
+    # latency overlaps it; the loop starts at the second tile.
+    FIRST: tl.constexpr = CH if EARLY else 0
+    if EARLY:
+        i = p + NS * tl.arange(0, CH)
+        valid = i < C
+        blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
+        cen0, var0, sc_c0, sc_v0, size0 = _score_loads(fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
+                                                       fq_ptr, fq_s0, fq_s1, fs_ptr, fs_s0,
+                                                       fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1, blk,
+                                                       valid, h, D, DP, Q8)
+        i_1 = p + NS * (CH + tl.arange(0, CH))
+        valid_1 = i_1 < C
+        blk_1 = tl.load(ix_row + i_1, mask=valid_1, other=0).to(tl.int64)
     # With Q8 the query is split on its G4 query-head rows and the int8 parts padded
     # to the products' GP rows with zeros afterwards: the rounding work of the padded
     # rows (zeros) is not done per program.
@@ -741,59 +830,37 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         qqh4, qql4, sqq = _q8_split(qq)
         qh, ql = _pad_rows(qh4, GP, G4, DP), _pad_rows(ql4, GP, G4, DP)
         qqh, qql = _pad_rows(qqh4, GP, G4, DP), _pad_rows(qql4, GP, G4, DP)
+    else:   # (not read without Q8)
+        qh, ql, qqh, qql, sq, sqq = q, q, qq, qq, 1.0, 1.0
     # The rows of the element-wise work: the query heads' G4 (XR) or the products' GP.
     GX: tl.constexpr = G4 if XR else GP
     gx = tl.arange(0, GX)
     gxm = gx < G
     m_run = tl.full([GX], _NEG_INF, tl.float32)
     s_run = tl.zeros([GX], tl.float32)
-    n_mine = tl.maximum(C - p + NS - 1, 0) // NS
+    if EARLY:
+        m_run, s_run = _score_step(cen0, var0, sc_c0, sc_v0, size0, blk, valid, q, qq, qh,
+                                   ql, qqh, qql, sq, sqq, m_run, s_run, lg_ptr, tv_ptr, scale,
+                                   h, gx, gxm, H, G, GP, G4, CH, CAP, NATIVE, PREC, Q8, XR,
+                                   ERR)
+        blk, valid = blk_1, valid_1
+    else:
+        i = p + NS * tl.arange(0, CH)
+        valid = i < C
+        blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
     # The next tile's pool pages are loaded before this tile's summaries are
     # used (a hand-made pipeline stage over the index-table indirection).
-    i = p + NS * tl.arange(0, CH)
-    valid = i < C
-    blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
-    for m0 in range(0, n_mine, CH):
-        cm = valid[:, None] & dm[None, :]
-        sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
-                                        blk, valid, h, Q8)
-        if Q8:
-            qb = fq_ptr + _wide_mad(blk, fq_s0, h * fq_s1)
-            cen = tl.load(qb[:, None] + d[None, :], mask=cm, other=0)
-            var = tl.load(qb[:, None] + D + d[None, :], mask=cm, other=0)
-        else:
-            fb = fp_ptr + _wide_mad(blk, fp_s0, h * fp_s1)
-            cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
-            var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
+    for m0 in range(FIRST, n_mine, CH):
+        cen, var, sc_c, sc_v, size = _score_loads(fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3, fq_ptr,
+                                                  fq_s0, fq_s1, fs_ptr, fs_s0, fs_s1, fs_s2,
+                                                  ip_ptr, ip_s0, ip_s1, blk, valid, h, D, DP,
+                                                  Q8)
         i_n = p + NS * (m0 + CH + tl.arange(0, CH))
         valid_n = i_n < C
         blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
-        if Q8:
-            qc_i = _q8_acc(qh, ql, tl.trans(cen))
-            qv_i = _q8_acc(qqh, qql, tl.trans(var))
-            if XR:   # (in int32, before the conversions and scales)
-                qc_i, qv_i = _fold_rows(qc_i, GP, G4, CH), _fold_rows(qv_i, GP, G4, CH)
-            qc = _q8_float(qc_i) * (sq * sc_c)[None, :]
-            qv = _q8_float(qv_i) * (sqq * sc_v)[None, :]
-        else:
-            qc = _dot(q, tl.trans(cen), NATIVE, PREC)
-            qv = _dot(qq, tl.trans(var), NATIVE, PREC)
-            if XR:
-                qc, qv = _fold_rows(qc, GP, G4, CH), _fold_rows(qv, GP, G4, CH)
-        # Same operation order as the twin: s q.c + ln size + min(s^2/2 q^2.var, CAP).
-        lg = qc * scale + tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
-        tv = qv * (0.5 * scale * scale)
-        lg = lg + tl.minimum(tv, CAP)
-        lg = tl.where((valid & (size > 0))[None, :], lg, _NEG_INF)
-        tl.store(lg_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], lg,
-                 mask=gxm[:, None] & valid[None, :])
-        if ERR:
-            tl.store(tv_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], tv,
-                     mask=gxm[:, None] & valid[None, :])
-        m_new = tl.maximum(m_run, tl.max(lg, 1))
-        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
-        s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
-        m_run = m_new
+        m_run, s_run = _score_step(cen, var, sc_c, sc_v, size, blk, valid, q, qq, qh, ql,
+                                   qqh, qql, sq, sqq, m_run, s_run, lg_ptr, tv_ptr, scale, h,
+                                   gx, gxm, H, G, GP, G4, CH, CAP, NATIVE, PREC, Q8, XR, ERR)
         blk, valid = blk_n, valid_n
     tl.store(pm_ptr + (rh * NSP + p) * GP + gx, m_run)
     tl.store(ps_ptr + (rh * NSP + p) * GP + gx, s_run)
@@ -1375,10 +1442,23 @@ def _online_probs(m_i, l_i, s):
 
 
 @triton.jit
-def _online(m_i, l_i, acc, s, v, NATIVE: tl.constexpr, PREC: tl.constexpr):
-    """One online-softmax step: logits ``s [GP, T]`` over values ``v [T, DP]``."""
+def _product_rows(x, GP: tl.constexpr, G4: tl.constexpr, XR: tl.constexpr):
+    """``x [GX, N]`` as the ``[GP, N]`` operand of a product: XR (``x`` holds the G4
+    query-head rows) pads it with zero rows, else it is already ``[GP, N]``."""
+    if XR:
+        return _pad_rows(x, GP, G4, x.shape[1])
+    else:
+        return x
+
+
+@triton.jit
+def _online(m_i, l_i, acc, s, v, NATIVE: tl.constexpr, PREC: tl.constexpr,
+            GP: tl.constexpr, G4: tl.constexpr, XR: tl.constexpr):
+    """One online-softmax step: logits ``s [GX, T]`` over values ``v [T, DP]`` into
+    ``acc [GP, DP]`` (GX: G4 with XR, else GP)."""
     m_new, l_i, alpha, pr = _online_probs(m_i, l_i, s)
-    acc = acc * alpha[:, None] + _dot(pr, v, NATIVE, PREC)
+    acc = (acc * _product_rows(alpha[:, None], GP, G4, XR)
+           + _dot(_product_rows(pr, GP, G4, XR), v, NATIVE, PREC))
     return m_new, l_i, acc
 
 
@@ -1422,11 +1502,14 @@ def _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, valid, h, D: tl.const
 
 @triton.jit
 def _attend_kv(q, k, v, valid, m_i, l_i, acc, scale, NATIVE: tl.constexpr,
-               PREC: tl.constexpr):
-    """Exact attention step over loaded tokens ``k``, ``v`` ``[T, DP]``."""
-    s = _dot(q, tl.trans(k), NATIVE, PREC) * scale
-    s = tl.where(valid[None, :], s, _NEG_INF)
-    return _online(m_i, l_i, acc, s, v, NATIVE, PREC)
+               PREC: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr, XR: tl.constexpr):
+    """Exact attention step over loaded tokens ``k``, ``v`` ``[T, DP]`` (XR: the
+    logits folded to the G4 query-head rows, :func:`_fold_rows`)."""
+    s = _dot(q, tl.trans(k), NATIVE, PREC)
+    if XR:
+        s = _fold_rows(s, GP, G4, s.shape[1])
+    s = tl.where(valid[None, :], s * scale, _NEG_INF)
+    return _online(m_i, l_i, acc, s, v, NATIVE, PREC, GP, G4, XR)
 
 
 @triton.jit
@@ -1744,7 +1827,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    NATIVE: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr,
                    PDL: tl.constexpr = False, WAVE: tl.constexpr = False,
                    MV8: tl.constexpr = False, VC: tl.constexpr = False,
-                   EPB: tl.constexpr = 1):
+                   EPB: tl.constexpr = 1, XR: tl.constexpr = False):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
@@ -1764,7 +1847,12 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     VC: the pool holds the value correction's pair (``fpart`` slots 3 and 4, ``sigma
     u`` and ``w``): an estimated cluster's value for query head ``g`` is ``mean v +
     scale (q_g . sigma u) w``, i.e. its probabilities times those coefficients enter
-    one more product with ``w`` (``2D`` elements more per estimated cluster)."""
+    one more product with ``w`` (``2D`` elements more per estimated cluster).
+
+    XR: the softmax runs on the G4 query-head rows (as the score kernel's XR): each
+    tile's logits are folded from the products' GP rows (exact: the query's padded
+    rows are zeros) and its probabilities padded back for the product with V; the
+    running max and sum are ``[G4]``."""
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
         if (rh >= NR * H) & (p == 0):
@@ -1794,8 +1882,12 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     dm = d < D
     q = tl.load(q_ptr + r.to(tl.int64) * q_sb + (h * G + g)[:, None] * q_sh + d[None, :] * q_sd,
                 mask=gm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-    m_i = tl.full([GP], _NEG_INF, tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
+    # The rows of the softmax: the query heads' G4 (XR) or the products' GP.
+    GX: tl.constexpr = G4 if XR else GP
+    gx = tl.arange(0, GX)
+    gxm = gx < G
+    m_i = tl.full([GX], _NEG_INF, tl.float32)
+    l_i = tl.zeros([GX], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
 
     # Every loop below is software-pipelined by hand: a tile's K/V (or summary)
@@ -1811,7 +1903,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
         s_k, s_v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, s_blk, s_off, s_ok, h, D, DP)
         s_blk_n, s_off_n, s_ok_n = _steady_addr(bt_row, p, NS, m0 + TS, n_steady, split, E,
                                                 BS, TS)
-        m_i, l_i, acc = _attend_kv(q, s_k, s_v, s_ok, m_i, l_i, acc, scale, NATIVE, PREC)
+        m_i, l_i, acc = _attend_kv(q, s_k, s_v, s_ok, m_i, l_i, acc, scale, NATIVE, PREC,
+                                   GP, G4, XR)
         s_blk, s_off, s_ok = s_blk_n, s_off_n, s_ok_n
 
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
@@ -1835,7 +1928,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                                              kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr,
                                              ar_s0, h, BS, TR)
                 m_i, l_i, acc = _attend_kv(q, w_kt, w_vt, w_ok, m_i, l_i, acc, scale,
-                                           NATIVE, PREC)
+                                           NATIVE, PREC, GP, G4, XR)
                 w_ptr, w_ok = w_ptr_n, w_ok_n
     else:
         for m0 in range(0, n_mine, RG):
@@ -1849,7 +1942,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                 r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, total, beg, dpos, dcst,
                                                            bt_row, S, E, L, BS, TR)
                 m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale,
-                                           NATIVE, PREC)
+                                           NATIVE, PREC, GP, G4, XR)
                 r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
@@ -1857,8 +1950,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
                                   H, LW, PK, TE)
     for m0 in range(0, n_mine, TE):
-        e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + g[:, None],
-                      mask=gm[:, None] & e_ok[None, :], other=_NEG_INF)
+        e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + gx[:, None],
+                      mask=gxm[:, None] & e_ok[None, :], other=_NEG_INF)
         if MV8:
             e_q = tl.load(fq_ptr + (e_blk * fq_s0 + h * fq_s1 + 2 * fq_s2)[:, None]
                           + d[None, :], mask=e_ok[:, None] & dm[None, :], other=0)
@@ -1876,23 +1969,26 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                                           m0 + TE, H, LW, PK, TE)
         if MV8 or VC:
             m_i, l_i, e_al, e_pr = _online_probs(m_i, l_i, e_s)
-            acc = acc * e_al[:, None]
+            acc = acc * _product_rows(e_al[:, None], GP, G4, XR)
             if MV8:
-                acc += _dot(e_pr * e_sc[None, :], e_q.to(fp_ptr.dtype.element_ty), NATIVE,
-                            PREC)
+                acc += _dot(_product_rows(e_pr * e_sc[None, :], GP, G4, XR),
+                            e_q.to(fp_ptr.dtype.element_ty), NATIVE, PREC)
             else:
-                acc += _dot(e_pr, e_v, NATIVE, PREC)
+                acc += _dot(_product_rows(e_pr, GP, G4, XR), e_v, NATIVE, PREC)
             if VC:
-                # (q_g . sigma u) s per estimated cluster: [GP, TE].
-                e_cf = _dot(q, tl.trans(e_su), NATIVE, PREC) * scale
-                acc += _dot(e_pr * e_cf, e_w, NATIVE, PREC)
+                # (q_g . sigma u) s per estimated cluster: [GX, TE].
+                e_cf = _dot(q, tl.trans(e_su), NATIVE, PREC)
+                if XR:
+                    e_cf = _fold_rows(e_cf, GP, G4, TE)
+                acc += _dot(_product_rows(e_pr * (e_cf * scale), GP, G4, XR), e_w, NATIVE,
+                            PREC)
         else:
-            m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC)
+            m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC, GP, G4, XR)
         e_blk, e_ok = e_blk_n, e_ok_n
 
     row = (rh * NS + p) * G + g
-    tl.store(pm_ptr + row, m_i, mask=gm)
-    tl.store(pl_ptr + row, l_i, mask=gm)
+    tl.store(pm_ptr + (rh * NS + p) * G + gx, m_i, mask=gxm)
+    tl.store(pl_ptr + (rh * NS + p) * G + gx, l_i, mask=gxm)
     tl.store(po_ptr + row[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
     tl.debug_barrier()   # every thread's stores precede the release below
     ticket = tl.atomic_add(tick_ptr + rh, 1, sem="acq_rel", scope="gpu")
@@ -2014,7 +2110,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     scale = float(scale)
     common = (block_table, block_table.stride(0), ibt, ibt.stride(0), seq_lens, headers,
               headers.stride(0))
-    pdl = bool(PDL) and not interpreting()
+    pdl = pdl_for(b)
     dep = dict(PDL=True, launch_pdl=True) if pdl else {}
     q8 = getattr(pool, "summary_bits", 16) == 8
     # Index entries per KV block (clusters smaller than a block): a compile-time
