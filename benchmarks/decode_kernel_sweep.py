@@ -140,6 +140,9 @@ VARIANTS = [
     ("score EARLY", "score", dict(EARLY=True, maxnreg=128)),
     ("attend XR", "attend", dict(XR=True)),
     ("attend plain", "attend", dict(XR=False)),
+    # The retrieved and estimated zones' first index loads issued before the steady
+    # zone's tiles, and each retrieved group's successor during its tiles.
+    ("attend PRE", "attend", dict(PRE=True)),
     # Larger groups of retrieved clusters: each group starts with a chain of three
     # dependent loads (index table, list, block table) before its first K/V load.
     # One or two rows (TUNE_SMALL_BATCH): without the 168-register cap Triton 3.6
@@ -154,6 +157,7 @@ VARIANTS = [
     # The wave variant of the attention kernel at batches above SMALL_BATCH
     # (triton_decode.TUNE_WAVE; with --wave): its own retrieved tile.
     ("wave attend TR32", "wave_attend", dict(TR=32)),
+    ("wave attend PRE", "wave_attend", dict(PRE=True)),
     ("wave attend TR32 st3", "wave_attend", dict(TR=32, num_stages=3)),
     # TR 32 is the plain kernel's tile (78 us at 128K x 8 against 95 with TR 16); the
     # wave variant needs 144 registers for it (3 programs per SM): held to 128 (4).

@@ -422,13 +422,15 @@ def test_score_row_fold_matches_plain_score(monkeypatch, bits):
 @pytest.mark.parametrize("kernel,knob,tiles", [
     ("score", "EARLY", dict(CH=16)),
     ("attend", "XR", dict(TS=16, TE=16, TR=16, RG=2)),
+    ("attend", "PRE", dict(TS=16, TE=16, TR=16, RG=2)),
 ])
 @pytest.mark.parametrize("bits", [16, 8])
 def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, bits):
     """Two forms of a kernel that must compute the same values: the score kernel with
     its first tile loaded before the query's split (``EARLY``) and without; the
     attention kernel's softmax on the query heads' rows (``XR``) and on the products'
-    rows. Bit-equal outputs and logits, each the twin's, over several tiles per
+    rows; its zones' first addresses loaded up front (``PRE``) and in turn. Bit-equal
+    outputs and logits, each the twin's, over several tiles (and retrieved groups) per
     program and a partial last tile."""
     td = _td()
     torch.manual_seed(37 + bits)

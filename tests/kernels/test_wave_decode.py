@@ -221,6 +221,34 @@ def test_released_rows_match_unreleased():
     assert torch.isnan(bad[0]).all() and _rel(bad[3], ref[3]) < 2e-3
 
 
+def test_prefetched_zones_match_in_turn(monkeypatch):
+    """The attention kernel's ``PRE`` form (the retrieved and estimated zones' first
+    addresses loaded before the steady zone's tiles, each retrieved group's successor
+    during its tiles) with a wave buffer view: bit-equal to the form that loads them
+    in turn, and the twin's, over several retrieved groups per program, a partial
+    horizon and a cache that fills between the two calls."""
+    torch.manual_seed(23)
+    td = _td()
+    sc = Scene(200)
+    E0 = sc.add(700, n_ret=8, n_est=12)
+    E1 = sc.add(600, n_ret=6, n_est=9)
+    sc.add(0)
+    wv = Wave(sc)
+    wv.release({0: E0, 1: sc.S + (E1 - sc.S) // BS // 2 * BS})
+    q = torch.randn(3, H * G, D)
+    got = []
+    for on in (False, True):
+        for table in (td.TUNE, td.TUNE_SMALL_BATCH, td.TUNE_WAVE):
+            monkeypatch.setitem(table, "attend", dict(table["attend"], RG=2, TR=16,
+                                                      PRE=on))
+        ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=1)
+        out, ref, _ = run(wv, q, ws=ws)
+        assert not torch.isnan(out).any()
+        assert _rel(out, ref) < 2e-3, (on, _rel(out, ref))
+        got.append(out)
+    assert torch.equal(got[0], got[1])
+
+
 @pytest.mark.parametrize("select,rank", [("bucket", "mass"), ("exact", "mass"),
                                          ("bucket", "error")])
 def test_selection_with_released_rows(monkeypatch, select, rank):

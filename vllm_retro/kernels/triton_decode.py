@@ -1827,7 +1827,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    NATIVE: tl.constexpr, PREC: tl.constexpr, BP: tl.constexpr,
                    PDL: tl.constexpr = False, WAVE: tl.constexpr = False,
                    MV8: tl.constexpr = False, VC: tl.constexpr = False,
-                   EPB: tl.constexpr = 1, XR: tl.constexpr = False):
+                   EPB: tl.constexpr = 1, XR: tl.constexpr = False,
+                   PRE: tl.constexpr = False):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
@@ -1852,7 +1853,11 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     XR: the softmax runs on the G4 query-head rows (as the score kernel's XR): each
     tile's logits are folded from the products' GP rows (exact: the query's padded
     rows are zeros) and its probabilities padded back for the product with V; the
-    running max and sum are ``[G4]``."""
+    running max and sum are ``[G4]``.
+
+    PRE: the retrieved and estimated zones' first addresses are loaded before the
+    steady zone's tiles and each retrieved group's successor during its tiles (the
+    same values in the same order: bit-equal outputs)."""
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
         if (rh >= NR * H) & (p == 0):
@@ -1894,6 +1899,26 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     # loads are issued before the next tile's chain of dependent index loads, so
     # the two latencies overlap instead of adding up.
 
+    if PRE:
+        # The first retrieved group's lists and first tile's addresses, and the first
+        # estimated tile's pool pages, before the steady zone's tiles: the three
+        # zones' chains of dependent index loads overlap instead of following each
+        # other (and each group's successor is loaded during its tiles, below).
+        if WAVE:
+            HZ, HZB = _wave_horizon(hdr_ptr, hdr_s0, blk0, indexed, E, WP, WR)
+            src_row = src_ptr + rh.to(tl.int64) * src_s0
+        dpos, dcst, beg, total = _retrieved_group(lists_ptr, ix_row, h, p, NS, 0, n_ret, H,
+                                                  LW, PK, RG)
+        if WAVE:
+            w_ptr, w_ok = _wave_addr(0, total, beg, dpos, dcst, bt_row, src_row, S, SB, E, L,
+                                     HZ, HZB, kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr, ckv_s0,
+                                     ckv_s1, ar_ptr, ar_s0, h, BS, TR)
+        else:
+            r_blk, r_off, r_ok = _retrieved_addr(0, total, beg, dpos, dcst, bt_row, S, E, L,
+                                                 BS, TR)
+        e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
+                                      H, LW, PK, TE)
+
     # Steady zone: tokens j = p, p + NS, ... of [0, sink_end) + [clustered_end, L).
     # (Each loop has its own variable names: Triton types loop-carried values by
     # name, and the tiles of the three loops differ in size.)
@@ -1909,18 +1934,29 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
 
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
     # concatenated and attended TR at a time (positions [start, start + size)).
-    n_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
+    n_ret_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
     if WAVE:
         # Below the horizon the row's blocks may be released: K/V from the cluster
         # cache or the arena, at the page addresses the resolve kernel wrote.
-        HZ, HZB = _wave_horizon(hdr_ptr, hdr_s0, blk0, indexed, E, WP, WR)
-        src_row = src_ptr + rh.to(tl.int64) * src_s0
-        for m0 in range(0, n_mine, RG):
-            w_dpos, w_dcst, w_beg, w_total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0,
-                                                              n_ret, H, LW, PK, RG)
-            w_ptr, w_ok = _wave_addr(0, w_total, w_beg, w_dpos, w_dcst, bt_row, src_row, S, SB,
-                                     E, L, HZ, HZB, kv_ptr, kv_s0, kv_s1, kv_s2, ckv_ptr,
-                                     ckv_s0, ckv_s1, ar_ptr, ar_s0, h, BS, TR)
+        if not PRE:
+            HZ, HZB = _wave_horizon(hdr_ptr, hdr_s0, blk0, indexed, E, WP, WR)
+            src_row = src_ptr + rh.to(tl.int64) * src_s0
+        for m0 in range(0, n_ret_mine, RG):
+            if PRE:
+                w_dpos, w_dcst, w_beg, w_total = dpos, dcst, beg, total
+                dpos, dcst, beg, total = _retrieved_group(lists_ptr, ix_row, h, p, NS,
+                                                          m0 + RG, n_ret, H, LW, PK, RG)
+                w_ptr_g, w_ok_g = _wave_addr(0, total, beg, dpos, dcst, bt_row, src_row, S,
+                                             SB, E, L, HZ, HZB, kv_ptr, kv_s0, kv_s1, kv_s2,
+                                             ckv_ptr, ckv_s0, ckv_s1, ar_ptr, ar_s0, h, BS,
+                                             TR)
+            else:
+                w_dpos, w_dcst, w_beg, w_total = _retrieved_group(lists_ptr, ix_row, h, p,
+                                                                  NS, m0, n_ret, H, LW, PK,
+                                                                  RG)
+                w_ptr, w_ok = _wave_addr(0, w_total, w_beg, w_dpos, w_dcst, bt_row, src_row,
+                                         S, SB, E, L, HZ, HZB, kv_ptr, kv_s0, kv_s1, kv_s2,
+                                         ckv_ptr, ckv_s0, ckv_s1, ar_ptr, ar_s0, h, BS, TR)
             for t0 in range(0, w_total, TR):
                 w_kt, w_vt = _load_kv_at(w_ptr, w_ok, D, DP)
                 w_ptr_n, w_ok_n = _wave_addr(t0 + TR, w_total, w_beg, w_dpos, w_dcst, bt_row,
@@ -1930,25 +1966,38 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                 m_i, l_i, acc = _attend_kv(q, w_kt, w_vt, w_ok, m_i, l_i, acc, scale,
                                            NATIVE, PREC, GP, G4, XR)
                 w_ptr, w_ok = w_ptr_n, w_ok_n
+            if PRE:
+                w_ptr, w_ok = w_ptr_g, w_ok_g
     else:
-        for m0 in range(0, n_mine, RG):
-            dpos, dcst, beg, total = _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret,
-                                                      H, LW, PK, RG)
-            r_blk, r_off, r_ok = _retrieved_addr(0, total, beg, dpos, dcst, bt_row, S, E, L,
-                                                 BS, TR)
-            for t0 in range(0, total, TR):
+        for m0 in range(0, n_ret_mine, RG):
+            if PRE:
+                g_dpos, g_dcst, g_beg, g_total = dpos, dcst, beg, total
+                dpos, dcst, beg, total = _retrieved_group(lists_ptr, ix_row, h, p, NS,
+                                                          m0 + RG, n_ret, H, LW, PK, RG)
+                r_blk_g, r_off_g, r_ok_g = _retrieved_addr(0, total, beg, dpos, dcst, bt_row,
+                                                           S, E, L, BS, TR)
+            else:
+                g_dpos, g_dcst, g_beg, g_total = _retrieved_group(lists_ptr, ix_row, h, p,
+                                                                  NS, m0, n_ret, H, LW, PK,
+                                                                  RG)
+                r_blk, r_off, r_ok = _retrieved_addr(0, g_total, g_beg, g_dpos, g_dcst,
+                                                     bt_row, S, E, L, BS, TR)
+            for t0 in range(0, g_total, TR):
                 r_kt, r_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off, r_ok,
                                       h, D, DP)
-                r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, total, beg, dpos, dcst,
-                                                           bt_row, S, E, L, BS, TR)
+                r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, g_total, g_beg, g_dpos,
+                                                           g_dcst, bt_row, S, E, L, BS, TR)
                 m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale,
                                            NATIVE, PREC, GP, G4, XR)
                 r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
+            if PRE:
+                r_blk, r_off, r_ok = r_blk_g, r_off_g, r_ok_g
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
     n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
-    e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
-                                  H, LW, PK, TE)
+    if not PRE:
+        e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
+                                      H, LW, PK, TE)
     for m0 in range(0, n_mine, TE):
         e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + gx[:, None],
                       mask=gxm[:, None] & e_ok[None, :], other=_NEG_INF)
