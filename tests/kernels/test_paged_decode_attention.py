@@ -392,42 +392,18 @@ def _two_rows_checked(seed: int, n_ret: int, n_est: int, **pool_kw):
     return out, dense_original(sc, q, 0.2), st, ws, sc
 
 
-@pytest.mark.parametrize("bits", [16, 8])
-def test_score_row_fold_matches_plain_score(monkeypatch, bits):
-    """The score kernel's ``XR`` variant (the element-wise work on the query heads'
-    rows only) computes what the plain kernel computes: bit-equal log-masses and
-    outputs, and the twin's, over programs of several tiles and a partial last tile
-    (one program per row-head, 16-entry tiles)."""
-    td = _td()
-    torch.manual_seed(31 + bits)
-    sc = Scene(260, summary_bits=bits)
-    sc.add(900)
-    sc.add(0)
-    sc.add(700, n_ret=4, n_est=9)
-    q = torch.randn(3, H * G, D)
-    got = []
-    for on in (False, True):
-        for table in (td.TUNE, td.TUNE_SMALL_BATCH):
-            monkeypatch.setitem(table, "score", dict(table["score"], CH=16, XR=on))
-        ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=1)
-        out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
-        assert _rel(out, ref) < 2e-3, (on, _rel(out, ref))
-        assert ws.stats.tolist() == expected_stats(sc, st)
-        got.append((out, ws.logits.cpu()))
-    c = (len(sc.pages(0)) + 15) // 16
-    assert c >= 3, "the row must span several score tiles"
-    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
-
-
 @pytest.mark.parametrize("kernel,knob,tiles", [
+    ("score", "XR", dict(CH=16)),
     ("score", "EARLY", dict(CH=16)),
     ("attend", "XR", dict(TS=16, TE=16, TR=16, RG=2)),
     ("attend", "PRE", dict(TS=16, TE=16, TR=16, RG=2)),
 ])
 @pytest.mark.parametrize("bits", [16, 8])
 def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, bits):
-    """Two forms of a kernel that must compute the same values: the score kernel with
-    its first tile loaded before the query's split (``EARLY``) and without; the
+    """Two forms of a kernel that must compute the same values: the score kernel's
+    element-wise work on the query heads' rows (``XR``) and on the products' rows; the
+    score kernel with its first tile loaded before the query's split (``EARLY``) and
+    without; the
     attention kernel's softmax on the query heads' rows (``XR``) and on the products'
     rows; its zones' first addresses loaded up front (``PRE``) and in turn. Bit-equal
     outputs and logits, each the twin's, over several tiles (and retrieved groups) per
