@@ -428,6 +428,27 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, bits):
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
+def test_pdl_is_used_above_two_rows_on_gpus_that_have_it(monkeypatch):
+    """Programmatic dependent launch: by default above SMALL_BATCH rows on compute
+    capability 9.0 and later only; RETRO_DECODE_PDL's forced values win; never in the
+    interpreter."""
+    td = _td()
+    if DEV == "cpu":
+        assert not td.pdl_for(8, torch.device("cuda", 0))
+    caps = {0: (9, 0), 1: (8, 0)}
+    monkeypatch.setattr(td, "interpreting", lambda: False)
+    monkeypatch.setattr(td.torch.cuda, "get_device_capability", lambda i: caps[i])
+    monkeypatch.setattr(td, "_PDL_DEVICES", {})
+    hopper, ampere = torch.device("cuda", 0), torch.device("cuda", 1)
+    monkeypatch.setattr(td, "PDL", None)
+    assert [td.pdl_for(n, hopper) for n in (1, 2, 3, 8)] == [False, False, True, True]
+    assert not td.pdl_for(8, ampere) and not td.pdl_for(8, torch.device("cpu"))
+    monkeypatch.setattr(td, "PDL", False)
+    assert not td.pdl_for(8, hopper)
+    monkeypatch.setattr(td, "PDL", True)
+    assert td.pdl_for(1, ampere)
+
+
 def test_8bit_summaries_match_twin_and_stay_near_16bit():
     """``summary_bits`` 8: the score stage reads int8 centroids and variances with a
     scale per cluster (kernel == twin, which dequantizes; same selection); the

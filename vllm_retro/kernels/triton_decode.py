@@ -184,16 +184,33 @@ ATTEND_MAX_SPLIT = int(os.environ.get("RETRO_DECODE_ATTEND_MAX_SPLIT", "0"))
 # every kernel lets its dependents launch early. None (the default): on above
 # SMALL_BATCH rows, where it took 1.9-9.2 us off a layer (128K x 3 / 4 / 6 / 8, 32K
 # x 4 / 8; 330 -> 334 tok/s end to end at 128K x 3) and off at one or two rows, where
-# it added ~5 us (H100, twenty-fifth session). RETRO_DECODE_PDL=1 / 0 (or the
-# attribute True / False) forces it on / off. Never in the interpreter.
+# it added ~5 us (H100, twenty-fifth session); only on GPUs that have it (compute
+# capability 9.0 and later). RETRO_DECODE_PDL=1 / 0 (or the attribute True / False)
+# forces it on / off. Never in the interpreter.
 PDL = {"1": True, "0": False}.get(os.environ.get("RETRO_DECODE_PDL", ""))
 
 
-def pdl_for(num_rows: int) -> bool:
-    """Whether a step of ``num_rows`` decode rows launches with PDL (see ``PDL``)."""
+def pdl_for(num_rows: int, device: torch.device) -> bool:
+    """Whether a step of ``num_rows`` decode rows on ``device`` launches with PDL
+    (see ``PDL``)."""
     if interpreting():
         return False
-    return num_rows > SMALL_BATCH if PDL is None else bool(PDL)
+    if PDL is not None:
+        return bool(PDL)
+    return num_rows > SMALL_BATCH and _has_pdl(device)
+
+
+_PDL_DEVICES: dict = {}
+
+
+def _has_pdl(device: torch.device) -> bool:
+    """Whether ``device`` supports programmatic dependent launch (sm_90 and later)."""
+    if device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL_DEVICES:
+        _PDL_DEVICES[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL_DEVICES[idx]
 # With a wave buffer, the list kernel also resolves the pages its range's retrieved
 # clusters visit (what _resolve_kernel does, on the list entries it has just
 # written: one launch, prologue and list read fewer per layer): 216 against 235 us
@@ -2159,7 +2176,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     scale = float(scale)
     common = (block_table, block_table.stride(0), ibt, ibt.stride(0), seq_lens, headers,
               headers.stride(0))
-    pdl = pdl_for(b)
+    pdl = pdl_for(b, query.device)
     dep = dict(PDL=True, launch_pdl=True) if pdl else {}
     q8 = getattr(pool, "summary_bits", 16) == 8
     # Index entries per KV block (clusters smaller than a block): a compile-time
