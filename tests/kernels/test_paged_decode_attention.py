@@ -392,14 +392,15 @@ def _two_rows_checked(seed: int, n_ret: int, n_est: int, **pool_kw):
     return out, dense_original(sc, q, 0.2), st, ws, sc
 
 
-@pytest.mark.parametrize("kernel,knob,tiles", [
-    ("score", "XR", dict(CH=16)),
-    ("score", "EARLY", dict(CH=16)),
-    ("attend", "XR", dict(TS=16, TE=16, TR=16, RG=2)),
-    ("attend", "PRE", dict(TS=16, TE=16, TR=16, RG=2)),
+@pytest.mark.parametrize("kernel,knob,tiles,rank", [
+    ("score", "XR", dict(CH=16), "mass"),
+    ("score", "EARLY", dict(CH=16), "mass"),
+    ("score", "EARLY", dict(CH=16), "error"),
+    ("attend", "XR", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
+    ("attend", "PRE", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
 ])
 @pytest.mark.parametrize("bits", [16, 8])
-def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, bits):
+def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, bits):
     """Two forms of a kernel that must compute the same values: the score kernel's
     element-wise work on the query heads' rows (``XR``) and on the products' rows; the
     score kernel with its first tile loaded before the query's split (``EARLY``) and
@@ -407,7 +408,8 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, bits):
     attention kernel's softmax on the query heads' rows (``XR``) and on the products'
     rows; its zones' first addresses loaded up front (``PRE``) and in turn. Bit-equal
     outputs and logits, each the twin's, over several tiles (and retrieved groups) per
-    program and a partial last tile."""
+    program and a partial last tile; ``rank`` "error": the score kernel also stores
+    the variance terms the error rank reads."""
     td = _td()
     torch.manual_seed(37 + bits)
     sc = Scene(260, summary_bits=bits)
@@ -419,8 +421,9 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, bits):
     for on in (False, True):
         for table in (td.TUNE, td.TUNE_SMALL_BATCH):
             monkeypatch.setitem(table, kernel, dict(table[kernel], **tiles, **{knob: on}))
-        ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=1)
-        out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
+        ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=1,
+                                error_rank=rank == "error")
+        out, ref, st, ws = run_both(sc, q, 0.2, ws=ws, retrieval_rank=rank)
         assert _rel(out, ref) < 2e-3, (on, _rel(out, ref))
         assert ws.stats.tolist() == expected_stats(sc, st)
         got.append((out, ws.logits.cpu()))
