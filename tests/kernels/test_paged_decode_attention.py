@@ -404,9 +404,9 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     """Two forms of a kernel that must compute the same values: the score kernel's
     element-wise work on the query heads' rows (``XR``) and on the products' rows; the
     score kernel with its first tile loaded before the query's split (``EARLY``) and
-    without; the
-    attention kernel's softmax on the query heads' rows (``XR``) and on the products'
-    rows; its zones' first addresses loaded up front (``PRE``) and in turn. Bit-equal
+    without; the attention kernel's softmax on the query heads' rows (``XR``) and on
+    the products' rows; its zones' first addresses loaded up front (``PRE``) and in
+    turn. Bit-equal
     outputs and logits, each the twin's, over several tiles (and retrieved groups) per
     program and a partial last tile; ``rank`` "error": the score kernel also stores
     the variance terms the error rank reads."""

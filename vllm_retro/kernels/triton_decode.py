@@ -188,29 +188,6 @@ ATTEND_MAX_SPLIT = int(os.environ.get("RETRO_DECODE_ATTEND_MAX_SPLIT", "0"))
 # capability 9.0 and later). RETRO_DECODE_PDL=1 / 0 (or the attribute True / False)
 # forces it on / off. Never in the interpreter.
 PDL = {"1": True, "0": False}.get(os.environ.get("RETRO_DECODE_PDL", ""))
-
-
-def pdl_for(num_rows: int, device: torch.device) -> bool:
-    """Whether a step of ``num_rows`` decode rows on ``device`` launches with PDL
-    (see ``PDL``)."""
-    if interpreting():
-        return False
-    if PDL is not None:
-        return bool(PDL)
-    return num_rows > SMALL_BATCH and _has_pdl(device)
-
-
-_PDL_DEVICES: dict = {}
-
-
-def _has_pdl(device: torch.device) -> bool:
-    """Whether ``device`` supports programmatic dependent launch (sm_90 and later)."""
-    if device.type != "cuda":
-        return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _PDL_DEVICES:
-        _PDL_DEVICES[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-    return _PDL_DEVICES[idx]
 # With a wave buffer, the list kernel also resolves the pages its range's retrieved
 # clusters visit (what _resolve_kernel does, on the list entries it has just
 # written: one launch, prologue and list read fewer per layer): 216 against 235 us
@@ -295,6 +272,29 @@ def _tune(kernel: str, num_rows: int, wave: bool = False, vc: bool = False,
     if fp32 and not interpreting():
         cfg.update(TUNE_FP32.get(kernel, {}))
     return cfg
+
+
+def pdl_for(num_rows: int, device: torch.device) -> bool:
+    """Whether a step of ``num_rows`` decode rows on ``device`` launches with PDL
+    (see ``PDL``)."""
+    if interpreting():
+        return False
+    if PDL is not None:
+        return bool(PDL)
+    return num_rows > SMALL_BATCH and _has_pdl(device)
+
+
+_PDL_DEVICES: dict = {}
+
+
+def _has_pdl(device: torch.device) -> bool:
+    """Whether ``device`` supports programmatic dependent launch (sm_90 and later)."""
+    if device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL_DEVICES:
+        _PDL_DEVICES[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL_DEVICES[idx]
 
 
 def _next_pow2(x: int) -> int:
@@ -2052,10 +2052,11 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
             m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC, GP, G4, XR)
         e_blk, e_ok = e_blk_n, e_ok_n
 
-    row = (rh * NS + p) * G + g
-    tl.store(pm_ptr + (rh * NS + p) * G + gx, m_i, mask=gxm)
-    tl.store(pl_ptr + (rh * NS + p) * G + gx, l_i, mask=gxm)
-    tl.store(po_ptr + row[:, None] * D + d[None, :], acc, mask=gm[:, None] & dm[None, :])
+    row0 = (rh * NS + p) * G     # this partial's first query-head row
+    tl.store(pm_ptr + row0 + gx, m_i, mask=gxm)
+    tl.store(pl_ptr + row0 + gx, l_i, mask=gxm)
+    tl.store(po_ptr + (row0 + g)[:, None] * D + d[None, :], acc,
+             mask=gm[:, None] & dm[None, :])
     tl.debug_barrier()   # every thread's stores precede the release below
     ticket = tl.atomic_add(tick_ptr + rh, 1, sem="acq_rel", scope="gpu")
     if ticket == NS - 1:
