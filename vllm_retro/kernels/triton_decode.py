@@ -205,23 +205,20 @@ TUNE_SMALL_BATCH = {
     "band": dict(CHE=256),
     "cand": dict(RB=256),
     "collect": dict(RB=256),
-    # 64-token steady tiles: 3 programs per SM instead of 2 (166 registers, 45 KB of
-    # shared memory against 216 and 80 KB): 53.8 / 67.7 us per layer at 32K / 128K x 1
-    # against 54.8 / 69.8 with 128 (fourteenth session; the thirteenth: 60.0 / 76.6
-    # against 60.5 / 77.4 with its EAGER variant). Held to 168 registers (3 programs
-    # per SM): Triton 3.6 gives the 32-bit address forms 232 otherwise (2 per SM);
-    # capped, its sm_90 compile has no spills and fewer instructions per tile.
-    "attend": dict(TS=32, TE=32, RG=8, maxnreg=168),
+    # Held to 128 registers: 4 programs per SM instead of 3 (no spill on bf16 / fp16
+    # caches, sm_90, Triton 3.6): 80 against 92 us per layer at 128K x 2, 44 against
+    # 55 at 32K x 2, unchanged at one row; 231 against 219 tok/s end to end at 128K
+    # x 2 (H100, twenty-sixth session). Uncapped, Triton 3.6 gives it 143.
+    "attend": dict(TS=32, TE=32, RG=8, maxnreg=128),
 }
 # ... for float32 caches on a GPU (any batch): the score kernel's fold spills there
 # (984 bytes at 128 registers, sm_90), so it keeps the plain form (the interpreter
 # keeps the fold: registers do not exist there, and its tests compare the two forms).
 TUNE_FP32 = {"score": dict(XR=False)}
-# ... at one or two rows, for the attention variants the 168-register cap would make
+# ... at one or two rows, for the attention variants the register cap would make
 # spill (sm_90, Triton 3.6): the value correction's (two more vectors per estimated
-# cluster: 255 registers uncapped, 120 bytes of spill capped) and float32 caches'
-# (166-189 registers uncapped, up to 1,312 bytes of spill capped): uncapped, as
-# before the cap.
+# cluster: 160 registers uncapped) and float32 caches' (166-189 uncapped, already
+# 1,312 bytes of spill at 168): uncapped.
 TUNE_SMALL_BATCH_UNCAPPED = {"attend": dict(maxnreg=None)}
 # The attention kernel's wave-buffer variant at batches above SMALL_BATCH: its extra
 # source word per token costs registers (144 at 32-token retrieved tiles: 3 programs
