@@ -130,12 +130,6 @@ VARIANTS = [
     # at sm_90; Nsight Compute at 128K x 6 had shown ~48 warp instructions per entry
     # at 0.44 issued per scheduler and cycle).
     ("score plain", "score", dict(XR=False)),
-    # The score kernel's first tile loaded before the query's split (at one or two
-    # rows a program has two tiles; Nsight Compute put ~27% of its samples at 128K x 1
-    # in the prologue and 17% on the wait for the first tile). The tile held across
-    # the split takes registers: 171 at 8-bit summaries uncapped (one program per SM
-    # instead of two), so capped at 128 (24 bytes of spill, sm_90).
-    ("score EARLY", "score", dict(EARLY=True, maxnreg=128)),
     # The attention kernel's softmax on the G4 query-head rows (XR) and on the
     # products' 16 rows (plain), whichever is the default.
     ("attend XR", "attend", dict(XR=True)),

@@ -777,10 +777,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   Q8: tl.constexpr = False,
                   EPB: tl.constexpr = 1, ERR: tl.constexpr = False, tv_ptr=None,
                   hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
-                  G4: tl.constexpr = 16, EARLY: tl.constexpr = False):
+                  G4: tl.constexpr = 16):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
-
-    EARLY: the first tile's loads are issued before the query's split (see below).
 
     XR: the products' ``GP`` rows (16: the tensor cores' least) are folded to the
     ``G4`` query-head rows right after them (the padded rows are exact zeros, the
@@ -816,21 +814,6 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     d = tl.arange(0, DP)
     dm = d < D
     n_mine = tl.maximum(C - p + NS - 1, 0) // NS
-    # EARLY: the first tile's summaries and the second tile's pool pages are loaded
-    # before the query's split (reductions across warps, barriers), so their DRAM
-    # latency overlaps it; the loop starts at the second tile.
-    FIRST: tl.constexpr = CH if EARLY else 0
-    if EARLY:
-        i = p + NS * tl.arange(0, CH)
-        valid = i < C
-        blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
-        cen0, var0, sc_c0, sc_v0, size0 = _score_loads(fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
-                                                       fq_ptr, fq_s0, fq_s1, fs_ptr, fs_s0,
-                                                       fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1, blk,
-                                                       valid, h, D, DP, Q8)
-        i_1 = p + NS * (CH + tl.arange(0, CH))
-        valid_1 = i_1 < C
-        blk_1 = tl.load(ix_row + i_1, mask=valid_1, other=0).to(tl.int64)
     # With Q8 the query is split on its G4 query-head rows and the int8 parts padded
     # to the products' GP rows with zeros afterwards: the rounding work of the padded
     # rows (zeros) is not done per program.
@@ -852,19 +835,12 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     gxm = gx < G
     m_run = tl.full([GX], _NEG_INF, tl.float32)
     s_run = tl.zeros([GX], tl.float32)
-    if EARLY:
-        m_run, s_run = _score_step(cen0, var0, sc_c0, sc_v0, size0, blk, valid, q, qq, qh,
-                                   ql, qqh, qql, sq, sqq, m_run, s_run, lg_ptr, tv_ptr, scale,
-                                   h, gx, gxm, H, G, GP, G4, CH, CAP, NATIVE, PREC, Q8, XR,
-                                   ERR)
-        blk, valid = blk_1, valid_1
-    else:
-        i = p + NS * tl.arange(0, CH)
-        valid = i < C
-        blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
+    i = p + NS * tl.arange(0, CH)
+    valid = i < C
+    blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
     # The next tile's pool pages are loaded before this tile's summaries are
     # used (a hand-made pipeline stage over the index-table indirection).
-    for m0 in range(FIRST, n_mine, CH):
+    for m0 in range(0, n_mine, CH):
         cen, var, sc_c, sc_v, size = _score_loads(fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3, fq_ptr,
                                                   fq_s0, fq_s1, fs_ptr, fs_s0, fs_s1, fs_s2,
                                                   ip_ptr, ip_s0, ip_s1, blk, valid, h, D, DP,
