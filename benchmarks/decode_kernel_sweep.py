@@ -65,6 +65,10 @@ VARIANTS = [
     ("programs/SM 8, attend TR16 RG32", "pps+attend", (8, dict(TR=16, RG=32))),
     ("programs/SM 8, score CH32", "pps+score", (8, dict(CH=32))),
     ("programs/SM 4, split 16", "pps", (4, 16)),
+    # The selection kernels' grids at one or two rows aimed at 4 programs per SM, as
+    # the other batches' (triton_decode.SMALL_BATCH_SELECT_PROGRAMS_PER_SM: 2, the
+    # small-batch score kernel's residency; at two rows 4 gave it two waves).
+    ("small-batch selection at 4 per SM", "sel_pps", 4),
     ("PDL", "pdl", None),
     # PDL is on above two rows by default (triton_decode.PDL): the variant without.
     ("no PDL", "no_pdl", None),
@@ -73,6 +77,8 @@ VARIANTS = [
     ("attend split 128", "asplit", 128),
     ("score cuda", "score_impl", "cuda"),
     ("score CH64 w4", "score", dict(CH=64, num_warps=4)),
+    # ... or the large-batch score kernel (4 warps, 128 registers: 4 per SM, 528).
+    ("score CH64 w4 r128", "score", dict(CH=64, num_warps=4, maxnreg=128)),
     ("attend TS64", "attend", dict(TS=64)),
     # At one row a program gets ~32 steady tokens and ~60 estimated clusters at 128K
     # (32 programs per row-head): the small-batch 64-wide tiles run half empty
@@ -248,6 +254,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     base_dyn = td.DYNAMIC_SPLIT
     base_in_collect = td.RESOLVE_IN_COLLECT
     base_select = td.SELECT
+    base_sel_pps = td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM
     base_pdl = td.PDL
     td.RECORD_RESOURCES = True
     res = []
@@ -259,6 +266,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         td.TUNE_WAVE = copy.deepcopy(base_wave)
         td.SCORE_IMPL = base_impl
         td.SELECT = base_select
+        td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM = base_sel_pps
         td.LAST_KERNELS.clear()   # (else the programs/SM line shows earlier variants' stages)
         max_split = pps = attend_split = 0
         rank = "mass"
@@ -297,6 +305,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             attend_split, kernel = over, None
         elif kernel == "pps":
             pps, max_split = over
+        elif kernel == "sel_pps":
+            td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM, kernel = over, None
         elif kernel and kernel.startswith("pps+"):
             pps, over = over
             kernel = kernel[4:]

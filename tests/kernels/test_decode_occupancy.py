@@ -7,9 +7,10 @@ come from the GPU's own Triton (3.6 on the H200 host; the sm_90 compile check of
 uses the CPU venv's Triton, which allocated 30 registers fewer for the score kernel
 than the GPU's after one change), so this runs where the kernels run: on a GPU, in
 the Llama-3-8B shape the benchmarks use (8 KV heads of 128, 4 query heads each,
-bf16, 8-bit summaries) at 8 rows, the largest batch where the grid holds 8
-programs per row-head. Resources are properties of the compiled variant, not of
-the data, so the rows carry a few tokens and no index.
+bf16, 8-bit summaries) at one and two rows (the small-batch variants, whose score
+kernel holds 2 programs per SM) and at 8 rows, the largest batch where the grid
+holds 8 programs per row-head. Resources are properties of the compiled variant,
+not of the data, so the rows carry a few tokens and no index.
 """
 
 import pytest
@@ -24,14 +25,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="registers and residency are the GPU compiler's")
 
 H, G, D, BS = 8, 4, 128, 16
-ROWS = 8
-#: Stages tuned to run their grid in one wave at 8 rows (the candidate kernel, 8
-#: warps of 128 registers, holds 2 programs per SM and is known to take two).
+#: Stages tuned to run their grid in one wave (the candidate kernel, 8 warps of 128
+#: registers, holds 2 programs per SM and is known to take two at 8 rows).
 ONE_WAVE = ("score", "key", "collect", "attend")
 
 
+@pytest.mark.parametrize("rows", [1, 2, 8])
 @pytest.mark.parametrize("wave", ["none", "resolve_kernel", "in_collect"])
-def test_decode_grids_fit_one_wave(monkeypatch, wave):
+def test_decode_grids_fit_one_wave(monkeypatch, wave, rows):
     """Without a wave buffer view; with one (the attention kernel's wave variant, the
     resolve kernel); with one and the lookups in the list kernel."""
     from vllm_retro.kernels import triton_decode as td
@@ -47,24 +48,24 @@ def test_decode_grids_fit_one_wave(monkeypatch, wave):
     kv = lay.make_cache(nb, dev)
     headers = make_headers(nb, dev)
     pool = IndexPool(lay, 256, dev, summary_bits=8)
-    alloc = IndexAllocator(256, ROWS, 8, dev)
-    bt = torch.zeros(ROWS, 8, dtype=torch.int32, device=dev)
-    bt[:, :2] = torch.arange(1, 2 * ROWS + 1, dtype=torch.int32, device=dev).view(ROWS, 2)
-    seq = torch.full((ROWS,), 20, dtype=torch.int32, device=dev)
-    q = torch.randn(ROWS, H * G, D, device=dev, dtype=torch.bfloat16)
+    alloc = IndexAllocator(256, rows, 8, dev)
+    bt = torch.zeros(rows, 8, dtype=torch.int32, device=dev)
+    bt[:, :2] = torch.arange(1, 2 * rows + 1, dtype=torch.int32, device=dev).view(rows, 2)
+    seq = torch.full((rows,), 20, dtype=torch.int32, device=dev)
+    q = torch.randn(rows, H * G, D, device=dev, dtype=torch.bfloat16)
     out = torch.empty_like(q)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    ws = td.DecodeWorkspace(pool.num_pages, H, G, D, ROWS, dev)
+    ws = td.DecodeWorkspace(pool.num_pages, H, G, D, rows, dev)
     view = None
     if wave != "none":
-        mirror = HostMirror(MirrorShape(ROWS, 2, H, D, BS, pool.num_pages, torch.bfloat16),
+        mirror = HostMirror(MirrorShape(rows, 2, H, D, BS, pool.num_pages, torch.bfloat16),
                             8 << 20, device=dev, pin=True)
         view = ClusterCache.for_mirror(mirror, 64, 1024).view(mirror, 1)
     td.paged_decode_attention_triton(q, kv, lay, bt, seq, headers, alloc.ibt, pool, BS,
                                      D ** -0.5, out, ws, wave=view)
     torch.cuda.synchronize()
     res = td.kernel_resources(num_sms=sms)
-    grid = {s: ROWS * H * (ws.nsplit_attend(ROWS) if s == "attend" else ws.nsplit(ROWS))
+    grid = {s: rows * H * (ws.nsplit_attend(rows) if s == "attend" else ws.nsplit(rows))
             for s in ONE_WAVE}
     short = {s: (res[s], grid[s]) for s in ONE_WAVE if res[s]["resident"] < grid[s]}
     assert not short, f"kernels in more than one wave (resources, grid programs): {short}"

@@ -13,7 +13,7 @@ length. K/V are read through vLLM's block table (positions).
 
 Launch sequence (``NS`` programs per (row, KV head); a row's ``C`` cluster
 entries are cut into ``NS`` contiguous ranges where a kernel works by range). The
-grids are ``(B*H, NSG)`` with ``NSG = workspace.nsplit(B // 2 + 1)``; each program
+grids are ``(B*H, NSG)`` with ``NSG = workspace.nsplit(B // 2 + 1, B)``; each program
 derives ``NS = workspace.nsplit(R)`` (capped by ``NSG``) on the device from ``R``,
 the rows up to the last one with context (:func:`_program`): a batch that vLLM
 padded to its CUDA-graph size with empty rows keeps the whole GPU busy, and the
@@ -171,6 +171,12 @@ SMALL_BATCH = 2
 # 2, 8 and 16 at 128K x 6 on an H200 (decode_kernel_sweep_h200.json). The environment
 # variable RETRO_DECODE_PROGRAMS_PER_SM overrides it for tuning runs.
 PROGRAMS_PER_SM = int(os.environ.get("RETRO_DECODE_PROGRAMS_PER_SM", "4"))
+# ... for the selection kernels (score, keys, lists: one split) at SMALL_BATCH rows or
+# fewer, whose score kernel (8 warps, ~127 registers on sm_90) holds 2 programs per
+# SM: aimed at 4, two rows got 32 programs per row-head (512 > 264 resident), so the
+# score kernel ran in two waves and took twice its one-row time (29 against 14 us at
+# 128K, H100, twenty-sixth session).
+SMALL_BATCH_SELECT_PROGRAMS_PER_SM = 2
 # The most programs per (row, KV head): it binds at batches of one or two rows only
 # (RETRO_DECODE_MAX_SPLIT overrides it for tuning runs).
 MAX_SPLIT = int(os.environ.get("RETRO_DECODE_MAX_SPLIT", "32"))
@@ -376,6 +382,8 @@ class DecodeWorkspace:
         self.attend_ns_pow2 = _next_pow2(self.attend_max_split)
         # Several programs per SM hide the latency of the dependent gathers.
         self.target_programs = (programs_per_sm or PROGRAMS_PER_SM) * int(num_sms)
+        self.small_select_programs = min(
+            self.target_programs, SMALL_BATCH_SELECT_PROGRAMS_PER_SM * int(num_sms))
         cap = max(b * max(self.nsplit(b), self.nsplit_attend(b))
                   for b in range(1, self.max_rows + 1))
         rows = self.max_rows * h
@@ -427,7 +435,7 @@ class DecodeWorkspace:
 
     def _selection_programs(self) -> int:
         """Selection programs of the largest grid of ``max_rows`` rows."""
-        return max(b * self.num_kv_heads * max(self.nsplit(b // 2 + 1), self.nsplit(b))
+        return max(b * self.num_kv_heads * max(self.nsplit(b // 2 + 1, b), self.nsplit(b))
                    for b in range(1, self.max_rows + 1))
 
     def error_buffers(self, programs: int) -> ErrorScratch:
@@ -470,22 +478,29 @@ class DecodeWorkspace:
             words += group_size + PACK
         return 4 * num_kv_heads * words
 
-    def nsplit(self, num_rows: int) -> int:
-        """Programs per (row, KV head) for a batch of ``num_rows``: enough to fill the
-        GPU at small batches, one at large ones (a function of the batch size only,
-        so a captured graph's grids hold for any contexts)."""
-        return self._split(num_rows, self.max_split)
+    def select_target(self, batch: int) -> int:
+        """Resident programs the selection kernels' grids aim at in a launch of
+        ``batch`` rows (its tuning class: SMALL_BATCH rows or fewer, or more)."""
+        return self.small_select_programs if batch <= SMALL_BATCH else self.target_programs
+
+    def nsplit(self, num_rows: int, batch: int = 0) -> int:
+        """Programs per (row, KV head) of the selection kernels for ``num_rows`` rows
+        in a launch of ``batch`` (default ``num_rows``): enough to fill the GPU at
+        small batches, one at large ones (a function of the batch size only, so a
+        captured graph's grids hold for any contexts)."""
+        return self._split(num_rows, self.max_split, self.select_target(batch or num_rows))
 
     def nsplit_attend(self, num_rows: int) -> int:
         """Programs per (row, KV head) of the attention kernel (as :meth:`nsplit`,
-        capped by ``attend_max_split``)."""
-        return self._split(num_rows, self.attend_max_split)
+        capped by ``attend_max_split``; its kernels hold 4 programs per SM at every
+        batch)."""
+        return self._split(num_rows, self.attend_max_split, self.target_programs)
 
-    def _split(self, num_rows: int, cap: int) -> int:
+    def _split(self, num_rows: int, cap: int, target: int) -> int:
         # Rounded down: a grid just over the resident programs runs a second, nearly
         # empty wave (128K x 8 on an H200: 9 programs per row-head, 576 > 528, took
         # 357 us; 5 took 316, decode_kernel_sweep_batch_h200.json).
-        want = self.target_programs // (max(1, num_rows) * self.num_kv_heads)
+        want = target // (max(1, num_rows) * self.num_kv_heads)
         return max(1, min(cap, want))
 
 
@@ -2165,14 +2180,14 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     # batch about half as large (vLLM's CUDA-graph sizes at most double).
     dyn = 1 if DYNAMIC_SPLIT and not cuda_score else 0
     b_min = b // 2 + 1 if dyn else b
-    nsg, nsg_a = ws.nsplit(b_min), ws.nsplit_attend(b_min)
+    nsg, nsg_a = ws.nsplit(b_min, b), ws.nsplit_attend(b_min)
     grid, grid_a = (b * h, nsg), (b * h, nsg_a)
     # The rows every program scans for the last one with context (_program): above
     # SMALL_BATCH (whose tiles are their own variants anyway) two classes, not one
     # per power of two, so capturing vLLM's ~50 CUDA-graph sizes compiles each kernel
     # four times, not ten and more.
     bp = _next_pow2(b) if b <= SMALL_BATCH else 16 if b <= 16 else max(512, _next_pow2(b))
-    split = (b, ws.target_programs, nsg, dyn)
+    split = (b, ws.select_target(b), nsg, dyn)
     split_a = (b, ws.target_programs, nsg_a, dyn)
     if err:
         es = ws.error_buffers(b * h * nsg)
