@@ -65,10 +65,10 @@ VARIANTS = [
     ("programs/SM 8, attend TR16 RG32", "pps+attend", (8, dict(TR=16, RG=32))),
     ("programs/SM 8, score CH32", "pps+score", (8, dict(CH=32))),
     ("programs/SM 4, split 16", "pps", (4, 16)),
-    # The selection kernels' grids at one or two rows aimed at 4 programs per SM, as
-    # the other batches' (triton_decode.SMALL_BATCH_SELECT_PROGRAMS_PER_SM: 2, the
-    # small-batch score kernel's residency; at two rows 4 gave it two waves).
-    ("small-batch selection at 4 per SM", "sel_pps", 4),
+    # The selection kernels' grids at one or two rows aimed at the small-batch score
+    # kernel's 2 programs per SM (one wave; triton_decode.SMALL_BATCH_SELECT_PROGRAMS_PER_SM
+    # is 4, as at larger batches: the key and list kernels share the split).
+    ("small-batch selection at 2 per SM", "sel_pps", 2),
     ("PDL", "pdl", None),
     # PDL is on above two rows by default (triton_decode.PDL): the variant without.
     ("no PDL", "no_pdl", None),

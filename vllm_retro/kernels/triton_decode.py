@@ -172,11 +172,14 @@ SMALL_BATCH = 2
 # variable RETRO_DECODE_PROGRAMS_PER_SM overrides it for tuning runs.
 PROGRAMS_PER_SM = int(os.environ.get("RETRO_DECODE_PROGRAMS_PER_SM", "4"))
 # ... for the selection kernels (score, keys, lists: one split) at SMALL_BATCH rows or
-# fewer, whose score kernel (8 warps, ~127 registers on sm_90) holds 2 programs per
-# SM: aimed at 4, two rows got 32 programs per row-head (512 > 264 resident), so the
-# score kernel ran in two waves and took twice its one-row time (29 against 14 us at
-# 128K, H100, twenty-sixth session).
-SMALL_BATCH_SELECT_PROGRAMS_PER_SM = 2
+# fewer. Their score kernel (8 warps, ~127 registers on sm_90) holds 2 programs per
+# SM, so at two rows its 32 programs per row-head (512 > 264 resident) run in two
+# waves (14 -> 29 us from one row to two at 128K). Aimed at 2 (16 programs per
+# row-head at two rows) the score kernel fits one wave, but the key and list kernels,
+# which share its split, lose what it gains at 128K: 84.1 against 79.7 us per layer
+# at 128K x 2, while 32K x 2 gains (37.3 against 44.8; H100, twenty-sixth session).
+# So 4 (the split as at larger batches) until the score kernel has its own split.
+SMALL_BATCH_SELECT_PROGRAMS_PER_SM = 4
 # The most programs per (row, KV head): it binds at batches of one or two rows only
 # (RETRO_DECODE_MAX_SPLIT overrides it for tuning runs).
 MAX_SPLIT = int(os.environ.get("RETRO_DECODE_MAX_SPLIT", "32"))
