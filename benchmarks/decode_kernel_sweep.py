@@ -69,6 +69,8 @@ VARIANTS = [
     # kernel's 2 programs per SM (one wave; triton_decode.SMALL_BATCH_SELECT_PROGRAMS_PER_SM
     # is 4, as at larger batches: the key and list kernels share the split).
     ("small-batch selection at 2 per SM", "sel_pps", 2),
+    # ... the score kernel alone at 2 per SM (its own split; keys and lists keep 4).
+    ("small-batch score at 2 per SM", "score_pps", 2),
     ("PDL", "pdl", None),
     # PDL is on above two rows by default (triton_decode.PDL): the variant without.
     ("no PDL", "no_pdl", None),
@@ -255,6 +257,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     base_in_collect = td.RESOLVE_IN_COLLECT
     base_select = td.SELECT
     base_sel_pps = td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM
+    base_score_pps = td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM
     base_pdl = td.PDL
     td.RECORD_RESOURCES = True
     res = []
@@ -267,6 +270,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         td.SCORE_IMPL = base_impl
         td.SELECT = base_select
         td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM = base_sel_pps
+        td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM = base_score_pps
         td.LAST_KERNELS.clear()   # (else the programs/SM line shows earlier variants' stages)
         max_split = pps = attend_split = 0
         rank = "mass"
@@ -307,6 +311,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             pps, max_split = over
         elif kernel == "sel_pps":
             td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM, kernel = over, None
+        elif kernel == "score_pps":
+            td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM, kernel = over, None
         elif kernel and kernel.startswith("pps+"):
             pps, over = over
             kernel = kernel[4:]
@@ -346,7 +352,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             rec = dict(variant=name, graph_us=round(t, 2), rel_err_vs_default=err,
                        exact_fraction=st[2] / max(1, st[4]),
                        estimated_fraction=st[3] / max(1, st[4]),
-                       split=ws.nsplit(batch), attend_split=ws.nsplit_attend(batch),
+                       split=ws.nsplit(batch), score_split=ws.nsplit_score(batch),
+                       attend_split=ws.nsplit_attend(batch),
                        per_kernel_us={k[:40]: v for k, v in per_kernel_us(step).items()},
                        resources=td.kernel_resources(
                            torch.cuda.get_device_properties(0).multi_processor_count))

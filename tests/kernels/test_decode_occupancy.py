@@ -68,9 +68,10 @@ def test_decode_grids_fit_one_wave(monkeypatch, wave, rows):
                                      D ** -0.5, out, ws, wave=view)
     torch.cuda.synchronize()
     res = td.kernel_resources(num_sms=sms)
-    grid = {s: rows * H * (ws.nsplit_attend(rows) if s == "attend" else ws.nsplit(rows))
-            for s in ONE_WAVE}
+    split = {"attend": ws.nsplit_attend(rows), "score": ws.nsplit_score(rows)}
+    grid = {s: rows * H * split.get(s, ws.nsplit(rows)) for s in ONE_WAVE}
+    # (the score kernel's two waves at two rows go once its split aims at 2 per SM)
     stages = [s for s in ONE_WAVE if s not in TWO_WAVES_AT.get(rows, ())
-              or td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM <= 2]
+              or ws.score_target(rows) <= 2 * sms]
     short = {s: (res[s], grid[s]) for s in stages if res[s]["resident"] < grid[s]}
     assert not short, f"kernels in more than one wave (resources, grid programs): {short}"

@@ -611,6 +611,33 @@ def test_small_batch_selection_at_the_score_kernels_residency(monkeypatch):
     assert ws.nsplit(2, 3) == 32
 
 
+def test_score_kernel_on_a_split_of_its_own(monkeypatch):
+    """The score kernel on a smaller split than the key and list kernels'
+    (``SMALL_BATCH_SCORE_PROGRAMS_PER_SM``): the key kernel's log-sum-exp reads the
+    partial slots up to its own split, which the score kernel filled past its own
+    with neutral values (the slots start as NaN here, so one left unwritten shows).
+    Output, selection and counters are the twin's."""
+    td = _td()
+    monkeypatch.setattr(td, "SMALL_BATCH_SCORE_PROGRAMS_PER_SM", 1)
+    torch.manual_seed(13)
+    sc = Scene(220)
+    sc.add(900, n_ret=5, n_est=12)
+    sc.add(700, n_ret=4, n_est=9)
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 4, DEV, num_sms=4,
+                            programs_per_sm=8, max_split=4)
+    assert (ws.nsplit(2), ws.nsplit_score(2)) == (4, 1)
+    ws.score_max.fill_(float("nan"))
+    ws.score_sum.fill_(float("nan"))
+    q = torch.randn(2, H * G, D)
+    out, ref, st, ws = run_both(sc, q, 0.2, ws=ws, td=td)
+    assert not torch.isnan(out).any()
+    assert _rel(out, ref) < 2e-3, _rel(out, ref)
+    assert ws.stats.tolist() == expected_stats(sc, st)
+    for r in (0, 1):
+        for kh in range(H):
+            assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
+
+
 @pytest.mark.parametrize("split,attend_split", [(2, 4), (4, 2)])
 def test_attention_split_differs_from_selection_split(split, attend_split):
     """The attention kernel runs its own number of programs per (row, KV head);

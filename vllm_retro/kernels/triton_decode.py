@@ -178,8 +178,14 @@ PROGRAMS_PER_SM = int(os.environ.get("RETRO_DECODE_PROGRAMS_PER_SM", "4"))
 # row-head at two rows) the score kernel fits one wave, but the key and list kernels,
 # which share its split, lose what it gains at 128K: 84.1 against 79.7 us per layer
 # at 128K x 2, while 32K x 2 gains (37.3 against 44.8; H100, twenty-sixth session).
-# So 4 (the split as at larger batches) until the score kernel has its own split.
+# So 4 (the split as at larger batches).
 SMALL_BATCH_SELECT_PROGRAMS_PER_SM = 4
+# ... for the score kernel alone at SMALL_BATCH rows or fewer (at most the above): 2
+# gives it its own split, one wave at two rows, while the key and list kernels keep
+# theirs (its program 0 fills the partial slots between the two splits with neutral
+# values for the key kernel's log-sum-exp). From the parts measured above, ~-4 us per
+# layer at 128K x 2 and ~-5 at 32K x 2; not measured as a whole yet, so 4.
+SMALL_BATCH_SCORE_PROGRAMS_PER_SM = 4
 # The most programs per (row, KV head): it binds at batches of one or two rows only
 # (RETRO_DECODE_MAX_SPLIT overrides it for tuning runs).
 MAX_SPLIT = int(os.environ.get("RETRO_DECODE_MAX_SPLIT", "32"))
@@ -388,6 +394,8 @@ class DecodeWorkspace:
         self.target_programs = (programs_per_sm or PROGRAMS_PER_SM) * int(num_sms)
         self.small_select_programs = min(
             self.target_programs, SMALL_BATCH_SELECT_PROGRAMS_PER_SM * int(num_sms))
+        self.small_score_programs = min(
+            self.small_select_programs, SMALL_BATCH_SCORE_PROGRAMS_PER_SM * int(num_sms))
         cap = max(b * max(self.nsplit(b), self.nsplit_attend(b))
                   for b in range(1, self.max_rows + 1))
         rows = self.max_rows * h
@@ -493,6 +501,15 @@ class DecodeWorkspace:
         small batches, one at large ones (a function of the batch size only, so a
         captured graph's grids hold for any contexts)."""
         return self._split(num_rows, self.max_split, self.select_target(batch or num_rows))
+
+    def score_target(self, batch: int) -> int:
+        """Resident programs the score kernel's grid aims at (at most
+        :meth:`select_target`)."""
+        return self.small_score_programs if batch <= SMALL_BATCH else self.target_programs
+
+    def nsplit_score(self, num_rows: int, batch: int = 0) -> int:
+        """Programs per (row, KV head) of the score kernel (at most :meth:`nsplit`)."""
+        return self._split(num_rows, self.max_split, self.score_target(batch or num_rows))
 
     def nsplit_attend(self, num_rows: int) -> int:
         """Programs per (row, KV head) of the attention kernel (as :meth:`nsplit`,
@@ -796,8 +813,12 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   Q8: tl.constexpr = False,
                   EPB: tl.constexpr = 1, ERR: tl.constexpr = False, tv_ptr=None,
                   hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
-                  G4: tl.constexpr = 16):
+                  G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
+
+    NEUTRAL (the score kernel on a split of its own, smaller than the key kernel's):
+    program 0 also stores neutral partials (max -inf, sum 0) in the slots from NS on,
+    which the key kernel reads up to its own split.
 
     XR: the products' ``GP`` rows (16: the tensor cores' least) are folded to the
     ``G4`` query-head rows right after them (the padded rows are exact zeros, the
@@ -828,6 +849,13 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         if ERR:
             tl.store(hist2_ptr + rh * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
             tl.store(emax_ptr + rh, 0)
+        if NEUTRAL:
+            sp = tl.arange(0, NSP)
+            gn = tl.arange(0, GP)
+            nofs = (rh * NSP + sp)[:, None] * GP + gn[None, :]
+            nmask = (sp >= NS)[:, None] & (gn >= 0)[None, :]
+            tl.store(pm_ptr + nofs, tl.full([NSP, GP], _NEG_INF, tl.float32), mask=nmask)
+            tl.store(ps_ptr + nofs, tl.zeros([NSP, GP], tl.float32), mask=nmask)
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
                                               hdr_s0, r, SB, BS, EPB)
     d = tl.arange(0, DP)
@@ -2193,6 +2221,13 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     bp = _next_pow2(b) if b <= SMALL_BATCH else 16 if b <= 16 else max(512, _next_pow2(b))
     split = (b, ws.select_target(b), nsg, dyn)
     split_a = (b, ws.target_programs, nsg_a, dyn)
+    # The score kernel on a split of its own (SMALL_BATCH_SCORE_PROGRAMS_PER_SM): never
+    # larger than the key kernel's, whose log-sum-exp reads the partial slots up to
+    # its split (the score kernel fills the ones past its own with neutral values).
+    own = not cuda_score and ws.score_target(b) < ws.select_target(b)
+    nsg_s = ws.nsplit_score(b_min, b) if own else nsg
+    grid_s = (b * h, nsg_s)
+    split_s = (b, ws.score_target(b), nsg_s, dyn) if own else split
     if err:
         es = ws.error_buffers(b * h * nsg)
     if cuda_score:
@@ -2201,14 +2236,15 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             ws.score_sum, ws.hist, ws.ncand, sb, bs, ns, scale, float(variance_cap))
     else:
         fq, fs = pool.q8_views() if q8 else (fpart, fpart)
-        _keep("score", _score_kernel[grid](
+        _keep("score", _score_kernel[grid_s](
             query, *query.stride(), fpart, *fpart.stride(),
             fq, fq.stride(0), fq.stride(1), fs, fs.stride(0), fs.stride(1), fs.stride(2),
             ipart, ipart.stride(0), ipart.stride(1), *common, ws.logits, ws.score_max,
-            ws.score_sum, ws.hist, ws.ncand, scale, sb, *split, BP=bp,
+            ws.score_sum, ws.hist, ws.ncand, scale, sb, *split_s, BP=bp,
             H=h, G=g, GP=gp, G4=_next_pow2(g), D=d, DP=dp, BS=bs, NSP=nsp, NB=NBINS,
             CAP=float(variance_cap), NATIVE=native, PREC=prec,
             **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}), **ep,
+            **({"NEUTRAL": True} if own else {}),
             **(dict(ERR=True, tv_ptr=es.tvar, hist2_ptr=es.hist2, emax_ptr=es.emax)
                if err else {}),
             **_tune("score", b, fp32=fp32)))
