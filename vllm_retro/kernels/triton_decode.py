@@ -743,63 +743,6 @@ def _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1, blk, valid, 
     return sc_c, sc_v, size
 
 
-@triton.jit
-def _score_loads(fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3, fq_ptr, fq_s0, fq_s1, fs_ptr, fs_s0,
-                 fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1, blk, valid, h, D: tl.constexpr,
-                 DP: tl.constexpr, Q8: tl.constexpr):
-    """A score tile's summaries at pool pages ``blk [CH]``: (centroids, key variances
-    ``[CH, DP]``, their scales, sizes ``[CH]``), int8 with Q8."""
-    d = tl.arange(0, DP)
-    cm = valid[:, None] & (d < D)[None, :]
-    sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
-                                    blk, valid, h, Q8)
-    if Q8:
-        qb = fq_ptr + _wide_mad(blk, fq_s0, h * fq_s1)
-        cen = tl.load(qb[:, None] + d[None, :], mask=cm, other=0)
-        var = tl.load(qb[:, None] + D + d[None, :], mask=cm, other=0)
-    else:
-        fb = fp_ptr + _wide_mad(blk, fp_s0, h * fp_s1)
-        cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
-        var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
-    return cen, var, sc_c, sc_v, size
-
-
-@triton.jit
-def _score_step(cen, var, sc_c, sc_v, size, blk, valid, q, qq, qh, ql, qqh, qql, sq, sqq,
-                m_run, s_run, lg_ptr, tv_ptr, scale, h, gx, gxm, H: tl.constexpr,
-                G: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr, CH: tl.constexpr,
-                CAP: tl.constexpr, NATIVE: tl.constexpr, PREC: tl.constexpr,
-                Q8: tl.constexpr, XR: tl.constexpr, ERR: tl.constexpr):
-    """One score tile: log-masses of its entries (stored to the logits, and the
-    variance terms with ERR) folded into the running max and sum ``[GX]``."""
-    if Q8:
-        qc_i = _q8_acc(qh, ql, tl.trans(cen))
-        qv_i = _q8_acc(qqh, qql, tl.trans(var))
-        if XR:   # (in int32, before the conversions and scales)
-            qc_i, qv_i = _fold_rows(qc_i, GP, G4, CH), _fold_rows(qv_i, GP, G4, CH)
-        qc = _q8_float(qc_i) * (sq * sc_c)[None, :]
-        qv = _q8_float(qv_i) * (sqq * sc_v)[None, :]
-    else:
-        qc = _dot(q, tl.trans(cen), NATIVE, PREC)
-        qv = _dot(qq, tl.trans(var), NATIVE, PREC)
-        if XR:
-            qc, qv = _fold_rows(qc, GP, G4, CH), _fold_rows(qv, GP, G4, CH)
-    # Same operation order as the twin: s q.c + ln size + min(s^2/2 q^2.var, CAP).
-    lg = qc * scale + tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
-    tv = qv * (0.5 * scale * scale)
-    lg = lg + tl.minimum(tv, CAP)
-    lg = tl.where((valid & (size > 0))[None, :], lg, _NEG_INF)
-    tl.store(lg_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], lg,
-             mask=gxm[:, None] & valid[None, :])
-    if ERR:
-        tl.store(tv_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], tv,
-                 mask=gxm[:, None] & valid[None, :])
-    m_new = tl.maximum(m_run, tl.max(lg, 1))
-    m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
-    s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
-    return m_new, s_run
-
-
 @triton.jit(do_not_specialize=_BATCH_ARGS, **_NO_ALIGN)
 def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   fq_ptr, fq_s0, fq_s1, fs_ptr, fs_s0, fs_s1, fs_s2,
@@ -860,7 +803,6 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                                               hdr_s0, r, SB, BS, EPB)
     d = tl.arange(0, DP)
     dm = d < D
-    n_mine = tl.maximum(C - p + NS - 1, 0) // NS
     # With Q8 the query is split on its G4 query-head rows and the int8 parts padded
     # to the products' GP rows with zeros afterwards: the rounding work of the padded
     # rows (zeros) is not done per program.
@@ -874,30 +816,59 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         qqh4, qql4, sqq = _q8_split(qq)
         qh, ql = _pad_rows(qh4, GP, G4, DP), _pad_rows(ql4, GP, G4, DP)
         qqh, qql = _pad_rows(qqh4, GP, G4, DP), _pad_rows(qql4, GP, G4, DP)
-    else:   # (not read without Q8)
-        qh, ql, qqh, qql, sq, sqq = q, q, qq, qq, 1.0, 1.0
     # The rows of the element-wise work: the query heads' G4 (XR) or the products' GP.
     GX: tl.constexpr = G4 if XR else GP
     gx = tl.arange(0, GX)
     gxm = gx < G
     m_run = tl.full([GX], _NEG_INF, tl.float32)
     s_run = tl.zeros([GX], tl.float32)
+    n_mine = tl.maximum(C - p + NS - 1, 0) // NS
+    # The next tile's pool pages are loaded before this tile's summaries are
+    # used (a hand-made pipeline stage over the index-table indirection).
     i = p + NS * tl.arange(0, CH)
     valid = i < C
     blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
-    # The next tile's pool pages are loaded before this tile's summaries are
-    # used (a hand-made pipeline stage over the index-table indirection).
     for m0 in range(0, n_mine, CH):
-        cen, var, sc_c, sc_v, size = _score_loads(fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3, fq_ptr,
-                                                  fq_s0, fq_s1, fs_ptr, fs_s0, fs_s1, fs_s2,
-                                                  ip_ptr, ip_s0, ip_s1, blk, valid, h, D, DP,
-                                                  Q8)
+        cm = valid[:, None] & dm[None, :]
+        sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
+                                        blk, valid, h, Q8)
+        if Q8:
+            qb = fq_ptr + _wide_mad(blk, fq_s0, h * fq_s1)
+            cen = tl.load(qb[:, None] + d[None, :], mask=cm, other=0)
+            var = tl.load(qb[:, None] + D + d[None, :], mask=cm, other=0)
+        else:
+            fb = fp_ptr + _wide_mad(blk, fp_s0, h * fp_s1)
+            cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
+            var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
         i_n = p + NS * (m0 + CH + tl.arange(0, CH))
         valid_n = i_n < C
         blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
-        m_run, s_run = _score_step(cen, var, sc_c, sc_v, size, blk, valid, q, qq, qh, ql,
-                                   qqh, qql, sq, sqq, m_run, s_run, lg_ptr, tv_ptr, scale, h,
-                                   gx, gxm, H, G, GP, G4, CH, CAP, NATIVE, PREC, Q8, XR, ERR)
+        if Q8:
+            qc_i = _q8_acc(qh, ql, tl.trans(cen))
+            qv_i = _q8_acc(qqh, qql, tl.trans(var))
+            if XR:   # (in int32, before the conversions and scales)
+                qc_i, qv_i = _fold_rows(qc_i, GP, G4, CH), _fold_rows(qv_i, GP, G4, CH)
+            qc = _q8_float(qc_i) * (sq * sc_c)[None, :]
+            qv = _q8_float(qv_i) * (sqq * sc_v)[None, :]
+        else:
+            qc = _dot(q, tl.trans(cen), NATIVE, PREC)
+            qv = _dot(qq, tl.trans(var), NATIVE, PREC)
+            if XR:
+                qc, qv = _fold_rows(qc, GP, G4, CH), _fold_rows(qv, GP, G4, CH)
+        # Same operation order as the twin: s q.c + ln size + min(s^2/2 q^2.var, CAP).
+        lg = qc * scale + tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
+        tv = qv * (0.5 * scale * scale)
+        lg = lg + tl.minimum(tv, CAP)
+        lg = tl.where((valid & (size > 0))[None, :], lg, _NEG_INF)
+        tl.store(lg_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], lg,
+                 mask=gxm[:, None] & valid[None, :])
+        if ERR:
+            tl.store(tv_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], tv,
+                     mask=gxm[:, None] & valid[None, :])
+        m_new = tl.maximum(m_run, tl.max(lg, 1))
+        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
+        s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
+        m_run = m_new
         blk, valid = blk_n, valid_n
     tl.store(pm_ptr + (rh * NSP + p) * GP + gx, m_run)
     tl.store(ps_ptr + (rh * NSP + p) * GP + gx, s_run)
