@@ -69,8 +69,10 @@ VARIANTS = [
     # kernel's 2 programs per SM (one wave; triton_decode.SMALL_BATCH_SELECT_PROGRAMS_PER_SM
     # is 4, as at larger batches: the key and list kernels share the split).
     ("small-batch selection at 2 per SM", "sel_pps", 2),
-    # ... the score kernel alone at 2 per SM (its own split; keys and lists keep 4).
+    # ... the score kernel alone at 2 per SM (its own split; keys and lists keep 4;
+    # the default) and on the shared split (4 per SM).
     ("small-batch score at 2 per SM", "score_pps", 2),
+    ("small-batch score at 4 per SM", "score_pps", 4),
     ("PDL", "pdl", None),
     # PDL is on above two rows by default (triton_decode.PDL): the variant without.
     ("no PDL", "no_pdl", None),

@@ -588,14 +588,18 @@ def test_variance_cap_reaches_the_score_stage():
 
 def test_small_batch_selection_target():
     """At one or two rows the selection kernels' grids aim at
-    ``SMALL_BATCH_SELECT_PROGRAMS_PER_SM`` programs per SM, the attention kernel's at
-    ``PROGRAMS_PER_SM``; a launch of more rows keeps its own target for any rows in use
-    (a padded CUDA graph). Llama-3-8B shape (8 KV heads) on 132 SMs."""
+    ``SMALL_BATCH_SELECT_PROGRAMS_PER_SM`` programs per SM, the score kernel's at
+    ``SMALL_BATCH_SCORE_PROGRAMS_PER_SM`` (2: one wave of its 2 resident programs per
+    SM at two rows), the attention kernel's at ``PROGRAMS_PER_SM``; a launch of more
+    rows keeps its own target for any rows in use (a padded CUDA graph). Llama-3-8B
+    shape (8 KV heads) on 132 SMs."""
     td = _td()
     assert td.PROGRAMS_PER_SM == 4
     ws = td.DecodeWorkspace(64, 8, 4, 128, 8, "cpu", num_sms=132, max_split=32)
     assert [ws.nsplit(b) for b in (1, 2, 3, 8)] == [32, 32, 22, 8]
+    assert [ws.nsplit_score(b) for b in (1, 2, 3, 8)] == [32, 16, 22, 8]
     assert [ws.nsplit_attend(b) for b in (1, 2, 3, 8)] == [32, 32, 22, 8]
+    assert ws.nsplit_score(2, 3) == 32
 
 
 def test_small_batch_selection_at_the_score_kernels_residency(monkeypatch):

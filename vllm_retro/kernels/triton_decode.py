@@ -183,9 +183,10 @@ SMALL_BATCH_SELECT_PROGRAMS_PER_SM = 4
 # ... for the score kernel alone at SMALL_BATCH rows or fewer (at most the above): 2
 # gives it its own split, one wave at two rows, while the key and list kernels keep
 # theirs (its program 0 fills the partial slots between the two splits with neutral
-# values for the key kernel's log-sum-exp). From the parts measured above, ~-4 us per
-# layer at 128K x 2 and ~-5 at 32K x 2; not measured as a whole yet, so 4.
-SMALL_BATCH_SCORE_PROGRAMS_PER_SM = 4
+# values for the key kernel's log-sum-exp): 76.9 against 82.6 us per layer at 128K x
+# 2, 39.0 against 45.1 at 32K x 2, one row unchanged (the split is the same there;
+# H100, twenty-seventh session).
+SMALL_BATCH_SCORE_PROGRAMS_PER_SM = 2
 # The most programs per (row, KV head): it binds at batches of one or two rows only
 # (RETRO_DECODE_MAX_SPLIT overrides it for tuning runs).
 MAX_SPLIT = int(os.environ.get("RETRO_DECODE_MAX_SPLIT", "32"))
