@@ -18,6 +18,9 @@ arguments and pointers), so registers and SASS are the GPU's.
 
 ``--sass DIR`` (with ``--resources``): also writes those variants' SASS to DIR.
 
+``--only NAMES`` (comma-separated kernel names): compiles those kernels only (a
+quicker loop while one kernel's registers are tuned).
+
 ``--resources NAME``: also the registers, stack and local (spill) bytes of NAME's
 variants, from the cubin (``cuobjdump --dump-resource-usage``; without a GPU this
 is where a kernel's register pressure shows).
@@ -49,6 +52,7 @@ OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "launch_pdl", "maxnreg")
 compiled: dict = {}
 failures: list = []
 RESOURCES: set = set()
+ONLY: set = set()
 SASS_DIR: str = ""
 
 
@@ -114,7 +118,7 @@ def _aot(self: JITFunction, *args, grid, warmup, **kwargs):
 
 
 def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict):
-    if key in compiled:
+    if key in compiled or (ONLY and self.__name__ not in ONLY):
         return None
     try:
         k = triton.compile(src, target=TARGET, options=options)
@@ -126,7 +130,8 @@ def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict
             extra = f" {dt} {flags}: {resource_usage(k.asm['cubin'])}"
             if SASS_DIR:
                 tag = "_".join(f"{n}{int(consts[n])}" for n in ("WAVE", "PDL", "Q8", "XR",
-                                                                  "ERR", "MV8", "VC", "EPB")
+                                                                  "PF", "ERR", "MV8", "VC",
+                                                                  "EPB")
                                if n in consts)
                 tag += f"_r{options.get('maxnreg') or 0}"
                 path = os.path.join(SASS_DIR, f"{self.__name__}_{dt.strip('*')}_{tag}_"
@@ -199,6 +204,14 @@ def decode_launches() -> None:
                 for pl in (pool8, pool):
                     td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pl,
                                                      sink_end(RetroConfig(), bs), 0.1, out, ws)
+            finally:
+                td.TUNE["score"], td.TUNE_SMALL_BATCH["score"] = big, small
+            # ... and its PF form (small gathers one tile ahead, pool pages two), 8-bit.
+            try:
+                td.TUNE["score"], td.TUNE_SMALL_BATCH["score"] = dict(big), dict(small)
+                td.TUNE["score"]["PF"] = td.TUNE_SMALL_BATCH["score"]["PF"] = True
+                td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,
+                                                 sink_end(RetroConfig(), bs), 0.1, out, ws)
             finally:
                 td.TUNE["score"], td.TUNE_SMALL_BATCH["score"] = big, small
             # The attention kernel's 8-bit mean values (mean_value_bits 8).
@@ -314,6 +327,8 @@ def main() -> None:
     global SASS_DIR
     if "--resources" in sys.argv:
         RESOURCES.update(sys.argv[sys.argv.index("--resources") + 1].split(","))
+    if "--only" in sys.argv:
+        ONLY.update(sys.argv[sys.argv.index("--only") + 1].split(","))
     if "--sass" in sys.argv:
         SASS_DIR = sys.argv[sys.argv.index("--sass") + 1]
         os.makedirs(SASS_DIR, exist_ok=True)

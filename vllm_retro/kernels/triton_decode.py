@@ -757,8 +757,15 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   Q8: tl.constexpr = False,
                   EPB: tl.constexpr = 1, ERR: tl.constexpr = False, tv_ptr=None,
                   hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
-                  G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False):
+                  G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False,
+                  PF: tl.constexpr = 0):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
+
+    PF (a form of the tile loop; same values): 0, the pool pages of tile t+1 are
+    loaded by hand while tile t is scored; 1, each tile's index-table entries are
+    loaded in its own iteration, so the compiler's pipeline (``num_stages`` 3) issues
+    them two tiles ahead and the summaries one, as asynchronous copies; 2, as 1 and
+    the small gathers (size, scales) of tile t+1 loaded while tile t is scored.
 
     NEUTRAL (the score kernel on a split of its own, smaller than the key kernel's):
     program 0 also stores neutral partials (max -inf, sum 0) in the slots from NS on,
@@ -824,15 +831,33 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     m_run = tl.full([GX], _NEG_INF, tl.float32)
     s_run = tl.zeros([GX], tl.float32)
     n_mine = tl.maximum(C - p + NS - 1, 0) // NS
-    # The next tile's pool pages are loaded before this tile's summaries are
-    # used (a hand-made pipeline stage over the index-table indirection).
-    i = p + NS * tl.arange(0, CH)
-    valid = i < C
-    blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
-    for m0 in range(0, n_mine, CH):
-        cm = valid[:, None] & dm[None, :]
+    if not PF:
+        # The next tile's pool pages are loaded before this tile's summaries are
+        # used (a hand-made pipeline stage over the index-table indirection).
+        i = p + NS * tl.arange(0, CH)
+        valid = i < C
+        blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
+    if PF == 2:
+        i = p + NS * tl.arange(0, CH)
+        valid = i < C
+        blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
         sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
                                         blk, valid, h, Q8)
+    for m0 in range(0, n_mine, CH):
+        if PF:
+            i = p + NS * (m0 + tl.arange(0, CH))
+            valid = i < C
+            blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
+        if PF == 2:
+            i_s = p + NS * (m0 + CH + tl.arange(0, CH))
+            valid_s = i_s < C
+            blk_s = tl.load(ix_row + i_s, mask=valid_s, other=0).to(tl.int64)
+            sc_c_n, sc_v_n, size_n = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0,
+                                                  ip_s1, blk_s, valid_s, h, Q8)
+        else:
+            sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0,
+                                            ip_s1, blk, valid, h, Q8)
+        cm = valid[:, None] & dm[None, :]
         if Q8:
             qb = fq_ptr + _wide_mad(blk, fq_s0, h * fq_s1)
             cen = tl.load(qb[:, None] + d[None, :], mask=cm, other=0)
@@ -841,9 +866,10 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             fb = fp_ptr + _wide_mad(blk, fp_s0, h * fp_s1)
             cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
             var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
-        i_n = p + NS * (m0 + CH + tl.arange(0, CH))
-        valid_n = i_n < C
-        blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
+        if not PF:
+            i_n = p + NS * (m0 + CH + tl.arange(0, CH))
+            valid_n = i_n < C
+            blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
         if Q8:
             qc_i = _q8_acc(qh, ql, tl.trans(cen))
             qv_i = _q8_acc(qqh, qql, tl.trans(var))
@@ -870,7 +896,10 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
         s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
         m_run = m_new
-        blk, valid = blk_n, valid_n
+        if not PF:
+            blk, valid = blk_n, valid_n
+        if PF == 2:
+            sc_c, sc_v, size = sc_c_n, sc_v_n, size_n
     tl.store(pm_ptr + (rh * NSP + p) * GP + gx, m_run)
     tl.store(ps_ptr + (rh * NSP + p) * GP + gx, s_run)
 
