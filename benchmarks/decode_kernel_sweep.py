@@ -148,6 +148,9 @@ VARIANTS = [
     ("score PF st3", "score", dict(PF=1, num_stages=3)),
     ("score PF2", "score", dict(PF=2)),
     ("score PF2 st3", "score", dict(PF=2, num_stages=3)),
+    # ... and the attention kernel's (NP: every loop's addresses in the loop).
+    ("attend NP st3", "attend", dict(NP=True, num_stages=3)),
+    ("attend NP", "attend", dict(NP=True)),
     # The attention kernel's softmax on the G4 query-head rows (XR) and on the
     # products' 16 rows (plain), whichever is the default.
     ("attend XR", "attend", dict(XR=True)),

@@ -399,6 +399,7 @@ def _two_rows_checked(seed: int, n_ret: int, n_est: int, **pool_kw):
     ("score", "PF=2", dict(CH=16), "error"),
     ("attend", "XR", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
     ("attend", "PRE", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
+    ("attend", "NP", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
 ])
 @pytest.mark.parametrize("bits", [16, 8])
 def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, bits):
@@ -408,7 +409,8 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     (``PF``; ``PF=2``: and the small gathers one tile ahead) and with the pool pages
     carried one tile ahead; the
     attention kernel's softmax on the query heads' rows (``XR``) and on the products'
-    rows; its zones' first addresses loaded up front (``PRE``) and in turn. Bit-equal
+    rows; its zones' first addresses loaded up front (``PRE``) and in turn, and each
+    tile's addresses loaded in its own iteration (``NP``) or one tile ahead. Bit-equal
     outputs and logits, each the twin's, over several tiles (and retrieved groups) per
     program and a partial last tile; ``rank`` "error": the score kernel also stores
     the variance terms the error rank reads."""

@@ -1866,10 +1866,15 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    PDL: tl.constexpr = False, WAVE: tl.constexpr = False,
                    MV8: tl.constexpr = False, VC: tl.constexpr = False,
                    EPB: tl.constexpr = 1, XR: tl.constexpr = False,
-                   PRE: tl.constexpr = False):
+                   PRE: tl.constexpr = False, NP: tl.constexpr = False):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
+
+    NP (a form of the tile loops; same values; not with PRE): each tile's addresses
+    (block-table entries, list entries) are loaded in its own iteration instead of
+    one tile ahead by hand, so the compiler's pipeline (``num_stages`` 3) can issue
+    them as asynchronous copies two tiles ahead and the K/V (or summaries) one.
 
     WAVE: retrieved tokens below the row's horizon (header ``HDR_HORIZON``) come
     from the wave buffer, at the page addresses :func:`_resolve_kernel` wrote to
@@ -1933,9 +1938,11 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     l_i = tl.zeros([GX], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
 
-    # Every loop below is software-pipelined by hand: a tile's K/V (or summary)
-    # loads are issued before the next tile's chain of dependent index loads, so
-    # the two latencies overlap instead of adding up.
+    # Every loop below is software-pipelined by hand (without NP): a tile's K/V (or
+    # summary) loads are issued before the next tile's chain of dependent index
+    # loads, so the two latencies overlap instead of adding up.
+    tl.static_assert(not (PRE and NP), "the attention kernel's PRE and NP forms exclude "
+                                       "each other")
 
     if PRE:
         # The first retrieved group's lists and first tile's addresses, and the first
@@ -1961,14 +1968,19 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     # (Each loop has its own variable names: Triton types loop-carried values by
     # name, and the tiles of the three loops differ in size.)
     n_mine = tl.maximum(n_steady - p + NS - 1, 0) // NS
-    s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
+    if not NP:
+        s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
     for m0 in range(0, n_mine, TS):
+        if NP:
+            s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, m0, n_steady, split, E, BS, TS)
         s_k, s_v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, s_blk, s_off, s_ok, h, D, DP)
-        s_blk_n, s_off_n, s_ok_n = _steady_addr(bt_row, p, NS, m0 + TS, n_steady, split, E,
-                                                BS, TS)
+        if not NP:
+            s_blk_n, s_off_n, s_ok_n = _steady_addr(bt_row, p, NS, m0 + TS, n_steady, split,
+                                                    E, BS, TS)
         m_i, l_i, acc = _attend_kv(q, s_k, s_v, s_ok, m_i, l_i, acc, scale, NATIVE, PREC,
                                    GP, G4, XR)
-        s_blk, s_off, s_ok = s_blk_n, s_off_n, s_ok_n
+        if not NP:
+            s_blk, s_off, s_ok = s_blk_n, s_off_n, s_ok_n
 
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
     # concatenated and attended TR at a time (positions [start, start + size)).
@@ -2018,25 +2030,35 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                 g_dpos, g_dcst, g_beg, g_total = _retrieved_group(lists_ptr, ix_row, h, p,
                                                                   NS, m0, n_ret, H, LW, PK,
                                                                   RG)
-                r_blk, r_off, r_ok = _retrieved_addr(0, g_total, g_beg, g_dpos, g_dcst,
-                                                     bt_row, S, E, L, BS, TR)
+                if not NP:
+                    r_blk, r_off, r_ok = _retrieved_addr(0, g_total, g_beg, g_dpos, g_dcst,
+                                                         bt_row, S, E, L, BS, TR)
             for t0 in range(0, g_total, TR):
+                if NP:
+                    r_blk, r_off, r_ok = _retrieved_addr(t0, g_total, g_beg, g_dpos, g_dcst,
+                                                         bt_row, S, E, L, BS, TR)
                 r_kt, r_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off, r_ok,
                                       h, D, DP)
-                r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, g_total, g_beg, g_dpos,
-                                                           g_dcst, bt_row, S, E, L, BS, TR)
+                if not NP:
+                    r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, g_total, g_beg,
+                                                               g_dpos, g_dcst, bt_row, S, E,
+                                                               L, BS, TR)
                 m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale,
                                            NATIVE, PREC, GP, G4, XR)
-                r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
+                if not NP:
+                    r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
             if PRE:
                 r_blk, r_off, r_ok = r_blk_g, r_off_g, r_ok_g
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
     n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
-    if not PRE:
+    if not PRE and not NP:
         e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
                                       H, LW, PK, TE)
     for m0 in range(0, n_mine, TE):
+        if NP:
+            e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, m0,
+                                          H, LW, PK, TE)
         e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + gx[:, None],
                       mask=gxm[:, None] & e_ok[None, :], other=_NEG_INF)
         if MV8:
@@ -2052,8 +2074,9 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                            + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
             e_w = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 4 * fp_s2
                           + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
-        e_blk_n, e_ok_n = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS,
-                                          m0 + TE, H, LW, PK, TE)
+        if not NP:
+            e_blk_n, e_ok_n = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS,
+                                              m0 + TE, H, LW, PK, TE)
         if MV8 or VC:
             m_i, l_i, e_al, e_pr = _online_probs(m_i, l_i, e_s)
             acc = acc * _product_rows(e_al[:, None], GP, G4, XR)
@@ -2071,7 +2094,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                             PREC)
         else:
             m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC, GP, G4, XR)
-        e_blk, e_ok = e_blk_n, e_ok_n
+        if not NP:
+            e_blk, e_ok = e_blk_n, e_ok_n
 
     row0 = (rh * NS + p) * G     # this partial's first query-head row
     tl.store(pm_ptr + row0 + gx, m_i, mask=gxm)
