@@ -140,17 +140,6 @@ VARIANTS = [
     # at sm_90; Nsight Compute at 128K x 6 had shown ~48 warp instructions per entry
     # at 0.44 issued per scheduler and cycle).
     ("score plain", "score", dict(XR=False)),
-    # The score kernel's tile loop with the index-table loads in the loop, for the
-    # compiler's pipeline (PF 1: 3 stages put them two tiles ahead through
-    # asynchronous copies, the summaries one), and with the small gathers (size,
-    # scales) one tile ahead too (PF 2); the default carries the pool pages one tile
-    # ahead by hand (sm_90 SASS: ~3 dependent DRAM round trips per tile).
-    ("score PF st3", "score", dict(PF=1, num_stages=3)),
-    ("score PF2", "score", dict(PF=2)),
-    ("score PF2 st3", "score", dict(PF=2, num_stages=3)),
-    # ... and the attention kernel's (NP: every loop's addresses in the loop).
-    ("attend NP st3", "attend", dict(NP=True, num_stages=3)),
-    ("attend NP", "attend", dict(NP=True)),
     # The attention kernel's softmax on the G4 query-head rows (XR) and on the
     # products' 16 rows (plain), whichever is the default.
     ("attend XR", "attend", dict(XR=True)),

@@ -130,8 +130,7 @@ def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict
             extra = f" {dt} {flags}: {resource_usage(k.asm['cubin'])}"
             if SASS_DIR:
                 tag = "_".join(f"{n}{int(consts[n])}" for n in ("WAVE", "PDL", "Q8", "XR",
-                                                                  "PF", "ERR", "MV8", "VC",
-                                                                  "EPB")
+                                                                  "ERR", "MV8", "VC", "EPB")
                                if n in consts)
                 tag += f"_r{options.get('maxnreg') or 0}"
                 path = os.path.join(SASS_DIR, f"{self.__name__}_{dt.strip('*')}_{tag}_"
@@ -204,14 +203,6 @@ def decode_launches() -> None:
                 for pl in (pool8, pool):
                     td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pl,
                                                      sink_end(RetroConfig(), bs), 0.1, out, ws)
-            finally:
-                td.TUNE["score"], td.TUNE_SMALL_BATCH["score"] = big, small
-            # ... and its PF form (small gathers one tile ahead, pool pages two), 8-bit.
-            try:
-                td.TUNE["score"], td.TUNE_SMALL_BATCH["score"] = dict(big), dict(small)
-                td.TUNE["score"]["PF"] = td.TUNE_SMALL_BATCH["score"]["PF"] = True
-                td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,
-                                                 sink_end(RetroConfig(), bs), 0.1, out, ws)
             finally:
                 td.TUNE["score"], td.TUNE_SMALL_BATCH["score"] = big, small
             # The attention kernel's 8-bit mean values (mean_value_bits 8).

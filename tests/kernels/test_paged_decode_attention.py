@@ -395,22 +395,15 @@ def _two_rows_checked(seed: int, n_ret: int, n_est: int, **pool_kw):
 @pytest.mark.parametrize("kernel,knob,tiles,rank", [
     ("score", "XR", dict(CH=16), "mass"),
     ("score", "XR", dict(CH=16), "error"),
-    ("score", "PF", dict(CH=16), "mass"),
-    ("score", "PF=2", dict(CH=16), "error"),
     ("attend", "XR", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
     ("attend", "PRE", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
-    ("attend", "NP", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
 ])
 @pytest.mark.parametrize("bits", [16, 8])
 def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, bits):
     """Two forms of a kernel that must compute the same values: the score kernel's
-    element-wise work on the query heads' rows (``XR``) and on the products' rows, its
-    tile loop with the index-table loads in the loop for the compiler's pipeline
-    (``PF``; ``PF=2``: and the small gathers one tile ahead) and with the pool pages
-    carried one tile ahead; the
+    element-wise work on the query heads' rows (``XR``) and on the products' rows; the
     attention kernel's softmax on the query heads' rows (``XR``) and on the products'
-    rows; its zones' first addresses loaded up front (``PRE``) and in turn, and each
-    tile's addresses loaded in its own iteration (``NP``) or one tile ahead. Bit-equal
+    rows; its zones' first addresses loaded up front (``PRE``) and in turn. Bit-equal
     outputs and logits, each the twin's, over several tiles (and retrieved groups) per
     program and a partial last tile; ``rank`` "error": the score kernel also stores
     the variance terms the error rank reads."""
@@ -421,9 +414,8 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     sc.add(0)
     sc.add(700, n_ret=4, n_est=9)
     q = torch.randn(3, H * G, D)
-    knob, _, value = knob.partition("=")
     got = []
-    for on in (False, int(value) if value else True):
+    for on in (False, True):
         for table in (td.TUNE, td.TUNE_SMALL_BATCH):
             monkeypatch.setitem(table, kernel, dict(table[kernel], **tiles, **{knob: on}))
         ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=1,

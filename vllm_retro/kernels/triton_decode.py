@@ -757,15 +757,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   Q8: tl.constexpr = False,
                   EPB: tl.constexpr = 1, ERR: tl.constexpr = False, tv_ptr=None,
                   hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
-                  G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False,
-                  PF: tl.constexpr = 0):
+                  G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
-
-    PF (a form of the tile loop; same values): 0, the pool pages of tile t+1 are
-    loaded by hand while tile t is scored; 1, each tile's index-table entries are
-    loaded in its own iteration, so the compiler's pipeline (``num_stages`` 3) issues
-    them two tiles ahead and the summaries one, as asynchronous copies; 2, as 1 and
-    the small gathers (size, scales) of tile t+1 loaded while tile t is scored.
 
     NEUTRAL (the score kernel on a split of its own, smaller than the key kernel's):
     program 0 also stores neutral partials (max -inf, sum 0) in the slots from NS on,
@@ -831,33 +824,15 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     m_run = tl.full([GX], _NEG_INF, tl.float32)
     s_run = tl.zeros([GX], tl.float32)
     n_mine = tl.maximum(C - p + NS - 1, 0) // NS
-    if not PF:
-        # The next tile's pool pages are loaded before this tile's summaries are
-        # used (a hand-made pipeline stage over the index-table indirection).
-        i = p + NS * tl.arange(0, CH)
-        valid = i < C
-        blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
-    if PF == 2:
-        i = p + NS * tl.arange(0, CH)
-        valid = i < C
-        blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
+    # The next tile's pool pages are loaded before this tile's summaries are
+    # used (a hand-made pipeline stage over the index-table indirection).
+    i = p + NS * tl.arange(0, CH)
+    valid = i < C
+    blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
+    for m0 in range(0, n_mine, CH):
+        cm = valid[:, None] & dm[None, :]
         sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
                                         blk, valid, h, Q8)
-    for m0 in range(0, n_mine, CH):
-        if PF:
-            i = p + NS * (m0 + tl.arange(0, CH))
-            valid = i < C
-            blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
-        if PF == 2:
-            i_s = p + NS * (m0 + CH + tl.arange(0, CH))
-            valid_s = i_s < C
-            blk_s = tl.load(ix_row + i_s, mask=valid_s, other=0).to(tl.int64)
-            sc_c_n, sc_v_n, size_n = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0,
-                                                  ip_s1, blk_s, valid_s, h, Q8)
-        else:
-            sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0,
-                                            ip_s1, blk, valid, h, Q8)
-        cm = valid[:, None] & dm[None, :]
         if Q8:
             qb = fq_ptr + _wide_mad(blk, fq_s0, h * fq_s1)
             cen = tl.load(qb[:, None] + d[None, :], mask=cm, other=0)
@@ -866,10 +841,9 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             fb = fp_ptr + _wide_mad(blk, fp_s0, h * fp_s1)
             cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
             var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
-        if not PF:
-            i_n = p + NS * (m0 + CH + tl.arange(0, CH))
-            valid_n = i_n < C
-            blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
+        i_n = p + NS * (m0 + CH + tl.arange(0, CH))
+        valid_n = i_n < C
+        blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
         if Q8:
             qc_i = _q8_acc(qh, ql, tl.trans(cen))
             qv_i = _q8_acc(qqh, qql, tl.trans(var))
@@ -896,10 +870,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
         s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
         m_run = m_new
-        if not PF:
-            blk, valid = blk_n, valid_n
-        if PF == 2:
-            sc_c, sc_v, size = sc_c_n, sc_v_n, size_n
+        blk, valid = blk_n, valid_n
     tl.store(pm_ptr + (rh * NSP + p) * GP + gx, m_run)
     tl.store(ps_ptr + (rh * NSP + p) * GP + gx, s_run)
 
@@ -1866,15 +1837,10 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    PDL: tl.constexpr = False, WAVE: tl.constexpr = False,
                    MV8: tl.constexpr = False, VC: tl.constexpr = False,
                    EPB: tl.constexpr = 1, XR: tl.constexpr = False,
-                   PRE: tl.constexpr = False, NP: tl.constexpr = False):
+                   PRE: tl.constexpr = False):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
-
-    NP (a form of the tile loops; same values; not with PRE): each tile's addresses
-    (block-table entries, list entries) are loaded in its own iteration instead of
-    one tile ahead by hand, so the compiler's pipeline (``num_stages`` 3) can issue
-    them as asynchronous copies two tiles ahead and the K/V (or summaries) one.
 
     WAVE: retrieved tokens below the row's horizon (header ``HDR_HORIZON``) come
     from the wave buffer, at the page addresses :func:`_resolve_kernel` wrote to
@@ -1938,11 +1904,9 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     l_i = tl.zeros([GX], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
 
-    # Every loop below is software-pipelined by hand (without NP): a tile's K/V (or
-    # summary) loads are issued before the next tile's chain of dependent index
-    # loads, so the two latencies overlap instead of adding up.
-    tl.static_assert(not (PRE and NP), "the attention kernel's PRE and NP forms exclude "
-                                       "each other")
+    # Every loop below is software-pipelined by hand: a tile's K/V (or summary)
+    # loads are issued before the next tile's chain of dependent index loads, so
+    # the two latencies overlap instead of adding up.
 
     if PRE:
         # The first retrieved group's lists and first tile's addresses, and the first
@@ -1968,19 +1932,14 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     # (Each loop has its own variable names: Triton types loop-carried values by
     # name, and the tiles of the three loops differ in size.)
     n_mine = tl.maximum(n_steady - p + NS - 1, 0) // NS
-    if not NP:
-        s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
+    s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
     for m0 in range(0, n_mine, TS):
-        if NP:
-            s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, m0, n_steady, split, E, BS, TS)
         s_k, s_v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, s_blk, s_off, s_ok, h, D, DP)
-        if not NP:
-            s_blk_n, s_off_n, s_ok_n = _steady_addr(bt_row, p, NS, m0 + TS, n_steady, split,
-                                                    E, BS, TS)
+        s_blk_n, s_off_n, s_ok_n = _steady_addr(bt_row, p, NS, m0 + TS, n_steady, split, E,
+                                                BS, TS)
         m_i, l_i, acc = _attend_kv(q, s_k, s_v, s_ok, m_i, l_i, acc, scale, NATIVE, PREC,
                                    GP, G4, XR)
-        if not NP:
-            s_blk, s_off, s_ok = s_blk_n, s_off_n, s_ok_n
+        s_blk, s_off, s_ok = s_blk_n, s_off_n, s_ok_n
 
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
     # concatenated and attended TR at a time (positions [start, start + size)).
@@ -2030,35 +1989,25 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                 g_dpos, g_dcst, g_beg, g_total = _retrieved_group(lists_ptr, ix_row, h, p,
                                                                   NS, m0, n_ret, H, LW, PK,
                                                                   RG)
-                if not NP:
-                    r_blk, r_off, r_ok = _retrieved_addr(0, g_total, g_beg, g_dpos, g_dcst,
-                                                         bt_row, S, E, L, BS, TR)
+                r_blk, r_off, r_ok = _retrieved_addr(0, g_total, g_beg, g_dpos, g_dcst,
+                                                     bt_row, S, E, L, BS, TR)
             for t0 in range(0, g_total, TR):
-                if NP:
-                    r_blk, r_off, r_ok = _retrieved_addr(t0, g_total, g_beg, g_dpos, g_dcst,
-                                                         bt_row, S, E, L, BS, TR)
                 r_kt, r_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, r_blk, r_off, r_ok,
                                       h, D, DP)
-                if not NP:
-                    r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, g_total, g_beg,
-                                                               g_dpos, g_dcst, bt_row, S, E,
-                                                               L, BS, TR)
+                r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, g_total, g_beg, g_dpos,
+                                                           g_dcst, bt_row, S, E, L, BS, TR)
                 m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale,
                                            NATIVE, PREC, GP, G4, XR)
-                if not NP:
-                    r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
+                r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
             if PRE:
                 r_blk, r_off, r_ok = r_blk_g, r_off_g, r_ok_g
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
     n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
-    if not PRE and not NP:
+    if not PRE:
         e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
                                       H, LW, PK, TE)
     for m0 in range(0, n_mine, TE):
-        if NP:
-            e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, m0,
-                                          H, LW, PK, TE)
         e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + gx[:, None],
                       mask=gxm[:, None] & e_ok[None, :], other=_NEG_INF)
         if MV8:
@@ -2074,9 +2023,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                            + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
             e_w = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 4 * fp_s2
                           + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
-        if not NP:
-            e_blk_n, e_ok_n = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS,
-                                              m0 + TE, H, LW, PK, TE)
+        e_blk_n, e_ok_n = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS,
+                                          m0 + TE, H, LW, PK, TE)
         if MV8 or VC:
             m_i, l_i, e_al, e_pr = _online_probs(m_i, l_i, e_s)
             acc = acc * _product_rows(e_al[:, None], GP, G4, XR)
@@ -2094,8 +2042,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                             PREC)
         else:
             m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC, GP, G4, XR)
-        if not NP:
-            e_blk, e_ok = e_blk_n, e_ok_n
+        e_blk, e_ok = e_blk_n, e_ok_n
 
     row0 = (rh * NS + p) * G     # this partial's first query-head row
     tl.store(pm_ptr + row0 + gx, m_i, mask=gxm)
