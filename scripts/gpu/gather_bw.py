@@ -1,28 +1,56 @@
-"""Random-row gather bandwidth on the GPU by row size and by the span the rows lie in
-(TLB reach): torch.index_select over [span / row, row] int8 views."""
-import json, sys, torch
-dev = "cuda"
-res = []
-big = torch.empty(int(60e9), dtype=torch.int8, device=dev)
-def bench(fn, it=20):
-    fn(); torch.cuda.synchronize()
+"""Random-row gather bandwidth of this GPU, by row size and by the span the rows lie
+in (DRAM page and TLB locality), beside a plain copy.
+
+Role: the decode kernels gather 256 B rows (cluster summaries, K/V token rows) from
+random pool pages and cache blocks spread over tens of GB; this measures what such
+gathers reach with torch.index_select, so the kernels' achieved bandwidth has a
+ceiling to be compared with. Bandwidth counts the bytes read and written.
+
+    python3 scripts/gpu/gather_bw.py OUT.json
+"""
+import json
+import sys
+
+import torch
+
+
+def bench(fn, it=20) -> float:
+    """Mean microseconds of ``fn`` over ``it`` runs after one warm-up."""
+    fn()
+    torch.cuda.synchronize()
     s, e = torch.cuda.Event(True), torch.cuda.Event(True)
     s.record()
-    for _ in range(it): fn()
-    e.record(); torch.cuda.synchronize()
-    return s.elapsed_time(e) / it * 1e3  # us
-for span in (1e9, 8e9, 60e9):
-    for row in (128, 256, 512, 4096):
-        n = int(span) // row
-        src = big[: n * row].view(n, row)
-        nrows = int(200e6) // row
-        idx = torch.randint(0, n, (nrows,), device=dev)
-        out = torch.empty(nrows, row, dtype=torch.int8, device=dev)
-        us = bench(lambda: torch.index_select(src, 0, idx, out=out))
-        r = dict(span_gb=span / 1e9, row_bytes=row, rows=nrows, us=round(us, 1),
-                 tb_s=round(2 * nrows * row / us / 1e6, 3))
-        res.append(r); print(r, flush=True)
-c = big[: int(4e9)]; d = torch.empty_like(c)
-us = bench(lambda: d.copy_(c), 5)
-print({"copy_4gb_tb_s": round(2 * 4e9 / us / 1e6, 3)})
-json.dump(res, open(sys.argv[1], "w"), indent=1)
+    for _ in range(it):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / it * 1e3
+
+
+def main(path: str) -> None:
+    free, _ = torch.cuda.mem_get_info()
+    top = min(60e9, 0.8 * free - 2e9)
+    big = torch.empty(int(top), dtype=torch.int8, device="cuda")
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "gathers": []}
+    for span in (1e9, 8e9, top):
+        for row in (128, 256, 512, 4096):
+            n = int(span) // row
+            src = big[: n * row].view(n, row)
+            nrows = int(200e6) // row
+            idx = torch.randint(0, n, (nrows,), device="cuda")
+            out = torch.empty(nrows, row, dtype=torch.int8, device="cuda")
+            us = bench(lambda: torch.index_select(src, 0, idx, out=out))
+            r = dict(span_gb=round(span / 1e9, 1), row_bytes=row, rows=nrows, us=round(us, 1),
+                     tb_s=round(2 * nrows * row / us / 1e6, 3))
+            res["gathers"].append(r)
+            print(r, flush=True)
+    c = big[: int(4e9)]
+    d = torch.empty_like(c)
+    res["copy_4gb_tb_s"] = round(2 * 4e9 / bench(lambda: d.copy_(c), 5) / 1e6, 3)
+    print({"copy_4gb_tb_s": res["copy_4gb_tb_s"]})
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "gather_bw.json")
