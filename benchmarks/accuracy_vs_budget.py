@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -111,7 +112,7 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
         sys.path.insert(0, _p)
 
 from vllm_retro import RetroConfig, WaveIndex, full_attention  # noqa: E402
-from vllm_retro.attention import group_query  # noqa: E402
+from vllm_retro.attention import cluster_log_mass, group_query  # noqa: E402
 
 import baselines as B  # noqa: E402
 import capture_qkv  # noqa: E402
@@ -666,6 +667,21 @@ SUMMARY_VARIANTS = {
     # mean_value_bits 8 on the GPU: the mean values (value sum / size) in 8 bits too.
     "wave_q8v": ({"summary_bits": 8, "summary_fields": "all"},
                  "wave, 8-bit centroids, key variances and mean values"),
+    # The score stage's bytes per cluster and head: 8-bit centroid + 4-bit key
+    # variance (unsigned, 0..15 times one scale: 192 B instead of 256 at D 128), or
+    # no variance term at all (128 B).
+    "wave_q8v4": ({"summary_bits": 8, "summary_fields": "var4"},
+                  "wave, 8-bit centroids, 4-bit key variances"),
+    "wave_q8_vcap0": ({"summary_bits": 8, "variance_cap": 0.0},
+                      "wave, 8-bit centroids, no key-variance term"),
+    # Ranked by the first-order log-mass (ln size + s q.c: the score stage reads the
+    # centroids only, 128 B), estimated with the key-variance term (read for the
+    # estimated clusters only).
+    "wave_q8_rank1": ({"summary_bits": 8, "rank_first_order": True},
+                      "wave, 8-bit, ranked without the key-variance term"),
+    "wave_q8v4_rank1": ({"summary_bits": 8, "summary_fields": "var4",
+                         "rank_first_order": True},
+                        "wave, 8-bit centroids, 4-bit variances, ranked without them"),
     "wave_shared_kv05_vcap1_vc_errv_q8": (
         {"shared_head_budget": True, "kmeans_value_weight": 0.5, "variance_cap": 1.0,
          "value_correction": True, "retrieval_rank": "error_value", "summary_bits": 8},
@@ -720,7 +736,7 @@ TEXT_VARIANTS["wave_cs4_shared_kv07_vcap1_vc_errv_rest05_q8"] = _combo(
 # ... and with 8-bit summaries: the same summary bytes per token as 16-token clusters.
 TEXT_VARIANTS["wave_cs8_shared_kv07_vcap1_vc_errv_ad09_rest05_q8"] = _combo(
     **TEXT_VARIANTS["wave_cs8_shared_kv07_vcap1_vc_errv_ad09_rest05"][0], summary_bits=8)
-SIM_FIELDS = ("summary_bits", "summary_fields")
+SIM_FIELDS = ("summary_bits", "summary_fields", "rank_first_order")
 # The GPU path's semantics: the decode kernels' torch twin
 # (``reference.paged_decode_attention``) over the paged index in a bf16 cache, with
 # the kernels' bucket selection; the index built once over the prompt (the tokens
@@ -766,9 +782,9 @@ def _rounded(x: torch.Tensor, top: float) -> torch.Tensor:
 
 
 def quantize_summaries(idx: WaveIndex, bits: int, fields: str = "both") -> None:
-    """Rounds ``idx``'s centroids (and key variances, ``fields`` "both"; and the
-    mean values, ``fields`` "all": each cluster's value sum becomes its size times
-    the rounded mean) in place to ``bits``-bit integers with one scale per (KV head,
+    """Rounds ``idx``'s centroids (and key variances, ``fields`` "both", or those at 4
+    bits unsigned, "var4"; and the mean values, ``fields`` "all": each cluster's
+    value sum becomes its size times the rounded mean) in place to ``bits``-bit integers with one scale per (KV head,
     cluster) vector."""
     top = float(2 ** (bits - 1) - 1)
     names = ("centroids", "key_vars") if fields in ("both", "all") else ("centroids",)
@@ -776,9 +792,31 @@ def quantize_summaries(idx: WaveIndex, bits: int, fields: str = "both") -> None:
         x = getattr(idx, name)
         if x.numel():
             setattr(idx, name, _rounded(x, top))
+    if fields == "var4" and idx.key_vars.numel():
+        # non-negative: 4 bits unsigned, 0..15 times max / 15
+        idx.key_vars = _rounded(idx.key_vars, 15.0)
     if fields == "all" and idx.value_sums.numel():
         n = idx.sizes.clamp_min(1).unsqueeze(-1).to(idx.value_sums.dtype)
         idx.value_sums = _rounded(idx.value_sums / n, top) * n
+
+
+def rank_first_order(idx: WaveIndex) -> None:
+    """Makes ``idx`` rank clusters by the first-order log-mass ``ln size + s q.c``
+    (no key-variance term) while its estimate keeps the full log-mass (a simulation:
+    the selection's ``log_mass`` is replaced by the full one after ranking)."""
+    select = idx.select_clusters
+
+    def ranked(q, scale, steady_lse, observe=False):
+        full = idx.cluster_log_mass(q, scale)
+        idx.cluster_log_mass = lambda q_, s_: cluster_log_mass(q_, idx.centroids, idx.sizes,
+                                                               None, s_)
+        try:
+            sel = select(q, scale, steady_lse, observe)
+        finally:
+            del idx.cluster_log_mass
+        return dataclasses.replace(sel, log_mass=full)
+
+    idx.select_clusters = ranked
 
 
 # The one-sided accuracy bound (``bound_margin``), run beside the library's bounded
@@ -865,6 +903,9 @@ def evaluate_text_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch
              for k in indexes if dict(k)["summary_bits"]}
     for k, (bits, fields) in quant.items():
         quantize_summaries(indexes[k], bits, fields)
+    for k, idx in indexes.items():
+        if dict(k)["rank_first_order"]:
+            rank_first_order(idx)
 
     def index_of(changes):
         return indexes[key_of(changes)]
