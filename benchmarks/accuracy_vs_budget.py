@@ -679,6 +679,13 @@ SUMMARY_VARIANTS = {
     # estimated clusters only).
     "wave_q8_rank1": ({"summary_bits": 8, "rank_first_order": True},
                       "wave, 8-bit, ranked without the key-variance term"),
+    # ... ranked with an isotropic variance term (one float per cluster and head:
+    # s^2/2 |q|^2 mean_d var_d, capped as the full term), estimated with the full one.
+    "wave_q8_rankiso": ({"summary_bits": 8, "rank_first_order": "iso"},
+                        "wave, 8-bit, ranked with an isotropic variance term"),
+    # ... and estimated with it too (the per-channel variances not read at all).
+    "wave_q8_iso": ({"summary_bits": 8, "rank_first_order": "iso_all"},
+                    "wave, 8-bit, isotropic variance term (ranking and estimate)"),
     "wave_q8v4_rank1": ({"summary_bits": 8, "summary_fields": "var4",
                          "rank_first_order": True},
                         "wave, 8-bit centroids, 4-bit variances, ranked without them"),
@@ -800,16 +807,30 @@ def quantize_summaries(idx: WaveIndex, bits: int, fields: str = "both") -> None:
         idx.value_sums = _rounded(idx.value_sums / n, top) * n
 
 
-def rank_first_order(idx: WaveIndex) -> None:
+def rank_first_order(idx: WaveIndex, form=True) -> None:
     """Makes ``idx`` rank clusters by the first-order log-mass ``ln size + s q.c``
-    (no key-variance term) while its estimate keeps the full log-mass (a simulation:
-    the selection's ``log_mass`` is replaced by the full one after ranking)."""
+    (no key-variance term; ``form`` "iso": plus the term with each cluster's key
+    variance averaged over channels, ``min(s^2/2 |q|^2 mean_d var_d, cap)``) while
+    its estimate keeps the full log-mass (a simulation: the selection's
+    ``log_mass`` is replaced by the full one after ranking); "iso_all": the
+    isotropic term for the estimate too."""
     select = idx.select_clusters
+
+    def first(q_, s_):
+        lm = cluster_log_mass(q_, idx.centroids, idx.sizes, None, s_)
+        if form in ("iso", "iso_all"):
+            qq = (q_.to(lm.dtype) ** 2).sum(-1, keepdim=True)                  # [H, G, 1]
+            vbar = idx.key_vars.to(lm.dtype).mean(-1).unsqueeze(1)              # [H, 1, C]
+            lm = lm + torch.clamp(0.5 * s_ * s_ * qq * vbar, max=idx.config.variance_cap)
+        return lm
+
+    if form == "iso_all":
+        idx.cluster_log_mass = first
+        return
 
     def ranked(q, scale, steady_lse, observe=False):
         full = idx.cluster_log_mass(q, scale)
-        idx.cluster_log_mass = lambda q_, s_: cluster_log_mass(q_, idx.centroids, idx.sizes,
-                                                               None, s_)
+        idx.cluster_log_mass = first
         try:
             sel = select(q, scale, steady_lse, observe)
         finally:
@@ -905,7 +926,7 @@ def evaluate_text_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch
         quantize_summaries(indexes[k], bits, fields)
     for k, idx in indexes.items():
         if dict(k)["rank_first_order"]:
-            rank_first_order(idx)
+            rank_first_order(idx, dict(k)["rank_first_order"])
 
     def index_of(changes):
         return indexes[key_of(changes)]
