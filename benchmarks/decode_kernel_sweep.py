@@ -128,6 +128,11 @@ VARIANTS = [
     # 8-bit summaries and mean values (mean_value_bits 8): the attention stage reads
     # D + 4 bytes per estimated cluster and head instead of 2D.
     ("mean values 8-bit", "mv8", None),
+    # The isotropic variance term (IndexPool.variance_form "isotropic"): the score
+    # stage reads each entry's centroid and mean key variance, not its variance vector
+    # (D + 12 instead of 2D + 8 bytes per entry and head; docs/accuracy.md, "Fewer
+    # bytes per cluster for the score stage").
+    ("variance isotropic", "iso", None),
     # value_correction's cost: the attention kernel's VC variant reading sigma u
     # (zeros here, so the output is the default's) and w for every estimated cluster.
     ("value correction", "vc", None),
@@ -239,6 +244,10 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     pool_default = pool8 if cfg.summary_bits == 8 else pool16
     pool8v = q8_copy(pool16, mean_values=True) if variants is None or \
         "mean values 8-bit" in variants else None
+    pool8i = None
+    if variants is None or "variance isotropic" in variants:
+        pool8i = q8_copy(pool16)
+        pool8i.variance_form = "isotropic"
     pool_vc = vc_copy(pool_default) if variants is None or \
         "value correction" in variants else None
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
@@ -284,9 +293,9 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         if kernel in ("static", "in_collect", "resolve_kernel"):
             kernel = None
         pool = pool_default
-        if kernel and kernel.startswith(("q8", "b16", "mv8", "vc")):
+        if kernel and kernel.startswith(("q8", "b16", "mv8", "vc", "iso")):
             pool = {"q8": pool8, "b16": pool16, "mv8": pool8v,
-                    "vc": pool_vc}[kernel.split("+")[0]]
+                    "vc": pool_vc, "iso": pool8i}[kernel.split("+")[0]]
             kernel = kernel.split("+", 1)[1] if "+" in kernel else None
         # Other summaries than the default's: the output differs by their quantization.
         err_limit = 1e-2 if pool in (pool_default, pool_vc) else 0.1

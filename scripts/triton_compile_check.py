@@ -130,7 +130,8 @@ def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict
             extra = f" {dt} {flags}: {resource_usage(k.asm['cubin'])}"
             if SASS_DIR:
                 tag = "_".join(f"{n}{int(consts[n])}" for n in ("WAVE", "PDL", "Q8", "XR",
-                                                                  "ERR", "MV8", "VC", "EPB")
+                                                                  "ISO", "ERR", "MV8", "VC",
+                                                                  "EPB")
                                if n in consts)
                 tag += f"_r{options.get('maxnreg') or 0}"
                 path = os.path.join(SASS_DIR, f"{self.__name__}_{dt.strip('*')}_{tag}_"
@@ -205,6 +206,10 @@ def decode_launches() -> None:
                                                      sink_end(RetroConfig(), bs), 0.1, out, ws)
             finally:
                 td.TUNE["score"], td.TUNE_SMALL_BATCH["score"] = big, small
+            # ... and its isotropic variance term (variance_form "isotropic", 8-bit).
+            pool8i = IndexPool(lay, nb, summary_bits=8, variance_form="isotropic")
+            td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8i,
+                                             sink_end(RetroConfig(), bs), 0.1, out, ws)
             # The attention kernel's 8-bit mean values (mean_value_bits 8).
             pool8v = IndexPool(lay, nb, summary_bits=8, mean_value_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8v,

@@ -65,7 +65,8 @@ class Scene:
 
     def __init__(self, num_blocks: int, dtype=torch.float32, max_blocks: int = 260,
                  head_dim: int = D, num_pages: int = 0, summary_bits: int = 16,
-                 mean_value_bits: int = 16, value_correction: bool = False, cfg=None):
+                 mean_value_bits: int = 16, value_correction: bool = False, cfg=None,
+                 variance_form: str = "diagonal"):
         self.D = head_dim
         self.cfg = cfg or CFG
         self.epb = entries_per_block(self.cfg, BS)
@@ -76,7 +77,7 @@ class Scene:
         self.headers = make_headers(num_blocks, DEV)
         num_pages = num_pages or (num_blocks + 37) * self.epb
         self.pool = IndexPool(self.lay, num_pages, DEV, summary_bits=summary_bits,
-                              mean_value_bits=mean_value_bits)
+                              mean_value_bits=mean_value_bits, variance_form=variance_form)
         self.alloc = IndexAllocator(num_pages, 11, max_blocks * self.epb, DEV)
         self.alloc.shuffle(int(torch.randint(0, 1 << 30, ())))
         self.free = (torch.randperm(num_blocks - 1) + 1).tolist()
@@ -426,6 +427,56 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
         got.append((out, ws.logits.cpu()))
     assert len(sc.pages(0)) % 16 and len(sc.pages(0)) > 32, "several tiles, a partial last"
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+
+
+@pytest.mark.parametrize("rank", ["mass", "error"])
+def test_isotropic_variance_term_matches_twin(rank):
+    """``variance_form`` "isotropic" (8-bit summaries): the score stage's variance
+    term is ``s^2/2 |q|^2 vbar`` with each entry's stored mean key variance. The
+    stored mean is the rounded variance vector's channel mean (float64); the
+    kernel's log-masses (white-box), output, selection and counters are the twin's,
+    whose summaries then carry that mean in every channel; and the log-masses are
+    not the diagonal form's (the variant is not a no-op on this scene)."""
+    td = _td()
+    torch.manual_seed(43)
+    sc = Scene(260, summary_bits=8, variance_form="isotropic")
+    sc.add(900)
+    sc.add(700, n_ret=5, n_est=11)
+    q = torch.randn(2, H * G, D)
+    pages = torch.cat([sc.pages(0), sc.pages(1)]).to(sc.pool.device)
+    qv, sv = sc.pool.q8_views()
+    vbar = qv[pages, :, 0, D:2 * D].double().mean(-1) * sv[pages, :, 1, 1].double()
+    torch.testing.assert_close(sv[pages, :, 1, 2].double(), vbar, rtol=1e-6, atol=1e-12)
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV,
+                            error_rank=rank == "error")
+    out, ref, st, ws = run_both(sc, q, 0.2, ws=ws, retrieval_rank=rank)
+    assert _rel(out, ref) < 2e-3, _rel(out, ref)
+    assert ws.stats.tolist() == expected_stats(sc, st)
+    if rank == "mass":
+        for r in (0, 1):
+            for kh in range(H):
+                assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
+    logits = ws.logits.cpu()
+    for r in (0, 1):
+        pbs = sc.pages(r)
+        for kh in (0, H - 1):
+            lg = _twin_log_mass(sc, q, r, kh, 0.2)[0]                    # [G, C]
+            torch.testing.assert_close(logits[pbs, kh, :].T, lg, rtol=1e-4, atol=1e-4)
+    sc.pool.variance_form = "diagonal"
+    diag = _twin_log_mass(sc, q, 0, 0, 0.2)[0]
+    sc.pool.variance_form = "isotropic"
+    gap = diag - _twin_log_mass(sc, q, 0, 0, 0.2)[0]
+    assert gap[torch.isfinite(gap)].abs().max() > 1e-2      # (empty clusters: -inf)
+
+
+def test_isotropic_variance_needs_8bit_summaries():
+    """A pool refuses an unknown variance form, and "isotropic" without 8-bit
+    summaries (the mean is stored beside their scales)."""
+    lay = PagedIndexLayout(H, D, BS, torch.float32)
+    with pytest.raises(ValueError, match="variance_form must be one of"):
+        IndexPool(lay, 4, DEV, summary_bits=8, variance_form="spherical")
+    with pytest.raises(ValueError, match="needs summary_bits 8"):
+        IndexPool(lay, 4, DEV, variance_form="isotropic")
 
 
 def test_pdl_is_used_above_two_rows_on_gpus_that_have_it(monkeypatch):

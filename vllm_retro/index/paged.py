@@ -98,6 +98,8 @@ ENTRIES_PER_BLOCK = (1, 2, 4)
 # Power iterations of the value correction's rank-1 pair at index build
 # (:func:`vllm_retro.kernels.write_value_correction`).
 VC_POWER_ITERS = 10
+# How the score stage reads a cluster's key variance (IndexPool.variance_form).
+VARIANCE_FORMS = ("diagonal", "isotropic")
 
 # Int part words (int32) per (index page, head): the cluster's size, the logical position
 # of its first token.
@@ -227,13 +229,27 @@ class IndexPool:
     as int8 (``D`` bytes) followed by its float32 scale (:func:`quantize_mean_values`):
     an estimated cluster's value then costs ``D + 4`` bytes.
 
+    8-bit summaries also keep the key variance's mean over channels (of the rounded
+    vector; float32, after the two scales in slot 1). With ``variance_form``
+    "isotropic" the score stage reads it instead of the variance vector: the
+    variance term becomes ``s^2/2 |q|^2 mean_d var_d`` and a cluster costs ``D + 12``
+    bytes there (:meth:`summaries` returns that mean in every channel, which is what
+    the kernel computes with). "diagonal" (default): the vector.
+
     Which pages a request owns is the :class:`IndexAllocator`'s business."""
 
     def __init__(self, layout: PagedIndexLayout, num_pages: int, device="cpu",
-                 summary_bits: int = 16, mean_value_bits: int = 16) -> None:
+                 summary_bits: int = 16, mean_value_bits: int = 16,
+                 variance_form: str = "diagonal") -> None:
         h, d = layout.num_kv_heads, layout.head_dim
         if summary_bits not in (8, 16):
             raise ValueError(f"IndexPool: summary_bits must be 8 or 16, got {summary_bits}")
+        if variance_form not in VARIANCE_FORMS:
+            raise ValueError(f"IndexPool: variance_form must be one of {VARIANCE_FORMS}, got "
+                             f"{variance_form!r}")
+        if variance_form == "isotropic" and summary_bits != 8:
+            raise ValueError("IndexPool: variance_form 'isotropic' needs summary_bits 8 "
+                             "(the mean variance is stored beside the 8-bit scales)")
         if mean_value_bits not in (8, 16):
             raise ValueError(f"IndexPool: mean_value_bits must be 8 or 16, got "
                              f"{mean_value_bits}")
@@ -247,6 +263,7 @@ class IndexPool:
         self.num_pages = int(num_pages)
         self.summary_bits = summary_bits
         self.mean_value_bits = mean_value_bits
+        self.variance_form = variance_form
         layout.check_rows()
         self.fpart = torch.zeros(self.num_pages, h, layout.float_slots, d, dtype=layout.dtype,
                                  device=device)
@@ -266,6 +283,7 @@ class IndexPool:
         out.layout, out.num_pages = self.layout, self.num_pages
         out.summary_bits = self.summary_bits
         out.mean_value_bits = self.mean_value_bits
+        out.variance_form = self.variance_form
         out.fpart, out.ipart = self.fpart.to(device), self.ipart.to(device)
         return out
 
@@ -278,7 +296,8 @@ class IndexPool:
         """``[n, H, S, D]`` centroid, key variance and mean value (then the value
         correction's pair, if the layout has it) of the entries at
         ``pages`` (float32, or the pool's dtype if wider), dequantized when the pool
-        keeps 8-bit summaries."""
+        keeps 8-bit summaries; with ``variance_form`` "isotropic" the key variance is
+        its mean over channels in every channel."""
         f = self.fpart[pages].to(torch.promote_types(self.fpart.dtype, torch.float32))
         if 8 not in (self.summary_bits, self.mean_value_bits):
             return f
@@ -288,6 +307,8 @@ class IndexPool:
         if self.summary_bits == 8:
             f[:, :, 0] = q[:, :, 0, :d] * sc[:, :, 1, 0:1]
             f[:, :, 1] = q[:, :, 0, d:2 * d] * sc[:, :, 1, 1:2]
+            if self.variance_form == "isotropic":
+                f[:, :, 1] = sc[:, :, 1, 2:3]
         if self.mean_value_bits == 8:
             f[:, :, 2] = q[:, :, 2, :d] * sc[:, :, 2, d // 4:d // 4 + 1]
         return f
@@ -310,6 +331,8 @@ def quantize_summaries(pool: IndexPool, pages: torch.Tensor) -> None:
     qv, sv = pool.q8_views()
     qv[pg, :, 0, :2 * d] = q.flatten(2)                  # centroid, then variance
     sv[pg, :, 1, 0:2] = scale
+    # The rounded variance's mean over channels: variance_form "isotropic"'s number.
+    sv[pg, :, 1, 2] = q[:, :, 1].float().mean(-1) * scale[:, :, 1]
 
 
 def _q8(x: torch.Tensor):

@@ -730,14 +730,15 @@ _NO_ALIGN = (dict(do_not_specialize_on_alignment=["NROWS"])
 # ------------------------------------------------------------------ 1. scores
 @triton.jit
 def _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1, blk, valid, h,
-                 Q8: tl.constexpr):
+                 Q8: tl.constexpr, ISO: tl.constexpr = False):
     """(centroid scale, variance scale, size) of the entries at pool pages ``blk``:
-    the score stage's small per-entry gathers (the scales are 1 without ``Q8``)."""
+    the score stage's small per-entry gathers (the scales are 1 without ``Q8``;
+    with ``ISO`` the second is the key variance's mean over channels)."""
     size = tl.load(ip_ptr + _wide_mad(blk, ip_s0, h * ip_s1 + _I_SIZE), mask=valid, other=0)
     if Q8:
         sb8 = fs_ptr + _wide_mad(blk, fs_s0, h * fs_s1 + fs_s2)
         sc_c = tl.load(sb8, mask=valid, other=0.0)
-        sc_v = tl.load(sb8 + 1, mask=valid, other=0.0)
+        sc_v = tl.load(sb8 + (2 if ISO else 1), mask=valid, other=0.0)
     else:
         sc_c = tl.full(blk.shape, 1.0, tl.float32)
         sc_v = tl.full(blk.shape, 1.0, tl.float32)
@@ -757,8 +758,13 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   Q8: tl.constexpr = False,
                   EPB: tl.constexpr = 1, ERR: tl.constexpr = False, tv_ptr=None,
                   hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
-                  G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False):
+                  G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False,
+                  ISO: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
+
+    ISO (``IndexPool.variance_form`` "isotropic"; with Q8): the variance term is
+    ``s^2/2 |q_g|^2 vbar`` with each entry's stored mean key variance ``vbar``: the
+    variance vectors are not read (half the tile bytes, half the products).
 
     NEUTRAL (the score kernel on a split of its own, smaller than the key kernel's):
     program 0 also stores neutral partials (max -inf, sum 0) in the slots from NS on,
@@ -814,13 +820,19 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     qq = q * q
     if Q8:
         qh4, ql4, sq = _q8_split(q)
-        qqh4, qql4, sqq = _q8_split(qq)
         qh, ql = _pad_rows(qh4, GP, G4, DP), _pad_rows(ql4, GP, G4, DP)
-        qqh, qql = _pad_rows(qqh4, GP, G4, DP), _pad_rows(qql4, GP, G4, DP)
+        if not ISO:
+            qqh4, qql4, sqq = _q8_split(qq)
+            qqh, qql = _pad_rows(qqh4, GP, G4, DP), _pad_rows(qql4, GP, G4, DP)
     # The rows of the element-wise work: the query heads' G4 (XR) or the products' GP.
     GX: tl.constexpr = G4 if XR else GP
     gx = tl.arange(0, GX)
     gxm = gx < G
+    if ISO:
+        # |q_g|^2 on the element-wise rows (zero on padded rows).
+        tl.static_assert(Q8, "the isotropic variance term needs 8-bit summaries")
+        q2 = tl.sum(qq, 1)
+        q2x = tl.sum(tl.where(gx[:, None] == gq[None, :], q2[None, :], 0.0), 1)
     m_run = tl.full([GX], _NEG_INF, tl.float32)
     s_run = tl.zeros([GX], tl.float32)
     n_mine = tl.maximum(C - p + NS - 1, 0) // NS
@@ -832,11 +844,12 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     for m0 in range(0, n_mine, CH):
         cm = valid[:, None] & dm[None, :]
         sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
-                                        blk, valid, h, Q8)
+                                        blk, valid, h, Q8, ISO)
         if Q8:
             qb = fq_ptr + _wide_mad(blk, fq_s0, h * fq_s1)
             cen = tl.load(qb[:, None] + d[None, :], mask=cm, other=0)
-            var = tl.load(qb[:, None] + D + d[None, :], mask=cm, other=0)
+            if not ISO:
+                var = tl.load(qb[:, None] + D + d[None, :], mask=cm, other=0)
         else:
             fb = fp_ptr + _wide_mad(blk, fp_s0, h * fp_s1)
             cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
@@ -844,7 +857,13 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         i_n = p + NS * (m0 + CH + tl.arange(0, CH))
         valid_n = i_n < C
         blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
-        if Q8:
+        if Q8 and ISO:
+            qc_i = _q8_acc(qh, ql, tl.trans(cen))
+            if XR:
+                qc_i = _fold_rows(qc_i, GP, G4, CH)
+            qc = _q8_float(qc_i) * (sq * sc_c)[None, :]
+            qv = q2x[:, None] * sc_v[None, :]
+        elif Q8:
             qc_i = _q8_acc(qh, ql, tl.trans(cen))
             qv_i = _q8_acc(qqh, qql, tl.trans(var))
             if XR:   # (in int32, before the conversions and scales)
@@ -2172,6 +2191,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     pdl = pdl_for(b, query.device)
     dep = dict(PDL=True, launch_pdl=True) if pdl else {}
     q8 = getattr(pool, "summary_bits", 16) == 8
+    iso = getattr(pool, "variance_form", "diagonal") == "isotropic"
     # Index entries per KV block (clusters smaller than a block): a compile-time
     # constant, passed only when not 1 (the default variants stay as they are).
     ep = {"EPB": epb} if epb != 1 else {}
@@ -2217,6 +2237,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             CAP=float(variance_cap), NATIVE=native, PREC=prec,
             **({"PDL": True} if pdl else {}), **({"Q8": True} if q8 else {}), **ep,
             **({"NEUTRAL": True} if own else {}),
+            **({"ISO": True} if q8 and iso else {}),
             **(dict(ERR=True, tv_ptr=es.tvar, hist2_ptr=es.hist2, emax_ptr=es.emax)
                if err else {}),
             **_tune("score", b, fp32=fp32)))
