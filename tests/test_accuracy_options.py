@@ -927,3 +927,17 @@ def test_accuracy_preset_on_real_attention(real_qkv):
     assert e_acc.median() <= 0.02, e_acc.median()
     assert e_acc.quantile(0.9) <= 0.5 * e_def.quantile(0.9), \
         (e_acc.quantile(0.9), e_def.quantile(0.9))
+
+
+def test_variance_form_validation():
+    """``variance_form``: "diagonal" (default) or "isotropic", the latter only with
+    the 8-bit summaries that store the mean key variance; the GPU pools take it."""
+    assert RetroConfig().variance_form == "diagonal"
+    assert RetroConfig(variance_form="isotropic").variance_form == "isotropic"
+    for bad in ("spherical", "", None, 1):
+        with pytest.raises(ValueError, match="variance_form must be one of"):
+            RetroConfig(variance_form=bad)
+    with pytest.raises(ValueError, match="variance_form 'isotropic'.*summary_bits 8"):
+        RetroConfig(variance_form="isotropic", summary_bits=16)
+    cfg = RetroConfig.from_dict({"variance_form": "isotropic"})
+    assert cfg.variance_form == "isotropic"

@@ -33,6 +33,8 @@ def _check_float(name: str, value: Any, lo: float, hi: float,
 
 # RetroConfig.retrieval_rank: how the exact set is chosen inside the candidate band.
 RETRIEVAL_RANKS = ("mass", "error", "error_value")
+# RetroConfig.variance_form: how the GPU scoring stage reads a cluster's key variance.
+VARIANCE_FORMS = ("diagonal", "isotropic")
 # Named option sets (RetroConfig.from_preset; option "preset" in a dict). "accuracy":
 # issue 16's options that every decode path runs (the C++ kernel on CPU, the GPU
 # kernels): 4-token clusters, value-aware clustering, the variance cap, the rank-1
@@ -207,6 +209,16 @@ class RetroConfig:
             bytes instead of ``2D`` at bf16 (the attention stage reads it for ~29%
             of the clusters). Rounding: at most 1/254 of the vector's largest
             element. Opt-in until measured on the GPU.
+        variance_form: GPU only, with ``summary_bits`` 8: how the scoring stage
+            reads a cluster's key variance for the variance term of its log-mass.
+            "diagonal" (default): the per-channel vector, ``s^2/2 sum_d q_d^2
+            var_d``; "isotropic": its mean over channels, ``s^2/2 |q|^2 mean_d
+            var_d`` (one float per cluster and head, so the stage reads ``D + 12``
+            bytes instead of ``2D + 8`` and does half the products). On the CPU
+            reference it moved the median error by at most 0.2 points and the p90
+            by at most 0.7 (``docs/accuracy.md``, "Fewer bytes per cluster for the
+            score stage"). Opt-in until measured on the GPU; the CPU backend keeps
+            the vector.
         prefill_resident_tokens: with ``wave_buffer``, how many of a prompt's tokens
             may stay in vLLM's GPU blocks while the prompt is still being prefilled
             (chunked prefill). Tokens further behind the prefill front are clustered,
@@ -248,6 +260,7 @@ class RetroConfig:
     prefill_resident_tokens: int = 0
     summary_bits: int = 8
     mean_value_bits: int = 16
+    variance_form: str = "diagonal"
 
     def __post_init__(self) -> None:
         _check_int("segment_size", self.segment_size, 64, 1 << 20)
@@ -321,6 +334,12 @@ class RetroConfig:
         if self.mean_value_bits not in (8, 16):
             raise ValueError(f"RetroConfig.mean_value_bits must be 8 or 16, got "
                              f"{self.mean_value_bits!r}")
+        if self.variance_form not in VARIANCE_FORMS:
+            raise ValueError(f"RetroConfig.variance_form must be one of {VARIANCE_FORMS}, "
+                             f"got {self.variance_form!r}")
+        if self.variance_form == "isotropic" and self.summary_bits != 8:
+            raise ValueError("RetroConfig.variance_form 'isotropic' reads the mean key "
+                             "variance the 8-bit summaries store: set summary_bits 8")
         if self.prefill_resident_tokens and not self.wave_buffer:
             raise ValueError("RetroConfig.prefill_resident_tokens bounds the wave "
                              "buffer's release during prefill: set wave_buffer too "

@@ -671,7 +671,8 @@ class PagedIndexManager:
             num_pages * lay.block_size
         max_pages = -(-int(max_len) // lay.block_size) * lay.entries_per_block
         self._pool_list = [IndexPool(lay, num_pages, dev, summary_bits=self.config.summary_bits,
-                                     mean_value_bits=self.config.mean_value_bits)
+                                     mean_value_bits=self.config.mean_value_bits,
+                                     variance_form=self.config.variance_form)
                            for _ in range(num_layers)]
         self.index_alloc = IndexAllocator(num_pages, max_seqs + IBT_ROW_MARGIN, max_pages,
                                           dev)

@@ -71,7 +71,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..config import RetroConfig
+from ..config import VARIANCE_FORMS, RetroConfig
 from ..transfer import to_device
 
 # Header table columns (int32), one row per request, at the request's first block.
@@ -98,8 +98,6 @@ ENTRIES_PER_BLOCK = (1, 2, 4)
 # Power iterations of the value correction's rank-1 pair at index build
 # (:func:`vllm_retro.kernels.write_value_correction`).
 VC_POWER_ITERS = 10
-# How the score stage reads a cluster's key variance (IndexPool.variance_form).
-VARIANCE_FORMS = ("diagonal", "isotropic")
 
 # Int part words (int32) per (index page, head): the cluster's size, the logical position
 # of its first token.
