@@ -217,8 +217,9 @@ class RetroConfig:
             bytes instead of ``2D + 8`` and does half the products). On the CPU
             reference it moved the median error by at most 0.2 points and the p90
             by at most 0.7 (``docs/accuracy.md``, "Fewer bytes per cluster for the
-            score stage"). Opt-in until measured on the GPU; the CPU backend keeps
-            the vector.
+            score stage"). Per layer on an H100: -6.4 us at 128K x 1 (-12%), -4 to
+            -8 us at 6-8 rows (``docs/perf-notes.md``); opt-in until its end-to-end
+            gain and task accuracy are measured. The CPU backend keeps the vector.
         prefill_resident_tokens: with ``wave_buffer``, how many of a prompt's tokens
             may stay in vLLM's GPU blocks while the prompt is still being prefilled
             (chunked prefill). Tokens further behind the prefill front are clustered,
