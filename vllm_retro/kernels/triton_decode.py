@@ -857,19 +857,18 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         i_n = p + NS * (m0 + CH + tl.arange(0, CH))
         valid_n = i_n < C
         blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
-        if Q8 and ISO:
+        if Q8:
             qc_i = _q8_acc(qh, ql, tl.trans(cen))
-            if XR:
+            if XR:   # (in int32, before the conversions and scales)
                 qc_i = _fold_rows(qc_i, GP, G4, CH)
             qc = _q8_float(qc_i) * (sq * sc_c)[None, :]
-            qv = q2x[:, None] * sc_v[None, :]
-        elif Q8:
-            qc_i = _q8_acc(qh, ql, tl.trans(cen))
-            qv_i = _q8_acc(qqh, qql, tl.trans(var))
-            if XR:   # (in int32, before the conversions and scales)
-                qc_i, qv_i = _fold_rows(qc_i, GP, G4, CH), _fold_rows(qv_i, GP, G4, CH)
-            qc = _q8_float(qc_i) * (sq * sc_c)[None, :]
-            qv = _q8_float(qv_i) * (sqq * sc_v)[None, :]
+            if ISO:
+                qv = q2x[:, None] * sc_v[None, :]
+            else:
+                qv_i = _q8_acc(qqh, qql, tl.trans(var))
+                if XR:
+                    qv_i = _fold_rows(qv_i, GP, G4, CH)
+                qv = _q8_float(qv_i) * (sqq * sc_v)[None, :]
         else:
             qc = _dot(q, tl.trans(cen), NATIVE, PREC)
             qv = _dot(qq, tl.trans(var), NATIVE, PREC)
