@@ -677,17 +677,17 @@ SUMMARY_VARIANTS = {
     # Ranked by the first-order log-mass (ln size + s q.c: the score stage reads the
     # centroids only, 128 B), estimated with the key-variance term (read for the
     # estimated clusters only).
-    "wave_q8_rank1": ({"summary_bits": 8, "rank_first_order": True},
+    "wave_q8_rank1": ({"summary_bits": 8, "variance_term": "rank_first_order"},
                       "wave, 8-bit, ranked without the key-variance term"),
     # ... ranked with an isotropic variance term (one float per cluster and head:
     # s^2/2 |q|^2 mean_d var_d, capped as the full term), estimated with the full one.
-    "wave_q8_rankiso": ({"summary_bits": 8, "rank_first_order": "iso"},
+    "wave_q8_rankiso": ({"summary_bits": 8, "variance_term": "rank_isotropic"},
                         "wave, 8-bit, ranked with an isotropic variance term"),
     # ... and estimated with it too (the per-channel variances not read at all).
-    "wave_q8_iso": ({"summary_bits": 8, "rank_first_order": "iso_all"},
+    "wave_q8_iso": ({"summary_bits": 8, "variance_term": "isotropic"},
                     "wave, 8-bit, isotropic variance term (ranking and estimate)"),
     "wave_q8v4_rank1": ({"summary_bits": 8, "summary_fields": "var4",
-                         "rank_first_order": True},
+                         "variance_term": "rank_first_order"},
                         "wave, 8-bit centroids, 4-bit variances, ranked without them"),
     "wave_shared_kv05_vcap1_vc_errv_q8": (
         {"shared_head_budget": True, "kmeans_value_weight": 0.5, "variance_cap": 1.0,
@@ -743,7 +743,7 @@ TEXT_VARIANTS["wave_cs4_shared_kv07_vcap1_vc_errv_rest05_q8"] = _combo(
 # ... and with 8-bit summaries: the same summary bytes per token as 16-token clusters.
 TEXT_VARIANTS["wave_cs8_shared_kv07_vcap1_vc_errv_ad09_rest05_q8"] = _combo(
     **TEXT_VARIANTS["wave_cs8_shared_kv07_vcap1_vc_errv_ad09_rest05"][0], summary_bits=8)
-SIM_FIELDS = ("summary_bits", "summary_fields", "rank_first_order")
+SIM_FIELDS = ("summary_bits", "summary_fields", "variance_term")
 # The GPU path's semantics: the decode kernels' torch twin
 # (``reference.paged_decode_attention``) over the paged index in a bf16 cache, with
 # the kernels' bucket selection; the index built once over the prompt (the tokens
@@ -791,8 +791,8 @@ def _rounded(x: torch.Tensor, top: float) -> torch.Tensor:
 def quantize_summaries(idx: WaveIndex, bits: int, fields: str = "both") -> None:
     """Rounds ``idx``'s centroids (and key variances, ``fields`` "both", or those at 4
     bits unsigned, "var4"; and the mean values, ``fields`` "all": each cluster's
-    value sum becomes its size times the rounded mean) in place to ``bits``-bit integers with one scale per (KV head,
-    cluster) vector."""
+    value sum becomes its size times the rounded mean) in place to ``bits``-bit
+    integers with one scale per (KV head, cluster) vector."""
     top = float(2 ** (bits - 1) - 1)
     names = ("centroids", "key_vars") if fields in ("both", "all") else ("centroids",)
     for name in names:
@@ -807,30 +807,29 @@ def quantize_summaries(idx: WaveIndex, bits: int, fields: str = "both") -> None:
         idx.value_sums = _rounded(idx.value_sums / n, top) * n
 
 
-def rank_first_order(idx: WaveIndex, form=True) -> None:
-    """Makes ``idx`` rank clusters by the first-order log-mass ``ln size + s q.c``
-    (no key-variance term; ``form`` "iso": plus the term with each cluster's key
-    variance averaged over channels, ``min(s^2/2 |q|^2 mean_d var_d, cap)``) while
-    its estimate keeps the full log-mass (a simulation: the selection's
-    ``log_mass`` is replaced by the full one after ranking); "iso_all": the
-    isotropic term for the estimate too."""
+def simulate_variance_term(idx: WaveIndex, form: str) -> None:
+    """Changes the key-variance term of ``idx``'s cluster log-masses (a simulation):
+    "rank_first_order" ranks by ``ln size + s q.c`` (no term), "rank_isotropic" by
+    the term with each cluster's key variance averaged over channels (``min(s^2/2
+    |q|^2 mean_d var_d, cap)``), both keeping the full log-mass for the estimate (the
+    selection's ``log_mass`` replaced after ranking); "isotropic" uses the averaged
+    term for ranking and estimate alike (the GPU's ``variance_form`` "isotropic")."""
     select = idx.select_clusters
 
-    def first(q_, s_):
-        lm = cluster_log_mass(q_, idx.centroids, idx.sizes, None, s_)
-        if form in ("iso", "iso_all"):
-            qq = (q_.to(lm.dtype) ** 2).sum(-1, keepdim=True)                  # [H, G, 1]
-            vbar = idx.key_vars.to(lm.dtype).mean(-1).unsqueeze(1)              # [H, 1, C]
-            lm = lm + torch.clamp(0.5 * s_ * s_ * qq * vbar, max=idx.config.variance_cap)
-        return lm
+    def changed(q_, s_):
+        if form == "rank_first_order":
+            return cluster_log_mass(q_, idx.centroids, idx.sizes, None, s_)
+        mean = idx.key_vars.mean(-1, keepdim=True).expand_as(idx.key_vars)
+        return cluster_log_mass(q_, idx.centroids, idx.sizes, mean, s_,
+                                idx.config.variance_cap)
 
-    if form == "iso_all":
-        idx.cluster_log_mass = first
+    if form == "isotropic":
+        idx.cluster_log_mass = changed
         return
 
     def ranked(q, scale, steady_lse, observe=False):
         full = idx.cluster_log_mass(q, scale)
-        idx.cluster_log_mass = first
+        idx.cluster_log_mass = changed
         try:
             sel = select(q, scale, steady_lse, observe)
         finally:
@@ -925,8 +924,8 @@ def evaluate_text_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch
     for k, (bits, fields) in quant.items():
         quantize_summaries(indexes[k], bits, fields)
     for k, idx in indexes.items():
-        if dict(k)["rank_first_order"]:
-            rank_first_order(idx, dict(k)["rank_first_order"])
+        if dict(k)["variance_term"]:
+            simulate_variance_term(idx, dict(k)["variance_term"])
 
     def index_of(changes):
         return indexes[key_of(changes)]
