@@ -3,8 +3,11 @@ in (DRAM page and TLB locality), beside a plain copy.
 
 Role: the decode kernels gather 256 B rows (cluster summaries, K/V token rows) from
 random pool pages and cache blocks spread over tens of GB; this measures what such
-gathers reach with torch.index_select, so the kernels' achieved bandwidth has a
-ceiling to be compared with. Bandwidth counts the bytes read and written.
+gathers reach with torch.index_select. Bandwidth counts the bytes read and written.
+On an H100 index_select's time follows the row count up to 512 B rows (~1.65 G rows
+per second; benchmarks/results/gather_bw_h100.json): there it bounds that kernel,
+not the DRAM, so the ceiling for 256 B rows needs a gather with 16-byte loads per
+lane; the span result (no change from 1 to 60 GB) stands.
 
     python3 scripts/gpu/gather_bw.py OUT.json
 """
