@@ -66,7 +66,7 @@ class Scene:
     def __init__(self, num_blocks: int, dtype=torch.float32, max_blocks: int = 260,
                  head_dim: int = D, num_pages: int = 0, summary_bits: int = 16,
                  mean_value_bits: int = 16, value_correction: bool = False, cfg=None,
-                 variance_form: str = "diagonal"):
+                 variance_form: str = "diagonal", rank_interval: int = 1):
         self.D = head_dim
         self.cfg = cfg or CFG
         self.epb = entries_per_block(self.cfg, BS)
@@ -77,7 +77,8 @@ class Scene:
         self.headers = make_headers(num_blocks, DEV)
         num_pages = num_pages or (num_blocks + 37) * self.epb
         self.pool = IndexPool(self.lay, num_pages, DEV, summary_bits=summary_bits,
-                              mean_value_bits=mean_value_bits, variance_form=variance_form)
+                              mean_value_bits=mean_value_bits, variance_form=variance_form,
+                              rank_interval=rank_interval)
         self.alloc = IndexAllocator(num_pages, 11, max_blocks * self.epb, DEV)
         self.alloc.shuffle(int(torch.randint(0, 1 << 30, ())))
         self.free = (torch.randperm(num_blocks - 1) + 1).tolist()
@@ -206,7 +207,8 @@ def expected_stats(scene: Scene, st: torch.Tensor) -> list:
     idx = [L > 0 and int(scene.headers[int(r[0]), 0]) > 0 for L, r in scene.rows]
     live = [L > 0 for L, _ in scene.rows]
     return [sum(idx), sum(lv and not i for lv, i in zip(live, idx)),
-            int(st[:, 0].sum()), int(st[:, 1].sum()), int(st[:, 2].sum())]
+            int(st[:, 0].sum()), int(st[:, 1].sum()), int(st[:, 2].sum()),
+            int(st[:, 3].sum())]
 
 
 def selection(scene: Scene, ws, r: int, kh: int):
@@ -477,6 +479,108 @@ def test_isotropic_variance_needs_8bit_summaries():
         IndexPool(lay, 4, DEV, summary_bits=8, variance_form="spherical")
     with pytest.raises(ValueError, match="needs summary_bits 8"):
         IndexPool(lay, 4, DEV, variance_form="isotropic")
+
+
+def _pool_copy(pool: IndexPool) -> IndexPool:
+    """An independent copy of ``pool`` (its own tensors) on the CPU."""
+    out = IndexPool.__new__(IndexPool)
+    out.__dict__.update(pool.__dict__)
+    out.fpart, out.ipart = pool.fpart.cpu().clone(), pool.ipart.cpu().clone()
+    return out
+
+
+def test_band_reranking_matches_twin_over_steps(monkeypatch):
+    """``rank_interval`` 3 over five decode steps of growing contexts: steps 0 and 3
+    rank every entry and write the band (table and header), steps 1, 2 and 4
+    re-rank the last band with their own query. Kernel and twin, each on its own
+    copy of the headers and the pool, agree every step on the output, the
+    counters (re-ranked rows included), the band table and ``HDR_BAND_AT``; a
+    re-ranking step selects inside the band only, and not what a full ranking of
+    its query selects (the mode is not a no-op here)."""
+    td = _td()
+    monkeypatch.setattr(td, "SELECT", "bucket")
+    torch.manual_seed(47)
+    sc = Scene(260, summary_bits=8, rank_interval=3)
+    sc.add(900)
+    sc.add(0)
+    sc.add(300, index="none")
+    sc.add(700, n_ret=5, n_est=11)
+    twin_pool, twin_hdr = _pool_copy(sc.pool), sc.headers.cpu().clone()
+    bt, sl0 = sc.tensors()
+    band = sc.pool.band_table()
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV)
+    differs = 0
+    for step in range(5):
+        sl = torch.where(sl0 > 0, sl0 + step, 0)
+        q = torch.randn(4, H * G, D)
+        ws.stats.zero_()
+        out = torch.full((4, H * G, D), float("nan"), device=DEV)
+        td.paged_decode_attention_triton(q.to(DEV), sc.kv, sc.lay, bt, sl, sc.headers,
+                                         sc.alloc.ibt, sc.pool, sc.S, 0.2, out, ws,
+                                         count_stats=True)
+        ref, st = reference.paged_decode_attention(
+            q, sc.cpu_cache(), sc.lay, bt.cpu(), sl.cpu(), twin_hdr, sc.alloc.ibt.cpu(),
+            twin_pool, sc.S, 0.2, select="bucket")
+        rerank = step in (1, 2, 4)
+        assert st[:, 3].tolist() == [float(rerank), 0, 0, float(rerank)]
+        assert _rel(out, ref) < 2e-3, (step, _rel(out, ref))
+        assert ws.stats.tolist() == expected_stats(sc, st), step
+        assert torch.equal(sc.headers.cpu(), twin_hdr), step
+        at = 0 if step < 3 else 3
+        for r in (0, 3):
+            assert int(twin_hdr[int(bt[r, 0]), reference.HDR_BAND_AT]) == int(sl0[r]) + at
+            pbs = sc.pages(r)
+            n_ret, n_est = ws.counts[r * H].tolist()
+            nb = n_ret + n_est
+            assert 0 < nb < len(pbs)
+            tb, tt = band.cpu()[pbs[:nb]], twin_pool.band_table()[pbs[:nb]]
+            assert torch.equal(tb, tt), (step, r)
+            for kh in range(H):
+                ret, est = selection(sc, ws, r, kh)
+                if not rerank:
+                    continue
+                # Inside the band: retrieved starts and estimated pages are band's.
+                bpages = set(tb[:, kh].tolist())
+                ip = sc.pool.ipart.cpu()
+                starts = {(int(ip[pg, kh, I_START]), int(ip[pg, kh, I_SIZE])) for pg in bpages}
+                assert set(ret) <= starts
+                assert {int(pbs[e]) for e in est} <= bpages
+                full = twin_selection(sc, q.to(sc.pool.device).cpu(), r, kh, 0.2, "bucket")
+                differs += (ret, est) != full
+    assert differs > 0
+
+
+def test_rank_interval_is_validated():
+    """The band re-ranking's needs, refused with clear errors: 8-bit summaries (its
+    table lives in their spare words) and the mass rank, in the options and the
+    pool; the kernels refuse the exact selection."""
+    with pytest.raises(ValueError, match="rank_interval must be in"):
+        RetroConfig(rank_interval=0)
+    with pytest.raises(ValueError, match="set summary_bits 8"):
+        RetroConfig(rank_interval=4, summary_bits=16)
+    with pytest.raises(ValueError, match="does not combine with retrieval_rank"):
+        RetroConfig(rank_interval=4, retrieval_rank="error")
+    assert RetroConfig(rank_interval=4).rank_interval == 4
+    lay = PagedIndexLayout(H, D, BS, torch.float32)
+    with pytest.raises(ValueError, match="needs summary_bits 8"):
+        IndexPool(lay, 4, DEV, rank_interval=2)
+    with pytest.raises(ValueError, match="rank_interval must be an integer"):
+        IndexPool(lay, 4, DEV, summary_bits=8, rank_interval=0)
+
+
+def test_band_reranking_refuses_the_exact_selection(monkeypatch):
+    td = _td()
+    monkeypatch.setattr(td, "SELECT", "exact")
+    torch.manual_seed(5)
+    sc = Scene(60, summary_bits=8, rank_interval=2)
+    sc.add(500)
+    bt, sl = sc.tensors()
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV)
+    out = torch.empty(1, H * G, D, device=DEV)
+    with pytest.raises(ValueError, match="needs the bucket selection"):
+        td.paged_decode_attention_triton(torch.randn(1, H * G, D, device=DEV), sc.kv, sc.lay,
+                                         bt, sl, sc.headers, sc.alloc.ibt, sc.pool, sc.S,
+                                         0.2, out, ws)
 
 
 def test_pdl_is_used_above_two_rows_on_gpus_that_have_it(monkeypatch):

@@ -357,7 +357,7 @@ def flash_attn_pair(kv_cache: torch.Tensor, head_size: int, scale: float, fa_ver
 
 # ---------------------------------------------------------------- per worker
 STAT_NAMES = ("retro_rows", "dense_rows", "exact_tokens", "estimated_tokens",
-              "context_tokens")
+              "context_tokens", "reranked_rows")
 # Requests that found the index pool (or the index table's rows) full: attended
 # exactly, each counted once (host-side, in PagedIndexManager.stats()).
 POOL_FULL_STAT = "index_pool_full"
@@ -672,7 +672,8 @@ class PagedIndexManager:
         max_pages = -(-int(max_len) // lay.block_size) * lay.entries_per_block
         self._pool_list = [IndexPool(lay, num_pages, dev, summary_bits=self.config.summary_bits,
                                      mean_value_bits=self.config.mean_value_bits,
-                                     variance_form=self.config.variance_form)
+                                     variance_form=self.config.variance_form,
+                                     rank_interval=self.config.rank_interval)
                            for _ in range(num_layers)]
         self.index_alloc = IndexAllocator(num_pages, max_seqs + IBT_ROW_MARGIN, max_pages,
                                           dev)
@@ -1214,11 +1215,11 @@ class PagedIndexManager:
         if self.mirror is not None:
             self._log_wave(stats)
         ctx = max(1, d[4])
-        logger.info("retro: %d decode rows on the index, %d exact (no index yet), %d on "
-                    "FlashAttention (dense_below); "
+        logger.info("retro: %d decode rows on the index (%d re-ranked their last band), "
+                    "%d exact (no index yet), %d on FlashAttention (dense_below); "
                     "%.2f%% of tokens read exactly, %.2f%% estimated; %d live requests, "
                     "%d segments indexed; index pool %d of %d pages free, %d requests "
-                    "found it full", d[0], d[1], flash, 100.0 * d[2] / ctx,
+                    "found it full", d[0], d[5], d[1], flash, 100.0 * d[2] / ctx,
                     100.0 * d[3] / ctx, len(self.requests.entries), self.segments_built,
                     self.index_alloc.free_pages, self.index_alloc.num_pages,
                     self.index_pool_full)

@@ -85,7 +85,13 @@ HDR_IBT_ROW = 4        # the request's row of the index table (valid when cluste
 # cluster's K/V from the wave buffer (cluster cache or pinned arena), never through
 # the block table: vLLM may have released and reused those blocks (design §8.3).
 HDR_HORIZON = 5
-HDR_WORDS = 6
+# The context length of the request's last decode step that ranked all its clusters
+# (RetroConfig.rank_interval > 1; 0: none since the index last changed). Written by
+# the decode kernels, reset to 0 whenever the host writes the row (index built or
+# grown): the steps between full rankings re-rank that step's band
+# (:meth:`IndexPool.band_table`).
+HDR_BAND_AT = 6
+HDR_WORDS = 7
 
 # Float part rows. With RetroConfig.value_correction two more: the leading singular
 # pair (sigma u, w) of the cluster's key-value cross-covariance.
@@ -234,11 +240,16 @@ class IndexPool:
     bytes there (:meth:`summaries` returns that mean in every channel, which is what
     the kernel computes with). "diagonal" (default): the vector.
 
+    With ``rank_interval`` > 1 (option ``rank_interval``; needs 8-bit summaries)
+    the decode kernels keep each request's band, per KV head, in slot 1's fourth
+    32-bit word (:meth:`band_table`): the pool page of the ``k``-th band entry of the
+    head's last full ranking at the row's ``k``-th page. No memory is added.
+
     Which pages a request owns is the :class:`IndexAllocator`'s business."""
 
     def __init__(self, layout: PagedIndexLayout, num_pages: int, device="cpu",
                  summary_bits: int = 16, mean_value_bits: int = 16,
-                 variance_form: str = "diagonal") -> None:
+                 variance_form: str = "diagonal", rank_interval: int = 1) -> None:
         h, d = layout.num_kv_heads, layout.head_dim
         if summary_bits not in (8, 16):
             raise ValueError(f"IndexPool: summary_bits must be 8 or 16, got {summary_bits}")
@@ -251,6 +262,16 @@ class IndexPool:
         if mean_value_bits not in (8, 16):
             raise ValueError(f"IndexPool: mean_value_bits must be 8 or 16, got "
                              f"{mean_value_bits}")
+        if isinstance(rank_interval, bool) or not isinstance(rank_interval, int) \
+                or rank_interval < 1:
+            raise ValueError(f"IndexPool: rank_interval must be an integer >= 1, got "
+                             f"{rank_interval!r}")
+        if rank_interval > 1 and summary_bits != 8:
+            raise ValueError("IndexPool: rank_interval > 1 keeps the band in the 8-bit "
+                             "summaries' spare words: needs summary_bits 8")
+        if rank_interval > 1 and d * layout.elem_size // 4 <= BAND_WORD:
+            raise ValueError("IndexPool: rank_interval > 1 needs a head of at least "
+                             f"{4 * (BAND_WORD + 1)} bytes (the band word's slot)")
         if 8 in (summary_bits, mean_value_bits) and (d * layout.elem_size) % 4:
             raise ValueError("IndexPool: 8-bit summaries need a head of a multiple of 4 "
                              "bytes")
@@ -262,6 +283,7 @@ class IndexPool:
         self.summary_bits = summary_bits
         self.mean_value_bits = mean_value_bits
         self.variance_form = variance_form
+        self.rank_interval = rank_interval
         layout.check_rows()
         self.fpart = torch.zeros(self.num_pages, h, layout.float_slots, d, dtype=layout.dtype,
                                  device=device)
@@ -282,6 +304,7 @@ class IndexPool:
         out.summary_bits = self.summary_bits
         out.mean_value_bits = self.mean_value_bits
         out.variance_form = self.variance_form
+        out.rank_interval = self.rank_interval
         out.fpart, out.ipart = self.fpart.to(device), self.ipart.to(device)
         return out
 
@@ -289,6 +312,15 @@ class IndexPool:
         """``(int8 view [P, H, 3, D * elem], float32 view [P, H, 3, D * elem / 4])``
         of ``fpart``: the 8-bit summaries' bytes and scales."""
         return self.fpart.view(torch.int8), self.fpart.view(torch.float32)
+
+    def band_table(self) -> torch.Tensor:
+        """``[P, H]`` int32 view of the band words (``rank_interval`` > 1): slot 1's
+        fourth 32-bit word of each page and head, after the 8-bit summaries' two
+        scales and mean variance."""
+        if self.summary_bits != 8:
+            raise ValueError("IndexPool.band_table: the band lives in the 8-bit "
+                             "summaries' spare words (summary_bits 8)")
+        return self.fpart.view(torch.int32)[:, :, 1, BAND_WORD]
 
     def summaries(self, pages: torch.Tensor) -> torch.Tensor:
         """``[n, H, S, D]`` centroid, key variance and mean value (then the value
@@ -311,6 +343,10 @@ class IndexPool:
             f[:, :, 2] = q[:, :, 2, :d] * sc[:, :, 2, d // 4:d // 4 + 1]
         return f
 
+
+#: The 32-bit word of a page's slot 1 (per head) holding the band table's entry
+#: (:meth:`IndexPool.band_table`): after the two scales and the mean variance.
+BAND_WORD = 3
 
 #: The largest magnitude of an 8-bit summary element (symmetric int8).
 Q8_MAX = 127

@@ -98,7 +98,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         workspace: a :class:`DecodeWorkspace` (created if None, which a CUDA graph
             must not do: pass a persistent one there).
         count_stats: add the call's statistics to ``workspace.stats`` (rows with an
-            index, rows without, tokens read exactly, estimated, in context).
+            index, rows without, tokens read exactly, estimated, in context, rows
+            that re-ranked their last band: ``pool.rank_interval``).
         variance_cap: cap of the clusters' variance term (``RetroConfig.variance_cap``).
         wave: the layer's :class:`WaveBufferView` when rows may have released blocks:
             retrieved tokens below a row's horizon (header ``HDR_HORIZON``) are read
@@ -136,7 +137,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         idx = headers[block_table[:b, 0].long().cpu(), 0].cpu() > 0
         live = lens > 0
         add = torch.tensor([int((live & idx).sum()), int((live & ~idx).sum()),
-                            int(st[:, 0].sum()), int(st[:, 1].sum()), int(st[:, 2].sum())],
-                           dtype=torch.int64)
+                            int(st[:, 0].sum()), int(st[:, 1].sum()), int(st[:, 2].sum()),
+                            int(st[:, 3].sum())], dtype=torch.int64)
         workspace.stats += add.to(workspace.stats.device)
     return out

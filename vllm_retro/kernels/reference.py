@@ -32,9 +32,21 @@ cluster entry ``i``'s summaries at pool page ``ix[i]``) and KV head ``h`` with i
   pool page in ``[0, num_pages)``, or whose ibt row is outside ``ibt``) is left
   out. Without a view the horizon is ignored. (The twin neither stamps
   nor counts; the kernel's bookkeeping is tested against a plain count.)
+* band re-ranking (``pool.rank_interval`` ``k > 1``, :func:`band_reranks`): a
+  row whose header's ``HDR_BAND_AT`` (the context length of its last full
+  ranking; 0: none) lies 1 to ``k - 1`` tokens back ranks only that step's band:
+  the ``n = n_retrieve + n_estimate`` entries whose pool pages the band table
+  (:meth:`IndexPool.band_table`) holds at the row's pages ``ix[0..n)``, in that
+  order, scored with this step's query; the selection above runs on them alone
+  (its top ``n_retrieve`` exact, the rest estimated), and every entry outside the
+  band is skipped. Any other row ranks all entries and writes its band to the
+  table (``ix[k]``: the page of the ``k``-th retrieved entry, then of the
+  estimated, each in the selection's order) and ``L`` to ``HDR_BAND_AT`` (both
+  the twin and the kernels write them).
 
-Returns the output ``[B, Hq, D]`` and per-row statistics ``[B, 3]`` float64:
-tokens read exactly, tokens estimated, tokens in context (summed over KV heads).
+Returns the output ``[B, Hq, D]`` and per-row statistics ``[B, 4]`` float64:
+tokens read exactly, tokens estimated, tokens in context (summed over KV heads),
+1 where the row re-ranked its band.
 """
 
 from __future__ import annotations
@@ -47,7 +59,8 @@ import torch
 
 from ..attention import VARIANCE_CORRECTION_CAP
 from ..index.paged import (F_CENTROID, F_KEY_VAR, F_SIGMA_U, F_VALUE_MEAN, F_W,
-                           FLOAT_SLOTS, HDR_CLUSTERED_END, HDR_HORIZON, HDR_IBT_ROW,
+                           FLOAT_SLOTS, HDR_BAND_AT, HDR_CLUSTERED_END, HDR_HORIZON,
+                           HDR_IBT_ROW,
                            HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool,
                            PagedIndexLayout)
 from .wave_view import WaveBufferView
@@ -189,6 +202,14 @@ def cluster_log_mass(q: torch.Tensor, cent: torch.Tensor, kvar: torch.Tensor,
     return lg + corr.clamp(max=cap)
 
 
+def band_reranks(hdr, L: int, rank_interval: int) -> bool:
+    """Whether a row (header ``hdr``, context ``L``) re-ranks its last band
+    (``RetroConfig.rank_interval``; module doc)."""
+    at = int(hdr[HDR_BAND_AT])
+    return (rank_interval > 1 and int(hdr[HDR_CLUSTERED_END]) > 0 and at > 0
+            and 1 <= L - at < rank_interval)
+
+
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            layout: PagedIndexLayout, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, headers: torch.Tensor,
@@ -223,7 +244,12 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     g = hq // h
     cdt = _cdt(query.dtype)
     out = torch.zeros(b, hq, d, dtype=cdt, device=query.device)
-    stats = torch.zeros(b, 3, dtype=torch.float64)
+    stats = torch.zeros(b, 4, dtype=torch.float64)
+    ri = getattr(pool, "rank_interval", 1)
+    if ri > 1 and (select != "bucket" or retrieval_rank != "mass"):
+        raise ValueError("band re-ranking (rank_interval > 1) needs the bucket selection "
+                         "and the mass rank")
+    band_tab = pool.band_table() if ri > 1 else None
     # Dequantized when the pool keeps 8-bit summaries (what the kernel reads).
     fpart = pool.summaries(torch.arange(pool.num_pages, device=pool.device)).cpu()
     ipart = pool.ipart.cpu()
@@ -253,6 +279,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             lbs = pbs = torch.arange(0)
         steady_slots = bt[steady // bs] * bs + steady % bs
         stats[r, 2] = L * h
+        rerank = len(pbs) > 0 and band_reranks(hdr, L, ri)
+        stats[r, 3] = float(rerank)
         for kh in range(h):
             q = query[r, kh * g:(kh + 1) * g].to(cdt)                      # [G, D]
             slots = steady_slots
@@ -263,20 +291,27 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             n_exact = len(steady)
             n_est_tok = 0
             if len(pbs):
-                f = fpart[pbs, kh].to(cdt)                                   # [C, 3, D]
-                iw = ipart[pbs, kh].long()                                   # [C, 2]
+                c = len(pbs)
+                n_ret = max(0, min(c, hdr[HDR_N_RETRIEVE]))
+                n_est = max(0, min(c - n_ret, hdr[HDR_N_ESTIMATE]))
+                # The entries ranked: all, or (re-ranking) the last band's pages.
+                ent = (band_tab[pbs[:n_ret + n_est].to(band_tab.device), kh].cpu().long()
+                       if rerank else pbs)
+                f = fpart[ent, kh].to(cdt)                                   # [C, 3, D]
+                iw = ipart[ent, kh].long()                                   # [C, 2]
                 sizes = iw[:, I_SIZE]
                 lg = cluster_log_mass(q, f[:, F_CENTROID], f[:, F_KEY_VAR], sizes, scale,
                                       variance_cap)
                 score = torch.softmax(lg, dim=-1).nan_to_num(0.0).sum(dim=0)
-                c = len(pbs)
-                n_ret = max(0, min(c, hdr[HDR_N_RETRIEVE]))
-                n_est = max(0, min(c - n_ret, hdr[HDR_N_ESTIMATE]))
                 if retrieval_rank == "error":
                     err = error_proxy(q, lg, f[:, F_KEY_VAR], scale)
                     ret, est = error_selection(score, err, n_ret, n_est, g, select)
                 else:
                     ret, est = mass_selection(score, n_ret, n_est, g, select)
+                if band_tab is not None and not rerank:
+                    sel_pages = ent[torch.cat([ret, est])].to(torch.int32)
+                    band_tab[pbs[:len(sel_pages)].to(band_tab.device), kh] = \
+                        sel_pages.to(band_tab.device)
                 # A retrieved cluster's tokens: positions [start, start + size) (the
                 # build made each cluster contiguous per head), within [S, E).
                 tok = torch.cat([torch.arange(int(iw[i, I_START]),
@@ -311,6 +346,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             out[r, kh * g:(kh + 1) * g] = o
             stats[r, 0] += n_exact
             stats[r, 1] += n_est_tok
+        if band_tab is not None and E and not rerank:
+            headers[int(bt[0]), HDR_BAND_AT] = L
     return out, stats
 
 

@@ -102,7 +102,8 @@ import triton
 import triton.language as tl
 
 from ..attention import VARIANCE_CORRECTION_CAP
-from ..index.paged import (HDR_CLUSTERED_END, HDR_HORIZON, HDR_IBT_ROW, HDR_N_ESTIMATE,
+from ..index.paged import (HDR_BAND_AT, HDR_CLUSTERED_END, HDR_HORIZON, HDR_IBT_ROW,
+                           HDR_N_ESTIMATE,
                            HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool, PagedIndexLayout)
 from . import extension, reference
 from .wave_view import W_HITS, W_MISSES, WaveBufferView
@@ -117,6 +118,7 @@ _HDR_NR = tl.constexpr(HDR_N_RETRIEVE)
 _HDR_NE = tl.constexpr(HDR_N_ESTIMATE)
 _HDR_IBT = tl.constexpr(HDR_IBT_ROW)
 _HDR_HZ = tl.constexpr(HDR_HORIZON)
+_HDR_BA = tl.constexpr(HDR_BAND_AT)
 _W_HITS = tl.constexpr(W_HITS)
 _W_MISSES = tl.constexpr(W_MISSES)
 _I_SIZE = tl.constexpr(I_SIZE)
@@ -354,8 +356,9 @@ class DecodeWorkspace:
     ``part_o`` / ``part_m`` / ``part_l`` (``B * nsplit(B) * H * G`` rows of ``D`` / 1
     values, sized for the worst ``B <= max_rows``).
 
-    ``stats`` int64 ``[5]``: rows with an index, rows without one, tokens read
-    exactly, tokens estimated, context tokens (token counts summed over KV heads).
+    ``stats`` int64 ``[6]``: rows with an index, rows without one, tokens read
+    exactly, tokens estimated, context tokens (token counts summed over KV heads),
+    rows that re-ranked their last band (``rank_interval``; counted per layer call).
     Calls with ``count_stats`` add to it; the owner reads and zeroes it.
 
     The error rank (``retrieval_rank`` "error", :meth:`error_buffers`, allocated at
@@ -417,7 +420,7 @@ class DecodeWorkspace:
         self.part_o = torch.zeros(cap * h * g * d, dtype=f32, device=dev)
         self.part_m = torch.zeros(cap * h * g, dtype=f32, device=dev)
         self.part_l = torch.zeros(cap * h * g, dtype=f32, device=dev)
-        self.stats = torch.zeros(5, dtype=torch.int64, device=dev)
+        self.stats = torch.zeros(6, dtype=torch.int64, device=dev)
         self.wave_src: Optional[torch.Tensor] = None
         self._range_hist: Optional[torch.Tensor] = None
         self._error: Optional[ErrorScratch] = None
@@ -601,6 +604,30 @@ def _budget(hdr_ptr, hdr_s0, blk0, C):
 
 
 @triton.jit
+def _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, RI):
+    """(re-ranks, entries ranked) of a row: whether it re-ranks its last band
+    (``rank_interval`` RI; :func:`~.reference.band_reranks`), and then the band's
+    ``n_retrieve + n_estimate`` entries, else all ``C``."""
+    at = tl.load(hdr_ptr + blk0 * hdr_s0 + _HDR_BA)
+    n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
+    back = L - at
+    rr = (E > 0) & (at > 0) & (back >= 1) & (back < RI)
+    return rr, tl.where(rr, n_ret + n_est, C)
+
+
+@triton.jit
+def _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND: tl.constexpr):
+    """Pool pages (int32) of ranked entries ``i``: ``ix_row[i]``; on a row that
+    re-ranks its band (``rr``, with BAND), the band table's entries at those pages."""
+    pg = tl.load(ix_row + i, mask=valid, other=0)
+    if BAND:
+        bm = valid & (i < tl.where(rr, _INT_MAX, 0))
+        bp = tl.load(bd_ptr + _wide_mad(pg, bd_s0, h * bd_s1), mask=bm, other=0)
+        pg = tl.where(bm, bp, pg)
+    return pg
+
+
+@triton.jit
 def _range(C, p, NS, PK: tl.constexpr):
     """Entry range [lo, hi) of program p: whole packs, contiguous, NS ranges."""
     per = (C + PK - 1) // PK
@@ -759,8 +786,13 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   EPB: tl.constexpr = 1, ERR: tl.constexpr = False, tv_ptr=None,
                   hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
                   G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False,
-                  ISO: tl.constexpr = False):
+                  ISO: tl.constexpr = False, BAND: tl.constexpr = False, RI=1,
+                  bd_ptr=None, bd_s0=0, bd_s1=0):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
+
+    BAND (``rank_interval`` RI > 1): a row that re-ranks its last band
+    (:func:`_band_rows`) scores the band's entries, whose pages the band table
+    ``bd`` (``[P, H]`` int32, :meth:`IndexPool.band_table`) holds at the row's pages.
 
     ISO (``IndexPool.variance_form`` "isotropic"; with Q8): the variance term is
     ``s^2/2 |q_g|^2 vbar`` with each entry's stored mean key variance ``vbar``: the
@@ -808,6 +840,9 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             tl.store(ps_ptr + nofs, tl.zeros([NSP, GP], tl.float32), mask=nmask)
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
                                               hdr_s0, r, SB, BS, EPB)
+    rr = E < 0
+    if BAND:
+        rr, C = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, RI)
     d = tl.arange(0, DP)
     dm = d < D
     # With Q8 the query is split on its G4 query-head rows and the int8 parts padded
@@ -840,7 +875,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     # used (a hand-made pipeline stage over the index-table indirection).
     i = p + NS * tl.arange(0, CH)
     valid = i < C
-    blk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
+    blk = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND).to(tl.int64)
     for m0 in range(0, n_mine, CH):
         cm = valid[:, None] & dm[None, :]
         sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
@@ -856,7 +891,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
         i_n = p + NS * (m0 + CH + tl.arange(0, CH))
         valid_n = i_n < C
-        blk_n = tl.load(ix_row + i_n, mask=valid_n, other=0).to(tl.int64)
+        blk_n = _entry_pages(ix_row, i_n, valid_n, rr, bd_ptr, bd_s0, bd_s1, h,
+                             BAND).to(tl.int64)
         if Q8:
             qc_i = _q8_acc(qh, ql, tl.trans(cen))
             if XR:   # (in int32, before the conversions and scales)
@@ -903,9 +939,11 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
                 SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr,
                 PDL: tl.constexpr = False,
                 EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False, rgh_ptr=None,
-                ERR: tl.constexpr = False, tv_ptr=None, keys2_ptr=None, emax_ptr=None):
+                ERR: tl.constexpr = False, tv_ptr=None, keys2_ptr=None, emax_ptr=None,
+                BAND: tl.constexpr = False, RI=1, bd_ptr=None, bd_s0=0, bd_s1=0):
     """Program (row*H + head, p): keys of the entries of range p and their digit
-    histogram, added atomically to the row-head's histogram. Tiles are ``[G4, CHE]``
+    histogram, added atomically to the row-head's histogram. BAND: as the score
+    kernel's (a row re-ranking its band has the band's entries). Tiles are ``[G4, CHE]``
     (``G4`` = G rounded up to a power of two; no product here, so no padding to the
     16 rows of ``GP``); the partials are strided by ``GP``.
 
@@ -926,6 +964,9 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     h = rh % H
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
                                               hdr_s0, r, SB, BS, EPB)
+    rr = E < 0
+    if BAND:
+        rr, C = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, RI)
     _pdl_wait(PDL)
     g = tl.arange(0, G4)
     gm = g < G
@@ -950,7 +991,7 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     for i0 in range(lo, hi, CHE):
         i = i0 + tl.arange(0, CHE)
         valid = i < hi
-        eblk = tl.load(ix_row + i, mask=valid, other=0).to(tl.int64)
+        eblk = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND).to(tl.int64)
         lg = tl.load(lg_ptr + eblk[None, :] * (H * G) + h * G + g[:, None],
                      mask=gm[:, None] & valid[None, :], other=_NEG_INF)
         pr = tl.where(has[:, None], tl.exp(lg - lse[:, None]), 0.0)
@@ -1288,9 +1329,17 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                     hist_ptr=None, rgh_ptr=None, cnt_ptr=None, G: tl.constexpr = 1,
                     NB: tl.constexpr = 1, SUB: tl.constexpr = 1, WIN: tl.constexpr = 1,
                     ERR: tl.constexpr = False, keys2_ptr=None, hist2_ptr=None,
-                    rgh2_ptr=None, emax_ptr=None):
+                    rgh2_ptr=None, emax_ptr=None, BAND: tl.constexpr = False, RI=1,
+                    bd_ptr=None, bd_s0=0, bd_s1=0):
     """Program (row*H + head, p): the selected entries of range p, in entry order,
-    into the lists: top k1 -> retrieved, next k2 - k1 -> estimated. The range's list
+    into the lists: top k1 -> retrieved, next k2 - k1 -> estimated.
+
+    BAND (``rank_interval`` RI > 1, with BUCKET): a row re-ranking its last band
+    selects among the band's entries (the score kernel's); any other row also writes
+    its band to the table (list position ``k``'s page at the row's page ``ix[k]``:
+    the retrieved, then the estimated) and, program 0 of head 0, its context length
+    to the header's ``HDR_BAND_AT`` (which no program of this step reads as a
+    re-ranking row: that takes a length 1 to RI - 1 tokens back). The range's list
     offsets come from the keys of lower ranges: those above the buckets (counted by
     the candidate kernel) and the candidates above / equal to the thresholds.
 
@@ -1321,6 +1370,10 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
                                               hdr_s0, r, SB, BS, EPB)
     n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
+    rr = E < 0
+    if BAND:
+        rr, C = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, RI)
+        tl.static_assert(BUCKET, "band re-ranking needs the bucket selection")
     _pdl_wait(PDL)
     k1 = n_ret
     use2 = n_est > 0
@@ -1383,7 +1436,7 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         key = tl.load(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), mask=valid,
                       other=-1)
         if EARLY_PAGES:
-            eb32 = tl.load(ix_row + i, mask=valid, other=0)
+            eb32 = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND)
         if BUCKET:
             v = _digit(key, mean_bits, SUB, NB, WIN)
         else:
@@ -1408,8 +1461,13 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         lp = tl.where(ret, rc + tl.cumsum(ret.to(tl.int32), 0) - 1,
                       ec + tl.cumsum(est.to(tl.int32), 0) - 1)
         if not EARLY_PAGES:
-            eb32 = tl.load(ix_row + i, mask=sel, other=0)
+            eb32 = _entry_pages(ix_row, i, sel, rr, bd_ptr, bd_s0, bd_s1, h, BAND)
         eb = eb32.to(tl.int64)
+        if BAND:
+            # A full ranking's band: list position lp's page at the row's page ix[lp].
+            bw = sel & (lp < tl.where(rr, 0, _INT_MAX))
+            bpg = tl.load(ix_row + lp, mask=bw, other=0)
+            tl.store(bd_ptr + _wide_mad(bpg, bd_s0, h * bd_s1), eb32, mask=bw)
         ib = ip_ptr + eb * ip_s0 + h * ip_s1
         size = tl.load(ib + _I_SIZE, mask=sel, other=0)
         start = tl.load(ib + _I_START, mask=ret, other=0)
@@ -1440,6 +1498,9 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                                  WL, WNL, WP, h, clock, pr_ptr, ct_ptr, stamp_ptr, wcnt_ptr,
                                  mk_ptr, mc_ptr, MCAP, H, BS)
         tl.atomic_add(wcnt_ptr + _W_HITS, hits, mask=hits > 0, sem="relaxed")
+    if BAND:
+        if (p == 0) & (h == 0) & (E > 0) & (rr == 0):
+            tl.store(hdr_ptr + blk0 * hdr_s0 + _HDR_BA, L)
     if COUNT_STATS:
         # (Counters the host reads after the step: relaxed atomics, no ordering needed.)
         if L > 0:
@@ -1451,6 +1512,9 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                 if h == 0:
                     tl.atomic_add(stats_ptr + tl.where(indexed, 0, 1),
                                   (ret_tok * 0 + 1).to(tl.int64), sem="relaxed")
+                    if BAND:
+                        tl.atomic_add(stats_ptr + 5, rr.to(tl.int64), mask=rr,
+                                      sem="relaxed")
             tl.atomic_add(stats_ptr + 2, exact.to(tl.int64), sem="relaxed")
             tl.atomic_add(stats_ptr + 3, est_tok.to(tl.int64), sem="relaxed")
 
@@ -2165,6 +2229,10 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     if err and SELECT != "bucket":
         raise ValueError("retrieval_rank 'error' needs the bucket selection "
                          f"(RETRO_DECODE_SELECT=bucket), not {SELECT!r}")
+    ri = getattr(pool, "rank_interval", 1)
+    if ri > 1 and (SELECT != "bucket" or err):
+        raise ValueError("band re-ranking (rank_interval > 1) needs the bucket selection "
+                         f"and the mass rank, not {SELECT!r} / {retrieval_rank!r}")
     epb = lay.entries_per_block
     if wave is not None:
         if epb != 1:
@@ -2194,6 +2262,13 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     # Index entries per KV block (clusters smaller than a block): a compile-time
     # constant, passed only when not 1 (the default variants stay as they are).
     ep = {"EPB": epb} if epb != 1 else {}
+    # Band re-ranking (rank_interval): the band table and the interval, passed only
+    # when on (the default variants stay as they are).
+    if ri > 1:
+        bd = pool.band_table()
+        band = dict(BAND=True, RI=ri, bd_ptr=bd, bd_s0=bd.stride(0), bd_s1=bd.stride(1))
+    else:
+        band = {}
     # The CUDA score kernel reads 16-bit summaries, one entry per block, only.
     cuda_score = (SCORE_IMPL == "cuda" and query.is_cuda and not interpreting() and not q8
                   and epb == 1 and not err and cuda_score_available())
@@ -2238,7 +2313,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             **({"NEUTRAL": True} if own else {}),
             **({"ISO": True} if q8 and iso else {}),
             **(dict(ERR=True, tv_ptr=es.tvar, hist2_ptr=es.hist2, emax_ptr=es.emax)
-               if err else {}),
+               if err else {}), **band,
             **_tune("score", b, fp32=fp32)))
     bucket = SELECT == "bucket"
     if bucket:
@@ -2249,7 +2324,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         WIN=WINDOW_BINADES, PK=PACK, **dep, **ep,
         **(dict(BUCKET=True, rgh_ptr=rgh) if bucket else {}),
         **(dict(ERR=True, tv_ptr=es.tvar, keys2_ptr=es.keys2, emax_ptr=es.emax)
-           if err else {}),
+           if err else {}), **band,
         **_tune("key", b)))
     if err:
         _keep("band", _band_kernel[grid](
@@ -2288,7 +2363,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         **(dict(BUCKET=True, hist_ptr=ws.hist, rgh_ptr=rgh, cnt_ptr=ws.counts, G=g,
                 NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES) if bucket else {}),
         **(dict(ERR=True, keys2_ptr=es.keys2, hist2_ptr=es.hist2, rgh2_ptr=es.range_hist2,
-                emax_ptr=es.emax) if err else {}), **tune_c))
+                emax_ptr=es.emax) if err else {}), **band, **tune_c))
     mv8 = getattr(pool, "mean_value_bits", 16) == 8
     vc = getattr(pool, "value_correction", False)
     tune_a = _tune("attend", b, wave is not None, vc=vc, fp32=fp32)
