@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from decode_kernel_bench import (BS, D, DT, H, HQ, graph_of, make_batch,  # noqa: E402
                                  per_kernel_us, time_ms)
 from vllm_retro.config import RetroConfig  # noqa: E402
-from vllm_retro.index.paged import (IndexPool, quantize_mean_values,  # noqa: E402
+from vllm_retro.index.paged import (HDR_BAND_AT, IndexPool, quantize_mean_values,  # noqa: E402
                                     quantize_summaries)
 from vllm_retro.kernels import DecodeWorkspace, paged_decode_attention  # noqa: E402
 from vllm_retro.kernels import triton_decode as td  # noqa: E402
@@ -133,6 +133,14 @@ VARIANTS = [
     # (D + 12 instead of 2D + 8 bytes per entry and head; docs/accuracy.md, "Fewer
     # bytes per cluster for the score stage").
     ("variance isotropic", "iso", None),
+    # Band re-ranking (rank_interval 4, 8-bit summaries): a full ranking's step (the
+    # default's kernels plus the band's writes) and a re-ranking step (the score,
+    # key and list kernels over the last band's ~25% of the entries; its band
+    # written by a full step at the context one token shorter, same query), and the
+    # latter with the isotropic variance term.
+    ("band full step", "band", "full"),
+    ("band re-rank step", "band", "rerank"),
+    ("band re-rank step isotropic", "band", "rerank_iso"),
     # value_correction's cost: the attention kernel's VC variant reading sigma u
     # (zeros here, so the output is the default's) and w for every estimated cluster.
     ("value correction", "vc", None),
@@ -248,6 +256,11 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     if variants is None or "variance isotropic" in variants:
         pool8i = q8_copy(pool16)
         pool8i.variance_form = "isotropic"
+    pool_band = pool_band_iso = None
+    if variants is None or any(v.startswith("band") for v in variants):
+        pool_band, pool_band_iso = q8_copy(pool16), q8_copy(pool16)
+        pool_band.rank_interval = pool_band_iso.rank_interval = 4
+        pool_band_iso.variance_form = "isotropic"
     pool_vc = vc_copy(pool_default) if variants is None or \
         "value correction" in variants else None
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
@@ -305,6 +318,13 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             td.SELECT, kernel, err_limit = over, None, 0.2
         if kernel == "rank":
             rank, kernel, err_limit = over, None, 0.2
+        band = None
+        if kernel == "band":
+            band, kernel = over, None
+            pool = pool_band_iso if band == "rerank_iso" else pool_band
+            td.SELECT = "bucket"
+            err_limit = 0.3 if band == "rerank_iso" else 0.05
+            hdr[:, HDR_BAND_AT] = 0
         if kernel == "wave_attend":
             td.TUNE_WAVE["attend"].update(over)
             kernel = None
@@ -345,12 +365,20 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             if td.SCORE_IMPL == "cuda" and not td.cuda_score_available():
                 raise RuntimeError("torch.ops.vllm_retro.paged_score has no CUDA kernel "
                                    "(build the extension: scripts/gpu/run.sh BUILD_EXT=1)")
+            if band in ("rerank", "rerank_iso"):
+                # The band of the step before (context one token shorter, same query).
+                paged_decode_attention(q, kv, lay, bt, torch.where(sl > 0, sl - 1, 0), hdr,
+                                       ix.ibt, pool, S, scale, out=out, workspace=ws,
+                                       wave=ix.wave)
             ws.stats.zero_()
             c0 = ix.cache.counters.tolist() if wave else None
             step(True)
             torch.cuda.synchronize()
             st = ws.stats.tolist()
             assert st[0] == real, f"retro kernels did not serve every row: {st}"
+            if band is not None:
+                want = real if band.startswith("rerank") else 0
+                assert st[5] == want, f"band {band}: {st[5]} rows re-ranked, not {want}"
             if wave:
                 c1 = ix.cache.counters.tolist()
                 hits, misses = c1[0] - c0[0], c1[1] - c0[1]

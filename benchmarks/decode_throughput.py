@@ -191,6 +191,7 @@ def child(a) -> None:
                 ctx_tok = max(1, d["context_tokens"])
                 rec.update(retro_rows=d["retro_rows"], dense_rows=d["dense_rows"],
                            flash_rows=d.get("flash_rows", 0),
+                           reranked_rows=d.get("reranked_rows", 0),
                            exact_fraction=d["exact_tokens"] / ctx_tok,
                            estimated_fraction=d["estimated_tokens"] / ctx_tok,
                            index_build_s=(state.index_build_seconds() - build0) / b)

@@ -125,13 +125,14 @@ def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict
         compiled[key] = len(k.asm["cubin"])
         extra = ""
         if self.__name__ in RESOURCES:
-            flags = {n: consts[n] for n in ("WAVE", "PDL") if n in consts}
+            flags = {n: consts[n] for n in ("WAVE", "PDL", "Q8", "ISO", "ERR", "BAND")
+                     if n in consts and consts[n]}
             dt = next((v for n, v in sig.items() if n == "kv_ptr"), "")
             extra = f" {dt} {flags}: {resource_usage(k.asm['cubin'])}"
             if SASS_DIR:
                 tag = "_".join(f"{n}{int(consts[n])}" for n in ("WAVE", "PDL", "Q8", "XR",
                                                                   "ISO", "ERR", "MV8", "VC",
-                                                                  "EPB")
+                                                                  "EPB", "BAND")
                                if n in consts)
                 tag += f"_r{options.get('maxnreg') or 0}"
                 path = os.path.join(SASS_DIR, f"{self.__name__}_{dt.strip('*')}_{tag}_"
@@ -250,6 +251,20 @@ def decode_launches() -> None:
                             q, kv, lay_x, bt, sl, hdr, IndexAllocator(n, 8, 4 * 32).ibt,
                             pool_x, sink_end(RetroConfig(), bs), 0.1, out, ws_x,
                             count_stats=True, wave=wv, retrieval_rank="error")
+            # Band re-ranking (rank_interval > 1: the score, key and list kernels'
+            # BAND variants, bucket selection), plain, with the wave buffer's view and
+            # with the isotropic variance term.
+            if dtype == torch.bfloat16:
+                base_select, td.SELECT = td.SELECT, "bucket"
+                pool_b = IndexPool(lay, nb, summary_bits=8, rank_interval=4)
+                pool_bi = IndexPool(lay, nb, summary_bits=8, variance_form="isotropic",
+                                    rank_interval=4)
+                for pool_x, wv in ((pool_b, None),
+                                   (pool_b, _wave_view(lay, dtype, nb)), (pool_bi, None)):
+                    td.paged_decode_attention_triton(
+                        q, kv, lay, bt, sl, hdr, ibt, pool_x, sink_end(RetroConfig(), bs),
+                        0.1, out, ws, count_stats=True, wave=wv)
+                td.SELECT = base_select
 
 
 def _wave_view(lay, dtype, num_pages):
