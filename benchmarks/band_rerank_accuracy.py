@@ -1,0 +1,174 @@
+"""What re-ranking only the last band costs in accuracy (``RetroConfig.rank_interval``).
+
+Role: the accuracy measurement behind the GPU option ``rank_interval``, on the real
+SmolLM2-135M attention that ``capture_qkv.py`` captured (the five texts of
+``accuracy_vs_budget.py --texts``: consecutive decode positions, post-RoPE Q/K/V).
+
+Per text, layer and decode position ``p`` (the last ``--num-queries`` captured ones)
+a ``WaveIndex`` grown token by token (as in serving) attends the query at ``p``
+with its clusters chosen from the query ``lag`` steps earlier:
+
+* ``stale``: the earlier query's whole selection (retrieved, estimated, skipped)
+  reused; the estimate and the exact attention use the current query.
+* ``band``: the earlier query's band (its top ``n_retrieve + n_estimate`` clusters)
+  re-ranked with the current query (softmax over the band, summed over the GQA
+  group): its top ``n_retrieve`` exact, the rest of the band estimated, every
+  cluster outside it skipped. This is what the decode kernels do between full
+  rankings (the kernels' bucket ties aside).
+
+``lag`` 0 is the full ranking every step (both modes equal it). Reported: median and
+90th percentile of the relative error of the attention output (per query head,
+against float64 full attention), per text and mode and lag, and the fraction of
+tokens read exactly. Default options of ``accuracy_vs_budget.py`` (segment_size
+2048, no token floor: ~3.5% read at 8K).
+
+    python benchmarks/band_rerank_accuracy.py --texts code,prose,json,table,needles
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from typing import Dict, List, Sequence
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import baselines as B  # noqa: E402
+import capture_qkv  # noqa: E402
+from accuracy_vs_budget import BASE_CONFIG, write_json  # noqa: E402
+from vllm_retro import WaveIndex  # noqa: E402
+from vllm_retro.attention import full_attention, group_query  # noqa: E402
+from vllm_retro.wave_index import ClusterSelection  # noqa: E402
+
+MODES = ("stale", "band")
+
+
+class LaggedIndex(WaveIndex):
+    """A wave index whose :meth:`attend` selects its clusters from another query
+    (``selection_query``, ``[Hq, D]``; None: the attended one) as ``mode`` says."""
+
+    selection_query = None
+    mode = "band"
+
+    def select_clusters(self, q, scale, steady_lse, observe=False):
+        if self.selection_query is None:
+            return super().select_clusters(q, scale, steady_lse, observe)
+        qs = group_query(self.selection_query.to(q.dtype), self.num_kv_heads)
+        prev = super().select_clusters(qs, scale, steady_lse, observe)
+        if self.mode == "stale":
+            return prev
+        n_ret, n_est = self.budget()
+        nb = min(self.num_clusters, n_ret + n_est)
+        band = prev.retrieved[:, :nb]                            # [H, nb] cluster ids
+        lg = self.cluster_log_mass(q, scale)                     # [H, G, C], this query
+        lb = torch.gather(lg, 2, band.unsqueeze(1).expand(-1, lg.shape[1], -1))
+        score = torch.softmax(lb, -1).nan_to_num(0.0).sum(1)     # over the band only
+        order = torch.gather(band, 1, torch.argsort(score, dim=1, descending=True,
+                                                    stable=True))
+        order = torch.cat([order, prev.retrieved[:, nb:]], 1)
+        return ClusterSelection(order, prev.retrieved_valid, order, prev.estimated_valid,
+                                prev.k_retrieved, lg)
+
+
+def evaluate(text: str, layers: Sequence[int], lags: Sequence[int], num_queries: int
+             ) -> Dict[str, dict]:
+    cap = torch.load(capture_qkv.default_out(text), weights_only=False)
+    qpos = [int(x) for x in cap["query_positions"]]
+    if any(b - a != 1 for a, b in zip(qpos, qpos[1:])):
+        raise SystemExit(f"{text}: the captured positions are not consecutive")
+    scale = cap["scale"]
+    first = len(qpos) - num_queries
+    if first < max(lags):
+        raise SystemExit(f"{text}: {len(qpos)} positions, need {num_queries} + {max(lags)}")
+    errs: Dict[tuple, List[torch.Tensor]] = {(m, g): [] for m in MODES for g in lags}
+    read: List[float] = []
+    for layer in layers:
+        K, V, Q = cap["keys"][layer], cap["values"][layer], cap["queries"][layer]
+        p0 = qpos[first]
+        idx = LaggedIndex.build(K[:, :p0].float(), V[:, :p0].float(), BASE_CONFIG)
+        for i in range(first, len(qpos)):
+            p = qpos[i]
+            idx.append(K[:, p:p + 1].float(), V[:, p:p + 1].float())
+            kp, vp = K[:, :p + 1].double(), V[:, :p + 1].double()
+            ref = full_attention(Q[i].double(), kp, vp, scale)
+            for mode in MODES:
+                idx.mode = mode
+                for lag in lags:
+                    idx.selection_query = Q[i - lag].float() if lag else None
+                    out = idx.attend(Q[i].float(), scale)
+                    errs[(mode, lag)].append(B.rel_error(out, ref))
+                    if mode == "band" and lag == 0:
+                        read.append(idx.last_stats.exact_fraction)
+    res = {"exact_fraction": sum(read) / len(read), "modes": {}}
+    for mode in MODES:
+        res["modes"][mode] = {}
+        for lag in lags:
+            e = torch.cat(errs[(mode, lag)]).double()
+            res["modes"][mode][str(lag)] = {"rel_err_median": e.median().item(),
+                                           "rel_err_p90": e.quantile(0.9).item()}
+    return res
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    texts = list(res["texts"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric, title in ((axes[0], "rel_err_median", "median"),
+                              (axes[1], "rel_err_p90", "90th percentile")):
+        for t in texts:
+            for mode, ls in (("band", "-"), ("stale", ":")):
+                d = res["texts"][t]["modes"][mode]
+                lags = sorted(int(k) for k in d)
+                ax.plot(lags, [100 * d[str(g)][metric] for g in lags], ls, marker="o",
+                        label=f"{t} {mode}")
+        ax.set_xlabel("steps since the full ranking (lag)")
+        ax.set_ylabel("relative error of the output (%)")
+        ax.set_title(title)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle("band re-ranking (solid) vs the stale selection (dotted); SmolLM2-135M, "
+                 f"layers {','.join(map(str, res['layers']))}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--texts", default="code,prose,json,table,needles")
+    ap.add_argument("--layers", default="2,8,15,22,29")
+    ap.add_argument("--lags", default="0,1,2,3,7")
+    ap.add_argument("--num-queries", type=int, default=32)
+    ap.add_argument("--out", default="benchmarks/results/accuracy_band_rerank.json")
+    a = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    layers = [int(x) for x in a.layers.split(",")]
+    lags = [int(x) for x in a.lags.split(",")]
+    t0 = time.time()
+    res = {"description": "band re-ranking vs the stale selection (rank_interval)",
+           "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "versions": {"python": platform.python_version(), "torch": torch.__version__},
+           "command": "python " + " ".join(sys.argv), "layers": layers,
+           "num_queries": a.num_queries, "wave_config": BASE_CONFIG.to_dict(), "texts": {}}
+    for text in a.texts.split(","):
+        res["texts"][text] = evaluate(text, layers, lags, a.num_queries)
+        m = res["texts"][text]["modes"]
+        print(text, " ".join(f"{mode}[{g}] {100 * m[mode][g]['rel_err_median']:.2f}/"
+                             f"{100 * m[mode][g]['rel_err_p90']:.2f}"
+                             for mode in MODES for g in m[mode]), flush=True)
+    res["seconds"] = round(time.time() - t0, 1)
+    write_json(res, a.out)
+    plot(res, a.out.rsplit(".", 1)[0] + ".png")
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
