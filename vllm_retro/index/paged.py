@@ -241,9 +241,10 @@ class IndexPool:
     the kernel computes with). "diagonal" (default): the vector.
 
     With ``rank_interval`` > 1 (option ``rank_interval``; needs 8-bit summaries)
-    the decode kernels keep each request's band, per KV head, in slot 1's fourth
-    32-bit word (:meth:`band_table`): the pool page of the ``k``-th band entry of the
-    head's last full ranking at the row's ``k``-th page. No memory is added.
+    the decode kernels keep each request's band, per KV head, in slot 1's 32-bit
+    words 3 to 18 (:meth:`band_table`): the pool page of the ``k``-th band entry of
+    the head's last full ranking at word ``k % 16`` of the row's page ``k // 16``
+    (packed as the decode lists). No memory is added.
 
     Which pages a request owns is the :class:`IndexAllocator`'s business."""
 
@@ -269,9 +270,9 @@ class IndexPool:
         if rank_interval > 1 and summary_bits != 8:
             raise ValueError("IndexPool: rank_interval > 1 keeps the band in the 8-bit "
                              "summaries' spare words: needs summary_bits 8")
-        if rank_interval > 1 and d * layout.elem_size // 4 <= BAND_WORD:
+        if rank_interval > 1 and d * layout.elem_size // 4 < BAND_WORD + BAND_PACK:
             raise ValueError("IndexPool: rank_interval > 1 needs a head of at least "
-                             f"{4 * (BAND_WORD + 1)} bytes (the band word's slot)")
+                             f"{4 * (BAND_WORD + BAND_PACK)} bytes (the band's words)")
         if 8 in (summary_bits, mean_value_bits) and (d * layout.elem_size) % 4:
             raise ValueError("IndexPool: 8-bit summaries need a head of a multiple of 4 "
                              "bytes")
@@ -314,13 +315,14 @@ class IndexPool:
         return self.fpart.view(torch.int8), self.fpart.view(torch.float32)
 
     def band_table(self) -> torch.Tensor:
-        """``[P, H]`` int32 view of the band words (``rank_interval`` > 1): slot 1's
-        fourth 32-bit word of each page and head, after the 8-bit summaries' two
-        scales and mean variance."""
+        """``[P, H, BAND_PACK]`` int32 view of the band words (``rank_interval`` > 1):
+        slot 1's 32-bit words from :data:`BAND_WORD` on, after the 8-bit summaries'
+        two scales and mean variance. Band entry ``k`` of a row-head is at the row's
+        page ``k // BAND_PACK``, word ``k % BAND_PACK``."""
         if self.summary_bits != 8:
             raise ValueError("IndexPool.band_table: the band lives in the 8-bit "
                              "summaries' spare words (summary_bits 8)")
-        return self.fpart.view(torch.int32)[:, :, 1, BAND_WORD]
+        return self.fpart.view(torch.int32)[:, :, 1, BAND_WORD:BAND_WORD + BAND_PACK]
 
     def summaries(self, pages: torch.Tensor) -> torch.Tensor:
         """``[n, H, S, D]`` centroid, key variance and mean value (then the value
@@ -344,9 +346,11 @@ class IndexPool:
         return f
 
 
-#: The 32-bit word of a page's slot 1 (per head) holding the band table's entry
-#: (:meth:`IndexPool.band_table`): after the two scales and the mean variance.
+#: The first 32-bit word of a page's slot 1 (per head) holding band table entries
+#: (:meth:`IndexPool.band_table`): after the two scales and the mean variance; and
+#: how many (the decode lists' packing).
 BAND_WORD = 3
+BAND_PACK = 16
 
 #: The largest magnitude of an 8-bit summary element (symmetric int8).
 Q8_MAX = 127

@@ -36,11 +36,11 @@ cluster entry ``i``'s summaries at pool page ``ix[i]``) and KV head ``h`` with i
   row whose header's ``HDR_BAND_AT`` (the context length of its last full
   ranking; 0: none) lies 1 to ``k - 1`` tokens back ranks only that step's band:
   the ``n = n_retrieve + n_estimate`` entries whose pool pages the band table
-  (:meth:`IndexPool.band_table`) holds at the row's pages ``ix[0..n)``, in that
-  order, scored with this step's query; the selection above runs on them alone
+  (:meth:`IndexPool.band_table`) holds, entry ``k`` at ``[ix[k // 16], h, k %
+  16]``, in that order, scored with this step's query; the selection above runs on them alone
   (its top ``n_retrieve`` exact, the rest estimated), and every entry outside the
   band is skipped. Any other row ranks all entries and writes its band to the
-  table (``ix[k]``: the page of the ``k``-th retrieved entry, then of the
+  table (entry ``k``: the page of the ``k``-th retrieved entry, then of the
   estimated, each in the selection's order) and ``L`` to ``HDR_BAND_AT`` (both
   the twin and the kernels write them).
 
@@ -59,7 +59,7 @@ import torch
 
 from ..attention import VARIANCE_CORRECTION_CAP
 from ..index.paged import (F_CENTROID, F_KEY_VAR, F_SIGMA_U, F_VALUE_MEAN, F_W,
-                           FLOAT_SLOTS, HDR_BAND_AT, HDR_CLUSTERED_END, HDR_HORIZON,
+                           BAND_PACK, FLOAT_SLOTS, HDR_BAND_AT, HDR_CLUSTERED_END, HDR_HORIZON,
                            HDR_IBT_ROW,
                            HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool,
                            PagedIndexLayout)
@@ -202,6 +202,14 @@ def cluster_log_mass(q: torch.Tensor, cent: torch.Tensor, kvar: torch.Tensor,
     return lg + corr.clamp(max=cap)
 
 
+def _band_entries(band_tab: torch.Tensor, pbs: torch.Tensor, kh: int, n: int
+                  ) -> torch.Tensor:
+    """Pool pages of a row-head's ``n`` band entries (the band table's packing)."""
+    k = torch.arange(n)
+    return band_tab[pbs[k // BAND_PACK].to(band_tab.device), kh,
+                    (k % BAND_PACK).to(band_tab.device)].cpu().long()
+
+
 def band_reranks(hdr, L: int, rank_interval: int) -> bool:
     """Whether a row (header ``hdr``, context ``L``) re-ranks its last band
     (``RetroConfig.rank_interval``; module doc)."""
@@ -295,8 +303,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                 n_ret = max(0, min(c, hdr[HDR_N_RETRIEVE]))
                 n_est = max(0, min(c - n_ret, hdr[HDR_N_ESTIMATE]))
                 # The entries ranked: all, or (re-ranking) the last band's pages.
-                ent = (band_tab[pbs[:n_ret + n_est].to(band_tab.device), kh].cpu().long()
-                       if rerank else pbs)
+                ent = (_band_entries(band_tab, pbs, kh, n_ret + n_est) if rerank
+                       else pbs)
                 f = fpart[ent, kh].to(cdt)                                   # [C, 3, D]
                 iw = ipart[ent, kh].long()                                   # [C, 2]
                 sizes = iw[:, I_SIZE]
@@ -310,8 +318,9 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                     ret, est = mass_selection(score, n_ret, n_est, g, select)
                 if band_tab is not None and not rerank:
                     sel_pages = ent[torch.cat([ret, est])].to(torch.int32)
-                    band_tab[pbs[:len(sel_pages)].to(band_tab.device), kh] = \
-                        sel_pages.to(band_tab.device)
+                    k = torch.arange(len(sel_pages))
+                    band_tab[pbs[k // BAND_PACK].to(band_tab.device), kh,
+                             (k % BAND_PACK).to(band_tab.device)] = sel_pages.to(band_tab.device)
                 # A retrieved cluster's tokens: positions [start, start + size) (the
                 # build made each cluster contiguous per head), within [S, E).
                 tok = torch.cat([torch.arange(int(iw[i, I_START]),

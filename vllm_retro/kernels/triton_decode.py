@@ -604,27 +604,58 @@ def _budget(hdr_ptr, hdr_s0, blk0, C):
 
 
 @triton.jit
-def _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, RI):
-    """(re-ranks, entries ranked) of a row: whether it re-ranks its last band
-    (``rank_interval`` RI; :func:`~.reference.band_reranks`), and then the band's
-    ``n_retrieve + n_estimate`` entries, else all ``C``."""
+def _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI):
+    """(re-ranks, entries ranked, programs) of a row: whether it re-ranks its last
+    band (``rank_interval`` RI; :func:`~.reference.band_reranks`), and then the
+    band's ``n_retrieve + n_estimate`` entries on ``NS`` scaled to them (as many
+    entries per program as a full ranking has: the programs' fixed work, not the
+    entries, sets the selection kernels' time), else all ``C`` on ``NS``."""
     at = tl.load(hdr_ptr + blk0 * hdr_s0 + _HDR_BA)
     n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
     back = L - at
     rr = (E > 0) & (at > 0) & (back >= 1) & (back < RI)
-    return rr, tl.where(rr, n_ret + n_est, C)
+    nb = n_ret + n_est
+    ns_b = tl.maximum((NS * nb + C - 1) // tl.maximum(C, 1), 1)
+    return rr, tl.where(rr, nb, C), tl.where(rr, tl.minimum(ns_b, NS), NS)
 
 
 @triton.jit
-def _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND: tl.constexpr):
-    """Pool pages (int32) of ranked entries ``i``: ``ix_row[i]``; on a row that
-    re-ranks its band (``rr``, with BAND), the band table's entries at those pages."""
-    pg = tl.load(ix_row + i, mask=valid, other=0)
-    if BAND:
+def _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND: tl.constexpr,
+                 PK: tl.constexpr = 16, BRANCH: tl.constexpr = True):
+    """Pool pages (int32) of ranked entries ``i``: ``ix_row[i]``, or on a row that
+    re-ranks its band (``rr``, with BAND) the band table's: entry ``i``'s page at
+    ``bd[ix_row[i // PK], h, i % PK]``. BRANCH: a branch on the row, so a full
+    ranking's loads carry no dependency on the band's (the score kernel's pipeline);
+    else both loads masked and a select (fewer live values across the branch)."""
+    if BAND and not BRANCH:
+        iu = i.to(tl.uint32)
         bm = valid & (i < tl.where(rr, _INT_MAX, 0))
-        bp = tl.load(bd_ptr + _wide_mad(pg, bd_s0, h * bd_s1), mask=bm, other=0)
-        pg = tl.where(bm, bp, pg)
+        pm = valid & (i < tl.where(rr, 0, _INT_MAX))
+        lb = tl.load(ix_row + (iu // PK).to(tl.int32), mask=bm, other=0)
+        pb = tl.load(bd_ptr + _wide_mad(lb, bd_s0, h * bd_s1 + (iu % PK).to(tl.int32)),
+                     mask=bm, other=0)
+        pg = tl.load(ix_row + i, mask=pm, other=0)
+        pg = tl.where(bm, pb, pg)
+    elif BAND:
+        if rr:
+            iu = i.to(tl.uint32)
+            lb = tl.load(ix_row + (iu // PK).to(tl.int32), mask=valid, other=0)
+            pg = tl.load(bd_ptr + _wide_mad(lb, bd_s0, h * bd_s1 + (iu % PK).to(tl.int32)),
+                         mask=valid, other=0)
+        else:
+            pg = tl.load(ix_row + i, mask=valid, other=0)
+    else:
+        pg = tl.load(ix_row + i, mask=valid, other=0)
     return pg
+
+
+@triton.jit
+def _pack_page(ix_row, pos, mask, PK: tl.constexpr):
+    """(row page ``ix_row[pos // PK]``, slot ``pos % PK``) of item ``pos`` of a
+    row-head list packed PK items to a page."""
+    pu = pos.to(tl.uint32)              # (non-negative on the lanes that load)
+    lb = tl.load(ix_row + (pu // PK).to(tl.int32), mask=mask, other=0)
+    return lb, (pu % PK).to(tl.int32)
 
 
 @triton.jit
@@ -665,10 +696,8 @@ def _packed(base_ptr, ix_row, h, pos, mask, H: tl.constexpr, W: tl.constexpr,
     """Address of item ``pos`` of a row-head list packed PK items (SLOT words each)
     to an index-pool page of the row (``ix_row[pos // PK]``; W words per page and
     head)."""
-    pu = pos.to(tl.uint32)              # (non-negative on the lanes that load)
-    lb = tl.load(ix_row + (pu // PK).to(tl.int32), mask=mask, other=0)
-    return base_ptr + (lb.to(tl.uint32).to(tl.int64) * (H * W)
-                       + (h * W + (pu % PK).to(tl.int32) * SLOT))
+    lb, slot = _pack_page(ix_row, pos, mask, PK)
+    return base_ptr + (lb.to(tl.uint32).to(tl.int64) * (H * W) + (h * W + slot * SLOT))
 
 
 @triton.jit
@@ -792,7 +821,9 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
 
     BAND (``rank_interval`` RI > 1): a row that re-ranks its last band
     (:func:`_band_rows`) scores the band's entries, whose pages the band table
-    ``bd`` (``[P, H]`` int32, :meth:`IndexPool.band_table`) holds at the row's pages.
+    ``bd`` (``[P, H, 16]`` int32, :meth:`IndexPool.band_table`) holds packed at the
+    row's pages, on fewer programs (the key kernel's likewise, so the partial slots
+    it reads are written, or neutral with NEUTRAL).
 
     ISO (``IndexPool.variance_form`` "isotropic"; with Q8): the variance term is
     ``s^2/2 |q_g|^2 vbar`` with each entry's stored mean key variance ``vbar``: the
@@ -824,6 +855,13 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         return
     r = rh // H
     h = rh % H
+    L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
+                                              hdr_s0, r, SB, BS, EPB)
+    rr = E < 0
+    if BAND:
+        rr, C, NS = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI)
+        if p >= NS:
+            return
     if p == 0:
         # Later kernels accumulate into these; zeroed here so every call starts clean.
         tl.store(hist_ptr + rh * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
@@ -838,11 +876,6 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             nmask = (sp >= NS)[:, None] & (gn >= 0)[None, :]
             tl.store(pm_ptr + nofs, tl.full([NSP, GP], _NEG_INF, tl.float32), mask=nmask)
             tl.store(ps_ptr + nofs, tl.zeros([NSP, GP], tl.float32), mask=nmask)
-    L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
-                                              hdr_s0, r, SB, BS, EPB)
-    rr = E < 0
-    if BAND:
-        rr, C = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, RI)
     d = tl.arange(0, DP)
     dm = d < D
     # With Q8 the query is split on its G4 query-head rows and the int8 parts padded
@@ -966,7 +999,9 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
                                               hdr_s0, r, SB, BS, EPB)
     rr = E < 0
     if BAND:
-        rr, C = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, RI)
+        rr, C, NS = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI)
+        if p >= NS:
+            return
     _pdl_wait(PDL)
     g = tl.arange(0, G4)
     gm = g < G
@@ -1336,8 +1371,9 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
 
     BAND (``rank_interval`` RI > 1, with BUCKET): a row re-ranking its last band
     selects among the band's entries (the score kernel's); any other row also writes
-    its band to the table (list position ``k``'s page at the row's page ``ix[k]``:
-    the retrieved, then the estimated) and, program 0 of head 0, its context length
+    its band to the table (list position ``k``'s page at ``bd[ix[k // 16], h, k %
+    16]``, packed as the lists: the retrieved, then the estimated) and, program 0 of
+    head 0, its context length
     to the header's ``HDR_BAND_AT`` (which no program of this step reads as a
     re-ranking row: that takes a length 1 to RI - 1 tokens back). The range's list
     offsets come from the keys of lower ranges: those above the buckets (counted by
@@ -1372,8 +1408,10 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
     rr = E < 0
     if BAND:
-        rr, C = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, RI)
         tl.static_assert(BUCKET, "band re-ranking needs the bucket selection")
+        rr, C, NS = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI)
+        if p >= NS:
+            return
     _pdl_wait(PDL)
     k1 = n_ret
     use2 = n_est > 0
@@ -1436,7 +1474,8 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         key = tl.load(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), mask=valid,
                       other=-1)
         if EARLY_PAGES:
-            eb32 = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND)
+            eb32 = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND,
+                                BRANCH=False)
         if BUCKET:
             v = _digit(key, mean_bits, SUB, NB, WIN)
         else:
@@ -1461,19 +1500,21 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         lp = tl.where(ret, rc + tl.cumsum(ret.to(tl.int32), 0) - 1,
                       ec + tl.cumsum(est.to(tl.int32), 0) - 1)
         if not EARLY_PAGES:
-            eb32 = _entry_pages(ix_row, i, sel, rr, bd_ptr, bd_s0, bd_s1, h, BAND)
+            eb32 = _entry_pages(ix_row, i, sel, rr, bd_ptr, bd_s0, bd_s1, h, BAND,
+                                BRANCH=False)
         eb = eb32.to(tl.int64)
-        if BAND:
-            # A full ranking's band: list position lp's page at the row's page ix[lp].
-            bw = sel & (lp < tl.where(rr, 0, _INT_MAX))
-            bpg = tl.load(ix_row + lp, mask=bw, other=0)
-            tl.store(bd_ptr + _wide_mad(bpg, bd_s0, h * bd_s1), eb32, mask=bw)
+
         ib = ip_ptr + eb * ip_s0 + h * ip_s1
         size = tl.load(ib + _I_SIZE, mask=sel, other=0)
         start = tl.load(ib + _I_START, mask=ret, other=0)
-        la = _packed(lists_ptr, ix_row, h, lp, sel, H, LW, PK, 2)
+        lb, slot = _pack_page(ix_row, lp, sel, PK)
+        la = lists_ptr + (lb.to(tl.uint32).to(tl.int64) * (H * LW) + (h * LW + slot * 2))
         tl.store(la, tl.where(ret, start, eb.to(tl.int32)), mask=sel)
         tl.store(la + 1, size, mask=sel)
+        if BAND:
+            # A full ranking's band: list position lp's page, packed as the lists.
+            tl.store(bd_ptr + _wide_mad(lb, bd_s0, h * bd_s1 + slot), eb32,
+                     mask=sel & (lp < tl.where(rr, 0, _INT_MAX)))
         rc += tl.sum(ret.to(tl.int32), 0)
         ec += tl.sum(est.to(tl.int32), 0)
         e1 += tl.sum(eq1.to(tl.int32), 0)
