@@ -229,11 +229,15 @@ class RetroConfig:
             clusters, ~25% of them at the default budget) with the current query:
             they score, rank and select from the band alone, and the clusters
             outside it stay skipped. On real SmolLM2 attention (five kinds of text,
-            five layers, every head) band re-ranking one to three steps after the
-            full ranking moved the median error by at most 0.1 points and the p90
-            by at most 1.0 (``docs/accuracy.md``, "Re-ranking the last band"). Needs
-            ``summary_bits`` 8 (the band lives in the 8-bit summaries' spare
-            words: no memory is added) and the "mass" retrieval rank.
+            five layers, every head) re-ranking one to three steps after the full
+            ranking moved the median error by at most 0.26 points and the p90 by at
+            most 0.7 (``docs/accuracy.md``, "Re-ranking the last band"). A
+            re-ranking step's selection kernels take about a quarter of a full
+            one's: with 4, 342 against 330 tok/s at 128K x 3 on an H100
+            (``docs/perf-notes.md``). Opt-in until its GPU task accuracy is
+            measured. Needs ``summary_bits`` 8 (the band lives in the 8-bit
+            summaries' spare words: no memory is added) and the "mass" retrieval
+            rank; the CPU backend ranks every step.
         prefill_resident_tokens: with ``wave_buffer``, how many of a prompt's tokens
             may stay in vLLM's GPU blocks while the prompt is still being prefilled
             (chunked prefill). Tokens further behind the prefill front are clustered,
