@@ -317,6 +317,30 @@ def test_cluster_cache_moves_bytes_not_results(tiny_model):
     assert big == small
 
 
+def test_band_reranking_in_the_engine(tiny_model, dense):
+    """``rank_interval`` 4 under vLLM's defaults (CUDA graphs, every layer sharing the
+    header word the list kernel writes): with every cluster in the band (full
+    retrieval) a re-ranking step selects what a full one does, so the outputs are
+    dense's up to bf16 near-ties, while the counters show that about three decode
+    rows in four of the indexed requests re-ranked their band (fewer after an index
+    update, which forces a full ranking)."""
+    from vllm_retro.offline import close_llm
+    prompts, dense_out = dense
+    llm = gpu_llm(tiny_model, "retro", dict(FULL, rank_interval=4))
+    try:
+        mgr = manager(llm)
+        before = mgr.stats()
+        out = generate_with_logprobs(llm, prompts, MAX_TOKENS)
+        after = mgr.stats()
+    finally:
+        close_llm(llm)
+    d = {k: after[k] - before[k] for k in ("retro_rows", "dense_rows", "reranked_rows")}
+    print(f"band re-ranking: {d}")
+    assert d["retro_rows"] + d["dense_rows"] == sum(m - 1 for m in MAX_TOKENS), d
+    assert 0 < d["reranked_rows"] <= 0.75 * d["retro_rows"] + len(prompts), d
+    assert_same_or_near_tie([t for t, _ in out], dense_out)
+
+
 def test_dense_switch_inside_cuda_graphs(tiny_model, dense):
     """``dense_below``: a step of at most two decode rows whose contexts average
     fewer tokens runs vLLM's FlashAttention, inside the same captured graphs as
