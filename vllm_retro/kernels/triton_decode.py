@@ -71,6 +71,13 @@ programs beyond ``NS`` (or of the padding rows) return at once:
    (with :data:`RESOLVE_IN_COLLECT` the list kernel does it instead, for the
    clusters it has just listed).
 
+Band re-ranking (``IndexPool.rank_interval`` > 1, :func:`~.reference.band_reranks`):
+a row whose last full ranking (header ``HDR_BAND_AT``) lies 1 to ``rank_interval -
+1`` tokens back ranks only that ranking's band: stages 1, 2 and 4 take its entries'
+pool pages from the band table (:meth:`IndexPool.band_table`) instead of the index
+table, the key and list kernels on a split scaled to the band; a full ranking's list
+kernel writes the band and the header word.
+
 "Last program" hand-offs: each program writes its part, passes a CTA barrier and
 takes a ticket with an acq_rel atomic at GPU scope; the program drawing the last
 ticket reads the others' parts (L1-bypassing loads) and resets the ticket. No
@@ -1376,9 +1383,11 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     selects among the band's entries (the score kernel's); any other row also writes
     its band to the table (list position ``k``'s page at ``bd[ix[k // 16], h, k %
     16]``, packed as the lists: the retrieved, then the estimated) and, program 0 of
-    head 0, its context length
-    to the header's ``HDR_BAND_AT`` (which no program of this step reads as a
-    re-ranking row: that takes a length 1 to RI - 1 tokens back). The range's list
+    head 0, its context length to the header's ``HDR_BAND_AT`` (which no program of
+    this step reads as a re-ranking row: that takes a length 1 to RI - 1 tokens
+    back).
+
+    The range's list
     offsets come from the keys of lower ranges: those above the buckets (counted by
     the candidate kernel) and the candidates above / equal to the thresholds.
 
@@ -1506,7 +1515,6 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
             eb32 = _entry_pages(ix_row, i, sel, rr, bd_ptr, bd_s0, bd_s1, h, BAND,
                                 BRANCH=False)
         eb = eb32.to(tl.int64)
-
         ib = ip_ptr + eb * ip_s0 + h * ip_s1
         size = tl.load(ib + _I_SIZE, mask=sel, other=0)
         start = tl.load(ib + _I_START, mask=ret, other=0)
