@@ -181,13 +181,19 @@ def fa3(q, kv, bt, seq_lens, scale, out):
                                   out=out, fa_version=3)
 
 
-def time_ms(fn, iters=50) -> float:
+def time_ms(fn, iters=50, flush: "torch.Tensor | None" = None) -> float:
+    """Median milliseconds of ``fn`` (a CUDA graph's replay, say) over ``iters``
+    calls. ``flush``: a buffer larger than the GPU's L2, overwritten before each
+    timed call (outside the timed span), so each call starts with a cold L2 as a
+    layer's step does in the engine, where 31 other layers ran since."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
           for _ in range(iters)]
     for a, b in ev:
+        if flush is not None:
+            flush.zero_()
         a.record(); fn(); b.record()
     torch.cuda.synchronize()
     ts = sorted(a.elapsed_time(b) for a, b in ev)
