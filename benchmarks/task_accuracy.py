@@ -141,6 +141,10 @@ CONFIGS = {
     # estimated band, estimation_fraction 0.3), through vLLM's additional_config.
     "accuracy": dict(BASE_RETRO, preset="accuracy"),
     "accuracy_fo": dict(FRACTION_ONLY, preset="accuracy"),
+    # The GPU's opt-in speed options (the CPU backend ignores both: there it is
+    # "retro"): band re-ranking every 4 steps, and with the isotropic variance term.
+    "band4": dict(BASE_RETRO, rank_interval=4),
+    "band4_iso": dict(BASE_RETRO, rank_interval=4, variance_form="isotropic"),
 }
 
 ADJECTIVES = ("ancient", "bitter", "brave", "calm", "clever", "crimson", "dusty",
