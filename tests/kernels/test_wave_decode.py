@@ -502,3 +502,39 @@ def test_public_op_and_view_validation(monkeypatch):
         K.paged_decode_attention(q.to(DEV), *args, wave=other)
     with pytest.raises(ValueError, match="layer"):
         wv.cache.view(wv.mirror, NL)
+
+
+def test_band_reranking_reads_released_clusters_from_the_wave_buffer(monkeypatch):
+    """``rank_interval`` 2 with released blocks: a full-ranking step, then a
+    re-ranking step whose retrieved clusters (chosen inside the band) are read from
+    the host arena below the horizon as the full step's are (the poisoned blocks
+    never reach the output); kernel == twin each step (each on its own copy of the
+    headers and the pool), the re-ranking rows counted."""
+    from test_paged_decode_attention import _pool_copy
+    td = _td()
+    monkeypatch.setattr(td, "SELECT", "bucket")
+    torch.manual_seed(67)
+    sc = Scene(200, summary_bits=8, rank_interval=2)
+    E0 = sc.add(700)
+    E1 = sc.add(600, n_ret=6, n_est=9)
+    wv = Wave(sc)
+    wv.release({0: E0, 1: sc.S + (E1 - sc.S) // BS // 2 * BS}, poison={1: 0})
+    twin_pool, twin_hdr = _pool_copy(sc.pool), sc.headers.cpu().clone()
+    bt, sl0 = sc.tensors()
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV)
+    for step in range(2):
+        sl = sl0 + step
+        q = torch.randn(2, H * G, D)
+        ws.stats.zero_()
+        out = torch.full((2, H * G, D), float("nan"), device=DEV)
+        td.paged_decode_attention_triton(q.to(DEV), sc.kv, sc.lay, bt, sl, sc.headers,
+                                         sc.alloc.ibt, sc.pool, sc.S, SCALE, out, ws,
+                                         count_stats=True, wave=wv.view)
+        ref, st = reference.paged_decode_attention(
+            q, sc.cpu_cache(), sc.lay, bt.cpu(), sl.cpu(), twin_hdr, sc.alloc.ibt.cpu(),
+            twin_pool, sc.S, SCALE, wave=wv.view, select="bucket")
+        assert st[:, 3].tolist() == [float(step == 1)] * 2
+        assert not torch.isnan(out).any()
+        assert _rel(out.cpu(), ref) < 2e-3, (step, _rel(out.cpu(), ref))
+        assert int(ws.stats[5]) == (2 if step == 1 else 0)
+        assert torch.equal(sc.headers.cpu(), twin_hdr)
