@@ -812,8 +812,14 @@ def simulate_variance_term(idx: WaveIndex, form: str) -> None:
     "rank_first_order" ranks by ``ln size + s q.c`` (no term), "rank_isotropic" by
     the term with each cluster's key variance averaged over channels (``min(s^2/2
     |q|^2 mean_d var_d, cap)``), both keeping the full log-mass for the estimate (the
-    selection's ``log_mass`` replaced after ranking); "isotropic" uses the averaged
-    term for ranking and estimate alike (the GPU's ``variance_form`` "isotropic")."""
+    selection's ``log_mass`` replaced after ranking); "isotropic" replaces the
+    index's key variances by their channel means, so ranking and estimate alike use
+    the averaged term (the GPU's ``variance_form`` "isotropic", whose estimate is the
+    score stage's log-mass); call it again after each append (new segments)."""
+    if form == "isotropic":
+        if idx.key_vars.numel():
+            idx.key_vars = idx.key_vars.mean(-1, keepdim=True).expand_as(idx.key_vars).clone()
+        return
     select = idx.select_clusters
 
     def changed(q_, s_):
@@ -822,10 +828,6 @@ def simulate_variance_term(idx: WaveIndex, form: str) -> None:
         mean = idx.key_vars.mean(-1, keepdim=True).expand_as(idx.key_vars)
         return cluster_log_mass(q_, idx.centroids, idx.sizes, mean, s_,
                                 idx.config.variance_cap)
-
-    if form == "isotropic":
-        idx.cluster_log_mass = changed
-        return
 
     def ranked(q, scale, steady_lse, observe=False):
         full = idx.cluster_log_mass(q, scale)
@@ -945,6 +947,8 @@ def evaluate_text_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch
             assert idx.seq_len == t
             if k in quant:
                 quantize_summaries(idx, *quant[k])
+            if dict(k)["variance_term"] == "isotropic":
+                simulate_variance_term(idx, "isotropic")
         kp, vp = keys[:, :t].double(), values[:, :t].double()
         q = queries[i]
         logits = B.true_logits(q, kp, scale)

@@ -16,7 +16,9 @@ with its clusters chosen from the query ``lag`` steps earlier:
   cluster outside it skipped. This is what the decode kernels do between full
   rankings (the kernels' bucket ties aside).
 
-``lag`` 0 is the full ranking every step (both modes equal it). Reported: median and
+``lag`` 0 is the full ranking every step (both modes equal it). With ``--isotropic``
+every cluster's key variance is its mean over channels (the GPU's ``variance_form``
+"isotropic", which the options would combine with), for ranking and estimate. Reported: median and
 90th percentile of the relative error of the attention output (per query head,
 against float64 full attention), per text and mode and lag, and the fraction of
 tokens read exactly. Default options of ``accuracy_vs_budget.py`` (segment_size
@@ -56,6 +58,16 @@ class LaggedIndex(WaveIndex):
 
     selection_query = None
     mode = "band"
+    isotropic = False
+
+    @property
+    def key_vars(self):
+        v = self._key_vars
+        return v.mean(-1, keepdim=True).expand_as(v) if self.isotropic else v
+
+    @key_vars.setter
+    def key_vars(self, v):
+        self._key_vars = v
 
     def select_clusters(self, q, scale, steady_lse, observe=False):
         if self.selection_query is None:
@@ -77,8 +89,8 @@ class LaggedIndex(WaveIndex):
                                 prev.k_retrieved, lg)
 
 
-def evaluate(text: str, layers: Sequence[int], lags: Sequence[int], num_queries: int
-             ) -> Dict[str, dict]:
+def evaluate(text: str, layers: Sequence[int], lags: Sequence[int], num_queries: int,
+             isotropic: bool = False) -> Dict[str, dict]:
     cap = torch.load(capture_qkv.default_out(text), weights_only=False)
     qpos = [int(x) for x in cap["query_positions"]]
     if any(b - a != 1 for a, b in zip(qpos, qpos[1:])):
@@ -93,6 +105,7 @@ def evaluate(text: str, layers: Sequence[int], lags: Sequence[int], num_queries:
         K, V, Q = cap["keys"][layer], cap["values"][layer], cap["queries"][layer]
         p0 = qpos[first]
         idx = LaggedIndex.build(K[:, :p0].float(), V[:, :p0].float(), BASE_CONFIG)
+        idx.isotropic = isotropic
         for i in range(first, len(qpos)):
             p = qpos[i]
             idx.append(K[:, p:p + 1].float(), V[:, p:p + 1].float())
@@ -147,6 +160,8 @@ def main() -> None:
     ap.add_argument("--layers", default="2,8,15,22,29")
     ap.add_argument("--lags", default="0,1,2,3,7")
     ap.add_argument("--num-queries", type=int, default=32)
+    ap.add_argument("--isotropic", action="store_true",
+                    help="each cluster's key variance as its mean over channels")
     ap.add_argument("--out", default="benchmarks/results/accuracy_band_rerank.json")
     a = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -157,9 +172,10 @@ def main() -> None:
            "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "versions": {"python": platform.python_version(), "torch": torch.__version__},
            "command": "python " + " ".join(sys.argv), "layers": layers,
-           "num_queries": a.num_queries, "wave_config": BASE_CONFIG.to_dict(), "texts": {}}
+           "num_queries": a.num_queries, "isotropic_variance": a.isotropic,
+           "wave_config": BASE_CONFIG.to_dict(), "texts": {}}
     for text in a.texts.split(","):
-        res["texts"][text] = evaluate(text, layers, lags, a.num_queries)
+        res["texts"][text] = evaluate(text, layers, lags, a.num_queries, a.isotropic)
         m = res["texts"][text]["modes"]
         print(text, " ".join(f"{mode}[{g}] {100 * m[mode][g]['rel_err_median']:.2f}/"
                              f"{100 * m[mode][g]['rel_err_p90']:.2f}"

@@ -214,12 +214,13 @@ class RetroConfig:
             "diagonal" (default): the per-channel vector, ``s^2/2 sum_d q_d^2
             var_d``; "isotropic": its mean over channels, ``s^2/2 |q|^2 mean_d
             var_d`` (one float per cluster and head, so the stage reads ``D + 12``
-            bytes instead of ``2D + 8`` and does half the products). On the CPU
-            reference it moved the median error by at most 0.2 points and the p90
-            by at most 0.7 (``docs/accuracy.md``, "Fewer bytes per cluster for the
-            score stage"). Per layer on an H100: -6.4 us at 128K x 1 (-12%), -4 to
-            -8 us at 6-8 rows (``docs/perf-notes.md``); opt-in until its end-to-end
-            gain and task accuracy are measured. The CPU backend keeps the vector.
+            bytes instead of ``2D + 8`` and does half the products). The term also
+            sets the estimated clusters' log-mass: on the CPU reference at 3% read
+            it costs +0.5 to +1.0 points of median error and up to +3.7 of p90
+            (``docs/accuracy.md``, "Fewer bytes per cluster for the score stage",
+            corrected in the twenty-eighth session). Per layer on an H100: -6.4 us at
+            128K x 1 (-12%), -4 at 128K x 6; +1.6% tok/s at 128K x 3
+            (``docs/perf-notes.md``). Opt-in. The CPU backend keeps the vector.
         rank_interval: GPU only: decode steps per full ranking of a request's
             clusters. 1 (the default): every step scores every cluster and selects
             the retrieved and estimated sets from all of them. ``k > 1``: a step
