@@ -37,9 +37,9 @@ cluster entry ``i``'s summaries at pool page ``ix[i]``) and KV head ``h`` with i
   ranking; 0: none) lies 1 to ``k - 1`` tokens back ranks only that step's band:
   the ``n = n_retrieve + n_estimate`` entries whose pool pages the band table
   (:meth:`IndexPool.band_table`) holds, entry ``k`` at ``[ix[k // 16], h, k %
-  16]``, in that order, scored with this step's query; the selection above runs on them alone
-  (its top ``n_retrieve`` exact, the rest estimated), and every entry outside the
-  band is skipped. Any other row ranks all entries and writes its band to the
+  16]``, in that order, scored with this step's query; the selection above runs
+  on them alone (its top ``n_retrieve`` exact, the rest estimated), and every
+  entry outside the band is skipped. Any other row ranks all entries and writes its band to the
   table (entry ``k``: the page of the ``k``-th retrieved entry, then of the
   estimated, each in the selection's order) and ``L`` to ``HDR_BAND_AT`` (both
   the twin and the kernels write them).
@@ -58,11 +58,10 @@ from typing import Optional, Tuple
 import torch
 
 from ..attention import VARIANCE_CORRECTION_CAP
-from ..index.paged import (F_CENTROID, F_KEY_VAR, F_SIGMA_U, F_VALUE_MEAN, F_W,
-                           BAND_PACK, FLOAT_SLOTS, HDR_BAND_AT, HDR_CLUSTERED_END, HDR_HORIZON,
-                           HDR_IBT_ROW,
-                           HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool,
-                           PagedIndexLayout)
+from ..index.paged import (BAND_PACK, F_CENTROID, F_KEY_VAR, F_SIGMA_U, F_VALUE_MEAN,
+                           F_W, FLOAT_SLOTS, HDR_BAND_AT, HDR_CLUSTERED_END, HDR_HORIZON,
+                           HDR_IBT_ROW, HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE, I_START,
+                           IndexPool, PagedIndexLayout)
 from .wave_view import WaveBufferView
 
 # The decode kernels' selection modes (``triton_decode.SELECT``; the twin's ``select``):
@@ -319,8 +318,9 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                 if band_tab is not None and not rerank:
                     sel_pages = ent[torch.cat([ret, est])].to(torch.int32)
                     k = torch.arange(len(sel_pages))
-                    band_tab[pbs[k // BAND_PACK].to(band_tab.device), kh,
-                             (k % BAND_PACK).to(band_tab.device)] = sel_pages.to(band_tab.device)
+                    dev = band_tab.device
+                    band_tab[pbs[k // BAND_PACK].to(dev), kh,
+                             (k % BAND_PACK).to(dev)] = sel_pages.to(dev)
                 # A retrieved cluster's tokens: positions [start, start + size) (the
                 # build made each cluster contiguous per head), within [S, E).
                 tok = torch.cat([torch.arange(int(iw[i, I_START]),

@@ -110,8 +110,8 @@ import triton.language as tl
 
 from ..attention import VARIANCE_CORRECTION_CAP
 from ..index.paged import (HDR_BAND_AT, HDR_CLUSTERED_END, HDR_HORIZON, HDR_IBT_ROW,
-                           HDR_N_ESTIMATE,
-                           HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool, PagedIndexLayout)
+                           HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool,
+                           PagedIndexLayout)
 from . import extension, reference
 from .wave_view import W_HITS, W_MISSES, WaveBufferView
 
