@@ -807,6 +807,11 @@ def quantize_summaries(idx: WaveIndex, bits: int, fields: str = "both") -> None:
         idx.value_sums = _rounded(idx.value_sums / n, top) * n
 
 
+def _channel_mean(key_vars: torch.Tensor) -> torch.Tensor:
+    """Each cluster's key variance averaged over channels, in every channel (a view)."""
+    return key_vars.mean(-1, keepdim=True).expand_as(key_vars)
+
+
 def simulate_variance_term(idx: WaveIndex, form: str) -> None:
     """Changes the key-variance term of ``idx``'s cluster log-masses (a simulation):
     "rank_first_order" ranks by ``ln size + s q.c`` (no term), "rank_isotropic" by
@@ -818,15 +823,14 @@ def simulate_variance_term(idx: WaveIndex, form: str) -> None:
     score stage's log-mass); call it again after each append (new segments)."""
     if form == "isotropic":
         if idx.key_vars.numel():
-            idx.key_vars = idx.key_vars.mean(-1, keepdim=True).expand_as(idx.key_vars).clone()
+            idx.key_vars = _channel_mean(idx.key_vars).clone()
         return
     select = idx.select_clusters
 
     def changed(q_, s_):
         if form == "rank_first_order":
             return cluster_log_mass(q_, idx.centroids, idx.sizes, None, s_)
-        mean = idx.key_vars.mean(-1, keepdim=True).expand_as(idx.key_vars)
-        return cluster_log_mass(q_, idx.centroids, idx.sizes, mean, s_,
+        return cluster_log_mass(q_, idx.centroids, idx.sizes, _channel_mean(idx.key_vars), s_,
                                 idx.config.variance_cap)
 
     def ranked(q, scale, steady_lse, observe=False):

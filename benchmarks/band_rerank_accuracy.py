@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import baselines as B  # noqa: E402
 import capture_qkv  # noqa: E402
-from accuracy_vs_budget import BASE_CONFIG, write_json  # noqa: E402
+from accuracy_vs_budget import (BASE_CONFIG, simulate_variance_term,  # noqa: E402
+                                write_json)
 from vllm_retro import WaveIndex  # noqa: E402
 from vllm_retro.attention import full_attention, group_query  # noqa: E402
 from vllm_retro.wave_index import ClusterSelection  # noqa: E402
@@ -58,16 +59,6 @@ class LaggedIndex(WaveIndex):
 
     selection_query = None
     mode = "band"
-    isotropic = False
-
-    @property
-    def key_vars(self):
-        v = self._key_vars
-        return v.mean(-1, keepdim=True).expand_as(v) if self.isotropic else v
-
-    @key_vars.setter
-    def key_vars(self, v):
-        self._key_vars = v
 
     def select_clusters(self, q, scale, steady_lse, observe=False):
         if self.selection_query is None:
@@ -105,10 +96,11 @@ def evaluate(text: str, layers: Sequence[int], lags: Sequence[int], num_queries:
         K, V, Q = cap["keys"][layer], cap["values"][layer], cap["queries"][layer]
         p0 = qpos[first]
         idx = LaggedIndex.build(K[:, :p0].float(), V[:, :p0].float(), BASE_CONFIG)
-        idx.isotropic = isotropic
         for i in range(first, len(qpos)):
             p = qpos[i]
             idx.append(K[:, p:p + 1].float(), V[:, p:p + 1].float())
+            if isotropic:   # (after every append: new segments bring per-channel ones)
+                simulate_variance_term(idx, "isotropic")
             kp, vp = K[:, :p + 1].double(), V[:, :p + 1].double()
             ref = full_attention(Q[i].double(), kp, vp, scale)
             for mode in MODES:

@@ -290,7 +290,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     td.RECORD_RESOURCES = True
     # Overwritten before each cold-L2 timing: 4x the L2 (50 MB on an H100, 60 on an H200).
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    l2_flush = torch.empty(4 * l2 // 4, dtype=torch.int32, device="cuda")
+    l2_flush = torch.empty(4 * l2, dtype=torch.uint8, device="cuda")
     res = []
     for name, kernel, over in VARIANTS:
         if variants is not None and name not in variants:
