@@ -141,7 +141,7 @@ CONFIGS = {
     # estimated band, estimation_fraction 0.3), through vLLM's additional_config.
     "accuracy": dict(BASE_RETRO, preset="accuracy"),
     "accuracy_fo": dict(FRACTION_ONLY, preset="accuracy"),
-    # The GPU's opt-in speed options (the CPU backend ignores both: there it is
+    # The GPU's opt-in speed options (the CPU backend ignores them: there it is
     # "retro"): band re-ranking every 4 steps, with the isotropic variance term, and
     # every 8 steps.
     "band4": dict(BASE_RETRO, rank_interval=4),
