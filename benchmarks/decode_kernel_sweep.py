@@ -205,6 +205,11 @@ VARIANTS = [
     ("resolve kernel", "resolve_kernel", None),
     ("selection tiles 2048", "multi", dict(key=dict(CHE=2048), cand=dict(RB=2048),
                                            collect=dict(RB=2048))),
+    # The KV cache in vLLM's HND layout (physical [NB][H][bs][2D]: a KV head's tokens
+    # of a block contiguous, 8 KB, so a cluster's 16 tokens are one run of 512 B rows
+    # instead of 16 rows at a 4 KB stride, NHD's [NB][bs][H][2D]); the same logical
+    # view and contents, so the output is the default's.
+    ("KV HND", "kv_layout", "HND"),
     ("selection tiles 2048 w8", "multi", dict(key=dict(CHE=2048, num_warps=8),
                                               cand=dict(RB=2048),
                                               collect=dict(RB=2048, num_warps=8))),
@@ -234,6 +239,20 @@ def vc_copy(pool: IndexPool) -> IndexPool:
     out.fpart[:, :, :3].copy_(pool.fpart)
     out.fpart[:, :, 4].normal_()
     out.ipart.copy_(pool.ipart)
+    return out
+
+
+def kv_in_layout(kv: torch.Tensor, layout: str) -> torch.Tensor:
+    """A copy of the cache view ``kv`` ``(NB, H, bs, 2D)`` stored in vLLM's ``layout``
+    ("NHD": physical ``[NB][bs][H][2D]``; "HND": ``[NB][H][bs][2D]``), same view."""
+    nb, h, bs, d2 = kv.shape
+    if layout == "HND":
+        out = torch.empty(nb, h, bs, d2, dtype=kv.dtype, device=kv.device)
+    elif layout == "NHD":
+        out = torch.empty(nb, bs, h, d2, dtype=kv.dtype, device=kv.device).permute(0, 2, 1, 3)
+    else:
+        raise ValueError(f"KV layout {layout!r}: 'NHD' or 'HND'")
+    out.copy_(kv)
     return out
 
 
@@ -312,6 +331,9 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
                                  and kernel != "resolve_kernel")
         if kernel in ("static", "in_collect", "resolve_kernel"):
             kernel = None
+        kv_use = kv
+        if kernel == "kv_layout":
+            kv_use, kernel = kv_in_layout(kv, over), None
         pool = pool_default
         if kernel and kernel.startswith(("q8", "b16", "mv8", "vc", "iso")):
             pool = {"q8": pool8, "b16": pool16, "mv8": pool8v,
@@ -367,7 +389,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         out = torch.empty(batch, HQ, D, device="cuda", dtype=torch.float32)
 
         def step(count=False):
-            paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, pool, S, scale,
+            paged_decode_attention(q, kv_use, lay, bt, sl, hdr, ix.ibt, pool, S, scale,
                                    out=out, workspace=ws, count_stats=count, wave=ix.wave,
                                    retrieval_rank=rank)
         try:
@@ -376,7 +398,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
                                    "(build the extension: scripts/gpu/run.sh BUILD_EXT=1)")
             if band in ("rerank", "rerank_iso"):
                 # The band of the step before (context one token shorter, same query).
-                paged_decode_attention(q, kv, lay, bt, torch.where(sl > 0, sl - 1, 0), hdr,
+                paged_decode_attention(q, kv_use, lay, bt, torch.where(sl > 0, sl - 1, 0), hdr,
                                        ix.ibt, pool, S, scale, out=out, workspace=ws,
                                        wave=ix.wave)
             ws.stats.zero_()
@@ -419,7 +441,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
               f"{json.dumps(rec.get('per_kernel_us', {}))} programs/SM "
               f"{ {k: v['programs_per_sm'] for k, v in rec.get('resources', {}).items()} }",
               flush=True)
-        del ws
+        del ws, kv_use
     td.TUNE, td.TUNE_SMALL_BATCH, td.SCORE_IMPL = base_tune, base_small, base_impl
     td.SELECT = base_select
     td.TUNE_WAVE = base_wave

@@ -66,14 +66,15 @@ class Scene:
     def __init__(self, num_blocks: int, dtype=torch.float32, max_blocks: int = 260,
                  head_dim: int = D, num_pages: int = 0, summary_bits: int = 16,
                  mean_value_bits: int = 16, value_correction: bool = False, cfg=None,
-                 variance_form: str = "diagonal", rank_interval: int = 1):
+                 variance_form: str = "diagonal", rank_interval: int = 1,
+                 kv_layout: str = "NHD"):
         self.D = head_dim
         self.cfg = cfg or CFG
         self.epb = entries_per_block(self.cfg, BS)
         self.lay = PagedIndexLayout(H, head_dim, BS, dtype,
                                     float_slots=5 if value_correction else 3,
                                     entries_per_block=self.epb)
-        self.kv = self.lay.make_cache(num_blocks, DEV)
+        self.kv = self.lay.make_cache(num_blocks, DEV, kv_layout)
         self.headers = make_headers(num_blocks, DEV)
         num_pages = num_pages or (num_blocks + 37) * self.epb
         self.pool = IndexPool(self.lay, num_pages, DEV, summary_bits=summary_bits,
@@ -833,6 +834,37 @@ def test_bf16_cache_and_output():
     assert out.dtype == torch.bfloat16 and not torch.isnan(out).any()
     assert _rel(out, ref) < 2e-2, _rel(out, ref)
     assert ws.stats.tolist() == expected_stats(sc, st)
+
+
+@pytest.mark.parametrize("select", ["bucket", "exact"])
+def test_hnd_cache_layout_matches_twin(monkeypatch, select):
+    """vLLM's HND cache layout (a KV head's tokens of a block contiguous): the index
+    build and the decode kernels read it through the view's strides. Kernel against
+    twin with the index built on an HND cache; and the output of an NHD scene
+    unchanged when its cache is moved to the HND layout."""
+    td = _td()
+    monkeypatch.setattr(td, "SELECT", select)
+    scale = 1 / math.sqrt(D)
+    for layout in ("HND", "NHD"):
+        sc = Scene(200, kv_layout=layout)
+        assert sc.kv.shape[1:] == (H, BS, 2 * D)
+        assert sc.kv.stride(2) == (2 * D if layout == "HND" else H * 2 * D)
+        for L in (900, 0, 517, 700):
+            sc.add(L, index="build" if L > 600 else "none")
+        q = torch.randn(len(sc.rows), H * G, D)
+        out, ref, st, ws = run_both(sc, q, scale, select=select)
+        assert _rel(out, ref) < 1e-5, (layout, _rel(out, ref))
+        assert ws.stats.tolist() == expected_stats(sc, st)
+    hnd = sc.lay.make_cache(sc.kv.shape[0], DEV, "HND")
+    hnd.copy_(sc.kv)
+    sc.kv = hnd
+    assert torch.equal(run_both(sc, q, scale, select=select)[0], out)
+
+
+def test_unknown_cache_layout_is_refused():
+    lay = PagedIndexLayout(H, D, BS, torch.float32)
+    with pytest.raises(ValueError, match="layout"):
+        lay.make_cache(4, kv_layout="NDH")
 
 
 def test_all_clusters_retrieved_is_dense():

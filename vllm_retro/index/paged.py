@@ -205,10 +205,15 @@ class PagedIndexLayout:
                 f"retro: KV page stride {kv_cache.stride(0) * self.elem_size} B != "
                 f"expected unpadded page {self.page_bytes} B")
 
-    def make_cache(self, num_blocks: int, device="cpu") -> torch.Tensor:
+    def make_cache(self, num_blocks: int, device="cpu", kv_layout: str = "NHD") -> torch.Tensor:
         """A zeroed KV cache in vLLM's view (tests and benchmarks): logical
-        ``(NB, H, bs, 2D)``, physical ``[NB][bs][H][2D]``."""
+        ``(NB, H, bs, 2D)``, physical ``[NB][bs][H][2D]`` (vLLM's "NHD" layout, its
+        default) or ``[NB][H][bs][2D]`` ("HND")."""
         h, d, bs = self.num_kv_heads, self.head_dim, self.block_size
+        if kv_layout == "HND":
+            return torch.zeros(num_blocks, h, bs, 2 * d, dtype=self.dtype, device=device)
+        if kv_layout != "NHD":
+            raise ValueError(f"KV cache layout {kv_layout!r}: 'NHD' or 'HND'")
         raw = torch.zeros(num_blocks, bs, h, 2 * d, dtype=self.dtype, device=device)
         return raw.permute(0, 2, 1, 3)
 
