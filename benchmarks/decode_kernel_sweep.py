@@ -173,6 +173,12 @@ VARIANTS = [
     # ... and held to 128 (4 programs per SM instead of 3: the small-batch variant
     # takes 143 registers at sm_90 since the softmax on the query-head rows).
     ("attend maxnreg 128", "attend", dict(maxnreg=128)),
+    # The attention kernel's products on 16-bit caches: the logits' one product (QB,
+    # the default: the query holds bf16 values, so the two-product form's low part is
+    # zero) against two; the values' one product (PB: probabilities rounded to bf16,
+    # as FlashAttention's) against two.
+    ("attend QB off", "attend", dict(QB=False)),
+    ("attend PB", "attend", dict(PB=True)),
     ("attend RG16", "attend", dict(RG=16)),
     ("attend RG32", "attend", dict(RG=32)),
     # The wave variant of the attention kernel at batches above SMALL_BATCH

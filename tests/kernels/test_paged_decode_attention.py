@@ -432,6 +432,33 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
+@pytest.mark.skipif(DEV == "cpu", reason="the 16-bit tensor-core products (NATIVE) "
+                    "run on a GPU only; the interpreter takes fp32 products")
+@pytest.mark.parametrize("rows", [2, 4])
+def test_attention_product_forms_on_16bit_caches(monkeypatch, rows):
+    """bf16 cache and query: the logits' one-product form (``QB``, the default) gives
+    the two-product form's output bit for bit; the values' one-product form (``PB``,
+    probabilities rounded to bf16 as FlashAttention's) stays within bf16 rounding of
+    both and of the twin. Small (one or two rows) and large-batch tables."""
+    td = _td()
+    torch.manual_seed(53 + rows)
+    sc = Scene(400, dtype=torch.bfloat16)
+    for r in range(rows):
+        sc.add((900, 700, 0, 820)[r], n_ret=(None, 4, None, 7)[r])
+    q = torch.randn(rows, H * G, D).bfloat16()
+    outs = {}
+    base = [(table, dict(table["attend"])) for table in (td.TUNE, td.TUNE_SMALL_BATCH)]
+    for form in ({"QB": False}, {}, {"PB": True}):
+        for table, tune in base:
+            monkeypatch.setitem(table, "attend", dict(tune, **form))
+        out, ref, st, ws = run_both(sc, q, 1 / math.sqrt(D), out_dtype=torch.float32)
+        assert _rel(out, ref) < 2e-2, (form, _rel(out, ref))
+        assert ws.stats.tolist() == expected_stats(sc, st)
+        outs[tuple(form.items())] = out
+    assert torch.equal(outs[(("QB", False),)], outs[()])
+    assert 0 < _rel(outs[(("PB", True),)], outs[()]) < 1e-2
+
+
 @pytest.mark.parametrize("rank", ["mass", "error"])
 def test_isotropic_variance_term_matches_twin(rank):
     """``variance_form`` "isotropic" (8-bit summaries): the score stage's variance

@@ -710,10 +710,14 @@ def _packed(base_ptr, ix_row, h, pos, mask, H: tl.constexpr, W: tl.constexpr,
 
 @triton.jit
 def _dot(a, b, NATIVE: tl.constexpr, PREC: tl.constexpr):
-    """``a [M, K]`` fp32 @ ``b [K, N]`` (the cache's dtype), fp32 result. NATIVE: two
-    16-bit tensor-core products with ``a`` split into high and low parts (about 16
-    significant bits of ``a``; ``b`` is exact); else an fp32 product."""
-    if NATIVE:
+    """``a [M, K]`` fp32 @ ``b [K, N]`` (the cache's dtype), fp32 result. NATIVE 1 (or
+    True): two 16-bit tensor-core products with ``a`` split into high and low parts
+    (about 16 significant bits of ``a``; ``b`` is exact); 2: one 16-bit product, ``a``
+    rounded to ``b``'s dtype (exact where ``a`` holds values of that dtype); 0 (False):
+    an fp32 product."""
+    if NATIVE == 2:
+        return tl.dot(a.to(b.dtype), b)
+    elif NATIVE:
         hi = a.to(b.dtype)
         lo = (a - hi.to(tl.float32)).to(b.dtype)
         return tl.dot(lo, b, acc=tl.dot(hi, b))
@@ -1644,15 +1648,16 @@ def _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, blk, off, valid, h, D: tl.const
 
 
 @triton.jit
-def _attend_kv(q, k, v, valid, m_i, l_i, acc, scale, NATIVE: tl.constexpr,
+def _attend_kv(q, k, v, valid, m_i, l_i, acc, scale, QN: tl.constexpr, PN: tl.constexpr,
                PREC: tl.constexpr, GP: tl.constexpr, G4: tl.constexpr, XR: tl.constexpr):
-    """Exact attention step over loaded tokens ``k``, ``v`` ``[T, DP]`` (XR: the
-    logits folded to the G4 query-head rows, :func:`_fold_rows`)."""
-    s = _dot(q, tl.trans(k), NATIVE, PREC)
+    """Exact attention step over loaded tokens ``k``, ``v`` ``[T, DP]``: the logits'
+    product in :func:`_dot`'s form ``QN``, the values' in ``PN`` (XR: the logits
+    folded to the G4 query-head rows, :func:`_fold_rows`)."""
+    s = _dot(q, tl.trans(k), QN, PREC)
     if XR:
         s = _fold_rows(s, GP, G4, s.shape[1])
     s = tl.where(valid[None, :], s * scale, _NEG_INF)
-    return _online(m_i, l_i, acc, s, v, NATIVE, PREC, GP, G4, XR)
+    return _online(m_i, l_i, acc, s, v, PN, PREC, GP, G4, XR)
 
 
 @triton.jit
@@ -1971,7 +1976,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    PDL: tl.constexpr = False, WAVE: tl.constexpr = False,
                    MV8: tl.constexpr = False, VC: tl.constexpr = False,
                    EPB: tl.constexpr = 1, XR: tl.constexpr = False,
-                   PRE: tl.constexpr = False):
+                   PRE: tl.constexpr = False, QB: tl.constexpr = False,
+                   PB: tl.constexpr = False):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
@@ -2000,7 +2006,13 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
 
     PRE: the retrieved and estimated zones' first addresses are loaded before the
     steady zone's tiles and each retrieved group's successor during its tiles (the
-    same values in the same order: bit-equal outputs)."""
+    same values in the same order: bit-equal outputs).
+
+    QB (with NATIVE): the query holds values of the cache's dtype (the launcher sets
+    it when the two dtypes are equal), so the logits take one 16-bit product instead
+    of NATIVE's two (the low part is zero: bit-equal outputs). PB (with NATIVE): the
+    probabilities enter the value products rounded to the cache's dtype, one product
+    instead of two (as FlashAttention's; not bit-equal)."""
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
         if (rh >= NR * H) & (p == 0):
@@ -2024,6 +2036,9 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     n_ret = tl.where(indexed, tl.load(cnt_ptr + rh * 2), 0)
     n_est = tl.where(indexed, tl.load(cnt_ptr + rh * 2 + 1), 0)
 
+    # The products' forms (:func:`_dot`): the logits' (QN) and the values' (PN).
+    QN: tl.constexpr = 2 if (NATIVE and QB) else (1 if NATIVE else 0)
+    PN: tl.constexpr = 2 if (NATIVE and PB) else (1 if NATIVE else 0)
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     gm = g < G
@@ -2071,8 +2086,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
         s_k, s_v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, s_blk, s_off, s_ok, h, D, DP)
         s_blk_n, s_off_n, s_ok_n = _steady_addr(bt_row, p, NS, m0 + TS, n_steady, split, E,
                                                 BS, TS)
-        m_i, l_i, acc = _attend_kv(q, s_k, s_v, s_ok, m_i, l_i, acc, scale, NATIVE, PREC,
-                                   GP, G4, XR)
+        m_i, l_i, acc = _attend_kv(q, s_k, s_v, s_ok, m_i, l_i, acc, scale, QN, PN,
+                                   PREC, GP, G4, XR)
         s_blk, s_off, s_ok = s_blk_n, s_off_n, s_ok_n
 
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
@@ -2107,7 +2122,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                                              kv_s1, kv_s2, ckv_ptr, ckv_s0, ckv_s1, ar_ptr,
                                              ar_s0, h, BS, TR)
                 m_i, l_i, acc = _attend_kv(q, w_kt, w_vt, w_ok, m_i, l_i, acc, scale,
-                                           NATIVE, PREC, GP, G4, XR)
+                                           QN, PN, PREC, GP, G4, XR)
                 w_ptr, w_ok = w_ptr_n, w_ok_n
             if PRE:
                 w_ptr, w_ok = w_ptr_g, w_ok_g
@@ -2131,7 +2146,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                 r_blk_n, r_off_n, r_ok_n = _retrieved_addr(t0 + TR, g_total, g_beg, g_dpos,
                                                            g_dcst, bt_row, S, E, L, BS, TR)
                 m_i, l_i, acc = _attend_kv(q, r_kt, r_vt, r_ok, m_i, l_i, acc, scale,
-                                           NATIVE, PREC, GP, G4, XR)
+                                           QN, PN, PREC, GP, G4, XR)
                 r_blk, r_off, r_ok = r_blk_n, r_off_n, r_ok_n
             if PRE:
                 r_blk, r_off, r_ok = r_blk_g, r_off_g, r_ok_g
@@ -2164,18 +2179,18 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
             acc = acc * _product_rows(e_al[:, None], GP, G4, XR)
             if MV8:
                 acc += _dot(_product_rows(e_pr * e_sc[None, :], GP, G4, XR),
-                            e_q.to(fp_ptr.dtype.element_ty), NATIVE, PREC)
+                            e_q.to(fp_ptr.dtype.element_ty), PN, PREC)
             else:
-                acc += _dot(_product_rows(e_pr, GP, G4, XR), e_v, NATIVE, PREC)
+                acc += _dot(_product_rows(e_pr, GP, G4, XR), e_v, PN, PREC)
             if VC:
                 # (q_g . sigma u) s per estimated cluster: [GX, TE].
-                e_cf = _dot(q, tl.trans(e_su), NATIVE, PREC)
+                e_cf = _dot(q, tl.trans(e_su), QN, PREC)
                 if XR:
                     e_cf = _fold_rows(e_cf, GP, G4, TE)
-                acc += _dot(_product_rows(e_pr * (e_cf * scale), GP, G4, XR), e_w, NATIVE,
+                acc += _dot(_product_rows(e_pr * (e_cf * scale), GP, G4, XR), e_w, PN,
                             PREC)
         else:
-            m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, NATIVE, PREC, GP, G4, XR)
+            m_i, l_i, acc = _online(m_i, l_i, acc, e_s, e_v, PN, PREC, GP, G4, XR)
         e_blk, e_ok = e_blk_n, e_ok_n
 
     row0 = (rh * NS + p) * G     # this partial's first query-head row
@@ -2431,6 +2446,10 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         # Never read (WAVE=False): existing tensors of the right pointer types, so
         # nothing is allocated and the variant is today's kernel.
         wargs = (ws.stats, 0, kv_cache, 0, kv_cache, 0, 0, 0, 0)
+    # One product for the logits where the query holds values of the cache's dtype
+    # (bit-equal: the two-product form's low part is zero). TUNE's "QB" False turns it off.
+    if tune_a.pop("QB", True) and native and query.dtype == kv_cache.dtype:
+        tune_a["QB"] = True
     vq, vs = pool.q8_views()
     _keep("attend", _attend_kernel[grid_a](
         query, *query.stride(), kv_cache, *kv_cache.stride(), fpart, *fpart.stride(),
