@@ -84,6 +84,8 @@ VARIANTS = [
     ("attend split 64", "asplit", 64),
     ("attend split 128", "asplit", 128),
     ("score cuda", "score_impl", "cuda"),
+    # The attention stage on the extension's CUDA kernel (csrc/cuda/paged_attend.cu).
+    ("attend cuda", "attend_impl", "cuda"),
     ("score CH64 w4", "score", dict(CH=64, num_warps=4)),
     # ... or the large-batch score kernel (4 warps, 128 registers: 4 per SM, 528).
     ("score CH64 w4 r128", "score", dict(CH=64, num_warps=4, maxnreg=128)),
@@ -305,6 +307,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     base_tune = copy.deepcopy(td.TUNE)
     base_small = copy.deepcopy(td.TUNE_SMALL_BATCH)
     base_impl = td.SCORE_IMPL
+    base_attend_impl = td.ATTEND_IMPL
     base_wave = copy.deepcopy(td.TUNE_WAVE)
     base_dyn = td.DYNAMIC_SPLIT
     base_in_collect = td.RESOLVE_IN_COLLECT
@@ -324,6 +327,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         td.TUNE_SMALL_BATCH = copy.deepcopy(base_small)
         td.TUNE_WAVE = copy.deepcopy(base_wave)
         td.SCORE_IMPL = base_impl
+        td.ATTEND_IMPL = base_attend_impl
         td.SELECT = base_select
         td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM = base_sel_pps
         td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM = base_score_pps
@@ -375,6 +379,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             attend_split, kernel = over, None
         elif kernel == "score_impl":
             td.SCORE_IMPL, kernel = over, None
+        elif kernel == "attend_impl":
+            td.ATTEND_IMPL, kernel = over, None
         elif kernel == "asplit":
             attend_split, kernel = over, None
         elif kernel == "pps":
@@ -401,6 +407,9 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         try:
             if td.SCORE_IMPL == "cuda" and not td.cuda_score_available():
                 raise RuntimeError("torch.ops.vllm_retro.paged_score has no CUDA kernel "
+                                   "(build the extension: scripts/gpu/run.sh BUILD_EXT=1)")
+            if td.ATTEND_IMPL == "cuda" and not td.cuda_attend_available():
+                raise RuntimeError("torch.ops.vllm_retro.paged_attend has no CUDA kernel "
                                    "(build the extension: scripts/gpu/run.sh BUILD_EXT=1)")
             if band in ("rerank", "rerank_iso"):
                 # The band of the step before (context one token shorter, same query).
@@ -449,6 +458,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
               flush=True)
         del ws, kv_use
     td.TUNE, td.TUNE_SMALL_BATCH, td.SCORE_IMPL = base_tune, base_small, base_impl
+    td.ATTEND_IMPL = base_attend_impl
     td.SELECT = base_select
     td.TUNE_WAVE = base_wave
     td.PDL = base_pdl

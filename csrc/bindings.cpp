@@ -27,6 +27,14 @@ TORCH_LIBRARY(vllm_retro, m) {
       "Tensor seq_lens, Tensor headers, Tensor(a!) logits, Tensor(b!) score_max, "
       "Tensor(c!) score_sum, Tensor(d!) hist, Tensor(e!) ncand, int sink_blocks, "
       "int block_size, int nsplit, float scale, float cap) -> ()");
+  // The last stage of the paged GPU decode (ops.h); CUDA kernel from
+  // csrc/cuda/paged_attend_op.cpp in CUDA builds only.
+  m.def(
+      "paged_attend(Tensor query, Tensor kv_cache, Tensor fpart, Tensor block_table, "
+      "Tensor ibt, Tensor seq_lens, Tensor headers, Tensor logits, Tensor lists, "
+      "Tensor counts, Tensor(a!) part_o, Tensor(b!) part_m, Tensor(c!) part_l, "
+      "Tensor(d!) tickets, Tensor(e!) out, int sink_end, int target_programs, "
+      "int max_split, int dynamic, float scale) -> ()");
   // Two paths of a captured CUDA graph, one enabled at a time (the GPU backend's dense
   // switch): the kernel, memset and memcpy nodes of the graph being captured on the
   // current stream of `anchor`'s device, and enabling or disabling nodes of an

@@ -106,4 +106,24 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
                       int64_t sink_blocks, int64_t block_size, int64_t nsplit,
                       double scale, double cap);
 
+// Stage 5 of the paged GPU decode (csrc/cuda/paged_attend.cu; CUDA builds only), the
+// CUDA twin of Triton's _attend_kernel without the wave buffer, 8-bit mean values and
+// the value correction: exact attention over each row's steady zone and retrieved
+// clusters and estimation over its estimated clusters (the list kernel's lists and
+// counts, the score kernel's log-masses), one partial per program (part_o / part_m /
+// part_l at rows (r*H + h)*NS + p), merged into `out` by the row-head's last program
+// (tickets). Grid (B*H, max_split); the programs per row-head follow the rows in use
+// when `dynamic` (Triton's _program: target_programs // (rows * H), at most max_split).
+//   query [B, H*G, D] and kv_cache (NB, H, bs, 2D) and fpart [P, H, S, D]: one 16-bit
+//   dtype, 16-byte aligned rows; head dims 64/128, G <= 4, bs 16; out [B, H*G, D]
+//   float32 / float16 / bfloat16, every element written.
+void paged_attend_cuda(const at::Tensor& query, const at::Tensor& kv_cache,
+                       const at::Tensor& fpart, const at::Tensor& block_table,
+                       const at::Tensor& ibt, const at::Tensor& seq_lens,
+                       const at::Tensor& headers, const at::Tensor& logits,
+                       const at::Tensor& lists, const at::Tensor& counts, at::Tensor& part_o,
+                       at::Tensor& part_m, at::Tensor& part_l, at::Tensor& tickets,
+                       at::Tensor& out, int64_t sink_end, int64_t target_programs,
+                       int64_t max_split, int64_t dynamic, double scale);
+
 }  // namespace vllm_retro

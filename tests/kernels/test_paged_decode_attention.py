@@ -1373,3 +1373,68 @@ def test_public_op(monkeypatch):
                                               sc.S, 0.2)
     assert out.shape == (1, H * G, D) and _rel(out, ref) < 2e-3
     assert HDR_WORDS == sc.headers.shape[1]
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the CUDA attention kernel needs a GPU")
+@pytest.mark.parametrize("head_dim,group,dtype", [
+    (128, 4, torch.bfloat16), (64, 3, torch.bfloat16), (128, 1, torch.float16),
+    (64, 2, torch.float16)])
+def test_cuda_attend_matches_triton(monkeypatch, head_dim, group, dtype):
+    """The CUDA attention kernel (``torch.ops.vllm_retro.paged_attend``, selected by
+    ``ATTEND_IMPL = "cuda"``) against Triton's ``_attend_kernel`` after the same
+    selection kernels: ragged rows (an index of several segments, a row with seq_len
+    0, a row without an index, an explicit budget), batches of 1, 3 and 6 rows (32 down
+    to a few programs per row-head), trailing padded rows (the split follows the rows
+    in use), float32 and 16-bit outputs. Both read the same lists; the CUDA kernel
+    multiplies in fp32, Triton's products are split high/low 16-bit tensor-core
+    products: outputs within 1e-3, and within bf16 rounding of the twin."""
+    td = _td()
+    if not td.cuda_attend_available():
+        pytest.skip("vllm_retro._C is not built with CUDA (scripts/gpu/run.sh BUILD_EXT=1)")
+    torch.manual_seed(19)
+    sc = Scene(400, dtype=dtype, head_dim=head_dim)
+    for L, kw in ((900, {}), (0, {}), (300, {"index": "none"}), (700, {"n_ret": 4, "n_est": 9}),
+                  (1500, {}), (520, {})):
+        sc.add(L, **kw)
+    bt, sl = sc.tensors()
+    scale = 1 / math.sqrt(head_dim)
+    nan = float("nan")
+    cases = [(1, sl[:1], torch.float32), (3, sl[:3], torch.float32), (6, sl, torch.float32),
+             (6, torch.where(torch.arange(6, device=DEV) < 4, sl, 0), torch.float32),
+             (6, sl, dtype)]
+    for b, lens, out_dtype in cases:
+        q = torch.randn(b, H * group, head_dim, device=DEV).to(dtype)
+        runs = {}
+        for impl in ("triton", "cuda"):
+            monkeypatch.setattr(td, "ATTEND_IMPL", impl)
+            ws = td.DecodeWorkspace(sc.pool.num_pages, H, group, head_dim, 8, DEV)
+            out = torch.full((b, H * group, head_dim), nan, device=DEV, dtype=out_dtype)
+            td.paged_decode_attention_triton(q, sc.kv, sc.lay, bt[:b], lens, sc.headers,
+                                             sc.alloc.ibt, sc.pool, sc.S, scale, out, ws)
+            assert not out.isnan().any(), (impl, b)
+            assert not ws.tickets.any(), "every row-head's ticket is back at 0"
+            runs[impl] = out.float()
+        tol = 1e-3 if out_dtype == torch.float32 else 1e-2
+        assert _rel(runs["cuda"], runs["triton"]) < tol, (b, _rel(runs["cuda"], runs["triton"]))
+        padded = lens[:b] == 0
+        assert not runs["cuda"][padded].any(), "rows without context give zeros"
+        ref, _ = reference.paged_decode_attention(q.cpu(), sc.cpu_cache(), sc.lay,
+                                                  bt[:b].cpu(), lens.cpu(), sc.headers.cpu(),
+                                                  sc.alloc.ibt, sc.pool, sc.S, scale)
+        assert _rel(runs["cuda"], ref) < 2e-2, _rel(runs["cuda"], ref)
+
+
+def test_cuda_attend_is_not_taken_where_it_does_not_fit(monkeypatch):
+    """``ATTEND_IMPL = "cuda"`` falls back to Triton for calls the CUDA kernel was not
+    built for (here: the interpreter and a float32 cache of head dim 32): the
+    output is still the twin's."""
+    td = _td()
+    monkeypatch.setattr(td, "ATTEND_IMPL", "cuda")
+    torch.manual_seed(23)
+    sc = Scene(200)
+    sc.add(800)
+    sc.add(300, index="none")
+    q = torch.randn(2, H * G, D)
+    out, ref, st, ws = run_both(sc, q, 0.3)
+    assert _rel(out, ref) < 1e-5
+    assert ws.stats.tolist() == expected_stats(sc, st)

@@ -266,6 +266,13 @@ SELECT = reference.selection_from_env()
 # (else Triton). RETRO_DECODE_SCORE_IMPL sets it at import; a benchmark may set the
 # attribute.
 SCORE_IMPL = os.environ.get("RETRO_DECODE_SCORE_IMPL", "triton")
+# ... of stage 5, the attention: "triton" (default) or "cuda", the extension's
+# torch.ops.vllm_retro.paged_attend (csrc/cuda/paged_attend.cu: fp32 products on CUDA
+# cores, no tiles; same partials and output), where the extension has it and the call is
+# one it was built for (16-bit cache and query of one dtype, head dim 64 / 128, up to 4
+# query heads per KV head, no wave buffer, 16-bit mean values, no value correction; else
+# Triton). RETRO_DECODE_ATTEND_IMPL sets it at import; a benchmark may set the attribute.
+ATTEND_IMPL = os.environ.get("RETRO_DECODE_ATTEND_IMPL", "triton")
 # Diagnostics for tuning runs: with RECORD_RESOURCES set, each launch keeps its
 # compiled kernel in LAST_KERNELS (by stage) so a benchmark can read registers,
 # spills and shared memory, i.e. how many programs fit on an SM
@@ -278,6 +285,34 @@ def cuda_score_available() -> bool:
     """Whether ``torch.ops.vllm_retro.paged_score`` has a CUDA kernel (the extension
     ``vllm_retro._C`` imports and was built with CUDA)."""
     return extension.has_cuda_kernel("paged_score")
+
+
+def cuda_attend_available() -> bool:
+    """Whether ``torch.ops.vllm_retro.paged_attend`` has a CUDA kernel."""
+    return extension.has_cuda_kernel("paged_attend")
+
+
+def _vector_rows(t: torch.Tensor) -> bool:
+    """Rows the CUDA kernels read in 16-byte vectors: unit innermost stride, the other
+    strides and the base 16-byte aligned."""
+    vec = 16 // t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(st % vec == 0 for n, st in zip(t.shape[:-1], t.stride()[:-1]) if n > 1))
+
+
+def _cuda_attend_fits(query, kv_cache, fpart, block_table, seq_lens, out, g, bs,
+                      wave, mv8, vc) -> bool:
+    """Whether this call can run on the CUDA attention kernel (:data:`ATTEND_IMPL`)."""
+    i32 = torch.int32
+    return (ATTEND_IMPL == "cuda" and query.is_cuda and not interpreting() and wave is None
+            and not mv8 and not vc and bs == 16 and g <= 4 and query.shape[2] in (64, 128)
+            and kv_cache.dtype in (torch.bfloat16, torch.float16)
+            and query.dtype == kv_cache.dtype == fpart.dtype
+            and block_table.dtype == i32 and seq_lens.dtype == i32
+            and block_table.stride(1) == 1 and seq_lens.stride(0) == 1
+            and out.stride(2) == 1
+            and _vector_rows(query) and _vector_rows(kv_cache) and _vector_rows(fpart)
+            and cuda_attend_available())
 
 
 def _tune(kernel: str, num_rows: int, wave: bool = False, vc: bool = False,
@@ -2446,6 +2481,13 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         # Never read (WAVE=False): existing tensors of the right pointer types, so
         # nothing is allocated and the variant is today's kernel.
         wargs = (ws.stats, 0, kv_cache, 0, kv_cache, 0, 0, 0, 0)
+    if _cuda_attend_fits(query, kv_cache, fpart, block_table, seq_lens, out, g, bs, wave,
+                         mv8, vc):
+        torch.ops.vllm_retro.paged_attend(
+            query, kv_cache, fpart, block_table, ibt, seq_lens, headers, ws.logits, ws.lists,
+            ws.counts, ws.part_o, ws.part_m, ws.part_l, ws.tickets[1], out, sink_end,
+            ws.target_programs, nsg_a, dyn, scale)
+        return out
     # One product for the logits where the query holds values of the cache's dtype
     # (bit-equal: the two-product form's low part is zero). TUNE's "QB" False turns it off.
     if tune_a.pop("QB", True) and native and query.dtype == kv_cache.dtype:
