@@ -218,19 +218,29 @@ __global__ void __launch_bounds__(kWarps * 32, 4) paged_attend_kernel(const Page
   Softmax<G> sm;
   sm.init();
 
-  // Exact attention over U tokens at element offsets off[u] of the cache (ok[u]: the
-  // token is attended; a masked one neither loads nor counts).
-  auto tokens = [&](const int64_t (&off)[kUnroll], const bool (&ok)[kUnroll]) {
-    int4 kr[kUnroll], vr[kUnroll];
+  constexpr int STEP = NSLOT * kUnroll;   // items per program and step
+  const int n_st = max(n_steady - p + NS - 1, 0) / NS;      // steady tokens of mine
+  const int nc_mine = max(n_ret - p + NS - 1, 0) / NS;      // retrieved clusters of mine
+  const int ne_mine = max(n_est - p + NS - 1, 0) / NS;      // estimated clusters of mine
+
+  // The K/V of U tokens at (block, offset in the block); ok: attended (a masked token
+  // neither loads nor counts).
+  auto load_kv = [&](const int (&blk)[kUnroll], const int (&sub)[kUnroll],
+                     const bool (&ok)[kUnroll], int4 (&kr)[kUnroll], int4 (&vr)[kUnroll]) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       kr[u] = make_int4(0, 0, 0, 0);
       vr[u] = make_int4(0, 0, 0, 0);
       if (ok[u]) {
-        kr[u] = __ldg(reinterpret_cast<const int4*>(kv + off[u]));
-        vr[u] = __ldg(reinterpret_cast<const int4*>(kv + off[u] + D));
+        const T* t = kv + (int64_t(blk[u]) * v.kv_s0 + head_off + int64_t(sub[u]) * v.kv_s2);
+        kr[u] = __ldg(reinterpret_cast<const int4*>(t));
+        vr[u] = __ldg(reinterpret_cast<const int4*>(t + D));
       }
     }
+  };
+  // Exact attention over loaded tokens.
+  auto attend = [&](const int4 (&kr)[kUnroll], const int4 (&vr)[kUnroll],
+                    const bool (&ok)[kUnroll]) {
     float s[kUnroll][G];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -245,11 +255,11 @@ __global__ void __launch_bounds__(kWarps * 32, 4) paged_attend_kernel(const Page
       }
     }
 #pragma unroll
-    for (int off_l = LPT / 2; off_l > 0; off_l /= 2)
+    for (int o = LPT / 2; o > 0; o /= 2)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-        for (int g = 0; g < G; ++g) s[u][g] += __shfl_xor_sync(kFull, s[u][g], off_l);
+        for (int g = 0; g < G; ++g) s[u][g] += __shfl_xor_sync(kFull, s[u][g], o);
     float val[kUnroll][8];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -259,106 +269,141 @@ __global__ void __launch_bounds__(kWarps * 32, 4) paged_attend_kernel(const Page
     }
     sm.step(s, val);
   };
+  // Addresses of steady tokens j = p + NS m, m = m0 + u NSLOT + slot (a block-table load).
+  auto steady_at = [&](int m0, int (&blk)[kUnroll], int (&sub)[kUnroll], bool (&ok)[kUnroll]) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int mm = m0 + u * NSLOT + slot;
+      ok[u] = mm < n_st;
+      const int j = p + NS * mm;
+      const unsigned pos = unsigned(j < split ? j : j - split + E);
+      blk[u] = ok[u] ? __ldg(bt_row + pos / kBS) : 0;
+      sub[u] = pos % kBS;
+    }
+  };
+  // Pool page of estimated cluster n_ret + p + NS m, m = m0 + u NSLOT + slot (two
+  // dependent loads: the row's index table, then the list).
+  auto estimated_at = [&](int m0, int (&page)[kUnroll], bool (&ok)[kUnroll]) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int mm = m0 + u * NSLOT + slot;
+      ok[u] = mm < ne_mine;
+      const unsigned k = unsigned(n_ret + p + NS * mm);
+      page[u] = ok[u] ? __ldg(v.lists + int64_t(__ldg(ix_row + k / kPK)) * lists_page +
+                              int64_t(h) * kLW + 2 * (k % kPK))
+                      : 0;
+    }
+  };
+  // Warp 0, lane c: (start, size) of retrieved cluster k = p + NS (c0 + lane).
+  auto cluster_at = [&](int c0, int& st, int& sz) {
+    st = 0;
+    sz = 0;
+    const int c = c0 + lane;
+    if (warp == 0 && c < nc_mine) {
+      const unsigned k = unsigned(p + NS * c);
+      const int32_t* e = v.lists + int64_t(__ldg(ix_row + k / kPK)) * lists_page +
+                         int64_t(h) * kLW + 2 * (k % kPK);
+      st = __ldg(e);
+      sz = max(__ldg(e + 1), 0);
+    }
+  };
+  // Address of the retrieved token t of the batch in shared memory (its cluster by a
+  // binary search over the batch's first tokens).
+  auto retrieved_at = [&](int t0, int total, int (&blk)[kUnroll], int (&sub)[kUnroll],
+                          bool (&ok)[kUnroll]) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = t0 + u * NSLOT + slot;
+      int lo = 0;   // the last cluster beginning at or before t
+#pragma unroll
+      for (int w = kBatch / 2; w > 0; w /= 2)
+        if (sh_excl[lo + w] <= t) lo += w;
+      const int pos = sh_start[lo] + (t - sh_excl[lo]);
+      // Starts come from index bytes: positions are bounds-checked to the row's
+      // clustered zone and context, as the Triton kernel's.
+      ok[u] = t < total && pos >= S && pos < E && pos < L;
+      blk[u] = ok[u] ? __ldg(bt_row + unsigned(pos) / kBS) : 0;
+      sub[u] = unsigned(pos) % kBS;
+    }
+  };
+
+  // Every zone's first addresses are requested before any is used, so their chains of
+  // dependent loads overlap; each loop then requests the next step's addresses before
+  // it uses this step's K/V (one exposed round trip per step, not two or three).
+  int s_blk[kUnroll], s_sub[kUnroll];
+  bool s_ok[kUnroll];
+  steady_at(0, s_blk, s_sub, s_ok);
+  int c_st, c_sz;
+  cluster_at(0, c_st, c_sz);
+  int e_pg[kUnroll];
+  bool e_ok[kUnroll];
+  estimated_at(0, e_pg, e_ok);
 
   // Steady zone: tokens j = p + NS m of [0, sink_end) + [clustered_end, L).
-  {
-    const int n_mine = max(n_steady - p + NS - 1, 0) / NS;
-    for (int m0 = 0; m0 < n_mine; m0 += NSLOT * kUnroll) {
-      int64_t off[kUnroll];
-      bool ok[kUnroll];
+  for (int m0 = 0; m0 < n_st; m0 += STEP) {
+    int4 kr[kUnroll], vr[kUnroll];
+    load_kv(s_blk, s_sub, s_ok, kr, vr);
+    bool ok[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int mm = m0 + u * NSLOT + slot;
-        ok[u] = mm < n_mine;
-        const int j = p + NS * mm;
-        const int pos = j < split ? j : j - split + E;
-        const int blk = ok[u] ? __ldg(bt_row + unsigned(pos) / kBS) : 0;
-        off[u] = int64_t(blk) * v.kv_s0 + head_off + int64_t(unsigned(pos) % kBS) * v.kv_s2;
-      }
-      tokens(off, ok);
-    }
+    for (int u = 0; u < kUnroll; ++u) ok[u] = s_ok[u];
+    steady_at(m0 + STEP, s_blk, s_sub, s_ok);
+    attend(kr, vr, ok);
   }
 
   // Retrieved clusters k = p + NS c: their tokens, concatenated, spread over the slots.
-  {
-    const int nc_mine = max(n_ret - p + NS - 1, 0) / NS;
-    for (int c0 = 0; c0 < nc_mine; c0 += kBatch) {
-      __syncthreads();   // the previous batch's readers are done
-      if (warp == 0) {
-        const int c = c0 + lane;
-        int st = 0, sz = 0;
-        if (c < nc_mine) {
-          const int k = p + NS * c;
-          const int32_t* e = v.lists + int64_t(__ldg(ix_row + unsigned(k) / kPK)) * lists_page +
-                             int64_t(h) * kLW + 2 * (unsigned(k) % kPK);
-          st = __ldg(e);
-          sz = max(__ldg(e + 1), 0);
-        }
-        int incl = sz;
+  for (int c0 = 0; c0 < nc_mine; c0 += kBatch) {
+    __syncthreads();   // the previous batch's readers are done
+    if (warp == 0) {
+      int incl = c_sz;
 #pragma unroll
-        for (int o = 1; o < 32; o *= 2) {
-          const int y = __shfl_up_sync(kFull, incl, o);
-          if (lane >= o) incl += y;
-        }
-        sh_start[lane] = st;
-        sh_excl[lane] = incl - sz;
-        if (lane == 31) sh_excl[kBatch] = incl;
+      for (int o = 1; o < 32; o *= 2) {
+        const int y = __shfl_up_sync(kFull, incl, o);
+        if (lane >= o) incl += y;
       }
-      __syncthreads();
-      const int total = sh_excl[kBatch];
-      for (int t0 = 0; t0 < total; t0 += NSLOT * kUnroll) {
-        int64_t off[kUnroll];
-        bool ok[kUnroll];
+      sh_start[lane] = c_st;
+      sh_excl[lane] = incl - c_sz;
+      if (lane == 31) sh_excl[kBatch] = incl;
+    }
+    __syncthreads();
+    cluster_at(c0 + kBatch, c_st, c_sz);   // the next batch's entries, in flight meanwhile
+    const int total = sh_excl[kBatch];
+    int r_blk[kUnroll], r_sub[kUnroll];
+    bool r_ok[kUnroll];
+    retrieved_at(0, total, r_blk, r_sub, r_ok);
+    for (int t0 = 0; t0 < total; t0 += STEP) {
+      int4 kr[kUnroll], vr[kUnroll];
+      load_kv(r_blk, r_sub, r_ok, kr, vr);
+      bool ok[kUnroll];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int t = t0 + u * NSLOT + slot;
-          int lo = 0;   // the last cluster beginning at or before t
-#pragma unroll
-          for (int w = kBatch / 2; w > 0; w /= 2)
-            if (sh_excl[lo + w] <= t) lo += w;
-          const int pos = sh_start[lo] + (t - sh_excl[lo]);
-          // Starts come from index bytes: positions are bounds-checked to the row's
-          // clustered zone and context, as the Triton kernel's.
-          ok[u] = t < total && pos >= S && pos < E && pos < L;
-          const int blk = ok[u] ? __ldg(bt_row + unsigned(pos) / kBS) : 0;
-          off[u] = int64_t(blk) * v.kv_s0 + head_off + int64_t(ok[u] ? unsigned(pos) % kBS : 0) * v.kv_s2;
-        }
-        tokens(off, ok);
-      }
+      for (int u = 0; u < kUnroll; ++u) ok[u] = r_ok[u];
+      retrieved_at(t0 + STEP, total, r_blk, r_sub, r_ok);
+      attend(kr, vr, ok);
     }
   }
 
   // Estimated clusters n_ret + p + NS c: log-mass (score stage) over the mean value.
-  {
-    const int n_mine = max(n_est - p + NS - 1, 0) / NS;
-    for (int m0 = 0; m0 < n_mine; m0 += NSLOT * kUnroll) {
-      float s[kUnroll][G];
-      float val[kUnroll][8];
-      int4 vr[kUnroll];
+  for (int m0 = 0; m0 < ne_mine; m0 += STEP) {
+    float s[kUnroll][G];
+    int4 vr[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int mm = m0 + u * NSLOT + slot;
-        const bool ok = mm < n_mine;
-        const int k = n_ret + p + NS * mm;
-        int64_t page = 0;
-        if (ok)
-          page = __ldg(v.lists + int64_t(__ldg(ix_row + unsigned(k) / kPK)) * lists_page +
-                       int64_t(h) * kLW + 2 * (unsigned(k) % kPK));
-        vr[u] = make_int4(0, 0, 0, 0);
+    for (int u = 0; u < kUnroll; ++u) {
+      vr[u] = make_int4(0, 0, 0, 0);
 #pragma unroll
-        for (int g = 0; g < G; ++g) s[u][g] = neg_inf();
-        if (ok) {
-          vr[u] = __ldg(reinterpret_cast<const int4*>(fp + page * v.fp_s0 + int64_t(h) * v.fp_s1 +
-                                                      2 * v.fp_s2 + 8 * dl));
-          const float* lg = v.logits + (page * H + h) * G;
+      for (int g = 0; g < G; ++g) s[u][g] = neg_inf();
+      if (e_ok[u]) {
+        const int64_t page = e_pg[u];
+        vr[u] = __ldg(reinterpret_cast<const int4*>(fp + page * v.fp_s0 + int64_t(h) * v.fp_s1 +
+                                                    2 * v.fp_s2 + 8 * dl));
+        const float* lg = v.logits + (page * H + h) * G;
 #pragma unroll
-          for (int g = 0; g < G; ++g) s[u][g] = __ldg(lg + g);
-        }
+        for (int g = 0; g < G; ++g) s[u][g] = __ldg(lg + g);
       }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) unpack8<T>(vr[u], val[u]);
-      sm.step(s, val);
     }
+    estimated_at(m0 + STEP, e_pg, e_ok);
+    float val[kUnroll][8];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) unpack8<T>(vr[u], val[u]);
+    sm.step(s, val);
   }
 
   // The program's partial: the warp's slots merged by shuffles, the warps in shared memory.

@@ -1391,6 +1391,9 @@ def test_cuda_attend_matches_triton(monkeypatch, head_dim, group, dtype):
     td = _td()
     if not td.cuda_attend_available():
         pytest.skip("vllm_retro._C is not built with CUDA (scripts/gpu/run.sh BUILD_EXT=1)")
+    # Against the twin under the exact selection (as test_cuda_score_matches_triton:
+    # the GPU's 16-bit score products move a score across a bucket edge now and then).
+    monkeypatch.setattr(td, "SELECT", "exact")
     torch.manual_seed(19)
     sc = Scene(400, dtype=dtype, head_dim=head_dim)
     for L, kw in ((900, {}), (0, {}), (300, {"index": "none"}), (700, {"n_ret": 4, "n_est": 9}),
@@ -1420,7 +1423,8 @@ def test_cuda_attend_matches_triton(monkeypatch, head_dim, group, dtype):
         assert not runs["cuda"][padded].any(), "rows without context give zeros"
         ref, _ = reference.paged_decode_attention(q.cpu(), sc.cpu_cache(), sc.lay,
                                                   bt[:b].cpu(), lens.cpu(), sc.headers.cpu(),
-                                                  sc.alloc.ibt, sc.pool, sc.S, scale)
+                                                  sc.alloc.ibt, sc.pool, sc.S, scale,
+                                                  select="exact")
         assert _rel(runs["cuda"], ref) < 2e-2, _rel(runs["cuda"], ref)
 
 
