@@ -25,8 +25,9 @@
 # (csrc/cuda, sm_90; a few minutes, log in $OUT/build_ext.log) instead of the
 # Python-only install, and copies the built library to $OUT to carry back. It is
 # rebuilt when csrc/ or setup.py changed since (or REINSTALL=1). With it, the sweep's
-# "score cuda" variant and the CUDA-vs-Triton score test run, and
-# RETRO_DECODE_SCORE_IMPL=cuda switches the engine's score stage to CUDA.
+# "score cuda" and "attend cuda" variants and the CUDA-vs-Triton tests run, and
+# RETRO_DECODE_SCORE_IMPL=cuda / RETRO_DECODE_ATTEND_IMPL=cuda switch the engine's
+# score / attention stage to CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/retro-gpu-out}
@@ -90,7 +91,7 @@ mkdir -p /opt/retro-carry
 cp -n .gpu-carry/* /opt/retro-carry/ 2>/dev/null || true
 python3 -c "import torch, triton, vllm; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__, torch.cuda.get_device_name())"
 if [ "${BUILD_EXT:-0}" = 1 ]; then
-  python3 -c "from vllm_retro.kernels import triton_decode as td; print('vllm_retro._C CUDA score kernel:', td.cuda_score_available())"
+  python3 -c "from vllm_retro.kernels import triton_decode as td; print('vllm_retro._C CUDA kernels: score', td.cuda_score_available(), 'attend', td.cuda_attend_available())"
 fi
 # The SmolLM2 GGUF from its carried parts (.gpu-carry/, scripts/gpu/prepare_carry.sh)
 # and the gguf reader transformers needs (stages smollm2 and taskacc).
