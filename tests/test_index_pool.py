@@ -417,3 +417,21 @@ def test_decode_before_registration_is_profiling_only_with_the_connector():
     with_conn.register_kv_caches({f"model.layers.{i}.self_attn.attn": lay.make_cache(NB)
                                   for i in range(LAYERS)})
     assert with_conn.decode_ready() is True
+
+
+def test_band_phase_is_shared_and_advances_once_per_step():
+    """``rank_interval`` > 1: one phase tensor for every layer's pool, advanced once
+    per engine step (modulo the interval), so the rows of a batch rank in full on
+    the same steps; none without band re-ranking."""
+    mgr = _manager(rank_interval=3)
+    ph = mgr.band_phase
+    assert ph is not None and ph.dtype == torch.int32 and ph.numel() == 1
+    assert all(p.band_phase is ph for p in mgr.pools.values())
+    seen = []
+    for _ in range(5):
+        mgr.on_step(RetroStepMetadata())
+        seen.append(int(ph[0]))
+    assert seen == [(seen[0] + i) % 3 for i in range(5)]
+    plain = _manager()
+    assert plain.band_phase is None
+    assert all(p.band_phase is None for p in plain.pools.values())

@@ -585,6 +585,47 @@ def test_band_reranking_matches_twin_over_steps(monkeypatch, rows):
     assert differs > 0
 
 
+def test_band_reranking_follows_the_shared_phase(monkeypatch):
+    """With the pool's shared phase (``IndexPool.band_phase``, the engine's step
+    counter modulo ``rank_interval``) every row ranks in full on the phase's 0 steps,
+    whatever its own last full ranking: kernel and twin agree on output, counters,
+    headers and band every step, and the rows re-rank exactly when ``1 <= L - at <
+    rank_interval`` and the phase is not 0 (here: steps 1, 3 and 4 of phases 1, 2, 0,
+    1, 2; without the phase step 2 would re-rank)."""
+    td = _td()
+    monkeypatch.setattr(td, "SELECT", "bucket")
+    torch.manual_seed(59)
+    sc = Scene(260, summary_bits=8, rank_interval=3)
+    sc.add(900)
+    sc.add(700, n_ret=5, n_est=11)
+    twin_pool, twin_hdr = _pool_copy(sc.pool), sc.headers.cpu().clone()
+    sc.pool.band_phase = torch.zeros(1, dtype=torch.int32, device=DEV)
+    twin_pool.band_phase = torch.zeros(1, dtype=torch.int32)
+    bt, sl0 = sc.tensors()
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV)
+    reranked = []
+    for step, phase in enumerate((1, 2, 0, 1, 2)):
+        sc.pool.band_phase.fill_(phase)
+        twin_pool.band_phase.fill_(phase)
+        sl = sl0 + step
+        q = torch.randn(2, H * G, D)
+        ws.stats.zero_()
+        out = torch.full((2, H * G, D), float("nan"), device=DEV)
+        td.paged_decode_attention_triton(q.to(DEV), sc.kv, sc.lay, bt, sl, sc.headers,
+                                         sc.alloc.ibt, sc.pool, sc.S, 0.2, out, ws,
+                                         count_stats=True)
+        ref, st = reference.paged_decode_attention(
+            q, sc.cpu_cache(), sc.lay, bt.cpu(), sl.cpu(), twin_hdr, sc.alloc.ibt.cpu(),
+            twin_pool, sc.S, 0.2, select="bucket")
+        assert _rel(out, ref) < 2e-3, (step, _rel(out, ref))
+        assert ws.stats.tolist() == expected_stats(sc, st), step
+        assert torch.equal(sc.headers.cpu(), twin_hdr), step
+        reranked.append(st[:, 3].tolist())
+    assert reranked == [[0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    assert not reference.band_reranks(twin_hdr[int(bt[0, 0])], int(sl0[0]) + 4, 3, phase=0)
+    assert reference.band_reranks(twin_hdr[int(bt[0, 0])], int(sl0[0]) + 4, 3)
+
+
 def test_rank_interval_is_validated():
     """The band re-ranking's needs, refused with clear errors: 8-bit summaries (its
     table lives in their spare words) and the mass rank, in the options and the

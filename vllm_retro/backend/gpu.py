@@ -517,6 +517,9 @@ class PagedIndexManager:
         self._pool_list: List[IndexPool] = []
         self.pools: Dict[str, IndexPool] = {}
         self.index_alloc: Optional[IndexAllocator] = None
+        # Band re-ranking's shared phase (rank_interval > 1), and the step count behind it.
+        self.band_phase: Optional[torch.Tensor] = None
+        self._band_step = 0
         self.pool_presized = False
         self._pool_layout: Optional[PagedIndexLayout] = None
         self.index_pool_full = 0
@@ -675,6 +678,12 @@ class PagedIndexManager:
                                      variance_form=self.config.variance_form,
                                      rank_interval=self.config.rank_interval)
                            for _ in range(num_layers)]
+        if self.config.rank_interval > 1:
+            # Band re-ranking's phase, shared by every layer's pool and advanced once
+            # per step (_on_step): the batch's rows rank in full on the same steps.
+            self.band_phase = torch.zeros(1, dtype=torch.int32, device=dev)
+            for pool in self._pool_list:
+                pool.band_phase = self.band_phase
         self.index_alloc = IndexAllocator(num_pages, max_seqs + IBT_ROW_MARGIN, max_pages,
                                           dev)
         cc = vc.compilation_config
@@ -896,6 +905,10 @@ class PagedIndexManager:
         entries = self.requests.apply(meta)
         if self.headers is None:
             return
+        if self.band_phase is not None:
+            # (a fill kernel with the value as its argument: no host sync)
+            self._band_step = (self._band_step + 1) % self.config.rank_interval
+            self.band_phase.fill_(self._band_step)
         if self.reporter is not None:
             self._check_released(meta, entries)
         if self._wave_rows:

@@ -290,6 +290,11 @@ class IndexPool:
         self.mean_value_bits = mean_value_bits
         self.variance_form = variance_form
         self.rank_interval = rank_interval
+        # The engine step's place in the interval, shared by every layer's pool (a
+        # persistent ``[1]`` int32 device tensor the owner advances once per step,
+        # CUDA-graph safe): at 0 every row ranks in full (reference.band_reranks).
+        # None: each row keeps the phase of its own last full ranking.
+        self.band_phase: Optional[torch.Tensor] = None
         layout.check_rows()
         self.fpart = torch.zeros(self.num_pages, h, layout.float_slots, d, dtype=layout.dtype,
                                  device=device)
@@ -311,6 +316,7 @@ class IndexPool:
         out.mean_value_bits = self.mean_value_bits
         out.variance_form = self.variance_form
         out.rank_interval = self.rank_interval
+        out.band_phase = None if self.band_phase is None else self.band_phase.to(device)
         out.fpart, out.ipart = self.fpart.to(device), self.ipart.to(device)
         return out
 

@@ -209,12 +209,15 @@ def _band_entries(band_tab: torch.Tensor, pbs: torch.Tensor, kh: int, n: int
                     (k % BAND_PACK).to(band_tab.device)].cpu().long()
 
 
-def band_reranks(hdr, L: int, rank_interval: int) -> bool:
+def band_reranks(hdr, L: int, rank_interval: int, phase: Optional[int] = None) -> bool:
     """Whether a row (header ``hdr``, context ``L``) re-ranks its last band
-    (``RetroConfig.rank_interval``; module doc)."""
+    (``RetroConfig.rank_interval``; module doc). ``phase``: the step's place in the
+    interval shared by all rows (``IndexPool.band_phase``): at 0 every row ranks in
+    full, so the rows of a batch rank on the same steps; None: each row by its own
+    last full ranking only."""
     at = int(hdr[HDR_BAND_AT])
     return (rank_interval > 1 and int(hdr[HDR_CLUSTERED_END]) > 0 and at > 0
-            and 1 <= L - at < rank_interval)
+            and 1 <= L - at < rank_interval and (phase is None or phase != 0))
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
@@ -257,6 +260,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("band re-ranking (rank_interval > 1) needs the bucket selection "
                          "and the mass rank")
     band_tab = pool.band_table() if ri > 1 else None
+    ph = getattr(pool, "band_phase", None) if ri > 1 else None
+    phase = None if ph is None else int(ph.reshape(-1)[0])
     # Dequantized when the pool keeps 8-bit summaries (what the kernel reads).
     fpart = pool.summaries(torch.arange(pool.num_pages, device=pool.device)).cpu()
     ipart = pool.ipart.cpu()
@@ -286,7 +291,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             lbs = pbs = torch.arange(0)
         steady_slots = bt[steady // bs] * bs + steady % bs
         stats[r, 2] = L * h
-        rerank = len(pbs) > 0 and band_reranks(hdr, L, ri)
+        rerank = len(pbs) > 0 and band_reranks(hdr, L, ri, phase)
         stats[r, 3] = float(rerank)
         for kh in range(h):
             q = query[r, kh * g:(kh + 1) * g].to(cdt)                      # [G, D]

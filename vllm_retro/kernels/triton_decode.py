@@ -76,7 +76,10 @@ a row whose last full ranking (header ``HDR_BAND_AT``) lies 1 to ``rank_interval
 1`` tokens back ranks only that ranking's band: stages 1, 2 and 4 take its entries'
 pool pages from the band table (:meth:`IndexPool.band_table`) instead of the index
 table, the key and list kernels on a split scaled to the band; a full ranking's list
-kernel writes the band and the header word.
+kernel writes the band and the header word. With a shared phase
+(``IndexPool.band_phase``, advanced once per engine step) every row ranks in full on
+the phase's 0 steps, so a batch's rows rank on the same steps: a kernel's time is its
+slowest program's, and one row ranking in full makes the whole step a full one.
 
 "Last program" hand-offs: each program writes its part, passes a CTA barrier and
 takes a ticket with an acq_rel atomic at GPU scope; the program drawing the last
@@ -646,9 +649,10 @@ def _budget(hdr_ptr, hdr_s0, blk0, C):
 
 
 @triton.jit
-def _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI):
+def _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI, ph_ptr, PHASE: tl.constexpr):
     """(re-ranks, entries ranked, programs) of a row: whether it re-ranks its last
-    band (``rank_interval`` RI; :func:`~.reference.band_reranks`), and then the
+    band (``rank_interval`` RI; PHASE: not on the steps where the shared phase
+    ``ph_ptr[0]`` is 0; :func:`~.reference.band_reranks`), and then the
     band's ``n_retrieve + n_estimate`` entries on ``NS`` scaled to them (as many
     entries per program as a full ranking has: the key and list kernels' time is
     their programs' fixed work, not their entries: 11 against 15 us at 128K x 6 on
@@ -657,6 +661,8 @@ def _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI):
     n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
     back = L - at
     rr = (E > 0) & (at > 0) & (back >= 1) & (back < RI)
+    if PHASE:
+        rr = rr & (tl.load(ph_ptr) != 0)
     nb = n_ret + n_est
     ns_b = tl.maximum((NS * nb + C - 1) // tl.maximum(C, 1), 1)
     return rr, tl.where(rr, nb, C), tl.where(rr, tl.minimum(ns_b, NS), NS)
@@ -863,7 +869,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
                   G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False,
                   ISO: tl.constexpr = False, BAND: tl.constexpr = False, RI=1,
-                  bd_ptr=None, bd_s0=0, bd_s1=0):
+                  bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
 
     BAND (``rank_interval`` RI > 1): a row that re-ranks its last band
@@ -909,7 +915,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         # (All NS programs: each scores a quarter of a full ranking's entries. On
         # fewer, as the key and list kernels, the latency-bound score stage took 41
         # instead of 26 us at 128K x 6 on an H100.)
-        rr, C, _ = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI)
+        rr, C, _ = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI, ph_ptr, PHASE)
     if p == 0:
         # Later kernels accumulate into these; zeroed here so every call starts clean.
         tl.store(hist_ptr + rh * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
@@ -1021,7 +1027,8 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
                 PDL: tl.constexpr = False,
                 EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False, rgh_ptr=None,
                 ERR: tl.constexpr = False, tv_ptr=None, keys2_ptr=None, emax_ptr=None,
-                BAND: tl.constexpr = False, RI=1, bd_ptr=None, bd_s0=0, bd_s1=0):
+                BAND: tl.constexpr = False, RI=1, bd_ptr=None, bd_s0=0, bd_s1=0,
+                ph_ptr=None, PHASE: tl.constexpr = False):
     """Program (row*H + head, p): keys of the entries of range p and their digit
     histogram, added atomically to the row-head's histogram. BAND: as the score
     kernel's (a row re-ranking its band has the band's entries). Tiles are ``[G4, CHE]``
@@ -1048,7 +1055,7 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     rr = E < 0
     NSF = NS     # the score kernel's partial slots: up to the unscaled split
     if BAND:
-        rr, C, NS = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI)
+        rr, C, NS = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI, ph_ptr, PHASE)
         if p >= NS:
             return
     _pdl_wait(PDL)
@@ -1414,7 +1421,7 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                     NB: tl.constexpr = 1, SUB: tl.constexpr = 1, WIN: tl.constexpr = 1,
                     ERR: tl.constexpr = False, keys2_ptr=None, hist2_ptr=None,
                     rgh2_ptr=None, emax_ptr=None, BAND: tl.constexpr = False, RI=1,
-                    bd_ptr=None, bd_s0=0, bd_s1=0):
+                    bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False):
     """Program (row*H + head, p): the selected entries of range p, in entry order,
     into the lists: top k1 -> retrieved, next k2 - k1 -> estimated.
 
@@ -1460,7 +1467,7 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     rr = E < 0
     if BAND:
         tl.static_assert(BUCKET, "band re-ranking needs the bucket selection")
-        rr, C, NS = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI)
+        rr, C, NS = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI, ph_ptr, PHASE)
         if p >= NS:
             return
     _pdl_wait(PDL)
@@ -2369,6 +2376,9 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     if ri > 1:
         bd = pool.band_table()
         band = dict(BAND=True, RI=ri, bd_ptr=bd, bd_s0=bd.stride(0), bd_s1=bd.stride(1))
+        ph = getattr(pool, "band_phase", None)
+        if ph is not None:
+            band.update(ph_ptr=ph, PHASE=True)
     else:
         band = {}
     # The CUDA score kernel reads 16-bit summaries, one entry per block, only.
