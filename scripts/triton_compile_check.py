@@ -252,11 +252,13 @@ def decode_launches() -> None:
                             pool_x, sink_end(RetroConfig(), bs), 0.1, out, ws_x,
                             count_stats=True, wave=wv, retrieval_rank="error")
             # Band re-ranking (rank_interval > 1: the score, key and list kernels'
-            # BAND variants, bucket selection), plain, with the wave buffer's view and
-            # with the isotropic variance term.
+            # BAND variants, bucket selection), plain and with the wave buffer's view
+            # with the engine's shared phase (PHASE), and with the isotropic variance
+            # term without it.
             if dtype == torch.bfloat16:
                 base_select, td.SELECT = td.SELECT, "bucket"
                 pool_b = IndexPool(lay, nb, summary_bits=8, rank_interval=4)
+                pool_b.band_phase = torch.zeros(1, dtype=torch.int32)
                 pool_bi = IndexPool(lay, nb, summary_bits=8, variance_form="isotropic",
                                     rank_interval=4)
                 for pool_x, wv in ((pool_b, None),
