@@ -435,3 +435,14 @@ def test_band_phase_is_shared_and_advances_once_per_step():
     plain = _manager()
     assert plain.band_phase is None
     assert all(p.band_phase is None for p in plain.pools.values())
+
+
+def test_band_phase_can_be_turned_off(monkeypatch):
+    """``RETRO_BAND_PHASE=0`` (module switch ``BAND_PHASE``): each row keeps its own
+    phase (the pools get none), for A/B runs of the two forms."""
+    from vllm_retro.backend import gpu
+    monkeypatch.setattr(gpu, "BAND_PHASE", False)
+    mgr = _manager(rank_interval=3)
+    assert mgr.band_phase is None
+    assert all(p.band_phase is None for p in mgr.pools.values())
+    mgr.on_step(RetroStepMetadata())

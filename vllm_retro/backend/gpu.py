@@ -40,6 +40,7 @@ tokens read exactly / estimated) and logged; tests assert on these counters.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ SUPPORTED_HEAD_SIZES = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 KERNEL_BLOCK_SIZE = 16
+#: Band re-ranking (``rank_interval`` > 1) with one phase for the batch (every row
+#: ranks in full on the same steps; ``IndexPool.band_phase``). RETRO_BAND_PHASE=0 keeps
+#: each row's own phase, for A/B measurements of the two forms on one machine.
+BAND_PHASE = os.environ.get("RETRO_BAND_PHASE", "1") != "0"
 
 
 class RetroBackend(RetroBackendTraits, _DenseBackend):
@@ -678,7 +683,7 @@ class PagedIndexManager:
                                      variance_form=self.config.variance_form,
                                      rank_interval=self.config.rank_interval)
                            for _ in range(num_layers)]
-        if self.config.rank_interval > 1:
+        if self.config.rank_interval > 1 and BAND_PHASE:
             # Band re-ranking's phase, shared by every layer's pool and advanced once
             # per step (_on_step): the batch's rows rank in full on the same steps.
             self.band_phase = torch.zeros(1, dtype=torch.int32, device=dev)
