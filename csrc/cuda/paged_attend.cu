@@ -339,16 +339,23 @@ __global__ void __launch_bounds__(kWarps * 32, 4) paged_attend_kernel(const Page
   bool e_ok[kUnroll];
   estimated_at(0, e_pg, e_ok);
 
-  // Steady zone: tokens j = p + NS m of [0, sink_end) + [clustered_end, L).
-  for (int m0 = 0; m0 < n_st; m0 += STEP) {
-    int4 kr[kUnroll], vr[kUnroll];
-    load_kv(s_blk, s_sub, s_ok, kr, vr);
-    bool ok[kUnroll];
+  // Exact attention over items [0, n) of a zone, a step at a time: this step's K/V
+  // requested, then the next step's addresses (next_at(i0, ...)), then this step used.
+  auto token_steps = [&](int n, int (&blk)[kUnroll], int (&sub)[kUnroll], bool (&ok)[kUnroll],
+                         auto&& next_at) {
+    for (int i0 = 0; i0 < n; i0 += STEP) {
+      int4 kr[kUnroll], vr[kUnroll];
+      load_kv(blk, sub, ok, kr, vr);
+      bool cur[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) ok[u] = s_ok[u];
-    steady_at(m0 + STEP, s_blk, s_sub, s_ok);
-    attend(kr, vr, ok);
-  }
+      for (int u = 0; u < kUnroll; ++u) cur[u] = ok[u];
+      next_at(i0 + STEP, blk, sub, ok);
+      attend(kr, vr, cur);
+    }
+  };
+
+  // Steady zone: tokens j = p + NS m of [0, sink_end) + [clustered_end, L).
+  token_steps(n_st, s_blk, s_sub, s_ok, steady_at);
 
   // Retrieved clusters k = p + NS c: their tokens, concatenated, spread over the slots.
   for (int c0 = 0; c0 < nc_mine; c0 += kBatch) {
@@ -370,15 +377,10 @@ __global__ void __launch_bounds__(kWarps * 32, 4) paged_attend_kernel(const Page
     int r_blk[kUnroll], r_sub[kUnroll];
     bool r_ok[kUnroll];
     retrieved_at(0, total, r_blk, r_sub, r_ok);
-    for (int t0 = 0; t0 < total; t0 += STEP) {
-      int4 kr[kUnroll], vr[kUnroll];
-      load_kv(r_blk, r_sub, r_ok, kr, vr);
-      bool ok[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) ok[u] = r_ok[u];
-      retrieved_at(t0 + STEP, total, r_blk, r_sub, r_ok);
-      attend(kr, vr, ok);
-    }
+    token_steps(total, r_blk, r_sub, r_ok,
+                [&](int t0, int (&b)[kUnroll], int (&o)[kUnroll], bool (&k)[kUnroll]) {
+                  retrieved_at(t0, total, b, o, k);
+                });
   }
 
   // Estimated clusters n_ret + p + NS c: log-mass (score stage) over the mean value.

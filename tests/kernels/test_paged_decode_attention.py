@@ -1312,6 +1312,16 @@ def test_index_width_refused_beyond_int32(monkeypatch):
         run_both(sc, q, 0.2)
 
 
+def _ragged_scene(dtype, head_dim: int) -> Scene:
+    """Six ragged rows for the CUDA-against-Triton tests: an index of several
+    segments, a row with seq_len 0, a row without an index, an explicit budget."""
+    sc = Scene(400, dtype=dtype, head_dim=head_dim)
+    for L, kw in ((900, {}), (0, {}), (300, {"index": "none"}),
+                  (700, {"n_ret": 4, "n_est": 9}), (1500, {}), (520, {})):
+        sc.add(L, **kw)
+    return sc
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="the CUDA score kernel needs a GPU")
 @pytest.mark.parametrize("head_dim,group,dtype", [
     (128, 4, torch.bfloat16), (64, 8, torch.bfloat16), (32, 16, torch.bfloat16),
@@ -1338,13 +1348,7 @@ def test_cuda_score_matches_triton(monkeypatch, head_dim, group, dtype):
     monkeypatch.setattr(td, "SELECT", "exact")
     from vllm_retro.attention import VARIANCE_CORRECTION_CAP
     torch.manual_seed(12)
-    sc = Scene(400, dtype=dtype, head_dim=head_dim)
-    sc.add(900)
-    sc.add(0)
-    sc.add(300, index="none")
-    sc.add(700, n_ret=4, n_est=9)
-    sc.add(1500)
-    sc.add(520)
+    sc = _ragged_scene(dtype, head_dim)
     bt, sl = sc.tensors()
     sb = sc.S // BS
     scale = 1 / math.sqrt(head_dim)
@@ -1436,10 +1440,7 @@ def test_cuda_attend_matches_triton(monkeypatch, head_dim, group, dtype):
     # the GPU's 16-bit score products move a score across a bucket edge now and then).
     monkeypatch.setattr(td, "SELECT", "exact")
     torch.manual_seed(19)
-    sc = Scene(400, dtype=dtype, head_dim=head_dim)
-    for L, kw in ((900, {}), (0, {}), (300, {"index": "none"}), (700, {"n_ret": 4, "n_est": 9}),
-                  (1500, {}), (520, {})):
-        sc.add(L, **kw)
+    sc = _ragged_scene(dtype, head_dim)
     bt, sl = sc.tensors()
     scale = 1 / math.sqrt(head_dim)
     nan = float("nan")
