@@ -178,6 +178,9 @@ def child(a) -> None:
                        tpot_median_ms=1e3 * statistics.median(step_s[:steps_win])
                        if step_s[:steps_win] else None,
                        tpot_max_ms=1e3 * max(step_s[:steps_win], default=0.0),
+                       # Every step of the window (wall ms, in order): the distribution
+                       # behind the mean (e.g. band re-ranking's full and re-ranking steps).
+                       step_ms=[round(1e3 * t, 3) for t in step_s[:steps_win]],
                        decode_steps=steps_win,
                        # False: a request finished before the last one decoded, so
                        # no step ran all b together (output_tokens too short).
