@@ -250,20 +250,6 @@ def vc_copy(pool: IndexPool) -> IndexPool:
     return out
 
 
-def kv_in_layout(kv: torch.Tensor, layout: str) -> torch.Tensor:
-    """A copy of the cache view ``kv`` ``(NB, H, bs, 2D)`` stored in vLLM's ``layout``
-    ("NHD": physical ``[NB][bs][H][2D]``; "HND": ``[NB][H][bs][2D]``), same view."""
-    nb, h, bs, d2 = kv.shape
-    if layout == "HND":
-        out = torch.empty(nb, h, bs, d2, dtype=kv.dtype, device=kv.device)
-    elif layout == "NHD":
-        out = torch.empty(nb, bs, h, d2, dtype=kv.dtype, device=kv.device).permute(0, 2, 1, 3)
-    else:
-        raise ValueError(f"KV layout {layout!r}: 'NHD' or 'HND'")
-    out.copy_(kv)
-    return out
-
-
 def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
              variants=None, shuffle_pages: bool = True, wave: str = "",
              real: int = 0) -> dict:
@@ -343,7 +329,9 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             kernel = None
         kv_use = kv
         if kernel == "kv_layout":
-            kv_use, kernel = kv_in_layout(kv, over), None
+            # The same contents in a cache of that layout (same logical view).
+            kv_use, kernel = lay.make_cache(kv.shape[0], kv.device, over), None
+            kv_use.copy_(kv)
         pool = pool_default
         if kernel and kernel.startswith(("q8", "b16", "mv8", "vc", "iso")):
             pool = {"q8": pool8, "b16": pool16, "mv8": pool8v,

@@ -201,12 +201,20 @@ def cluster_log_mass(q: torch.Tensor, cent: torch.Tensor, kvar: torch.Tensor,
     return lg + corr.clamp(max=cap)
 
 
+def _band_slots(band_tab: torch.Tensor, pbs: torch.Tensor, n: int):
+    """(row page, word) of a row-head's band entries ``0..n-1`` in the band table
+    (entry ``k`` at the row's page ``k // BAND_PACK``, word ``k % BAND_PACK``), on the
+    table's device."""
+    k = torch.arange(n)
+    dev = band_tab.device
+    return pbs[k // BAND_PACK].to(dev), (k % BAND_PACK).to(dev)
+
+
 def _band_entries(band_tab: torch.Tensor, pbs: torch.Tensor, kh: int, n: int
                   ) -> torch.Tensor:
     """Pool pages of a row-head's ``n`` band entries (the band table's packing)."""
-    k = torch.arange(n)
-    return band_tab[pbs[k // BAND_PACK].to(band_tab.device), kh,
-                    (k % BAND_PACK).to(band_tab.device)].cpu().long()
+    rows, words = _band_slots(band_tab, pbs, n)
+    return band_tab[rows, kh, words].cpu().long()
 
 
 def band_reranks(hdr, L: int, rank_interval: int, phase: Optional[int] = None) -> bool:
@@ -322,10 +330,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                     ret, est = mass_selection(score, n_ret, n_est, g, select)
                 if band_tab is not None and not rerank:
                     sel_pages = ent[torch.cat([ret, est])].to(torch.int32)
-                    k = torch.arange(len(sel_pages))
-                    dev = band_tab.device
-                    band_tab[pbs[k // BAND_PACK].to(dev), kh,
-                             (k % BAND_PACK).to(dev)] = sel_pages.to(dev)
+                    rows, words = _band_slots(band_tab, pbs, len(sel_pages))
+                    band_tab[rows, kh, words] = sel_pages.to(band_tab.device)
                 # A retrieved cluster's tokens: positions [start, start + size) (the
                 # build made each cluster contiguous per head), within [S, E).
                 tok = torch.cat([torch.arange(int(iw[i, I_START]),

@@ -677,20 +677,16 @@ def _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND: tl.constex
     ranking's loads carry no dependency on the band's (the score kernel's pipeline);
     else both loads masked and a select (fewer live values across the branch)."""
     if BAND and not BRANCH:
-        iu = i.to(tl.uint32)
         bm = valid & (i < tl.where(rr, _INT_MAX, 0))
         pm = valid & (i < tl.where(rr, 0, _INT_MAX))
-        lb = tl.load(ix_row + (iu // PK).to(tl.int32), mask=bm, other=0)
-        pb = tl.load(bd_ptr + _wide_mad(lb, bd_s0, h * bd_s1 + (iu % PK).to(tl.int32)),
-                     mask=bm, other=0)
+        lb, slot = _pack_page(ix_row, i, bm, PK)
+        pb = tl.load(_band_addr(bd_ptr, bd_s0, bd_s1, lb, h, slot), mask=bm, other=0)
         pg = tl.load(ix_row + i, mask=pm, other=0)
         pg = tl.where(bm, pb, pg)
     elif BAND:
         if rr:
-            iu = i.to(tl.uint32)
-            lb = tl.load(ix_row + (iu // PK).to(tl.int32), mask=valid, other=0)
-            pg = tl.load(bd_ptr + _wide_mad(lb, bd_s0, h * bd_s1 + (iu % PK).to(tl.int32)),
-                         mask=valid, other=0)
+            lb, slot = _pack_page(ix_row, i, valid, PK)
+            pg = tl.load(_band_addr(bd_ptr, bd_s0, bd_s1, lb, h, slot), mask=valid, other=0)
         else:
             pg = tl.load(ix_row + i, mask=valid, other=0)
     else:
@@ -705,6 +701,13 @@ def _pack_page(ix_row, pos, mask, PK: tl.constexpr):
     pu = pos.to(tl.uint32)              # (non-negative on the lanes that load)
     lb = tl.load(ix_row + (pu // PK).to(tl.int32), mask=mask, other=0)
     return lb, (pu % PK).to(tl.int32)
+
+
+@triton.jit
+def _band_addr(bd_ptr, bd_s0, bd_s1, lb, h, slot):
+    """Address of band table word ``slot`` of head ``h`` at row page ``lb`` (the band
+    table's packing, :meth:`IndexPool.band_table`; ``lb``, ``slot`` from :func:`_pack_page`)."""
+    return bd_ptr + _wide_mad(lb, bd_s0, h * bd_s1 + slot)
 
 
 @triton.jit
@@ -1570,7 +1573,7 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         tl.store(la + 1, size, mask=sel)
         if BAND:
             # A full ranking's band: list position lp's page, packed as the lists.
-            tl.store(bd_ptr + _wide_mad(lb, bd_s0, h * bd_s1 + slot), eb32,
+            tl.store(_band_addr(bd_ptr, bd_s0, bd_s1, lb, h, slot), eb32,
                      mask=sel & (lp < tl.where(rr, 0, _INT_MAX)))
         rc += tl.sum(ret.to(tl.int32), 0)
         ec += tl.sum(est.to(tl.int32), 0)
