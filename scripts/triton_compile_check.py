@@ -211,6 +211,18 @@ def decode_launches() -> None:
             pool8i = IndexPool(lay, nb, summary_bits=8, variance_form="isotropic")
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8i,
                                              sink_end(RetroConfig(), bs), 0.1, out, ws)
+            # The attention kernel's measurement knob (the sweep's "attend zones"
+            # variants: some zones' loops left out), bf16 only.
+            if dtype == torch.bfloat16:
+                big_a, small_a = dict(td.TUNE["attend"]), dict(td.TUNE_SMALL_BATCH["attend"])
+                try:
+                    for zones in (0, 1, 2, 3, 4):
+                        td.TUNE["attend"]["ZONES"] = td.TUNE_SMALL_BATCH["attend"]["ZONES"] = zones
+                        td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,
+                                                         sink_end(RetroConfig(), bs), 0.1,
+                                                         out, ws)
+                finally:
+                    td.TUNE["attend"], td.TUNE_SMALL_BATCH["attend"] = big_a, small_a
             # The attention kernel's 8-bit mean values (mean_value_bits 8).
             pool8v = IndexPool(lay, nb, summary_bits=8, mean_value_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8v,

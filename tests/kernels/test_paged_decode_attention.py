@@ -432,6 +432,30 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
+def test_attention_zones_knob_only_leaves_loops_out(monkeypatch):
+    """The attention kernel's measurement knob ``ZONES``: all three bits are the
+    attention bit for bit; none writes zeros (no zone, no mass); each single zone
+    writes finite values that differ from the attention (its loop alone ran)."""
+    td = _td()
+    torch.manual_seed(41)
+    sc = Scene(260)
+    sc.add(900, n_ret=6, n_est=20)
+    sc.add(700, n_ret=4, n_est=9)
+    q = torch.randn(2, H * G, D)
+    outs = {}
+    for zones in (None, 7, 0, 1, 2, 4):
+        for table in (td.TUNE, td.TUNE_SMALL_BATCH):
+            over = {} if zones is None else {"ZONES": zones}
+            monkeypatch.setitem(table, "attend", dict(table["attend"], **over))
+        outs[zones], ref, _, _ = run_both(sc, q, 0.2)
+    assert _rel(outs[None], ref) < 2e-3
+    assert torch.equal(outs[7], outs[None])
+    assert torch.equal(outs[0], torch.zeros_like(outs[0]))
+    for zones in (1, 2, 4):
+        assert torch.isfinite(outs[zones]).all()
+        assert _rel(outs[zones], outs[None]) > 1e-3, zones
+
+
 @pytest.mark.skipif(DEV == "cpu", reason="the 16-bit tensor-core products (NATIVE) "
                     "run on a GPU only; the interpreter takes fp32 products")
 @pytest.mark.parametrize("rows", [2, 4])

@@ -2022,7 +2022,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    MV8: tl.constexpr = False, VC: tl.constexpr = False,
                    EPB: tl.constexpr = 1, XR: tl.constexpr = False,
                    PRE: tl.constexpr = False, QB: tl.constexpr = False,
-                   PB: tl.constexpr = False):
+                   PB: tl.constexpr = False, ZONES: tl.constexpr = 7):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
@@ -2057,7 +2057,13 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     it when the two dtypes are equal), so the logits take one 16-bit product instead
     of NATIVE's two (the low part is zero: bit-equal outputs). PB (with NATIVE): the
     probabilities enter the value products rounded to the cache's dtype, one product
-    instead of two (as FlashAttention's; not bit-equal)."""
+    instead of two (as FlashAttention's; not bit-equal).
+
+    ZONES (a measurement knob, never set by the backend): the zones whose loops run,
+    bit 1 the steady zone, 2 the retrieved clusters, 4 the estimated ones (7, all:
+    the attention). A sweep times the kernel with some loops left out to see what
+    each zone and the fixed part (prologue, partials, merge: ``ZONES`` 0) cost; the
+    output is then not the attention."""
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
         if (rh >= NR * H) & (p == 0):
@@ -2126,6 +2132,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     # (Each loop has its own variable names: Triton types loop-carried values by
     # name, and the tiles of the three loops differ in size.)
     n_mine = tl.maximum(n_steady - p + NS - 1, 0) // NS
+    if (ZONES & 1) == 0:
+        n_mine = 0
     s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
     for m0 in range(0, n_mine, TS):
         s_k, s_v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, s_blk, s_off, s_ok, h, D, DP)
@@ -2138,6 +2146,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
     # concatenated and attended TR at a time (positions [start, start + size)).
     n_ret_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
+    if (ZONES & 2) == 0:
+        n_ret_mine = 0
     if WAVE:
         # Below the horizon the row's blocks may be released: K/V from the cluster
         # cache or the arena, at the page addresses the resolve kernel wrote.
@@ -2198,6 +2208,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
     n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
+    if (ZONES & 4) == 0:
+        n_mine = 0
     if not PRE:
         e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
                                       H, LW, PK, TE)
