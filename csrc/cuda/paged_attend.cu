@@ -70,9 +70,9 @@ __device__ __forceinline__ void unpack8(const int4& raw, float* x) {
 }
 
 __device__ __forceinline__ void store_out(void* out, int64_t i, float x, int32_t dtype) {
-  if (dtype == kAttendFloat32) {
+  if (dtype == kViewFloat32) {
     static_cast<float*>(out)[i] = x;
-  } else if (dtype == kAttendFloat16) {
+  } else if (dtype == kViewFloat16) {
     static_cast<__half*>(out)[i] = __float2half_rn(x);
   } else {
     static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(x);
@@ -188,10 +188,10 @@ __global__ void __launch_bounds__(kWarps * 32, 4) paged_attend_kernel(const Page
   const int L = __ldg(v.seq + r);
   const int32_t* bt_row = v.bt + int64_t(r) * v.bt_s0;
   const int64_t blk0 = __ldg(bt_row);
-  int E = __ldg(v.hdr + blk0 * v.hdr_s0 + kAttendHdrClusteredEnd);
+  int E = __ldg(v.hdr + blk0 * v.hdr_s0 + kHdrClusteredEnd);
   E = L > 0 ? E : 0;
   const bool indexed = E > 0;
-  const int irow = indexed ? __ldg(v.hdr + blk0 * v.hdr_s0 + kAttendHdrIbtRow) : 0;
+  const int irow = indexed ? __ldg(v.hdr + blk0 * v.hdr_s0 + kHdrIbtRow) : 0;
   const int32_t* ix_row = v.ibt + int64_t(irow) * v.ibt_s0;
   const int S = v.S;
   const int n_steady = indexed ? S + L - E : L;
@@ -501,7 +501,7 @@ int launch_dim(const PagedAttendView& v, cudaStream_t stream) {
 
 bool paged_attend_supported(int32_t dtype, int32_t head_dim, int32_t group_size,
                             int32_t block_size) {
-  const bool dtype_ok = dtype == kAttendFloat16 || dtype == kAttendBFloat16;
+  const bool dtype_ok = dtype == kViewFloat16 || dtype == kViewBFloat16;
   const bool dim_ok = head_dim == 64 || head_dim == 128;
   const bool g_ok = group_size >= 1 && group_size <= kMaxG;
   return dtype_ok && dim_ok && g_ok && block_size == kBS;
@@ -512,7 +512,7 @@ int paged_attend_launch(const PagedAttendView& v, void* stream) {
     return kPagedAttendUnsupported;
   if (v.B <= 0 || v.H <= 0 || v.MSPLIT <= 0) return 0;
   const auto s = static_cast<cudaStream_t>(stream);
-  if (v.dtype == kAttendFloat16) return launch_dim<__half>(v, s);
+  if (v.dtype == kViewFloat16) return launch_dim<__half>(v, s);
   return launch_dim<__nv_bfloat16>(v, s);
 }
 

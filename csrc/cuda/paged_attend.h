@@ -6,18 +6,9 @@
 
 #include <cstdint>
 
+#include "view_common.h"
+
 namespace vllm_retro {
-
-// Element type codes: the cache and the query (equal), and the output.
-enum PagedAttendDtype : int32_t {
-  kAttendFloat32 = 0,  // output only
-  kAttendFloat16 = 1,
-  kAttendBFloat16 = 2,
-};
-
-// Header columns (vllm_retro/index/paged.py HDR_CLUSTERED_END, HDR_IBT_ROW).
-constexpr int kAttendHdrClusteredEnd = 0;
-constexpr int kAttendHdrIbtRow = 4;
 
 // Returned by paged_attend_launch for a shape/dtype it was not compiled for.
 constexpr int kPagedAttendUnsupported = -1;

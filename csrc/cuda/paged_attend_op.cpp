@@ -3,33 +3,16 @@
 // current stream (CUDA-graph safe: no allocation, no sync). Device-generic c10 APIs
 // only, as paged_score_op.cpp, so CI compiles it against a CPU build of torch.
 
-#include <ATen/ATen.h>
-#include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <initializer_list>
 
 #include "../ops.h"
+#include "op_checks.h"
 #include "paged_attend.h"
 
 namespace vllm_retro {
 namespace {
-
-int32_t attend_dtype(const at::Tensor& t, bool out) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return kAttendFloat16;
-    case at::kBFloat16: return kAttendBFloat16;
-    case at::kFloat:
-      if (out) return kAttendFloat32;
-      [[fallthrough]];
-    default:
-      TORCH_CHECK(false, "paged_attend: ", out ? "out" : "query / cache",
-                  " dtype must be float16 or bfloat16", out ? " or float32" : "");
-  }
-  return -1;
-}
 
 void check_int(const at::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == dim && t.stride(dim - 1) == 1,
@@ -40,15 +23,6 @@ void check_int(const at::Tensor& t, int64_t dim, const char* name) {
 void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(),
               "paged_attend: ", name, " must be a contiguous float32 tensor");
-}
-
-// 16-byte vector loads: innermost stride 1, other strides and the base 16-byte aligned.
-bool vec_ok(const at::Tensor& t) {
-  const int64_t vec = 16 / t.element_size();
-  if (t.stride(t.dim() - 1) != 1 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) return false;
-  for (int64_t i = 0; i + 1 < t.dim(); ++i)
-    if (t.size(i) > 1 && t.stride(i) % vec) return false;
-  return true;
 }
 
 }  // namespace
@@ -62,11 +36,9 @@ void paged_attend_cuda(const at::Tensor& query, const at::Tensor& kv_cache,
                        at::Tensor& out, int64_t sink_end, int64_t target_programs,
                        int64_t max_split, int64_t dynamic, double scale) {
   const at::Device dev = query.device();
-  TORCH_CHECK(dev.is_cuda(), "paged_attend: CUDA tensors expected");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
-           &kv_cache, &fpart, &block_table, &ibt, &seq_lens, &headers, &logits, &lists,
-           &counts, &part_o, &part_m, &part_l, &tickets, &out})
-    TORCH_CHECK(t->device() == dev, "paged_attend: all tensors must be on ", dev);
+  check_one_device("paged_attend", dev, {&kv_cache, &fpart, &block_table, &ibt, &seq_lens,
+                                         &headers, &logits, &lists, &counts, &part_o, &part_m,
+                                         &part_l, &tickets, &out});
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && fpart.dim() == 4 && out.dim() == 3,
               "paged_attend: query / out [B, Hq, D], kv_cache (NB, H, bs, 2D), fpart "
               "[P, H, S, D] expected");
@@ -77,7 +49,7 @@ void paged_attend_cuda(const at::Tensor& query, const at::Tensor& kv_cache,
                   out.sizes() == query.sizes(),
               "paged_attend: shapes of query, kv_cache, fpart and out do not match");
   const int64_t G = query.size(1) / H;
-  const int32_t dt = attend_dtype(query, false);
+  const int32_t dt = view_dtype(query, "paged_attend", "query / cache", false);
   TORCH_CHECK(kv_cache.scalar_type() == query.scalar_type() &&
                   fpart.scalar_type() == query.scalar_type(),
               "paged_attend: query, kv_cache and fpart must have one dtype");
@@ -86,7 +58,7 @@ void paged_attend_cuda(const at::Tensor& query, const at::Tensor& kv_cache,
               "paged_attend: not compiled for head dim ", D, ", ", G,
               " query heads per KV head and block size ", BS,
               " (head dims 64/128, up to 4, 16)");
-  TORCH_CHECK(vec_ok(query) && vec_ok(kv_cache) && vec_ok(fpart),
+  TORCH_CHECK(rows_vec16(query) && rows_vec16(kv_cache) && rows_vec16(fpart),
               "paged_attend: query, kv_cache and fpart rows must be contiguous and "
               "16-byte aligned");
   TORCH_CHECK(out.stride(2) == 1, "paged_attend: out must have unit innermost stride");
@@ -150,7 +122,7 @@ void paged_attend_cuda(const at::Tensor& query, const at::Tensor& kv_cache,
   v.o_sb = out.stride(0);
   v.o_sh = out.stride(1);
   v.dtype = dt;
-  v.out_dtype = attend_dtype(out, true);
+  v.out_dtype = view_dtype(out, "paged_attend", "out", true);
   v.B = static_cast<int32_t>(B);
   v.H = static_cast<int32_t>(H);
   v.G = static_cast<int32_t>(G);
@@ -165,8 +137,7 @@ void paged_attend_cuda(const at::Tensor& query, const at::Tensor& kv_cache,
   v.scale = static_cast<float>(scale);
 
   const c10::DeviceGuard guard(dev);
-  void* stream = c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).getStream(dev).native_handle();
-  const int err = paged_attend_launch(v, stream);
+  const int err = paged_attend_launch(v, current_stream(dev));
   TORCH_CHECK(err == 0, "paged_attend: kernel launch failed (",
               err == kPagedAttendUnsupported ? "unsupported shape" : "CUDA error code ", err, ")");
 }

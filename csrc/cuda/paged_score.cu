@@ -110,8 +110,8 @@ __device__ __forceinline__ void unpack<__nv_bfloat16>(const int4& raw, float* x)
 
 // One element of a tensor of dtype code `dtype` as float (the query: read once).
 __device__ __forceinline__ float load_float(const void* p, int64_t i, int32_t dtype) {
-  if (dtype == kScoreFloat32) return static_cast<const float*>(p)[i];
-  if (dtype == kScoreFloat16) return __half2float(static_cast<const __half*>(p)[i]);
+  if (dtype == kViewFloat32) return static_cast<const float*>(p)[i];
+  if (dtype == kViewFloat16) return __half2float(static_cast<const __half*>(p)[i]);
   return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
 
@@ -357,8 +357,8 @@ int launch_dim(const PagedScoreView& v, cudaStream_t stream) {
 }  // namespace
 
 bool paged_score_supported(int32_t fp_dtype, int32_t head_dim, int32_t group_size) {
-  const bool dtype_ok = fp_dtype == kScoreFloat32 || fp_dtype == kScoreFloat16 ||
-                        fp_dtype == kScoreBFloat16;
+  const bool dtype_ok = fp_dtype == kViewFloat32 || fp_dtype == kViewFloat16 ||
+                        fp_dtype == kViewBFloat16;
   const bool dim_ok = head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256;
   return dtype_ok && dim_ok && group_size >= 1 && group_size <= 16;
 }
@@ -368,8 +368,8 @@ int paged_score_launch(const PagedScoreView& v, void* stream) {
   if (v.B <= 0 || v.H <= 0 || v.NS <= 0) return 0;
   const auto s = static_cast<cudaStream_t>(stream);
   switch (v.fp_dtype) {
-    case kScoreFloat32: return launch_dim<float>(v, s);
-    case kScoreFloat16: return launch_dim<__half>(v, s);
+    case kViewFloat32: return launch_dim<float>(v, s);
+    case kViewFloat16: return launch_dim<__half>(v, s);
     default: return launch_dim<__nv_bfloat16>(v, s);
   }
 }

@@ -10,23 +10,9 @@
 
 #include <cstdint>
 
+#include "view_common.h"
+
 namespace vllm_retro {
-
-// Element type codes of the tensors the kernel reads as floats.
-enum PagedScoreDtype : int32_t {
-  kScoreFloat32 = 0,
-  kScoreFloat16 = 1,
-  kScoreBFloat16 = 2,
-};
-
-// Words of the index's int part per (block, head) (vllm_retro/index/paged.py I_SIZE,
-// I_START): the cluster's size, the position of its first token.
-constexpr int kIntSize = 0;
-constexpr int kIntStart = 1;
-
-// Header column of the request's index-table row (vllm_retro/index/paged.py
-// HDR_IBT_ROW).
-constexpr int kHdrIbtRow = 4;
 
 // Returned by paged_score_launch for a shape/dtype it was not compiled for.
 constexpr int kPagedScoreUnsupported = -1;

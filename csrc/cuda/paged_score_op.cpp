@@ -8,28 +8,14 @@
 // also compile it against a CPU build of torch
 // (tests/kernels/test_cuda_sources_compile.py).
 
-#include <ATen/ATen.h>
-#include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
-#include <initializer_list>
-
 #include "../ops.h"
+#include "op_checks.h"
 #include "paged_score.h"
 
 namespace vllm_retro {
 namespace {
-
-int32_t dtype_code(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return kScoreFloat32;
-    case at::kHalf: return kScoreFloat16;
-    case at::kBFloat16: return kScoreBFloat16;
-    default: TORCH_CHECK(false, "paged_score: ", name, " must be float32, float16 or bfloat16");
-  }
-  return -1;
-}
 
 int32_t index_is64(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong,
@@ -52,11 +38,8 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
                       int64_t sink_blocks, int64_t block_size, int64_t nsplit,
                       double scale, double cap) {
   const at::Device dev = query.device();
-  TORCH_CHECK(dev.is_cuda(), "paged_score: CUDA tensors expected");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
-           &fpart, &ipart, &block_table, &ibt, &seq_lens, &headers, &logits, &score_max, &score_sum,
-           &hist, &ncand})
-    TORCH_CHECK(t->device() == dev, "paged_score: all tensors must be on ", dev);
+  check_one_device("paged_score", dev, {&fpart, &ipart, &block_table, &ibt, &seq_lens, &headers,
+                                        &logits, &score_max, &score_sum, &hist, &ncand});
   TORCH_CHECK(query.dim() == 3, "paged_score: query must be [B, Hq, D]");
   TORCH_CHECK(fpart.dim() == 4 && fpart.size(2) >= 3,
               "paged_score: fpart must be [P, H, S >= 3, D]");
@@ -69,16 +52,12 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
   const int64_t BS = block_size;
   TORCH_CHECK(ipart.size(1) == H && ipart.size(2) == 2 && BS > 0 && BS <= (1 << 20),
               "paged_score: ipart does not match fpart, or bad block_size");
-  const int32_t fdt = dtype_code(fpart, "fpart");
+  const int32_t fdt = view_dtype(fpart, "paged_score", "fpart", true);
   TORCH_CHECK(paged_score_supported(fdt, static_cast<int32_t>(D), static_cast<int32_t>(G)),
               "paged_score: not compiled for head dim ", D, " and ", G,
               " query heads per KV head (head dims 32/64/128/256, up to 16 heads)");
   // The kernel reads summary rows as 16-byte vectors.
-  const int64_t vec = 16 / fpart.element_size();
-  TORCH_CHECK(fpart.stride(3) == 1 && fpart.stride(0) % vec == 0 && fpart.stride(1) % vec == 0 &&
-                  fpart.stride(2) % vec == 0 &&
-                  reinterpret_cast<uintptr_t>(fpart.data_ptr()) % 16 == 0,
-              "paged_score: fpart rows must be contiguous and 16-byte aligned");
+  TORCH_CHECK(rows_vec16(fpart), "paged_score: fpart rows must be contiguous and 16-byte aligned");
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) >= B &&
                   (block_table.stride(1) == 1 || block_table.size(1) <= 1),
               "paged_score: block_table must be [>=B, max_blocks] with unit stride along dim 1");
@@ -114,7 +93,7 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
   v.q_sb = query.stride(0);
   v.q_sh = query.stride(1);
   v.q_sd = query.stride(2);
-  v.q_dtype = dtype_code(query, "query");
+  v.q_dtype = view_dtype(query, "paged_score", "query", true);
   v.fp = fpart.data_ptr();
   v.fp_s0 = fpart.stride(0);
   v.fp_s1 = fpart.stride(1);
@@ -151,8 +130,7 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
   v.cap = static_cast<float>(cap);
 
   const c10::DeviceGuard guard(dev);
-  void* stream = c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).getStream(dev).native_handle();
-  const int err = paged_score_launch(v, stream);
+  const int err = paged_score_launch(v, current_stream(dev));
   TORCH_CHECK(err == 0, "paged_score: kernel launch failed (",
               err == kPagedScoreUnsupported ? "unsupported shape" : "CUDA error code ", err, ")");
 }
