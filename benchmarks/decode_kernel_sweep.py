@@ -191,11 +191,6 @@ VARIANTS = [
     ("attend zones retrieved", "attend", dict(ZONES=2)),
     ("attend zones estimated", "attend", dict(ZONES=4)),
     ("attend zones steady+retrieved", "attend", dict(ZONES=3)),
-    # Work that reads nothing the previous kernel writes, before PDL's wait: the
-    # attention kernel's query and steady zone, the key kernel's first pool pages.
-    ("attend steady before wait", "attend", dict(SW=True)),
-    ("key pages before wait", "key", dict(SW=True)),
-    ("before wait both", "multi", {"attend": dict(SW=True), "key": dict(SW=True)}),
     # The wave variant of the attention kernel at batches above SMALL_BATCH
     # (triton_decode.TUNE_WAVE; with --wave): its own retrieved tile.
     ("wave attend TR32", "wave_attend", dict(TR=32)),

@@ -125,7 +125,7 @@ def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict
         compiled[key] = len(k.asm["cubin"])
         extra = ""
         if self.__name__ in RESOURCES:
-            flags = {n: consts[n] for n in ("WAVE", "PDL", "Q8", "ISO", "ERR", "BAND", "SW")
+            flags = {n: consts[n] for n in ("WAVE", "PDL", "Q8", "ISO", "ERR", "BAND")
                      if n in consts and consts[n]}
             dt = next((v for n, v in sig.items() if n == "kv_ptr"), "")
             extra = f" {dt} {flags}: {resource_usage(k.asm['cubin'])}"
@@ -223,18 +223,6 @@ def decode_launches() -> None:
                                                          out, ws)
                 finally:
                     td.TUNE["attend"], td.TUNE_SMALL_BATCH["attend"] = big_a, small_a
-            # The work before PDL's wait (the sweep's "before wait" variants), bf16.
-            if dtype == torch.bfloat16:
-                saved = {k: (dict(td.TUNE[k]), dict(td.TUNE_SMALL_BATCH[k]))
-                         for k in ("attend", "key")}
-                try:
-                    for k in ("attend", "key"):
-                        td.TUNE[k]["SW"] = td.TUNE_SMALL_BATCH[k]["SW"] = True
-                    td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8,
-                                                     sink_end(RetroConfig(), bs), 0.1, out, ws)
-                finally:
-                    for k, (big_k, small_k) in saved.items():
-                        td.TUNE[k], td.TUNE_SMALL_BATCH[k] = big_k, small_k
             # The attention kernel's 8-bit mean values (mean_value_bits 8).
             pool8v = IndexPool(lay, nb, summary_bits=8, mean_value_bits=8)
             td.paged_decode_attention_triton(q, kv, lay, bt, sl, hdr, ibt, pool8v,

@@ -401,18 +401,13 @@ def _two_rows_checked(seed: int, n_ret: int, n_est: int, **pool_kw):
     ("score", "XR", dict(CH=16), "error"),
     ("attend", "XR", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
     ("attend", "PRE", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
-    ("attend", "SW", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
-    ("key", "SW", dict(CHE=16), "mass"),
-    ("key", "SW", dict(CHE=16), "error"),
 ])
 @pytest.mark.parametrize("bits", [16, 8])
 def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, bits):
     """Two forms of a kernel that must compute the same values: the score kernel's
     element-wise work on the query heads' rows (``XR``) and on the products' rows; the
     attention kernel's softmax on the query heads' rows (``XR``) and on the products'
-    rows; its zones' first addresses loaded up front (``PRE``) and in turn; the
-    steady zone before the wait for the selection (``SW``), and the key kernel's
-    pool pages one tile ahead (``SW``). Bit-equal
+    rows; its zones' first addresses loaded up front (``PRE``) and in turn. Bit-equal
     outputs and logits, each the twin's, over several tiles (and retrieved groups) per
     program and a partial last tile; ``rank`` "error": the score kernel also stores
     the variance terms the error rank reads."""

@@ -1031,7 +1031,7 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
                 EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False, rgh_ptr=None,
                 ERR: tl.constexpr = False, tv_ptr=None, keys2_ptr=None, emax_ptr=None,
                 BAND: tl.constexpr = False, RI=1, bd_ptr=None, bd_s0=0, bd_s1=0,
-                ph_ptr=None, PHASE: tl.constexpr = False, SW: tl.constexpr = False):
+                ph_ptr=None, PHASE: tl.constexpr = False):
     """Program (row*H + head, p): keys of the entries of range p and their digit
     histogram, added atomically to the row-head's histogram. BAND: as the score
     kernel's (a row re-ranking its band has the band's entries). Tiles are ``[G4, CHE]``
@@ -1046,11 +1046,7 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     p_g t_g`` (its share of each query head's attention among the entries times
     the uncapped variance term, :func:`~.reference.error_proxy`), at ``keys2``
     (packed as the keys), and the row-head's largest error key (atomic max at
-    ``emax``, zeroed by the score kernel).
-
-    SW: the first tile's pool pages (index table or band table: neither is written
-    by the score kernel) are read before the wait for it (PDL's ``_pdl_wait``) and
-    each tile's successor's during the tile: the same keys (bit-equal)."""
+    ``emax``, zeroed by the score kernel)."""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -1065,12 +1061,6 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
         rr, C, NS = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI, ph_ptr, PHASE)
         if p >= NS:
             return
-    lo, hi, per = _range(C, p, NS, PK)
-    if SW:
-        # (int32 until used: a tile ahead in 64 bits would cost 8 registers more)
-        i = lo + tl.arange(0, CHE)
-        valid = i < hi
-        eblk = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND)
     _pdl_wait(PDL)
     g = tl.arange(0, G4)
     gm = g < G
@@ -1088,25 +1078,21 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     has = tot > 0
     lse = mx_safe + tl.log(tl.where(has, tot, 1.0))
     mean_bits = _mean_bits(C, G)
+    lo, hi, per = _range(C, p, NS, PK)
     hist = tl.zeros([NB], tl.int32)
     bad = tl.zeros([CHE], tl.int32)
     emax = tl.zeros([CHE], tl.int32)
     for i0 in range(lo, hi, CHE):
-        if not SW:
-            i = i0 + tl.arange(0, CHE)
-            valid = i < hi
-            eblk = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND)
-        lg = tl.load(lg_ptr + eblk.to(tl.int64)[None, :] * (H * G) + h * G + g[:, None],
+        i = i0 + tl.arange(0, CHE)
+        valid = i < hi
+        eblk = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND).to(tl.int64)
+        lg = tl.load(lg_ptr + eblk[None, :] * (H * G) + h * G + g[:, None],
                      mask=gm[:, None] & valid[None, :], other=_NEG_INF)
-        if SW:
-            i_n = i0 + CHE + tl.arange(0, CHE)
-            valid_n = i_n < hi
-            eblk_n = _entry_pages(ix_row, i_n, valid_n, rr, bd_ptr, bd_s0, bd_s1, h, BAND)
         pr = tl.where(has[:, None], tl.exp(lg - lse[:, None]), 0.0)
         key = tl.sum(pr, 0).to(tl.int32, bitcast=True)   # score >= 0: bits sort as floats
         tl.store(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), key, mask=valid)
         if ERR:
-            tv = tl.load(tv_ptr + eblk.to(tl.int64)[None, :] * (H * G) + h * G + g[:, None],
+            tv = tl.load(tv_ptr + eblk[None, :] * (H * G) + h * G + g[:, None],
                          mask=gm[:, None] & valid[None, :], other=0.0)
             err = tl.maximum(tl.sum(pr * tv, 0), 0.0).to(tl.int32, bitcast=True)
             tl.store(_packed(keys2_ptr, ix_row, h, i, valid, H, PK, PK, 1), err, mask=valid)
@@ -1114,8 +1100,6 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
         dg = tl.where(valid, _digit(key, mean_bits, SUB, NB, WIN), 0)
         hist += tl.histogram(dg, NB)
         bad += (valid == 0).to(tl.int32)
-        if SW:
-            i, valid, eblk = i_n, valid_n, eblk_n
     # Masked-out lanes were counted in bin 0.
     hist -= tl.where(tl.arange(0, NB) == 0, tl.sum(bad, 0), 0)
     # Relaxed: only later launches read the sums, and the default acq_rel puts a full
@@ -2038,8 +2022,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    MV8: tl.constexpr = False, VC: tl.constexpr = False,
                    EPB: tl.constexpr = 1, XR: tl.constexpr = False,
                    PRE: tl.constexpr = False, QB: tl.constexpr = False,
-                   PB: tl.constexpr = False, ZONES: tl.constexpr = 7,
-                   SW: tl.constexpr = False):
+                   PB: tl.constexpr = False, ZONES: tl.constexpr = 7):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
@@ -2076,12 +2059,6 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     probabilities enter the value products rounded to the cache's dtype, one product
     instead of two (as FlashAttention's; not bit-equal).
 
-    SW (without PRE): the query and the steady zone are read and attended before the
-    wait for the list kernel (PDL's ``_pdl_wait``): they read nothing an earlier
-    kernel of the layer writes (the query and the cache are complete before the
-    layer's first kernel starts), so under PDL the steady zone's chain overlaps the
-    list kernel's tail. The same operations in the same order: bit-equal outputs.
-
     ZONES (a measurement knob, never set by the backend): the zones whose loops run,
     bit 1 the steady zone, 2 the retrieved clusters, 4 the estimated ones (7, all:
     the attention). A sweep times the kernel with some loops left out to see what
@@ -2106,11 +2083,9 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     indexed = E > 0
     n_steady = tl.where(indexed, S + L - E, L)
     split = tl.where(indexed, S, L)      # steady index j >= split lies at E + j - split
-    EARLY: tl.constexpr = SW and not PRE
-    if not EARLY:
-        _pdl_wait(PDL)
-        n_ret = tl.where(indexed, tl.load(cnt_ptr + rh * 2), 0)
-        n_est = tl.where(indexed, tl.load(cnt_ptr + rh * 2 + 1), 0)
+    _pdl_wait(PDL)
+    n_ret = tl.where(indexed, tl.load(cnt_ptr + rh * 2), 0)
+    n_est = tl.where(indexed, tl.load(cnt_ptr + rh * 2 + 1), 0)
 
     # The products' forms (:func:`_dot`): the logits' (QN) and the values' (PN).
     QN: tl.constexpr = 2 if (NATIVE and QB) else (1 if NATIVE else 0)
@@ -2167,11 +2142,6 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
         m_i, l_i, acc = _attend_kv(q, s_k, s_v, s_ok, m_i, l_i, acc, scale, QN, PN,
                                    PREC, GP, G4, XR)
         s_blk, s_off, s_ok = s_blk_n, s_off_n, s_ok_n
-    if EARLY:
-        # The selection's outputs from here on.
-        _pdl_wait(PDL)
-        n_ret = tl.where(indexed, tl.load(cnt_ptr + rh * 2), 0)
-        n_est = tl.where(indexed, tl.load(cnt_ptr + rh * 2 + 1), 0)
 
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
     # concatenated and attended TR at a time (positions [start, start + size)).
