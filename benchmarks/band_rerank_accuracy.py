@@ -16,7 +16,17 @@ with its clusters chosen from the query ``lag`` steps earlier:
   cluster outside it skipped. This is what the decode kernels do between full
   rankings (the kernels' bucket ties aside).
 
-``lag`` 0 is the full ranking every step (both modes equal it). With ``--isotropic``
+Two more modes ask whether the ranking needs this step's normalization (the
+softmax over the clusters per query head, which is why the GPU ranks in a kernel of
+its own after the scores: the key kernel):
+
+* ``znorm``: each query head's log-sum-exp over the clusters taken from the query
+  ``lag`` steps earlier (a value the previous step could leave behind), the current
+  query's log-masses normalized by it and summed over the GQA group;
+* ``raw``: no per-head normalization at all (the masses summed over the group
+  relative to the largest; ``lag`` does not enter).
+
+``lag`` 0 is the full ranking every step (every mode but ``raw`` equals it). With ``--isotropic``
 every cluster's key variance is its mean over channels (the GPU's ``variance_form``
 "isotropic", which the options would combine with), for ranking and estimate. Reported: median and
 90th percentile of the relative error of the attention output (per query head,
@@ -51,6 +61,7 @@ from vllm_retro.attention import full_attention, group_query  # noqa: E402
 from vllm_retro.wave_index import ClusterSelection  # noqa: E402
 
 MODES = ("stale", "band")
+ALL_MODES = MODES + ("znorm", "raw")
 
 
 class LaggedIndex(WaveIndex):
@@ -61,6 +72,21 @@ class LaggedIndex(WaveIndex):
     mode = "band"
 
     def select_clusters(self, q, scale, steady_lse, observe=False):
+        if self.mode in ("znorm", "raw"):
+            # Same budget and sets' sizes as the full ranking; another order.
+            cur = super().select_clusters(q, scale, steady_lse, observe)
+            lg = cur.log_mass                                    # [H, G, C]
+            if self.mode == "raw":
+                ref = lg.amax(dim=(1, 2), keepdim=True)
+            elif self.selection_query is None:
+                ref = torch.logsumexp(lg, -1, keepdim=True)
+            else:
+                qs = group_query(self.selection_query.to(q.dtype), self.num_kv_heads)
+                ref = torch.logsumexp(self.cluster_log_mass(qs, scale), -1, keepdim=True)
+            score = torch.exp(lg - ref).nan_to_num(0.0).sum(1)  # [H, C]
+            order = torch.argsort(score, dim=1, descending=True, stable=True)
+            return ClusterSelection(order, cur.retrieved_valid, order, cur.estimated_valid,
+                                    cur.k_retrieved, lg)
         if self.selection_query is None:
             return super().select_clusters(q, scale, steady_lse, observe)
         qs = group_query(self.selection_query.to(q.dtype), self.num_kv_heads)
@@ -81,7 +107,7 @@ class LaggedIndex(WaveIndex):
 
 
 def evaluate(text: str, layers: Sequence[int], lags: Sequence[int], num_queries: int,
-             isotropic: bool = False) -> Dict[str, dict]:
+             isotropic: bool = False, modes: Sequence[str] = MODES) -> Dict[str, dict]:
     cap = torch.load(capture_qkv.default_out(text), weights_only=False)
     qpos = [int(x) for x in cap["query_positions"]]
     if any(b - a != 1 for a, b in zip(qpos, qpos[1:])):
@@ -90,7 +116,7 @@ def evaluate(text: str, layers: Sequence[int], lags: Sequence[int], num_queries:
     first = len(qpos) - num_queries
     if first < max(lags):
         raise SystemExit(f"{text}: {len(qpos)} positions, need {num_queries} + {max(lags)}")
-    errs: Dict[tuple, List[torch.Tensor]] = {(m, g): [] for m in MODES for g in lags}
+    errs: Dict[tuple, List[torch.Tensor]] = {(m, g): [] for m in modes for g in lags}
     read: List[float] = []
     for layer in layers:
         K, V, Q = cap["keys"][layer], cap["values"][layer], cap["queries"][layer]
@@ -103,7 +129,7 @@ def evaluate(text: str, layers: Sequence[int], lags: Sequence[int], num_queries:
                 simulate_variance_term(idx, "isotropic")
             kp, vp = K[:, :p + 1].double(), V[:, :p + 1].double()
             ref = full_attention(Q[i].double(), kp, vp, scale)
-            for mode in MODES:
+            for mode in modes:
                 idx.mode = mode
                 for lag in lags:
                     idx.selection_query = Q[i - lag].float() if lag else None
@@ -111,8 +137,8 @@ def evaluate(text: str, layers: Sequence[int], lags: Sequence[int], num_queries:
                     errs[(mode, lag)].append(B.rel_error(out, ref))
                     if mode == "band" and lag == 0:
                         read.append(idx.last_stats.exact_fraction)
-    res = {"exact_fraction": sum(read) / len(read), "modes": {}}
-    for mode in MODES:
+    res = {"exact_fraction": sum(read) / max(1, len(read)), "modes": {}}
+    for mode in modes:
         res["modes"][mode] = {}
         for lag in lags:
             e = torch.cat(errs[(mode, lag)]).double()
@@ -130,7 +156,9 @@ def plot(res: dict, path: str) -> None:
     for ax, metric, title in ((axes[0], "rel_err_median", "median"),
                               (axes[1], "rel_err_p90", "90th percentile")):
         for t in texts:
-            for mode, ls in (("band", "-"), ("stale", ":")):
+            for mode, ls in (("band", "-"), ("stale", ":"), ("znorm", "--"), ("raw", "-.")):
+                if mode not in res["texts"][t]["modes"]:
+                    continue
                 d = res["texts"][t]["modes"][mode]
                 lags = sorted(int(k) for k in d)
                 ax.plot(lags, [100 * d[str(g)][metric] for g in lags], ls, marker="o",
@@ -139,7 +167,8 @@ def plot(res: dict, path: str) -> None:
         ax.set_ylabel("relative error of the output (%)")
         ax.set_title(title)
     axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle("band re-ranking (solid) vs the stale selection (dotted); SmolLM2-135M, "
+    fig.suptitle("band re-ranking (solid), stale selection (dotted), earlier "
+                 "normalization (dashed), none (dash-dot); SmolLM2-135M, "
                  f"layers {','.join(map(str, res['layers']))}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -154,8 +183,13 @@ def main() -> None:
     ap.add_argument("--num-queries", type=int, default=32)
     ap.add_argument("--isotropic", action="store_true",
                     help="each cluster's key variance as its mean over channels")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"comma-separated, of {','.join(ALL_MODES)}")
     ap.add_argument("--out", default="benchmarks/results/accuracy_band_rerank.json")
     a = ap.parse_args()
+    modes = a.modes.split(",")
+    if not modes or any(m not in ALL_MODES for m in modes):
+        raise SystemExit(f"--modes: choose from {','.join(ALL_MODES)}")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     layers = [int(x) for x in a.layers.split(",")]
     lags = [int(x) for x in a.lags.split(",")]
@@ -167,11 +201,11 @@ def main() -> None:
            "num_queries": a.num_queries, "isotropic_variance": a.isotropic,
            "wave_config": BASE_CONFIG.to_dict(), "texts": {}}
     for text in a.texts.split(","):
-        res["texts"][text] = evaluate(text, layers, lags, a.num_queries, a.isotropic)
+        res["texts"][text] = evaluate(text, layers, lags, a.num_queries, a.isotropic, modes)
         m = res["texts"][text]["modes"]
         print(text, " ".join(f"{mode}[{g}] {100 * m[mode][g]['rel_err_median']:.2f}/"
                              f"{100 * m[mode][g]['rel_err_p90']:.2f}"
-                             for mode in MODES for g in m[mode]), flush=True)
+                             for mode in modes for g in m[mode]), flush=True)
     res["seconds"] = round(time.time() - t0, 1)
     write_json(res, a.out)
     plot(res, a.out.rsplit(".", 1)[0] + ".png")
