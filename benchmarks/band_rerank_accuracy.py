@@ -24,7 +24,13 @@ its own after the scores: the key kernel):
   ``lag`` steps earlier (a value the previous step could leave behind), the current
   query's log-masses normalized by it and summed over the GQA group;
 * ``raw``: no per-head normalization at all (the masses summed over the group
-  relative to the largest; ``lag`` does not enter).
+  relative to the largest; ``lag`` does not enter);
+* ``rawbin``: ``raw``'s keys relative to the largest log-mass of the query ``lag``
+  steps earlier, selected as the kernels' bucket selection would with a window of
+  the same 16 binades whose top is the binade above the group size (the keys'
+  bound when the reference is this query's own largest): keys above or below the
+  window share its end bins, ties to the lower cluster. What a score kernel writing
+  its own keys with the previous step's reference would select.
 
 ``lag`` 0 is the full ranking every step (every mode but ``raw`` equals it). With ``--isotropic``
 every cluster's key variance is its mean over channels (the GPU's ``variance_form``
@@ -58,10 +64,11 @@ from accuracy_vs_budget import (BASE_CONFIG, simulate_variance_term,  # noqa: E4
                                 write_json)
 from vllm_retro import WaveIndex  # noqa: E402
 from vllm_retro.attention import full_attention, group_query  # noqa: E402
+from vllm_retro.kernels import reference as R  # noqa: E402
 from vllm_retro.wave_index import ClusterSelection  # noqa: E402
 
 MODES = ("stale", "band")
-ALL_MODES = MODES + ("znorm", "raw")
+ALL_MODES = MODES + ("znorm", "raw", "rawbin")
 
 
 class LaggedIndex(WaveIndex):
@@ -72,10 +79,12 @@ class LaggedIndex(WaveIndex):
     mode = "band"
 
     def select_clusters(self, q, scale, steady_lse, observe=False):
-        if self.mode in ("znorm", "raw"):
+        if self.mode in ("znorm", "raw", "rawbin"):
             # Same budget and sets' sizes as the full ranking; another order.
             cur = super().select_clusters(q, scale, steady_lse, observe)
             lg = cur.log_mass                                    # [H, G, C]
+            if self.mode == "rawbin":
+                return self._bucketed_raw(q, scale, cur)
             if self.mode == "raw":
                 ref = lg.amax(dim=(1, 2), keepdim=True)
             elif self.selection_query is None:
@@ -104,6 +113,33 @@ class LaggedIndex(WaveIndex):
         order = torch.cat([order, prev.retrieved[:, nb:]], 1)
         return ClusterSelection(order, prev.retrieved_valid, order, prev.estimated_valid,
                                 prev.k_retrieved, lg)
+
+
+    def _bucketed_raw(self, q, scale, cur):
+        """``rawbin``'s selection (see the module doc), as a ranking whose first
+        ``n_ret`` are the retrieved and next ``n_est`` the estimated clusters."""
+        lg = cur.log_mass                                        # [H, G, C]
+        qs = q if self.selection_query is None else \
+            group_query(self.selection_query.to(q.dtype), self.num_kv_heads)
+        ref = self.cluster_log_mass(qs, scale).amax(dim=(1, 2), keepdim=True)
+        key = torch.exp(lg - ref).nan_to_num(0.0).sum(1).float()  # [H, C]
+        g = lg.shape[1]
+        top = ((int(torch.tensor(float(g)).view(torch.int32)) >> 23) + 1) << R.SUB_BITS
+        bits = key.view(torch.int32).long() >> (23 - R.SUB_BITS)
+        dg = (bits - (top - R.NBINS)).clamp(0, R.NBINS - 1)
+        n_ret, n_est = self.budget()
+        c = self.num_clusters
+        n_ret, n_est = min(n_ret, c), max(0, min(n_est, c - n_ret))
+        orders = []
+        for h in range(key.shape[0]):
+            ret, est = R.bucket_selection(key[h], n_ret, n_est, g, digits=dg[h])
+            used = torch.zeros(c, dtype=torch.bool)
+            used[ret] = used[est] = True
+            rest = torch.nonzero(~used).flatten()
+            orders.append(torch.cat([ret, est, rest]))
+        order = torch.stack(orders).to(lg.device)
+        return ClusterSelection(order, cur.retrieved_valid, order, cur.estimated_valid,
+                                cur.k_retrieved, lg)
 
 
 def evaluate(text: str, layers: Sequence[int], lags: Sequence[int], num_queries: int,
@@ -156,19 +192,21 @@ def plot(res: dict, path: str) -> None:
     for ax, metric, title in ((axes[0], "rel_err_median", "median"),
                               (axes[1], "rel_err_p90", "90th percentile")):
         for t in texts:
-            for mode, ls in (("band", "-"), ("stale", ":"), ("znorm", "--"), ("raw", "-.")):
+            for mode, ls in (("band", "-"), ("stale", ":"), ("znorm", "--"), ("raw", "-."),
+                             ("rawbin", (0, (1, 1)))):
                 if mode not in res["texts"][t]["modes"]:
                     continue
                 d = res["texts"][t]["modes"][mode]
                 lags = sorted(int(k) for k in d)
-                ax.plot(lags, [100 * d[str(g)][metric] for g in lags], ls, marker="o",
+                ax.plot(lags, [100 * d[str(g)][metric] for g in lags], linestyle=ls, marker="o",
                         label=f"{t} {mode}")
         ax.set_xlabel("steps since the full ranking (lag)")
         ax.set_ylabel("relative error of the output (%)")
         ax.set_title(title)
     axes[1].legend(fontsize=7, ncol=2)
     fig.suptitle("band re-ranking (solid), stale selection (dotted), earlier "
-                 "normalization (dashed), none (dash-dot); SmolLM2-135M, "
+                 "normalization (dashed), none (dash-dot), none bucketed (dense dots); "
+                 "SmolLM2-135M, "
                  f"layers {','.join(map(str, res['layers']))}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -99,15 +99,17 @@ def score_digits(score: torch.Tensor, group: int) -> torch.Tensor:
     return ((key >> (23 - SUB_BITS)) - lo).clamp(0, NBINS - 1)
 
 
-def bucket_selection(score: torch.Tensor, n_ret: int, n_est: int, group: int
+def bucket_selection(score: torch.Tensor, n_ret: int, n_est: int, group: int,
+                     digits: Optional[torch.Tensor] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(retrieved, estimated) entry indices, in entry order, of the "bucket"
     selection: scores in one histogram bin (:func:`score_digits`: 1/32 of a binade,
     within ~2% of each other) count as equal, ties to the lower entry. The
     retrieved are the ``n_ret`` largest so ranked, the estimated the next
     ``n_est``: the exact selection's counts, its sets up to the order inside the
-    threshold bins."""
-    dg = score_digits(score, group)
+    threshold bins. ``digits``: the bins, if placed otherwise than
+    :func:`score_digits` places them (``[C]`` in ``[0, NBINS)``)."""
+    dg = score_digits(score, group) if digits is None else digits
     c = dg.numel()
     hist = torch.bincount(dg, minlength=NBINS)
     ge = c - hist.cumsum(0) + hist                             # keys in bins >= b
