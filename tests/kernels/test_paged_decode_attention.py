@@ -1099,6 +1099,13 @@ def test_bucket_selection_twin_edges():
     order = torch.argsort(score, descending=True)
     assert set(ret.tolist()) == set(order[:4].tolist())
     assert set(est.tolist()) == set(order[4:14].tolist())
+    # Bins placed by the caller: the default placement given explicitly selects the
+    # same; bins that reverse the order select the other end.
+    dg = reference.score_digits(score, g)
+    r2, e2 = reference.bucket_selection(score, 4, 10, g, digits=dg)
+    assert torch.equal(r2, ret) and torch.equal(e2, est)
+    r3, _ = reference.bucket_selection(score, 4, 0, g, digits=reference.NBINS - 1 - dg)
+    assert set(r3.tolist()) == set(order[-4:].tolist())
     with pytest.raises(ValueError, match="select"):
         reference.paged_decode_attention(torch.zeros(1, 2, 4), torch.zeros(1, 1, 1, 8),
                                          None, None, None, None, None, None, 0, 1.0,
