@@ -32,15 +32,17 @@ its own after the scores: the key kernel):
   window share its end bins, ties to the lower cluster. What a score kernel writing
   its own keys with the previous step's reference would select.
 
-``lag`` 0 is the full ranking every step (every mode but ``raw`` equals it). With ``--isotropic``
-every cluster's key variance is its mean over channels (the GPU's ``variance_form``
-"isotropic", which the options would combine with), for ranking and estimate. Reported: median and
-90th percentile of the relative error of the attention output (per query head,
-against float64 full attention), per text and mode and lag, and the fraction of
-tokens read exactly. Default options of ``accuracy_vs_budget.py`` (segment_size
-2048, no token floor: ~3.5% read at 8K).
+``lag`` 0 is the full ranking every step (``stale``, ``band`` and ``znorm`` equal it).
+With ``--isotropic`` every cluster's key variance is its mean over channels (the
+GPU's ``variance_form`` "isotropic", which the options would combine with), for
+ranking and estimate. Reported: median and 90th percentile of the relative error of
+the attention output (per query head, against float64 full attention), per text
+and mode and lag, and the fraction of tokens read exactly. Default options of
+``accuracy_vs_budget.py`` (segment_size 2048, no token floor: ~3.5% read at 8K).
 
     python benchmarks/band_rerank_accuracy.py --texts code,prose,json,table,needles
+    python benchmarks/band_rerank_accuracy.py --modes band,znorm,raw,rawbin \
+        --lags 0,1,2,3 --out benchmarks/results/accuracy_rank_norm.json
 """
 
 from __future__ import annotations
@@ -114,7 +116,6 @@ class LaggedIndex(WaveIndex):
         return ClusterSelection(order, prev.retrieved_valid, order, prev.estimated_valid,
                                 prev.k_retrieved, lg)
 
-
     def _bucketed_raw(self, q, scale, cur):
         """``rawbin``'s selection (see the module doc), as a ranking whose first
         ``n_ret`` are the retrieved and next ``n_est`` the estimated clusters."""
@@ -171,9 +172,9 @@ def evaluate(text: str, layers: Sequence[int], lags: Sequence[int], num_queries:
                     idx.selection_query = Q[i - lag].float() if lag else None
                     out = idx.attend(Q[i].float(), scale)
                     errs[(mode, lag)].append(B.rel_error(out, ref))
-                    if mode == "band" and lag == 0:
+                    if mode == modes[0] and lag == 0:
                         read.append(idx.last_stats.exact_fraction)
-    res = {"exact_fraction": sum(read) / max(1, len(read)), "modes": {}}
+    res = {"exact_fraction": sum(read) / len(read), "modes": {}}
     for mode in modes:
         res["modes"][mode] = {}
         for lag in lags:
@@ -198,8 +199,8 @@ def plot(res: dict, path: str) -> None:
                     continue
                 d = res["texts"][t]["modes"][mode]
                 lags = sorted(int(k) for k in d)
-                ax.plot(lags, [100 * d[str(g)][metric] for g in lags], linestyle=ls, marker="o",
-                        label=f"{t} {mode}")
+                ax.plot(lags, [100 * d[str(g)][metric] for g in lags], linestyle=ls,
+                        marker="o", label=f"{t} {mode}")
         ax.set_xlabel("steps since the full ranking (lag)")
         ax.set_ylabel("relative error of the output (%)")
         ax.set_title(title)
