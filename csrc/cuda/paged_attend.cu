@@ -42,8 +42,6 @@ constexpr int kUnroll = 4;
 constexpr int kMaxG = 4;     // query heads per KV head (8 would spill at 128 registers)
 constexpr int kBatch = 32;   // retrieved clusters read per batch (one per lane of warp 0)
 constexpr int kBS = 16;      // tokens per KV block (vLLM's block size for retro)
-constexpr int kPK = 16;      // list items per (page, head) (triton_decode.PACK)
-constexpr int kLW = 2 * kPK; // list words per (page, head) (triton_decode.LIST_WORDS)
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -202,7 +200,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) paged_attend_kernel(const Page
   const T* kv = static_cast<const T*>(v.kv);
   const T* fp = static_cast<const T*>(v.fp);
   const int64_t head_off = int64_t(h) * v.kv_s1 + 8 * dl;
-  const int64_t lists_page = int64_t(H) * kLW;
+  const int64_t lists_page = int64_t(H) * kListWords;
 
   // This lane's 8 dims of the G query rows, in fp32.
   float q[G][8];
@@ -289,8 +287,8 @@ __global__ void __launch_bounds__(kWarps * 32, 4) paged_attend_kernel(const Page
       const int mm = m0 + u * NSLOT + slot;
       ok[u] = mm < ne_mine;
       const unsigned k = unsigned(n_ret + p + NS * mm);
-      page[u] = ok[u] ? __ldg(v.lists + int64_t(__ldg(ix_row + k / kPK)) * lists_page +
-                              int64_t(h) * kLW + 2 * (k % kPK))
+      page[u] = ok[u] ? __ldg(v.lists + int64_t(__ldg(ix_row + k / kListItems)) * lists_page +
+                              int64_t(h) * kListWords + 2 * (k % kListItems))
                       : 0;
     }
   };
@@ -301,8 +299,8 @@ __global__ void __launch_bounds__(kWarps * 32, 4) paged_attend_kernel(const Page
     const int c = c0 + lane;
     if (warp == 0 && c < nc_mine) {
       const unsigned k = unsigned(p + NS * c);
-      const int32_t* e = v.lists + int64_t(__ldg(ix_row + k / kPK)) * lists_page +
-                         int64_t(h) * kLW + 2 * (k % kPK);
+      const int32_t* e = v.lists + int64_t(__ldg(ix_row + k / kListItems)) * lists_page +
+                         int64_t(h) * kListWords + 2 * (k % kListItems);
       st = __ldg(e);
       sz = max(__ldg(e + 1), 0);
     }
@@ -508,8 +506,7 @@ bool paged_attend_supported(int32_t dtype, int32_t head_dim, int32_t group_size,
 }
 
 int paged_attend_launch(const PagedAttendView& v, void* stream) {
-  if (!paged_attend_supported(v.dtype, v.D, v.G, v.BS) || v.PK != kPK || v.LW != kLW)
-    return kPagedAttendUnsupported;
+  if (!paged_attend_supported(v.dtype, v.D, v.G, v.BS)) return kPagedAttendUnsupported;
   if (v.B <= 0 || v.H <= 0 || v.MSPLIT <= 0) return 0;
   const auto s = static_cast<cudaStream_t>(stream);
   if (v.dtype == kViewFloat16) return launch_dim<__half>(v, s);

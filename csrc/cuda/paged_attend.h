@@ -10,6 +10,11 @@
 
 namespace vllm_retro {
 
+// The selection lists' packing (vllm_retro/kernels/triton_decode.py PACK, LIST_WORDS):
+// items per (page, head) and their words (two per item).
+constexpr int kListItems = 16;
+constexpr int kListWords = 2 * kListItems;
+
 // Returned by paged_attend_launch for a shape/dtype it was not compiled for.
 constexpr int kPagedAttendUnsupported = -1;
 
@@ -35,9 +40,9 @@ struct PagedAttendView {
   const int32_t* hdr;  // headers [NB, HDR_WORDS]
   int64_t hdr_s0;
   const float* logits;    // [P, H, G]: an estimated cluster's log-mass per query head
-  const int32_t* lists;   // [P, H, LW]: (start, size) of a retrieved cluster, (page, -)
-                          // of an estimated one, item k of a row-head at page
-                          // ix[k / PK], words 2 (k % PK) and 2 (k % PK) + 1
+  const int32_t* lists;   // [P, H, kListWords]: (start, size) of a retrieved cluster,
+                          // (page, -) of an estimated one, item k of a row-head at page
+                          // ix[k / kListItems], words 2 (k % kListItems) and that + 1
   const int32_t* counts;  // [>=B*H, 2]: retrieved, estimated clusters
   float* part_o;          // [>= B*H*MSPLIT*G, D]
   float* part_m;          // [>= B*H*MSPLIT*G]
@@ -48,7 +53,6 @@ struct PagedAttendView {
   int32_t dtype, out_dtype;
   int32_t B, H, G, D, BS;
   int32_t S;       // sink_end: first clustered position
-  int32_t LW, PK;  // list words per (page, head), items per page
   int32_t TGT, MSPLIT, DYN;  // the split (Triton's _program)
   float scale;
 };

@@ -77,8 +77,10 @@ void paged_attend_cuda(const at::Tensor& query, const at::Tensor& kv_cache,
                   counts.size(1) == 2 && tickets.size(0) >= B * H,
               "paged_attend: block_table / seq_lens / counts / tickets have too few rows");
   TORCH_CHECK(logits.dim() == 3 && logits.size(0) >= fpart.size(0) && logits.size(1) == H &&
-                  logits.size(2) == G && lists.size(0) >= fpart.size(0) && lists.size(1) == H,
-              "paged_attend: logits [>=P, H, G] and lists [>=P, H, LW] expected");
+                  logits.size(2) == G && lists.size(0) >= fpart.size(0) && lists.size(1) == H &&
+                  lists.size(2) == kListWords,
+              "paged_attend: logits [>=P, H, G] and lists [>=P, H, ", kListWords,
+              "] expected");
   TORCH_CHECK(max_split >= 1 && max_split <= 65535 && target_programs >= 1 && sink_end >= 0,
               "paged_attend: bad split or sink_end");
   // The partials the launch can write: rows (r*H + h)*NS + p for the rows in use.
@@ -129,8 +131,6 @@ void paged_attend_cuda(const at::Tensor& query, const at::Tensor& kv_cache,
   v.D = static_cast<int32_t>(D);
   v.BS = static_cast<int32_t>(BS);
   v.S = static_cast<int32_t>(sink_end);
-  v.LW = static_cast<int32_t>(lists.size(2));
-  v.PK = static_cast<int32_t>(lists.size(2) / 2);
   v.TGT = static_cast<int32_t>(target_programs);
   v.MSPLIT = static_cast<int32_t>(max_split);
   v.DYN = dynamic ? 1 : 0;

@@ -128,3 +128,29 @@ def test_ops_register_cuda_kernels(build):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and "registered" in run.stdout, run.stdout + run.stderr
+
+
+def _constants(path: str) -> dict:
+    """``constexpr int NAME = VALUE;`` of a header (values that are integers, or
+    ``2 * NAME`` of an earlier one)."""
+    out = {}
+    with open(os.path.join(ROOT, "csrc", "cuda", path)) as f:
+        for name, value in re.findall(r"constexpr int (\w+) = ([^;]+);", f.read()):
+            m = re.fullmatch(r"2 \* (\w+)", value.strip())
+            out[name] = 2 * out[m.group(1)] if m else int(value)
+    return out
+
+
+def test_cuda_constants_match_python():
+    """The CUDA views' header words, index words and list packing are the Python
+    side's (a renumbered header word must not leave the CUDA kernels reading another
+    one; nothing else would catch it without a GPU)."""
+    from vllm_retro.index import paged
+    from vllm_retro.kernels import triton_decode
+    common = _constants("view_common.h")
+    assert common["kHdrClusteredEnd"] == paged.HDR_CLUSTERED_END
+    assert common["kHdrIbtRow"] == paged.HDR_IBT_ROW
+    assert common["kIntSize"] == paged.I_SIZE and common["kIntStart"] == paged.I_START
+    attend = _constants("paged_attend.h")
+    assert attend["kListItems"] == triton_decode.PACK
+    assert attend["kListWords"] == triton_decode.LIST_WORDS
