@@ -49,6 +49,12 @@ inline bool rows_vec16(const at::Tensor& t) {
   return true;
 }
 
+// A view launcher's result: 0, else an error naming the op.
+inline void check_launch(const char* op, int err) {
+  TORCH_CHECK(err == 0, op, ": kernel launch failed (",
+              err == kViewUnsupported ? "unsupported shape" : "CUDA error code ", err, ")");
+}
+
 // The current CUDA stream of ``dev`` as the views' launchers take it.
 inline void* current_stream(const at::Device& dev) {
   return c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).getStream(dev).native_handle();

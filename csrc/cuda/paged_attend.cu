@@ -482,7 +482,7 @@ int launch_group(const PagedAttendView& v, cudaStream_t stream) {
     case 2: return launch<T, D, 2>(v, stream);
     case 3: return launch<T, D, 3>(v, stream);
     case 4: return launch<T, D, 4>(v, stream);
-    default: return kPagedAttendUnsupported;
+    default: return kViewUnsupported;
   }
 }
 
@@ -491,7 +491,7 @@ int launch_dim(const PagedAttendView& v, cudaStream_t stream) {
   switch (v.D) {
     case 64: return launch_group<T, 64>(v, stream);
     case 128: return launch_group<T, 128>(v, stream);
-    default: return kPagedAttendUnsupported;
+    default: return kViewUnsupported;
   }
 }
 
@@ -506,7 +506,7 @@ bool paged_attend_supported(int32_t dtype, int32_t head_dim, int32_t group_size,
 }
 
 int paged_attend_launch(const PagedAttendView& v, void* stream) {
-  if (!paged_attend_supported(v.dtype, v.D, v.G, v.BS)) return kPagedAttendUnsupported;
+  if (!paged_attend_supported(v.dtype, v.D, v.G, v.BS)) return kViewUnsupported;
   if (v.B <= 0 || v.H <= 0 || v.MSPLIT <= 0) return 0;
   const auto s = static_cast<cudaStream_t>(stream);
   if (v.dtype == kViewFloat16) return launch_dim<__half>(v, s);

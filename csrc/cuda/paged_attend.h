@@ -15,9 +15,6 @@ namespace vllm_retro {
 constexpr int kListItems = 16;
 constexpr int kListWords = 2 * kListItems;
 
-// Returned by paged_attend_launch for a shape/dtype it was not compiled for.
-constexpr int kPagedAttendUnsupported = -1;
-
 // Everything the last stage of the paged decode (Triton's _attend_kernel without the
 // wave buffer, 8-bit mean values or the value correction) reads and writes. Strides are
 // in elements of the tensor they index; the innermost stride of q, kv, fp and out is 1.
@@ -62,7 +59,7 @@ bool paged_attend_supported(int32_t dtype, int32_t head_dim, int32_t group_size,
                             int32_t block_size);
 
 // Launches the kernel on `stream` (a cudaStream_t). Returns 0, a cudaError_t code of
-// the launch, or kPagedAttendUnsupported.
+// the launch, or kViewUnsupported.
 int paged_attend_launch(const PagedAttendView& v, void* stream);
 
 }  // namespace vllm_retro

@@ -137,9 +137,7 @@ void paged_attend_cuda(const at::Tensor& query, const at::Tensor& kv_cache,
   v.scale = static_cast<float>(scale);
 
   const c10::DeviceGuard guard(dev);
-  const int err = paged_attend_launch(v, current_stream(dev));
-  TORCH_CHECK(err == 0, "paged_attend: kernel launch failed (",
-              err == kPagedAttendUnsupported ? "unsupported shape" : "CUDA error code ", err, ")");
+  check_launch("paged_attend", paged_attend_launch(v, current_stream(dev)));
 }
 
 }  // namespace vllm_retro

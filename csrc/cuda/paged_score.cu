@@ -340,7 +340,7 @@ int launch_group(const PagedScoreView& v, cudaStream_t stream) {
   if (v.G <= 4) return launch<T, D, 4>(v, stream);
   if (v.G <= 8) return launch<T, D, 8>(v, stream);
   if (v.G <= 16) return launch<T, D, 16>(v, stream);
-  return kPagedScoreUnsupported;
+  return kViewUnsupported;
 }
 
 template <typename T>
@@ -350,7 +350,7 @@ int launch_dim(const PagedScoreView& v, cudaStream_t stream) {
     case 64: return launch_group<T, 64>(v, stream);
     case 128: return launch_group<T, 128>(v, stream);
     case 256: return launch_group<T, 256>(v, stream);
-    default: return kPagedScoreUnsupported;
+    default: return kViewUnsupported;
   }
 }
 
@@ -364,7 +364,7 @@ bool paged_score_supported(int32_t fp_dtype, int32_t head_dim, int32_t group_siz
 }
 
 int paged_score_launch(const PagedScoreView& v, void* stream) {
-  if (!paged_score_supported(v.fp_dtype, v.D, v.G)) return kPagedScoreUnsupported;
+  if (!paged_score_supported(v.fp_dtype, v.D, v.G)) return kViewUnsupported;
   if (v.B <= 0 || v.H <= 0 || v.NS <= 0) return 0;
   const auto s = static_cast<cudaStream_t>(stream);
   switch (v.fp_dtype) {

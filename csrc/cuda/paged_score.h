@@ -14,9 +14,6 @@
 
 namespace vllm_retro {
 
-// Returned by paged_score_launch for a shape/dtype it was not compiled for.
-constexpr int kPagedScoreUnsupported = -1;
-
 // Everything stage 1 of the paged decode (Triton's _score_kernel) reads and writes.
 // Strides are in elements of the tensor they index. Meaning of the launch: grid
 // (B*H, NS); program (r*H + h, p) scores cluster entries p, p+NS, p+2NS, ... of row r,
@@ -68,7 +65,7 @@ struct PagedScoreView {
 bool paged_score_supported(int32_t fp_dtype, int32_t head_dim, int32_t group_size);
 
 // Launches the kernel on `stream` (a cudaStream_t). Returns 0, a cudaError_t code of
-// the launch, or kPagedScoreUnsupported.
+// the launch, or kViewUnsupported.
 int paged_score_launch(const PagedScoreView& v, void* stream);
 
 }  // namespace vllm_retro

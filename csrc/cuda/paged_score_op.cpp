@@ -130,9 +130,7 @@ void paged_score_cuda(const at::Tensor& query, const at::Tensor& fpart, const at
   v.cap = static_cast<float>(cap);
 
   const c10::DeviceGuard guard(dev);
-  const int err = paged_score_launch(v, current_stream(dev));
-  TORCH_CHECK(err == 0, "paged_score: kernel launch failed (",
-              err == kPagedScoreUnsupported ? "unsupported shape" : "CUDA error code ", err, ")");
+  check_launch("paged_score", paged_score_launch(v, current_stream(dev)));
 }
 
 }  // namespace vllm_retro

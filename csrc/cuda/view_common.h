@@ -14,6 +14,10 @@ enum ViewDtype : int32_t {
   kViewBFloat16 = 2,
 };
 
+// Returned by a view's launcher for a shape or dtype it was not compiled for (else
+// 0 or a cudaError_t code).
+constexpr int kViewUnsupported = -1;
+
 // Header columns (vllm_retro/index/paged.py HDR_CLUSTERED_END, HDR_IBT_ROW).
 constexpr int kHdrClusteredEnd = 0;
 constexpr int kHdrIbtRow = 4;
