@@ -186,6 +186,10 @@ VARIANTS = [
     # The attention kernel's parts (not attention: the loops of the other zones left
     # out; ZONES bits 1 steady, 2 retrieved, 4 estimated): what each zone and the
     # fixed part (prologue, partials, merge) cost.
+    # The key stage inside the score kernel (triton_decode.FUSE_KEYS: a barrier per
+    # row-head, no key kernel); bit-equal to the default, so compared exactly.
+    ("fuse keys", "fuse_keys", None),
+    ("fuse keys CHE256", "fuse_keys", dict(CHE=256)),
     ("attend zones none", "attend", dict(ZONES=0)),
     ("attend zones steady", "attend", dict(ZONES=1)),
     ("attend zones retrieved", "attend", dict(ZONES=2)),
@@ -309,6 +313,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     base_sel_pps = td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM
     base_score_pps = td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM
     base_pdl = td.PDL
+    base_fuse = td.FUSE_KEYS
     td.RECORD_RESOURCES = True
     # Overwritten before each cold-L2 timing: 4x the L2 (50 MB on an H100, 60 on an H200).
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -325,6 +330,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         td.SELECT = base_select
         td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM = base_sel_pps
         td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM = base_score_pps
+        td.FUSE_KEYS = base_fuse
         td.LAST_KERNELS.clear()   # (else the programs/SM line shows earlier variants' stages)
         max_split = pps = attend_split = 0
         rank = "mass"
@@ -366,6 +372,9 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             # near-ties win; full steps select as the default)
             err_limit = 0.05 if band == "full" else 0.3
             hdr[:, HDR_BAND_AT] = 0
+        if kernel == "fuse_keys":
+            # (the same keys, lists and output: exact)
+            td.FUSE_KEYS, kernel, over, err_limit = True, "key", over or {}, 0.0
         if kernel == "wave_attend":
             td.TUNE_WAVE["attend"].update(over)
             kernel = None
@@ -464,6 +473,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     td.PDL = base_pdl
     td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM = base_sel_pps
     td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM = base_score_pps
+    td.FUSE_KEYS = base_fuse
     td.DYNAMIC_SPLIT = base_dyn
     td.RESOLVE_IN_COLLECT = base_in_collect
     ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")

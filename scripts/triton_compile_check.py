@@ -279,6 +279,20 @@ def decode_launches() -> None:
                         q, kv, lay, bt, sl, hdr, ibt, pool_x, sink_end(RetroConfig(), bs),
                         0.1, out, ws, count_stats=True, wave=wv)
                 td.SELECT = base_select
+            # The key stage inside the score kernel (FUSE_KEYS: the score kernel's FUSE
+            # variant, no key kernel), 8- and 16-bit summaries, where it runs (above
+            # SMALL_BATCH rows), with and without the wave buffer's view.
+            if b > td.SMALL_BATCH and dtype != torch.float32:
+                base_select, base_fuse = td.SELECT, td.FUSE_KEYS
+                td.SELECT, td.FUSE_KEYS = "bucket", True
+                try:
+                    for pl, wv in ((pool8, None), (pool, None),
+                                   (pool8, _wave_view(lay, dtype, nb))):
+                        td.paged_decode_attention_triton(
+                            q, kv, lay, bt, sl, hdr, ibt, pl, sink_end(RetroConfig(), bs),
+                            0.1, out, ws, count_stats=True, wave=wv)
+                finally:
+                    td.SELECT, td.FUSE_KEYS = base_select, base_fuse
 
 
 def _wave_view(lay, dtype, num_pages):

@@ -432,6 +432,80 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
+class _Launches:
+    """A kernel stand-in that counts its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_key_stage_fused_into_the_score_kernel(monkeypatch, bits):
+    """``FUSE_KEYS``: the score kernel runs the key stage after its row-head's
+    barrier, and the key kernel is not launched. Keys, histograms, lists, logits and
+    output are bit-equal to the two-kernel form's and the output is the twin's, over
+    rows with an index, without context and without an index; the barrier words are
+    zero again after the call. In the interpreter (programs run one after another) on
+    a split of one; on a GPU on the default split, where a row-head's programs wait
+    for each other."""
+    td = _td()
+    monkeypatch.setattr(td, "SELECT", "bucket")
+    torch.manual_seed(53 + bits)
+    sc = Scene(260, summary_bits=bits)
+    sc.add(900, n_ret=6, n_est=20)
+    sc.add(0)
+    sc.add(300, index="none")
+    sc.add(700, n_ret=4, n_est=9)
+    q = torch.randn(4, H * G, D)
+    split = {"max_split": 1} if DEV == "cpu" else {}
+    got = []
+    for fuse in (False, True):
+        monkeypatch.setattr(td, "FUSE_KEYS", fuse)
+        keys = _Launches(td._key_kernel)
+        monkeypatch.setattr(td, "_key_kernel", keys)
+        ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, **split)
+        assert td.fuse_keys_for(4, ws, td._tune("score", 4)) == fuse
+        out, ref, st, ws = run_both(sc, q, 0.2, ws=ws, td=td)
+        monkeypatch.setattr(td, "_key_kernel", keys.kernel)
+        assert keys.count == (0 if fuse else 1)
+        assert _rel(out, ref) < 2e-3, (fuse, _rel(out, ref))
+        assert ws.stats.tolist() == expected_stats(sc, st)
+        assert not ws.barriers.any()
+        sel = [selection(sc, ws, r, kh) for r in (0, 3) for kh in range(H)]
+        got.append((out, ws.logits.cpu(), ws.hist.cpu(), sel))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    assert torch.equal(got[0][2], got[1][2]) and got[0][3] == got[1][3]
+
+
+def test_key_stage_fusion_needs_every_program_resident(monkeypatch):
+    """Where the fused form may run: off unless ``FUSE_KEYS``; in the interpreter only
+    on a split of one; on a GPU above two rows, with the score kernel's 4 warps held to
+    128 registers and at most 4 programs per SM aimed at (else a program could wait
+    for one that cannot become resident)."""
+    td = _td()
+    ws1 = td.DecodeWorkspace(64, 8, 4, 128, 8, "cpu", num_sms=132, max_split=1)
+    ws = td.DecodeWorkspace(64, 8, 4, 128, 8, "cpu", num_sms=132, max_split=32)
+    ws8 = td.DecodeWorkspace(64, 8, 4, 128, 8, "cpu", num_sms=132, max_split=32,
+                             programs_per_sm=8)
+    cfg = dict(num_warps=4, maxnreg=128)
+    monkeypatch.setattr(td, "FUSE_KEYS", False)
+    assert not td.fuse_keys_for(6, ws1, cfg)
+    monkeypatch.setattr(td, "FUSE_KEYS", True)
+    monkeypatch.setattr(td, "interpreting", lambda: True)
+    assert td.fuse_keys_for(6, ws1, cfg) and not td.fuse_keys_for(6, ws, cfg)
+    monkeypatch.setattr(td, "interpreting", lambda: False)
+    assert td.fuse_keys_for(6, ws, cfg) and td.fuse_keys_for(3, ws, cfg)
+    assert not td.fuse_keys_for(2, ws, cfg) and not td.fuse_keys_for(1, ws, cfg)
+    assert not td.fuse_keys_for(6, ws8, cfg)
+    assert not td.fuse_keys_for(6, ws, dict(num_warps=8, maxnreg=128))
+    assert not td.fuse_keys_for(6, ws, dict(num_warps=4, maxnreg=None))
+    assert td.fuse_keys_for(6, ws, td.TUNE["score"])
+
+
 def test_attention_zones_knob_only_leaves_loops_out(monkeypatch):
     """The attention kernel's measurement knob ``ZONES``: all three bits are the
     attention bit for bit; none writes zeros (no zone, no mass); each single zone

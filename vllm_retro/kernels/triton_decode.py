@@ -123,6 +123,10 @@ _NEG_INF = tl.constexpr(float("-inf"))
 # The query's low int8 part counts steps of 1/254 of one high step (|residual| <= 1/2).
 _Q8_LO = tl.constexpr(254)
 _INT_MAX = tl.constexpr(2147483647)
+# The score kernel's FUSE form waits at most this many polls of its row-head's barrier
+# word (~1 us each): a wait the launcher's residency rule makes impossible to last
+# ends instead of hanging the GPU (its keys are then wrong, and the tests say so).
+_SPIN_LIMIT = tl.constexpr(1 << 20)
 _HDR_CE = tl.constexpr(HDR_CLUSTERED_END)
 _HDR_NR = tl.constexpr(HDR_N_RETRIEVE)
 _HDR_NE = tl.constexpr(HDR_N_ESTIMATE)
@@ -254,6 +258,14 @@ TUNE_SMALL_BATCH_UNCAPPED = {"attend": dict(maxnreg=None)}
 # per SM); held to 128 (4 per SM, no spill) the 32-token tiles take 87.5 us per layer
 # at 128K x 8 (every page cached) against 105 for 16-token tiles.
 TUNE_WAVE = {"attend": dict(TR=32, RG=8, maxnreg=128)}
+# The key stage inside the score kernel (its FUSE form): each program, having scored,
+# waits at a per-row-head barrier for the row-head's other programs, then computes its
+# range's keys and histograms: one launch, prologue and partial read fewer per layer.
+# A program waiting for another that is not yet resident would wait for ever, so the
+# launcher fuses only where every program can be resident at once
+# (:func:`fuse_keys_for`); a bounded wait makes a violation a wrong result, not a hang.
+# RETRO_DECODE_FUSE_KEYS=1 turns it on (or the attribute).
+FUSE_KEYS = os.environ.get("RETRO_DECODE_FUSE_KEYS", "0") == "1"
 # Selection (stages 3-4): "bucket" (default): keys in the histogram bin of a
 # threshold (scores within 1/32 of a binade of each other) count as equal, ties to
 # the lower entry: the exact selection's counts, no exact search, no candidate kernel
@@ -335,6 +347,23 @@ def _tune(kernel: str, num_rows: int, wave: bool = False, vc: bool = False,
     return cfg
 
 
+def fuse_keys_for(num_rows: int, workspace: "DecodeWorkspace", score_cfg: dict) -> bool:
+    """Whether the score kernel of a launch of ``num_rows`` rows may run the key stage
+    itself (:data:`FUSE_KEYS`, the score kernel's FUSE form), i.e. every program that
+    can wait is resident at once. A row-head's programs wait only when it has more
+    than one; the active programs are at most the selection target (``_program``:
+    ``NS * rows * H <= TGT`` once ``NS > 1``), so the target must fit what an SM holds
+    of the kernel: 4 warps held to 128 registers (4 per SM by registers; its shared
+    memory, ~26 KB, fits 8) and at most 4 per SM aimed at. In the interpreter, which
+    runs programs one after another, only a split of one."""
+    if not FUSE_KEYS:
+        return False
+    if interpreting():
+        return workspace.max_split == 1
+    return (num_rows > SMALL_BATCH and workspace.programs_per_sm <= 4
+            and score_cfg.get("num_warps") == 4 and (score_cfg.get("maxnreg") or 256) <= 128)
+
+
 def pdl_for(num_rows: int, device: torch.device) -> bool:
     """Whether a step of ``num_rows`` decode rows on ``device`` launches with PDL
     (see ``PDL``)."""
@@ -396,7 +425,8 @@ class DecodeWorkspace:
     ``ncand`` ``[max_rows*H, 2]`` (candidates per list), ``counts`` ``[max_rows*H,
     2]`` (retrieved, estimated), ``sel`` ``[max_rows*H, 4]`` (threshold keys and ties
     taken), ``ranges`` ``[max_rows*H, NSP, 2]`` (per range: keys above each bucket),
-    ``tickets`` ``[2, max_rows*H]`` (zero between calls), the score partials
+    ``tickets`` ``[2, max_rows*H]`` and ``barriers`` ``[max_rows*H]`` (the score
+    kernel's FUSE form; both zero between calls), the score partials
     ``score_max`` / ``score_sum`` ``[max_rows*H, NSP, GP]`` and the attention partials
     ``part_o`` / ``part_m`` / ``part_l`` (``B * nsplit(B) * H * G`` rows of ``D`` / 1
     values, sized for the worst ``B <= max_rows``).
@@ -440,7 +470,8 @@ class DecodeWorkspace:
         self.attend_max_split = int(attend_max_split)
         self.attend_ns_pow2 = _next_pow2(self.attend_max_split)
         # Several programs per SM hide the latency of the dependent gathers.
-        self.target_programs = (programs_per_sm or PROGRAMS_PER_SM) * int(num_sms)
+        self.programs_per_sm = int(programs_per_sm or PROGRAMS_PER_SM)
+        self.target_programs = self.programs_per_sm * int(num_sms)
         self.small_select_programs = min(
             self.target_programs, SMALL_BATCH_SELECT_PROGRAMS_PER_SM * int(num_sms))
         self.small_score_programs = min(
@@ -460,6 +491,7 @@ class DecodeWorkspace:
         self.sel = torch.zeros(rows, 4, dtype=i32, device=dev)
         self.ranges = torch.zeros(rows, nsp, 2, dtype=i32, device=dev)
         self.tickets = torch.zeros(2, rows, dtype=i32, device=dev)
+        self.barriers = torch.zeros(rows, dtype=i32, device=dev)
         self.score_max = torch.zeros(rows, nsp, self.gp, dtype=f32, device=dev)
         self.score_sum = torch.zeros(rows, nsp, self.gp, dtype=f32, device=dev)
         self.part_o = torch.zeros(cap * h * g * d, dtype=f32, device=dev)
@@ -872,8 +904,19 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
                   G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False,
                   ISO: tl.constexpr = False, BAND: tl.constexpr = False, RI=1,
-                  bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False):
+                  bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False,
+                  FUSE: tl.constexpr = False, keys_ptr=None, rgh_ptr=None, bar_ptr=None,
+                  CHE: tl.constexpr = 1024, SUB: tl.constexpr = 5, WIN: tl.constexpr = 16,
+                  PK: tl.constexpr = 16):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
+
+    FUSE (:data:`FUSE_KEYS`; the mass rank's bucket selection, no band, the key
+    kernel's split): the key stage runs here too (:func:`_key_range`, tiles of CHE),
+    after every program of the row-head has stored its logits and partials: each
+    program arrives at the row-head's barrier word ``bar_ptr[row*H + head]`` and
+    waits for all ``NS`` (:func:`_row_head_wait`), so the launcher only fuses where
+    every program of the grid is resident at once (:func:`fuse_keys_for`). One
+    launch, prologue and partial read fewer per layer.
 
     BAND (``rank_interval`` RI > 1): a row that re-ranks its last band
     (:func:`_band_rows`) scores the band's entries, whose pages the band table
@@ -1017,6 +1060,36 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         blk, valid = blk_n, valid_n
     tl.store(pm_ptr + (rh * NSP + p) * GP + gx, m_run)
     tl.store(ps_ptr + (rh * NSP + p) * GP + gx, s_run)
+    if FUSE:
+        _row_head_wait(bar_ptr, rh, NS)
+        _key_range(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, rh, p, NS, NS, C, ix_row, rr,
+                   h, MSPLIT, H, G, GP, G4, NSP, CHE, NB, SUB, WIN, PK, True, rgh_ptr, False,
+                   None, None, None, False, None, 0, 0, CG=True)
+        _row_head_leave(bar_ptr, rh, NS)
+
+
+@triton.jit
+def _row_head_wait(bar_ptr, rh, NS):
+    """Arrive at row-head ``rh``'s barrier word and wait until all ``NS`` of its
+    programs have (every thread's stores before the arrival, every read of the
+    others' after it). The word counts arrivals, then departures
+    (:func:`_row_head_leave`), and is zero between launches."""
+    tl.debug_barrier()   # every thread's stores precede the release below
+    seen = tl.atomic_add(bar_ptr + rh, 1, sem="acq_rel", scope="gpu") + 1
+    polls = 0
+    while (seen < NS) & (polls < _SPIN_LIMIT):
+        seen = tl.atomic_add(bar_ptr + rh, 0, sem="acquire", scope="gpu")
+        polls += 1
+
+
+@triton.jit
+def _row_head_leave(bar_ptr, rh, NS):
+    """Depart from the barrier of :func:`_row_head_wait`; the last of the ``2 NS``
+    arrivals and departures zeroes the word for the next launch (every program has
+    passed the wait by then)."""
+    left = tl.atomic_add(bar_ptr + rh, 1, sem="relaxed", scope="gpu")
+    if left == 2 * NS - 1:
+        tl.atomic_xchg(bar_ptr + rh, 0, sem="relaxed", scope="gpu")
 
 
 # ------------------------------------------------------------------ 2. keys
@@ -1062,14 +1135,32 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
         if p >= NS:
             return
     _pdl_wait(PDL)
+    _key_range(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, rh, p, NS, NSF, C, ix_row, rr,
+               h, MSPLIT, H, G, GP, G4, NSP, CHE, NB, SUB, WIN, PK, BUCKET, rgh_ptr, ERR,
+               tv_ptr, keys2_ptr, emax_ptr, BAND, bd_ptr, bd_s0, bd_s1)
+
+
+@triton.jit
+def _key_range(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, rh, p, NS, NSF, C, ix_row, rr, h,
+               MSPLIT, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+               G4: tl.constexpr, NSP: tl.constexpr, CHE: tl.constexpr, NB: tl.constexpr,
+               SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr,
+               BUCKET: tl.constexpr, rgh_ptr, ERR: tl.constexpr, tv_ptr, keys2_ptr,
+               emax_ptr, BAND: tl.constexpr, bd_ptr, bd_s0, bd_s1, CG: tl.constexpr = False):
+    """The key stage of program ``p`` of row-head ``rh`` (``NS`` ranges; the score
+    partials in slots below ``NSF``): what :func:`_key_kernel` documents, run by it
+    and by the score kernel's FUSE form once every score program of the row-head has
+    stored its logits and partials. CG: the other programs' logits and partials are
+    read past the SM's L1 (written in this launch by programs on other SMs)."""
+    CM: tl.constexpr = ".cg" if CG else ""
     g = tl.arange(0, G4)
     gm = g < G
     sp = tl.arange(0, NSP)
     pofs = (rh * NSP + sp)[:, None] * GP + g[None, :]
     # (Scalar conditions enter masks as bounds: the interpreter mishandles vec & scalar.)
     pmask = (sp < tl.where(C > 0, NSF, 0))[:, None] & (g >= 0)[None, :]
-    pm = tl.load(pm_ptr + pofs, mask=pmask, other=_NEG_INF)
-    ps = tl.load(ps_ptr + pofs, mask=pmask, other=0.0)
+    pm = tl.load(pm_ptr + pofs, mask=pmask, other=_NEG_INF, cache_modifier=CM)
+    ps = tl.load(ps_ptr + pofs, mask=pmask, other=0.0, cache_modifier=CM)
     mx = tl.max(pm, 0)
     mx_safe = tl.where(mx == _NEG_INF, 0.0, mx)
     tot = tl.sum(ps * tl.exp(pm - mx_safe[None, :]), 0)
@@ -1087,7 +1178,7 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
         valid = i < hi
         eblk = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND).to(tl.int64)
         lg = tl.load(lg_ptr + eblk[None, :] * (H * G) + h * G + g[:, None],
-                     mask=gm[:, None] & valid[None, :], other=_NEG_INF)
+                     mask=gm[:, None] & valid[None, :], other=_NEG_INF, cache_modifier=CM)
         pr = tl.where(has[:, None], tl.exp(lg - lse[:, None]), 0.0)
         key = tl.sum(pr, 0).to(tl.int32, bitcast=True)   # score >= 0: bits sort as floats
         tl.store(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), key, mask=valid)
@@ -2423,6 +2514,17 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     split_s = (b, ws.score_target(b), nsg_s, dyn) if own else split
     if err:
         es = ws.error_buffers(b * h * nsg)
+    bucket = SELECT == "bucket"
+    if bucket:
+        rgh = ws.range_hist(b * h * nsg)
+    tune_s = _tune("score", b, fp32=fp32)
+    # The key stage inside the score kernel (FUSE_KEYS): the mass rank's bucket
+    # selection on the key kernel's split, where every program can be resident.
+    fuse = (bucket and not err and ri == 1 and not own and not cuda_score
+            and fuse_keys_for(b, ws, tune_s))
+    fused = (dict(FUSE=True, keys_ptr=ws.keys, rgh_ptr=rgh, bar_ptr=ws.barriers,
+                  CHE=_tune("key", b)["CHE"], SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK)
+             if fuse else {})
     if cuda_score:
         torch.ops.vllm_retro.paged_score(
             query, fpart, ipart, block_table, ibt, seq_lens, headers, ws.logits, ws.score_max,
@@ -2440,19 +2542,18 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             **({"NEUTRAL": True} if own else {}),
             **({"ISO": True} if q8 and iso else {}),
             **(dict(ERR=True, tv_ptr=es.tvar, hist2_ptr=es.hist2, emax_ptr=es.emax)
+               if err else {}), **band, **fused, **tune_s))
+    if fuse:
+        LAST_KERNELS.pop("key", None)
+    else:
+        _keep("key", _key_kernel[grid](
+            ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, *split,
+            BP=bp, H=h, G=g, GP=gp, G4=_next_pow2(g), BS=bs, NSP=nsp, NB=NBINS,
+            SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, **dep, **ep,
+            **(dict(BUCKET=True, rgh_ptr=rgh) if bucket else {}),
+            **(dict(ERR=True, tv_ptr=es.tvar, keys2_ptr=es.keys2, emax_ptr=es.emax)
                if err else {}), **band,
-            **_tune("score", b, fp32=fp32)))
-    bucket = SELECT == "bucket"
-    if bucket:
-        rgh = ws.range_hist(b * h * nsg)
-    _keep("key", _key_kernel[grid](
-        ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, *split, BP=bp,
-        H=h, G=g, GP=gp, G4=_next_pow2(g), BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS,
-        WIN=WINDOW_BINADES, PK=PACK, **dep, **ep,
-        **(dict(BUCKET=True, rgh_ptr=rgh) if bucket else {}),
-        **(dict(ERR=True, tv_ptr=es.tvar, keys2_ptr=es.keys2, emax_ptr=es.emax)
-           if err else {}), **band,
-        **_tune("key", b)))
+            **_tune("key", b)))
     if err:
         _keep("band", _band_kernel[grid](
             ws.keys, es.keys2, ws.hist, es.hist2, es.emax, rgh, es.range_hist2, *common, sb,
