@@ -190,6 +190,9 @@ VARIANTS = [
     # row-head, no key kernel); bit-equal to the default, so compared exactly.
     ("fuse keys", "fuse_keys", None),
     ("fuse keys CHE256", "fuse_keys", dict(CHE=256)),
+    # ... and the list stage after a second barrier (FUSE_LISTS: no list kernel).
+    ("fuse keys+lists", "fuse_lists", None),
+    ("fuse keys+lists CHE256", "fuse_lists", dict(CHE=256)),
     ("attend zones none", "attend", dict(ZONES=0)),
     ("attend zones steady", "attend", dict(ZONES=1)),
     ("attend zones retrieved", "attend", dict(ZONES=2)),
@@ -313,7 +316,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     base_sel_pps = td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM
     base_score_pps = td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM
     base_pdl = td.PDL
-    base_fuse = td.FUSE_KEYS
+    base_fuse, base_fuse_lists = td.FUSE_KEYS, td.FUSE_LISTS
     td.RECORD_RESOURCES = True
     # Overwritten before each cold-L2 timing: 4x the L2 (50 MB on an H100, 60 on an H200).
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -330,7 +333,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         td.SELECT = base_select
         td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM = base_sel_pps
         td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM = base_score_pps
-        td.FUSE_KEYS = base_fuse
+        td.FUSE_KEYS, td.FUSE_LISTS = base_fuse, base_fuse_lists
         td.LAST_KERNELS.clear()   # (else the programs/SM line shows earlier variants' stages)
         max_split = pps = attend_split = 0
         rank = "mass"
@@ -372,8 +375,9 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             # near-ties win; full steps select as the default)
             err_limit = 0.05 if band == "full" else 0.3
             hdr[:, HDR_BAND_AT] = 0
-        if kernel == "fuse_keys":
+        if kernel in ("fuse_keys", "fuse_lists"):
             # (the same keys, lists and output: exact)
+            td.FUSE_LISTS = kernel == "fuse_lists"
             td.FUSE_KEYS, kernel, over, err_limit = True, "key", over or {}, 0.0
         if kernel == "wave_attend":
             td.TUNE_WAVE["attend"].update(over)
@@ -473,7 +477,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     td.PDL = base_pdl
     td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM = base_sel_pps
     td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM = base_score_pps
-    td.FUSE_KEYS = base_fuse
+    td.FUSE_KEYS, td.FUSE_LISTS = base_fuse, base_fuse_lists
     td.DYNAMIC_SPLIT = base_dyn
     td.RESOLVE_IN_COLLECT = base_in_collect
     ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")

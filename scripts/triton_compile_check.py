@@ -280,19 +280,22 @@ def decode_launches() -> None:
                         0.1, out, ws, count_stats=True, wave=wv)
                 td.SELECT = base_select
             # The key stage inside the score kernel (FUSE_KEYS: the score kernel's FUSE
-            # variant, no key kernel), 8- and 16-bit summaries, where it runs (above
+            # variants, no key kernel), 8- and 16-bit summaries, where it runs (above
             # SMALL_BATCH rows), with and without the wave buffer's view.
             if b > td.SMALL_BATCH and dtype != torch.float32:
-                base_select, base_fuse = td.SELECT, td.FUSE_KEYS
+                base = td.SELECT, td.FUSE_KEYS, td.FUSE_LISTS
                 td.SELECT, td.FUSE_KEYS = "bucket", True
                 try:
-                    for pl, wv in ((pool8, None), (pool, None),
-                                   (pool8, _wave_view(lay, dtype, nb))):
-                        td.paged_decode_attention_triton(
-                            q, kv, lay, bt, sl, hdr, ibt, pl, sink_end(RetroConfig(), bs),
-                            0.1, out, ws, count_stats=True, wave=wv)
+                    # (FUSE_LISTS: the list stage too where it has no page lookups)
+                    for lists in (False, True):
+                        td.FUSE_LISTS = lists
+                        for pl, wv in ((pool8, None), (pool, None),
+                                       (pool8, _wave_view(lay, dtype, nb))):
+                            td.paged_decode_attention_triton(
+                                q, kv, lay, bt, sl, hdr, ibt, pl, sink_end(RetroConfig(), bs),
+                                0.1, out, ws, count_stats=True, wave=wv)
                 finally:
-                    td.SELECT, td.FUSE_KEYS = base_select, base_fuse
+                    td.SELECT, td.FUSE_KEYS, td.FUSE_LISTS = base
 
 
 def _wave_view(lay, dtype, num_pages):

@@ -443,15 +443,16 @@ class _Launches:
         return self.kernel[grid]
 
 
-@pytest.mark.parametrize("bits", [16, 8])
-def test_key_stage_fused_into_the_score_kernel(monkeypatch, bits):
+@pytest.mark.parametrize("bits,lists", [(16, False), (8, False), (8, True)])
+def test_key_stage_fused_into_the_score_kernel(monkeypatch, bits, lists):
     """``FUSE_KEYS``: the score kernel runs the key stage after its row-head's
-    barrier, and the key kernel is not launched. Keys, histograms, lists, logits and
-    output are bit-equal to the two-kernel form's and the output is the twin's, over
-    rows with an index, without context and without an index; the barrier words are
-    zero again after the call. In the interpreter (programs run one after another) on
-    a split of one; on a GPU on the default split, where a row-head's programs wait
-    for each other."""
+    barrier, and the key kernel is not launched; with ``FUSE_LISTS`` also the list
+    stage after a second barrier, and the list kernel is not launched either. Keys,
+    histograms, lists, logits, statistics and output are bit-equal to the separate
+    kernels' and the output is the twin's, over rows with an index, without context
+    and without an index; the barrier words are zero again after the call. In the
+    interpreter (programs run one after another) on a split of one; on a GPU on the
+    default split, where a row-head's programs wait for each other."""
     td = _td()
     monkeypatch.setattr(td, "SELECT", "bucket")
     torch.manual_seed(53 + bits)
@@ -465,20 +466,25 @@ def test_key_stage_fused_into_the_score_kernel(monkeypatch, bits):
     got = []
     for fuse in (False, True):
         monkeypatch.setattr(td, "FUSE_KEYS", fuse)
-        keys = _Launches(td._key_kernel)
+        monkeypatch.setattr(td, "FUSE_LISTS", fuse and lists)
+        keys, coll = _Launches(td._key_kernel), _Launches(td._collect_kernel)
         monkeypatch.setattr(td, "_key_kernel", keys)
+        monkeypatch.setattr(td, "_collect_kernel", coll)
         ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, **split)
         assert td.fuse_keys_for(4, ws, td._tune("score", 4)) == fuse
         out, ref, st, ws = run_both(sc, q, 0.2, ws=ws, td=td)
         monkeypatch.setattr(td, "_key_kernel", keys.kernel)
+        monkeypatch.setattr(td, "_collect_kernel", coll.kernel)
         assert keys.count == (0 if fuse else 1)
+        assert coll.count == (0 if fuse and lists else 1)
         assert _rel(out, ref) < 2e-3, (fuse, _rel(out, ref))
         assert ws.stats.tolist() == expected_stats(sc, st)
         assert not ws.barriers.any()
         sel = [selection(sc, ws, r, kh) for r in (0, 3) for kh in range(H)]
-        got.append((out, ws.logits.cpu(), ws.hist.cpu(), sel))
+        got.append((out, ws.logits.cpu(), ws.hist.cpu(), sel, ws.counts.cpu()))
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
     assert torch.equal(got[0][2], got[1][2]) and got[0][3] == got[1][3]
+    assert torch.equal(got[0][4], got[1][4])
 
 
 def test_key_stage_fusion_needs_every_program_resident(monkeypatch):

@@ -266,6 +266,9 @@ TUNE_WAVE = {"attend": dict(TR=32, RG=8, maxnreg=128)}
 # (:func:`fuse_keys_for`); a bounded wait makes a violation a wrong result, not a hang.
 # RETRO_DECODE_FUSE_KEYS=1 turns it on (or the attribute).
 FUSE_KEYS = os.environ.get("RETRO_DECODE_FUSE_KEYS", "0") == "1"
+# ... and the list stage after it (a second wait; with FUSE_KEYS, not where the list
+# stage does the wave buffer's page lookups): RETRO_DECODE_FUSE_LISTS=1.
+FUSE_LISTS = os.environ.get("RETRO_DECODE_FUSE_LISTS", "0") == "1"
 # Selection (stages 3-4): "bucket" (default): keys in the histogram bin of a
 # threshold (scores within 1/32 of a binade of each other) count as equal, ties to
 # the lower entry: the exact selection's counts, no exact search, no candidate kernel
@@ -905,9 +908,11 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False,
                   ISO: tl.constexpr = False, BAND: tl.constexpr = False, RI=1,
                   bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False,
-                  FUSE: tl.constexpr = False, keys_ptr=None, rgh_ptr=None, bar_ptr=None,
+                  FUSE: tl.constexpr = 0, keys_ptr=None, rgh_ptr=None, bar_ptr=None,
                   CHE: tl.constexpr = 1024, SUB: tl.constexpr = 5, WIN: tl.constexpr = 16,
-                  PK: tl.constexpr = 16):
+                  PK: tl.constexpr = 16, lists_ptr=None, stats_ptr=None, cnt_ptr=None, S=0,
+                  RB: tl.constexpr = 1024, LW: tl.constexpr = 32,
+                  COUNT_STATS: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
 
     FUSE (:data:`FUSE_KEYS`; the mass rank's bucket selection, no band, the key
@@ -916,7 +921,10 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     program arrives at the row-head's barrier word ``bar_ptr[row*H + head]`` and
     waits for all ``NS`` (:func:`_row_head_wait`), so the launcher only fuses where
     every program of the grid is resident at once (:func:`fuse_keys_for`). One
-    launch, prologue and partial read fewer per layer.
+    launch, prologue and partial read fewer per layer. FUSE 2 (:data:`FUSE_LISTS`,
+    not with the wave buffer's lookups in the list stage): after a second wait, the
+    list stage too (:func:`_list_range`, tiles of RB; the lists' lengths at
+    ``cnt_ptr``, the statistics at ``stats_ptr``): two launches fewer.
 
     BAND (``rank_interval`` RI > 1): a row that re-ranks its last band
     (:func:`_band_rows`) scores the band's entries, whose pages the band table
@@ -1065,30 +1073,40 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         _key_range(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, rh, p, NS, NS, C, ix_row, rr,
                    h, MSPLIT, H, G, GP, G4, NSP, CHE, NB, SUB, WIN, PK, True, rgh_ptr, False,
                    None, None, None, False, None, 0, 0, CG=True)
-        _row_head_leave(bar_ptr, rh, NS)
+        if FUSE == 2:
+            _row_head_wait(bar_ptr, rh, 2 * NS)
+            n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
+            _list_range(keys_ptr, None, lists_ptr, None, None, None, stats_ptr, ip_ptr, ip_s0,
+                        ip_s1, hdr_ptr, hdr_s0, SB, S, MSPLIT, None, 0, None, None, None, None,
+                        None, None, None, 0, 0, 0, 0, 0, H, BS, RB, PK, LW, NSP, 1, COUNT_STATS,
+                        False, 32, True, hist_ptr, rgh_ptr, cnt_ptr, G, NB, SUB, WIN, False,
+                        None, None, None, None, False, None, 0, 0, rh, p, NS, h, L, ix_row,
+                        blk0, E, C, n_ret, n_est, rr, CM=".cg")
+        _row_head_leave(bar_ptr, rh, (FUSE + 1) * NS)
 
 
 @triton.jit
-def _row_head_wait(bar_ptr, rh, NS):
-    """Arrive at row-head ``rh``'s barrier word and wait until all ``NS`` of its
-    programs have (every thread's stores before the arrival, every read of the
-    others' after it). The word counts arrivals, then departures
-    (:func:`_row_head_leave`), and is zero between launches."""
+def _row_head_wait(bar_ptr, rh, target):
+    """Arrive at row-head ``rh``'s barrier word and wait until it counts ``target``
+    arrivals (``NS`` of its programs at the first barrier, ``2 NS`` at the second;
+    every thread's stores before the arrival, every read of the others' after it).
+    The word counts arrivals, then departures (:func:`_row_head_leave`), and is zero
+    between launches."""
     tl.debug_barrier()   # every thread's stores precede the release below
     seen = tl.atomic_add(bar_ptr + rh, 1, sem="acq_rel", scope="gpu") + 1
     polls = 0
-    while (seen < NS) & (polls < _SPIN_LIMIT):
+    while (seen < target) & (polls < _SPIN_LIMIT):
         seen = tl.atomic_add(bar_ptr + rh, 0, sem="acquire", scope="gpu")
         polls += 1
 
 
 @triton.jit
-def _row_head_leave(bar_ptr, rh, NS):
-    """Depart from the barrier of :func:`_row_head_wait`; the last of the ``2 NS``
-    arrivals and departures zeroes the word for the next launch (every program has
-    passed the wait by then)."""
+def _row_head_leave(bar_ptr, rh, total):
+    """Depart from the barriers of :func:`_row_head_wait` (``total``: the row-head's
+    arrivals and departures in all); the last zeroes the word for the next launch
+    (every program has passed its waits by then)."""
     left = tl.atomic_add(bar_ptr + rh, 1, sem="relaxed", scope="gpu")
-    if left == 2 * NS - 1:
+    if left == total - 1:
         tl.atomic_xchg(bar_ptr + rh, 0, sem="relaxed", scope="gpu")
 
 
@@ -1215,7 +1233,7 @@ def _edigit(key, top_bits, SUB: tl.constexpr, NB: tl.constexpr, WIN: tl.constexp
 
 
 @triton.jit
-def _threshold(hist, rg, sp, p, total, k, NB: tl.constexpr):
+def _threshold(hist, rg, sp, p, total, k, NB: tl.constexpr, CM: tl.constexpr = ""):
     """The top ``k`` of ``total`` keys by bucket (ties to the lower entry), from the
     row-head's histogram ``hist`` and the ranges' counts in bins >= b (rows ``rg``):
     the threshold bin ``t`` (NB: none), the keys taken from it ``need``, and the
@@ -1223,7 +1241,7 @@ def _threshold(hist, rg, sp, p, total, k, NB: tl.constexpr):
     b, above, n = _bucket(hist, tl.arange(0, NB), total, k)
     t = tl.where(k > 0, b, NB)
     need = tl.where(k > 0, k - above, 0)
-    a, e = _lower_counts(rg, sp, p, total, t, NB)
+    a, e = _lower_counts(rg, sp, p, total, t, NB, CM)
     return t, need, a, e
 
 
@@ -1488,14 +1506,14 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
 
 # ------------------------------------------------------------------ 4. lists
 @triton.jit
-def _lower_counts(rg, sp, p, C, t, NB: tl.constexpr):
+def _lower_counts(rg, sp, p, C, t, NB: tl.constexpr, CM: tl.constexpr = ""):
     """Keys of the ranges below ``p`` in bins above ``t``, and in bin ``t``, from
     their histograms as counts in bins >= b (``rg``: each range's row; ``t = NB``:
-    none)."""
+    none; CM: the loads' cache modifier)."""
     below = sp < tl.where((C > 0) & (t < NB), p, 0)
-    ge_t = tl.load(rg + t, mask=below, other=0)
+    ge_t = tl.load(rg + t, mask=below, other=0, cache_modifier=CM)
     ge_next = tl.load(rg + t + 1, mask=sp < tl.where((C > 0) & (t + 1 < NB), p, 0),
-                      other=0)
+                      other=0, cache_modifier=CM)
     above = tl.sum(ge_next, 0)
     return above, tl.sum(ge_t, 0) - above
 
@@ -1565,6 +1583,31 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         if p >= NS:
             return
     _pdl_wait(PDL)
+    _list_range(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stats_ptr, ip_ptr,
+                ip_s0, ip_s1, hdr_ptr, hdr_s0, SB, S, MSPLIT, src_ptr, src_s0, pr_ptr, ct_ptr,
+                stamp_ptr, clock_ptr, wcnt_ptr, mk_ptr, mc_ptr, MCAP, WL, WNL, WP, WR, H, BS, RB,
+                PK, LW, NSP, CB, COUNT_STATS, WAVE, RV, BUCKET, hist_ptr, rgh_ptr, cnt_ptr, G,
+                NB, SUB, WIN, ERR, keys2_ptr, hist2_ptr, rgh2_ptr, emax_ptr, BAND, bd_ptr,
+                bd_s0, bd_s1, rh, p, NS, h, L, ix_row, blk0, E, C, n_ret, n_est, rr)
+
+
+@triton.jit
+def _list_range(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stats_ptr, ip_ptr,
+                ip_s0, ip_s1, hdr_ptr, hdr_s0, SB, S, MSPLIT, src_ptr, src_s0, pr_ptr, ct_ptr,
+                stamp_ptr, clock_ptr, wcnt_ptr, mk_ptr, mc_ptr, MCAP, WL, WNL, WP, WR,
+                H: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr, PK: tl.constexpr,
+                LW: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
+                COUNT_STATS: tl.constexpr, WAVE: tl.constexpr, RV: tl.constexpr,
+                BUCKET: tl.constexpr, hist_ptr, rgh_ptr, cnt_ptr, G: tl.constexpr,
+                NB: tl.constexpr, SUB: tl.constexpr, WIN: tl.constexpr, ERR: tl.constexpr,
+                keys2_ptr, hist2_ptr, rgh2_ptr, emax_ptr, BAND: tl.constexpr, bd_ptr, bd_s0,
+                bd_s1, rh, p, NS, h, L, ix_row, blk0, E, C, n_ret, n_est, rr,
+                CM: tl.constexpr = ""):
+    """The list stage of program ``p`` of row-head ``rh`` (``NS`` ranges; the row's
+    context ``L``, index row, first block, clustered end ``E``, entries ``C`` and
+    budget): what :func:`_collect_kernel` documents, run by it and by the score
+    kernel's FUSE form 2 once every program of the row-head has stored its keys and
+    histograms (CM ".cg": the row-head's histograms read past the SM's L1)."""
     k1 = n_ret
     use2 = n_est > 0
     lo, hi, per = _range(C, p, NS, PK)
@@ -1575,20 +1618,20 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         # band by score (t2, always: its top k1 by error are retrieved), then the
         # retrieved by error bin inside it (t1: the band kernel's histogram).
         mean_bits = _mean_bits(C, G)
-        hist = tl.load(hist_ptr + rh * NB + tl.arange(0, NB))
+        hist = tl.load(hist_ptr + rh * NB + tl.arange(0, NB), cache_modifier=CM)
         rg = rgh_ptr + (rh * MSPLIT + sp).to(tl.int64) * NB
         if ERR:
             kb = k1 + n_est
         else:
             kb = tl.where(use2, k1 + n_est, 0)
-        t2, need2, a2, e2 = _threshold(hist, rg, sp, p, C, kb, NB)
+        t2, need2, a2, e2 = _threshold(hist, rg, sp, p, C, kb, NB, CM)
         if ERR:
             hist2 = tl.load(hist2_ptr + rh * NB + tl.arange(0, NB))
             rg2 = rgh2_ptr + (rh * MSPLIT + sp).to(tl.int64) * NB
             t1, need1, a1, e1 = _threshold(hist2, rg2, sp, p, kb, k1, NB)
             top = tl.load(emax_ptr + rh)
         else:
-            t1, need1, a1, e1 = _threshold(hist, rg, sp, p, C, k1, NB)
+            t1, need1, a1, e1 = _threshold(hist, rg, sp, p, C, k1, NB, CM)
         g1 = lo * 0
         g2 = g1
         if p == 0:
@@ -2522,8 +2565,21 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     # selection on the key kernel's split, where every program can be resident.
     fuse = (bucket and not err and ri == 1 and not own and not cuda_score
             and fuse_keys_for(b, ws, tune_s))
-    fused = (dict(FUSE=True, keys_ptr=ws.keys, rgh_ptr=rgh, bar_ptr=ws.barriers,
-                  CHE=_tune("key", b)["CHE"], SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK)
+    in_collect = wave is not None and RESOLVE_IN_COLLECT
+    tune_c = _tune("collect", b)
+    if in_collect or (bucket and b > SMALL_BATCH):
+        # The lookups (or the bucket thresholds) add live values: held to 128
+        # registers, the list kernel keeps 4 programs per SM (the lookups: 125 on
+        # sm_90 with the CPU venv's Triton; the buckets: 132 unbounded).
+        tune_c.setdefault("maxnreg", 128)
+    # ... and the list stage after it (FUSE_LISTS), where it has no page lookups.
+    fuse_lists = fuse and FUSE_LISTS and not in_collect
+    fused = (dict(FUSE=2 if fuse_lists else 1, keys_ptr=ws.keys, rgh_ptr=rgh,
+                  bar_ptr=ws.barriers, CHE=_tune("key", b)["CHE"], SUB=SUB_BITS,
+                  WIN=WINDOW_BINADES, PK=PACK,
+                  **(dict(lists_ptr=ws.lists, stats_ptr=ws.stats, cnt_ptr=ws.counts,
+                          S=sink_end, RB=tune_c["RB"], LW=LIST_WORDS,
+                          COUNT_STATS=bool(count_stats)) if fuse_lists else {}))
              if fuse else {})
     if cuda_score:
         torch.ops.vllm_retro.paged_score(
@@ -2566,7 +2622,6 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             ws.tickets[0], *common, sb, *split, BP=bp,
             H=h, G=g, BS=bs, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, NSP=nsp,
             **dep, **ep, **_tune("cand", b)))
-    in_collect = wave is not None and RESOLVE_IN_COLLECT
     if wave is not None:
         w = wave
         src = ws.wave_src_table(ibt.shape[1])
@@ -2577,21 +2632,19 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
              # Never read (WAVE=False): existing tensors of the right types.
              else (ws.stats, 0, ws.ncand, ws.stats, ws.stats, ws.stats, ws.stats, ws.stats,
                    ws.stats, 0, 0, 0, 0, 0))
-    tune_c = _tune("collect", b)
-    if in_collect or (bucket and b > SMALL_BATCH):
-        # The lookups (or the bucket thresholds) add live values: held to 128
-        # registers, the list kernel keeps 4 programs per SM (the lookups: 125 on
-        # sm_90 with the CPU venv's Triton; the buckets: 132 unbounded).
-        tune_c.setdefault("maxnreg", 128)
-    _keep("collect", _collect_kernel[grid](
-        ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
-        ipart.stride(0), ipart.stride(1), *common, sb, sink_end, *split, *cargs, BP=bp,
-        H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
-        **({"WAVE": True} if in_collect else {}), **dep, **ep,
-        **(dict(BUCKET=True, hist_ptr=ws.hist, rgh_ptr=rgh, cnt_ptr=ws.counts, G=g,
-                NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES) if bucket else {}),
-        **(dict(ERR=True, keys2_ptr=es.keys2, hist2_ptr=es.hist2, rgh2_ptr=es.range_hist2,
-                emax_ptr=es.emax) if err else {}), **band, **tune_c))
+    if fuse_lists:
+        LAST_KERNELS.pop("collect", None)
+    else:
+        _keep("collect", _collect_kernel[grid](
+            ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
+            ipart.stride(0), ipart.stride(1), *common, sb, sink_end, *split, *cargs, BP=bp,
+            H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
+            **({"WAVE": True} if in_collect else {}), **dep, **ep,
+            **(dict(BUCKET=True, hist_ptr=ws.hist, rgh_ptr=rgh, cnt_ptr=ws.counts, G=g,
+                    NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES) if bucket else {}),
+            **(dict(ERR=True, keys2_ptr=es.keys2, hist2_ptr=es.hist2,
+                    rgh2_ptr=es.range_hist2, emax_ptr=es.emax) if err else {}),
+            **band, **tune_c))
     mv8 = getattr(pool, "mean_value_bits", 16) == 8
     vc = getattr(pool, "value_correction", False)
     tune_a = _tune("attend", b, wave is not None, vc=vc, fp32=fp32)
