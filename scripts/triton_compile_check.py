@@ -280,9 +280,9 @@ def decode_launches() -> None:
                         0.1, out, ws, count_stats=True, wave=wv)
                 td.SELECT = base_select
             # The key stage inside the score kernel (FUSE_KEYS: the score kernel's FUSE
-            # variants, no key kernel), 8- and 16-bit summaries, where it runs (above
-            # SMALL_BATCH rows), with and without the wave buffer's view.
-            if b > td.SMALL_BATCH and dtype != torch.float32:
+            # variants, no key kernel), 8- and 16-bit summaries, at one row (8 warps)
+            # and above SMALL_BATCH rows, with and without the wave buffer's view.
+            if dtype != torch.float32:
                 base = td.SELECT, td.FUSE_KEYS, td.FUSE_LISTS
                 td.SELECT, td.FUSE_KEYS = "bucket", True
                 try:

@@ -443,8 +443,9 @@ class _Launches:
         return self.kernel[grid]
 
 
-@pytest.mark.parametrize("bits,lists", [(16, False), (8, False), (8, True)])
-def test_key_stage_fused_into_the_score_kernel(monkeypatch, bits, lists):
+@pytest.mark.parametrize("bits,lists,rows", [(16, False, 4), (8, False, 4), (8, True, 4),
+                                             (8, True, 1)])
+def test_key_stage_fused_into_the_score_kernel(monkeypatch, bits, lists, rows):
     """``FUSE_KEYS``: the score kernel runs the key stage after its row-head's
     barrier, and the key kernel is not launched; with ``FUSE_LISTS`` also the list
     stage after a second barrier, and the list kernel is not launched either. Keys,
@@ -458,10 +459,11 @@ def test_key_stage_fused_into_the_score_kernel(monkeypatch, bits, lists):
     torch.manual_seed(53 + bits)
     sc = Scene(260, summary_bits=bits)
     sc.add(900, n_ret=6, n_est=20)
-    sc.add(0)
-    sc.add(300, index="none")
-    sc.add(700, n_ret=4, n_est=9)
-    q = torch.randn(4, H * G, D)
+    if rows > 1:       # (one row: the small-batch score kernel's 8 warps on a GPU)
+        sc.add(0)
+        sc.add(300, index="none")
+        sc.add(700, n_ret=4, n_est=9)
+    q = torch.randn(rows, H * G, D)
     split = {"max_split": 1} if DEV == "cpu" else {}
     got = []
     for fuse in (False, True):
@@ -471,7 +473,7 @@ def test_key_stage_fused_into_the_score_kernel(monkeypatch, bits, lists):
         monkeypatch.setattr(td, "_key_kernel", keys)
         monkeypatch.setattr(td, "_collect_kernel", coll)
         ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, **split)
-        assert td.fuse_keys_for(4, ws, td._tune("score", 4)) == fuse
+        assert td.fuse_keys_for(rows, ws, dict(td._tune("score", rows), maxnreg=128)) == fuse
         out, ref, st, ws = run_both(sc, q, 0.2, ws=ws, td=td)
         monkeypatch.setattr(td, "_key_kernel", keys.kernel)
         monkeypatch.setattr(td, "_collect_kernel", coll.kernel)
@@ -480,7 +482,7 @@ def test_key_stage_fused_into_the_score_kernel(monkeypatch, bits, lists):
         assert _rel(out, ref) < 2e-3, (fuse, _rel(out, ref))
         assert ws.stats.tolist() == expected_stats(sc, st)
         assert not ws.barriers.any()
-        sel = [selection(sc, ws, r, kh) for r in (0, 3) for kh in range(H)]
+        sel = [selection(sc, ws, r, kh) for r in (0, rows - 1) for kh in range(H)]
         got.append((out, ws.logits.cpu(), ws.hist.cpu(), sel, ws.counts.cpu()))
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
     assert torch.equal(got[0][2], got[1][2]) and got[0][3] == got[1][3]
@@ -489,27 +491,33 @@ def test_key_stage_fused_into_the_score_kernel(monkeypatch, bits, lists):
 
 def test_key_stage_fusion_needs_every_program_resident(monkeypatch):
     """Where the fused form may run: off unless ``FUSE_KEYS``; in the interpreter only
-    on a split of one; on a GPU above two rows, with the score kernel's 4 warps held to
-    128 registers and at most 4 programs per SM aimed at (else a program could wait
-    for one that cannot become resident)."""
+    on a split of one; on a GPU where the programs that can wait (``min(target,
+    max_split * rows * H)``) fit what the SMs hold of the score kernel by its
+    registers (bounded) and warps (else a program could wait for one that cannot
+    become resident)."""
     td = _td()
     ws1 = td.DecodeWorkspace(64, 8, 4, 128, 8, "cpu", num_sms=132, max_split=1)
     ws = td.DecodeWorkspace(64, 8, 4, 128, 8, "cpu", num_sms=132, max_split=32)
     ws8 = td.DecodeWorkspace(64, 8, 4, 128, 8, "cpu", num_sms=132, max_split=32,
                              programs_per_sm=8)
-    cfg = dict(num_warps=4, maxnreg=128)
+    ws_few = td.DecodeWorkspace(64, 8, 4, 128, 8, "cpu", num_sms=114, max_split=32)
+    w4, w8 = dict(num_warps=4, maxnreg=128), dict(num_warps=8, maxnreg=128)
     monkeypatch.setattr(td, "FUSE_KEYS", False)
-    assert not td.fuse_keys_for(6, ws1, cfg)
+    assert not td.fuse_keys_for(6, ws1, w4)
     monkeypatch.setattr(td, "FUSE_KEYS", True)
     monkeypatch.setattr(td, "interpreting", lambda: True)
-    assert td.fuse_keys_for(6, ws1, cfg) and not td.fuse_keys_for(6, ws, cfg)
+    assert td.fuse_keys_for(6, ws1, w4) and not td.fuse_keys_for(6, ws, w4)
     monkeypatch.setattr(td, "interpreting", lambda: False)
-    assert td.fuse_keys_for(6, ws, cfg) and td.fuse_keys_for(3, ws, cfg)
-    assert not td.fuse_keys_for(2, ws, cfg) and not td.fuse_keys_for(1, ws, cfg)
-    assert not td.fuse_keys_for(6, ws8, cfg)
-    assert not td.fuse_keys_for(6, ws, dict(num_warps=8, maxnreg=128))
-    assert not td.fuse_keys_for(6, ws, dict(num_warps=4, maxnreg=None))
+    # 4 warps x 128 registers: 4 per SM, 528 resident, the target's 528 active.
+    assert td.fuse_keys_for(6, ws, w4) and td.fuse_keys_for(3, ws, w4)
     assert td.fuse_keys_for(6, ws, td.TUNE["score"])
+    assert not td.fuse_keys_for(6, ws8, w4)                  # 1,056 aimed at
+    assert not td.fuse_keys_for(6, ws, dict(num_warps=4, maxnreg=None))
+    assert not td.fuse_keys_for(6, ws, dict(num_warps=4, maxnreg=136))   # 3 per SM
+    # 8 warps x 128: 2 per SM (264): one row's 8 x 32 fit, two rows' 512 do not, nor
+    # one row's 256 on 114 SMs (228).
+    assert td.fuse_keys_for(1, ws, w8) and not td.fuse_keys_for(2, ws, w8)
+    assert not td.fuse_keys_for(1, ws_few, w8)
 
 
 def test_attention_zones_knob_only_leaves_loops_out(monkeypatch):

@@ -354,17 +354,24 @@ def fuse_keys_for(num_rows: int, workspace: "DecodeWorkspace", score_cfg: dict) 
     """Whether the score kernel of a launch of ``num_rows`` rows may run the key stage
     itself (:data:`FUSE_KEYS`, the score kernel's FUSE form), i.e. every program that
     can wait is resident at once. A row-head's programs wait only when it has more
-    than one; the active programs are at most the selection target (``_program``:
-    ``NS * rows * H <= TGT`` once ``NS > 1``), so the target must fit what an SM holds
-    of the kernel: 4 warps held to 128 registers (4 per SM by registers; its shared
-    memory, ~26 KB, fits 8) and at most 4 per SM aimed at. In the interpreter, which
-    runs programs one after another, only a split of one."""
+    than one, and then the active programs are at most ``min(selection target,
+    max_split * rows * H)`` (``_program``: ``NS * rows * H <= TGT`` once ``NS > 1``).
+    An SM holds ``score_cfg``'s programs by registers (``maxnreg``: bounded at compile
+    time, or no fusion) and threads, and by shared memory at least 4 (the score
+    kernel's tiles take 26-43 KB of 228). In the interpreter, which runs programs one
+    after another, only a split of one."""
     if not FUSE_KEYS:
         return False
     if interpreting():
         return workspace.max_split == 1
-    return (num_rows > SMALL_BATCH and workspace.programs_per_sm <= 4
-            and score_cfg.get("num_warps") == 4 and (score_cfg.get("maxnreg") or 256) <= 128)
+    warps, regs = int(score_cfg.get("num_warps") or 4), score_cfg.get("maxnreg")
+    if not regs:
+        return False
+    per_warp = -(-int(regs) * 32 // 256) * 256     # registers go to warps in 256s
+    per_sm = min(65536 // (per_warp * warps), 2048 // (32 * warps), 4)
+    active = min(workspace.select_target(num_rows),
+                 workspace.max_split * num_rows * workspace.num_kv_heads)
+    return active <= per_sm * workspace.num_sms
 
 
 def pdl_for(num_rows: int, device: torch.device) -> bool:
@@ -473,6 +480,7 @@ class DecodeWorkspace:
         self.attend_max_split = int(attend_max_split)
         self.attend_ns_pow2 = _next_pow2(self.attend_max_split)
         # Several programs per SM hide the latency of the dependent gathers.
+        self.num_sms = int(num_sms)
         self.programs_per_sm = int(programs_per_sm or PROGRAMS_PER_SM)
         self.target_programs = self.programs_per_sm * int(num_sms)
         self.small_select_programs = min(
@@ -2552,9 +2560,6 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     # larger than the key kernel's, whose log-sum-exp reads the partial slots up to
     # its split (the score kernel fills the ones past its own with neutral values).
     own = not cuda_score and ws.score_target(b) < ws.select_target(b)
-    nsg_s = ws.nsplit_score(b_min, b) if own else nsg
-    grid_s = (b * h, nsg_s)
-    split_s = (b, ws.score_target(b), nsg_s, dyn) if own else split
     if err:
         es = ws.error_buffers(b * h * nsg)
     bucket = SELECT == "bucket"
@@ -2562,9 +2567,20 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         rgh = ws.range_hist(b * h * nsg)
     tune_s = _tune("score", b, fp32=fp32)
     # The key stage inside the score kernel (FUSE_KEYS): the mass rank's bucket
-    # selection on the key kernel's split, where every program can be resident.
-    fuse = (bucket and not err and ri == 1 and not own and not cuda_score
+    # selection on the key kernel's split (at one row the score kernel's own split is
+    # the same), where every program can be resident; its registers bounded.
+    if FUSE_KEYS and not tune_s.get("maxnreg"):
+        tune_s["maxnreg"] = 128
+    fuse = (bucket and not err and ri == 1 and not cuda_score
+            and (not own or (b == 1 and ws.nsplit_score(1) == ws.nsplit(1)))
             and fuse_keys_for(b, ws, tune_s))
+    if fuse:
+        own = False
+    else:
+        tune_s = _tune("score", b, fp32=fp32)
+    nsg_s = ws.nsplit_score(b_min, b) if own else nsg
+    grid_s = (b * h, nsg_s)
+    split_s = (b, ws.score_target(b), nsg_s, dyn) if own else split
     in_collect = wave is not None and RESOLVE_IN_COLLECT
     tune_c = _tune("collect", b)
     if in_collect or (bucket and b > SMALL_BATCH):
