@@ -193,6 +193,9 @@ VARIANTS = [
     # ... and the list stage after a second barrier (FUSE_LISTS: no list kernel).
     ("fuse keys+lists", "fuse_lists", None),
     ("fuse keys+lists CHE256", "fuse_lists", dict(CHE=256)),
+    # ... with band re-ranking (rank_interval 4): both steps with the fused stages.
+    ("band full step fused", "band_fused", "full"),
+    ("band re-rank step fused", "band_fused", "rerank"),
     ("attend zones none", "attend", dict(ZONES=0)),
     ("attend zones steady", "attend", dict(ZONES=1)),
     ("attend zones retrieved", "attend", dict(ZONES=2)),
@@ -367,6 +370,9 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         if kernel == "rank":
             rank, kernel, err_limit = over, None, 0.2
         band = None
+        if kernel == "band_fused":
+            td.FUSE_KEYS = td.FUSE_LISTS = True
+            kernel = "band"
         if kernel == "band":
             band, kernel = over, None
             pool = pool_band_iso if band == "rerank_iso" else pool_band

@@ -629,8 +629,8 @@ def _pool_copy(pool: IndexPool) -> IndexPool:
     return out
 
 
-@pytest.mark.parametrize("rows", [4, 2])
-def test_band_reranking_matches_twin_over_steps(monkeypatch, rows):
+@pytest.mark.parametrize("rows,fuse", [(4, False), (2, False), (4, True)])
+def test_band_reranking_matches_twin_over_steps(monkeypatch, rows, fuse):
     """``rank_interval`` 3 over five decode steps of growing contexts: steps 0 and 3
     rank every entry and write the band (table and header), steps 1, 2 and 4
     re-rank the last band with their own query. Kernel and twin, each on its own
@@ -639,9 +639,17 @@ def test_band_reranking_matches_twin_over_steps(monkeypatch, rows):
     re-ranking step selects inside the band only, and not what a full ranking of
     its query selects (the mode is not a no-op here). Four rows (a padded one and
     one without an index among them) and two (the score kernel on its own split):
-    a re-ranking row runs on fewer programs than a full ranking."""
+    a re-ranking row runs on fewer programs than a full ranking. ``fuse``: the key and
+    list stages inside the score kernel (``FUSE_KEYS``, ``FUSE_LISTS``; no key or list
+    kernel launched; on a GPU on the real split, in the interpreter on a split of
+    one)."""
     td = _td()
     monkeypatch.setattr(td, "SELECT", "bucket")
+    monkeypatch.setattr(td, "FUSE_KEYS", fuse)
+    monkeypatch.setattr(td, "FUSE_LISTS", fuse)
+    keys, coll = _Launches(td._key_kernel), _Launches(td._collect_kernel)
+    monkeypatch.setattr(td, "_key_kernel", keys)
+    monkeypatch.setattr(td, "_collect_kernel", coll)
     torch.manual_seed(47)
     sc = Scene(260, summary_bits=8, rank_interval=3)
     sc.add(900)
@@ -653,7 +661,8 @@ def test_band_reranking_matches_twin_over_steps(monkeypatch, rows):
     twin_pool, twin_hdr = _pool_copy(sc.pool), sc.headers.cpu().clone()
     bt, sl0 = sc.tensors()
     band = sc.pool.band_table()
-    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV)
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV,
+                            **({"max_split": 1} if fuse and DEV == "cpu" else {}))
     differs = 0
     for step in range(5):
         sl = torch.where(sl0 > 0, sl0 + step, 0)
@@ -695,6 +704,8 @@ def test_band_reranking_matches_twin_over_steps(monkeypatch, rows):
                 full = twin_selection(sc, q.to(sc.pool.device).cpu(), r, kh, 0.2, "bucket")
                 differs += (ret, est) != full
     assert differs > 0
+    assert keys.count == coll.count == (0 if fuse else 5)
+    assert not ws.barriers.any()
 
 
 def test_band_reranking_follows_the_shared_phase(monkeypatch):

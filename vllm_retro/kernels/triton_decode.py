@@ -923,8 +923,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   COUNT_STATS: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
 
-    FUSE (:data:`FUSE_KEYS`; the mass rank's bucket selection, no band, the key
-    kernel's split): the key stage runs here too (:func:`_key_range`, tiles of CHE),
+    FUSE (:data:`FUSE_KEYS`; the mass rank's bucket selection, the key kernel's
+    split; with BAND the key and list stages on a re-ranking row's first NSB programs): the key stage runs here too (:func:`_key_range`, tiles of CHE),
     after every program of the row-head has stored its logits and partials: each
     program arrives at the row-head's barrier word ``bar_ptr[row*H + head]`` and
     waits for all ``NS`` (:func:`_row_head_wait`), so the launcher only fuses where
@@ -973,11 +973,13 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
                                               hdr_s0, r, SB, BS, EPB)
     rr = E < 0
+    C0 = C
+    NSB = NS     # (the key and list stages' ranges)
     if BAND:
         # (All NS programs: each scores a quarter of a full ranking's entries. On
         # fewer, as the key and list kernels, the latency-bound score stage took 41
         # instead of 26 us at 128K x 6 on an H100.)
-        rr, C, _ = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI, ph_ptr, PHASE)
+        rr, C, NSB = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI, ph_ptr, PHASE)
     if p == 0:
         # Later kernels accumulate into these; zeroed here so every call starts clean.
         tl.store(hist_ptr + rh * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
@@ -1077,19 +1079,24 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     tl.store(pm_ptr + (rh * NSP + p) * GP + gx, m_run)
     tl.store(ps_ptr + (rh * NSP + p) * GP + gx, s_run)
     if FUSE:
+        # (Every program arrives at every barrier; with BAND a row re-ranking its band
+        # runs the key and list stages on its first NSB programs, as their kernels do.)
         _row_head_wait(bar_ptr, rh, NS)
-        _key_range(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, rh, p, NS, NS, C, ix_row, rr,
-                   h, MSPLIT, H, G, GP, G4, NSP, CHE, NB, SUB, WIN, PK, True, rgh_ptr, False,
-                   None, None, None, False, None, 0, 0, CG=True)
+        if p < NSB:
+            _key_range(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, rh, p, NSB, NS, C, ix_row,
+                       rr, h, MSPLIT, H, G, GP, G4, NSP, CHE, NB, SUB, WIN, PK, True, rgh_ptr,
+                       False, None, None, None, BAND, bd_ptr, bd_s0, bd_s1, CG=True)
         if FUSE == 2:
             _row_head_wait(bar_ptr, rh, 2 * NS)
-            n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C)
-            _list_range(keys_ptr, None, lists_ptr, None, None, None, stats_ptr, ip_ptr, ip_s0,
-                        ip_s1, hdr_ptr, hdr_s0, SB, S, MSPLIT, None, 0, None, None, None, None,
-                        None, None, None, 0, 0, 0, 0, 0, H, BS, RB, PK, LW, NSP, 1, COUNT_STATS,
-                        False, 32, True, hist_ptr, rgh_ptr, cnt_ptr, G, NB, SUB, WIN, False,
-                        None, None, None, None, False, None, 0, 0, rh, p, NS, h, L, ix_row,
-                        blk0, E, C, n_ret, n_est, rr, CM=".cg")
+            if p < NSB:
+                n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C0)
+                _list_range(keys_ptr, None, lists_ptr, None, None, None, stats_ptr, ip_ptr,
+                            ip_s0, ip_s1, hdr_ptr, hdr_s0, SB, S, MSPLIT, None, 0, None, None,
+                            None, None, None, None, None, 0, 0, 0, 0, 0, H, BS, RB, PK, LW,
+                            NSP, 1, COUNT_STATS, False, 32, True, hist_ptr, rgh_ptr, cnt_ptr, G,
+                            NB, SUB, WIN, False, None, None, None, None, BAND, bd_ptr, bd_s0,
+                            bd_s1, rh, p, NSB, h, L, ix_row, blk0, E, C, n_ret, n_est, rr,
+                            CM=".cg")
         _row_head_leave(bar_ptr, rh, (FUSE + 1) * NS)
 
 
@@ -2567,11 +2574,12 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         rgh = ws.range_hist(b * h * nsg)
     tune_s = _tune("score", b, fp32=fp32)
     # The key stage inside the score kernel (FUSE_KEYS): the mass rank's bucket
-    # selection on the key kernel's split (at one row the score kernel's own split is
-    # the same), where every program can be resident; its registers bounded.
+    # selection (band re-ranking too) on the key kernel's split (at one row the score
+    # kernel's own split is the same), where every program can be resident; its
+    # registers bounded.
     if FUSE_KEYS and not tune_s.get("maxnreg"):
         tune_s["maxnreg"] = 128
-    fuse = (bucket and not err and ri == 1 and not cuda_score
+    fuse = (bucket and not err and not cuda_score
             and (not own or (b == 1 and ws.nsplit_score(1) == ws.nsplit(1)))
             and fuse_keys_for(b, ws, tune_s))
     if fuse:
