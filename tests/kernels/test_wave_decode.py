@@ -221,6 +221,49 @@ def test_released_rows_match_unreleased():
     assert torch.isnan(bad[0]).all() and _rel(bad[3], ref[3]) < 2e-3
 
 
+def test_fused_selection_with_released_rows(monkeypatch, resolve_in_collect):
+    """The selection stages inside the score kernel (``FUSE_KEYS``; ``FUSE_LISTS`` too,
+    which fuses the list stage only where it does not do the page lookups) with the
+    wave buffer's view: kernel == twin (output and selection), the cache's bookkeeping
+    as counted, no key kernel launched (no list kernel where the lookups are not in
+    it). In the interpreter on a split of one, on a GPU on the real split."""
+    td = _td()
+    monkeypatch.setattr(td, "FUSE_KEYS", True)
+    monkeypatch.setattr(td, "FUSE_LISTS", True)
+    launched = {}
+    for name in ("_key_kernel", "_collect_kernel"):
+        real = getattr(td, name)
+
+        class Counted:
+            def __getitem__(self, grid, real=real, name=name):
+                launched[name] = launched.get(name, 0) + 1
+                return real[grid]
+        monkeypatch.setattr(td, name, Counted())
+    torch.manual_seed(23)
+    sc = Scene(200)
+    E0 = sc.add(700)
+    E1 = sc.add(600, n_ret=6, n_est=9)
+    sc.add(200, index="none")
+    sc.add(420)
+    wv = Wave(sc)
+    hz1 = sc.S + (E1 - sc.S) // BS // 2 * BS
+    wv.release({0: E0, 1: hz1, 3: 0}, poison={1: 2})
+    q = torch.randn(4, H * G, D)
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV,
+                            **({"max_split": 1} if DEV == "cpu" else {}))
+    out, ref, ws = run(wv, q, ws=ws)
+    assert _rel(out, ref) < 2e-3, _rel(out, ref)
+    for r in (0, 1, 3):
+        for kh in range(H):
+            assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, SCALE)
+    z = torch.zeros(4, dtype=torch.int64)
+    _, n_miss = check_bookkeeping(wv, ws, wv.cache.table.clone(), wv.cache.stamp.clone(), z)
+    assert n_miss > 0
+    assert "_key_kernel" not in launched
+    assert launched.get("_collect_kernel", 0) == (1 if resolve_in_collect else 0)
+    assert not ws.barriers.any()
+
+
 def test_prefetched_zones_match_in_turn(monkeypatch):
     """The attention kernel's ``PRE`` form (the retrieved and estimated zones' first
     addresses loaded before the steady zone's tiles, each retrieved group's successor
