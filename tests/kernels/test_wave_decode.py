@@ -181,22 +181,29 @@ def check_bookkeeping(wv: Wave, ws, table_before, stamp_before, counters_before)
 
 
 # ----------------------------------------------------------------------- tests
-def test_released_rows_match_unreleased():
-    """Ragged rows: full horizon, partial horizon (poisoned with another row's K/V),
-    horizon 0, no index, padding. Empty cache: every visit is a miss read from the
-    arena. (a) twin with the view on the poisoned cache == twin on the clean cache,
-    bit for bit; (b) kernel == twin; (c) bookkeeping == the plain count."""
-    torch.manual_seed(21)
+def _released_scene(seed: int, padding: bool):
+    """(scene, wave, query): rows with a full horizon, a partial one (poisoned with
+    another row's K/V), no index, horizon 0, and a padding row if asked."""
+    torch.manual_seed(seed)
     sc = Scene(200)
     E0 = sc.add(700)
     E1 = sc.add(600, n_ret=6, n_est=9)
     sc.add(200, index="none")
     sc.add(420)
-    sc.add(0)
+    if padding:
+        sc.add(0)
     wv = Wave(sc)
     hz1 = sc.S + (E1 - sc.S) // BS // 2 * BS
     wv.release({0: E0, 1: hz1, 3: 0}, poison={1: 2})
-    q = torch.randn(5, H * G, D)
+    return sc, wv, torch.randn(len(sc.rows), H * G, D)
+
+
+def test_released_rows_match_unreleased():
+    """Ragged rows: full horizon, partial horizon (poisoned with another row's K/V),
+    horizon 0, no index, padding. Empty cache: every visit is a miss read from the
+    arena. (a) twin with the view on the poisoned cache == twin on the clean cache,
+    bit for bit; (b) kernel == twin; (c) bookkeeping == the plain count."""
+    sc, wv, q = _released_scene(21, padding=True)
     out, ref, ws = run(wv, q)
     clean = unreleased(wv, q)
     assert torch.equal(ref, clean)
@@ -239,16 +246,7 @@ def test_fused_selection_with_released_rows(monkeypatch, resolve_in_collect):
                 launched[name] = launched.get(name, 0) + 1
                 return real[grid]
         monkeypatch.setattr(td, name, Counted())
-    torch.manual_seed(23)
-    sc = Scene(200)
-    E0 = sc.add(700)
-    E1 = sc.add(600, n_ret=6, n_est=9)
-    sc.add(200, index="none")
-    sc.add(420)
-    wv = Wave(sc)
-    hz1 = sc.S + (E1 - sc.S) // BS // 2 * BS
-    wv.release({0: E0, 1: hz1, 3: 0}, poison={1: 2})
-    q = torch.randn(4, H * G, D)
+    sc, wv, q = _released_scene(23, padding=False)
     ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV,
                             **({"max_split": 1} if DEV == "cpu" else {}))
     out, ref, ws = run(wv, q, ws=ws)
