@@ -193,6 +193,9 @@ VARIANTS = [
     # ... and the list stage after a second barrier (FUSE_LISTS: no list kernel).
     ("fuse keys+lists", "fuse_lists", None),
     ("fuse keys+lists CHE256", "fuse_lists", dict(CHE=256)),
+    # ... with the wave buffer (--wave) the list stage fuses only without the page
+    # lookups: with them in their own kernel (RESOLVE_IN_COLLECT off).
+    ("fuse keys+lists, resolve kernel", "fuse_lists_resolve", None),
     # ... with band re-ranking (rank_interval 4): both steps with the fused stages.
     ("band full step fused", "band_fused", "full"),
     ("band re-rank step fused", "band_fused", "rerank"),
@@ -344,7 +347,9 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             False if kernel == "no_pdl" else base_pdl
         td.DYNAMIC_SPLIT = kernel != "static"
         td.RESOLVE_IN_COLLECT = ((base_in_collect or kernel == "in_collect")
-                                 and kernel != "resolve_kernel")
+                                 and kernel not in ("resolve_kernel", "fuse_lists_resolve"))
+        if kernel == "fuse_lists_resolve":
+            kernel = "fuse_lists"
         if kernel in ("static", "in_collect", "resolve_kernel"):
             kernel = None
         kv_use = kv
