@@ -198,6 +198,18 @@ def _released_scene(seed: int, padding: bool):
     return sc, wv, torch.randn(len(sc.rows), H * G, D)
 
 
+def _checked_released(sc, wv, ws, q, out, ref) -> int:
+    """Checks a :func:`_released_scene` call (kernel == twin in output and selection,
+    the cache's bookkeeping as counted) and returns its misses."""
+    assert _rel(out, ref) < 2e-3, _rel(out, ref)
+    for r in (0, 1, 3):
+        for kh in range(H):
+            assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, SCALE)
+    z = torch.zeros(4, dtype=torch.int64)
+    _, n_miss = check_bookkeeping(wv, ws, wv.cache.table.clone(), wv.cache.stamp.clone(), z)
+    return n_miss
+
+
 def test_released_rows_match_unreleased():
     """Ragged rows: full horizon, partial horizon (poisoned with another row's K/V),
     horizon 0, no index, padding. Empty cache: every visit is a miss read from the
@@ -209,13 +221,8 @@ def test_released_rows_match_unreleased():
     assert torch.equal(ref, clean)
     assert not torch.isnan(out).any()
     assert out[4].abs().max() == 0
-    assert _rel(out, ref) < 2e-3, _rel(out, ref)
-    for r in (0, 1, 3):
-        for kh in range(H):
-            assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, SCALE)
-    z = torch.zeros(4, dtype=torch.int64)
-    _, n_miss = check_bookkeeping(wv, ws, wv.cache.table.clone(), wv.cache.stamp.clone(), z)
-    assert n_miss > 0 and int(wv.cache.counters[C_HITS]) == 0
+    assert _checked_released(sc, wv, ws, q, out, ref) > 0
+    assert int(wv.cache.counters[C_HITS]) == 0
     # Without the view the kernel reads the poisoned blocks (what the view prevents).
     td = _td()
     bt, sl = sc.tensors()
@@ -250,13 +257,7 @@ def test_fused_selection_with_released_rows(monkeypatch, resolve_in_collect):
     ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV,
                             **({"max_split": 1} if DEV == "cpu" else {}))
     out, ref, ws = run(wv, q, ws=ws)
-    assert _rel(out, ref) < 2e-3, _rel(out, ref)
-    for r in (0, 1, 3):
-        for kh in range(H):
-            assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, SCALE)
-    z = torch.zeros(4, dtype=torch.int64)
-    _, n_miss = check_bookkeeping(wv, ws, wv.cache.table.clone(), wv.cache.stamp.clone(), z)
-    assert n_miss > 0
+    assert _checked_released(sc, wv, ws, q, out, ref) > 0
     assert "_key_kernel" not in launched
     assert launched.get("_collect_kernel", 0) == (1 if resolve_in_collect else 0)
     assert not ws.barriers.any()
