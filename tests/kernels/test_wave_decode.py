@@ -20,8 +20,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from test_paged_decode_attention import (BS, D, DEV, G, H, Scene, _rel, _td,  # noqa: E402
-                                         selection, twin_selection)
+from test_paged_decode_attention import (BS, D, DEV, G, H, Scene, _Launches,  # noqa: E402
+                                         _rel, _td, selection, twin_selection)
 from vllm_retro.index.paged import HDR_CLUSTERED_END, HDR_HORIZON, HDR_IBT_ROW  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402
 from vllm_retro.memory import HostMirror, MirrorShape  # noqa: E402
@@ -244,22 +244,16 @@ def test_fused_selection_with_released_rows(monkeypatch, resolve_in_collect):
     td = _td()
     monkeypatch.setattr(td, "FUSE_KEYS", True)
     monkeypatch.setattr(td, "FUSE_LISTS", True)
-    launched = {}
-    for name in ("_key_kernel", "_collect_kernel"):
-        real = getattr(td, name)
-
-        class Counted:
-            def __getitem__(self, grid, real=real, name=name):
-                launched[name] = launched.get(name, 0) + 1
-                return real[grid]
-        monkeypatch.setattr(td, name, Counted())
+    keys, coll = _Launches(td._key_kernel), _Launches(td._collect_kernel)
+    monkeypatch.setattr(td, "_key_kernel", keys)
+    monkeypatch.setattr(td, "_collect_kernel", coll)
     sc, wv, q = _released_scene(23, padding=False)
     ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV,
                             **({"max_split": 1} if DEV == "cpu" else {}))
     out, ref, ws = run(wv, q, ws=ws)
     assert _checked_released(sc, wv, ws, q, out, ref) > 0
-    assert "_key_kernel" not in launched
-    assert launched.get("_collect_kernel", 0) == (1 if resolve_in_collect else 0)
+    assert keys.count == 0
+    assert coll.count == (1 if resolve_in_collect else 0)
     assert not ws.barriers.any()
 
 

@@ -2577,15 +2577,12 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     # selection (band re-ranking too) on the key kernel's split (at one row the score
     # kernel's own split is the same), where every program can be resident; its
     # registers bounded.
-    if FUSE_KEYS and not tune_s.get("maxnreg"):
-        tune_s["maxnreg"] = 128
+    tune_f = dict(tune_s, maxnreg=tune_s.get("maxnreg") or 128)
     fuse = (bucket and not err and not cuda_score
             and (not own or (b == 1 and ws.nsplit_score(1) == ws.nsplit(1)))
-            and fuse_keys_for(b, ws, tune_s))
+            and fuse_keys_for(b, ws, tune_f))
     if fuse:
-        own = False
-    else:
-        tune_s = _tune("score", b, fp32=fp32)
+        own, tune_s = False, tune_f
     nsg_s = ws.nsplit_score(b_min, b) if own else nsg
     grid_s = (b * h, nsg_s)
     split_s = (b, ws.score_target(b), nsg_s, dyn) if own else split
