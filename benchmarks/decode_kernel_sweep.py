@@ -536,7 +536,8 @@ def main() -> None:
     names = {n.replace(" ", "_"): n for n, _, _ in VARIANTS}
     variants = None
     if a.variants:
-        want = set(a.variants.split(";"))
+        # Names as listed (spaces) or as typed in a shell (underscores).
+        want = {v.strip().replace(" ", "_") for v in a.variants.split(";")}
         if want - set(names):
             raise SystemExit(f"unknown variants {sorted(want - set(names))}; known: "
                              f"{sorted(names)}")

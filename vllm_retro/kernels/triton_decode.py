@@ -1096,7 +1096,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                             NSP, 1, COUNT_STATS, False, 32, True, hist_ptr, rgh_ptr, cnt_ptr, G,
                             NB, SUB, WIN, False, None, None, None, None, BAND, bd_ptr, bd_s0,
                             bd_s1, rh, p, NSB, h, L, ix_row, blk0, E, C, n_ret, n_est, rr,
-                            CM=".cg")
+                            CG=True)
         _row_head_leave(bar_ptr, rh, (FUSE + 1) * NS)
 
 
@@ -1248,7 +1248,7 @@ def _edigit(key, top_bits, SUB: tl.constexpr, NB: tl.constexpr, WIN: tl.constexp
 
 
 @triton.jit
-def _threshold(hist, rg, sp, p, total, k, NB: tl.constexpr, CM: tl.constexpr = ""):
+def _threshold(hist, rg, sp, p, total, k, NB: tl.constexpr, CG: tl.constexpr = False):
     """The top ``k`` of ``total`` keys by bucket (ties to the lower entry), from the
     row-head's histogram ``hist`` and the ranges' counts in bins >= b (rows ``rg``):
     the threshold bin ``t`` (NB: none), the keys taken from it ``need``, and the
@@ -1256,7 +1256,7 @@ def _threshold(hist, rg, sp, p, total, k, NB: tl.constexpr, CM: tl.constexpr = "
     b, above, n = _bucket(hist, tl.arange(0, NB), total, k)
     t = tl.where(k > 0, b, NB)
     need = tl.where(k > 0, k - above, 0)
-    a, e = _lower_counts(rg, sp, p, total, t, NB, CM)
+    a, e = _lower_counts(rg, sp, p, total, t, NB, CG)
     return t, need, a, e
 
 
@@ -1521,10 +1521,11 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
 
 # ------------------------------------------------------------------ 4. lists
 @triton.jit
-def _lower_counts(rg, sp, p, C, t, NB: tl.constexpr, CM: tl.constexpr = ""):
+def _lower_counts(rg, sp, p, C, t, NB: tl.constexpr, CG: tl.constexpr = False):
     """Keys of the ranges below ``p`` in bins above ``t``, and in bin ``t``, from
     their histograms as counts in bins >= b (``rg``: each range's row; ``t = NB``:
-    none; CM: the loads' cache modifier)."""
+    none; CG: the loads bypass L1)."""
+    CM: tl.constexpr = ".cg" if CG else ""
     below = sp < tl.where((C > 0) & (t < NB), p, 0)
     ge_t = tl.load(rg + t, mask=below, other=0, cache_modifier=CM)
     ge_next = tl.load(rg + t + 1, mask=sp < tl.where((C > 0) & (t + 1 < NB), p, 0),
@@ -1617,12 +1618,13 @@ def _list_range(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stat
                 NB: tl.constexpr, SUB: tl.constexpr, WIN: tl.constexpr, ERR: tl.constexpr,
                 keys2_ptr, hist2_ptr, rgh2_ptr, emax_ptr, BAND: tl.constexpr, bd_ptr, bd_s0,
                 bd_s1, rh, p, NS, h, L, ix_row, blk0, E, C, n_ret, n_est, rr,
-                CM: tl.constexpr = ""):
+                CG: tl.constexpr = False):
     """The list stage of program ``p`` of row-head ``rh`` (``NS`` ranges; the row's
     context ``L``, index row, first block, clustered end ``E``, entries ``C`` and
     budget): what :func:`_collect_kernel` documents, run by it and by the score
     kernel's FUSE form 2 once every program of the row-head has stored its keys and
-    histograms (CM ".cg": the row-head's histograms read past the SM's L1)."""
+    histograms (CG: the row-head's histograms read past the SM's L1)."""
+    CM: tl.constexpr = ".cg" if CG else ""
     k1 = n_ret
     use2 = n_est > 0
     lo, hi, per = _range(C, p, NS, PK)
@@ -1639,14 +1641,14 @@ def _list_range(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stat
             kb = k1 + n_est
         else:
             kb = tl.where(use2, k1 + n_est, 0)
-        t2, need2, a2, e2 = _threshold(hist, rg, sp, p, C, kb, NB, CM)
+        t2, need2, a2, e2 = _threshold(hist, rg, sp, p, C, kb, NB, CG)
         if ERR:
             hist2 = tl.load(hist2_ptr + rh * NB + tl.arange(0, NB))
             rg2 = rgh2_ptr + (rh * MSPLIT + sp).to(tl.int64) * NB
             t1, need1, a1, e1 = _threshold(hist2, rg2, sp, p, kb, k1, NB)
             top = tl.load(emax_ptr + rh)
         else:
-            t1, need1, a1, e1 = _threshold(hist, rg, sp, p, C, k1, NB, CM)
+            t1, need1, a1, e1 = _threshold(hist, rg, sp, p, C, k1, NB, CG)
         g1 = lo * 0
         g2 = g1
         if p == 0:
