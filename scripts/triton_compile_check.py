@@ -387,7 +387,8 @@ def main() -> None:
         except Exception:
             traceback.print_exc()
             failures.append((name, None, None, "launcher raised"))
-    print(f"{len(compiled)} kernel variants for sm_90, {len(failures)} failed")
+    print(f"{len(compiled)} kernel variants for sm_90 (Triton {triton.__version__}), "
+          f"{len(failures)} failed")
     if failures:
         raise SystemExit(1)
 
