@@ -445,14 +445,19 @@ def main() -> None:
                if not (r["backend"] in labels and r["context"] in ctxs)]
     profiles = results.get("profiles", {})
     parts, failed = run_children(__file__, a.out, a.backends.split(","))
+    # The decode kernels' switches of this run, on its records too: runs with other
+    # switches (and labels) share one results file.
+    env = {k: v for k, v in os.environ.items() if k.startswith(("RETRO_DECODE_", "RETRO_KMEANS_"))}
     for be, got in parts:
+        if env:
+            for r in got["records"]:
+                r["env"] = env
         records += got["records"]
         if got.get("profile"):
             profiles[be] = got["profile"]
     res = dict(result_header(), records=records)
     if profiles:
         res["profiles"] = profiles
-    env = {k: v for k, v in os.environ.items() if k.startswith(("RETRO_DECODE_", "RETRO_KMEANS_"))}
     if env:
         res["env"] = env
     if failed:
