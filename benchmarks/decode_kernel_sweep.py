@@ -186,19 +186,6 @@ VARIANTS = [
     # The attention kernel's parts (not attention: the loops of the other zones left
     # out; ZONES bits 1 steady, 2 retrieved, 4 estimated): what each zone and the
     # fixed part (prologue, partials, merge) cost.
-    # The key stage inside the score kernel (triton_decode.FUSE_KEYS: a barrier per
-    # row-head, no key kernel); bit-equal to the default, so compared exactly.
-    ("fuse keys", "fuse_keys", None),
-    ("fuse keys CHE256", "fuse_keys", dict(CHE=256)),
-    # ... and the list stage after a second barrier (FUSE_LISTS: no list kernel).
-    ("fuse keys+lists", "fuse_lists", None),
-    ("fuse keys+lists CHE256", "fuse_lists", dict(CHE=256)),
-    # ... with the wave buffer (--wave) the list stage fuses only without the page
-    # lookups: with them in their own kernel (RESOLVE_IN_COLLECT off).
-    ("fuse keys+lists, resolve kernel", "fuse_lists_resolve", None),
-    # ... with band re-ranking (rank_interval 4): both steps with the fused stages.
-    ("band full step fused", "band_fused", "full"),
-    ("band re-rank step fused", "band_fused", "rerank"),
     ("attend zones none", "attend", dict(ZONES=0)),
     ("attend zones steady", "attend", dict(ZONES=1)),
     ("attend zones retrieved", "attend", dict(ZONES=2)),
@@ -322,7 +309,6 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     base_sel_pps = td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM
     base_score_pps = td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM
     base_pdl = td.PDL
-    base_fuse, base_fuse_lists = td.FUSE_KEYS, td.FUSE_LISTS
     td.RECORD_RESOURCES = True
     # Overwritten before each cold-L2 timing: 4x the L2 (50 MB on an H100, 60 on an H200).
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -339,7 +325,6 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         td.SELECT = base_select
         td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM = base_sel_pps
         td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM = base_score_pps
-        td.FUSE_KEYS, td.FUSE_LISTS = base_fuse, base_fuse_lists
         td.LAST_KERNELS.clear()   # (else the programs/SM line shows earlier variants' stages)
         max_split = pps = attend_split = 0
         rank = "mass"
@@ -347,9 +332,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             False if kernel == "no_pdl" else base_pdl
         td.DYNAMIC_SPLIT = kernel != "static"
         td.RESOLVE_IN_COLLECT = ((base_in_collect or kernel == "in_collect")
-                                 and kernel not in ("resolve_kernel", "fuse_lists_resolve"))
-        if kernel == "fuse_lists_resolve":
-            kernel = "fuse_lists"
+                                 and kernel != "resolve_kernel")
         if kernel in ("static", "in_collect", "resolve_kernel"):
             kernel = None
         kv_use = kv
@@ -375,9 +358,6 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         if kernel == "rank":
             rank, kernel, err_limit = over, None, 0.2
         band = None
-        if kernel == "band_fused":
-            td.FUSE_KEYS = td.FUSE_LISTS = True
-            kernel = "band"
         if kernel == "band":
             band, kernel = over, None
             pool = pool_band_iso if band == "rerank_iso" else pool_band
@@ -386,10 +366,6 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             # near-ties win; full steps select as the default)
             err_limit = 0.05 if band == "full" else 0.3
             hdr[:, HDR_BAND_AT] = 0
-        if kernel in ("fuse_keys", "fuse_lists"):
-            # (the same keys, lists and output: exact)
-            td.FUSE_LISTS = kernel == "fuse_lists"
-            td.FUSE_KEYS, kernel, over, err_limit = True, "key", over or {}, 0.0
         if kernel == "wave_attend":
             td.TUNE_WAVE["attend"].update(over)
             kernel = None
@@ -488,7 +464,6 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     td.PDL = base_pdl
     td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM = base_sel_pps
     td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM = base_score_pps
-    td.FUSE_KEYS, td.FUSE_LISTS = base_fuse, base_fuse_lists
     td.DYNAMIC_SPLIT = base_dyn
     td.RESOLVE_IN_COLLECT = base_in_collect
     ws = DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(batch, 8), "cuda")

@@ -279,27 +279,6 @@ def decode_launches() -> None:
                         q, kv, lay, bt, sl, hdr, ibt, pool_x, sink_end(RetroConfig(), bs),
                         0.1, out, ws, count_stats=True, wave=wv)
                 td.SELECT = base_select
-            # The key stage inside the score kernel (FUSE_KEYS: the score kernel's FUSE
-            # variants, no key kernel), 8- and 16-bit summaries, at one row (8 warps)
-            # and above SMALL_BATCH rows, with and without the wave buffer's view.
-            if dtype != torch.float32:
-                base = td.SELECT, td.FUSE_KEYS, td.FUSE_LISTS
-                td.SELECT, td.FUSE_KEYS = "bucket", True
-                try:
-                    # (FUSE_LISTS: the list stage too where it has no page lookups;
-                    # band re-ranking with the shared phase)
-                    for lists in (False, True):
-                        td.FUSE_LISTS = lists
-                        pool_bf = IndexPool(lay, nb, summary_bits=8, rank_interval=4)
-                        pool_bf.band_phase = torch.zeros(1, dtype=torch.int32)
-                        for pl, wv in ((pool8, None), (pool, None),
-                                       (pool8, _wave_view(lay, dtype, nb)), (pool_bf, None),
-                                       (pool_bf, _wave_view(lay, dtype, nb))):
-                            td.paged_decode_attention_triton(
-                                q, kv, lay, bt, sl, hdr, ibt, pl, sink_end(RetroConfig(), bs),
-                                0.1, out, ws, count_stats=True, wave=wv)
-                finally:
-                    td.SELECT, td.FUSE_KEYS, td.FUSE_LISTS = base
 
 
 def _wave_view(lay, dtype, num_pages):

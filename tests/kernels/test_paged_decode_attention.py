@@ -432,94 +432,6 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
-class _Launches:
-    """A kernel stand-in that counts its launches (``kernel[grid](...)``)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.count = kernel, 0
-
-    def __getitem__(self, grid):
-        self.count += 1
-        return self.kernel[grid]
-
-
-@pytest.mark.parametrize("bits,lists,rows", [(16, False, 4), (8, False, 4), (8, True, 4),
-                                             (8, True, 1)])
-def test_key_stage_fused_into_the_score_kernel(monkeypatch, bits, lists, rows):
-    """``FUSE_KEYS``: the score kernel runs the key stage after its row-head's
-    barrier, and the key kernel is not launched; with ``FUSE_LISTS`` also the list
-    stage after a second barrier, and the list kernel is not launched either. Keys,
-    histograms, lists, logits, statistics and output are bit-equal to the separate
-    kernels' and the output is the twin's, over rows with an index, without context
-    and without an index; the barrier words are zero again after the call. In the
-    interpreter (programs run one after another) on a split of one; on a GPU on the
-    default split, where a row-head's programs wait for each other."""
-    td = _td()
-    monkeypatch.setattr(td, "SELECT", "bucket")
-    torch.manual_seed(53 + bits)
-    sc = Scene(260, summary_bits=bits)
-    sc.add(900, n_ret=6, n_est=20)
-    if rows > 1:       # (one row: the small-batch score kernel's 8 warps on a GPU)
-        sc.add(0)
-        sc.add(300, index="none")
-        sc.add(700, n_ret=4, n_est=9)
-    q = torch.randn(rows, H * G, D)
-    split = {"max_split": 1} if DEV == "cpu" else {}
-    got = []
-    for fuse in (False, True):
-        monkeypatch.setattr(td, "FUSE_KEYS", fuse)
-        monkeypatch.setattr(td, "FUSE_LISTS", fuse and lists)
-        keys, coll = _Launches(td._key_kernel), _Launches(td._collect_kernel)
-        monkeypatch.setattr(td, "_key_kernel", keys)
-        monkeypatch.setattr(td, "_collect_kernel", coll)
-        ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, **split)
-        assert td.fuse_keys_for(rows, ws, dict(td._tune("score", rows), maxnreg=128)) == fuse
-        out, ref, st, ws = run_both(sc, q, 0.2, ws=ws, td=td)
-        monkeypatch.setattr(td, "_key_kernel", keys.kernel)
-        monkeypatch.setattr(td, "_collect_kernel", coll.kernel)
-        assert keys.count == (0 if fuse else 1)
-        assert coll.count == (0 if fuse and lists else 1)
-        assert _rel(out, ref) < 2e-3, (fuse, _rel(out, ref))
-        assert ws.stats.tolist() == expected_stats(sc, st)
-        assert not ws.barriers.any()
-        sel = [selection(sc, ws, r, kh) for r in (0, rows - 1) for kh in range(H)]
-        got.append((out, ws.logits.cpu(), ws.hist.cpu(), sel, ws.counts.cpu()))
-    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
-    assert torch.equal(got[0][2], got[1][2]) and got[0][3] == got[1][3]
-    assert torch.equal(got[0][4], got[1][4])
-
-
-def test_key_stage_fusion_needs_every_program_resident(monkeypatch):
-    """Where the fused form may run: off unless ``FUSE_KEYS``; in the interpreter only
-    on a split of one; on a GPU where the programs that can wait (``min(target,
-    max_split * rows * H)``) fit what the SMs hold of the score kernel by its
-    registers (bounded) and warps (else a program could wait for one that cannot
-    become resident)."""
-    td = _td()
-    ws1 = td.DecodeWorkspace(64, 8, 4, 128, 8, "cpu", num_sms=132, max_split=1)
-    ws = td.DecodeWorkspace(64, 8, 4, 128, 8, "cpu", num_sms=132, max_split=32)
-    ws8 = td.DecodeWorkspace(64, 8, 4, 128, 8, "cpu", num_sms=132, max_split=32,
-                             programs_per_sm=8)
-    ws_few = td.DecodeWorkspace(64, 8, 4, 128, 8, "cpu", num_sms=114, max_split=32)
-    w4, w8 = dict(num_warps=4, maxnreg=128), dict(num_warps=8, maxnreg=128)
-    monkeypatch.setattr(td, "FUSE_KEYS", False)
-    assert not td.fuse_keys_for(6, ws1, w4)
-    monkeypatch.setattr(td, "FUSE_KEYS", True)
-    monkeypatch.setattr(td, "interpreting", lambda: True)
-    assert td.fuse_keys_for(6, ws1, w4) and not td.fuse_keys_for(6, ws, w4)
-    monkeypatch.setattr(td, "interpreting", lambda: False)
-    # 4 warps x 128 registers: 4 per SM, 528 resident, the target's 528 active.
-    assert td.fuse_keys_for(6, ws, w4) and td.fuse_keys_for(3, ws, w4)
-    assert td.fuse_keys_for(6, ws, td.TUNE["score"])
-    assert not td.fuse_keys_for(6, ws8, w4)                  # 1,056 aimed at
-    assert not td.fuse_keys_for(6, ws, dict(num_warps=4, maxnreg=None))
-    assert not td.fuse_keys_for(6, ws, dict(num_warps=4, maxnreg=136))   # 3 per SM
-    # 8 warps x 128: 2 per SM (264): one row's 8 x 32 fit, two rows' 512 do not, nor
-    # one row's 256 on 114 SMs (228).
-    assert td.fuse_keys_for(1, ws, w8) and not td.fuse_keys_for(2, ws, w8)
-    assert not td.fuse_keys_for(1, ws_few, w8)
-
-
 def test_attention_zones_knob_only_leaves_loops_out(monkeypatch):
     """The attention kernel's measurement knob ``ZONES``: all three bits are the
     attention bit for bit; none writes zeros (no zone, no mass); each single zone
@@ -629,8 +541,8 @@ def _pool_copy(pool: IndexPool) -> IndexPool:
     return out
 
 
-@pytest.mark.parametrize("rows,fuse", [(4, False), (2, False), (4, True)])
-def test_band_reranking_matches_twin_over_steps(monkeypatch, rows, fuse):
+@pytest.mark.parametrize("rows", [4, 2])
+def test_band_reranking_matches_twin_over_steps(monkeypatch, rows):
     """``rank_interval`` 3 over five decode steps of growing contexts: steps 0 and 3
     rank every entry and write the band (table and header), steps 1, 2 and 4
     re-rank the last band with their own query. Kernel and twin, each on its own
@@ -639,17 +551,9 @@ def test_band_reranking_matches_twin_over_steps(monkeypatch, rows, fuse):
     re-ranking step selects inside the band only, and not what a full ranking of
     its query selects (the mode is not a no-op here). Four rows (a padded one and
     one without an index among them) and two (the score kernel on its own split):
-    a re-ranking row runs on fewer programs than a full ranking. ``fuse``: the key and
-    list stages inside the score kernel (``FUSE_KEYS``, ``FUSE_LISTS``; no key or list
-    kernel launched; on a GPU on the real split, in the interpreter on a split of
-    one)."""
+    a re-ranking row runs on fewer programs than a full ranking."""
     td = _td()
     monkeypatch.setattr(td, "SELECT", "bucket")
-    monkeypatch.setattr(td, "FUSE_KEYS", fuse)
-    monkeypatch.setattr(td, "FUSE_LISTS", fuse)
-    keys, coll = _Launches(td._key_kernel), _Launches(td._collect_kernel)
-    monkeypatch.setattr(td, "_key_kernel", keys)
-    monkeypatch.setattr(td, "_collect_kernel", coll)
     torch.manual_seed(47)
     sc = Scene(260, summary_bits=8, rank_interval=3)
     sc.add(900)
@@ -661,8 +565,7 @@ def test_band_reranking_matches_twin_over_steps(monkeypatch, rows, fuse):
     twin_pool, twin_hdr = _pool_copy(sc.pool), sc.headers.cpu().clone()
     bt, sl0 = sc.tensors()
     band = sc.pool.band_table()
-    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV,
-                            **({"max_split": 1} if fuse and DEV == "cpu" else {}))
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV)
     differs = 0
     for step in range(5):
         sl = torch.where(sl0 > 0, sl0 + step, 0)
@@ -704,8 +607,6 @@ def test_band_reranking_matches_twin_over_steps(monkeypatch, rows, fuse):
                 full = twin_selection(sc, q.to(sc.pool.device).cpu(), r, kh, 0.2, "bucket")
                 differs += (ret, est) != full
     assert differs > 0
-    assert keys.count == coll.count == (0 if fuse else 5)
-    assert not ws.barriers.any()
 
 
 def test_band_reranking_follows_the_shared_phase(monkeypatch):

@@ -123,10 +123,6 @@ _NEG_INF = tl.constexpr(float("-inf"))
 # The query's low int8 part counts steps of 1/254 of one high step (|residual| <= 1/2).
 _Q8_LO = tl.constexpr(254)
 _INT_MAX = tl.constexpr(2147483647)
-# The score kernel's FUSE form waits at most this many polls of its row-head's barrier
-# word (~1 us each): a wait the launcher's residency rule makes impossible to last
-# ends instead of hanging the GPU (its keys are then wrong, and the tests say so).
-_SPIN_LIMIT = tl.constexpr(1 << 20)
 _HDR_CE = tl.constexpr(HDR_CLUSTERED_END)
 _HDR_NR = tl.constexpr(HDR_N_RETRIEVE)
 _HDR_NE = tl.constexpr(HDR_N_ESTIMATE)
@@ -258,17 +254,6 @@ TUNE_SMALL_BATCH_UNCAPPED = {"attend": dict(maxnreg=None)}
 # per SM); held to 128 (4 per SM, no spill) the 32-token tiles take 87.5 us per layer
 # at 128K x 8 (every page cached) against 105 for 16-token tiles.
 TUNE_WAVE = {"attend": dict(TR=32, RG=8, maxnreg=128)}
-# The key stage inside the score kernel (its FUSE form): each program, having scored,
-# waits at a per-row-head barrier for the row-head's other programs, then computes its
-# range's keys and histograms: one launch, prologue and partial read fewer per layer.
-# A program waiting for another that is not yet resident would wait for ever, so the
-# launcher fuses only where every program can be resident at once
-# (:func:`fuse_keys_for`); a bounded wait makes a violation a wrong result, not a hang.
-# RETRO_DECODE_FUSE_KEYS=1 turns it on (or the attribute).
-FUSE_KEYS = os.environ.get("RETRO_DECODE_FUSE_KEYS", "0") == "1"
-# ... and the list stage after it (a second wait; with FUSE_KEYS, not where the list
-# stage does the wave buffer's page lookups): RETRO_DECODE_FUSE_LISTS=1.
-FUSE_LISTS = os.environ.get("RETRO_DECODE_FUSE_LISTS", "0") == "1"
 # Selection (stages 3-4): "bucket" (default): keys in the histogram bin of a
 # threshold (scores within 1/32 of a binade of each other) count as equal, ties to
 # the lower entry: the exact selection's counts, no exact search, no candidate kernel
@@ -350,30 +335,6 @@ def _tune(kernel: str, num_rows: int, wave: bool = False, vc: bool = False,
     return cfg
 
 
-def fuse_keys_for(num_rows: int, workspace: "DecodeWorkspace", score_cfg: dict) -> bool:
-    """Whether the score kernel of a launch of ``num_rows`` rows may run the key stage
-    itself (:data:`FUSE_KEYS`, the score kernel's FUSE form), i.e. every program that
-    can wait is resident at once. A row-head's programs wait only when it has more
-    than one, and then the active programs are at most ``min(selection target,
-    max_split * rows * H)`` (``_program``: ``NS * rows * H <= TGT`` once ``NS > 1``).
-    An SM holds ``score_cfg``'s programs by registers (``maxnreg``: bounded at compile
-    time, or no fusion) and threads, and by shared memory at least 4 (the score
-    kernel's tiles take 26-43 KB of 228). In the interpreter, which runs programs one
-    after another, only a split of one."""
-    if not FUSE_KEYS:
-        return False
-    if interpreting():
-        return workspace.max_split == 1
-    warps, regs = int(score_cfg.get("num_warps") or 4), score_cfg.get("maxnreg")
-    if not regs:
-        return False
-    per_warp = -(-int(regs) * 32 // 256) * 256     # registers go to warps in 256s
-    per_sm = min(65536 // (per_warp * warps), 2048 // (32 * warps), 4)
-    active = min(workspace.select_target(num_rows),
-                 workspace.max_split * num_rows * workspace.num_kv_heads)
-    return active <= per_sm * workspace.num_sms
-
-
 def pdl_for(num_rows: int, device: torch.device) -> bool:
     """Whether a step of ``num_rows`` decode rows on ``device`` launches with PDL
     (see ``PDL``)."""
@@ -435,8 +396,7 @@ class DecodeWorkspace:
     ``ncand`` ``[max_rows*H, 2]`` (candidates per list), ``counts`` ``[max_rows*H,
     2]`` (retrieved, estimated), ``sel`` ``[max_rows*H, 4]`` (threshold keys and ties
     taken), ``ranges`` ``[max_rows*H, NSP, 2]`` (per range: keys above each bucket),
-    ``tickets`` ``[2, max_rows*H]`` and ``barriers`` ``[max_rows*H]`` (the score
-    kernel's FUSE form; both zero between calls), the score partials
+    ``tickets`` ``[2, max_rows*H]`` (zero between calls), the score partials
     ``score_max`` / ``score_sum`` ``[max_rows*H, NSP, GP]`` and the attention partials
     ``part_o`` / ``part_m`` / ``part_l`` (``B * nsplit(B) * H * G`` rows of ``D`` / 1
     values, sized for the worst ``B <= max_rows``).
@@ -480,9 +440,7 @@ class DecodeWorkspace:
         self.attend_max_split = int(attend_max_split)
         self.attend_ns_pow2 = _next_pow2(self.attend_max_split)
         # Several programs per SM hide the latency of the dependent gathers.
-        self.num_sms = int(num_sms)
-        self.programs_per_sm = int(programs_per_sm or PROGRAMS_PER_SM)
-        self.target_programs = self.programs_per_sm * int(num_sms)
+        self.target_programs = (programs_per_sm or PROGRAMS_PER_SM) * int(num_sms)
         self.small_select_programs = min(
             self.target_programs, SMALL_BATCH_SELECT_PROGRAMS_PER_SM * int(num_sms))
         self.small_score_programs = min(
@@ -502,7 +460,6 @@ class DecodeWorkspace:
         self.sel = torch.zeros(rows, 4, dtype=i32, device=dev)
         self.ranges = torch.zeros(rows, nsp, 2, dtype=i32, device=dev)
         self.tickets = torch.zeros(2, rows, dtype=i32, device=dev)
-        self.barriers = torch.zeros(rows, dtype=i32, device=dev)
         self.score_max = torch.zeros(rows, nsp, self.gp, dtype=f32, device=dev)
         self.score_sum = torch.zeros(rows, nsp, self.gp, dtype=f32, device=dev)
         self.part_o = torch.zeros(cap * h * g * d, dtype=f32, device=dev)
@@ -915,24 +872,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
                   G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False,
                   ISO: tl.constexpr = False, BAND: tl.constexpr = False, RI=1,
-                  bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False,
-                  FUSE: tl.constexpr = 0, keys_ptr=None, rgh_ptr=None, bar_ptr=None,
-                  CHE: tl.constexpr = 1024, SUB: tl.constexpr = 5, WIN: tl.constexpr = 16,
-                  PK: tl.constexpr = 16, lists_ptr=None, stats_ptr=None, cnt_ptr=None, S=0,
-                  RB: tl.constexpr = 1024, LW: tl.constexpr = 32,
-                  COUNT_STATS: tl.constexpr = False):
+                  bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
-
-    FUSE (:data:`FUSE_KEYS`; the mass rank's bucket selection, the key kernel's
-    split; with BAND the key and list stages on a re-ranking row's first NSB programs): the key stage runs here too (:func:`_key_range`, tiles of CHE),
-    after every program of the row-head has stored its logits and partials: each
-    program arrives at the row-head's barrier word ``bar_ptr[row*H + head]`` and
-    waits for all ``NS`` (:func:`_row_head_wait`), so the launcher only fuses where
-    every program of the grid is resident at once (:func:`fuse_keys_for`). One
-    launch, prologue and partial read fewer per layer. FUSE 2 (:data:`FUSE_LISTS`,
-    not with the wave buffer's lookups in the list stage): after a second wait, the
-    list stage too (:func:`_list_range`, tiles of RB; the lists' lengths at
-    ``cnt_ptr``, the statistics at ``stats_ptr``): two launches fewer.
 
     BAND (``rank_interval`` RI > 1): a row that re-ranks its last band
     (:func:`_band_rows`) scores the band's entries, whose pages the band table
@@ -973,13 +914,11 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     L, bt_row, ix_row, blk0, E, C = _row_info(seq_ptr, bt_ptr, bt_s0, ibt_ptr, ibt_s0, hdr_ptr,
                                               hdr_s0, r, SB, BS, EPB)
     rr = E < 0
-    C0 = C
-    NSB = NS     # (the key and list stages' ranges)
     if BAND:
         # (All NS programs: each scores a quarter of a full ranking's entries. On
         # fewer, as the key and list kernels, the latency-bound score stage took 41
         # instead of 26 us at 128K x 6 on an H100.)
-        rr, C, NSB = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI, ph_ptr, PHASE)
+        rr, C, _ = _band_rows(hdr_ptr, hdr_s0, blk0, L, E, C, NS, RI, ph_ptr, PHASE)
     if p == 0:
         # Later kernels accumulate into these; zeroed here so every call starts clean.
         tl.store(hist_ptr + rh * NB + tl.arange(0, NB), tl.zeros([NB], tl.int32))
@@ -1078,51 +1017,6 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         blk, valid = blk_n, valid_n
     tl.store(pm_ptr + (rh * NSP + p) * GP + gx, m_run)
     tl.store(ps_ptr + (rh * NSP + p) * GP + gx, s_run)
-    if FUSE:
-        # (Every program arrives at every barrier; with BAND a row re-ranking its band
-        # runs the key and list stages on its first NSB programs, as their kernels do.)
-        _row_head_wait(bar_ptr, rh, NS)
-        if p < NSB:
-            _key_range(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, rh, p, NSB, NS, C, ix_row,
-                       rr, h, MSPLIT, H, G, GP, G4, NSP, CHE, NB, SUB, WIN, PK, True, rgh_ptr,
-                       False, None, None, None, BAND, bd_ptr, bd_s0, bd_s1, CG=True)
-        if FUSE == 2:
-            _row_head_wait(bar_ptr, rh, 2 * NS)
-            if p < NSB:
-                n_ret, n_est = _budget(hdr_ptr, hdr_s0, blk0, C0)
-                _list_range(keys_ptr, None, lists_ptr, None, None, None, stats_ptr, ip_ptr,
-                            ip_s0, ip_s1, hdr_ptr, hdr_s0, SB, S, MSPLIT, None, 0, None, None,
-                            None, None, None, None, None, 0, 0, 0, 0, 0, H, BS, RB, PK, LW,
-                            NSP, 1, COUNT_STATS, False, 32, True, hist_ptr, rgh_ptr, cnt_ptr, G,
-                            NB, SUB, WIN, False, None, None, None, None, BAND, bd_ptr, bd_s0,
-                            bd_s1, rh, p, NSB, h, L, ix_row, blk0, E, C, n_ret, n_est, rr,
-                            CG=True)
-        _row_head_leave(bar_ptr, rh, (FUSE + 1) * NS)
-
-
-@triton.jit
-def _row_head_wait(bar_ptr, rh, target):
-    """Arrive at row-head ``rh``'s barrier word and wait until it counts ``target``
-    arrivals (``NS`` of its programs at the first barrier, ``2 NS`` at the second;
-    every thread's stores before the arrival, every read of the others' after it).
-    The word counts arrivals, then departures (:func:`_row_head_leave`), and is zero
-    between launches."""
-    tl.debug_barrier()   # every thread's stores precede the release below
-    seen = tl.atomic_add(bar_ptr + rh, 1, sem="acq_rel", scope="gpu") + 1
-    polls = 0
-    while (seen < target) & (polls < _SPIN_LIMIT):
-        seen = tl.atomic_add(bar_ptr + rh, 0, sem="acquire", scope="gpu")
-        polls += 1
-
-
-@triton.jit
-def _row_head_leave(bar_ptr, rh, total):
-    """Depart from the barriers of :func:`_row_head_wait` (``total``: the row-head's
-    arrivals and departures in all); the last zeroes the word for the next launch
-    (every program has passed its waits by then)."""
-    left = tl.atomic_add(bar_ptr + rh, 1, sem="relaxed", scope="gpu")
-    if left == total - 1:
-        tl.atomic_xchg(bar_ptr + rh, 0, sem="relaxed", scope="gpu")
 
 
 # ------------------------------------------------------------------ 2. keys
@@ -1168,32 +1062,14 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
         if p >= NS:
             return
     _pdl_wait(PDL)
-    _key_range(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, rh, p, NS, NSF, C, ix_row, rr,
-               h, MSPLIT, H, G, GP, G4, NSP, CHE, NB, SUB, WIN, PK, BUCKET, rgh_ptr, ERR,
-               tv_ptr, keys2_ptr, emax_ptr, BAND, bd_ptr, bd_s0, bd_s1)
-
-
-@triton.jit
-def _key_range(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, rh, p, NS, NSF, C, ix_row, rr, h,
-               MSPLIT, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-               G4: tl.constexpr, NSP: tl.constexpr, CHE: tl.constexpr, NB: tl.constexpr,
-               SUB: tl.constexpr, WIN: tl.constexpr, PK: tl.constexpr,
-               BUCKET: tl.constexpr, rgh_ptr, ERR: tl.constexpr, tv_ptr, keys2_ptr,
-               emax_ptr, BAND: tl.constexpr, bd_ptr, bd_s0, bd_s1, CG: tl.constexpr = False):
-    """The key stage of program ``p`` of row-head ``rh`` (``NS`` ranges; the score
-    partials in slots below ``NSF``): what :func:`_key_kernel` documents, run by it
-    and by the score kernel's FUSE form once every score program of the row-head has
-    stored its logits and partials. CG: the other programs' logits and partials are
-    read past the SM's L1 (written in this launch by programs on other SMs)."""
-    CM: tl.constexpr = ".cg" if CG else ""
     g = tl.arange(0, G4)
     gm = g < G
     sp = tl.arange(0, NSP)
     pofs = (rh * NSP + sp)[:, None] * GP + g[None, :]
     # (Scalar conditions enter masks as bounds: the interpreter mishandles vec & scalar.)
     pmask = (sp < tl.where(C > 0, NSF, 0))[:, None] & (g >= 0)[None, :]
-    pm = tl.load(pm_ptr + pofs, mask=pmask, other=_NEG_INF, cache_modifier=CM)
-    ps = tl.load(ps_ptr + pofs, mask=pmask, other=0.0, cache_modifier=CM)
+    pm = tl.load(pm_ptr + pofs, mask=pmask, other=_NEG_INF)
+    ps = tl.load(ps_ptr + pofs, mask=pmask, other=0.0)
     mx = tl.max(pm, 0)
     mx_safe = tl.where(mx == _NEG_INF, 0.0, mx)
     tot = tl.sum(ps * tl.exp(pm - mx_safe[None, :]), 0)
@@ -1211,7 +1087,7 @@ def _key_range(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, rh, p, NS, NSF, C, ix
         valid = i < hi
         eblk = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND).to(tl.int64)
         lg = tl.load(lg_ptr + eblk[None, :] * (H * G) + h * G + g[:, None],
-                     mask=gm[:, None] & valid[None, :], other=_NEG_INF, cache_modifier=CM)
+                     mask=gm[:, None] & valid[None, :], other=_NEG_INF)
         pr = tl.where(has[:, None], tl.exp(lg - lse[:, None]), 0.0)
         key = tl.sum(pr, 0).to(tl.int32, bitcast=True)   # score >= 0: bits sort as floats
         tl.store(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), key, mask=valid)
@@ -1248,7 +1124,7 @@ def _edigit(key, top_bits, SUB: tl.constexpr, NB: tl.constexpr, WIN: tl.constexp
 
 
 @triton.jit
-def _threshold(hist, rg, sp, p, total, k, NB: tl.constexpr, CG: tl.constexpr = False):
+def _threshold(hist, rg, sp, p, total, k, NB: tl.constexpr):
     """The top ``k`` of ``total`` keys by bucket (ties to the lower entry), from the
     row-head's histogram ``hist`` and the ranges' counts in bins >= b (rows ``rg``):
     the threshold bin ``t`` (NB: none), the keys taken from it ``need``, and the
@@ -1256,7 +1132,7 @@ def _threshold(hist, rg, sp, p, total, k, NB: tl.constexpr, CG: tl.constexpr = F
     b, above, n = _bucket(hist, tl.arange(0, NB), total, k)
     t = tl.where(k > 0, b, NB)
     need = tl.where(k > 0, k - above, 0)
-    a, e = _lower_counts(rg, sp, p, total, t, NB, CG)
+    a, e = _lower_counts(rg, sp, p, total, t, NB)
     return t, need, a, e
 
 
@@ -1521,15 +1397,14 @@ def _cand_kernel(keys_ptr, cand_ptr, hist_ptr, ncand_ptr, rng_ptr, sel_ptr, cnt_
 
 # ------------------------------------------------------------------ 4. lists
 @triton.jit
-def _lower_counts(rg, sp, p, C, t, NB: tl.constexpr, CG: tl.constexpr = False):
+def _lower_counts(rg, sp, p, C, t, NB: tl.constexpr):
     """Keys of the ranges below ``p`` in bins above ``t``, and in bin ``t``, from
     their histograms as counts in bins >= b (``rg``: each range's row; ``t = NB``:
-    none; CG: the loads bypass L1)."""
-    CM: tl.constexpr = ".cg" if CG else ""
+    none)."""
     below = sp < tl.where((C > 0) & (t < NB), p, 0)
-    ge_t = tl.load(rg + t, mask=below, other=0, cache_modifier=CM)
+    ge_t = tl.load(rg + t, mask=below, other=0)
     ge_next = tl.load(rg + t + 1, mask=sp < tl.where((C > 0) & (t + 1 < NB), p, 0),
-                      other=0, cache_modifier=CM)
+                      other=0)
     above = tl.sum(ge_next, 0)
     return above, tl.sum(ge_t, 0) - above
 
@@ -1599,32 +1474,6 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         if p >= NS:
             return
     _pdl_wait(PDL)
-    _list_range(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stats_ptr, ip_ptr,
-                ip_s0, ip_s1, hdr_ptr, hdr_s0, SB, S, MSPLIT, src_ptr, src_s0, pr_ptr, ct_ptr,
-                stamp_ptr, clock_ptr, wcnt_ptr, mk_ptr, mc_ptr, MCAP, WL, WNL, WP, WR, H, BS, RB,
-                PK, LW, NSP, CB, COUNT_STATS, WAVE, RV, BUCKET, hist_ptr, rgh_ptr, cnt_ptr, G,
-                NB, SUB, WIN, ERR, keys2_ptr, hist2_ptr, rgh2_ptr, emax_ptr, BAND, bd_ptr,
-                bd_s0, bd_s1, rh, p, NS, h, L, ix_row, blk0, E, C, n_ret, n_est, rr)
-
-
-@triton.jit
-def _list_range(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stats_ptr, ip_ptr,
-                ip_s0, ip_s1, hdr_ptr, hdr_s0, SB, S, MSPLIT, src_ptr, src_s0, pr_ptr, ct_ptr,
-                stamp_ptr, clock_ptr, wcnt_ptr, mk_ptr, mc_ptr, MCAP, WL, WNL, WP, WR,
-                H: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr, PK: tl.constexpr,
-                LW: tl.constexpr, NSP: tl.constexpr, CB: tl.constexpr,
-                COUNT_STATS: tl.constexpr, WAVE: tl.constexpr, RV: tl.constexpr,
-                BUCKET: tl.constexpr, hist_ptr, rgh_ptr, cnt_ptr, G: tl.constexpr,
-                NB: tl.constexpr, SUB: tl.constexpr, WIN: tl.constexpr, ERR: tl.constexpr,
-                keys2_ptr, hist2_ptr, rgh2_ptr, emax_ptr, BAND: tl.constexpr, bd_ptr, bd_s0,
-                bd_s1, rh, p, NS, h, L, ix_row, blk0, E, C, n_ret, n_est, rr,
-                CG: tl.constexpr = False):
-    """The list stage of program ``p`` of row-head ``rh`` (``NS`` ranges; the row's
-    context ``L``, index row, first block, clustered end ``E``, entries ``C`` and
-    budget): what :func:`_collect_kernel` documents, run by it and by the score
-    kernel's FUSE form 2 once every program of the row-head has stored its keys and
-    histograms (CG: the row-head's histograms read past the SM's L1)."""
-    CM: tl.constexpr = ".cg" if CG else ""
     k1 = n_ret
     use2 = n_est > 0
     lo, hi, per = _range(C, p, NS, PK)
@@ -1635,20 +1484,20 @@ def _list_range(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, stat
         # band by score (t2, always: its top k1 by error are retrieved), then the
         # retrieved by error bin inside it (t1: the band kernel's histogram).
         mean_bits = _mean_bits(C, G)
-        hist = tl.load(hist_ptr + rh * NB + tl.arange(0, NB), cache_modifier=CM)
+        hist = tl.load(hist_ptr + rh * NB + tl.arange(0, NB))
         rg = rgh_ptr + (rh * MSPLIT + sp).to(tl.int64) * NB
         if ERR:
             kb = k1 + n_est
         else:
             kb = tl.where(use2, k1 + n_est, 0)
-        t2, need2, a2, e2 = _threshold(hist, rg, sp, p, C, kb, NB, CG)
+        t2, need2, a2, e2 = _threshold(hist, rg, sp, p, C, kb, NB)
         if ERR:
             hist2 = tl.load(hist2_ptr + rh * NB + tl.arange(0, NB))
             rg2 = rgh2_ptr + (rh * MSPLIT + sp).to(tl.int64) * NB
             t1, need1, a1, e1 = _threshold(hist2, rg2, sp, p, kb, k1, NB)
             top = tl.load(emax_ptr + rh)
         else:
-            t1, need1, a1, e1 = _threshold(hist, rg, sp, p, C, k1, NB, CG)
+            t1, need1, a1, e1 = _threshold(hist, rg, sp, p, C, k1, NB)
         g1 = lo * 0
         g2 = g1
         if p == 0:
@@ -2569,41 +2418,11 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     # larger than the key kernel's, whose log-sum-exp reads the partial slots up to
     # its split (the score kernel fills the ones past its own with neutral values).
     own = not cuda_score and ws.score_target(b) < ws.select_target(b)
-    if err:
-        es = ws.error_buffers(b * h * nsg)
-    bucket = SELECT == "bucket"
-    if bucket:
-        rgh = ws.range_hist(b * h * nsg)
-    tune_s = _tune("score", b, fp32=fp32)
-    # The key stage inside the score kernel (FUSE_KEYS): the mass rank's bucket
-    # selection (band re-ranking too) on the key kernel's split (at one row the score
-    # kernel's own split is the same), where every program can be resident; its
-    # registers bounded.
-    tune_f = dict(tune_s, maxnreg=tune_s.get("maxnreg") or 128)
-    fuse = (bucket and not err and not cuda_score
-            and (not own or (b == 1 and ws.nsplit_score(1) == ws.nsplit(1)))
-            and fuse_keys_for(b, ws, tune_f))
-    if fuse:
-        own, tune_s = False, tune_f
     nsg_s = ws.nsplit_score(b_min, b) if own else nsg
     grid_s = (b * h, nsg_s)
     split_s = (b, ws.score_target(b), nsg_s, dyn) if own else split
-    in_collect = wave is not None and RESOLVE_IN_COLLECT
-    tune_c = _tune("collect", b)
-    if in_collect or (bucket and b > SMALL_BATCH):
-        # The lookups (or the bucket thresholds) add live values: held to 128
-        # registers, the list kernel keeps 4 programs per SM (the lookups: 125 on
-        # sm_90 with the CPU venv's Triton; the buckets: 132 unbounded).
-        tune_c.setdefault("maxnreg", 128)
-    # ... and the list stage after it (FUSE_LISTS), where it has no page lookups.
-    fuse_lists = fuse and FUSE_LISTS and not in_collect
-    fused = (dict(FUSE=2 if fuse_lists else 1, keys_ptr=ws.keys, rgh_ptr=rgh,
-                  bar_ptr=ws.barriers, CHE=_tune("key", b)["CHE"], SUB=SUB_BITS,
-                  WIN=WINDOW_BINADES, PK=PACK,
-                  **(dict(lists_ptr=ws.lists, stats_ptr=ws.stats, cnt_ptr=ws.counts,
-                          S=sink_end, RB=tune_c["RB"], LW=LIST_WORDS,
-                          COUNT_STATS=bool(count_stats)) if fuse_lists else {}))
-             if fuse else {})
+    if err:
+        es = ws.error_buffers(b * h * nsg)
     if cuda_score:
         torch.ops.vllm_retro.paged_score(
             query, fpart, ipart, block_table, ibt, seq_lens, headers, ws.logits, ws.score_max,
@@ -2621,18 +2440,19 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             **({"NEUTRAL": True} if own else {}),
             **({"ISO": True} if q8 and iso else {}),
             **(dict(ERR=True, tv_ptr=es.tvar, hist2_ptr=es.hist2, emax_ptr=es.emax)
-               if err else {}), **band, **fused, **tune_s))
-    if fuse:
-        LAST_KERNELS.pop("key", None)
-    else:
-        _keep("key", _key_kernel[grid](
-            ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, *split,
-            BP=bp, H=h, G=g, GP=gp, G4=_next_pow2(g), BS=bs, NSP=nsp, NB=NBINS,
-            SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, **dep, **ep,
-            **(dict(BUCKET=True, rgh_ptr=rgh) if bucket else {}),
-            **(dict(ERR=True, tv_ptr=es.tvar, keys2_ptr=es.keys2, emax_ptr=es.emax)
                if err else {}), **band,
-            **_tune("key", b)))
+            **_tune("score", b, fp32=fp32)))
+    bucket = SELECT == "bucket"
+    if bucket:
+        rgh = ws.range_hist(b * h * nsg)
+    _keep("key", _key_kernel[grid](
+        ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, *split, BP=bp,
+        H=h, G=g, GP=gp, G4=_next_pow2(g), BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS,
+        WIN=WINDOW_BINADES, PK=PACK, **dep, **ep,
+        **(dict(BUCKET=True, rgh_ptr=rgh) if bucket else {}),
+        **(dict(ERR=True, tv_ptr=es.tvar, keys2_ptr=es.keys2, emax_ptr=es.emax)
+           if err else {}), **band,
+        **_tune("key", b)))
     if err:
         _keep("band", _band_kernel[grid](
             ws.keys, es.keys2, ws.hist, es.hist2, es.emax, rgh, es.range_hist2, *common, sb,
@@ -2645,6 +2465,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             ws.tickets[0], *common, sb, *split, BP=bp,
             H=h, G=g, BS=bs, NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES, PK=PACK, NSP=nsp,
             **dep, **ep, **_tune("cand", b)))
+    in_collect = wave is not None and RESOLVE_IN_COLLECT
     if wave is not None:
         w = wave
         src = ws.wave_src_table(ibt.shape[1])
@@ -2655,19 +2476,21 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
              # Never read (WAVE=False): existing tensors of the right types.
              else (ws.stats, 0, ws.ncand, ws.stats, ws.stats, ws.stats, ws.stats, ws.stats,
                    ws.stats, 0, 0, 0, 0, 0))
-    if fuse_lists:
-        LAST_KERNELS.pop("collect", None)
-    else:
-        _keep("collect", _collect_kernel[grid](
-            ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
-            ipart.stride(0), ipart.stride(1), *common, sb, sink_end, *split, *cargs, BP=bp,
-            H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
-            **({"WAVE": True} if in_collect else {}), **dep, **ep,
-            **(dict(BUCKET=True, hist_ptr=ws.hist, rgh_ptr=rgh, cnt_ptr=ws.counts, G=g,
-                    NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES) if bucket else {}),
-            **(dict(ERR=True, keys2_ptr=es.keys2, hist2_ptr=es.hist2,
-                    rgh2_ptr=es.range_hist2, emax_ptr=es.emax) if err else {}),
-            **band, **tune_c))
+    tune_c = _tune("collect", b)
+    if in_collect or (bucket and b > SMALL_BATCH):
+        # The lookups (or the bucket thresholds) add live values: held to 128
+        # registers, the list kernel keeps 4 programs per SM (the lookups: 125 on
+        # sm_90 with the CPU venv's Triton; the buckets: 132 unbounded).
+        tune_c.setdefault("maxnreg", 128)
+    _keep("collect", _collect_kernel[grid](
+        ws.keys, ws.cands, ws.lists, ws.ncand, ws.ranges, ws.sel, ws.stats, ipart,
+        ipart.stride(0), ipart.stride(1), *common, sb, sink_end, *split, *cargs, BP=bp,
+        H=h, BS=bs, PK=PACK, LW=LIST_WORDS, NSP=nsp, COUNT_STATS=bool(count_stats),
+        **({"WAVE": True} if in_collect else {}), **dep, **ep,
+        **(dict(BUCKET=True, hist_ptr=ws.hist, rgh_ptr=rgh, cnt_ptr=ws.counts, G=g,
+                NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES) if bucket else {}),
+        **(dict(ERR=True, keys2_ptr=es.keys2, hist2_ptr=es.hist2, rgh2_ptr=es.range_hist2,
+                emax_ptr=es.emax) if err else {}), **band, **tune_c))
     mv8 = getattr(pool, "mean_value_bits", 16) == 8
     vc = getattr(pool, "value_correction", False)
     tune_a = _tune("attend", b, wave is not None, vc=vc, fp32=fp32)
