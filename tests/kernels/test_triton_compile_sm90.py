@@ -23,8 +23,8 @@ def test_every_kernel_compiles_for_sm90():
         # variant took over five minutes of device time on the H200)
         pytest.skip("a CPU check: on a GPU host the kernel tests run the kernels")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    # With the GPU host's Triton where scripts/bootstrap.sh installed it: a string
-    # constexpr default compiled under 3.9 and failed under the GPU's 3.6.
+    # With the GPU host's Triton (3.6) where scripts/bootstrap.sh installed it: the
+    # venv's 3.9 accepts code that 3.6 rejects (a string constexpr default).
     gpu_triton = os.path.join(ROOT, ".triton-gpu")
     if os.path.isfile(os.path.join(gpu_triton, "triton", "__init__.py")):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (gpu_triton, env.get("PYTHONPATH")) if p)
