@@ -48,6 +48,35 @@ def test_uppercase_name_and_chunked_prefill(tiny_model, ragged):
     assert out == dense
 
 
+def test_per_kind_choice_gets_the_same_checks(tiny_model):
+    """Retro chosen per KV-cache kind (``backend_per_kind``) instead of as the
+    backend: the same start-up checks apply (prefix caching off, the lifecycle
+    connector in), so two prompts sharing a 1,700-token prefix decode as dense does
+    with every cluster exact, every decode row through the index. (Before the
+    checks applied to per-kind choices, such an engine kept prefix caching on and
+    had no connector: every decode row ran densely, 0 decode calls, silently.)"""
+    from vllm_retro import vllm_plugin
+    vllm_plugin.register()   # (the name "retro" resolves once the plugin is loaded)
+    shared = text_prompts(tiny_model, [1700], offset=3000)[0]
+    tails = text_prompts(tiny_model, [60, 90], offset=9000)
+    prompts = [shared + t for t in tails]
+    llm = make_llm(tiny_model, enable_prefix_caching=False)
+    dense = generate_tokens(llm, prompts, 24)
+    close_llm(llm)
+    llm = make_llm(tiny_model, None, FULL, enable_prefix_caching=True,
+                   attention_config={"backend_per_kind": {"full_attention": "retro"}})
+    cfg = llm.llm_engine.vllm_config
+    prefix_caching = cfg.cache_config.enable_prefix_caching
+    connector = getattr(cfg.kv_transfer_config, "kv_connector", None)
+    out = [generate_tokens(llm, [p], 24)[0] for p in prompts]   # the second after the first
+    st = retro_state(llm).store.stats
+    close_llm(llm)
+    assert not prefix_caching
+    assert connector == "RetroConnector"
+    assert st.decode_calls == 2 * 2 * 23
+    assert out == dense
+
+
 def test_preemption_by_tiny_kv_cache(tiny_model):
     """A KV cache too small for the batch forces preemption (recompute): six
     400-token prompts take 4 blocks each of the 20; growing past 512 tokens needs

@@ -53,12 +53,19 @@ def register() -> None:
 
 
 def retro_selected(vllm_config) -> bool:
-    """Whether this engine asked for retro (its attention backend is our CUSTOM slot)."""
+    """Whether this engine asked for retro for any of its layers: its attention
+    backend, or a per-kind choice (``attention_config.backend_per_kind``, e.g.
+    ``{"full_attention": "retro"}``), is our CUSTOM slot. Either way the start-up
+    checks, prefix caching off and the lifecycle connector apply: without them a
+    per-kind choice would run retro with prefix-cache hits its index never sees."""
     from . import compat
     E = compat.backend_enum()
+    if E.CUSTOM.get_path() != BACKEND_PATH:
+        return False
     att = getattr(vllm_config, "attention_config", None)
-    backend = getattr(att, "backend", None)
-    return backend is E.CUSTOM and E.CUSTOM.get_path() == BACKEND_PATH
+    chosen = [getattr(att, "backend", None)]
+    chosen += list((getattr(att, "backend_per_kind", None) or {}).values())
+    return any(b is E.CUSTOM for b in chosen)
 
 
 def _patched(obj, name: str) -> bool:
@@ -132,8 +139,8 @@ def check_engine_config(vllm_config) -> None:
     if retro_config_from_vllm(vllm_config).wave_buffer:
         from .backend.kv_spec import wave_buffer_reasons
         from .backend.refusals import refuse
-        # Prefix caching was turned off just above; RetroManager refuses it if a
-        # per-kind backend choice bypassed this check.
+        # Prefix caching was turned off just above; RetroManager refuses it too, in
+        # case a later config step turns it back on.
         refuse(wave_buffer_reasons(cpu_platform=compat.is_cpu_platform(),
                                    enable_prefix_caching=False))
     _install_connector(vllm_config, log)
