@@ -115,7 +115,7 @@ for s in $STAGES; do
     sweep) python3 benchmarks/decode_kernel_sweep.py ${SWEEP_ARGS:-} \
               --out "$OUT/decode_kernel_sweep_h200.json" 2>&1 | tee "$OUT/sweep.log" | tail -40 ;;
     # -p no:logging: vLLM's captured DEBUG records would bury the assertion in the tail.
-    engine) python3 -m pytest -q -x -p no:logging tests/gpu/test_engine_gpu.py ${ENGINE_ARGS:-} \
+    engine) python3 -m pytest -q -x -p no:logging tests/gpu/test_engine_gpu.py tests/gpu/test_per_kind_gpu.py ${ENGINE_ARGS:-} \
               ${ENGINE_K:+-k "$ENGINE_K"} \
               2>&1 | tee "$OUT/engine.log" | grep -v "^INFO\|^DEBUG\|^WARNING\|^(EngineCore" \
               | tail -40 ;;
