@@ -440,6 +440,19 @@ def retro_stats(llm) -> Optional[dict]:
             "index_builds": st.builds}
 
 
+def read_fractions(stats: Optional[dict]) -> tuple:
+    """(read exactly, estimated) as fractions of the context tokens decoded against,
+    from :func:`retro_stats`' counters: the CPU store's averages, or the GPU's token
+    counts (summed over KV heads and layers; nan without counters)."""
+    st = stats or {}
+    if "exact_fraction" in st:
+        return st["exact_fraction"], st.get("estimated_fraction", float("nan"))
+    ctx = st.get("context_tokens", 0)
+    if not ctx:
+        return float("nan"), float("nan")
+    return st.get("exact_tokens", 0) / ctx, st.get("estimated_tokens", 0) / ctx
+
+
 def counter_delta(after: Optional[dict], before: Optional[dict]) -> Optional[dict]:
     """``after`` with its integer counters less their values in ``before`` (the
     fractions and other floats as ``after`` has them)."""
@@ -580,12 +593,11 @@ def print_tables(summary: dict, tasks, lengths) -> None:
     for n in names:
         a = pc[n]["agreement_with_dense"]
         if a:
-            st = pc[n]["retro_stats"] or {}
+            exact, estimated = read_fractions(pc[n]["retro_stats"])
             print(f"{n:<10} prefix {a['mean_identical_prefix_tokens']:6.1f}  "
                   f"match {a['mean_match_rate']:.3f}  identical "
                   f"{a['fraction_outputs_identical']:.3f}  exact-read "
-                  f"{st.get('exact_fraction', float('nan')):.3f} estimated "
-                  f"{st.get('estimated_fraction', float('nan')):.3f}  match by length "
+                  f"{exact:.3f} estimated {estimated:.3f}  match by length "
                   + " ".join(f"{k}:{v:.3f}" for k, v in
                              a["mean_match_rate_by_length"].items()))
 

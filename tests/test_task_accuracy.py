@@ -116,3 +116,14 @@ def test_check_served_fails_loudly_on_a_fallback():
             ta.check_served("retro", retro, bad)
     # The dense switch on: FlashAttention's rows are the configuration's own.
     ta.check_served("sw", dict(retro, dense_below=4096), {"retro_rows": 900, "flash_rows": 2})
+
+
+def test_read_fractions_from_either_counters():
+    """The GPU's counters are token counts (the fractions are theirs over the
+    context tokens); the CPU store's are averaged fractions."""
+    gpu = {"retro_rows": 2756, "exact_tokens": 30, "estimated_tokens": 45,
+           "context_tokens": 300}
+    assert ta.read_fractions(gpu) == (0.1, 0.15)
+    assert ta.read_fractions({"exact_fraction": 0.2, "estimated_fraction": 0.3}) == (0.2, 0.3)
+    for none in (None, {}, {"retro_rows": 5, "context_tokens": 0}):
+        assert all(x != x for x in ta.read_fractions(none))   # nan, nan
