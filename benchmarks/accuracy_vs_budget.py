@@ -596,6 +596,7 @@ TEXT_VARIANTS: Dict[str, tuple] = {
     "wave_est_all": ({"estimation_fraction": None},
                      "wave, every non-retrieved cluster estimated"),
     "wave_ef10": _combo(estimation_fraction=0.1),
+    "wave_ef15": _combo(estimation_fraction=0.15),
     "wave_shared": ({"shared_head_budget": True},
                     "wave, shared_head_budget (clusters shared by the KV heads)"),
     "wave_cs8": _combo(cluster_size=8),
@@ -776,6 +777,12 @@ PAGED_VARIANTS: Dict[str, tuple] = {
         f"value_correction, retrieval_rank error, estimation_fraction {ef:g}")
        for ef in (0.05, 0.1, 0.3)},
     "paged": ({}, "GPU twin (bf16, bucket), library options"),
+    # The library options with a smaller estimated band (fewer mean values read,
+    # a shorter estimated zone in the attention kernel).
+    **{f"paged_ef{round(ef * 100):02d}": (
+        dict(estimation_fraction=ef),
+        f"GPU twin (bf16, bucket), library options, estimation_fraction {ef:g}")
+       for ef in (0.05, 0.1, 0.15)},
     "paged_err": (dict(retrieval_rank="error"), "GPU twin (bf16, bucket), retrieval_rank error"),
 }
 TEXT_VARIANTS.update(PAGED_VARIANTS)

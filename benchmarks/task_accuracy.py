@@ -147,6 +147,10 @@ CONFIGS = {
     "band4": dict(BASE_RETRO, rank_interval=4),
     "band4_iso": dict(BASE_RETRO, rank_interval=4, variance_form="isotropic"),
     "band8": dict(BASE_RETRO, rank_interval=8),
+    # Smaller estimated bands (the kernels' twin is more accurate with them:
+    # docs/accuracy.md, "A smaller estimated band").
+    "ef15": dict(BASE_RETRO, estimation_fraction=0.15),
+    "ef10": dict(BASE_RETRO, estimation_fraction=0.10),
 }
 
 ADJECTIVES = ("ancient", "bitter", "brave", "calm", "clever", "crimson", "dusty",
