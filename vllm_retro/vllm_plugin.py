@@ -57,7 +57,8 @@ def retro_selected(vllm_config) -> bool:
     backend, or a per-kind choice (``attention_config.backend_per_kind``, e.g.
     ``{"full_attention": "retro"}``), is our CUSTOM slot. Either way the start-up
     checks, prefix caching off and the lifecycle connector apply: without them a
-    per-kind choice would run retro with prefix-cache hits its index never sees."""
+    per-kind choice decoded every row densely (no connector, so no request the
+    workers knew of), silently, with prefix caching on."""
     from . import compat
     E = compat.backend_enum()
     if E.CUSTOM.get_path() != BACKEND_PATH:
