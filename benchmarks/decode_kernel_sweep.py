@@ -510,7 +510,8 @@ def main() -> None:
                          "'{\"estimation_fraction\": 0.15}' (default: the library's)")
     ap.add_argument("--out", default="benchmarks/results/decode_kernel_sweep_h200.json")
     a = ap.parse_args()
-    cfg = RetroConfig(**json.loads(a.retro_options))
+    options = json.loads(a.retro_options)
+    cfg = RetroConfig(**options)
     names = {n.replace(" ", "_"): n for n, _, _ in VARIANTS}
     variants = None
     if a.variants:
@@ -535,7 +536,7 @@ def main() -> None:
     res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
                command=" ".join(sys.argv), block_size=BS, key_scale=a.key_scale,
-               retro_options=json.loads(a.retro_options), cases=cases)
+               retro_options=options, cases=cases)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)

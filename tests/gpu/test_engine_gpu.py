@@ -41,6 +41,7 @@ def gpu_llm(model, backend=None, retro=None, **kw):
     args.update(kw)
     if backend:
         args["attention_backend"] = backend
+    if backend or retro is not None:   # (retro options without a backend: a per-kind choice)
         args["additional_config"] = {"retro": dict(retro or {}, **EXTRA_OPTIONS)}
     return LLM(model, **args)
 

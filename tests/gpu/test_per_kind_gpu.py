@@ -15,8 +15,6 @@ from test_engine_gpu import (FULL, assert_same_or_near_tie, generate_with_logpro
 
 
 def test_per_kind_choice_gets_the_same_checks(tiny_model):
-    from vllm import LLM
-
     from vllm_retro import vllm_plugin
     from vllm_retro.offline import close_llm
     vllm_plugin.register()   # (the name "retro" resolves once the plugin is loaded)
@@ -25,10 +23,8 @@ def test_per_kind_choice_gets_the_same_checks(tiny_model):
     llm = gpu_llm(tiny_model)
     dense = generate_with_logprobs(llm, prompts, [24, 24])
     close_llm(llm)
-    llm = LLM(tiny_model, dtype="bfloat16", max_model_len=8192, max_num_seqs=8, seed=0,
-              gpu_memory_utilization=0.3, enable_prefix_caching=True,
-              attention_config={"backend_per_kind": {"full_attention": "retro"}},
-              additional_config={"retro": dict(FULL)})
+    llm = gpu_llm(tiny_model, retro=FULL, enable_prefix_caching=True,
+                  attention_config={"backend_per_kind": {"full_attention": "retro"}})
     try:
         cfg = llm.llm_engine.vllm_config
         assert not cfg.cache_config.enable_prefix_caching
