@@ -432,6 +432,34 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
+@pytest.mark.parametrize("tiles", [dict(TS=16, TE=16, TR=16, RG=2), dict(TR=32, RG=8)])
+def test_merged_steady_zone_matches_twin(monkeypatch, tiles):
+    """The attention kernel's ``SMG`` form (a program's steady tokens lead its first
+    retrieved group's tiles): the same attention as the default form up to the
+    summation order, and the twin's, on indexed rows (several groups and tiles per
+    program, a partial last one), an empty row and a row without index (its whole
+    context steady), with one and several programs per row-head."""
+    td = _td()
+    torch.manual_seed(43)
+    sc = Scene(300)
+    sc.add(900, n_ret=6, n_est=20)
+    sc.add(0)
+    sc.add(700, n_ret=4, n_est=9)
+    sc.add(300, index="none")
+    q = torch.randn(4, H * G, D)
+    for split in (1, 3):
+        got = []
+        for on in (False, True):
+            for table in (td.TUNE, td.TUNE_SMALL_BATCH):
+                monkeypatch.setitem(table, "attend", dict(table["attend"], **tiles, SMG=on))
+            ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=split)
+            out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
+            assert _rel(out, ref) < 2e-3, (on, split, _rel(out, ref))
+            assert ws.stats.tolist() == expected_stats(sc, st)
+            got.append(out)
+        assert _rel(got[1], got[0]) < 1e-5, (split, _rel(got[1], got[0]))
+
+
 def test_attention_zones_knob_only_leaves_loops_out(monkeypatch):
     """The attention kernel's measurement knob ``ZONES``: all three bits are the
     attention bit for bit; none writes zeros (no zone, no mass); each single zone
@@ -983,11 +1011,16 @@ def test_all_clusters_retrieved_is_dense():
     assert ws.stats[2] == 1000 * H and ws.stats[3] == 0
 
 
-def test_retrieved_positions_are_bounds_checked():
+@pytest.mark.parametrize("smg", [False, True])
+def test_retrieved_positions_are_bounds_checked(monkeypatch, smg):
     """Starts come from index bytes: a cluster whose start lies outside the row's
     clustered zone (corrupt or stale bytes) reads only the part of it inside
     ``[sink_end, clustered_end)``, never another row's or the steady zone's tokens
-    twice; kernel and twin (which keeps only the in-zone positions) agree."""
+    twice; kernel and twin (which keeps only the in-zone positions) agree; so does
+    the attention kernel's ``SMG`` form (its clusters clamped once each)."""
+    td = _td()
+    for table in (td.TUNE, td.TUNE_SMALL_BATCH):
+        monkeypatch.setitem(table, "attend", dict(table["attend"], SMG=smg))
     torch.manual_seed(8)
     sc = Scene(200)
     cent = torch.randn(60, H, D)

@@ -1759,6 +1759,58 @@ def _retrieved_addr(t0, total, beg, dpos, dcst, bt_row, S, E, L, BS: tl.constexp
 
 
 @triton.jit
+def _stream_runs(lists_ptr, ix_row, h, p, NS, it, n_ret, sa0, sz0, sa1, sz1, S, E, L,
+                 H: tl.constexpr, LW: tl.constexpr, PK: tl.constexpr):
+    """(first position, size) of items ``it`` of program ``p``'s stream (``SMG``):
+    items 0 and 1 its two steady runs (given), items ``>= 2`` the retrieved clusters
+    ``p + NS (it - 2)`` (those ``< n_ret``) from the selection lists, clamped to the
+    row's clustered zone ``[S, min(E, L))`` here, once per cluster: every position of
+    the stream lies in the row's context, whatever the index bytes say."""
+    k = p + NS * (it - 2)
+    real = (it >= 2) & (k < n_ret)
+    la = _packed(lists_ptr, ix_row, h, k, real, H, LW, PK, 2)
+    st = tl.load(la, mask=real, other=0).to(tl.int64)
+    en = st + tl.load(la + 1, mask=real, other=0).to(tl.int64)
+    st = tl.maximum(st, S)
+    en = tl.minimum(en, tl.minimum(E, L))
+    size = tl.where(real, tl.maximum(en - st, 0), 0).to(tl.int32)
+    start = tl.where(size > 0, st, 0).to(tl.int32)
+    start = tl.where(it == 0, sa0, tl.where(it == 1, sa1, start))
+    size = tl.where(it == 0, sz0, tl.where(it == 1, sz1, size))
+    return start, size
+
+
+@triton.jit
+def _stream_group(lists_ptr, ix_row, h, p, NS, m0, n_ret, sa0, sz0, sa1, sz1, S, E, L,
+                  H: tl.constexpr, LW: tl.constexpr, PK: tl.constexpr, RG: tl.constexpr):
+    """Items ``m0 + [0, RG)`` of program ``p``'s stream (:func:`_stream_runs`), their
+    tokens concatenated: (dpos, beg, total) in :func:`_retrieved_group`'s form (the
+    previous item's values computed again rather than shifted in registers)."""
+    i = tl.arange(0, RG)
+    start, size = _stream_runs(lists_ptr, ix_row, h, p, NS, m0 + i, n_ret, sa0, sz0, sa1,
+                               sz1, S, E, L, H, LW, PK)
+    pok = (m0 + i >= 1) & (i > 0)
+    start_p, size_p = _stream_runs(lists_ptr, ix_row, h, p, NS, m0 + i - 1, n_ret, sa0,
+                                   sz0, sa1, sz1, S, E, L, H, LW, PK)
+    end = tl.cumsum(size, 0)
+    beg = end - size
+    dpos = (start - beg) - tl.where(pok, start_p - beg + size_p, 0)
+    return dpos, beg, tl.sum(size, 0)
+
+
+@triton.jit
+def _stream_addr(t0, total, beg, dpos, bt_row, BS: tl.constexpr, TR: tl.constexpr):
+    """(physical block, offset, valid) of tokens ``t0 + [0, TR)`` of a group of
+    :func:`_stream_group` (positions checked there, per run)."""
+    t = t0 + tl.arange(0, TR)
+    pos = t + tl.sum(tl.where(t[:, None] >= beg[None, :], dpos[None, :], 0), 1)
+    valid = t < total
+    bi, off = _block_of(pos, BS)
+    kb = tl.load(bt_row + bi, mask=valid, other=0)
+    return kb, off, valid
+
+
+@triton.jit
 def _retrieved_group(lists_ptr, ix_row, h, p, NS, m0, n_ret, H: tl.constexpr,
                      LW: tl.constexpr, PK: tl.constexpr, RG: tl.constexpr):
     """Program ``p``'s retrieved clusters ``p + NS * (m0 + [0, RG))`` of a row-head
@@ -2022,7 +2074,8 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    MV8: tl.constexpr = False, VC: tl.constexpr = False,
                    EPB: tl.constexpr = 1, XR: tl.constexpr = False,
                    PRE: tl.constexpr = False, QB: tl.constexpr = False,
-                   PB: tl.constexpr = False, ZONES: tl.constexpr = 7):
+                   PB: tl.constexpr = False, ZONES: tl.constexpr = 7,
+                   SMG: tl.constexpr = False):
     """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
     the retrieved clusters and the estimated clusters -> one partial softmax; the
     last program of the row-head merges the partials into ``out``.
@@ -2058,6 +2111,12 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     of NATIVE's two (the low part is zero: bit-equal outputs). PB (with NATIVE): the
     probabilities enter the value products rounded to the cache's dtype, one product
     instead of two (as FlashAttention's; not bit-equal).
+
+    SMG (without WAVE and PRE): a program's share of the steady zone (a contiguous
+    one: two runs of positions) leads its retrieved clusters in one stream of tiles
+    (:func:`_stream_group`) instead of a loop of its own, and the clusters are
+    bounds-checked once each instead of per token: one chain of tiles per program,
+    no partly filled steady tile (the same terms, shared and summed in another order).
 
     ZONES (a measurement knob, never set by the backend): the zones whose loops run,
     bit 1 the steady zone, 2 the retrieved clusters, 4 the estimated ones (7, all:
@@ -2134,6 +2193,9 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     n_mine = tl.maximum(n_steady - p + NS - 1, 0) // NS
     if (ZONES & 1) == 0:
         n_mine = 0
+    MERGED: tl.constexpr = SMG and (not WAVE) and (not PRE)
+    if MERGED:
+        n_mine = 0
     s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
     for m0 in range(0, n_mine, TS):
         s_k, s_v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, s_blk, s_off, s_ok, h, D, DP)
@@ -2181,6 +2243,34 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                 w_ptr, w_ok = w_ptr_n, w_ok_n
             if PRE:
                 w_ptr, w_ok = w_ptr_g, w_ok_g
+    elif MERGED:
+        # One stream per program: its contiguous share of the steady zone (indices
+        # [j0, j1) of [0, sink_end) + [clustered_end, L): two runs of positions),
+        # then its retrieved clusters.
+        c = (n_steady + NS - 1) // NS
+        j0 = tl.minimum(p * c, n_steady)
+        j1 = tl.minimum(j0 + c, n_steady)
+        if (ZONES & 1) == 0:
+            j1 = j0
+        sa0 = j0
+        sz0 = tl.maximum(tl.minimum(j1, split) - j0, 0)
+        jb = tl.maximum(j0, split)
+        sa1 = jb - split + E
+        sz1 = tl.maximum(j1 - jb, 0)
+        n_ret_z = n_ret if (ZONES & 2) != 0 else 0
+        for m0 in range(0, n_ret_mine + 2, RG):
+            x_dpos, x_beg, x_total = _stream_group(lists_ptr, ix_row, h, p, NS, m0, n_ret_z,
+                                                   sa0, sz0, sa1, sz1, S, E, L, H, LW, PK,
+                                                   RG)
+            x_blk, x_off, x_ok = _stream_addr(0, x_total, x_beg, x_dpos, bt_row, BS, TR)
+            for t0 in range(0, x_total, TR):
+                x_kt, x_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, x_blk, x_off, x_ok,
+                                      h, D, DP)
+                x_blk_n, x_off_n, x_ok_n = _stream_addr(t0 + TR, x_total, x_beg, x_dpos,
+                                                        bt_row, BS, TR)
+                m_i, l_i, acc = _attend_kv(q, x_kt, x_vt, x_ok, m_i, l_i, acc, scale,
+                                           QN, PN, PREC, GP, G4, XR)
+                x_blk, x_off, x_ok = x_blk_n, x_off_n, x_ok_n
     else:
         for m0 in range(0, n_ret_mine, RG):
             if PRE:
