@@ -166,11 +166,10 @@ VARIANTS = [
     # The retrieved and estimated zones' first index loads issued before the steady
     # zone's tiles, and each retrieved group's successor during its tiles.
     ("attend PRE", "attend", dict(PRE=True)),
-    # A program's steady tokens lead its first retrieved group's tiles (no steady loop
-    # of its own, no partly filled steady tile).
-    ("attend SMG", "attend", dict(SMG=True)),
-    ("attend SMG RG16", "attend", dict(SMG=True, RG=16)),
-    ("attend SMG TR64", "attend", dict(SMG=True, TR=64)),
+    # The steady zone in a loop of its own and each retrieved token's position
+    # checked in every tile (the form before SMG, the default since the thirty-fourth
+    # session; SMG with RG 16 / TR 64 measured then: no better).
+    ("attend SMG off", "attend", dict(SMG=False)),
     # Larger groups of retrieved clusters: each group starts with a chain of three
     # dependent loads (index table, list, block table) before its first K/V load.
     # One or two rows (TUNE_SMALL_BATCH): without the 168-register cap Triton 3.6

@@ -400,7 +400,7 @@ def _two_rows_checked(seed: int, n_ret: int, n_est: int, **pool_kw):
     ("score", "XR", dict(CH=16), "mass"),
     ("score", "XR", dict(CH=16), "error"),
     ("attend", "XR", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
-    ("attend", "PRE", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
+    ("attend", "PRE", dict(TS=16, TE=16, TR=16, RG=2, SMG=False), "mass"),
 ])
 @pytest.mark.parametrize("bits", [16, 8])
 def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, bits):

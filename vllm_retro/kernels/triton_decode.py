@@ -170,8 +170,11 @@ TUNE = {
     # with 8 (twenty-first session); at one row 8 stays (TUNE_SMALL_BATCH).
     # XR: the softmax on the query heads' G4 rows (as the score kernel's): 0.3-1.4 us
     # less per layer at 32K / 128K x 1 / 6 / 8 on an H100 (twenty-fifth session).
+    # SMG: the steady zone in the retrieved stream, clusters clamped once each: the
+    # attention kernel 25.0 -> 22.4 us at 128K x 1, 61.8 -> 60.4 at x 6, 75.1 -> 73.9
+    # at x 8, 14.0 -> 12.9 at 32K x 1 (H100, thirty-fourth session).
     "attend": dict(TS=32, RG=32, TR=32, TE=32, num_warps=4, num_stages=2, maxnreg=128,
-                   XR=True),
+                   XR=True, SMG=True),
     # The wave buffer's page lookups (walks the retrieved clusters like the attention
     # kernel, in tiles of its own: every visited page's source is written whatever
     # the tiling; 32-token tiles: 21.5 us per layer at 128K x 8, 33 with 16).
