@@ -159,6 +159,8 @@ VARIANTS = [
     # at sm_90; Nsight Compute at 128K x 6 had shown ~48 warp instructions per entry
     # at 0.44 issued per scheduler and cycle).
     ("score plain", "score", dict(XR=False)),
+    # Contiguous ranges of entries per program (coalesced index-table loads).
+    ("score CR", "score", dict(CR=True)),
     # The attention kernel's softmax on the G4 query-head rows (XR) and on the
     # products' 16 rows (plain), whichever is the default.
     ("attend XR", "attend", dict(XR=True)),

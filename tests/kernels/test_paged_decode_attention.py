@@ -460,6 +460,34 @@ def test_merged_steady_zone_matches_twin(monkeypatch, tiles):
         assert _rel(got[1], got[0]) < 1e-5, (split, _rel(got[1], got[0]))
 
 
+@pytest.mark.parametrize("bits", [16, 8])
+def test_score_contiguous_ranges_match_twin(monkeypatch, bits):
+    """The score kernel's ``CR`` form (each program a contiguous range of entries):
+    every entry's log-mass as the strided form's, the same selection and the twin's
+    attention, with one and several programs per row-head and a partial last tile."""
+    td = _td()
+    torch.manual_seed(47 + bits)
+    sc = Scene(300, summary_bits=bits)
+    sc.add(900, n_ret=6, n_est=20)
+    sc.add(0)
+    sc.add(700, n_ret=4, n_est=9)
+    q = torch.randn(3, H * G, D)
+    for split in (1, 3):
+        got = []
+        for on in (False, True):
+            for table in (td.TUNE, td.TUNE_SMALL_BATCH):
+                monkeypatch.setitem(table, "score", dict(table["score"], CH=16, CR=on))
+            ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=split)
+            out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
+            assert _rel(out, ref) < 2e-3, (on, split, _rel(out, ref))
+            assert ws.stats.tolist() == expected_stats(sc, st)
+            sel = [selection(sc, ws, r, kh) for r in (0, 2) for kh in range(H)]
+            got.append((out, ws.logits.cpu().clone(), sel))
+        assert torch.equal(got[0][1], got[1][1]), split
+        assert got[0][2] == got[1][2], split
+        assert _rel(got[1][0], got[0][0]) < 1e-5, (split, _rel(got[1][0], got[0][0]))
+
+
 def test_attention_zones_knob_only_leaves_loops_out(monkeypatch):
     """The attention kernel's measurement knob ``ZONES``: all three bits are the
     attention bit for bit; none writes zeros (no zone, no mass); each single zone

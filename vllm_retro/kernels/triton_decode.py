@@ -875,8 +875,14 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
                   G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False,
                   ISO: tl.constexpr = False, BAND: tl.constexpr = False, RI=1,
-                  bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False):
+                  bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False,
+                  CR: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
+
+    CR: program ``p`` scores a contiguous range of entries instead (``[p c, (p + 1)
+    c)``, ``c = ceil(C / NS)``): a tile's index-table entries are one run of 4-byte
+    words (8 sectors for 64 entries, not one each). The same log-masses; the
+    partial maxima and sums (the key kernel's log-sum-exp) are over other entries.
 
     BAND (``rank_interval`` RI > 1): a row that re-ranks its last band
     (:func:`_band_rows`) scores the band's entries, whose pages the band table
@@ -963,11 +969,21 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         q2x = tl.sum(tl.where(gx[:, None] == gq[None, :], q2[None, :], 0.0), 1)
     m_run = tl.full([GX], _NEG_INF, tl.float32)
     s_run = tl.zeros([GX], tl.float32)
-    n_mine = tl.maximum(C - p + NS - 1, 0) // NS
+    if CR:
+        c_len = (C + NS - 1) // NS
+        i_lo = tl.minimum(p * c_len, C)
+        i_hi = tl.minimum(i_lo + c_len, C)
+        n_mine = i_hi - i_lo
+        i_st = 1
+    else:
+        n_mine = tl.maximum(C - p + NS - 1, 0) // NS
+        i_lo = p
+        i_hi = C
+        i_st = NS
     # The next tile's pool pages are loaded before this tile's summaries are
     # used (a hand-made pipeline stage over the index-table indirection).
-    i = p + NS * tl.arange(0, CH)
-    valid = i < C
+    i = i_lo + i_st * tl.arange(0, CH)
+    valid = i < i_hi
     blk = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND).to(tl.int64)
     for m0 in range(0, n_mine, CH):
         cm = valid[:, None] & dm[None, :]
@@ -982,8 +998,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             fb = fp_ptr + _wide_mad(blk, fp_s0, h * fp_s1)
             cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
             var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
-        i_n = p + NS * (m0 + CH + tl.arange(0, CH))
-        valid_n = i_n < C
+        i_n = i_lo + i_st * (m0 + CH + tl.arange(0, CH))
+        valid_n = i_n < i_hi
         blk_n = _entry_pages(ix_row, i_n, valid_n, rr, bd_ptr, bd_s0, bd_s1, h,
                              BAND).to(tl.int64)
         if Q8:
