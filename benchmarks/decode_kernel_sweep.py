@@ -172,6 +172,8 @@ VARIANTS = [
     # checked in every tile (the form before SMG, the default since the thirty-fourth
     # session; SMG with RG 16 / TR 64 measured then: no better).
     ("attend SMG off", "attend", dict(SMG=False)),
+    # Contiguous shares of the retrieved and estimated lists per program.
+    ("attend LR", "attend", dict(LR=True)),
     # Larger groups of retrieved clusters: each group starts with a chain of three
     # dependent loads (index table, list, block table) before its first K/V load.
     # One or two rows (TUNE_SMALL_BATCH): without the 168-register cap Triton 3.6

@@ -432,13 +432,15 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
+@pytest.mark.parametrize("lr", [False, True])
 @pytest.mark.parametrize("tiles", [dict(TS=16, TE=16, TR=16, RG=2), dict(TR=32, RG=8)])
-def test_merged_steady_zone_matches_twin(monkeypatch, tiles):
+def test_merged_steady_zone_matches_twin(monkeypatch, tiles, lr):
     """The attention kernel's ``SMG`` form (a program's steady tokens lead its first
-    retrieved group's tiles): the same attention as the default form up to the
-    summation order, and the twin's, on indexed rows (several groups and tiles per
-    program, a partial last one), an empty row and a row without index (its whole
-    context steady), with one and several programs per row-head."""
+    retrieved group's tiles; with ``LR`` its shares of the lists contiguous): the same
+    attention as the form without them up to the summation order, and the twin's, on
+    indexed rows (several groups and tiles per program, a partial last one), an empty
+    row and a row without index (its whole context steady), with one and several
+    programs per row-head."""
     td = _td()
     torch.manual_seed(43)
     sc = Scene(300)
@@ -451,7 +453,8 @@ def test_merged_steady_zone_matches_twin(monkeypatch, tiles):
         got = []
         for on in (False, True):
             for table in (td.TUNE, td.TUNE_SMALL_BATCH):
-                monkeypatch.setitem(table, "attend", dict(table["attend"], **tiles, SMG=on))
+                monkeypatch.setitem(table, "attend", dict(table["attend"], **tiles, SMG=on,
+                                                          LR=on and lr))
             ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=split)
             out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
             assert _rel(out, ref) < 2e-3, (on, split, _rel(out, ref))
