@@ -174,6 +174,7 @@ VARIANTS = [
     ("attend SMG off", "attend", dict(SMG=False)),
     # Contiguous shares of the retrieved and estimated lists per program.
     ("attend LR", "attend", dict(LR=True)),
+    ("score CR + attend LR", "multi", {"score": dict(CR=True), "attend": dict(LR=True)}),
     # Larger groups of retrieved clusters: each group starts with a chain of three
     # dependent loads (index table, list, block table) before its first K/V load.
     # One or two rows (TUNE_SMALL_BATCH): without the 168-register cap Triton 3.6
