@@ -396,6 +396,20 @@ def _two_rows_checked(seed: int, n_ret: int, n_est: int, **pool_kw):
     return out, dense_original(sc, q, 0.2), st, ws, sc
 
 
+def _forms_scene(seed: int, blocks: int = 260, unindexed: int = 0, **pool_kw):
+    """(scene, queries) of the forms tests: two indexed rows with small budgets (several
+    tiles and retrieved groups per program, a partial last tile) around an empty row,
+    and with ``unindexed`` a fourth row of that many tokens without an index."""
+    torch.manual_seed(seed)
+    sc = Scene(blocks, **pool_kw)
+    sc.add(900, n_ret=6, n_est=20)
+    sc.add(0)
+    sc.add(700, n_ret=4, n_est=9)
+    if unindexed:
+        sc.add(unindexed, index="none")
+    return sc, torch.randn(len(sc.rows), H * G, D)
+
+
 @pytest.mark.parametrize("kernel,knob,tiles,rank", [
     ("score", "XR", dict(CH=16), "mass"),
     ("score", "XR", dict(CH=16), "error"),
@@ -412,12 +426,7 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     program and a partial last tile; ``rank`` "error": the score kernel also stores
     the variance terms the error rank reads."""
     td = _td()
-    torch.manual_seed(37 + bits)
-    sc = Scene(260, summary_bits=bits)
-    sc.add(900, n_ret=6, n_est=20)
-    sc.add(0)
-    sc.add(700, n_ret=4, n_est=9)
-    q = torch.randn(3, H * G, D)
+    sc, q = _forms_scene(37 + bits, summary_bits=bits)
     got = []
     for on in (False, True):
         for table in (td.TUNE, td.TUNE_SMALL_BATCH):
@@ -442,13 +451,7 @@ def test_merged_steady_zone_matches_twin(monkeypatch, tiles, lr):
     row and a row without index (its whole context steady), with one and several
     programs per row-head."""
     td = _td()
-    torch.manual_seed(43)
-    sc = Scene(300)
-    sc.add(900, n_ret=6, n_est=20)
-    sc.add(0)
-    sc.add(700, n_ret=4, n_est=9)
-    sc.add(300, index="none")
-    q = torch.randn(4, H * G, D)
+    sc, q = _forms_scene(43, blocks=300, unindexed=300)
     for split in (1, 3):
         got = []
         for on in (False, True):
@@ -469,12 +472,7 @@ def test_score_contiguous_ranges_match_twin(monkeypatch, bits):
     every entry's log-mass as the strided form's, the same selection and the twin's
     attention, with one and several programs per row-head and a partial last tile."""
     td = _td()
-    torch.manual_seed(47 + bits)
-    sc = Scene(300, summary_bits=bits)
-    sc.add(900, n_ret=6, n_est=20)
-    sc.add(0)
-    sc.add(700, n_ret=4, n_est=9)
-    q = torch.randn(3, H * G, D)
+    sc, q = _forms_scene(47 + bits, blocks=300, summary_bits=bits)
     for split in (1, 3):
         got = []
         for on in (False, True):
