@@ -2095,9 +2095,10 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    PRE: tl.constexpr = False, QB: tl.constexpr = False,
                    PB: tl.constexpr = False, ZONES: tl.constexpr = 7,
                    SMG: tl.constexpr = False, LR: tl.constexpr = False):
-    """Program (row*H + head, p): the items congruent to p mod NS of the steady zone,
-    the retrieved clusters and the estimated clusters -> one partial softmax; the
-    last program of the row-head merges the partials into ``out``.
+    """Program (row*H + head, p): its share of the steady zone, of the retrieved
+    clusters and of the estimated clusters (the items congruent to p mod NS; the
+    steady zone's a contiguous one with SMG) -> one partial softmax; the last program
+    of the row-head merges the partials into ``out``.
 
     WAVE: retrieved tokens below the row's horizon (header ``HDR_HORIZON``) come
     from the wave buffer, at the page addresses :func:`_resolve_kernel` wrote to
@@ -2216,17 +2217,18 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     n_mine = tl.maximum(n_steady - p + NS - 1, 0) // NS
     if (ZONES & 1) == 0:
         n_mine = 0
+    # (SMG: the steady zone is attended in the retrieved stream below.)
     MERGED: tl.constexpr = SMG and (not WAVE) and (not PRE)
-    if MERGED:
-        n_mine = 0
-    s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
-    for m0 in range(0, n_mine, TS):
-        s_k, s_v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, s_blk, s_off, s_ok, h, D, DP)
-        s_blk_n, s_off_n, s_ok_n = _steady_addr(bt_row, p, NS, m0 + TS, n_steady, split, E,
-                                                BS, TS)
-        m_i, l_i, acc = _attend_kv(q, s_k, s_v, s_ok, m_i, l_i, acc, scale, QN, PN,
-                                   PREC, GP, G4, XR)
-        s_blk, s_off, s_ok = s_blk_n, s_off_n, s_ok_n
+    if not MERGED:
+        s_blk, s_off, s_ok = _steady_addr(bt_row, p, NS, 0, n_steady, split, E, BS, TS)
+        for m0 in range(0, n_mine, TS):
+            s_k, s_v = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, s_blk, s_off, s_ok, h, D,
+                                DP)
+            s_blk_n, s_off_n, s_ok_n = _steady_addr(bt_row, p, NS, m0 + TS, n_steady, split,
+                                                    E, BS, TS)
+            m_i, l_i, acc = _attend_kv(q, s_k, s_v, s_ok, m_i, l_i, acc, scale, QN, PN,
+                                       PREC, GP, G4, XR)
+            s_blk, s_off, s_ok = s_blk_n, s_off_n, s_ok_n
 
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
     # concatenated and attended TR at a time (positions [start, start + size)).
