@@ -159,8 +159,6 @@ VARIANTS = [
     # at sm_90; Nsight Compute at 128K x 6 had shown ~48 warp instructions per entry
     # at 0.44 issued per scheduler and cycle).
     ("score plain", "score", dict(XR=False)),
-    # Contiguous ranges of entries per program (coalesced index-table loads).
-    ("score CR", "score", dict(CR=True)),
     # The attention kernel's softmax on the G4 query-head rows (XR) and on the
     # products' 16 rows (plain), whichever is the default.
     ("attend XR", "attend", dict(XR=True)),
@@ -172,9 +170,6 @@ VARIANTS = [
     # checked in every tile (the form before SMG, the default since the thirty-fourth
     # session; SMG with RG 16 / TR 64 measured then: no better).
     ("attend SMG off", "attend", dict(SMG=False)),
-    # Contiguous shares of the retrieved and estimated lists per program.
-    ("attend LR", "attend", dict(LR=True)),
-    ("score CR + attend LR", "multi", {"score": dict(CR=True), "attend": dict(LR=True)}),
     # Larger groups of retrieved clusters: each group starts with a chain of three
     # dependent loads (index table, list, block table) before its first K/V load.
     # One or two rows (TUNE_SMALL_BATCH): without the 168-register cap Triton 3.6

@@ -441,52 +441,26 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
-@pytest.mark.parametrize("lr", [False, True])
 @pytest.mark.parametrize("tiles", [dict(TS=16, TE=16, TR=16, RG=2), dict(TR=32, RG=8)])
-def test_merged_steady_zone_matches_twin(monkeypatch, tiles, lr):
+def test_merged_steady_zone_matches_twin(monkeypatch, tiles):
     """The attention kernel's ``SMG`` form (a program's steady tokens lead its first
-    retrieved group's tiles; with ``LR`` its shares of the lists contiguous): the same
-    attention as the form without them up to the summation order, and the twin's, on
-    indexed rows (several groups and tiles per program, a partial last one), an empty
-    row and a row without index (its whole context steady), with one and several
-    programs per row-head."""
+    retrieved group's tiles): the same attention as the form without it up to the
+    summation order, and the twin's, on indexed rows (several groups and tiles per
+    program, a partial last one), an empty row and a row without index (its whole
+    context steady), with one and several programs per row-head."""
     td = _td()
     sc, q = _forms_scene(43, blocks=300, unindexed=300)
     for split in (1, 3):
         got = []
         for on in (False, True):
             for table in (td.TUNE, td.TUNE_SMALL_BATCH):
-                monkeypatch.setitem(table, "attend", dict(table["attend"], **tiles, SMG=on,
-                                                          LR=on and lr))
+                monkeypatch.setitem(table, "attend", dict(table["attend"], **tiles, SMG=on))
             ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=split)
             out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
             assert _rel(out, ref) < 2e-3, (on, split, _rel(out, ref))
             assert ws.stats.tolist() == expected_stats(sc, st)
             got.append(out)
         assert _rel(got[1], got[0]) < 1e-5, (split, _rel(got[1], got[0]))
-
-
-@pytest.mark.parametrize("bits", [16, 8])
-def test_score_contiguous_ranges_match_twin(monkeypatch, bits):
-    """The score kernel's ``CR`` form (each program a contiguous range of entries):
-    every entry's log-mass as the strided form's, the same selection and the twin's
-    attention, with one and several programs per row-head and a partial last tile."""
-    td = _td()
-    sc, q = _forms_scene(47 + bits, blocks=300, summary_bits=bits)
-    for split in (1, 3):
-        got = []
-        for on in (False, True):
-            for table in (td.TUNE, td.TUNE_SMALL_BATCH):
-                monkeypatch.setitem(table, "score", dict(table["score"], CH=16, CR=on))
-            ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=split)
-            out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
-            assert _rel(out, ref) < 2e-3, (on, split, _rel(out, ref))
-            assert ws.stats.tolist() == expected_stats(sc, st)
-            sel = [selection(sc, ws, r, kh) for r in (0, 2) for kh in range(H)]
-            got.append((out, ws.logits.cpu().clone(), sel))
-        assert torch.equal(got[0][1], got[1][1]), split
-        assert got[0][2] == got[1][2], split
-        assert _rel(got[1][0], got[0][0]) < 1e-5, (split, _rel(got[1][0], got[0][0]))
 
 
 def test_attention_zones_knob_only_leaves_loops_out(monkeypatch):

@@ -875,14 +875,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
                   G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False,
                   ISO: tl.constexpr = False, BAND: tl.constexpr = False, RI=1,
-                  bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False,
-                  CR: tl.constexpr = False):
+                  bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
-
-    CR: program ``p`` scores a contiguous range of entries instead (``[p c, (p + 1)
-    c)``, ``c = ceil(C / NS)``): a tile's index-table entries are one run of 4-byte
-    words (8 sectors for 64 entries, not one each). The same log-masses; the
-    partial maxima and sums (the key kernel's log-sum-exp) are over other entries.
 
     BAND (``rank_interval`` RI > 1): a row that re-ranks its last band
     (:func:`_band_rows`) scores the band's entries, whose pages the band table
@@ -969,21 +963,11 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         q2x = tl.sum(tl.where(gx[:, None] == gq[None, :], q2[None, :], 0.0), 1)
     m_run = tl.full([GX], _NEG_INF, tl.float32)
     s_run = tl.zeros([GX], tl.float32)
-    if CR:
-        c_len = (C + NS - 1) // NS
-        i_lo = tl.minimum(p * c_len, C)
-        i_hi = tl.minimum(i_lo + c_len, C)
-        n_mine = i_hi - i_lo
-        i_st = 1
-    else:
-        n_mine = tl.maximum(C - p + NS - 1, 0) // NS
-        i_lo = p
-        i_hi = C
-        i_st = NS
+    n_mine = tl.maximum(C - p + NS - 1, 0) // NS
     # The next tile's pool pages are loaded before this tile's summaries are
     # used (a hand-made pipeline stage over the index-table indirection).
-    i = i_lo + i_st * tl.arange(0, CH)
-    valid = i < i_hi
+    i = p + NS * tl.arange(0, CH)
+    valid = i < C
     blk = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND).to(tl.int64)
     for m0 in range(0, n_mine, CH):
         cm = valid[:, None] & dm[None, :]
@@ -998,8 +982,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             fb = fp_ptr + _wide_mad(blk, fp_s0, h * fp_s1)
             cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
             var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
-        i_n = i_lo + i_st * (m0 + CH + tl.arange(0, CH))
-        valid_n = i_n < i_hi
+        i_n = p + NS * (m0 + CH + tl.arange(0, CH))
+        valid_n = i_n < C
         blk_n = _entry_pages(ix_row, i_n, valid_n, rr, bd_ptr, bd_s0, bd_s1, h,
                              BAND).to(tl.int64)
         if Q8:
@@ -2094,7 +2078,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    EPB: tl.constexpr = 1, XR: tl.constexpr = False,
                    PRE: tl.constexpr = False, QB: tl.constexpr = False,
                    PB: tl.constexpr = False, ZONES: tl.constexpr = 7,
-                   SMG: tl.constexpr = False, LR: tl.constexpr = False):
+                   SMG: tl.constexpr = False):
     """Program (row*H + head, p): its share of the steady zone, of the retrieved
     clusters and of the estimated clusters (the items congruent to p mod NS; the
     steady zone's a contiguous one with SMG) -> one partial softmax; the last program
@@ -2137,10 +2121,6 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     (:func:`_stream_group`) instead of a loop of its own, and the clusters are
     bounds-checked once each instead of per token: one chain of tiles per program,
     no partly filled steady tile (the same terms, shared and summed in another order).
-
-    LR (with SMG): program ``p`` attends a contiguous range of the retrieved list
-    and one of the estimated list instead of every NS-th entry (a tile's list words
-    on one or two pages instead of one page each).
 
     ZONES (a measurement knob, never set by the backend): the zones whose loops run,
     bit 1 the steady zone, 2 the retrieved clusters, 4 the estimated ones (7, all:
@@ -2233,19 +2213,6 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     # Retrieved clusters k = p, p + NS, ... in groups of RG; a group's tokens are
     # concatenated and attended TR at a time (positions [start, start + size)).
     n_ret_mine = tl.maximum(n_ret - p + NS - 1, 0) // NS
-    # Where program p's share of each list starts, its stride and end (LR: one range).
-    r_p, r_ns, r_end = p, NS, n_ret
-    e_p, e_ns, e_end = p, NS, n_est
-    if MERGED and LR:
-        r_len = (n_ret + NS - 1) // NS
-        r_p = tl.minimum(p * r_len, n_ret)
-        r_end = tl.minimum(r_p + r_len, n_ret)
-        r_ns = 1
-        n_ret_mine = r_end - r_p
-        e_len = (n_est + NS - 1) // NS
-        e_p = tl.minimum(p * e_len, n_est)
-        e_end = tl.minimum(e_p + e_len, n_est)
-        e_ns = 1
     if (ZONES & 2) == 0:
         n_ret_mine = 0
     if WAVE:
@@ -2295,11 +2262,11 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
         jb = tl.maximum(j0, split)
         sa1 = jb - split + E
         sz1 = tl.maximum(j1 - jb, 0)
-        n_ret_z = r_end if (ZONES & 2) != 0 else 0
+        n_ret_z = n_ret if (ZONES & 2) != 0 else 0
         for m0 in range(0, n_ret_mine + 2, RG):
-            x_dpos, x_beg, x_total = _stream_group(lists_ptr, ix_row, h, r_p, r_ns, m0,
-                                                   n_ret_z, sa0, sz0, sa1, sz1, S, E, L, H,
-                                                   LW, PK, RG)
+            x_dpos, x_beg, x_total = _stream_group(lists_ptr, ix_row, h, p, NS, m0, n_ret_z,
+                                                   sa0, sz0, sa1, sz1, S, E, L, H, LW, PK,
+                                                   RG)
             x_blk, x_off, x_ok = _stream_addr(0, x_total, x_beg, x_dpos, bt_row, BS, TR)
             for t0 in range(0, x_total, TR):
                 x_kt, x_vt = _load_kv(kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3, x_blk, x_off, x_ok,
@@ -2335,11 +2302,11 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                 r_blk, r_off, r_ok = r_blk_g, r_off_g, r_ok_g
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
-    n_mine = tl.maximum(e_end - e_p + e_ns - 1, 0) // e_ns
+    n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
     if (ZONES & 4) == 0:
         n_mine = 0
     if not PRE:
-        e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, e_end, e_p, e_ns, 0,
+        e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
                                       H, LW, PK, TE)
     for m0 in range(0, n_mine, TE):
         e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + gx[:, None],
@@ -2357,7 +2324,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                            + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
             e_w = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 4 * fp_s2
                           + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
-        e_blk_n, e_ok_n = _estimated_addr(lists_ptr, ix_row, h, n_ret, e_end, e_p, e_ns,
+        e_blk_n, e_ok_n = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS,
                                           m0 + TE, H, LW, PK, TE)
         if MV8 or VC:
             m_i, l_i, e_al, e_pr = _online_probs(m_i, l_i, e_s)
