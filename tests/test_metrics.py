@@ -1,7 +1,8 @@
 """Retro's statistics on their way into vLLM's metrics (``backend/metrics.py``):
 the worker payload, its merging across workers and steps, the Prometheus metrics
-the front end makes of it, and the GPU worker's reading of its paged-index manager
-(run on CPU tensors). The OpenAI server's ``/metrics`` end to end:
+the front end makes of it, the GPU worker's reading of its paged-index manager
+(run on CPU tensors), and the offline reading of the rows through vLLM's metrics
+(``vllm_retro.offline.decode_rows``). The OpenAI server's ``/metrics`` end to end:
 ``tests/test_server.py::test_prometheus_metrics_match_engine``."""
 
 import functools
@@ -10,12 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ConfigDouble, paged_manager
+from conftest import (ConfigDouble, close_llm, generate_tokens, make_llm, paged_manager,
+                      retro_state, text_prompts)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from vllm_retro.backend.metrics import (GPU_READ_INTERVAL_S, RetroConnectorStats,
                                         RetroPromMetrics, WorkerStatsReporter,
                                         combine_workers, gpu_snapshot, reporter_for)
+from vllm_retro.offline import decode_rows
 
 
 def _snap(seq, **values):
@@ -193,3 +196,26 @@ def test_gpu_worker_reads_its_paged_index_manager():
     assert rep.take().workers["0"]["values"] == snap
     mgr.on_step(RetroStepMetadata(finished=["r"]))
     assert gpu_snapshot(mgr)["indexed_requests"] == 0
+
+
+def test_decode_rows_of_an_offline_engine(tiny_model):
+    """``decode_rows`` reads the engine's rows from vLLM's metrics: the same counts
+    as the worker's own counters, each request's rows on its path."""
+    llm = make_llm(tiny_model, "retro", {"segment_size": 256, "update_interval": 128,
+                                         "recent_tokens": 32, "min_retrieval_tokens": 64},
+                   disable_log_stats=False)
+    try:
+        # The 1,500-token prompt is indexed at prefill: its 8 decode rows are
+        # retro's; the 40-token one has no index: its 4 rows are dense.
+        generate_tokens(llm, text_prompts(tiny_model, [1500, 40]), [9, 5])
+        rows = decode_rows(llm)
+        st = retro_state(llm).store.stats
+        assert rows == {"retro": st.retro_rows, "dense": st.dense_rows}
+        assert rows == {"retro": 8, "dense": 4}
+    finally:
+        close_llm(llm)
+
+
+def test_decode_rows_needs_the_engines_statistics():
+    with pytest.raises(RuntimeError, match="disable_log_stats=False"):
+        decode_rows(SimpleNamespace(llm_engine=SimpleNamespace(log_stats=False)))

@@ -97,3 +97,27 @@ def retro_state(llm):
     """The retro worker state of an in-process engine (None: retro not used)."""
     from .worker_state import existing_state
     return existing_state(llm.llm_engine.vllm_config)
+
+
+def decode_rows(llm) -> dict:
+    """Decode rows retro's backend has served since the engine started, by path:
+    ``{"retro": n, "dense": m}`` (``dense``: rows whose context had no index yet,
+    or a fallback), from the workers' totals that vLLM's metrics carry to the front
+    end (``docs/metrics.md``; every tensor-parallel worker sees the whole batch).
+    Works whatever the executor (in-process, ``mp``, Ray) and wherever the engine
+    core runs; the engine needs its statistics on
+    (``LLM(..., disable_log_stats=False)``). GPU workers read their device counters
+    at most once a second (``backend.metrics.GPU_READ_INTERVAL_S``): the last
+    second's rows show up with a later step. An engine without retro gives zeros."""
+    engine = getattr(llm, "llm_engine", None)
+    if engine is None or not getattr(engine, "log_stats", False):
+        raise RuntimeError("retro's decode-row counters travel with vLLM's statistics, "
+                           "which this engine does not collect: create it with "
+                           "LLM(..., disable_log_stats=False)")
+    from .backend.metrics import ROWS_METRIC
+    rows = {"retro": 0, "dense": 0}
+    for metric in llm.get_metrics():
+        path = metric.labels.get("path")
+        if metric.name == ROWS_METRIC[0] and path in rows:
+            rows[path] += int(metric.value)
+    return rows

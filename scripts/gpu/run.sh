@@ -9,7 +9,8 @@
 # kernels (kernel tests on the GPU; KERNEL_TESTS picks files), kbench (decode attention per layer vs
 # FA3), ibuild (index build of one long prompt, profiled; IBUILD_ARGS), sweep
 # (launch parameters of the decode kernels, SWEEP_ARGS), engine (vLLM engine tests
-# under vLLM's defaults; ENGINE_ARGS, e.g. -s; ENGINE_K a -k expression), wavebuf (the wave buffer's
+# under vLLM's defaults; ENGINE_ARGS, e.g. -s; ENGINE_K a -k expression), tp (tensor parallelism
+# on two GPUs through the mp and Ray executors; a multi-GPU kind), wavebuf (the wave buffer's
 # host mirror, cluster cache and vLLM block release tests: pinned memory and zero-copy copies on the GPU,
 # RetroSpec under vLLM 0.26), pagecopy (misses of the cluster cache over PCIe:
 # zero-copy Triton reads vs host gather + copy engine; PAGECOPY_ARGS), smollm2 (SmolLM2 through
@@ -37,6 +38,9 @@ bash .gpu-bundle/stage.sh || exit $?
 export PYTHONPATH=/opt/vllm-site:${PYTHONPATH:-}
 export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   VLLM_NO_USAGE_STATS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# NVLink multicast stays off on the shared multi-GPU hosts (their notes): kept set
+# for every process vLLM or Ray starts.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # The Triton decode path needs no compiled extension; the entry point (vLLM finds
 # the plugin through it) needs an install.
 if [ "${BUILD_EXT:-0}" = 1 ]; then
@@ -118,6 +122,9 @@ for s in $STAGES; do
     engine) python3 -m pytest -q -x -p no:logging tests/gpu/test_engine_gpu.py tests/gpu/test_per_kind_gpu.py ${ENGINE_ARGS:-} \
               ${ENGINE_K:+-k "$ENGINE_K"} \
               2>&1 | tee "$OUT/engine.log" | grep -v "^INFO\|^DEBUG\|^WARNING\|^(EngineCore" \
+              | tail -40 ;;
+    tp) python3 -m pytest -q -x -p no:logging tests/gpu/test_tp_gpu.py ${TP_ARGS:-} 2>&1 \
+              | tee "$OUT/tp.log" | grep -v "^INFO\|^DEBUG\|^WARNING\|^(EngineCore\|^(Worker\|^(Ray" \
               | tail -40 ;;
     wavebuf) python3 -m pytest -q tests/memory tests/test_kv_spec.py tests/test_wave_buffer_manager.py 2>&1 \
               | tee "$OUT/wavebuf.log" | tail -25 ;;
