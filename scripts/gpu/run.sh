@@ -10,7 +10,8 @@
 # FA3), ibuild (index build of one long prompt, profiled; IBUILD_ARGS), sweep
 # (launch parameters of the decode kernels, SWEEP_ARGS), engine (vLLM engine tests
 # under vLLM's defaults; ENGINE_ARGS, e.g. -s; ENGINE_K a -k expression), tp (tensor parallelism
-# on two GPUs through the mp and Ray executors; a multi-GPU kind), wavebuf (the wave buffer's
+# on two GPUs through the mp and Ray executors, on a multi-GPU kind; the Ray executor on one
+# GPU anywhere), wavebuf (the wave buffer's
 # host mirror, cluster cache and vLLM block release tests: pinned memory and zero-copy copies on the GPU,
 # RetroSpec under vLLM 0.26), pagecopy (misses of the cluster cache over PCIe:
 # zero-copy Triton reads vs host gather + copy engine; PAGECOPY_ARGS), smollm2 (SmolLM2 through

@@ -1,12 +1,14 @@
-"""Retro with tensor parallelism inside vLLM 0.26 on two GPUs, through the two
-executors users pick for it: vLLM's own worker processes (``mp``, its default for
-several GPUs) and Ray. Each worker holds half of the KV heads (the tiny model's two:
-one per GPU), indexes its heads at prefill and decodes them with retro's kernels.
+"""Retro in workers of their own inside vLLM 0.26: a Ray worker on one GPU, and
+tensor parallelism on two GPUs through the two executors users pick for it, vLLM's
+own worker processes (``mp``, its default for several GPUs) and Ray. With two GPUs
+each worker holds half of the KV heads (the tiny model's two: one per GPU), indexes
+its heads at prefill and decodes them with retro's kernels.
 
-The decode rows are counted in the workers' processes; the test reads them where a
+The decode rows are counted in the workers' processes; the tests read them where a
 user would, in the front end, through vLLM's metrics
 (``vllm_retro.offline.decode_rows``), so a silent dense fallback in any worker fails.
-Skipped with fewer than two GPUs; one live engine at a time (a module of its own).
+Skipped without CUDA, the tensor-parallel tests with fewer than two GPUs; one live
+engine at a time (a module of its own).
 """
 
 import time
@@ -14,8 +16,8 @@ import time
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2,
-                                reason="needs two CUDA GPUs")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
 from conftest import text_prompts  # noqa: E402
 from test_engine_gpu import (FULL, LENGTHS, MAX_TOKENS, SMALL,  # noqa: E402
@@ -27,8 +29,9 @@ TP = dict(tensor_parallel_size=2, disable_custom_all_reduce=True,
           disable_log_stats=False)
 
 
-def tp_llm(model, executor, backend=None, retro=None):
-    return gpu_llm(model, backend, retro, distributed_executor_backend=executor, **TP)
+def tp_llm(model, executor, backend=None, retro=None, tp=2):
+    return gpu_llm(model, backend, retro, distributed_executor_backend=executor,
+                   **dict(TP, tensor_parallel_size=tp))
 
 
 def settled_rows(llm, model):
@@ -54,6 +57,27 @@ def shut_ray_down():
         ray.shutdown()
 
 
+def test_ray_worker_on_one_gpu(tiny_model):
+    """The Ray executor with one worker: the plugin loads in the Ray worker, its
+    kernels serve the indexed rows there, and with every cluster exact the output
+    is dense's (in-process) or a bf16 near-tie."""
+    from vllm_retro.offline import close_llm
+    prompts = text_prompts(tiny_model, LENGTHS)
+    llm = gpu_llm(tiny_model)
+    dense_out = generate_with_logprobs(llm, prompts, MAX_TOKENS)
+    close_llm(llm)
+    llm = tp_llm(tiny_model, "ray", "retro", FULL, tp=1)
+    try:
+        out = generate_with_logprobs(llm, prompts, MAX_TOKENS)
+        rows = settled_rows(llm, tiny_model)
+    finally:
+        close_llm(llm)
+        shut_ray_down()
+    assert rows["retro"] + rows["dense"] == sum(m - 1 for m in MAX_TOKENS), rows
+    assert rows["retro"] > 0, rows
+    assert_same_or_near_tie([t for t, _ in out], dense_out)
+
+
 @pytest.fixture(scope="module")
 def dense_tp(tiny_model):
     from vllm_retro.offline import close_llm
@@ -64,6 +88,7 @@ def dense_tp(tiny_model):
     return prompts, out
 
 
+@two_gpus
 @pytest.mark.parametrize("executor", ["mp", "ray"])
 def test_tensor_parallel_full_retrieval_matches_dense(tiny_model, dense_tp, executor):
     """Every cluster exact on both workers: dense's output under the same
@@ -84,6 +109,7 @@ def test_tensor_parallel_full_retrieval_matches_dense(tiny_model, dense_tp, exec
     assert_same_or_near_tie([t for t, _ in out], dense_out)
 
 
+@two_gpus
 def test_tensor_parallel_default_budget(tiny_model):
     """The default budget on two workers: the indexed prompts decode through
     retro's kernels (each worker its heads), a request alone as in the batch."""
