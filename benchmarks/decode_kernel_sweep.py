@@ -179,6 +179,16 @@ VARIANTS = [
     # ... and held to 128 (4 programs per SM instead of 3: the small-batch variant
     # takes 143 registers at sm_90 since the softmax on the query-head rows).
     ("attend maxnreg 128", "attend", dict(maxnreg=128)),
+    # Above two rows both long kernels hold 4 programs of 4 warps per SM (<= 128
+    # registers): held to 96, 5 fit (score 8 bytes of stack at sm_90, attention 80),
+    # and with the grids aimed at 5 per SM more gathers are in flight.
+    ("score maxnreg 96", "score", dict(maxnreg=96)),
+    ("attend maxnreg 96", "attend", dict(maxnreg=96)),
+    ("programs/SM 5", "pps", (5, 0)),
+    ("programs/SM 5, score maxnreg 96", "pps+score", (5, dict(maxnreg=96))),
+    ("programs/SM 5, attend maxnreg 96", "pps+attend", (5, dict(maxnreg=96))),
+    ("programs/SM 5, maxnreg 96", "pps+multi", (5, dict(score=dict(maxnreg=96),
+                                                         attend=dict(maxnreg=96)))),
     # The attention kernel's products on 16-bit caches: the logits' one product (QB,
     # the default: the query holds bf16 values, so the two-product form's low part is
     # zero) against two; the values' one product (PB: probabilities rounded to bf16,
@@ -370,6 +380,9 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             # near-ties win; full steps select as the default)
             err_limit = 0.05 if band == "full" else 0.3
             hdr[:, HDR_BAND_AT] = 0
+        if kernel and kernel.startswith("pps+"):
+            pps, over = over
+            kernel = kernel[4:]
         if kernel == "wave_attend":
             td.TUNE_WAVE["attend"].update(over)
             kernel = None
@@ -393,9 +406,6 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM, kernel = over, None
         elif kernel == "score_pps":
             td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM, kernel = over, None
-        elif kernel and kernel.startswith("pps+"):
-            pps, over = over
-            kernel = kernel[4:]
         if kernel and kernel != "pps":
             td.TUNE[kernel].update(over)
             td.TUNE_SMALL_BATCH.get(kernel, {}).update(over)
