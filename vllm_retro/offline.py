@@ -3,7 +3,8 @@
 One place for what every offline run needs: environment defaults (set before vLLM
 is imported: in-process engine core, the V1 model runner on CPUs, no hub, no usage stats, a
 small CPU KV cache), an engine with the project's usual arguments (uni executor,
-eager, seed 0, float32) and its shutdown. Nothing here imports vLLM at import time.
+eager, seed 0, float32) and its shutdown, and retro's decode-row counters of any
+engine (``decode_rows``). Nothing here imports vLLM at import time.
 """
 
 from __future__ import annotations
