@@ -132,6 +132,18 @@ def generate_tokens(llm, prompts, max_tokens):
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
+def generate_with_logprobs(llm, prompts, max_tokens):
+    """Greedy generation with each position's top-2 log-probabilities: a list of
+    ``(token ids, logprobs)`` per prompt (``logprobs[i]``: {token id: Logprob})."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=2)
+              for m in max_tokens]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                        use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
+
+
 def text_prompts(model_dir, lengths, offset=0):
     """Token-id prompts of the given lengths cut from real text (stdlib sources)."""
     from transformers import AutoTokenizer

@@ -7,7 +7,7 @@ GPUs, Ray on one): ``tests/gpu/test_tp_gpu.py``."""
 import os
 
 import pytest
-from conftest import close_llm, make_llm, text_prompts
+from conftest import close_llm, generate_with_logprobs, make_llm, text_prompts
 
 from vllm_retro.offline import decode_rows
 
@@ -18,17 +18,8 @@ FULL = {"segment_size": 256, "update_interval": 128, "recent_tokens": 32,
 
 def generate_scored(llm, prompts, max_tokens):
     """Greedy outputs with the chosen tokens' log-probabilities."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=1)
-              for m in max_tokens]
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                        use_tqdm=False)
-    res = []
-    for o in outs:
-        toks = list(o.outputs[0].token_ids)
-        res.append((toks, [lp[t].logprob for t, lp in zip(toks, o.outputs[0].logprobs)]))
-    return res
+    return [(toks, [lp[t].logprob for t, lp in zip(toks, lps)])
+            for toks, lps in generate_with_logprobs(llm, prompts, max_tokens)]
 
 
 def test_two_tensor_parallel_workers_decode_as_one(tiny_model, monkeypatch):

@@ -14,7 +14,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from conftest import generate_tokens, text_prompts  # noqa: E402
+from conftest import generate_tokens, generate_with_logprobs, text_prompts  # noqa: E402
 
 SMALL = {"segment_size": 256, "update_interval": 128, "recent_tokens": 32,
          "min_retrieval_tokens": 64}
@@ -51,16 +51,6 @@ def manager(llm):
     st = retro_state(llm)
     assert st is not None and st.paged is not None, "retro state not found in-process"
     return st.paged
-
-
-def generate_with_logprobs(llm, prompts, max_tokens):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=2)
-              for m in max_tokens]
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                        use_tqdm=False)
-    return [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
 
 
 #: Logits of magnitude 16-32 (the tiny model's top logits: dense's top-2 gaps of

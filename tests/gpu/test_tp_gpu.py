@@ -19,9 +19,9 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
-from conftest import text_prompts  # noqa: E402
+from conftest import generate_with_logprobs, text_prompts  # noqa: E402
 from test_engine_gpu import (FULL, LENGTHS, MAX_TOKENS, SMALL,  # noqa: E402
-                             assert_same_or_near_tie, generate_with_logprobs, gpu_llm)
+                             assert_same_or_near_tie, gpu_llm)
 
 # NCCL's all-reduce only: vLLM's custom all-reduce and its symmetric-memory form are
 # not what this test is about (and multicast stays off on shared hosts).
@@ -57,6 +57,27 @@ def shut_ray_down():
         ray.shutdown()
 
 
+def full_retrieval_run(model, executor, prompts, tp=2):
+    """Retro with every cluster exact through ``executor``: the outputs and the rows
+    its workers counted (Ray shut down afterwards)."""
+    from vllm_retro.offline import close_llm
+    llm = tp_llm(model, executor, "retro", FULL, tp=tp)
+    try:
+        return generate_with_logprobs(llm, prompts, MAX_TOKENS), settled_rows(llm, model)
+    finally:
+        close_llm(llm)
+        if executor == "ray":
+            shut_ray_down()
+
+
+def assert_dense_output_on_retro_rows(out, rows, dense_out):
+    """Every decode row counted, the indexed prompts' on retro's kernels, and the
+    output dense's or a bf16 near-tie."""
+    assert rows["retro"] + rows["dense"] == sum(m - 1 for m in MAX_TOKENS), rows
+    assert rows["retro"] > 0, rows
+    assert_same_or_near_tie([t for t, _ in out], dense_out)
+
+
 def test_ray_worker_on_one_gpu(tiny_model):
     """The Ray executor with one worker: the plugin loads in the Ray worker, its
     kernels serve the indexed rows there, and with every cluster exact the output
@@ -66,16 +87,8 @@ def test_ray_worker_on_one_gpu(tiny_model):
     llm = gpu_llm(tiny_model)
     dense_out = generate_with_logprobs(llm, prompts, MAX_TOKENS)
     close_llm(llm)
-    llm = tp_llm(tiny_model, "ray", "retro", FULL, tp=1)
-    try:
-        out = generate_with_logprobs(llm, prompts, MAX_TOKENS)
-        rows = settled_rows(llm, tiny_model)
-    finally:
-        close_llm(llm)
-        shut_ray_down()
-    assert rows["retro"] + rows["dense"] == sum(m - 1 for m in MAX_TOKENS), rows
-    assert rows["retro"] > 0, rows
-    assert_same_or_near_tie([t for t, _ in out], dense_out)
+    out, rows = full_retrieval_run(tiny_model, "ray", prompts, tp=1)
+    assert_dense_output_on_retro_rows(out, rows, dense_out)
 
 
 @pytest.fixture(scope="module")
@@ -94,19 +107,9 @@ def test_tensor_parallel_full_retrieval_matches_dense(tiny_model, dense_tp, exec
     """Every cluster exact on both workers: dense's output under the same
     parallelism (or a bf16 near-tie), and the rows the workers counted are retro's
     for the indexed prompts and add up to every decode row."""
-    from vllm_retro.offline import close_llm
     prompts, dense_out = dense_tp
-    llm = tp_llm(tiny_model, executor, "retro", FULL)
-    try:
-        out = generate_with_logprobs(llm, prompts, MAX_TOKENS)
-        rows = settled_rows(llm, tiny_model)
-    finally:
-        close_llm(llm)
-        if executor == "ray":
-            shut_ray_down()
-    assert rows["retro"] + rows["dense"] == sum(m - 1 for m in MAX_TOKENS), rows
-    assert rows["retro"] > 0, rows
-    assert_same_or_near_tie([t for t, _ in out], dense_out)
+    out, rows = full_retrieval_run(tiny_model, executor, prompts)
+    assert_dense_output_on_retro_rows(out, rows, dense_out)
 
 
 @two_gpus
