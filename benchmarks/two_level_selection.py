@@ -22,7 +22,8 @@ the flat exact clusters the restriction loses.
 
 Usage: python benchmarks/two_level_selection.py [--texts code,prose,json,table,needles]
        [--layers 2,8,15,22,29] [--num-queries 32] [--fractions 0.02,0.03]
-       [--keeps 0.25,0.35,0.5] [--fanout 16] [--out F]
+       [--keeps 0.25,0.35,0.5] [--fanout 8] [--summary-bits 0|8]
+       [--preset default|accuracy] [--out F]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 
 from vllm_retro import WaveIndex, full_attention  # noqa: E402
 from vllm_retro.attention import cluster_log_mass, group_query  # noqa: E402
+from vllm_retro.config import PRESETS  # noqa: E402
 from vllm_retro.kmeans import spherical_kmeans  # noqa: E402
 
 import accuracy_vs_budget as A  # noqa: E402
@@ -162,12 +164,18 @@ class Restricted:
         del self.index.select_clusters
 
 
-def evaluate_layer(keys, values, queries, qpos, scale, fractions, keeps, fanout, block):
+def evaluate_layer(keys, values, queries, qpos, scale, fractions, keeps, fanout, block,
+                   summary_bits=0, cfg=A.BASE_CONFIG):
     """Per (method, fraction): lists of per-query-head errors, per-query read and
-    scored fractions, lost exact clusters."""
-    cfg = A.BASE_CONFIG
+    scored fractions, lost exact clusters. ``summary_bits`` 8: the clusters'
+    centroids and key variances rounded as the GPU stores them
+    (``accuracy_vs_budget.quantize_summaries``), before the meta-clusters are
+    formed from them. ``cfg``: the index's options (the budget's fractions are set
+    per query)."""
     p0 = int(qpos[0])
     idx = WaveIndex.build(keys[:, :p0].float(), values[:, :p0].float(), cfg)
+    if summary_bits:
+        A.quantize_summaries(idx, summary_bits)
     rows: Dict[tuple, Dict[str, List]] = {}
 
     def rec(key, **vals):
@@ -179,15 +187,18 @@ def evaluate_layer(keys, values, queries, qpos, scale, fractions, keeps, fanout,
         p = int(p)
         t = p + 1
         idx.append(keys[:, p:p + 1].float(), values[:, p:p + 1].float())
+        if summary_bits:
+            A.quantize_summaries(idx, summary_bits)
         meta = meta_clusters(idx, fanout, block)
         q = queries[i]
         ref = full_attention(q.double(), keys[:, :t].double(), values[:, :t].double(), scale)
         for f in fractions:
-            idx.config = A._variant_cfg({}, cfg.retrieval_fraction)
+            idx.config = cfg
             steady = idx.sink_keys.shape[1] + idx.tail_len
             n = B.cluster_token_budget(idx, q.float(), scale, f * t - steady)
             rf = min(1.0, (n - 0.5) / idx.num_clusters)
-            idx.config = A._variant_cfg({}, rf)
+            idx.config = cfg.replace(retrieval_fraction=rf, estimation_fraction=min(
+                cfg.estimation_fraction, 1.0 - rf))
             out = idx.attend(q.float(), scale)
             rec(("flat", f), err=B.rel_error(out, ref).tolist(),
                 frac=idx.last_stats.exact_fraction, scored=1.0, lost=0.0)
@@ -221,9 +232,13 @@ def main() -> None:
     ap.add_argument("--num-queries", type=int, default=32)
     ap.add_argument("--fractions", default="0.02,0.03")
     ap.add_argument("--keeps", default="0.25,0.35,0.5")
-    ap.add_argument("--fanout", type=int, default=16)
+    ap.add_argument("--fanout", type=int, default=8)
     ap.add_argument("--block", type=int, default=0,
                     help="clusters per meta-clustering run (0: segment_size / cluster_size)")
+    ap.add_argument("--summary-bits", type=int, default=0, choices=(0, 8),
+                    help="8: centroids and key variances in 8 bits, as on the GPU")
+    ap.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                    help="the index's options: the harness's BASE_CONFIG with this preset")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=DEFAULT_OUT)
     a = ap.parse_args()
@@ -234,7 +249,8 @@ def main() -> None:
     if not all(0 < k <= 1 for k in keeps) or a.fanout < 1:
         raise SystemExit("--keeps must be in (0, 1] and --fanout >= 1")
     layers = [int(x) for x in a.layers.split(",")]
-    block = a.block or A.BASE_CONFIG.segment_size // A.BASE_CONFIG.cluster_size
+    cfg = A.BASE_CONFIG.replace(**PRESETS[a.preset])
+    block = a.block or cfg.segment_size // cfg.cluster_size
     t_start = time.time()
     res_texts = {}
     for text in a.texts.split(","):
@@ -250,7 +266,8 @@ def main() -> None:
         for l in layers:
             t0 = time.time()
             rows = evaluate_layer(cap["keys"][l], cap["values"][l], cap["queries"][l][-nq:],
-                                  qpos, cap["scale"], fractions, keeps, a.fanout, block)
+                                  qpos, cap["scale"], fractions, keeps, a.fanout, block,
+                                  a.summary_bits, cfg)
             per_layer[l] = summarise(rows)
             for key, r in rows.items():
                 for m, v in r.items():
@@ -270,8 +287,8 @@ def main() -> None:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "command": "python " + " ".join(sys.argv),
-        "wave_config": A.BASE_CONFIG.to_dict(),
-        "fanout": a.fanout, "block": block, "keeps": keeps, "fractions": fractions,
+        "preset": a.preset, "wave_config": cfg.to_dict(),
+        "fanout": a.fanout, "block": block, "summary_bits": a.summary_bits, "keeps": keeps, "fractions": fractions,
         "layers": layers, "num_queries": a.num_queries,
         "definitions": {
             "keep K": "meta-clusters taken best first until their children cover K of "
