@@ -213,10 +213,11 @@ def evaluate_layer(keys, values, queries, qpos, scale, fractions, keeps, fanout,
 def summarise(rows) -> Dict[str, dict]:
     out = {}
     for (method, f), r in rows.items():
-        err = torch.tensor([e for errs in r["err"] for e in errs], dtype=torch.float64)
+        err = A._dist(torch.tensor([e for errs in r["err"] for e in errs],
+                                   dtype=torch.float64))
         out.setdefault(method, {})[f"{f:g}"] = {
-            "rel_err_median": err.median().item(),
-            "rel_err_p90": torch.quantile(err, 0.9).item(),
+            "rel_err_median": err["median"],
+            "rel_err_p90": err["p90"],
             "fraction_read": sum(r["frac"]) / len(r["frac"]),
             "centroids_scored": sum(r["scored"]) / len(r["scored"]),
             "exact_clusters_lost": sum(r["lost"]) / len(r["lost"]),
@@ -287,7 +288,8 @@ def main() -> None:
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "command": "python " + " ".join(sys.argv),
         "preset": a.preset, "wave_config": cfg.to_dict(),
-        "fanout": a.fanout, "block": block, "summary_bits": a.summary_bits, "keeps": keeps, "fractions": fractions,
+        "fanout": a.fanout, "block": block, "summary_bits": a.summary_bits, "keeps": keeps,
+        "fractions": fractions,
         "layers": layers, "num_queries": a.num_queries,
         "definitions": {
             "keep K": "meta-clusters taken best first until their children cover K of "
