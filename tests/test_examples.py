@@ -97,3 +97,15 @@ def test_demo_rejects_bad_options():
                        (["--context-tokens", "9000"], "--context-tokens")):
         r = _demo(*args, timeout=120)
         assert r.returncode == 2 and name in r.stderr, r.stderr
+
+
+def test_demo_needles_rejects_bad_options():
+    """The demo's needle grid (benchmarks/demo_needles.py) refuses unknown
+    configurations and depths outside [0, 1] before any model is loaded."""
+    script = os.path.join(ROOT, "benchmarks", "demo_needles.py")
+    for args, name in ((["--configs", "dense,fast"], "--configs"),
+                       (["--depths", "0.5,1.5"], "--depths"),
+                       (["--seeds", "a"], "--seeds")):
+        r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                           timeout=120, stdin=subprocess.DEVNULL)
+        assert r.returncode == 2 and name in r.stderr, r.stderr
