@@ -59,11 +59,16 @@ def shut_ray_down():
 
 def full_retrieval_run(model, executor, prompts, tp=2):
     """Retro with every cluster exact through ``executor``: the outputs and the rows
-    its workers counted (Ray shut down afterwards)."""
+    its workers counted for them (Ray shut down afterwards). The totals also hold
+    the engine start's warm-up rows (its CUDA-graph captures' dummy batches), so
+    the rows are the difference across the ``generate``."""
     from vllm_retro.offline import close_llm
     llm = tp_llm(model, executor, "retro", FULL, tp=tp)
     try:
-        return generate_with_logprobs(llm, prompts, MAX_TOKENS), settled_rows(llm, model)
+        before = settled_rows(llm, model)
+        out = generate_with_logprobs(llm, prompts, MAX_TOKENS)
+        after = settled_rows(llm, model)
+        return out, {k: after[k] - before[k] for k in after}
     finally:
         close_llm(llm)
         if executor == "ray":
@@ -120,10 +125,12 @@ def test_tensor_parallel_default_budget(tiny_model):
     prompts = text_prompts(tiny_model, [900, 1400, 2000, 2500], offset=20000)
     llm = tp_llm(tiny_model, "mp", "retro", SMALL)
     try:
+        before = settled_rows(llm, tiny_model)
         together = [t for t, _ in generate_with_logprobs(llm, prompts, [16] * 4)]
         alone = [generate_with_logprobs(llm, [p], [16])[0] for p in prompts]
-        rows = settled_rows(llm, tiny_model)
+        after = settled_rows(llm, tiny_model)
     finally:
         close_llm(llm)
+    rows = {k: after[k] - before[k] for k in after}     # without the warm-up rows
     assert rows["retro"] + rows["dense"] == 2 * 4 * 15 and rows["retro"] > 0, rows
     assert_same_or_near_tie(together, alone)
