@@ -109,7 +109,10 @@ def decode_rows(llm) -> dict:
     core runs; the engine needs its statistics on
     (``LLM(..., disable_log_stats=False)``). GPU workers read their device counters
     at most once a second (``backend.metrics.GPU_READ_INTERVAL_S``): the last
-    second's rows show up with a later step. An engine without retro gives zeros."""
+    second's rows show up with a later step. On GPUs the totals include the engine
+    start's warm-up rows (vLLM's CUDA-graph captures run the decode kernels on dummy
+    batches): count a workload's rows as the difference across it. An engine
+    without retro gives zeros."""
     engine = getattr(llm, "llm_engine", None)
     if engine is None or not getattr(engine, "log_stats", False):
         raise RuntimeError("retro's decode-row counters travel with vLLM's statistics, "
