@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import random
 import sys
 import time
 
@@ -50,7 +49,7 @@ def prompts(tok, seeds, depths, context_tokens):
     """(seed, depth, code, token ids, needle position) for every grid point."""
     out = []
     for seed in seeds:
-        code = str(random.Random(seed).randint(10000, 99999))
+        code = demo.secret_code(seed)
         for depth in depths:
             ids, _, _, at = demo.build_prompt(tok, context_tokens, depth, code)
             out.append((seed, depth, code, ids, at))
@@ -81,6 +80,9 @@ def run_config(model, name, grid):
     rec = {"config": name, "backend": backend or "dense", "options": options,
            "found": sum(a["found"] for a in answers), "prompts": len(answers),
            "seconds": round(secs, 1), "answers": answers}
+    if backend == "retro" and (st is None or st.retro_rows == 0):
+        raise RuntimeError(f"{name}: no decode row was served through retro's index "
+                           f"(stats {st}): a silent dense fallback")
     if st is not None:
         ctx = max(1, st.context_tokens)
         rec.update(retro_rows=int(st.retro_rows), dense_rows=int(st.dense_rows),

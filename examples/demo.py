@@ -48,6 +48,11 @@ def reference_paragraphs():
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
+def secret_code(seed: int) -> str:
+    """The 5-digit code hidden for ``seed``."""
+    return str(random.Random(seed).randint(10000, 99999))
+
+
 def build_prompt(tok, context_tokens: int, depth: float, code: str):
     """Chat prompt token ids, the needle sentence and its token position.
 
@@ -119,7 +124,7 @@ def main(argv=None) -> None:
     from vllm_retro.tiny_model import export_smollm2
     model = export_smollm2(MODEL_DIR)
     tok = AutoTokenizer.from_pretrained(model)
-    code = str(random.Random(args.seed).randint(10000, 99999))
+    code = secret_code(args.seed)
     ids, needle, question, at = build_prompt(tok, args.context_tokens, args.depth, code)
 
     say(f"SmolLM2-135M-Instruct (float32) reads {len(ids):,} tokens of the Python language "

@@ -101,7 +101,8 @@ def test_demo_rejects_bad_options():
 
 def test_demo_needles_rejects_bad_options():
     """The demo's needle grid (benchmarks/demo_needles.py) refuses unknown
-    configurations and depths outside [0, 1] before any model is loaded."""
+    configurations, depths outside [0, 1] and seeds that are not integers before
+    any model is loaded."""
     script = os.path.join(ROOT, "benchmarks", "demo_needles.py")
     for args, name in ((["--configs", "dense,fast"], "--configs"),
                        (["--depths", "0.5,1.5"], "--depths"),
