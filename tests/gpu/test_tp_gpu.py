@@ -46,6 +46,16 @@ def settled_rows(llm, model):
     return decode_rows(llm)
 
 
+def rows_across(llm, model, work):
+    """``work()``'s result and the decode rows the workers counted while it ran: the
+    totals also hold the engine start's warm-up rows (its CUDA-graph captures'
+    dummy batches), so the rows are the difference across it."""
+    before = settled_rows(llm, model)
+    result = work()
+    after = settled_rows(llm, model)
+    return result, {k: after[k] - before[k] for k in after}
+
+
 def shut_ray_down():
     """vLLM's Ray executor leaves its placement group (both GPUs) behind at
     shutdown; the next engine of this process would wait for GPUs forever."""
@@ -59,16 +69,12 @@ def shut_ray_down():
 
 def full_retrieval_run(model, executor, prompts, tp=2):
     """Retro with every cluster exact through ``executor``: the outputs and the rows
-    its workers counted for them (Ray shut down afterwards). The totals also hold
-    the engine start's warm-up rows (its CUDA-graph captures' dummy batches), so
-    the rows are the difference across the ``generate``."""
+    its workers counted for them (Ray shut down afterwards)."""
     from vllm_retro.offline import close_llm
     llm = tp_llm(model, executor, "retro", FULL, tp=tp)
     try:
-        before = settled_rows(llm, model)
-        out = generate_with_logprobs(llm, prompts, MAX_TOKENS)
-        after = settled_rows(llm, model)
-        return out, {k: after[k] - before[k] for k in after}
+        return rows_across(llm, model,
+                           lambda: generate_with_logprobs(llm, prompts, MAX_TOKENS))
     finally:
         close_llm(llm)
         if executor == "ray":
@@ -125,12 +131,10 @@ def test_tensor_parallel_default_budget(tiny_model):
     prompts = text_prompts(tiny_model, [900, 1400, 2000, 2500], offset=20000)
     llm = tp_llm(tiny_model, "mp", "retro", SMALL)
     try:
-        before = settled_rows(llm, tiny_model)
-        together = [t for t, _ in generate_with_logprobs(llm, prompts, [16] * 4)]
-        alone = [generate_with_logprobs(llm, [p], [16])[0] for p in prompts]
-        after = settled_rows(llm, tiny_model)
+        (together, alone), rows = rows_across(llm, tiny_model, lambda: (
+            [t for t, _ in generate_with_logprobs(llm, prompts, [16] * 4)],
+            [generate_with_logprobs(llm, [p], [16])[0] for p in prompts]))
     finally:
         close_llm(llm)
-    rows = {k: after[k] - before[k] for k in after}     # without the warm-up rows
     assert rows["retro"] + rows["dense"] == 2 * 4 * 15 and rows["retro"] > 0, rows
     assert_same_or_near_tie(together, alone)
