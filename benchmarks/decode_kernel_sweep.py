@@ -525,7 +525,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/decode_kernel_sweep_h200.json")
     a = ap.parse_args()
     options = json.loads(a.retro_options)
-    cfg = RetroConfig(**options)
+    cfg = RetroConfig.from_dict(options)
     names = {n.replace(" ", "_"): n for n, _, _ in VARIANTS}
     variants = None
     if a.variants:

@@ -120,6 +120,10 @@ def child(a) -> None:
             if largest else []
         if a.max_batch:
             batches = [b for b in batches if b <= a.max_batch]
+        # A batch above --max-num-seqs would not decode as one batch (the engine
+        # runs it in turns): not a measurement of that batch.
+        if a.max_num_seqs:
+            batches = sorted({min(b, a.max_num_seqs) for b in batches})
         for b in batches:
             params = SamplingParams(max_tokens=a.output_tokens, ignore_eos=True,
                                     temperature=0.0)
