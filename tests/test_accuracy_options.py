@@ -171,14 +171,38 @@ def test_variance_cap_and_bound_margin_validation_and_gpu_refusal():
     for bad in (-0.5, 21.0, float("nan"), "0.5"):
         with pytest.raises(ValueError, match="bound_margin"):
             RetroConfig(error_bound=0.1, bound_margin=bad)
-    with pytest.raises(ValueError, match="bound_margin.*error_bound"):
-        RetroConfig(bound_margin=0.5)
     cfg = RetroConfig.from_dict({"variance_cap": 1.0, "error_bound": 0.1,
-                                 "bound_margin": 0.5})
-    assert (cfg.variance_cap, cfg.bound_margin) == (1.0, 0.5)
-    assert RetroConfig().variance_cap == 2.0 and RetroConfig().bound_margin is None
+                                 "bound_margin": None})
+    assert (cfg.variance_cap, cfg.bound_margin) == (1.0, None)
+    # The bounded mode's defaults: the one-sided estimate, the exact set capped at half.
+    assert (RetroConfig().variance_cap, RetroConfig().bound_margin,
+            RetroConfig().max_retrieval_fraction) == (2.0, 0.5, 0.5)
     # The GPU kernels take the cap (tests/kernels/test_paged_decode_attention.py).
     assert check_config_for_paged(RetroConfig(variance_cap=1.0), 16) == []
+
+
+def test_bound_margin_leaves_the_fixed_budget_mode_alone():
+    """Without ``error_bound`` the margin is not used: the fixed-budget mode gives
+    the same output and exact set with the default margin, none, or a large one
+    (reference and C++ op); with ``error_bound`` it changes the exact set."""
+    from vllm_retro.ops import decode_attention, has_extension
+    k, v, c = clustered_kv(3, 2600, 32, n_centres=40, noise=0.6, seed=23)
+    q = peaked_query(c, 2, seed=91, sharp=0.6)
+    for bounded in (False, True):
+        outs, ks = [], []
+        for margin in (None, 0.5, 4.0):
+            extra = dict(error_bound=0.02) if bounded else {}
+            index = WaveIndex.build(k, v, RetroConfig(bound_margin=margin, **extra, **SMALL))
+            outs.append(index.attend(q))
+            ks.append(index.last_stats.clusters_retrieved)
+            if has_extension():
+                got = decode_attention(index, q)
+                assert ((got - outs[-1]).norm() / outs[-1].norm()).item() < 1e-10
+        if bounded:
+            assert ks[0] < ks[1] < ks[2], ks   # each margin reads more
+        else:
+            assert ks[0] == ks[1] == ks[2]
+            assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -193,7 +217,8 @@ def test_variance_cap_and_bound_margin_kernel_matches_reference(dtype):
     base = WaveIndex.build(k.to(dtype), v.to(dtype), RetroConfig(**SMALL))
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     cfgs = [dict(variance_cap=0.0), dict(variance_cap=0.7), dict(variance_cap=6.0),
-            dict(error_bound=0.05, max_retrieval_fraction=0.5, variance_cap=1.0),
+            dict(error_bound=0.05, max_retrieval_fraction=0.5, variance_cap=1.0,
+                 bound_margin=None),
             dict(error_bound=0.05, max_retrieval_fraction=0.5, bound_margin=0.0),
             dict(error_bound=0.01, max_retrieval_fraction=0.5, bound_margin=0.5)]
     for i, ch in enumerate(cfgs):
@@ -215,7 +240,7 @@ def test_one_sided_outside_dominates_the_mean_estimate():
     grows with the margin, so the exact set only grows."""
     k, v, c = clustered_kv(2, 4000, 32, n_centres=48, noise=0.6, seed=31)
     scale = 1 / math.sqrt(32)
-    mean = WaveIndex.build(k, v, RetroConfig(error_bound=0.02, **SMALL))
+    mean = WaveIndex.build(k, v, RetroConfig(error_bound=0.02, bound_margin=None, **SMALL))
     for s in range(4):
         q = peaked_query(c, 2, seed=80 + s, sharp=0.5)
         qg = q.reshape(2, 2, 32)
@@ -236,7 +261,7 @@ def test_one_sided_outside_dominates_the_mean_estimate():
             assert (k_now >= prev_k).all()
             prev_out, prev_k = out, k_now
         assert (prev_k > mean.budget()[0]).any()
-        mean.config = RetroConfig(error_bound=0.02, **SMALL)
+        mean.config = RetroConfig(error_bound=0.02, bound_margin=None, **SMALL)
 
 
 def test_one_sided_bound_holds_on_true_mass_where_the_mean_estimate_fails():
@@ -247,8 +272,8 @@ def test_one_sided_bound_holds_on_true_mass_where_the_mean_estimate_fails():
     scale = 1 / 8.0
     eps = 0.05
     base = dict(segment_size=2048, error_bound=eps, max_retrieval_fraction=1.0)
-    mean = WaveIndex.build(k, v, RetroConfig(**base))
-    one = WaveIndex.build(k, v, RetroConfig(bound_margin=0.5, **base))
+    mean = WaveIndex.build(k, v, RetroConfig(bound_margin=None, **base))
+    one = WaveIndex.build(k, v, RetroConfig(**base))   # the default margin, 0.5
     worst_mean, worst_one = [], []
     for s in range(6):
         q = peaked_query(c, 2, seed=300 + s, sharp=0.5)
