@@ -20,6 +20,10 @@ def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> None
         raise ValueError(f"RetroConfig.{name} must be in {rng}, got {value}")
 
 
+# The accuracy-bounded mode's margin (nats) of its one-sided outside-mass estimate.
+_BOUND_MARGIN_DEFAULT = 0.5
+
+
 def _check_float(name: str, value: Any, lo: float, hi: float,
                  lo_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -99,7 +103,8 @@ class RetroConfig:
             softmax mass outside it is below this bound (accuracy-bounded mode).
         max_retrieval_fraction: cap of the exact set in accuracy-bounded mode
             (never below retrieval_fraction, which stays the floor).
-        bound_margin: accuracy-bounded mode only (ignored without ``error_bound``):
+        bound_margin: accuracy-bounded mode only (without ``error_bound`` only the
+            default or None, both ignored):
             the exact set is sized with a one-sided estimate of the mass outside it:
             clusters inside count at their Jensen lower bound ``ln size + s q.c``
             (never above their true mass), clusters outside at the uncapped
@@ -267,7 +272,7 @@ class RetroConfig:
     update_interval: int = 1024
     error_bound: Optional[float] = None
     max_retrieval_fraction: float = 0.5
-    bound_margin: Optional[float] = 0.5
+    bound_margin: Optional[float] = _BOUND_MARGIN_DEFAULT
     variance_cap: float = 2.0
     shared_head_budget: bool = False
     value_correction: bool = False
@@ -315,6 +320,12 @@ class RetroConfig:
                      lo_open=True)
         if self.bound_margin is not None:
             _check_float("bound_margin", self.bound_margin, 0.0, 20.0)
+            # The default (and null) are harmless without error_bound; another value
+            # there is a mistake the user should hear about.
+            if self.error_bound is None and self.bound_margin != _BOUND_MARGIN_DEFAULT:
+                raise ValueError("RetroConfig.bound_margin applies to the accuracy-bounded "
+                                 "mode only: set error_bound too (or leave bound_margin at "
+                                 f"its default, {_BOUND_MARGIN_DEFAULT})")
         _check_float("variance_cap", self.variance_cap, 0.0, 50.0)
         if not isinstance(self.shared_head_budget, bool):
             raise ValueError("RetroConfig.shared_head_budget must be a bool, got "
