@@ -11,7 +11,9 @@ counts as prefill) to the last token (``decode_tok_s`` = decode tokens / decode
 seconds, ``tpot_ms`` = decode seconds / decode steps). ``index_build_s``: GPU time
 of retro's index builds during the prefill phase, per request. ``peak_gpu_gib``:
 device memory in use after the batch (vLLM preallocates its KV cache, so this is
-the engine's footprint). ``--shape tiny`` dry-runs the harness on a CPU machine.
+the engine's footprint). ``--shape tiny`` dry-runs the harness on a CPU machine
+(with a dense backend, e.g. ``--backends CPU_ATTN``: retro's records read the GPU
+path's device counters).
 
 Retro's records carry the device counters of its kernels (``retro_rows`` decode
 rows served over an index, ``dense_rows`` rows attended exactly because they had
@@ -75,6 +77,26 @@ def retro_manager():
     return st[0].paged
 
 
+def batch_plan(requested, largest: int, wave: bool, max_batch: int = 0,
+               max_num_seqs: int = 0) -> list:
+    """The batches one context runs, ascending: the requested ones the KV cache
+    holds plus its ``largest`` (with the wave buffer every requested one and not
+    ``largest``: mirrored requests give their blocks back after prefill, so batches
+    beyond the cache are the point); none if not one request fits; at most
+    ``max_batch``; and none above ``max_num_seqs`` (the engine's), where the engine
+    would decode the batch in turns (not a measurement of that batch: it becomes
+    ``max_num_seqs``)."""
+    if largest <= 0:
+        return []
+    req = {int(b) for b in requested}
+    plan = {b for b in req if b <= largest or wave} | (set() if wave else {largest})
+    if max_batch:
+        plan = {b for b in plan if b <= max_batch}
+    if max_num_seqs:
+        plan = {min(b, max_num_seqs) for b in plan}
+    return sorted(plan)
+
+
 def child(a) -> None:
     # In-process engine core, so the retro counters of the worker are readable here.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -113,17 +135,8 @@ def child(a) -> None:
     rid = 0
     for ctx in map(int, a.contexts.split(",")):
         largest = capacity // (ctx + a.output_tokens + 16)
-        # With the wave buffer, requests give their mirrored blocks back after
-        # prefill, so batches beyond the KV cache's capacity are the point.
-        batches = sorted({b for b in map(int, a.batches.split(","))
-                          if b <= largest or wave} | (set() if wave else {largest})) \
-            if largest else []
-        if a.max_batch:
-            batches = [b for b in batches if b <= a.max_batch]
-        # A batch above --max-num-seqs would not decode as one batch (the engine
-        # runs it in turns): not a measurement of that batch.
-        if a.max_num_seqs:
-            batches = sorted({min(b, a.max_num_seqs) for b in batches})
+        batches = batch_plan(map(int, a.batches.split(",")), largest, wave,
+                             a.max_batch, eng.vllm_config.scheduler_config.max_num_seqs)
         for b in batches:
             params = SamplingParams(max_tokens=a.output_tokens, ignore_eos=True,
                                     temperature=0.0)

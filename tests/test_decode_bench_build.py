@@ -66,3 +66,18 @@ def test_make_batch_wave_modes_read_the_same_kv(monkeypatch):
         out, _ = reference.paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool,
                                                   S, 0.088, wave=ix.wave)
         assert torch.equal(out, plain), mode
+
+
+def test_throughput_batch_plan():
+    """``decode_throughput.batch_plan``: the requested batches the KV cache holds
+    plus its largest; with the wave buffer the requested ones beyond it instead;
+    capped by ``--max-batch``; none above ``--max-num-seqs`` (the engine would run
+    such a batch in turns)."""
+    from decode_throughput import batch_plan
+    assert batch_plan([1, 2, 8], 3, False) == [1, 2, 3]
+    assert batch_plan([1, 2], 3, False, max_num_seqs=2) == [1, 2]
+    assert batch_plan([6], 6, False, max_num_seqs=8) == [6]
+    assert batch_plan([8, 10], 5, True, max_num_seqs=16) == [8, 10]
+    assert batch_plan([8, 10], 5, True, max_num_seqs=8) == [8]
+    assert batch_plan([1, 4], 6, False, max_batch=4) == [1, 4]
+    assert batch_plan([1, 2], 0, False) == [] and batch_plan([1], 0, True) == []
