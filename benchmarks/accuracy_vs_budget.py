@@ -855,9 +855,11 @@ def simulate_variance_term(idx: WaveIndex, form: str) -> None:
 
 
 # The accuracy-bounded mode at every eps, two rules: the one-sided estimate of the
-# outside mass (the library's defaults: margin 0.5 nats, cap half the clusters) and
-# the mean estimate (``bound_margin`` None, cap 25%: the library's rule before).
-ONE_SIDED = dict(bound_margin=0.5, max_retrieval_fraction=0.5)
+# outside mass (the library's defaults, read from them: margin 0.5 nats, cap half
+# the clusters) and the mean estimate (``bound_margin`` None, cap 25%: the
+# library's rule before).
+ONE_SIDED = dict(bound_margin=BASE_CONFIG.bound_margin,
+                 max_retrieval_fraction=BASE_CONFIG.max_retrieval_fraction)
 MEAN_BOUND = dict(bound_margin=None, max_retrieval_fraction=0.25)
 INDEX_FIELDS = ("cluster_size", "recent_tokens", "sink_tokens", "segment_size",
                 "kmeans_iters", "kmeans_value_weight", "value_correction")

@@ -135,7 +135,7 @@ def child(a) -> None:
     rid = 0
     for ctx in map(int, a.contexts.split(",")):
         largest = capacity // (ctx + a.output_tokens + 16)
-        batches = batch_plan(map(int, a.batches.split(",")), largest, wave,
+        batches = batch_plan(a.batches.split(","), largest, wave,
                              a.max_batch, eng.vllm_config.scheduler_config.max_num_seqs)
         for b in batches:
             params = SamplingParams(max_tokens=a.output_tokens, ignore_eos=True,
