@@ -104,11 +104,10 @@ class RetroConfig:
         max_retrieval_fraction: cap of the exact set in accuracy-bounded mode
             (never below retrieval_fraction, which stays the floor).
         bound_margin: accuracy-bounded mode only (without ``error_bound`` only the
-            default or None, both ignored):
-            the exact set is sized with a one-sided estimate of the mass outside it:
-            clusters inside count at their Jensen lower bound ``ln size + s q.c``
-            (never above their true mass), clusters outside at the uncapped
-            second-order log-mass plus ``bound_margin`` nats. Larger values read
+            default or None, both ignored): the exact set is sized with a one-sided
+            estimate of the mass outside it: clusters inside count at their Jensen
+            lower bound ``ln size + s q.c`` (never above their true mass), clusters
+            outside at the uncapped second-order log-mass plus ``bound_margin`` nats. Larger values read
             more and hold the bound for more queries (0.5 with the cap 0.5: the
             true outside mass within the bound for >= 99% of query heads at eps
             0.05-0.2 on SmolLM2, docs/accuracy.md). ``None`` sizes it with the mean
