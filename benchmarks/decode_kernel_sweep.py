@@ -243,6 +243,19 @@ VARIANTS = [
     ("selection tiles 2048 w8", "multi", dict(key=dict(CHE=2048, num_warps=8),
                                               cand=dict(RB=2048),
                                               collect=dict(RB=2048, num_warps=8))),
+    # The batch's rows in groups, each group's launch sequence on a stream of its own
+    # (forked and joined inside the graph), each grid aimed at pps programs per SM:
+    # (groups, pps, stagger in us). A layer's time is ~42 us fixed (the kernels'
+    # chains of dependent loads, in lockstep across the rows) plus ~17 per row at 6-8
+    # rows (H100): groups out of phase could run one group's chains while another
+    # group's tiles stream. stagger: group i starts i x that many us later (a spin
+    # kernel on its stream), so their stages do not line up.
+    ("row groups 2, 2/SM", "groups", (2, 2, 0.0)),
+    ("row groups 2, 2/SM, stagger 6us", "groups", (2, 2, 6.0)),
+    ("row groups 2, 2/SM, stagger 15us", "groups", (2, 2, 15.0)),
+    ("row groups 2, 4/SM", "groups", (2, 4, 0.0)),
+    ("row groups 2, 4/SM, stagger 10us", "groups", (2, 4, 10.0)),
+    ("row groups 3, 1/SM", "groups", (3, 1, 0.0)),
 ]
 
 
@@ -270,6 +283,54 @@ def vc_copy(pool: IndexPool) -> IndexPool:
     out.fpart[:, :, 4].normal_()
     out.ipart.copy_(pool.ipart)
     return out
+
+
+def row_groups(batch: int, n: int) -> list:
+    """``n`` contiguous row ranges ``(lo, hi)`` covering ``batch`` rows, as even as
+    possible (the first ones one row longer)."""
+    if not 1 <= n <= batch:
+        raise ValueError(f"{n} row groups for a batch of {batch}")
+    q, r = divmod(batch, n)
+    bounds, lo = [], 0
+    for i in range(n):
+        hi = lo + q + (1 if i < r else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def grouped_step(groups, stagger_us, q, kv, lay, bt, sl, hdr, ix, pool, S, scale, out, ws,
+                 pps, rank):
+    """The step as one launch sequence per row group, each on its own stream with a
+    workspace of its own (the partials and histograms are indexed by the row-head
+    within a call) and grids aimed at ``pps`` programs per SM; forked from and joined
+    to the current stream (so a CUDA graph captures them as parallel branches).
+    Group ``i`` waits ``i * stagger_us`` first (a spin kernel). The returned step
+    adds the groups' counters into ``ws.stats``."""
+    streams = [torch.cuda.Stream() for _ in groups]
+    wss = [DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(hi - lo, 8), "cuda",
+                           programs_per_sm=pps, error_rank=rank == "error")
+           for lo, hi in groups]
+    cycles = int(stagger_us * 1e-6 * torch.cuda.get_device_properties(0).clock_rate * 1e3) \
+        if hasattr(torch.cuda.get_device_properties(0), "clock_rate") else int(stagger_us * 1755)
+
+    def step(count=False):
+        cur = torch.cuda.current_stream()
+        for i, ((lo, hi), s, w) in enumerate(zip(groups, streams, wss)):
+            s.wait_stream(cur)
+            with torch.cuda.stream(s):
+                if count:
+                    w.stats.zero_()
+                if stagger_us and i:
+                    torch.cuda._sleep(cycles * i)
+                paged_decode_attention(q[lo:hi], kv, lay, bt[lo:hi], sl[lo:hi], hdr, ix.ibt,
+                                       pool, S, scale, out=out[lo:hi], workspace=w,
+                                       count_stats=count, wave=ix.wave, retrieval_rank=rank)
+        for s in streams:
+            cur.wait_stream(s)
+        if count:
+            ws.stats.copy_(torch.stack([w.stats for w in wss]).sum(0))
+    return step
 
 
 def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
@@ -406,6 +467,10 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             td.SMALL_BATCH_SELECT_PROGRAMS_PER_SM, kernel = over, None
         elif kernel == "score_pps":
             td.SMALL_BATCH_SCORE_PROGRAMS_PER_SM, kernel = over, None
+        groups = None
+        if kernel == "groups":
+            (ngroups, pps, stagger_us), kernel = over, None
+            groups = row_groups(batch, ngroups)
         if kernel and kernel != "pps":
             td.TUNE[kernel].update(over)
             td.TUNE_SMALL_BATCH.get(kernel, {}).update(over)
@@ -418,6 +483,9 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             paged_decode_attention(q, kv_use, lay, bt, sl, hdr, ix.ibt, pool, S, scale,
                                    out=out, workspace=ws, count_stats=count, wave=ix.wave,
                                    retrieval_rank=rank)
+        if groups is not None:
+            step = grouped_step(groups, stagger_us, q, kv_use, lay, bt, sl, hdr, ix, pool, S,
+                                scale, out, ws, pps, rank)
         try:
             if td.SCORE_IMPL == "cuda" and not td.cuda_score_available():
                 raise RuntimeError("torch.ops.vllm_retro.paged_score has no CUDA kernel "
