@@ -81,3 +81,40 @@ def test_throughput_batch_plan():
     assert batch_plan([8, 10], 5, True, max_num_seqs=8) == [8]
     assert batch_plan([1, 4], 6, False, max_batch=4) == [1, 4]
     assert batch_plan([1, 2], 0, False) == [] and batch_plan([1], 0, True) == []
+
+
+def test_row_groups_cover_the_batch_and_slices_attend_alike(monkeypatch):
+    """The sweep's row-group variants run each group's rows as views of the batch
+    (query, block table, seq_lens, output rows): the groups cover every row once, and
+    the twin over each group's views gives the whole batch's rows."""
+    import decode_kernel_bench as kb
+    from decode_kernel_sweep import row_groups
+    from vllm_retro.config import RetroConfig
+    from vllm_retro.kernels import reference
+    for b in range(1, 9):
+        for n in range(1, b + 1):
+            gs = row_groups(b, n)
+            assert len(gs) == n and gs[0][0] == 0 and gs[-1][1] == b
+            assert all(lo < hi for lo, hi in gs)
+            assert all(gs[i][1] == gs[i + 1][0] for i in range(n - 1))
+            sizes = [hi - lo for lo, hi in gs]
+            assert max(sizes) - min(sizes) <= 1
+    for bad in ((3, 0), (3, 4)):
+        try:
+            row_groups(*bad)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"row_groups{bad} accepted")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kb, "DT", torch.float32)
+    cfg = RetroConfig(segment_size=512, update_interval=128)
+    lay, kv, bt, sl, hdr, S, ix = kb.make_batch(2500, 3, cfg, device="cpu")
+    q = torch.randn(3, kb.HQ, kb.D, generator=torch.Generator().manual_seed(1))
+    whole, _ = reference.paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool,
+                                                S, 0.088, select="bucket")
+    for lo, hi in row_groups(3, 2):
+        part, _ = reference.paged_decode_attention(q[lo:hi], kv, lay, bt[lo:hi], sl[lo:hi],
+                                                   hdr, ix.ibt, ix.pool, S, 0.088,
+                                                   select="bucket")
+        assert torch.equal(part, whole[lo:hi])
