@@ -45,8 +45,9 @@ from vllm_retro.kernels import triton_decode as td  # noqa: E402
 # (name, kernel, overrides), (name, "pps", (programs per SM, max_split)),
 # (name, "pps+<kernel>", (programs per SM, overrides)), (name, "asplit", the
 # attention kernel's own max split), (name, "pdl"[+asplit], ...) (programmatic
-# dependent launch of kernels 2-5) or (name, "score_impl", triton_decode.SCORE_IMPL:
-# "cuda" is the extension's CUDA score kernel, an error where it is not built)
+# dependent launch of kernels 2-5), (name, "score_impl", triton_decode.SCORE_IMPL:
+# "cuda" is the extension's CUDA score kernel, an error where it is not built) or
+# (name, "groups", (row groups, programs per SM of each, stagger in us): :func:`grouped_step`)
 VARIANTS = [
     ("default", None, {}),
     # The selection modes (triton_decode.SELECT): "bucket" (the default: whole
@@ -249,7 +250,9 @@ VARIANTS = [
     # chains of dependent loads, in lockstep across the rows) plus ~17 per row at 6-8
     # rows (H100): groups out of phase could run one group's chains while another
     # group's tiles stream. stagger: group i starts i x that many us later (a spin
-    # kernel on its stream), so their stages do not line up.
+    # kernel on its stream), so their stages do not line up. Measured on an H100:
+    # in phase equal to the default, out of phase 13-24% slower (a program's rate is
+    # its own gathers in flight; docs/perf-notes.md, thirty-ninth session).
     ("row groups 2, 2/SM", "groups", (2, 2, 0.0)),
     ("row groups 2, 2/SM, stagger 6us", "groups", (2, 2, 6.0)),
     ("row groups 2, 2/SM, stagger 15us", "groups", (2, 2, 15.0)),
@@ -311,8 +314,8 @@ def grouped_step(groups, stagger_us, q, kv, lay, bt, sl, hdr, ix, pool, S, scale
     wss = [DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(hi - lo, 8), "cuda",
                            programs_per_sm=pps, error_rank=rank == "error")
            for lo, hi in groups]
-    cycles = int(stagger_us * 1e-6 * torch.cuda.get_device_properties(0).clock_rate * 1e3) \
-        if hasattr(torch.cuda.get_device_properties(0), "clock_rate") else int(stagger_us * 1755)
+    # (clock_rate: kHz)
+    cycles = int(stagger_us * 1e-3 * torch.cuda.get_device_properties(0).clock_rate)
 
     def step(count=False):
         cur = torch.cuda.current_stream()
