@@ -19,9 +19,22 @@ writes one number). On an H100, 512 B rows in tiles of 32 at 4 programs per SM:
 2.8 TB/s direct, 2.5 through the table, against a 3.0 TB/s copy
 (benchmarks/results/gather_bw_triton_h100.json).
 
-    python3 scripts/gpu/gather_bw.py OUT.json [--triton-only]
+The KV-run part (``--kv-runs``: that part alone) asks whether the tensor-memory
+accelerator (TMA) keeps more bytes in flight than the kernels' register gathers, in
+the attention kernel's access shape: the cache viewed as rows of ``H * 2D`` 16-bit
+elements (one token, 4 KB at Llama-3-8B's shape), an item a run of ``BOX`` rows of one
+KV head's ``2D`` columns (512 B each) starting at a random block's ``BOX``-aligned
+row. :func:`_gather_runs_regs` reads tiles of 32 rows (``32 / BOX`` items) through
+pointers, the next tile loaded before this one is used (as the kernels do);
+:func:`_gather_runs_tma` reads each item as one TMA box (``TensorDescriptor``) in a
+loop pipelined ``STAGES`` deep. Both xor every element they read into one word per
+program (equal for the same items: ``tests/test_gather_bw.py`` on the interpreter).
+
+    python3 scripts/gpu/gather_bw.py OUT.json [--triton-only | --kv-runs]
 """
+import functools
 import json
+import operator
 import sys
 
 import torch
@@ -61,6 +74,136 @@ def _gather_rows(src_ptr, idx_ptr, tab_ptr, out_ptr, n_tiles, ROW: tl.constexpr,
         rows = rows_n
         t = tn
     tl.store(out_ptr + p, tl.sum(tl.sum(acc.to(tl.float32), 1), 0))
+
+
+@triton.jit
+def _gather_runs_regs(src_ptr, items_ptr, out_ptr, n_tiles, W: tl.constexpr,
+                      COLS: tl.constexpr, BOX: tl.constexpr, TILE: tl.constexpr):
+    """Program p reads tiles p, p + NP, ... of ``TILE // BOX`` items (item ``i``: rows
+    ``items[2i] + [0, BOX)``, columns ``items[2i+1] * COLS + [0, COLS)`` of a ``[*,
+    W]`` 16-bit tensor) through pointers, and writes the xor of every element read.
+    (Columns from a head index times COLS, as the kernels form them: provably
+    aligned, so the loads are 16 bytes per lane.)"""
+    p = tl.program_id(0)
+    npg = tl.num_programs(0)
+    per: tl.constexpr = TILE // BOX
+    k = tl.arange(0, TILE)
+    c = tl.arange(0, COLS)
+    acc = tl.zeros([TILE, COLS], tl.int16)
+    n_mine = (n_tiles - p + npg - 1) // npg
+    it = p * per + k // BOX
+    # (Scalar conditions enter masks as bounds: the interpreter mishandles vec & scalar.)
+    ok = k < tl.where(n_mine > 0, TILE, 0)
+    r0 = tl.load(items_ptr + 2 * it, mask=ok, other=0)
+    c0 = tl.load(items_ptr + 2 * it + 1, mask=ok, other=0) * COLS
+    x = tl.load(src_ptr + (r0 + k % BOX).to(tl.int64)[:, None] * W + (c0[:, None] + c[None, :]),
+                mask=ok[:, None], other=0)
+    for i in range(0, n_mine):
+        okn = k < tl.where(i + 1 < n_mine, TILE, 0)
+        itn = (p + (i + 1) * npg) * per + k // BOX
+        r0n = tl.load(items_ptr + 2 * itn, mask=okn, other=0)
+        c0n = tl.load(items_ptr + 2 * itn + 1, mask=okn, other=0) * COLS
+        xn = tl.load(src_ptr + (r0n + k % BOX).to(tl.int64)[:, None] * W
+                     + (c0n[:, None] + c[None, :]), mask=okn[:, None], other=0)
+        acc = acc ^ x
+        x = xn
+    tl.store(out_ptr + p, tl.xor_sum(tl.xor_sum(acc, 1), 0).to(tl.int32))
+
+
+@triton.jit
+def _gather_runs_tma(desc, items_ptr, out_ptr, n_items, COLS: tl.constexpr,
+                     BOX: tl.constexpr, STAGES: tl.constexpr, U: tl.constexpr):
+    """Program p reads items p, p + NP, ... (as :func:`_gather_runs_regs`'s) each as
+    one TMA box ``[BOX, COLS]`` of ``desc``, ``U`` boxes issued per iteration (Triton
+    3.6 keeps one buffer per load whatever ``STAGES`` says for a loop without a
+    product, so the boxes in flight are the loads written), and writes the xor of
+    every element read."""
+    p = tl.program_id(0)
+    npg = tl.num_programs(0)
+    acc = tl.zeros([BOX, COLS], tl.int16)
+    for i0 in tl.range(p, n_items, npg * U, num_stages=STAGES):
+        for u in tl.static_range(U):
+            i = i0 + u * npg
+            live = i < n_items
+            r0 = tl.load(items_ptr + 2 * i, mask=live, other=0)
+            c0 = tl.load(items_ptr + 2 * i + 1, mask=live, other=0) * COLS
+            x = desc.load([r0, c0])
+            acc = acc ^ tl.where(live, x, tl.zeros_like(x))
+    tl.store(out_ptr + p, tl.xor_sum(tl.xor_sum(acc, 1), 0).to(tl.int32))
+
+
+def kv_run_items(n_items: int, n_rows: int, heads: int, cols: int, box: int, block: int,
+                 device, generator=None) -> torch.Tensor:
+    """``[n_items, 2]`` int32 (first row, head) of random KV-head runs: a random
+    block's ``box``-aligned run of ``box`` rows, a random head's columns."""
+    blocks = torch.randint(0, n_rows // block, (n_items,), device=device, generator=generator)
+    sub = torch.randint(0, block // box, (n_items,), device=device, generator=generator)
+    head = torch.randint(0, heads, (n_items,), device=device, generator=generator)
+    return torch.stack([blocks * block + sub * box, head], 1).to(torch.int32)
+
+
+def gather_runs(src: torch.Tensor, items: torch.Tensor, box: int, programs: int,
+                tma: bool, stages: int = 3, cols: int = 256, tile: int = 32,
+                unroll: int = 1):
+    """Runs one of the two KV-run gathers over ``items`` of ``src`` (``[rows, W]``
+    16-bit) on ``programs`` programs; returns (launch function, per-program xor).
+    The register form needs whole tiles: ``len(items)`` a multiple of ``tile //
+    box``."""
+    out = torch.empty(programs, dtype=torch.int32, device=src.device)
+    grid = (programs,)
+    n = items.shape[0]
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        desc = TensorDescriptor(src, list(src.shape), list(src.stride()), [box, cols])
+        fn = lambda: _gather_runs_tma[grid](desc, items, out, n, COLS=cols, BOX=box,
+                                            STAGES=stages, U=unroll, num_warps=4)
+    else:
+        per = tile // box
+        if n % per:
+            raise ValueError(f"{n} items do not fill tiles of {per}")
+        fn = lambda: _gather_runs_regs[grid](src, items, out, n // per, W=src.shape[1],
+                                             COLS=cols, BOX=box, TILE=tile, num_warps=4)
+    return fn, out
+
+
+def run_checksum(out: torch.Tensor) -> int:
+    """The xor of the per-program words: of every element the programs read."""
+    return functools.reduce(operator.xor, out.tolist(), 0)
+
+
+def kv_runs(big: torch.Tensor, span: int, heads: int = 8, cols: int = 256,
+            block: int = 16) -> list:
+    """Read bandwidth of the two KV-run gathers over a ``span``-byte cache."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    src = big[:span].view(torch.int16).view(-1, heads * cols)
+    res = []
+    for box in (4, 8, 16):
+        n = int(400e6) // (box * cols * 2) // 32 * 32
+        items = kv_run_items(n, src.shape[0], heads, cols, box, block, "cuda")
+        want = None
+        # TMA: boxes in flight per program = U (see _gather_runs_tma), up to the
+        # register form's 16 KB tile and beyond.
+        forms = [("regs", 0, 1, P) for P in (2, 4, 8)] + \
+                [("tma", 2, u, P) for u in (1, 2, 4, 8) for P in (2, 4, 8)
+                 if u * box * cols * 2 <= 65536]
+        for form, st, u, P in forms:
+            rec = dict(kernel="kv_runs", form=form, box_rows=box, programs_per_sm=P,
+                       boxes_per_iteration=u if form == "tma" else None)
+            try:
+                fn, out = gather_runs(src, items, box, sms * P, form == "tma", st, cols,
+                                      unroll=u)
+                us = bench(fn, 10)
+                rec.update(us=round(us, 1), tb_s=round(n * box * cols * 2 / us / 1e6, 3),
+                           checksum=run_checksum(out))
+                # Every form reads every item once: one xor of everything read.
+                want = rec["checksum"] if want is None else want
+                if rec["checksum"] != want:
+                    rec["error"] = f"checksum {rec['checksum']} != {want}"
+            except Exception as exc:  # a form that fails is a finding
+                rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            res.append(rec)
+            print(rec, flush=True)
+    return res
 
 
 def triton_gathers(big: torch.Tensor, span: int) -> list:
@@ -109,13 +252,18 @@ def bench(fn, it=20) -> float:
     return s.elapsed_time(e) / it * 1e3
 
 
-def main(path: str, triton_only: bool = False) -> None:
+def main(path: str, triton_only: bool = False, kv_only: bool = False) -> None:
     free, _ = torch.cuda.mem_get_info()
     top = min(60e9, 0.8 * free - 2e9)
     big = torch.empty(int(top), dtype=torch.int8, device="cuda")
     big[: int(32e9)].random_(-8, 8)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "gathers": []}
+    if kv_only:
+        res["kv_runs"] = kv_runs(big, int(32e9))
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+        return
     res["triton_gathers"] = triton_gathers(big, int(32e9))
     for span in (() if triton_only else (1e9, 8e9, top)):
         for row in (128, 256, 512, 4096):
@@ -139,4 +287,5 @@ def main(path: str, triton_only: bool = False) -> None:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    main(args[0] if args else "gather_bw.json", "--triton-only" in sys.argv)
+    main(args[0] if args else "gather_bw.json", "--triton-only" in sys.argv,
+         "--kv-runs" in sys.argv)
