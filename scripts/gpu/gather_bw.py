@@ -26,9 +26,10 @@ elements (one token, 4 KB at Llama-3-8B's shape), an item a run of ``BOX`` rows 
 KV head's ``2D`` columns (512 B each) starting at a random block's ``BOX``-aligned
 row. :func:`_gather_runs_regs` reads tiles of 32 rows (``32 / BOX`` items) through
 pointers, the next tile loaded before this one is used (as the kernels do);
-:func:`_gather_runs_tma` reads each item as one TMA box (``TensorDescriptor``) in a
-loop pipelined ``STAGES`` deep. Both xor every element they read into one word per
-program (equal for the same items: ``tests/test_gather_bw.py`` on the interpreter).
+:func:`_gather_runs_tma` reads each item as one TMA box (``TensorDescriptor``), 1-8
+boxes issued per loop iteration (the boxes a program keeps in flight). Every form
+xors every element it reads into one word per program, and the words' xor is the
+same for every form (``tests/test_gather_bw.py`` runs both on the interpreter).
 
     python3 scripts/gpu/gather_bw.py OUT.json [--triton-only | --kv-runs]
 """
