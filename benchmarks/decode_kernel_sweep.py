@@ -308,8 +308,8 @@ def grouped_step(groups, stagger_us, q, kv, lay, bt, sl, hdr, ix, pool, S, scale
     workspace of its own (the partials and histograms are indexed by the row-head
     within a call) and grids aimed at ``pps`` programs per SM; forked from and joined
     to the current stream (so a CUDA graph captures them as parallel branches).
-    Group ``i`` waits ``i * stagger_us`` first (a spin kernel). The returned step
-    adds the groups' counters into ``ws.stats``."""
+    Group ``i`` waits ``i * stagger_us`` first (a spin kernel). With ``count`` the
+    returned step sets ``ws.stats`` to the sum of the groups' counters."""
     streams = [torch.cuda.Stream() for _ in groups]
     wss = [DecodeWorkspace(ix.pool.num_pages, H, HQ // H, D, max(hi - lo, 8), "cuda",
                            programs_per_sm=pps, error_rank=rank == "error")

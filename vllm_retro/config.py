@@ -107,13 +107,13 @@ class RetroConfig:
             default or None, both ignored): the exact set is sized with a one-sided
             estimate of the mass outside it: clusters inside count at their Jensen
             lower bound ``ln size + s q.c`` (never above their true mass), clusters
-            outside at the uncapped second-order log-mass plus ``bound_margin`` nats. Larger values read
-            more and hold the bound for more queries (0.5 with the cap 0.5: the
-            true outside mass within the bound for >= 99% of query heads at eps
-            0.05-0.2 on SmolLM2, docs/accuracy.md). ``None`` sizes it with the mean
-            estimate instead (reads about half as much; the bound then holds for
-            only 81-95% of query heads). The GPU kernels do not implement the
-            bounded mode.
+            outside at the uncapped second-order log-mass plus ``bound_margin``
+            nats. Larger values read more and hold the bound for more queries (0.5
+            with the cap 0.5: the true outside mass within the bound for >= 99% of
+            query heads at eps 0.05-0.2 on SmolLM2, docs/accuracy.md). ``None``
+            sizes it with the mean estimate instead (reads about half as much; the
+            bound then holds for only 81-95% of query heads). The GPU kernels do
+            not implement the bounded mode.
         variance_cap: cap (nats) of the key-variance term of a cluster's log-mass
             ``ln size + s q.c + min(s^2/2 sum_d q_d^2 var_d, variance_cap)``, used for
             ranking and the estimation zone (0: first-order log-mass).
