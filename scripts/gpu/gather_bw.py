@@ -32,6 +32,7 @@ xors every element it reads into one word per program, and the words' xor is the
 same for every form (``tests/test_gather_bw.py`` runs both on the interpreter).
 
     python3 scripts/gpu/gather_bw.py OUT.json [--triton-only | --kv-runs]
+    python3 scripts/gpu/gather_bw.py OUT.json OUT.png --plot   (the KV-run part as a PNG)
 """
 import functools
 import json
@@ -286,7 +287,45 @@ def main(path: str, triton_only: bool = False, kv_only: bool = False) -> None:
         json.dump(res, f, indent=1)
 
 
+def plot_kv_runs(path: str, png: str) -> None:
+    """The KV-run part of a result JSON as a PNG: TB/s of the TMA form by boxes per
+    iteration, one line per (box rows, programs per SM), the register form's rate at
+    the same box rows and programs as a dashed level."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(path) as f:
+        res = json.load(f)
+    runs = res["kv_runs"]
+    boxes = sorted({r["box_rows"] for r in runs})
+    fig, axes = plt.subplots(1, len(boxes), figsize=(4.2 * len(boxes), 3.6), sharey=True)
+    for ax, box in zip(axes, boxes):
+        for pps, color in zip(sorted({r["programs_per_sm"] for r in runs}),
+                              ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+            tma = sorted((r["boxes_per_iteration"], r["tb_s"]) for r in runs
+                         if r["form"] == "tma" and r["box_rows"] == box
+                         and r["programs_per_sm"] == pps)
+            if tma:
+                ax.plot(*zip(*tma), marker="o", color=color, label=f"TMA, {pps}/SM")
+            for r in runs:
+                if r["form"] == "regs" and r["box_rows"] == box and r["programs_per_sm"] == pps:
+                    ax.axhline(r["tb_s"], color=color, ls="--", lw=1,
+                               label=f"registers, {pps}/SM")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"runs of {box} rows (512 B each)")
+        ax.set_xlabel("TMA boxes per loop iteration")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("TB/s read")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(f"random KV-head runs, {res['device']}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    main(args[0] if args else "gather_bw.json", "--triton-only" in sys.argv,
-         "--kv-runs" in sys.argv)
+    if "--plot" in sys.argv:
+        plot_kv_runs(args[0], args[1])
+    else:
+        main(args[0] if args else "gather_bw.json", "--triton-only" in sys.argv,
+             "--kv-runs" in sys.argv)
