@@ -30,6 +30,20 @@ if TRITON_INTERPRETED:
         del os.environ["TRITON_INTERPRET"]
 
 
+def find_nvcc():
+    """nvcc's path (PATH, then CUDA_HOME, torch's CUDA home, /usr/local/cuda), or None:
+    the CUDA compile checks skip without it."""
+    import shutil
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    from torch.utils import cpp_extension
+    for home in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return None
+
+
 def _patch_language_once_per_launch():
     """Triton's interpreter (3.x) patches ``triton.language`` at every launch and
     again at every call of a ``@triton.jit`` device function inside it, walking the

@@ -17,7 +17,6 @@ Skipped where nvcc is not found. The kernels' results are checked on a GPU
 import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -25,22 +24,14 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+from conftest import find_nvcc
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CU = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 WRAPPERS = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
 
 
-def _nvcc():
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for home in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return None
-
-
-NVCC = _nvcc()
+NVCC = find_nvcc()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 
 
