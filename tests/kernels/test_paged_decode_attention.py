@@ -294,8 +294,7 @@ def test_ragged_batch_matches_twin(monkeypatch, select):
             assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2)
 
 
-@pytest.mark.parametrize("cluster_size", [4])
-def test_clusters_smaller_than_a_block_match_twin(cluster_size):
+def test_clusters_smaller_than_a_block_match_twin():
     """``cluster_size`` below the KV block size (issue 16's small clusters on the GPU
     index; 4 is the ``"accuracy"`` preset's, and any divisor of the block takes the
     same code with another ``EPB``): ``bs / cluster_size`` index entries (pool pages)
@@ -303,6 +302,7 @@ def test_clusters_smaller_than_a_block_match_twin(cluster_size):
     block. Kernel == twin (output, selection, statistics) on a ragged batch; with
     every cluster retrieved the output is float64 full attention over the original
     K/V."""
+    cluster_size = 4
     cfg = dataclasses.replace(CFG, cluster_size=cluster_size)
     epb = BS // cluster_size
     torch.manual_seed(20 + cluster_size)
