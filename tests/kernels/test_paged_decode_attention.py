@@ -443,6 +443,42 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
+@pytest.mark.parametrize("knob", ["EL", "FLOG"])
+@pytest.mark.parametrize("bits", [16, 8])
+def test_score_kernel_lse_and_log_forms(monkeypatch, knob, bits):
+    """The score kernel's partial log-sum-exp per element of the tile, reduced once
+    after the loop (``EL``), against the per-tile reductions: the same logits and
+    partial maxima bit for bit, the partial sums to float rounding, the same
+    selection (the twin's) and output; ``ln size`` by the hardware's approximate log2
+    (``FLOG``, GPU only): logits within its relative error, the same selection."""
+    td = _td()
+    if knob == "FLOG" and td.interpreting():
+        pytest.skip("FLOG is inline PTX: GPU only (the interpreter keeps the exact log)")
+    sc, q = _forms_scene(53 + bits, summary_bits=bits)
+    got = []
+    for on in (False, True):
+        for table in (td.TUNE, td.TUNE_SMALL_BATCH):
+            monkeypatch.setitem(table, "score", dict(table["score"], CH=16, **{knob: on}))
+        ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=2)
+        out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
+        assert _rel(out, ref) < 2e-3, (on, _rel(out, ref))
+        assert ws.stats.tolist() == expected_stats(sc, st)
+        for r in (0, 2):
+            for kh in range(H):
+                assert selection(sc, ws, r, kh) == twin_selection(sc, q, r, kh, 0.2), (on, r)
+        got.append([t.cpu().clone() for t in (out, ws.logits, ws.score_max, ws.score_sum)])
+    assert len(sc.pages(0)) % 16 and len(sc.pages(0)) > 32, "several tiles, a partial last"
+    (o0, l0, m0, s0), (o1, l1, m1, s1) = got
+    if knob == "EL":
+        assert torch.equal(l0, l1) and torch.equal(m0, m1)
+        assert _rel(s1, s0) < 1e-6, _rel(s1, s0)
+    else:
+        fin = torch.isfinite(l0)
+        assert torch.equal(fin, torch.isfinite(l1))
+        assert torch.allclose(l1[fin], l0[fin], rtol=1e-5, atol=1e-5)
+    assert _rel(o1, o0) < 1e-5, _rel(o1, o0)
+
+
 @pytest.mark.parametrize("tiles", [dict(TS=16, TE=16, TR=16, RG=2), dict(TR=32, RG=8)])
 def test_merged_steady_zone_matches_twin(monkeypatch, tiles):
     """The attention kernel's ``SMG`` form (a program's steady tokens lead its first

@@ -122,6 +122,7 @@ from .wave_view import W_HITS, W_MISSES, WaveBufferView
 _NEG_INF = tl.constexpr(float("-inf"))
 # The query's low int8 part counts steps of 1/254 of one high step (|residual| <= 1/2).
 _Q8_LO = tl.constexpr(254)
+_LN2 = tl.constexpr(0.6931471805599453)
 _INT_MAX = tl.constexpr(2147483647)
 _HDR_CE = tl.constexpr(HDR_CLUSTERED_END)
 _HDR_NR = tl.constexpr(HDR_N_RETRIEVE)
@@ -335,6 +336,8 @@ def _tune(kernel: str, num_rows: int, wave: bool = False, vc: bool = False,
         cfg.update(TUNE_WAVE.get(kernel, {}))
     if fp32 and not interpreting():
         cfg.update(TUNE_FP32.get(kernel, {}))
+    if interpreting():
+        cfg.pop("FLOG", None)   # inline PTX: the interpreter keeps the exact logarithm
     return cfg
 
 
@@ -875,8 +878,20 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   hist2_ptr=None, emax_ptr=None, XR: tl.constexpr = False,
                   G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False,
                   ISO: tl.constexpr = False, BAND: tl.constexpr = False, RI=1,
-                  bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False):
+                  bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False,
+                  EL: tl.constexpr = False, FLOG: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
+
+    EL: the partial log-sum-exp runs per element of the ``[GX, CH]`` tile (each lane
+    its own running max and sum, one exponential per element and tile) and is reduced
+    over the entries once, after the loop: the per-tile reductions over the entries
+    cross the warps (shared memory and five barriers per tile at sm_90).
+
+    FLOG (GPU only: inline PTX, which the interpreter does not run): ``ln size`` as
+    ``log2(size) ln 2`` with the hardware's approximate base-2 logarithm (``lg2.approx``,
+    relative error ~2^-22) instead of the full-precision natural logarithm (a
+    ~20-instruction polynomial per entry and lane at sm_90; ``tl.log2`` compiles to one
+    as well).
 
     BAND (``rank_interval`` RI > 1): a row that re-ranks its last band
     (:func:`_band_rows`) scores the band's entries, whose pages the band table
@@ -961,8 +976,12 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         tl.static_assert(Q8, "the isotropic variance term needs 8-bit summaries")
         q2 = tl.sum(qq, 1)
         q2x = tl.sum(tl.where(gx[:, None] == gq[None, :], q2[None, :], 0.0), 1)
-    m_run = tl.full([GX], _NEG_INF, tl.float32)
-    s_run = tl.zeros([GX], tl.float32)
+    if EL:
+        m_run = tl.full([GX, CH], _NEG_INF, tl.float32)
+        s_run = tl.zeros([GX, CH], tl.float32)
+    else:
+        m_run = tl.full([GX], _NEG_INF, tl.float32)
+        s_run = tl.zeros([GX], tl.float32)
     n_mine = tl.maximum(C - p + NS - 1, 0) // NS
     # The next tile's pool pages are loaded before this tile's summaries are
     # used (a hand-made pipeline stage over the index-table indirection).
@@ -1004,7 +1023,13 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             if XR:
                 qc, qv = _fold_rows(qc, GP, G4, CH), _fold_rows(qv, GP, G4, CH)
         # Same operation order as the twin: s q.c + ln size + min(s^2/2 q^2.var, CAP).
-        lg = qc * scale + tl.log(tl.maximum(size, 1).to(tl.float32))[None, :]
+        sz = tl.maximum(size, 1).to(tl.float32)
+        if FLOG:
+            lsz = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [sz],
+                                            dtype=tl.float32, is_pure=True, pack=1) * _LN2
+        else:
+            lsz = tl.log(sz)
+        lg = qc * scale + lsz[None, :]
         tv = qv * (0.5 * scale * scale)
         lg = lg + tl.minimum(tv, CAP)
         lg = tl.where((valid & (size > 0))[None, :], lg, _NEG_INF)
@@ -1013,11 +1038,25 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         if ERR:
             tl.store(tv_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], tv,
                      mask=gxm[:, None] & valid[None, :])
-        m_new = tl.maximum(m_run, tl.max(lg, 1))
-        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
-        s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
-        m_run = m_new
+        if EL:
+            # One exponential per element: the smaller of (running max, logit) over
+            # the larger; a new max rescales the running sum by it.
+            hi = tl.maximum(m_run, lg)
+            hs = tl.where(hi == _NEG_INF, 0.0, hi)   # no exp(-inf - -inf)
+            e = tl.exp(tl.minimum(m_run, lg) - hs)
+            s_run = tl.where(lg > m_run, s_run * e + 1.0, s_run + e)
+            m_run = hi
+        else:
+            m_new = tl.maximum(m_run, tl.max(lg, 1))
+            m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
+            s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
+            m_run = m_new
         blk, valid = blk_n, valid_n
+    if EL:
+        m_el = m_run
+        m_run = tl.max(m_el, 1)
+        m_safe = tl.where(m_run == _NEG_INF, 0.0, m_run)
+        s_run = tl.sum(s_run * tl.exp(m_el - m_safe[:, None]), 1)
     tl.store(pm_ptr + (rh * NSP + p) * GP + gx, m_run)
     tl.store(ps_ptr + (rh * NSP + p) * GP + gx, s_run)
 
