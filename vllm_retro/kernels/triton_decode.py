@@ -154,7 +154,7 @@ TUNE = {
     # XR: the products' 16 rows folded to the query heads' 4 before the element-wise
     # work: 634 -> 498 SASS instructions per 64-entry tile and no spill at 8-bit
     # summaries, 128 registers (sm_90, Triton 3.6; bit-equal outputs).
-    "score": dict(CH=64, num_warps=4, num_stages=2, maxnreg=128, XR=True),
+    "score": dict(CH=64, num_warps=4, num_stages=2, maxnreg=128, XR=True, EL=True, FLOG=True),
     # Selection tiles of 1,024 entries: one tile per program's range at 128K x 8
     # (keys 19 -> 16, candidates 30 -> 22, lists 17 -> 14 us per layer); at one or
     # two rows the ranges are shorter and 256 stays (TUNE_SMALL_BATCH).
@@ -232,7 +232,8 @@ RESOLVE_IN_COLLECT = os.environ.get("RETRO_DECODE_RESOLVE_IN_COLLECT", "1") == "
 # of the padded batch. RETRO_DECODE_DYNAMIC_SPLIT=0 (or the attribute) turns it off.
 DYNAMIC_SPLIT = os.environ.get("RETRO_DECODE_DYNAMIC_SPLIT", "1") == "1"
 TUNE_SMALL_BATCH = {
-    "score": dict(CH=128, num_warps=8, num_stages=2, maxnreg=None, XR=True),
+    "score": dict(CH=128, num_warps=8, num_stages=2, maxnreg=None, XR=True, EL=True,
+                  FLOG=True),
     "key": dict(CHE=256),
     "band": dict(CHE=256),
     "cand": dict(RB=256),
