@@ -169,6 +169,21 @@ VARIANTS = [
     ("score EL off", "score", dict(EL=False)),
     ("score FLOG off", "score", dict(FLOG=False)),
     ("score EL FLOG off", "score", dict(EL=False, FLOG=False)),
+    # The score kernel's parts (not scores: DIAG bits leave out 1 the small per-entry
+    # gathers, 2 the summaries' loads, 4 the logits' stores): where a tile's time goes.
+    ("score diag no small", "score", dict(DIAG=1)),
+    ("score diag no summaries", "score", dict(DIAG=2)),
+    ("score diag no loads", "score", dict(DIAG=3)),
+    ("score diag no stores", "score", dict(DIAG=4)),
+    ("score diag none", "score", dict(DIAG=7)),
+    # Design §7's "dropping the key kernel", its cost side: the score kernel on the
+    # selection kernels' contiguous ranges (CONTIG) and also computing, storing and
+    # binning each entry's rank key with the range's histogram (KEYS, a probe: the key
+    # kernel still runs and overwrites the keys, so the output is the default's).
+    ("score CONTIG", "score", dict(CONTIG=True)),
+    ("score KEYS", "score", dict(KEYS=1)),
+    ("score CONTIG KEYS", "score", dict(CONTIG=True, KEYS=1)),
+    ("score CONTIG KEYS atomics", "score", dict(CONTIG=True, KEYS=2)),
     # The attention kernel's softmax on the G4 query-head rows (XR) and on the
     # products' 16 rows (plain), whichever is the default.
     ("attend XR", "attend", dict(XR=True)),
@@ -437,7 +452,8 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         if pool is pool8i:   # another variance term: another ranking and estimate
             err_limit = 0.3
         # The attention kernel's parts are not attention: timed, not compared.
-        diagnostic = kernel == "attend" and over.get("ZONES", 7) != 7
+        diagnostic = ((kernel == "attend" and over.get("ZONES", 7) != 7)
+                      or (kernel == "score" and over.get("DIAG", 0) != 0))
         if diagnostic:
             err_limit = float("inf")
         if kernel == "select":

@@ -443,24 +443,41 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
-@pytest.mark.parametrize("knob", ["EL", "FLOG"])
+@pytest.mark.parametrize("knob", ["EL", "FLOG", "CONTIG"])
 @pytest.mark.parametrize("bits", [16, 8])
 def test_score_kernel_lse_and_log_forms(monkeypatch, knob, bits):
     """The score kernel's partial log-sum-exp per element of the tile, reduced once
     after the loop (``EL``), against the per-tile reductions: the same logits and
     partial maxima bit for bit, the partial sums to float rounding, the same
     selection (the twin's) and output; ``ln size`` by the hardware's approximate log2
-    (``FLOG``, GPU only): logits within its relative error, the same selection."""
+    (``FLOG``, GPU only): logits within its relative error, the same selection;
+    contiguous ranges (``CONTIG``, with the ``KEYS`` probe): the same logits, output
+    and selection, and the probe's histograms count each row-head's entries once."""
     td = _td()
     if knob == "FLOG" and td.interpreting():
         pytest.skip("FLOG is inline PTX: GPU only (the interpreter keeps the exact log)")
     sc, q = _forms_scene(53 + bits, summary_bits=bits)
     got = []
+    # (the probe's two binning forms: tl.histogram at 16 bits, atomics per entry at 8)
+    extra = dict(KEYS=1 if bits == 16 else 2) if knob == "CONTIG" else {}
     for on in (False, True):
         for table in (td.TUNE, td.TUNE_SMALL_BATCH):
-            monkeypatch.setitem(table, "score", dict(table["score"], CH=16, **{knob: on}))
+            monkeypatch.setitem(table, "score", dict(table["score"], CH=16, **{knob: on},
+                                                     **(extra if on else {})))
         ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=2)
         out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
+        if on and knob == "CONTIG":
+            kh, rk = ws._keys_probe
+            nrh = len(sc.rows) * H
+            for r, (length, _) in enumerate(sc.rows):
+                c = len(sc.pages(r)) if length else 0
+                for kh_ in range(H):
+                    rh = r * H + kh_
+                    assert int(kh[2 * nrh + rh].sum()) == c, (r, kh_)
+                    if extra["KEYS"] == 1:   # the ranges' counts above bin 0
+                        assert int(kh[rh * 2, 0] + kh[rh * 2 + 1, 0]) == c, (r, kh_)
+                    else:                    # the ranges' counts per bin
+                        assert int(kh[rh * 2].sum() + kh[rh * 2 + 1].sum()) == c, (r, kh_)
         assert _rel(out, ref) < 2e-3, (on, _rel(out, ref))
         assert ws.stats.tolist() == expected_stats(sc, st)
         for r in (0, 2):
@@ -472,6 +489,8 @@ def test_score_kernel_lse_and_log_forms(monkeypatch, knob, bits):
     if knob == "EL":
         assert torch.equal(l0, l1) and torch.equal(m0, m1)
         assert _rel(s1, s0) < 1e-6, _rel(s1, s0)
+    elif knob == "CONTIG":
+        assert torch.equal(l0, l1)
     else:
         fin = torch.isfinite(l0)
         assert torch.equal(fin, torch.isfinite(l1))

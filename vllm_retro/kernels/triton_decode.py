@@ -501,6 +501,21 @@ class DecodeWorkspace:
                                                dtype=torch.int32, device=self.device)
         return t
 
+    def keys_probe(self, row_heads: int, split: int) -> dict:
+        """The score kernel's ``KEYS`` probe arguments (a cost measurement: scratch
+        histograms ``[row_heads * (split + 1), NBINS]`` and one float word per
+        row-head for ``R``, allocated outside capture; the keys go to ``keys``, which
+        the key kernel overwrites)."""
+        rows = row_heads * (2 * split + 1)
+        t = getattr(self, "_keys_probe", None)
+        if t is None or t[0].shape[0] < rows or t[1].shape[0] < row_heads:
+            self._not_capturing("the KEYS probe's scratch", "")
+            t = self._keys_probe = (
+                torch.zeros(rows, NBINS, dtype=torch.int32, device=self.device),
+                torch.zeros(row_heads, dtype=torch.float32, device=self.device))
+        return dict(keys_ptr=self.keys, kh_ptr=t[0], KG0=row_heads * split, rk_ptr=t[1],
+                    PK=PACK, SUB=SUB_BITS, WIN=WINDOW_BINADES)
+
     def _selection_programs(self) -> int:
         """Selection programs of the largest grid of ``max_rows`` rows."""
         return max(b * self.num_kv_heads * max(self.nsplit(b // 2 + 1, b), self.nsplit(b))
@@ -880,8 +895,28 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   G4: tl.constexpr = 16, NEUTRAL: tl.constexpr = False,
                   ISO: tl.constexpr = False, BAND: tl.constexpr = False, RI=1,
                   bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False,
-                  EL: tl.constexpr = False, FLOG: tl.constexpr = False):
+                  EL: tl.constexpr = False, FLOG: tl.constexpr = False,
+                  DIAG: tl.constexpr = 0, CONTIG: tl.constexpr = False,
+                  KEYS: tl.constexpr = False, keys_ptr=None, kh_ptr=None, KG0=0,
+                  rk_ptr=None, PK: tl.constexpr = 16, SUB: tl.constexpr = 1,
+                  WIN: tl.constexpr = 1):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
+
+    DIAG (a measurement knob, not attention: wrong log-masses): bit 1 leaves out the
+    small per-entry gathers (size 16, scales 1), bit 2 the summaries' loads (zero
+    tiles), bit 4 the logits' stores; where a tile's time goes.
+
+    CONTIG: contiguous ranges of entries (the selection kernels' :func:`_range`)
+    instead of entries p, p + NS, ... KEYS 1 or 2 (with EL; a cost probe of design §7's
+    "dropping the key kernel", not a selection): each tile also computes the rank key
+    ``sum_g exp(lg_g - R)`` with ``R`` the row-head's word at ``rk`` (the last
+    launch's largest log-mass), stores it packed as the key kernel does (which
+    overwrites it), bins it and builds the range's histogram; after the loop the
+    histogram goes to scratch rows of ``kh`` (the range's at ``(row*H + head) *
+    MSPLIT + p``, the row-head's sum at ``KG0 + row*H + head``) and the largest
+    log-mass to ``rk`` (atomic max). KEYS 1 bins a tile with ``tl.histogram``; KEYS 2
+    with one relaxed atomic per entry into the range's row (counts; its counts above
+    each bin then go to row ``KG0 + rows*H + (row*H + head) * MSPLIT + p``).
 
     EL: the partial log-sum-exp runs per element of the ``[GX, CH]`` tile (each lane
     its own running max and sum, one exponential per element and tile) and is reduced
@@ -983,17 +1018,38 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     else:
         m_run = tl.full([GX], _NEG_INF, tl.float32)
         s_run = tl.zeros([GX], tl.float32)
-    n_mine = tl.maximum(C - p + NS - 1, 0) // NS
-    # The next tile's pool pages are loaded before this tile's summaries are
-    # used (a hand-made pipeline stage over the index-table indirection).
-    i = p + NS * tl.arange(0, CH)
-    valid = i < C
+    if CONTIG:
+        c_lo, c_hi, _ = _range(C, p, NS, PK)
+        n_mine = tl.maximum(c_hi - c_lo, 0)
+        i = c_lo + tl.arange(0, CH)
+        valid = i < c_hi
+    else:
+        n_mine = tl.maximum(C - p + NS - 1, 0) // NS
+        # The next tile's pool pages are loaded before this tile's summaries are
+        # used (a hand-made pipeline stage over the index-table indirection).
+        i = p + NS * tl.arange(0, CH)
+        valid = i < C
+    if KEYS:
+        tl.static_assert(EL, "KEYS is a probe of the EL form")
+        r_key = tl.load(rk_ptr + rh)
+        mean_bits = _mean_bits(C, G)
+        khist = tl.zeros([NB], tl.int32)
+        kbad = tl.zeros([CH], tl.int32)
     blk = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND).to(tl.int64)
     for m0 in range(0, n_mine, CH):
         cm = valid[:, None] & dm[None, :]
-        sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
-                                        blk, valid, h, Q8, ISO)
-        if Q8:
+        if DIAG & 1:
+            sc_c = tl.full([CH], 1.0, tl.float32)
+            sc_v = tl.full([CH], 1.0, tl.float32)
+            size = tl.where(valid, 16, 0)
+        else:
+            sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0,
+                                            ip_s1, blk, valid, h, Q8, ISO)
+        if DIAG & 2:
+            tl.static_assert(Q8 and not ISO, "DIAG 2: the default 8-bit form only")
+            cen = tl.zeros([CH, DP], tl.int8) + blk[:, None].to(tl.int8)
+            var = cen
+        elif Q8:
             qb = fq_ptr + _wide_mad(blk, fq_s0, h * fq_s1)
             cen = tl.load(qb[:, None] + d[None, :], mask=cm, other=0)
             if not ISO:
@@ -1002,8 +1058,12 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             fb = fp_ptr + _wide_mad(blk, fp_s0, h * fp_s1)
             cen = tl.load(fb[:, None] + d[None, :] * fp_s3, mask=cm, other=0.0)
             var = tl.load(fb[:, None] + fp_s2 + d[None, :] * fp_s3, mask=cm, other=0.0)
-        i_n = p + NS * (m0 + CH + tl.arange(0, CH))
-        valid_n = i_n < C
+        if CONTIG:
+            i_n = c_lo + m0 + CH + tl.arange(0, CH)
+            valid_n = i_n < c_hi
+        else:
+            i_n = p + NS * (m0 + CH + tl.arange(0, CH))
+            valid_n = i_n < C
         blk_n = _entry_pages(ix_row, i_n, valid_n, rr, bd_ptr, bd_s0, bd_s1, h,
                              BAND).to(tl.int64)
         if Q8:
@@ -1034,11 +1094,24 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         tv = qv * (0.5 * scale * scale)
         lg = lg + tl.minimum(tv, CAP)
         lg = tl.where((valid & (size > 0))[None, :], lg, _NEG_INF)
-        tl.store(lg_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], lg,
-                 mask=gxm[:, None] & valid[None, :])
+        if not (DIAG & 4):
+            tl.store(lg_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], lg,
+                     mask=gxm[:, None] & valid[None, :])
         if ERR:
             tl.store(tv_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], tv,
                      mask=gxm[:, None] & valid[None, :])
+        if KEYS:
+            kp = tl.where(gxm[:, None], tl.exp(lg - r_key), 0.0)
+            key = tl.sum(kp, 0).to(tl.int32, bitcast=True)
+            tl.store(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), key, mask=valid)
+            if KEYS == 2:
+                tl.atomic_add(kh_ptr + (rh * MSPLIT + p).to(tl.int64) * NB
+                              + _digit(key, mean_bits, SUB, NB, WIN), 1, mask=valid,
+                              sem="relaxed")
+            else:
+                khist += tl.histogram(tl.where(valid, _digit(key, mean_bits, SUB, NB, WIN), 0),
+                                      NB)
+                kbad += (valid == 0).to(tl.int32)
         if EL:
             # One exponential per element: the smaller of (running max, logit) over
             # the larger; a new max rescales the running sum by it.
@@ -1052,12 +1125,27 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
             s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
             m_run = m_new
-        blk, valid = blk_n, valid_n
+        blk, valid, i = blk_n, valid_n, i_n
+    if KEYS:
+        nb = tl.arange(0, NB)
+        if KEYS == 2:
+            tl.debug_barrier()
+            khist = tl.load(kh_ptr + (rh * MSPLIT + p).to(tl.int64) * NB + nb, cache_modifier=".cg")
+            ge_row = KG0 + NR * H + rh * MSPLIT + p
+        else:
+            khist -= tl.where(nb == 0, tl.sum(kbad, 0), 0)
+            ge_row = rh * MSPLIT + p
+        tl.atomic_add(kh_ptr + (KG0 + rh).to(tl.int64) * NB + nb, khist, mask=khist > 0,
+                      sem="relaxed")
+        ge = tl.sum(khist, 0) - tl.cumsum(khist, 0) + khist
+        tl.store(kh_ptr + ge_row.to(tl.int64) * NB + nb, ge)
     if EL:
         m_el = m_run
         m_run = tl.max(m_el, 1)
         m_safe = tl.where(m_run == _NEG_INF, 0.0, m_run)
         s_run = tl.sum(s_run * tl.exp(m_el - m_safe[:, None]), 1)
+    if KEYS:
+        tl.atomic_max(rk_ptr + rh, tl.max(tl.where(gxm, m_run, _NEG_INF), 0), sem="relaxed")
     tl.store(pm_ptr + (rh * NSP + p) * GP + gx, m_run)
     tl.store(ps_ptr + (rh * NSP + p) * GP + gx, s_run)
 
@@ -2564,6 +2652,10 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             ws.score_sum, ws.hist, ws.ncand, sb, bs, ns, scale, float(variance_cap))
     else:
         fq, fs = pool.q8_views() if q8 else (fpart, fpart)
+        score_cfg = _tune("score", b, fp32=fp32)
+        probe = {}
+        if score_cfg.get("KEYS"):
+            probe = ws.keys_probe(b * h, nsg_s)
         _keep("score", _score_kernel[grid_s](
             query, *query.stride(), fpart, *fpart.stride(),
             fq, fq.stride(0), fq.stride(1), fs, fs.stride(0), fs.stride(1), fs.stride(2),
@@ -2575,8 +2667,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             **({"NEUTRAL": True} if own else {}),
             **({"ISO": True} if q8 and iso else {}),
             **(dict(ERR=True, tv_ptr=es.tvar, hist2_ptr=es.hist2, emax_ptr=es.emax)
-               if err else {}), **band,
-            **_tune("score", b, fp32=fp32)))
+               if err else {}), **band, **probe, **score_cfg))
     bucket = SELECT == "bucket"
     if bucket:
         rgh = ws.range_hist(b * h * nsg)
