@@ -184,6 +184,12 @@ VARIANTS = [
     ("score KEYS", "score", dict(KEYS=1)),
     ("score CONTIG KEYS", "score", dict(CONTIG=True, KEYS=1)),
     ("score CONTIG KEYS atomics", "score", dict(CONTIG=True, KEYS=2)),
+    # The small gathers (size, 8-bit scales) one tile ahead: their round trip was
+    # exposed once per tile (without them, "score diag no small", the kernel took 24%
+    # less at 128K x 6 on an H100).
+    ("score PFS", "score", dict(PFS=True)),
+    ("score PFS CONTIG", "score", dict(PFS=True, CONTIG=True)),
+    ("score PFS CONTIG KEYS atomics", "score", dict(PFS=True, CONTIG=True, KEYS=2)),
     # The attention kernel's softmax on the G4 query-head rows (XR) and on the
     # products' 16 rows (plain), whichever is the default.
     ("attend XR", "attend", dict(XR=True)),

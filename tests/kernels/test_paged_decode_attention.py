@@ -415,13 +415,15 @@ def _forms_scene(seed: int, blocks: int = 260, unindexed: int = 0, **pool_kw):
 @pytest.mark.parametrize("kernel,knob,tiles,rank", [
     ("score", "XR", dict(CH=16), "mass"),
     ("score", "XR", dict(CH=16), "error"),
+    ("score", "PFS", dict(CH=16), "mass"),
     ("attend", "XR", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
     ("attend", "PRE", dict(TS=16, TE=16, TR=16, RG=2, SMG=False), "mass"),
 ])
 @pytest.mark.parametrize("bits", [16, 8])
 def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, bits):
     """Two forms of a kernel that must compute the same values: the score kernel's
-    element-wise work on the query heads' rows (``XR``) and on the products' rows; the
+    element-wise work on the query heads' rows (``XR``) and on the products' rows; its
+    small gathers one tile ahead (``PFS``) and in their tile; the
     attention kernel's softmax on the query heads' rows (``XR``) and on the products'
     rows; its zones' first addresses loaded up front (``PRE``) and in turn. Bit-equal
     outputs and logits, each the twin's, over several tiles (and retrieved groups) per

@@ -899,8 +899,13 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   DIAG: tl.constexpr = 0, CONTIG: tl.constexpr = False,
                   KEYS: tl.constexpr = False, keys_ptr=None, kh_ptr=None, KG0=0,
                   rk_ptr=None, PK: tl.constexpr = 16, SUB: tl.constexpr = 1,
-                  WIN: tl.constexpr = 1):
+                  WIN: tl.constexpr = 1, PFS: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
+
+    PFS: each tile's small gathers (size and 8-bit scales, :func:`_score_small`) are
+    issued one tile ahead, after the tile before has used its own: their round trip
+    is otherwise exposed once per tile (the software pipeline carries the summaries'
+    loads, not these; leaving them out took 24% off the kernel at 128K x 6, H100).
 
     DIAG (a measurement knob, not attention: wrong log-masses): bit 1 leaves out the
     small per-entry gathers (size 16, scales 1), bit 2 the summaries' loads (zero
@@ -1036,13 +1041,16 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         khist = tl.zeros([NB], tl.int32)
         kbad = tl.zeros([CH], tl.int32)
     blk = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND).to(tl.int64)
+    if PFS:
+        sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
+                                        blk, valid, h, Q8, ISO)
     for m0 in range(0, n_mine, CH):
         cm = valid[:, None] & dm[None, :]
         if DIAG & 1:
             sc_c = tl.full([CH], 1.0, tl.float32)
             sc_v = tl.full([CH], 1.0, tl.float32)
             size = tl.where(valid, 16, 0)
-        else:
+        elif not PFS:
             sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0,
                                             ip_s1, blk, valid, h, Q8, ISO)
         if DIAG & 2:
@@ -1125,6 +1133,11 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # no exp(-inf - -inf)
             s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), 1)
             m_run = m_new
+        if PFS:
+            # The next tile's small gathers, in flight while this tile finishes and
+            # the next one's summaries arrive.
+            sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0,
+                                            ip_s1, blk_n, valid_n, h, Q8, ISO)
         blk, valid, i = blk_n, valid_n, i_n
     if KEYS:
         nb = tl.arange(0, NB)
