@@ -190,6 +190,11 @@ VARIANTS = [
     ("score PFS", "score", dict(PFS=True)),
     ("score PFS CONTIG", "score", dict(PFS=True, CONTIG=True)),
     ("score PFS CONTIG KEYS atomics", "score", dict(PFS=True, CONTIG=True, KEYS=2)),
+    # ... from one 32-byte sector per entry (the size beside the 8-bit scales in slot
+    # 1, not in the int part: one sector per entry fewer).
+    ("score SV1", "score", dict(SV1=True)),
+    ("score SV1 PFS", "score", dict(SV1=True, PFS=True)),
+    ("score SV1 CONTIG KEYS atomics", "score", dict(SV1=True, CONTIG=True, KEYS=2)),
     # The attention kernel's softmax on the G4 query-head rows (XR) and on the
     # products' 16 rows (plain), whichever is the default.
     ("attend XR", "attend", dict(XR=True)),

@@ -150,7 +150,9 @@ def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict
     except Exception as exc:  # reported together at the end
         compiled[key] = None
         failures.append((self.__name__, consts, options, exc))
-        print(f"  FAIL {self.__name__}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+        cause = f" (cause: ...{str(exc.__cause__)[-700:]})" if exc.__cause__ else ""
+        print(f"  FAIL {self.__name__}: {type(exc).__name__}: {str(exc)[:2000]}{cause}",
+              flush=True)
     return None
 
 

@@ -19,8 +19,8 @@ triton = pytest.importorskip("triton")
 
 from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.index.paged import (HDR_IBT_ROW, HDR_WORDS, I_SIZE,  # noqa: E402
-                                    I_START, IndexAllocator, IndexPool, PagedIndexLayout,
-                                    budget, build_segments, entries_per_block, header_row,
+                                    I_START, SIZE_WORD, IndexAllocator, IndexPool,
+                                    PagedIndexLayout, budget, build_segments, entries_per_block, header_row,
                                     make_headers, plan_segments, quantize_mean_values,
                                     quantize_summaries, sink_end)
 from conftest import cpu_cache  # noqa: E402
@@ -416,6 +416,8 @@ def _forms_scene(seed: int, blocks: int = 260, unindexed: int = 0, **pool_kw):
     ("score", "XR", dict(CH=16), "mass"),
     ("score", "XR", dict(CH=16), "error"),
     ("score", "PFS", dict(CH=16), "mass"),
+    ("score", "SV1", dict(CH=16), "mass"),
+    ("score", "SV1", dict(CH=16), "error"),
     ("attend", "XR", dict(TS=16, TE=16, TR=16, RG=2), "mass"),
     ("attend", "PRE", dict(TS=16, TE=16, TR=16, RG=2, SMG=False), "mass"),
 ])
@@ -423,7 +425,9 @@ def _forms_scene(seed: int, blocks: int = 260, unindexed: int = 0, **pool_kw):
 def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, bits):
     """Two forms of a kernel that must compute the same values: the score kernel's
     element-wise work on the query heads' rows (``XR``) and on the products' rows; its
-    small gathers one tile ahead (``PFS``) and in their tile; the
+    small gathers one tile ahead (``PFS``) and in their tile; the small gathers as
+    one vector of slot 1 (``SV1``, 8-bit summaries; at 16 bits the same form) and as
+    three loads; the
     attention kernel's softmax on the query heads' rows (``XR``) and on the products'
     rows; its zones' first addresses loaded up front (``PRE``) and in turn. Bit-equal
     outputs and logits, each the twin's, over several tiles (and retrieved groups) per
@@ -891,7 +895,8 @@ def test_quantize_mean_values_round_trip():
 
 
 def test_quantize_summaries_round_trip():
-    """Each element within half a scale step; an all-zero vector keeps scale 1."""
+    """Each element within half a scale step; an all-zero vector keeps scale 1; the
+    entry's size is kept beside the scales."""
     lay = PagedIndexLayout(H, D, BS, torch.float32)
     pool = IndexPool(lay, 6, DEV, summary_bits=8)
     g = torch.Generator().manual_seed(2)
@@ -899,9 +904,14 @@ def test_quantize_summaries_round_trip():
     x[:, :, 1] = x[:, :, 1].abs()
     x[2, 1, 0] = 0
     pool.fpart.copy_(x.to(DEV))
+    sizes = torch.randint(0, 300, (6, H), generator=g, dtype=torch.int32)
+    pool.ipart[:, :, I_SIZE] = sizes.to(DEV)
     pages = torch.tensor([0, 2, 3, 5], device=DEV)
     quantize_summaries(pool, pages)
     got = pool.summaries(torch.arange(6, device=DEV)).cpu()
+    # the size beside the scales, as float32 (the score stage's one 16-byte vector)
+    sv = pool.q8_views()[1].cpu()
+    assert torch.equal(sv[pages.cpu(), :, 1, SIZE_WORD], sizes[pages.cpu()].float())
     for p in (0, 2, 3, 5):
         for v in range(2):
             want = x[p, :, v]

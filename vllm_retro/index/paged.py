@@ -239,7 +239,9 @@ class IndexPool:
     an estimated cluster's value then costs ``D + 4`` bytes.
 
     8-bit summaries also keep the key variance's mean over channels (of the rounded
-    vector; float32, after the two scales in slot 1). With ``variance_form``
+    vector; float32, after the two scales in slot 1) and the entry's size (float32,
+    word :data:`SIZE_WORD` of slot 1: scales, mean variance and size are one 16-byte
+    vector). With ``variance_form``
     "isotropic" the score stage reads it instead of the variance vector: the
     variance term becomes ``s^2/2 |q|^2 mean_d var_d`` and a cluster costs ``D + 12``
     bytes there (:meth:`summaries` returns that mean in every channel, which is what
@@ -247,7 +249,7 @@ class IndexPool:
 
     With ``rank_interval`` > 1 (option ``rank_interval``; needs 8-bit summaries)
     the decode kernels keep each request's band, per KV head, in slot 1's 32-bit
-    words 3 to 18 (:meth:`band_table`): the pool page of the ``k``-th band entry of
+    words 4 to 19 (:meth:`band_table`): the pool page of the ``k``-th band entry of
     the head's last full ranking at word ``k % 16`` of the row's page ``k // 16``
     (packed as the decode lists). No memory is added.
 
@@ -328,7 +330,7 @@ class IndexPool:
     def band_table(self) -> torch.Tensor:
         """``[P, H, BAND_PACK]`` int32 view of the band words (``rank_interval`` > 1):
         slot 1's 32-bit words from :data:`BAND_WORD` on, after the 8-bit summaries'
-        two scales and mean variance. Band entry ``k`` of a row-head is at the row's
+        two scales, mean variance and size. Band entry ``k`` of a row-head is at the row's
         page ``k // BAND_PACK``, word ``k % BAND_PACK``."""
         if self.summary_bits != 8:
             raise ValueError("IndexPool.band_table: the band lives in the 8-bit "
@@ -357,10 +359,14 @@ class IndexPool:
         return f
 
 
+#: The 32-bit word of a page's slot 1 (per head) holding the entry's size as a
+#: float32 with 8-bit summaries (beside the two scales and the mean variance: the
+#: score stage reads the four words as one 16-byte vector).
+SIZE_WORD = 3
 #: The first 32-bit word of a page's slot 1 (per head) holding band table entries
-#: (:meth:`IndexPool.band_table`): after the two scales and the mean variance; and
-#: how many (the decode lists' packing).
-BAND_WORD = 3
+#: (:meth:`IndexPool.band_table`): after the two scales, the mean variance and the
+#: size; and how many (the decode lists' packing).
+BAND_WORD = 4
 BAND_PACK = 16
 
 #: The largest magnitude of an 8-bit summary element (symmetric int8).
@@ -382,6 +388,7 @@ def quantize_summaries(pool: IndexPool, pages: torch.Tensor) -> None:
     sv[pg, :, 1, 0:2] = scale
     # The rounded variance's mean over channels: variance_form "isotropic"'s number.
     sv[pg, :, 1, 2] = q[:, :, 1].float().mean(-1) * scale[:, :, 1]
+    sv[pg, :, 1, SIZE_WORD] = pool.ipart[pg, :, I_SIZE].float()
 
 
 def _q8(x: torch.Tensor):

@@ -113,8 +113,8 @@ import triton.language as tl
 
 from ..attention import VARIANCE_CORRECTION_CAP
 from ..index.paged import (HDR_BAND_AT, HDR_CLUSTERED_END, HDR_HORIZON, HDR_IBT_ROW,
-                           HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE, I_START, IndexPool,
-                           PagedIndexLayout)
+                           HDR_N_ESTIMATE, HDR_N_RETRIEVE, I_SIZE, I_START, SIZE_WORD,
+                           IndexPool, PagedIndexLayout)
 from . import extension, reference
 from .wave_view import W_HITS, W_MISSES, WaveBufferView
 
@@ -123,6 +123,7 @@ _NEG_INF = tl.constexpr(float("-inf"))
 # The query's low int8 part counts steps of 1/254 of one high step (|residual| <= 1/2).
 _Q8_LO = tl.constexpr(254)
 _LN2 = tl.constexpr(0.6931471805599453)
+_SIZE_WORD = tl.constexpr(SIZE_WORD)
 _INT_MAX = tl.constexpr(2147483647)
 _HDR_CE = tl.constexpr(HDR_CLUSTERED_END)
 _HDR_NR = tl.constexpr(HDR_N_RETRIEVE)
@@ -864,18 +865,29 @@ _NO_ALIGN = (dict(do_not_specialize_on_alignment=["NROWS"])
 # ------------------------------------------------------------------ 1. scores
 @triton.jit
 def _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1, blk, valid, h,
-                 Q8: tl.constexpr, ISO: tl.constexpr = False):
+                 Q8: tl.constexpr, ISO: tl.constexpr = False, SV1: tl.constexpr = False):
     """(centroid scale, variance scale, size) of the entries at pool pages ``blk``:
     the score stage's small per-entry gathers (the scales are 1 without ``Q8``;
-    with ``ISO`` the second is the key variance's mean over channels)."""
-    size = tl.load(ip_ptr + _wide_mad(blk, ip_s0, h * ip_s1 + _I_SIZE), mask=valid, other=0)
-    if Q8:
+    with ``ISO`` the second is the key variance's mean over channels). SV1 (with
+    ``Q8``): the size too from slot 1's first 16 bytes (as float32,
+    :data:`~vllm_retro.index.paged.SIZE_WORD`), so the three share one 32-byte sector
+    per entry instead of two sectors of two tensors (a ``[CH, 4]`` vector load instead
+    costs layout conversions through shared memory at sm_90)."""
+    if Q8 and SV1:
         sb8 = fs_ptr + _wide_mad(blk, fs_s0, h * fs_s1 + fs_s2)
         sc_c = tl.load(sb8, mask=valid, other=0.0)
         sc_v = tl.load(sb8 + (2 if ISO else 1), mask=valid, other=0.0)
+        size = tl.load(sb8 + _SIZE_WORD, mask=valid, other=0.0)
     else:
-        sc_c = tl.full(blk.shape, 1.0, tl.float32)
-        sc_v = tl.full(blk.shape, 1.0, tl.float32)
+        size = tl.load(ip_ptr + _wide_mad(blk, ip_s0, h * ip_s1 + _I_SIZE), mask=valid,
+                       other=0)
+        if Q8:
+            sb8 = fs_ptr + _wide_mad(blk, fs_s0, h * fs_s1 + fs_s2)
+            sc_c = tl.load(sb8, mask=valid, other=0.0)
+            sc_v = tl.load(sb8 + (2 if ISO else 1), mask=valid, other=0.0)
+        else:
+            sc_c = tl.full(blk.shape, 1.0, tl.float32)
+            sc_v = tl.full(blk.shape, 1.0, tl.float32)
     return sc_c, sc_v, size
 
 
@@ -899,8 +911,12 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   DIAG: tl.constexpr = 0, CONTIG: tl.constexpr = False,
                   KEYS: tl.constexpr = False, keys_ptr=None, kh_ptr=None, KG0=0,
                   rk_ptr=None, PK: tl.constexpr = 16, SUB: tl.constexpr = 1,
-                  WIN: tl.constexpr = 1, PFS: tl.constexpr = False):
+                  WIN: tl.constexpr = 1, PFS: tl.constexpr = False,
+                  SV1: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
+
+    SV1 (with Q8): the small gathers from one 32-byte sector per entry
+    (:func:`_score_small`).
 
     PFS: each tile's small gathers (size and 8-bit scales, :func:`_score_small`) are
     issued one tile ahead, after the tile before has used its own: their round trip
@@ -1043,7 +1059,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     blk = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND).to(tl.int64)
     if PFS:
         sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
-                                        blk, valid, h, Q8, ISO)
+                                        blk, valid, h, Q8, ISO, SV1)
     for m0 in range(0, n_mine, CH):
         cm = valid[:, None] & dm[None, :]
         if DIAG & 1:
@@ -1052,7 +1068,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             size = tl.where(valid, 16, 0)
         elif not PFS:
             sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0,
-                                            ip_s1, blk, valid, h, Q8, ISO)
+                                            ip_s1, blk, valid, h, Q8, ISO, SV1)
         if DIAG & 2:
             tl.static_assert(Q8 and not ISO, "DIAG 2: the default 8-bit form only")
             cen = tl.zeros([CH, DP], tl.int8) + blk[:, None].to(tl.int8)
@@ -1137,7 +1153,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             # The next tile's small gathers, in flight while this tile finishes and
             # the next one's summaries arrive.
             sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0,
-                                            ip_s1, blk_n, valid_n, h, Q8, ISO)
+                                            ip_s1, blk_n, valid_n, h, Q8, ISO, SV1)
         blk, valid, i = blk_n, valid_n, i_n
     if KEYS:
         nb = tl.arange(0, NB)
