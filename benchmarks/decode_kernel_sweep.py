@@ -194,6 +194,7 @@ VARIANTS = [
     # 1, not in the int part: one sector per entry fewer).
     ("score SV1", "score", dict(SV1=True)),
     ("score SV1 PFS", "score", dict(SV1=True, PFS=True)),
+    ("score SV1 CONTIG", "score", dict(SV1=True, CONTIG=True)),
     ("score SV1 CONTIG KEYS atomics", "score", dict(SV1=True, CONTIG=True, KEYS=2)),
     # The attention kernel's softmax on the G4 query-head rows (XR) and on the
     # products' 16 rows (plain), whichever is the default.
