@@ -203,6 +203,9 @@ VARIANTS = [
     # The retrieved and estimated zones' first index loads issued before the steady
     # zone's tiles, and each retrieved group's successor during its tiles.
     ("attend PRE", "attend", dict(PRE=True)),
+    # Each program's estimated clusters a contiguous range of the list, not every
+    # NS-th entry (a tile's list reads share sectors and index-table entries).
+    ("attend ECONTIG", "attend", dict(ECONTIG=True)),
     # The steady zone in a loop of its own and each retrieved token's position
     # checked in every tile (the form before SMG, the default since the thirty-fourth
     # session; SMG with RG 16 / TR 64 measured then: no better).

@@ -526,6 +526,26 @@ def test_merged_steady_zone_matches_twin(monkeypatch, tiles):
         assert _rel(got[1], got[0]) < 1e-5, (split, _rel(got[1], got[0]))
 
 
+def test_estimated_ranges_match_strided(monkeypatch):
+    """The attention kernel's ``ECONTIG`` (each program's estimated clusters a
+    contiguous range of the list) against every NS-th entry: the same attention up to
+    the summation order, and the twin's, with one and three programs per row-head
+    (ranges of unequal sizes, a program with none)."""
+    td = _td()
+    sc, q = _forms_scene(47, unindexed=200)
+    for split in (1, 3):
+        got = []
+        for on in (False, True):
+            for table in (td.TUNE, td.TUNE_SMALL_BATCH):
+                monkeypatch.setitem(table, "attend", dict(table["attend"], TE=16, ECONTIG=on))
+            ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=split)
+            out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
+            assert _rel(out, ref) < 2e-3, (on, split, _rel(out, ref))
+            assert ws.stats.tolist() == expected_stats(sc, st)
+            got.append(out)
+        assert _rel(got[1], got[0]) < 1e-5, (split, _rel(got[1], got[0]))
+
+
 def test_attention_zones_knob_only_leaves_loops_out(monkeypatch):
     """The attention kernel's measurement knob ``ZONES``: all three bits are the
     attention bit for bit; none writes zeros (no zone, no mass); each single zone

@@ -1878,11 +1878,29 @@ def _steady_addr(bt_row, p, NS, m0, n_steady, split, E, BS: tl.constexpr,
 
 
 @triton.jit
+def _est_range(n, p, NS):
+    """Program p's contiguous share [lo, hi) of n items split NS ways (sizes differ
+    by at most one)."""
+    q = n // NS
+    rem = n - q * NS
+    lo = p * q + tl.minimum(p, rem)
+    return lo, lo + q + (p < rem).to(tl.int32)
+
+
+@triton.jit
 def _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, m0, H: tl.constexpr,
-                    LW: tl.constexpr, PK: tl.constexpr, TE: tl.constexpr):
-    """(pool page, valid) of estimated list entries n_ret + p + NS (m0 + [0, TE))."""
-    k = n_ret + p + NS * (m0 + tl.arange(0, TE))
-    ok = k < n_ret + n_est
+                    LW: tl.constexpr, PK: tl.constexpr, TE: tl.constexpr,
+                    ECONTIG: tl.constexpr = False):
+    """(pool page, valid) of estimated list entries n_ret + p + NS (m0 + [0, TE)); with
+    ECONTIG of entries n_ret + lo + m0 + [0, TE), program p's contiguous range [lo,
+    hi) of the n_est (:func:`_est_range`)."""
+    if ECONTIG:
+        lo, hi = _est_range(n_est, p, NS)
+        k = n_ret + lo + m0 + tl.arange(0, TE)
+        ok = k < n_ret + hi
+    else:
+        k = n_ret + p + NS * (m0 + tl.arange(0, TE))
+        ok = k < n_ret + n_est
     blk = tl.load(_packed(lists_ptr, ix_row, h, k, ok, H, LW, PK, 2), mask=ok,
                   other=0).to(tl.int64)
     return blk, ok
@@ -2235,7 +2253,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
                    EPB: tl.constexpr = 1, XR: tl.constexpr = False,
                    PRE: tl.constexpr = False, QB: tl.constexpr = False,
                    PB: tl.constexpr = False, ZONES: tl.constexpr = 7,
-                   SMG: tl.constexpr = False):
+                   SMG: tl.constexpr = False, ECONTIG: tl.constexpr = False):
     """Program (row*H + head, p): its share of the steady zone, of the retrieved
     clusters and of the estimated clusters (the items congruent to p mod NS; the
     steady zone's a contiguous one with SMG) -> one partial softmax; the last program
@@ -2272,6 +2290,10 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
     of NATIVE's two (the low part is zero: bit-equal outputs). PB (with NATIVE): the
     probabilities enter the value products rounded to the cache's dtype, one product
     instead of two (as FlashAttention's; not bit-equal).
+
+    ECONTIG (without PRE): a program's estimated clusters are a contiguous range of
+    the list (:func:`_est_range`) instead of every NS-th entry: a tile's list entries
+    share their index-table entries and 32-byte sectors.
 
     SMG (without WAVE and PRE): a program's share of the steady zone (a contiguous
     one: two runs of positions) leads its retrieved clusters in one stream of tiles
@@ -2460,11 +2482,15 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
 
     # Estimated clusters: log-mass (from the score kernel) over the mean value.
     n_mine = tl.maximum(n_est - p + NS - 1, 0) // NS
+    if ECONTIG:
+        tl.static_assert(not PRE, "ECONTIG: without PRE")
+        e_lo, e_hi = _est_range(n_est, p, NS)
+        n_mine = tl.maximum(e_hi - e_lo, 0)
     if (ZONES & 4) == 0:
         n_mine = 0
     if not PRE:
         e_blk, e_ok = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS, 0,
-                                      H, LW, PK, TE)
+                                      H, LW, PK, TE, ECONTIG)
     for m0 in range(0, n_mine, TE):
         e_s = tl.load(lg_ptr + e_blk[None, :] * (H * G) + h * G + gx[:, None],
                       mask=gxm[:, None] & e_ok[None, :], other=_NEG_INF)
@@ -2482,7 +2508,7 @@ def _attend_kernel(q_ptr, q_sb, q_sh, q_sd, kv_ptr, kv_s0, kv_s1, kv_s2, kv_s3,
             e_w = tl.load(fp_ptr + e_blk[:, None] * fp_s0 + h * fp_s1 + 4 * fp_s2
                           + d[None, :] * fp_s3, mask=e_ok[:, None] & dm[None, :], other=0.0)
         e_blk_n, e_ok_n = _estimated_addr(lists_ptr, ix_row, h, n_ret, n_est, p, NS,
-                                          m0 + TE, H, LW, PK, TE)
+                                          m0 + TE, H, LW, PK, TE, ECONTIG)
         if MV8 or VC:
             m_i, l_i, e_al, e_pr = _online_probs(m_i, l_i, e_s)
             acc = acc * _product_rows(e_al[:, None], GP, G4, XR)
