@@ -504,40 +504,24 @@ def test_score_kernel_lse_and_log_forms(monkeypatch, knob, bits):
     assert _rel(o1, o0) < 1e-5, _rel(o1, o0)
 
 
-@pytest.mark.parametrize("tiles", [dict(TS=16, TE=16, TR=16, RG=2), dict(TR=32, RG=8)])
-def test_merged_steady_zone_matches_twin(monkeypatch, tiles):
-    """The attention kernel's ``SMG`` form (a program's steady tokens lead its first
-    retrieved group's tiles): the same attention as the form without it up to the
-    summation order, and the twin's, on indexed rows (several groups and tiles per
-    program, a partial last one), an empty row and a row without index (its whole
-    context steady), with one and several programs per row-head."""
+@pytest.mark.parametrize("knob,tiles", [("SMG", dict(TS=16, TE=16, TR=16, RG=2)),
+                                        ("SMG", dict(TR=32, RG=8)),
+                                        ("ECONTIG", dict(TE=16))])
+def test_attention_forms_match_up_to_order(monkeypatch, knob, tiles):
+    """Attention kernel forms that sum the same terms in another order: ``SMG`` (a
+    program's steady tokens lead its first retrieved group's tiles) and ``ECONTIG``
+    (each program's estimated clusters a contiguous range of the list, not every
+    NS-th entry). Each equals the form without it up to the summation order, and the
+    twin, on indexed rows (several groups and tiles per program, a partial last one),
+    an empty row and a row without index (its whole context steady), with one and
+    three programs per row-head (ranges of unequal sizes)."""
     td = _td()
     sc, q = _forms_scene(43, blocks=300, unindexed=300)
     for split in (1, 3):
         got = []
         for on in (False, True):
             for table in (td.TUNE, td.TUNE_SMALL_BATCH):
-                monkeypatch.setitem(table, "attend", dict(table["attend"], **tiles, SMG=on))
-            ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=split)
-            out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
-            assert _rel(out, ref) < 2e-3, (on, split, _rel(out, ref))
-            assert ws.stats.tolist() == expected_stats(sc, st)
-            got.append(out)
-        assert _rel(got[1], got[0]) < 1e-5, (split, _rel(got[1], got[0]))
-
-
-def test_estimated_ranges_match_strided(monkeypatch):
-    """The attention kernel's ``ECONTIG`` (each program's estimated clusters a
-    contiguous range of the list) against every NS-th entry: the same attention up to
-    the summation order, and the twin's, with one and three programs per row-head
-    (ranges of unequal sizes, a program with none)."""
-    td = _td()
-    sc, q = _forms_scene(47, unindexed=200)
-    for split in (1, 3):
-        got = []
-        for on in (False, True):
-            for table in (td.TUNE, td.TUNE_SMALL_BATCH):
-                monkeypatch.setitem(table, "attend", dict(table["attend"], TE=16, ECONTIG=on))
+                monkeypatch.setitem(table, "attend", dict(table["attend"], **tiles, **{knob: on}))
             ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=split)
             out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
             assert _rel(out, ref) < 2e-3, (on, split, _rel(out, ref))
