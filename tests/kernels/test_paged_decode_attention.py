@@ -20,8 +20,9 @@ triton = pytest.importorskip("triton")
 from vllm_retro.config import RetroConfig  # noqa: E402
 from vllm_retro.index.paged import (HDR_IBT_ROW, HDR_WORDS, I_SIZE,  # noqa: E402
                                     I_START, SIZE_WORD, IndexAllocator, IndexPool,
-                                    PagedIndexLayout, budget, build_segments, entries_per_block, header_row,
-                                    make_headers, plan_segments, quantize_mean_values,
+                                    PagedIndexLayout, budget, build_segments,
+                                    entries_per_block, header_row, make_headers,
+                                    plan_segments, quantize_mean_values,
                                     quantize_summaries, sink_end)
 from conftest import cpu_cache  # noqa: E402
 from vllm_retro.kernels import reference  # noqa: E402

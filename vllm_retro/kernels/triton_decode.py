@@ -919,9 +919,10 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     (:func:`_score_small`).
 
     PFS: each tile's small gathers (size and 8-bit scales, :func:`_score_small`) are
-    issued one tile ahead, after the tile before has used its own: their round trip
-    is otherwise exposed once per tile (the software pipeline carries the summaries'
-    loads, not these; leaving them out took 24% off the kernel at 128K x 6, H100).
+    issued one tile ahead, after the tile before has used its own (the software
+    pipeline carries the summaries' loads, not these). Leaving them out took 24% off
+    the kernel at 128K x 6 (H100); whether for their round trip, which this hides, or
+    for their sectors, which ``SV1`` halves, is what the two forms measure.
 
     DIAG (a measurement knob, not attention: wrong log-masses): bit 1 leaves out the
     small per-entry gathers (size 16, scales 1), bit 2 the summaries' loads (zero
@@ -1159,7 +1160,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         nb = tl.arange(0, NB)
         if KEYS == 2:
             tl.debug_barrier()
-            khist = tl.load(kh_ptr + (rh * MSPLIT + p).to(tl.int64) * NB + nb, cache_modifier=".cg")
+            khist = tl.load(kh_ptr + (rh * MSPLIT + p).to(tl.int64) * NB + nb,
+                            cache_modifier=".cg")
             ge_row = KG0 + NR * H + rh * MSPLIT + p
         else:
             khist -= tl.where(nb == 0, tl.sum(kbad, 0), 0)
