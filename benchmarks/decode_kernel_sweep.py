@@ -170,12 +170,10 @@ VARIANTS = [
     ("score FLOG off", "score", dict(FLOG=False)),
     ("score EL FLOG off", "score", dict(EL=False, FLOG=False)),
     # The score kernel's parts (not scores: DIAG bits leave out 1 the small per-entry
-    # gathers, 2 the summaries' loads, 4 the logits' stores): where a tile's time goes.
+    # gathers, 4 the logits' stores): where a tile's time goes.
     ("score diag no small", "score", dict(DIAG=1)),
-    ("score diag no summaries", "score", dict(DIAG=2)),
-    ("score diag no loads", "score", dict(DIAG=3)),
     ("score diag no stores", "score", dict(DIAG=4)),
-    ("score diag none", "score", dict(DIAG=7)),
+    ("score diag neither", "score", dict(DIAG=5)),
     # Design §7's "dropping the key kernel", its cost side: the score kernel on the
     # selection kernels' contiguous ranges (CONTIG) and also computing, storing and
     # binning each entry's rank key with the range's histogram (KEYS, a probe: the key

@@ -873,21 +873,18 @@ def _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1, blk, valid, 
     :data:`~vllm_retro.index.paged.SIZE_WORD`), so the three share one 32-byte sector
     per entry instead of two sectors of two tensors (a ``[CH, 4]`` vector load instead
     costs layout conversions through shared memory at sm_90)."""
+    sb8 = fs_ptr + _wide_mad(blk, fs_s0, h * fs_s1 + fs_s2)   # (read with Q8 only)
     if Q8 and SV1:
-        sb8 = fs_ptr + _wide_mad(blk, fs_s0, h * fs_s1 + fs_s2)
-        sc_c = tl.load(sb8, mask=valid, other=0.0)
-        sc_v = tl.load(sb8 + (2 if ISO else 1), mask=valid, other=0.0)
         size = tl.load(sb8 + _SIZE_WORD, mask=valid, other=0.0)
     else:
         size = tl.load(ip_ptr + _wide_mad(blk, ip_s0, h * ip_s1 + _I_SIZE), mask=valid,
                        other=0)
-        if Q8:
-            sb8 = fs_ptr + _wide_mad(blk, fs_s0, h * fs_s1 + fs_s2)
-            sc_c = tl.load(sb8, mask=valid, other=0.0)
-            sc_v = tl.load(sb8 + (2 if ISO else 1), mask=valid, other=0.0)
-        else:
-            sc_c = tl.full(blk.shape, 1.0, tl.float32)
-            sc_v = tl.full(blk.shape, 1.0, tl.float32)
+    if Q8:
+        sc_c = tl.load(sb8, mask=valid, other=0.0)
+        sc_v = tl.load(sb8 + (2 if ISO else 1), mask=valid, other=0.0)
+    else:
+        sc_c = tl.full(blk.shape, 1.0, tl.float32)
+        sc_v = tl.full(blk.shape, 1.0, tl.float32)
     return sc_c, sc_v, size
 
 
@@ -925,8 +922,9 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     for their sectors, which ``SV1`` halves, is what the two forms measure.
 
     DIAG (a measurement knob, not attention: wrong log-masses): bit 1 leaves out the
-    small per-entry gathers (size 16, scales 1), bit 2 the summaries' loads (zero
-    tiles), bit 4 the logits' stores; where a tile's time goes.
+    small per-entry gathers (size 16, scales 1), bit 4 the logits' stores; where a
+    tile's time goes. (Tiles built in registers instead of the summaries' loads cost a
+    layout conversion per tile, more than the loads: not a measurement of them.)
 
     CONTIG: contiguous ranges of entries (the selection kernels' :func:`_range`)
     instead of entries p, p + NS, ... KEYS 1 or 2 (with EL; a cost probe of design §7's
@@ -1070,11 +1068,7 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         elif not PFS:
             sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0,
                                             ip_s1, blk, valid, h, Q8, ISO, SV1)
-        if DIAG & 2:
-            tl.static_assert(Q8 and not ISO, "DIAG 2: the default 8-bit form only")
-            cen = tl.zeros([CH, DP], tl.int8) + blk[:, None].to(tl.int8)
-            var = cen
-        elif Q8:
+        if Q8:
             qb = fq_ptr + _wide_mad(blk, fq_s0, h * fq_s1)
             cen = tl.load(qb[:, None] + d[None, :], mask=cm, other=0)
             if not ISO:
