@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from decode_kernel_bench import (BS, D, DT, H, HQ, graph_of, make_batch,  # noqa: E402
                                  per_kernel_us, time_ms)
 from vllm_retro.config import RetroConfig  # noqa: E402
-from vllm_retro.index.paged import (HDR_BAND_AT, IndexPool, quantize_mean_values,  # noqa: E402
-                                    quantize_summaries)
+from vllm_retro.index.paged import (HDR_BAND_AT, HDR_IBT_ROW, IndexPool,  # noqa: E402
+                                    quantize_mean_values, quantize_summaries)
 from vllm_retro.kernels import DecodeWorkspace, paged_decode_attention  # noqa: E402
 from vllm_retro.kernels import triton_decode as td  # noqa: E402
 
@@ -174,26 +174,26 @@ VARIANTS = [
     ("score diag no small", "score", dict(DIAG=1)),
     ("score diag no stores", "score", dict(DIAG=4)),
     ("score diag neither", "score", dict(DIAG=5)),
-    # Design §7's "dropping the key kernel", its cost side: the score kernel on the
-    # selection kernels' contiguous ranges (CONTIG) and also computing, storing and
-    # binning each entry's rank key with the range's histogram (KEYS, a probe: the key
-    # kernel still runs and overwrites the keys, so the output is the default's).
+    # The score kernel on the selection kernels' contiguous ranges (CONTIG).
     ("score CONTIG", "score", dict(CONTIG=True)),
-    ("score KEYS", "score", dict(KEYS=1)),
-    ("score CONTIG KEYS", "score", dict(CONTIG=True, KEYS=1)),
-    ("score CONTIG KEYS atomics", "score", dict(CONTIG=True, KEYS=2)),
+    # RetroConfig.rank_reference "carried" (design §7, "Dropping the key kernel"): the
+    # keys relative to the previous step's largest log-mass, written and binned by the
+    # score kernel (contiguous ranges, one relaxed atomic per entry); the key kernel
+    # only sums the ranges' histograms and stores the next reference. After one step
+    # that sets the references (another selection: compared loosely).
+    ("rank carried", "carry", {}),
+    ("rank carried SV1", "carry+score", dict(SV1=True)),
+    ("rank carried SV1 PFS", "carry+score", dict(SV1=True, PFS=True)),
     # The small gathers (size, 8-bit scales) one tile ahead: their round trip was
     # exposed once per tile (without them, "score diag no small", the kernel took 24%
     # less at 128K x 6 on an H100).
     ("score PFS", "score", dict(PFS=True)),
     ("score PFS CONTIG", "score", dict(PFS=True, CONTIG=True)),
-    ("score PFS CONTIG KEYS atomics", "score", dict(PFS=True, CONTIG=True, KEYS=2)),
     # ... from one 32-byte sector per entry (the size beside the 8-bit scales in slot
     # 1, not in the int part: one sector per entry fewer).
     ("score SV1", "score", dict(SV1=True)),
     ("score SV1 PFS", "score", dict(SV1=True, PFS=True)),
     ("score SV1 CONTIG", "score", dict(SV1=True, CONTIG=True)),
-    ("score SV1 CONTIG KEYS atomics", "score", dict(SV1=True, CONTIG=True, KEYS=2)),
     # The attention kernel's softmax on the G4 query-head rows (XR) and on the
     # products' 16 rows (plain), whichever is the default.
     ("attend XR", "attend", dict(XR=True)),
@@ -482,6 +482,12 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
             # near-ties win; full steps select as the default)
             err_limit = 0.05 if band == "full" else 0.3
             hdr[:, HDR_BAND_AT] = 0
+        carry = bool(kernel and kernel.startswith("carry"))
+        if carry:
+            pool = copy.copy(pool_default)
+            pool.rank_ref = torch.zeros(ix.ibt.shape[0], H, device="cuda")
+            kernel = kernel.split("+", 1)[1] if "+" in kernel else None
+            err_limit = 0.2
         if kernel and kernel.startswith("pps+"):
             pps, over = over
             kernel = kernel[4:]
@@ -539,12 +545,20 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
                 paged_decode_attention(q, kv_use, lay, bt, torch.where(sl > 0, sl - 1, 0), hdr,
                                        ix.ibt, pool, S, scale, out=out, workspace=ws,
                                        wave=ix.wave)
+            if carry:
+                # The step that sets the references (each row-head ranks as "step").
+                step()
+                irows = hdr[bt[:real, 0].long(), HDR_IBT_ROW].long()
+                assert pool.rank_ref[irows].ne(0).all(), "no reference written"
             ws.stats.zero_()
             c0 = ix.cache.counters.tolist() if wave else None
             step(True)
             torch.cuda.synchronize()
             st = ws.stats.tolist()
             assert st[0] == real, f"retro kernels did not serve every row: {st}"
+            if carry:
+                n_car = int(ws.rank_mode[:real * H].sum())
+                assert n_car == real * H, f"{n_car} of {real * H} row-heads ranked carried"
             if band is not None:
                 want = real if band.startswith("rerank") else 0
                 assert st[5] == want, f"band {band}: {st[5]} rows re-ranked, not {want}"

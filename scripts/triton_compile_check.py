@@ -280,6 +280,14 @@ def decode_launches() -> None:
                     td.paged_decode_attention_triton(
                         q, kv, lay, bt, sl, hdr, ibt, pool_x, sink_end(RetroConfig(), bs),
                         0.1, out, ws, count_stats=True, wave=wv)
+                # The carried rank reference (rank_reference "carried": the score, key
+                # and list kernels' CARRY variants), plain and with the wave view.
+                pool_c = IndexPool(lay, nb, summary_bits=8)
+                pool_c.rank_ref = torch.zeros(ibt.shape[0], h)
+                for wv in (None, _wave_view(lay, dtype, nb)):
+                    td.paged_decode_attention_triton(
+                        q, kv, lay, bt, sl, hdr, ibt, pool_c, sink_end(RetroConfig(), bs),
+                        0.1, out, ws, count_stats=True, wave=wv)
                 td.SELECT = base_select
 
 

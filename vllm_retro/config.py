@@ -39,6 +39,8 @@ def _check_float(name: str, value: Any, lo: float, hi: float,
 RETRIEVAL_RANKS = ("mass", "error", "error_value")
 # RetroConfig.variance_form: how the GPU scoring stage reads a cluster's key variance.
 VARIANCE_FORMS = ("diagonal", "isotropic")
+# RetroConfig.rank_reference: what the GPU rank keys are relative to.
+RANK_REFERENCES = ("step", "carried")
 # Named option sets (RetroConfig.from_preset; option "preset" in a dict). "accuracy":
 # issue 16's options that every decode path runs (the C++ kernel on CPU, the GPU
 # kernels): 4-token clusters, value-aware clustering, the variance cap, the rank-1
@@ -246,6 +248,20 @@ class RetroConfig:
             measured. Needs ``summary_bits`` 8 (the band lives in the 8-bit
             summaries' spare words: no memory is added) and the "mass" retrieval
             rank; the CPU backend ranks every step.
+        rank_reference: GPU only: what a cluster's rank key is relative to. "step"
+            (the default): each query head's softmax over the clusters of this
+            step, summed over the GQA group (its normalization needs every
+            cluster's score first: the key kernel, one launch after the scores).
+            "carried": the group's summed masses relative to the request's largest
+            log-mass of its previous decode step, per layer and KV head (one float
+            each), which the score kernel turns into keys and histograms itself;
+            the histogram window's top binade is then the group size's. A
+            step after the request's index was built or grown has no reference and
+            ranks as "step" does. On real SmolLM2 attention it moved the median
+            error by at most +0.26 points and the p90 by at most +0.93
+            (``docs/accuracy.md``, "Does the ranking need this step's
+            normalization?"). Opt-in until its GPU speed and task accuracy are
+            measured. Needs the "mass" retrieval rank and ``rank_interval`` 1.
         prefill_resident_tokens: with ``wave_buffer``, how many of a prompt's tokens
             may stay in vLLM's GPU blocks while the prompt is still being prefilled
             (chunked prefill). Tokens further behind the prefill front are clustered,
@@ -289,6 +305,7 @@ class RetroConfig:
     mean_value_bits: int = 16
     variance_form: str = "diagonal"
     rank_interval: int = 1
+    rank_reference: str = "step"
 
     def __post_init__(self) -> None:
         _check_int("segment_size", self.segment_size, 64, 1 << 20)
@@ -378,6 +395,14 @@ class RetroConfig:
             raise ValueError("RetroConfig.rank_interval > 1 re-ranks the band by mass: it "
                              "does not combine with retrieval_rank "
                              f"{self.retrieval_rank!r}")
+        if self.rank_reference not in RANK_REFERENCES:
+            raise ValueError(f"RetroConfig.rank_reference must be one of "
+                             f"{RANK_REFERENCES}, got {self.rank_reference!r}")
+        if self.rank_reference == "carried" and (self.retrieval_rank != "mass"
+                                                 or self.rank_interval > 1):
+            raise ValueError("RetroConfig.rank_reference 'carried' ranks every cluster "
+                             "by mass each step: it needs retrieval_rank 'mass' and "
+                             "rank_interval 1")
         if self.prefill_resident_tokens and not self.wave_buffer:
             raise ValueError("RetroConfig.prefill_resident_tokens bounds the wave "
                              "buffer's release during prefill: set wave_buffer too "

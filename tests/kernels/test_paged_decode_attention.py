@@ -450,41 +450,25 @@ def test_kernel_forms_compute_the_same(monkeypatch, kernel, knob, tiles, rank, b
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
-@pytest.mark.parametrize("knob", ["EL", "FLOG", "CONTIG"])
-@pytest.mark.parametrize("bits", [16, 8])
+@pytest.mark.parametrize("knob,bits", [("EL", 16), ("EL", 8), ("FLOG", 16), ("FLOG", 8),
+                                       ("CONTIG", 8)])
 def test_score_kernel_lse_and_log_forms(monkeypatch, knob, bits):
     """The score kernel's partial log-sum-exp per element of the tile, reduced once
     after the loop (``EL``), against the per-tile reductions: the same logits and
     partial maxima bit for bit, the partial sums to float rounding, the same
     selection (the twin's) and output; ``ln size`` by the hardware's approximate log2
     (``FLOG``, GPU only): logits within its relative error, the same selection;
-    contiguous ranges (``CONTIG``, with the ``KEYS`` probe): the same logits, output
-    and selection, and the probe's histograms count each row-head's entries once."""
+    contiguous ranges (``CONTIG``): the same logits, output and selection."""
     td = _td()
     if knob == "FLOG" and td.interpreting():
         pytest.skip("FLOG is inline PTX: GPU only (the interpreter keeps the exact log)")
     sc, q = _forms_scene(53 + bits, summary_bits=bits)
     got = []
-    # (the probe's two binning forms: tl.histogram at 16 bits, atomics per entry at 8)
-    extra = dict(KEYS=1 if bits == 16 else 2) if knob == "CONTIG" else {}
     for on in (False, True):
         for table in (td.TUNE, td.TUNE_SMALL_BATCH):
-            monkeypatch.setitem(table, "score", dict(table["score"], CH=16, **{knob: on},
-                                                     **(extra if on else {})))
+            monkeypatch.setitem(table, "score", dict(table["score"], CH=16, **{knob: on}))
         ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=2)
         out, ref, st, ws = run_both(sc, q, 0.2, ws=ws)
-        if on and knob == "CONTIG":
-            kh, rk = ws._keys_probe
-            nrh = len(sc.rows) * H
-            for r, (length, _) in enumerate(sc.rows):
-                c = len(sc.pages(r)) if length else 0
-                for kh_ in range(H):
-                    rh = r * H + kh_
-                    assert int(kh[2 * nrh + rh].sum()) == c, (r, kh_)
-                    if extra["KEYS"] == 1:   # the ranges' counts above bin 0
-                        assert int(kh[rh * 2, 0] + kh[rh * 2 + 1, 0]) == c, (r, kh_)
-                    else:                    # the ranges' counts per bin
-                        assert int(kh[rh * 2].sum() + kh[rh * 2 + 1].sum()) == c, (r, kh_)
         assert _rel(out, ref) < 2e-3, (on, _rel(out, ref))
         assert ws.stats.tolist() == expected_stats(sc, st)
         for r in (0, 2):
@@ -765,6 +749,136 @@ def test_rank_interval_is_validated():
         IndexPool(lay, 4, DEV, rank_interval=2)
     with pytest.raises(ValueError, match="rank_interval must be an integer"):
         IndexPool(lay, 4, DEV, summary_bits=8, rank_interval=0)
+
+
+def _carried_keys(lg: torch.Tensor, ref: float) -> torch.Tensor:
+    """``[C]`` the carried rank keys of log-masses ``lg [G, C]`` (float32)."""
+    return torch.exp(lg.float() - ref).sum(0)
+
+
+@pytest.mark.parametrize("rows", [4, 2])
+def test_carried_rank_reference_matches_twin_over_steps(monkeypatch, rows):
+    """``rank_reference`` "carried" over four decode steps: step 0 has no reference
+    (each row-head ranks as "step" and the key kernel stores its largest log-mass),
+    later steps rank by ``sum_g exp(lg_g - R)`` with the score kernel writing the
+    keys and the range histograms. Kernel and twin, each with its own references,
+    agree every step on the output, counters and selections; the kernels' keys are
+    the carried keys (white-box: the key kernel did not rewrite them); the
+    references equal the twin's, each the largest log-mass of that step. A zeroed
+    reference (the host rewrote the request's header) sends that request, alone, back
+    to "step" for one step; no reference is written for a row without an index or
+    any index-table row not in use. Four rows (a padded one and one without an index
+    among them) and two (the small-batch tuning)."""
+    td = _td()
+    monkeypatch.setattr(td, "SELECT", "bucket")
+    torch.manual_seed(61)
+    sc = Scene(260, summary_bits=8)
+    sc.add(900)
+    if rows == 4:
+        sc.add(0)
+        sc.add(300, index="none")
+    sc.add(700, n_ret=5, n_est=11)
+    indexed = (0, rows - 1)
+    bt, sl0 = sc.tensors()
+    irows = [int(sc.headers[int(bt[r, 0]), HDR_IBT_ROW]) for r in indexed]
+    sc.pool.rank_ref = torch.zeros(sc.alloc.ibt.shape[0], H, device=DEV)
+    twin_pool = _pool_copy(sc.pool)
+    twin_pool.rank_ref = torch.zeros(sc.alloc.ibt.shape[0], H)
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV)
+    for step in range(4):
+        if step == 2:   # the host rewrote the first row's header: no reference
+            sc.pool.rank_ref[irows[0]] = 0
+            twin_pool.rank_ref[irows[0]] = 0
+        before = twin_pool.rank_ref.clone()
+        sl = torch.where(sl0 > 0, sl0 + step, 0)
+        q = torch.randn(rows, H * G, D)
+        ws.stats.zero_()
+        out = torch.full((rows, H * G, D), float("nan"), device=DEV)
+        td.paged_decode_attention_triton(q.to(DEV), sc.kv, sc.lay, bt, sl, sc.headers,
+                                         sc.alloc.ibt, sc.pool, sc.S, 0.2, out, ws,
+                                         count_stats=True)
+        ref, st = reference.paged_decode_attention(
+            q, sc.cpu_cache(), sc.lay, bt.cpu(), sl.cpu(), sc.headers.cpu(),
+            sc.alloc.ibt.cpu(), twin_pool, sc.S, 0.2, select="bucket")
+        assert _rel(out, ref) < 2e-3, (step, _rel(out, ref))
+        assert ws.stats.tolist() == expected_stats(sc, st), step
+        mode = ws.rank_mode.cpu()
+        for r, irow in zip(indexed, irows):
+            carried = step in (1, 3) or (step == 2 and r != indexed[0])
+            assert mode[r * H:(r + 1) * H].tolist() == [int(carried)] * H, (step, r)
+            pbs = sc.pages(r)
+            for kh in range(H):
+                lg, _, nr, ne, iw = _twin_log_mass(sc, q, r, kh, 0.2)
+                assert float(twin_pool.rank_ref[irow, kh]) == float(lg.max())
+                if not carried:
+                    continue
+                key = _carried_keys(lg, float(before[irow, kh]))
+                k = torch.arange(len(pbs))
+                got = ws.keys.cpu()[pbs[k // 16], kh, k % 16].view(torch.float32)
+                # (8-bit summaries: the kernels' log-masses within ~1e-4 of the twin's)
+                assert torch.allclose(got, key, rtol=1e-3, atol=0), (step, r, kh)
+                want = reference.bucket_selection(key, nr, ne, G,
+                                                  digits=reference.bound_digits(key, G))
+                assert selection(sc, ws, r, kh) == _as_lists(iw, *want), (step, r, kh)
+        got_ref = sc.pool.rank_ref.cpu()
+        assert torch.allclose(got_ref, twin_pool.rank_ref, rtol=1e-4, atol=1e-4), \
+            (step, got_ref[irows], twin_pool.rank_ref[irows])
+        unused = [i for i in range(got_ref.shape[0]) if i not in irows]
+        assert not got_ref[unused].any(), "a reference outside the indexed rows"
+
+
+def test_carried_rank_reference_is_validated(monkeypatch):
+    """The carried reference's needs, refused with clear errors: the mass rank and
+    one ranking per step in the options; the bucket selection and a reference table
+    of the index table's rows and the pool's heads in the kernels."""
+    with pytest.raises(ValueError, match="rank_reference must be one of"):
+        RetroConfig(rank_reference="last")
+    with pytest.raises(ValueError, match="needs retrieval_rank 'mass' and rank_interval 1"):
+        RetroConfig(rank_reference="carried", retrieval_rank="error")
+    with pytest.raises(ValueError, match="needs retrieval_rank 'mass' and rank_interval 1"):
+        RetroConfig(rank_reference="carried", rank_interval=2)
+    assert RetroConfig(rank_reference="carried").rank_reference == "carried"
+    td = _td()
+    torch.manual_seed(5)
+    sc = Scene(60, summary_bits=8)
+    sc.add(500)
+    bt, sl = sc.tensors()
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV)
+    out = torch.empty(1, H * G, D, device=DEV)
+    q = torch.randn(1, H * G, D, device=DEV)
+
+    def call():
+        td.paged_decode_attention_triton(q, sc.kv, sc.lay, bt, sl, sc.headers,
+                                         sc.alloc.ibt, sc.pool, sc.S, 0.2, out, ws)
+    sc.pool.rank_ref = torch.zeros(sc.alloc.ibt.shape[0], H + 1, device=DEV)
+    with pytest.raises(ValueError, match="rank_ref must be a contiguous float32"):
+        call()
+    sc.pool.rank_ref = torch.zeros(sc.alloc.ibt.shape[0], H, device=DEV)
+    monkeypatch.setattr(td, "SELECT", "exact")
+    with pytest.raises(ValueError, match="needs the bucket selection"):
+        call()
+
+
+def test_bound_digits_place_the_window_at_the_group_size():
+    """The carried keys' bins: the window's top binade is G's own (a key of G, every
+    query head's mass on one cluster at the reference, is in it), 1/32 binade per
+    bin, 16 binades down; larger and smaller keys share the end bins; the kernels'
+    bound (a mean WIN/2 - 1 binades below G's) gives the same bins."""
+    nbin = reference.NBINS // reference.WINDOW_BINADES     # bins per binade
+    top = reference.NBINS - 1
+    for g in (1, 3, 4, 8):
+        e = math.floor(math.log2(g))                          # G's binade
+        keys = torch.tensor([2.0 ** (e - k) for k in range(reference.WINDOW_BINADES)]
+                            + [float(g), 2.0 ** (e + 1), 2.0 ** (e - 16), 0.0])
+        dg = reference.bound_digits(keys, g).tolist()
+        w = reference.WINDOW_BINADES
+        assert dg[:w] == [(w - 1 - k) * nbin for k in range(w)], g
+        assert dg[w] // nbin == w - 1 and dg[w + 1] == top and dg[w + 2] == dg[w + 3] == 0
+        c = 1 << (w // 2 - 1)
+        key = keys.float().view(torch.int32).long()
+        mean = torch.tensor(float(g) / c, dtype=torch.float32)
+        lo = ((int(mean.view(torch.int32)) >> 23) - w // 2) << reference.SUB_BITS
+        assert ((key >> (23 - reference.SUB_BITS)) - lo).clamp(0, top).tolist() == dg
 
 
 def test_band_reranking_refuses_the_exact_selection(monkeypatch):

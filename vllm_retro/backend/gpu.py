@@ -525,6 +525,9 @@ class PagedIndexManager:
         # Band re-ranking's shared phase (rank_interval > 1), and the step count behind it.
         self.band_phase: Optional[torch.Tensor] = None
         self._band_step = 0
+        # The carried rank reference (rank_reference "carried"): [layers, ibt rows, H]
+        # float32, each layer's pool a view; a request's rows zeroed with its header.
+        self.rank_ref: Optional[torch.Tensor] = None
         self.pool_presized = False
         self._pool_layout: Optional[PagedIndexLayout] = None
         self.index_pool_full = 0
@@ -691,6 +694,11 @@ class PagedIndexManager:
                 pool.band_phase = self.band_phase
         self.index_alloc = IndexAllocator(num_pages, max_seqs + IBT_ROW_MARGIN, max_pages,
                                           dev)
+        if self.config.rank_reference == "carried":
+            self.rank_ref = torch.zeros(num_layers, self.index_alloc.ibt.shape[0], h,
+                                        dtype=torch.float32, device=dev)
+            for i, pool in enumerate(self._pool_list):
+                pool.rank_ref = self.rank_ref[i]
         cc = vc.compilation_config
         max_rows = max(max_seqs, getattr(cc, "max_cudagraph_capture_size", None) or 0)
         self.workspace = DecodeWorkspace(num_pages, h, g, lay.head_dim, max_rows, dev,
@@ -1063,6 +1071,10 @@ class PagedIndexManager:
             rows.append(_paged.header_row(*row, horizon=self.horizon_of(e)))
         idx = to_device([e.blocks[0] for e in touched], torch.long, dev)
         self.headers[idx] = to_device(rows, torch.int32, dev)
+        if self.rank_ref is not None:
+            # A built or grown index has no reference yet: its next step ranks as "step".
+            self.rank_ref.index_fill_(1, to_device([e.ibt_row for e in touched], torch.long,
+                                                   dev), 0)
         if self.reporter is not None:
             # A report is a promise (kv_spec): from now on this worker reads the
             # request's K/V below the horizon only from the wave buffer. The header

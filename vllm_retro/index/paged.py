@@ -297,6 +297,12 @@ class IndexPool:
         # CUDA-graph safe): at 0 every row ranks in full (reference.band_reranks).
         # None: each row keeps the phase of its own last full ranking.
         self.band_phase: Optional[torch.Tensor] = None
+        # RetroConfig.rank_reference "carried": ``[ibt rows, H]`` float32, per request
+        # (its index-table row) and KV head the largest log-mass of its last decode
+        # step, written by the decode kernels and read by the next step's score
+        # kernel (all-zero bits: none; the owner zeroes a request's row whenever it
+        # writes the request's header). None: every step normalizes its own scores.
+        self.rank_ref: Optional[torch.Tensor] = None
         layout.check_rows()
         self.fpart = torch.zeros(self.num_pages, h, layout.float_slots, d, dtype=layout.dtype,
                                  device=device)
@@ -319,6 +325,7 @@ class IndexPool:
         out.variance_form = self.variance_form
         out.rank_interval = self.rank_interval
         out.band_phase = None if self.band_phase is None else self.band_phase.to(device)
+        out.rank_ref = None if self.rank_ref is None else self.rank_ref.to(device)
         out.fpart, out.ipart = self.fpart.to(device), self.ipart.to(device)
         return out
 

@@ -44,6 +44,13 @@ cluster entry ``i``'s summaries at pool page ``ix[i]``) and KV head ``h`` with i
   estimated, each in the selection's order) and ``L`` to ``HDR_BAND_AT`` (both
   the twin and the kernels write them).
 
+* the carried rank reference (``pool.rank_ref``, ``[ibt rows, H]`` float32:
+  ``RetroConfig.rank_reference`` "carried"; bucket selection and mass rank only):
+  a row-head whose reference ``R = rank_ref[hdr[HDR_IBT_ROW], h]`` has nonzero bits
+  ranks by ``sum_g exp(lg_g - R)`` binned by :func:`bound_digits`, any other as
+  above; every row-head with an index then stores its largest log-mass (over the
+  group and the entries, when finite) as its reference for the next call.
+
 Returns the output ``[B, Hq, D]`` and per-row statistics ``[B, 4]`` float64:
 tokens read exactly, tokens estimated, tokens in context (summed over KV heads),
 1 where the row re-ranked its band.
@@ -97,6 +104,18 @@ def score_digits(score: torch.Tensor, group: int) -> torch.Tensor:
         float(max(c, 1)), dtype=torch.float32)
     lo = ((int(mean.view(torch.int32)) >> 23) - WINDOW_BINADES // 2) << SUB_BITS
     return ((key >> (23 - SUB_BITS)) - lo).clamp(0, NBINS - 1)
+
+
+def bound_digits(score: torch.Tensor, group: int) -> torch.Tensor:
+    """Histogram bin of each cluster's carried rank key (``[C]``, >= 0, as float32;
+    ``RetroConfig.rank_reference`` "carried"): the bins of :func:`score_digits`, the
+    window's top binade ``group``'s own (keys up to ``group``, their bound when the
+    reference is the step's own largest log-mass, are inside it), keys outside the
+    window in its end bins."""
+    key = score.float().view(torch.int32).long()
+    top = ((int(torch.tensor(float(group), dtype=torch.float32).view(torch.int32)) >> 23)
+           + 1) << SUB_BITS
+    return ((key >> (23 - SUB_BITS)) - (top - NBINS)).clamp(0, NBINS - 1)
 
 
 def bucket_selection(score: torch.Tensor, n_ret: int, n_est: int, group: int,
@@ -270,6 +289,12 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError("band re-ranking (rank_interval > 1) needs the bucket selection "
                          "and the mass rank")
     band_tab = pool.band_table() if ri > 1 else None
+    ref = getattr(pool, "rank_ref", None)
+    if ref is not None and (select != "bucket" or retrieval_rank != "mass" or ri > 1):
+        raise ValueError("the carried rank reference needs the bucket selection, the mass "
+                         "rank and rank_interval 1")
+    # (The references every row reads: those of the step before.)
+    ref_in = None if ref is None else ref.detach().float().cpu().clone()
     ph = getattr(pool, "band_phase", None) if ri > 1 else None
     phase = None if ph is None else int(ph.reshape(-1)[0])
     # Dequantized when the pool keeps 8-bit summaries (what the kernel reads).
@@ -289,6 +314,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         bt = block_table[r].long()
         hdr = headers[int(bt[0])].tolist()
         E = hdr[HDR_CLUSTERED_END]
+        irow = hdr[HDR_IBT_ROW]
         hz = 0
         if E:
             steady = torch.cat([torch.arange(0, sink_end), torch.arange(E, L)])
@@ -324,8 +350,20 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                 sizes = iw[:, I_SIZE]
                 lg = cluster_log_mass(q, f[:, F_CENTROID], f[:, F_KEY_VAR], sizes, scale,
                                       variance_cap)
-                score = torch.softmax(lg, dim=-1).nan_to_num(0.0).sum(dim=0)
-                if retrieval_rank == "error":
+                carried = ref is not None and int(ref_in[irow, kh].view(torch.int32)) != 0
+                if carried:
+                    # Relative to the request's largest log-mass of its last step.
+                    score = torch.exp(lg.float() - ref_in[irow, kh]).sum(dim=0)
+                else:
+                    score = torch.softmax(lg, dim=-1).nan_to_num(0.0).sum(dim=0)
+                if ref is not None:
+                    top = lg.max().float()
+                    if torch.isfinite(top):
+                        ref[irow, kh] = top.to(ref.device)
+                if carried:
+                    ret, est = bucket_selection(score, n_ret, n_est, g,
+                                                digits=bound_digits(score, g))
+                elif retrieval_rank == "error":
                     err = error_proxy(q, lg, f[:, F_KEY_VAR], scale)
                     ret, est = error_selection(score, err, n_ret, n_est, g, select)
                 else:

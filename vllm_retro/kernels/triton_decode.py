@@ -404,7 +404,9 @@ class DecodeWorkspace:
     ``ncand`` ``[max_rows*H, 2]`` (candidates per list), ``counts`` ``[max_rows*H,
     2]`` (retrieved, estimated), ``sel`` ``[max_rows*H, 4]`` (threshold keys and ties
     taken), ``ranges`` ``[max_rows*H, NSP, 2]`` (per range: keys above each bucket),
-    ``tickets`` ``[2, max_rows*H]`` (zero between calls), the score partials
+    ``tickets`` ``[2, max_rows*H]`` (zero between calls), ``rank_mode``
+    ``[max_rows*H]`` (1: the score kernel wrote the keys, the carried rank
+    reference), the score partials
     ``score_max`` / ``score_sum`` ``[max_rows*H, NSP, GP]`` and the attention partials
     ``part_o`` / ``part_m`` / ``part_l`` (``B * nsplit(B) * H * G`` rows of ``D`` / 1
     values, sized for the worst ``B <= max_rows``).
@@ -474,6 +476,7 @@ class DecodeWorkspace:
         self.part_m = torch.zeros(cap * h * g, dtype=f32, device=dev)
         self.part_l = torch.zeros(cap * h * g, dtype=f32, device=dev)
         self.stats = torch.zeros(6, dtype=torch.int64, device=dev)
+        self.rank_mode = torch.zeros(rows, dtype=i32, device=dev)
         self.wave_src: Optional[torch.Tensor] = None
         self._range_hist: Optional[torch.Tensor] = None
         self._error: Optional[ErrorScratch] = None
@@ -501,21 +504,6 @@ class DecodeWorkspace:
             t = self._range_hist = torch.zeros(max(most, programs), NBINS,
                                                dtype=torch.int32, device=self.device)
         return t
-
-    def keys_probe(self, row_heads: int, split: int) -> dict:
-        """The score kernel's ``KEYS`` probe arguments (a cost measurement: scratch
-        histograms ``[row_heads * (split + 1), NBINS]`` and one float word per
-        row-head for ``R``, allocated outside capture; the keys go to ``keys``, which
-        the key kernel overwrites)."""
-        rows = row_heads * (2 * split + 1)
-        t = getattr(self, "_keys_probe", None)
-        if t is None or t[0].shape[0] < rows or t[1].shape[0] < row_heads:
-            self._not_capturing("the KEYS probe's scratch", "")
-            t = self._keys_probe = (
-                torch.zeros(rows, NBINS, dtype=torch.int32, device=self.device),
-                torch.zeros(row_heads, dtype=torch.float32, device=self.device))
-        return dict(keys_ptr=self.keys, kh_ptr=t[0], KG0=row_heads * split, rk_ptr=t[1],
-                    PK=PACK, SUB=SUB_BITS, WIN=WINDOW_BINADES)
 
     def _selection_programs(self) -> int:
         """Selection programs of the largest grid of ``max_rows`` rows."""
@@ -756,6 +744,14 @@ def _mean_bits(C, G: tl.constexpr):
 
 
 @triton.jit
+def _bound_bits(G: tl.constexpr, WIN: tl.constexpr):
+    """The ``mean_bits`` that puts :func:`_digit`'s window at the carried keys'
+    bound (``RetroConfig.rank_reference`` "carried", :func:`~.reference.bound_digits`):
+    its top binade G's own, i.e. centred WIN/2 - 1 binades below it."""
+    return tl.full([], G / (1 << (WIN // 2 - 1)), tl.float32).to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _bucket(hist, bins, total, k):
     """Bin holding the k-th largest key, keys above that bin, keys in it."""
     ge = total - tl.cumsum(hist, 0) + hist
@@ -906,8 +902,8 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
                   bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False,
                   EL: tl.constexpr = False, FLOG: tl.constexpr = False,
                   DIAG: tl.constexpr = 0, CONTIG: tl.constexpr = False,
-                  KEYS: tl.constexpr = False, keys_ptr=None, kh_ptr=None, KG0=0,
-                  rk_ptr=None, PK: tl.constexpr = 16, SUB: tl.constexpr = 1,
+                  CARRY: tl.constexpr = False, keys_ptr=None, rgh_ptr=None, ref_ptr=None,
+                  mode_ptr=None, PK: tl.constexpr = 16, SUB: tl.constexpr = 1,
                   WIN: tl.constexpr = 1, PFS: tl.constexpr = False,
                   SV1: tl.constexpr = False):
     """Program (row*H + head, p): log-masses of entries p, p+NS, ... (see module doc).
@@ -927,16 +923,19 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
     layout conversion per tile, more than the loads: not a measurement of them.)
 
     CONTIG: contiguous ranges of entries (the selection kernels' :func:`_range`)
-    instead of entries p, p + NS, ... KEYS 1 or 2 (with EL; a cost probe of design §7's
-    "dropping the key kernel", not a selection): each tile also computes the rank key
-    ``sum_g exp(lg_g - R)`` with ``R`` the row-head's word at ``rk`` (the last
-    launch's largest log-mass), stores it packed as the key kernel does (which
-    overwrites it), bins it and builds the range's histogram; after the loop the
-    histogram goes to scratch rows of ``kh`` (the range's at ``(row*H + head) *
-    MSPLIT + p``, the row-head's sum at ``KG0 + row*H + head``) and the largest
-    log-mass to ``rk`` (atomic max). KEYS 1 bins a tile with ``tl.histogram``; KEYS 2
-    with one relaxed atomic per entry into the range's row (counts; its counts above
-    each bin then go to row ``KG0 + rows*H + (row*H + head) * MSPLIT + p``).
+    instead of entries p, p + NS, ...
+
+    CARRY (``RetroConfig.rank_reference`` "carried"; with EL and CONTIG, on the
+    selection kernels' split): a row-head whose reference ``R`` (the request's word
+    of ``ref``, ``[ibt rows, H]`` float32: its largest log-mass of the last step;
+    zero bits: none) is set also writes the selection's keys ``sum_g exp(lg_g - R)``
+    (packed, as the key kernel does) and its range's histogram of their bins
+    (:func:`_bound_bits`: the window's top binade is G's), as counts in bins
+    >= b at ``rgh_ptr[(row*H + head) * MSPLIT + p]`` (one relaxed atomic per entry
+    into that row, then its suffix sums), the key kernel's work for that row-head;
+    program 0 stores whether it did (``mode``, read by the key and list kernels).
+    A ``[G, CH]`` tile's keys cost ~23% more instructions per tile at sm_90
+    (``tl.histogram`` per tile, a ballot loop per bin: +127%).
 
     EL: the partial log-sum-exp runs per element of the ``[GX, CH]`` tile (each lane
     its own running max and sum, one exponential per element and tile) and is reduced
@@ -1049,12 +1048,19 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         # used (a hand-made pipeline stage over the index-table indirection).
         i = p + NS * tl.arange(0, CH)
         valid = i < C
-    if KEYS:
-        tl.static_assert(EL, "KEYS is a probe of the EL form")
-        r_key = tl.load(rk_ptr + rh)
-        mean_bits = _mean_bits(C, G)
-        khist = tl.zeros([NB], tl.int32)
-        kbad = tl.zeros([CH], tl.int32)
+    if CARRY:
+        tl.static_assert(EL and CONTIG, "CARRY is a form of the EL and CONTIG kernel")
+        # (E > 0: the ibt row is the request's; no index, no reference.)
+        irow = tl.load(hdr_ptr + blk0 * hdr_s0 + _HDR_IBT)
+        r_key = tl.load(ref_ptr + irow.to(tl.int64) * H + h, mask=C > 0, other=0.0)
+        carried = (C > 0) & (r_key.to(tl.int32, bitcast=True) != 0)
+        if p == 0:
+            tl.store(mode_ptr + rh, carried.to(tl.int32))
+        bound = _bound_bits(G, WIN)
+        krow = rgh_ptr + (rh * MSPLIT + p).to(tl.int64) * NB
+        if carried:
+            tl.store(krow + tl.arange(0, NB), tl.zeros([NB], tl.int32))
+            tl.debug_barrier()   # (the zeros before any thread's atomics)
     blk = _entry_pages(ix_row, i, valid, rr, bd_ptr, bd_s0, bd_s1, h, BAND).to(tl.int64)
     if PFS:
         sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0, ip_s1,
@@ -1119,18 +1125,15 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
         if ERR:
             tl.store(tv_ptr + blk[None, :] * (H * G) + h * G + gx[:, None], tv,
                      mask=gxm[:, None] & valid[None, :])
-        if KEYS:
-            kp = tl.where(gxm[:, None], tl.exp(lg - r_key), 0.0)
-            key = tl.sum(kp, 0).to(tl.int32, bitcast=True)
-            tl.store(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), key, mask=valid)
-            if KEYS == 2:
-                tl.atomic_add(kh_ptr + (rh * MSPLIT + p).to(tl.int64) * NB
-                              + _digit(key, mean_bits, SUB, NB, WIN), 1, mask=valid,
+        if CARRY:
+            if carried:
+                kp = tl.where(gxm[:, None], tl.exp(lg - r_key), 0.0)
+                key = tl.sum(kp, 0).to(tl.int32, bitcast=True)   # >= 0: sorts as float
+                tl.store(_packed(keys_ptr, ix_row, h, i, valid, H, PK, PK, 1), key,
+                         mask=valid)
+                # Relaxed: the counts are read after the barrier below, by this program.
+                tl.atomic_add(krow + _digit(key, bound, SUB, NB, WIN), 1, mask=valid,
                               sem="relaxed")
-            else:
-                khist += tl.histogram(tl.where(valid, _digit(key, mean_bits, SUB, NB, WIN), 0),
-                                      NB)
-                kbad += (valid == 0).to(tl.int32)
         if EL:
             # One exponential per element: the smaller of (running max, logit) over
             # the larger; a new max rescales the running sum by it.
@@ -1150,27 +1153,19 @@ def _score_kernel(q_ptr, q_sb, q_sh, q_sd, fp_ptr, fp_s0, fp_s1, fp_s2, fp_s3,
             sc_c, sc_v, size = _score_small(fs_ptr, fs_s0, fs_s1, fs_s2, ip_ptr, ip_s0,
                                             ip_s1, blk_n, valid_n, h, Q8, ISO, SV1)
         blk, valid, i = blk_n, valid_n, i_n
-    if KEYS:
-        nb = tl.arange(0, NB)
-        if KEYS == 2:
-            tl.debug_barrier()
-            khist = tl.load(kh_ptr + (rh * MSPLIT + p).to(tl.int64) * NB + nb,
-                            cache_modifier=".cg")
-            ge_row = KG0 + NR * H + rh * MSPLIT + p
-        else:
-            khist -= tl.where(nb == 0, tl.sum(kbad, 0), 0)
-            ge_row = rh * MSPLIT + p
-        tl.atomic_add(kh_ptr + (KG0 + rh).to(tl.int64) * NB + nb, khist, mask=khist > 0,
-                      sem="relaxed")
-        ge = tl.sum(khist, 0) - tl.cumsum(khist, 0) + khist
-        tl.store(kh_ptr + ge_row.to(tl.int64) * NB + nb, ge)
+    if CARRY:
+        if carried:
+            nb = tl.arange(0, NB)
+            tl.debug_barrier()   # (every thread's atomics before the row is read)
+            # (.cg: the atomics' values are in L2)
+            cnt = tl.load(krow + nb, cache_modifier=".cg")
+            # Every thread has its counts before any stores (the scan exchanges them).
+            tl.store(krow + nb, tl.sum(cnt, 0) - tl.cumsum(cnt, 0) + cnt)
     if EL:
         m_el = m_run
         m_run = tl.max(m_el, 1)
         m_safe = tl.where(m_run == _NEG_INF, 0.0, m_run)
         s_run = tl.sum(s_run * tl.exp(m_el - m_safe[:, None]), 1)
-    if KEYS:
-        tl.atomic_max(rk_ptr + rh, tl.max(tl.where(gxm, m_run, _NEG_INF), 0), sem="relaxed")
     tl.store(pm_ptr + (rh * NSP + p) * GP + gx, m_run)
     tl.store(ps_ptr + (rh * NSP + p) * GP + gx, s_run)
 
@@ -1187,7 +1182,8 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
                 EPB: tl.constexpr = 1, BUCKET: tl.constexpr = False, rgh_ptr=None,
                 ERR: tl.constexpr = False, tv_ptr=None, keys2_ptr=None, emax_ptr=None,
                 BAND: tl.constexpr = False, RI=1, bd_ptr=None, bd_s0=0, bd_s1=0,
-                ph_ptr=None, PHASE: tl.constexpr = False):
+                ph_ptr=None, PHASE: tl.constexpr = False, CARRY: tl.constexpr = False,
+                ref_ptr=None, mode_ptr=None):
     """Program (row*H + head, p): keys of the entries of range p and their digit
     histogram, added atomically to the row-head's histogram. BAND: as the score
     kernel's (a row re-ranking its band has the band's entries). Tiles are ``[G4, CHE]``
@@ -1202,7 +1198,13 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     p_g t_g`` (its share of each query head's attention among the entries times
     the uncapped variance term, :func:`~.reference.error_proxy`), at ``keys2``
     (packed as the keys), and the row-head's largest error key (atomic max at
-    ``emax``, zeroed by the score kernel)."""
+    ``emax``, zeroed by the score kernel).
+
+    CARRY (``RetroConfig.rank_reference`` "carried", with BUCKET): program 0 stores
+    the row-head's largest log-mass of this step (the score partials' maxima) as the
+    request's reference for its next step (``ref``, ``[ibt rows, H]``). A row-head
+    whose keys the score kernel wrote (its ``mode`` word) is left to it but for its
+    histogram: program 0 sums its ranges' counts in bins >= b into ``hist``."""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -1233,6 +1235,23 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     # twin's nan_to_num of an all -inf softmax).
     has = tot > 0
     lse = mx_safe + tl.log(tl.where(has, tot, 1.0))
+    if CARRY:
+        tl.static_assert(BUCKET and not ERR and not BAND,
+                         "the carried reference ranks by mass with the bucket selection")
+        carried = tl.load(mode_ptr + rh) != 0
+        if p == 0:
+            top = tl.max(tl.where(gm, mx, _NEG_INF), 0)
+            irow = tl.load(hdr_ptr + blk0 * hdr_s0 + _HDR_IBT)
+            tl.store(ref_ptr + irow.to(tl.int64) * H + h, top, mask=(C > 0) & (top > _NEG_INF))
+            if carried:
+                nb = tl.arange(0, NB)
+                rows = rgh_ptr + (rh * MSPLIT + sp).to(tl.int64)[:, None] * NB + nb[None, :]
+                mine = (sp < NS)[:, None] & (nb >= 0)[None, :]
+                ge = tl.sum(tl.load(rows, mask=mine, other=0), 0)
+                ge1 = tl.sum(tl.load(rows + 1, mask=mine & (nb < NB - 1)[None, :], other=0), 0)
+                tl.store(hist_ptr + rh * NB + nb, ge - ge1)
+        if carried:
+            return
     mean_bits = _mean_bits(C, G)
     lo, hi, per = _range(C, p, NS, PK)
     hist = tl.zeros([NB], tl.int32)
@@ -1580,7 +1599,8 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                     NB: tl.constexpr = 1, SUB: tl.constexpr = 1, WIN: tl.constexpr = 1,
                     ERR: tl.constexpr = False, keys2_ptr=None, hist2_ptr=None,
                     rgh2_ptr=None, emax_ptr=None, BAND: tl.constexpr = False, RI=1,
-                    bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False):
+                    bd_ptr=None, bd_s0=0, bd_s1=0, ph_ptr=None, PHASE: tl.constexpr = False,
+                    CARRY: tl.constexpr = False, mode_ptr=None):
     """Program (row*H + head, p): the selected entries of range p, in entry order,
     into the lists: top k1 -> retrieved, next k2 - k1 -> estimated.
 
@@ -1613,7 +1633,11 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
     n_estimate`` by score as above; its ``n_retrieve`` entries of largest error
     key (the band kernel's histogram ``hist2`` of the band's error bins, ties to
     the lower entry; offsets from its per-range counts ``rgh2``) are retrieved,
-    the rest of the band estimated."""
+    the rest of the band estimated.
+
+    CARRY (``RetroConfig.rank_reference`` "carried", with BUCKET): a row-head whose
+    keys the score kernel wrote (its ``mode`` word) bins them as it did
+    (:func:`_bound_bits`)."""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -1640,6 +1664,8 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         # band by score (t2, always: its top k1 by error are retrieved), then the
         # retrieved by error bin inside it (t1: the band kernel's histogram).
         mean_bits = _mean_bits(C, G)
+        if CARRY:
+            mean_bits = tl.where(tl.load(mode_ptr + rh) != 0, _bound_bits(G, WIN), mean_bits)
         hist = tl.load(hist_ptr + rh * NB + tl.arange(0, NB))
         rg = rgh_ptr + (rh * MSPLIT + sp).to(tl.int64) * NB
         if ERR:
@@ -2631,6 +2657,18 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     if ri > 1 and (SELECT != "bucket" or err):
         raise ValueError("band re-ranking (rank_interval > 1) needs the bucket selection "
                          f"and the mass rank, not {SELECT!r} / {retrieval_rank!r}")
+    ref = getattr(pool, "rank_ref", None)
+    carry = ref is not None
+    if carry:
+        if SELECT != "bucket" or err or ri > 1:
+            raise ValueError("the carried rank reference (rank_reference 'carried') needs "
+                             "the bucket selection, the mass rank and rank_interval 1, not "
+                             f"{SELECT!r} / {retrieval_rank!r} / {ri}")
+        if (ref.dtype != torch.float32 or ref.dim() != 2 or ref.shape[0] < ibt.shape[0]
+                or ref.shape[1] != h or not ref.is_contiguous() or ref.device != query.device):
+            raise ValueError(f"pool.rank_ref must be a contiguous float32 [ibt rows >= "
+                             f"{ibt.shape[0]}, {h}] tensor on {query.device}, got "
+                             f"{ref.dtype} {tuple(ref.shape)} on {ref.device}")
     epb = lay.entries_per_block
     if wave is not None:
         if epb != 1:
@@ -2672,7 +2710,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         band = {}
     # The CUDA score kernel reads 16-bit summaries, one entry per block, only.
     cuda_score = (SCORE_IMPL == "cuda" and query.is_cuda and not interpreting() and not q8
-                  and epb == 1 and not err and cuda_score_available())
+                  and epb == 1 and not err and not carry and cuda_score_available())
     # The split per row-head follows the rows in use, derived on the device
     # (:func:`_program`; DYNAMIC_SPLIT), except beside the CUDA score kernel, whose
     # grid is the static (B*H, nsplit(B)). The grids have room for the split of a
@@ -2691,12 +2729,17 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     # The score kernel on a split of its own (SMALL_BATCH_SCORE_PROGRAMS_PER_SM): never
     # larger than the key kernel's, whose log-sum-exp reads the partial slots up to
     # its split (the score kernel fills the ones past its own with neutral values).
-    own = not cuda_score and ws.score_target(b) < ws.select_target(b)
+    # (The carried reference's score kernel writes the selection's range histograms:
+    # on the selection kernels' split.)
+    own = not cuda_score and not carry and ws.score_target(b) < ws.select_target(b)
     nsg_s = ws.nsplit_score(b_min, b) if own else nsg
     grid_s = (b * h, nsg_s)
     split_s = (b, ws.score_target(b), nsg_s, dyn) if own else split
     if err:
         es = ws.error_buffers(b * h * nsg)
+    bucket = SELECT == "bucket"
+    if bucket:
+        rgh = ws.range_hist(b * h * nsg)
     if cuda_score:
         torch.ops.vllm_retro.paged_score(
             query, fpart, ipart, block_table, ibt, seq_lens, headers, ws.logits, ws.score_max,
@@ -2704,9 +2747,10 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
     else:
         fq, fs = pool.q8_views() if q8 else (fpart, fpart)
         score_cfg = _tune("score", b, fp32=fp32)
-        probe = {}
-        if score_cfg.get("KEYS"):
-            probe = ws.keys_probe(b * h, nsg_s)
+        if carry:
+            score_cfg.update(EL=True, CONTIG=True, CARRY=True, keys_ptr=ws.keys,
+                             rgh_ptr=rgh, ref_ptr=ref, mode_ptr=ws.rank_mode, PK=PACK,
+                             SUB=SUB_BITS, WIN=WINDOW_BINADES)
         _keep("score", _score_kernel[grid_s](
             query, *query.stride(), fpart, *fpart.stride(),
             fq, fq.stride(0), fq.stride(1), fs, fs.stride(0), fs.stride(1), fs.stride(2),
@@ -2718,10 +2762,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
             **({"NEUTRAL": True} if own else {}),
             **({"ISO": True} if q8 and iso else {}),
             **(dict(ERR=True, tv_ptr=es.tvar, hist2_ptr=es.hist2, emax_ptr=es.emax)
-               if err else {}), **band, **probe, **score_cfg))
-    bucket = SELECT == "bucket"
-    if bucket:
-        rgh = ws.range_hist(b * h * nsg)
+               if err else {}), **band, **score_cfg))
     _keep("key", _key_kernel[grid](
         ws.logits, ws.keys, ws.hist, ws.score_max, ws.score_sum, *common, sb, *split, BP=bp,
         H=h, G=g, GP=gp, G4=_next_pow2(g), BS=bs, NSP=nsp, NB=NBINS, SUB=SUB_BITS,
@@ -2729,6 +2770,7 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         **(dict(BUCKET=True, rgh_ptr=rgh) if bucket else {}),
         **(dict(ERR=True, tv_ptr=es.tvar, keys2_ptr=es.keys2, emax_ptr=es.emax)
            if err else {}), **band,
+        **(dict(CARRY=True, ref_ptr=ref, mode_ptr=ws.rank_mode) if carry else {}),
         **_tune("key", b)))
     if err:
         _keep("band", _band_kernel[grid](
@@ -2767,7 +2809,8 @@ def paged_decode_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor,
         **(dict(BUCKET=True, hist_ptr=ws.hist, rgh_ptr=rgh, cnt_ptr=ws.counts, G=g,
                 NB=NBINS, SUB=SUB_BITS, WIN=WINDOW_BINADES) if bucket else {}),
         **(dict(ERR=True, keys2_ptr=es.keys2, hist2_ptr=es.hist2, rgh2_ptr=es.range_hist2,
-                emax_ptr=es.emax) if err else {}), **band, **tune_c))
+                emax_ptr=es.emax) if err else {}), **band,
+        **(dict(CARRY=True, mode_ptr=ws.rank_mode) if carry else {}), **tune_c))
     mv8 = getattr(pool, "mean_value_bits", 16) == 8
     vc = getattr(pool, "value_correction", False)
     tune_a = _tune("attend", b, wave is not None, vc=vc, fp32=fp32)
