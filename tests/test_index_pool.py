@@ -150,9 +150,9 @@ def _prefill(mgr, rid, blocks, L, seed):
     return kvs
 
 
-def _decode(mgr, rows, q, layer=0, full=False):
+def _decode(mgr, rows, q, layer=0, full=False, select="exact"):
     """The twin's output for rows ``[(blocks, L)]`` at one layer (``full``: every
-    cluster retrieved, by a temporary header budget)."""
+    cluster retrieved, by a temporary header budget; ``select``: the twin's)."""
     name = list(mgr.kv_caches)[layer]
     bt = torch.zeros(len(rows), 64, dtype=torch.int32)
     for r, (blocks, _) in enumerate(rows):
@@ -165,7 +165,7 @@ def _decode(mgr, rows, q, layer=0, full=False):
             hdr[blocks[0], HDR_N_ESTIMATE] = 0
     out, st = reference.paged_decode_attention(
         q, mgr.kv_caches[name], mgr.layout, bt, sl, hdr, mgr.index_alloc.ibt,
-        mgr.pools[name], mgr.sink_end, 0.2)
+        mgr.pools[name], mgr.sink_end, 0.2, select=select)
     return out, st
 
 
@@ -435,6 +435,35 @@ def test_band_phase_is_shared_and_advances_once_per_step():
     plain = _manager()
     assert plain.band_phase is None
     assert all(p.band_phase is None for p in plain.pools.values())
+
+
+def test_carried_rank_reference_tables_reset_with_the_header():
+    """``rank_reference`` "carried": one ``[layers, ibt rows, H]`` float32 table,
+    each layer's pool a view of its layer; writing a request's header (its index
+    built) zeroes that request's references in every layer, and only those; the
+    twin then ranks the request as "step" once and stores its reference (each
+    layer's own); none without the option."""
+    mgr = _manager(rank_reference="carried")
+    ref = mgr.rank_ref
+    alloc = mgr.index_alloc
+    assert ref.dtype == torch.float32 and ref.shape == (LAYERS, alloc.ibt.shape[0], H)
+    for i, pool in enumerate(mgr.pools.values()):
+        assert pool.rank_ref.data_ptr() == ref[i].data_ptr() and pool.rank_ref.is_contiguous()
+    ref.fill_(1.0)
+    L = 700
+    blocks = list(range(1, 1 + math.ceil(L / BS)))
+    _prefill(mgr, "a", blocks, L, seed=21)
+    row = mgr.requests.entries["a"].ibt_row
+    assert not ref[:, row].any()
+    others = [i for i in range(ref.shape[1]) if i != row]
+    assert bool((ref[:, others] == 1.0).all())
+    q = torch.randn(1, H * G, D, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(22))
+    for layer in range(LAYERS):
+        _decode(mgr, [(blocks, L)], q, layer=layer, select="bucket")
+    assert ref[:, row].ne(0).all() and not torch.equal(ref[0, row], ref[1, row])
+    plain = _manager()
+    assert plain.rank_ref is None and all(p.rank_ref is None for p in plain.pools.values())
 
 
 def test_band_phase_can_be_turned_off(monkeypatch):
