@@ -332,6 +332,31 @@ def test_band_reranking_in_the_engine(tiny_model, dense):
     assert_same_or_near_tie([t for t, _ in out], dense_out)
 
 
+def test_carried_rank_reference_in_the_engine(tiny_model, dense):
+    """``rank_reference`` "carried" under vLLM's defaults (CUDA graphs; the references
+    a table the kernels write every step and the host zeroes with a header): with
+    every cluster retrieved the ranking does not change what is read, so the outputs
+    are dense's up to bf16 near-ties, while the counters show that most decode rows
+    of the indexed requests ranked by the carried reference (all but the first step
+    after each index build or growth) and every row was served."""
+    from vllm_retro.offline import close_llm
+    prompts, dense_out = dense
+    llm = gpu_llm(tiny_model, "retro", dict(FULL, rank_reference="carried"))
+    try:
+        mgr = manager(llm)
+        before = mgr.stats()
+        out = generate_with_logprobs(llm, prompts, MAX_TOKENS)
+        after = mgr.stats()
+        refs = int(mgr.rank_ref.ne(0).sum())
+    finally:
+        close_llm(llm)
+    d = {k: after[k] - before[k] for k in ("retro_rows", "dense_rows", "carried_rows")}
+    print(f"carried rank reference: {d}, {refs} references set")
+    assert d["retro_rows"] + d["dense_rows"] == sum(m - 1 for m in MAX_TOKENS), d
+    assert 0.5 * d["retro_rows"] < d["carried_rows"] < d["retro_rows"], d
+    assert_same_or_near_tie([t for t, _ in out], dense_out)
+
+
 def test_dense_switch_inside_cuda_graphs(tiny_model, dense):
     """``dense_below``: a step of at most two decode rows whose contexts average
     fewer tokens runs vLLM's FlashAttention, inside the same captured graphs as

@@ -210,7 +210,7 @@ def expected_stats(scene: Scene, st: torch.Tensor) -> list:
     live = [L > 0 for L, _ in scene.rows]
     return [sum(idx), sum(lv and not i for lv, i in zip(live, idx)),
             int(st[:, 0].sum()), int(st[:, 1].sum()), int(st[:, 2].sum()),
-            int(st[:, 3].sum())]
+            int(st[:, 3].sum()), int(st[:, 4].sum())]
 
 
 def selection(scene: Scene, ws, r: int, kh: int):

@@ -362,7 +362,7 @@ def flash_attn_pair(kv_cache: torch.Tensor, head_size: int, scale: float, fa_ver
 
 # ---------------------------------------------------------------- per worker
 STAT_NAMES = ("retro_rows", "dense_rows", "exact_tokens", "estimated_tokens",
-              "context_tokens", "reranked_rows")
+              "context_tokens", "reranked_rows", "carried_rows")
 # Requests that found the index pool (or the index table's rows) full: attended
 # exactly, each counted once (host-side, in PagedIndexManager.stats()).
 POOL_FULL_STAT = "index_pool_full"
@@ -1245,11 +1245,12 @@ class PagedIndexManager:
         if self.mirror is not None:
             self._log_wave(stats)
         ctx = max(1, d[4])
-        logger.info("retro: %d decode rows on the index (%d re-ranked their last band), "
+        logger.info("retro: %d decode rows on the index (%d re-ranked their last band, "
+                    "%d ranked by the carried reference), "
                     "%d exact (no index yet), %d on FlashAttention (dense_below); "
                     "%.2f%% of tokens read exactly, %.2f%% estimated; %d live requests, "
                     "%d segments indexed; index pool %d of %d pages free, %d requests "
-                    "found it full", d[0], d[5], d[1], flash, 100.0 * d[2] / ctx,
+                    "found it full", d[0], d[5], d[6], d[1], flash, 100.0 * d[2] / ctx,
                     100.0 * d[3] / ctx, len(self.requests.entries), self.segments_built,
                     self.index_alloc.free_pages, self.index_alloc.num_pages,
                     self.index_pool_full)

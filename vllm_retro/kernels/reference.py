@@ -51,9 +51,10 @@ cluster entry ``i``'s summaries at pool page ``ix[i]``) and KV head ``h`` with i
   above; every row-head with an index then stores its largest log-mass (over the
   group and the entries, when finite) as its reference for the next call.
 
-Returns the output ``[B, Hq, D]`` and per-row statistics ``[B, 4]`` float64:
+Returns the output ``[B, Hq, D]`` and per-row statistics ``[B, 5]`` float64:
 tokens read exactly, tokens estimated, tokens in context (summed over KV heads),
-1 where the row re-ranked its band.
+1 where the row re-ranked its band, 1 where its KV head 0 ranked by the carried
+reference.
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     g = hq // h
     cdt = _cdt(query.dtype)
     out = torch.zeros(b, hq, d, dtype=cdt, device=query.device)
-    stats = torch.zeros(b, 4, dtype=torch.float64)
+    stats = torch.zeros(b, 5, dtype=torch.float64)
     ri = getattr(pool, "rank_interval", 1)
     if ri > 1 and (select != "bucket" or retrieval_rank != "mass"):
         raise ValueError("band re-ranking (rank_interval > 1) needs the bucket selection "
@@ -351,6 +352,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                 lg = cluster_log_mass(q, f[:, F_CENTROID], f[:, F_KEY_VAR], sizes, scale,
                                       variance_cap)
                 carried = ref is not None and int(ref_in[irow, kh].view(torch.int32)) != 0
+                if carried and kh == 0:
+                    stats[r, 4] = 1.0
                 if carried:
                     # Relative to the request's largest log-mass of its last step.
                     score = torch.exp(lg.float() - ref_in[irow, kh]).sum(dim=0)

@@ -411,9 +411,10 @@ class DecodeWorkspace:
     ``part_o`` / ``part_m`` / ``part_l`` (``B * nsplit(B) * H * G`` rows of ``D`` / 1
     values, sized for the worst ``B <= max_rows``).
 
-    ``stats`` int64 ``[6]``: rows with an index, rows without one, tokens read
+    ``stats`` int64 ``[7]``: rows with an index, rows without one, tokens read
     exactly, tokens estimated, context tokens (token counts summed over KV heads),
-    rows that re-ranked their last band (``rank_interval``; counted per layer call).
+    rows that re-ranked their last band (``rank_interval``), rows ranked by the
+    carried reference (``rank_reference``; KV head 0's); counted per layer call.
     Calls with ``count_stats`` add to it; the owner reads and zeroes it.
 
     The error rank (``retrieval_rank`` "error", :meth:`error_buffers`, allocated at
@@ -475,7 +476,7 @@ class DecodeWorkspace:
         self.part_o = torch.zeros(cap * h * g * d, dtype=f32, device=dev)
         self.part_m = torch.zeros(cap * h * g, dtype=f32, device=dev)
         self.part_l = torch.zeros(cap * h * g, dtype=f32, device=dev)
-        self.stats = torch.zeros(6, dtype=torch.int64, device=dev)
+        self.stats = torch.zeros(7, dtype=torch.int64, device=dev)
         self.rank_mode = torch.zeros(rows, dtype=i32, device=dev)
         self.wave_src: Optional[torch.Tensor] = None
         self._range_hist: Optional[torch.Tensor] = None
@@ -1665,7 +1666,8 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
         # retrieved by error bin inside it (t1: the band kernel's histogram).
         mean_bits = _mean_bits(C, G)
         if CARRY:
-            mean_bits = tl.where(tl.load(mode_ptr + rh) != 0, _bound_bits(G, WIN), mean_bits)
+            carried = tl.load(mode_ptr + rh) != 0
+            mean_bits = tl.where(carried, _bound_bits(G, WIN), mean_bits)
         hist = tl.load(hist_ptr + rh * NB + tl.arange(0, NB))
         rg = rgh_ptr + (rh * MSPLIT + sp).to(tl.int64) * NB
         if ERR:
@@ -1797,6 +1799,9 @@ def _collect_kernel(keys_ptr, cand_ptr, lists_ptr, ncand_ptr, rng_ptr, sel_ptr, 
                                   (ret_tok * 0 + 1).to(tl.int64), sem="relaxed")
                     if BAND:
                         tl.atomic_add(stats_ptr + 5, rr.to(tl.int64), mask=rr,
+                                      sem="relaxed")
+                    if CARRY:
+                        tl.atomic_add(stats_ptr + 6, carried.to(tl.int64), mask=carried,
                                       sem="relaxed")
             tl.atomic_add(stats_ptr + 2, exact.to(tl.int64), sem="relaxed")
             tl.atomic_add(stats_ptr + 3, est_tok.to(tl.int64), sem="relaxed")
