@@ -103,7 +103,7 @@ fi
 smollm2_gguf() {
   local parts
   parts=$(ls /opt/retro-carry/part-smollm2-* 2>/dev/null | wc -l)
-  if [ "$parts" -lt 2 ]; then echo "$s: $parts of 2 SmolLM2 GGUF parts carried"; return 1; fi
+  if [ "$parts" -lt 3 ]; then echo "$s: $parts of 3 SmolLM2 GGUF parts carried"; return 1; fi
   cat /opt/retro-carry/part-smollm2-* > /opt/retro-carry/smollm2.gguf
   python3 -m pip install -q --no-index --no-deps --target /tmp/carry-site \
     /opt/retro-carry/gguf-*.whl
