@@ -99,7 +99,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
             must not do: pass a persistent one there).
         count_stats: add the call's statistics to ``workspace.stats`` (rows with an
             index, rows without, tokens read exactly, estimated, in context, rows
-            that re-ranked their last band: ``pool.rank_interval``).
+            that re-ranked their last band: ``pool.rank_interval``, rows ranked by
+            the carried reference: ``pool.rank_ref``).
         variance_cap: cap of the clusters' variance term (``RetroConfig.variance_cap``).
         wave: the layer's :class:`WaveBufferView` when rows may have released blocks:
             retrieved tokens below a row's horizon (header ``HDR_HORIZON``) are read
@@ -138,6 +139,6 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         live = lens > 0
         add = torch.tensor([int((live & idx).sum()), int((live & ~idx).sum()),
                             int(st[:, 0].sum()), int(st[:, 1].sum()), int(st[:, 2].sum()),
-                            int(st[:, 3].sum())], dtype=torch.int64)
+                            int(st[:, 3].sum()), int(st[:, 4].sum())], dtype=torch.int64)
         workspace.stats += add.to(workspace.stats.device)
     return out

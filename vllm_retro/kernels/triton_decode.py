@@ -1221,6 +1221,12 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
         if p >= NS:
             return
     _pdl_wait(PDL)
+    if CARRY:
+        tl.static_assert(BUCKET and not ERR and not BAND,
+                         "the carried reference ranks by mass with the bucket selection")
+        carried = tl.load(mode_ptr + rh) != 0
+        if carried & (p > 0):   # (the score kernel did this range's work)
+            return
     g = tl.arange(0, G4)
     gm = g < G
     sp = tl.arange(0, NSP)
@@ -1237,9 +1243,6 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     has = tot > 0
     lse = mx_safe + tl.log(tl.where(has, tot, 1.0))
     if CARRY:
-        tl.static_assert(BUCKET and not ERR and not BAND,
-                         "the carried reference ranks by mass with the bucket selection")
-        carried = tl.load(mode_ptr + rh) != 0
         if p == 0:
             top = tl.max(tl.where(gm, mx, _NEG_INF), 0)
             irow = tl.load(hdr_ptr + blk0 * hdr_s0 + _HDR_IBT)
