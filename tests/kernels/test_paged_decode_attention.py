@@ -624,6 +624,34 @@ def _pool_copy(pool: IndexPool) -> IndexPool:
     return out
 
 
+def _steps_scene(seed: int, rows: int, **pool_kw):
+    """(scene, indexed rows) of the multi-step tests: two indexed rows with 8-bit
+    summaries, with ``rows`` 4 a padded row and one without an index between them."""
+    torch.manual_seed(seed)
+    sc = Scene(260, summary_bits=8, **pool_kw)
+    sc.add(900)
+    if rows == 4:
+        sc.add(0)
+        sc.add(300, index="none")
+    sc.add(700, n_ret=5, n_est=11)
+    return sc, (0, rows - 1)
+
+
+def _step_both(td, sc, ws, bt, sl, q, twin_hdr, twin_pool):
+    """One decode step of the kernels (the scene's headers and pool) and of the twin
+    (its own ``twin_hdr`` and ``twin_pool``), bucket selection: (out, twin out, twin
+    stats)."""
+    ws.stats.zero_()
+    out = torch.full((len(sl), H * G, D), float("nan"), device=DEV)
+    td.paged_decode_attention_triton(q.to(DEV), sc.kv, sc.lay, bt, sl, sc.headers,
+                                     sc.alloc.ibt, sc.pool, sc.S, 0.2, out, ws,
+                                     count_stats=True)
+    ref, st = reference.paged_decode_attention(
+        q, sc.cpu_cache(), sc.lay, bt.cpu(), sl.cpu(), twin_hdr, sc.alloc.ibt.cpu(),
+        twin_pool, sc.S, 0.2, select="bucket")
+    return out, ref, st
+
+
 @pytest.mark.parametrize("rows", [4, 2])
 def test_band_reranking_matches_twin_over_steps(monkeypatch, rows):
     """``rank_interval`` 3 over five decode steps of growing contexts: steps 0 and 3
@@ -637,14 +665,7 @@ def test_band_reranking_matches_twin_over_steps(monkeypatch, rows):
     a re-ranking row runs on fewer programs than a full ranking."""
     td = _td()
     monkeypatch.setattr(td, "SELECT", "bucket")
-    torch.manual_seed(47)
-    sc = Scene(260, summary_bits=8, rank_interval=3)
-    sc.add(900)
-    if rows == 4:
-        sc.add(0)
-        sc.add(300, index="none")
-    sc.add(700, n_ret=5, n_est=11)
-    indexed = (0, rows - 1)
+    sc, indexed = _steps_scene(47, rows, rank_interval=3)
     twin_pool, twin_hdr = _pool_copy(sc.pool), sc.headers.cpu().clone()
     bt, sl0 = sc.tensors()
     band = sc.pool.band_table()
@@ -653,14 +674,7 @@ def test_band_reranking_matches_twin_over_steps(monkeypatch, rows):
     for step in range(5):
         sl = torch.where(sl0 > 0, sl0 + step, 0)
         q = torch.randn(rows, H * G, D)
-        ws.stats.zero_()
-        out = torch.full((rows, H * G, D), float("nan"), device=DEV)
-        td.paged_decode_attention_triton(q.to(DEV), sc.kv, sc.lay, bt, sl, sc.headers,
-                                         sc.alloc.ibt, sc.pool, sc.S, 0.2, out, ws,
-                                         count_stats=True)
-        ref, st = reference.paged_decode_attention(
-            q, sc.cpu_cache(), sc.lay, bt.cpu(), sl.cpu(), twin_hdr, sc.alloc.ibt.cpu(),
-            twin_pool, sc.S, 0.2, select="bucket")
+        out, ref, st = _step_both(td, sc, ws, bt, sl, q, twin_hdr, twin_pool)
         rerank = step in (1, 2, 4)
         assert st[:, 3].tolist() == [float(rerank and r in indexed) for r in range(rows)]
         assert _rel(out, ref) < 2e-3, (step, _rel(out, ref))
@@ -701,10 +715,7 @@ def test_band_reranking_follows_the_shared_phase(monkeypatch):
     1, 2; without the phase step 2 would re-rank)."""
     td = _td()
     monkeypatch.setattr(td, "SELECT", "bucket")
-    torch.manual_seed(59)
-    sc = Scene(260, summary_bits=8, rank_interval=3)
-    sc.add(900)
-    sc.add(700, n_ret=5, n_est=11)
+    sc, _ = _steps_scene(59, 2, rank_interval=3)
     twin_pool, twin_hdr = _pool_copy(sc.pool), sc.headers.cpu().clone()
     sc.pool.band_phase = torch.zeros(1, dtype=torch.int32, device=DEV)
     twin_pool.band_phase = torch.zeros(1, dtype=torch.int32)
@@ -716,14 +727,7 @@ def test_band_reranking_follows_the_shared_phase(monkeypatch):
         twin_pool.band_phase.fill_(phase)
         sl = sl0 + step
         q = torch.randn(2, H * G, D)
-        ws.stats.zero_()
-        out = torch.full((2, H * G, D), float("nan"), device=DEV)
-        td.paged_decode_attention_triton(q.to(DEV), sc.kv, sc.lay, bt, sl, sc.headers,
-                                         sc.alloc.ibt, sc.pool, sc.S, 0.2, out, ws,
-                                         count_stats=True)
-        ref, st = reference.paged_decode_attention(
-            q, sc.cpu_cache(), sc.lay, bt.cpu(), sl.cpu(), twin_hdr, sc.alloc.ibt.cpu(),
-            twin_pool, sc.S, 0.2, select="bucket")
+        out, ref, st = _step_both(td, sc, ws, bt, sl, q, twin_hdr, twin_pool)
         assert _rel(out, ref) < 2e-3, (step, _rel(out, ref))
         assert ws.stats.tolist() == expected_stats(sc, st), step
         assert torch.equal(sc.headers.cpu(), twin_hdr), step
@@ -771,14 +775,7 @@ def test_carried_rank_reference_matches_twin_over_steps(monkeypatch, rows):
     among them) and two (the small-batch tuning)."""
     td = _td()
     monkeypatch.setattr(td, "SELECT", "bucket")
-    torch.manual_seed(61)
-    sc = Scene(260, summary_bits=8)
-    sc.add(900)
-    if rows == 4:
-        sc.add(0)
-        sc.add(300, index="none")
-    sc.add(700, n_ret=5, n_est=11)
-    indexed = (0, rows - 1)
+    sc, indexed = _steps_scene(61, rows)
     bt, sl0 = sc.tensors()
     irows = [int(sc.headers[int(bt[r, 0]), HDR_IBT_ROW]) for r in indexed]
     sc.pool.rank_ref = torch.zeros(sc.alloc.ibt.shape[0], H, device=DEV)
@@ -792,14 +789,7 @@ def test_carried_rank_reference_matches_twin_over_steps(monkeypatch, rows):
         before = twin_pool.rank_ref.clone()
         sl = torch.where(sl0 > 0, sl0 + step, 0)
         q = torch.randn(rows, H * G, D)
-        ws.stats.zero_()
-        out = torch.full((rows, H * G, D), float("nan"), device=DEV)
-        td.paged_decode_attention_triton(q.to(DEV), sc.kv, sc.lay, bt, sl, sc.headers,
-                                         sc.alloc.ibt, sc.pool, sc.S, 0.2, out, ws,
-                                         count_stats=True)
-        ref, st = reference.paged_decode_attention(
-            q, sc.cpu_cache(), sc.lay, bt.cpu(), sl.cpu(), sc.headers.cpu(),
-            sc.alloc.ibt.cpu(), twin_pool, sc.S, 0.2, select="bucket")
+        out, ref, st = _step_both(td, sc, ws, bt, sl, q, sc.headers.cpu(), twin_pool)
         assert _rel(out, ref) < 2e-3, (step, _rel(out, ref))
         assert ws.stats.tolist() == expected_stats(sc, st), step
         mode = ws.rank_mode.cpu()
