@@ -46,8 +46,10 @@ from vllm_retro.kernels import triton_decode as td  # noqa: E402
 # (name, "pps+<kernel>", (programs per SM, overrides)), (name, "asplit", the
 # attention kernel's own max split), (name, "pdl"[+asplit], ...) (programmatic
 # dependent launch of kernels 2-5), (name, "score_impl", triton_decode.SCORE_IMPL:
-# "cuda" is the extension's CUDA score kernel, an error where it is not built) or
-# (name, "groups", (row groups, programs per SM of each, stagger in us): :func:`grouped_step`)
+# "cuda" is the extension's CUDA score kernel, an error where it is not built),
+# (name, "groups", (row groups, programs per SM of each, stagger in us): :func:`grouped_step`),
+# (name, "multi" / "all", {kernel: overrides}: TUNE only / both tuning tables) or
+# (name, "carry"[+<kind>], ...): any of these with rank_reference "carried".
 VARIANTS = [
     ("default", None, {}),
     # The selection modes (triton_decode.SELECT): "bucket" (the default: whole
@@ -184,6 +186,10 @@ VARIANTS = [
     ("rank carried", "carry", {}),
     ("rank carried SV1", "carry+score", dict(SV1=True)),
     ("rank carried SV1 PFS", "carry+score", dict(SV1=True, PFS=True)),
+    # The candidates together ("all": each kernel's overrides in both tuning tables).
+    ("score SV1 attend ECONTIG", "all", dict(score=dict(SV1=True), attend=dict(ECONTIG=True))),
+    ("rank carried SV1 attend ECONTIG", "carry+all",
+     dict(score=dict(SV1=True), attend=dict(ECONTIG=True))),
     # The small gathers (size, 8-bit scales) one tile ahead: their round trip was
     # exposed once per tile (without them, "score diag no small", the kernel took 24%
     # less at 128K x 6 on an H100).
@@ -497,6 +503,11 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
         elif kernel == "multi":
             for k, o in over.items():
                 td.TUNE[k].update(o)
+            kernel = None
+        elif kernel == "all":
+            for k, o in over.items():
+                td.TUNE[k].update(o)
+                td.TUNE_SMALL_BATCH.get(k, {}).update(o)
             kernel = None
         elif kernel in ("pdl", "no_pdl"):
             kernel = None
