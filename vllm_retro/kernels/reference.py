@@ -96,27 +96,31 @@ WINDOW_BINADES = 16
 NBINS = WINDOW_BINADES << SUB_BITS
 
 
-def score_digits(score: torch.Tensor, group: int) -> torch.Tensor:
-    """Histogram bin of each cluster's ranking score (``[C]``, >= 0, as float32):
-    the kernels' digit of its float32 bit pattern, clamped at the window's ends."""
-    c = score.numel()
+def _window_digits(score: torch.Tensor, top: int) -> torch.Tensor:
+    """Histogram bin of each value of ``score`` (``[C]``, >= 0, as float32): the
+    kernels' digit of its float32 bit pattern, 1/2^SUB_BITS of a binade per bin over
+    the ``WINDOW_BINADES`` binades ending with biased binade ``top``, values outside
+    the window in its end bins."""
     key = score.float().view(torch.int32).long()
-    mean = torch.tensor(float(group), dtype=torch.float32) / torch.tensor(
-        float(max(c, 1)), dtype=torch.float32)
-    lo = ((int(mean.view(torch.int32)) >> 23) - WINDOW_BINADES // 2) << SUB_BITS
+    lo = (top - WINDOW_BINADES + 1) << SUB_BITS
     return ((key >> (23 - SUB_BITS)) - lo).clamp(0, NBINS - 1)
 
 
+def score_digits(score: torch.Tensor, group: int) -> torch.Tensor:
+    """Histogram bin of each cluster's ranking score: the window centred on the
+    mean score's binade (:func:`_window_digits`)."""
+    mean = torch.tensor(float(group), dtype=torch.float32) / torch.tensor(
+        float(max(score.numel(), 1)), dtype=torch.float32)
+    return _window_digits(score, (int(mean.view(torch.int32)) >> 23)
+                          + WINDOW_BINADES // 2 - 1)
+
+
 def bound_digits(score: torch.Tensor, group: int) -> torch.Tensor:
-    """Histogram bin of each cluster's carried rank key (``[C]``, >= 0, as float32;
-    ``RetroConfig.rank_reference`` "carried"): the bins of :func:`score_digits`, the
-    window's top binade ``group``'s own (keys up to ``group``, their bound when the
-    reference is the step's own largest log-mass, are inside it), keys outside the
-    window in its end bins."""
-    key = score.float().view(torch.int32).long()
-    top = ((int(torch.tensor(float(group), dtype=torch.float32).view(torch.int32)) >> 23)
-           + 1) << SUB_BITS
-    return ((key >> (23 - SUB_BITS)) - (top - NBINS)).clamp(0, NBINS - 1)
+    """Histogram bin of each cluster's carried rank key (``RetroConfig.rank_reference``
+    "carried"): the window's top binade ``group``'s own (keys up to ``group``, their
+    bound when the reference is the step's own largest log-mass, are inside it)."""
+    g = torch.tensor(float(group), dtype=torch.float32)
+    return _window_digits(score, int(g.view(torch.int32)) >> 23)
 
 
 def bucket_selection(score: torch.Tensor, n_ret: int, n_est: int, group: int,
@@ -165,10 +169,8 @@ def error_digits(err: torch.Tensor) -> torch.Tensor:
     over the ``WINDOW_BINADES`` binades that end with the largest proxy's (the
     proxies have no natural scale to centre on; the rank keeps the largest ones,
     smaller ones clamp to bin 0)."""
-    key = err.float().view(torch.int32).long()
-    top = int(key.max()) >> 23 if key.numel() else 0
-    lo = (top - WINDOW_BINADES + 1) << SUB_BITS
-    return ((key >> (23 - SUB_BITS)) - lo).clamp(0, NBINS - 1)
+    key = err.float().view(torch.int32)
+    return _window_digits(err, int(key.max()) >> 23 if key.numel() else 0)
 
 
 def error_proxy(q: torch.Tensor, lg: torch.Tensor, kvar: torch.Tensor,
@@ -351,26 +353,24 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                 sizes = iw[:, I_SIZE]
                 lg = cluster_log_mass(q, f[:, F_CENTROID], f[:, F_KEY_VAR], sizes, scale,
                                       variance_cap)
-                carried = ref is not None and int(ref_in[irow, kh].view(torch.int32)) != 0
-                if carried and kh == 0:
-                    stats[r, 4] = 1.0
-                if carried:
+                if ref is not None and int(ref_in[irow, kh].view(torch.int32)) != 0:
                     # Relative to the request's largest log-mass of its last step.
                     score = torch.exp(lg.float() - ref_in[irow, kh]).sum(dim=0)
+                    ret, est = bucket_selection(score, n_ret, n_est, g,
+                                                digits=bound_digits(score, g))
+                    if kh == 0:
+                        stats[r, 4] = 1.0
                 else:
                     score = torch.softmax(lg, dim=-1).nan_to_num(0.0).sum(dim=0)
+                    if retrieval_rank == "error":
+                        err = error_proxy(q, lg, f[:, F_KEY_VAR], scale)
+                        ret, est = error_selection(score, err, n_ret, n_est, g, select)
+                    else:
+                        ret, est = mass_selection(score, n_ret, n_est, g, select)
                 if ref is not None:
                     top = lg.max().float()
                     if torch.isfinite(top):
                         ref[irow, kh] = top.to(ref.device)
-                if carried:
-                    ret, est = bucket_selection(score, n_ret, n_est, g,
-                                                digits=bound_digits(score, g))
-                elif retrieval_rank == "error":
-                    err = error_proxy(q, lg, f[:, F_KEY_VAR], scale)
-                    ret, est = error_selection(score, err, n_ret, n_est, g, select)
-                else:
-                    ret, est = mass_selection(score, n_ret, n_est, g, select)
                 if band_tab is not None and not rerank:
                     sel_pages = ent[torch.cat([ret, est])].to(torch.int32)
                     rows, words = _band_slots(band_tab, pbs, len(sel_pages))
