@@ -257,11 +257,18 @@ def bench_case(ctx: int, batch: int, cfg: RetroConfig, bw: float,
         paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale, out=out,
                                workspace=ws, count_stats=count, **decode_options(cfg))
 
+    carried = cfg.carries_rank_reference and td.SELECT == "bucket"
+    if carried:
+        # As the backend (RetroConfig.rank_reference): one reference per index-table
+        # row and KV head, set by a first step that ranks with this step's reference.
+        ix.pool.rank_ref = torch.zeros(ix.ibt.shape[0], H, device="cuda")
+        run_retro()
     ws.stats.zero_()
     run_retro(True)
     torch.cuda.synchronize()
-    st = ws.stats.tolist()  # rows idx, rows no idx, exact tok, est tok, ctx tok
+    st = ws.stats.tolist()  # rows idx, rows no idx, exact tok, est tok, ctx tok, .., carried
     assert st[0] == batch, f"retro kernels did not serve the rows with an index: {st}"
+    assert st[6] == (batch if carried else 0), f"carried rank reference rows: {st}"
     exact_frac = st[2] / st[4]
     est_frac = st[3] / st[4]
     eager = time_ms(run_retro)
@@ -284,7 +291,8 @@ def bench_case(ctx: int, batch: int, cfg: RetroConfig, bw: float,
                 fa3_ms=fa, floor_us=floor_us, dense_floor_us=dense_bytes / (bw * 1e12) * 1e6,
                 speedup_vs_fa3=fa / graph, graph_over_floor=graph * 1e3 / floor_us,
                 exact_fraction=exact_frac, estimated_fraction=est_frac,
-                retro_rows=st[0], dense_rows=st[1], per_kernel_us=kernels)
+                retro_rows=st[0], dense_rows=st[1], carried_rows=st[6],
+                per_kernel_us=kernels)
 
 
 def check_full_vs_dense(cfg: RetroConfig) -> float:

@@ -150,6 +150,9 @@ CONFIGS = {
     # Smaller estimated bands (the kernels' twin is more accurate with them:
     # docs/accuracy.md, "A smaller estimated band").
     "ef15": dict(BASE_RETRO, estimation_fraction=0.15),
+    # The GPU's opt-in carried rank reference (the key kernel's work moved into the
+    # score kernel; design section 7).
+    "carried": dict(BASE_RETRO, rank_reference="carried"),
     "ef10": dict(BASE_RETRO, estimation_fraction=0.10),
 }
 
@@ -697,7 +700,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--configs", default="dense,retro,rf0.005,rf0.01,rf0.018,rf0.05")
     ap.add_argument("--extra-configs", default="",
                     help="JSON {name: retro options} added to the known configurations "
-                         "(list them in --configs)")
+                         "over the run's base options (segment size; list them in "
+                         "--configs)")
     ap.add_argument("--sweep-lengths", default="4096",
                     help="lengths the rf* sweep configurations run on ('all': every "
                          "length); dense and retro always run every prompt")
@@ -731,7 +735,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     lengths = [int(x) for x in args.lengths.split(",") if x]
     configs = [c for c in args.configs.split(",") if c]
     if args.extra_configs:
-        CONFIGS.update(json.loads(args.extra_configs))
+        CONFIGS.update({name: dict(BASE_RETRO, **opts)
+                        for name, opts in json.loads(args.extra_configs).items()})
     for c in configs:
         if c not in CONFIGS:
             raise SystemExit(f"unknown config {c!r}; known: {list(CONFIGS)}")

@@ -150,10 +150,14 @@ def _prefill(mgr, rid, blocks, L, seed):
     return kvs
 
 
-def _decode(mgr, rows, q, layer=0, full=False, select="exact"):
+def _decode(mgr, rows, q, layer=0, full=False, select=None):
     """The twin's output for rows ``[(blocks, L)]`` at one layer (``full``: every
-    cluster retrieved, by a temporary header budget; ``select``: the twin's)."""
+    cluster retrieved, by a temporary header budget; ``select``: the twin's, by
+    default "exact", or "bucket" where the pools carry rank references, which rank
+    with buckets only)."""
     name = list(mgr.kv_caches)[layer]
+    if select is None:
+        select = "exact" if mgr.pools[name].rank_ref is None else "bucket"
     bt = torch.zeros(len(rows), 64, dtype=torch.int32)
     for r, (blocks, _) in enumerate(rows):
         bt[r, :len(blocks)] = torch.tensor(blocks)
@@ -442,7 +446,7 @@ def test_carried_rank_reference_tables_reset_with_the_header():
     each layer's pool a view of its layer; writing a request's header (its index
     built) zeroes that request's references in every layer, and only those; the
     twin then ranks the request as "step" once and stores its reference (each
-    layer's own); none without the option."""
+    layer's own); none with "step" or where "auto" cannot carry."""
     mgr = _manager(rank_reference="carried")
     ref = mgr.rank_ref
     alloc = mgr.index_alloc
@@ -462,8 +466,11 @@ def test_carried_rank_reference_tables_reset_with_the_header():
     for layer in range(LAYERS):
         _decode(mgr, [(blocks, L)], q, layer=layer, select="bucket")
     assert ref[:, row].ne(0).all() and not torch.equal(ref[0, row], ref[1, row])
-    plain = _manager()
+    plain = _manager(rank_reference="step")
     assert plain.rank_ref is None and all(p.rank_ref is None for p in plain.pools.values())
+    # "auto" (the default): carried with the mass rank, not with the error rank.
+    assert _manager().rank_ref is not None
+    assert _manager(retrieval_rank="error").rank_ref is None
 
 
 def test_band_phase_can_be_turned_off(monkeypatch):

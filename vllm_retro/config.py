@@ -40,7 +40,7 @@ RETRIEVAL_RANKS = ("mass", "error", "error_value")
 # RetroConfig.variance_form: how the GPU scoring stage reads a cluster's key variance.
 VARIANCE_FORMS = ("diagonal", "isotropic")
 # RetroConfig.rank_reference: what the GPU rank keys are relative to.
-RANK_REFERENCES = ("step", "carried")
+RANK_REFERENCES = ("auto", "step", "carried")
 # Named option sets (RetroConfig.from_preset; option "preset" in a dict). "accuracy":
 # issue 16's options that every decode path runs (the C++ kernel on CPU, the GPU
 # kernels): 4-token clusters, value-aware clustering, the variance cap, the rank-1
@@ -248,20 +248,25 @@ class RetroConfig:
             measured. Needs ``summary_bits`` 8 (the band lives in the 8-bit
             summaries' spare words: no memory is added) and the "mass" retrieval
             rank; the CPU backend ranks every step.
-        rank_reference: GPU only: what a cluster's rank key is relative to. "step"
-            (the default): each query head's softmax over the clusters of this
-            step, summed over the GQA group (its normalization needs every
-            cluster's score first: the key kernel, one launch after the scores).
-            "carried": the group's summed masses relative to the request's largest
-            log-mass of its previous decode step, per layer and KV head (one float
-            each), which the score kernel turns into keys and histograms itself;
-            the histogram window's top binade is then the group size's. A
-            step after the request's index was built or grown has no reference and
-            ranks as "step" does. On real SmolLM2 attention it moved the median
+        rank_reference: GPU only: what a cluster's rank key is relative to. "step":
+            each query head's softmax over the clusters of this step, summed over
+            the GQA group (its normalization needs every cluster's score first: the
+            key kernel, one launch after the scores). "carried": the group's summed
+            masses relative to the request's largest log-mass of its previous
+            decode step, per layer and KV head (one float each), which the score
+            kernel turns into keys and histograms itself; the histogram window's
+            top binade is then the group size's. A step after the request's index
+            was built or grown has no reference and ranks as "step" does. Needs
+            the "mass" retrieval rank and ``rank_interval`` 1. "auto" (the
+            default): "carried" where those hold (and the kernels select by
+            buckets), else "step". On an H100 at 128K x 6 the decode attention
+            took 137.3 against 142.8 us per layer (x 3: 88.6 against 92.7; one
+            row unchanged); SmolLM2 task accuracy 0.643 against 0.617 (dense
+            0.634), no task and length lower (``docs/perf-notes.md``, forty-third
+            session). On real SmolLM2 attention (the CPU twin) it moved the median
             error by at most +0.26 points and the p90 by at most +0.93
             (``docs/accuracy.md``, "Does the ranking need this step's
-            normalization?"). Opt-in until its GPU speed and task accuracy are
-            measured. Needs the "mass" retrieval rank and ``rank_interval`` 1.
+            normalization?").
         prefill_resident_tokens: with ``wave_buffer``, how many of a prompt's tokens
             may stay in vLLM's GPU blocks while the prompt is still being prefilled
             (chunked prefill). Tokens further behind the prefill front are clustered,
@@ -305,7 +310,7 @@ class RetroConfig:
     mean_value_bits: int = 16
     variance_form: str = "diagonal"
     rank_interval: int = 1
-    rank_reference: str = "step"
+    rank_reference: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int("segment_size", self.segment_size, 64, 1 << 20)
@@ -434,6 +439,15 @@ class RetroConfig:
         if unknown:
             raise ValueError(
                 f"unknown retro option(s) {unknown}; known options: {sorted(known)}")
+
+    @property
+    def carries_rank_reference(self) -> bool:
+        """Whether the GPU kernels rank by the carried reference
+        (``rank_reference`` "carried", or "auto" with the mass rank and
+        ``rank_interval`` 1)."""
+        if self.rank_reference == "auto":
+            return self.retrieval_rank == "mass" and self.rank_interval == 1
+        return self.rank_reference == "carried"
 
     @classmethod
     def from_preset(cls, name: str, **changes: Any) -> "RetroConfig":

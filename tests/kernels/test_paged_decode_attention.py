@@ -827,7 +827,14 @@ def test_carried_rank_reference_is_validated(monkeypatch):
         RetroConfig(rank_reference="carried", retrieval_rank="error")
     with pytest.raises(ValueError, match="needs retrieval_rank 'mass' and rank_interval 1"):
         RetroConfig(rank_reference="carried", rank_interval=2)
-    assert RetroConfig(rank_reference="carried").rank_reference == "carried"
+    assert RetroConfig(rank_reference="carried").carries_rank_reference
+    # "auto" (the default): carried where it can be, else the step's reference.
+    assert RetroConfig().rank_reference == "auto"
+    assert RetroConfig().carries_rank_reference
+    assert not RetroConfig(retrieval_rank="error").carries_rank_reference
+    assert not RetroConfig(rank_interval=4).carries_rank_reference
+    assert not RetroConfig(rank_reference="step").carries_rank_reference
+    assert not RetroConfig.from_preset("accuracy").carries_rank_reference
     td = _td()
     torch.manual_seed(5)
     sc = Scene(60, summary_bits=8)

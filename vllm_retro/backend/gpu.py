@@ -661,6 +661,16 @@ class PagedIndexManager:
         scratch is part of each pool page's cost)."""
         return self.config.retrieval_rank == "error"
 
+    def _carried_rank_reference(self) -> bool:
+        """Whether the decode kernels rank by the carried reference: as the config
+        says ("auto" also needs the kernels' bucket selection; "carried" without it
+        is refused by the kernels' launcher)."""
+        cfg = self.config
+        if not cfg.carries_rank_reference:
+            return False
+        return (cfg.rank_reference == "carried" or triton_decode is None
+                or triton_decode.SELECT == "bucket")
+
     def _wave_host_bytes(self) -> int:
         from . import kv_spec
         return kv_spec.wave_host_bytes(self.config, self.vllm_config)
@@ -694,7 +704,7 @@ class PagedIndexManager:
                 pool.band_phase = self.band_phase
         self.index_alloc = IndexAllocator(num_pages, max_seqs + IBT_ROW_MARGIN, max_pages,
                                           dev)
-        if self.config.rank_reference == "carried":
+        if self._carried_rank_reference():
             self.rank_ref = torch.zeros(num_layers, self.index_alloc.ibt.shape[0], h,
                                         dtype=torch.float32, device=dev)
             for i, pool in enumerate(self._pool_list):

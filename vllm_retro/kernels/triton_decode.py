@@ -155,7 +155,12 @@ TUNE = {
     # XR: the products' 16 rows folded to the query heads' 4 before the element-wise
     # work: 634 -> 498 SASS instructions per 64-entry tile and no spill at 8-bit
     # summaries, 128 registers (sm_90, Triton 3.6; bit-equal outputs).
-    "score": dict(CH=64, num_warps=4, num_stages=2, maxnreg=128, XR=True, EL=True, FLOG=True),
+    # SV1: the size and 8-bit scales from one 32-byte sector per entry: the carried
+    # form (rank_reference) 134.9 against 137.3 us per layer at 128K x 6, 86.9
+    # against 88.6 at x 3; the step form 142.9 against 143.3 at x 6 (H100,
+    # forty-third session; bit-equal outputs).
+    "score": dict(CH=64, num_warps=4, num_stages=2, maxnreg=128, XR=True, EL=True, FLOG=True,
+                  SV1=True),
     # Selection tiles of 1,024 entries: one tile per program's range at 128K x 8
     # (keys 19 -> 16, candidates 30 -> 22, lists 17 -> 14 us per layer); at one or
     # two rows the ranges are shorter and 256 stays (TUNE_SMALL_BATCH).
