@@ -125,7 +125,7 @@ def _compile(self: JITFunction, key, src, options: dict, consts: dict, sig: dict
         compiled[key] = len(k.asm["cubin"])
         extra = ""
         if self.__name__ in RESOURCES:
-            flags = {n: consts[n] for n in ("WAVE", "PDL", "Q8", "ISO", "ERR", "BAND")
+            flags = {n: consts[n] for n in ("WAVE", "PDL", "Q8", "ISO", "ERR", "BAND", "CARRY")
                      if n in consts and consts[n]}
             dt = next((v for n, v in sig.items() if n == "kv_ptr"), "")
             extra = f" {dt} {flags}: {resource_usage(k.asm['cubin'])}"

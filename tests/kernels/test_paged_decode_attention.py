@@ -760,8 +760,8 @@ def _carried_keys(lg: torch.Tensor, ref: float) -> torch.Tensor:
     return torch.exp(lg.float() - ref).sum(0)
 
 
-@pytest.mark.parametrize("rows", [4, 2])
-def test_carried_rank_reference_matches_twin_over_steps(monkeypatch, rows):
+@pytest.mark.parametrize("rows,max_split", [(4, 0), (2, 0), (4, 3)])
+def test_carried_rank_reference_matches_twin_over_steps(monkeypatch, rows, max_split):
     """``rank_reference`` "carried" over three decode steps: step 0 has no reference
     (each row-head ranks as "step" and the key kernel stores its largest log-mass),
     later steps rank by ``sum_g exp(lg_g - R)`` with the score kernel writing the
@@ -772,7 +772,8 @@ def test_carried_rank_reference_matches_twin_over_steps(monkeypatch, rows):
     reference (the host rewrote the request's header) sends that request, alone, back
     to "step" for one step; no reference is written for a row without an index or
     any index-table row not in use. Four rows (a padded one and one without an index
-    among them) and two (the small-batch tuning)."""
+    among them) and two (the small-batch tuning); and a split of 3 ranges in slots of
+    4 (the key kernel's histogram slices: more slices than programs)."""
     td = _td()
     monkeypatch.setattr(td, "SELECT", "bucket")
     sc, indexed = _steps_scene(61, rows)
@@ -781,7 +782,9 @@ def test_carried_rank_reference_matches_twin_over_steps(monkeypatch, rows):
     sc.pool.rank_ref = torch.zeros(sc.alloc.ibt.shape[0], H, device=DEV)
     twin_pool = _pool_copy(sc.pool)
     twin_pool.rank_ref = torch.zeros(sc.alloc.ibt.shape[0], H)
-    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV)
+    ws = td.DecodeWorkspace(sc.pool.num_pages, H, G, D, 8, DEV, max_split=max_split)
+    if max_split:
+        assert ws.nsplit(rows) == 3 and ws.ns_pow2 == 4
     for step in range(3):
         if step == 2:   # the host rewrote the first row's header: no reference
             sc.pool.rank_ref[irows[0]] = 0

@@ -1210,7 +1210,8 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
     the row-head's largest log-mass of this step (the score partials' maxima) as the
     request's reference for its next step (``ref``, ``[ibt rows, H]``). A row-head
     whose keys the score kernel wrote (its ``mode`` word) is left to it but for its
-    histogram: program 0 sums its ranges' counts in bins >= b into ``hist``."""
+    histogram: its programs sum its ranges' counts in bins >= b into ``hist``, each
+    program its slices of ``NB // NSP`` bins."""
     _pdl_launch(PDL)
     rh, p, NS, NR, active = _program(seq_ptr, NROWS, TGT, MSPLIT, DYN, H, BP)
     if not active:
@@ -1226,15 +1227,31 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
         if p >= NS:
             return
     _pdl_wait(PDL)
+    sp = tl.arange(0, NSP)
     if CARRY:
         tl.static_assert(BUCKET and not ERR and not BAND,
                          "the carried reference ranks by mass with the bucket selection")
+        tl.static_assert(NB % NSP == 0, "the histogram splits into NSP slices")
         carried = tl.load(mode_ptr + rh) != 0
-        if carried & (p > 0):   # (the score kernel did this range's work)
-            return
+        if carried:
+            # The score kernel did the ranges' work: the row-head's histogram is the
+            # sum of the ranges' counts in bins >= b, less those in bins >= b + 1, in
+            # NSP slices of bins spread over the row-head's programs.
+            NBS: tl.constexpr = NB // NSP
+            nb = tl.arange(0, NBS)
+            mine = sp < NS
+            rows = rgh_ptr + (rh * MSPLIT + sp).to(tl.int64)[:, None] * NB
+            for s0 in range(p, NSP, NS):
+                b = s0 * NBS + nb
+                ge = tl.sum(tl.load(rows + b[None, :], mask=mine[:, None] & (b >= 0)[None, :],
+                                    other=0), 0)
+                ge1 = tl.sum(tl.load(rows + (b + 1)[None, :],
+                                     mask=mine[:, None] & (b < NB - 1)[None, :], other=0), 0)
+                tl.store(hist_ptr + rh * NB + b, ge - ge1)
+            if p > 0:
+                return
     g = tl.arange(0, G4)
     gm = g < G
-    sp = tl.arange(0, NSP)
     pofs = (rh * NSP + sp)[:, None] * GP + g[None, :]
     # (Scalar conditions enter masks as bounds: the interpreter mishandles vec & scalar.)
     pmask = (sp < tl.where(C > 0, NSF, 0))[:, None] & (g >= 0)[None, :]
@@ -1252,13 +1269,6 @@ def _key_kernel(lg_ptr, keys_ptr, hist_ptr, pm_ptr, ps_ptr, bt_ptr, bt_s0, ibt_p
             top = tl.max(tl.where(gm, mx, _NEG_INF), 0)
             irow = tl.load(hdr_ptr + blk0 * hdr_s0 + _HDR_IBT)
             tl.store(ref_ptr + irow.to(tl.int64) * H + h, top, mask=(C > 0) & (top > _NEG_INF))
-            if carried:
-                nb = tl.arange(0, NB)
-                rows = rgh_ptr + (rh * MSPLIT + sp).to(tl.int64)[:, None] * NB + nb[None, :]
-                mine = (sp < NS)[:, None] & (nb >= 0)[None, :]
-                ge = tl.sum(tl.load(rows, mask=mine, other=0), 0)
-                ge1 = tl.sum(tl.load(rows + 1, mask=mine & (nb < NB - 1)[None, :], other=0), 0)
-                tl.store(hist_ptr + rh * NB + nb, ge - ge1)
         if carried:
             return
     mean_bits = _mean_bits(C, G)
