@@ -257,7 +257,7 @@ def bench_case(ctx: int, batch: int, cfg: RetroConfig, bw: float,
         paged_decode_attention(q, kv, lay, bt, sl, hdr, ix.ibt, ix.pool, S, scale, out=out,
                                workspace=ws, count_stats=count, **decode_options(cfg))
 
-    carried = cfg.carries_rank_reference and td.SELECT == "bucket"
+    carried = td.carries_rank_reference(cfg)
     if carried:
         # As the backend (RetroConfig.rank_reference): one reference per index-table
         # row and KV head, set by a first step that ranks with this step's reference.

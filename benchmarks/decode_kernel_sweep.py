@@ -425,7 +425,7 @@ def run_case(ctx: int, batch: int, cfg: RetroConfig, key_scale: float = 1.0,
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
     # The configuration's rank reference (RetroConfig.rank_reference): the variants
     # that can rank carried do, after one step that sets the references.
-    base_carry = cfg.carries_rank_reference and td.SELECT == "bucket"
+    base_carry = td.carries_rank_reference(cfg)
     base_pool = carried_copy(pool_default, ix) if base_carry else pool_default
     ref = None
     ref_carry = base_carry

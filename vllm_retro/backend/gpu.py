@@ -662,14 +662,11 @@ class PagedIndexManager:
         return self.config.retrieval_rank == "error"
 
     def _carried_rank_reference(self) -> bool:
-        """Whether the decode kernels rank by the carried reference: as the config
-        says ("auto" also needs the kernels' bucket selection; "carried" without it
-        is refused by the kernels' launcher)."""
-        cfg = self.config
-        if not cfg.carries_rank_reference:
-            return False
-        return (cfg.rank_reference == "carried" or triton_decode is None
-                or triton_decode.SELECT == "bucket")
+        """Whether the decode kernels (or the twin, without Triton) rank by the
+        carried reference."""
+        if triton_decode is None:
+            return self.config.carries_rank_reference
+        return triton_decode.carries_rank_reference(self.config)
 
     def _wave_host_bytes(self) -> int:
         from . import kv_spec

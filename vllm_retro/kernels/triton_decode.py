@@ -348,6 +348,14 @@ def _tune(kernel: str, num_rows: int, wave: bool = False, vc: bool = False,
     return cfg
 
 
+def carries_rank_reference(config) -> bool:
+    """Whether the kernels rank by the carried reference under ``config`` (a
+    ``RetroConfig``): as its ``carries_rank_reference`` says, "auto" only with the
+    bucket selection (:data:`SELECT`; "carried" without it is refused at launch)."""
+    return config.carries_rank_reference and (config.rank_reference == "carried"
+                                              or SELECT == "bucket")
+
+
 def pdl_for(num_rows: int, device: torch.device) -> bool:
     """Whether a step of ``num_rows`` decode rows on ``device`` launches with PDL
     (see ``PDL``)."""
